@@ -1,0 +1,48 @@
+# joinproxyd: `make demo` and `make test` are the two commands; both set everything up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian's own interpreter, so Debian's python3-nftables is importable from the venv.
+SYSTEM_PYTHON := /usr/bin/python3
+
+APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables clang llvm \
+	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
+	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps
+
+.PHONY: setup apt venv bpf lint test demo clean
+
+setup: apt venv bpf
+
+apt:
+	@tools/ensure-apt.sh $(APT_PACKAGES)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml | apt
+	@echo "setup: building $(VENV)"
+	@[ -x $(PY) ] || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
+		| grep -vE '^WARNING: Location|InformationOnly|^ *$$|name as your package|precedence during imports|warnings.warn' || true
+	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2' \
+		|| { echo "setup: the venv is missing a dependency" >&2; exit 1; }
+	@touch $@
+
+bpf: | apt
+	@$(MAKE) -s -C ebpf
+
+lint: venv
+	@$(VENV)/bin/ruff check --quiet .
+
+test: setup
+	@[ "$$(id -u)" -eq 0 ] || { echo "make test: run as root (the tests create network namespaces)" >&2; exit 1; }
+	@$(VENV)/bin/ruff check --quiet . && echo "ruff: clean"
+	$(PY) -m pytest
+
+demo: setup
+	@[ "$$(id -u)" -eq 0 ] || { echo "make demo: run as root (the demo creates network namespaces)" >&2; exit 1; }
+	$(VENV)/bin/joinproxy-lab demo
+
+clean:
+	@$(MAKE) -s -C ebpf clean
+	rm -rf $(VENV) build *.egg-info
