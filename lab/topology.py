@@ -11,7 +11,10 @@ namespace named ``jpl<run-id>-<role>``. Join links carry only link-local address
 The proxy does not forward: a pledge can reach the registrar only through a relay.
 
     with Lab(Topology(pledges=2)) as lab:
-        lab.pledges[0].run(["ping", "-c1", f"{lab.proxy.join_ll}%eth0"])
+        lab.pledges[0].run(["ping", "-c1", f"{PROXY_LL}%eth0"])
+
+With ``pledges_on_backbone`` the pledges sit on the registrars' own link instead (RFC 8995 §4
+allows a registrar to serve directly attached pledges), still with link-local addresses only.
 """
 
 import atexit
@@ -41,6 +44,7 @@ class Topology:
     registrars: int = 1
     join_links: int = 1
     join_ula: bool = False  # also give join links a ULA prefix (for NAT66)
+    pledges_on_backbone: bool = False  # pledges beside the registrars, no proxy in between
 
     def __post_init__(self) -> None:
         if not 0 <= self.pledges <= 500:
@@ -199,22 +203,23 @@ class Lab:
             self._configure(self.proxy, ifname, [f"{PROXY_LL}/64"]
                             + ([f"{join_prefix(link)}1/64"] if topo.join_ula else []))
             proxy_ifaces.append(ifname)
-        for i in range(topo.pledges):
-            link = i % topo.join_links
-            host = Host(f"pledge{i}", self._namespace(f"p{i}"), self)
-            switch = self.ns_name(f"join{link}")
-            netns.add_veth(host.ns, "eth0", switch, f"p{i}")
-            netns.enslave(switch, f"p{i}", "br0")
-            addrs = [f"fe80::1:{i + 1:x}/64"]
-            if topo.join_ula:
-                addrs.append(f"{join_prefix(link)}{0x100 + i:x}/64")
-            self._configure(host, "eth0", addrs)
-            if topo.join_ula:
-                netns.ip(host.ns, "-6", "route", "add", "default", "via", PROXY_LL, "dev", "eth0")
-            self.pledges.append(host)
         backbone = self._namespace("bb")
         netns.sysctl(backbone, "net.ipv6.conf.default.disable_ipv6", "1")
         netns.add_bridge(backbone, "br0")
+        for i in range(topo.pledges):
+            link = i % topo.join_links
+            host = Host(f"pledge{i}", self._namespace(f"p{i}"), self)
+            switch = backbone if topo.pledges_on_backbone else self.ns_name(f"join{link}")
+            netns.add_veth(host.ns, "eth0", switch, f"p{i}")
+            netns.enslave(switch, f"p{i}", "br0")
+            addrs = [f"fe80::1:{i + 1:x}/64"]
+            with_ula = topo.join_ula and not topo.pledges_on_backbone
+            if with_ula:
+                addrs.append(f"{join_prefix(link)}{0x100 + i:x}/64")
+            self._configure(host, "eth0", addrs)
+            if with_ula:
+                netns.ip(host.ns, "-6", "route", "add", "default", "via", PROXY_LL, "dev", "eth0")
+            self.pledges.append(host)
         netns.add_veth(self.proxy.ns, "bb0", backbone, "proxy")
         netns.enslave(backbone, "proxy", "br0")
         self._configure(self.proxy, "bb0", ["fe80::b:1/64", f"{BACKBONE_PREFIX}1/64"])

@@ -206,3 +206,10 @@ def test_demo_exits_zero(as_root):
                           timeout=120, env={**os.environ})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "unreachable, as it must be" in done.stdout
+
+
+def test_pledges_on_backbone_reach_the_registrar_link_local(as_root, tmp_path):
+    with Lab(Topology(pledges=1, pledges_on_backbone=True), log_dir=tmp_path) as lab:
+        registrar_ll = lab.registrars[0].address("eth0", link_local=True)
+        assert ping(lab.pledges[0], f"{registrar_ll}%eth0")
+        assert not ping(lab.pledges[0], f"{PROXY_LL}%eth0")
