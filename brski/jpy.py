@@ -1,0 +1,401 @@
+"""JPY messages and the sealed header that carries a pledge's return address.
+
+Constrained join proxy draft (-21) §4.4–4.5: a stateless join proxy wraps each pledge datagram
+as the CBOR array ``[jpy_header: bstr, jpy_content: bstr]`` and sends it to the registrar's JPY
+port; the registrar answers with ``[the same header, its DTLS bytes]``. The header is the proxy's
+own business (its format is not standardised); here it holds the pledge's family, interface,
+UDP port and address, sealed with a key only the proxy knows, so that the proxy keeps no table.
+
+Two sealers, because the draft asks for two things that cannot both hold for one header:
+
+* The registrar MUST treat the header as part of the connection identifier (§4.4: packets with a
+  different header belong to a different pledge connection), and it echoes that header in every
+  datagram of every flight it sends back. So the header of a pledge flow must be *the same bytes
+  for every datagram* of that flow. :class:`FlowHeaderSealer` does that: deterministic
+  authenticated encryption (AES-SIV, RFC 5297), one header per (pledge, key). This is the one a
+  JPY relay uses. Freshness is bounded by key rotation: only the current and previous key open.
+* §7 recommends, after RFC 8974, "AES-CCM with a 64-bit tag, a sequence number and a replay
+  window". That fits state that comes back exactly once (an RFC 8974 token answered by one
+  response), not a JPY connection: a fresh header per datagram splits one DTLS handshake into
+  many registrar connections, and the window drops the second datagram of a registrar flight.
+  :class:`SequencedHeaderSealer` implements it (sequence number in the nonce, RFC 6479 sliding
+  bitmap) for such once-only uses, and so both can be measured (``bench/jpy_seal_open.py``).
+
+Sans-IO: keys come from the caller (draw them from an injected rng), nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from ipaddress import IPv4Address, IPv6Address
+from typing import Generic, Protocol, TypeVar
+
+import cbor2
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESSIV
+
+from .errors import DecodeError, SignatureError, UsageError, ValidationError
+
+# A UDP payload cannot be longer (IPv6 jumbograms aside), so neither can a JPY message.
+MAX_MESSAGE_SIZE = 65535
+# §4.5.2: the header SHOULD be at most 32 bytes; the CBOR framing adds 3 to 6 more (≤ 38).
+MAX_HEADER_SIZE = 32
+MAX_OVERHEAD = 38
+
+
+@dataclass(frozen=True, slots=True)
+class JpyMessage:
+    """One JPY message: the proxy's opaque header and the relayed UDP payload."""
+
+    header: bytes
+    content: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.header, bytes) or not isinstance(self.content, bytes):
+            raise UsageError("JPY header and content must be bytes")
+
+    def encode(self) -> bytes:
+        """Definite-length CBOR, so the draft's Appendix A examples re-encode byte for byte."""
+        data = cbor2.dumps([self.header, self.content])
+        if len(data) > MAX_MESSAGE_SIZE:
+            # Callers keep payload + MAX_OVERHEAD under the path MTU; this is the hard limit.
+            raise UsageError(f"JPY message of {len(data)} bytes does not fit in a UDP datagram")
+        return data
+
+    @classmethod
+    def decode(cls, data: bytes) -> JpyMessage:
+        """Parse a JPY message. §4.5.7: an array of two *or more* elements, of which only the
+        first two are used; anything else (not an array, fewer elements, non-bstr, trailing
+        bytes after the array) is a :class:`DecodeError`."""
+        item = _cbor_item(data)
+        if not isinstance(item, list):
+            raise DecodeError(f"JPY message is a CBOR {type(item).__name__}, not an array")
+        if len(item) < 2:
+            raise DecodeError(f"JPY message has {len(item)} elements, needs at least 2")
+        header, content = item[0], item[1]
+        if type(header) is not bytes:
+            raise DecodeError("JPY header is not a byte string")
+        if type(content) is not bytes:
+            raise DecodeError("JPY content is not a byte string")
+        return cls(header, content)
+
+
+def _cbor_item(data: bytes) -> object:
+    """Exactly one CBOR item, size-capped, with every decoder failure as DecodeError."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise UsageError("JPY input must be bytes")
+    if len(data) > MAX_MESSAGE_SIZE:
+        raise DecodeError(f"JPY message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+    if not data:
+        raise DecodeError("empty JPY message")
+    stream = io.BytesIO(data)
+    try:
+        item = cbor2.CBORDecoder(stream).decode()
+    except Exception as exc:  # cbor2 raises several types (and RecursionError); all mean junk
+        raise DecodeError(f"JPY message is not valid CBOR: {exc}") from exc
+    if stream.tell() != len(data):
+        raise DecodeError(f"{len(data) - stream.tell()} bytes after the JPY array")
+    return item
+
+
+# ---------------------------------------------------------------------------------------------
+# What the header carries
+
+
+class Family(IntEnum):
+    """Address family of the pledge, as the draft's example struct numbers it (0..1)."""
+
+    IPV6 = 0
+    IPV4 = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PledgeEndpoint:
+    """Where a pledge datagram came from, and so where the answer goes."""
+
+    address: IPv6Address | IPv4Address
+    port: int
+    ifindex: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, IPv6Address | IPv4Address):
+            raise UsageError("pledge address must be an IPv6Address or IPv4Address")
+        if type(self.port) is not int or not 0 < self.port <= 0xFFFF:
+            raise UsageError(f"pledge UDP port {self.port!r} is not 1..65535")
+        if type(self.ifindex) is not int or not 0 <= self.ifindex <= 0xFFFFFFFF:
+            raise UsageError(f"ifindex {self.ifindex!r} is not a 32-bit unsigned integer")
+
+    @property
+    def family(self) -> Family:
+        return Family.IPV6 if self.address.version == 6 else Family.IPV4
+
+
+# Plaintext layout, 15 bytes (the draft's example struct, widened where Linux needs it):
+#   0      family: 0 IPv6, 1 IPv4
+#   1..4   ifindex, uint32 (Linux ifindexes are ints and grow with interface churn: 1 byte is
+#          not enough on a router with containers or tunnels)
+#   5..6   UDP port, uint16, never 0
+#   7..14  IPv6: the interface identifier, i.e. the low 64 bits of an fe80::/64 address;
+#          IPv4: the 4 address bytes then 4 zero bytes.
+# Only the IID is kept for IPv6 because the full 16-byte address does not fit in 32 bytes once
+# a key id, a nonce or synthetic IV and a tag are added; pledges talk to the proxy from
+# link-local addresses (RFC 8995 §4.1, join-proxy §4.3), so the fe80:: prefix carries no
+# information. A pledge sending from any other IPv6 address is refused at seal time.
+_PLAIN = struct.Struct(">BIH8s")
+PLAINTEXT_SIZE = _PLAIN.size
+_LINK_LOCAL_PREFIX = bytes.fromhex("fe80000000000000")
+
+
+def _pack(pledge: PledgeEndpoint) -> bytes:
+    if not isinstance(pledge, PledgeEndpoint):
+        raise UsageError("seal() takes a PledgeEndpoint")
+    raw = pledge.address.packed
+    if pledge.family is Family.IPV6:
+        if raw[:8] != _LINK_LOCAL_PREFIX:
+            # Peer input (the datagram's source), not a local mistake: the relay counts it.
+            raise ValidationError(f"pledge address {pledge.address} is not in fe80::/64")
+        addr = raw[8:]
+    else:
+        addr = raw + bytes(4)
+    return _PLAIN.pack(pledge.family, pledge.ifindex, pledge.port, addr)
+
+
+def _unpack(plain: bytes) -> PledgeEndpoint:
+    # Reaching here means the tag verified, so a bad field is our own bug or a leaked key;
+    # still an error, never a crash.
+    family, ifindex, port, addr = _PLAIN.unpack(plain)
+    if port == 0:
+        raise DecodeError("sealed header holds UDP port 0")
+    if family == Family.IPV6:
+        return PledgeEndpoint(IPv6Address(_LINK_LOCAL_PREFIX + addr), port, ifindex)
+    if family == Family.IPV4 and addr[4:] == bytes(4):
+        return PledgeEndpoint(IPv4Address(addr[:4]), port, ifindex)
+    raise DecodeError("sealed header has a bad family or IPv4 padding")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: one current and one previous, each named by a 1-byte id carried in clear
+
+
+class HeaderSealer(Protocol):
+    """What a stateless relay needs from a sealer."""
+
+    def seal(self, pledge: PledgeEndpoint) -> bytes: ...
+
+    def open(self, header: bytes) -> PledgeEndpoint: ...
+
+    def rotate(self, key: bytes, key_id: int | None = None) -> None: ...
+
+
+def _check_key_id(key_id: object) -> int:
+    if type(key_id) is not int or not 0 <= key_id <= 0xFF:
+        raise UsageError(f"key id {key_id!r} is not 0..255")
+    return key_id
+
+
+class _HasKeyId(Protocol):
+    key_id: int
+
+
+Slot = TypeVar("Slot", bound=_HasKeyId)
+
+
+class _KeyRing(Generic[Slot]):
+    """The current slot seals; current and previous open. Rotating drops the older one, which
+    is how a header stops opening: draft §4.5.5 suggests rotating about every 24 h, and a
+    header then lives for one to two rotation periods."""
+
+    def __init__(self, slot: Slot) -> None:
+        self.current = slot
+        self.previous: Slot | None = None
+
+    def push(self, slot: Slot) -> None:
+        taken = {self.current.key_id}
+        if self.previous is not None:
+            taken.add(self.previous.key_id)
+        if slot.key_id in taken:
+            # Two live keys with one id would make a header ambiguous to open.
+            raise UsageError(f"key id {slot.key_id} is still in use")
+        self.previous, self.current = self.current, slot
+
+    def next_id(self) -> int:
+        return (self.current.key_id + 1) & 0xFF
+
+    def find(self, key_id: int) -> Slot:
+        if key_id == self.current.key_id:
+            return self.current
+        if self.previous is not None and key_id == self.previous.key_id:
+            return self.previous
+        raise ValidationError(f"header sealed with key id {key_id}, which is not live")
+
+
+# ---------------------------------------------------------------------------------------------
+# The JPY header sealer: deterministic, one header per pledge flow
+
+
+@dataclass(slots=True)
+class _SivSlot:
+    key_id: int
+    aead: AESSIV
+
+
+class FlowHeaderSealer:
+    """Seals a :class:`PledgeEndpoint` into a 32-byte header that is the same for every
+    datagram of the pledge's flow, as the registrar's connection lookup requires.
+
+    Header: ``key id (1) | AES-SIV synthetic IV (16) | ciphertext (15)`` = 32 bytes, the key id
+    also authenticated as associated data. AES-SIV is the standard deterministic AEAD: equal
+    plaintexts give equal headers (that is the point) and nothing else leaks; any bit flipped
+    fails the 128-bit SIV check. Key: 32, 48 or 64 bytes (AES-128/192/256-SIV).
+    """
+
+    HEADER_SIZE = 1 + 16 + PLAINTEXT_SIZE
+
+    def __init__(self, key: bytes, key_id: int = 0) -> None:
+        self._keys = _KeyRing(self._slot(key, key_id))
+
+    @staticmethod
+    def _slot(key: bytes, key_id: object) -> _SivSlot:
+        if not isinstance(key, bytes) or len(key) not in (32, 48, 64):
+            raise UsageError("AES-SIV key must be 32, 48 or 64 bytes")
+        return _SivSlot(_check_key_id(key_id), AESSIV(key))
+
+    @property
+    def key_id(self) -> int:
+        return self._keys.current.key_id
+
+    def rotate(self, key: bytes, key_id: int | None = None) -> None:
+        """Make ``key`` current; the old current key still opens, the one before no longer."""
+        self._keys.push(self._slot(key, self._keys.next_id() if key_id is None else key_id))
+
+    def seal(self, pledge: PledgeEndpoint) -> bytes:
+        slot = self._keys.current
+        kid = bytes([slot.key_id])
+        return kid + slot.aead.encrypt(_pack(pledge), [kid])
+
+    def open(self, header: bytes) -> PledgeEndpoint:
+        """The pledge a header was sealed for. Wrong size: DecodeError; key id neither current
+        nor previous: ValidationError; forged or corrupted: SignatureError."""
+        if not isinstance(header, bytes):
+            raise UsageError("open() takes bytes")
+        if len(header) != self.HEADER_SIZE:
+            raise DecodeError(f"header is {len(header)} bytes, expected {self.HEADER_SIZE}")
+        slot = self._keys.find(header[0])
+        try:
+            plain = slot.aead.decrypt(header[1:], [header[:1]])
+        except InvalidTag as exc:
+            raise SignatureError("header does not authenticate") from exc
+        return _unpack(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Once-only state: AES-CCM-8, sequence number in the nonce, replay window
+
+
+class ReplayWindow:
+    """RFC 6479-style sliding window over sequence numbers: accepts each number once, and
+    nothing more than ``size - 1`` behind the highest seen. A Python int is the bitmap (bit i
+    set = ``top - i`` seen), which is what RFC 6479's word array becomes in Python."""
+
+    __slots__ = ("_bitmap", "_mask", "_top", "size")
+
+    def __init__(self, size: int = 128) -> None:
+        if type(size) is not int or size < 1:
+            raise UsageError("replay window size must be a positive int")
+        self.size = size
+        self._mask = (1 << size) - 1
+        self._top = -1
+        self._bitmap = 0
+
+    def check_and_update(self, seq: int) -> None:
+        """Record ``seq``; ValidationError if it was seen or is too old. Call only after the
+        sequence number has been authenticated, or a forger could slide the window."""
+        if seq > self._top:
+            shift = seq - self._top
+            self._bitmap = ((self._bitmap << shift) | 1) & self._mask
+            self._top = seq
+            return
+        behind = self._top - seq
+        if behind >= self.size:
+            raise ValidationError(f"sequence {seq} is older than the replay window")
+        bit = 1 << behind
+        if self._bitmap & bit:
+            raise ValidationError(f"sequence {seq} was already accepted (replay)")
+        self._bitmap |= bit
+
+
+@dataclass(slots=True)
+class _CcmSlot:
+    key_id: int
+    aead: AESCCM
+    next_seq: int = 0
+    window: ReplayWindow = field(default_factory=ReplayWindow)
+
+
+class SequencedHeaderSealer:
+    """Seals a :class:`PledgeEndpoint` into a 30-byte header that opens exactly once.
+
+    Header: ``key id (1) | sequence (6) | AES-CCM ciphertext (15) | tag (8)`` = 30 bytes. The
+    nonce is ``key id | sequence`` (7 bytes, CCM's minimum), so a changed id or sequence fails
+    the tag. Each seal takes the next number from the current key's counter; each open checks
+    the key's replay window after the tag. Not for JPY connections (module docstring).
+
+    Keys must be fresh (drawn from an rng at start and at rotation): counters start at 0 and are
+    never persisted, so reusing a key across restarts would reuse nonces.
+    """
+
+    HEADER_SIZE = 1 + 6 + PLAINTEXT_SIZE + 8
+    TAG_LENGTH = 8
+    MAX_SEQUENCE = (1 << 48) - 1
+
+    def __init__(self, key: bytes, key_id: int = 0, *, window: int = 128) -> None:
+        self._window = window
+        self._keys = _KeyRing(self._slot(key, key_id))
+
+    def _slot(self, key: bytes, key_id: object) -> _CcmSlot:
+        if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
+            raise UsageError("AES-CCM key must be 16, 24 or 32 bytes")
+        aead = AESCCM(key, tag_length=self.TAG_LENGTH)
+        return _CcmSlot(_check_key_id(key_id), aead, window=ReplayWindow(self._window))
+
+    @property
+    def key_id(self) -> int:
+        return self._keys.current.key_id
+
+    @property
+    def next_sequence(self) -> int:
+        return self._keys.current.next_seq
+
+    def rotate(self, key: bytes, key_id: int | None = None) -> None:
+        """Make ``key`` current (its counter and window start afresh); the old current key
+        still opens, the one before no longer."""
+        self._keys.push(self._slot(key, self._keys.next_id() if key_id is None else key_id))
+
+    def seal(self, pledge: PledgeEndpoint) -> bytes:
+        plain = _pack(pledge)
+        slot = self._keys.current
+        seq = slot.next_seq
+        if seq > self.MAX_SEQUENCE:
+            raise UsageError("sequence numbers exhausted for this key: rotate it")
+        slot.next_seq = seq + 1
+        prefix = bytes([slot.key_id]) + seq.to_bytes(6, "big")
+        return prefix + slot.aead.encrypt(prefix, plain, None)
+
+    def open(self, header: bytes) -> PledgeEndpoint:
+        """The pledge a header was sealed for. Wrong size: DecodeError; retired key id, replay
+        or too old for the window: ValidationError; forged or corrupted: SignatureError."""
+        if not isinstance(header, bytes):
+            raise UsageError("open() takes bytes")
+        if len(header) != self.HEADER_SIZE:
+            raise DecodeError(f"header is {len(header)} bytes, expected {self.HEADER_SIZE}")
+        slot = self._keys.find(header[0])
+        prefix = header[:7]
+        try:
+            plain = slot.aead.decrypt(prefix, header[7:], None)
+        except InvalidTag as exc:
+            raise SignatureError("header does not authenticate") from exc
+        slot.window.check_and_update(int.from_bytes(prefix[1:], "big"))
+        return _unpack(plain)
