@@ -1,0 +1,83 @@
+"""Certificate path validation for voucher signers, at a time the caller gives.
+
+Built on cryptography's ``x509.verification`` (RFC 5280 path building, signature checks,
+validity periods, name chaining, basicConstraints/pathLen) with a BRSKI profile instead of
+the Web PKI one: vendor and registrar certificates (RFC 8995 App. C among them) lack the
+authorityKeyIdentifier, subjectAltName and EKU criticality the CA/B Forum profile demands.
+What we keep: every issuer must be a CA (basicConstraints cA=TRUE) and, if it has keyUsage,
+may sign certificates. End-entity extensions are the caller's policy (e.g. id-kp-cmcRA for a
+registrar, RFC 8995 §5.5), checked after this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.x509 import verification as xv
+
+from .errors import SignatureError, UsageError
+
+MAX_DEPTH = 8
+
+
+def _require_ca(
+    policy: xv.Policy, cert: x509.Certificate, ext: x509.BasicConstraints | None
+) -> None:
+    if ext is None or not ext.ca:
+        raise ValueError("issuer is not a CA (basicConstraints cA is not TRUE)")
+
+
+def _require_cert_sign(
+    policy: xv.Policy, cert: x509.Certificate, ext: x509.KeyUsage | None
+) -> None:
+    if ext is not None and not ext.key_cert_sign:
+        raise ValueError("issuer keyUsage lacks keyCertSign")
+
+
+_CA_POLICY = (
+    xv.ExtensionPolicy.permit_all()
+    .require_present(x509.BasicConstraints, xv.Criticality.AGNOSTIC, _require_ca)
+    .may_be_present(x509.KeyUsage, xv.Criticality.AGNOSTIC, _require_cert_sign)
+)
+_EE_POLICY = xv.ExtensionPolicy.permit_all()
+
+
+def verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    trust_anchors: Sequence[x509.Certificate],
+    at: datetime,
+) -> list[x509.Certificate]:
+    """The validated path ``[leaf, ..., anchor]``, or SignatureError saying why not.
+
+    A leaf that is itself one of the trust anchors (a pinned MASA certificate) is accepted if
+    it is valid at ``at``.
+    """
+    if at.tzinfo is None:
+        raise UsageError("verification time must be timezone-aware")
+    if not trust_anchors:
+        raise UsageError("no trust anchors given")
+    verifier = (
+        xv.PolicyBuilder()
+        .store(xv.Store(list(trust_anchors)))
+        .time(at.astimezone(UTC))
+        .max_chain_depth(MAX_DEPTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        return list(verifier.verify(leaf, list(intermediates)).chain)
+    except xv.VerificationError as exc:
+        raise SignatureError(
+            f"certificate {leaf.subject.rfc4514_string()!r} does not chain to a trust anchor "
+            f"at {at.isoformat()}: {exc}"
+        ) from exc
+
+
+def valid_at(cert: x509.Certificate, at: datetime) -> bool:
+    """True if ``at`` lies within the certificate's validity period."""
+    if at.tzinfo is None:
+        raise UsageError("time must be timezone-aware")
+    return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc

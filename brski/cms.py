@@ -1,0 +1,325 @@
+"""CMS SignedData (RFC 5652) as vouchers use it (RFC 8366 §5.4, rfc8366bis §7.1).
+
+    der = sign(content, key, certs, signing_time)             # one signer, signed attributes
+    sd = parse(der)                                           # SignedData, nothing verified
+    signer = verify_signature(sd)                             # signer cert, signature checked
+    chain = verify_chain(signer, sd.certificates, anchors, at)    # from brski.chain
+
+We emit eContentType id-ct-animaJSONVoucher (1.2.840.113549.1.9.16.1.40) by default and accept
+id-data too: every published example (RFC 8995 App. C, rfc8366bis) uses id-data. Signed
+attributes are required on input (rfc8366bis §7.1: decoders MUST verify they are present) and
+always emitted: contentType, signingTime, messageDigest. Signers: ECDSA P-256/SHA-256 (ES256),
+P-384/SHA-384 (the RFC 8995 vendor CA is P-384) and P-521/SHA-512. Ed25519 CMS (RFC 8419) is
+left out on purpose: OpenSSL 3.0 cannot verify it with signed attributes, so no peer could.
+asn1crypto reads and writes the structure; cryptography does every hash and signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from asn1crypto import algos, core
+from asn1crypto import cms as acms
+from asn1crypto import x509 as ax509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
+from .errors import DecodeError, SignatureError, UsageError
+
+MAX_SIZE = 256 * 1024
+ANIMA_JSON_VOUCHER = OID_CT_ANIMA_JSON_VOUCHER.dotted_string
+DATA = OID_DATA.dotted_string
+ACCEPTED_CONTENT_TYPES = frozenset({ANIMA_JSON_VOUCHER, DATA})
+
+_DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+# signatureAlgorithm -> hash used inside the signature; None: take it from digestAlgorithm
+# ("ecdsa" = id-ecPublicKey, which some encoders put here instead of ecdsa-with-SHAxxx).
+_ECDSA_SIGS: dict[str, str | None] = {
+    "sha256_ecdsa": "sha256",
+    "sha384_ecdsa": "sha384",
+    "sha512_ecdsa": "sha512",
+    "ecdsa": None,
+}
+_CURVE_DIGEST = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
+
+SigningKey = ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class SignerInfo:
+    """The parts of the one SignerInfo needed to find the signer and check the signature."""
+
+    issuer: ax509.Name | None  # issuerAndSerialNumber form
+    serial: int | None
+    subject_key_id: bytes | None  # subjectKeyIdentifier form
+    digest_algorithm: str
+    signature_algorithm: str
+    signed_attrs: bytes  # DER of SignedAttrs re-tagged as SET OF, i.e. what was signed
+    signature: bytes
+    content_type: str  # the contentType signed attribute
+    message_digest: bytes
+    signing_time: datetime | None
+
+
+@dataclass(frozen=True)
+class SignedData:
+    version: int
+    econtent_type: str  # dotted OID
+    content: bytes
+    certificates: tuple[x509.Certificate, ...]
+    signer: SignerInfo
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def parse(der: bytes) -> SignedData:
+    """Parse a DER ContentInfo holding SignedData with one signer. Verifies nothing."""
+    if not isinstance(der, bytes | bytearray):
+        raise DecodeError("CMS input must be bytes")
+    if len(der) > MAX_SIZE:
+        raise DecodeError(f"CMS larger than {MAX_SIZE} bytes")
+    try:
+        return _parse(bytes(der))
+    except DecodeError:
+        raise
+    except Exception as exc:  # asn1crypto parses lazily and raises ValueError,
+        # TypeError, KeyError, IndexError, OverflowError... at first access: all mean "bad DER".
+        raise DecodeError(f"malformed CMS: {type(exc).__name__}: {exc}") from exc
+
+
+def _parse(der: bytes) -> SignedData:
+    info = acms.ContentInfo.load(der, strict=True)
+    if info["content_type"].dotted != "1.2.840.113549.1.7.2":
+        raise DecodeError(f"CMS content is {info['content_type'].dotted}, not signedData")
+    sd = info["content"]
+    version_native = sd["version"].native  # "v1".."v5", or a bare int outside the enum
+    version = int(version_native[1:]) if isinstance(version_native, str) else int(version_native)
+    encap = sd["encap_content_info"]
+    econtent_type = encap["content_type"].dotted
+    if econtent_type not in ACCEPTED_CONTENT_TYPES:
+        raise DecodeError(f"eContentType {econtent_type} is not a JSON voucher")
+    content = encap["content"].native
+    if content is None:
+        raise DecodeError("detached CMS content is not supported for vouchers")
+    if not isinstance(content, bytes):
+        raise DecodeError("eContent is not an OCTET STRING")
+    certs = []
+    for choice in sd["certificates"] or ():
+        if choice.name == "certificate":
+            certs.append(x509.load_der_x509_certificate(choice.chosen.dump()))
+    signer_infos = list(sd["signer_infos"])
+    if len(signer_infos) != 1:
+        raise DecodeError(f"a voucher has exactly one signer, this CMS has {len(signer_infos)}")
+    return SignedData(version, econtent_type, content, tuple(certs), _signer(signer_infos[0]))
+
+
+def _signer(si: acms.SignerInfo) -> SignerInfo:
+    sid = si["sid"]
+    issuer = serial = ski = None
+    if sid.name == "issuer_and_serial_number":
+        issuer = sid.chosen["issuer"]
+        issuer.native  # noqa: B018 - force the lazy parse here, inside parse()'s guard
+        serial = sid.chosen["serial_number"].native
+    else:
+        ski = sid.chosen.native
+    attrs = si["signed_attrs"]
+    if not attrs:
+        # RFC 5652 §5.3: required unless eContentType is id-data; rfc8366bis §7.1 requires it.
+        raise DecodeError("CMS signer has no signed attributes")
+    found: dict[str, Any] = {}
+    for attr in attrs:
+        name = attr["type"].native
+        values = attr["values"]
+        if name in found or len(values) != 1:  # RFC 5652 §11: single-valued, present once
+            raise DecodeError(f"signed attribute {name} must appear once with one value")
+        found[name] = values[0]
+    for needed in ("content_type", "message_digest"):
+        if needed not in found:
+            raise DecodeError(f"signed attributes lack {needed}")
+    signing_time = found["signing_time"].native if "signing_time" in found else None
+    signed = attrs.dump()
+    return SignerInfo(
+        issuer=issuer,
+        serial=serial,
+        subject_key_id=ski,
+        digest_algorithm=si["digest_algorithm"]["algorithm"].native,
+        signature_algorithm=si["signature_algorithm"]["algorithm"].native,
+        # The signature covers the attributes with the SET OF tag, not the [0] IMPLICIT one.
+        signed_attrs=b"\x31" + signed[1:],
+        signature=si["signature"].native,
+        content_type=found["content_type"].dotted,
+        message_digest=found["message_digest"].native,
+        signing_time=signing_time,
+    )
+
+
+# --- verification ---------------------------------------------------------------------------
+
+
+def find_signer(sd: SignedData, extra_certs: Sequence[x509.Certificate] = ()) -> x509.Certificate:
+    """The certificate SignerIdentifier names, from the CMS or ``extra_certs``."""
+    for cert in (*sd.certificates, *extra_certs):
+        if _is_signer(cert, sd.signer):
+            return cert
+    raise SignatureError("the CMS signer's certificate is not in the CMS nor given")
+
+
+def _is_signer(cert: x509.Certificate, signer: SignerInfo) -> bool:
+    if signer.subject_key_id is not None:
+        return _ski(cert) == signer.subject_key_id
+    if cert.serial_number != signer.serial or signer.issuer is None:
+        return False
+    try:
+        issuer = ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER)).issuer
+        # asn1crypto compares names as RFC 5280 §7.1 says (case, spaces, string types)
+        return issuer.dump() == signer.issuer.dump() or issuer == signer.issuer
+    except Exception:  # a name asn1crypto cannot normalise is no match
+        return False
+
+
+def verify_signature(
+    sd: SignedData, extra_certs: Sequence[x509.Certificate] = ()
+) -> x509.Certificate:
+    """Check messageDigest, the contentType attribute and the signature. Returns the signer
+    certificate; its chain is not checked here (see ``brski.chain.verify_chain``)."""
+    signer = sd.signer
+    if signer.content_type != sd.econtent_type:
+        raise SignatureError(
+            f"signed contentType {signer.content_type} differs from eContentType {sd.econtent_type}"
+        )
+    digest_cls = _DIGESTS.get(signer.digest_algorithm)
+    if digest_cls is None:
+        raise SignatureError(f"unsupported digest algorithm {signer.digest_algorithm}")
+    if _digest(digest_cls(), sd.content) != signer.message_digest:
+        raise SignatureError("messageDigest does not match the content (content altered)")
+    cert = find_signer(sd, extra_certs)
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise SignatureError(f"signer certificate has an unusable public key: {exc}") from exc
+    try:
+        if signer.signature_algorithm in _ECDSA_SIGS and isinstance(key, ec.EllipticCurvePublicKey):
+            hash_name = _ECDSA_SIGS[signer.signature_algorithm] or signer.digest_algorithm
+            key.verify(signer.signature, signer.signed_attrs, ec.ECDSA(_DIGESTS[hash_name]()))
+        else:
+            raise SignatureError(
+                f"signature algorithm {signer.signature_algorithm} does not fit the signer's "
+                f"{type(key).__name__}"
+            )
+    except InvalidSignature as exc:
+        raise SignatureError("CMS signature does not verify") from exc
+    return cert
+
+
+# --- signing --------------------------------------------------------------------------------
+
+
+def sign(
+    content: bytes,
+    key: SigningKey,
+    certs: Sequence[x509.Certificate],
+    signing_time: datetime,
+    *,
+    econtent_type: str = ANIMA_JSON_VOUCHER,
+) -> bytes:
+    """DER ContentInfo/SignedData over ``content``, signed by ``key``.
+
+    ``certs`` go into the CMS in the given order; the one whose public key matches ``key`` is
+    named as signer (issuerAndSerialNumber). ``signing_time`` (aware) becomes signingTime.
+    """
+    if signing_time.tzinfo is None:
+        raise UsageError("signing_time must be timezone-aware")
+    if econtent_type not in ACCEPTED_CONTENT_TYPES:
+        raise UsageError(f"eContentType {econtent_type} is not for vouchers")
+    signer_cert = _signer_cert(key, certs)
+    digest_name, sig_name = _algorithms(key)
+    message_digest = _digest(_DIGESTS[digest_name](), content)
+    when = signing_time.astimezone(UTC).replace(microsecond=0)
+    # RFC 5652 §11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
+    time_choice = "utc_time" if 1950 <= when.year < 2050 else "general_time"
+    attrs = acms.CMSAttributes(
+        [
+            {"type": "content_type", "values": [econtent_type]},
+            {"type": "signing_time", "values": [acms.Time({time_choice: when})]},
+            {"type": "message_digest", "values": [message_digest]},
+        ]
+    )
+    to_sign = attrs.dump()  # asn1crypto sorts SET OF members: DER
+    signature = key.sign(to_sign, ec.ECDSA(_DIGESTS[digest_name]()))
+    cert_der = signer_cert.public_bytes(serialization.Encoding.DER)
+    parsed = ax509.Certificate.load(cert_der)
+    signer_info = acms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": acms.SignerIdentifier(
+                {
+                    "issuer_and_serial_number": {
+                        "issuer": parsed.issuer,
+                        "serial_number": parsed.serial_number,
+                    }
+                }
+            ),
+            "digest_algorithm": algos.DigestAlgorithm({"algorithm": digest_name}),
+            "signed_attrs": attrs,
+            "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": sig_name}),
+            "signature": signature,
+        }
+    )
+    signed_data = acms.SignedData(
+        {
+            # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
+            "version": "v1" if econtent_type == DATA else "v3",
+            "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest_name})],
+            "encap_content_info": {
+                "content_type": econtent_type,
+                "content": core.ParsableOctetString(content),
+            },
+            "certificates": [
+                ax509.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in certs
+            ],
+            "signer_infos": [signer_info],
+        }
+    )
+    return acms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+def _signer_cert(key: SigningKey, certs: Sequence[x509.Certificate]) -> x509.Certificate:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"cannot sign CMS with a {type(key).__name__}")
+    mine = key.public_key()
+    for cert in certs:
+        if cert.public_key() == mine:
+            return cert
+    raise UsageError("none of the certificates holds the signing key's public key")
+
+
+def _algorithms(key: SigningKey) -> tuple[str, str]:
+    """(digestAlgorithm, signatureAlgorithm) names for a key: hash strength follows the curve."""
+    digest = _CURVE_DIGEST.get(key.curve.name)
+    if digest is None:
+        raise UsageError(f"unsupported curve {key.curve.name}")
+    return digest, f"{digest}_ecdsa"
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
+
+
+def _ski(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except (x509.ExtensionNotFound, ValueError):  # ValueError: malformed extensions
+        return None

@@ -1,0 +1,252 @@
+"""COSE_Sign1 (RFC 9052 §4.2) as cBRSKI signs vouchers and voucher-requests (cBRSKI §9.2).
+
+    data = sign(payload, key, x5bag=certs, kid=None)     # tag 18, {1: alg} protected
+    msg = decode(data)                                   # Sign1, nothing verified
+    verify(msg, cert_or_public_key)                      # SignatureError if not
+    without_x5(data)                                     # registrar strips x5bag (cBRSKI §6.8)
+
+Algorithms: ES256 (-7, the cBRSKI default), ES384 (-35), ES512 (-36), EdDSA (-8, Ed25519).
+Certificates travel in the unprotected ``x5bag`` (label 32, RFC 9360): one certificate as a byte
+string, several as an array. ``kid`` (label 4) is optional.
+
+pycose builds and encodes the message (headers, tag 18) and does EdDSA. ECDSA is computed with
+cryptography instead: pycose 1.1 signs and verifies ECDSA with the pure-Python ``ecdsa``
+package, which is some 30x slower and whose maintainers rule side channels out of scope
+(CVE-2024-23342) — not acceptable for a MASA's long-term key. Input is checked structurally
+before pycose sees it, and anything pycose or cbor2 raises becomes a library error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from pycose import algorithms, headers
+from pycose.keys import OKPKey
+from pycose.keys.curves import Ed25519
+from pycose.messages import Sign1Message
+
+from .cbor_strict import loads_exact
+from .errors import DecodeError, SignatureError, UsageError
+
+SIGN1_TAG = 18
+ALG, KID, X5BAG, X5CHAIN = 1, 4, 32, 33  # COSE header labels (RFC 9052, RFC 9360)
+ES256, ES384, ES512, EDDSA = -7, -35, -36, -8
+
+# alg -> (pycose algorithm, hash, curve name); EdDSA has neither hash nor curve of this kind
+_ECDSA: dict[int, tuple[type[algorithms.CoseAlgorithm], type[hashes.HashAlgorithm], str]] = {
+    ES256: (algorithms.Es256, hashes.SHA256, "secp256r1"),
+    ES384: (algorithms.Es384, hashes.SHA384, "secp384r1"),
+    ES512: (algorithms.Es512, hashes.SHA512, "secp521r1"),
+}
+_ALG_BY_CURVE = {curve: alg for alg, (_, _, curve) in _ECDSA.items()}
+SUPPORTED_ALGS = frozenset({*_ECDSA, EDDSA})
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class Sign1:
+    """A decoded COSE_Sign1. ``protected`` is the header bstr exactly as received."""
+
+    protected: bytes
+    alg: int
+    unprotected: Mapping[Any, Any]
+    payload: bytes
+    signature: bytes
+    kid: bytes | None
+    x5bag: tuple[x509.Certificate, ...]
+
+
+def decode(data: bytes) -> Sign1:
+    """Parse a COSE_Sign1 (tagged 18, or untagged). Verifies nothing."""
+    item = loads_exact(data, "COSE_Sign1")
+    if isinstance(item, cbor2.CBORTag):
+        if item.tag != SIGN1_TAG:
+            raise DecodeError(f"CBOR tag {item.tag} is not COSE_Sign1 (18)")
+        item = item.value
+    if not isinstance(item, list) or len(item) != 4:
+        raise DecodeError("COSE_Sign1 is an array of four items")
+    protected, unprotected, payload, signature = item
+    if not isinstance(protected, bytes):
+        raise DecodeError("COSE_Sign1 protected header is not a byte string")
+    if not isinstance(unprotected, dict):
+        raise DecodeError("COSE_Sign1 unprotected header is not a map")
+    if payload is None:
+        raise DecodeError("detached COSE payloads are not used for vouchers")
+    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
+        raise DecodeError("COSE_Sign1 payload and signature must be byte strings")
+    prot = loads_exact(protected, "COSE protected header") if protected else {}
+    if not isinstance(prot, dict):
+        raise DecodeError("COSE protected header is not a map")
+    for label in (*prot, *unprotected):
+        if type(label) is not int and not isinstance(label, str):
+            raise DecodeError("COSE header labels are integers or text")
+    if set(prot) & set(unprotected):
+        raise DecodeError("a COSE header label appears in both buckets (RFC 9052 §3)")
+    alg = prot.get(ALG)
+    if ALG in unprotected:
+        raise DecodeError("alg must be in the protected header")
+    if type(alg) is not int or alg not in SUPPORTED_ALGS:
+        raise DecodeError(f"unsupported or missing COSE alg {alg!r}")
+    kid = prot.get(KID, unprotected.get(KID))
+    if kid is not None and not isinstance(kid, bytes):
+        raise DecodeError("kid must be a byte string")
+    return Sign1(
+        protected=protected,
+        alg=alg,
+        unprotected=unprotected,
+        payload=payload,
+        signature=signature,
+        kid=kid,
+        x5bag=_certificates(unprotected.get(X5BAG, prot.get(X5BAG))),
+    )
+
+
+def verify(msg: Sign1, signer: x509.Certificate | PublicKey) -> None:
+    """Check the signature with ``signer`` (a certificate or a public key)."""
+    key = _public_key(signer)
+    to_be_signed = _sig_structure(msg.protected, msg.payload)
+    if msg.alg == EDDSA:
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise SignatureError(f"EdDSA signature but the signer key is {type(key).__name__}")
+        ok = _pycose_eddsa_verify(msg, key)
+    else:
+        _, hash_cls, curve = _ECDSA[msg.alg]
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != curve:
+            raise SignatureError(f"COSE alg {msg.alg} needs a {curve} key")
+        ok = _ecdsa_verify(key, hash_cls(), msg.signature, to_be_signed)
+    if not ok:
+        raise SignatureError("COSE_Sign1 signature does not verify")
+
+
+def sign(
+    payload: bytes,
+    key: PrivateKey,
+    *,
+    x5bag: Sequence[x509.Certificate] = (),
+    kid: bytes | None = None,
+) -> bytes:
+    """A tagged COSE_Sign1 over ``payload``; alg follows the key (P-256 -> ES256, ...)."""
+    if not isinstance(payload, bytes):
+        raise UsageError("payload must be bytes")
+    uhdr: dict[Any, Any] = {}
+    if kid is not None:
+        uhdr[headers.KID] = kid
+    if x5bag:
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in x5bag]
+        uhdr[headers.X5bag] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr, payload=payload)
+        msg.key = OKPKey(crv=Ed25519, x=_raw_public(key), d=_raw_private(key))
+        return msg.encode()  # pycose's EdDSA is cryptography underneath
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"cannot sign COSE with a {type(key).__name__}")
+    alg = _ALG_BY_CURVE.get(key.curve.name)
+    if alg is None:
+        raise UsageError(f"unsupported curve {key.curve.name}")
+    alg_cls, hash_cls, _ = _ECDSA[alg]
+    msg = Sign1Message(phdr={headers.Algorithm: alg_cls}, uhdr=uhdr, payload=payload)
+    der = key.sign(_sig_structure(msg.phdr_encoded, payload), ec.ECDSA(hash_cls()))
+    msg.signature = _der_to_raw(der, _coordinate_size(key.curve))
+    return msg.encode(sign=False)
+
+
+def without_x5(data: bytes) -> bytes:
+    """The same COSE_Sign1 with x5bag/x5chain removed from the unprotected header: the
+    registrar MUST strip them before forwarding a voucher (cBRSKI §6.8). The signature stays
+    valid, since the unprotected header is not signed."""
+    msg = decode(data)
+    kept = {k: v for k, v in msg.unprotected.items() if k not in (X5BAG, X5CHAIN)}
+    item = [msg.protected, kept, msg.payload, msg.signature]
+    return cbor2.dumps(cbor2.CBORTag(SIGN1_TAG, item))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad = h'', payload]
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def _certificates(value: Any) -> tuple[x509.Certificate, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, bytes) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, bytes) for i in items):
+        raise DecodeError("x5bag must be a certificate or a non-empty array of them")
+    try:
+        return tuple(x509.load_der_x509_certificate(i) for i in items)
+    except ValueError as exc:
+        raise DecodeError(f"x5bag holds something that is not a DER certificate: {exc}") from exc
+
+
+def _public_key(signer: x509.Certificate | PublicKey) -> PublicKey:
+    if isinstance(signer, x509.Certificate):
+        try:
+            key = signer.public_key()
+        except ValueError as exc:
+            raise SignatureError(f"signer certificate key unusable: {exc}") from exc
+    else:
+        key = signer
+    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise SignatureError(f"cannot verify COSE with a {type(key).__name__}")
+    return key
+
+
+def _ecdsa_verify(
+    key: ec.EllipticCurvePublicKey, hash_alg: hashes.HashAlgorithm, raw: bytes, data: bytes
+) -> bool:
+    size = _coordinate_size(key.curve)
+    if len(raw) != 2 * size:  # RFC 9053 §2.1: r || s, each exactly the curve size
+        return False
+    r, s = int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big")
+    try:
+        key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hash_alg))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _pycose_eddsa_verify(msg: Sign1, key: ed25519.Ed25519PublicKey) -> bool:
+    try:
+        cose_msg = Sign1Message(phdr_encoded=msg.protected, payload=msg.payload)
+        cose_msg.signature = msg.signature
+        cose_msg.key = OKPKey(crv=Ed25519, x=_raw_public(key))
+        return bool(cose_msg.verify_signature())
+    except Exception as exc:  # pycose raises CoseException, ValueError, TypeError...
+        raise SignatureError(f"COSE EdDSA verification failed: {exc}") from exc
+
+
+def _der_to_raw(der: bytes, size: int) -> bytes:
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def _coordinate_size(curve: ec.EllipticCurve) -> int:
+    return (curve.key_size + 7) // 8
+
+
+def _raw_public(key: ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey) -> bytes:
+    public = key.public_key() if isinstance(key, ed25519.Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _raw_private(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )

@@ -1,0 +1,145 @@
+"""Vouchers and voucher-requests in CBOR with SIDs (RFC 9254 via rfc8366bis; cBRSKI §9.1).
+
+The top-level key is the absolute SID of the container (2451 voucher, 2501 voucher-request);
+inner keys are deltas from it (``nonce`` = 2458 - 2451 = 7). Binaries are byte strings, dates
+text strings, the assertion a small integer. On input we also accept names instead of SIDs,
+at either level and mixed (cBRSKI §9.1: a MASA MUST accept both), absolute SIDs as tag 47,
+and the assertion by name. We always emit SIDs in ascending order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, overload
+
+import cbor2
+
+from .cbor_strict import MAX_SIZE, loads_exact
+from .errors import DecodeError, ValidationError
+from .voucher_model import (
+    LEAF_BY_NAME,
+    LEAVES,
+    Assertion,
+    Leaf,
+    LeafType,
+    VoucherArtifact,
+    WireForm,
+    artifact_class,
+    build,
+    parse_datetime,
+)
+
+SID_TAG = 47  # RFC 9254 §3.2: an absolute SID used where a delta is expected
+A = TypeVar("A", bound=VoucherArtifact)
+
+
+@overload
+def decode_cbor(data: bytes, expect: type[A]) -> A: ...
+@overload
+def decode_cbor(data: bytes, expect: None = None) -> VoucherArtifact: ...
+def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any:
+    """Parse a CBOR voucher or voucher-request (SID keys, names, or both)."""
+    doc = loads_exact(data, "CBOR voucher")
+    if not isinstance(doc, dict) or len(doc) != 1:
+        raise DecodeError("a CBOR voucher is a map with exactly one entry")
+    ((top, container),) = doc.items()
+    cls = artifact_class(top) if isinstance(top, int | str) else None
+    if cls is None:
+        raise DecodeError(f"unknown top-level key {str(top)[:60]!r}")
+    if expect is not None and cls is not expect:
+        raise ValidationError(f"expected {expect.MODULE}:voucher, got {cls.MODULE}:voucher")
+    if not isinstance(container, dict):
+        raise DecodeError("voucher container is not a CBOR map")
+
+    by_sid = {leaf.sid(cls.IS_REQUEST): leaf for leaf in LEAVES}
+    values: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    unknown: list[tuple[Any, Any]] = []
+    for key, raw in container.items():
+        leaf = _leaf_for(key, cls, by_sid)
+        if leaf is None:
+            unknown.append((key, raw))
+            continue
+        if leaf.name in values:
+            raise DecodeError(f"{leaf.name} given twice (by SID and by name)")
+        values[leaf.name] = _from_cbor(leaf, raw)
+        if leaf.type is LeafType.DATETIME:
+            texts[leaf.name] = raw
+    return build(cls, values, WireForm(texts=texts, unknown_cbor=tuple(unknown)))
+
+
+def encode_cbor(artifact: VoucherArtifact) -> bytes:
+    """``{top SID: {delta: value, ...}}`` in ascending delta order, as the cBRSKI examples.
+    Unknown entries decoded from CBOR follow, unchanged."""
+    artifact.check_types()
+    top = artifact.TOP_SID
+    body: dict[Any, Any] = {}
+    for leaf in artifact.leaves():  # SID order
+        value = getattr(artifact, leaf.attr)
+        if value is None or value == ():
+            continue
+        sid = leaf.sid(artifact.IS_REQUEST)
+        assert sid is not None  # leaves() only yields leaves of this module
+        body[sid - top] = _to_cbor(artifact, leaf, value)
+    for key, value in artifact.wire.unknown_cbor:
+        body.setdefault(key, value)
+    try:
+        return cbor2.dumps({top: body})
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:  # unknown_cbor odd values
+        raise DecodeError(f"cannot re-encode voucher: {exc}") from exc
+
+
+def _leaf_for(key: Any, cls: type[VoucherArtifact], by_sid: dict[int | None, Leaf]) -> Leaf | None:
+    if type(key) is int:  # not bool: CBOR true must not read as delta 1
+        return by_sid.get(cls.TOP_SID + key)
+    if isinstance(key, cbor2.CBORTag) and key.tag == SID_TAG and type(key.value) is int:
+        return by_sid.get(key.value)
+    if isinstance(key, str):
+        prefix, sep, local = key.partition(":")
+        if sep and prefix != cls.MODULE:
+            return None
+        return LEAF_BY_NAME.get(local if sep else key)
+    return None
+
+
+def _from_cbor(leaf: Leaf, raw: Any) -> Any:
+    kind = leaf.type
+    if kind is LeafType.ASSERTION:
+        if type(raw) is int:
+            return Assertion.from_int(raw)
+        if isinstance(raw, str):  # name-keyed maps sometimes carry the name, too
+            return Assertion.from_yang_name(raw)
+        raise DecodeError("assertion must be an integer")
+    if kind is LeafType.BINARY:
+        if not isinstance(raw, bytes):
+            raise DecodeError(f"{leaf.name} must be a byte string")
+        return raw
+    if kind is LeafType.BOOLEAN:
+        if not isinstance(raw, bool):
+            raise DecodeError(f"{leaf.name} must be a boolean")
+        return raw
+    if kind is LeafType.EXTENSIONS:
+        if not isinstance(raw, list) or not all(_is_extension_item(i) for i in raw):
+            raise DecodeError("extensions must be an array of uint64 or text")
+        return tuple(raw)
+    if not isinstance(raw, str):
+        raise DecodeError(f"{leaf.name} must be a text string")
+    if kind is LeafType.DATETIME:
+        return parse_datetime(raw)
+    return raw
+
+
+def _to_cbor(artifact: VoucherArtifact, leaf: Leaf, value: Any) -> Any:
+    if leaf.type is LeafType.ASSERTION:
+        return int(value)
+    if leaf.type is LeafType.DATETIME:
+        return artifact.wire_text(leaf.name)
+    if leaf.type is LeafType.EXTENSIONS:
+        return list(value)
+    return value
+
+
+def _is_extension_item(item: Any) -> bool:
+    return isinstance(item, str) or (type(item) is int and 0 <= item < 2**64)
+
+
+__all__ = ["MAX_SIZE", "decode_cbor", "encode_cbor"]

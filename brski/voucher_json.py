@@ -1,0 +1,160 @@
+"""Vouchers and voucher-requests in JSON (RFC 7951 encoding of the YANG data, RFC 8366 §5.3).
+
+``{"ietf-voucher:voucher": {...}}`` / ``{"ietf-voucher-request:voucher": {...}}``; binaries in
+base64, dates as yang:date-and-time strings, the assertion by name. Member names may carry
+their own module prefix (RFC 7951 §4). Decoding keeps the received text of binaries and dates
+and the member order, so decode -> encode reproduces the input byte for byte when it was
+compact JSON (no whitespace), as every published example is.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar, overload
+
+from .errors import DecodeError, ValidationError
+from .voucher_model import (
+    LEAF_BY_NAME,
+    Assertion,
+    Leaf,
+    LeafType,
+    VoucherArtifact,
+    WireForm,
+    artifact_class,
+    b64decode_lenient,
+    build,
+    parse_datetime,
+)
+
+MAX_SIZE = 256 * 1024  # an RVR with a prior PVR and two chains is a few KiB
+A = TypeVar("A", bound=VoucherArtifact)
+
+
+@overload
+def decode_json(data: bytes | str, expect: type[A]) -> A: ...
+@overload
+def decode_json(data: bytes | str, expect: None = None) -> VoucherArtifact: ...
+def decode_json(data: bytes | str, expect: type[VoucherArtifact] | None = None) -> Any:
+    """Parse a JSON voucher or voucher-request; ``expect`` restricts it to one class.
+
+    Raises DecodeError (not JSON, wrong types) or ValidationError (leaf of the wrong module,
+    no serial-number, unknown assertion). Call ``validate()`` for the remaining rules.
+    """
+    if len(data) > MAX_SIZE:
+        raise DecodeError(f"JSON voucher larger than {MAX_SIZE} bytes")
+    try:
+        doc = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or len(doc) != 1:
+        raise DecodeError("a voucher is a JSON object with exactly one member")
+    ((top, container),) = doc.items()
+    cls = artifact_class(top)
+    if cls is None:
+        raise DecodeError(f"unknown top-level member {top[:60]!r}")
+    if expect is not None and cls is not expect:
+        raise ValidationError(f"expected {expect.MODULE}:voucher, got {top}")
+    if not isinstance(container, dict):
+        raise DecodeError(f"{top} is not a JSON object")
+
+    values: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    unknown: list[tuple[str, Any]] = []
+    for member, raw in container.items():
+        leaf = _leaf_for(member, cls.MODULE)
+        if leaf is None:
+            unknown.append((member, raw))
+            continue
+        if leaf.name in values:
+            raise DecodeError(f"{leaf.name} given twice")
+        values[leaf.name] = _from_json(leaf, raw)
+        if leaf.type in (LeafType.BINARY, LeafType.DATETIME):
+            texts[leaf.name] = raw
+    wire = WireForm(texts=texts, order=tuple(container), unknown_json=tuple(unknown))
+    return build(cls, values, wire)
+
+
+def encode_json(artifact: VoucherArtifact) -> bytes:
+    """Compact RFC 7951 JSON. Members keep the order they were received in; new ones follow
+    in SID order. Unknown members decoded from JSON are re-emitted in place."""
+    artifact.check_types()
+    present = artifact.present()
+    unknown = dict(artifact.wire.unknown_json)
+    body: dict[str, Any] = {}
+    for member in artifact.wire.order:
+        if member in unknown:
+            body[member] = unknown[member]
+            continue
+        leaf = _leaf_for(member, artifact.MODULE)
+        if leaf is not None and leaf.name in present:
+            body[member] = _to_json(artifact, leaf, present.pop(leaf.name))
+    for name, value in present.items():
+        body[name] = _to_json(artifact, LEAF_BY_NAME[name], value)
+    doc = {artifact.top_name: body}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _leaf_for(member: str, module: str) -> Leaf | None:
+    """A member name, plain or qualified with the container's own module, as a leaf."""
+    prefix, sep, local = member.partition(":")
+    if sep:
+        if prefix != module:
+            return None  # another module's data, e.g. "extension:..." (rfc8366bis §8.6)
+        member = local
+    return LEAF_BY_NAME.get(member)
+
+
+def _from_json(leaf: Leaf, raw: Any) -> Any:
+    kind = leaf.type
+    if kind is LeafType.BOOLEAN:
+        if not isinstance(raw, bool):
+            raise DecodeError(f"{leaf.name} must be a JSON boolean")
+        return raw
+    if kind is LeafType.EXTENSIONS:
+        # RFC 7951 §6.1 writes uint64 as a string; accept bare numbers from lax encoders.
+        if not isinstance(raw, list) or not all(_is_extension_item(i) for i in raw):
+            raise DecodeError("extensions must be a list of strings or uint64")
+        return tuple(raw)
+    if not isinstance(raw, str):
+        raise DecodeError(f"{leaf.name} must be a JSON string")
+    if kind is LeafType.ASSERTION:
+        return Assertion.from_yang_name(raw)
+    if kind is LeafType.BINARY:
+        return b64decode_lenient(raw)
+    if kind is LeafType.DATETIME:
+        return parse_datetime(raw)
+    return raw
+
+
+def _to_json(artifact: VoucherArtifact, leaf: Leaf, value: Any) -> Any:
+    if leaf.type is LeafType.ASSERTION:
+        return value.yang_name
+    if leaf.type in (LeafType.BINARY, LeafType.DATETIME):
+        return artifact.wire_text(leaf.name)
+    if leaf.type is LeafType.EXTENSIONS:
+        return list(value)
+    return value
+
+
+def _is_extension_item(item: Any) -> bool:
+    if isinstance(item, bool):
+        return False
+    return isinstance(item, str) or (isinstance(item, int) and 0 <= item < 2**64)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last duplicate silently; two parsers disagreeing on a nonce is a
+    # classic signature-bypass shape, so refuse.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DecodeError(f"duplicate JSON member {key[:60]!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise DecodeError(f"{name} is not JSON")
+
+
+__all__ = ["MAX_SIZE", "decode_json", "encode_json"]

@@ -1,0 +1,455 @@
+"""The voucher data model: one leaf table for ``ietf-voucher`` and ``ietf-voucher-request``.
+
+Both YANG modules share one grouping (RFC 8366 §5.3, RFC 8995 §3.3, rfc8366bis §6 and §7), so
+both artifacts are described by one table, ``LEAVES``: each row gives a leaf's YANG name, its
+type, its SID in each module (rfc8366bis ``*.sid`` files, SID ranges 2450+50 and 2500+50) and
+whether it is valid in a voucher and in a voucher-request. The JSON and CBOR codecs
+(``voucher_json``, ``voucher_cbor``) are driven by this table; nothing else lists leaves.
+
+Two dataclasses share a base: ``Voucher`` (from the MASA) and ``VoucherRequest`` (pledge or
+registrar). Leaves that are not valid in one of them (``proximity-registrar-cert`` in a voucher;
+``pinned-domain-*``, ``domain-cert-revocation-checks``, ``last-renewal-date`` in a request, which
+RFC 8995 §3.3 declares "not valid in a voucher request") are not fields of that class, and the
+decoders reject them with ``ValidationError``. Unknown members are kept in ``WireForm`` and
+otherwise ignored (RFC 8995 §5.6.1: the pledge MUST ignore unknown fields).
+
+Values keep the text they arrived as (``WireForm.texts``): a JSON nonce in unpadded base64url
+(RFC 8995 App. C) or a date with a local offset re-encodes byte for byte, and ``wire_text()``
+lets a registrar compare nonces as text (RFC 8995 §5.8.1). Time is always a parameter.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from .errors import DecodeError, UsageError, ValidationError
+
+VOUCHER_MODULE = "ietf-voucher"
+VOUCHER_REQUEST_MODULE = "ietf-voucher-request"
+VOUCHER_SID = 2451  # ietf-voucher:voucher (sx:structure), the absolute top-level CBOR key
+VOUCHER_REQUEST_SID = 2501  # ietf-voucher-request:voucher
+
+NONCE_MIN, NONCE_MAX = 8, 32  # rfc8366bis YANG: nonce type binary { length "8..32" }
+SHA256_LEN = 32
+
+
+class Assertion(enum.IntEnum):
+    """rfc8366bis §8.5: CBOR carries the integer, JSON the name."""
+
+    VERIFIED = 0
+    LOGGED = 1
+    PROXIMITY = 2
+    AGENT_PROXIMITY = 3
+
+    @property
+    def yang_name(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_yang_name(cls, name: str) -> Assertion:
+        for member in cls:
+            if member.yang_name == name:
+                return member
+        raise ValidationError(f"unknown assertion {name!r}")
+
+    @classmethod
+    def from_int(cls, value: int) -> Assertion:
+        try:
+            return cls(value)
+        except ValueError as exc:
+            raise ValidationError(f"assertion {value} is not one of 0..3") from exc
+
+
+class LeafType(enum.Enum):
+    ASSERTION = "enumeration"
+    BINARY = "binary"
+    BOOLEAN = "boolean"
+    DATETIME = "yang:date-and-time"
+    EXTENSIONS = "leaf-list union uint64/string"
+    STRING = "string"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    name: str  # YANG / JSON member name
+    type: LeafType
+    voucher_sid: int | None  # SID in ietf-voucher, None if the module has no such leaf
+    request_sid: int | None  # SID in ietf-voucher-request
+    in_voucher: bool
+    in_request: bool
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+    def sid(self, request: bool) -> int | None:
+        return self.request_sid if request else self.voucher_sid
+
+
+_B, _D, _S = LeafType.BINARY, LeafType.DATETIME, LeafType.STRING
+# name, type, ietf-voucher SID, ietf-voucher-request SID, valid in voucher, valid in request
+LEAVES: tuple[Leaf, ...] = tuple(
+    Leaf(*row)
+    for row in (
+        ("assertion", LeafType.ASSERTION, 2452, 2502, True, True),
+        ("created-on", _D, 2453, 2503, True, True),
+        # The request module inherits these three from the voucher grouping but RFC 8995 §3.3
+        # refines them as "not valid in a voucher request".
+        ("domain-cert-revocation-checks", LeafType.BOOLEAN, 2454, 2504, True, False),
+        ("expires-on", _D, 2455, 2505, True, True),
+        ("idevid-issuer", _B, 2456, 2506, True, True),
+        ("last-renewal-date", _D, 2457, 2507, True, False),
+        ("nonce", _B, 2458, 2508, True, True),
+        ("pinned-domain-cert", _B, 2459, 2509, True, False),
+        ("pinned-domain-pubk", _B, 2460, 2518, True, False),
+        ("pinned-domain-pubk-sha256", _B, 2461, 2519, True, False),
+        ("serial-number", _S, 2462, 2514, True, True),
+        ("additional-configuration-url", _S, 2463, 2520, True, True),
+        ("est-domain", _S, 2464, 2521, True, True),
+        ("manufacturer-proprietary", _B, 2465, 2523, True, True),
+        ("extensions", LeafType.EXTENSIONS, 2466, 2522, True, True),
+        ("prior-signed-voucher-request", _B, None, 2510, False, True),
+        ("proximity-registrar-cert", _B, None, 2511, False, True),
+        ("proximity-registrar-pubk-sha256", _B, None, 2512, False, True),
+        ("proximity-registrar-pubk", _B, None, 2513, False, True),
+        ("agent-provided-proximity-registrar-cert", _B, None, 2515, False, True),
+        ("agent-sign-cert", _B, None, 2516, False, True),
+        ("agent-signed-data", _B, None, 2517, False, True),
+    )
+)
+LEAF_BY_NAME: Mapping[str, Leaf] = MappingProxyType({leaf.name: leaf for leaf in LEAVES})
+
+
+@dataclass(frozen=True)
+class WireForm:
+    """How an artifact looked on the wire, so that re-encoding reproduces it.
+
+    ``texts``: the original JSON/CBOR text of binary and date leaves (used only while it still
+    decodes to the field's value). ``order``: JSON member order as received. ``unknown_json`` /
+    ``unknown_cbor``: members this model does not know (extension data), re-emitted only by the
+    codec they came from.
+    """
+
+    texts: Mapping[str, str] = field(default_factory=dict)
+    order: tuple[str, ...] = ()
+    unknown_json: tuple[tuple[str, Any], ...] = ()
+    unknown_cbor: tuple[tuple[Any, Any], ...] = ()
+
+
+_NO_WIRE = WireForm()
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoucherArtifact:
+    """Leaves both artifacts have. Dates are timezone-aware; binaries are raw bytes."""
+
+    MODULE: ClassVar[str]
+    TOP_SID: ClassVar[int]
+    IS_REQUEST: ClassVar[bool]
+
+    serial_number: str
+    assertion: Assertion | None = None
+    created_on: datetime | None = None
+    expires_on: datetime | None = None
+    idevid_issuer: bytes | None = None
+    nonce: bytes | None = None
+    additional_configuration_url: str | None = None
+    est_domain: str | None = None
+    manufacturer_proprietary: bytes | None = None
+    extensions: tuple[int | str, ...] = ()
+    wire: WireForm = field(default=_NO_WIRE, compare=False, repr=False)
+
+    @classmethod
+    def leaves(cls) -> tuple[Leaf, ...]:
+        """The leaves valid in this artifact, in SID order."""
+        valid = [lf for lf in LEAVES if (lf.in_request if cls.IS_REQUEST else lf.in_voucher)]
+        return tuple(sorted(valid, key=lambda leaf: leaf.sid(cls.IS_REQUEST) or 0))
+
+    @property
+    def top_name(self) -> str:
+        return f"{self.MODULE}:voucher"
+
+    def present(self) -> dict[str, Any]:
+        """YANG name -> value for every leaf that is set."""
+        out: dict[str, Any] = {}
+        for leaf in self.leaves():
+            value = getattr(self, leaf.attr)
+            if value is not None and value != ():
+                out[leaf.name] = value
+        return out
+
+    def wire_text(self, name: str) -> str | None:
+        """The text a binary or date leaf has in JSON: as received if unchanged, else canonical.
+
+        Compare nonces with this when the peer's nonce may not be canonical base64
+        (RFC 8995 §5.8.1: "this should not be assumed").
+        """
+        leaf = LEAF_BY_NAME.get(name)
+        if leaf is None or leaf.type not in (LeafType.BINARY, LeafType.DATETIME):
+            raise UsageError(f"{name!r} is not a binary or date leaf")
+        value = getattr(self, leaf.attr, None)
+        if value is None:
+            return None
+        original = self.wire.texts.get(name)
+        if leaf.type is LeafType.BINARY:
+            if original is not None and _b64_matches(original, value):
+                return original
+            return b64encode(value)
+        if original is not None and _date_matches(original, value):
+            return original
+        return format_datetime(value)
+
+    def check_types(self) -> None:
+        """UsageError if a field holds the wrong Python type (hand-built artifacts)."""
+        if not isinstance(self.serial_number, str):
+            raise UsageError("serial-number must be a string")
+        for name, value in self.present().items():
+            check_type(LEAF_BY_NAME[name], value)
+
+    def validate(self, *, now: datetime | None = None) -> None:
+        """Raise ValidationError if a rule of RFC 8366 / RFC 8995 / rfc8366bis is broken.
+
+        ``now`` (aware datetime), if given, is checked against expires-on.
+        """
+        if not self.serial_number:
+            raise ValidationError("serial-number is mandatory and empty")
+        if self.nonce is not None and not NONCE_MIN <= len(self.nonce) <= NONCE_MAX:
+            raise ValidationError(
+                f"nonce is {len(self.nonce)} bytes, must be {NONCE_MIN}..{NONCE_MAX}"
+            )
+        self.check_types()
+        if now is not None and self.expires_on is not None:
+            if now.tzinfo is None:
+                raise UsageError("now must be timezone-aware")
+            if now > self.expires_on:
+                raise ValidationError(f"expired at {format_datetime(self.expires_on)}")
+        self._validate_kind()
+
+    def _validate_kind(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Voucher(VoucherArtifact):
+    """An ``ietf-voucher:voucher`` (RFC 8366, rfc8366bis)."""
+
+    MODULE: ClassVar[str] = VOUCHER_MODULE
+    TOP_SID: ClassVar[int] = VOUCHER_SID
+    IS_REQUEST: ClassVar[bool] = False
+
+    domain_cert_revocation_checks: bool | None = None
+    last_renewal_date: datetime | None = None
+    pinned_domain_cert: bytes | None = None
+    pinned_domain_pubk: bytes | None = None
+    pinned_domain_pubk_sha256: bytes | None = None
+
+    def _validate_kind(self) -> None:
+        if self.nonce is not None and self.expires_on is not None:
+            # RFC 8366 YANG: nonce "must 'not(../expires-on)'" and the converse.
+            raise ValidationError("a voucher carries either nonce or expires-on, not both")
+        if self.last_renewal_date is not None and self.expires_on is None:
+            raise ValidationError("last-renewal-date needs expires-on")
+        pins = (self.pinned_domain_cert, self.pinned_domain_pubk, self.pinned_domain_pubk_sha256)
+        if all(pin is None for pin in pins):
+            raise ValidationError(
+                "a voucher needs pinned-domain-cert, pinned-domain-pubk or "
+                "pinned-domain-pubk-sha256"
+            )
+        if self.pinned_domain_cert is not None:
+            _require_cert("pinned-domain-cert", self.pinned_domain_cert)
+        if self.pinned_domain_pubk is not None:
+            _require_spki("pinned-domain-pubk", self.pinned_domain_pubk)
+        if self.pinned_domain_pubk_sha256 is not None:
+            _require_sha256("pinned-domain-pubk-sha256", self.pinned_domain_pubk_sha256)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoucherRequest(VoucherArtifact):
+    """An ``ietf-voucher-request:voucher``: pledge (PVR) or registrar (RVR) voucher-request."""
+
+    MODULE: ClassVar[str] = VOUCHER_REQUEST_MODULE
+    TOP_SID: ClassVar[int] = VOUCHER_REQUEST_SID
+    IS_REQUEST: ClassVar[bool] = True
+
+    prior_signed_voucher_request: bytes | None = None
+    proximity_registrar_cert: bytes | None = None
+    proximity_registrar_pubk: bytes | None = None
+    proximity_registrar_pubk_sha256: bytes | None = None
+    agent_provided_proximity_registrar_cert: bytes | None = None
+    agent_sign_cert: bytes | None = None
+    agent_signed_data: bytes | None = None
+
+    def _validate_kind(self) -> None:
+        if self.proximity_registrar_cert is not None:
+            _require_cert("proximity-registrar-cert", self.proximity_registrar_cert)
+        if self.proximity_registrar_pubk is not None:
+            _require_spki("proximity-registrar-pubk", self.proximity_registrar_pubk)
+        if self.proximity_registrar_pubk_sha256 is not None:
+            _require_sha256("proximity-registrar-pubk-sha256", self.proximity_registrar_pubk_sha256)
+
+
+ARTIFACT_CLASSES: tuple[type[VoucherArtifact], ...] = (Voucher, VoucherRequest)
+
+
+def artifact_class(top: str | int) -> type[VoucherArtifact] | None:
+    """The class whose top-level JSON name or absolute SID this is."""
+    for cls in ARTIFACT_CLASSES:
+        # type() rather than ==: a CBOR float 2451.0 or bool must not pass for the SID
+        if (type(top) is str and top == f"{cls.MODULE}:voucher") or (
+            type(top) is int and top == cls.TOP_SID
+        ):
+            return cls
+    return None
+
+
+def build(cls: type[VoucherArtifact], values: dict[str, Any], wire: WireForm) -> VoucherArtifact:
+    """Make an artifact from decoded leaf values (YANG name -> typed value).
+
+    Shared by both codecs: rejects leaves of the other module and a missing serial-number.
+    """
+    kind = "voucher-request" if cls.IS_REQUEST else "voucher"
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        leaf = LEAF_BY_NAME[name]
+        if not (leaf.in_request if cls.IS_REQUEST else leaf.in_voucher):
+            raise ValidationError(f"{name} is not valid in a {kind}")
+        kwargs[leaf.attr] = value
+    if "serial_number" not in kwargs:
+        raise ValidationError(f"{kind} has no serial-number (mandatory)")
+    return cls(**kwargs, wire=wire)
+
+
+# --- value checks ------------------------------------------------------------------------
+
+
+def check_type(leaf: Leaf, value: Any) -> None:
+    """Callers may build artifacts by hand: catch wrong Python types (UsageError) before
+    encoding. Decoded artifacts always pass."""
+    expected: tuple[type, ...] = {
+        LeafType.ASSERTION: (Assertion,),
+        LeafType.BINARY: (bytes,),
+        LeafType.BOOLEAN: (bool,),
+        LeafType.DATETIME: (datetime,),
+        LeafType.EXTENSIONS: (tuple,),
+        LeafType.STRING: (str,),
+    }[leaf.type]
+    if not isinstance(value, expected):
+        raise UsageError(f"{leaf.name} must be {leaf.type.value}, got {type(value).__name__}")
+    if leaf.type is LeafType.DATETIME and value.tzinfo is None:
+        raise UsageError(f"{leaf.name} must be timezone-aware")
+    if leaf.type is LeafType.EXTENSIONS:
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int | str):
+                raise UsageError("extensions holds uint64 or string items only")
+            if isinstance(item, int) and not 0 <= item < 2**64:
+                raise UsageError("extensions SID out of uint64 range")
+
+
+def _require_cert(name: str, der: bytes) -> None:
+    try:
+        x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise ValidationError(f"{name} is not a DER X.509 certificate") from exc
+
+
+def _require_spki(name: str, der: bytes) -> None:
+    try:
+        load_der_public_key(der)
+    except (ValueError, TypeError) as exc:  # TypeError: key type cryptography cannot use
+        raise ValidationError(f"{name} is not a DER SubjectPublicKeyInfo") from exc
+
+
+def _require_sha256(name: str, value: bytes) -> None:
+    if len(value) != SHA256_LEN:
+        raise ValidationError(f"{name} must be a {SHA256_LEN}-byte SHA-256 hash")
+
+
+# --- base64 (RFC 7951 §6.6 binary) ---------------------------------------------------------
+
+_B64_CHARS = re.compile(r"[A-Za-z0-9+/\-_]*={0,2}")
+
+
+def b64encode(data: bytes) -> str:
+    """RFC 4648 §4 base64 with padding, as RFC 7951 prescribes for binary."""
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def b64decode_lenient(text: str) -> bytes:
+    """Standard base64 or base64url, padded or not: Minerva (RFC 8995 App. C) sends unpadded
+    base64url nonces. Mixing the two alphabets, bad padding and whitespace are refused."""
+    if not _B64_CHARS.fullmatch(text):
+        raise DecodeError("binary value is not base64 text")
+    body = text.rstrip("=")
+    url = "-" in body or "_" in body
+    if url and ("+" in body or "/" in body):
+        raise DecodeError("binary value mixes base64 and base64url alphabets")
+    if len(body) % 4 == 1 or (body != text and len(text) % 4):
+        raise DecodeError("binary value has a bad base64 length or padding")
+    if url:
+        body = body.translate(str.maketrans("-_", "+/"))
+    try:
+        return binascii.a2b_base64(body + "=" * (-len(body) % 4), strict_mode=True)
+    except binascii.Error as exc:
+        raise DecodeError(f"binary value is not valid base64: {exc}") from exc
+
+
+def _b64_matches(text: str, value: bytes) -> bool:
+    try:
+        return b64decode_lenient(text) == value
+    except DecodeError:
+        return False
+
+
+# --- yang:date-and-time (RFC 6991, RFC 3339) -----------------------------------------------
+
+_DATE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def parse_datetime(text: str) -> datetime:
+    """A yang:date-and-time as an aware datetime (microsecond precision; a leap second 60 is
+    read as 59 — the original text is kept for re-encoding)."""
+    match = _DATE.fullmatch(text)
+    if match is None:
+        raise DecodeError(f"not a yang:date-and-time: {text[:40]!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, offset = match.group(7), match.group(8)
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        if offset == "Z":
+            tz: timezone = UTC
+        else:
+            sign = -1 if offset[0] == "-" else 1
+            tz = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+        return datetime(year, month, day, hour, minute, min(second, 59), micro, tzinfo=tz)
+    except ValueError as exc:
+        raise DecodeError(f"not a valid date-and-time: {text[:40]!r}: {exc}") from exc
+
+
+def format_datetime(value: datetime) -> str:
+    """Canonical form we emit: UTC with "Z", fraction only when non-zero."""
+    if value.tzinfo is None:
+        raise UsageError("dates must be timezone-aware")
+    utc = value.astimezone(UTC)
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    if utc.microsecond:
+        text += "." + f"{utc.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def _date_matches(text: str, value: datetime) -> bool:
+    try:
+        return parse_datetime(text) == value
+    except DecodeError:
+        return False
