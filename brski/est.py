@@ -1,0 +1,216 @@
+"""EST payloads (RFC 7030, with the RFC 8951 clarifications) as BRSKI uses them.
+
+* ``/cacerts``, ``/simpleenroll``, ``/simplereenroll`` answer with a "certs-only" CMS
+  SignedData (PKCS#7, no signers) — ``encode_certs_only`` / ``decode_certs_only``;
+* ``/simpleenroll`` and ``/simplereenroll`` take a PKCS#10 CSR — ``decode_csr_body``;
+* ``/csrattrs`` answers with ``CsrAttrs ::= SEQUENCE SIZE (0..MAX) OF AttrOrOID`` (RFC 7030
+  §4.5.2) — ``encode_csrattrs`` / ``decode_csrattrs``.
+
+Transfer encoding: RFC 8951 §3 settles that these HTTP bodies are base64 (RFC 4648 §4) of the
+DER, whatever Content-Transfer-Encoding says, and that receivers tolerate whitespace in it.
+``encode_base64`` writes 64-character lines (what openssl and curl-based tools expect);
+``decode_base64`` ignores all whitespace. BRSKI keeps ``requestvoucher`` binary (RFC 8995
+§6), so none of this applies there.
+
+Sans-IO; decoders raise only ``DecodeError`` (or ``ValidationError`` for a CSR whose
+signature does not verify).
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from asn1crypto import core
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from .errors import DecodeError, UsageError, ValidationError
+
+MEDIA_CERTS_ONLY: Final = "application/pkcs7-mime; smime-type=certs-only"
+MEDIA_PKCS7: Final = "application/pkcs7-mime"
+MEDIA_PKCS10: Final = "application/pkcs10"
+MEDIA_CSRATTRS: Final = "application/csrattrs"
+# A CSR or a certs-only bundle of a few certificates is a few KiB; refuse anything far larger.
+MAX_BODY: Final = 256 * 1024
+
+OID_ECDSA_WITH_SHA256: Final = "1.2.840.10045.4.3.2"
+OID_ECDSA_WITH_SHA384: Final = "1.2.840.10045.4.3.3"
+
+_BASE64: Final = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+_WHITESPACE: Final = re.compile(rb"[ \t\r\n]+")
+
+
+def encode_base64(der: bytes) -> bytes:
+    """Base64 of ``der`` in 64-character lines, each ending in CRLF-free ``\\n``."""
+    text = binascii.b2a_base64(der, newline=False)
+    return b"".join(text[i:i + 64] + b"\n" for i in range(0, len(text), 64))
+
+
+def decode_base64(body: bytes) -> bytes:
+    """Strict base64 once whitespace is removed (RFC 8951 §3)."""
+    if not isinstance(body, bytes | bytearray):
+        raise UsageError("EST body must be bytes")
+    if len(body) > MAX_BODY:
+        raise DecodeError(f"EST body of {len(body)} bytes exceeds {MAX_BODY}")
+    compact = _WHITESPACE.sub(b"", bytes(body))
+    if not compact:
+        raise DecodeError("empty EST body")
+    if not _BASE64.fullmatch(compact) or len(compact) % 4:
+        raise DecodeError("EST body is not base64")
+    try:
+        return binascii.a2b_base64(compact, strict_mode=True)
+    except binascii.Error as exc:
+        raise DecodeError(f"EST body is not valid base64: {exc}") from exc
+
+
+# --- certs-only ---------------------------------------------------------------------------
+
+
+def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
+    """DER of a degenerate SignedData carrying ``certs`` in order (RFC 7030 §4.1.3)."""
+    if not certs or not all(isinstance(c, x509.Certificate) for c in certs):
+        raise UsageError("certs-only needs at least one x509.Certificate")
+    return pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER)
+
+
+def decode_certs_only(der: bytes) -> list[x509.Certificate]:
+    """The certificates of a certs-only SignedData (DER)."""
+    if len(der) > MAX_BODY:
+        raise DecodeError(f"PKCS#7 of {len(der)} bytes exceeds {MAX_BODY}")
+    try:
+        certs = pkcs7.load_der_pkcs7_certificates(bytes(der))
+    except Exception as exc:  # ValueError for junk; other types for unsupported structures
+        raise DecodeError(f"not a PKCS#7 certs-only structure: {exc}") from exc
+    if not certs:
+        raise DecodeError("PKCS#7 certs-only structure holds no certificate")
+    return certs
+
+
+# --- CSRs ---------------------------------------------------------------------------------
+
+
+def encode_csr_body(csr: x509.CertificateSigningRequest) -> bytes:
+    """The body of a simpleenroll request: base64 of the CSR's DER."""
+    return encode_base64(csr.public_bytes(serialization.Encoding.DER))
+
+
+def decode_csr_body(body: bytes) -> x509.CertificateSigningRequest:
+    """A simpleenroll/simplereenroll body as a CSR whose self-signature verifies.
+
+    RFC 8951 base64 is the standard; a raw DER body (first byte 0x30, which is not a base64
+    character) and a PEM body are accepted too, since some EST clients send them.
+    """
+    if not isinstance(body, bytes | bytearray):
+        raise UsageError("EST body must be bytes")
+    body = bytes(body)
+    if len(body) > MAX_BODY:
+        raise DecodeError(f"CSR body of {len(body)} bytes exceeds {MAX_BODY}")
+    if body.lstrip().startswith(b"-----BEGIN"):
+        try:
+            csr = x509.load_pem_x509_csr(body)
+        except ValueError as exc:
+            raise DecodeError(f"not a PEM PKCS#10 request: {exc}") from exc
+    else:
+        der = body if body[:1] == b"\x30" else decode_base64(body)
+        try:
+            csr = x509.load_der_x509_csr(der)
+        except ValueError as exc:
+            raise DecodeError(f"not a PKCS#10 certificate request: {exc}") from exc
+    try:
+        valid = csr.is_signature_valid
+    except Exception as exc:  # an algorithm cryptography cannot check
+        raise ValidationError(f"CSR signature cannot be checked: {exc}") from exc
+    if not valid:
+        raise ValidationError("CSR signature does not verify (proof of possession failed)")
+    return csr
+
+
+# --- CSR attributes -----------------------------------------------------------------------
+
+
+class _AnySet(core.SetOf):
+    _child_spec = core.Any
+
+
+class _Attribute(core.Sequence):
+    _fields: ClassVar = [("type", core.ObjectIdentifier), ("values", _AnySet)]
+
+
+class _AttrOrOID(core.Choice):
+    _alternatives: ClassVar = [("oid", core.ObjectIdentifier), ("attribute", _Attribute)]
+
+
+class _CsrAttrs(core.SequenceOf):
+    _child_spec = _AttrOrOID
+
+
+@dataclass(frozen=True)
+class CsrAttribute:
+    """One AttrOrOID: a bare OID (``values`` None), or an attribute type with the DER of
+    each of its values."""
+
+    oid: str
+    values: tuple[bytes, ...] | None = None
+
+
+def encode_csrattrs(items: Sequence[CsrAttribute]) -> bytes:
+    """DER of CsrAttrs. An empty list is legal (RFC 7030 §4.5.2: SIZE (0..MAX))."""
+    out = []
+    for item in items:
+        try:
+            oid = core.ObjectIdentifier(item.oid)
+            if item.values is None:
+                out.append(_AttrOrOID(name="oid", value=oid))
+            else:
+                if not item.values:
+                    raise UsageError(f"attribute {item.oid} needs at least one value")
+                values = _AnySet([core.Any.load(v) for v in item.values])
+                out.append(_AttrOrOID(name="attribute",
+                                      value=_Attribute({"type": oid, "values": values})))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"csrattrs item {item!r}: {exc}") from exc
+    return _CsrAttrs(out).dump(force=True)
+
+
+def decode_csrattrs(der: bytes) -> list[CsrAttribute]:
+    if len(der) > MAX_BODY:
+        raise DecodeError(f"csrattrs of {len(der)} bytes exceeds {MAX_BODY}")
+    try:
+        parsed = _CsrAttrs.load(bytes(der), strict=True)
+        out = []
+        for choice in parsed:
+            if choice.name == "oid":
+                out.append(CsrAttribute(choice.chosen.dotted))
+            else:
+                attr = choice.chosen
+                values = tuple(v.dump() for v in attr["values"])
+                if not values:
+                    raise ValueError("attribute with no values")
+                out.append(CsrAttribute(attr["type"].dotted, values))
+    except Exception as exc:  # asn1crypto raises ValueError, TypeError, OverflowError, ...
+        raise DecodeError(f"not a CsrAttrs structure: {exc}") from exc
+    return out
+
+
+__all__ = [
+    "MEDIA_CERTS_ONLY",
+    "MEDIA_CSRATTRS",
+    "MEDIA_PKCS7",
+    "MEDIA_PKCS10",
+    "OID_ECDSA_WITH_SHA256",
+    "OID_ECDSA_WITH_SHA384",
+    "CsrAttribute",
+    "decode_base64",
+    "decode_certs_only",
+    "decode_csr_body",
+    "decode_csrattrs",
+    "encode_base64",
+    "encode_certs_only",
+    "encode_csr_body",
+    "encode_csrattrs",
+]
