@@ -78,7 +78,16 @@ def _json_value(data: bytes, limit: int, what: str) -> Any:
         raise DecodeError(f"{what} is not valid JSON: {exc}") from exc
 
 
-def _cbor_value(data: bytes, limit: int, what: str) -> Any:
+_BREAK: Final = cbor2.loads(b"\xff")  # the object cbor2 returns for a stray break byte
+
+
+def _one_cbor_item(data: bytes, limit: int, what: str) -> Any:
+    """Exactly one CBOR item, size-capped, every decoder failure a DecodeError.
+
+    cbor2 lets two things through that are not plain CBOR data: a stray break byte (0xff where
+    an item should start) comes back as a marker object, and shared-value tags (28/29) can
+    build cyclic structures; both are refused here, as are bytes after the item.
+    """
     if not isinstance(data, bytes | bytearray):
         raise UsageError(f"{what} input must be bytes")
     if len(data) > limit:
@@ -92,6 +101,23 @@ def _cbor_value(data: bytes, limit: int, what: str) -> Any:
         raise DecodeError(f"{what} is not valid CBOR: {exc}") from exc
     if stream.tell() != len(data):
         raise DecodeError(f"{len(data) - stream.tell()} bytes after the {what}")
+    seen: set[int] = set()  # mutable containers only: () and frozenset() are shared singletons
+    stack = [item]
+    while stack:
+        node = stack.pop()
+        if node is _BREAK:
+            raise DecodeError(f"{what} is not valid CBOR: stray break byte")
+        if isinstance(node, list | dict | set | cbor2.CBORTag):
+            if id(node) in seen:
+                raise DecodeError(f"{what} uses shared or cyclic CBOR values")
+            seen.add(id(node))
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, cbor2.CBORTag):
+            stack.append(node.value)
+        elif isinstance(node, list | tuple | set | frozenset):
+            stack.extend(node)
     return item
 
 
@@ -147,7 +173,7 @@ class StatusReport:
 
     @classmethod
     def decode_cbor(cls, data: bytes) -> StatusReport:
-        return cls._from_map(_cbor_value(data, MAX_TELEMETRY_SIZE, "status report"))
+        return cls._from_map(_one_cbor_item(data, MAX_TELEMETRY_SIZE, "status report"))
 
     @classmethod
     def _from_map(cls, item: Any) -> StatusReport:
