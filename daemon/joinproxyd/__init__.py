@@ -1,1 +1,3 @@
-"""placeholder"""
+"""joinproxyd: a BRSKI join proxy for Linux border routers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,52 @@
+"""joinproxyd: the BRSKI join proxy daemon.
+
+    joinproxyd [--config /etc/joinproxyd/joinproxyd.toml]
+    joinproxyd --check-config FILE     prints "ok" or the first error, with key and reason
+"""
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from . import __version__, logs
+from .config import DEFAULT_PATH, ConfigError, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="joinproxyd", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_PATH,
+                        help=f"configuration file (default {DEFAULT_PATH})")
+    parser.add_argument("--check-config", type=Path, metavar="FILE",
+                        help="validate FILE and exit")
+    parser.add_argument("--version", action="version", version=f"joinproxyd {__version__}")
+    args = parser.parse_args(argv)
+    if args.check_config is not None:
+        try:
+            load(args.check_config)
+        except ConfigError as exc:
+            print(f"{args.check_config}: {exc}" if exc.key != str(args.check_config)
+                  else str(exc), file=sys.stderr)
+            return 1
+        print("ok")
+        return 0
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"joinproxyd: {args.config}: {exc}" if exc.key != str(args.config)
+              else f"joinproxyd: {exc}", file=sys.stderr)
+        return 1
+    logs.setup(config.log_level)
+    from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2
+
+    try:
+        return asyncio.run(Daemon(config, args.config).run())
+    except KeyboardInterrupt:
+        return 0
+    except PermissionError as exc:
+        print(f"joinproxyd: {exc}; run as root or with CAP_NET_ADMIN", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""joinproxyd.toml: parsed and validated into typed, frozen objects.
+
+Every error names the key and the reason, e.g.
+``limits.circuits_per_pledge: must be an integer between 1 and 100000 (got -1)``.
+Defaults are what an operator would expect on a small border router; the shipped
+packaging/joinproxyd.toml documents each key.
+
+    [daemon]        log_level, control_socket, drain_seconds
+    [metrics]       listen ("[::1]:9465"; "" turns the endpoint off)
+    [backbone]      interface
+    [[join]]        interfaces (names or globs), modes, port
+    [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference}]),
+                    health_interval, health_timeout
+    [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
+                    new_circuits_per_second, new_circuits_burst, connect_timeout,
+                    idle_timeout, circuit_lifetime
+    [announce]      interval, grasp, mdns
+"""
+
+import fnmatch
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/joinproxyd/joinproxyd.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DISCOVERY_METHODS = ("static", "grasp", "mdns")
+# Relay modes this build knows; relays/__init__.py maps each name to its implementation.
+KNOWN_MODES = ("circuit", "nat66")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; str() is the one line an operator needs."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StaticRegistrar:
+    address: str
+    port: int
+    preference: int
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    interfaces: tuple[str, ...]
+    modes: tuple[str, ...]
+    port: int
+
+    def matches(self, ifname: str) -> bool:
+        return any(fnmatch.fnmatchcase(ifname, pattern) for pattern in self.interfaces)
+
+
+@dataclass(frozen=True)
+class Limits:
+    circuits_total: int = 1000
+    circuits_per_interface: int = 500
+    circuits_per_pledge: int = 4
+    new_circuits_per_second: float = 2.0
+    new_circuits_burst: int = 8
+    connect_timeout: float = 5.0
+    idle_timeout: float = 60.0
+    circuit_lifetime: float = 600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    backbone: str
+    joins: tuple[JoinSpec, ...]
+    log_level: str = "info"
+    control_socket: Path = Path("/run/joinproxyd/control.sock")
+    drain_seconds: float = 10.0
+    metrics_listen: tuple[str, int] | None = ("::1", 9465)
+    discovery: tuple[str, ...] = ("static", "grasp", "mdns")
+    static_registrars: tuple[StaticRegistrar, ...] = ()
+    health_interval: float = 2.0
+    health_timeout: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+    announce_interval: float = 30.0
+    announce_grasp: bool = True
+    announce_mdns: bool = True
+
+    def join_spec_for(self, ifname: str) -> JoinSpec | None:
+        """The first [[join]] entry whose patterns match (order in the file decides)."""
+        if ifname == self.backbone:
+            return None
+        return next((spec for spec in self.joins if spec.matches(ifname)), None)
+
+
+class _Table:
+    """One TOML table being read: every key taken is checked, leftovers are errors."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must be a table")
+        self.data: dict[str, Any] = dict(data)
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def take(self, name: str, default: Any = None) -> Any:
+        return self.data.pop(name, default)
+
+    def table(self, name: str) -> "_Table":
+        return _Table(self.take(name, {}), self.key(name))
+
+    def string(self, name: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self.take(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(self.key(name), f"must be a string (got {value!r})"
+                              if value is not None else "is required")
+        if choices and value not in choices:
+            raise ConfigError(self.key(name), f"must be one of {', '.join(choices)} "
+                                              f"(got {value!r})")
+        return value
+
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int:
+        value = self.take(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(self.key(name), f"must be an integer between {low} and {high} "
+                                              f"(got {value!r})")
+        return value
+
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self.take(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not low <= value <= high:
+            raise ConfigError(self.key(name), f"must be a number between {low:g} and {high:g} "
+                                              f"(got {value!r})")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.take(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"must be true or false (got {value!r})")
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...] | None,
+                choices: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.take(name, default)
+        if value is None:
+            raise ConfigError(self.key(name), "is required")
+        if not isinstance(value, list | tuple) or not value \
+                or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(self.key(name), f"must be a non-empty list of strings "
+                                              f"(got {value!r})")
+        for v in value:
+            if choices and v not in choices:
+                raise ConfigError(self.key(name), f"{v!r} is not one of {', '.join(choices)}")
+        if len(set(value)) != len(value):
+            raise ConfigError(self.key(name), "lists a value twice")
+        return tuple(value)
+
+    def done(self) -> None:
+        if self.data:
+            unknown = sorted(self.data)[0]
+            raise ConfigError(self.key(unknown), "unknown key")
+
+
+def _listen(value: str, key: str) -> tuple[str, int] | None:
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        port_number = int(port)
+    except ValueError:
+        raise ConfigError(key, f"must look like [::1]:9465 or 127.0.0.1:9465 (got {value!r})")\
+            from None
+    if not sep or not 1 <= port_number <= 65535:
+        raise ConfigError(key, f"must look like [::1]:9465 (got {value!r})")
+    return host, port_number
+
+
+def _static_registrar(item: object, key: str) -> StaticRegistrar:
+    table = _Table(item, key)
+    address = table.string("address")
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        raise ConfigError(table.key("address"), f"must be an IPv6 address (got {address!r})")\
+            from None
+    if ip.is_link_local:
+        raise ConfigError(table.key("address"), "a link-local registrar cannot be configured "
+                                                "statically; use a ULA or global address")
+    registrar = StaticRegistrar(str(ip), table.integer("port", 443, 1, 65535),
+                                table.integer("preference", 100, 0, 65535))
+    table.done()
+    return registrar
+
+
+def _join(item: object, key: str) -> JoinSpec:
+    table = _Table(item, key)
+    spec = JoinSpec(
+        interfaces=table.strings("interfaces", None),
+        modes=table.strings("modes", ("circuit",), KNOWN_MODES),
+        port=table.integer("port", 8443, 1, 65535),
+    )
+    for pattern in spec.interfaces:
+        if len(pattern) > 15 and not any(c in pattern for c in "*?["):
+            raise ConfigError(table.key("interfaces"), f"{pattern!r} is longer than an "
+                                                       "interface name can be (15)")
+    table.done()
+    return spec
+
+
+def parse(data: dict[str, Any]) -> Config:
+    root = _Table(data, "")
+    daemon = root.table("daemon")
+    metrics = root.table("metrics")
+    backbone = root.table("backbone")
+    registrars = root.table("registrars")
+    limits_table = root.table("limits")
+    announce = root.table("announce")
+    joins_raw = root.take("join", None)
+    if not isinstance(joins_raw, list) or not joins_raw:
+        raise ConfigError("join", "at least one [[join]] table is required")
+    joins = tuple(_join(item, f"join[{i}]") for i, item in enumerate(joins_raw))
+    defaults = Limits()
+    limits = Limits(
+        circuits_total=limits_table.integer("circuits_total", defaults.circuits_total, 1,
+                                            1_000_000),
+        circuits_per_interface=limits_table.integer(
+            "circuits_per_interface", defaults.circuits_per_interface, 1, 1_000_000),
+        circuits_per_pledge=limits_table.integer("circuits_per_pledge",
+                                                 defaults.circuits_per_pledge, 1, 100_000),
+        new_circuits_per_second=limits_table.number(
+            "new_circuits_per_second", defaults.new_circuits_per_second, 0.001, 1e6),
+        new_circuits_burst=limits_table.integer("new_circuits_burst",
+                                                defaults.new_circuits_burst, 1, 1_000_000),
+        connect_timeout=limits_table.number("connect_timeout", defaults.connect_timeout,
+                                            0.1, 300),
+        idle_timeout=limits_table.number("idle_timeout", defaults.idle_timeout, 0.1, 86400),
+        circuit_lifetime=limits_table.number("circuit_lifetime", defaults.circuit_lifetime,
+                                             1, 7 * 86400),
+    )
+    static_raw = registrars.take("static", [])
+    if not isinstance(static_raw, list):
+        raise ConfigError("registrars.static", "must be a list of tables")
+    static = tuple(_static_registrar(item, f"registrars.static[{i}]")
+                   for i, item in enumerate(static_raw))
+    discovery = registrars.strings("discovery", ("static", "grasp", "mdns"), DISCOVERY_METHODS)
+    if discovery == ("static",) and not static:
+        raise ConfigError("registrars.static", "is empty and discovery is static only: "
+                                               "the proxy would have no registrar")
+    config = Config(
+        backbone=backbone.string("interface"),
+        joins=joins,
+        log_level=daemon.string("log_level", "info", LOG_LEVELS),
+        control_socket=Path(daemon.string("control_socket", "/run/joinproxyd/control.sock")),
+        drain_seconds=daemon.number("drain_seconds", 10.0, 0, 3600),
+        metrics_listen=_listen(metrics.string("listen", "[::1]:9465"), "metrics.listen"),
+        discovery=discovery,
+        static_registrars=static,
+        health_interval=registrars.number("health_interval", 2.0, 0.1, 3600),
+        health_timeout=registrars.number("health_timeout", 1.0, 0.05, 60),
+        limits=limits,
+        announce_interval=announce.number("interval", 30.0, 1, 3600),
+        announce_grasp=announce.boolean("grasp", True),
+        announce_mdns=announce.boolean("mdns", True),
+    )
+    for table in (daemon, metrics, backbone, registrars, limits_table, announce, root):
+        table.done()
+    if any(spec.matches(config.backbone) for spec in joins):
+        raise ConfigError("backbone.interface", f"{config.backbone!r} also matches a [[join]] "
+                                                "interface pattern")
+    return config
+
+
+def load(path: Path) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), exc.strerror or str(exc)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return parse(data)

@@ -1,0 +1,109 @@
+"""joinproxyctl: ask a running joinproxyd what it is doing.
+
+    joinproxyctl [--socket PATH] status [--json]
+    joinproxyctl [--socket PATH] circuits [--json]
+"""
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+DEFAULT_SOCKET = Config.__dataclass_fields__["control_socket"].default
+
+
+class CtlError(Exception):
+    pass
+
+
+def request(path: Path, command: str, timeout: float = 5) -> Any:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except FileNotFoundError:
+        raise CtlError(f"{path}: no such socket; is joinproxyd running?") from None
+    except PermissionError:
+        raise CtlError(f"{path}: permission denied; run as root") from None
+    except OSError as exc:
+        raise CtlError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise CtlError(f"{path}: the daemon sent an unreadable reply") from None
+    if not reply.get("ok"):
+        raise CtlError(f"the daemon refused: {reply.get('error', 'no reason given')}")
+    return reply[command]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows)
+
+
+def render_status(status: dict[str, Any]) -> str:
+    out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, "
+           f"joining {'open' if status['joining'] else 'CLOSED (no healthy registrar)'}",
+           f"backbone: {status['backbone']}", "", "join interfaces:"]
+    rows = [["interface", "address", "port", "modes"]]
+    rows += [[i["name"], i["link_local"], str(i["port"]), ",".join(i["modes"])]
+             for i in status["interfaces"]]
+    out += [_table(rows) if len(rows) > 1 else "  (none)", "", "registrars:"]
+    rows = [["registrar", "source", "pref", "healthy", "active"]]
+    rows += [[f"[{r['address']}]:{r['port']}", r["source"], str(r["preference"]),
+              "yes" if r["healthy"] else "no", "*" if r["active"] else ""]
+             for r in status["registrars"]]
+    out += [_table(rows) if len(rows) > 1 else "  (none)", "", "relays:"]
+    for mode, info in status["relays"].items():
+        out.append(f"  {mode}: {json.dumps(info, sort_keys=True)}")
+    out += ["", "counters:"]
+    for name, value in sorted(status["counters"].items()):
+        out.append(f"  {name} {value:g}")
+    return "\n".join(out)
+
+
+def render_circuits(circuits: list[dict[str, Any]]) -> str:
+    if not circuits:
+        return "no open circuits"
+    rows = [["mode", "interface", "pledge", "registrar", "seconds", "up", "down"]]
+    rows += [[c["mode"], c["interface"], c["pledge"], c["registrar"], f"{c['seconds']:.1f}",
+              str(c["bytes_up"]), str(c["bytes_down"])] for c in circuits]
+    return _table(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="joinproxyctl", description=__doc__.split("\n")[0])
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("status", "circuits"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--json", action="store_true", help="print the raw JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = request(args.socket, args.command)
+    except CtlError as exc:
+        print(f"joinproxyctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.command == "status":
+        print(render_status(result))
+    else:
+        print(render_circuits(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

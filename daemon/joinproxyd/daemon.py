@@ -1,0 +1,302 @@
+"""The control plane: the one owner of configuration, links, registrars, relays and counters.
+
+Everything that changes (a link, an address, the active registrar, the configuration) only
+marks the desired state dirty; one reconcile task then derives the desired state and hands
+each relay mode, announcer and discovery listener exactly what it should serve. Reconciling
+is idempotent, so a burst of netlink events costs one pass.
+
+Joining is open while a registrar is healthy: announcements go out and new circuits are
+admitted. Without one, announcements stop and new circuits are refused (counted), while
+established circuits are left alone.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__, logs, sdnotify
+from . import config as config_mod
+from .config import Config, ConfigError
+from .control import ControlServer
+from .discovery.announce import ProxyAnnouncer
+from .discovery.grasp import GraspRegistrarListener
+from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
+from .discovery.registrars import RegistrarSet
+from .kernel.netlink import InterfaceWatcher
+from .metrics import Metrics
+from .model import JoinInterface, LinkState, RegistrarEndpoint
+from .relays import RelayContext, RelayMode, mode_class
+
+log = logging.getLogger("joinproxyd")
+
+
+def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
+    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static")
+            for r in config.static_registrars if "static" in config.discovery]
+
+
+def desired_interfaces(config: Config, links: dict[str, LinkState]) -> list[JoinInterface]:
+    """The join interfaces to serve: configured, up, and with a usable link-local address."""
+    out = []
+    for link in sorted(links.values(), key=lambda link: link.name):
+        spec = config.join_spec_for(link.name)
+        if spec is None or not link.ready:
+            continue
+        out.append(JoinInterface(link.name, link.index, sorted(link.link_local)[0],
+                                 link.routable, spec.modes, spec.port))
+    return out
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None,
+                 notifier: sdnotify.Notifier | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or sdnotify.Notifier()
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.links: dict[str, LinkState] = {}
+        self.interfaces: list[JoinInterface] = []
+        self.modes: dict[str, RelayMode] = {}
+        self.context = RelayContext(self.metrics, lambda: self.config.limits,
+                                    lambda: self.links.get(self.config.backbone), log)
+        self.watcher = InterfaceWatcher(self._links_changed, log)
+        self.registrars = RegistrarSet(
+            static=static_endpoints(config), health_interval=config.health_interval,
+            health_timeout=config.health_timeout, metrics=self.metrics, log=log,
+            on_change=self._registrar_changed)
+        self.announcer = ProxyAnnouncer(interval=config.announce_interval,
+                                        metrics=self.metrics, log=log)
+        self.advertiser: MdnsProxyAdvertiser | None = None
+        self.grasp_listener: GraspRegistrarListener | None = None
+        self.mdns_browser: MdnsRegistrarBrowser | None = None
+        self._backbone_index: int | None = None
+        self.control = ControlServer(config.control_socket, {
+            "status": self.status, "circuits": self.circuit_list})
+        self._dirty = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reconciler: asyncio.Task[None] | None = None
+        self._metrics_listen: tuple[str, int] | None = None
+
+    # -- events from the parts ------------------------------------------------------------
+    def _links_changed(self, snapshot: dict[str, LinkState]) -> None:
+        self.links = snapshot
+        self._dirty.set()
+
+    def _registrar_changed(self, registrar: RegistrarEndpoint | None) -> None:
+        if registrar is None:
+            log.warning("no healthy registrar: joining closed, new circuits refused",
+                        extra={"REGISTRAR": "none"})
+        else:
+            log.info("registrar %s (%s) is active: joining open", registrar.key,
+                     registrar.source, extra={"REGISTRAR": registrar.key})
+        self._dirty.set()
+
+    # -- life cycle -------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self.start()
+            self.notifier.send(sdnotify.ready(self.summary()))
+            log.info("joinproxyd %s started: %s", __version__, self.summary())
+            self.notifier.start_watchdog(self.alive)
+            await self._stop.wait()
+        finally:
+            await self.stop()
+        return 0
+
+    async def start(self) -> None:
+        self.links = await self.watcher.start()
+        await self.control.start()
+        self._serve_metrics()
+        await self.registrars.start()
+        await self.reconcile()
+        self._reconciler = asyncio.create_task(self._reconcile_forever(), name="reconcile")
+
+    async def stop(self) -> None:
+        self.notifier.send(sdnotify.stopping())
+        log.info("stopping: draining circuits for up to %g s", self.config.drain_seconds)
+        self.announcer.set_enabled(False)
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        for part in (self.advertiser, self.grasp_listener, self.mdns_browser):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await part.stop()
+        await self.announcer.stop()
+        await asyncio.gather(*(mode.close(self.config.drain_seconds)
+                               for mode in self.modes.values()))
+        self.modes.clear()
+        await self.registrars.stop()
+        await self.watcher.stop()
+        await self.control.close()
+        self.metrics.close()
+        await self.notifier.close()
+        log.info("stopped")
+
+    def alive(self) -> bool:
+        """Liveness for the watchdog: the reconcile task must still be running."""
+        return self._reconciler is not None and not self._reconciler.done()
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.reconcile()
+            except Exception:  # a bug in one pass must not stop later passes
+                log.exception("reconcile failed")
+                await asyncio.sleep(1)
+                self._dirty.set()
+
+    # -- the one place desired state is derived and applied ------------------------------------
+    async def reconcile(self) -> None:
+        config = self.config
+        self.interfaces = desired_interfaces(config, self.links)
+        registrar = self.registrars.active
+        wanted = {mode for spec in config.joins for mode in spec.modes}
+        for name in sorted(set(self.modes) - wanted):
+            await self.modes.pop(name).close(config.drain_seconds)
+        for name in sorted(wanted):
+            mode = self.modes.get(name)
+            if mode is None:
+                mode = self.modes[name] = mode_class(name)(self.context)
+            await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
+        joining = registrar is not None
+        self.announcer.set_targets(self.interfaces if config.announce_grasp else [])
+        self.announcer.set_enabled(joining and config.announce_grasp)
+        await self._reconcile_mdns_advertiser(joining)
+        await self._reconcile_backbone()
+        self.metrics.join_interfaces.set(len(self.interfaces))
+        self.notifier.send(sdnotify.status(self.summary()))
+
+    async def _reconcile_mdns_advertiser(self, joining: bool) -> None:
+        if self.config.announce_mdns and self.advertiser is None:
+            self.advertiser = MdnsProxyAdvertiser(metrics=self.metrics, log=log)
+            await self.advertiser.start()
+        elif not self.config.announce_mdns and self.advertiser is not None:
+            await self.advertiser.stop()
+            self.advertiser = None
+        if self.advertiser is not None:
+            self.advertiser.set_targets(self.interfaces)
+            self.advertiser.set_enabled(joining)
+
+    async def _reconcile_backbone(self) -> None:
+        """(Re)start registrar discovery on the backbone when its link (re)appears."""
+        config = self.config
+        backbone = self.links.get(config.backbone)
+        index = backbone.index if backbone is not None and backbone.ready else None
+        want_grasp = index is not None and "grasp" in config.discovery
+        want_mdns = index is not None and "mdns" in config.discovery
+        moved = index != self._backbone_index
+        if self.grasp_listener is not None and (moved or not want_grasp):
+            await self.grasp_listener.stop()
+            self.grasp_listener = None
+        if self.mdns_browser is not None and (moved or not want_mdns):
+            await self.mdns_browser.stop()
+            self.mdns_browser = None
+        self._backbone_index = index
+        if want_grasp and self.grasp_listener is None and index is not None:
+            self.grasp_listener = GraspRegistrarListener(
+                interface=config.backbone, ifindex=index, on_registrar=self.registrars.offer,
+                metrics=self.metrics, log=log)
+            await self.grasp_listener.start()
+        if want_mdns and self.mdns_browser is None and index is not None:
+            self.mdns_browser = MdnsRegistrarBrowser(
+                interface=config.backbone, ifindex=index, on_registrar=self.registrars.offer,
+                on_gone=self.registrars.withdraw, metrics=self.metrics, log=log)
+            await self.mdns_browser.start()
+
+    # -- reload ---------------------------------------------------------------------------------
+    async def reload(self) -> bool:
+        """SIGHUP: apply a new configuration without dropping established circuits."""
+        if self.config_path is None:
+            return False
+        self.notifier.send(sdnotify.reloading())
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.metrics.reloads.labels("error").inc()
+            self.notifier.send(sdnotify.ready(self.summary()))
+            return False
+        old, self.config = self.config, new
+        logs.set_level(new.log_level)
+        for mode in self.modes.values():
+            mode.limits_changed()
+        self.registrars.reconfigure(static_endpoints(new), new.health_interval,
+                                    new.health_timeout)
+        self.announcer.interval = new.announce_interval
+        if new.metrics_listen != old.metrics_listen:
+            self.metrics.close()
+            self._serve_metrics()
+        if new.control_socket != old.control_socket:
+            await self.control.close()
+            self.control.path = new.control_socket
+            await self.control.start()
+        if new.discovery != old.discovery or new.backbone != old.backbone:
+            self._backbone_index = -1  # force discovery listeners to restart
+        await self.reconcile()
+        self.metrics.reloads.labels("ok").inc()
+        log.info("configuration reloaded from %s", self.config_path)
+        self.notifier.send(sdnotify.ready(self.summary()))
+        return True
+
+    def _serve_metrics(self) -> None:
+        listen = self.config.metrics_listen
+        self._metrics_listen = listen
+        if listen is None:
+            return
+        try:
+            self.metrics.serve(listen)
+        except OSError as exc:
+            log.error("metrics endpoint [%s]:%d unavailable: %s", *listen,
+                      exc.strerror or exc)
+
+    # -- views ------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        registrar = self.registrars.active
+        names = ", ".join(f"{i.name}({'+'.join(i.modes)})" for i in self.interfaces) or "none"
+        return (f"serving {names}; registrar "
+                f"{registrar.key if registrar else 'none (joining closed)'}")
+
+    def status(self) -> dict[str, Any]:
+        backbone = self.links.get(self.config.backbone)
+        active = self.registrars.active
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": time.monotonic() - self.started,
+            "joining": active is not None,
+            "backbone": {"name": self.config.backbone,
+                         "ready": bool(backbone and backbone.ready)},
+            "interfaces": [{"name": i.name, "index": i.index, "link_local": i.link_local,
+                            "routable": list(i.routable), "modes": list(i.modes),
+                            "port": i.port} for i in self.interfaces],
+            "registrars": self.registrars.status(),
+            "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
+            "counters": self.counters(),
+        }
+
+    def counters(self) -> dict[str, float]:
+        out = {}
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") or family.type == "gauge":
+                    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                    out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def circuit_list(self) -> list[dict[str, Any]]:
+        return [{"mode": name, **c} for name, mode in sorted(self.modes.items())
+                for c in mode.circuits()]

@@ -1,0 +1,86 @@
+"""Every Prometheus metric joinproxyd exports, defined in one place (habit 12).
+
+Each daemon gets its own CollectorRegistry, so tests can make as many as they like. Drop
+counters exist for every (mode, reason) pair from the start, at zero, so a dashboard can tell
+"never happened" from "not exported". Kernel (BPF) counters are read at scrape time by a
+collector the BPF control plane registers; nothing polls them into gauges.
+"""
+
+import threading
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .model import DropReason
+
+# Modes and activities that count drops; relays add their own mode names as they register.
+DROP_MODES = ("circuit", "nat66", "discovery", "announce")
+
+
+class Metrics:
+    def __init__(self, modes: Iterable[str] = DROP_MODES) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("joinproxyd_build", "joinproxyd version", registry=r)
+        self.build_info.info({"version": __version__})
+        self.circuits_active = Gauge(
+            "joinproxyd_circuits_active", "Open relayed connections",
+            ["interface", "mode"], registry=r)
+        self.circuits = Counter(
+            "joinproxyd_circuits", "Pledge connections relayed to a registrar",
+            ["mode"], registry=r)
+        self.relayed_bytes = Counter(
+            "joinproxyd_relayed_bytes", "Bytes relayed; upstream is pledge to registrar",
+            ["mode", "direction"], registry=r)
+        self.drops = Counter(
+            "joinproxyd_drops", "Connections, packets or messages refused, by reason",
+            ["mode", "reason"], registry=r)
+        self.registrar_up = Gauge(
+            "joinproxyd_registrar_up", "1 if the registrar answered its last health probe",
+            ["registrar", "source"], registry=r)
+        self.registrar_active = Gauge(
+            "joinproxyd_registrar_active", "1 for the registrar new circuits go to",
+            ["registrar"], registry=r)
+        self.announcements = Counter(
+            "joinproxyd_announcements", "Announcements sent to pledges",
+            ["method", "interface"], registry=r)
+        self.discovery_messages = Counter(
+            "joinproxyd_discovery_messages", "Registrar announcements heard and accepted",
+            ["method"], registry=r)
+        self.join_interfaces = Gauge(
+            "joinproxyd_join_interfaces", "Join interfaces being served", registry=r)
+        self.reloads = Counter(
+            "joinproxyd_config_reloads", "Configuration reloads", ["result"], registry=r)
+        for mode in modes:
+            self.add_mode(mode)
+        self._server: object | None = None
+
+    def add_mode(self, mode: str) -> None:
+        for reason in DropReason:
+            self.drops.labels(mode, reason.value)
+        if mode not in ("discovery", "announce"):
+            self.circuits.labels(mode)
+            for direction in ("upstream", "downstream"):
+                self.relayed_bytes.labels(mode, direction)
+
+    def drop(self, mode: str, reason: DropReason, count: int = 1) -> None:
+        self.drops.labels(mode, reason.value).inc(count)
+
+    def register(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def serve(self, address: tuple[str, int]) -> None:
+        """Serve /metrics over HTTP from a background thread (prometheus_client's server)."""
+        server, thread = start_http_server(address[1], addr=address[0], registry=self.registry)
+        self._server = (server, thread)
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, thread = self._server  # type: ignore[misc]
+            server.shutdown()
+            server.server_close()
+            if isinstance(thread, threading.Thread):
+                thread.join(timeout=2)
+            self._server = None

@@ -1,0 +1,84 @@
+"""Plain data shared by the control plane and its parts: links, registrars, drop reasons.
+
+Nothing here does I/O. The control plane derives the desired state from these values and
+hands it to the relay modes and announcers, which reconcile the kernel and their sockets.
+"""
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class DropReason(StrEnum):
+    """Why something a pledge or peer sent was refused. Each member has its own counter
+    (joinproxyd_drops_total{mode,reason}), exported even at zero."""
+
+    NO_REGISTRAR = "no-registrar"
+    RATE_LIMIT = "rate-limit"
+    LIMIT_TOTAL = "limit-total"
+    LIMIT_INTERFACE = "limit-interface"
+    LIMIT_PLEDGE = "limit-pledge"
+    REGISTRAR_UNREACHABLE = "registrar-unreachable"
+    IDLE_TIMEOUT = "idle-timeout"
+    LIFETIME = "lifetime"
+    MALFORMED = "malformed"
+    OVERSIZED = "oversized"
+    BAD_HEADER = "bad-header"
+    TABLE_FULL = "table-full"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """What the kernel says about one network interface."""
+
+    name: str
+    index: int
+    up: bool  # administratively up with carrier
+    link_local: tuple[str, ...] = ()  # usable (non-tentative) fe80:: addresses
+    routable: tuple[str, ...] = ()  # usable ULA/global IPv6 addresses
+
+    @property
+    def ready(self) -> bool:
+        """A join or backbone link is usable once it is up and has a link-local address."""
+        return self.up and bool(self.link_local)
+
+
+@dataclass(frozen=True)
+class JoinInterface:
+    """A join link the control plane serves, with the relay modes configured for it."""
+
+    name: str
+    index: int
+    link_local: str
+    routable: tuple[str, ...]
+    modes: tuple[str, ...]
+    port: int  # the join port announced to pledges
+
+    @property
+    def scoped_link_local(self) -> str:
+        return f"{self.link_local}%{self.name}"
+
+
+@dataclass(frozen=True, order=True)
+class RegistrarEndpoint:
+    """A registrar the proxy may relay to, however it was learned."""
+
+    preference: int  # lower is preferred; sort key first
+    address: str
+    port: int
+    source: str = field(default="static", compare=False)  # static | grasp | mdns
+    scope_id: int = field(default=0, compare=False)  # ifindex, for a link-local address
+    protocol: int = field(default=6, compare=False)  # IPPROTO_TCP
+
+    @property
+    def key(self) -> str:
+        return f"[{self.address}]:{self.port}"
+
+    @property
+    def sockaddr(self) -> tuple[str, int, int, int]:
+        return (self.address, self.port, 0, self.scope_id)
+
+    @property
+    def is_link_local(self) -> bool:
+        return ipaddress.IPv6Address(self.address.split("%")[0]).is_link_local

@@ -1,0 +1,55 @@
+"""The one small interface every relay mode implements.
+
+The control plane owns the desired state: which join interfaces are served by which mode,
+and which registrar is active. Whenever any of it changes it calls ``reconcile`` on each mode
+with the full desired state for that mode; the mode makes its sockets or kernel rules match,
+idempotently. New modes (CoAPS, JPY, IPIP, CoJP) plug in by subclassing RelayMode and adding
+their name to the registry in relays/__init__.py; the core does not change.
+"""
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..config import Limits
+from ..metrics import Metrics
+from ..model import JoinInterface, LinkState, RegistrarEndpoint
+
+
+@dataclass
+class RelayContext:
+    """What a relay mode may read from the control plane (it writes only its counters)."""
+
+    metrics: Metrics
+    limits: Callable[[], Limits]
+    backbone: Callable[[], LinkState | None]
+    log: logging.Logger
+
+
+class RelayMode(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, ctx: RelayContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    async def reconcile(self, interfaces: Sequence[JoinInterface],
+                        registrar: RegistrarEndpoint | None) -> None:
+        """Serve exactly these interfaces, relaying to this registrar (None: refuse)."""
+
+    def limits_changed(self) -> None:  # noqa: B027 - optional hook, most modes need nothing
+        """Limits were reloaded; modes that cache them refresh here."""
+
+    @abstractmethod
+    async def close(self, drain_seconds: float) -> None:
+        """Stop accepting, give open relays up to drain_seconds, remove all kernel state."""
+
+    @abstractmethod
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view for joinproxyctl."""
+
+    def circuits(self) -> list[dict[str, Any]]:
+        """Open relayed connections, for `joinproxyctl circuits`."""
+        return []

@@ -1,0 +1,328 @@
+"""The TCP circuit proxy of RFC 8995 §4: one socket pair per pledge, bytes passed untouched.
+
+The proxy listens on each join interface's link-local address (scoped to that interface), and
+for every admitted pledge connection opens a connection to the active registrar and relays
+both directions. It does not terminate TLS and assumes no TLS version. Flow control is
+end to end: when one side's send buffer fills, reading from the other side pauses. A
+half-close in one direction is passed on as a half-close. Circuits that stay silent longer
+than the idle timeout, or live longer than the circuit lifetime, are closed and counted.
+
+asyncio Protocols rather than streams: no per-chunk coroutine switches on the hot path.
+"""
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..limits import Admission
+from ..model import DropReason, JoinInterface, RegistrarEndpoint
+from .base import RelayContext, RelayMode
+
+READ_CHUNK = 65536
+LISTEN_BACKLOG = 1024
+
+
+class _Side(asyncio.Protocol):
+    """One end of a circuit; it hands what it reads to the other end's transport."""
+
+    def __init__(self, circuit: "Circuit", upstream: bool) -> None:
+        self.circuit = circuit
+        self.upstream = upstream  # True for the pledge side: its bytes travel upstream
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+
+    def peer(self) -> "_Side":
+        return self.circuit.registrar_side if self.upstream else self.circuit.pledge_side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        circuit = self.circuit
+        circuit.last_activity = time.monotonic()
+        if self.upstream:
+            circuit.bytes_up += len(data)
+        else:
+            circuit.bytes_down += len(data)
+        peer = self.peer().transport
+        if peer is None:  # registrar not connected yet: keep it (reading is paused anyway)
+            circuit.pending.append(data)
+        else:
+            peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer()
+        if peer.transport is not None and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        if peer.eof:
+            self.circuit.close()
+        return True  # keep our sending direction open: the other side may still talk
+
+    # Backpressure: our transport's buffer is full, so stop reading from the other side.
+    def pause_writing(self) -> None:
+        other = self.peer().transport
+        if other is not None:
+            other.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.peer().transport
+        if other is not None and not other.is_closing():
+            other.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.circuit.close()
+
+
+class Circuit:
+    def __init__(self, mode: "CircuitMode", interface: str, pledge: str,
+                 registrar: RegistrarEndpoint) -> None:
+        self.mode = mode
+        self.interface = interface
+        self.pledge = pledge
+        self.registrar = registrar
+        self.started = self.last_activity = time.monotonic()
+        self.bytes_up = self.bytes_down = 0
+        self.flushed_up = self.flushed_down = 0
+        self.pending: list[bytes] = []
+        self.pledge_side = _Side(self, upstream=True)
+        self.registrar_side = _Side(self, upstream=False)
+        self.closed = False
+        self.active = False  # counted in the active gauge once the registrar side is up
+        self.connect_task: asyncio.Task[None] | None = None
+
+    async def connect(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, self.registrar.sockaddr), timeout)
+            await loop.create_connection(lambda: self.registrar_side, sock=sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self.mode.refused(self.interface, DropReason.REGISTRAR_UNREACHABLE,
+                              f"registrar {self.registrar.key}: {exc or 'timed out'}")
+            self.close()
+            return
+        upstream = self.registrar_side.transport
+        assert upstream is not None
+        for chunk in self.pending:
+            upstream.write(chunk)
+        self.pending.clear()
+        if self.pledge_side.eof and upstream.can_write_eof():
+            upstream.write_eof()
+        pledge = self.pledge_side.transport
+        if pledge is not None and not pledge.is_closing():
+            pledge.resume_reading()
+        self.mode.opened(self)
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.pledge_side, self.registrar_side):
+            if side.transport is not None and not side.transport.is_closing():
+                if abort:
+                    side.transport.abort()
+                else:
+                    side.transport.close()
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        self.mode.closed(self)
+
+    def info(self, now: float) -> dict[str, Any]:
+        return {"interface": self.interface, "pledge": self.pledge,
+                "registrar": self.registrar.key, "seconds": round(now - self.started, 1),
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+
+
+class _Listener:
+    def __init__(self, iface: JoinInterface, server: asyncio.AbstractServer) -> None:
+        self.iface = iface
+        self.server = server
+
+
+class CircuitMode(RelayMode):
+    name = "circuit"
+
+    def __init__(self, ctx: RelayContext) -> None:
+        super().__init__(ctx)
+        self.listeners: dict[str, _Listener] = {}
+        self.registrar: RegistrarEndpoint | None = None
+        self.admission = Admission(ctx.limits())
+        self.open: set[Circuit] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        ctx.metrics.add_mode(self.name)
+
+    # -- control plane ----------------------------------------------------------------------
+    async def reconcile(self, interfaces: Sequence[JoinInterface],
+                        registrar: RegistrarEndpoint | None) -> None:
+        self.registrar = registrar
+        desired = {iface.name: iface for iface in interfaces}
+        for name, listener in list(self.listeners.items()):
+            if desired.get(name) != listener.iface:
+                await self._unlisten(name, gone=name not in desired
+                                     or desired[name].index != listener.iface.index)
+        for name, iface in desired.items():
+            if name not in self.listeners:
+                await self._listen(iface)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="circuit-sweeper")
+
+    def limits_changed(self) -> None:
+        self.admission.limits = self.ctx.limits()
+
+    async def _listen(self, iface: JoinInterface) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((iface.link_local, iface.port, 0, iface.index))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            server = await loop.create_server(lambda: self._accept(iface), sock=sock)
+        except OSError as exc:
+            sock.close()
+            self.ctx.log.error("cannot listen on [%s]:%d: %s", iface.scoped_link_local,
+                               iface.port, exc.strerror or exc,
+                               extra={"INTERFACE": iface.name, "MODE": self.name})
+            return
+        self.listeners[iface.name] = _Listener(iface, server)
+        self.ctx.log.info("circuit proxy listening on [%s]:%d", iface.scoped_link_local,
+                          iface.port, extra={"INTERFACE": iface.name, "MODE": self.name})
+
+    async def _unlisten(self, name: str, gone: bool) -> None:
+        listener = self.listeners.pop(name)
+        listener.server.close()
+        if gone:  # the link went away: its circuits cannot carry anything any more
+            for circuit in [c for c in self.open if c.interface == name]:
+                circuit.close(abort=True)
+        self.ctx.log.info("circuit proxy stopped listening on %s", name,
+                          extra={"INTERFACE": name, "MODE": self.name})
+
+    async def close(self, drain_seconds: float) -> None:
+        for name in list(self.listeners):
+            await self._unlisten(name, gone=False)
+        deadline = time.monotonic() + drain_seconds
+        while self.open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for circuit in list(self.open):
+            self.ctx.metrics.drop(self.name, DropReason.SHUTDOWN)
+            circuit.close(abort=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    # -- data plane events ------------------------------------------------------------------
+    def _accept(self, iface: JoinInterface) -> asyncio.Protocol:
+        return _Admit(self, iface)
+
+    def admit(self, iface: JoinInterface, transport: asyncio.Transport) -> None:
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        pledge = f"{peername[0].split('%')[0]}%{iface.name}"
+        reason = self.admission.admit(iface.name, pledge, time.monotonic(),
+                                      self.registrar is not None)
+        if reason is not None:
+            self.refused(iface.name, reason, f"pledge {pledge}")
+            transport.abort()
+            return
+        assert self.registrar is not None
+        circuit = Circuit(self, iface.name, pledge, self.registrar)
+        self.open.add(circuit)
+        circuit.pledge_side.connection_made(transport)
+        transport.set_protocol(circuit.pledge_side)
+        transport.pause_reading()  # until the registrar side is connected
+        circuit.connect_task = asyncio.create_task(
+            circuit.connect(self.ctx.limits().connect_timeout))
+
+    def refused(self, interface: str, reason: DropReason, detail: str) -> None:
+        self.ctx.metrics.drop(self.name, reason)
+        self.ctx.log.info("circuit refused (%s): %s", reason.value, detail,
+                          extra={"INTERFACE": interface, "MODE": self.name,
+                                 "REASON": reason.value})
+
+    def opened(self, circuit: Circuit) -> None:
+        self.ctx.metrics.circuits.labels(self.name).inc()
+        self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).inc()
+        circuit.active = True
+        self.ctx.log.info("circuit %s -> %s opened", circuit.pledge, circuit.registrar.key,
+                          extra={"INTERFACE": circuit.interface, "MODE": self.name,
+                                 "REGISTRAR": circuit.registrar.key,
+                                 "PLEDGE": circuit.pledge})
+
+    def closed(self, circuit: Circuit) -> None:
+        if circuit not in self.open:
+            return
+        self.open.discard(circuit)
+        self.admission.release(circuit.interface, circuit.pledge)
+        self._flush(circuit)
+        if circuit.active:
+            self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).dec()
+            self.ctx.log.info(
+                "circuit %s -> %s closed after %.1f s, %d bytes up, %d down", circuit.pledge,
+                circuit.registrar.key, time.monotonic() - circuit.started, circuit.bytes_up,
+                circuit.bytes_down,
+                extra={"INTERFACE": circuit.interface, "MODE": self.name,
+                       "REGISTRAR": circuit.registrar.key, "PLEDGE": circuit.pledge})
+
+    def _flush(self, circuit: Circuit) -> None:
+        bytes_counter = self.ctx.metrics.relayed_bytes
+        if circuit.bytes_up > circuit.flushed_up:
+            bytes_counter.labels(self.name, "upstream").inc(circuit.bytes_up - circuit.flushed_up)
+            circuit.flushed_up = circuit.bytes_up
+        if circuit.bytes_down > circuit.flushed_down:
+            bytes_counter.labels(self.name, "downstream").inc(
+                circuit.bytes_down - circuit.flushed_down)
+            circuit.flushed_down = circuit.bytes_down
+
+    async def _sweep(self) -> None:
+        """Close idle and over-age circuits; move byte counts into the metrics."""
+        while True:
+            limits = self.ctx.limits()
+            await asyncio.sleep(min(1.0, limits.idle_timeout / 4))
+            now = time.monotonic()
+            for circuit in list(self.open):
+                self._flush(circuit)
+                if now - circuit.last_activity > limits.idle_timeout:
+                    self.refused(circuit.interface, DropReason.IDLE_TIMEOUT,
+                                 f"pledge {circuit.pledge} silent for {limits.idle_timeout:g} s")
+                    circuit.close(abort=True)
+                elif now - circuit.started > limits.circuit_lifetime:
+                    self.refused(circuit.interface, DropReason.LIFETIME,
+                                 f"pledge {circuit.pledge} open for "
+                                 f"{limits.circuit_lifetime:g} s")
+                    circuit.close(abort=True)
+
+    # -- views --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "listeners": [{"interface": name, "address": lst.iface.link_local,
+                           "port": lst.iface.port}
+                          for name, lst in sorted(self.listeners.items())],
+            "registrar": self.registrar.key if self.registrar else None,
+            "active": len(self.open),
+        }
+
+    def circuits(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [c.info(now) for c in sorted(self.open, key=lambda c: c.started)]
+
+
+class _Admit(asyncio.Protocol):
+    """Placeholder protocol for a just-accepted connection: admission happens here, then the
+    transport is handed to the circuit's pledge side."""
+
+    def __init__(self, mode: CircuitMode, iface: JoinInterface) -> None:
+        self.mode = mode
+        self.iface = iface
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.mode.admit(self.iface, transport)
