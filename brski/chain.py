@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from cryptography.x509 import verification as xv
 
-from .errors import SignatureError, UsageError
+from .errors import DecodeError, SignatureError, UsageError
 
 MAX_DEPTH = 8
 
@@ -69,11 +69,35 @@ def verify_chain(
     )
     try:
         return list(verifier.verify(leaf, list(intermediates)).chain)
-    except xv.VerificationError as exc:
+    except (xv.VerificationError, ValueError) as exc:
         raise SignatureError(
-            f"certificate {leaf.subject.rfc4514_string()!r} does not chain to a trust anchor "
+            f"certificate {describe(leaf)} does not chain to a trust anchor "
             f"at {at.isoformat()}: {exc}"
         ) from exc
+
+
+def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
+    """A DER certificate from the network, with the fields we read parsed up front.
+
+    cryptography parses subject, issuer and extensions lazily: a malformed name would
+    otherwise surface as ValueError wherever it is first touched (an error message, say).
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        len(cert.extensions)
+    except ValueError as exc:
+        raise DecodeError(f"{what} is not a usable DER certificate: {exc}") from exc
+    return cert
+
+
+def describe(cert: x509.Certificate) -> str:
+    """The subject for messages; never raises."""
+    try:
+        return f'"{cert.subject.rfc4514_string()}"'
+    except ValueError:
+        return "(certificate with an unreadable subject)"
 
 
 def valid_at(cert: x509.Certificate, at: datetime) -> bool:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
+from .chain import load_certificate
 from .errors import DecodeError, SignatureError, UsageError
 
 MAX_SIZE = 256 * 1024
@@ -117,7 +118,7 @@ def _parse(der: bytes) -> SignedData:
     certs = []
     for choice in sd["certificates"] or ():
         if choice.name == "certificate":
-            certs.append(x509.load_der_x509_certificate(choice.chosen.dump()))
+            certs.append(load_certificate(choice.chosen.dump(), "a CMS certificate"))
     signer_infos = list(sd["signer_infos"])
     if len(signer_infos) != 1:
         raise DecodeError(f"a voucher has exactly one signer, this CMS has {len(signer_infos)}")
@@ -283,7 +284,11 @@ def sign(
             "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest_name})],
             "encap_content_info": {
                 "content_type": econtent_type,
-                "content": core.ParsableOctetString(content),
+                # asn1crypto types id-data's eContent as OctetString, unknown types as
+                # ParsableOctetString; both encode the same OCTET STRING.
+                "content": (
+                    core.OctetString if econtent_type == DATA else core.ParsableOctetString
+                )(content),
             },
             "certificates": [
                 ax509.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in certs

@@ -37,6 +37,7 @@ from pycose.keys.curves import Ed25519
 from pycose.messages import Sign1Message
 
 from .cbor_strict import loads_exact
+from .chain import load_certificate
 from .errors import DecodeError, SignatureError, UsageError
 
 SIGN1_TAG = 18
@@ -187,10 +188,7 @@ def _certificates(value: Any) -> tuple[x509.Certificate, ...]:
     items = [value] if isinstance(value, bytes) else value
     if not isinstance(items, list) or not items or not all(isinstance(i, bytes) for i in items):
         raise DecodeError("x5bag must be a certificate or a non-empty array of them")
-    try:
-        return tuple(x509.load_der_x509_certificate(i) for i in items)
-    except ValueError as exc:
-        raise DecodeError(f"x5bag holds something that is not a DER certificate: {exc}") from exc
+    return tuple(load_certificate(i, "an x5bag entry") for i in items)
 
 
 def _public_key(signer: x509.Certificate | PublicKey) -> PublicKey:

@@ -38,7 +38,7 @@ from typing import TypeVar
 from cryptography import x509
 
 from . import cms, cose
-from .chain import valid_at, verify_chain
+from .chain import describe, valid_at, verify_chain
 from .errors import DecodeError, SignatureError, UsageError, ValidationError
 from .voucher_cbor import decode_cbor, encode_cbor
 from .voucher_json import decode_json, encode_json
@@ -206,15 +206,14 @@ def _check_signer(
     if trust_anchors is None:
         if not valid_at(signer, now):
             raise SignatureError(
-                f"signer certificate {signer.subject.rfc4514_string()!r} is not valid at "
-                f"{now.isoformat()}"
+                f"signer certificate {describe(signer)} is not valid at {now.isoformat()}"
             )
         return
     verify_chain(signer, intermediates, trust_anchors, now)
 
 
 def check_voucher(
-    voucher: Voucher, *, serial_number: str | None = None, nonce: bytes | str | None = None
+    voucher: VoucherArtifact, *, serial_number: str | None = None, nonce: bytes | str | None = None
 ) -> None:
     """The pledge's own checks (RFC 8995 §5.6.1): its serial number, and the nonce it sent.
 
