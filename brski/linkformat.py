@@ -58,6 +58,9 @@ class RegistrarKind(StrEnum):
     STATELESS = "stateless"  # jpy, rt=brski.rjp: the proxy wraps datagrams in JPY messages
 
 
+_KINDS: Final = frozenset(kind.value for kind in RegistrarKind)
+
+
 def _check_port(port: object) -> int:
     if type(port) is not int or not 0 < port <= 0xFFFF:
         raise UsageError(f"port {port!r} is not 1..65535")
@@ -107,6 +110,8 @@ class RegistrarLink:
     path: str = ""
 
     def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise UsageError(f"registrar kind {self.kind!r} is not stateful or stateless")
         object.__setattr__(self, "kind", RegistrarKind(self.kind))
         if not isinstance(self.address, IPv6Address | IPv4Address):
             raise UsageError("address must be an IPv6Address or IPv4Address")
