@@ -1,0 +1,211 @@
+"""pledge-sim: simulated BRSKI pledges (RFC 8995) that discover a proxy and enroll.
+
+    pledge-sim enroll --pki DIR [--serial S ... | --count N] [--concurrency C] [--json]
+    pledge-sim enroll --idevid CERT --key KEY --masa-ca FILE [--registrar ADDR]
+    pledge-sim enroll --idevid-dir DIR --masa-ca FILE [--count N]
+    pledge-sim discover [--methods grasp,mdns] [--timeout S] [--json]
+
+Without --registrar, pledges listen for GRASP AN_Proxy floods and browse mDNS for
+_brski-proxy._tcp. LDevIDs go to --out as <serial>.crt/.key. Exit status: 0 when every pledge
+enrolled, 1 when one failed (reasons follow the table), 2 for bad arguments or files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .discovery import METHODS, Candidate, DiscoveryError, discover, parse_address
+from .fleet import enroll_all
+from .identity import (
+    IdentityError,
+    PledgeIdentity,
+    identities_from_dir,
+    identities_from_pki,
+    load_anchors,
+    load_identity,
+    masa_anchor_path,
+)
+from .report import table, to_json
+from .runner import Settings
+
+PROG = "pledge-sim"
+
+
+class UsageProblem(Exception):
+    """Arguments that cannot work together; reported in one line, exit 2."""
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be greater than 0")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v progress, -vv debug")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("enroll", help="run pledges through BRSKI and EST")
+    who = e.add_argument_group("identities (one source)")
+    who.add_argument("--pki", type=Path, help="a brski-pki directory: pick or issue IDevIDs")
+    who.add_argument("--serial", action="append", default=[],
+                     help="with --pki: this serial (repeatable; issued if missing)")
+    who.add_argument("--idevid", type=Path, help="one IDevID certificate (PEM)")
+    who.add_argument("--key", type=Path, help="its private key (PEM)")
+    who.add_argument("--idevid-dir", type=Path, help="a directory of NAME.crt/NAME.key pairs")
+    who.add_argument("--count", type=_positive(int),
+                     help="number of pledges (--pki issues more IDevIDs if needed)")
+    e.add_argument("--masa-ca", type=Path,
+                   help="MASA trust anchor(s), PEM (default with --pki: DIR/masa/ca.crt)")
+    e.add_argument("--registrar", action="append", default=[], metavar="ADDR",
+                   help="skip discovery: [fe80::b:2%%eth0]:8443 (repeatable)")
+    e.add_argument("--discover", type=_methods, default=list(METHODS), metavar="METHODS",
+                   help="discovery methods, comma-separated (default: grasp,mdns)")
+    e.add_argument("--discovery-timeout", type=_positive(float), default=15.0, metavar="S")
+    e.add_argument("--concurrency", type=_positive(int), default=10)
+    e.add_argument("--out", type=Path, default=Path("pledge-sim-out"),
+                   help="where LDevIDs are written (default: ./pledge-sim-out)")
+    e.add_argument("--deadline", type=_positive(float), default=180.0, metavar="S",
+                   help="give a pledge up after this many seconds (default 180)")
+    e.add_argument("--max-backoff", type=_positive(float), default=30.0, metavar="S",
+                   help="cap of the retry backoff (RFC 8995 allows 3600; default 30)")
+    e.add_argument("--request-timeout", type=_positive(float), default=30.0, metavar="S")
+    e.add_argument("--trusted-clock", action="store_true",
+                   help="check times (expires-on, validity) against this host's clock")
+    e.add_argument("--accept-nonceless", action="store_true",
+                   help="accept vouchers without a nonce (RFC 8995 §7.2 reduced security)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    d = sub.add_parser("discover", help="listen for proxies and print what is found")
+    d.add_argument("--methods", type=_methods, default=list(METHODS))
+    d.add_argument("--timeout", type=_positive(float), default=10.0)
+    d.add_argument("--json", action="store_true")
+    return p
+
+
+def _identities(args: argparse.Namespace) -> list[PledgeIdentity]:
+    sources = [s for s in (args.pki, args.idevid, args.idevid_dir) if s is not None]
+    if len(sources) != 1:
+        raise UsageProblem("give exactly one of --pki, --idevid (with --key), --idevid-dir")
+    if args.serial and args.pki is None:
+        raise UsageProblem("--serial needs --pki")
+    if args.serial and args.count:
+        raise UsageProblem("--serial and --count exclude each other")
+    if args.pki is not None:
+        return identities_from_pki(args.pki, serials=args.serial, count=args.count)
+    if args.idevid is not None:
+        if args.key is None:
+            raise UsageProblem("--idevid needs --key")
+        if args.count not in (None, 1):
+            raise UsageProblem("--idevid is one pledge; use --pki or --idevid-dir for more")
+        return [load_identity(args.idevid, args.key)]
+    found = identities_from_dir(args.idevid_dir)
+    if args.count is not None:
+        if args.count > len(found):
+            raise UsageProblem(f"{args.idevid_dir} has {len(found)} IDevIDs, "
+                               f"--count asks for {args.count}")
+        found = found[: args.count]
+    return found
+
+
+def _anchor_path(args: argparse.Namespace) -> Path:
+    if args.masa_ca is not None:
+        return args.masa_ca
+    if args.pki is not None:
+        return masa_anchor_path(args.pki)
+    raise UsageProblem("--masa-ca is needed (the MASA trust anchor the manufacturer installed)")
+
+
+async def _candidates(args: argparse.Namespace) -> list[Candidate]:
+    if args.registrar:
+        return [parse_address(a) for a in args.registrar]
+    found = await discover(args.discover, args.discovery_timeout)
+    if not found.candidates:
+        raise DiscoveryError(f"no proxy found by {', '.join(args.discover)} within "
+                             f"{args.discovery_timeout:g} s (or give --registrar ADDR)")
+    return found.candidates
+
+
+async def _enroll(args: argparse.Namespace) -> int:
+    identities = _identities(args)
+    anchors = load_anchors(_anchor_path(args))
+    if not anchors:
+        raise UsageProblem("the MASA trust anchor file holds no certificate")
+    settings = Settings(anchors=anchors, out_dir=args.out, deadline=args.deadline,
+                        request_timeout=args.request_timeout,
+                        backoff_cap=args.max_backoff, trusted_clock=args.trusted_clock,
+                        accept_nonceless=args.accept_nonceless)
+    started = time.monotonic()
+    candidates = await _candidates(args)
+    results = await enroll_all(identities, candidates, settings, args.concurrency)
+    elapsed = time.monotonic() - started
+    print(to_json(results, elapsed) if args.json else table(results, elapsed), flush=True)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        print(f"{PROG}: {first.serial} failed: {first.reason}{more}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _discover(args: argparse.Namespace) -> int:
+    found = await discover(args.methods, args.timeout)
+    if args.json:
+        print(json.dumps({"candidates": [c.__dict__ for c in found.candidates],
+                          "dropped": found.dropped}, indent=2))
+    else:
+        for c in found.candidates:
+            print(f"{c.label}  {c.method}")
+    if not found.candidates:
+        print(f"{PROG}: nothing found within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return asyncio.run(_enroll(args) if args.command == "enroll" else _discover(args))
+    except (UsageProblem, IdentityError) as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except DiscoveryError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

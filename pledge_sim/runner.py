@@ -1,0 +1,286 @@
+"""The asyncio adapter for one pledge: connections, timers and files around PledgeSession.
+
+No protocol decisions here. The loop: pick a proxy, connect with the trust the session asks
+for, hand it each response, reconnect when the trust changes, sleep when told to, and on
+failure back off (transient) or move to another proxy (this registrar will not do), until the
+session is done or the deadline passes (RFC 8995 §4.1: retry with backoff, try every proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import ssl
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from . import est, tls
+from .discovery import Candidate
+from .http import Connection, HttpError, connect
+from .identity import PledgeIdentity
+from .retry import Backoff
+from .session import Done, Fail, PledgeSession, Request, Retry, Send, Trust, Wait
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    anchors: Sequence[x509.Certificate]  # MASA trust anchors
+    out_dir: Path  # LDevIDs are written here as <serial>.crt / <serial>.key
+    deadline: float = 120.0  # seconds per pledge, all attempts included
+    connect_timeout: float = 10.0
+    request_timeout: float = 30.0
+    backoff_initial: float = 0.5
+    backoff_cap: float = 30.0  # RFC 8995 §4.1 allows up to an hour; a simulator wants less
+    trusted_clock: bool = False
+    accept_nonceless: bool = False
+
+
+@dataclass
+class EnrollResult:
+    serial: str
+    ok: bool = False
+    proxy: str = "-"
+    method: str = "-"
+    assertion: str = "-"
+    ldevid_subject: str = "-"
+    seconds: float = 0.0
+    code: str = ""
+    reason: str = ""
+    attempts: int = 0
+    waits: int = 0
+    ldevid_path: str | None = None
+    events: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def file_stem(serial: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", serial) or "_"
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Stop(Exception):
+    """End of one attempt with the session's verdict."""
+
+    def __init__(self, outcome: Done | Fail) -> None:
+        super().__init__(getattr(outcome, "reason", "done"))
+        self.outcome = outcome
+
+
+class PledgeRunner:
+    def __init__(self, identity: PledgeIdentity, candidates: Sequence[Candidate],
+                 settings: Settings, *, rng: Callable[[int], bytes] = os.urandom,
+                 jitter: Callable[[], float] = random.random) -> None:
+        self.identity = identity
+        self.candidates = list(candidates)
+        self.settings = settings
+        self.session = PledgeSession(identity, settings.anchors, rng,
+                                     trusted_clock=settings.trusted_clock,
+                                     accept_nonceless=settings.accept_nonceless)
+        self.backoff = Backoff(jitter, settings.backoff_initial, settings.backoff_cap)
+        self.result = EnrollResult(identity.serial)
+        self._conn: Connection | None = None
+        self._conn_trust: Trust | None = None
+        self._ldevid_files: tuple[Path, Path] | None = None
+
+    # -- the whole enrollment -------------------------------------------------------------
+    async def run(self) -> EnrollResult:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.deadline):
+                await self._attempts()
+        except TimeoutError:
+            self._fail("deadline", f"gave up after {self.settings.deadline:g} s; last: "
+                       f"{self.result.reason or 'no answer'}")
+        finally:
+            await self._close()
+            self.result.seconds = round(time.monotonic() - started, 3)
+            self.result.waits = self.session.waits
+            self.result.events = [*self.session.events, *self.result.events]
+        return self.result
+
+    async def _attempts(self) -> None:
+        refused: set[Candidate] = set()
+        # Spread pledges over proxies: each starts at a place given by its serial.
+        turn = zlib.crc32(self.identity.serial.encode())
+        while True:
+            usable = [c for c in self.candidates if c not in refused]
+            if not usable:
+                if not self.result.reason:
+                    self._fail("no-proxy", "no proxy or registrar to try")
+                return
+            candidate = usable[turn % len(usable)]
+            self.result.attempts += 1
+            self.result.proxy, self.result.method = candidate.label, candidate.method
+            outcome = await self._attempt(candidate)
+            if isinstance(outcome, Done):
+                self._succeed()
+                return
+            self.result.code, self.result.reason = outcome.code, outcome.reason
+            self.result.events.append(f"attempt {self.result.attempts} via {candidate.label}: "
+                                      f"{outcome.reason}")
+            log.info("%s: %s", self.identity.serial, outcome.reason)
+            if outcome.retry is Retry.OTHER_PROXY:
+                refused.add(candidate)
+                self.session.reset()
+                turn += 1
+                continue
+            await asyncio.sleep(self.backoff.delay())
+
+    async def _attempt(self, candidate: Candidate) -> Done | Fail:
+        session = self.session
+        try:
+            if session.needs_voucher:
+                conn = await self._connection(candidate, Trust.PROVISIONAL)
+                request = session.start(conn.peer_cert_der, now_utc())
+            else:
+                request = session.resume()
+            while True:
+                outcome = await self._exchange(candidate, request)
+                if isinstance(outcome, Send):
+                    request = outcome.request
+                elif isinstance(outcome, Wait):
+                    await self._close()  # do not hold a connection while waiting
+                    await asyncio.sleep(outcome.seconds)
+                    request = outcome.request
+                    if request.trust is Trust.PROVISIONAL:
+                        conn = await self._connection(candidate, Trust.PROVISIONAL)
+                        request = session.start(conn.peer_cert_der, now_utc())
+                else:
+                    if isinstance(outcome, Done):
+                        self.backoff.reset()
+                    return outcome
+        except _Stop as stop:
+            return stop.outcome
+        except (OSError, HttpError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            # ssl.SSLError is an OSError: an alert from the server is a refusal, anything
+            # else (EOF, reset, refused, timeout) is transient.
+            await self._close()
+            if isinstance(exc, ssl.SSLError) and _is_alert(exc):
+                return Fail("tls-refused", f"{candidate.label} refused the TLS session: "
+                            f"{_ssl_reason(exc)}", Retry.OTHER_PROXY)
+            return session.connection_lost(f"{candidate.label}: {_describe(exc)}")
+
+    async def _exchange(self, candidate: Candidate, request: Request) -> Send | Wait | Done | Fail:
+        try:
+            conn = await self._connection(candidate, request.trust)
+            log.debug("%s: %s %s (%s)", self.identity.serial, request.method, request.path,
+                      request.trust.value)
+            response = await conn.request(request.method, request.path, body=request.body,
+                                          headers=dict(request.headers),
+                                          timeout=self.settings.request_timeout)
+        except ssl.SSLError as exc:
+            if request.trust is not Trust.LDEVID or not _is_alert(exc):
+                raise
+            # With TLS 1.3 the server judges the client certificate after the handshake, so
+            # a refused LDevID shows as an alert on the first read, not at connect.
+            await self._close()
+            return await self._exchange(candidate, self.session.ldevid_refused(_ssl_reason(exc)))
+        if response.status < 500:
+            self.backoff.reset()  # the registrar is answering: progress
+        return self.session.receive(response, now_utc())
+
+    # -- connections ----------------------------------------------------------------------
+    async def _connection(self, candidate: Candidate, trust: Trust) -> Connection:
+        if self._conn is not None and self._conn_trust is trust and self._conn.reusable:
+            return self._conn
+        await self._close()
+        try:
+            conn = await connect(candidate.host, candidate.port, self._context(trust),
+                                 timeout=self.settings.connect_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            if trust is Trust.PROVISIONAL:
+                raise
+            # §5.6.2: the registrar's chain does not lead to the pinned-domain-cert.
+            outcome = self.session.pin_failed(exc.verify_message or str(exc))
+            assert isinstance(outcome, Send)
+            verdict = await self._exchange(candidate, outcome.request)
+            assert isinstance(verdict, Done | Fail)
+            raise _Stop(verdict) from exc
+        self._conn, self._conn_trust = conn, trust
+        return conn
+
+    def _context(self, trust: Trust) -> ssl.SSLContext:
+        ident = self.identity
+        if trust is Trust.PROVISIONAL:
+            return tls.provisional_context(ident.cert_path, ident.key_path)
+        accepted = self.session.accepted
+        assert accepted is not None
+        if trust is Trust.LDEVID:
+            cert, key = self._write_ldevid()
+        else:
+            cert, key = ident.cert_path, ident.key_path
+        return tls.pinned_context(cert, key, accepted.pinned,
+                                  trusted_clock=self.settings.trusted_clock)
+
+    async def _close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn, self._conn_trust = self._conn, None, None
+            await conn.close()
+
+    # -- results --------------------------------------------------------------------------
+    def _write_ldevid(self) -> tuple[Path, Path]:
+        if self._ldevid_files is None:
+            session = self.session
+            assert session.ldevid is not None and session.ldevid_key is not None
+            out = self.settings.out_dir
+            out.mkdir(parents=True, exist_ok=True)
+            stem = file_stem(self.identity.serial)
+            cert, key = out / f"{stem}.crt", out / f"{stem}.key"
+            key.touch(mode=0o600)
+            key.write_bytes(est.key_pem(session.ldevid_key))
+            cert.write_bytes(est.pem([session.ldevid]))
+            (out / f"{stem}-chain.pem").write_bytes(est.pem(session.ldevid_chain[1:]))
+            (out / "cacerts.pem").write_bytes(est.pem(session.cacerts))
+            self._ldevid_files = (cert, key)
+        return self._ldevid_files
+
+    def _succeed(self) -> None:
+        session, result = self.session, self.result
+        assert session.accepted is not None and session.ldevid is not None
+        result.ok, result.code, result.reason = True, "", ""
+        result.assertion = session.accepted.assertion
+        result.ldevid_subject = session.ldevid.subject.rfc4514_string()
+        result.ldevid_path = str(self._write_ldevid()[0])
+
+    def _fail(self, code: str, reason: str) -> None:
+        self.result.ok, self.result.code, self.result.reason = False, code, reason
+
+
+def _is_alert(exc: ssl.SSLError) -> bool:
+    # OpenSSL names the alerts a peer sent "...ALERT_<NAME>" (tlsv13 alert certificate
+    # required, sslv3 alert bad certificate, tlsv1 alert unknown ca, ...).
+    return "ALERT" in (exc.reason or "").upper()
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    return (exc.reason or str(exc)).replace("_", " ").lower()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed mid-response"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:199] + "…"
+
+
+async def enroll(identity: PledgeIdentity, candidates: Sequence[Candidate],
+                 settings: Settings) -> EnrollResult:
+    return await PledgeRunner(identity, candidates, settings).run()
