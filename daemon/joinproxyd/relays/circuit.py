@@ -49,7 +49,9 @@ class _Side(asyncio.Protocol):
         else:
             circuit.bytes_down += len(data)
         peer = self.peer().transport
-        if peer is None:  # registrar not connected yet: keep it (reading is paused anyway)
+        if peer is None or not circuit.connected:
+            # Registrar side not ready: keep it, in order (reading is paused, so this is
+            # at most what was in flight when the connection was accepted).
             circuit.pending.append(data)
         else:
             peer.write(data)
@@ -92,6 +94,7 @@ class Circuit:
         self.pledge_side = _Side(self, upstream=True)
         self.registrar_side = _Side(self, upstream=False)
         self.closed = False
+        self.connected = False  # registrar side up and pending bytes flushed
         self.active = False  # counted in the active gauge once the registrar side is up
         self.connect_task: asyncio.Task[None] | None = None
 
@@ -113,6 +116,7 @@ class Circuit:
         for chunk in self.pending:
             upstream.write(chunk)
         self.pending.clear()
+        self.connected = True
         if self.pledge_side.eof and upstream.can_write_eof():
             upstream.write_eof()
         pledge = self.pledge_side.transport
@@ -238,7 +242,9 @@ class CircuitMode(RelayMode):
         self.open.add(circuit)
         circuit.pledge_side.connection_made(transport)
         transport.set_protocol(circuit.pledge_side)
-        transport.pause_reading()  # until the registrar side is connected
+        # Hold the pledge's bytes until the registrar side is connected. Deferred one loop
+        # turn: Python 3.11 re-adds the reader after connection_made, undoing an early pause.
+        asyncio.get_running_loop().call_soon(_pause, transport)
         circuit.connect_task = asyncio.create_task(
             circuit.connect(self.ctx.limits().connect_timeout))
 
@@ -313,6 +319,11 @@ class CircuitMode(RelayMode):
     def circuits(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         return [c.info(now) for c in sorted(self.open, key=lambda c: c.started)]
+
+
+def _pause(transport: asyncio.Transport) -> None:
+    if not transport.is_closing():
+        transport.pause_reading()
 
 
 class _Admit(asyncio.Protocol):
