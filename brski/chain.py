@@ -11,10 +11,12 @@ registrar, RFC 8995 §5.5), checked after this.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import verification as xv
 
 from .errors import DecodeError, SignatureError, UsageError
@@ -69,7 +71,7 @@ def verify_chain(
     )
     try:
         return list(verifier.verify(leaf, list(intermediates)).chain)
-    except (xv.VerificationError, ValueError) as exc:
+    except (xv.VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(
             f"certificate {describe(leaf)} does not chain to a trust anchor "
             f"at {at.isoformat()}: {exc}"
@@ -83,11 +85,16 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
     otherwise surface as ValueError wherever it is first touched (an error message, say).
     """
     try:
-        cert = x509.load_der_x509_certificate(der)
-        cert.subject.rfc4514_string()
-        cert.issuer.rfc4514_string()
-        len(cert.extensions)
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            # e.g. "Attribute's length must be >= 2": peer data, reported as DecodeError or
+            # tolerated, never printed
+            warnings.simplefilter("ignore", UserWarning)
+            cert = x509.load_der_x509_certificate(der)
+            cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+            len(cert.extensions)
+    except Exception as exc:  # ValueError, InvalidVersion, DuplicateExtension, ... all mean
+        # the same here: a certificate we cannot use
         raise DecodeError(f"{what} is not a usable DER certificate: {exc}") from exc
     return cert
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -195,7 +195,7 @@ def _public_key(signer: x509.Certificate | PublicKey) -> PublicKey:
     if isinstance(signer, x509.Certificate):
         try:
             key = signer.public_key()
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise SignatureError(f"signer certificate key unusable: {exc}") from exc
     else:
         key = signer

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .. import cms, cose
-from ..chain import describe
+from ..chain import describe, load_certificate
 from ..errors import BrskiError, DecodeError
 from ..signed_voucher import (
     check_voucher,
@@ -120,11 +120,10 @@ def unverified(fmt: str, data: bytes) -> VoucherArtifact:
 def load_certificates(path: Path) -> list[x509.Certificate]:
     raw = _read(path)
     try:
-        if b"-----BEGIN CERTIFICATE-----" in raw:
-            return x509.load_pem_x509_certificates(raw)
-        return [x509.load_der_x509_certificate(raw)]
-    except ValueError as exc:
-        raise CliError(f"{path}: not a certificate ({exc})") from exc
+        ders = [_b64(m.group(2)) for m in _PEM.finditer(raw) if m.group(1) == b"CERTIFICATE"]
+        return [load_certificate(der, str(path)) for der in ders or [raw]]
+    except DecodeError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
@@ -227,7 +226,10 @@ def parser() -> argparse.ArgumentParser:
         help="trust anchor certificate (PEM or DER); repeatable",
     )
     v.add_argument("--at", metavar="TIME", help="verification time, RFC 3339 (default: now)")
-    v.add_argument("--nonce", help="the nonce the pledge sent (JSON text or base64)")
+    v.add_argument(
+        "--nonce",
+        help="the nonce the pledge sent (JSON text or base64; write --nonce=N if N starts with -)",
+    )
     v.add_argument("--serial", help="the pledge's serial-number")
     v.set_defaults(func=cmd_verify)
     s = sub.add_parser("sign", help="sign a JSON voucher or voucher-request")
