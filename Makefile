@@ -7,7 +7,7 @@ SYSTEM_PYTHON := /usr/bin/python3
 
 APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables clang llvm \
 	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
-	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping
+	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd
 
 .PHONY: setup apt venv bpf lint test demo clean
 
