@@ -277,6 +277,8 @@ def _describe(exc: BaseException) -> str:
         return "connection closed mid-response"
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # "connection refused", not asyncio's wording
     text = str(exc) or type(exc).__name__
     return text if len(text) < 200 else text[:199] + "…"
 
