@@ -74,6 +74,7 @@ from .tomlconfig import (
     log_level,
     parse_host_port,
     read_toml,
+    require_ec,
 )
 
 __all__ = ["ConfigError", "MasaRoute", "RegistrarConfig", "load_registrar_config"]
@@ -139,6 +140,7 @@ def load_registrar_config(path: Path) -> RegistrarConfig:
     tls_chain = load_certs(server, "cert", cert_file)
     tls_key = load_key(server, "key", key_file)
     check_key_matches(server, "key", tls_key, tls_chain[0])
+    require_ec(server, "key", tls_key, "registrar voucher-requests are signed with it")
     tls_min = server.string("tls_min_version", "1.2", choices=("1.2", "1.3"))
     server.finish()
 

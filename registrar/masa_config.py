@@ -58,6 +58,7 @@ from .tomlconfig import (
     load_key,
     log_level,
     read_toml,
+    require_ec,
 )
 
 __all__ = ["ConfigError", "MasaConfig", "load_masa_config"]
@@ -98,6 +99,7 @@ def load_masa_config(path: Path) -> MasaConfig:
     chain = load_certs(signer, "cert", signer.file("cert"))
     key = load_key(signer, "key", signer.file("key"))
     check_key_matches(signer, "key", key, chain[0])
+    require_ec(signer, "key", key, "vouchers are signed with it")
     signer.finish()
 
     pledges = root.table("pledges", required=True)

@@ -312,6 +312,13 @@ class Store:
             self._audit(db, "voucher-request-update", None,
                         {"request": request_id, "status": status, "reason": reason}, now)
 
+    def find_voucher_request(self, pvr_sha256: bytes) -> VoucherRequestRecord | None:
+        """The latest record of this exact pledge request, if it was seen before."""
+        row = self._db.execute(
+            "SELECT id, serial, status, reason, nonce, pvr, rvr FROM voucher_requests "
+            "WHERE pvr_sha256 = ? ORDER BY id DESC LIMIT 1", (pvr_sha256,)).fetchone()
+        return VoucherRequestRecord(*row) if row else None
+
     def voucher_request(self, request_id: int) -> VoucherRequestRecord | None:
         row = self._db.execute(
             "SELECT id, serial, status, reason, nonce, pvr, rvr FROM voucher_requests "

@@ -291,3 +291,9 @@ def check_key_matches(table: Table, name: str, key: PrivateKey, cert: x509.Certi
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if mine != theirs:
         raise table.error(name, "private key does not belong to the certificate")
+
+
+def require_ec(table: Table, name: str, key: PrivateKey, why: str) -> None:
+    """CMS signing in brski.cms is ECDSA only (P-256/384/521)."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise table.error(name, f"must be an ECDSA key: {why} (CMS with ECDSA only)")

@@ -1,0 +1,200 @@
+"""How proxies and pledges find the registrar: GRASP flood and mDNS (RFC 8995 §4.3, App. B).
+
+* GRASP: every ``grasp_period`` seconds (and once at start) an M_FLOOD
+  ``["AN_join_registrar", 4, 255, "EST-TLS"]`` with ``[O_IPv6_LOCATOR, address, 6, port]`` goes
+  to ff02::13 UDP 7017 on each configured interface, from the interface's link-local address
+  (GRASP's DULL instance is link-local). Encoded by ``brski.grasp``.
+* mDNS: ``<instance>._brski-registrar._tcp.local.`` with the port and the announced addresses,
+  answered by python-zeroconf on the configured interfaces only.
+
+The locator address, per interface: ``[announce] address`` if set; else a listen address on
+that interface (by zone or by address); else the interface's first global/ULA address; else its
+link-local one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import ifaddr
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+from brski import grasp
+
+from .config import RegistrarConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_brski-registrar._tcp.local."
+GRASP_OBJECTIVE_VALUE = "EST-TLS"
+MIN_RECOMMENDED_PERIOD = 60.0  # RFC 8995 §4.3: SHOULD NOT be below 60 s
+
+
+@dataclass(frozen=True)
+class InterfaceAddresses:
+    name: str
+    index: int
+    link_local: list[ipaddress.IPv6Address]
+    global_v6: list[ipaddress.IPv6Address]
+    ipv4: list[ipaddress.IPv4Address]
+
+
+def interface_addresses(name: str) -> InterfaceAddresses:
+    index = socket.if_nametoindex(name)
+    link_local: list[ipaddress.IPv6Address] = []
+    global_v6: list[ipaddress.IPv6Address] = []
+    ipv4: list[ipaddress.IPv4Address] = []
+    for adapter in ifaddr.get_adapters():
+        if adapter.name != name:
+            continue
+        for ip in adapter.ips:
+            if isinstance(ip.ip, tuple):
+                addr6 = ipaddress.IPv6Address(ip.ip[0].split("%", 1)[0])
+                (link_local if addr6.is_link_local else global_v6).append(addr6)
+            else:
+                ipv4.append(ipaddress.IPv4Address(ip.ip))
+    return InterfaceAddresses(name, index, link_local, global_v6, ipv4)
+
+
+def locator_address(config: RegistrarConfig, iface: InterfaceAddresses) -> ipaddress.IPv6Address:
+    if config.announce_address is not None:
+        return config.announce_address
+    for listen in config.listen:
+        if not listen.is_ipv6:
+            continue
+        addr = ipaddress.IPv6Address(listen.host.split("%", 1)[0])
+        if listen.interface == iface.name or addr in iface.global_v6:
+            return addr
+    if iface.global_v6:
+        return iface.global_v6[0]
+    if iface.link_local:
+        return iface.link_local[0]
+    raise OSError(f"interface {iface.name} has no IPv6 address to announce")
+
+
+class GraspFlooder:
+    """Periodic AN_join_registrar floods on one interface."""
+
+    def __init__(self, iface: InterfaceAddresses, locator: ipaddress.IPv6Address, port: int,
+                 period: float) -> None:
+        if not iface.link_local:
+            raise OSError(f"interface {iface.name} has no link-local address for GRASP")
+        self.iface = iface
+        self.initiator = iface.link_local[0]
+        self.locator = grasp.IPv6Locator(locator, grasp.IPPROTO_TCP, port)
+        self.period = period
+        self.sent = 0
+        self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, iface.index)
+        self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
+        # From the link-local address: the flood's initiator, and what DULL GRASP expects.
+        self._sock.bind((str(self.initiator), 0, 0, iface.index))
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def message(self) -> bytes:
+        flood = grasp.registrar_flood(os.urandom, self.initiator, [self.locator],
+                                      value=GRASP_OBJECTIVE_VALUE)
+        return flood.encode()
+
+    def send_once(self) -> None:
+        try:
+            self._sock.sendto(self.message(), (str(grasp.ALL_GRASP_NEIGHBORS), grasp.GRASP_PORT,
+                                               0, self.iface.index))
+        except OSError as exc:
+            if not self._failing:  # log the change, not every period
+                log.warning("GRASP flood on %s failed: %s", self.iface.name, exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("GRASP flood on %s works again", self.iface.name)
+        self._failing = False
+        self.sent += 1
+
+    async def _run(self) -> None:
+        while True:
+            self.send_once()
+            await asyncio.sleep(self.period)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._sock.close()
+
+
+class Announcer:
+    """Everything the registrar announces, started once its listeners are bound."""
+
+    def __init__(self, config: RegistrarConfig) -> None:
+        self.config = config
+        self.flooders: list[GraspFlooder] = []
+        self._zeroconf: AsyncZeroconf | None = None
+        self._info: ServiceInfo | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not cfg.announce_interfaces:
+            return
+        ifaces = [interface_addresses(name) for name in cfg.announce_interfaces]
+        locators = {i.name: locator_address(cfg, i) for i in ifaces}
+        if cfg.grasp:
+            if cfg.grasp_period < MIN_RECOMMENDED_PERIOD:
+                log.warning("grasp_period %.3g s is below the %d s RFC 8995 §4.3 recommends",
+                            cfg.grasp_period, MIN_RECOMMENDED_PERIOD)
+            for iface in ifaces:
+                flooder = GraspFlooder(iface, locators[iface.name], cfg.announce_port,
+                                       cfg.grasp_period)
+                flooder.start()
+                self.flooders.append(flooder)
+                log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d",
+                         iface.name, cfg.grasp_period, locators[iface.name], cfg.announce_port)
+        if cfg.mdns:
+            await self._start_mdns(ifaces, locators)
+
+    async def _start_mdns(self, ifaces: list[InterfaceAddresses],
+                          locators: dict[str, ipaddress.IPv6Address]) -> None:
+        cfg = self.config
+        listen_v4 = {a.host for a in cfg.listen if not a.is_ipv6}
+        v4 = [str(a) for i in ifaces for a in i.ipv4
+              if "0.0.0.0" in listen_v4 or str(a) in listen_v4]
+        addresses = sorted({str(a) for a in locators.values()}) + v4
+        # zeroconf joins IPv6 groups by interface index and IPv4 ones by address.
+        choice: list[str | int] = [i.index for i in ifaces] + v4
+        self._zeroconf = AsyncZeroconf(interfaces=choice,  # type: ignore[arg-type]
+                                       ip_version=IPVersion.All if v4 else IPVersion.V6Only)
+        host = cfg.mdns_instance.replace(".", "-")
+        self._info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{cfg.mdns_instance}.{SERVICE_TYPE}",
+            port=cfg.announce_port,
+            parsed_addresses=addresses,
+            server=f"{host}.local.",
+            properties={},
+        )
+        await self._zeroconf.async_register_service(self._info)
+        log.info("mDNS: %s.%s on %s, port %d, addresses %s", cfg.mdns_instance, SERVICE_TYPE,
+                 ", ".join(cfg.announce_interfaces), cfg.announce_port, ", ".join(addresses))
+
+    async def stop(self) -> None:
+        for flooder in self.flooders:
+            await flooder.stop()
+        self.flooders.clear()
+        if self._zeroconf is not None:
+            with contextlib.suppress(Exception):  # best effort: say goodbye, then close
+                if self._info is not None:
+                    await self._zeroconf.async_unregister_service(self._info)
+            await self._zeroconf.async_close()
+            self._zeroconf = None

@@ -1,0 +1,41 @@
+"""The registrar's HTTPS application: routes and the TLS context.
+
+Pledges authenticate with their IDevID: the TLS context asks for a client certificate
+(``CERT_OPTIONAL``, so /cacerts stays reachable without one) and verifies it against the
+manufacturer CAs and the domain CA (for LDevID holders). A certificate from any other CA fails
+the handshake. Each endpoint then decides what the authenticated client may do.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from aiohttp import web
+
+from . import brski_handlers, est
+from .config import RegistrarConfig
+from .context import REGISTRAR, Registrar
+from .web import new_application, server_ssl_context
+
+BRSKI = "/.well-known/brski"
+EST = "/.well-known/est"
+
+
+def make_app(registrar: Registrar) -> web.Application:
+    app = new_application()
+    app[REGISTRAR] = registrar
+    app.router.add_post(f"{BRSKI}/requestvoucher", brski_handlers.request_voucher)
+    app.router.add_post(f"{BRSKI}/voucher_status", brski_handlers.voucher_status)
+    app.router.add_post(f"{BRSKI}/enrollstatus", brski_handlers.enroll_status)
+    app.router.add_get(f"{EST}/cacerts", est.cacerts)
+    app.router.add_get(f"{EST}/csrattrs", est.csrattrs)
+    app.router.add_post(f"{EST}/simpleenroll", est.simple_enroll)
+    app.router.add_post(f"{EST}/simplereenroll", est.simple_reenroll)
+    return app
+
+
+def tls_context(config: RegistrarConfig) -> ssl.SSLContext:
+    return server_ssl_context(
+        config.cert_file, config.key_file,
+        client_cas=[*config.manufacturer_cas, config.ca_cert],
+        client_cert=ssl.CERT_OPTIONAL, min_version=config.tls_min_version)

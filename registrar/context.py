@@ -1,0 +1,39 @@
+"""The registrar's state, shared by its request handlers (``brski_handlers``, ``est``)."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import RegistrarConfig
+from .domain_ca import DomainCA
+from .identity import Client, classify, peer_chain
+from .masa_client import MasaClient
+from .store import Store
+from .web import Refusal
+
+
+@dataclass
+class Registrar:
+    config: RegistrarConfig
+    store: Store
+    masa: MasaClient
+    ca: DomainCA
+
+    @staticmethod
+    def now() -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC)
+
+    def client(self, request: web.Request) -> Client | None:
+        return classify(peer_chain(request), self.config.manufacturer_cas, self.config.ca_cert,
+                        self.now())
+
+    def check_enrollment_policy(self, serial: str) -> None:
+        """403 unless policy lets this device join (``[pledges] enroll``)."""
+        if self.config.enroll == "allowlist" and serial not in self.config.serials:
+            raise Refusal(403, f"device {serial} is not on this registrar's allowlist")
+
+
+REGISTRAR: web.AppKey[Registrar] = web.AppKey("registrar", Registrar)

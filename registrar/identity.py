@@ -1,0 +1,103 @@
+"""Who is on the other end of a registrar TLS connection.
+
+The TLS layer already verified the client certificate against the manufacturer CAs and the
+domain CA together (one ``CERT_OPTIONAL`` context, so a pledge with an unknown manufacturer
+fails the handshake). Here we tell the two kinds apart, because they may do different things:
+an IDevID (a pledge) may request a voucher and enroll; an LDevID we issued may re-enroll and
+report enrollment status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from cryptography import x509
+
+from brski import certs
+from brski.chain import verify_chain
+from brski.errors import BrskiError
+
+from .web import Refusal
+
+
+class Kind(enum.Enum):
+    IDEVID = "IDevID"
+    LDEVID = "LDevID"
+
+
+@dataclass(frozen=True)
+class Client:
+    cert: x509.Certificate
+    kind: Kind
+    serial: str | None  # subject serialNumber, if the certificate has one
+
+
+def peer_chain(request: web.Request) -> list[x509.Certificate]:
+    """The client's certificate chain as the TLS layer verified it, leaf first; [] if the
+    client sent no certificate."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is None:
+        return []
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return []
+    chain = [x509.load_der_x509_certificate(der)]
+    # Python 3.13 has SSLObject.get_verified_chain(); 3.11/3.12 have it on the inner object.
+    inner = getattr(ssl_object, "_sslobj", ssl_object)
+    getter = getattr(inner, "get_verified_chain", None)
+    if getter is not None:
+        # A private API that changed shape must not break anything: the leaf alone works.
+        with contextlib.suppress(Exception):
+            chain = [x509.load_der_x509_certificate(_der_of(c)) for c in getter()]
+    return chain
+
+
+def _der_of(cert: object) -> bytes:
+    if isinstance(cert, bytes):
+        return cert
+    import _ssl  # the encoding constant of the private Certificate object
+
+    return cert.public_bytes(_ssl.ENCODING_DER)  # type: ignore[attr-defined]
+
+
+def classify(
+    chain: Sequence[x509.Certificate],
+    manufacturer_cas: Sequence[x509.Certificate],
+    domain_ca: x509.Certificate,
+    now: datetime.datetime,
+) -> Client | None:
+    if not chain:
+        return None
+    leaf, intermediates = chain[0], list(chain[1:])
+    try:
+        serial: str | None = certs.serial_number(leaf)
+    except BrskiError:
+        serial = None
+    for kind, anchors in ((Kind.LDEVID, [domain_ca]), (Kind.IDEVID, manufacturer_cas)):
+        try:
+            verify_chain(leaf, intermediates, anchors, now)
+        except BrskiError:
+            continue
+        return Client(leaf, kind, serial)
+    # The TLS layer accepted it, so this means a mismatch between our two views of the
+    # anchors (e.g. an expired intermediate): refuse rather than guess.
+    raise Refusal(403, "client certificate does not chain to a manufacturer CA or the "
+                       "domain CA")
+
+
+def require_pledge(client: Client | None) -> Client:
+    """An IDevID with a serial number, or 401/403."""
+    if client is None:
+        raise Refusal(401, "a pledge must authenticate with its IDevID (TLS client "
+                           "certificate)")
+    if client.kind is not Kind.IDEVID:
+        raise Refusal(403, "this request needs the pledge's IDevID, not an LDevID")
+    if client.serial is None:
+        raise Refusal(403, "the IDevID has no subject serialNumber (RFC 8995 §2.3.1)")
+    return client

@@ -1,0 +1,269 @@
+"""The MASA's decisions (RFC 8995 §5.5, §5.6, §5.8), apart from HTTP.
+
+``Masa.request_voucher(body, now)`` takes a registrar voucher-request (CMS) and returns a
+signed voucher or raises ``Refusal`` with the RFC 8995 §5.6 status:
+
+* 403: the RVR signature does not verify, the registrar certificate lacks id-kp-cmcRA, the
+  prior-signed pledge request does not verify (or is not from an IDevID of our manufacturer
+  CAs), serial-number or nonce do not match it, its proximity-registrar-cert is not in the
+  registrar's chain, or the device belongs to another domain;
+* 404: the device is not known to this MASA (ownership table, or trust on first use);
+* 400: the body is not a CMS voucher-request at all.
+
+Ownership (``[ownership]``): a table serial -> domain CA, or trust on first use (the first
+domain whose registrar asks owns the device). The voucher pins the domain CA: the registrar's
+TLS certificate chains to it (RFC 8995 §5.6.2). Assertion: the configured one when the
+pledge's proximity proof checks out; "logged" for nonceless requests (no pledge proof).
+
+``Masa.audit_log(body, now)`` answers ``requestauditlog`` (§5.8) for an authenticated
+registrar: every voucher issued for the device, oldest first.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from brski import certs, cms
+from brski.chain import verify_chain
+from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
+from brski.signed_voucher import sign_voucher_cms, verify_voucher_request_cms
+from brski.telemetry import AuditEvent, AuditLog
+from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
+
+from .masa_config import ANY_DEVICE, MasaConfig
+from .store import Store
+from .voucher_request import idevid_issuer_forms
+from .web import Refusal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AuthenticatedRequest:
+    """A registrar voucher-request whose signatures and evidence have been checked."""
+
+    rvr: VoucherRequest
+    registrar: x509.Certificate  # the RVR signer
+    registrar_certs: tuple[x509.Certificate, ...]  # every certificate of the RVR's CMS
+    serial: str
+    pvr: VoucherRequest | None
+    idevid: x509.Certificate | None
+    proximity: bool  # the pledge's proximity-registrar-cert is in the registrar's chain
+
+    @property
+    def nonce_text(self) -> str | None:
+        # The pledge compares the nonce with the text it sent (RFC 8995 §5.8.1): keep it.
+        source = self.pvr if self.pvr is not None and self.pvr.nonce is not None else self.rvr
+        return source.wire_text("nonce")
+
+
+class Masa:
+    def __init__(self, config: MasaConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+
+    # -- requestvoucher -------------------------------------------------------------------
+    def request_voucher(self, body: bytes, now: datetime.datetime) -> bytes:
+        req = self.authenticate(body, now)
+        domain_ca = self._owner(req, now)
+        assertion = Assertion.from_yang_name(self.config.assertion) if req.proximity \
+            else Assertion.LOGGED
+        pinned = domain_ca.public_bytes(serialization.Encoding.DER)
+        nonce_text = req.nonce_text
+        expires = None
+        if req.rvr.nonce is None:
+            # RFC 8995 §5.6: a nonceless voucher expires; never after the pinned certificate.
+            expires = min(now + datetime.timedelta(seconds=self.config.lifetime),
+                          domain_ca.not_valid_after_utc)
+        voucher = Voucher(
+            assertion=assertion,
+            created_on=now,
+            expires_on=expires,
+            serial_number=req.serial,
+            nonce=req.rvr.nonce,
+            pinned_domain_cert=pinned,
+            wire=WireForm(texts={"nonce": nonce_text} if nonce_text else {}),
+        )
+        signed = sign_voucher_cms(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                  self.config.signer_chain, now)
+        self.store.add_voucher(req.serial, signed, assertion=assertion.yang_name,
+                               nonce=nonce_text, domain_id=domain_id(domain_ca),
+                               created_at=now)
+        log.info("voucher issued: serial %s, domain %s, assertion %s, %s", req.serial,
+                 domain_ca.subject.rfc4514_string(), assertion.yang_name,
+                 "with nonce" if nonce_text else f"expires {format_datetime(expires)}"
+                 if expires else "")
+        return signed
+
+    # -- requestauditlog ------------------------------------------------------------------
+    def audit_log(self, body: bytes, now: datetime.datetime) -> bytes:
+        req = self.authenticate(body, now)
+        if not self._known(req):
+            raise Refusal(404, f"device {req.serial} is not known to this MASA")
+        records = self.store.vouchers(req.serial)
+        if not records:
+            raise Refusal(404, f"no voucher has been issued for {req.serial}")
+        events = tuple(
+            AuditEvent(
+                date=r.created_at,
+                domain_id=r.domain_id or "",
+                nonce=r.nonce,
+                assertion=_audit_assertion(r.assertion),
+            )
+            for r in records
+        )
+        self.store.audit("audit-log-request", req.serial,
+                         registrar=req.registrar.subject.rfc4514_string())
+        return AuditLog(events=events).encode_json()
+
+    # -- checks ---------------------------------------------------------------------------
+    def authenticate(self, body: bytes, now: datetime.datetime) -> AuthenticatedRequest:
+        try:
+            signed = cms.parse(body)
+            rvr, registrar = verify_voucher_request_cms(body, None, now)
+        except SignatureError as exc:
+            raise Refusal(403, f"registrar voucher-request: {exc}") from exc
+        except (DecodeError, ValidationError) as exc:
+            raise Refusal(400, f"not a valid registrar voucher-request: {exc}") from exc
+        if not certs.has_cmc_ra(registrar):
+            raise Refusal(403, "the registrar certificate lacks id-kp-cmcRA (RFC 8995 §5.5): "
+                               "it may not request vouchers")
+        if rvr.proximity_registrar_cert is not None:
+            raise Refusal(400, "a registrar voucher-request must not carry "
+                               "proximity-registrar-cert (RFC 8995 §5.5)")
+        chain = signed.certificates
+        if rvr.prior_signed_voucher_request is None:
+            if not self.config.nonceless:
+                raise Refusal(403, "no prior-signed-voucher-request, and this MASA does not "
+                                   "issue nonceless vouchers")
+            return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
+                                        proximity=False)
+        pvr, idevid = self._check_pvr(rvr, now)
+        return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
+                                    idevid, proximity=_proximity(pvr, chain))
+
+    def _check_pvr(self, rvr: VoucherRequest,
+                   now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
+        assert rvr.prior_signed_voucher_request is not None
+        try:
+            pvr, idevid = verify_voucher_request_cms(
+                rvr.prior_signed_voucher_request, self.config.manufacturer_cas, now)
+            serial = certs.serial_number(idevid)
+        except BrskiError as exc:
+            raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
+        # RFC 8995 §5.5: the serial comes from the authenticated IDevID; both requests must
+        # name that one device.
+        if rvr.serial_number != serial:
+            raise Refusal(403, f"registrar voucher-request names serial {rvr.serial_number!r} "
+                               f"but the pledge's IDevID is {serial!r}")
+        if pvr.serial_number != serial:
+            raise Refusal(403, f"pledge voucher-request names serial {pvr.serial_number!r} "
+                               f"but its IDevID is {serial!r}")
+        if rvr.nonce != pvr.nonce:
+            raise Refusal(403, "nonce of the registrar voucher-request differs from the "
+                               "pledge's")
+        if rvr.idevid_issuer is not None and rvr.idevid_issuer not in idevid_issuer_forms(idevid):
+            raise Refusal(403, "idevid-issuer does not match the pledge's IDevID")
+        if (pvr.proximity_registrar_cert is None and pvr.proximity_registrar_pubk is None
+                and pvr.proximity_registrar_pubk_sha256 is None):
+            raise Refusal(403, "the pledge voucher-request has no proximity-registrar-cert")
+        return pvr, idevid
+
+    def _known(self, req: AuthenticatedRequest) -> bool:
+        if req.serial in self.config.devices or ANY_DEVICE in self.config.devices:
+            return True
+        # Trust on first use knows every device whose IDevID we authenticated.
+        return self.config.ownership == "tofu" and req.idevid is not None
+
+    def _owner(self, req: AuthenticatedRequest, now: datetime.datetime) -> x509.Certificate:
+        """The domain CA to pin, after checking the registrar belongs to the device's owner."""
+        configured = self.config.devices.get(req.serial) or self.config.devices.get(ANY_DEVICE)
+        if configured is not None:
+            try:
+                verify_chain(req.registrar, req.registrar_certs, [configured], now)
+            except SignatureError as exc:
+                raise Refusal(403, f"device {req.serial} belongs to another domain: the "
+                                   f"registrar does not chain to its domain CA") from exc
+            return configured
+        if not self._known(req):
+            raise Refusal(404, f"device {req.serial} is not known to this MASA")
+        domain = _chain_top(req.registrar, req.registrar_certs)
+        try:
+            verify_chain(req.registrar, req.registrar_certs, [domain], now)
+        except SignatureError as exc:
+            raise Refusal(403, f"registrar chain does not verify: {exc}") from exc
+        spki = certs.spki_sha256(domain)
+        owner = self.store.claim_owner(req.serial, spki,
+                                       domain.public_bytes(serialization.Encoding.DER))
+        if owner != spki:
+            raise Refusal(403, f"device {req.serial} is already owned by another domain")
+        return domain
+
+
+def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
+    """RFC 8995 §5.5: the pledge saw one of these certificates as the registrar's TLS cert."""
+    spkis = {certs.spki_der(c) for c in chain}
+    digests = {hashlib.sha256(s).digest() for s in spkis}
+    if pvr.proximity_registrar_cert is not None:
+        try:
+            seen = x509.load_der_x509_certificate(pvr.proximity_registrar_cert)
+        except ValueError:
+            return False
+        ok = certs.spki_der(seen) in spkis
+    elif pvr.proximity_registrar_pubk is not None:
+        ok = pvr.proximity_registrar_pubk in spkis
+    else:
+        ok = pvr.proximity_registrar_pubk_sha256 in digests
+    if not ok:
+        raise Refusal(403, "the pledge's proximity-registrar-cert is not in the registrar's "
+                           "certificate chain")
+    return True
+
+
+_SHA256 = hashes.SHA256()
+
+
+def _chain_top(leaf: x509.Certificate,
+               pool: Sequence[x509.Certificate]) -> x509.Certificate:
+    """Walk issuer links from ``leaf`` through ``pool``; the last certificate reached."""
+    current, seen = leaf, {leaf.fingerprint(_SHA256)}
+    while current.issuer != current.subject:
+        parent = next((c for c in pool if c.subject == current.issuer
+                       and c.fingerprint(_SHA256) not in seen and _signed_by(current, c)), None)
+        if parent is None:
+            break
+        seen.add(parent.fingerprint(_SHA256))
+        current = parent
+    return current
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # InvalidSignature, ValueError, TypeError
+        return False
+    return True
+
+
+def domain_id(cert: x509.Certificate) -> str:
+    """RFC 8995 §5.8.2: the pinned-domain-cert's SubjectKeyIdentifier, else the SHA-256 of its
+    SPKI, base64."""
+    try:
+        value = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        value = certs.spki_sha256(cert)
+    return base64.b64encode(value).decode("ascii")
+
+
+def _audit_assertion(name: str | None) -> str:
+    # The audit log knows only these three (RFC 8995 §5.8.1).
+    return name if name in ("verified", "logged", "proximity") else "logged"
+

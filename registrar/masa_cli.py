@@ -1,0 +1,26 @@
+"""brski-masa: run the MASA (see ``registrar.masa_config`` for the configuration keys)."""
+
+from __future__ import annotations
+
+import sys
+
+from . import service
+from .masa import Masa
+from .masa_app import make_app
+from .masa_config import MasaConfig, load_masa_config
+from .store import Store
+from .web import serve, server_ssl_context
+
+
+async def run(config: MasaConfig) -> None:
+    with Store(config.store_path, "masa") as store:
+        ctx = server_ssl_context(config.cert_file, config.key_file)
+        await serve(make_app(Masa(config, store)), config.listen, ctx, "masa")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return service.main("brski-masa", "BRSKI MASA (RFC 8995)", load_masa_config, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

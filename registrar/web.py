@@ -1,0 +1,219 @@
+"""HTTP plumbing shared by the registrar and the MASA (aiohttp).
+
+* ``Refusal``: raise it anywhere in a handler to answer with a status and a plain-text reason
+  (RFC 8995 §5.6: MASA error bodies are plain UTF-8 text; the registrar does the same).
+* ``error_middleware``: turns ``Refusal`` and aiohttp's own errors (404 unknown path, 405,
+  413 body too large) into plain-text answers, and any other exception into a logged 500, so
+  a bad request never takes a server down.
+* ``server_ssl_context``, ``peer_certificate``: TLS with optional client certificates.
+* ``serve``: binds every listen address, logs ``ready: listening on ...`` and runs until
+  SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .tomlconfig import ListenAddress
+
+log = logging.getLogger(__name__)
+
+MEDIA_VOUCHER_CMS = "application/voucher-cms+json"
+MEDIA_JSON = "application/json"
+MAX_BODY = 256 * 1024  # a voucher-request with two chains is a few KiB
+READY = "ready: listening on"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Refusal(Exception):
+    """An answer other than success: HTTP status, plain-text reason, optional headers."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None,
+                 *, close: bool = False) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+        self.close = close  # RFC 8995 §5.3: after 401 the registrar closes the connection
+
+
+def plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=text.rstrip("\n") + "\n",
+                        content_type="text/plain", charset="utf-8", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Refusal as refusal:
+        # WARNING: a misbehaving or refused peer is worth seeing, not an error of ours.
+        log.warning("%s %s from %s: %d %s", request.method, request.path, _peer(request),
+                    refusal.status, refusal.reason)
+        response = plain(refusal.status, refusal.reason, refusal.headers)
+        if refusal.close:
+            response.force_close()
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        log.info("%s %s from %s: %d %s", request.method, request.path, _peer(request),
+                 exc.status, exc.reason)
+        allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        if exc.status == 404:
+            text = f"no such endpoint: {request.path}"
+        elif exc.status == 405:
+            text = f"{request.method} is not allowed on {request.path} (allowed: " \
+                   f"{', '.join(allow.values()) or 'none'})"
+        elif exc.status == 413:
+            text = f"request body too large (limit {MAX_BODY} bytes)"
+        else:
+            text = exc.text or exc.reason
+        return plain(exc.status, text, allow)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("%s %s from %s: internal error", request.method, request.path,
+                      _peer(request))
+        return plain(500, "internal error (logged at the server)")
+
+
+def _peer(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return "?"
+    return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+
+
+def require_content_type(request: web.Request, expected: str) -> None:
+    """415 unless the request's media type is ``expected`` (parameters ignored)."""
+    if request.content_type != expected:
+        got = request.headers.get("Content-Type", "none")
+        raise Refusal(415, f"Content-Type must be {expected}, not {got}")
+
+
+def accepts(header: str | None, media: str) -> bool:
+    """True if an Accept header admits ``media`` (no header admits everything)."""
+    if not header:
+        return True
+    major = media.split("/", 1)[0]
+    for item in header.split(","):
+        kind = item.split(";", 1)[0].strip().lower()
+        params = [p.strip().replace(" ", "") for p in item.split(";")[1:]]
+        if "q=0" in params or "q=0.0" in params:
+            continue
+        if kind in (media, "*/*", f"{major}/*"):
+            return True
+    return False
+
+
+async def read_body(request: web.Request, *, required: bool = True) -> bytes:
+    body = await request.read()  # bounded by the application's client_max_size
+    if required and not body:
+        raise Refusal(400, "empty request body")
+    return body
+
+
+def new_application(*, middlewares: Sequence[object] = ()) -> web.Application:
+    return web.Application(client_max_size=MAX_BODY,
+                           middlewares=[error_middleware, *middlewares])  # type: ignore[list-item]
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+def server_ssl_context(
+    cert_file: Path, key_file: Path, *, client_cas: Sequence[x509.Certificate] = (),
+    client_cert: ssl.VerifyMode = ssl.CERT_NONE, min_version: str = "1.2",
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (ssl.TLSVersion.TLSv1_3 if min_version == "1.3"
+                           else ssl.TLSVersion.TLSv1_2)
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    if client_cas:
+        ctx.load_verify_locations(cadata=_pem(client_cas))
+    ctx.verify_mode = client_cert
+    return ctx
+
+
+def client_ssl_context(ca_files: Sequence[Path], *, cert_file: Path | None = None,
+                       key_file: Path | None = None) -> ssl.SSLContext:
+    """Verifying client context: ``ca_files``, or the system store if empty."""
+    if ca_files:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        for path in ca_files:
+            ctx.load_verify_locations(cafile=str(path))
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return ctx
+
+
+def _pem(certs: Sequence[x509.Certificate]) -> str:
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
+
+
+def write_pem_bundle(certs: Sequence[x509.Certificate]) -> Path:
+    """A temporary PEM file (for APIs that only take paths); deleted at exit of the caller."""
+    with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as f:
+        f.write(_pem(certs))
+        return Path(f.name)
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The TLS client certificate (already chain-verified by the TLS layer), or None."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+async def serve(app: web.Application, listen: Sequence[ListenAddress],
+                ssl_context: ssl.SSLContext, name: str,
+                on_started: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Bind every address (failing as a whole if one cannot be bound), then run until
+    SIGTERM or SIGINT."""
+    runner = web.AppRunner(app, access_log=logging.getLogger(f"{name}.access"),
+                           access_log_format='%a "%r" %s %b', handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for address in listen:
+            site = web.TCPSite(runner, address.host, address.port, ssl_context=ssl_context,
+                               shutdown_timeout=2.0)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+        if on_started is not None:
+            await on_started()
+        log.info("%s %s", READY, ", ".join(str(a) for a in listen))
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await runner.cleanup()
