@@ -162,7 +162,10 @@ async def _browse_mdns(found: Found, stop: asyncio.Event) -> None:
     from zeroconf import IPVersion, ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-    zc = AsyncZeroconf(ip_version=IPVersion.V6Only)
+    # Only real links: on "lo" a namespace has no multicast route, and zeroconf would log a
+    # send error for every query.
+    zc = AsyncZeroconf(ip_version=IPVersion.V6Only,
+                       interfaces=[index for index, _name in _interfaces()])
     pending: set[asyncio.Task[None]] = set()
 
     async def resolve(service_type: str, name: str) -> None:

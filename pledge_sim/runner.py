@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from . import est, tls
 from .discovery import Candidate
@@ -255,7 +256,8 @@ class PledgeRunner:
         assert session.accepted is not None and session.ldevid is not None
         result.ok, result.code, result.reason = True, "", ""
         result.assertion = session.accepted.assertion
-        result.ldevid_subject = session.ldevid.subject.rfc4514_string()
+        result.ldevid_subject = session.ldevid.subject.rfc4514_string(
+            {NameOID.SERIAL_NUMBER: "serialNumber"})
         result.ldevid_path = str(self._write_ldevid()[0])
 
     def _fail(self, code: str, reason: str) -> None:
