@@ -72,7 +72,8 @@ def decode_base64(body: bytes) -> bytes:
 
 
 def encode_certs_only(certs: Sequence[x509.Certificate]) -> bytes:
-    """DER of a degenerate SignedData carrying ``certs`` in order (RFC 7030 §4.1.3)."""
+    """DER of a degenerate SignedData carrying ``certs`` (RFC 7030 §4.1.3). ``certificates``
+    is a SET OF, so DER sorts them: do not rely on their order."""
     if not certs or not all(isinstance(c, x509.Certificate) for c in certs):
         raise UsageError("certs-only needs at least one x509.Certificate")
     return pkcs7.serialize_certificates(list(certs), serialization.Encoding.DER)

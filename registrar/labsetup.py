@@ -187,10 +187,15 @@ def masa_authority(url: str) -> str:
     return rest.split("/", 1)[0]
 
 
-def wait_ready(log: Callable[[], str], timeout: float = 20.0) -> None:
-    """Poll a log reader (e.g. ``LabProcess.log``) until the service says it is ready."""
+def wait_ready(log: Callable[[], str], timeout: float = 20.0, *,
+               alive: Callable[[], bool] | None = None, count: int = 1) -> None:
+    """Poll a log reader (e.g. ``LabProcess.log``) until the service says it is ready
+    (``count`` ready lines, for a log appended to across restarts). ``alive`` (e.g.
+    ``LabProcess.alive``) makes a service that exits early fail at once, with its log."""
     deadline = time.monotonic() + timeout
-    while READY_MARK not in log():
+    while log().count(READY_MARK) < count:
+        if alive is not None and not alive():
+            raise RuntimeError(f"service exited before it was ready; log:\n{log()[-3000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"service not ready after {timeout} s; log:\n{log()[-3000:]}")
         time.sleep(0.05)

@@ -7,7 +7,11 @@ from __future__ import annotations
 import datetime
 import http.client
 import os
+import signal
+import socket
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from brski.pki import Issued
 from brski.signed_voucher import sign_voucher_cms
 from brski.voucher import Assertion, VoucherRequest
+
+from .labsetup import wait_ready
 
 
 @dataclass(frozen=True)
@@ -92,3 +98,57 @@ def make_pvr(idevid: Issued, serial: str, registrar_cert: bytes, now: datetime.d
         proximity_registrar_cert=registrar_cert,
     )
     return sign_voucher_cms(request, idevid.key, [idevid.cert], now)
+
+
+# --- running the services as processes ----------------------------------------------------
+
+
+def free_port(host: str = "::1") -> int:
+    """A TCP port free right now on ``host`` (tests start a server on it just after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """``brski-registrar`` or ``brski-masa`` run as an operator would, its log in a file."""
+
+    def __init__(self, module: str, config: Path, log_path: Path) -> None:
+        self.argv = [sys.executable, "-m", module, "--config", str(config)]
+        self.log_path = log_path
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._starts = 0
+
+    def start(self, timeout: float = 20) -> ServiceProcess:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL)
+        # The log file is appended to across restarts: count ready lines, wait for one more.
+        wait_ready(self.log, timeout, alive=self.alive, count=self._starts + 1)
+        self._starts += 1
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        if self.popen is None:
+            return None
+        if self.alive():
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (for restart-loses-nothing tests)."""
+        self.stop(signal.SIGKILL)
