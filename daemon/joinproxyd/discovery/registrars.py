@@ -1,0 +1,413 @@
+"""Which registrar new circuits go to: every known registrar, its health, and the choice.
+
+Registrars come from the configuration (static) and from discovery on the backbone (GRASP
+floods, mDNS). Each one is probed with a TCP connect every health interval; the active one is
+the first healthy registrar by (preference, static before discovered, order learned). When it
+stops answering the next healthy one takes over, and when a more preferred one answers again
+it takes back over, so circuits go to the registrar the operator ranked first whenever it can.
+
+:class:`RegistrarTable` holds all of that as plain data with time passed in (unit tests drive
+it with a fake clock); :class:`RegistrarSet` is the asyncio adapter that probes, expires, and
+tells the control plane when the active registrar changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from ..metrics import Metrics
+from ..model import RegistrarEndpoint
+
+# Static preferences are 0..65535 (config.py), so this ranks every discovered registrar after
+# every configured one. A RegistrarSet can be given another value to rank them differently.
+DISCOVERED_PREFERENCE: Final = 65536
+STATIC: Final = "static"
+
+# (address, port, scope_id): one registrar however many ways it was learned.
+Key = tuple[str, int, int]
+Probe = Callable[[RegistrarEndpoint, float], Awaitable[str | None]]
+
+
+def endpoint_key(endpoint: RegistrarEndpoint) -> Key:
+    address = ipaddress.IPv6Address(endpoint.address.split("%")[0])
+    scope = endpoint.scope_id if address.is_link_local else 0
+    return (address.compressed, endpoint.port, scope)
+
+
+@dataclass
+class RegistrarState:
+    """One registrar: where it is, who told us about it, and what its last probe said."""
+
+    endpoint: RegistrarEndpoint  # normalised address; preference and source are effective
+    seq: int  # order learned: ties on preference go to the registrar known longest
+    static_preference: int | None = None  # set while the configuration lists it
+    learned: dict[str, float | None] = field(default_factory=dict)  # source -> expiry
+    healthy: bool | None = None  # None until the first probe has answered
+    last_probe: float | None = None  # clock() when the last probe finished
+    last_error: str | None = None
+    next_probe: float = 0.0  # 0: probe as soon as possible
+
+    @property
+    def key(self) -> Key:
+        return endpoint_key(self.endpoint)
+
+    @property
+    def static(self) -> bool:
+        return self.static_preference is not None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return ((STATIC,) if self.static else ()) + tuple(self.learned)
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        return (self.endpoint.preference, 0 if self.static else 1, self.seq)
+
+    def expiry(self) -> float | None:
+        """When the last discovered source lapses (None: never, while static or untimed)."""
+        if self.static or any(t is None for t in self.learned.values()):
+            return None
+        return max((t for t in self.learned.values() if t is not None), default=None)
+
+
+class RegistrarTable:
+    """The registrars and the selection rule, with no I/O and no clock of its own."""
+
+    def __init__(self, discovered_preference: int = DISCOVERED_PREFERENCE) -> None:
+        self.discovered_preference = discovered_preference
+        self._states: dict[Key, RegistrarState] = {}
+        self._seq = 0
+
+    # -- what we know -------------------------------------------------------------------------
+    def states(self) -> list[RegistrarState]:
+        return sorted(self._states.values(), key=lambda s: s.rank)
+
+    def get(self, endpoint: RegistrarEndpoint) -> RegistrarState | None:
+        return self._states.get(endpoint_key(endpoint))
+
+    def _state_for(self, endpoint: RegistrarEndpoint) -> RegistrarState:
+        key = endpoint_key(endpoint)
+        state = self._states.get(key)
+        if state is None:
+            self._seq += 1
+            normalised = replace(endpoint, address=key[0], scope_id=key[2])
+            state = self._states[key] = RegistrarState(normalised, self._seq)
+        return state
+
+    def _refresh(self, state: RegistrarState) -> None:
+        """Recompute the effective preference and source label after origins changed."""
+        if state.static_preference is not None:
+            preference, source = state.static_preference, STATIC
+        else:
+            preference = self.discovered_preference
+            source = next(iter(state.learned), state.endpoint.source)
+        state.endpoint = replace(state.endpoint, preference=preference, source=source)
+
+    def _drop_if_orphan(self, state: RegistrarState) -> bool:
+        if state.static or state.learned:
+            return False
+        self._states.pop(state.key, None)
+        return True
+
+    # -- changes ------------------------------------------------------------------------------
+    def set_static(self, endpoints: Sequence[RegistrarEndpoint]) -> list[RegistrarState]:
+        """Make the static set exactly `endpoints`; returns the states forgotten."""
+        wanted = {endpoint_key(e): e for e in endpoints}
+        removed = []
+        for state in list(self._states.values()):
+            if state.static and state.key not in wanted:
+                state.static_preference = None
+                if self._drop_if_orphan(state):
+                    removed.append(state)
+                else:
+                    self._refresh(state)
+        for endpoint in wanted.values():
+            state = self._state_for(endpoint)
+            state.static_preference = endpoint.preference
+            self._refresh(state)
+        return removed
+
+    def offer(self, endpoint: RegistrarEndpoint, ttl: float | None, now: float,
+              ) -> tuple[RegistrarState | None, bool]:
+        """A discovery source vouches for `endpoint` for `ttl` seconds (None: until withdrawn).
+        A ttl of zero or less withdraws it (a GRASP flood with ttl 0 means "no longer valid").
+        Returns the state (None if forgotten) and whether it is new."""
+        if ttl is not None and ttl <= 0:
+            return None if self.withdraw(endpoint) else self.get(endpoint), False
+        new = self.get(endpoint) is None
+        state = self._state_for(endpoint)
+        state.learned[endpoint.source] = None if ttl is None else now + ttl
+        self._refresh(state)
+        return state, new
+
+    def withdraw(self, endpoint: RegistrarEndpoint) -> RegistrarState | None:
+        """The source of `endpoint` no longer vouches for it; returns the state if forgotten."""
+        state = self.get(endpoint)
+        if state is None:
+            return None
+        if endpoint.source == STATIC:
+            state.static_preference = None
+        state.learned.pop(endpoint.source, None)
+        if self._drop_if_orphan(state):
+            return state
+        self._refresh(state)
+        return None
+
+    def expire(self, now: float) -> list[RegistrarState]:
+        """Drop discovered sources whose ttl has run out; returns the states forgotten."""
+        removed = []
+        for state in list(self._states.values()):
+            lapsed = [s for s, t in state.learned.items() if t is not None and t <= now]
+            if not lapsed:
+                continue
+            for source in lapsed:
+                del state.learned[source]
+            if self._drop_if_orphan(state):
+                removed.append(state)
+            else:
+                self._refresh(state)
+        return removed
+
+    # -- health and choice --------------------------------------------------------------------
+    def due(self, now: float) -> list[RegistrarState]:
+        return [s for s in self.states() if s.next_probe <= now]
+
+    def probed(self, state: RegistrarState, error: str | None, now: float,
+               interval: float) -> bool:
+        """Record a probe result (error None: it answered); True if its health changed."""
+        changed = state.healthy is not (error is None)
+        state.healthy = error is None
+        state.last_error = error
+        state.last_probe = now
+        state.next_probe = now + interval
+        return changed
+
+    def reschedule(self, now: float, interval: float) -> None:
+        """A new health interval: nobody waits longer than it for their next probe."""
+        for state in self._states.values():
+            state.next_probe = min(state.next_probe, now + interval)
+
+    def select(self) -> RegistrarState | None:
+        return next((s for s in self.states() if s.healthy), None)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time something is due: a probe or an expiry."""
+        times = [s.next_probe for s in self._states.values()]
+        times += [t for s in self._states.values() for t in s.learned.values() if t is not None]
+        return min(times, default=None)
+
+
+async def tcp_probe(endpoint: RegistrarEndpoint, timeout: float) -> str | None:
+    """Connect and close: None if the registrar accepted, else why not. A link-local
+    registrar is reached through its scope_id (the backbone's ifindex)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, endpoint.sockaddr), timeout)
+        except TimeoutError:
+            return f"no answer within {timeout:g} s"
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+class RegistrarSet:
+    """The asyncio side of :class:`RegistrarTable`: probes, expiry and change callbacks.
+
+    ``on_change`` is called on the event loop whenever the active registrar changes,
+    including to None, and never otherwise. ``active`` is always what it was last told.
+    """
+
+    def __init__(self, *, static: Sequence[RegistrarEndpoint], health_interval: float,
+                 health_timeout: float, metrics: Metrics, log: logging.Logger,
+                 on_change: Callable[[RegistrarEndpoint | None], None],
+                 discovered_preference: int = DISCOVERED_PREFERENCE,
+                 clock: Callable[[], float] = time.monotonic,
+                 probe: Probe = tcp_probe) -> None:
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.metrics = metrics
+        self.log = log
+        self.on_change = on_change
+        self._clock = clock
+        self._probe = probe
+        self._table = RegistrarTable(discovered_preference)
+        self._labels: dict[Key, tuple[str, str]] = {}  # key -> (registrar, source) exported
+        self._active: RegistrarEndpoint | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._table.set_static(static)
+        for state in self._table.states():
+            self._export(state)
+
+    # -- inputs from the control plane and discovery -------------------------------------------
+    def offer(self, endpoint: RegistrarEndpoint, ttl_seconds: float | None) -> None:
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            self.withdraw(endpoint)
+            return
+        state, new = self._table.offer(endpoint, ttl_seconds, self._clock())
+        assert state is not None  # only a ttl <= 0 forgets, and that was handled above
+        if new:
+            self.log.info("registrar %s learned from %s", state.endpoint.key, endpoint.source,
+                          extra={"REGISTRAR": state.endpoint.key})
+        self._export(state)
+        self._changed()
+
+    def withdraw(self, endpoint: RegistrarEndpoint) -> None:
+        gone = self._table.withdraw(endpoint)
+        if gone is not None:
+            self._forgotten([gone], f"withdrawn by {endpoint.source}")
+        else:
+            state = self._table.get(endpoint)
+            if state is not None:
+                self._export(state)
+        self._changed()
+
+    def reconfigure(self, static: Sequence[RegistrarEndpoint], health_interval: float,
+                    health_timeout: float) -> None:
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self._forgotten(self._table.set_static(static), "no longer configured")
+        self._table.reschedule(self._clock(), health_interval)
+        for state in self._table.states():
+            self._export(state)
+        self._changed()
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="registrar-health")
+
+    async def stop(self) -> None:
+        """Stop probing. Nobody is told about a last change: the daemon is going away."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def active(self) -> RegistrarEndpoint | None:
+        return self._active
+
+    def status(self) -> list[dict[str, Any]]:
+        now, wall = self._clock(), time.time()
+        out = []
+        for state in self._table.states():
+            expiry = state.expiry()
+            out.append({
+                "address": state.endpoint.address,
+                "port": state.endpoint.port,
+                "scope_id": state.endpoint.scope_id,
+                "source": state.endpoint.source,
+                "sources": list(state.sources),
+                "preference": state.endpoint.preference,
+                "healthy": state.healthy,
+                "last_probe": None if state.last_probe is None
+                else wall - (now - state.last_probe),
+                "last_error": state.last_error,
+                "expires_in": None if expiry is None else max(0.0, expiry - now),
+                "active": self._active is not None
+                and endpoint_key(self._active) == state.key,
+            })
+        return out
+
+    # -- the probe loop ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()  # a wake-up that comes during this pass is kept for the next
+            self._sweep()
+            due = self._table.due(self._clock())
+            if due:
+                timeout, interval = self.health_timeout, self.health_interval
+                errors = await asyncio.gather(*(self._probe_safely(s, timeout) for s in due))
+                now = self._clock()
+                for state, error in zip(due, errors, strict=True):
+                    self._record(state, error, now, interval)
+                self._reselect()
+            deadline = self._table.next_deadline()
+            timeout_s = None if deadline is None else max(0.0, deadline - self._clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout_s)
+
+    async def _probe_safely(self, state: RegistrarState, timeout: float) -> str | None:
+        try:
+            return await self._probe(state.endpoint, timeout)
+        except Exception as exc:  # a probe bug must not end health checking for everyone
+            self.log.exception("health probe of %s failed", state.endpoint.key)
+            return f"probe failed: {exc}"
+
+    def _record(self, state: RegistrarState, error: str | None, now: float,
+                interval: float) -> None:
+        if self._table.get(state.endpoint) is not state:
+            return  # forgotten (or replaced) while its probe was in flight
+        key = state.endpoint.key
+        if self._table.probed(state, error, now, interval):
+            if error is None:
+                self.log.info("registrar %s answers", key, extra={"REGISTRAR": key})
+            else:
+                self.log.info("registrar %s is down: %s", key, error, extra={"REGISTRAR": key})
+        else:
+            self.log.debug("registrar %s probe: %s", key, error or "ok")
+        self._export(state)
+
+    def _sweep(self) -> None:
+        self._forgotten(self._table.expire(self._clock()), "its announcement expired")
+
+    def _changed(self) -> None:
+        """Something was added, withdrawn or reconfigured: reselect now, probe soon."""
+        self._sweep()
+        self._reselect()
+        self._wake.set()
+
+    def _reselect(self) -> None:
+        chosen = self._table.select()
+        endpoint = chosen.endpoint if chosen is not None else None
+        for state in self._table.states():
+            self.metrics.registrar_active.labels(state.endpoint.key).set(
+                1 if state is chosen else 0)
+        if _same(endpoint, self._active):
+            self._active = endpoint  # same registrar; keep the freshest view of it
+            return
+        self._active = endpoint
+        try:
+            self.on_change(endpoint)
+        except Exception:  # the control plane's bug must not stop health checking
+            self.log.exception("registrar change handler failed")
+
+    # -- metrics -------------------------------------------------------------------------------
+    def _export(self, state: RegistrarState) -> None:
+        key = state.key
+        labels = (state.endpoint.key, state.endpoint.source)
+        old = self._labels.get(key)
+        if old is not None and old != labels:
+            with contextlib.suppress(KeyError):
+                self.metrics.registrar_up.remove(*old)
+        self._labels[key] = labels
+        self.metrics.registrar_up.labels(*labels).set(1 if state.healthy else 0)
+
+    def _forgotten(self, states: Sequence[RegistrarState], why: str = "") -> None:
+        for state in states:
+            self.log.info("registrar %s forgotten: %s", state.endpoint.key, why,
+                          extra={"REGISTRAR": state.endpoint.key})
+            labels = self._labels.pop(state.key, None)
+            with contextlib.suppress(KeyError):
+                if labels is not None:
+                    self.metrics.registrar_up.remove(*labels)
+                self.metrics.registrar_active.remove(state.endpoint.key)
+
+
+def _same(a: RegistrarEndpoint | None, b: RegistrarEndpoint | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return endpoint_key(a) == endpoint_key(b)
