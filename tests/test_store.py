@@ -97,7 +97,7 @@ def test_another_applications_database_is_refused(tmp_path):
 def test_the_masa_file_is_not_opened_by_a_registrar(tmp_path):
     path = tmp_path / "masa.db"
     Store(path, "masa").close()
-    with pytest.raises(StoreError, match="masa.db: belongs to a masa service, not a registrar"):
+    with pytest.raises(StoreError, match=r"masa\.db: belongs to a masa service, not a registrar"):
         Store(path, "registrar")
 
 
