@@ -148,7 +148,7 @@ class LinkTable:
         raw = msg.get("IFA_LOCAL") or _require(msg, "IFA_ADDRESS")
         try:
             address = str(ipaddress.IPv6Address(raw))
-        except ValueError:
+        except (ValueError, TypeError):
             raise MalformedMessage(f"not an IPv6 address: {raw!r}") from None
         on_link = self.addresses.setdefault(index, {})
         if kind == RTM_DELADDR:
