@@ -29,9 +29,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from .chain import load_certificate
 from .errors import DecodeError, UsageError, ValidationError
 
 VOUCHER_MODULE = "ietf-voucher"
@@ -357,15 +358,15 @@ def check_type(leaf: Leaf, value: Any) -> None:
 
 def _require_cert(name: str, der: bytes) -> None:
     try:
-        x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise ValidationError(f"{name} is not a DER X.509 certificate") from exc
+        load_certificate(der, name)
+    except DecodeError as exc:
+        raise ValidationError(f"{name} is not a DER X.509 certificate: {exc}") from exc
 
 
 def _require_spki(name: str, der: bytes) -> None:
     try:
         load_der_public_key(der)
-    except (ValueError, TypeError) as exc:  # TypeError: key type cryptography cannot use
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValidationError(f"{name} is not a DER SubjectPublicKeyInfo") from exc
 
 
@@ -438,14 +439,25 @@ def parse_datetime(text: str) -> datetime:
 
 
 def format_datetime(value: datetime) -> str:
-    """Canonical form we emit: UTC with "Z", fraction only when non-zero."""
-    if value.tzinfo is None:
+    """The form we emit: the value's own offset ("Z" when zero), fraction only when non-zero.
+
+    Written out by hand: strftime does not zero-pad years below 1000 on every platform.
+    """
+    offset = value.utcoffset()
+    if offset is None:
         raise UsageError("dates must be timezone-aware")
-    utc = value.astimezone(UTC)
-    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
-    if utc.microsecond:
-        text += "." + f"{utc.microsecond:06d}".rstrip("0")
-    return text + "Z"
+    if offset % timedelta(minutes=1):
+        raise UsageError("date-and-time offsets are whole minutes")
+    text = (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}"
+        f"T{value.hour:02d}:{value.minute:02d}:{value.second:02d}"
+    )
+    if value.microsecond:
+        text += "." + f"{value.microsecond:06d}".rstrip("0")
+    if not offset:
+        return text + "Z"
+    minutes = abs(offset) // timedelta(minutes=1)
+    return f"{text}{'-' if offset < timedelta(0) else '+'}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 def _date_matches(text: str, value: datetime) -> bool:
