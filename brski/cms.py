@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from asn1crypto import algos, core
 from asn1crypto import cms as acms
@@ -271,7 +271,7 @@ def sign(
                     }
                 }
             ),
-            "digest_algorithm": algos.DigestAlgorithm({"algorithm": digest_name}),
+            "digest_algorithm": _digest_algorithm(digest_name),
             "signed_attrs": attrs,
             "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": sig_name}),
             "signature": signature,
@@ -281,7 +281,7 @@ def sign(
         {
             # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
             "version": "v1" if econtent_type == DATA else "v3",
-            "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest_name})],
+            "digest_algorithms": [_digest_algorithm(digest_name)],
             "encap_content_info": {
                 "content_type": econtent_type,
                 # asn1crypto types id-data's eContent as OctetString, unknown types as
@@ -300,6 +300,18 @@ def sign(
         }
     )
     return acms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+
+
+class _AlgorithmWithoutParameters(core.Sequence):
+    _fields: ClassVar[list[tuple[str, type]]] = [("algorithm", algos.DigestAlgorithmId)]
+
+
+def _digest_algorithm(name: str) -> algos.DigestAlgorithm:
+    # RFC 5754 §2: SHA-2 AlgorithmIdentifiers MUST be generated with parameters absent (as
+    # in RFC 8995 App. C); asn1crypto's DigestAlgorithm forces NULL when built, not when
+    # loaded, hence the detour through DER.
+    der = _AlgorithmWithoutParameters({"algorithm": name}).dump()
+    return algos.DigestAlgorithm.load(der)
 
 
 def _signer_cert(key: SigningKey, certs: Sequence[x509.Certificate]) -> x509.Certificate:

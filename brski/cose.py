@@ -142,6 +142,8 @@ def sign(
     """A tagged COSE_Sign1 over ``payload``; alg follows the key (P-256 -> ES256, ...)."""
     if not isinstance(payload, bytes):
         raise UsageError("payload must be bytes")
+    if kid is not None and not isinstance(kid, bytes):
+        raise UsageError("kid must be bytes")
     uhdr: dict[Any, Any] = {}
     if kid is not None:
         uhdr[headers.KID] = kid
@@ -151,7 +153,7 @@ def sign(
     if isinstance(key, ed25519.Ed25519PrivateKey):
         msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr, payload=payload)
         msg.key = OKPKey(crv=Ed25519, x=_raw_public(key), d=_raw_private(key))
-        return msg.encode()  # pycose's EdDSA is cryptography underneath
+        return _encode(msg, sign=True)  # pycose's EdDSA is cryptography underneath
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise UsageError(f"cannot sign COSE with a {type(key).__name__}")
     alg = _ALG_BY_CURVE.get(key.curve.name)
@@ -161,7 +163,7 @@ def sign(
     msg = Sign1Message(phdr={headers.Algorithm: alg_cls}, uhdr=uhdr, payload=payload)
     der = key.sign(_sig_structure(msg.phdr_encoded, payload), ec.ECDSA(hash_cls()))
     msg.signature = _der_to_raw(der, _coordinate_size(key.curve))
-    return msg.encode(sign=False)
+    return _encode(msg, sign=False)
 
 
 def without_x5(data: bytes) -> bytes:
@@ -171,10 +173,20 @@ def without_x5(data: bytes) -> bytes:
     msg = decode(data)
     kept = {k: v for k, v in msg.unprotected.items() if k not in (X5BAG, X5CHAIN)}
     item = [msg.protected, kept, msg.payload, msg.signature]
-    return cbor2.dumps(cbor2.CBORTag(SIGN1_TAG, item))
+    try:
+        return cbor2.dumps(cbor2.CBORTag(SIGN1_TAG, item))
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:  # odd decoded header values
+        raise DecodeError(f"cannot re-encode the COSE message: {exc}") from exc
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _encode(msg: Sign1Message, *, sign: bool) -> bytes:
+    try:
+        return msg.encode(sign=sign)
+    except Exception as exc:  # pycose raises CoseException, TypeError, ValueError...
+        raise UsageError(f"pycose could not encode the COSE_Sign1: {exc}") from exc
 
 
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:

@@ -142,6 +142,31 @@ def test_appc_pvr_is_not_a_voucher(vectors):
         verify_voucher_cms(blob(vectors, "vr"), [pem_cert(vectors, "vendor.crt")], AT)
 
 
+@pytest.mark.parametrize(
+    ("stem", "key_file"),
+    [
+        ("voucher", "masa.key"),
+        ("vr", "idevid_00-D0-E5-F2-00-02.key"),
+        ("parboiled_vr", "jrc_prime256v1.key"),
+    ],
+)
+def test_our_encoder_reproduces_appc_except_the_signature(vectors, stem, key_file):
+    """Re-signing App. C content with the App. C key, certificates and signing time gives the
+    published bytes once the (randomised) ECDSA signature value is swapped in."""
+    published = blob(vectors, stem)
+    theirs = cms.parse(published)
+    key = serialization.load_pem_private_key((vectors / APPC / key_file).read_bytes(), None)
+    ours = cms.sign(
+        theirs.content, key, list(theirs.certificates), theirs.signer.signing_time,
+        econtent_type=cms.DATA,
+    )  # fmt: skip
+    assert cms.parse(ours).signer.signed_attrs == theirs.signer.signed_attrs
+    cms.verify_signature(cms.parse(ours))
+    info = acms.ContentInfo.load(ours)
+    info["content"]["signer_infos"][0]["signature"] = theirs.signer.signature
+    assert info.dump(force=True) == published
+
+
 # --- tampering -------------------------------------------------------------------------------
 
 
