@@ -1,0 +1,365 @@
+"""NAT66 relay: the kernel carries pledge connections to the registrar (DNAT + masquerade).
+
+Nothing of a pledge's traffic passes through user space. The mode owns one nftables table,
+``ip6 joinproxyd``, and replaces it whole, atomically, on every reconcile (a table left by a
+killed daemon is simply replaced). For each served join interface X with join port P and the
+registrar R:RP, the table holds:
+
+    chain prerouting   nat hook prerouting, priority dstnat
+        iifname X ip6 saddr != fe80::/10 tcp dport P dnat to [R]:RP
+    chain postrouting  nat hook postrouting, priority srcnat
+        oifname <backbone> ct status dnat ip6 daddr R tcp dport RP masquerade
+    chain forward      filter hook forward, priority filter, policy accept
+        iifname {joins} ct status dnat accept                  the relayed flows, both ways
+        iifname {joins} counter name not-to-registrar drop     anything else from pledges
+        oifname {joins} ct state established,related accept
+        oifname {joins} counter name unsolicited drop          anything not asked for
+
+Why these rules:
+- Link-local sources are skipped on purpose. The kernel cannot forward a packet whose source
+  is link-local (ip6_forward answers "beyond scope" before any SNAT hook, platform.md fact 2),
+  so NAT66 serves only pledges with ULA/global addresses; link-local pledges are left to the
+  circuit mode, which can listen on the same port when both modes are configured.
+- The forward chain keeps the router closed to pledges: from a join link only flows the
+  prerouting rule sent to the registrar are forwarded, and towards a join link only replies.
+  Traffic between other interfaces is not this mode's business (policy accept).
+- The masquerade rule names the registrar, so other DNAT on the router is not masqueraded.
+- Without a usable registrar (none, or a link-local one: the kernel would not forward to it
+  either) there are no DNAT rules at all; pledges' join-port packets are only counted
+  (counter no-registrar) and reach the proxy itself, which answers with a reset.
+
+IPv6 forwarding. NAT66 needs net.ipv6.conf.all.forwarding=1: Linux decides whether to forward
+an IPv6 packet by that knob. While the mode serves at least one interface it turns forwarding
+on, after its table is in place (so forwarding is never on without the join-link filter), and
+it restores the previous value when it serves none any more and on close (restoring first,
+then removing the table). Writing the "all" knob also rewrites every interface's own
+forwarding knob, and with forwarding on the kernel ignores router advertisements on links
+with accept_ra=1: a backbone configured by SLAAC needs accept_ra=2. The previous value is
+also written into the table (a comment in the never-jumped-to chain "state"), so a daemon
+started after a crash restores the value from before the crashed run, not the 1 it left.
+
+Counters. The drop rules use named counters, which status() reports as
+``drops: {"no-registrar": n, "not-to-registrar": n, "unsolicited": n}`` (packets), the
+kernel's values plus those of the tables this run replaced (read just before each
+replacement; packets counted in that millisecond are lost). The control plane can export them
+as joinproxyd_drops_total{mode="nat66",reason=<key>} from a collector that calls status() at
+scrape time; "no-registrar" is DropReason.NO_REGISTRAR, the two others need DropReason members.
+"""
+
+import asyncio
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..kernel import KernelError, sysctl
+from ..kernel.nftables import Table, TableSpec
+from ..model import JoinInterface, LinkState, RegistrarEndpoint
+from .base import RelayContext, RelayMode
+
+TABLE_FAMILY = "ip6"
+TABLE_NAME = "joinproxyd"
+# nft's named priorities, as numbers: libnftables 1.0.6 takes only numbers in JSON.
+PRIORITY_DSTNAT = -100
+PRIORITY_SRCNAT = 100
+PRIORITY_FILTER = 0
+STATE_CHAIN = "state"
+
+# Named counters on the refusing rules, in the order status() lists them.
+COUNTERS = ("no-registrar", "not-to-registrar", "unsolicited")
+
+L4_NAMES = {6: "tcp", 17: "udp"}
+_FORWARDING_NOTE = re.compile(r"^net\.ipv6\.conf\.all\.forwarding=([0-9]+) before joinproxyd$")
+
+T = TypeVar("T")
+
+
+# -- the ruleset, as a pure function --------------------------------------------------------
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _names(names: Sequence[str]) -> Any:
+    return names[0] if len(names) == 1 else {"set": list(names)}
+
+
+def refusal(registrar: RegistrarEndpoint | None, backbone: str | None) -> str | None:
+    """Why NAT66 cannot relay to this registrar right now, or None if it can."""
+    if registrar is None:
+        return "no registrar is known"
+    if registrar.is_link_local:
+        return (f"registrar {registrar.key} is link-local, and the kernel does not forward "
+                "to link-local destinations")
+    if registrar.protocol not in L4_NAMES:
+        return f"registrar {registrar.key} uses IP protocol {registrar.protocol}"
+    if backbone is None:
+        return "the backbone interface is not known"
+    return None
+
+
+def build_ruleset(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpoint | None,
+                  backbone: str | None, *, forwarding_before: str | None = None) -> TableSpec:
+    """The table's contents for this desired state (objects without family/table).
+
+    ``forwarding_before`` is recorded in the table (chain "state") so that a later run can
+    restore it; see the module docstring.
+    """
+    ifaces = sorted(interfaces, key=lambda iface: iface.name)
+    joins = [iface.name for iface in ifaces]
+    relaying = refusal(registrar, backbone) is None
+    l4 = L4_NAMES.get(registrar.protocol, "tcp") if registrar is not None else "tcp"
+    not_link_local = _match(_payload("ip6", "saddr"),
+                            {"prefix": {"addr": "fe80::", "len": 10}}, "!=")
+
+    spec: TableSpec = [{"counter": {"name": name}} for name in COUNTERS]
+    spec += [
+        {"chain": {"name": "prerouting", "type": "nat", "hook": "prerouting",
+                   "prio": PRIORITY_DSTNAT, "policy": "accept"}},
+        {"chain": {"name": "postrouting", "type": "nat", "hook": "postrouting",
+                   "prio": PRIORITY_SRCNAT, "policy": "accept"}},
+        {"chain": {"name": "forward", "type": "filter", "hook": "forward",
+                   "prio": PRIORITY_FILTER, "policy": "accept"}},
+    ]
+    for iface in ifaces:
+        expr = [_match(_meta("iifname"), iface.name), not_link_local,
+                _match(_payload(l4, "dport"), iface.port)]
+        if relaying:
+            assert registrar is not None
+            expr.append({"dnat": {"addr": registrar.address, "port": registrar.port}})
+        else:
+            expr.append({"counter": "no-registrar"})
+        spec.append({"rule": {"chain": "prerouting", "expr": expr}})
+    if relaying and joins:
+        assert registrar is not None and backbone is not None
+        spec.append({"rule": {"chain": "postrouting", "expr": [
+            _match(_meta("oifname"), backbone),
+            _match({"ct": {"key": "status"}}, "dnat", "in"),
+            _match(_payload("ip6", "daddr"), registrar.address),
+            _match(_payload(l4, "dport"), registrar.port),
+            {"masquerade": None}]}})
+    if joins:
+        spec += [
+            {"rule": {"chain": "forward", "expr": [
+                _match(_meta("iifname"), _names(joins)),
+                _match({"ct": {"key": "status"}}, "dnat", "in"),
+                {"accept": None}]}},
+            {"rule": {"chain": "forward", "expr": [
+                _match(_meta("iifname"), _names(joins)),
+                {"counter": "not-to-registrar"}, {"drop": None}]}},
+            {"rule": {"chain": "forward", "expr": [
+                _match(_meta("oifname"), _names(joins)),
+                _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                {"accept": None}]}},
+            {"rule": {"chain": "forward", "expr": [
+                _match(_meta("oifname"), _names(joins)),
+                {"counter": "unsolicited"}, {"drop": None}]}},
+        ]
+    if forwarding_before is not None:
+        # A regular chain nothing jumps to: never evaluated, it only carries the note.
+        spec += [
+            {"chain": {"name": STATE_CHAIN}},
+            {"rule": {"chain": STATE_CHAIN, "expr": [{"return": None}],
+                      "comment": f"net.ipv6.conf.all.forwarding={forwarding_before} "
+                                 "before joinproxyd"}},
+        ]
+    return spec
+
+
+def recorded_forwarding(objects: Sequence[dict[str, Any]]) -> str | None:
+    """The forwarding value a table built by build_ruleset recorded, if any."""
+    for obj in objects:
+        rule = obj.get("rule")
+        if isinstance(rule, dict) and rule.get("chain") == STATE_CHAIN:
+            found = _FORWARDING_NOTE.match(str(rule.get("comment", "")))
+            if found:
+                return found.group(1)
+    return None
+
+
+# -- the mode ---------------------------------------------------------------------------------
+
+class Nat66Mode(RelayMode):
+    name = "nat66"
+
+    def __init__(self, ctx: RelayContext, *, table: Table | None = None,
+                 sysctl_root: Path = sysctl.PROC_SYS) -> None:
+        """``table`` and ``sysctl_root`` are for tests; by default the mode owns
+        ``ip6 joinproxyd`` and the namespace's real /proc/sys."""
+        super().__init__(ctx)
+        self._table = table
+        self._sysctl_root = sysctl_root
+        self.interfaces: tuple[JoinInterface, ...] = ()
+        self.registrar: RegistrarEndpoint | None = None
+        self.relaying = False
+        self.error: str | None = None
+        self._lock = asyncio.Lock()  # one kernel change at a time
+        self._forwarding_before: str | None = None  # set while this mode holds forwarding on
+        self._owned = False  # the kernel's table is one this run built
+        self._replaced = dict.fromkeys(COUNTERS, 0)  # packets counted by replaced tables
+        self._refusal_logged: str | None = None
+        self._plan_logged: str | None = None
+        self._warned_no_prefix: set[str] = set()
+        ctx.metrics.add_mode(self.name)
+
+    # -- control plane ----------------------------------------------------------------------
+    async def reconcile(self, interfaces: Sequence[JoinInterface],
+                        registrar: RegistrarEndpoint | None) -> None:
+        async with self._lock:
+            self.interfaces = tuple(sorted(interfaces, key=lambda iface: iface.name))
+            self.registrar = registrar
+            backbone = self.ctx.backbone()
+            self._explain(backbone)
+            try:
+                if self.interfaces:
+                    await self._serve(backbone)
+                else:
+                    await self._stop_serving()
+            except KernelError as exc:
+                self._failed(exc)
+            else:
+                self.error = None
+
+    async def close(self, drain_seconds: float) -> None:
+        """Remove the table and give forwarding back. Established NAT66 flows end here: the
+        kernel holds them (conntrack), and with forwarding off they cannot continue."""
+        async with self._lock:
+            self.interfaces = ()
+            try:
+                await self._stop_serving()
+            except KernelError as exc:
+                self._failed(exc)
+
+    async def _serve(self, backbone: LinkState | None) -> None:
+        table = self._kernel_table()
+        if self._forwarding_before is None:
+            leftover = await self._call(table.list)
+            if leftover and not self._owned:
+                self.ctx.log.info("replacing the nftables table %s %s left by an earlier run",
+                                  TABLE_FAMILY, TABLE_NAME, extra={"MODE": self.name})
+            # After a crash, the value from before the crashed run; else the current one.
+            self._forwarding_before = recorded_forwarding(leftover) or self._forwarding()
+        spec = build_ruleset(self.interfaces, self.registrar,
+                             backbone.name if backbone is not None else None,
+                             forwarding_before=self._forwarding_before)
+        await self._fold_counters()
+        await self._call(table.apply, spec)
+        self._owned = True
+        self.relaying = refusal(self.registrar, backbone.name if backbone else None) is None
+        if self._forwarding() != "1":
+            # Only now: the join-link filter is in place before anything is forwarded.
+            sysctl.write(sysctl.IPV6_FORWARDING, "1", self._sysctl_root)
+            self.ctx.log.info("IPv6 forwarding turned on for NAT66 (it was %s; restored when "
+                              "nat66 serves no interface)", self._forwarding_before,
+                              extra={"MODE": self.name})
+
+    async def _stop_serving(self) -> None:
+        table = self._kernel_table()
+        leftover = await self._call(table.list)
+        before = self._forwarding_before or recorded_forwarding(leftover)
+        if before is not None and self._forwarding() != before:
+            sysctl.write(sysctl.IPV6_FORWARDING, before, self._sysctl_root)
+            self.ctx.log.info("IPv6 forwarding restored to %s", before,
+                              extra={"MODE": self.name})
+        self._forwarding_before = None
+        self.relaying = False
+        if leftover:
+            await self._fold_counters()
+            await self._call(table.delete)
+            self._owned = False
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _kernel_table(self) -> Table:
+        if self._table is None:
+            self._table = Table(TABLE_FAMILY, TABLE_NAME)
+        return self._table
+
+    async def _call(self, func: Callable[..., T], *args: Any) -> T:
+        # libnftables blocks while it talks to the kernel: keep the loop free meanwhile.
+        return await asyncio.to_thread(func, *args)
+
+    def _forwarding(self) -> str:
+        return sysctl.read(sysctl.IPV6_FORWARDING, self._sysctl_root)
+
+    async def _fold_counters(self) -> None:
+        """Keep what the table about to be replaced has counted (this run's tables only)."""
+        if not self._owned:
+            return
+        for name, value in (await self._call(self._kernel_table().counters)).items():
+            if name in self._replaced:
+                self._replaced[name] += value.packets
+
+    def _failed(self, exc: KernelError) -> None:
+        message = str(exc)
+        if message != self.error:  # once per distinct failure, not at every reconcile
+            self.ctx.log.error("nat66: %s", message, extra={"MODE": self.name})
+        self.error = message
+
+    def _explain(self, backbone: LinkState | None) -> None:
+        """Log, once per change, what the mode relays or what keeps it from relaying."""
+        served = [iface.name for iface in self.interfaces]
+        backbone_name = backbone.name if backbone is not None else None
+        reason = refusal(self.registrar, backbone_name) if served else None
+        if reason is not None and reason != self._refusal_logged:
+            # No registrar yet is expected (discovery takes a moment); an unusable one is not.
+            log = self.ctx.log.info if self.registrar is None else self.ctx.log.warning
+            log("nat66 relays nothing: %s; pledges on %s get no NAT66 path", reason,
+                ", ".join(served), extra={"MODE": self.name})
+        self._refusal_logged = reason
+        plan = None
+        if served and reason is None and self.registrar is not None:
+            plan = (f"pledges on {', '.join(f'{i.name}:{i.port}' for i in self.interfaces)} "
+                    f"to {self.registrar.key} via {backbone_name}")
+        if plan is not None and plan != self._plan_logged:
+            self.ctx.log.info("nat66 relays %s", plan, extra={"MODE": self.name})
+        self._plan_logged = plan
+        for iface in self.interfaces:
+            if iface.routable:
+                self._warned_no_prefix.discard(iface.name)
+            elif iface.name not in self._warned_no_prefix:
+                self._warned_no_prefix.add(iface.name)
+                self.ctx.log.warning(
+                    "%s has no ULA or global prefix: NAT66 serves only pledges with ULA or "
+                    "global addresses (the kernel does not forward link-local sources), so "
+                    "link-local pledges there need the circuit mode", iface.name,
+                    extra={"INTERFACE": iface.name, "MODE": self.name})
+        self._warned_no_prefix &= served
+
+    # -- views --------------------------------------------------------------------------------
+    def drops(self) -> dict[str, int]:
+        """Packets refused, by counter name (see the module docstring)."""
+        totals = dict(self._replaced)
+        if self._owned:
+            try:
+                live = self._kernel_table().counters()
+            except KernelError:
+                live = {}
+            for name, value in live.items():
+                if name in totals:
+                    totals[name] += value.packets
+        return totals
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view; reads the kernel's counters (a libnftables call, milliseconds)."""
+        try:
+            forwarding: str | None = self._forwarding()
+        except KernelError:
+            forwarding = None
+        return {
+            "table": f"{TABLE_FAMILY} {TABLE_NAME}",
+            "interfaces": [{"interface": iface.name, "port": iface.port,
+                            "routable": list(iface.routable)} for iface in self.interfaces],
+            "registrar": self.registrar.key if self.registrar else None,
+            "relaying": self.relaying,
+            "forwarding": {"now": forwarding, "before": self._forwarding_before},
+            "drops": self.drops(),
+            "error": self.error,
+        }
