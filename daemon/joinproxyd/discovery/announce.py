@@ -22,7 +22,6 @@ reconcile will drop it from the targets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -38,6 +37,7 @@ from brski.errors import UsageError
 
 from ..metrics import Metrics
 from ..model import DropReason, JoinInterface
+from .aio import cancel_and_wait, woken_or_timeout
 from .peerlog import PeerWarnings
 
 METHOD: Final = "grasp"
@@ -139,11 +139,8 @@ class ProxyAnnouncer:
 
     async def stop(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._close_socket()
 
     def status(self) -> dict[str, Any]:
@@ -176,8 +173,7 @@ class ProxyAnnouncer:
                     self._close_socket()  # nothing to say: hold no socket
                     deadline = None
                 timeout = None if deadline is None else max(0.0, deadline - self._clock())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await woken_or_timeout(self._wake, timeout)
         finally:
             self._close_socket()
 

@@ -23,7 +23,6 @@ the browser withdraws them (``on_gone``) rather than letting a ttl run out under
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
@@ -43,6 +42,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from ..metrics import Metrics
 from ..model import JoinInterface, RegistrarEndpoint
+from .aio import cancel_and_wait, woken_or_timeout
 from .grasp import usable_address
 from .registrars import DISCOVERED_PREFERENCE
 
@@ -87,7 +87,8 @@ async def open_zeroconf(ifname: str, ifindex: int) -> AsyncZeroconf:
 async def close_zeroconf(aiozc: AsyncZeroconf, log: logging.Logger) -> None:
     """Goodbyes for what it registered, then close; bounded, and never raises."""
     try:
-        await asyncio.wait_for(aiozc.async_close(), CLOSE_TIMEOUT)
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await aiozc.async_close()
     except Exception as exc:
         log.debug("closing zeroconf: %s", exc)
 
@@ -152,11 +153,8 @@ class MdnsProxyAdvertiser:
             self._task = asyncio.create_task(self._run(), name="mdns-advertiser")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await asyncio.gather(*(self._withdraw(name) for name in list(self._adverts)))
 
     def status(self) -> dict[str, Any]:
@@ -176,8 +174,7 @@ class MdnsProxyAdvertiser:
             await asyncio.gather(*(self._register(t) for t in new))
             retries = [t for n, t in self._retry_at.items() if n in desired]
             timeout = max(0.0, min(retries) - loop.time()) if retries else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await woken_or_timeout(self._wake, timeout)
 
     def _service_info(self, target: _Target) -> ServiceInfo:
         label = _dns_label(f"{self.hostname}-{target.name}")
@@ -254,10 +251,7 @@ class MdnsRegistrarBrowser:
         if self._browser is not None:
             await self._browser.async_cancel()
             self._browser = None
-        tasks = list(self._resolving.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(t) for t in list(self._resolving.values())))
         self._resolving.clear()
         if self._aiozc is not None:
             await close_zeroconf(self._aiozc, self.log)

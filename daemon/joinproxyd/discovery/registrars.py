@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Final
 
 from ..metrics import Metrics
 from ..model import RegistrarEndpoint
+from .aio import cancel_and_wait, woken_or_timeout
 
 # Static preferences are 0..65535 (config.py), so this ranks every discovered registrar after
 # every configured one. A RegistrarSet can be given another value to rank them differently.
@@ -212,11 +214,13 @@ async def tcp_probe(endpoint: RegistrarEndpoint, timeout: float) -> str | None:
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, endpoint.sockaddr), timeout)
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, endpoint.sockaddr)
         except TimeoutError:
             return f"no answer within {timeout:g} s"
         except OSError as exc:
-            return exc.strerror or str(exc)
+            # asyncio words it "Connect call failed (...)"; the errno says what happened.
+            return os.strerror(exc.errno) if exc.errno else str(exc)
     return None
 
 
@@ -289,11 +293,8 @@ class RegistrarSet:
 
     async def stop(self) -> None:
         """Stop probing. Nobody is told about a last change: the daemon is going away."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     # -- views ---------------------------------------------------------------------------------
     @property
@@ -337,8 +338,7 @@ class RegistrarSet:
                 self._reselect()
             deadline = self._table.next_deadline()
             timeout_s = None if deadline is None else max(0.0, deadline - self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout_s)
+            await woken_or_timeout(self._wake, timeout_s)
 
     async def _probe_safely(self, state: RegistrarState, timeout: float) -> str | None:
         try:
