@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
@@ -222,18 +223,17 @@ class VoucherArtifact:
 
         ``now`` (aware datetime), if given, is checked against expires-on.
         """
+        self.check_types()
+        if now is not None and now.tzinfo is None:
+            raise UsageError("now must be timezone-aware")
         if not self.serial_number:
             raise ValidationError("serial-number is mandatory and empty")
         if self.nonce is not None and not NONCE_MIN <= len(self.nonce) <= NONCE_MAX:
             raise ValidationError(
                 f"nonce is {len(self.nonce)} bytes, must be {NONCE_MIN}..{NONCE_MAX}"
             )
-        self.check_types()
-        if now is not None and self.expires_on is not None:
-            if now.tzinfo is None:
-                raise UsageError("now must be timezone-aware")
-            if now > self.expires_on:
-                raise ValidationError(f"expired at {format_datetime(self.expires_on)}")
+        if now is not None and self.expires_on is not None and now > self.expires_on:
+            raise ValidationError(f"expired at {format_datetime(self.expires_on)}")
         self._validate_kind()
 
     def _validate_kind(self) -> None:
@@ -267,7 +267,10 @@ class Voucher(VoucherArtifact):
                 "pinned-domain-pubk-sha256"
             )
         if self.pinned_domain_cert is not None:
-            _require_cert("pinned-domain-cert", self.pinned_domain_cert)
+            cert = _require_cert("pinned-domain-cert", self.pinned_domain_cert)
+            # protocols.md §2.3 (RFC 8366): expires-on MUST NOT exceed the pinned cert's expiry
+            if self.expires_on is not None and self.expires_on > cert.not_valid_after_utc:
+                raise ValidationError("expires-on is after pinned-domain-cert expires")
         if self.pinned_domain_pubk is not None:
             _require_spki("pinned-domain-pubk", self.pinned_domain_pubk)
         if self.pinned_domain_pubk_sha256 is not None:
@@ -356,9 +359,9 @@ def check_type(leaf: Leaf, value: Any) -> None:
                 raise UsageError("extensions SID out of uint64 range")
 
 
-def _require_cert(name: str, der: bytes) -> None:
+def _require_cert(name: str, der: bytes) -> x509.Certificate:
     try:
-        load_certificate(der, name)
+        return load_certificate(der, name)
     except DecodeError as exc:
         raise ValidationError(f"{name} is not a DER X.509 certificate: {exc}") from exc
 

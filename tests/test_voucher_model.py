@@ -275,6 +275,15 @@ def test_expired_nonceless_voucher():
         v.validate(now=T0 + timedelta(seconds=1))
 
 
+def test_expires_on_within_the_pinned_certificate():
+    from cryptography import x509
+
+    not_after = x509.load_der_x509_certificate(a_cert_der()).not_valid_after_utc
+    base_voucher(nonce=None, expires_on=not_after).validate()
+    with pytest.raises(ValidationError, match="pinned-domain-cert expires"):
+        base_voucher(nonce=None, expires_on=not_after + timedelta(seconds=1)).validate()
+
+
 def test_last_renewal_date_needs_expires_on():
     with pytest.raises(ValidationError, match="last-renewal-date"):
         base_voucher(last_renewal_date=T0).validate()
