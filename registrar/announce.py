@@ -79,6 +79,16 @@ def locator_address(config: RegistrarConfig, iface: InterfaceAddresses) -> ipadd
     raise OSError(f"interface {iface.name} has no IPv6 address to announce")
 
 
+def _listens_on(config: RegistrarConfig, address: ipaddress.IPv6Address) -> bool:
+    for listen in config.listen:
+        if not listen.is_ipv6 or listen.port != config.announce_port:
+            continue
+        host = ipaddress.IPv6Address(listen.host.split("%", 1)[0])
+        if host in (address, ipaddress.IPv6Address("::")):
+            return True
+    return False
+
+
 class GraspFlooder:
     """Periodic AN_join_registrar floods on one interface."""
 
@@ -150,6 +160,10 @@ class Announcer:
             return
         ifaces = [interface_addresses(name) for name in cfg.announce_interfaces]
         locators = {i.name: locator_address(cfg, i) for i in ifaces}
+        for name, address in locators.items():
+            if not _listens_on(cfg, address):
+                log.warning("announcing [%s]:%d on %s, but no listen address covers it",
+                            address, cfg.announce_port, name)
         if cfg.grasp:
             if cfg.grasp_period < MIN_RECOMMENDED_PERIOD:
                 log.warning("grasp_period %.3g s is below the %d s RFC 8995 §4.3 recommends",

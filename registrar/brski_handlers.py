@@ -71,7 +71,7 @@ async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
         raise Refusal(404, "the IDevID has no MASA URL extension: no MASA to ask")
     rvr = build_rvr(req, now)
     signed = sign_voucher_cms(rvr, reg.config.tls_key,  # type: ignore[arg-type]
-                              reg.config.tls_chain, now)
+                              reg.rvr_certificates, now)
     record = reg.store.find_voucher_request(req.sha256)
     request_id = record.id if record is not None else reg.store.add_voucher_request(
         req.serial, req.sha256, req.signed, signed, req.nonce_text, "pending")

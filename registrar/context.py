@@ -6,6 +6,7 @@ import datetime
 from dataclasses import dataclass
 
 from aiohttp import web
+from cryptography import x509
 
 from .config import RegistrarConfig
 from .domain_ca import DomainCA
@@ -25,6 +26,15 @@ class Registrar:
     @staticmethod
     def now() -> datetime.datetime:
         return datetime.datetime.now(datetime.UTC)
+
+    @property
+    def rvr_certificates(self) -> list[x509.Certificate]:
+        """The chain the RVR carries: the MASA pins the top of it (RFC 8995 §5.5), so the
+        domain CA is added when the TLS certificate file holds only the leaf."""
+        chain = list(self.config.tls_chain)
+        if self.config.ca_cert not in chain:
+            chain.append(self.config.ca_cert)
+        return chain
 
     def client(self, request: web.Request) -> Client | None:
         return classify(peer_chain(request), self.config.manufacturer_cas, self.config.ca_cert,

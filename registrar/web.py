@@ -17,7 +17,6 @@ import contextlib
 import logging
 import signal
 import ssl
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -165,13 +164,6 @@ def client_ssl_context(ca_files: Sequence[Path], *, cert_file: Path | None = Non
 
 def _pem(certs: Sequence[x509.Certificate]) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
-
-
-def write_pem_bundle(certs: Sequence[x509.Certificate]) -> Path:
-    """A temporary PEM file (for APIs that only take paths); deleted at exit of the caller."""
-    with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as f:
-        f.write(_pem(certs))
-        return Path(f.name)
 
 
 def peer_certificate(request: web.Request) -> x509.Certificate | None:
