@@ -26,7 +26,7 @@ from brski.telemetry import StatusReport
 
 from .context import REGISTRAR, Registrar
 from .identity import Kind, require_pledge
-from .masa_client import MasaUnreachable
+from .masa_client import MasaUnreachable, NoMasa
 from .voucher_request import PledgeRequest, build_rvr, check_pledge_request
 from .web import (
     MEDIA_JSON,
@@ -66,7 +66,10 @@ async def request_voucher(request: web.Request) -> web.Response:
 
 async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
     now = reg.now()
-    masa_url = certs.masa_url(req.idevid)
+    try:
+        masa_url = certs.masa_url(req.idevid)
+    except BrskiError as exc:
+        raise Refusal(403, f"the IDevID's MASA URL extension is unusable: {exc}") from exc
     if masa_url is None:
         raise Refusal(404, "the IDevID has no MASA URL extension: no MASA to ask")
     rvr = build_rvr(req, now)
@@ -77,6 +80,9 @@ async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
         req.serial, req.sha256, req.signed, signed, req.nonce_text, "pending")
     try:
         answer = await reg.masa.request_voucher(masa_url, signed)
+    except NoMasa as exc:
+        reg.store.update_voucher_request(request_id, "refused", str(exc))
+        raise Refusal(403, str(exc)) from exc
     except MasaUnreachable as exc:
         retry = reg.config.retry_after
         log.warning("MASA for %s unreachable (%s); answering 202, retry after %d s",

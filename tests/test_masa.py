@@ -2,6 +2,7 @@
 names, with its status and plain-text reason."""
 
 import datetime
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -227,6 +228,18 @@ def test_audit_log_lists_the_vouchers_issued(lab, masa):
     assert log.events and all(e.assertion == "proximity" for e in log.events)
     assert all(e.nonce for e in log.events)
     assert len({e.domain_id for e in log.events}) == 1
+
+
+@pytest.mark.parametrize("path", [RV, AUDIT])
+def test_junk_never_gets_a_500(lab, masa, path):
+    rng = random.Random(path)
+    good = rvr(lab, "SN-A")
+    bodies = [b"", b"\x30\x80", good[:100], good[: len(good) // 2], good + b"\x00"]
+    bodies += [rng.randbytes(rng.randrange(1, 4000)) for _ in range(10)]
+    for body in bodies:
+        answer = post(masa, path, body)
+        assert 400 <= answer.status < 500, (body[:40], answer.status, answer.text)
+    assert post(masa, RV, good).status == 200
 
 
 def test_unknown_paths_and_methods_get_plain_text(masa):

@@ -2,6 +2,7 @@
 with its refusals, EST enrollment checked by openssl, telemetry, and restarts."""
 
 import datetime
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,29 @@ def test_enroll_needs_pkcs10_and_a_client_certificate(up):
     assert up.call("POST", f"{EST}/simpleenroll", serial="SN-5", body=b"AAAA",
                    content_type="text/plain").status == 415
     assert up.enroll("SN-5", ctx=client_context()).status == 401
+
+
+@pytest.mark.parametrize("path", [RV, "/.well-known/brski/voucher_status",
+                                  "/.well-known/brski/enrollstatus", f"{EST}/simpleenroll",
+                                  f"{EST}/simplereenroll"])
+def test_junk_never_gets_a_500_and_the_server_keeps_serving(up, path):
+    rng = random.Random(path)
+    types = [VCJ, "application/json", est.MEDIA_PKCS10, "text/plain"]
+    pvr = up.pvr("SN-1")
+    bodies = [b"", b"{}", b"\x30\x80", pvr[: len(pvr) // 2], pvr + b"\x00"]
+    bodies += [rng.randbytes(rng.randrange(1, 3000)) for _ in range(10)]
+    for i, body in enumerate(bodies):
+        answer = up.call("POST", path, serial="SN-1", body=body, content_type=types[i % 4])
+        assert 400 <= answer.status < 500, (path, body[:40], answer.status, answer.text)
+        assert answer.headers["content-type"].startswith("text/plain")
+    assert up.registrar.alive()
+    assert "Traceback" not in up.registrar.log()
+
+
+def test_a_body_over_the_limit_gets_413(up):
+    answer = up.call("POST", RV, serial="SN-1", body=b"\x30" * (300 * 1024), content_type=VCJ)
+    assert answer.status == 413
+    assert "too large" in answer.text
 
 
 # --- telemetry -------------------------------------------------------------------------------
