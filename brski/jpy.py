@@ -181,14 +181,12 @@ def _pack(pledge: PledgeEndpoint) -> bytes:
     if not isinstance(pledge, PledgeEndpoint):
         raise UsageError("seal() takes a PledgeEndpoint")
     raw = pledge.address.packed
-    if pledge.family is Family.IPV6:
+    if len(raw) == 16:
         if raw[:8] != _LINK_LOCAL_PREFIX:
             # Peer input (the datagram's source), not a local mistake: the relay counts it.
             raise ValidationError(f"pledge address {pledge.address} is not in fe80::/64")
-        addr = raw[8:]
-    else:
-        addr = raw + bytes(4)
-    return _PLAIN.pack(pledge.family, pledge.ifindex, pledge.port, addr)
+        return _PLAIN.pack(Family.IPV6, pledge.ifindex, pledge.port, raw[8:])
+    return _PLAIN.pack(Family.IPV4, pledge.ifindex, pledge.port, raw + bytes(4))
 
 
 def _unpack(plain: bytes) -> PledgeEndpoint:
