@@ -331,7 +331,7 @@ class Nat66Mode(RelayMode):
                     "global addresses (the kernel does not forward link-local sources), so "
                     "link-local pledges there need the circuit mode", iface.name,
                     extra={"INTERFACE": iface.name, "MODE": self.name})
-        self._warned_no_prefix &= served
+        self._warned_no_prefix &= set(served)
 
     # -- views --------------------------------------------------------------------------------
     def drops(self) -> dict[str, int]:
