@@ -6,9 +6,9 @@ so pledges are never lured to a proxy that cannot relay), each target interface 
 [ff02::13%iface]:7017 at once, then every ``interval`` seconds with ±10 % jitter so proxies
 that started together do not stay in step.
 
-One UDP socket serves every join link: the destination's scope id picks the outgoing
-interface per datagram (for a link-scoped destination Linux routes by sin6_scope_id, the same
-effect as IPV6_MULTICAST_IF without a setsockopt per send). Hop limit 1 as graspy (the
+One UDP socket serves every join link: IPV6_PKTINFO on each datagram names the outgoing
+interface and the source address, which is the link-local the locator announces (the same
+effect as IPV6_MULTICAST_IF, without a setsockopt per send). Hop limit 1 as graspy (the
 reference GRASP implementation) does for DULL; the group is link-local, so nothing forwards
 it anyway. The socket sends from an ephemeral port: GRASP receivers listen on 7017 and do not
 care where a flood comes from, and not binding 7017 means the announcer never competes with
@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -208,8 +209,12 @@ class ProxyAnnouncer:
                            extra={"INTERFACE": target.name})
             return
         destination = (str(wire.ALL_GRASP_NEIGHBORS), wire.GRASP_PORT, 0, target.index)
+        # IPV6_PKTINFO pins the source to the address the flood names (a join link may carry
+        # several link-locals, and a pledge may well connect to where the flood came from).
+        pktinfo = IPv6Address(target.link_local).packed + struct.pack("@I", target.index)
         try:
-            self._socket().sendto(data, destination)
+            self._socket().sendmsg([data], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                                             pktinfo)], 0, destination)
         except OSError as exc:
             reason = send_drop_reason(exc.errno)
             self.metrics.drop("announce", reason)
