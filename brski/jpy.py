@@ -42,7 +42,7 @@ from .errors import DecodeError, SignatureError, UsageError, ValidationError
 
 # A UDP payload cannot be longer (IPv6 jumbograms aside), so neither can a JPY message.
 MAX_MESSAGE_SIZE = 65535
-# §4.5.2: the header SHOULD be at most 32 bytes; the CBOR framing adds 3 to 6 more (≤ 38).
+# §4.5.2: the header SHOULD be at most 32 bytes; §4.5.4: CBOR framing adds 3 to 6 (≤ 38).
 MAX_HEADER_SIZE = 32
 MAX_OVERHEAD = 38
 
