@@ -181,6 +181,13 @@ async def _browse_mdns(found: Found, stop: asyncio.Event) -> None:
                 if zone.isdigit():
                     with contextlib.suppress(OSError):
                         zone = socket.if_indextoname(int(zone))
+                if not zone:
+                    # zeroconf knows the link only for records it saw arrive; a pledge with
+                    # one link can still use the address, one with several cannot.
+                    links = _interfaces()
+                    if len(links) != 1:
+                        continue
+                    zone = links[0][1]
                 items.append(Candidate(f"{ip}%{zone}", info.port, method))
             elif method == "mdns":
                 items.append(Candidate(str(ip), info.port, method))

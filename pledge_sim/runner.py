@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import time
 import zlib
@@ -136,10 +137,11 @@ class PledgeRunner:
             self.result.events.append(f"attempt {self.result.attempts} via {candidate.label}: "
                                       f"{outcome.reason}")
             log.info("%s: %s", self.identity.serial, outcome.reason)
+            if self.session.needs_voucher:
+                turn += 1  # RFC 8995 §4.1: a new attempt goes to the next proxy, if any
             if outcome.retry is Retry.OTHER_PROXY:
                 refused.add(candidate)
                 self.session.reset()
-                turn += 1
                 continue
             await asyncio.sleep(self.backoff.delay())
 
@@ -172,6 +174,8 @@ class PledgeRunner:
             # ssl.SSLError is an OSError: an alert from the server is a refusal, anything
             # else (EOF, reset, refused, timeout) is transient.
             await self._close()
+            if isinstance(exc, socket.gaierror):
+                return Fail("address", f"{candidate.label}: {exc.strerror}", Retry.OTHER_PROXY)
             if isinstance(exc, ssl.SSLError) and _is_alert(exc):
                 return Fail("tls-refused", f"{candidate.label} refused the TLS session: "
                             f"{_ssl_reason(exc)}", Retry.OTHER_PROXY)
