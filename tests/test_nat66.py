@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from joinproxyd.config import Limits
+from joinproxyd.kernel import KernelError
+from joinproxyd.kernel.netlink import NatFlow
 from joinproxyd.kernel.nftables import CounterValue, NftablesError
 from joinproxyd.metrics import Metrics
 from joinproxyd.model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
@@ -208,10 +210,35 @@ def forwarding(proc: Path) -> str:
     return (proc / "net/ipv6/conf/all/forwarding").read_text().strip()
 
 
-def make_mode(proc: Path, table: FakeTable, backbone: LinkState | None = BACKBONE
-              ) -> Nat66Mode:
+class FakeFlows:
+    """Conntrack as a list the test edits; each read can also run a hook."""
+
+    def __init__(self) -> None:
+        self.flows: list[NatFlow] = []
+        self.reads = 0
+        self.on_read: Any = None
+        self.fail: KernelError | None = None
+
+    async def __call__(self) -> list[NatFlow]:
+        self.reads += 1
+        if self.fail is not None:
+            raise self.fail
+        if self.on_read is not None:
+            self.on_read(self)
+        return list(self.flows)
+
+
+def flow(source: str = "fd4a:5044:0:100::100", tcp_state: int | None = 3,
+         target: str = "fd4a:5044::100", target_port: int = 443, protocol: int = 6) -> NatFlow:
+    return NatFlow(protocol, source, 40000, "fd4a:5044:0:100::1", 8443, target, target_port,
+                   tcp_state)
+
+
+def make_mode(proc: Path, table: FakeTable, backbone: LinkState | None = BACKBONE,
+              flows: FakeFlows | None = None) -> Nat66Mode:
     ctx = RelayContext(Metrics(), Limits, lambda: backbone, logging.getLogger("test.nat66"))
-    return Nat66Mode(ctx, table=table, sysctl_root=proc)  # type: ignore[arg-type]
+    return Nat66Mode(ctx, table=table, sysctl_root=proc,  # type: ignore[arg-type]
+                     flows=flows or FakeFlows())
 
 
 def run(coro: Any) -> Any:
@@ -372,3 +399,88 @@ def test_metrics_have_nat66_drop_series(proc):
     value = mode.ctx.metrics.registry.get_sample_value(
         "joinproxyd_drops_total", {"mode": "nat66", "reason": "no-registrar"})
     assert value == 0
+
+
+# -- draining and the flow list ------------------------------------------------------------------
+
+def shutdown_drops(mode: Nat66Mode) -> float | None:
+    return mode.ctx.metrics.registry.get_sample_value(
+        "joinproxyd_drops_total", {"mode": "nat66", "reason": "shutdown"})
+
+
+def test_close_stops_relaying_first_then_waits_for_open_flows(proc):
+    table, flows = FakeTable(), FakeFlows()
+    mode = make_mode(proc, table, flows=flows)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    flows.flows = [flow(), flow(tcp_state=7)]  # one open, one in TIME_WAIT
+
+    def finish_on_third_read(fake: FakeFlows) -> None:
+        # While draining: the table no longer relays, but still fences pledges in.
+        assert '{"dnat":' not in json.dumps(table.applied[-1])
+        assert len(rules(table.applied[-1], "forward")) == 4
+        assert forwarding(proc) == "1"
+        if fake.reads >= 3:
+            fake.flows = [flow(tcp_state=7)]
+
+    flows.on_read = finish_on_third_read
+    run(mode.close(10))
+    assert flows.reads == 3
+    assert table.objects == [] and forwarding(proc) == "0"
+    assert shutdown_drops(mode) == 0
+
+
+def test_flows_still_open_at_the_deadline_are_cut_and_counted(proc, caplog):
+    caplog.set_level(logging.INFO, logger="test.nat66")
+    flows = FakeFlows()
+    mode = make_mode(proc, FakeTable(), flows=flows)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    flows.flows = [flow(), flow(source="fd4a:5044:0:100::101")]
+    run(mode.close(0.3))
+    assert shutdown_drops(mode) == 2
+    assert "2 flow(s) still open after 0.3 s are cut" in caplog.text
+    assert forwarding(proc) == "0"
+
+
+def test_only_flows_to_registrars_this_run_relayed_to_count(proc):
+    flows = FakeFlows()
+    mode = make_mode(proc, FakeTable(), flows=flows)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    flows.flows = [flow(target="fd00::99"), flow(target_port=444), flow(protocol=17),
+                   flow(tcp_state=None)]
+    run(mode.close(5))
+    assert flows.reads == 1 and shutdown_drops(mode) == 0
+
+
+def test_close_without_relaying_does_not_wait(proc):
+    flows = FakeFlows()
+    mode = make_mode(proc, FakeTable(), flows=flows)
+    run(mode.reconcile([JOIN0], None))
+    run(mode.close(5))
+    assert flows.reads == 0 and forwarding(proc) == "0"
+
+
+def test_unreadable_conntrack_still_cleans_up(proc):
+    table, flows = FakeTable(), FakeFlows()
+    flows.fail = KernelError("cannot read conntrack: EPERM (Operation not permitted)", 1)
+    mode = make_mode(proc, table, flows=flows)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    run(mode.close(5))
+    assert table.objects == [] and forwarding(proc) == "0"
+    assert "conntrack" in (mode.status()["error"] or "")
+
+
+def test_circuits_lists_open_flows_of_this_run(proc):
+    flows = FakeFlows()
+    mode = make_mode(proc, FakeTable(), flows=flows)
+    assert mode.circuits() == []  # never relayed: not even asked
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    flows.flows = [flow(source="fd4a:5044:0:100::101"), flow(), flow(tcp_state=8),
+                   flow(target="fd00::99")]
+    assert mode.circuits() == [
+        {"interface": "join0", "pledge": "[fd4a:5044:0:100::100]:40000",
+         "proxy": "[fd4a:5044:0:100::1]:8443", "registrar": "[fd4a:5044::100]:443"},
+        {"interface": "join0", "pledge": "[fd4a:5044:0:100::101]:40000",
+         "proxy": "[fd4a:5044:0:100::1]:8443", "registrar": "[fd4a:5044::100]:443"},
+    ]
+    flows.fail = KernelError("cannot read conntrack: EPERM (Operation not permitted)", 1)
+    assert mode.circuits() == []

@@ -46,7 +46,8 @@ async def main():
     log = logging.getLogger("nat66-driver")
     watcher = InterfaceWatcher(lambda snapshot: None, log)
     await watcher.start()
-    ctx = RelayContext(Metrics(), Limits, lambda: watcher.snapshot().get("bb0"), log)
+    metrics = Metrics()
+    ctx = RelayContext(metrics, Limits, lambda: watcher.snapshot().get("bb0"), log)
     mode = Nat66Mode(ctx)
     loop = asyncio.get_running_loop()
     print(json.dumps({"ready": True}), flush=True)
@@ -65,8 +66,13 @@ async def main():
             endpoint = RegistrarEndpoint(100, registrar[0], registrar[1]) if registrar else None
             await mode.reconcile(interfaces, endpoint)
         elif command == "close":
-            await mode.close(0)
-        print(json.dumps({"status": mode.status()}), flush=True)
+            await mode.close(request.get("drain", 0))
+        reply = {"status": mode.status()}
+        if command == "circuits":
+            reply["circuits"] = mode.circuits()
+        reply["shutdown_drops"] = metrics.registry.get_sample_value(
+            "joinproxyd_drops_total", {"mode": "nat66", "reason": "shutdown"})
+        print(json.dumps(reply), flush=True)
     await watcher.stop()
 
 asyncio.run(main())
@@ -133,10 +139,18 @@ class Driver:
         return json.loads(line)
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """The mode's status after the command."""
+        return self.reply(cmd, **args)["status"]
+
+    def reply(self, cmd: str, **args: Any) -> dict[str, Any]:
+        self.send(cmd, **args)
+        return self._read(60)
+
+    def send(self, cmd: str, **args: Any) -> None:
+        """Send a command without waiting for its reply (read it with _read)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
         self.proc.stdin.flush()
-        return self._read(30)["status"]
 
     def reconcile(self, interfaces: list[str] | None = None,
                   registrar: tuple[str, int] | None = (REGISTRAR, ECHO_PORT),
@@ -351,3 +365,54 @@ def test_forward_rules_are_in_place_before_forwarding_is_on(lab, driver):
     seen = [(line[0], line[1] == "1") for line in out.split()]
     assert ("1", False) not in seen, seen
     assert time.monotonic() - start < 60
+
+
+HOLD = r"""
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+greeting = sock.recv(100)
+print("connected", greeting.decode().strip(), flush=True)
+time.sleep(float(sys.argv[3]))
+sock.sendall(b"late\n")
+sock.shutdown(socket.SHUT_WR)
+data = b""
+while chunk := sock.recv(100):
+    data += chunk
+print("echoed", data.decode().strip(), flush=True)
+"""
+
+
+def test_close_drains_open_flows_and_lists_them(lab, driver):
+    driver.reconcile()
+    hold = lab.pledges[0].spawn([PYTHON, "-c", HOLD, PROXY_JOIN_ULA, str(JOIN_PORT), "2"],
+                                name="hold")
+    wait_for(lambda: "connected" in hold.log(), 10, "the held connection")
+    pledge = lab.pledges[0].address("eth0", link_local=False)
+    circuits = driver.reply("circuits")["circuits"]
+    assert len(circuits) == 1
+    assert circuits[0]["interface"] == "join0"
+    assert circuits[0]["pledge"].startswith(f"[{pledge}]:")
+    assert circuits[0]["proxy"] == f"[{PROXY_JOIN_ULA}]:{JOIN_PORT}"
+    assert circuits[0]["registrar"] == f"[{REGISTRAR}]:{ECHO_PORT}"
+    started = time.monotonic()
+    driver.send("close", drain=20)
+    time.sleep(0.5)
+    # Draining: a new pledge connection is no longer relayed (the proxy itself resets it)...
+    assert connect(lab, PROXY_JOIN_ULA, timeout=2) == "ERROR ConnectionRefusedError"
+    reply = driver._read(30)
+    assert time.monotonic() - started < 15  # returned when the flow ended, not at the deadline
+    assert "echoed late" in hold.log()  # ...while the open flow lived through the drain
+    assert reply["shutdown_drops"] == 0
+    assert nft_tables(lab) == [] and forwarding(lab) == "0"
+
+
+def test_flows_outliving_the_drain_are_cut(lab, driver):
+    driver.reconcile()
+    hold = lab.pledges[0].spawn([PYTHON, "-c", HOLD, PROXY_JOIN_ULA, str(JOIN_PORT), "30"],
+                                name="hold")
+    wait_for(lambda: "connected" in hold.log(), 10, "the held connection")
+    started = time.monotonic()
+    reply = driver.reply("close", drain=1)
+    assert 1 <= time.monotonic() - started < 10
+    assert reply["shutdown_drops"] == 1
+    assert nft_tables(lab) == [] and forwarding(lab) == "0"

@@ -1,4 +1,5 @@
-"""Links and IPv6 addresses as the kernel reports them, kept current over rtnetlink.
+"""Links and IPv6 addresses as the kernel reports them, kept current over rtnetlink; and
+the kernel's NAT66 flows (conntrack, over nfnetlink).
 
 Why pyroute2's asyncio API (AsyncIPRoute) and not IPRoute in a thread: in 0.9.7 the async
 classes are the core and IPRoute is a synchronous wrapper around them, so the async API is
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import AsyncIPRoute
+from pyroute2.conntrack import AsyncConntrack, ConntrackEntry
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
@@ -50,6 +52,10 @@ IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
+IPS_DST_NAT = 0x20  # linux/netfilter/nf_conntrack_common.h
+# TCP conntrack states in which a connection still carries data (nf_conntrack_tcp.h):
+# SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK.
+TCP_OPEN_STATES = frozenset(range(1, 7))
 
 COALESCE_SECONDS = 0.05  # bursts (a link coming up brings several messages) -> one on_change
 BACKOFF_MIN = 0.1
@@ -369,3 +375,61 @@ class InterfaceWatcher:
         except Exception:
             self.log.exception("link change handler failed")
 
+
+
+# -- NAT flows (conntrack) ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NatFlow:
+    """One destination-NATed IPv6 conntrack entry, as seen from the pledge's side."""
+
+    protocol: int  # IPPROTO_TCP, IPPROTO_UDP, ...
+    source: str  # the pledge
+    source_port: int
+    destination: str  # what the pledge connected to (the proxy's address)
+    destination_port: int
+    target: str  # where the kernel sends it (the registrar)
+    target_port: int
+    tcp_state: int | None  # nf_conntrack TCP state; None for other protocols
+
+    @property
+    def open(self) -> bool:
+        """Still carrying a connection. Only TCP can tell: a UDP entry merely waits for its
+        timeout, so it never counts as open."""
+        return self.tcp_state in TCP_OPEN_STATES
+
+
+# ConntrackEntry's constructor arguments, in order ("" is the message's family field).
+_ENTRY_ATTRS = ("", "CTA_TUPLE_ORIG", "CTA_TUPLE_REPLY", "CTA_STATUS", "CTA_TIMEOUT",
+                "CTA_PROTOINFO", "CTA_MARK", "CTA_ID", "CTA_USE", "CTA_ZONE")
+
+
+async def nat_flows(*, netns: str | None = None) -> list[NatFlow]:
+    """Every IPv6 conntrack entry with destination NAT, in this (or the named) namespace."""
+    args: dict[str, Any] = {"netns": netns, "flags": 0} if netns else {}
+    flows = []
+    try:
+        async with AsyncConntrack(nfgen_family=socket.AF_INET6, **args) as ct:
+            try:
+                # The kernel filters by status since 5.15; older ones answer EINVAL.
+                messages = [m async for m in await ct.dump(status=IPS_DST_NAT,
+                                                           status_mask=IPS_DST_NAT)]
+            except NetlinkError as exc:
+                if exc.code != errno.EINVAL:
+                    raise
+                messages = [m async for m in await ct.dump()]
+    except (OSError, NetlinkError) as exc:
+        raise KernelError(f"cannot read conntrack: {_explain(exc)}", _errno_of(exc)) from exc
+    for msg in messages:
+        try:
+            entry = ConntrackEntry(*(msg.get_attr(name) if name else msg["nfgen_family"]
+                                     for name in _ENTRY_ATTRS))
+        except Exception:  # an entry pyroute2 cannot make sense of is not one of ours
+            continue
+        if not (entry.status or 0) & IPS_DST_NAT:
+            continue
+        orig, reply = entry.tuple_orig, entry.tuple_reply
+        state = entry.protoinfo.state if entry.protoinfo is not None else None
+        flows.append(NatFlow(orig.proto, orig.saddr, orig.sport or 0, orig.daddr,
+                             orig.dport or 0, reply.saddr, reply.sport or 0, state))
+    return flows

@@ -38,6 +38,12 @@ with accept_ra=1: a backbone configured by SLAAC needs accept_ra=2. The previous
 also written into the table (a comment in the never-jumped-to chain "state"), so a daemon
 started after a crash restores the value from before the crashed run, not the 1 it left.
 
+Closing drains: the DNAT rules go first (new connections are no longer relayed), flows the
+kernel already NATed keep going (their binding lives in conntrack) until they end or
+drain_seconds pass, then forwarding is restored and the table removed, which cuts the rest
+(counted as DropReason.SHUTDOWN). Open flows are read from conntrack, which also gives
+circuits() its list.
+
 Counters. The drop rules use named counters, which status() reports as
 ``drops: {"no-registrar": n, "not-to-registrar": n, "unsolicited": n}`` (packets), the
 kernel's values plus those of the tables this run replaced (read just before each
@@ -47,14 +53,17 @@ scrape time; "no-registrar" is DropReason.NO_REGISTRAR, the two others need Drop
 """
 
 import asyncio
+import concurrent.futures
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..kernel import KernelError, sysctl
+from ..kernel.netlink import NatFlow, nat_flows
 from ..kernel.nftables import Table, TableSpec
-from ..model import JoinInterface, LinkState, RegistrarEndpoint
+from ..model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
 from .base import RelayContext, RelayMode
 
 TABLE_FAMILY = "ip6"
@@ -64,6 +73,7 @@ PRIORITY_DSTNAT = -100
 PRIORITY_SRCNAT = 100
 PRIORITY_FILTER = 0
 STATE_CHAIN = "state"
+DRAIN_POLL_SECONDS = 0.2
 
 # Named counters on the refusing rules, in the order status() lists them.
 COUNTERS = ("no-registrar", "not-to-registrar", "unsolicited")
@@ -191,12 +201,14 @@ class Nat66Mode(RelayMode):
     name = "nat66"
 
     def __init__(self, ctx: RelayContext, *, table: Table | None = None,
-                 sysctl_root: Path = sysctl.PROC_SYS) -> None:
-        """``table`` and ``sysctl_root`` are for tests; by default the mode owns
-        ``ip6 joinproxyd`` and the namespace's real /proc/sys."""
+                 sysctl_root: Path = sysctl.PROC_SYS,
+                 flows: Callable[[], Awaitable[list[NatFlow]]] = nat_flows) -> None:
+        """``table``, ``sysctl_root`` and ``flows`` are for tests; by default the mode owns
+        ``ip6 joinproxyd``, the namespace's real /proc/sys and its conntrack table."""
         super().__init__(ctx)
         self._table = table
         self._sysctl_root = sysctl_root
+        self._flows = flows
         self.interfaces: tuple[JoinInterface, ...] = ()
         self.registrar: RegistrarEndpoint | None = None
         self.relaying = False
@@ -208,6 +220,7 @@ class Nat66Mode(RelayMode):
         self._refusal_logged: str | None = None
         self._plan_logged: str | None = None
         self._warned_no_prefix: set[str] = set()
+        self._relayed_to: set[tuple[str, int, int]] = set()  # (address, port, protocol)
         ctx.metrics.add_mode(self.name)
 
     # -- control plane ----------------------------------------------------------------------
@@ -229,14 +242,43 @@ class Nat66Mode(RelayMode):
                 self.error = None
 
     async def close(self, drain_seconds: float) -> None:
-        """Remove the table and give forwarding back. Established NAT66 flows end here: the
-        kernel holds them (conntrack), and with forwarding off they cannot continue."""
+        """Stop accepting, let open flows finish for up to drain_seconds, then give
+        forwarding back and remove the table (which ends whatever flows are left)."""
         async with self._lock:
+            if self.relaying and drain_seconds > 0:
+                try:
+                    await self._drain(drain_seconds)
+                except KernelError as exc:  # cannot wait properly: still clean up
+                    self._failed(exc)
             self.interfaces = ()
             try:
                 await self._stop_serving()
             except KernelError as exc:
                 self._failed(exc)
+
+    async def _drain(self, drain_seconds: float) -> None:
+        # The same table without DNAT: new connections are no longer relayed, while flows
+        # already NATed keep their binding (it lives in their conntrack entry) and the
+        # forward rules still let them through.
+        backbone = self.ctx.backbone()
+        spec = build_ruleset(self.interfaces, None, backbone.name if backbone else None,
+                             forwarding_before=self._forwarding_before)
+        await self._fold_counters()
+        await self._call(self._kernel_table().apply, spec)
+        self.relaying = False
+        deadline = time.monotonic() + drain_seconds
+        while (flows := await self._open_flows()) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        if flows:
+            self.ctx.metrics.drop(self.name, DropReason.SHUTDOWN, len(flows))
+            self.ctx.log.info("nat66: %d flow(s) still open after %g s are cut", len(flows),
+                              drain_seconds, extra={"MODE": self.name})
+
+    async def _open_flows(self) -> list[NatFlow]:
+        """Open flows this run's DNAT rules made (to any registrar it relayed to)."""
+        return [flow for flow in await self._flows()
+                if flow.open and (flow.target, flow.target_port, flow.protocol)
+                in self._relayed_to]
 
     async def _serve(self, backbone: LinkState | None) -> None:
         table = self._kernel_table()
@@ -254,6 +296,9 @@ class Nat66Mode(RelayMode):
         await self._call(table.apply, spec)
         self._owned = True
         self.relaying = refusal(self.registrar, backbone.name if backbone else None) is None
+        if self.relaying and self.registrar is not None:
+            self._relayed_to.add((self.registrar.address, self.registrar.port,
+                                  self.registrar.protocol))
         if self._forwarding() != "1":
             # Only now: the join-link filter is in place before anything is forwarded.
             sysctl.write(sysctl.IPV6_FORWARDING, "1", self._sysctl_root)
@@ -363,3 +408,28 @@ class Nat66Mode(RelayMode):
             "drops": self.drops(),
             "error": self.error,
         }
+
+    def circuits(self) -> list[dict[str, Any]]:
+        """Open NAT66 flows, from the kernel's conntrack table.
+
+        This interface is synchronous, so the netlink dump runs on a worker thread (with an
+        event loop of its own) while the caller waits: a few milliseconds, bounded to 2 s.
+        """
+        if not self._relayed_to:
+            return []
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nat66-flows")
+        try:
+            flows = pool.submit(asyncio.run, self._open_flows()).result(timeout=2)
+        except (KernelError, concurrent.futures.TimeoutError) as exc:
+            self.ctx.log.info("nat66: cannot list flows: %s", exc or "timed out",
+                              extra={"MODE": self.name})
+            return []
+        finally:
+            pool.shutdown(wait=False)
+        by_address = {address: iface.name for iface in self.interfaces
+                      for address in iface.routable}
+        return [{"interface": by_address.get(flow.destination),
+                 "pledge": f"[{flow.source}]:{flow.source_port}",
+                 "proxy": f"[{flow.destination}]:{flow.destination_port}",
+                 "registrar": f"[{flow.target}]:{flow.target_port}"}
+                for flow in sorted(flows, key=lambda f: (f.source, f.source_port))]
