@@ -93,11 +93,13 @@ class Driver:
         raise AssertionError(f"{self.role}: no {what} within {timeout} s; events "
                              f"{self.events[since:]!r}\n--- log ---\n{self.log()[-4000:]}")
 
-    def event(self, name: str, timeout: float = 10, since: int = 0,
+    def event(self, kind: str, /, timeout: float = 10, since: int = 0,
               **match: Any) -> dict[str, Any]:
-        return self.expect(lambda e: e.get("event") == name
+        """The first `kind` event whose fields equal `match` (positional-only `kind`, so
+        events may have a field called "kind" or "name")."""
+        return self.expect(lambda e: e.get("event") == kind
                            and all(e.get(k) == v for k, v in match.items()),
-                           timeout, f"{name} event {match or ''}", since)
+                           timeout, f"{kind} event {match or ''}", since)
 
     def request(self, cmd: str, reply: str, timeout: float = 10, **fields: Any
                 ) -> dict[str, Any]:
@@ -174,9 +176,12 @@ async def commands() -> asyncio.Queue[dict[str, Any]]:
                 out.put_nowait(json.loads(line))
         out.put_nowait({"cmd": "quit"})
 
-    task = asyncio.create_task(pump(), name="driver-stdin")
-    task.add_done_callback(lambda _: None)
+    # asyncio only keeps weak references to tasks: hold this one, or it is collected.
+    _KEEP.add(asyncio.create_task(pump(), name="driver-stdin"))
     return out
+
+
+_KEEP: set[asyncio.Task[None]] = set()
 
 
 def leftovers() -> dict[str, list[str]]:

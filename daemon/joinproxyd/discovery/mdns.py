@@ -190,8 +190,9 @@ class MdnsProxyAdvertiser:
             return
         advert = self._adverts[target.name] = _Advert(target, aiozc, self._service_info(target))
         try:
-            # The first await probes for the name, the second sends the announcements.
-            await (await aiozc.async_register_service(advert.info, allow_name_change=True))
+            # Probing for the name; once it returns, queries are answered.
+            announcing = await aiozc.async_register_service(advert.info,
+                                                            allow_name_change=True)
         except (OSError, NonUniqueNameException) as exc:
             self._failed(target, exc)
             await self._withdraw(target.name)
@@ -200,6 +201,7 @@ class MdnsProxyAdvertiser:
         self.metrics.announcements.labels(METHOD, target.name).inc()
         self.log.info("mDNS: %s registered on %s ([%s]:%d)", advert.info.name, target.name,
                       target.link_local, target.port, extra={"INTERFACE": target.name})
+        await announcing  # the unsolicited announcements (RFC 6762 §8.3)
 
     def _failed(self, target: _Target, exc: Exception) -> None:
         self._retry_at[target.name] = asyncio.get_running_loop().time() + RETRY_SECONDS
