@@ -2,6 +2,7 @@
 hearing a registrar's flood, counting junk, and ignoring floods from join links."""
 
 import contextlib
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -13,7 +14,9 @@ import pytest
 from test_discovery_driver import Driver, driver
 
 from brski import grasp
-from joinproxyd.discovery.grasp import Refused, registrars_in_flood
+from joinproxyd.discovery.grasp import GraspRegistrarListener, Refused, registrars_in_flood
+from joinproxyd.discovery.peerlog import PeerWarnings
+from joinproxyd.metrics import Metrics
 from joinproxyd.model import DropReason
 from lab import Lab, Topology, wait_for
 
@@ -168,3 +171,51 @@ def test_floods_from_a_join_link_are_not_heard(as_root, tmp_path, start):
         start(lab.registrars[0].ns, "send-flood", "--registrar",
               "[fd4a:5044::100]:8443").event("sent")
         listener.event("registrar", key="[fd4a:5044::100]:8443")
+
+
+# -- the listener's handling, without a socket -----------------------------------------------------
+def make_listener(handler: Callable[..., None]) -> tuple[GraspRegistrarListener, Metrics]:
+    metrics = Metrics()
+    listener = GraspRegistrarListener(interface="bb0", ifindex=5, on_registrar=handler,
+                                      metrics=metrics, log=logging.getLogger("test"))
+    return listener, metrics
+
+
+def test_received_datagrams_are_counted_by_outcome(caplog):
+    got: list[tuple[str, float]] = []
+    listener, metrics = make_listener(lambda e, ttl: got.append((e.key, ttl)))
+    listener.received(flood(tcp(ULA)), "fe80::b:2")
+    for _ in range(5):
+        listener.received(b"\xff", "fe80::b:9")
+    listener.received(b"\x00" * 4096, "fe80::b:9")
+    sample = metrics.registry.get_sample_value
+    assert got == [("[fd4a:5044::100]:8443", 180.0)]
+    assert sample("joinproxyd_discovery_messages_total", {"method": "grasp"}) == 1
+    assert sample("joinproxyd_drops_total", {"mode": "discovery", "reason": "malformed"}) == 5
+    assert sample("joinproxyd_drops_total", {"mode": "discovery", "reason": "oversized"}) == 1
+    # One warning per reason, however many datagrams: the counters carry the volume.
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+
+
+def test_a_failing_registrar_handler_is_logged_not_raised(caplog):
+    def broken(endpoint: object, ttl: float) -> None:
+        raise RuntimeError("bug")
+
+    listener, _ = make_listener(broken)
+    listener.received(flood(tcp(ULA)), "fe80::b:2")  # must not raise
+    assert any("registrar handler failed" in r.message for r in caplog.records)
+
+
+def test_peer_warnings_are_rate_limited_per_reason(caplog):
+    now = [0.0]
+    warnings = PeerWarnings(logging.getLogger("test"), period=60, clock=lambda: now[0])
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):
+            warnings.warn("malformed", "junk from %s", "a")
+        warnings.warn("oversized", "big from %s", "b")
+        now[0] = 61.0
+        warnings.warn("malformed", "junk from %s", "c")
+    shown = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert shown == ["junk from a", "big from b",
+                     "junk from c (2 more like it since the last warning)"]
