@@ -328,6 +328,7 @@ def test_a_forwarding_knob_that_cannot_be_written_is_an_error(proc):
     mode = make_mode(proc, FakeTable())
     run(mode.reconcile([JOIN0], REGISTRAR))
     assert "EISDIR" in (mode.status()["error"] or "")
+    assert mode.status()["relaying"] is False
 
 
 def test_drop_counters_add_up_across_table_replacements(proc):

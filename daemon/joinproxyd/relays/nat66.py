@@ -47,9 +47,10 @@ circuits() its list.
 Counters. The drop rules use named counters, which status() reports as
 ``drops: {"no-registrar": n, "not-to-registrar": n, "unsolicited": n}`` (packets), the
 kernel's values plus those of the tables this run replaced (read just before each
-replacement; packets counted in that millisecond are lost). The control plane can export them
-as joinproxyd_drops_total{mode="nat66",reason=<key>} from a collector that calls status() at
-scrape time; "no-registrar" is DropReason.NO_REGISTRAR, the two others need DropReason members.
+replacement; packets counted in that millisecond are lost). To export them as
+joinproxyd_drops_total{mode="nat66",reason=<key>}, the control plane reads drops() at scrape
+time from a collector (habit 12); "no-registrar" is DropReason.NO_REGISTRAR, the two others
+need DropReason members.
 """
 
 import asyncio
@@ -68,7 +69,8 @@ from .base import RelayContext, RelayMode
 
 TABLE_FAMILY = "ip6"
 TABLE_NAME = "joinproxyd"
-# nft's named priorities, as numbers: libnftables 1.0.6 takes only numbers in JSON.
+# nft's named priorities, as numbers: given "dstnat" in JSON, libnftables 1.0.6 silently
+# makes a regular chain with no hook at all.
 PRIORITY_DSTNAT = -100
 PRIORITY_SRCNAT = 100
 PRIORITY_FILTER = 0
@@ -295,16 +297,16 @@ class Nat66Mode(RelayMode):
         await self._fold_counters()
         await self._call(table.apply, spec)
         self._owned = True
-        self.relaying = refusal(self.registrar, backbone.name if backbone else None) is None
-        if self.relaying and self.registrar is not None:
-            self._relayed_to.add((self.registrar.address, self.registrar.port,
-                                  self.registrar.protocol))
         if self._forwarding() != "1":
             # Only now: the join-link filter is in place before anything is forwarded.
             sysctl.write(sysctl.IPV6_FORWARDING, "1", self._sysctl_root)
             self.ctx.log.info("IPv6 forwarding turned on for NAT66 (it was %s; restored when "
                               "nat66 serves no interface)", self._forwarding_before,
                               extra={"MODE": self.name})
+        self.relaying = refusal(self.registrar, backbone.name if backbone else None) is None
+        if self.relaying and self.registrar is not None:
+            self._relayed_to.add((self.registrar.address, self.registrar.port,
+                                  self.registrar.protocol))
 
     async def _stop_serving(self) -> None:
         table = self._kernel_table()
