@@ -23,6 +23,15 @@ class HttpError(Exception):
     """The server's answer is not usable HTTP/1.1, or the connection ended mid-response."""
 
 
+class ClosedBeforeResponse(HttpError):
+    """The server closed the connection without answering. ``first``: it was the first
+    request on the connection, i.e. the server hung up right after the TLS handshake."""
+
+    def __init__(self, first: bool) -> None:
+        super().__init__("connection closed before a response")
+        self.first = first
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
@@ -53,6 +62,7 @@ class Connection:
         self._writer = writer
         self._authority = authority
         self._reusable = True
+        self._answered = 0
 
     @property
     def peer_cert_der(self) -> bytes | None:
@@ -97,7 +107,7 @@ class Connection:
         status_line = await self._reader.readline()
         if not status_line:
             self._reusable = False
-            raise HttpError("connection closed before a response")
+            raise ClosedBeforeResponse(first=self._answered == 0)
         parts = status_line.decode("latin-1").rstrip("\r\n").split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
             self._reusable = False
@@ -107,6 +117,7 @@ class Connection:
         if headers.get("connection", "").lower() == "close":
             self._reusable = False
         body = await self._read_body(method, status, headers)
+        self._answered += 1
         return Response(status, reason, headers, body)
 
     async def _read_headers(self) -> dict[str, str]:

@@ -27,12 +27,17 @@ from cryptography.x509.oid import NameOID
 
 from . import est, tls
 from .discovery import Candidate
-from .http import Connection, HttpError, connect
+from .http import ClosedBeforeResponse, Connection, HttpError, connect
 from .identity import PledgeIdentity
 from .retry import Backoff
 from .session import Done, Fail, PledgeSession, Request, Retry, Send, Trust, Wait
 
 log = logging.getLogger(__name__)
+
+# A TLS server that refuses the client certificate should say so with an alert, but some
+# (asyncio's, for one) just close the connection. Hung up on right after the handshake this
+# many times in a row, the pledge takes it as a refusal rather than an outage.
+HANGUPS_MEAN_REFUSAL = 3
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class PledgeRunner:
         self._conn: Connection | None = None
         self._conn_trust: Trust | None = None
         self._ldevid_files: tuple[Path, Path] | None = None
+        self._hangups: dict[Candidate, int] = {}
 
     # -- the whole enrollment -------------------------------------------------------------
     async def run(self) -> EnrollResult:
@@ -179,6 +185,14 @@ class PledgeRunner:
             if isinstance(exc, ssl.SSLError) and _is_alert(exc):
                 return Fail("tls-refused", f"{candidate.label} refused the TLS session: "
                             f"{_ssl_reason(exc)}", Retry.OTHER_PROXY)
+            if isinstance(exc, ClosedBeforeResponse) and exc.first:
+                hangups = self._hangups[candidate] = self._hangups.get(candidate, 0) + 1
+                if hangups >= HANGUPS_MEAN_REFUSAL and session.needs_voucher:
+                    return Fail("tls-refused", f"{candidate.label} closed the connection right "
+                                f"after the TLS handshake, {hangups} times: it does not accept "
+                                "this pledge's IDevID", Retry.OTHER_PROXY)
+            else:
+                self._hangups.pop(candidate, None)
             return session.connection_lost(f"{candidate.label}: {_describe(exc)}")
 
     async def _exchange(self, candidate: Candidate, request: Request) -> Send | Wait | Done | Fail:
@@ -196,6 +210,7 @@ class PledgeRunner:
             # a refused LDevID shows as an alert on the first read, not at connect.
             await self._close()
             return await self._exchange(candidate, self.session.ldevid_refused(_ssl_reason(exc)))
+        self._hangups.pop(candidate, None)
         if response.status < 500:
             self.backoff.reset()  # the registrar is answering: progress
         return self.session.receive(response, now_utc())

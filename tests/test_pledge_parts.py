@@ -20,15 +20,17 @@ from brski.cli.pki import write_pki
 from brski.errors import ProtocolError
 from brski.pki import create_test_pki
 from pledge_sim import tls
-from pledge_sim.discovery import DiscoveryError, candidates_from_flood, parse_address
-from pledge_sim.http import HttpError, connect
+from pledge_sim.discovery import Candidate, DiscoveryError, candidates_from_flood, parse_address
+from pledge_sim.http import ClosedBeforeResponse, HttpError, connect
 from pledge_sim.identity import (
     IdentityError,
     identities_from_dir,
     identities_from_pki,
+    load_anchors,
     load_identity,
 )
 from pledge_sim.retry import RETRY_AFTER_CAP, Backoff, retry_after_seconds
+from pledge_sim.runner import HANGUPS_MEAN_REFUSAL, EnrollResult, PledgeRunner, Settings
 
 NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -274,6 +276,34 @@ def test_pinned_context_refuses_a_server_outside_the_pin(pki_dir, tmp_path):
     asyncio.run(go(registrar))  # the registrar's own (non-CA) certificate as pin: also fine
     with pytest.raises(ssl.SSLCertVerificationError):
         asyncio.run(go(other.domain_ca.cert))
+
+
+def test_a_hangup_right_after_the_handshake_is_told_apart(pki_dir):
+    async def go() -> None:
+        async with Server(pki_dir, []) as port:  # no replies: it closes at once
+            conn = await connect("::1", port, client_context(pki_dir))
+            with pytest.raises(ClosedBeforeResponse) as caught:
+                await conn.request("GET", "/", timeout=3)
+            assert caught.value.first
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_runner_takes_repeated_hangups_for_a_refusal_not_an_outage(pki_dir, tmp_path):
+    (ident,) = identities_from_pki(pki_dir, serials=["dev-1"])
+    anchors = load_anchors(pki_dir / "masa/ca.crt")
+    settings = Settings(anchors=anchors, out_dir=tmp_path, deadline=20, backoff_initial=0.05,
+                        backoff_cap=0.1)
+
+    async def go() -> EnrollResult:
+        async with Server(pki_dir, []) as port:
+            return await PledgeRunner(ident, [Candidate("::1", port, "static")], settings).run()
+
+    result = asyncio.run(go())
+    assert not result.ok and result.code == "tls-refused"
+    assert result.attempts == HANGUPS_MEAN_REFUSAL
+    assert "does not accept this pledge's IDevID" in result.reason
 
 
 # -- the command line ----------------------------------------------------------------------
