@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from joinproxyd.kernel import KernelError
-from joinproxyd.kernel.netlink import InterfaceWatcher
+from joinproxyd.kernel.netlink import InterfaceWatcher, nat_flows
 from joinproxyd.model import LinkState
 
 pytestmark = pytest.mark.netns
@@ -290,3 +290,8 @@ def test_start_twice_is_refused_and_stop_is_idempotent(ns):
 
     asyncio.run(main())
     assert issubclass(KernelError, Exception)
+
+
+def test_nat_flows_of_a_namespace_without_nat_is_empty(ns):
+    """(Flows with NAT are read in test_nat66_lab, where the kernel makes them.)"""
+    assert asyncio.run(nat_flows(netns=ns)) == []
