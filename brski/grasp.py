@@ -15,14 +15,14 @@ an FQDN locator still yields its IPv6 ones. Sans-IO: the session id comes from a
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address
-from typing import Any, Final
+from typing import Final
 
 import cbor2
 
+from .cbor_strict import loads_exact
 from .errors import DecodeError, UsageError
 
 M_FLOOD: Final = 9
@@ -221,7 +221,7 @@ class Flood:
 
     @classmethod
     def decode(cls, data: bytes) -> Flood:
-        item = _one_cbor_item(data, GRASP_MAX_SIZE, "GRASP message")
+        item = loads_exact(data, "GRASP message", GRASP_MAX_SIZE)
         if not isinstance(item, list) or not item:
             raise DecodeError("GRASP message is not a non-empty array")
         if item[0] != M_FLOOD or type(item[0]) is not int:
@@ -252,47 +252,6 @@ class Flood:
         ]
 
 
-_BREAK: Final = cbor2.loads(b"\xff")  # the object cbor2 returns for a stray break byte
-
-
-def _one_cbor_item(data: bytes, limit: int, what: str) -> Any:
-    """Exactly one CBOR item, size-capped, every decoder failure a DecodeError.
-
-    cbor2 lets two things through that are not plain CBOR data: a stray break byte (0xff where
-    an item should start) comes back as a marker object, and shared-value tags (28/29) can
-    build cyclic structures; both are refused here, as are bytes after the item.
-    """
-    if not isinstance(data, bytes | bytearray):
-        raise UsageError(f"{what} input must be bytes")
-    if len(data) > limit:
-        raise DecodeError(f"{what} of {len(data)} bytes exceeds {limit}")
-    if not data:
-        raise DecodeError(f"empty {what}")
-    stream = io.BytesIO(data)
-    try:
-        item = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 raises several types (and RecursionError); all mean junk
-        raise DecodeError(f"{what} is not valid CBOR: {exc}") from exc
-    if stream.tell() != len(data):
-        raise DecodeError(f"{len(data) - stream.tell()} bytes after the {what}")
-    seen: set[int] = set()  # mutable containers only: () and frozenset() are shared singletons
-    stack = [item]
-    while stack:
-        node = stack.pop()
-        if node is _BREAK:
-            raise DecodeError(f"{what} is not valid CBOR: stray break byte")
-        if isinstance(node, list | dict | set | cbor2.CBORTag):
-            if id(node) in seen:
-                raise DecodeError(f"{what} uses shared or cyclic CBOR values")
-            seen.add(id(node))
-        if isinstance(node, Mapping):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, cbor2.CBORTag):
-            stack.append(node.value)
-        elif isinstance(node, list | tuple | set | frozenset):
-            stack.extend(node)
-    return item
 
 
 def _session_id(rng: Callable[[int], bytes]) -> int:

@@ -26,18 +26,17 @@ Sans-IO: keys come from the caller (draw them from an injected rng), nothing her
 
 from __future__ import annotations
 
-import io
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import cbor2
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESSIV
 
+from .cbor_strict import loads_exact
 from .errors import DecodeError, SignatureError, UsageError, ValidationError
 
 # A UDP payload cannot be longer (IPv6 jumbograms aside), so neither can a JPY message.
@@ -73,7 +72,7 @@ class JpyMessage:
         bytes after the array) is a :class:`DecodeError`."""
         if isinstance(data, memoryview):
             data = bytes(data)
-        item = _one_cbor_item(data, MAX_MESSAGE_SIZE, "JPY message")
+        item = loads_exact(data, "JPY message", MAX_MESSAGE_SIZE)
         if not isinstance(item, list):
             raise DecodeError(f"JPY message is a CBOR {type(item).__name__}, not an array")
         if len(item) < 2:
@@ -86,51 +85,6 @@ class JpyMessage:
         return cls(header, content)
 
 
-_BREAK: Final = cbor2.loads(b"\xff")  # the object cbor2 returns for a stray break byte
-
-
-def _one_cbor_item(data: bytes, limit: int, what: str) -> Any:
-    """Exactly one CBOR item, size-capped, every decoder failure a DecodeError.
-
-    cbor2 lets two things through that are not plain CBOR data: a stray break byte (0xff where
-    an item should start) comes back as a marker object, and shared-value tags (28/29) can
-    build cyclic structures; both are refused here, as are bytes after the item.
-    """
-    if not isinstance(data, bytes | bytearray):
-        raise UsageError(f"{what} input must be bytes")
-    if len(data) > limit:
-        raise DecodeError(f"{what} of {len(data)} bytes exceeds {limit}")
-    if not data:
-        raise DecodeError(f"empty {what}")
-    stream = io.BytesIO(data)
-    try:
-        item = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 raises several types (and RecursionError); all mean junk
-        raise DecodeError(f"{what} is not valid CBOR: {exc}") from exc
-    if stream.tell() != len(data):
-        raise DecodeError(f"{len(data) - stream.tell()} bytes after the {what}")
-    seen: set[int] = set()  # mutable containers only: () and frozenset() are shared singletons
-    stack = [item]
-    while stack:
-        node = stack.pop()
-        if node is _BREAK:
-            raise DecodeError(f"{what} is not valid CBOR: stray break byte")
-        if isinstance(node, list | dict | set | cbor2.CBORTag):
-            if id(node) in seen:
-                raise DecodeError(f"{what} uses shared or cyclic CBOR values")
-            seen.add(id(node))
-        if isinstance(node, Mapping):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, cbor2.CBORTag):
-            stack.append(node.value)
-        elif isinstance(node, list | tuple | set | frozenset):
-            stack.extend(node)
-    return item
-
-
-# ---------------------------------------------------------------------------------------------
-# What the header carries
 
 
 class Family(IntEnum):

@@ -23,7 +23,6 @@ strings there by default (``lenient_numbers``); encoding always writes numbers.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from typing import Any, Final
 
 import cbor2
 
+from .cbor_strict import loads_exact
 from .errors import DecodeError, UsageError, ValidationError
 
 TELEMETRY_VERSION: Final = 1
@@ -78,51 +78,6 @@ def _json_value(data: bytes, limit: int, what: str) -> Any:
         raise DecodeError(f"{what} is not valid JSON: {exc}") from exc
 
 
-_BREAK: Final = cbor2.loads(b"\xff")  # the object cbor2 returns for a stray break byte
-
-
-def _one_cbor_item(data: bytes, limit: int, what: str) -> Any:
-    """Exactly one CBOR item, size-capped, every decoder failure a DecodeError.
-
-    cbor2 lets two things through that are not plain CBOR data: a stray break byte (0xff where
-    an item should start) comes back as a marker object, and shared-value tags (28/29) can
-    build cyclic structures; both are refused here, as are bytes after the item.
-    """
-    if not isinstance(data, bytes | bytearray):
-        raise UsageError(f"{what} input must be bytes")
-    if len(data) > limit:
-        raise DecodeError(f"{what} of {len(data)} bytes exceeds {limit}")
-    if not data:
-        raise DecodeError(f"empty {what}")
-    stream = io.BytesIO(data)
-    try:
-        item = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 raises several types (and RecursionError); all mean junk
-        raise DecodeError(f"{what} is not valid CBOR: {exc}") from exc
-    if stream.tell() != len(data):
-        raise DecodeError(f"{len(data) - stream.tell()} bytes after the {what}")
-    seen: set[int] = set()  # mutable containers only: () and frozenset() are shared singletons
-    stack = [item]
-    while stack:
-        node = stack.pop()
-        if node is _BREAK:
-            raise DecodeError(f"{what} is not valid CBOR: stray break byte")
-        if isinstance(node, list | dict | set | cbor2.CBORTag):
-            if id(node) in seen:
-                raise DecodeError(f"{what} uses shared or cyclic CBOR values")
-            seen.add(id(node))
-        if isinstance(node, Mapping):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, cbor2.CBORTag):
-            stack.append(node.value)
-        elif isinstance(node, list | tuple | set | frozenset):
-            stack.extend(node)
-    return item
-
-
-# ---------------------------------------------------------------------------------------------
-# voucher_status / enrollstatus
 
 
 @dataclass(frozen=True)
@@ -173,7 +128,7 @@ class StatusReport:
 
     @classmethod
     def decode_cbor(cls, data: bytes) -> StatusReport:
-        return cls._from_map(_one_cbor_item(data, MAX_TELEMETRY_SIZE, "status report"))
+        return cls._from_map(loads_exact(data, "status report", MAX_TELEMETRY_SIZE))
 
     @classmethod
     def _from_map(cls, item: Any) -> StatusReport:
