@@ -9,13 +9,8 @@ from pathlib import Path
 import pytest
 from test_discovery_driver import Driver, driver
 
-from joinproxyd.discovery.registrars import (
-    DISCOVERED_PREFERENCE,
-    RegistrarSet,
-    RegistrarTable,
-    endpoint_key,
-    tcp_probe,
-)
+from joinproxyd.discovery.registrars import RegistrarSet, tcp_probe
+from joinproxyd.discovery.registry import DISCOVERED_PREFERENCE, RegistrarTable, endpoint_key
 from joinproxyd.metrics import Metrics
 from joinproxyd.model import RegistrarEndpoint
 from lab import Lab, Topology

@@ -31,7 +31,7 @@ from brski.errors import DecodeError
 from ..metrics import Metrics
 from ..model import DropReason, RegistrarEndpoint
 from .peerlog import PeerWarnings
-from .registrars import DISCOVERED_PREFERENCE
+from .registry import DISCOVERED_PREFERENCE
 
 SOURCE: Final = "grasp"
 

@@ -44,7 +44,7 @@ from ..metrics import Metrics
 from ..model import JoinInterface, RegistrarEndpoint
 from .aio import cancel_and_wait, woken_or_timeout
 from .grasp import usable_address
-from .registrars import DISCOVERED_PREFERENCE
+from .registry import DISCOVERED_PREFERENCE
 
 PROXY_SERVICE: Final = "_brski-proxy._tcp.local."
 REGISTRAR_SERVICE: Final = "_brski-registrar._tcp.local."
