@@ -208,12 +208,13 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces")
-    with environment(tmp_path_factory.mktemp("neg"), ["neg-00", "neg-01", "neg-02"]) as env:
+    serials = [f"neg-{i:02d}" for i in range(4)]
+    with environment(tmp_path_factory.mktemp("neg"), serials) as env:
         yield env
 
 
-def start_mitm(env: Env, serial: str, mode: str, server_cert: Path, server_key: Path
-               ) -> LabProcess:
+def start_mitm(env: Env, serial: str, mode: str, server_cert: Path, server_key: Path,
+               *later: str) -> LabProcess:
     idevid = env.pki / "manufacturer/idevid"
     argv = [PY, str(MITM), "--port", str(MITM_PORT),
             "--upstream", f"https://[::1]:{REGISTRAR_PORT}",
@@ -221,7 +222,7 @@ def start_mitm(env: Env, serial: str, mode: str, server_cert: Path, server_key: 
             "--client-cert", str(idevid / f"{serial}.crt"),
             "--client-key", str(idevid / f"{serial}.key"), "--mode", mode,
             "--masa-cert", str(env.pki / "masa/signer.crt"),
-            "--masa-key", str(env.pki / "masa/signer.key")]
+            "--masa-key", str(env.pki / "masa/signer.key"), *later]
     proc = env.registrar_host.spawn(argv, name=f"mitm-{mode}")
     wait_for(lambda: "mitm: ready" in proc.log() or not proc.alive(), 20, "the relay")
     assert proc.alive(), proc.log()
@@ -309,6 +310,30 @@ def test_voucher_with_a_wrong_nonce_is_rejected(shared):
         reports = [t for t in store.telemetry("neg-02") if t.kind == "voucher_status"]
         assert reports and reports[-1].status is False and "nonce" in (reports[-1].reason or "")
         assert store.certificates("neg-02") == []
+
+
+def test_registrar_cert_outside_the_pinned_domain_is_refused_after_the_voucher(shared, tmp_path):
+    # The first TLS session shows the real registrar certificate (so the voucher is real and
+    # pins the domain CA); the re-validated session shows one from another CA. The pledge
+    # must refuse it (RFC 8995 §5.6.2) and say so in voucher_status.
+    elsewhere = make_pki(tmp_path / "elsewhere", [], "--domain", "Elsewhere")
+    relay = start_mitm(shared, "neg-03", "pass", shared.pki / "domain/registrar.crt",
+                       shared.pki / "domain/registrar.key",
+                       "--later-cert", str(elsewhere / "domain/registrar.crt"),
+                       "--later-key", str(elsewhere / "domain/registrar.key"))
+    try:
+        run = through_mitm(shared, "neg-03")
+    finally:
+        relay.stop()
+    assert run.rc == 1
+    (r,) = run.results
+    assert r["code"] == "tls-pin", json.dumps(r, indent=1)
+    assert "voucher accepted" in " ".join(r["events"])  # the voucher itself was fine
+    with shared.store("registrar") as store:
+        reports = [t for t in store.telemetry("neg-03") if t.kind == "voucher_status"]
+        assert reports and reports[-1].status is False
+        assert "pinned-domain-cert" in (reports[-1].reason or "")
+        assert store.certificates("neg-03") == []
 
 
 def test_serial_unknown_to_the_masa_gets_404_and_a_clear_error(shared):

@@ -9,6 +9,9 @@ the voucher:
     --mode tamper   flip one bit inside the signed voucher content
     --mode renonce  re-sign the voucher with the MASA key for another nonce, as a replayed
                     voucher would look: the signature is fine, the nonce is not
+    --later-cert C --later-key K
+                    show --server-cert on the first TLS connection only, this one on every
+                    later connection (the pledge's re-validation against the pinned cert)
 
     python tests/test_enroll_mitm.py --port 9443 --upstream https://[::1]:8443 \\
         --server-cert C --server-key K --client-cert IDEVID.crt --client-key IDEVID.key \\
@@ -57,9 +60,22 @@ def renonce(body: bytes, masa_cert: x509.Certificate, masa_key: ec.EllipticCurve
 # -- the relay (only run as a script) ------------------------------------------------------
 
 
-def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def _server_context(cert: Path, key: Path, later: tuple[Path, Path] | None = None
+                    ) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
+    if later is not None:
+        later_context = _server_context(*later)
+        handshakes = 0
+
+        def switch(sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            # Called for every ClientHello, before the certificate is chosen.
+            nonlocal handshakes
+            handshakes += 1
+            if handshakes > 1:
+                sock.context = later_context
+
+        context.sni_callback = switch  # type: ignore[assignment]
     return context
 
 
@@ -97,12 +113,13 @@ async def relay(args: argparse.Namespace) -> None:
             print(f"mitm: {args.mode} {request.path}", flush=True)
         return web.Response(status=status, body=body, headers=back)
 
+    later = (args.later_cert, args.later_key) if args.later_cert else None
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "::", args.port,
-                       ssl_context=_server_context(args.server_cert, args.server_key))
+                       ssl_context=_server_context(args.server_cert, args.server_key, later))
     await site.start()
     print("mitm: ready", flush=True)
     try:
@@ -123,6 +140,8 @@ def main() -> None:
     p.add_argument("--mode", choices=("pass", "tamper", "renonce"), default="pass")
     p.add_argument("--masa-cert", type=Path)
     p.add_argument("--masa-key", type=Path)
+    p.add_argument("--later-cert", type=Path)
+    p.add_argument("--later-key", type=Path)
     args = p.parse_args()
     if args.mode == "renonce" and not (args.masa_cert and args.masa_key):
         p.error("--mode renonce needs --masa-cert and --masa-key")
