@@ -59,7 +59,7 @@ def retry_after_seconds(value: str | None, now: datetime) -> float:
     else:
         try:
             when = parsedate_to_datetime(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # whatever a peer wrote
             return DEFAULT_RETRY_AFTER
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)

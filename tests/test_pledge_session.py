@@ -17,6 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from brski import est as codec
 from brski import pki as test_pki
@@ -474,3 +476,43 @@ def test_ldevid_refused_falls_back_to_the_idevid_connection(pki):
     assert request.trust is Trust.PINNED and request.step is Step.ENROLL_STATUS
     assert json.loads(request.body)["status"] is True
     assert isinstance(s.receive(ok(), NOW), Done)
+
+
+# -- whatever the registrar sends, the session answers with an outcome ---------------------
+
+
+def session_at(pki: test_pki.TestPki, step: Step) -> PledgeSession:
+    s = session(pki)
+    s.start(der(pki.registrar.cert), NOW)
+    if step is Step.REQUEST_VOUCHER:
+        return s
+    run = [
+        (Step.VOUCHER_STATUS, lambda: voucher_response(make_voucher(pki, nonce=s.nonce))),
+        (Step.CACERTS, ok),
+        (Step.CSRATTRS, lambda: ok(cacerts_body(pki))),
+        (Step.ENROLL, lambda: ok(status=204)),
+        (Step.ENROLL_STATUS, lambda: ok(issue_ldevid(pki, s.csr or b""))),
+    ]
+    for reached, response in run:
+        s.receive(response(), NOW)
+        assert s.step is reached
+        if reached is step:
+            return s
+    raise AssertionError(step)
+
+
+@pytest.mark.parametrize("step", [s for s in Step if s is not Step.DONE])
+@settings(max_examples=60, deadline=None)
+@given(status=st.integers(100, 599), body=st.binary(max_size=300),
+       retry_after=st.one_of(st.none(), st.text(max_size=40)),
+       ctype=st.sampled_from(["", "application/voucher-cms+json", "text/plain"]))
+def test_any_response_in_any_step_gives_an_outcome_not_an_exception(
+        pki, step, status, body, retry_after, ctype):
+    s = session_at(pki, step)
+    headers = {"content-type": ctype}
+    if retry_after is not None:
+        headers["retry-after"] = retry_after
+    outcome = s.receive(Response(status, "X", headers, body), NOW)
+    assert isinstance(outcome, Send | Wait | Done | Fail)
+    if isinstance(outcome, Wait):
+        assert 0 <= outcome.seconds <= 60
