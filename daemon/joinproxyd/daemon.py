@@ -65,6 +65,7 @@ class Daemon:
         self.modes: dict[str, RelayMode] = {}
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log)
+        self.metrics.drops.add_source(self._kernel_drops)
         self.watcher = InterfaceWatcher(self._links_changed, log)
         self.registrars = RegistrarSet(
             static=static_endpoints(config), health_interval=config.health_interval,
@@ -82,6 +83,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._metrics_listen: tuple[str, int] | None = None
+
+    def _kernel_drops(self) -> dict[tuple[str, str], float]:
+        # Runs on the metrics thread: iterate over a copy, the loop may change the dict.
+        return {(name, reason): value for name, mode in list(self.modes.items())
+                for reason, value in mode.kernel_drops().items()}
 
     # -- events from the parts ------------------------------------------------------------
     def _links_changed(self, snapshot: dict[str, LinkState]) -> None:
@@ -118,6 +124,7 @@ class Daemon:
         await self.control.start()
         self._serve_metrics()
         await self.registrars.start()
+        await self.announcer.start()
         await self.reconcile()
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="reconcile")
 
@@ -170,6 +177,7 @@ class Daemon:
         for name in sorted(wanted):
             mode = self.modes.get(name)
             if mode is None:
+                self.metrics.add_mode(name)
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
         joining = registrar is not None

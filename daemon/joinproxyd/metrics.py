@@ -7,16 +7,70 @@ collector the BPF control plane registers; nothing polls them into gauges.
 """
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
 from .model import DropReason
 
-# Modes and activities that count drops; relays add their own mode names as they register.
-DROP_MODES = ("circuit", "nat66", "discovery", "announce")
+# Activities that count drops from the start; each relay mode adds its own name when the
+# control plane creates it, so only modes in use are exported.
+DROP_MODES = ("discovery", "announce")
+
+# The *_created series say when a process started counting: noise for an operator.
+disable_created_metrics()
+
+
+DropSource = Callable[[], Mapping[tuple[str, str], float]]
+
+
+class DropCounters(Collector):
+    """joinproxyd_drops_total{mode,reason}: drops counted in Python plus drops the kernel
+    counts (nft and BPF counters), merged into one family when scraped."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], float] = {}
+        self._sources: list[DropSource] = []
+        self._lock = threading.Lock()
+
+    def declare(self, mode: str) -> None:
+        with self._lock:
+            for reason in DropReason:
+                self._counts.setdefault((mode, reason.value), 0.0)
+
+    def inc(self, mode: str, reason: DropReason, count: float = 1) -> None:
+        with self._lock:
+            key = (mode, reason.value)
+            self._counts[key] = self._counts.get(key, 0.0) + count
+
+    def add_source(self, source: DropSource) -> None:
+        self._sources.append(source)
+
+    def values(self) -> dict[tuple[str, str], float]:
+        with self._lock:
+            merged = dict(self._counts)
+        for source in self._sources:
+            for key, value in source().items():
+                merged[key] = merged.get(key, 0.0) + value
+        return merged
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "joinproxyd_drops", "Connections, packets or messages refused, by reason",
+            labels=["mode", "reason"])
+        for (mode, reason), value in sorted(self.values().items()):
+            family.add_metric([mode, reason], value)
+        yield family
 
 
 class Metrics:
@@ -34,9 +88,8 @@ class Metrics:
         self.relayed_bytes = Counter(
             "joinproxyd_relayed_bytes", "Bytes relayed; upstream is pledge to registrar",
             ["mode", "direction"], registry=r)
-        self.drops = Counter(
-            "joinproxyd_drops", "Connections, packets or messages refused, by reason",
-            ["mode", "reason"], registry=r)
+        self.drops = DropCounters()
+        r.register(self.drops)
         self.registrar_up = Gauge(
             "joinproxyd_registrar_up", "1 if the registrar answered its last health probe",
             ["registrar", "source"], registry=r)
@@ -58,15 +111,14 @@ class Metrics:
         self._server: object | None = None
 
     def add_mode(self, mode: str) -> None:
-        for reason in DropReason:
-            self.drops.labels(mode, reason.value)
+        self.drops.declare(mode)
         if mode not in ("discovery", "announce"):
             self.circuits.labels(mode)
             for direction in ("upstream", "downstream"):
                 self.relayed_bytes.labels(mode, direction)
 
     def drop(self, mode: str, reason: DropReason, count: int = 1) -> None:
-        self.drops.labels(mode, reason.value).inc(count)
+        self.drops.inc(mode, reason, count)
 
     def register(self, collector: Collector) -> None:
         self.registry.register(collector)

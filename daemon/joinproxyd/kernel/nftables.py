@@ -30,6 +30,7 @@ from __future__ import annotations  # a method is named list: keep annotations l
 import errno
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,9 @@ class Table:
         if nft is None:
             nft = self._context()
         self._nft = nft
+        # One libnftables context is not safe to share between threads, and this table is
+        # read from the metrics thread while the event loop's worker threads write it.
+        self._lock = threading.Lock()
         self.family = family
         self.name = name
         self._id = {"family": family, "name": name}
@@ -156,7 +160,8 @@ class Table:
         return {kind: {"family": self.family, "table": self.name, **body}}
 
     def _run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rc, output, error = self._nft.json_cmd({"nftables": commands})
+        with self._lock:
+            rc, output, error = self._nft.json_cmd({"nftables": commands})
         if rc != 0:
             raise self._error(commands, error)
         if not output:

@@ -50,6 +50,11 @@ class RelayMode(ABC):
     def status(self) -> dict[str, Any]:
         """A JSON-ready view for joinproxyctl."""
 
+    def kernel_drops(self) -> dict[str, int]:
+        """Drops counted by the kernel (nft or BPF counters), by DropReason value; read at
+        scrape time, so it must be cheap and thread-safe."""
+        return {}
+
     def circuits(self) -> list[dict[str, Any]]:
         """Open relayed connections, for `joinproxyctl circuits`."""
         return []

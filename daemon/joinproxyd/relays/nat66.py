@@ -394,6 +394,9 @@ class Nat66Mode(RelayMode):
                     totals[name] += value.packets
         return totals
 
+    def kernel_drops(self) -> dict[str, int]:
+        return self.drops()
+
     def status(self) -> dict[str, Any]:
         """A JSON-ready view; reads the kernel's counters (a libnftables call, milliseconds)."""
         try:
