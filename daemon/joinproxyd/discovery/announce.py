@@ -163,20 +163,27 @@ class ProxyAnnouncer:
         try:
             while True:
                 self._wake.clear()
-                if self._enabled and self._targets:
-                    now = self._clock()
-                    for name, target in self._targets.items():
-                        if self._next.get(name, 0.0) <= now:
-                            self._send(target)
-                            self._next[name] = now + self._jittered()
-                    deadline: float | None = min(self._next[n] for n in self._targets)
-                else:
-                    self._close_socket()  # nothing to say: hold no socket
-                    deadline = None
+                try:
+                    deadline = self._pass()
+                except Exception:  # our bug: say so, and keep announcing rather than stop
+                    self.log.exception("GRASP announcer pass failed")
+                    deadline = self._clock() + 1.0
                 timeout = None if deadline is None else max(0.0, deadline - self._clock())
                 await woken_or_timeout(self._wake, timeout)
         finally:
             self._close_socket()
+
+    def _pass(self) -> float | None:
+        """Send what is due; returns when the next flood is due (None: nothing to do)."""
+        if not (self._enabled and self._targets):
+            self._close_socket()  # nothing to say: hold no socket
+            return None
+        now = self._clock()
+        for name, target in self._targets.items():
+            if self._next.get(name, 0.0) <= now:
+                self._next[name] = now + self._jittered()
+                self._send(target)
+        return min(self._next[n] for n in self._targets)
 
     def _jittered(self) -> float:
         fraction = int.from_bytes(self._rng(2), "big") / 0xFFFF  # 0..1

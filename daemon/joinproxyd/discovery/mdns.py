@@ -31,13 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from zeroconf import (
-    IPVersion,
-    NonUniqueNameException,
-    ServiceInfo,
-    ServiceStateChange,
-    Zeroconf,
-)
+from zeroconf import IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from ..metrics import Metrics
@@ -166,12 +160,17 @@ class MdnsProxyAdvertiser:
         while True:
             self._wake.clear()
             desired = self._targets if self._enabled else {}
-            stale = [n for n, a in self._adverts.items() if desired.get(n) != a.target]
-            await asyncio.gather(*(self._withdraw(n) for n in stale))
-            now = loop.time()
-            new = [t for n, t in desired.items()
-                   if n not in self._adverts and self._retry_at.get(n, 0.0) <= now]
-            await asyncio.gather(*(self._register(t) for t in new))
+            try:
+                stale = [n for n, a in self._adverts.items() if desired.get(n) != a.target]
+                await asyncio.gather(*(self._withdraw(n) for n in stale))
+                now = loop.time()
+                new = [t for n, t in desired.items()
+                       if n not in self._adverts and self._retry_at.get(n, 0.0) <= now]
+                await asyncio.gather(*(self._register(t) for t in new))
+            except Exception:  # our bug: say so, and try again rather than go silent
+                self.log.exception("mDNS advertiser pass failed")
+                await asyncio.sleep(1)
+                self._wake.set()
             retries = [t for n, t in self._retry_at.items() if n in desired]
             timeout = max(0.0, min(retries) - loop.time()) if retries else None
             await woken_or_timeout(self._wake, timeout)
@@ -185,7 +184,7 @@ class MdnsProxyAdvertiser:
     async def _register(self, target: _Target) -> None:
         try:
             aiozc = await open_zeroconf(target.name, target.index)
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # OSError, or zeroconf's RuntimeError for a missing adapter
             self._failed(target, exc)
             return
         advert = self._adverts[target.name] = _Advert(target, aiozc, self._service_info(target))
@@ -193,7 +192,7 @@ class MdnsProxyAdvertiser:
             # Probing for the name; once it returns, queries are answered.
             announcing = await aiozc.async_register_service(advert.info,
                                                             allow_name_change=True)
-        except (OSError, NonUniqueNameException) as exc:
+        except Exception as exc:  # OSError, a name conflict, or another zeroconf Error
             self._failed(target, exc)
             await self._withdraw(target.name)
             return

@@ -159,18 +159,26 @@ class RegistrarSet:
     async def _run(self) -> None:
         while True:
             self._wake.clear()  # a wake-up that comes during this pass is kept for the next
-            self._sweep()
-            due = self._table.due(self._clock())
-            if due:
-                timeout, interval = self.health_timeout, self.health_interval
-                errors = await asyncio.gather(*(self._probe_safely(s, timeout) for s in due))
-                now = self._clock()
-                for state, error in zip(due, errors, strict=True):
-                    self._record(state, error, now, interval)
-                self._reselect()
+            try:
+                await self._pass()
+            except Exception:  # our bug: say so, and keep checking rather than go silent
+                self.log.exception("registrar health pass failed")
+                await asyncio.sleep(1)
+                continue
             deadline = self._table.next_deadline()
             timeout_s = None if deadline is None else max(0.0, deadline - self._clock())
             await woken_or_timeout(self._wake, timeout_s)
+
+    async def _pass(self) -> None:
+        self._sweep()
+        due = self._table.due(self._clock())
+        if due:
+            timeout, interval = self.health_timeout, self.health_interval
+            errors = await asyncio.gather(*(self._probe_safely(s, timeout) for s in due))
+            now = self._clock()
+            for state, error in zip(due, errors, strict=True):
+                self._record(state, error, now, interval)
+            self._reselect()
 
     async def _probe_safely(self, state: RegistrarState, timeout: float) -> str | None:
         try:
