@@ -262,8 +262,12 @@ class PledgeRunner:
             out.mkdir(parents=True, exist_ok=True)
             stem = file_stem(self.identity.serial)
             cert, key = out / f"{stem}.crt", out / f"{stem}.key"
-            key.touch(mode=0o600)
-            key.write_bytes(est.key_pem(session.ldevid_key))
+            # The mode is set on the descriptor: no moment where the key is world-readable,
+            # whatever an earlier run left at that path.
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(est.key_pem(session.ldevid_key))
             cert.write_bytes(est.pem([session.ldevid]))
             (out / f"{stem}-chain.pem").write_bytes(est.pem(session.ldevid_chain[1:]))
             (out / "cacerts.pem").write_bytes(est.pem(session.cacerts))

@@ -180,6 +180,8 @@ def test_twenty_pledges_enroll_concurrently(as_root, tmp_path):
             assert r["proxy"] == f"[{env.registrar_ll}%eth0]:{REGISTRAR_PORT}"
             assert f"serialNumber={serial}" in r["ldevid_subject"]
             assert openssl_verify(env.pki / "domain/ca.crt", r["ldevid_path"]).endswith(": OK")
+            key = Path(r["ldevid_path"]).with_suffix(".key")
+            assert key.stat().st_mode & 0o777 == 0o600
 
         with env.store("registrar") as store:
             assert {c.serial for c in store.certificates()} == set(serials)
