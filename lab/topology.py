@@ -142,6 +142,7 @@ class Lab:
         self.pledges: list[Host] = []
         self.registrars: list[Host] = []
         self.processes: list[LabProcess] = []
+        self._join_links = 0
         self._up = False
 
     # -- naming ---------------------------------------------------------------------------
@@ -192,38 +193,16 @@ class Lab:
     def _build(self) -> None:
         topo = self.topology
         self.proxy = Host("proxy", self._namespace("proxy"), self)
-        proxy_ifaces = []
         for link in range(topo.join_links):
-            switch = self._namespace(f"join{link}")
-            netns.sysctl(switch, "net.ipv6.conf.default.disable_ipv6", "1")
-            netns.add_bridge(switch, "br0")
-            ifname = f"join{link}"
-            netns.add_veth(self.proxy.ns, ifname, switch, "proxy")
-            netns.enslave(switch, "proxy", "br0")
-            self._configure(self.proxy, ifname, [f"{PROXY_LL}/64"]
-                            + ([f"{join_prefix(link)}1/64"] if topo.join_ula else []))
-            proxy_ifaces.append(ifname)
+            self._add_join_switch(link)
         backbone = self._namespace("bb")
         netns.sysctl(backbone, "net.ipv6.conf.default.disable_ipv6", "1")
         netns.add_bridge(backbone, "br0")
         for i in range(topo.pledges):
-            link = i % topo.join_links
-            host = Host(f"pledge{i}", self._namespace(f"p{i}"), self)
-            switch = backbone if topo.pledges_on_backbone else self.ns_name(f"join{link}")
-            netns.add_veth(host.ns, "eth0", switch, f"p{i}")
-            netns.enslave(switch, f"p{i}", "br0")
-            addrs = [f"fe80::1:{i + 1:x}/64"]
-            with_ula = topo.join_ula and not topo.pledges_on_backbone
-            if with_ula:
-                addrs.append(f"{join_prefix(link)}{0x100 + i:x}/64")
-            self._configure(host, "eth0", addrs)
-            if with_ula:
-                netns.ip(host.ns, "-6", "route", "add", "default", "via", PROXY_LL, "dev", "eth0")
-            self.pledges.append(host)
+            self._add_pledge(i % topo.join_links, on_backbone=topo.pledges_on_backbone)
         netns.add_veth(self.proxy.ns, "bb0", backbone, "proxy")
         netns.enslave(backbone, "proxy", "br0")
         self._configure(self.proxy, "bb0", ["fe80::b:1/64", f"{BACKBONE_PREFIX}1/64"])
-        proxy_ifaces.append("bb0")
         for r in range(topo.registrars):
             host = Host(f"registrar{r}", self._namespace(f"r{r}"), self)
             netns.add_veth(host.ns, "eth0", backbone, f"r{r}")
@@ -231,9 +210,53 @@ class Lab:
             self._configure(host, "eth0", [f"fe80::b:{r + 2:x}/64",
                                            f"{BACKBONE_PREFIX}{0x100 + r:x}/64"])
             self.registrars.append(host)
-        netns.wait_settled(self.proxy.ns, proxy_ifaces)
+        netns.wait_settled(self.proxy.ns, list(self.proxy.interfaces))
         for host in [*self.pledges, *self.registrars]:
             netns.wait_settled(host.ns, ["eth0"])
+
+    def _add_join_switch(self, link: int) -> str:
+        switch = self._namespace(f"join{link}")
+        netns.sysctl(switch, "net.ipv6.conf.default.disable_ipv6", "1")
+        netns.add_bridge(switch, "br0")
+        ifname = f"join{link}"
+        netns.add_veth(self.proxy.ns, ifname, switch, "proxy")
+        netns.enslave(switch, "proxy", "br0")
+        self._configure(self.proxy, ifname, [f"{PROXY_LL}/64"]
+                        + ([f"{join_prefix(link)}1/64"] if self.topology.join_ula else []))
+        self._join_links = max(self._join_links, link + 1)
+        return ifname
+
+    def _add_pledge(self, link: int, *, on_backbone: bool = False) -> Host:
+        i = len(self.pledges)
+        host = Host(f"pledge{i}", self._namespace(f"p{i}"), self)
+        switch = self.ns_name("bb") if on_backbone else self.ns_name(f"join{link}")
+        netns.add_veth(host.ns, "eth0", switch, f"p{i}")
+        netns.enslave(switch, f"p{i}", "br0")
+        addrs = [f"fe80::1:{i + 1:x}/64"]
+        with_ula = self.topology.join_ula and not on_backbone
+        if with_ula:
+            addrs.append(f"{join_prefix(link)}{0x100 + i:x}/64")
+        self._configure(host, "eth0", addrs)
+        if with_ula:
+            netns.ip(host.ns, "-6", "route", "add", "default", "via", PROXY_LL, "dev", "eth0")
+        self.pledges.append(host)
+        return host
+
+    def add_join_link(self, pledges: int = 1) -> tuple[str, list[Host]]:
+        """Plug a new join link into the running proxy (as a hot-plugged port would be), with
+        `pledges` new pledges on it. Returns the proxy's interface name and the pledges."""
+        ifname = self._add_join_switch(self._join_links)
+        link = self._join_links - 1
+        hosts = [self._add_pledge(link) for _ in range(pledges)]
+        netns.wait_settled(self.proxy.ns, [ifname])
+        for host in hosts:
+            netns.wait_settled(host.ns, ["eth0"])
+        return ifname, hosts
+
+    def remove_join_link(self, ifname: str) -> None:
+        """Unplug a join link from the proxy: its interface disappears (the pledges stay)."""
+        netns.ip(self.proxy.ns, "link", "del", ifname)
+        self.proxy.interfaces.pop(ifname, None)
 
     def _configure(self, host: Host, ifname: str, cidrs: list[str]) -> None:
         for cidr in cidrs:

@@ -213,3 +213,15 @@ def test_pledges_on_backbone_reach_the_registrar_link_local(as_root, tmp_path):
         registrar_ll = lab.registrars[0].address("eth0", link_local=True)
         assert ping(lab.pledges[0], f"{registrar_ll}%eth0")
         assert not ping(lab.pledges[0], f"{PROXY_LL}%eth0")
+
+
+def test_join_links_can_be_plugged_and_unplugged_at_run_time(as_root, tmp_path):
+    with Lab(Topology(pledges=1), log_dir=tmp_path) as lab:
+        ifname, (pledge,) = lab.add_join_link(pledges=1)
+        assert ifname == "join1"
+        assert pledge.name == "pledge1"
+        assert ping(pledge, f"{PROXY_LL}%eth0")
+        assert not ping(lab.pledges[0], f"{pledge.address('eth0', link_local=True)}%eth0")
+        lab.remove_join_link("join1")
+        assert "join1" not in lab.proxy.run(["ip", "-br", "link"]).stdout
+        assert not ping(pledge, f"{PROXY_LL}%eth0")
