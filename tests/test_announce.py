@@ -34,9 +34,9 @@ def test_ttl_is_rfc8995s_unless_the_interval_is_long():
 def test_send_errors_map_to_drop_reasons():
     assert send_drop_reason(errno.ENOBUFS) is DropReason.RATE_LIMIT
     assert send_drop_reason(errno.EAGAIN) is DropReason.RATE_LIMIT
-    assert send_drop_reason(errno.ENETDOWN) is DropReason.SHUTDOWN
-    assert send_drop_reason(errno.ENODEV) is DropReason.SHUTDOWN
-    assert send_drop_reason(None) is DropReason.SHUTDOWN
+    assert send_drop_reason(errno.ENETDOWN) is DropReason.SEND_ERROR
+    assert send_drop_reason(errno.ENODEV) is DropReason.SEND_ERROR
+    assert send_drop_reason(None) is DropReason.SEND_ERROR
 
 
 def test_jitter_stays_within_ten_percent():
@@ -145,7 +145,7 @@ def test_a_send_error_is_counted_and_announcing_resumes(as_root, tmp_path, start
         pledge.event("flood", timeout=5)
         lab.proxy.run(["ip", "link", "set", "join0", "down"])
         try:
-            wait_for(lambda: sent(announcer, "join0")["drops"]["shutdown"] >= 1, 5,
+            wait_for(lambda: sent(announcer, "join0")["drops"]["send-error"] >= 1, 5,
                      "a failed send to be counted", interval=0.2)
         finally:
             lab.proxy.run(["ip", "link", "set", "join0", "up"])

@@ -59,7 +59,7 @@ def test_only_usable_tcp_locators_count():
     useless = [tcp(ULA, 5684, 17), tcp(ULA, None, 41), tcp(ULA, None), tcp(ULA, 0),
                tcp(IPv6Address("::1")), tcp(IPv6Address("::")), tcp(IPv6Address("ff02::1")),
                tcp(IPv6Address("::ffff:10.0.0.1"))]
-    assert refused(flood(*useless)) is DropReason.MALFORMED
+    assert refused(flood(*useless)) is DropReason.IRRELEVANT
     endpoints, _ = registrars_in_flood(flood(*useless, tcp(ULA)), ifindex=5)
     assert [e.address for e in endpoints] == ["fd4a:5044::100"]
 
@@ -72,7 +72,7 @@ def test_the_brski_discovery_spelling_is_accepted():
 
 def test_other_objectives_and_messages_are_not_for_us():
     proxy = grasp.proxy_flood(os.urandom, IPv6Address("fe80::1"), 8443).encode()
-    assert refused(proxy) is DropReason.MALFORMED
+    assert refused(proxy) is DropReason.IRRELEVANT
     # An M_DISCOVERY for the same objective: we only listen to floods.
     m_discovery = cbor2.dumps([1, 1234, LL.packed, ["AN_join_registrar", 4, 255, ""]])
     assert refused(m_discovery) is DropReason.MALFORMED

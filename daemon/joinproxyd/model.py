@@ -25,6 +25,8 @@ class DropReason(StrEnum):
     OVERSIZED = "oversized"
     BAD_HEADER = "bad-header"
     TABLE_FULL = "table-full"
+    IRRELEVANT = "irrelevant"  # well-formed, but not for us (another GRASP objective, ...)
+    SEND_ERROR = "send-error"  # the kernel refused to send (link down, address gone, ...)
     NOT_TO_REGISTRAR = "not-to-registrar"  # nat66: forwarded traffic that is not enrollment
     UNSOLICITED = "unsolicited"  # nat66: traffic towards a join link nobody asked for
     SHUTDOWN = "shutdown"

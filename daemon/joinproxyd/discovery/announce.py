@@ -54,12 +54,11 @@ def flood_ttl_ms(interval: float) -> int:
 
 
 def send_drop_reason(err: int | None) -> DropReason:
-    # DropReason has no "send failed" member. A full queue is the kernel rate-limiting us;
-    # anything else (link down or gone, address removed, a firewall's EPERM) means the link
-    # is not usable right now, closest to SHUTDOWN.
+    # A full queue is the kernel rate-limiting us; anything else (link down or gone, address
+    # removed, a firewall's EPERM) means the link is not usable right now.
     if err in (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK):
         return DropReason.RATE_LIMIT
-    return DropReason.SHUTDOWN
+    return DropReason.SEND_ERROR
 
 
 @dataclass(frozen=True)

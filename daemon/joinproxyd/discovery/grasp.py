@@ -77,9 +77,8 @@ def registrars_in_flood(data: bytes, ifindex: int) -> tuple[list[RegistrarEndpoi
         if endpoint not in endpoints:
             endpoints.append(endpoint)
     if not endpoints:
-        # Well-formed but not for us: another objective, or no usable TCP locator. The drop
-        # reasons have no "irrelevant"; such floods are counted as malformed for us.
-        raise Refused(DropReason.MALFORMED, "no AN_join_registrar flood with a usable TCP "
+        # Well-formed but not for us: another objective, or no usable TCP locator.
+        raise Refused(DropReason.IRRELEVANT, "no AN_join_registrar flood with a usable TCP "
                                             "locator")
     return endpoints, flood.ttl_ms / 1000.0
 
