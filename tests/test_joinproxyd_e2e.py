@@ -12,10 +12,10 @@ import socket
 import time
 
 import pytest
-from proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, hold_circuit, talk
 
 from brski import grasp
 from lab import Lab, Topology, wait_for
+from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, hold_circuit, talk
 
 pytestmark = pytest.mark.netns
 

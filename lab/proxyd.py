@@ -1,4 +1,4 @@
-"""Test harness: joinproxyd running for real in a lab's proxy namespace.
+"""joinproxyd running for real in a lab's proxy namespace, for tests, benchmarks and the demo.
 
 It writes a configuration file, starts the daemon with a notify socket of its own (so READY=1
 is observed, not guessed), and reads it back the way an operator would: joinproxyctl --json
@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from lab import Host, Lab, LabProcess, wait_for
+from .topology import Host, Lab, LabProcess, wait_for
 
 PYTHON = sys.executable
 
