@@ -11,7 +11,6 @@ established circuits are left alone.
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 
 from . import __version__, logs, sdnotify
 from . import config as config_mod
+from .aio import cancel_and_wait
 from .config import Config, ConfigError
 from .control import ControlServer
 from .discovery.announce import ProxyAnnouncer
@@ -133,13 +133,13 @@ class Daemon:
         log.info("stopping: draining circuits for up to %g s", self.config.drain_seconds)
         self.announcer.set_enabled(False)
         if self._reconciler is not None:
-            self._reconciler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconciler
+            await cancel_and_wait(self._reconciler)
         for part in (self.advertiser, self.grasp_listener, self.mdns_browser):
             if part is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await part.stop()
+                except Exception:  # keep stopping the rest: kernel state must still go
+                    log.exception("stopping %s failed", type(part).__name__)
         await self.announcer.stop()
         await asyncio.gather(*(mode.close(self.config.drain_seconds)
                                for mode in self.modes.values()))

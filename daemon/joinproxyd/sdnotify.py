@@ -7,10 +7,11 @@ or a dead relay is exactly what makes systemd restart us.
 """
 
 import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import Callable, Mapping
+
+from .aio import cancel_and_wait
 
 
 def ready(status: str) -> bytes:
@@ -79,9 +80,7 @@ class Notifier:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self.sock is not None:
             self.sock.close()

@@ -36,9 +36,9 @@ from typing import Any, Final
 from brski import grasp as wire
 from brski.errors import UsageError
 
+from ..aio import cancel_and_wait, woken_or_timeout
 from ..metrics import Metrics
 from ..model import DropReason, JoinInterface
-from .aio import cancel_and_wait, woken_or_timeout
 from .peerlog import PeerWarnings
 
 METHOD: Final = "grasp"

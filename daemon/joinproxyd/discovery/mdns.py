@@ -34,9 +34,9 @@ from typing import Any, Final
 from zeroconf import IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from ..aio import cancel_and_wait, woken_or_timeout
 from ..metrics import Metrics
 from ..model import JoinInterface, RegistrarEndpoint
-from .aio import cancel_and_wait, woken_or_timeout
 from .grasp import usable_address
 from .registry import DISCOVERED_PREFERENCE
 

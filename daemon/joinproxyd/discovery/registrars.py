@@ -22,9 +22,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from ..aio import cancel_and_wait, woken_or_timeout
 from ..metrics import Metrics
 from ..model import RegistrarEndpoint
-from .aio import cancel_and_wait, woken_or_timeout
 from .registry import (
     DISCOVERED_PREFERENCE,
     Key,

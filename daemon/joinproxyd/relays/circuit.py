@@ -11,12 +11,12 @@ asyncio Protocols rather than streams: no per-chunk coroutine switches on the ho
 """
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..aio import cancel_and_wait
 from ..limits import Admission
 from ..model import DropReason, JoinInterface, RegistrarEndpoint
 from .base import RelayContext, RelayMode
@@ -219,9 +219,7 @@ class CircuitMode(RelayMode):
             self.ctx.metrics.drop(self.name, DropReason.SHUTDOWN)
             circuit.close(abort=True)
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
             self._sweeper = None
 
     # -- data plane events ------------------------------------------------------------------
