@@ -1,0 +1,330 @@
+"""Circuit relay: stream throughput, connection set-up rate and memory, against socat.
+
+    sudo .venv/bin/python bench/relay_throughput.py [--seconds 2] [--rounds 3] [--quick]
+
+A namespace lab with one pledge and one registrar host. The registrar runs bench/_tcpflow.py's
+server (sink, source, echo and hold in one asyncio process); the proxy runs the real joinproxyd
+(circuit mode on join0, port 8443) and, beside it, socat relaying the same traffic to the same
+server: ``socat TCP6-LISTEN:9443,bind=[fe80::1%join0],fork,reuseaddr TCP6:[registrar]:8443``,
+and the same with ``-b65536`` on port 9444 ("socat-b64k"), because socat's default 8 KiB
+buffer alone halves its stream throughput. The pledge runs the clients.
+
+Each round measures every path once per test, one after the other, the order rotated between
+rounds, so a burst of load from elsewhere on this shared 2-vCPU machine hits them alike; the
+ratios joinproxyd/socat are paired within a round and their median (min-max) is printed. A
+"direct" run (client on the proxy host, straight to the server, no relay) shows what the two
+traffic ends alone reach. With a relay, sender, relay and sink share two CPUs, so throughput
+is CPU-bound for everyone; the relay's own CPU time per GB (or per connection), from
+/proc/<pid>/stat, is the figure that contention does not blur.
+
+  1. throughput, MB/s (10^6 bytes), of one long TCP stream up (pledge -> registrar sink) and
+     down (registrar source -> pledge);
+  2. connection set-up rate, connections/s: connect, send 16 bytes, read the echo, close, in
+     a few client threads at once;
+  3. joinproxyd's VmRSS idle, and with N circuits held open (default 1000), giving bytes per
+     circuit; and the open-file limit it runs with, since every circuit costs it two fds.
+
+joinproxyd's admission limits are raised so they do not interfere, and it logs at "info" (its
+default), so the two log lines per circuit are part of what a circuit costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab import Host, Lab, Topology, wait_for
+from lab.proxyd import ProxyDaemon, base_config
+
+PY = sys.executable
+FLOW = str(Path(__file__).resolve().parent / "_tcpflow.py")
+REGISTRAR = "fd4a:5044::100"
+SERVER_PORT = 8443  # the registrar port joinproxyd's base_config relays to
+JOIN_PORT = 8443  # joinproxyd's circuit listener on the join link
+SOCAT_PORT = 9443  # socat's listener beside it, as the brief gives it (8 KiB buffer)
+SOCAT_BIG_PORT = 9444  # the same with -b65536: socat's default 8 KiB read size costs it a
+# lot of throughput, so this shows what socat can do with joinproxyd's chunk size
+PROXY_LL = "fe80::1%eth0"  # the proxy as a pledge sees it
+TICK = os.sysconf("SC_CLK_TCK")
+RELAYS = ("joinproxyd", "socat", "socat-b64k")
+PORTS = {"joinproxyd": JOIN_PORT, "socat": SOCAT_PORT, "socat-b64k": SOCAT_BIG_PORT}
+
+LIMITS = {  # out of the way: the benchmark measures the relay, not admission control
+    "circuits_total": 100_000, "circuits_per_interface": 100_000,
+    "circuits_per_pledge": 100_000, "new_circuits_per_second": 1_000_000,
+    "new_circuits_burst": 1_000_000, "idle_timeout": 300, "circuit_lifetime": 3600,
+}
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime (+ reaped children's, for socat's forked relays); proc(5) fields 14-17."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / TICK
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0])
+    raise KeyError(key)
+
+
+def nofile_limit(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return f"{soft} soft / {hard} hard"
+    return "?"
+
+
+def flow(host: Host, *argv: str, timeout: float = 60) -> dict[str, float]:
+    done = host.run([PY, FLOW, *argv], timeout=timeout)
+    return json.loads(done.stdout)
+
+
+@dataclass
+class Series:
+    """One figure, measured once per round on each path (direct, joinproxyd, socat...)."""
+
+    unit: str
+    paths: tuple[str, ...]
+    values: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # relay CPU per unit of work
+
+    def add(self, path: str, value: float, cpu_per_unit: float | None = None) -> None:
+        self.values.setdefault(path, []).append(value)
+        if cpu_per_unit is not None:
+            self.cpu.setdefault(path, []).append(cpu_per_unit)
+
+    def ratios(self, baseline: str) -> list[float]:
+        """joinproxyd/baseline, paired by round (both measured within seconds)."""
+        jp, base = self.values.get("joinproxyd", []), self.values.get(baseline, [])
+        return [a / b for a, b in zip(jp, base, strict=True) if b > 0]
+
+
+class Bench:
+    def __init__(self, lab: Lab, daemon: ProxyDaemon, socat_pids: dict[str, int],
+                 seconds: float, concurrency: int) -> None:
+        self.lab = lab
+        self.pledge = lab.pledges[0]
+        self.daemon = daemon
+        assert daemon.process is not None
+        self.daemon_pid = daemon.process.pid
+        self.socat_pids = socat_pids
+        self.seconds = seconds
+        self.concurrency = concurrency
+
+    def target(self, path: str) -> tuple[Host, str, int]:
+        """Who runs the client, and where it connects, for each path."""
+        if path == "direct":
+            return self.lab.proxy, REGISTRAR, SERVER_PORT
+        return self.pledge, PROXY_LL, PORTS[path]
+
+    def reachable(self, port: int) -> bool:
+        done = self.pledge.run(["socat", "-u", "OPEN:/dev/null", f"TCP6:[{PROXY_LL}]:{port}"],
+                               check=False)
+        return done.returncode == 0
+
+    def relay_cpu(self, path: str) -> float:
+        if path == "joinproxyd":
+            return cpu_seconds(self.daemon_pid)
+        if path in self.socat_pids:
+            return cpu_seconds(self.socat_pids[path], children=True)
+        return 0.0
+
+    def timed(self, path: str, run: Callable[[], dict[str, float]]
+              ) -> tuple[dict[str, float], float]:
+        before = self.relay_cpu(path)
+        result = run()
+        if path in self.socat_pids:
+            time.sleep(0.1)  # socat's children are reaped (and their CPU booked) on SIGCHLD
+        return result, self.relay_cpu(path) - before
+
+    def stream(self, path: str, direction: str, series: Series) -> None:
+        host, addr, port = self.target(path)
+        result, cpu = self.timed(path, lambda: flow(
+            host, "send" if direction == "up" else "recv", addr, str(port),
+            "--seconds", str(self.seconds)))
+        mb = result["bytes"] / 1e6
+        series.add(path, mb / result["seconds"],
+                   cpu / (mb / 1000) if mb and path != "direct" else None)
+
+    def rate(self, path: str, series: Series) -> None:
+        host, addr, port = self.target(path)
+        result, cpu = self.timed(path, lambda: flow(
+            host, "rate", addr, str(port), "--seconds", str(self.seconds),
+            "--concurrency", str(self.concurrency)))
+        if result["errors"]:
+            print(f"  ({path}: {result['errors']:.0f} failed connections)", file=sys.stderr)
+        n = result["connections"]
+        series.add(path, n / result["seconds"],
+                   cpu / n * 1e6 if n and path != "direct" else None)
+
+    def active(self) -> int:
+        return int(self.daemon.ctl()["relays"]["circuit"]["active"])
+
+    def hold(self, count: int) -> dict[str, float]:
+        """RSS before and with `count` circuits held open from one pledge process."""
+        pid = self.daemon_pid
+        # Warm-up: the first circuits import and allocate things once; not per circuit.
+        self.hold_open(min(50, count), lambda: None)
+        time.sleep(0.5)
+        before = status_kib(pid, "VmRSS")
+        held: dict[str, float] = {}
+
+        def measure() -> None:
+            wait_for(lambda: self.active() >= count, 20, f"{count} active circuits")
+            held["rss_kib"] = status_kib(pid, "VmRSS")
+            held["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+
+        self.hold_open(count, measure)
+        return {"rss_before_kib": before, "rss_held_kib": held["rss_kib"],
+                "fds_held": held["fds"], "count": count,
+                "bytes_per_circuit": (held["rss_kib"] - before) * 1024 / count}
+
+    def hold_open(self, count: int, while_held: Callable[[], None]) -> None:
+        argv = [PY, FLOW, "hold", PROXY_LL, str(JOIN_PORT), "--count", str(count)]
+        child = subprocess.Popen(self.pledge.cmd(argv), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            line = child.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"holding {count} circuits failed: {line!r} "
+                                   f"{child.stderr.read() if child.stderr else ''}")
+            while_held()
+            child.stdin.close()
+            child.wait(30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        wait_for(lambda: self.active() == 0, 20, "held circuits to close")
+
+
+def median_range(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    mid = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return mid
+    return f"{mid} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def report(series: dict[str, Series], memory: dict[str, float], idle_kib: int,
+           nofile: str, rounds: int) -> None:
+    columns = ("direct", *RELAYS)
+    width = 19
+    print(f"\nrelay_throughput: medians over {rounds} round(s), (min-max) when more than one")
+    print(f"{'':<24}" + "".join(f"{c:>{width}}" for c in columns))
+    for name, s in series.items():
+        cells = [median_range(s.values.get(p, []), ".0f") for p in columns]
+        print(f"{name + ' ' + s.unit:<24}" + "".join(f"{c:>{width}}" for c in cells))
+        label = "  relay CPU us/conn" if s.unit == "conn/s" else "  relay CPU s/GB"
+        fmt = ".0f" if s.unit == "conn/s" else ".2f"
+        cells = [median_range(s.cpu.get(p, []), fmt) if p in s.cpu else "" for p in columns]
+        print(f"{label:<24}" + "".join(f"{c:>{width}}" for c in cells))
+    print("(relay CPU: user+system time of the relay process(es); direct has no relay)")
+    print()
+    for name, s in series.items():
+        for baseline in RELAYS[1:]:
+            if baseline in s.paths:
+                ratio = median_range(s.ratios(baseline), ".2f")
+                print(f"ratio joinproxyd/{baseline:<11} {name:<12} {ratio}")
+    print()
+    print(f"joinproxyd RSS idle                {idle_kib / 1024:8.1f} MiB")
+    print(f"joinproxyd RSS before holding      {memory['rss_before_kib'] / 1024:8.1f} MiB"
+          "  (after the tests above and a warm-up)")
+    print(f"joinproxyd RSS, {memory['count']:>5.0f} circuits open"
+          f"{memory['rss_held_kib'] / 1024:8.1f} MiB  ({memory['fds_held']:.0f} fds open)")
+    print(f"joinproxyd RSS per circuit         {memory['bytes_per_circuit']:8.0f} bytes")
+    print(f"joinproxyd open-file limit         {nofile} (2 fds per circuit)")
+
+
+def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
+    streams = ("direct", *RELAYS)
+    series = {"stream up": Series("MB/s", streams), "stream down": Series("MB/s", streams),
+              # socat's buffer size does not matter for 16-byte exchanges
+              "connections": Series("conn/s", ("direct", "joinproxyd", "socat"))}
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        work = Path(tmp)
+        with Lab(Topology(pledges=1, registrars=1), log_dir=work / "logs") as lab:
+            # Tens of thousands of short connections from one address: let connect() reuse
+            # ports still in TIME_WAIT rather than run out of ephemeral ports (clients on the
+            # pledge, joinproxyd's and socat's registrar-side connections on the proxy).
+            for host in (lab.pledges[0], lab.proxy):
+                host.run(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+            server = lab.registrars[0].spawn(
+                [PY, FLOW, "server", "--listen", REGISTRAR, "--port", str(SERVER_PORT)],
+                name="flow-server")
+            wait_for(lambda: "listening" in server.log(), 10, "the flow server")
+            config = base_config(
+                work / "proxy", limits=LIMITS,
+                daemon={"log_level": "info"},
+                # probes and floods are background noise here, keep them rare
+                registrars={"health_interval": 2.0, "health_timeout": 1.0},
+                announce={"interval": 30, "mdns": False})
+            daemon = ProxyDaemon(lab, work / "proxy", config).start()
+            wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+            assert daemon.process is not None
+            time.sleep(0.5)
+            idle_kib = status_kib(daemon.process.pid, "VmRSS")
+            nofile = nofile_limit(daemon.process.pid)
+            socats = {}
+            for name, extra in (("socat", []), ("socat-b64k", ["-b65536"])):
+                socats[name] = lab.proxy.spawn(
+                    ["socat", *extra,
+                     f"TCP6-LISTEN:{PORTS[name]},bind=[fe80::1%join0],fork,reuseaddr",
+                     f"TCP6:[{REGISTRAR}]:{SERVER_PORT}"], name=name).pid
+            bench = Bench(lab, daemon, socats, seconds, concurrency)
+            for name in socats:
+                wait_for(lambda port=PORTS[name]: bench.reachable(port), 10, f"{name} listening")
+            for r in range(rounds):
+                for name, s in series.items():
+                    order = s.paths[r % len(s.paths):] + s.paths[:r % len(s.paths)]
+                    for path in order:  # rotated: no path always runs first or last
+                        if s.unit == "conn/s":
+                            bench.rate(path, s)
+                        else:
+                            bench.stream(path, name.split()[1], s)
+                print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            memory = bench.hold(circuits)
+            daemon.stop()
+    report(series, memory, idle_kib, nofile, rounds)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each path")
+    p.add_argument("--circuits", type=int, default=1000, help="circuits held for RSS")
+    p.add_argument("--concurrency", type=int, default=4,
+                   help="client threads in the connection-rate test")
+    p.add_argument("--quick", action="store_true",
+                   help="smallest settings, for the smoke test: 1 round of 0.3 s, 50 circuits "
+                   "(the figures mean little)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("relay_throughput: run as root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.seconds, args.rounds, args.circuits = 0.3, 1, 50
+    return run(args.seconds, args.rounds, args.circuits, args.concurrency)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
