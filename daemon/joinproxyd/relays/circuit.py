@@ -100,13 +100,19 @@ class Circuit:
 
     async def connect(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock: socket.socket | None = None
         try:
+            # socket() inside the try: at the open-file limit it fails (EMFILE), and that must
+            # refuse this circuit like any failed connect. Outside, the task died with an
+            # unretrieved exception and left the pledge side paused, blind to its hang-up,
+            # and counted against the limits until the idle timeout.
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, self.registrar.sockaddr), timeout)
             await loop.create_connection(lambda: self.registrar_side, sock=sock)
         except (OSError, TimeoutError) as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.mode.refused(self.interface, DropReason.REGISTRAR_UNREACHABLE,
                               f"registrar {self.registrar.key}: {exc or 'timed out'}")
             self.close()
