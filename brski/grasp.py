@@ -269,16 +269,22 @@ def proxy_flood(
     protocol: int = IPPROTO_TCP,
     ttl_ms: int = DEFAULT_TTL_MS,
     value: object = "",
+    locators: Sequence[IPv6Address] | None = None,
 ) -> Flood:
     """The join proxy's announcement (RFC 8995 §4.1.1): ``["AN_Proxy", 4, 1, ""]`` plus a
-    locator with the proxy's link-local address, which is also the initiator."""
+    locator with the proxy's link-local address, which is also the initiator.
+
+    ``locators`` replaces the locator addresses (one entry each, in order) when pledges should
+    connect elsewhere too, e.g. to the proxy's ULA on a link where NAT66 serves ULA pledges.
+    """
     if not isinstance(address, IPv6Address) or not address.is_link_local:
         raise UsageError("AN_Proxy is announced with the proxy's IPv6 link-local address")
-    entry = FloodEntry(
-        Objective(AN_PROXY, F_SYNCH, PROXY_LOOP_COUNT, value),
-        IPv6Locator(address, protocol, port),
-    )
-    return Flood(_session_id(rng), address, ttl_ms, (entry,))
+    addresses = [address] if locators is None else list(locators)
+    if not addresses:
+        raise UsageError("an AN_Proxy flood needs at least one locator")
+    objective = Objective(AN_PROXY, F_SYNCH, PROXY_LOOP_COUNT, value)
+    entries = tuple(FloodEntry(objective, IPv6Locator(a, protocol, port)) for a in addresses)
+    return Flood(_session_id(rng), address, ttl_ms, entries)
 
 
 def registrar_flood(

@@ -292,3 +292,36 @@ def test_listen_failure_is_logged_not_raised(caplog):
     with caplog.at_level(logging.ERROR):
         run(scenario())
     assert "cannot listen on [2001:db8::1%lo]" in caplog.text
+
+
+def test_out_of_file_descriptors_refuses_cleanly(monkeypatch):
+    import errno
+
+    real_socket = socket.socket
+
+    def no_more_files(*args: object, **kwargs: object) -> socket.socket:
+        # Only the relay's own registrar-side socket() (positional arguments, no fileno)
+        # fails; asyncio's client sockets (keywords) and accepted sockets (fileno) do not.
+        if args == (socket.AF_INET6, socket.SOCK_STREAM) and not kwargs:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_socket(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        h = Harness(DEFAULT)
+        server, registrar = await with_registrar(echo)
+        await h.mode.reconcile([h.iface], registrar)
+        monkeypatch.setattr(socket, "socket", no_more_files)
+        try:
+            reader, writer = await h.connect()
+            writer.write(b"hello")
+            assert await closed_by_proxy(reader)
+        finally:
+            monkeypatch.undo()
+        await asyncio.sleep(0.05)
+        assert h.drops("resources") == 1
+        assert h.drops("registrar-unreachable") == 0
+        assert h.mode.open == set() and h.mode.admission.total == 0
+        await h.mode.close(0)
+        server.close()
+
+    run(scenario())

@@ -123,3 +123,32 @@ def test_daemon_refuses_to_start_on_a_bad_config(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == f"joinproxyd: {bad}: join: at least one [[join]] table is " \
                                   "required"
+
+
+@pytest.mark.parametrize(("modes", "routable", "announced"), [
+    (("circuit",), (), ("fe80::1",)),
+    (("circuit",), ("fd00::1",), ("fe80::1",)),
+    (("nat66",), ("fd00::1",), ("fd00::1",)),
+    (("nat66", "circuit"), ("fd00::2", "fd00::1"), ("fe80::1", "fd00::1")),
+    (("nat66",), (), ()),  # nothing this link's pledges could use: not announced at all
+])
+def test_announced_addresses_follow_the_modes(modes, routable, announced):
+    from joinproxyd.daemon import announced_addresses
+
+    assert announced_addresses(modes, "fe80::1", routable) == announced
+
+
+def test_the_open_file_limit_is_raised_and_a_shortfall_is_reported(tmp_path):
+    script = (
+        "import logging, resource\n"
+        "from joinproxyd.cli import raise_fd_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024))\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
+        "print(raise_fd_limit(100, logging.getLogger()))\n"
+        "print(raise_fd_limit(1000, logging.getLogger()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1024", "1024"]
+    assert done.stderr.count("needs about") == 1  # 100 circuits fit, 1000 do not
+    assert "limits.circuits_total = 1000 needs about 2256 open files" in done.stderr

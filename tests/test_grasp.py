@@ -326,3 +326,13 @@ def test_encoding_refuses_what_grasp_cannot_carry():
     odd = Flood(1, LL1, 1, (FloodEntry(Objective("X", 4, 1, object())),))
     with pytest.raises(UsageError, match="cannot be encoded"):
         odd.encode()
+
+
+def test_proxy_flood_can_announce_several_addresses():
+    ll, ula = IPv6Address("fe80::1"), IPv6Address("fd00::1")
+    flood = proxy_flood(lambda n: b"\x00" * n, ll, 8443, locators=[ll, ula])
+    decoded = Flood.decode(flood.encode())
+    assert decoded.initiator == ll
+    assert [loc.address for loc in decoded.locators_for("AN_Proxy")] == [ll, ula]
+    with pytest.raises(UsageError, match="at least one locator"):
+        proxy_flood(lambda n: b"\x00" * n, ll, 8443, locators=[])

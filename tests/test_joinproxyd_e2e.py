@@ -234,3 +234,27 @@ def test_sigterm_drains_and_exits_zero(lab, tmp_path):
         sock.connect(str(tmp_path / "proxy" / "control.sock"))
     listening = lab.proxy.run(["ss", "-Htlnp"]).stdout
     assert ":8443" not in listening
+
+
+def test_nat66_links_announce_their_ula_and_a_killed_nat66_run_is_cleaned_up(as_root,
+                                                                              tmp_path):
+    with Lab(Topology(pledges=1, registrars=1, join_ula=True), log_dir=tmp_path / "l") as lab:
+        echo_registrar(lab.registrars[0], "r0")
+        daemon = started(lab, tmp_path, join=[{"interfaces": ["join*"], "port": 8443,
+                                               "modes": ["nat66", "circuit"]}])
+        wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+        listener = lab.pledges[0].spawn([PYTHON, "-c", GRASP_LISTENER], name="grasp-listener")
+        flood = grasp.Flood.decode(bytes.fromhex(
+            wait_for(lambda: listener.log().strip(), 5, "an AN_Proxy flood")))
+        assert [str(loc.address) for loc in flood.locators_for("AN_Proxy")] == [
+            "fe80::1", "fd4a:5044:0:100::1"]
+        forwarding = "sysctl", "-n", "net.ipv6.conf.all.forwarding"
+        assert lab.proxy.run(forwarding).stdout.strip() == "1"
+        daemon.kill()
+        # The next run serves circuits only: the dead run's table and forwarding must go.
+        daemon = started(lab, tmp_path / "again")
+        tables = json.loads(lab.proxy.run(["nft", "-j", "list", "tables"]).stdout)
+        assert [t for t in tables["nftables"] if "table" in t] == []
+        assert lab.proxy.run(forwarding).stdout.strip() == "0"
+        assert "left by an earlier run (nat66 is not configured now)" in daemon.log()
+        daemon.stop()

@@ -6,11 +6,37 @@
 
 import argparse
 import asyncio
+import logging
+import resource
 import sys
 from pathlib import Path
 
 from . import __version__, logs
 from .config import DEFAULT_PATH, ConfigError, load
+
+FDS_PER_CIRCUIT = 2  # the pledge's socket and the registrar's
+FDS_SPARE = 256  # listeners, netlink, discovery, metrics, control, logs
+
+
+def raise_fd_limit(circuits_total: int, log: logging.Logger) -> int:
+    """Raise the soft open-file limit to the hard one (systemd's default soft limit, 1024,
+    would run out at about 500 circuits), and say so if even that cannot hold the
+    configured number of circuits. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    needed = circuits_total * FDS_PER_CIRCUIT + FDS_SPARE
+    if soft < needed:
+        log.warning("limits.circuits_total = %d needs about %d open files but the limit is "
+                    "%d: circuits beyond that are refused (reason resources); raise "
+                    "LimitNOFILE or lower circuits_total", circuits_total, needed, soft)
+    return soft
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"joinproxyd: {args.config}: {exc}" if exc.key != str(args.config)
               else f"joinproxyd: {exc}", file=sys.stderr)
         return 1
-    logs.setup(config.log_level)
+    log = logs.setup(config.log_level)
+    raise_fd_limit(config.limits.circuits_total, log)
     from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2
 
     try:

@@ -30,7 +30,7 @@ from .discovery.registrars import RegistrarSet
 from .kernel.netlink import InterfaceWatcher
 from .metrics import Metrics
 from .model import JoinInterface, LinkState, RegistrarEndpoint
-from .relays import RelayContext, RelayMode, mode_class
+from .relays import RelayContext, RelayMode, mode_class, mode_names
 
 log = logging.getLogger("joinproxyd")
 
@@ -40,6 +40,17 @@ def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
             for r in config.static_registrars if "static" in config.discovery]
 
 
+def announced_addresses(modes: tuple[str, ...], link_local: str,
+                        routable: tuple[str, ...]) -> tuple[str, ...]:
+    """Where pledges should connect: the link-local address if a mode serves link-local
+    pledges, and a routable (ULA/global) one if a mode serves only those (NAT66)."""
+    classes = [mode_class(name) for name in modes]
+    out = [link_local] if any(cls.serves_link_local for cls in classes) else []
+    if routable and any(cls.serves_routable for cls in classes):
+        out.append(sorted(routable)[0])
+    return tuple(out)
+
+
 def desired_interfaces(config: Config, links: dict[str, LinkState]) -> list[JoinInterface]:
     """The join interfaces to serve: configured, up, and with a usable link-local address."""
     out = []
@@ -47,8 +58,10 @@ def desired_interfaces(config: Config, links: dict[str, LinkState]) -> list[Join
         spec = config.join_spec_for(link.name)
         if spec is None or not link.ready:
             continue
-        out.append(JoinInterface(link.name, link.index, sorted(link.link_local)[0],
-                                 link.routable, spec.modes, spec.port))
+        link_local = sorted(link.link_local)[0]
+        out.append(JoinInterface(link.name, link.index, link_local, link.routable, spec.modes,
+                                 spec.port,
+                                 announced_addresses(spec.modes, link_local, link.routable)))
     return out
 
 
@@ -121,6 +134,10 @@ class Daemon:
 
     async def start(self) -> None:
         self.links = await self.watcher.start()
+        wanted = {mode for spec in self.config.joins for mode in spec.modes}
+        for name in mode_names():
+            if name not in wanted:
+                await mode_class(name).clean_leftovers(log)
         await self.control.start()
         self._serve_metrics()
         await self.registrars.start()
@@ -181,7 +198,9 @@ class Daemon:
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
         joining = registrar is not None
-        self.announcer.set_targets(self.interfaces if config.announce_grasp else [])
+        # A link where no configured mode can serve the pledges' addresses is not announced.
+        announced = [i for i in self.interfaces if i.announce]
+        self.announcer.set_targets(announced if config.announce_grasp else [])
         self.announcer.set_enabled(joining and config.announce_grasp)
         await self._reconcile_mdns_advertiser(joining)
         await self._reconcile_backbone()
@@ -196,7 +215,7 @@ class Daemon:
             await self.advertiser.stop()
             self.advertiser = None
         if self.advertiser is not None:
-            self.advertiser.set_targets(self.interfaces)
+            self.advertiser.set_targets([i for i in self.interfaces if i.announce])
             self.advertiser.set_enabled(joining)
 
     async def _reconcile_backbone(self) -> None:

@@ -30,6 +30,7 @@ class DropReason(StrEnum):
     NOT_TO_REGISTRAR = "not-to-registrar"  # nat66: forwarded traffic that is not enrollment
     UNSOLICITED = "unsolicited"  # nat66: traffic towards a join link nobody asked for
     SHUTDOWN = "shutdown"
+    RESOURCES = "resources"  # the proxy itself ran out (open files, buffers, memory)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class JoinInterface:
     routable: tuple[str, ...]
     modes: tuple[str, ...]
     port: int  # the join port announced to pledges
+    # Where pledges should connect, in order: the link-local address for modes that serve
+    # link-local pledges (circuit), a routable one for modes that need it (nat66).
+    announce: tuple[str, ...] = ()
 
     @property
     def scoped_link_local(self) -> str:

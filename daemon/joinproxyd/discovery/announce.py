@@ -67,10 +67,13 @@ class _Target:
     index: int
     link_local: str
     port: int
+    addresses: tuple[str, ...]  # the locators: where pledges should connect
 
     @classmethod
     def of(cls, iface: JoinInterface) -> _Target:
-        return cls(iface.name, iface.index, iface.link_local.split("%")[0], iface.port)
+        link_local = iface.link_local.split("%")[0]
+        return cls(iface.name, iface.index, link_local, iface.port,
+                   iface.announce or (link_local,))
 
 
 class ProxyAnnouncer:
@@ -209,7 +212,9 @@ class ProxyAnnouncer:
     def _send(self, target: _Target) -> None:
         try:
             data = wire.proxy_flood(self._rng, IPv6Address(target.link_local), target.port,
-                                    ttl_ms=flood_ttl_ms(self._interval)).encode()
+                                    ttl_ms=flood_ttl_ms(self._interval),
+                                    locators=[IPv6Address(a) for a in target.addresses]
+                                    ).encode()
         except (UsageError, ValueError) as exc:  # our input, not the network's: a bug
             self.log.error("cannot build the AN_Proxy flood for %s: %s", target.name, exc,
                            extra={"INTERFACE": target.name})
@@ -228,5 +233,5 @@ class ProxyAnnouncer:
                                 "%s", target.name, exc.strerror or exc)
             return
         self.metrics.announcements.labels(METHOD, target.name).inc()
-        self.log.debug("AN_Proxy flood sent on %s ([%s]:%d)", target.name, target.link_local,
-                       target.port)
+        self.log.debug("AN_Proxy flood sent on %s (%s port %d)", target.name,
+                       ", ".join(target.addresses), target.port)

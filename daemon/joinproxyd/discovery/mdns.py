@@ -98,10 +98,13 @@ class _Target:
     index: int
     link_local: str
     port: int
+    addresses: tuple[str, ...]  # AAAA records: where pledges should connect
 
     @classmethod
     def of(cls, iface: JoinInterface) -> _Target:
-        return cls(iface.name, iface.index, iface.link_local.split("%")[0], iface.port)
+        link_local = iface.link_local.split("%")[0]
+        return cls(iface.name, iface.index, link_local, iface.port,
+                   iface.announce or (link_local,))
 
 
 @dataclass
@@ -178,7 +181,7 @@ class MdnsProxyAdvertiser:
     def _service_info(self, target: _Target) -> ServiceInfo:
         label = _dns_label(f"{self.hostname}-{target.name}")
         return ServiceInfo(PROXY_SERVICE, f"{label}.{PROXY_SERVICE}", port=target.port,
-                           server=f"{label}.local.", parsed_addresses=[target.link_local],
+                           server=f"{label}.local.", parsed_addresses=list(target.addresses),
                            interface_index=target.index)
 
     async def _register(self, target: _Target) -> None:

@@ -11,6 +11,10 @@ _MODES = {
 }
 
 
+def mode_names() -> list[str]:
+    return list(_MODES)
+
+
 def mode_class(name: str) -> type[RelayMode]:
     module_name, class_name = _MODES[name]
     module = importlib.import_module(f".{module_name}", __name__)
@@ -19,4 +23,4 @@ def mode_class(name: str) -> type[RelayMode]:
     return cls
 
 
-__all__ = ["RelayContext", "RelayMode", "mode_class"]
+__all__ = ["RelayContext", "RelayMode", "mode_class", "mode_names"]

@@ -30,6 +30,16 @@ class RelayContext:
 
 class RelayMode(ABC):
     name: ClassVar[str]
+    # Which pledge source addresses the mode can serve, so the control plane knows which of
+    # the join link's addresses to announce.
+    serves_link_local: ClassVar[bool] = True
+    serves_routable: ClassVar[bool] = False
+
+    @classmethod
+    async def clean_leftovers(cls, log: logging.Logger) -> None:
+        """Remove kernel state an earlier, killed run of this mode left behind, when the mode
+        is not configured now (a configured mode replaces its own state on reconcile)."""
+        return None  # most modes leave nothing in the kernel
 
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx

@@ -11,6 +11,7 @@ asyncio Protocols rather than streams: no per-chunk coroutine switches on the ho
 """
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from ..model import DropReason, JoinInterface, RegistrarEndpoint
 from .base import RelayContext, RelayMode
 
 READ_CHUNK = 65536
+# A connect that fails with one of these failed because of the proxy, not the registrar.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 LISTEN_BACKLOG = 1024
 
 
@@ -113,7 +116,9 @@ class Circuit:
         except (OSError, TimeoutError) as exc:
             if sock is not None:
                 sock.close()
-            self.mode.refused(self.interface, DropReason.REGISTRAR_UNREACHABLE,
+            ours = isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES
+            self.mode.refused(self.interface,
+                              DropReason.RESOURCES if ours else DropReason.REGISTRAR_UNREACHABLE,
                               f"registrar {self.registrar.key}: {exc or 'timed out'}")
             self.close()
             return

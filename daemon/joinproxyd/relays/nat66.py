@@ -55,6 +55,7 @@ need DropReason members.
 
 import asyncio
 import concurrent.futures
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -201,6 +202,28 @@ def recorded_forwarding(objects: Sequence[dict[str, Any]]) -> str | None:
 
 class Nat66Mode(RelayMode):
     name = "nat66"
+    serves_link_local = False  # the kernel does not forward link-local sources
+    serves_routable = True
+
+    @classmethod
+    async def clean_leftovers(cls, log: logging.Logger) -> None:
+        """A killed nat66 run left its table (and forwarding on): restore and remove."""
+        table = Table(TABLE_FAMILY, TABLE_NAME)
+        try:
+            leftover = await asyncio.to_thread(table.list)
+            if not leftover:
+                return
+            before = recorded_forwarding(leftover)
+            if before is not None and sysctl.read(sysctl.IPV6_FORWARDING) != before:
+                sysctl.write(sysctl.IPV6_FORWARDING, before)
+            await asyncio.to_thread(table.delete)
+        except KernelError as exc:
+            log.error("cannot remove the nftables table %s %s left by an earlier run: %s",
+                      TABLE_FAMILY, TABLE_NAME, exc)
+            return
+        log.info("removed the nftables table %s %s left by an earlier run (nat66 is not "
+                 "configured now)%s", TABLE_FAMILY, TABLE_NAME,
+                 f"; IPv6 forwarding restored to {before}" if before is not None else "")
 
     def __init__(self, ctx: RelayContext, *, table: Table | None = None,
                  sysctl_root: Path = sysctl.PROC_SYS,
