@@ -56,7 +56,9 @@ def _table(rows: list[list[str]]) -> str:
 def render_status(status: dict[str, Any]) -> str:
     out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, "
            f"joining {'open' if status['joining'] else 'CLOSED (no healthy registrar)'}",
-           f"backbone: {status['backbone']}", "", "join interfaces:"]
+           f"backbone: {status['backbone']['name']} "
+           f"({'ready' if status['backbone']['ready'] else 'NOT READY'})", "",
+           "join interfaces:"]
     rows = [["interface", "address", "port", "modes"]]
     rows += [[i["name"], i["link_local"], str(i["port"]), ",".join(i["modes"])]
              for i in status["interfaces"]]
@@ -68,9 +70,9 @@ def render_status(status: dict[str, Any]) -> str:
     out += [_table(rows) if len(rows) > 1 else "  (none)", "", "relays:"]
     for mode, info in status["relays"].items():
         out.append(f"  {mode}: {json.dumps(info, sort_keys=True)}")
-    out += ["", "counters:"]
-    for name, value in sorted(status["counters"].items()):
-        out.append(f"  {name} {value:g}")
+    counters = status["counters"]
+    out += ["", "counters (not zero; --json shows all):"]
+    out += [f"  {name} {value:g}" for name, value in sorted(counters.items()) if value]
     return "\n".join(out)
 
 
