@@ -7,7 +7,7 @@
     mdns.py        MdnsRegistrarBrowser (backbone) and MdnsProxyAdvertiser (join links)
     announce.py    ProxyAnnouncer: AN_Proxy floods on the join links while joining is open
     peerlog.py     rate-limited warnings about misbehaving peers
-    aio.py         cancellation-safe waiting (Python 3.11's wait_for can lose a cancel)
+    target.py      AnnounceTarget: what an announcement on one join link says
 
 Wire formats come from brski.grasp and python-zeroconf; nothing here encodes GRASP by hand.
 Everything a peer sends is counted and dropped when unusable, never raised.

@@ -29,7 +29,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from ipaddress import IPv6Address
 from typing import Any, Final
 
@@ -40,6 +39,7 @@ from ..aio import cancel_and_wait, woken_or_timeout
 from ..metrics import Metrics
 from ..model import DropReason, JoinInterface
 from .peerlog import PeerWarnings
+from .target import AnnounceTarget
 
 METHOD: Final = "grasp"
 HOP_LIMIT: Final = 1
@@ -61,21 +61,6 @@ def send_drop_reason(err: int | None) -> DropReason:
     return DropReason.SEND_ERROR
 
 
-@dataclass(frozen=True)
-class _Target:
-    name: str
-    index: int
-    link_local: str
-    port: int
-    addresses: tuple[str, ...]  # the locators: where pledges should connect
-
-    @classmethod
-    def of(cls, iface: JoinInterface) -> _Target:
-        link_local = iface.link_local.split("%")[0]
-        return cls(iface.name, iface.index, link_local, iface.port,
-                   iface.announce or (link_local,))
-
-
 class ProxyAnnouncer:
     def __init__(self, *, interval: float, metrics: Metrics, log: logging.Logger,
                  rng: Callable[[int], bytes] = os.urandom,
@@ -86,7 +71,7 @@ class ProxyAnnouncer:
         self._rng = rng
         self._clock = clock
         self._warnings = PeerWarnings(log)
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, AnnounceTarget] = {}
         self._next: dict[str, float] = {}  # target name -> when its next flood is due
         self._enabled = False
         self._sock: socket.socket | None = None
@@ -110,7 +95,7 @@ class ProxyAnnouncer:
 
     def set_targets(self, interfaces: Sequence[JoinInterface]) -> None:
         """Announce on exactly these interfaces; a new (or changed) one is flooded at once."""
-        wanted = {i.name: _Target.of(i) for i in interfaces}
+        wanted = {i.name: AnnounceTarget.of(i) for i in interfaces}
         if wanted == self._targets:
             return
         for name, target in wanted.items():
@@ -209,7 +194,7 @@ class ProxyAnnouncer:
             self._sock.close()
             self._sock = None
 
-    def _send(self, target: _Target) -> None:
+    def _send(self, target: AnnounceTarget) -> None:
         try:
             data = wire.proxy_flood(self._rng, IPv6Address(target.link_local), target.port,
                                     ttl_ms=flood_ttl_ms(self._interval),

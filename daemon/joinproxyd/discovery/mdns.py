@@ -39,6 +39,7 @@ from ..metrics import Metrics
 from ..model import JoinInterface, RegistrarEndpoint
 from .grasp import usable_address
 from .registry import DISCOVERED_PREFERENCE
+from .target import AnnounceTarget
 
 PROXY_SERVICE: Final = "_brski-proxy._tcp.local."
 REGISTRAR_SERVICE: Final = "_brski-registrar._tcp.local."
@@ -92,24 +93,9 @@ def _dns_label(text: str) -> str:
 
 
 # -- the proxy advertisement on join links ------------------------------------------------------
-@dataclass(frozen=True)
-class _Target:
-    name: str
-    index: int
-    link_local: str
-    port: int
-    addresses: tuple[str, ...]  # AAAA records: where pledges should connect
-
-    @classmethod
-    def of(cls, iface: JoinInterface) -> _Target:
-        link_local = iface.link_local.split("%")[0]
-        return cls(iface.name, iface.index, link_local, iface.port,
-                   iface.announce or (link_local,))
-
-
 @dataclass
 class _Advert:
-    target: _Target
+    target: AnnounceTarget
     aiozc: AsyncZeroconf
     info: ServiceInfo
     registered: bool = False
@@ -125,7 +111,7 @@ class MdnsProxyAdvertiser:
         self.metrics = metrics
         self.log = log
         self.hostname = _dns_label(hostname or socket.gethostname())
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, AnnounceTarget] = {}
         self._enabled = False
         self._adverts: dict[str, _Advert] = {}
         self._retry_at: dict[str, float] = {}
@@ -133,7 +119,7 @@ class MdnsProxyAdvertiser:
         self._task: asyncio.Task[None] | None = None
 
     def set_targets(self, interfaces: Sequence[JoinInterface]) -> None:
-        wanted = {i.name: _Target.of(i) for i in interfaces}
+        wanted = {i.name: AnnounceTarget.of(i) for i in interfaces}
         if wanted != self._targets:
             self._targets = wanted
             self._retry_at.clear()
@@ -178,13 +164,13 @@ class MdnsProxyAdvertiser:
             timeout = max(0.0, min(retries) - loop.time()) if retries else None
             await woken_or_timeout(self._wake, timeout)
 
-    def _service_info(self, target: _Target) -> ServiceInfo:
+    def _service_info(self, target: AnnounceTarget) -> ServiceInfo:
         label = _dns_label(f"{self.hostname}-{target.name}")
         return ServiceInfo(PROXY_SERVICE, f"{label}.{PROXY_SERVICE}", port=target.port,
                            server=f"{label}.local.", parsed_addresses=list(target.addresses),
                            interface_index=target.index)
 
-    async def _register(self, target: _Target) -> None:
+    async def _register(self, target: AnnounceTarget) -> None:
         try:
             aiozc = await open_zeroconf(target.name, target.index)
         except Exception as exc:  # OSError, or zeroconf's RuntimeError for a missing adapter
@@ -205,7 +191,7 @@ class MdnsProxyAdvertiser:
                       target.link_local, target.port, extra={"INTERFACE": target.name})
         await announcing  # the unsolicited announcements (RFC 6762 §8.3)
 
-    def _failed(self, target: _Target, exc: Exception) -> None:
+    def _failed(self, target: AnnounceTarget, exc: Exception) -> None:
         self._retry_at[target.name] = asyncio.get_running_loop().time() + RETRY_SECONDS
         self.log.error("mDNS: cannot advertise the proxy on %s (retry in %g s): %s",
                        target.name, RETRY_SECONDS, exc, extra={"INTERFACE": target.name})
