@@ -1,0 +1,421 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * ipip.bpf.c: the stateless IPIP join proxy (protocols.md §7, design.md "ipip" mode).
+ *
+ *   jp_tc_join      tc ingress of a join link. A pledge's TCP/UDP packet to the registrar's
+ *                   announced link-local address and a join port is wrapped in an outer IPv6
+ *                   header (proxy backbone address for this join link -> registrar) and sent
+ *                   out of the backbone with bpf_redirect_neigh, which resolves the next hop's
+ *                   MAC in the kernel. This is the working path.
+ *   jp_tc_backbone  tc ingress of the backbone. IPIP (next header 41 or 98) from an allowed
+ *                   registrar to one of the per-join-link backbone addresses is unwrapped and
+ *                   sent out of that join link, again with bpf_redirect_neigh.
+ *   jp_xdp_join     XDP variant of jp_tc_join: bpf_fib_lookup supplies the MACs and the route
+ *                   MTU, cached per CPU for 100 ms (jp_nh_cache); when the kernel has no
+ *                   neighbour entry yet it passes the packet on to jp_tc_join (counted as
+ *                   "fallback"), whose redirect resolves it. Runs tail-called from jp_guard.
+ *
+ * No per-pledge state: the pledge's address travels in the inner header (habit 14).
+ * Everything not addressed to us passes untouched; every drop is counted by reason.
+ *
+ * Malformed input, decided per case (the tests pin each one down):
+ *   join side, not to the registrar's link-local address/port, or cut before the IPv6
+ *     header ends (short Ethernet, short IPv6, version != 6) -> PASS: not ours, the stack
+ *     judges it;
+ *   join side, to the registrar but not TCP/UDP directly after the IPv6 header (ICMPv6 and
+ *     neighbour discovery, extension headers) -> PASS: ND must reach the stack (proxy ND),
+ *     and a stateless relay cannot follow fragments by port;
+ *   join side, to the registrar, TCP/UDP, but the L4 header is cut short or the payload
+ *     length disagrees with the frame (also jumbograms) -> DROP malformed: relaying it would
+ *     put a lying length on the backbone;
+ *   join side, too big for the backbone MTU once 40 bytes are added -> DROP oversized;
+ *   backbone side, not IPIP to one of our per-join-link addresses -> PASS;
+ *   backbone side, IPIP to us from a source not in jp_registrars -> DROP no-registrar
+ *     (nothing else on this host consumes protocol 41/98 sent to these addresses);
+ *   backbone side, outer length lies -> DROP malformed; inner not IPv6, inner destination
+ *     not link-local, inner length disagrees -> DROP bad-header.
+ * A packet is never modified and then passed: once bpf_skb_adjust_room has run, a later
+ * failure drops it (send-error).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "joinproxy.h"
+
+/* Not in Debian 12's UAPI headers (added in Linux 6.3); platform.md. */
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
+#endif
+
+#define AF_INET6 10
+#define IP6_HLEN 40
+#define OUTER_HOP_LIMIT 64
+/* One destination-options header is accepted before the inner packet: Linux ip6tnl peers
+ * insert an RFC 2473 tunnel encapsulation limit option unless told "encaplimit none". */
+#define NEXTHDR_DEST 60
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Join link -> what to encapsulate and where to. Written only by bpf.py. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, JP_MAX_JOIN_LINKS);
+	__type(key, __u32);
+	__type(value, struct jp_join_cfg);
+} jp_join_cfg SEC(".maps");
+
+/* Outer destination -> join link. "One backbone address per join link" is what keeps the
+ * proxy stateless: the registrar's reply carries no other hint of the link the pledge sits
+ * on (the pledge's fe80:: address is only unique per link), so the address it is sent to has
+ * to say it. Written only by bpf.py, derived from jp_join_cfg. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, JP_MAX_JOIN_LINKS);
+	__type(key, struct jp_addr);
+	__type(value, struct jp_bb_addr);
+} jp_bb_addrs SEC(".maps");
+
+/* Registrars allowed to send IPIP to us. Written only by bpf.py. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct jp_addr);
+	__type(value, struct jp_registrar);
+} jp_registrars SEC(".maps");
+
+/* Next hop per join link and CPU, for the XDP path. Written by this program only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, JP_MAX_JOIN_LINKS);
+	__type(key, __u32);
+	__type(value, struct jp_nexthop);
+} jp_nh_cache SEC(".maps");
+
+static __always_inline int addr_eq(const void *a, const void *b)
+{
+	const __u32 *x = a, *y = b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
+}
+
+static __always_inline int port_listed(const __u16 *ports, __u16 port)
+{
+	int i;
+
+#pragma unroll
+	for (i = 0; i < JP_MAX_PORTS; i++)
+		if (ports[i] != 0 && ports[i] == port)
+			return 1;
+	return 0;
+}
+
+/* The outer header, built in one go: version 6, traffic class and flow label 0. */
+static __always_inline void outer_header(struct ipv6hdr *o, const struct jp_join_cfg *cfg,
+					 __u16 inner_len)
+{
+	__builtin_memset(o, 0, sizeof(*o));
+	o->version = 6;
+	o->payload_len = bpf_htons(inner_len);
+	o->nexthdr = cfg->proto;
+	o->hop_limit = OUTER_HOP_LIMIT;
+	__builtin_memcpy(&o->saddr, cfg->outer_src, 16);
+	__builtin_memcpy(&o->daddr, cfg->outer_dst, 16);
+}
+
+/* ---------------------------------------------------------------- join side, tc -- */
+
+static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
+{
+	__u32 ifindex = skb->ifindex;
+	struct jp_join_cfg *cfg;
+	struct ipv6hdr ip6, outer;
+	__u16 ports[2];
+	__u32 l3_len, mtu_len = 0;
+	long rc;
+
+	cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
+	if (!cfg)
+		return JP_ACT_PASS;
+	/* skb->protocol is the Ethernet type the driver saw; VLAN-tagged frames are not ours */
+	if (skb->protocol != bpf_htons(ETH_P_IPV6) || skb->len < ETH_HLEN + IP6_HLEN)
+		return JP_ACT_PASS;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+		return JP_ACT_PASS;
+	if (ip6.version != 6 || !addr_eq(&ip6.daddr, cfg->registrar_ll))
+		return JP_ACT_PASS;
+	if (ip6.nexthdr != IPPROTO_TCP && ip6.nexthdr != IPPROTO_UDP)
+		return JP_ACT_PASS;
+	/* Both TCP and UDP start with source and destination port. */
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + IP6_HLEN, ports, sizeof(ports)) < 0) {
+		*reason = JP_DROP_MALFORMED;
+		return JP_ACT_DROP;
+	}
+	if (!port_listed(cfg->ports, bpf_ntohs(ports[1])))
+		return JP_ACT_PASS;
+	l3_len = skb->len - ETH_HLEN;
+	if ((__u32)bpf_ntohs(ip6.payload_len) + IP6_HLEN != l3_len) {
+		*reason = JP_DROP_MALFORMED;
+		return JP_ACT_DROP;
+	}
+	/* bpf_check_mtu also handles GRO packets (it checks their segments). */
+	if (bpf_check_mtu(skb, cfg->backbone_ifindex, &mtu_len, IP6_HLEN, 0) != 0) {
+		*reason = JP_DROP_OVERSIZED;
+		return JP_ACT_DROP;
+	}
+	outer_header(&outer, cfg, l3_len);
+	if (bpf_skb_adjust_room(skb, IP6_HLEN, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6) < 0) {
+		*reason = JP_DROP_SEND_ERROR;	/* unchanged, but it cannot be relayed */
+		return JP_ACT_DROP;
+	}
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &outer, sizeof(outer), 0) < 0) {
+		*reason = JP_DROP_SEND_ERROR;	/* grown: never pass it on */
+		return JP_ACT_DROP;
+	}
+	/* No next hop given: the kernel routes the outer destination out of the backbone (an
+	 * on-link registrar or a router) and resolves the MAC, queueing behind ND if needed. */
+	rc = bpf_redirect_neigh(cfg->backbone_ifindex, NULL, 0, 0);
+	if (rc != TC_ACT_REDIRECT) {
+		*reason = JP_DROP_SEND_ERROR;
+		return JP_ACT_DROP;
+	}
+	return JP_ACT_ENCAP;
+}
+
+static __always_inline int tc_code(__u32 action)
+{
+	switch (action) {
+	case JP_ACT_ENCAP:
+	case JP_ACT_DECAP:
+		return TC_ACT_REDIRECT;
+	case JP_ACT_DROP:
+		return TC_ACT_SHOT;
+	default:
+		return TC_ACT_OK;
+	}
+}
+
+SEC("tc")
+int jp_tc_join(struct __sk_buff *skb)
+{
+	__u32 reason = 0;
+	__u32 action = tc_join(skb, &reason);
+
+	jp_count(JP_PROG_TC_JOIN, action, reason);
+	return tc_code(action);
+}
+
+/* ------------------------------------------------------------ backbone side, tc -- */
+
+static __always_inline __u32 tc_backbone(struct __sk_buff *skb, __u32 *reason)
+{
+	struct ipv6hdr outer, inner;
+	struct jp_bb_addr *bb;
+	__u32 l3_len, hdr_len = IP6_HLEN, mtu_len = 0;
+	__u8 nexthdr, opt[2];
+	long rc;
+
+	if (skb->protocol != bpf_htons(ETH_P_IPV6) || skb->len < ETH_HLEN + IP6_HLEN)
+		return JP_ACT_PASS;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &outer, sizeof(outer)) < 0)
+		return JP_ACT_PASS;
+	if (outer.version != 6)
+		return JP_ACT_PASS;
+	nexthdr = outer.nexthdr;
+	if (nexthdr == NEXTHDR_DEST) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + IP6_HLEN, opt, sizeof(opt)) < 0)
+			return JP_ACT_PASS;
+		nexthdr = opt[0];
+		hdr_len += ((__u32)opt[1] + 1) * 8;
+	}
+	if (nexthdr != JP_IPPROTO_IPV6 && nexthdr != JP_IPPROTO_ENCAP)
+		return JP_ACT_PASS;
+	bb = bpf_map_lookup_elem(&jp_bb_addrs, &outer.daddr);
+	if (!bb)
+		return JP_ACT_PASS;
+	if (!bpf_map_lookup_elem(&jp_registrars, &outer.saddr)) {
+		*reason = JP_DROP_NO_REGISTRAR;
+		return JP_ACT_DROP;
+	}
+	l3_len = skb->len - ETH_HLEN;
+	if ((__u32)bpf_ntohs(outer.payload_len) + IP6_HLEN != l3_len ||
+	    l3_len < hdr_len + IP6_HLEN) {
+		*reason = JP_DROP_MALFORMED;
+		return JP_ACT_DROP;
+	}
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + hdr_len, &inner, sizeof(inner)) < 0) {
+		*reason = JP_DROP_MALFORMED;
+		return JP_ACT_DROP;
+	}
+	/* The inner packet goes onto a join link as it is: it must be IPv6, to a link-local
+	 * address (fe80::/10), and exactly as long as what the outer header carries. */
+	if (inner.version != 6 || inner.daddr.in6_u.u6_addr8[0] != 0xfe ||
+	    (inner.daddr.in6_u.u6_addr8[1] & 0xc0) != 0x80 ||
+	    (__u32)bpf_ntohs(inner.payload_len) + IP6_HLEN + hdr_len != l3_len) {
+		*reason = JP_DROP_BAD_HEADER;
+		return JP_ACT_DROP;
+	}
+	if (bpf_check_mtu(skb, bb->join_ifindex, &mtu_len, -(__s32)hdr_len, 0) != 0) {
+		*reason = JP_DROP_OVERSIZED;
+		return JP_ACT_DROP;
+	}
+	if (bpf_skb_adjust_room(skb, -(__s32)hdr_len, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_DECAP_L3_IPV6) < 0) {
+		*reason = JP_DROP_SEND_ERROR;
+		return JP_ACT_DROP;
+	}
+	/* The kernel looks up the pledge's fe80:: on the join link and resolves its MAC. */
+	rc = bpf_redirect_neigh(bb->join_ifindex, NULL, 0, 0);
+	if (rc != TC_ACT_REDIRECT) {
+		*reason = JP_DROP_SEND_ERROR;
+		return JP_ACT_DROP;
+	}
+	return JP_ACT_DECAP;
+}
+
+SEC("tc")
+int jp_tc_backbone(struct __sk_buff *skb)
+{
+	__u32 reason = 0;
+	__u32 action = tc_backbone(skb, &reason);
+
+	jp_count(JP_PROG_TC_BACKBONE, action, reason);
+	return tc_code(action);
+}
+
+/* --------------------------------------------------------------- join side, XDP -- */
+
+/* Route the outer packet as the host would send it, out of the backbone: MACs from the
+ * first lookup, the route MTU from a second one that asks for an impossible length (the
+ * helper reports the MTU only when a length exceeds it). bpf_fib_lookup needs IPv6
+ * forwarding on the backbone device; without it every packet falls back to tc. */
+static __always_inline long resolve_nexthop(struct xdp_md *ctx, const struct jp_join_cfg *cfg,
+					    struct jp_nexthop *nh, __u64 now)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	fib.family = AF_INET6;
+	fib.l4_protocol = cfg->proto;
+	fib.ifindex = cfg->backbone_ifindex;
+	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
+	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->backbone_ifindex)
+		return rc != BPF_FIB_LKUP_RET_SUCCESS ? rc : BPF_FIB_LKUP_RET_NOT_FWDED;
+	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+	nh->ifindex = fib.ifindex;
+	nh->generation = cfg->generation;
+	nh->expires = now + JP_NH_TTL_NS;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = AF_INET6;
+	fib.l4_protocol = cfg->proto;
+	fib.ifindex = cfg->backbone_ifindex;
+	fib.tot_len = 0xffff;
+	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
+	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	nh->mtu = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;
+	return BPF_FIB_LKUP_RET_SUCCESS;
+}
+
+static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *egress)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct jp_nexthop *nh;
+	struct jp_join_cfg *cfg;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6, *outer;
+	__u16 *ports;
+	__u32 l3_len, slot;
+	__u64 now;
+	long rc;
+
+	cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
+	if (!cfg)
+		return JP_ACT_PASS;
+	ip6 = data + ETH_HLEN;
+	if ((void *)(ip6 + 1) > data_end)
+		return JP_ACT_PASS;
+	if (eth->h_proto != bpf_htons(ETH_P_IPV6) || ip6->version != 6 ||
+	    !addr_eq(&ip6->daddr, cfg->registrar_ll))
+		return JP_ACT_PASS;
+	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+		return JP_ACT_PASS;
+	ports = (void *)(ip6 + 1);
+	if ((void *)(ports + 2) > data_end) {
+		*reason = JP_DROP_MALFORMED;
+		return JP_ACT_DROP;
+	}
+	if (!port_listed(cfg->ports, bpf_ntohs(ports[1])))
+		return JP_ACT_PASS;
+	l3_len = data_end - (void *)ip6;
+	if ((__u32)bpf_ntohs(ip6->payload_len) + IP6_HLEN != l3_len) {
+		*reason = JP_DROP_MALFORMED;
+		return JP_ACT_DROP;
+	}
+
+	slot = cfg->nh_slot;
+	nh = bpf_map_lookup_elem(&jp_nh_cache, &slot);
+	if (!nh)
+		return JP_ACT_FALLBACK;	/* a slot out of range: the tc path still works */
+	now = bpf_ktime_get_coarse_ns();
+	if (now > nh->expires || nh->generation != cfg->generation) {
+		/* resolved into the per-CPU entry in place: nobody else writes it */
+		rc = resolve_nexthop(ctx, cfg, nh, now);
+		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+			nh->generation = 0;	/* look it up again next time */
+			nh->expires = 0;
+			return JP_ACT_FALLBACK;	/* no neighbour yet, no route, forwarding off */
+		}
+	}
+	if (l3_len + IP6_HLEN > nh->mtu) {
+		*reason = JP_DROP_OVERSIZED;
+		return JP_ACT_DROP;
+	}
+
+	if (bpf_xdp_adjust_head(ctx, -IP6_HLEN) < 0) {
+		*reason = JP_DROP_SEND_ERROR;	/* unchanged, but cannot be relayed */
+		return JP_ACT_DROP;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
+	outer = data + ETH_HLEN;
+	if ((void *)(outer + 1) > data_end) {
+		*reason = JP_DROP_SEND_ERROR;	/* cannot happen after a successful adjust */
+		return JP_ACT_DROP;
+	}
+	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, nh->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	outer_header(outer, cfg, l3_len);
+	*egress = nh->ifindex;
+	return JP_ACT_ENCAP;
+}
+
+SEC("xdp")
+int jp_xdp_join(struct xdp_md *ctx)
+{
+	__u32 reason = 0, egress = 0;
+	__u32 action = xdp_join(ctx, &reason, &egress);
+
+	jp_count(JP_PROG_XDP_JOIN, action, reason);
+	switch (action) {
+	case JP_ACT_ENCAP:
+		return bpf_redirect(egress, 0);
+	case JP_ACT_DROP:
+		return XDP_DROP;
+	default:
+		return XDP_PASS;
+	}
+}

@@ -1,0 +1,186 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * joinproxy.h: everything the BPF programs and their one userspace owner
+ * (daemon/joinproxyd/kernel/bpf.py) share: enums, map keys and values, config structs.
+ *
+ * Rules (style-models.md, habits 6-8):
+ * - every enum member has an explicit value; tests/test_bpf_structs.py parses this file and
+ *   checks the values against the Python enums, so a reordering fails a test, not a dashboard;
+ * - every struct here has a ctypes mirror in bpf.py whose size and offsets are checked
+ *   against the BTF of the compiled objects;
+ * - addresses are kept as 16 raw bytes in network order (no struct in6_addr unions), so the
+ *   BTF and the ctypes mirror stay trivially comparable;
+ * - ports are host order (the programs convert the packet's port once).
+ */
+#ifndef JOINPROXY_H
+#define JOINPROXY_H
+
+#include <linux/types.h>
+
+/* Why a packet was dropped. Mirror of joinproxyd.model.DropReason in the same order: the
+ * value is the member's position in that enum. Only some of them can happen in the kernel
+ * (marked K); the others exist so both sides keep one numbering. */
+enum jp_drop_reason {
+	JP_DROP_NO_REGISTRAR = 0,		/* K: IPIP from a source not in jp_registrars */
+	JP_DROP_RATE_LIMIT = 1,			/* K: guard: over the per-source token bucket */
+	JP_DROP_LIMIT_TOTAL = 2,
+	JP_DROP_LIMIT_INTERFACE = 3,
+	JP_DROP_LIMIT_PLEDGE = 4,
+	JP_DROP_REGISTRAR_UNREACHABLE = 5,
+	JP_DROP_IDLE_TIMEOUT = 6,
+	JP_DROP_LIFETIME = 7,
+	JP_DROP_MALFORMED = 8,			/* K: lengths lie, L4 header cut short */
+	JP_DROP_OVERSIZED = 9,			/* K: does not fit the egress MTU once (de)capsulated */
+	JP_DROP_BAD_HEADER = 10,		/* K: IPIP inner packet not IPv6 / not link-local */
+	JP_DROP_TABLE_FULL = 11,		/* K: guard: no bucket could be stored */
+	JP_DROP_IRRELEVANT = 12,
+	JP_DROP_SEND_ERROR = 13,		/* K: the kernel refused to grow/shrink the packet */
+	JP_DROP_NOT_TO_REGISTRAR = 14,
+	JP_DROP_UNSOLICITED = 15,
+	JP_DROP_SHUTDOWN = 16,
+	JP_DROP_RESOURCES = 17,
+	JP_DROP__COUNT = 18,
+};
+
+/* What a program did with a packet. Mirror of bpf.Action. */
+enum jp_action {
+	JP_ACT_PASS = 0,	/* left to the stack untouched */
+	JP_ACT_ENCAP = 1,	/* IPIP: encapsulated and redirected to the backbone */
+	JP_ACT_DECAP = 2,	/* IPIP: decapsulated and redirected to its join link */
+	JP_ACT_ALLOW = 3,	/* guard: to a join port and within the rate */
+	JP_ACT_FALLBACK = 4,	/* XDP encap: next hop not resolved, left to the tc program */
+	JP_ACT_REDIRECT = 5,	/* bare redirect baseline */
+	JP_ACT_DROP = 6,	/* dropped; the reason is counted in drop[] too */
+	JP_ACT__COUNT = 7,
+};
+
+/* Which program counted: the key of jp_counters. Mirror of bpf.Program. */
+enum jp_prog {
+	JP_PROG_TC_JOIN = 0,		/* jp_tc_join: tc ingress of a join link, encapsulates */
+	JP_PROG_TC_BACKBONE = 1,	/* jp_tc_backbone: tc ingress of the backbone, decapsulates */
+	JP_PROG_XDP_JOIN = 2,		/* jp_xdp_join: XDP variant of the encapsulation */
+	JP_PROG_GUARD = 3,		/* jp_guard: XDP join-port rate guard */
+	JP_PROG_BARE_REDIRECT = 4,	/* jp_bare_redir: benchmark baseline */
+	JP_PROG__COUNT = 5,
+};
+
+/* jp_counters (PERCPU_ARRAY, key enum jp_prog): one row per program, one named slot per
+ * action and per drop reason. Userspace sums the rows over CPUs; only the kernel writes. */
+struct jp_counters {
+	__u64 action[JP_ACT__COUNT];
+	__u64 drop[JP_DROP__COUNT];
+};
+
+#define JP_MAX_PORTS 4
+#define JP_MAX_JOIN_LINKS 256	/* entries of jp_join_cfg, jp_bb_addrs and jp_nh_cache */
+#define JP_GUARD_MAX_PORTS 8
+
+/* IPIP protocol numbers: 41 is IPv6-in-IPv6 (RFC 2473, what the BRSKI drafts say), 98 is
+ * ENCAP (RFC 1241, named by the enrollment roadmap). */
+#define JP_IPPROTO_IPV6 41
+#define JP_IPPROTO_ENCAP 98
+
+/* jp_join_cfg (HASH, key: __u32 join ifindex): one entry per join link served by IPIP. */
+struct jp_join_cfg {
+	__u8 registrar_ll[16];	/* the link-local address announced to pledges (proxy ND) */
+	__u8 outer_src[16];	/* the proxy's backbone address for this join link */
+	__u8 outer_dst[16];	/* the registrar's backbone (ACP) address */
+	__u32 backbone_ifindex;
+	__u16 ports[JP_MAX_PORTS];	/* TCP/UDP destination ports relayed; 0 = unused */
+	__u8 proto;		/* outer next header: 41 or 98 */
+	__u8 pad[3];
+	__u32 generation;	/* changes with every write: invalidates jp_nh_cache entries */
+	__u32 nh_slot;		/* this link's entry in jp_nh_cache (< JP_MAX_JOIN_LINKS) */
+};
+
+/* jp_nh_cache (PERCPU_ARRAY, index jp_join_cfg.nh_slot; an array so the verifier inlines
+ * the lookup): the XDP encapsulation's next hop as
+ * bpf_fib_lookup gave it, reused for JP_NH_TTL_NS (a FIB lookup costs more than the rest of
+ * the program). Written by the kernel only; per CPU, so without races. */
+struct jp_nexthop {
+	__u64 expires;		/* bpf_ktime_get_coarse_ns() after which it is looked up again */
+	__u32 generation;	/* jp_join_cfg.generation it was resolved for */
+	__u32 ifindex;		/* egress device (the backbone) */
+	__u32 mtu;		/* route MTU towards the registrar */
+	__u8 dmac[6];
+	__u8 smac[6];
+};
+
+/* A neighbour change is seen within this. Both programs read the coarse clock (tick
+ * resolution): bpf_ktime_get_ns() reads the TSC, which cost a third of the XDP encapsulation
+ * on a VM, and neither a cache lifetime nor a token bucket needs better than a tick. */
+#define JP_NH_TTL_NS 100000000ULL
+
+/* A raw IPv6 address as a map key (jp_bb_addrs, jp_registrars). */
+struct jp_addr {
+	__u8 addr[16];
+};
+
+/* jp_bb_addrs (HASH, key struct jp_addr = the outer destination): which join link an IPIP
+ * packet from the registrar belongs to. */
+struct jp_bb_addr {
+	__u32 join_ifindex;
+};
+
+/* jp_registrars (HASH, key struct jp_addr = outer source): registrars allowed to send IPIP. */
+struct jp_registrar {
+	__u32 flags;	/* reserved, 0 */
+};
+
+/* jp_guard_cfg (ARRAY, one entry). */
+struct jp_guard_cfg {
+	__u64 rate_pps;		/* tokens added per second; 0 turns the guard off */
+	__u64 burst;		/* bucket depth in packets (>= 1 when rate_pps > 0) */
+	__u16 ports[JP_GUARD_MAX_PORTS];	/* join ports, TCP and UDP; 0 = unused */
+};
+
+/* jp_guard_bkt (LRU_HASH): one token bucket per (source, ingress interface). IPv4 sources
+ * are stored v4-mapped (::ffff:a.b.c.d) so one key type serves both families. */
+struct jp_guard_key {
+	__u8 addr[16];
+	__u32 ifindex;
+};
+
+/* Tokens are fixed point: JP_TOKEN_ONE units make one packet, so refill is
+ * elapsed_ns * rate_pps with no division and no floats. */
+#define JP_TOKEN_ONE 1000000000ULL
+
+struct jp_guard_bucket {
+	__u64 tokens;	/* in 1/JP_TOKEN_ONE packets */
+	__u64 last_ns;	/* bpf_ktime_get_coarse_ns() of the last refill */
+};
+
+/* jp_bare_cfg (ARRAY, one entry): the baseline's target; 0 makes it a counting sink. */
+struct jp_bare_cfg {
+	__u32 ifindex;
+};
+
+/* ---- BPF side only: the counters map every object declares the same way, and the one
+ * function that counts. With pinning, libbpf reuses one pinned jp_counters for all objects;
+ * without it each object has its own. Either way each row is written by one program only. */
+#if defined(__bpf__)
+#include <bpf/bpf_helpers.h>
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, JP_PROG__COUNT);
+	__type(key, __u32);
+	__type(value, struct jp_counters);
+} jp_counters SEC(".maps");
+
+/* Count one verdict: the action, and for a drop its reason. Per-CPU rows, so a plain
+ * increment is exact (BPF programs do not migrate while they run). */
+static __always_inline void jp_count(__u32 prog, __u32 action, __u32 reason)
+{
+	struct jp_counters *c = bpf_map_lookup_elem(&jp_counters, &prog);
+
+	if (!c)
+		return;
+	if (action < JP_ACT__COUNT)
+		c->action[action]++;
+	if (action == JP_ACT_DROP && reason < JP_DROP__COUNT)
+		c->drop[reason]++;
+}
+#endif /* __bpf__ */
+
+#endif /* JOINPROXY_H */
