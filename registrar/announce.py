@@ -10,6 +10,11 @@
 The locator address, per interface: ``[announce] address`` if set; else a listen address on
 that interface (by zone or by address); else the interface's first global/ULA address; else its
 link-local one.
+
+With ``[ipip]`` on, the flood also carries ``[O_IPv6_LOCATOR, <ipip link-local>, 41, nil]``
+(and/or 98), as in RFC 8995 §4.3, and its initiator is the address IPIP proxies encapsulate
+to (BRSKI drafts App. C): ``[ipip] address``, else the TCP locator address. Without IPIP the
+initiator stays the interface's link-local address (DULL GRASP).
 """
 
 from __future__ import annotations
@@ -93,25 +98,28 @@ class GraspFlooder:
     """Periodic AN_join_registrar floods on one interface."""
 
     def __init__(self, iface: InterfaceAddresses, locator: ipaddress.IPv6Address, port: int,
-                 period: float) -> None:
+                 period: float, *, extra_locators: tuple[grasp.IPv6Locator, ...] = (),
+                 initiator: ipaddress.IPv6Address | None = None) -> None:
         if not iface.link_local:
             raise OSError(f"interface {iface.name} has no link-local address for GRASP")
         self.iface = iface
-        self.initiator = iface.link_local[0]
+        self.initiator = initiator or iface.link_local[0]
         self.locator = grasp.IPv6Locator(locator, grasp.IPPROTO_TCP, port)
+        self.locators = (self.locator, *extra_locators)
         self.period = period
         self.sent = 0
         self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, iface.index)
         self._sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
-        # From the link-local address: the flood's initiator, and what DULL GRASP expects.
-        self._sock.bind((str(self.initiator), 0, 0, iface.index))
+        # From the link-local address: what DULL GRASP expects (and, without IPIP, the
+        # flood's initiator).
+        self._sock.bind((str(iface.link_local[0]), 0, 0, iface.index))
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
     def message(self) -> bytes:
-        flood = grasp.registrar_flood(os.urandom, self.initiator, [self.locator],
+        flood = grasp.registrar_flood(os.urandom, self.initiator, list(self.locators),
                                       value=GRASP_OBJECTIVE_VALUE)
         return flood.encode()
 
@@ -148,8 +156,10 @@ class GraspFlooder:
 class Announcer:
     """Everything the registrar announces, started once its listeners are bound."""
 
-    def __init__(self, config: RegistrarConfig) -> None:
+    def __init__(self, config: RegistrarConfig, *,
+                 ipip_link_local: ipaddress.IPv6Address | None = None) -> None:
         self.config = config
+        self.ipip_link_local = ipip_link_local  # set when [ipip] is on (resolved address)
         self.flooders: list[GraspFlooder] = []
         self._zeroconf: AsyncZeroconf | None = None
         self._info: ServiceInfo | None = None
@@ -169,14 +179,32 @@ class Announcer:
                 log.warning("grasp_period %.3g s is below the %d s RFC 8995 §4.3 recommends",
                             cfg.grasp_period, MIN_RECOMMENDED_PERIOD)
             for iface in ifaces:
-                flooder = GraspFlooder(iface, locators[iface.name], cfg.announce_port,
-                                       cfg.grasp_period)
+                locator = locators[iface.name]
+                extra, initiator = self._ipip_announcement(locator)
+                flooder = GraspFlooder(iface, locator, cfg.announce_port, cfg.grasp_period,
+                                       extra_locators=extra, initiator=initiator)
                 flooder.start()
                 self.flooders.append(flooder)
-                log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d",
-                         iface.name, cfg.grasp_period, locators[iface.name], cfg.announce_port)
+                log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d%s",
+                         iface.name, cfg.grasp_period, locator, cfg.announce_port,
+                         "".join(f", IPIP [{x.address}] protocol {x.protocol} to {initiator}"
+                                 for x in extra))
         if cfg.mdns:
             await self._start_mdns(ifaces, locators)
+
+    def _ipip_announcement(self, locator: ipaddress.IPv6Address,
+                           ) -> tuple[tuple[grasp.IPv6Locator, ...], ipaddress.IPv6Address | None]:
+        """The IPIP locators (none without IPIP) and the initiator to flood with them."""
+        ipip = self.config.ipip
+        if self.ipip_link_local is None or not ipip.enabled:
+            return (), None
+        extra = tuple(grasp.IPv6Locator(self.ipip_link_local, protocol, None)
+                      for protocol in ipip.protocols)
+        initiator = ipip.address or locator
+        if initiator.is_link_local:
+            log.warning("IPIP: announcing link-local %s as the address to encapsulate to; "
+                        "set [ipip] address to the registrar's backbone address", initiator)
+        return extra, initiator
 
     async def _start_mdns(self, ifaces: list[InterfaceAddresses],
                           locators: dict[str, ipaddress.IPv6Address]) -> None:

@@ -1,8 +1,16 @@
-"""brski-registrar: run the registrar (see ``registrar.config`` for the configuration keys)."""
+"""brski-registrar: run the registrar (see ``registrar.config`` for the configuration keys).
+
+    brski-registrar --config registrar.toml [--check-config] [--ipip]
+
+``--ipip`` turns on the termination of the stateless IPIP join proxy (``[ipip]`` in the
+configuration, documented in ``registrar.ipip_config``; the protocol in ``registrar.ipip``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import functools
 import sys
 
 from . import service
@@ -11,30 +19,51 @@ from .app import make_app, tls_context
 from .config import RegistrarConfig, load_registrar_config
 from .context import Registrar
 from .domain_ca import DomainCA
+from .ipip import IpipService
 from .masa_client import MasaClient
 from .store import Store
 from .web import serve
 
+DESCRIPTION = ("BRSKI registrar with EST and a domain CA. --ipip: also terminate the stateless "
+               "IPIP join proxy (the [ipip] configuration table)")
+
 
 async def run(config: RegistrarConfig) -> None:
+    # Resolved first: a missing [ipip] link_local is a configuration error (exit 1).
+    ipip = IpipService.from_config(config) if config.ipip.enabled else None
     with Store(config.store_path, "registrar") as store:
         ca = DomainCA(config.ca_cert, config.ca_key,
                       validity=datetime.timedelta(days=config.ldevid_days),
                       subject_policy=config.ldevid_subject)
         masa = MasaClient(config)
         await masa.start()
-        announcer = Announcer(config)
+        announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None)
+
+        async def started() -> None:
+            # Tunnels before announcements: a proxy that hears the flood can use them at once.
+            if ipip is not None:
+                await ipip.start()
+            await announcer.start()
+
         try:
             await serve(make_app(Registrar(config, store, masa, ca)), config.listen,
-                        tls_context(config), "registrar", on_started=announcer.start)
+                        tls_context(config), "registrar", on_started=started)
         finally:
             await announcer.stop()
+            # After the listeners closed: connections on the TUN devices got their last
+            # segments out through them.
+            if ipip is not None:
+                await ipip.stop()
             await masa.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return service.main("brski-registrar", "BRSKI registrar with EST and a domain CA",
-                        load_registrar_config, run, argv)
+    # --ipip is the registrar's own switch; the shared service parser knows the rest.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ipip", action="store_true")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    load = functools.partial(load_registrar_config, ipip=known.ipip)
+    return service.main("brski-registrar", DESCRIPTION, load, run, rest)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ Every key, its default and its meaning. Relative paths are relative to the confi
                                   # else its link-local one)
     instance = "registrar"        # mDNS instance name (default: "registrar-<hostname>")
 
+    [ipip]                        # terminating the stateless IPIP join proxy (off by default;
+    enabled = false               # `brski-registrar --ipip` turns it on): every key, and how a
+                                  # proxy must encapsulate, in registrar.ipip_config and
+                                  # registrar.ipip
+
     [log]
     level = "info"                # debug, info, warning or error (to stderr)
 """
@@ -63,6 +68,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from .ipip_config import IpipConfig, load_ipip_config
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -125,14 +131,16 @@ class RegistrarConfig:
     announce_address: ipaddress.IPv6Address | None
     mdns_instance: str
     log_level: int
+    ipip: IpipConfig = field(default_factory=IpipConfig)
 
     @property
     def server_cert(self) -> x509.Certificate:
         return self.tls_chain[0]
 
 
-def load_registrar_config(path: Path) -> RegistrarConfig:
-    """Read and check the whole file, including every certificate and key it names."""
+def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
+    """Read and check the whole file, including every certificate and key it names.
+    ``ipip``: turn ``[ipip]`` on whatever the file says (the ``--ipip`` switch)."""
     root = read_toml(path)
     server = root.table("server", required=True)
     listen = server.listen("listen", [f"[::]:{DEFAULT_PORT}"])
@@ -197,6 +205,7 @@ def load_registrar_config(path: Path) -> RegistrarConfig:
     instance = ann.string("instance", f"registrar-{socket.gethostname()}")
     ann.finish()
 
+    ipip_config = load_ipip_config(root, listen, force=ipip)
     level = log_level(root)
     root.finish()
     return RegistrarConfig(
@@ -208,7 +217,7 @@ def load_registrar_config(path: Path) -> RegistrarConfig:
         masa_timeout=timeout, retry_after=retry_after, masa_overrides=overrides,
         store_path=store_path, announce_interfaces=interfaces, grasp=grasp,
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
-        mdns_instance=instance, log_level=level,
+        mdns_instance=instance, log_level=level, ipip=ipip_config,
     )
 
 

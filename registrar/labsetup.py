@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .tomlconfig import parse_host_port
@@ -50,6 +50,7 @@ def write_configs(
     masa_timeout: float = 10.0,
     nonceless: bool = False,
     log_level: str = "info",
+    ipip: Mapping[str, object] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``registrar.toml`` and ``masa.toml`` into ``out_dir``; return their paths.
 
@@ -75,6 +76,10 @@ def write_configs(
     claim any device. ``enroll_serials``: registrar allowlist (None: every device of the
     manufacturer). ``retry_after``: Retry-After while the MASA is unreachable.
     ``nonceless``: the MASA accepts nonceless voucher-requests.
+
+    ``ipip``: write an ``[ipip]`` table (``enabled = true`` unless given) with these keys, e.g.
+    ``{"link_local": "fe80::b:2", "protocols": [41, 98], "proxies": ["fd4a:5044::1"]}``
+    (keys in ``registrar.ipip_config``); it needs a ``[::]:port`` listen address.
 
     Databases go to ``out_dir/registrar.db`` and ``out_dir/masa.db``; the registrar's TLS chain
     (registrar certificate then domain CA) to ``out_dir/registrar-chain.pem``, the MASA's
@@ -141,6 +146,9 @@ def write_configs(
     ]
     if announce_address:
         registrar.append(f"address = {_q(announce_address)}")
+    if ipip is not None:
+        registrar += ["", "[ipip]", *(f"{key} = {_value(value)}"
+                                      for key, value in {"enabled": True, **ipip}.items())]
     registrar += ["", "[log]", f"level = {_q(log_level)}", ""]
 
     if devices is None:
@@ -212,3 +220,14 @@ def _list(values: Sequence[object]) -> str:
 
 def _bool(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _value(value: object) -> str:
+    """A TOML value for a bool, number, string or list of those."""
+    if isinstance(value, bool):
+        return _bool(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return _q(value)
