@@ -5,15 +5,16 @@
  *   jp_tc_join      tc ingress of a join link. A pledge's TCP/UDP packet to the registrar's
  *                   announced link-local address and a join port is wrapped in an outer IPv6
  *                   header (proxy backbone address for this join link -> registrar) and sent
- *                   out of the backbone with bpf_redirect_neigh, which resolves the next hop's
- *                   MAC in the kernel. This is the working path.
+ *                   out of the backbone: with the next hop's MACs from jp_nh_cache and a plain
+ *                   bpf_redirect when they are known, else with bpf_redirect_neigh, which
+ *                   routes and resolves in the kernel. This is the working path.
  *   jp_tc_backbone  tc ingress of the backbone. IPIP (next header 41 or 98) from an allowed
  *                   registrar to one of the per-join-link backbone addresses is unwrapped and
  *                   sent out of that join link, again with bpf_redirect_neigh.
- *   jp_xdp_join     XDP variant of jp_tc_join: bpf_fib_lookup supplies the MACs and the route
- *                   MTU, cached per CPU for 100 ms (jp_nh_cache); when the kernel has no
- *                   neighbour entry yet it passes the packet on to jp_tc_join (counted as
- *                   "fallback"), whose redirect resolves it. Runs tail-called from jp_guard.
+ *   jp_xdp_join     XDP variant of jp_tc_join, with the MACs and route MTU of jp_nh_cache
+ *                   (bpf_fib_lookup answers, kept per CPU for 100 ms); without a known next
+ *                   hop it passes the packet on to jp_tc_join (counted as "fallback"), whose
+ *                   redirect resolves it. Runs tail-called from jp_guard.
  *
  * No per-pledge state: the pledge's address travels in the inner header (habit 14).
  * Everything not addressed to us passes untouched; every drop is counted by reason.
@@ -127,13 +128,74 @@ static __always_inline void outer_header(struct ipv6hdr *o, const struct jp_join
 	__builtin_memcpy(&o->daddr, cfg->outer_dst, 16);
 }
 
+/* ------------------------------------------------------------------ next hop -- */
+
+/* Route the outer packet as the host would send it, out of the backbone: MACs from the
+ * first lookup, the route MTU from a second one that asks for an impossible length (the
+ * helper reports the MTU only when a length exceeds it). bpf_fib_lookup needs IPv6
+ * forwarding on the backbone device; without it there is no cached next hop, and the tc
+ * program lets bpf_redirect_neigh route each packet instead. */
+static __always_inline void resolve_nexthop(void *ctx, const struct jp_join_cfg *cfg,
+					    struct jp_nexthop *nh, __u64 now)
+{
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	/* An answer, good or bad, is kept for JP_NH_TTL_NS; ifindex 0 means "none". */
+	nh->expires = now + JP_NH_TTL_NS;
+	nh->generation = cfg->generation;
+	nh->ifindex = 0;
+
+	fib.family = AF_INET6;
+	fib.l4_protocol = cfg->proto;
+	fib.ifindex = cfg->backbone_ifindex;
+	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
+	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->backbone_ifindex)
+		return;
+	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = AF_INET6;
+	fib.l4_protocol = cfg->proto;
+	fib.ifindex = cfg->backbone_ifindex;
+	fib.tot_len = 0xffff;
+	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
+	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	nh->mtu = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;
+	nh->ifindex = cfg->backbone_ifindex;
+}
+
+/* This CPU's next hop for a join link's outer packets, looked up again when it is older than
+ * JP_NH_TTL_NS or the configuration changed; NULL when the kernel cannot tell yet (no
+ * neighbour entry, no route, forwarding off). The coarse clock: the TSC read of
+ * bpf_ktime_get_ns() cost a third of the XDP program on a VM. */
+static __always_inline struct jp_nexthop *nexthop(void *ctx, const struct jp_join_cfg *cfg)
+{
+	__u32 slot = cfg->nh_slot;
+	struct jp_nexthop *nh = bpf_map_lookup_elem(&jp_nh_cache, &slot);
+	__u64 now;
+
+	if (!nh)
+		return NULL;	/* a slot out of range: the slow paths still work */
+	now = bpf_ktime_get_coarse_ns();
+	if (now > nh->expires || nh->generation != cfg->generation)
+		resolve_nexthop(ctx, cfg, nh, now);	/* per CPU: nobody else writes it */
+	return nh->ifindex ? nh : NULL;
+}
+
 /* ---------------------------------------------------------------- join side, tc -- */
 
 static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 {
 	__u32 ifindex = skb->ifindex;
 	struct jp_join_cfg *cfg;
+	struct jp_nexthop *nh;
 	struct ipv6hdr ip6, outer;
+	__u8 macs[2 * ETH_ALEN];
 	__u16 ports[2];
 	__u32 l3_len, mtu_len = 0;
 	long rc;
@@ -177,9 +239,21 @@ static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 		*reason = JP_DROP_SEND_ERROR;	/* grown: never pass it on */
 		return JP_ACT_DROP;
 	}
-	/* No next hop given: the kernel routes the outer destination out of the backbone (an
-	 * on-link registrar or a router) and resolves the MAC, queueing behind ND if needed. */
-	rc = bpf_redirect_neigh(cfg->backbone_ifindex, NULL, 0, 0);
+	nh = nexthop(skb, cfg);
+	if (nh) {
+		/* the cached next hop: write the MACs, a plain redirect, no route lookup */
+		__builtin_memcpy(macs, nh->dmac, ETH_ALEN);
+		__builtin_memcpy(macs + ETH_ALEN, nh->smac, ETH_ALEN);
+		if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0) {
+			*reason = JP_DROP_SEND_ERROR;
+			return JP_ACT_DROP;
+		}
+		rc = bpf_redirect(nh->ifindex, 0);
+	} else {
+		/* The kernel routes the outer destination out of the backbone (an on-link
+		 * registrar or a router) and resolves the MAC, queueing behind ND if needed. */
+		rc = bpf_redirect_neigh(cfg->backbone_ifindex, NULL, 0, 0);
+	}
 	if (rc != TC_ACT_REDIRECT) {
 		*reason = JP_DROP_SEND_ERROR;
 		return JP_ACT_DROP;
@@ -290,42 +364,6 @@ int jp_tc_backbone(struct __sk_buff *skb)
 
 /* --------------------------------------------------------------- join side, XDP -- */
 
-/* Route the outer packet as the host would send it, out of the backbone: MACs from the
- * first lookup, the route MTU from a second one that asks for an impossible length (the
- * helper reports the MTU only when a length exceeds it). bpf_fib_lookup needs IPv6
- * forwarding on the backbone device; without it every packet falls back to tc. */
-static __always_inline long resolve_nexthop(struct xdp_md *ctx, const struct jp_join_cfg *cfg,
-					    struct jp_nexthop *nh, __u64 now)
-{
-	struct bpf_fib_lookup fib = {};
-	long rc;
-
-	fib.family = AF_INET6;
-	fib.l4_protocol = cfg->proto;
-	fib.ifindex = cfg->backbone_ifindex;
-	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
-	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->backbone_ifindex)
-		return rc != BPF_FIB_LKUP_RET_SUCCESS ? rc : BPF_FIB_LKUP_RET_NOT_FWDED;
-	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
-	nh->ifindex = fib.ifindex;
-	nh->generation = cfg->generation;
-	nh->expires = now + JP_NH_TTL_NS;
-
-	__builtin_memset(&fib, 0, sizeof(fib));
-	fib.family = AF_INET6;
-	fib.l4_protocol = cfg->proto;
-	fib.ifindex = cfg->backbone_ifindex;
-	fib.tot_len = 0xffff;
-	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
-	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
-	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-	nh->mtu = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;
-	return BPF_FIB_LKUP_RET_SUCCESS;
-}
-
 static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *egress)
 {
 	void *data = (void *)(long)ctx->data;
@@ -336,9 +374,7 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 	struct ethhdr *eth = data;
 	struct ipv6hdr *ip6, *outer;
 	__u16 *ports;
-	__u32 l3_len, slot;
-	__u64 now;
-	long rc;
+	__u32 l3_len;
 
 	cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
 	if (!cfg)
@@ -364,20 +400,9 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 		return JP_ACT_DROP;
 	}
 
-	slot = cfg->nh_slot;
-	nh = bpf_map_lookup_elem(&jp_nh_cache, &slot);
+	nh = nexthop(ctx, cfg);
 	if (!nh)
-		return JP_ACT_FALLBACK;	/* a slot out of range: the tc path still works */
-	now = bpf_ktime_get_coarse_ns();
-	if (now > nh->expires || nh->generation != cfg->generation) {
-		/* resolved into the per-CPU entry in place: nobody else writes it */
-		rc = resolve_nexthop(ctx, cfg, nh, now);
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-			nh->generation = 0;	/* look it up again next time */
-			nh->expires = 0;
-			return JP_ACT_FALLBACK;	/* no neighbour yet, no route, forwarding off */
-		}
-	}
+		return JP_ACT_FALLBACK;	/* jp_tc_join's redirect_neigh resolves it */
 	if (l3_len + IP6_HLEN > nh->mtu) {
 		*reason = JP_DROP_OVERSIZED;
 		return JP_ACT_DROP;

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -358,9 +359,11 @@ def ifindex_in(ns: str, dev: str) -> int:
     return json.loads(sh("ip", "-n", ns, "-j", "link", "show", "dev", dev))[0]["ifindex"]
 
 
-@pytest.mark.parametrize("proto", [41, 98])
-def test_ipip_relay_end_to_end(as_root: None, proto: int) -> None:
-    """pledge --join0--> proxy (guard + tc encap) --bb0--> registrar raw socket, and back."""
+@pytest.mark.parametrize(("proto", "forwarding"), [(41, False), (98, False), (41, True)])
+def test_ipip_relay_end_to_end(as_root: None, proto: int, forwarding: bool) -> None:
+    """pledge --join0--> proxy (guard + tc encap) --bb0--> registrar raw socket, and back.
+    Without IPv6 forwarding on bb0 every packet takes bpf_redirect_neigh; with it, once the
+    kernel knows the registrar's MAC, the cached next hop and a plain redirect."""
     pledge, proxy, registrar = (new_namespace(p) for p in ("jpep", "jpex", "jper"))
     try:
         sh("ip", "link", "add", "p0", "netns", pledge, "type", "veth", "peer", "name", "join0",
@@ -378,6 +381,8 @@ def test_ipip_relay_end_to_end(as_root: None, proto: int) -> None:
         # locally sent UDP crosses a veth with its checksum still to be filled in
         # (platform.md, veth gotchas): have the pledge's veth fill it in
         sh("ip", "netns", "exec", pledge, "ethtool", "-K", "p0", "tx", "off")
+        if forwarding:
+            sh("ip", "netns", "exec", proxy, "sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1")
 
         with BpfDatapath.open(pin_dir=None, netns=proxy) as dp:
             join0, bb0 = dp.ifindex("join0"), dp.ifindex("bb0")
@@ -414,6 +419,18 @@ def test_ipip_relay_end_to_end(as_root: None, proto: int) -> None:
                 raw.sendto(bytes(answer), ("fd4a:5044::1:1", 0))
                 data, sender = udp.recvfrom(4096)
                 assert (data, sender[0], sender[1]) == (b"voucher", "fe80::1234", 5684)
+
+                # once the cached (negative) answer has expired, the next hop is known
+                time.sleep(0.15)
+                udp.sendto(b"again", ("fe80::1234", 5684, 0, p0))
+                inner, _ = raw.recvfrom(4096)
+                assert bytes(IPv6(inner)[UDP].payload) == b"again"
+                r0_mac = json.loads(sh("ip", "-n", registrar, "-j", "link", "show", "dev",
+                                       "r0"))[0]["address"]
+                if forwarding:
+                    assert dp.nexthops()[join0]["dmac"] == r0_mac
+                else:
+                    assert dp.nexthops() == {}, "no FIB answers without forwarding"
 
             counts = {k: v for k, v in dp.counters().items() if v}
             assert counts[(Program.TC_JOIN.value, "encap")] >= 1

@@ -1235,6 +1235,27 @@ class BpfDatapath:
         return {(program.value, reason.value): row.drop[i]
                 for program, row in self._rows().items() for i, reason in enumerate(DropReason)}
 
+    def nexthops(self) -> dict[int, dict[str, Any]]:
+        """Join ifindex -> the backbone next hop the IPIP programs use without a route lookup
+        ({"ifindex", "dmac", "smac", "mtu"}), for links where some CPU has one cached."""
+        lib = libbpf()
+        out: dict[int, dict[str, Any]] = {}
+        with self._lock:
+            if self._closed or "ipip" not in self._objects:
+                return out
+            fd = self._map("ipip", "jp_nh_cache")
+            for ifindex, slot in self._slots.items():
+                per_cpu = (NexthopC * lib.ncpus)()
+                _check(lib.bpf_map_lookup_elem(fd, ctypes.byref(u32(slot)),
+                                               ctypes.byref(per_cpu)), "read jp_nh_cache")
+                known = [nh for nh in per_cpu if nh.ifindex]
+                if known:
+                    nh = max(known, key=lambda n: n.expires)
+                    out[ifindex] = {"ifindex": nh.ifindex, "mtu": nh.mtu,
+                                    "dmac": ":".join(f"{b:02x}" for b in nh.dmac),
+                                    "smac": ":".join(f"{b:02x}" for b in nh.smac)}
+        return out
+
     def kernel_drops(self, programs: Iterable[Program] = IPIP_PROGRAMS) -> dict[str, int]:
         """Drops by DropReason value over the given programs, for RelayMode.kernel_drops."""
         wanted = {Program(p).value for p in programs}
@@ -1261,6 +1282,7 @@ class BpfDatapath:
                                   "registrar": j.registrar, "proto": j.proto,
                                   "ports": list(j.ports)} for i, j in self._state.ipip.items()},
                 "ipip_xdp": self._state.ipip_xdp,
+                "nexthops": {str(i): nh for i, nh in self.nexthops().items()},
             }
 
     # -- BPF_PROG_TEST_RUN --------------------------------------------------------------
