@@ -1,0 +1,333 @@
+"""IPIP join proxy: packets per second through the encapsulation, against a bare XDP redirect
+and against a user-space relay doing the same job.
+
+    sudo .venv/bin/python bench/ipip_pps.py [--seconds 1.0] [--rounds 3] [--quick]
+
+Three namespaces: gen --veth-- proxy (join0 | bb0) --veth-- reg. Every frame is a 64-byte
+UDP datagram from a pledge (fe80::1:1) to the registrar's announced link-local address
+(fe80::1234) on the join port. reg's end runs jp_bare_redir as a counting sink (a veth only
+takes redirected frames when its peer runs XDP). Four paths, each measured once per round,
+the order rotated between rounds; medians (min-max) over rounds, ratios paired per round:
+
+  bare-redirect  jp_bare_redir run in proxy with BPF_F_TEST_XDP_LIVE_FRAMES, as if received
+                 on join0, redirected unmodified to bb0: the cost of moving a frame at all.
+  xdp-encap      jp_xdp_join the same way: FIB lookup, 40 bytes pushed, outer header, redirect.
+                 Live-frame mode recycles pages without restoring their bytes, and the
+                 encapsulation overwrites the frame's first 14 bytes with the end of the outer
+                 header, i.e. the last 14 bytes of the registrar's address; the registrar here
+                 is fd4a:5044::86dd so a recycled page still reads as the same IPv6 frame.
+  tc-encap       frames generated live in gen and redirected into its veth, so they arrive on
+                 join0 as real traffic: jp_guard (XDP) -> skb -> jp_tc_join -> bpf_redirect_neigh
+                 to bb0. pps = encapsulations counted / wall time. Generator, guard, skb
+                 allocation, tc and both veth hops share one CPU. (A repeat-count test run of a
+                 tc program re-runs it on the same, already encapsulated skb: it would measure
+                 the pass path, so it is not used.)
+  userspace      the same generated traffic read on join0 by a Python relay (AF_PACKET socket,
+                 same match as the program) that sends the inner packet through a raw IPv6
+                 socket of protocol 41, the kernel adding the outer header; tc is detached.
+                 It runs on the other CPU.
+
+Targets: xdp-encap >= 0.9 x bare-redirect; tc-encap >= 10 x userspace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from joinproxyd.kernel.bpf import DEFAULT_OBJ_DIR, BpfDatapath, IpipJoin, Program
+
+PLEDGE, REG_LL, PORT = "fe80::1:1", "fe80::1234", 5684
+OUTER_SRC, REGISTRAR = "fd4a:5044::1:1", "fd4a:5044::86dd"
+CLONE_NEWNET = 0x40000000
+ETH_P_IPV6 = 0x86DD
+PATHS = ("bare-redirect", "xdp-encap", "tc-encap", "userspace")
+GENERATOR_CHUNK = 200_000  # frames per live-frame run of the generator
+
+
+def sh(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """This thread in namespace `name` (test runs look their ingress ifindex up there)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+        yield
+    finally:
+        libc.setns(saved, CLONE_NEWNET)
+        os.close(saved)
+        os.close(target)
+
+
+def ipv6_udp_frame(dst_mac: bytes, src_mac: bytes) -> bytes:
+    """64 bytes: Ethernet, IPv6 pledge -> registrar LL, UDP to the join port, 2 bytes."""
+    payload = b"jp"
+    udp_len = 8 + len(payload)
+    src, dst = socket.inet_pton(socket.AF_INET6, PLEDGE), socket.inet_pton(socket.AF_INET6, REG_LL)
+    pseudo = src + dst + udp_len.to_bytes(4, "big") + b"\0\0\0\x11"
+    udp = (40001).to_bytes(2, "big") + PORT.to_bytes(2, "big") + udp_len.to_bytes(2, "big")
+    total = sum(int.from_bytes(w, "big") for w in _words(pseudo + udp + b"\0\0" + payload))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    udp += ((~total & 0xFFFF) or 0xFFFF).to_bytes(2, "big") + payload
+    ip6 = b"\x60\0\0\0" + udp_len.to_bytes(2, "big") + b"\x11\x40" + src + dst
+    return dst_mac + src_mac + ETH_P_IPV6.to_bytes(2, "big") + ip6 + udp
+
+
+def _words(data: bytes) -> Iterator[bytes]:
+    data += b"\0" * (len(data) % 2)
+    return (data[i:i + 2] for i in range(0, len(data), 2))
+
+
+@dataclass
+class Bench:
+    """Every figure is frames that reached reg's sink per second of wall time: a frame the
+    program handled but a veth dropped does not count."""
+
+    gen: str
+    proxy: str
+    dp_proxy: BpfDatapath
+    dp_gen: BpfDatapath
+    dp_reg: BpfDatapath
+    frame: bytes
+    join0: int
+    repeat: int
+    seconds: float
+
+    def delivered(self) -> int:
+        return self.dp_reg.counters()[(Program.BARE_REDIRECT.value, "drop")]
+
+    def live(self, dp: BpfDatapath, ns: str, program: Program, ifindex: int,
+             repeat: int) -> None:
+        with in_netns(ns):
+            dp.bench_run(program, self.frame, repeat=repeat, live=True, ifindex=ifindex)
+
+    def through(self, run: Callable[[], None]) -> float:
+        before = self.delivered()
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        return (self.delivered() - before) / elapsed
+
+    def bare_redirect(self) -> float:
+        return self.through(lambda: self.live(self.dp_proxy, self.proxy, Program.BARE_REDIRECT,
+                                              self.join0, self.repeat))
+
+    def xdp_encap(self) -> float:
+        before = self.dp_proxy.counters()[(Program.XDP_JOIN.value, "encap")]
+        pps = self.through(lambda: self.live(self.dp_proxy, self.proxy, Program.XDP_JOIN,
+                                             self.join0, self.repeat))
+        done = self.dp_proxy.counters()[(Program.XDP_JOIN.value, "encap")] - before
+        if done != self.repeat:
+            print(f"  (xdp-encap: {self.repeat - done} of {self.repeat} frames not "
+                  "encapsulated)", file=sys.stderr)
+        return pps
+
+    def generate(self) -> None:
+        """Offer frames into join0 from gen for about `seconds`."""
+        start = time.perf_counter()
+        while time.perf_counter() - start < self.seconds:
+            self.live(self.dp_gen, self.gen, Program.BARE_REDIRECT, 0, GENERATOR_CHUNK)
+
+    def tc_encap(self) -> float:
+        self.dp_proxy.attach_ipip_join(self.join0)
+        return self.through(self.generate)
+
+    def userspace(self) -> float:
+        self.dp_proxy.detach_ipip_join(self.join0)
+        relay = UserspaceRelay(self.proxy, "join0")
+        try:
+            relay.start()
+            time.sleep(0.05)
+            return self.through(self.generate)
+        finally:
+            relay.stop()
+
+
+class UserspaceRelay(threading.Thread):
+    """What a relay without BPF does: read the pledge's frame, check it is IPv6/UDP to the
+    registrar's link-local address and the join port, send the inner packet through a raw
+    socket of protocol 41 (the kernel adds the outer header)."""
+
+    def __init__(self, ns: str, ifname: str) -> None:
+        super().__init__(daemon=True)
+        with in_netns(ns):
+            self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IPV6))
+            self.rx.bind((ifname, ETH_P_IPV6))
+            self.tx = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 41)
+            self.tx.bind((OUTER_SRC, 0))
+        with contextlib.suppress(OSError):  # SO_RCVBUFFORCE: 8 MiB of backlog
+            self.rx.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+        self.rx.settimeout(0.2)
+        self.count = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        buf = bytearray(2048)
+        view = memoryview(buf)
+        reg_ll = socket.inet_pton(socket.AF_INET6, REG_LL)
+        port = PORT.to_bytes(2, "big")
+        dst = (REGISTRAR, 0)
+        while not self._halt.is_set():
+            try:
+                n = self.rx.recv_into(buf)
+            except TimeoutError:
+                continue
+            if n < 58 or buf[20] != 17 or buf[38:54] != reg_ll or buf[56:58] != port:
+                continue
+            self.tx.sendto(view[14:n], dst)
+            self.count += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        self.rx.close()
+        self.tx.close()
+
+
+def link(ns: str, dev: str) -> tuple[int, bytes]:
+    info = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "dev", dev))[0]
+    return info["ifindex"], bytes.fromhex(info["address"].replace(":", ""))
+
+
+@contextlib.contextmanager
+def topology() -> Iterator[tuple[str, str, str]]:
+    tag = secrets.token_hex(3)
+    names = (f"jpbg{tag}", f"jpbp{tag}", f"jpbr{tag}")
+    gen, proxy, reg = names
+    try:
+        for ns in names:
+            sh("ip", "netns", "add", ns)
+            for key in ("all.accept_dad", "default.accept_dad"):
+                sh("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{key}=0")
+        sh("ip", "link", "add", "g0", "netns", gen, "type", "veth", "peer", "name", "join0",
+           "netns", proxy)
+        sh("ip", "link", "add", "bb0", "netns", proxy, "type", "veth", "peer", "name", "r0",
+           "netns", reg)
+        for ns, dev in ((gen, "g0"), (proxy, "join0"), (proxy, "bb0"), (reg, "r0")):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", proxy, "addr", "add", "fe80::1/64", "dev", "join0", "nodad")
+        for addr in ("fd4a:5044::1/64", f"{OUTER_SRC}/64"):
+            sh("ip", "-n", proxy, "addr", "add", addr, "dev", "bb0", "nodad")
+        sh("ip", "-n", reg, "addr", "add", f"{REGISTRAR}/64", "dev", "r0", "nodad")
+        _, r0_mac = link(reg, "r0")
+        sh("ip", "-n", proxy, "-6", "neigh", "replace", REGISTRAR, "lladdr",
+           ":".join(f"{b:02x}" for b in r0_mac), "dev", "bb0", "nud", "permanent")
+        # bpf_fib_lookup (the XDP path) answers only for a forwarding device
+        sh("ip", "netns", "exec", proxy, "sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1")
+        yield gen, proxy, reg
+    finally:
+        for ns in names:
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def run(seconds: float, rounds: int, repeat: int, obj_dir: Path) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {p: [] for p in PATHS}
+    with topology() as (gen, proxy, reg), \
+            BpfDatapath.open(obj_dir, pin_dir=None, netns=proxy,
+                             objects=("ipip", "guard", "bare")) as dp_proxy, \
+            BpfDatapath.open(obj_dir, pin_dir=None, netns=gen, objects=("bare",)) as dp_gen, \
+            BpfDatapath.open(obj_dir, pin_dir=None, netns=reg, objects=("bare",)) as dp_reg:
+        join0, join0_mac = link(proxy, "join0")
+        bb0, _ = link(proxy, "bb0")
+        g0, g0_mac = link(gen, "g0")
+        dp_reg.set_bare_target(0)  # sink
+        dp_reg.attach_xdp("r0", Program.BARE_REDIRECT)
+        dp_gen.set_bare_target(g0)
+        dp_proxy.set_bare_target(bb0)
+        dp_proxy.set_ipip({join0: IpipJoin(registrar_ll=REG_LL, outer_src=OUTER_SRC,
+                                           registrar=REGISTRAR, backbone_ifindex=bb0,
+                                           ports=(PORT,))})
+        # the guard on join0, as on every join link; generous enough never to drop here
+        dp_proxy.set_guard(rate_pps=10_000_000, burst=1_000_000, ports=[PORT])
+        dp_proxy.attach_guard(join0)
+        frame = ipv6_udp_frame(join0_mac, g0_mac)
+        bench = Bench(gen, proxy, dp_proxy, dp_gen, dp_reg, frame, join0, repeat, seconds)
+        measure: dict[str, Callable[[], float]] = {
+            "bare-redirect": bench.bare_redirect, "xdp-encap": bench.xdp_encap,
+            "tc-encap": bench.tc_encap, "userspace": bench.userspace}
+        bench.bare_redirect()  # warm up: page pools, neighbour, caches
+        for r in range(rounds):
+            order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
+            for path in order:
+                results[path].append(measure[path]())
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        drops = {k: v for k, v in dp_proxy.drops().items() if v}
+        if drops:
+            print(f"  (drops counted in the proxy: {drops})", file=sys.stderr)
+    return results
+
+
+def fmt(values: list[float]) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:12,.0f}"
+    return f"{med:12,.0f}  ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def report(results: dict[str, list[float]], rounds: int) -> None:
+    labels = {
+        "bare-redirect": "bare XDP redirect (live frames)",
+        "xdp-encap": "XDP encap (live frames)",
+        "tc-encap": "tc encap (veth-fed, guard + tc)",
+        "userspace": "user-space relay (AF_PACKET + raw 41)",
+    }
+    print(f"\nipip_pps: 64-byte UDP frames, packets/s, medians over {rounds} round(s)")
+    for path in PATHS:
+        print(f"{labels[path]:<40}{fmt(results[path])}")
+    print()
+    for num, den, target in (("xdp-encap", "bare-redirect", ">= 0.90"),
+                             ("tc-encap", "userspace", ">= 10"),
+                             ("xdp-encap", "userspace", None),
+                             ("tc-encap", "bare-redirect", None)):
+        ratios = [n / d for n, d in zip(results[num], results[den], strict=True) if d > 0]
+        value = f"{statistics.median(ratios):.2f}" if ratios else "n/a"
+        spread = f"  ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        goal = f"  target {target}" if target else ""
+        print(f"ratio {num}/{den:<14} {value}{spread}{goal}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=1.0, help="per veth-fed measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=2_000_000, help="frames per live-frame run")
+    p.add_argument("--quick", action="store_true", help="one short round (smoke test)")
+    p.add_argument("--obj-dir", type=Path, default=DEFAULT_OBJ_DIR,
+                   help="where the built BPF objects are (to compare builds)")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("ipip_pps: run as root (it creates network namespaces)", file=sys.stderr)
+        return 1
+    if args.quick:
+        args.seconds, args.rounds, args.repeat = 0.3, 1, 300_000
+    results = run(args.seconds, args.rounds, args.repeat, args.obj_dir)
+    report(results, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
