@@ -7,9 +7,11 @@ SYSTEM_PYTHON := /usr/bin/python3
 
 APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables clang llvm \
 	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
-	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd
+	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd \
+	debhelper dh-python lintian python3-docutils python3-pip shellcheck \
+	systemd-container debootstrap zstd
 
-.PHONY: setup apt venv bpf lint test demo clean
+.PHONY: setup apt venv bpf lint test demo deb ipk clean
 
 setup: apt venv bpf
 
@@ -42,6 +44,14 @@ test: setup
 demo: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make demo: run as root (the demo creates network namespaces)" >&2; exit 1; }
 	$(VENV)/bin/joinproxy-lab demo
+
+# Debian packages (debhelper; sources in packaging/debian) into build/deb/, lintian-checked.
+deb: setup
+	@tools/build-deb.sh
+
+# OpenWrt package (packaging/openwrt) with the prebuilt BPF objects, into build/ipk/.
+ipk: setup
+	@tools/build-ipk.sh
 
 clean:
 	@$(MAKE) -s -C ebpf clean

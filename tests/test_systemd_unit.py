@@ -32,6 +32,8 @@ def test_unit_is_notify_with_watchdog_and_reload():
     service = service_section()
     assert service["Type"] == "notify"
     assert int(service["WatchdogSec"]) > 0
+    # A wedged daemon gets SIGABRT, then SIGKILL this soon; Restart= brings it back.
+    assert 0 < int(service["TimeoutAbortSec"]) <= int(service["WatchdogSec"])
     assert service["Restart"] == "on-failure"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
@@ -44,3 +46,18 @@ def test_unit_keeps_only_the_capabilities_it_needs():
                    "ProtectKernelModules", "ProtectControlGroups", "RestrictNamespaces"):
         assert service[option] == "yes", option
     assert service["ProtectSystem"] == "strict"
+
+
+def test_unit_runs_as_its_user_with_ambient_capabilities_and_bpf():
+    """Not root: the capabilities are handed over as ambient ones, and bpf() is allowed
+    (it is outside @system-service) for the XDP/tc programs; @privileged is not denied."""
+    service = service_section()
+    assert service["User"] == service["Group"] == "joinproxyd"
+    assert "DynamicUser" not in service  # pinned maps must stay its own across restarts
+    caps = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"}
+    assert set(service["CapabilityBoundingSet"].split()) == caps
+    assert set(service["AmbientCapabilities"].split()) == caps
+    filters = [line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+               if line.startswith("SystemCallFilter=")]
+    assert "bpf" in filters[0].split() and "@system-service" in filters[0].split()
+    assert not any(f.startswith("~") and "@privileged" in f for f in filters)

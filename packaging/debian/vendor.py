@@ -1,0 +1,200 @@
+#!/usr/bin/python3
+"""Which Python libraries the Debian packages take from Debian 12, and which they bring along.
+
+The programs need newer libraries than Debian 12 ships (pyroute2 0.9's AsyncIPRoute,
+cryptography >= 42 for X.509 verification, prometheus-client >= 0.17, zeroconf's current
+asyncio API, aiohttp 3.14, pycose and aiocoap which Debian lacks). Those are installed from
+the pinned wheels into a private directory, /usr/lib/brski/vendor, which only the programs'
+own wrappers put on sys.path; nothing in the system's dist-packages changes. Every other
+dependency comes from Debian, where its version works (see FROM_DEBIAN for the evidence).
+
+    vendor.py download DEST PYTHON REQUIREMENTS
+                                  make deb, before the package build: fetch the wheels of the
+                                  runtime requirements (requirements.txt above the
+                                  "# development and tests" line), their dependencies pinned to
+                                  the versions in the project's venv. Uses the index pip is
+                                  configured with; the package build itself never downloads.
+    vendor.py install WHEELS TARGET SUBSTVARS
+                                  debian/rules: install every wheel in WHEELS that is not taken
+                                  from Debian into TARGET (no index, no dependency resolution)
+                                  and write ${vendor:Depends} for the ones taken from Debian.
+    vendor.py policy REQUIREMENTS print the decision for every distribution, as JSON (tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+# Distribution (normalized name) -> (Debian 12 package, the Debian version it was checked with,
+# why Debian's copy is used). The version becomes the minimum in Depends.
+FROM_DEBIAN: dict[str, tuple[str, str, str]] = {
+    "systemd-python": ("python3-systemd", "235",
+                       "binds the system's libsystemd; 235 is the pinned version"),
+    "asn1crypto": ("python3-asn1crypto", "1.5.1", "1.5.1 is the pinned version"),
+    "attrs": ("python3-attr", "22.2.0",
+              "the project's venv (--system-site-packages) already runs on Debian's 22.2.0"),
+    "cbor2": ("python3-cbor2", "5.4.6",
+              "5.4.6 passes the protocol library's byte-exact and fuzz tests (cbor2 < 6 is "
+              "required by pycose 1.1.0)"),
+    "ecdsa": ("python3-ecdsa", "0.18.0", "pycose asks for any version"),
+    "idna": ("python3-idna", "3.3", "yarl asks for >= 2.0"),
+    "ifaddr": ("python3-ifaddr", "0.1.7",
+               "zeroconf asks for >= 0.1.7; the mDNS tests pass with it"),
+    "oscrypto": ("python3-oscrypto", "1.3.0", "certvalidator asks for >= 0.16.1"),
+    "six": ("python3-six", "1.16.0", "ecdsa asks for >= 1.9.0"),
+    "typing-extensions": ("python3-typing-extensions", "4.4.0",
+                          "aiohttp asks for >= 4.4 on Python < 3.13"),
+}
+# In requirements.txt's runtime section but not imported by any packaged program.
+NOT_PACKAGED = {
+    "scapy": "used by tests only",
+    "pyopenssl": "not imported by the daemon, the registrar or pledge-sim",
+}
+# Only joinproxyd needs python3-systemd (journald fields); it depends on it itself.
+PER_PROGRAM = {"systemd-python"}
+
+MARKER = "# development and tests"
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def runtime_requirements(requirements: Path) -> list[str]:
+    """The pinned runtime lines of requirements.txt, without those Debian provides."""
+    lines = []
+    for raw in requirements.read_text().splitlines():
+        if raw.strip() == MARKER:
+            break
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = normalize(re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0])
+        if name in FROM_DEBIAN or name in NOT_PACKAGED:
+            continue
+        lines.append(line)
+    return lines
+
+
+def wheel_name(path: Path) -> str:
+    return normalize(path.name.split("-", 1)[0])
+
+
+def download(dest: Path, python: str, requirements: Path) -> None:
+    reqs = runtime_requirements(requirements)
+    # Pin what the requirements leave open (aiohttp's multidict, ...) to what the venv runs.
+    freeze = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"],
+                            capture_output=True, text=True, check=True).stdout
+    constraints = "\n".join(line for line in freeze.splitlines()
+                            if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==", line))
+    key = hashlib.sha256("\n".join([*reqs, constraints, Path(__file__).read_text()])
+                         .encode()).hexdigest()
+    stamp = dest / ".inputs"
+    if stamp.exists() and stamp.read_text() == key and any(dest.glob("*.whl")):
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        (Path(tmp) / "constraints.txt").write_text(constraints + "\n")
+        # Binary wheels only: the build machine needs no compilers for them, and they are
+        # what the venv (same interpreter, /usr/bin/python3) was tested with.
+        done = subprocess.run(
+            [python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+             "--only-binary=:all:", "--dest", str(dest),
+             "-r", f"{tmp}/requirements.txt", "-c", f"{tmp}/constraints.txt"],
+            capture_output=True, text=True, check=False)
+    noise = re.compile(r"^WARNING: Location .* is ignored")
+    err = "\n".join(line for line in done.stderr.splitlines() if not noise.match(line))
+    if done.returncode != 0:
+        sys.exit(f"vendor.py: pip download failed:\n{err}")
+    stamp.write_text(key)
+
+
+def _check_requirements(vendored: list[Path]) -> None:
+    """Every requirement a vendored wheel has on a library taken from Debian must be met by
+    the Debian version: otherwise that library has to be vendored too."""
+    from pip._vendor.packaging.requirements import Requirement  # pip is a build dependency
+    from pip._vendor.packaging.version import Version
+
+    problems = []
+    for whl in vendored:
+        with zipfile.ZipFile(whl) as zf:
+            meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            text = zf.read(meta).decode()
+        for line in text.splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.split(":", 1)[1].strip())
+            name = normalize(req.name)
+            if name not in FROM_DEBIAN:
+                continue
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            version = FROM_DEBIAN[name][1]
+            if not req.specifier.contains(Version(version), prereleases=True):
+                problems.append(f"{whl.name} needs {req}; Debian 12 has {version}")
+    if problems:
+        sys.exit("vendor.py: " + "; ".join(problems))
+
+
+def install(wheels: Path, target: Path, substvars: Path) -> None:
+    found = sorted(wheels.glob("*.whl"))
+    if not found:
+        sys.exit(f"vendor.py: no wheels in {wheels} (tools/build-deb.sh downloads them)")
+    vendored = [w for w in found if wheel_name(w) not in FROM_DEBIAN]
+    _check_requirements(vendored)
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}  # no index, no constraints of the host
+    for key in [k for k in env if k.startswith("PIP_") and k != "PIP_CONFIG_FILE"]:
+        del env[key]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-index", "--no-deps", "--no-compile", "--no-warn-script-location",
+         "--root-user-action=ignore",
+         "--target", str(target), *map(str, vendored)], check=True, env=env)
+    # Console scripts of the libraries (cbor2's tool, ...) are not part of the programs.
+    shutil.rmtree(target / "bin", ignore_errors=True)
+    for junk in target.rglob("*"):
+        # Build inputs of compiled modules (Cython .pyx/.pxd, C sources) are not needed to
+        # run; RECORD and INSTALLER describe a pip installation that dpkg now owns.
+        if junk.is_file() and (junk.suffix in {".pyx", ".pxd", ".c", ".h"}
+                               or junk.name in {"RECORD", "INSTALLER", "REQUESTED"}):
+            junk.unlink()
+    depends = [f"{pkg} (>= {version})" for dist, (pkg, version, _) in sorted(FROM_DEBIAN.items())
+               if dist not in PER_PROGRAM]
+    with substvars.open("a") as out:
+        out.write(f"vendor:Depends={', '.join(depends)}\n")
+        # One verbatim description line per library (${Newline} is dpkg's; it indents the
+        # next line by one space, this adds the second): a long line would be cut.
+        out.write("vendor:Versions=" + "${Newline} ".join(
+            f"{w.name.split('-')[0]} {w.name.split('-')[1]}" for w in vendored) + "\n")
+
+
+def policy(requirements: Path) -> None:
+    print(json.dumps({"from_debian": {k: list(v) for k, v in FROM_DEBIAN.items()},
+                      "not_packaged": NOT_PACKAGED,
+                      "vendored": runtime_requirements(requirements)}, indent=1))
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["download"] and len(argv) == 4:
+        download(Path(argv[1]), argv[2], Path(argv[3]))
+    elif argv[:1] == ["install"] and len(argv) == 4:
+        install(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+    elif argv[:1] == ["policy"] and len(argv) == 2:
+        policy(Path(argv[1]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,472 @@
+"""Packaging: the Debian packages (make deb), the OpenWrt package (make ipk), their sources.
+
+The fast tests check the sources: the vendoring policy against what the programs import, the
+versions, control fields, man pages (rst2man and man --warnings), maintainer scripts and
+helper scripts (sh -n, shellcheck), the registrar units. The build tests run `make deb` and
+`make ipk` (both skip the work when nothing changed) and look inside what they produced:
+control fields, file lists, conffiles, the BPF objects, lintian's verdict, the procd script.
+tests/test_system_nspawn.py installs and runs the .debs under systemd.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEBIAN = REPO / "packaging/debian"
+MAN = REPO / "packaging/man"
+SYSTEMD = REPO / "packaging/systemd"
+FEED = REPO / "packaging/openwrt/joinproxyd"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+
+def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+vendor = _load("debian_vendor", DEBIAN / "vendor.py")  # the vendoring policy
+wrappers = _load("debian_wrappers", DEBIAN / "wrappers.py")  # the /usr/bin wrappers
+
+PACKAGED = {"brski": "brski-common", "daemon/joinproxyd": "joinproxyd",
+            "registrar": "brski-registrar", "pledge_sim": "pledge-sim"}
+MAN_PAGES = {"joinproxyd.8": "joinproxyd", "joinproxyctl.8": "joinproxyd",
+             "joinproxyd.toml.5": "joinproxyd", "brski-registrar.8": "brski-registrar",
+             "brski-masa.8": "brski-registrar", "brski-pki.1": "brski-registrar",
+             "brski-voucher.1": "brski-registrar", "pledge-sim.1": "pledge-sim"}
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
+
+
+# -- the vendoring policy ---------------------------------------------------------------------
+
+def third_party_imports(folder: Path) -> set[str]:
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab"}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in first_party}
+
+
+def test_every_library_the_packaged_programs_import_is_vendored_or_from_debian():
+    vendored = {vendor.normalize(re.split(r"[=<>]", line)[0])
+                for line in vendor.runtime_requirements(REPO / "requirements.txt")}
+    distributions = importlib.metadata.packages_distributions()
+    # Not on PyPI under a distribution name: Debian's own bindings.
+    debian_only = {"nftables": "python3-nftables"}
+    # Pulled in as dependencies of vendored wheels rather than named in requirements.txt.
+    transitive = {"ifaddr"}
+    for folder in PACKAGED:
+        for module in third_party_imports(REPO / folder):
+            if module in debian_only:
+                continue
+            dists = {vendor.normalize(d) for d in distributions.get(module, [module])}
+            ok = dists & (vendored | set(vendor.FROM_DEBIAN) | transitive)
+            assert ok, (f"{folder} imports {module} ({dists}): add it to requirements.txt "
+                        f"(vendored) or to FROM_DEBIAN in packaging/debian/vendor.py")
+
+
+def test_runtime_requirements_stop_at_the_development_section():
+    names = {vendor.normalize(re.split(r"[=<>]", line)[0])
+             for line in vendor.runtime_requirements(REPO / "requirements.txt")}
+    assert {"cryptography", "pyroute2", "prometheus-client", "zeroconf"} <= names
+    assert not names & {"pytest", "ruff", "hypothesis", "pytest-timeout"}
+    assert not names & set(vendor.FROM_DEBIAN)
+    assert not names & set(vendor.NOT_PACKAGED)
+
+
+def test_debian_minimums_satisfy_the_vendored_wheels(tmp_path):
+    wheels = REPO / "build/deb/wheels"
+    if not any(wheels.glob("*.whl")):
+        pytest.skip("no wheels yet (make deb fetches them)")
+    vendored = [w for w in wheels.glob("*.whl") if vendor.wheel_name(w) not in vendor.FROM_DEBIAN]
+    vendor._check_requirements(vendored)  # exits with the conflicts if there are any
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+def test_versions_agree():
+    changelog = (DEBIAN / "changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"joinproxyd ({VERSION})"), changelog
+    assert f"PKG_VERSION:={VERSION}\n" in (FEED / "Makefile").read_text()
+
+
+def control_paragraphs() -> list[dict[str, str]]:
+    paragraphs, current, key = [], {}, ""
+    for line in [*(DEBIAN / "control").read_text().splitlines(), ""]:
+        if not line.strip():
+            if current:
+                paragraphs.append(current)
+            current = {}
+        elif line[0].isspace():
+            current[key] += "\n" + line.strip()
+        else:
+            key, _, value = line.partition(":")
+            current[key] = value.strip()
+    return paragraphs
+
+
+def test_control_declares_the_four_packages():
+    source, *binaries = control_paragraphs()
+    assert source["Source"] == "joinproxyd"
+    assert "debhelper-compat (= 13)" in source["Build-Depends"]
+    packages = {p["Package"]: p for p in binaries}
+    assert set(packages) == {"brski-common", "joinproxyd", "brski-registrar", "pledge-sim"}
+    assert "${vendor:Depends}" in packages["brski-common"]["Depends"]
+    for name in ("python3-nftables", "python3-systemd", "brski-common (= ${binary:Version})"):
+        assert name in packages["joinproxyd"]["Depends"], name
+    assert "adduser" in packages["brski-registrar"]["Depends"]
+    for name in ("brski-registrar", "pledge-sim"):
+        assert packages[name]["Architecture"] == "all"
+        assert "brski-common (>= ${source:Version})" in packages[name]["Depends"]
+
+
+def test_every_packaged_console_script_has_a_wrapper_and_a_man_page():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(wrappers.PACKAGE_OF) == set(scripts) - {"joinproxy-lab"}
+    for script, package in wrappers.PACKAGE_OF.items():
+        pages = [p for p, owner in MAN_PAGES.items() if p.rsplit(".", 1)[0] == script]
+        assert pages and MAN_PAGES[pages[0]] == package, script
+    for page, package in MAN_PAGES.items():
+        listed = (DEBIAN / f"{package}.manpages").read_text().split()
+        assert f"debian/man/{page}" in listed, (page, package)
+
+
+@pytest.mark.skipif(not shutil.which("rst2man"), reason="python3-docutils missing (make setup)")
+@pytest.mark.parametrize("page", sorted(MAN_PAGES))
+def test_man_page_renders_without_warnings(page, tmp_path):
+    source = MAN / f"{page}.rst"
+    out = tmp_path / page
+    done = run(["rst2man", "--strict", "--no-generator", "--no-datestamp", str(source), str(out)])
+    assert done.returncode == 0, done.stderr
+    name, section = page.rsplit(".", 1)
+    assert re.search(rf'^\.TH "?{re.escape(name.upper())}"? "?{section}"? ', out.read_text(),
+                     re.M), out.read_text()[:500]
+    done = run(["man", "--warnings", "-E", "UTF-8", "-l", str(out)],
+               env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "MANWIDTH": "80"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "SEE ALSO" in done.stdout
+
+
+MAINTAINER_SCRIPTS = sorted(p for p in DEBIAN.iterdir()
+                            if p.suffix in (".postinst", ".postrm", ".prerm", ".preinst"))
+SHELL_SCRIPTS = [REPO / "tools/build-deb.sh", REPO / "tools/build-ipk.sh",
+                 REPO / "tools/nspawn-rootfs.sh"]
+
+
+@pytest.mark.parametrize("script", MAINTAINER_SCRIPTS + SHELL_SCRIPTS + [
+    FEED / "files/joinproxyd.init"], ids=lambda p: p.name)
+def test_shell_script_is_clean(script):
+    shell = "bash" if script.suffix == ".sh" else "sh"
+    done = run([shell, "-n", str(script)])
+    assert done.returncode == 0, done.stderr
+    if shutil.which("shellcheck"):
+        done = run(["shellcheck", "-s", shell, str(script)])
+        assert done.returncode == 0, done.stdout
+
+
+def test_registrar_postinst_makes_user_state_and_pki_before_debhelper_starts_units():
+    text = (DEBIAN / "brski-registrar.postinst").read_text()
+    assert text.index("adduser --system") < text.index("brski-pki init") \
+        < text.index("#DEBHELPER#")
+    assert "runuser -u \"$USER\"" in text and "-m 0700" in text
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in (SYSTEMD / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+@pytest.mark.parametrize("name", ["brski-registrar.service", "brski-masa.service"])
+def test_registrar_units_run_unprivileged_and_verify(name, tmp_path):
+    values = unit(name)
+    assert values["User"] == ["brski-registrar"]
+    assert values["CapabilityBoundingSet"] == [""] and values["AmbientCapabilities"] == [""]
+    assert values["StateDirectory"] == ["brski-registrar"]
+    for option in ("NoNewPrivileges", "PrivateUsers", "ProtectHome", "PrivateTmp",
+                   "PrivateDevices", "ProtectKernelTunables", "RestrictNamespaces"):
+        assert values[option] == ["yes"], option
+    assert values["ProtectSystem"] == ["strict"]
+    program = values["ExecStart"][0].split()[0]
+    copy = tmp_path / name
+    copy.write_text((SYSTEMD / name).read_text().replace(
+        program, str(Path(sys.executable).parent / Path(program).name)))
+    done = run(["systemd-analyze", "verify", "--man=no", str(copy)], timeout=60)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+
+
+def test_registrar_configuration_matches_brski_pki_layout(tmp_path):
+    """The shipped configs, pointed at a PKI made the way the postinst makes it, check out."""
+    state = tmp_path / "state"
+    done = run([sys.executable, "-m", "brski.cli.pki", "init", str(state / "pki")])
+    assert done.returncode == 0, done.stderr
+    pki = state / "pki"
+    (state / "registrar-chain.pem").write_bytes((pki / "domain/registrar.crt").read_bytes()
+                                                + (pki / "domain/ca.crt").read_bytes())
+    (state / "masa-signer-chain.pem").write_bytes((pki / "masa/signer.crt").read_bytes()
+                                                  + (pki / "masa/ca.crt").read_bytes())
+    for name, module in (("registrar", "registrar.cli"), ("masa", "registrar.masa_cli")):
+        config = tmp_path / f"{name}.toml"
+        config.write_text((DEBIAN / f"registrar-config/{name}.toml").read_text()
+                          .replace("/var/lib/brski-registrar", str(state)))
+        done = run([sys.executable, "-m", module, "--config", str(config), "--check-config"])
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_openwrt_feed_makefile_is_a_buildroot_package():
+    text = (FEED / "Makefile").read_text()
+    for needle in ("include $(TOPDIR)/rules.mk", "include $(INCLUDE_DIR)/package.mk",
+                   "include $(INCLUDE_DIR)/bpf.mk", "PKG_NAME:=joinproxyd",
+                   "define Package/joinproxyd\n", "define Package/joinproxyd/conffiles\n"
+                   "/etc/joinproxyd/joinproxyd.toml", "define Package/joinproxyd/install",
+                   "$(call CompileBPF,", "./files/joinproxyd.init $(1)/etc/init.d/joinproxyd",
+                   "$(eval $(call BuildPackage,joinproxyd))"):
+        assert needle in text, needle
+    # Recipe lines of a make define start with a tab.
+    for block in re.findall(r"^define (?:Build/\w+|Package/joinproxyd/install)\n(.*?)^endef",
+                            text, re.M | re.S):
+        for line in block.splitlines():
+            assert not line.strip() or line.startswith("\t"), line
+
+
+# -- make deb -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def debs() -> dict[str, Path]:
+    done = run(["make", "-s", "deb"], cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = {p.name.split("_")[0]: p for p in (REPO / "build/deb").glob("*.deb")}
+    assert set(found) == {"brski-common", "joinproxyd", "brski-registrar", "pledge-sim"}
+    return found
+
+
+def contents(deb: Path) -> set[str]:
+    out = run(["dpkg-deb", "-c", str(deb)]).stdout
+    return {line.split()[-1].lstrip(".") for line in out.splitlines()}
+
+
+def control_file(deb: Path, name: str, tmp_path: Path) -> str:
+    target = tmp_path / deb.name
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(target)], check=True)
+    path = target / name
+    return path.read_text() if path.exists() else ""
+
+
+def test_lintian_reports_no_errors(debs):
+    report = (REPO / "build/deb/lintian.txt").read_text()
+    assert not [line for line in report.splitlines() if line.startswith("E:")], report
+
+
+def test_joinproxyd_package(debs, tmp_path):
+    files = contents(debs["joinproxyd"])
+    for path in ("/usr/bin/joinproxyd", "/usr/bin/joinproxyctl",
+                 "/lib/systemd/system/joinproxyd.service", "/etc/joinproxyd/joinproxyd.toml",
+                 "/usr/share/man/man8/joinproxyd.8.gz", "/usr/share/man/man8/joinproxyctl.8.gz",
+                 "/usr/share/man/man5/joinproxyd.toml.5.gz",
+                 "/usr/lib/brski/python/joinproxyd/daemon.py"):
+        assert path in files, path
+    assert control_file(debs["joinproxyd"], "conffiles", tmp_path).split() == [
+        "/etc/joinproxyd/joinproxyd.toml"]
+    # Every prebuilt BPF object, byte for byte (strip must not touch them).
+    objects = sorted(REPO.glob("ebpf/*.bpf.o"))
+    packaged = {p for p in files if p.startswith("/usr/lib/joinproxyd/bpf/") and p.endswith(".o")}
+    assert packaged == {f"/usr/lib/joinproxyd/bpf/{o.name}" for o in objects}
+    if objects:
+        root = tmp_path / "root"
+        subprocess.run(["dpkg-deb", "-x", str(debs["joinproxyd"]), str(root)], check=True)
+        for obj in objects:
+            assert (root / "usr/lib/joinproxyd/bpf" / obj.name).read_bytes() == obj.read_bytes()
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
+
+
+def test_brski_registrar_package(debs, tmp_path):
+    files = contents(debs["brski-registrar"])
+    for path in ("/usr/bin/brski-registrar", "/usr/bin/brski-masa", "/usr/bin/brski-pki",
+                 "/lib/systemd/system/brski-registrar.service",
+                 "/lib/systemd/system/brski-masa.service",
+                 "/usr/share/man/man8/brski-registrar.8.gz",
+                 "/usr/lib/brski/python/registrar/cli.py"):
+        assert path in files, path
+    assert sorted(control_file(debs["brski-registrar"], "conffiles", tmp_path).split()) == [
+        "/etc/brski-registrar/masa.toml", "/etc/brski-registrar/registrar.toml"]
+    postinst = control_file(debs["brski-registrar"], "postinst", tmp_path)
+    assert postinst.index("brski-pki init") < postinst.index("deb-systemd-invoke")
+
+
+def test_pledge_sim_and_common_packages(debs):
+    assert "/usr/bin/pledge-sim" in contents(debs["pledge-sim"])
+    assert "/usr/share/man/man1/pledge-sim.1.gz" in contents(debs["pledge-sim"])
+    common = contents(debs["brski-common"])
+    assert "/usr/lib/brski/python/brski/grasp.py" in common
+    top = {p.split("/")[5] for p in common if p.startswith("/usr/lib/brski/vendor/")
+           and p.count("/") > 5}
+    for name in ("cryptography", "pyroute2", "prometheus_client", "zeroconf", "aiohttp",
+                 "pycose", "aiocoap"):
+        assert name in top, name
+    # What Debian provides is not vendored again.
+    for name in ("cbor2", "asn1crypto", "attr", "idna", "ifaddr", "six", "systemd"):
+        assert name not in top, name
+    depends = run(["dpkg-deb", "-f", str(debs["brski-common"]), "Depends"]).stdout
+    for dist, (package, version, _) in vendor.FROM_DEBIAN.items():
+        if dist not in vendor.PER_PROGRAM:
+            assert f"{package} (>= {version})" in depends, package
+
+
+def test_wrappers_put_the_vendored_libraries_first(debs, tmp_path):
+    """Debian's python3-cryptography 38 may be installed too: the vendored one must win."""
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(debs["brski-common"]), str(root)], check=True)
+    subprocess.run(["dpkg-deb", "-x", str(debs["joinproxyd"]), str(root)], check=True)
+    wrapper = (root / "usr/bin/joinproxyd").read_text()
+    assert wrapper.startswith("#!/usr/bin/python3 -I\n")
+    probe = wrapper.replace("/usr/lib/brski", str(root / "usr/lib/brski")).split(
+        "from joinproxyd")[0] + (
+        "import cryptography, pyroute2, prometheus_client\n"
+        "print(cryptography.__version__, pyroute2.AsyncIPRoute.__name__,"
+        " prometheus_client.__file__)\n")
+    done = run(["/usr/bin/python3", "-I", "-c", probe])
+    assert done.returncode == 0, done.stderr
+    version, name, where = done.stdout.split()
+    pinned = dict(line.split("==") for line in vendor.runtime_requirements(
+        REPO / "requirements.txt") if "==" in line)
+    assert version == pinned["cryptography"].split()[0] and name == "AsyncIPRoute"
+    assert where.startswith(str(root / "usr/lib/brski/vendor"))
+
+
+# -- make ipk -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ipk(tmp_path_factory) -> Path:
+    if not list(REPO.glob("ebpf/*.bpf.c")):
+        pytest.skip("no BPF programs in ebpf/ yet")
+    done = run(["make", "-s", "ipk"], cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (package,) = (REPO / "build/ipk").glob("joinproxyd_*.ipk")
+    out = tmp_path_factory.mktemp("ipk")
+    with tarfile.open(package) as outer:
+        assert sorted(outer.getnames()) == ["./control.tar.gz", "./data.tar.gz",
+                                            "./debian-binary"]
+        outer.extractall(out)  # our own archive, just built
+    for part in ("control", "data"):
+        (out / part).mkdir()
+        with tarfile.open(out / f"{part}.tar.gz") as inner:
+            assert all(m.uid == 0 and m.gid == 0 for m in inner.getmembers())
+            inner.extractall(out / part)
+    return out
+
+
+def test_ipk_control(ipk):
+    assert (ipk / "debian-binary").read_text() == "2.0\n"
+    fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", (ipk / "control/control").read_text(),
+                             re.M))
+    assert fields["Package"] == "joinproxyd"
+    release = re.search(r"^PKG_RELEASE:=(\d+)$", (FEED / "Makefile").read_text(), re.M)[1]
+    assert fields["Version"] == f"{VERSION}-{release}"
+    assert fields["Architecture"] == "x86_64"
+    assert {"python3", "python3-ifaddr"} <= {d.strip() for d in fields["Depends"].split(",")}
+    assert int(fields["Installed-Size"]) > 0
+    assert fields["License"] == "Apache-2.0" and fields["Maintainer"]
+    assert (ipk / "control/conffiles").read_text().split() == ["/etc/joinproxyd/joinproxyd.toml"]
+    for script in ("postinst", "prerm"):
+        assert run(["sh", "-n", str(ipk / "control" / script)]).returncode == 0
+        assert f"default_{script}" in (ipk / "control" / script).read_text()
+
+
+def test_ipk_files(ipk):
+    data = ipk / "data"
+    files = {"/" + str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
+    for path in ("/usr/bin/joinproxyd", "/usr/bin/joinproxyctl", "/etc/init.d/joinproxyd",
+                 "/etc/joinproxyd/joinproxyd.toml",
+                 "/usr/lib/joinproxyd/python/joinproxyd/daemon.py",
+                 "/usr/lib/joinproxyd/python/brski/grasp.py",
+                 "/usr/lib/joinproxyd/vendor/pyroute2/__init__.py",
+                 "/usr/lib/joinproxyd/vendor/zeroconf/_dns.py"):
+        assert path in files, path
+    assert {p for p in files if p.startswith("/usr/lib/joinproxyd/bpf/")} == {
+        f"/usr/lib/joinproxyd/bpf/{o.name}" for o in REPO.glob("ebpf/*.bpf.o")}
+    # Pure Python for any OpenWrt target; no registrar or lab on a router.
+    assert not [p for p in files if p.endswith(".so") or "__pycache__" in p]
+    assert not [p for p in files if "/registrar/" in p or "/lab/" in p]
+    for path in ("usr/bin/joinproxyd", "usr/bin/joinproxyctl", "etc/init.d/joinproxyd"):
+        assert (data / path).stat().st_mode & 0o111, path
+
+
+def test_ipk_configuration_uses_openwrt_names_and_checks_out(ipk):
+    config = ipk / "data/etc/joinproxyd/joinproxyd.toml"
+    parsed = tomllib.loads(config.read_text())
+    assert parsed["backbone"]["interface"] == "wan"
+    assert parsed["join"][0]["interfaces"] == ["br-lan"]
+    done = run([sys.executable, "-m", "joinproxyd", "--check-config", str(config)])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_ipk_code_runs_from_its_private_directories(ipk):
+    data = ipk / "data"
+    wrapper = (data / "usr/bin/joinproxyd").read_text().replace(
+        "/usr/lib/joinproxyd", str(data / "usr/lib/joinproxyd"))
+    probe = wrapper.split("from joinproxyd")[0] + (
+        "import joinproxyd.daemon, zeroconf, cbor2, pyroute2, prometheus_client, json\n"
+        "print(json.dumps([m.__file__ for m in (joinproxyd, zeroconf, cbor2, pyroute2,"
+        " prometheus_client)]))\n")
+    done = run([sys.executable, "-I", "-c", probe])
+    assert done.returncode == 0, done.stderr
+    for path in json.loads(done.stdout):
+        assert path.startswith(str(data / "usr/lib/joinproxyd")), path
+
+
+def test_ipk_init_script_is_procd_with_respawn_and_sighup_reload(ipk, tmp_path):
+    script = ipk / "data/etc/init.d/joinproxyd"
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh /etc/rc.common\n")
+    assert re.search(r"^USE_PROCD=1$", text, re.M)
+    assert run(["sh", "-n", str(script)]).returncode == 0
+    # Run its functions against recording stand-ins for procd.sh and the daemon.
+    calls = tmp_path / "calls"
+    fake = tmp_path / "joinproxyd"
+    fake.write_text(f"#!/bin/sh\necho \"daemon $*\" >> {calls}\necho ok\n")
+    fake.chmod(0o755)
+    harness = f"""
+        procd_open_instance() {{ echo open >> {calls}; }}
+        procd_set_param() {{ echo "param $*" >> {calls}; }}
+        procd_close_instance() {{ echo close >> {calls}; }}
+        procd_send_signal() {{ echo "signal $*" >> {calls}; }}
+        logger() {{ echo "logger $*" >> {calls}; }}
+        . {script}
+        PROG={fake}
+        start_service && reload_service
+    """
+    done = run(["sh", "-c", harness])
+    assert done.returncode == 0, done.stderr
+    recorded = calls.read_text().splitlines()
+    conf = "/etc/joinproxyd/joinproxyd.toml"
+    assert recorded == [
+        f"daemon --check-config {conf}", "open", f"param command {fake} --config {conf}",
+        "param respawn 3600 5 5", "param stdout 1", "param stderr 1", "close",
+        f"daemon --check-config {conf}", "signal joinproxyd * HUP"], recorded
+

@@ -1,0 +1,585 @@
+"""The .deb packages installed with apt and run by a real systemd, as border router and registrar
+of a namespace lab.
+
+    pledge0 ─ join0 ┐                               ┌ registrar container (systemd, PID 1):
+    pledge1 ─ join0 ┤ proxy container (systemd):    │   brski-masa.service, brski-registrar.service
+                    └ joinproxyd.service ─ bb0 ─────┘   from brski-registrar_*.deb
+
+Both containers boot a Debian 12 rootfs with systemd-nspawn, each in a lab namespace (the
+proxy's and registrar0's), so their interfaces are the lab's join links and backbone. The
+packages are installed inside with ``apt-get install ./*.deb``: apt resolves the Debian
+dependencies from the rootfs's apt cache (tools/nspawn-rootfs.sh, which also makes and caches
+the rootfs). The test then drives systemd as an operator would: start, is-active, the
+journal (startup line, structured relay fields), /metrics, reload (SIGHUP), a pledge-sim
+enrollment through the installed daemon to the installed registrar, the watchdog (a stopped
+daemon is restarted), and stop (no nftables table, BPF program or socket left).
+
+Recipe, flags and traps: ../shared/docs/systemd-container.md. Needs root, systemd-nspawn and
+debootstrap (make setup), and the Debian mirror the first time (rootfs, about a minute).
+A summary (timings, systemd-analyze security scores) is written to build/nspawn/report.txt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab import Lab, Topology, wait_for
+from lab.proxyd import toml
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build"
+DEB_DIR = BUILD / "deb"
+CACHE = BUILD / "nspawn"
+PY = sys.executable
+PREFIX = "jpsys-"  # container names, cgroups and run directories of this test
+REGISTRAR = "fd4a:5044::100"
+PORT = 8443
+# Commands run in a container get this environment, not pytest's (venv, pyenv, PIP_*).
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "TERM": "dumb",
+             "DEBIAN_FRONTEND": "noninteractive", "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""}
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="boots containers and namespaces: needs root"),
+    pytest.mark.skipif(not (shutil.which("systemd-nspawn") and shutil.which("debootstrap")),
+                       reason="systemd-container and debootstrap are missing (make setup)"),
+]
+
+
+class ContainerError(AssertionError):
+    pass
+
+
+class Container:
+    """A booted systemd-nspawn container whose network namespace is a lab namespace.
+
+    nspawn runs without machined and without a host systemd (--register=no --keep-unit), from
+    a cgroup of its own in both hierarchies (two containers must not share /payload), with a
+    volatile overlay (the cached rootfs stays pristine) and a bpffs of its own at /sys/fs/bpf.
+    Commands run through nsenter with a clean environment; files are read and written through
+    /proc/<PID 1>/root.
+    """
+
+    def __init__(self, name: str, rootfs: Path, netns: str, run_dir: Path,
+                 binds: dict[Path, str]) -> None:
+        self.name = name
+        self.rootfs = rootfs
+        self.netns = netns
+        self.run_dir = run_dir
+        self.binds = binds
+        self.bpffs = run_dir / "bpffs"
+        self.log_path = run_dir / "console.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def _join_cgroup(self) -> None:  # runs in the child, before exec
+        for hierarchy in ("systemd", "unified"):
+            base = Path("/sys/fs/cgroup") / hierarchy
+            if base.is_dir():
+                (base / self.name).mkdir(exist_ok=True)
+                (base / self.name / "cgroup.procs").write_text(str(os.getpid()))
+
+    def boot(self) -> Container:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.bpffs.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(self.bpffs)], check=True)
+        argv = ["systemd-nspawn", "-q", "-b", "-D", str(self.rootfs), "-M", self.name,
+                "--register=no", "--keep-unit", "--volatile=overlay",
+                # --private-network makes /proc/sys/net writable and keeps CAP_NET_ADMIN;
+                # with --network-namespace-path alone neither holds (systemd-container.md).
+                f"--network-namespace-path=/run/netns/{self.netns}", "--private-network",
+                # Not in nspawn's default set / seccomp allow-list: a unit's CAP_BPF would be
+                # dropped silently and bpf() would fail with EPERM.
+                "--capability=CAP_NET_ADMIN,CAP_BPF,CAP_PERFMON",
+                "--system-call-filter=bpf perf_event_open",
+                f"--bind={self.bpffs}:/sys/fs/bpf",
+                *[f"--bind-ro={host}:{inside}" for host, inside in self.binds.items()],
+                "--setenv=SYSTEMD_COLORS=0", "--console=read-only",
+                "--", "systemd.show_status=false", "systemd.mask=console-getty.service"]
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=self._join_cgroup)
+        return self
+
+    def wait_running(self, timeout: float = 60) -> None:
+        def leader() -> int:
+            assert self.popen is not None
+            if self.popen.poll() is not None:
+                raise ContainerError(f"{self.name}: nspawn exited {self.popen.returncode}:\n"
+                                     f"{self.console()}")
+            children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children")
+            for pid in children.read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                        return int(pid)
+            return 0
+
+        self.leader = wait_for(leader, timeout, f"{self.name}: systemd as PID 1")
+
+        def running() -> bool:
+            state = self.sh("systemctl is-system-running", check=False).stdout.strip()
+            return state in ("running", "degraded")
+
+        wait_for(running, timeout, f"{self.name}: systemd finished booting", interval=0.1)
+
+    def console(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Halt the container (SIGTERM to nspawn halts it cleanly), then remove what nspawn
+        leaves behind: its cgroups, the bpffs mount, the propagation directory."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        cleanup_leftovers(self.name, self.bpffs)
+
+    # -- inside -------------------------------------------------------------------------------
+    def sh(self, script: str, *, check: bool = True, timeout: float = 120,
+           input: str | None = None) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "--", "/bin/sh", "-c",
+                               script], capture_output=True, text=True, env=CLEAN_ENV,
+                              timeout=timeout, input=input, check=False)
+        if check and done.returncode != 0:
+            raise ContainerError(f"{self.name}: `{script}` exited {done.returncode}:\n"
+                                 f"{done.stderr[-3000:]}\n(stdout:) {done.stdout[-2000:]}")
+        return done
+
+    def path(self, inside: str) -> Path:
+        return Path(f"/proc/{self.leader}/root") / inside.lstrip("/")
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.sh(f"systemctl show -P {prop} {unit}").stdout.strip()
+
+    def journal(self, unit: str, *, output: str = "cat") -> str:
+        return self.sh(f"journalctl --no-pager -o {output} -u {unit}").stdout
+
+    def unit_host_pids(self, unit: str) -> list[int]:
+        """The unit's processes as the host sees them (bpftool reports host PIDs)."""
+        procs = (Path("/sys/fs/cgroup/unified") / self.name / "payload/system.slice" / unit
+                 / "cgroup.procs")
+        with contextlib.suppress(OSError):
+            return [int(p) for p in procs.read_text().split()]
+        return []
+
+
+def cleanup_leftovers(name: str, bpffs: Path | None = None) -> None:
+    for hierarchy in ("systemd", "unified"):
+        top = Path("/sys/fs/cgroup") / hierarchy / name
+        if top.is_dir():
+            for directory in sorted((p for p in top.rglob("*") if p.is_dir()),
+                                    key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
+    shutil.rmtree(f"/run/systemd/nspawn/propagate/{name}", ignore_errors=True)
+    if bpffs is not None and os.path.ismount(bpffs):
+        subprocess.run(["umount", str(bpffs)], check=False)
+
+
+def nspawn_pids(name: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if argv[0].endswith(b"systemd-nspawn") and name.encode() in argv:
+                    pids.append(int(proc.name))
+    return pids
+
+
+def clean_stale_runs() -> None:
+    """What an earlier run killed outright left: its containers (still running: nspawn is in a
+    session of its own), their bpffs mounts, cgroups and run directories. A run directory is
+    named after the pytest process that made it; a live one belongs to a concurrent run."""
+    runs = CACHE / "run"
+    for run_dir in runs.iterdir() if runs.is_dir() else []:
+        if run_dir.name.isdigit() and Path(f"/proc/{run_dir.name}").exists():
+            continue
+        for container in run_dir.iterdir() if run_dir.is_dir() else []:
+            for pid in nspawn_pids(container.name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # halts the container
+            with contextlib.suppress(Exception):
+                wait_for(lambda c=container: not nspawn_pids(c.name), 20, "a stale container")
+            for pid in nspawn_pids(container.name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            cleanup_leftovers(container.name, container / "bpffs")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for hierarchy in ("systemd", "unified"):
+        base = Path("/sys/fs/cgroup") / hierarchy
+        for top in base.glob(f"{PREFIX}*") if base.is_dir() else []:
+            if not nspawn_pids(top.name):
+                cleanup_leftovers(top.name)
+
+
+# -- the packages and the rootfs --------------------------------------------------------------
+
+def build_debs() -> list[Path]:
+    done = subprocess.run(["make", "-s", "deb"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, f"make deb failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    debs = sorted(DEB_DIR.glob("*.deb"))
+    assert {d.name.split("_")[0] for d in debs} == {
+        "brski-common", "joinproxyd", "brski-registrar", "pledge-sim"}, debs
+    return debs
+
+
+def rootfs_for(debs: list[Path]) -> Path:
+    done = subprocess.run([str(REPO / "tools/nspawn-rootfs.sh"), str(CACHE), *map(str, debs)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"nspawn-rootfs.sh failed:\n{done.stderr[-3000:]}"
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def deb(debs: list[Path], package: str) -> str:
+    return "/mnt/deb/" + next(d.name for d in debs if d.name.startswith(package + "_"))
+
+
+# -- checks from the host, in the lab's namespaces ----------------------------------------------
+
+def listening(host, ports: set[int]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Sockets of the namespace bound to one of these ports (TCP listen or UDP)."""
+    out = host.run(["ss", "-Hlntu"]).stdout
+    return [line for line in out.splitlines()
+            if any(re.search(rf"[:\]]{port}\s", line + " ") for port in ports)]
+
+
+def bpf_attachments(host) -> list[str]:  # type: ignore[no-untyped-def]
+    """XDP and tc BPF programs attached to any interface of the namespace."""
+    found = []
+    for link in json.loads(host.run(["ip", "-j", "-d", "link", "show"]).stdout):
+        name = link["ifname"]
+        if "xdp" in link:
+            prog = link["xdp"].get("prog", {})
+            found.append(f"{name}: xdp {prog.get('name', '?')} (id {prog.get('id', '?')})")
+        for direction in ("ingress", "egress"):
+            out = host.run(["tc", "filter", "show", "dev", name, direction], check=False).stdout
+            if out.strip():
+                found.append(f"{name} {direction}: {out.strip()}")
+    return found
+
+
+def bpf_programs_of(pids: list[int]) -> set[int]:
+    """IDs of loaded BPF programs that these (host) PIDs hold."""
+    done = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        return set()
+    return {prog["id"] for prog in json.loads(done.stdout)
+            if any(p.get("pid") in pids for p in prog.get("pids", []))}
+
+
+def security_scores(container: Container, units: list[str]) -> dict[str, tuple[float, str]]:
+    out = container.sh("systemd-analyze security --no-pager " + " ".join(units),
+                       check=False).stdout
+    (CACHE / f"security-{units[0].split('.')[0]}.txt").write_text(out)
+    return {m.group(1): (float(m.group(2)), m.group(3)) for m in re.finditer(
+        r"Overall exposure level for (\S+): ([\d.]+) (\w+)", out)}
+
+
+# Loads the daemon's BPF programs with its own loader, under the shipped unit's sandbox.
+BPF_PROBE = """\
+import os, sys
+sys.path[:0] = ["/usr/lib/brski/python", "/usr/lib/brski/vendor"]
+from joinproxyd.kernel.bpf import BpfDatapath
+dp = BpfDatapath.open()                   # /usr/lib/brski/ebpf -> /usr/lib/joinproxyd/bpf
+dp.set_guard(rate_pps=20, burst=40, ports=[8443])
+dp.attach_guard("join0")
+print("pinned", len(os.listdir("/sys/fs/bpf/joinproxyd")), flush=True)
+dp.close(detach=True, unpin=True)
+print("closed", flush=True)
+"""
+
+
+def bpf_probe_unit() -> str:
+    """joinproxyd.service as shipped (user, capabilities, sandbox, system call filter), made a
+    oneshot that runs BPF_PROBE instead of the daemon."""
+    lines = []
+    for line in (REPO / "packaging/systemd/joinproxyd.service").read_text().splitlines():
+        if line.startswith(("ExecStartPre=", "ExecReload=", "WatchdogSec=", "NotifyAccess=",
+                            "Restart")):
+            continue
+        if line.startswith("Type="):
+            line = "Type=oneshot"
+        elif line.startswith("ExecStart="):
+            line = "ExecStart=/usr/bin/python3 -I /run/bpf-probe.py"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def lab_config() -> str:
+    return toml({
+        "daemon": {"log_level": "info", "drain_seconds": 1},
+        "metrics": {"listen": "[::1]:9465"},
+        "backbone": {"interface": "bb0"},
+        # nat66 for the ULA pledges (an nftables table to find and to see removed), the
+        # circuit proxy for link-local ones (pledge-sim below).
+        "join": [{"interfaces": ["join*"], "modes": ["nat66", "circuit"], "port": PORT}],
+        "registrars": {"discovery": ["static"],
+                       "static": [{"address": REGISTRAR, "port": PORT, "preference": 10}],
+                       "health_interval": 0.5, "health_timeout": 0.5},
+        "announce": {"interval": 5},
+    })
+
+
+# -- the test ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def containers(rootfs: Path, lab: Lab, run_dir: Path, binds: dict[Path, str]
+               ) -> Iterator[tuple[Container, Container]]:
+    proxy = Container(f"{PREFIX}{lab.run_id}-proxy", rootfs, lab.proxy.ns,
+                      run_dir / f"{PREFIX}{lab.run_id}-proxy", binds)
+    registrar = Container(f"{PREFIX}{lab.run_id}-reg", rootfs, lab.registrars[0].ns,
+                          run_dir / f"{PREFIX}{lab.run_id}-reg", binds)
+    try:
+        proxy.boot()
+        registrar.boot()
+        proxy.wait_running()
+        registrar.wait_running()
+        yield proxy, registrar
+    except BaseException:
+        for c in (proxy, registrar):
+            print(f"--- {c.name} console:\n{c.console()}")
+        raise
+    finally:
+        proxy.stop()
+        registrar.stop()
+
+
+def test_packages_under_systemd_in_a_lab(tmp_path):
+    times: dict[str, float] = {}
+    started = mark = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        times[name] = now - mark
+        mark = now
+
+    clean_stale_runs()
+    debs = build_debs()
+    lap("make deb")
+    rootfs = rootfs_for(debs)
+    lap("rootfs")
+
+    run_dir = CACHE / "run" / str(os.getpid())
+    pki_out = tmp_path / "pki"
+    binds = {DEB_DIR: "/mnt/deb", tmp_path / "shared": "/mnt/shared"}
+    (tmp_path / "shared").mkdir()
+    scores: dict[str, tuple[float, str]] = {}
+    bpf_checked = False
+    bpf_note = ""
+    try:
+        with Lab(Topology(pledges=1, registrars=1, join_ula=True),
+                 log_dir=tmp_path / "logs") as lab, \
+                containers(rootfs, lab, run_dir, binds) as (proxy, registrar):
+            lap("lab and boot")
+
+            # -- install with apt: Debian's dependencies come from the rootfs's apt cache --
+            # (The container has no route to a mirror. Not --no-download: apt 2.6 then fails
+            # on local .debs with "Pathname to install is not absolute".)
+            reg_install = subprocess.Popen(  # both containers at once: py3compile is slow
+                ["nsenter", "-t", str(registrar.leader), "-a", "--", "apt-get", "install",
+                 "-y", "-q", deb(debs, "brski-common"), deb(debs, "brski-registrar")],
+                env=CLEAN_ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proxy.sh(f"apt-get install -y -q {deb(debs, 'brski-common')} "
+                     f"{deb(debs, 'joinproxyd')} {deb(debs, 'pledge-sim')}", timeout=300)
+            reg_out, _ = reg_install.communicate(timeout=300)
+            assert reg_install.returncode == 0, reg_out[-3000:]
+            lap("apt-get install")
+
+            # -- brski-registrar: user, keys, both units started by the postinst -------------
+            owner = registrar.sh("stat -c '%a %U' /var/lib/brski-registrar/pki/domain/ca.key "
+                                 "/var/lib/brski-registrar/pki/masa/signer.key").stdout.split("\n")
+            assert owner[:2] == ["600 brski-registrar"] * 2, owner
+            wait_for(lambda: registrar.sh("systemctl is-active brski-masa brski-registrar",
+                                          check=False).returncode == 0, 20,
+                     "brski-masa and brski-registrar active")
+            wait_for(lambda: listening(lab.registrars[0], {PORT}), 20,
+                     "the registrar listening on 8443")
+            assert "ready: listening on" in registrar.journal("brski-registrar")
+
+            # -- joinproxyd: not started by the package; configured, then started ------------
+            assert proxy.sh("systemctl is-enabled joinproxyd").stdout.strip() == "enabled"
+            assert proxy.sh("systemctl is-active joinproxyd", check=False).stdout.strip() \
+                == "inactive"
+            pinned_before = sorted(p.name for p in proxy.path("/sys/fs/bpf").iterdir())
+            forwarding_before = lab.proxy.run(
+                ["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]).stdout.strip()
+            proxy.path("/etc/joinproxyd/joinproxyd.toml").write_text(lab_config())
+            proxy.sh("joinproxyd --check-config /etc/joinproxyd/joinproxyd.toml")
+            proxy.sh("systemctl start joinproxyd", timeout=60)
+            assert proxy.sh("systemctl is-active joinproxyd").stdout.strip() == "active"
+            assert "joinproxyd 0.1.0 started" in proxy.journal("joinproxyd")
+            metrics = lab.proxy.run(["curl", "-sf", "http://[::1]:9465/metrics"]).stdout
+            assert "joinproxyd_build_info" in metrics
+            wait_for(lambda: re.search(r"^joinproxyd_registrar_up\{.*\} 1\.0$", lab.proxy.run(
+                ["curl", "-sf", "http://[::1]:9465/metrics"]).stdout, re.M), 20, "registrar up")
+            lab.proxy.run(["nft", "list", "table", "ip6", "joinproxyd"])  # nat66 is on
+            daemon_pids = proxy.unit_host_pids("joinproxyd.service")
+            assert daemon_pids, "no process in joinproxyd.service's cgroup"
+            held_programs = bpf_programs_of(daemon_pids)
+            lap("joinproxyd started")
+
+            # -- a pledge enrolls through the installed daemon to the installed registrar ----
+            registrar.sh("runuser -u brski-registrar -- brski-pki idevid "
+                         "/var/lib/brski-registrar/pki --serial sys-0 && "
+                         "runuser -u brski-registrar -- brski-pki idevid "
+                         "/var/lib/brski-registrar/pki --serial sys-1")
+            shutil.copytree(registrar.path("/var/lib/brski-registrar/pki"), pki_out)
+            shutil.copytree(pki_out, tmp_path / "shared/pki")
+            done = lab.pledges[0].run(
+                [PY, "-m", "pledge_sim.cli", "enroll", "--json", "--pki", str(pki_out),
+                 "--serial", "sys-0", "--out", str(tmp_path / "ldevid"), "--max-backoff", "2",
+                 "--registrar", f"[fe80::1%eth0]:{PORT}"], check=False, timeout=120)
+            assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-3000:]}"
+            result = json.loads(done.stdout)["results"][0]
+            assert result["ok"], result
+            verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki_out / "domain/ca.crt"),
+                                     result["ldevid_path"]], capture_output=True, text=True)
+            assert verify.returncode == 0, verify.stdout + verify.stderr
+            # The packaged pledge-sim, on the backbone next to the registrar.
+            packaged = proxy.sh("cp -r /mnt/shared/pki /tmp/pki && pledge-sim enroll --json "
+                                "--pki /tmp/pki --serial sys-1 --out /tmp/ldevid "
+                                f"--max-backoff 2 --registrar '[{REGISTRAR}]:{PORT}'",
+                                check=False, timeout=120)
+            assert packaged.returncode == 0, packaged.stdout + packaged.stderr[-3000:]
+            assert json.loads(packaged.stdout)["results"][0]["ok"]
+            lap("enrollments")
+
+            # -- structured journal fields for relay events ---------------------------------
+            records = [json.loads(line) for line in
+                       proxy.journal("joinproxyd", output="json").splitlines() if line]
+            relays = [r for r in records if "opened" in str(r.get("MESSAGE", ""))
+                      and {"INTERFACE", "MODE", "REGISTRAR"} <= r.keys()]
+            assert relays, [r.get("MESSAGE") for r in records][-20:]
+            assert relays[0]["INTERFACE"] == "join0" and relays[0]["MODE"] == "circuit"
+            assert REGISTRAR in relays[0]["REGISTRAR"]
+
+            # -- reload: SIGHUP, same process -----------------------------------------------
+            main_pid = proxy.show("joinproxyd", "MainPID")
+            proxy.sh("systemctl reload joinproxyd", timeout=60)
+            wait_for(lambda: 'joinproxyd_config_reloads_total{result="ok"} 1.0' in lab.proxy.run(
+                ["curl", "-sf", "http://[::1]:9465/metrics"]).stdout, 15, "a reload counted")
+            assert proxy.show("joinproxyd", "MainPID") == main_pid
+            assert "configuration reloaded from" in proxy.journal("joinproxyd")
+
+            # -- hardening, as systemd sees it ------------------------------------------------
+            scores = security_scores(proxy, ["joinproxyd.service"])
+            scores.update(security_scores(registrar, ["brski-registrar.service",
+                                                      "brski-masa.service"]))
+            assert set(scores) == {"joinproxyd.service", "brski-registrar.service",
+                                   "brski-masa.service"}, scores
+            assert scores["joinproxyd.service"][0] <= 3.0, scores
+            assert scores["brski-registrar.service"][0] <= 2.0, scores
+            assert scores["brski-masa.service"][0] <= 2.0, scores
+            caps = proxy.sh(f"grep ^Cap /proc/{main_pid}/status").stdout
+            assert re.search(r"CapEff:\s*000000c000003000", caps), caps  # the four, no more
+            lap("reload and security")
+
+            # -- the unit's sandbox lets the daemon's BPF loader load, pin and attach XDP ----
+            if (proxy.path("/usr/lib/brski/python/joinproxyd/kernel/bpf.py").exists()
+                    and any(proxy.path("/usr/lib/joinproxyd/bpf").glob("*.bpf.o"))):
+                proxy.path("/run/bpf-probe.py").write_text(BPF_PROBE)
+                proxy.path("/run/systemd/system/joinproxyd-bpf-probe.service").write_text(
+                    bpf_probe_unit())
+                probe = proxy.sh("systemctl daemon-reload && "
+                                 "systemctl start joinproxyd-bpf-probe", check=False)
+                log = proxy.journal("joinproxyd-bpf-probe")
+                assert probe.returncode == 0 and "closed" in log, probe.stderr + log[-3000:]
+                assert sorted(p.name for p in proxy.path("/sys/fs/bpf").iterdir()) \
+                    == pinned_before, "the probe's pinned maps were not removed"
+                left = bpf_attachments(lab.proxy)
+                if left:
+                    # The loader recognises its programs on a hook by name, through
+                    # BPF_PROG_GET_FD_BY_ID, which needs CAP_SYS_ADMIN: without it (this
+                    # unit) close(detach=True) leaves them attached. The loader's to fix, not
+                    # the unit's (CAP_SYS_ADMIN is not to be granted); the daemon does not
+                    # load BPF yet. Reported, and removed here.
+                    bpf_note = f"BPF loader left attached after close(): {left}"
+                    warnings.warn(bpf_note, stacklevel=1)
+                    lab.proxy.run(["ip", "link", "set", "dev", "join0", "xdp", "off"])
+                assert bpf_attachments(lab.proxy) == []
+                bpf_checked = True
+            else:
+                bpf_checked = False
+            lap("bpf in the sandbox")
+
+            # -- watchdog: a stopped daemon is killed and restarted by systemd ---------------
+            # Shorter than the shipped WatchdogSec=30 (same mechanism), to fit the time budget.
+            dropin = proxy.path("/run/systemd/system/joinproxyd.service.d/watchdog-test.conf")
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=2\n")
+            proxy.sh("systemctl daemon-reload && systemctl restart joinproxyd", timeout=60)
+            stalled = proxy.show("joinproxyd", "MainPID")
+            restarts = int(proxy.show("joinproxyd", "NRestarts"))
+            proxy.sh("systemctl kill --kill-whom=main --signal=SIGSTOP joinproxyd")
+            wait_for(lambda: int(proxy.show("joinproxyd", "NRestarts")) > restarts
+                     and proxy.show("joinproxyd", "ActiveState") == "active"
+                     and proxy.show("joinproxyd", "MainPID") not in ("0", stalled), 30,
+                     "systemd restarting the stalled daemon")
+            journal = proxy.journal("joinproxyd", output="short")
+            assert "Watchdog timeout" in journal, journal[-2000:]
+            lap("watchdog")
+
+            # -- stop: nothing left behind ---------------------------------------------------
+            daemon_pids = proxy.unit_host_pids("joinproxyd.service")
+            held_programs |= bpf_programs_of(daemon_pids)
+            proxy.sh("systemctl stop joinproxyd", timeout=60)
+            assert proxy.sh("systemctl is-active joinproxyd",
+                            check=False).stdout.strip() == "inactive"
+            assert lab.proxy.run(["nft", "list", "table", "ip6", "joinproxyd"],
+                                 check=False).returncode != 0, "nft table left behind"
+            assert listening(lab.proxy, {PORT, 9465, 7017}) == []
+            assert bpf_attachments(lab.proxy) == []
+            assert bpf_programs_of(daemon_pids) == set() and not (
+                held_programs & {p["id"] for p in json.loads(subprocess.run(
+                    ["bpftool", "-j", "prog", "show"], capture_output=True, text=True
+                ).stdout or "[]")}), "BPF programs left behind"
+            # A fresh bpffs holds the kernel's maps.debug and progs.debug; nothing else may stay.
+            assert sorted(p.name for p in proxy.path("/sys/fs/bpf").iterdir()) == pinned_before
+            assert lab.proxy.run(["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]
+                                 ).stdout.strip() == forwarding_before
+            registrar.sh("systemctl stop brski-registrar brski-masa", timeout=60)
+            assert registrar.sh("systemctl is-active brski-registrar brski-masa",
+                                check=False).stdout.split() == ["inactive", "inactive"]
+            assert listening(lab.registrars[0], {PORT, 9443}) == []
+            lap("stop")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        times["total"] = time.monotonic() - started
+        report = ["system test: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())]
+        report.append("BPF loader under the unit's sandbox: "
+                      + ("checked" if bpf_checked else "skipped (no bpf.py or no objects)")
+                      + (f"; {bpf_note}" if bpf_note else ""))
+        report += [f"systemd-analyze security {unit}: {score} {level}"
+                   for unit, (score, level) in sorted(scores.items())]
+        CACHE.mkdir(parents=True, exist_ok=True)
+        (CACHE / "report.txt").write_text("\n".join(report) + "\n")
+        print("\n".join(report))
+    assert times["total"] < 300, times
