@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,7 +228,9 @@ def test_pinned_maps_are_adopted_by_the_next_start(ns: str, bpffs: Path) -> None
     ids = {name: first.map_id(obj, name) for obj, spec in OBJECTS.items() if obj != "bare"
            for name in spec.maps}
     first.close(detach=False)
-    assert sorted(p.name for p in pin_dir.iterdir()) == sorted(set(ids))
+    programs = {f"prog_{p.value}" for obj, spec in OBJECTS.items() if obj != "bare"
+                for p in spec.programs}
+    assert sorted(p.name for p in pin_dir.iterdir()) == sorted(set(ids) | programs)
 
     with BpfDatapath.open(pin_dir=pin_dir, netns=ns) as second:
         assert {name: second.map_id(obj, name) for obj, spec in OBJECTS.items()
@@ -304,6 +307,55 @@ def test_a_killed_daemon_leaves_nothing_stale_after_restart(ns: str, bpffs: Path
         dp.close(unpin=True)
     assert_nothing_attached(ns)
     assert not pin_dir.exists()
+
+
+UNPRIVILEGED = """
+import json, sys
+from joinproxyd.kernel.bpf import BpfDatapath
+dp = BpfDatapath.open(pin_dir=sys.argv[1])
+dp.set_guard(rate_pps=5, burst=10, ports=[5684])
+dp.attach_guard("jv0")
+dp.attach_ipip_join("jv0")
+stale = dp.detach_stale()
+print(json.dumps({"guard": dp.prog_id("jp_guard"), "stale": [h.program for h in stale],
+                  "hooks": sorted(h.program for h in dp.hooks())}), flush=True)
+dp.close(detach=sys.argv[2] == "stop", unpin=sys.argv[2] == "stop")
+"""
+UNIT_CAPS = "+net_admin,+net_raw,+bpf,+perfmon"  # packaging/systemd/joinproxyd.service
+
+
+def test_an_unprivileged_daemon_replaces_its_predecessor(ns: str) -> None:
+    """As the unit runs it: a plain user with CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF and
+    CAP_PERFMON, in its namespace. Without CAP_SYS_ADMIN the kernel will not name a program
+    by id, so the previous daemon's programs are known from their pins."""
+    mnt = Path(tempfile.mkdtemp(prefix="jpbpffs"))  # not under pytest's 0700 tmp dirs
+    sh("mount", "-t", "bpf", "bpf", str(mnt))
+    try:
+        os.chmod(mnt, 0o711)  # the daemon's user may pass, not list
+        pin_dir = mnt / "joinproxyd"
+        pin_dir.mkdir(mode=0o700)
+        os.chown(pin_dir, 65534, 65534)
+
+        def daemon(how: str) -> dict[str, object]:
+            done = subprocess.run(
+                ["ip", "netns", "exec", ns, "setpriv", "--reuid=65534", "--regid=65534",
+                 "--clear-groups", f"--inh-caps={UNIT_CAPS}", f"--ambient-caps={UNIT_CAPS}",
+                 f"--bounding-set=-all,{UNIT_CAPS}", sys.executable, "-c", UNPRIVILEGED,
+                 str(pin_dir), how], capture_output=True, text=True, timeout=60, cwd=REPO,
+                check=False)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        first = daemon("restart")  # leaves its programs attached and pinned
+        assert xdp_progs(ns, "jv0") == [("jp_guard", first["guard"], "native")]
+        second = daemon("stop")
+        assert second["guard"] != first["guard"]
+        assert second["hooks"] == ["jp_guard", "jp_tc_join"] and second["stale"] == []
+        assert_nothing_attached(ns)
+        assert list(pin_dir.iterdir()) == []
+    finally:
+        sh("umount", "-l", str(mnt), check=False)
+        mnt.rmdir()
 
 
 # ------------------------------------------------------------------ startup errors --------

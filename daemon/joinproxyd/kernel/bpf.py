@@ -26,14 +26,22 @@ Use from the control plane::
 
 Lifecycle (habit 10): open every object, check every expected map and program by name (a
 missing one fails with its name), adopt or replace pinned maps, load (a verifier failure
-carries libbpf's log), then attach when asked. Attaching replaces whatever joinproxyd program
-sits on that hook, ours or left by a killed daemon (recognised by program name), so each hook
-holds exactly one of ours; a foreign program on an XDP hook is refused (EBUSY), never
-replaced. close() detaches only what this process attached; ``detach_stale()`` removes our
-programs from hooks this process did not attach (a killed daemon's leftovers). Maps are pinned
-under ``pin_dir`` so a restarted daemon adopts them (configuration, guard buckets and counters
-survive, and programs left attached keep working until replaced); a pinned map whose type or
-sizes no longer match the object is replaced, with a log line.
+carries libbpf's log), pin the programs, then attach when asked. Attaching replaces whatever
+joinproxyd program sits on that hook, ours or left by a killed daemon, so each hook holds
+exactly one of ours; a foreign program on an XDP hook is refused (EBUSY), never replaced.
+Ours means: a program this process loaded, one a previous daemon pinned in ``pin_dir``
+(prog_<name>; the daemon's unit has no CAP_SYS_ADMIN, without which the kernel names no
+program by id), or, when the kernel does answer, one named like ours; tc filters carry the
+name "<program>:<id>". close() detaches only what this process attached; ``detach_stale()``
+removes our programs from hooks this process did not attach (a killed daemon's leftovers).
+Maps are pinned under ``pin_dir`` so a restarted daemon adopts them (configuration, guard
+buckets and counters survive, and programs left attached keep working until replaced); a
+pinned map whose type or sizes no longer match the object is replaced, with a log line.
+
+Privileges: CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (the unit's set) load, pin, attach and
+read everything; ``pin_dir`` must exist and be the daemon user's, and its parent must let that
+user pass (bpffs is usually mounted 0700 root). Mounting bpffs on /sys/fs/bpf when nothing did
+needs CAP_SYS_ADMIN and the mount syscalls.
 
 Map layouts (ebpf/joinproxy.h; ctypes mirrors below, checked against the objects' BTF):
 
@@ -281,6 +289,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map_get_next_key": (_c.c_int, [_c.c_int, _c.c_void_p, _c.c_void_p]),
     "bpf_prog_test_run_opts": (_c.c_int, [_c.c_int, _c.c_void_p]),
     "bpf_obj_get": (_c.c_int, [_c.c_char_p]),
+    "bpf_obj_pin": (_c.c_int, [_c.c_int, _c.c_char_p]),
     "bpf_prog_get_fd_by_id": (_c.c_int, [_c.c_uint32]),
     "bpf_obj_get_info_by_fd": (_c.c_int, [_c.c_int, _c.c_void_p, _c.POINTER(_c.c_uint32)]),
     "libbpf_num_possible_cpus": (_c.c_int, []),
@@ -389,7 +398,9 @@ def _info(fd: int) -> bytes:
 
 
 def prog_name_by_id(prog_id: int) -> str | None:
-    """The kernel's name of a loaded program (bpf_prog_info.name), None if it is gone."""
+    """The kernel's name of a loaded program (bpf_prog_info.name); None if it is gone or this
+    process may not ask (BPF_PROG_GET_FD_BY_ID needs CAP_SYS_ADMIN, which the daemon's unit
+    does not grant: hence the pinned programs, see _Object._pin_programs)."""
     fd = libbpf().bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         return None
@@ -475,6 +486,8 @@ class _Object:
         self.progs: dict[Program, int] = {}
         self.maps: dict[str, int] = {}
         self.pins: list[Path] = []
+        # programs a previous daemon pinned here: prog id -> an fd we hold on them
+        self.previous: dict[int, int] = {}
         self._obj = lib.bpf_object__open_file(str(path).encode(), None)
         if not self._obj:
             code = _errno_now()
@@ -527,6 +540,29 @@ class _Object:
             self.maps[map_name] = _check(lib.bpf_map__fd(handle), f"fd of map {map_name}")
         for prog, handle in progs.items():
             self.progs[prog] = _check(lib.bpf_program__fd(handle), f"fd of program {prog}")
+        if pin_dir is not None:
+            self._pin_programs(pin_dir)
+
+    def _pin_programs(self, pin_dir: Path) -> None:
+        """Pin each program as prog_<name>, after taking an fd on the one a previous daemon
+        pinned there. A restarted daemon so knows its predecessor's programs by id, and holds
+        the fds an atomic replace on a hook needs, with no privilege beyond the files' owner
+        (asking the kernel for a program by id needs CAP_SYS_ADMIN)."""
+        lib = libbpf()
+        for prog, fd in self.progs.items():
+            pin = pin_dir / f"prog_{prog.value}"
+            if os.path.lexists(pin):
+                old = lib.bpf_obj_get(str(pin).encode())
+                if old >= 0:
+                    info = _info(old)
+                    if info[64:80].split(b"\0")[0].decode(errors="replace") == prog.value:
+                        self.previous[int.from_bytes(info[4:8], "little")] = old
+                    else:
+                        os.close(old)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pin)
+            _check(lib.bpf_obj_pin(fd, str(pin).encode()), f"pin {pin}")
+            self.pins.append(pin)
 
     def _adopt_or_replace(self, pin: Path, handle: int) -> None:
         """Keep a pinned map libbpf can reuse; remove one it would refuse (another build's)."""
@@ -548,6 +584,9 @@ class _Object:
                               errno=exc.errno) from exc
 
     def close(self) -> None:
+        for fd in self.previous.values():
+            os.close(fd)
+        self.previous.clear()
         if self._obj:
             libbpf().bpf_object__close(self._obj)  # closes every fd above
             self._obj = None
@@ -721,20 +760,6 @@ def _del_filter(ipr: Any, ifindex: int, pref: int, handle: int) -> None:
            handle=handle, protocol=ETH_P_ALL)
 
 
-def _xdp_swap(ipr: Any, ifindex: int, fd: int, mode: str, old_id: int | None) -> None:
-    """Attach fd (-1: detach) in mode, replacing exactly the program old_id if given."""
-    old_fd = libbpf().bpf_prog_get_fd_by_id(old_id) if old_id else None
-    if old_fd is not None and old_fd < 0:
-        if fd < 0:
-            return  # the program to remove is gone already
-        old_fd = None
-    try:
-        _set_xdp(ipr, ifindex, fd, mode, old_fd)
-    finally:
-        if old_fd is not None:
-            os.close(old_fd)
-
-
 # ------------------------------------------------------------------ the owner -------------
 @dataclass
 class _State:
@@ -865,6 +890,45 @@ class BpfDatapath:
 
     def prog_id(self, program: Program | str) -> int:
         return prog_id_of_fd(self.prog_fd(program))
+
+    def _own_ids(self) -> dict[int, int]:
+        """prog id -> fd, for every program of ours this process can name: its own, and the
+        ones a previous daemon pinned."""
+        ids = {prog_id_of_fd(fd): fd for obj in self._objects.values()
+               for fd in obj.progs.values()}
+        for obj in self._objects.values():
+            ids.update(obj.previous)
+        return ids
+
+    def _ours(self, prog_id: int) -> bool:
+        """Is the program with this id joinproxyd's? Known ids first; the kernel's name only
+        when this process may ask for it (root)."""
+        return prog_id in self._own_ids() or prog_name_by_id(prog_id) in OUR_PROGRAM_NAMES
+
+    def _name_of(self, prog_id: int) -> str:
+        """Name of one of our programs by id: from an fd we hold (no privilege needed), else
+        from the kernel (root only)."""
+        fd = self._own_ids().get(prog_id)
+        if fd is not None:
+            return _info(fd)[64:80].split(b"\0")[0].decode(errors="replace")
+        return prog_name_by_id(prog_id) or "?"
+
+    def _xdp_swap(self, ipr: Any, ifindex: int, fd: int, mode: str,
+                  old_id: int | None) -> None:
+        """Attach fd (-1: detach) in mode; if old_id is given, replace exactly that program
+        when we can hold an fd on it (the kernel then refuses if another one came meanwhile)."""
+        expected, close_after = None, False
+        if old_id:
+            expected = self._own_ids().get(old_id)
+            if expected is None:
+                by_id = libbpf().bpf_prog_get_fd_by_id(old_id)  # root only
+                if by_id >= 0:
+                    expected, close_after = by_id, True
+        try:
+            _set_xdp(ipr, ifindex, fd, mode, expected)
+        finally:
+            if close_after and expected is not None:
+                os.close(expected)
 
     def map_id(self, obj: str, name: str) -> int:
         return int.from_bytes(_info(self._map(obj, name))[4:8], "little")
@@ -1025,17 +1089,17 @@ class BpfDatapath:
         def attach(ipr: Any) -> str:
             ours: dict[str, int] = {}
             for mode, prog_id in _xdp_ids(ipr, ifindex).items():
-                name = prog_name_by_id(prog_id)
-                if name not in OUR_PROGRAM_NAMES:
+                if not self._ours(prog_id):
+                    name = prog_name_by_id(prog_id) or "name unknown without CAP_SYS_ADMIN"
                     raise KernelError(f"{iface}: XDP hook holds another program ({name}, id "
                                       f"{prog_id}); not replacing it", errno=errno.EBUSY)
                 ours[mode] = prog_id
             if "generic" in ours:
                 # A link cannot have native and generic programs at once: a previous run
                 # fell back to generic; take it off before trying native again.
-                _xdp_swap(ipr, ifindex, -1, "generic", ours.pop("generic"))
+                self._xdp_swap(ipr, ifindex, -1, "generic", ours.pop("generic"))
             try:
-                _xdp_swap(ipr, ifindex, fd, "native", ours.get("native"))
+                self._xdp_swap(ipr, ifindex, fd, "native", ours.get("native"))
                 return "native"
             except Exception as exc:
                 if "native" in ours:
@@ -1043,7 +1107,7 @@ class BpfDatapath:
                 log.info("%s: native XDP refused (%s); attaching %s in generic mode",
                          iface, _nl_error(exc, "attach"), program)
             try:
-                _xdp_swap(ipr, ifindex, fd, "generic", None)
+                self._xdp_swap(ipr, ifindex, fd, "generic", None)
             except Exception as exc:
                 raise _nl_error(exc, f"{iface}: attach XDP program {program}") from exc
             return "generic"
@@ -1111,17 +1175,21 @@ class BpfDatapath:
             self._detach_tc(ifindex, Program(program))
 
     def _detach_xdp(self, ifindex: int, program: Program | None, own: bool = False) -> None:
+        """Take our program (that program only, if given) off the link's XDP hook; with own,
+        only this process's instance (atomically: the kernel checks it is still there)."""
         own_fd = self.prog_fd(program) if own and program is not None else None
 
         def remove(ipr: Any) -> None:
             for mode, prog_id in _xdp_ids(ipr, ifindex).items():
-                name = prog_name_by_id(prog_id)
-                if name not in OUR_PROGRAM_NAMES or (program is not None and name != program):
+                if not self._ours(prog_id):
+                    continue
+                name = self._name_of(prog_id)
+                if program is not None and name != program:
                     continue
                 if own_fd is None:
-                    _xdp_swap(ipr, ifindex, -1, mode, prog_id)
+                    self._xdp_swap(ipr, ifindex, -1, mode, prog_id)
                     continue
-                try:  # only if it is still this process's instance
+                try:
                     _set_xdp(ipr, ifindex, -1, mode, own_fd)
                 except Exception as exc:
                     if getattr(exc, "code", None) != errno.EEXIST:
@@ -1169,9 +1237,8 @@ class BpfDatapath:
             for link in ipr.link("dump"):
                 ifindex = link["index"]
                 for prog_id in _xdp_ids(ipr, ifindex).values():
-                    name = prog_name_by_id(prog_id)
-                    if name in OUR_PROGRAM_NAMES:
-                        found.append(Hook("xdp", ifindex, name))
+                    if self._ours(prog_id):
+                        found.append(Hook("xdp", ifindex, self._name_of(prog_id)))
                 for _, _, name in _tc_filters(ipr, ifindex, TC_H_INGRESS_PARENT):
                     if _base(name) in OUR_PROGRAM_NAMES:
                         found.append(Hook("tc-ingress", ifindex, _base(name)))
