@@ -237,6 +237,10 @@ class Lab:
         if with_ula:
             addrs.append(f"{join_prefix(link)}{0x100 + i:x}/64")
         self._configure(host, "eth0", addrs)
+        # A real pledge's frames carry finished checksums; a veth would leave them to be
+        # filled in later (CHECKSUM_PARTIAL), which no longer happens once a stateless relay
+        # has wrapped the packet in another header (platform.md, fact 4).
+        netns.run(["ip", "netns", "exec", host.ns, "ethtool", "-K", "eth0", "tx", "off"])
         if with_ula:
             netns.ip(host.ns, "-6", "route", "add", "default", "via", PROXY_LL, "dev", "eth0")
         self.pledges.append(host)
