@@ -5,16 +5,24 @@ Every error names the key and the reason, e.g.
 Defaults are what an operator would expect on a small border router; the shipped
 packaging/joinproxyd.toml documents each key.
 
-    [daemon]        log_level, control_socket, drain_seconds
+    [daemon]        log_level, control_socket, drain_seconds, bpf_pin_dir, bpf_object_dir
     [metrics]       listen ("[::1]:9465"; "" turns the endpoint off)
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port
-    [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference}]),
+    [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference,
+                    ipip = {link_local, address, protocols, ports}}]),
                     health_interval, health_timeout
     [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
                     new_circuits_per_second, new_circuits_burst, connect_timeout,
                     idle_timeout, circuit_lifetime
     [announce]      interval, grasp, mdns
+    [guard]         enabled, rate, burst (XDP join-port guard, every join link)
+    [ipip]          protocol, backbone_prefix, backbone_addresses (the ipip relay mode)
+
+The guard is off when [guard] is absent, so a configuration written before it existed (and
+a circuit-only one with the guard off) loads no BPF at all; the shipped joinproxyd.toml
+turns it on. Rate and burst are whole packets because the kernel's token bucket counts
+whole packets.
 """
 
 import fnmatch
@@ -24,11 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .model import IpipTarget
+
 DEFAULT_PATH = Path("/etc/joinproxyd/joinproxyd.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_METHODS = ("static", "grasp", "mdns")
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
-KNOWN_MODES = ("circuit", "nat66")
+KNOWN_MODES = ("circuit", "nat66", "ipip")
+DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
+IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
+IPIP_MAX_PORTS = 4  # ports the kernel's IPIP program matches per join link
+IFNAMSIZ = 15  # longest interface name
+# A derived backbone address is the prefix plus the join link's ifindex: leave it room.
+IPIP_PREFIX_MAX_LEN = 112
 
 
 class ConfigError(Exception):
@@ -45,6 +61,27 @@ class StaticRegistrar:
     address: str
     port: int
     preference: int
+    ipip: IpipTarget | None = None  # the registrar also terminates the IPIP proxy
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The XDP join-port guard: a token bucket per (pledge address, join link)."""
+
+    enabled: bool = False
+    rate: int = 20  # packets per second to the join ports, per source and link
+    burst: int = 40  # packets
+
+
+@dataclass(frozen=True)
+class IpipSettings:
+    """The ipip relay mode: the outer protocol and the proxy's backbone address per link."""
+
+    protocol: int = 41
+    # One backbone address per join link (the stateless rule that sends replies to the right
+    # link): configured by name, else the prefix plus the link's ifindex.
+    backbone_prefix: ipaddress.IPv6Network | None = None
+    backbone_addresses: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,19 @@ class Config:
     announce_interval: float = 30.0
     announce_grasp: bool = True
     announce_mdns: bool = True
+    bpf_pin_dir: Path = DEFAULT_BPF_PIN_DIR
+    bpf_object_dir: Path | None = None  # None: where `make -C ebpf` builds them
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    ipip: IpipSettings = field(default_factory=IpipSettings)
+
+    @property
+    def uses_ipip(self) -> bool:
+        return any("ipip" in spec.modes for spec in self.joins)
+
+    @property
+    def needs_bpf(self) -> bool:
+        """Whether anything configured runs in BPF (else no BPF object is ever loaded)."""
+        return self.guard.enabled or self.uses_ipip
 
     def join_spec_for(self, ifname: str) -> JoinSpec | None:
         """The first [[join]] entry whose patterns match (order in the file decides)."""
@@ -158,6 +208,26 @@ class _Table:
             raise ConfigError(self.key(name), "lists a value twice")
         return tuple(value)
 
+    def integers(self, name: str, default: tuple[int, ...], low: int, high: int,
+                 most: int) -> tuple[int, ...]:
+        value = self.take(name, default)
+        if not isinstance(value, list | tuple) or not 1 <= len(value) <= most or any(
+                isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high
+                for v in value):
+            raise ConfigError(self.key(name), f"must be a list of 1 to {most} integers between "
+                                              f"{low} and {high} (got {value!r})")
+        if len(set(value)) != len(value):
+            raise ConfigError(self.key(name), "lists a value twice")
+        return tuple(value)
+
+    def abspath(self, name: str, default: Path | None) -> Path | None:
+        value = self.take(name, None if default is None else str(default))
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(self.key(name), f"must be an absolute path (got {value!r})")
+        return Path(value)
+
     def done(self) -> None:
         if self.data:
             unknown = sorted(self.data)[0]
@@ -191,10 +261,90 @@ def _static_registrar(item: object, key: str) -> StaticRegistrar:
     if ip.is_link_local:
         raise ConfigError(table.key("address"), "a link-local registrar cannot be configured "
                                                 "statically; use a ULA or global address")
-    registrar = StaticRegistrar(str(ip), table.integer("port", 443, 1, 65535),
-                                table.integer("preference", 100, 0, 65535))
+    port = table.integer("port", 443, 1, 65535)
+    preference = table.integer("preference", 100, 0, 65535)
+    ipip = None
+    if "ipip" in table.data:
+        ipip = _static_ipip(table.table("ipip"), str(ip), port)
     table.done()
-    return registrar
+    return StaticRegistrar(str(ip), port, preference, ipip)
+
+
+def _ipv6(table: _Table, name: str, default: str | None = None) -> ipaddress.IPv6Address:
+    text = table.string(name, default)
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        raise ConfigError(table.key(name), f"must be an IPv6 address (got {text!r})") from None
+
+
+def _routable(table: _Table, name: str, address: ipaddress.IPv6Address) -> None:
+    if address.is_link_local or address.is_multicast or address.is_unspecified \
+            or address.is_loopback or address.ipv4_mapped is not None:
+        raise ConfigError(table.key(name), f"must be a unicast ULA or global address "
+                                           f"(got {address})")
+
+
+def _static_ipip(table: _Table, address: str, port: int) -> IpipTarget:
+    """registrars.static[i].ipip: this registrar takes IPIP (what its GRASP flood would say)."""
+    link_local = _ipv6(table, "link_local")
+    if not link_local.is_link_local:
+        raise ConfigError(table.key("link_local"), f"must be a link-local (fe80::/10) address "
+                                                   f"(got {link_local}): pledges connect to it")
+    outer = _ipv6(table, "address", address)
+    _routable(table, "address", outer)
+    protocols = table.integers("protocols", (41,), 0, 255, 2)
+    for proto in protocols:
+        if proto not in IPIP_PROTOCOLS:
+            raise ConfigError(table.key("protocols"), f"{proto} is not 41 (IPv6-in-IPv6) or "
+                                                      "98 (ENCAP)")
+    ports = table.integers("ports", (port,), 1, 65535, IPIP_MAX_PORTS)
+    table.done()
+    return IpipTarget(link_local.compressed, outer.compressed, protocols, ports)
+
+
+def _guard(table: _Table) -> GuardSettings:
+    defaults = GuardSettings()
+    guard = GuardSettings(
+        enabled=table.boolean("enabled", defaults.enabled),
+        rate=table.integer("rate", defaults.rate, 1, 10_000_000),
+        burst=table.integer("burst", defaults.burst, 1, 1_000_000))
+    table.done()
+    return guard
+
+
+def _ipip(table: _Table) -> IpipSettings:
+    protocol = table.integer("protocol", 41, 0, 255)
+    if protocol not in IPIP_PROTOCOLS:
+        raise ConfigError(table.key("protocol"), f"must be 41 (IPv6-in-IPv6) or 98 (ENCAP) "
+                                                 f"(got {protocol})")
+    prefix = None
+    raw_prefix = table.take("backbone_prefix", None)
+    if raw_prefix is not None:
+        try:
+            prefix = ipaddress.IPv6Network(raw_prefix)
+        except (ValueError, TypeError):
+            raise ConfigError(table.key("backbone_prefix"), f"must be an IPv6 prefix with no "
+                              f"host bits set, e.g. fd00::1:0/112 (got {raw_prefix!r})") from None
+        if prefix.prefixlen > IPIP_PREFIX_MAX_LEN:
+            raise ConfigError(table.key("backbone_prefix"), f"/{prefix.prefixlen} is too long: "
+                              f"at most /{IPIP_PREFIX_MAX_LEN}, each join link takes the "
+                              "address at its interface index")
+        _routable(table, "backbone_prefix", prefix.network_address)
+    addresses_table = table.table("backbone_addresses")
+    addresses: dict[str, str] = {}
+    for name in sorted(addresses_table.data):
+        if not name or len(name) > IFNAMSIZ or "/" in name or name.strip() != name:
+            raise ConfigError(addresses_table.key(name), "is not an interface name")
+        address = _ipv6(addresses_table, name)
+        _routable(addresses_table, name, address)
+        if address.compressed in addresses.values():
+            raise ConfigError(addresses_table.key(name), f"{address} is given to two join "
+                                                         "links: one address per link")
+        addresses[name] = address.compressed
+    addresses_table.done()
+    table.done()
+    return IpipSettings(protocol, prefix, addresses)
 
 
 def _join(item: object, key: str) -> JoinSpec:
@@ -204,6 +354,10 @@ def _join(item: object, key: str) -> JoinSpec:
         modes=table.strings("modes", ("circuit",), KNOWN_MODES),
         port=table.integer("port", 8443, 1, 65535),
     )
+    if "ipip" in spec.modes and len(spec.modes) > 1:
+        raise ConfigError(table.key("modes"), "ipip cannot share a join link with other modes: "
+                                              "pledges there are sent to the registrar's own "
+                                              "link-local address and port")
     for pattern in spec.interfaces:
         if len(pattern) > 15 and not any(c in pattern for c in "*?["):
             raise ConfigError(table.key("interfaces"), f"{pattern!r} is longer than an "
@@ -220,6 +374,8 @@ def parse(data: dict[str, Any]) -> Config:
     registrars = root.table("registrars")
     limits_table = root.table("limits")
     announce = root.table("announce")
+    guard = _guard(root.table("guard"))
+    ipip = _ipip(root.table("ipip"))
     joins_raw = root.take("join", None)
     if not isinstance(joins_raw, list) or not joins_raw:
         raise ConfigError("join", "at least one [[join]] table is required")
@@ -266,12 +422,20 @@ def parse(data: dict[str, Any]) -> Config:
         announce_interval=announce.number("interval", 30.0, 1, 3600),
         announce_grasp=announce.boolean("grasp", True),
         announce_mdns=announce.boolean("mdns", True),
+        bpf_pin_dir=daemon.abspath("bpf_pin_dir", DEFAULT_BPF_PIN_DIR) or DEFAULT_BPF_PIN_DIR,
+        bpf_object_dir=daemon.abspath("bpf_object_dir", None),
+        guard=guard,
+        ipip=ipip,
     )
     for table in (daemon, metrics, backbone, registrars, limits_table, announce, root):
         table.done()
     if any(spec.matches(config.backbone) for spec in joins):
         raise ConfigError("backbone.interface", f"{config.backbone!r} also matches a [[join]] "
                                                 "interface pattern")
+    if config.uses_ipip and ipip.backbone_prefix is None and not ipip.backbone_addresses:
+        raise ConfigError("ipip.backbone_prefix", "is required when a [[join]] uses ipip (or "
+                                                  "list ipip.backbone_addresses): the proxy "
+                                                  "needs its own backbone address per join link")
     return config
 
 

@@ -70,10 +70,41 @@ def render_status(status: dict[str, Any]) -> str:
     out += [_table(rows) if len(rows) > 1 else "  (none)", "", "relays:"]
     for mode, info in status["relays"].items():
         out.append(f"  {mode}: {json.dumps(info, sort_keys=True)}")
+    out += render_bpf(status.get("guard"), status.get("bpf"))
     counters = status["counters"]
     out += ["", "counters (not zero; --json shows all):"]
     out += [f"  {name} {value:g}" for name, value in sorted(counters.items()) if value]
     return "\n".join(out)
+
+
+def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list[str]:
+    """The join-port guard and the BPF programs: where they are attached, what they did."""
+    out = [""]
+    if guard is None or not guard.get("enabled"):
+        out.append("guard: off")
+    else:
+        links = ", ".join(f"{name} ({mode})" for name, mode in guard["interfaces"].items())
+        out.append(f"guard: {guard['rate']} packets/s per source, burst {guard['burst']}, "
+                   f"ports {','.join(map(str, guard['ports'])) or 'none'} on "
+                   f"{links or 'no link'}" + (f"; ERROR {guard['error']}"
+                                              if guard.get("error") else ""))
+    if bpf is None:
+        out.append("BPF data plane: not loaded")
+        return out
+    out += [f"BPF data plane (maps pinned in {bpf['pin_dir']}):"]
+    rows = [["hook", "ifindex", "program", "mode"]]
+    rows += [[a["hook"], str(a["ifindex"]), a["program"], a["mode"]] for a in bpf["attached"]]
+    out.append(_table(rows) if len(rows) > 1 else "  (nothing attached)")
+    # Packets by program and action: every action a program has taken at least once.
+    by_program: dict[str, list[str]] = {}
+    for key, value in bpf["counters"].items():
+        program, action = key.split("/", 1)
+        if value:
+            by_program.setdefault(program, []).append(f"{action} {value}")
+    out.append("BPF packets:" if by_program else "BPF packets: none yet")
+    out += [f"  {program}: {', '.join(actions)}" for program, actions in sorted(
+        by_program.items())]
+    return out
 
 
 def render_circuits(circuits: list[dict[str, Any]]) -> str:

@@ -8,6 +8,11 @@ is idempotent, so a burst of netlink events costs one pass.
 Joining is open while a registrar is healthy: announcements go out and new circuits are
 admitted. Without one, announcements stop and new circuits are refused (counted), while
 established circuits are left alone.
+
+The BPF data plane (datapath.py) is opened only when something runs in it: the join-port
+guard (guard.py, on every served join link whatever its modes) or an ipip link. After the
+first full reconcile, programs of ours on hooks this process did not attach (a killed run's)
+are removed, so each hook holds exactly one.
 """
 
 import asyncio
@@ -23,27 +28,37 @@ from . import config as config_mod
 from .aio import cancel_and_wait
 from .config import Config, ConfigError
 from .control import ControlServer
+from .datapath import Datapath
 from .discovery.announce import ProxyAnnouncer
 from .discovery.grasp import GraspRegistrarListener
 from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
+from .guard import MODE as GUARD_MODE
+from .guard import Guard
+from .kernel.bpf import Program
 from .kernel.netlink import InterfaceWatcher
 from .metrics import Metrics
 from .model import JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, mode_class, mode_names
+from .relays.ipip import usable_target
 
 log = logging.getLogger("joinproxyd")
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
-    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static")
+    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip)
             for r in config.static_registrars if "static" in config.discovery]
 
 
 def announced_addresses(modes: tuple[str, ...], link_local: str,
-                        routable: tuple[str, ...]) -> tuple[str, ...]:
+                        routable: tuple[str, ...],
+                        ipip_link_local: str | None = None) -> tuple[str, ...]:
     """Where pledges should connect: the link-local address if a mode serves link-local
-    pledges, and a routable (ULA/global) one if a mode serves only those (NAT66)."""
+    pledges, and a routable (ULA/global) one if a mode serves only those (NAT66). An ipip
+    link announces the registrar's own link-local address (which the proxy answers ND for),
+    and nothing while no registrar offers IPIP."""
+    if "ipip" in modes:
+        return (ipip_link_local,) if ipip_link_local else ()
     classes = [mode_class(name) for name in modes]
     out = [link_local] if any(cls.serves_link_local for cls in classes) else []
     if routable and any(cls.serves_routable for cls in classes):
@@ -51,18 +66,36 @@ def announced_addresses(modes: tuple[str, ...], link_local: str,
     return tuple(out)
 
 
-def desired_interfaces(config: Config, links: dict[str, LinkState]) -> list[JoinInterface]:
-    """The join interfaces to serve: configured, up, and with a usable link-local address."""
+def desired_interfaces(config: Config, links: dict[str, LinkState],
+                       registrar: RegistrarEndpoint | None = None) -> list[JoinInterface]:
+    """The join interfaces to serve: configured, up, and with a usable link-local address.
+    An ipip link's port is the registrar's (the drafts: the port the proxy announces SHOULD
+    be the registrar's, so nothing is rewritten), the configured one until it is known."""
+    target, _ = usable_target(registrar, config.ipip.protocol)
     out = []
     for link in sorted(links.values(), key=lambda link: link.name):
         spec = config.join_spec_for(link.name)
         if spec is None or not link.ready:
             continue
         link_local = sorted(link.link_local)[0]
-        out.append(JoinInterface(link.name, link.index, link_local, link.routable, spec.modes,
-                                 spec.port,
-                                 announced_addresses(spec.modes, link_local, link.routable)))
+        ipip = "ipip" in spec.modes and target is not None
+        out.append(JoinInterface(
+            link.name, link.index, link_local, link.routable, spec.modes,
+            target.ports[0] if ipip and target is not None else spec.port,
+            announced_addresses(spec.modes, link_local, link.routable,
+                                target.link_local if target is not None else None)))
     return out
+
+
+def guarded_ports(config: Config, interfaces: list[JoinInterface],
+                  registrar: RegistrarEndpoint | None) -> list[int]:
+    """The ports the guard watches: each link's join port, and every port an ipip link
+    relays (the registrar may take more than the one announced)."""
+    ports = {i.port for i in interfaces}
+    target, _ = usable_target(registrar, config.ipip.protocol)
+    if target is not None and any("ipip" in i.modes for i in interfaces):
+        ports.update(target.ports)
+    return sorted(ports)
 
 
 class Daemon:
@@ -76,9 +109,15 @@ class Daemon:
         self.links: dict[str, LinkState] = {}
         self.interfaces: list[JoinInterface] = []
         self.modes: dict[str, RelayMode] = {}
+        # The pin directory and objects are fixed for the life of the process (a reload
+        # that changes them is logged and ignored).
+        self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log)
+        self.guard = Guard(self.datapath, log)
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
-                                    lambda: self.links.get(self.config.backbone), log)
+                                    lambda: self.links.get(self.config.backbone), log,
+                                    datapath=self.datapath, ipip=lambda: self.config.ipip)
         self.metrics.drops.add_source(self._kernel_drops)
+        self.metrics.bpf_packets.set_source(self.datapath.counters)
         self.watcher = InterfaceWatcher(self._links_changed, log)
         self.registrars = RegistrarSet(
             static=static_endpoints(config), health_interval=config.health_interval,
@@ -99,8 +138,12 @@ class Daemon:
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
         # Runs on the metrics thread: iterate over a copy, the loop may change the dict.
-        return {(name, reason): value for name, mode in list(self.modes.items())
-                for reason, value in mode.kernel_drops().items()}
+        drops: dict[tuple[str, str], float] = {
+            (name, reason): value for name, mode in list(self.modes.items())
+            for reason, value in mode.kernel_drops().items()}
+        for reason, value in self.datapath.kernel_drops((Program.GUARD,)).items():
+            drops[(GUARD_MODE, reason)] = value
+        return drops
 
     # -- events from the parts ------------------------------------------------------------
     def _links_changed(self, snapshot: dict[str, LinkState]) -> None:
@@ -138,11 +181,16 @@ class Daemon:
         for name in mode_names():
             if name not in wanted:
                 await mode_class(name).clean_leftovers(log)
+        if not self.config.needs_bpf:
+            await self.datapath.clean_leftovers()
         await self.control.start()
         self._serve_metrics()
         await self.registrars.start()
         await self.announcer.start()
         await self.reconcile()
+        # Everything this run wants is attached now, replacing a killed run's programs on
+        # the same hooks; what is left on other hooks is stale.
+        await self.datapath.detach_stale()
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="reconcile")
 
     async def stop(self) -> None:
@@ -161,6 +209,11 @@ class Daemon:
         await asyncio.gather(*(mode.close(self.config.drain_seconds)
                                for mode in self.modes.values()))
         self.modes.clear()
+        try:
+            await self.guard.close()
+        except Exception:  # keep stopping: the data plane must still be closed
+            log.exception("stopping the join-port guard failed")
+        await self.datapath.close()
         await self.registrars.stop()
         await self.watcher.stop()
         await self.control.close()
@@ -186,8 +239,8 @@ class Daemon:
     # -- the one place desired state is derived and applied ------------------------------------
     async def reconcile(self) -> None:
         config = self.config
-        self.interfaces = desired_interfaces(config, self.links)
         registrar = self.registrars.active
+        self.interfaces = desired_interfaces(config, self.links, registrar)
         wanted = {mode for spec in config.joins for mode in spec.modes}
         for name in sorted(set(self.modes) - wanted):
             await self.modes.pop(name).close(config.drain_seconds)
@@ -197,6 +250,12 @@ class Daemon:
                 self.metrics.add_mode(name)
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
+        if config.guard.enabled:
+            self.metrics.drops.declare(GUARD_MODE)
+        await self.guard.reconcile(config.guard, self.interfaces,
+                                   guarded_ports(config, self.interfaces, registrar))
+        if not config.needs_bpf and self.datapath.opened:
+            await self.datapath.close()  # turned off by a reload: unload it all
         joining = registrar is not None
         # A link where no configured mode can serve the pledges' addresses is not announced.
         announced = [i for i in self.interfaces if i.announce]
@@ -273,6 +332,9 @@ class Daemon:
             await self.control.start()
         if new.discovery != old.discovery or new.backbone != old.backbone:
             self._backbone_index = -1  # force discovery listeners to restart
+        if (new.bpf_pin_dir, new.bpf_object_dir) != (old.bpf_pin_dir, old.bpf_object_dir):
+            log.warning("daemon.bpf_pin_dir and daemon.bpf_object_dir take effect at the next "
+                        "start; this run keeps %s", self.datapath.pin_dir)
         await self.reconcile()
         self.metrics.reloads.labels("ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
@@ -312,6 +374,8 @@ class Daemon:
                             "port": i.port} for i in self.interfaces],
             "registrars": self.registrars.status(),
             "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
+            "guard": self.guard.status(),
+            "bpf": self.datapath.status(),
             "counters": self.counters(),
         }
 

@@ -2,8 +2,9 @@
 
 Each daemon gets its own CollectorRegistry, so tests can make as many as they like. Drop
 counters exist for every (mode, reason) pair from the start, at zero, so a dashboard can tell
-"never happened" from "not exported". Kernel (BPF) counters are read at scrape time by a
-collector the BPF control plane registers; nothing polls them into gauges.
+"never happened" from "not exported". Kernel counters are read at scrape time by collectors:
+BpfPackets (joinproxyd_bpf_packets_total) from the source the control plane gives it, and the
+kernel-counted drops through DropCounters' sources; nothing polls them into gauges.
 """
 
 import threading
@@ -73,6 +74,33 @@ class DropCounters(Collector):
         yield family
 
 
+PacketSource = Callable[[], Mapping[tuple[str, str], float]]
+
+
+class BpfPackets(Collector):
+    """joinproxyd_bpf_packets_total{program,action}: what each BPF program did, read from
+    the kernel's per-CPU counters at scrape time (nothing polls them). Before the BPF data
+    plane is opened, and in a proxy that never opens it, there is no such family."""
+
+    def __init__(self) -> None:
+        self._source: PacketSource | None = None
+
+    def set_source(self, source: PacketSource | None) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._source
+        values = source() if source is not None else {}
+        if not values:
+            return
+        family = CounterMetricFamily(
+            "joinproxyd_bpf_packets", "Packets seen by each BPF program, by what it did",
+            labels=["program", "action"])
+        for (program, action), value in sorted(values.items()):
+            family.add_metric([program, action], value)
+        yield family
+
+
 class Metrics:
     def __init__(self, modes: Iterable[str] = DROP_MODES) -> None:
         self.registry = CollectorRegistry()
@@ -90,6 +118,8 @@ class Metrics:
             ["mode", "direction"], registry=r)
         self.drops = DropCounters()
         r.register(self.drops)
+        self.bpf_packets = BpfPackets()
+        r.register(self.bpf_packets)
         self.registrar_up = Gauge(
             "joinproxyd_registrar_up", "1 if the registrar answered its last health probe",
             ["registrar", "source"], registry=r)

@@ -68,6 +68,17 @@ class JoinInterface:
         return f"{self.link_local}%{self.name}"
 
 
+@dataclass(frozen=True)
+class IpipTarget:
+    """How a registrar takes pledge traffic from a stateless IPIP proxy (protocols.md §7):
+    what its GRASP flood says next to its TCP locator, or what the configuration says."""
+
+    link_local: str  # the IPIP locator: pledges connect to it, the proxy answers ND for it
+    address: str  # where the proxy encapsulates to: the flood's initiator (backbone/ACP)
+    protocols: tuple[int, ...] = (41,)  # outer next headers it accepts: 41 and/or 98
+    ports: tuple[int, ...] = ()  # TCP/UDP ports relayed: its other locators' ports
+
+
 @dataclass(frozen=True, order=True)
 class RegistrarEndpoint:
     """A registrar the proxy may relay to, however it was learned."""
@@ -78,6 +89,8 @@ class RegistrarEndpoint:
     source: str = field(default="static", compare=False)  # static | grasp | mdns
     scope_id: int = field(default=0, compare=False)  # ifindex, for a link-local address
     protocol: int = field(default=6, compare=False)  # IPPROTO_TCP
+    # Set when the registrar also terminates the stateless IPIP proxy (ipip mode).
+    ipip: IpipTarget | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

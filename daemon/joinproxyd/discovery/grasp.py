@@ -2,7 +2,11 @@
 
 Registrars flood ``["AN_join_registrar", 4, 255, "EST-TLS"]`` with O_IPv6_LOCATOR options to
 ff02::13 UDP 7017. Every TCP locator becomes a RegistrarEndpoint offered for the flood's ttl;
-the next flood refreshes it. Only the backbone is listened to: a flood heard on a join link
+the next flood refreshes it. A registrar that terminates the stateless IPIP proxy adds
+``[O_IPv6_LOCATOR, <its link-local>, 41 (or 98), nil]``; its TCP endpoints then carry an
+IpipTarget: that link-local address, the flood's initiator as the address to encapsulate to
+(BRSKI drafts App. C), the protocols, and the ports of its TCP/UDP locators as the ports to
+relay. Only the backbone is listened to: a flood heard on a join link
 would let a pledge name its own "registrar".
 
 The socket is bound to ``[ff02::13%backbone]:7017``. Binding to a link-scoped multicast address
@@ -29,11 +33,13 @@ from brski import grasp as wire
 from brski.errors import DecodeError
 
 from ..metrics import Metrics
-from ..model import DropReason, RegistrarEndpoint
+from ..model import DropReason, IpipTarget, RegistrarEndpoint
 from .peerlog import PeerWarnings
 from .registry import DISCOVERED_PREFERENCE
 
 SOURCE: Final = "grasp"
+IPIP_PROTOCOLS: Final = (41, 98)  # IPv6-in-IPv6 (RFC 2473), ENCAP (RFC 1241)
+MAX_IPIP_PORTS: Final = 4  # what the data plane can match per join link
 
 
 class Refused(Exception):
@@ -65,15 +71,17 @@ def registrars_in_flood(data: bytes, ifindex: int) -> tuple[list[RegistrarEndpoi
     except DecodeError as exc:
         # Also other GRASP message types (M_DISCOVERY and friends): we only listen to floods.
         raise Refused(DropReason.MALFORMED, str(exc)) from None
+    locators = flood.locators_for(wire.AN_JOIN_REGISTRAR)
+    ipip = ipip_target(locators, flood.initiator)
     endpoints: list[RegistrarEndpoint] = []
-    for locator in flood.locators_for(wire.AN_JOIN_REGISTRAR):
+    for locator in locators:
         if locator.protocol != wire.IPPROTO_TCP or not locator.port:
             continue  # RFC 8995 §4.3: TCP is the one transport a BRSKI proxy relays
         if not usable_address(locator.address):
             continue
         scope = ifindex if locator.address.is_link_local else 0
         endpoint = RegistrarEndpoint(DISCOVERED_PREFERENCE, locator.address.compressed,
-                                     locator.port, source=SOURCE, scope_id=scope)
+                                     locator.port, source=SOURCE, scope_id=scope, ipip=ipip)
         if endpoint not in endpoints:
             endpoints.append(endpoint)
     if not endpoints:
@@ -81,6 +89,31 @@ def registrars_in_flood(data: bytes, ifindex: int) -> tuple[list[RegistrarEndpoi
         raise Refused(DropReason.IRRELEVANT, "no AN_join_registrar flood with a usable TCP "
                                             "locator")
     return endpoints, flood.ttl_ms / 1000.0
+
+
+def ipip_target(locators: list[wire.IPv6Locator],
+                initiator: ipaddress.IPv6Address) -> IpipTarget | None:
+    """The IPIP offer in a registrar's locators, or None.
+
+    The IPIP locator's address must be link-local (it is what pledges on a join link reach
+    through the proxy's ND answers), and the initiator routable (a link-local outer address
+    would only exist on the backbone link, and a proxy must not be pointed at itself). The
+    relayed ports are those of the flood's TCP and UDP locators (protocols.md §7: "MAY
+    restrict forwarded traffic to protocols 6/17 and the ports in the other locators").
+    """
+    offers = [loc for loc in locators if loc.protocol in IPIP_PROTOCOLS
+              and loc.address.is_link_local]
+    if not offers or initiator.is_link_local or not usable_address(initiator):
+        return None
+    link_local = offers[0].address  # one announced address per registrar
+    protocols = sorted({loc.protocol for loc in offers if loc.address == link_local})
+    ports = list(dict.fromkeys(loc.port for loc in locators
+                               if loc.protocol in (wire.IPPROTO_TCP, wire.IPPROTO_UDP)
+                               and loc.port))
+    if not ports:
+        return None  # nothing the proxy could restrict the relay to
+    return IpipTarget(link_local.compressed, initiator.compressed, tuple(protocols),
+                      tuple(ports[:MAX_IPIP_PORTS]))
 
 
 def open_listener_socket(ifindex: int) -> socket.socket:

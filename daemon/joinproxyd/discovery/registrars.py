@@ -216,8 +216,12 @@ class RegistrarSet:
         for state in self._table.states():
             self.metrics.registrar_active.labels(state.endpoint.key).set(
                 1 if state is chosen else 0)
-        if _same(endpoint, self._active):
-            self._active = endpoint  # same registrar; keep the freshest view of it
+        if _same(endpoint, self._active) and \
+                (endpoint.ipip if endpoint else None) == \
+                (self._active.ipip if self._active else None):
+            # Same registrar, same IPIP offer: keep the freshest view of it. (A changed IPIP
+            # offer is news for the ipip mode and the announcements, so it is passed on.)
+            self._active = endpoint
             return
         self._active = endpoint
         try:

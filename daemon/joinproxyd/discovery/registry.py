@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from ..model import RegistrarEndpoint
+from ..model import IpipTarget, RegistrarEndpoint
 
 # Static preferences are 0..65535 (config.py), so this ranks every discovered registrar after
 # every configured one. A RegistrarSet can be given another value to rank them differently.
@@ -42,6 +42,9 @@ class RegistrarState:
     last_probe: float | None = None  # clock() when the last probe finished
     last_error: str | None = None
     next_probe: float = 0.0  # 0: probe as soon as possible
+    # What each source says about IPIP (static configuration, a GRASP flood); the endpoint
+    # carries the configuration's when it has one, else a discovery source's.
+    ipip: dict[str, IpipTarget | None] = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
@@ -97,7 +100,10 @@ class RegistrarTable:
         else:
             preference = self.discovered_preference
             source = next(iter(state.learned), state.endpoint.source)
-        state.endpoint = replace(state.endpoint, preference=preference, source=source)
+        origins = ([STATIC] if state.static else []) + list(state.learned)
+        ipip = next((t for s in origins if (t := state.ipip.get(s)) is not None), None)
+        state.endpoint = replace(state.endpoint, preference=preference, source=source,
+                                 ipip=ipip)
 
     def _drop_if_orphan(self, state: RegistrarState) -> bool:
         if state.static or state.learned:
@@ -120,6 +126,7 @@ class RegistrarTable:
         for endpoint in wanted.values():
             state = self._state_for(endpoint)
             state.static_preference = endpoint.preference
+            state.ipip[STATIC] = endpoint.ipip
             self._refresh(state)
         return removed
 
@@ -133,6 +140,7 @@ class RegistrarTable:
         new = self.get(endpoint) is None
         state = self._state_for(endpoint)
         state.learned[endpoint.source] = None if ttl is None else now + ttl
+        state.ipip[endpoint.source] = endpoint.ipip
         self._refresh(state)
         return state, new
 

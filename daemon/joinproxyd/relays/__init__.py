@@ -8,6 +8,7 @@ from .base import RelayContext, RelayMode
 _MODES = {
     "circuit": ("circuit", "CircuitMode"),
     "nat66": ("nat66", "Nat66Mode"),
+    "ipip": ("ipip", "IpipMode"),
 }
 
 

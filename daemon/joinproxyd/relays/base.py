@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..config import Limits
+from ..config import IpipSettings, Limits
+from ..datapath import Datapath
 from ..metrics import Metrics
 from ..model import JoinInterface, LinkState, RegistrarEndpoint
 
@@ -26,6 +27,9 @@ class RelayContext:
     limits: Callable[[], Limits]
     backbone: Callable[[], LinkState | None]
     log: logging.Logger
+    # The BPF data plane, opened by whoever first needs it (modes that run in BPF).
+    datapath: Datapath | None = None
+    ipip: Callable[[], IpipSettings] = IpipSettings
 
 
 class RelayMode(ABC):

@@ -1,0 +1,384 @@
+"""Stateless IPIP relay (BRSKI drafts App. C, protocols.md §7): the kernel carries every byte,
+and the proxy keeps nothing per pledge.
+
+    pledge fe80::p ──TCP to [R_ll]:port──▶ join0 ─ tc jp_tc_join: IPv6-in-IPv6 (41, or 98)
+        outer src = this link's backbone address B_join0, dst = the registrar's R ──▶ bb0
+    registrar R ──outer R -> B_join0, inner R_ll -> fe80::p──▶ bb0 ─ tc jp_tc_backbone:
+        decapsulated, sent out of the link B_join0 belongs to ──▶ join0 ──▶ pledge
+
+The registrar offers IPIP in its GRASP flood (``[O_IPv6_LOCATOR, R_ll, 41, nil]``, initiator
+R) or in the configuration (registrars.static[].ipip); either way it reaches this mode as the
+active registrar's ``ipip`` (model.IpipTarget). For each join link served, the mode makes the
+kernel match:
+
+    proxy NDP     the link answers neighbour solicitations for R_ll (kernel/ndp.py), which is
+                  what the link announces to pledges (GRASP AN_Proxy, mDNS), with the
+                  registrar's port, so pledge packets need no rewriting at all
+    address       B_link, one backbone address per join link: the one stateless rule that
+                  sends a reply to the right link (ipip.backbone_addresses by name, else
+                  ipip.backbone_prefix + ifindex), added to the backbone (/128, nodad) if
+                  missing and removed when no longer used
+    BPF           jp_join_cfg[link] = (R_ll, B_link, R, backbone, ports, protocol),
+                  jp_bb_addrs[B_link] = link, jp_registrars[R] (kernel/bpf.py set_ipip);
+                  jp_tc_join on each link's tc ingress, jp_tc_backbone on the backbone's
+
+Order: the return path first (address, backbone program, maps), then the join side (join
+program, proxy NDP, which is what makes pledges send), so no packet leaves whose reply would
+be refused; removal goes the other way. When the registrar is failed away from, the old one
+stays allowed to send until the next change, so its last replies are not dropped.
+
+Without an IPIP-capable registrar (none, one that does not offer the configured protocol, or
+no backbone address for the link) the maps hold nothing for the link and its proxy entry is
+removed: pledges there cannot resolve the registrar's address, and the link is not announced.
+The programs stay attached and pass everything untouched.
+
+What is left by a killed run is recognised: proxy entries and addresses carry our netlink
+protocol mark, programs our names, maps are pinned; a configured mode adopts or replaces them
+at its first reconcile, and an unconfigured one removes them (clean_leftovers).
+
+Counters: the programs count by action and reason (jp_counters); drops are exported as
+joinproxyd_drops_total{mode="ipip",reason} and every action as
+joinproxyd_bpf_packets_total{program,action}. No per-pledge state means no circuits().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import IpipSettings
+from ..kernel import KernelError, ndp
+from ..kernel.bpf import IPIP_PROGRAMS, BpfDatapath, IpipJoin
+from ..model import IpipTarget, JoinInterface, LinkState, RegistrarEndpoint
+from .base import RelayContext, RelayMode
+
+# -- the plan, as pure functions ----------------------------------------------------------------
+
+def usable_target(registrar: RegistrarEndpoint | None,
+                  protocol: int) -> tuple[IpipTarget | None, str | None]:
+    """The registrar's IPIP offer if this proxy can use it, else (None, why not)."""
+    if registrar is None:
+        return None, "no registrar is known"
+    target = registrar.ipip
+    if target is None:
+        return None, f"registrar {registrar.key} does not offer IPIP"
+    if protocol not in target.protocols:
+        return None, (f"registrar {registrar.key} takes IPIP protocol "
+                      f"{'/'.join(map(str, target.protocols))}, not {protocol} "
+                      "(ipip.protocol)")
+    return target, None
+
+
+def backbone_address(settings: IpipSettings, name: str, index: int) -> str:
+    """This link's backbone address: configured by name, else prefix + ifindex (unique per
+    link while the link exists). ValueError if there is none."""
+    if name in settings.backbone_addresses:
+        return settings.backbone_addresses[name]
+    prefix = settings.backbone_prefix
+    if prefix is None:
+        raise ValueError(f"{name}: no backbone address (not in ipip.backbone_addresses, and "
+                         "no ipip.backbone_prefix)")
+    if index >= prefix.num_addresses or index <= 0:
+        raise ValueError(f"{name}: ifindex {index} does not fit in ipip.backbone_prefix "
+                         f"{prefix}")
+    return (prefix.network_address + index).compressed
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    name: str
+    index: int
+    outer_src: str
+
+
+@dataclass
+class Plan:
+    """What the kernel should hold for one desired state."""
+
+    target: IpipTarget | None
+    refusal: str | None
+    backbone_index: int | None
+    links: list[LinkPlan] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # link -> why it is not relayed
+
+    @property
+    def relaying(self) -> bool:
+        return self.target is not None and self.backbone_index is not None and \
+            bool(self.links)
+
+    def joins(self, protocol: int) -> dict[int, IpipJoin]:
+        if self.target is None or self.backbone_index is None:
+            return {}
+        return {link.index: IpipJoin(registrar_ll=self.target.link_local,
+                                     outer_src=link.outer_src, registrar=self.target.address,
+                                     backbone_ifindex=self.backbone_index,
+                                     ports=self.target.ports, proto=protocol)
+                for link in self.links}
+
+    def proxies(self) -> set[tuple[int, str]]:
+        if not self.relaying or self.target is None:
+            return set()
+        return {(link.index, self.target.link_local) for link in self.links}
+
+    def addresses(self) -> set[str]:
+        return {link.outer_src for link in self.links} if self.relaying else set()
+
+
+def make_plan(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpoint | None,
+              settings: IpipSettings, backbone: LinkState | None) -> Plan:
+    target, refusal = usable_target(registrar, settings.protocol)
+    backbone_index = backbone.index if backbone is not None and backbone.up else None
+    if target is not None and backbone_index is None:
+        target, refusal = None, "the backbone interface is not up"
+    plan = Plan(target, refusal, backbone_index)
+    used: dict[str, str] = {}
+    for iface in sorted(interfaces, key=lambda i: i.name):
+        try:
+            address = backbone_address(settings, iface.name, iface.index)
+        except ValueError as exc:
+            plan.errors[iface.name] = str(exc)
+            continue
+        if address in used:  # a configured address equal to a derived one
+            plan.errors[iface.name] = (f"{iface.name}: backbone address {address} is also "
+                                       f"{used[address]}'s")
+            continue
+        if target is not None and ipaddress.IPv6Address(address) == \
+                ipaddress.IPv6Address(target.address):
+            plan.errors[iface.name] = f"{iface.name}: backbone address {address} is the " \
+                                      "registrar's"
+            continue
+        used[address] = iface.name
+        plan.links.append(LinkPlan(iface.name, iface.index, address))
+    return plan
+
+
+# -- the mode -----------------------------------------------------------------------------------
+
+class IpipMode(RelayMode):
+    name = "ipip"
+    serves_link_local = True  # inner packets are the pledges' own, link-local ones
+
+    @classmethod
+    async def clean_leftovers(cls, log: logging.Logger) -> None:
+        """Proxy entries and backbone addresses a killed ipip run left (it is not configured
+        now). Its BPF programs and pins are the data plane's to clear."""
+        try:
+            proxies = await asyncio.to_thread(ndp.proxies)
+            addresses = [(i, a) for i, a, ours in await asyncio.to_thread(ndp.addresses)
+                         if ours]
+            for index, address in proxies:
+                await asyncio.to_thread(ndp.del_proxy, index, address)
+            for index, address in addresses:
+                await asyncio.to_thread(ndp.del_address, index, address)
+        except KernelError as exc:
+            log.error("cannot remove what an earlier ipip run left: %s", exc)
+            return
+        if proxies or addresses:
+            log.info("removed %d proxy neighbour entr%s and %d backbone address(es) an earlier "
+                     "ipip run left (ipip is not configured now)", len(proxies),
+                     "y" if len(proxies) == 1 else "ies", len(addresses))
+
+    def __init__(self, ctx: RelayContext) -> None:
+        super().__init__(ctx)
+        self.plan = Plan(None, "not started", None)
+        self.registrar: RegistrarEndpoint | None = None
+        self.error: str | None = None
+        self._lock = asyncio.Lock()  # one kernel change at a time
+        self._adopted = False  # a killed run's entries and addresses looked at
+        self._proxies: set[tuple[int, str]] = set()  # (ifindex, address) installed
+        self._addresses: dict[str, int] = {}  # backbone address -> ifindex, added by us
+        self._join_tc: dict[str, int] = {}  # link name -> ifindex with jp_tc_join
+        self._backbone_tc: int | None = None
+        self._knobs: dict[str, dict[str, str]] = {}  # link -> its sysctls before us
+        self._written: tuple[dict[int, IpipJoin], frozenset[str]] | None = None
+        self._previous_registrar: str | None = None
+        self._logged: str | None = None
+        ctx.metrics.add_mode(self.name)
+
+    # -- control plane ----------------------------------------------------------------------
+    async def reconcile(self, interfaces: Sequence[JoinInterface],
+                        registrar: RegistrarEndpoint | None) -> None:
+        async with self._lock:
+            settings = self.ctx.ipip()
+            plan = make_plan(interfaces, registrar, settings, self.ctx.backbone())
+            old_target = self.plan.target
+            if old_target is not None and (plan.target is None
+                                           or plan.target.address != old_target.address):
+                self._previous_registrar = old_target.address
+            self.plan, self.registrar = plan, registrar
+            self._explain(plan, settings.protocol)
+            errors = list(plan.errors.values())
+            try:
+                if interfaces:
+                    await self._apply(plan, settings.protocol, [i for i in interfaces
+                                                                if i.name not in plan.errors])
+                else:
+                    await self._teardown()
+            except KernelError as exc:
+                errors.append(str(exc))
+            self._set_error("; ".join(errors) or None)
+
+    async def close(self, drain_seconds: float) -> None:
+        """Nothing to drain: connections live in the pledges and the registrar. Remove the
+        proxy entries (pledges stop sending), then programs, maps and addresses."""
+        async with self._lock:
+            try:
+                await self._teardown()
+            except KernelError as exc:
+                self._set_error(str(exc))
+            self.plan = Plan(None, "stopped", None)
+
+    async def _datapath(self) -> BpfDatapath:
+        if self.ctx.datapath is None:
+            raise KernelError("no BPF data plane in this context")
+        return await self.ctx.datapath.get()
+
+    async def _adopt(self) -> None:
+        """First pass: what a killed run left becomes ours, to keep or remove."""
+        if self._adopted:
+            return
+        self._adopted = True
+        self._proxies |= set(await asyncio.to_thread(ndp.proxies))
+        for index, address, ours in await asyncio.to_thread(ndp.addresses):
+            if ours:
+                self._addresses[address] = index
+
+    async def _apply(self, plan: Plan, protocol: int,
+                     interfaces: Sequence[JoinInterface]) -> None:
+        dp = await self._datapath()
+        await self._adopt()
+        joins = plan.joins(protocol)
+        allowed = frozenset(x for x in (self._previous_registrar,) if x)
+        # 1. the return path: backbone addresses, the backbone program, the maps
+        if plan.backbone_index is not None:
+            for address in sorted(plan.addresses() - set(self._addresses)):
+                if await asyncio.to_thread(ndp.add_address, plan.backbone_index, address):
+                    self.ctx.log.info("backbone address %s added for IPIP",
+                                      address, extra={"MODE": self.name})
+                    self._addresses[address] = plan.backbone_index
+                # else: configured by the operator, theirs to keep
+            if self._backbone_tc != plan.backbone_index:
+                await asyncio.to_thread(dp.attach_ipip_backbone, plan.backbone_index)
+                if self._backbone_tc is not None:
+                    await asyncio.to_thread(dp.detach_ipip_backbone, self._backbone_tc)
+                self._backbone_tc = plan.backbone_index
+        if (joins, allowed) != self._written:
+            await asyncio.to_thread(dp.set_ipip, joins, allowed)
+            self._written = (joins, allowed)
+        # 2. the join side: the program on each link, the link's knobs, proxy NDP
+        desired = {i.name: i.index for i in interfaces}
+        for name, index in list(self._join_tc.items()):
+            if desired.get(name) != index:
+                await self._unserve(dp, name, index)
+        for name, index in desired.items():
+            if self._join_tc.get(name) != index:
+                await asyncio.to_thread(dp.attach_ipip_join, index)
+                self._join_tc[name] = index
+            if name not in self._knobs:
+                before = await asyncio.to_thread(ndp.read_knobs, name)
+                await asyncio.to_thread(ndp.write_knobs, name, ndp.PROXY_KNOBS)
+                self._knobs[name] = before
+        wanted = plan.proxies()
+        for index, address in sorted(self._proxies - wanted):
+            await asyncio.to_thread(ndp.del_proxy, index, address)
+            self._proxies.discard((index, address))
+        for index, address in sorted(wanted - self._proxies):
+            await asyncio.to_thread(ndp.add_proxy, index, address)
+            self._proxies.add((index, address))
+        # 3. addresses no longer used (their map entries are gone already)
+        for address, index in sorted(self._addresses.items()):
+            if address not in plan.addresses():
+                await asyncio.to_thread(ndp.del_address, index, address)
+                del self._addresses[address]
+        if not plan.relaying and self._backbone_tc is not None and not self._join_tc:
+            await asyncio.to_thread(dp.detach_ipip_backbone, self._backbone_tc)
+            self._backbone_tc = None
+
+    async def _unserve(self, dp: BpfDatapath, name: str, index: int) -> None:
+        """A link no longer served (or back with another ifindex): its proxy entry, program
+        and knobs go; a link that is gone took them with it."""
+        for entry in [p for p in self._proxies if p[0] == index]:
+            await asyncio.to_thread(ndp.del_proxy, *entry)
+            self._proxies.discard(entry)
+        await asyncio.to_thread(dp.detach_ipip_join, index)
+        del self._join_tc[name]
+        before = self._knobs.pop(name, None)
+        if before is not None:
+            try:
+                await asyncio.to_thread(ndp.write_knobs, name, before)
+            except KernelError as exc:
+                if exc.errno != errno.ENOENT:  #: the link is gone, and its knobs with it
+                    raise
+
+    async def _teardown(self) -> None:
+        """Serve nothing: the reverse of _apply."""
+        for index, address in sorted(self._proxies):
+            await asyncio.to_thread(ndp.del_proxy, index, address)
+        self._proxies.clear()
+        if not (self._join_tc or self._backbone_tc is not None or self._written
+                or self._addresses or self._knobs):
+            return
+        dp = await self._datapath()
+        for name, index in list(self._join_tc.items()):
+            await self._unserve(dp, name, index)
+        for name in list(self._knobs):  # knobs of links whose program never got attached
+            await asyncio.to_thread(ndp.write_knobs, name, self._knobs.pop(name))
+        if self._written:
+            await asyncio.to_thread(dp.set_ipip, {}, ())
+            self._written = None
+        if self._backbone_tc is not None:
+            await asyncio.to_thread(dp.detach_ipip_backbone, self._backbone_tc)
+            self._backbone_tc = None
+        for address, index in sorted(self._addresses.items()):
+            await asyncio.to_thread(ndp.del_address, index, address)
+        self._addresses.clear()
+
+    # -- logs and views ---------------------------------------------------------------------
+    def _explain(self, plan: Plan, protocol: int) -> None:
+        """Log, once per change, what the mode relays or why it does not."""
+        served = ", ".join(link.name for link in plan.links) or "no link"
+        if plan.target is not None:
+            message = (f"ipip relays pledges on {served} to [{plan.target.link_local}]:"
+                       f"{','.join(map(str, plan.target.ports))} through {plan.target.address} "
+                       f"(protocol {protocol})")
+        else:
+            message = f"ipip relays nothing on {served}: {plan.refusal}"
+        if message != self._logged and (plan.links or plan.errors):
+            log = self.ctx.log.info if plan.target or self.registrar is None \
+                else self.ctx.log.warning
+            log("%s", message, extra={"MODE": self.name})
+            self._logged = message
+
+    def _set_error(self, message: str | None) -> None:
+        if message is not None and message != self.error:
+            self.ctx.log.error("ipip: %s", message, extra={"MODE": self.name})
+        self.error = message
+
+    def kernel_drops(self) -> dict[str, int]:
+        if self.ctx.datapath is None:
+            return {}
+        return self.ctx.datapath.kernel_drops(IPIP_PROGRAMS)
+
+    def status(self) -> dict[str, Any]:
+        plan, target = self.plan, self.plan.target
+        return {
+            "protocol": self.ctx.ipip().protocol,
+            "relaying": plan.relaying,
+            "registrar": None if target is None else {
+                "link_local": target.link_local, "address": target.address,
+                "protocols": list(target.protocols), "ports": list(target.ports)},
+            "refusal": plan.refusal,
+            "interfaces": [{"interface": link.name, "index": link.index,
+                            "backbone_address": link.outer_src,
+                            "proxy_ndp": target is not None
+                            and (link.index, target.link_local) in self._proxies}
+                           for link in plan.links],
+            "backbone_addresses_added": sorted(self._addresses),
+            "drops": self.kernel_drops(),
+            "error": self.error,
+        }

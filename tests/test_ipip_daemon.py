@@ -1,0 +1,251 @@
+"""BRSKI enrollments through joinproxyd's stateless IPIP mode (issue 6 acceptance), all real.
+
+    pledge0 ─┐                                              ┌ registrar0: brski-registrar --ipip
+    pledge1 ─┴─ [join0]  proxy (joinproxyd, mode ipip)  bb0 ─┘  (fd4a:5044::100, listens [::]:8443)
+                fe80::1    answers ND for fe80::1234        fd4a:5044::1:<ifindex of join0>
+
+The registrar terminates IPIP itself (a TUN device per proxy, registrar/ipip.py) and announces
+``[O_IPv6_LOCATOR, fe80::1234, 41|98, nil]`` next to its TCP locator, initiator
+fd4a:5044::100 (or is configured statically). The pledges learn the proxy's AN_Proxy flood,
+whose locator is the registrar's link-local address, and run pledge-sim against it: TLS
+between pledge and registrar, carried inside IPv6-in-IPv6 between proxy and registrar, with no
+socket of the daemon's in between.
+
+Checked: the pledges' own reports and LDevIDs; a tshark capture on the registrar's link shows
+the outer next header (41, or 98 when configured) from the proxy's per-link backbone address;
+the proxy holds no per-pledge state (the IPIP maps are byte-for-byte the same before and after
+the enrollments, and there are no circuits); the daemon's status and metrics count the
+encapsulations; a clean stop leaves no program, proxy entry, address or pin behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab import Host, Lab, Topology, wait_for
+from lab.brski_services import (
+    REGISTRAR_PORT,
+    Services,
+    enroll_each,
+    ldevid_verifies,
+    make_pki,
+)
+from lab.proxyd import ProxyDaemon, base_config
+
+pytestmark = pytest.mark.netns
+
+REGISTRAR_LL = "fe80::1234"  # the registrar's IPIP link-local address, announced to pledges
+REGISTRAR = "fd4a:5044::100"  # its backbone address: the GRASP initiator, the outer dst
+BACKBONE_PREFIX = "fd4a:5044::1:0/112"  # the proxy's backbone address per join link
+IPIP_MAPS = ("jp_join_cfg", "jp_bb_addrs", "jp_registrars")
+
+
+# -- helpers shared by the other ipip/guard test modules -------------------------------------
+
+@pytest.fixture
+def bpffs(as_root: None, tmp_path: Path) -> Iterator[Path]:
+    """A bpf filesystem of the test's own; the daemon pins its maps in <it>/joinproxyd."""
+    mnt = tmp_path / "bpffs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def ifindex(host: Host, ifname: str) -> int:
+    (link,) = json.loads(host.run(["ip", "-j", "link", "show", ifname]).stdout)
+    return int(link["ifindex"])
+
+
+def backbone_address(host: Host, join: str = "join0") -> str:
+    """The address the daemon derives for a join link: the prefix plus its ifindex."""
+    import ipaddress
+
+    return str(ipaddress.IPv6Network(BACKBONE_PREFIX).network_address + ifindex(host, join))
+
+
+def map_dump(pin_dir: Path, name: str) -> list[dict[str, Any]]:
+    done = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / name)],
+                          capture_output=True, text=True, check=True, timeout=30)
+    return sorted(json.loads(done.stdout), key=json.dumps)
+
+
+def ipip_maps(pin_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    return {name: map_dump(pin_dir, name) for name in IPIP_MAPS}
+
+
+def xdp_progs(host: Host, dev: str) -> list[str]:
+    """Names of the XDP programs on dev, from `ip -d link`."""
+    (link,) = json.loads(host.run(["ip", "-j", "-d", "link", "show", "dev", dev]).stdout)
+    return [a["prog"]["name"] for a in (link.get("xdp") or {}).get("attached", [])]
+
+
+def tc_progs(host: Host, dev: str) -> list[str]:
+    """Names of the bpf filters on dev's clsact ingress, from `tc filter show`."""
+    out = host.run(["tc", "-j", "filter", "show", "dev", dev, "ingress"], check=False).stdout
+    return [f["options"]["prog"]["name"] for f in json.loads(out or "[]") if "options" in f]
+
+
+def bpftool_net(host: Host) -> dict[str, list[dict[str, Any]]]:
+    return json.loads(host.run(["bpftool", "-j", "net"]).stdout)[0]
+
+
+def proxy_entries(host: Host) -> str:
+    return host.run(["ip", "-6", "neigh", "show", "proxy"]).stdout.strip()
+
+
+def ipip_services(lab: Lab, pki: Path, work: Path, *, grasp: bool = True) -> Services:
+    return Services(lab.registrars[0], pki, work,
+                    registrar_listen=[f"[::]:{REGISTRAR_PORT}"], announce_interfaces=["eth0"],
+                    grasp=grasp, mdns=False,
+                    ipip={"link_local": REGISTRAR_LL, "address": REGISTRAR,
+                          "protocols": [41, 98], "proxies": [BACKBONE_PREFIX]})
+
+
+def ipip_config(run_dir: Path, pin_dir: Path, *, protocol: int = 41, static: bool = False,
+                guard: dict[str, Any] | None = None) -> dict[str, Any]:
+    if static:
+        registrars: dict[str, Any] = {
+            "discovery": ["static"],
+            "static": [{"address": REGISTRAR, "port": REGISTRAR_PORT, "preference": 10,
+                        "ipip": {"link_local": REGISTRAR_LL, "protocols": [41, 98]}}]}
+    else:
+        registrars = {"discovery": ["grasp"], "static": []}
+    return base_config(
+        run_dir, daemon={"bpf_pin_dir": str(pin_dir)},
+        join=[{"interfaces": ["join*"], "modes": ["ipip"], "port": REGISTRAR_PORT}],
+        registrars=registrars,
+        ipip={"protocol": protocol, "backbone_prefix": BACKBONE_PREFIX},
+        guard=guard or {"enabled": True, "rate": 100, "burst": 200},
+        announce={"grasp": True, "mdns": False})
+
+
+def relaying(daemon: ProxyDaemon) -> dict[str, Any] | None:
+    status = daemon.ctl()
+    ipip = status["relays"].get("ipip", {})
+    return status if ipip.get("relaying") and status["interfaces"] else None
+
+
+def show(*parts: Services | ProxyDaemon | Any) -> None:
+    for part in parts:
+        if isinstance(part, Services):
+            print(part.logs())
+        elif isinstance(part, ProxyDaemon):
+            print(f"--- joinproxyd:\n{part.log()[-8000:]}")
+        elif part is not None:
+            print(f"--- {part.name}:\n{part.log()[-3000:]}")
+
+
+# -- the acceptance test ----------------------------------------------------------------------
+
+@pytest.fixture
+def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
+    with Lab(Topology(pledges=2, registrars=1), log_dir=tmp_path / "logs") as lab:
+        yield lab
+
+
+@pytest.mark.parametrize(("protocol", "static"), [(41, False), (98, True)],
+                         ids=["41-grasp", "98-static"])
+def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
+        lab: Lab, bpffs: Path, tmp_path: Path, protocol: int, static: bool) -> None:
+    serials = [f"ipip{protocol}-{i}" for i in range(len(lab.pledges))]
+    pki = make_pki(tmp_path / "pki", serials)
+    pin_dir = bpffs / "joinproxyd"
+    services = ipip_services(lab, pki, tmp_path / "r0", grasp=not static)
+    daemon = ProxyDaemon(lab, tmp_path / "proxy",
+                         ipip_config(tmp_path / "proxy", pin_dir, protocol=protocol,
+                                     static=static))
+    capture = None
+    registrar_host = lab.registrars[0]
+    try:
+        services.start()
+        daemon.start()
+        status = wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        outer_src = backbone_address(lab.proxy)
+        ipip = status["relays"]["ipip"]
+        assert ipip["registrar"] == {"link_local": REGISTRAR_LL, "address": REGISTRAR,
+                                     "protocols": [41, 98], "ports": [REGISTRAR_PORT]}
+        assert ipip["interfaces"] == [{"interface": "join0", "index": ifindex(lab.proxy,
+                                                                             "join0"),
+                                       "backbone_address": outer_src, "proxy_ndp": True}]
+        assert ipip["protocol"] == protocol
+        assert (next(r for r in status["registrars"] if r["active"])["source"]
+                == ("static" if static else "grasp"))
+        # join0 announces the registrar's address and port; the proxy answers ND for it
+        assert status["interfaces"][0]["port"] == REGISTRAR_PORT
+        assert f"{REGISTRAR_LL} dev join0 proxy" in proxy_entries(lab.proxy)
+        assert outer_src in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        assert xdp_progs(lab.proxy, "join0") == ["jp_guard"]
+        assert tc_progs(lab.proxy, "join0") == ["jp_tc_join"]
+        assert tc_progs(lab.proxy, "bb0") == ["jp_tc_backbone"]
+        maps_before = ipip_maps(pin_dir)
+        assert len(maps_before["jp_join_cfg"]) == 1 and len(maps_before["jp_bb_addrs"]) == 1
+
+        capture = registrar_host.spawn(
+            ["tshark", "-i", "eth0", "-n", "-l", "-f", f"ip6 proto {protocol}",
+             "-T", "fields", "-e", "ipv6.nxt", "-e", "ipv6.src", "-e", "ipv6.dst",
+             "-c", "10", "-a", "duration:60"], name="tshark")
+        wait_for(lambda: "Capturing on" in capture.log(), 15, "tshark to start")
+
+        results = enroll_each(lab.pledges, pki, tmp_path / "out", serials,
+                              "--discover", "grasp", "--deadline", "40")
+
+        assert sorted(r["serial"] for r in results) == serials
+        for r in results:
+            assert r["ok"], json.dumps(r, indent=1)
+            # the pledge connected to the registrar's own link-local address, via the proxy
+            assert r["proxy"] == f"[{REGISTRAR_LL}%eth0]:{REGISTRAR_PORT}", r
+            assert ldevid_verifies(pki, r["ldevid_path"]), r["ldevid_path"]
+        assert services.issued() == set(serials)
+        # The registrar saw the pledges' own link-local addresses (no proxy in the TLS path).
+        peers = set(services.peers())
+        assert peers and all(p.startswith("fe80::") for p in peers), peers
+
+        capture.popen.wait(70)
+        lines = [line.split("\t") for line in capture.log().splitlines()
+                 if line[:1].isdigit() and "\t" in line]
+        assert len(lines) == 10, capture.log()
+        for nxt, src, dst in lines:
+            # the outer header first: next header 41 (tshark then decodes the inner IPv6
+            # header too) or 98
+            assert nxt.split(",")[0] == str(protocol), (nxt, src, dst)
+            assert {src.split(",")[0], dst.split(",")[0]} == {outer_src, REGISTRAR}
+
+        # Stateless: the same maps, no circuits, nothing per pledge.
+        assert ipip_maps(pin_dir) == maps_before
+        assert daemon.ctl("circuits") == []
+        counters = {(s[0], dict(s[1]).get("program"), dict(s[1]).get("action")): v
+                    for s, v in daemon.metrics().items()
+                    if s[0] == "joinproxyd_bpf_packets_total"}
+        assert counters[("joinproxyd_bpf_packets_total", "jp_tc_join", "encap")] > 10
+        assert counters[("joinproxyd_bpf_packets_total", "jp_tc_backbone", "decap")] > 10
+        assert counters[("joinproxyd_bpf_packets_total", "jp_guard", "allow")] > 10
+        assert daemon.drops("ipip", "no-registrar") == 0
+        assert daemon.drops("guard", "rate-limit") == 0
+        text = lab.proxy.run([sys_python(), "-m", "joinproxyd.ctl", "--socket",
+                              daemon.config["daemon"]["control_socket"], "status"]).stdout
+        assert "jp_tc_join: " in text and "encap " in text, text
+
+        assert daemon.stop() == 0
+        # A clean stop leaves nothing: programs, proxy entries, addresses, pins.
+        net = bpftool_net(lab.proxy)
+        assert net["xdp"] == [] and net["tc"] == [], net
+        assert proxy_entries(lab.proxy) == ""
+        assert outer_src not in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        assert not pin_dir.exists()
+    finally:
+        show(services, daemon, capture)
+
+
+def sys_python() -> str:
+    import sys
+
+    return sys.executable
