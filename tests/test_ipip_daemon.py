@@ -32,11 +32,12 @@ from lab import Host, Lab, Topology, wait_for
 from lab.brski_services import (
     REGISTRAR_PORT,
     Services,
+    enroll,
     enroll_each,
     ldevid_verifies,
     make_pki,
 )
-from lab.proxyd import ProxyDaemon, base_config
+from lab.proxyd import ProxyDaemon, base_config, echo_registrar
 
 pytestmark = pytest.mark.netns
 
@@ -249,3 +250,98 @@ def sys_python() -> str:
     import sys
 
     return sys.executable
+
+
+# -- kill -9 and restart ------------------------------------------------------------------------
+
+def hooks(host: Host) -> dict[str, list[str]]:
+    """Every program of ours per hook, as an operator would list them."""
+    return {"join0 xdp": xdp_progs(host, "join0"), "join0 tc": tc_progs(host, "join0"),
+            "bb0 xdp": xdp_progs(host, "bb0"), "bb0 tc": tc_progs(host, "bb0")}
+
+
+ONE_EACH = {"join0 xdp": ["jp_guard"], "join0 tc": ["jp_tc_join"], "bb0 xdp": [],
+            "bb0 tc": ["jp_tc_backbone"]}
+
+
+def test_kill_9_and_restart_leaves_one_program_per_hook_and_enrollment_works(
+        lab: Lab, bpffs: Path, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki", ["again-0", "again-1"])
+    pin_dir = bpffs / "joinproxyd"
+    services = ipip_services(lab, pki, tmp_path / "r0")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", ipip_config(tmp_path / "proxy", pin_dir))
+    try:
+        services.start()
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        assert hooks(lab.proxy) == ONE_EACH
+        first_ids = {a["program"]: a for a in daemon.ctl()["bpf"]["attached"]}
+        map_ids = {p.name: p.stat().st_ino for p in pin_dir.iterdir()}
+        outer_src = backbone_address(lab.proxy)
+
+        daemon.kill()
+        # A killed daemon's data plane keeps working: programs, maps, entries, address.
+        assert hooks(lab.proxy) == ONE_EACH
+        assert f"{REGISTRAR_LL} dev join0 proxy" in proxy_entries(lab.proxy)
+        run = enroll(lab.pledges[0], pki, tmp_path / "out", "--serial", "again-0",
+                     "--registrar", f"[{REGISTRAR_LL}%eth0]:{REGISTRAR_PORT}",
+                     "--deadline", "30", timeout=60)
+        assert run.ok, run.stderr[-3000:]
+
+        daemon.start()
+        status = wait_for(lambda: relaying(daemon), 15, "the restarted ipip mode relaying")
+        # Exactly one program of ours per hook, this run's (new ids), and the pinned maps
+        # adopted (the same files).
+        assert hooks(lab.proxy) == ONE_EACH
+        net = bpftool_net(lab.proxy)
+        assert len(net["xdp"]) == 1 and len(net["tc"]) == 2, net
+        attached = {a["program"]: a for a in status["bpf"]["attached"]}
+        assert set(attached) == {"jp_guard", "jp_tc_join", "jp_tc_backbone"}
+        xdp_id = json.loads(lab.proxy.run(["ip", "-j", "-d", "link", "show", "join0"]).stdout
+                            )[0]["xdp"]["prog"]["id"]
+        assert xdp_id != first_ids["jp_guard"].get("id", -1)
+        assert {p.name: p.stat().st_ino for p in pin_dir.iterdir()
+                if p.name in map_ids and not p.name.startswith("prog_")} == \
+            {k: v for k, v in map_ids.items() if not k.startswith("prog_")}
+        assert proxy_entries(lab.proxy).count(REGISTRAR_LL) == 1
+        assert lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout.count(
+            outer_src + "/128") == 1
+
+        run = enroll(lab.pledges[1], pki, tmp_path / "out", "--serial", "again-1",
+                     "--discover", "grasp", "--deadline", "30", timeout=60)
+        assert run.ok, run.stderr[-3000:]
+        assert services.issued() == {"again-0", "again-1"}
+        assert daemon.stop() == 0
+        assert hooks(lab.proxy) == {k: [] for k in ONE_EACH}
+        assert proxy_entries(lab.proxy) == ""
+    finally:
+        show(services, daemon)
+
+
+def test_a_killed_ipip_run_is_cleaned_up_by_a_start_without_bpf(
+        lab: Lab, bpffs: Path, tmp_path: Path) -> None:
+    """kill -9, then a circuit-only configuration with the guard off: the next start removes
+    the programs, pins, proxy entries and backbone address the killed run left, and loads no
+    BPF of its own."""
+    pin_dir = bpffs / "joinproxyd"
+    run_dir = tmp_path / "proxy"
+    daemon = ProxyDaemon(lab, run_dir, ipip_config(run_dir, pin_dir, static=True))
+    echo_registrar(lab.registrars[0], "r0")  # something for the health probe to reach
+    try:
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        outer_src = backbone_address(lab.proxy)
+        daemon.kill()
+        assert hooks(lab.proxy) == ONE_EACH and pin_dir.exists()
+
+        daemon.write_config(base_config(run_dir, daemon={"bpf_pin_dir": str(pin_dir)},
+                                        guard={"enabled": False}))
+        daemon.start()
+        assert hooks(lab.proxy) == {k: [] for k in ONE_EACH}
+        assert not pin_dir.exists()
+        assert proxy_entries(lab.proxy) == ""
+        assert outer_src not in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        assert daemon.ctl()["bpf"] is None
+        assert daemon.stop() == 0
+    finally:
+        show(daemon)
