@@ -97,7 +97,7 @@ def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list
     out.append(_table(rows) if len(rows) > 1 else "  (nothing attached)")
     # Packets by program and action: every action a program has taken at least once.
     by_program: dict[str, list[str]] = {}
-    for key, value in bpf["counters"].items():
+    for key, value in sorted(bpf["counters"].items()):
         program, action = key.split("/", 1)
         if value:
             by_program.setdefault(program, []).append(f"{action} {value}")

@@ -112,7 +112,7 @@ class Daemon:
         # The pin directory and objects are fixed for the life of the process (a reload
         # that changes them is logged and ignored).
         self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log)
-        self.guard = Guard(self.datapath, log)
+        self.guard = Guard(self.datapath, log, config.guard)
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
                                     datapath=self.datapath, ipip=lambda: self.config.ipip)
@@ -190,7 +190,7 @@ class Daemon:
         await self.reconcile()
         # Everything this run wants is attached now, replacing a killed run's programs on
         # the same hooks; what is left on other hooks is stale.
-        await self.datapath.detach_stale()
+        await self.datapath.detach_stale(clear_ipip=not self.config.uses_ipip)
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="reconcile")
 
     async def stop(self) -> None:

@@ -53,13 +53,17 @@ class Datapath:
                               self.obj_dir, self.pin_dir)
             return self._dp
 
-    async def detach_stale(self) -> None:
+    async def detach_stale(self, clear_ipip: bool = False) -> None:
         """Once, after the first full reconcile: remove our programs from hooks this process
-        did not attach (a killed daemon's), so each hook holds exactly one of ours."""
+        did not attach (a killed daemon's), so each hook holds exactly one of ours. With
+        clear_ipip (no ipip link configured), the IPIP maps adopted from a killed run that
+        had some are emptied too, so no stale configuration waits in a pin."""
         if self._stale_done or self._dp is None:
             return
         self._stale_done = True
         try:
+            if clear_ipip:
+                await asyncio.to_thread(self._dp.set_ipip, {}, ())
             removed = await asyncio.to_thread(self._dp.detach_stale)
         except KernelError as exc:
             self.log.error("cannot remove BPF programs left by an earlier run: %s", exc)

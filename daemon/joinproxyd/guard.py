@@ -36,10 +36,11 @@ MODE = "guard"  # the mode label of its drops
 
 
 class Guard:
-    def __init__(self, datapath: Datapath, log: logging.Logger) -> None:
+    def __init__(self, datapath: Datapath, log: logging.Logger,
+                 settings: GuardSettings | None = None) -> None:
         self.datapath = datapath
         self.log = log
-        self.settings = GuardSettings()
+        self.settings = settings or GuardSettings()
         self.attached: dict[str, int] = {}  # link name -> ifindex it was attached at
         self.modes: dict[str, str] = {}  # link name -> "native" | "generic"
         self.written: tuple[int, int, tuple[int, ...]] | None = None  # rate, burst, ports
@@ -58,12 +59,12 @@ class Guard:
             self._failed(f"the join-port guard cannot run: {exc}")
             return
         ports = sorted(set(ports))
+        errors = []
         if len(ports) > JP_GUARD_MAX_PORTS:
-            self._failed(f"the guard watches at most {JP_GUARD_MAX_PORTS} join ports; "
-                         f"ports {ports[JP_GUARD_MAX_PORTS:]} are not guarded")
+            errors.append(f"the guard watches at most {JP_GUARD_MAX_PORTS} join ports; "
+                          f"ports {ports[JP_GUARD_MAX_PORTS:]} are not guarded")
             ports = ports[:JP_GUARD_MAX_PORTS]
         wanted = (settings.rate, settings.burst, tuple(ports))
-        errors = []
         if wanted != self.written:
             try:
                 # Written before attaching: a new link is never guarded by stale settings.

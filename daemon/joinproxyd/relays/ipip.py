@@ -219,7 +219,9 @@ class IpipMode(RelayMode):
                                                                 if i.name not in plan.errors])
                 else:
                     await self._teardown()
-            except KernelError as exc:
+            except (KernelError, ValueError) as exc:
+                # ValueError: the data plane refused a configuration (bpf.py validates);
+                # said once, retried at the next change, never fatal.
                 errors.append(str(exc))
             self._set_error("; ".join(errors) or None)
 
