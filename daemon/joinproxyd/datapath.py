@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .kernel import KernelError
 from .kernel.bpf import DEFAULT_OBJ_DIR, BpfDatapath, Program
 
 OBJECTS = ("ipip", "guard")
+T = TypeVar("T")
 
 
 class Datapath:
@@ -102,7 +103,7 @@ class Datapath:
                 self.log.error("closing the BPF data plane: %s", exc)
 
     # -- read at scrape time, from any thread ---------------------------------------------
-    def _read(self, what: str, default: Any, fn: Any) -> Any:
+    def _read(self, what: str, default: T, fn: Callable[[BpfDatapath], T]) -> T:
         with self._guard:
             dp = self._dp
         if dp is None:
