@@ -1,8 +1,9 @@
 """BRSKI enrollments through joinproxyd's stateless IPIP mode (issue 6 acceptance), all real.
 
-    pledge0 ─┐                                              ┌ registrar0: brski-registrar --ipip
-    pledge1 ─┴─ [join0]  proxy (joinproxyd, mode ipip)  bb0 ─┘  (fd4a:5044::100, listens [::]:8443)
-                fe80::1    answers ND for fe80::1234        fd4a:5044::1:<ifindex of join0>
+    pledge0 ── [join0] ─┐                                  ┌ registrar0: brski-registrar --ipip
+    pledge1 ── [join1] ─┴ proxy (joinproxyd, ipip)   bb0 ─┘  (fd4a:5044::100, listens [::]:8443)
+                fe80::1 on both,                   fd4a:5044::1:<ifindex of join0>
+                ND answered for fe80::1234         fd4a:5044::1:<ifindex of join1>
 
 The registrar terminates IPIP itself (a TUN device per proxy, registrar/ipip.py) and announces
 ``[O_IPv6_LOCATOR, fe80::1234, 41|98, nil]`` next to its TCP locator, initiator
@@ -12,7 +13,8 @@ between pledge and registrar, carried inside IPv6-in-IPv6 between proxy and regi
 socket of the daemon's in between.
 
 Checked: the pledges' own reports and LDevIDs; a tshark capture on the registrar's link shows
-the outer next header (41, or 98 when configured) from the proxy's per-link backbone address;
+the outer next header (41, or 98 when configured) from the proxy's per-link backbone address
+(two join links, two addresses: how each reply finds its link with no state in the proxy);
 the proxy holds no per-pledge state (the IPIP maps are byte-for-byte the same before and after
 the enrollments, and there are no circuits); the daemon's status and metrics count the
 encapsulations; a clean stop leaves no program, proxy entry, address or pin behind.
@@ -159,10 +161,23 @@ def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
         yield lab
 
 
+@pytest.fixture
+def two_links(as_root: None, tmp_path: Path) -> Iterator[Lab]:
+    """pledge0 on join0, pledge1 on join1."""
+    with Lab(Topology(pledges=2, registrars=1, join_links=2),
+             log_dir=tmp_path / "logs") as lab:
+        yield lab
+
+
+def knob(host: Host, key: str) -> str:
+    return host.run(["sysctl", "-n", key]).stdout.strip()
+
+
 @pytest.mark.parametrize(("protocol", "static"), [(41, False), (98, True)],
                          ids=["41-grasp", "98-static"])
 def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
-        lab: Lab, bpffs: Path, tmp_path: Path, protocol: int, static: bool) -> None:
+        two_links: Lab, bpffs: Path, tmp_path: Path, protocol: int, static: bool) -> None:
+    lab = two_links
     serials = [f"ipip{protocol}-{i}" for i in range(len(lab.pledges))]
     pki = make_pki(tmp_path / "pki", serials)
     pin_dir = bpffs / "joinproxyd"
@@ -176,25 +191,31 @@ def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
         services.start()
         daemon.start()
         status = wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
-        outer_src = backbone_address(lab.proxy)
+        joins = ("join0", "join1")
+        outer = {join: backbone_address(lab.proxy, join) for join in joins}
         ipip = status["relays"]["ipip"]
         assert ipip["registrar"] == {"link_local": REGISTRAR_LL, "address": REGISTRAR,
                                      "protocols": [41, 98], "ports": [REGISTRAR_PORT]}
-        assert ipip["interfaces"] == [{"interface": "join0", "index": ifindex(lab.proxy,
-                                                                             "join0"),
-                                       "backbone_address": outer_src, "proxy_ndp": True}]
+        assert ipip["interfaces"] == [{"interface": join, "index": ifindex(lab.proxy, join),
+                                       "backbone_address": outer[join], "proxy_ndp": True}
+                                      for join in joins]
         assert ipip["protocol"] == protocol
         assert (next(r for r in status["registrars"] if r["active"])["source"]
                 == ("static" if static else "grasp"))
-        # join0 announces the registrar's address and port; the proxy answers ND for it
-        assert status["interfaces"][0]["port"] == REGISTRAR_PORT
-        assert f"{REGISTRAR_LL} dev join0 proxy" in proxy_entries(lab.proxy)
-        assert outer_src in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
-        assert xdp_progs(lab.proxy, "join0") == ["jp_guard"]
-        assert tc_progs(lab.proxy, "join0") == ["jp_tc_join"]
+        # each link announces the registrar's address and port; the proxy answers ND for it
+        assert [i["port"] for i in status["interfaces"]] == [REGISTRAR_PORT] * 2
+        bb0 = lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        for join in joins:
+            assert f"{REGISTRAR_LL} dev {join} proxy" in proxy_entries(lab.proxy)
+            assert f"{outer[join]}/128" in bb0
+            assert xdp_progs(lab.proxy, join) == ["jp_guard"]
+            assert tc_progs(lab.proxy, join) == ["jp_tc_join"]
+            assert knob(lab.proxy, f"net.ipv6.conf.{join}.proxy_ndp") == "1"
         assert tc_progs(lab.proxy, "bb0") == ["jp_tc_backbone"]
+        assert knob(lab.proxy, "net.ipv6.conf.all.forwarding") == "0", "the proxy routes nothing"
         maps_before = ipip_maps(pin_dir)
-        assert len(maps_before["jp_join_cfg"]) == 1 and len(maps_before["jp_bb_addrs"]) == 1
+        assert len(maps_before["jp_join_cfg"]) == 2 and len(maps_before["jp_bb_addrs"]) == 2
+        assert len(maps_before["jp_registrars"]) == 1
 
         capture = registrar_host.spawn(
             ["tshark", "-i", "eth0", "-n", "-l", "-f", f"ip6 proto {protocol}",
@@ -224,7 +245,11 @@ def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
             # the outer header first: next header 41 (tshark then decodes the inner IPv6
             # header too) or 98
             assert nxt.split(",")[0] == str(protocol), (nxt, src, dst)
-            assert {src.split(",")[0], dst.split(",")[0]} == {outer_src, REGISTRAR}
+            ends = {src.split(",")[0], dst.split(",")[0]}
+            assert REGISTRAR in ends and len(ends & set(outer.values())) == 1, ends
+        # each join link is its own scope at the registrar: one TUN device per backbone address
+        links = json.loads(registrar_host.run(["ip", "-j", "link", "show"]).stdout)
+        assert len([x for x in links if x["ifname"].startswith("ipip-")]) == 2, links
 
         # Stateless: the same maps, no circuits, nothing per pledge.
         assert ipip_maps(pin_dir) == maps_before
@@ -242,11 +267,14 @@ def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
         assert "jp_tc_join: " in text and "encap " in text, text
 
         assert daemon.stop() == 0
-        # A clean stop leaves nothing: programs, proxy entries, addresses, pins.
+        # A clean stop leaves nothing: programs, proxy entries, addresses, pins, knobs.
         net = bpftool_net(lab.proxy)
         assert net["xdp"] == [] and net["tc"] == [], net
         assert proxy_entries(lab.proxy) == ""
-        assert outer_src not in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        bb0 = lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        assert not any(address in bb0 for address in outer.values())
+        assert knob(lab.proxy, "net.ipv6.conf.join0.proxy_ndp") == "0"
+        assert knob(lab.proxy, "net.ipv6.conf.join0.forwarding") == "0"
         assert not pin_dir.exists()
     finally:
         show(services, daemon, capture)
