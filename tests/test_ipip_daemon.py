@@ -377,3 +377,39 @@ def test_a_killed_ipip_run_is_cleaned_up_by_a_start_without_bpf(
         assert daemon.stop() == 0
     finally:
         show(daemon)
+
+
+def test_joining_follows_the_registrar(lab: Lab, bpffs: Path, tmp_path: Path) -> None:
+    """Habit 14: without a healthy registrar the link stops answering ND for the registrar's
+    address and the maps hold nothing; when it answers again, both come back."""
+    pki = make_pki(tmp_path / "pki", ["back-0"])
+    pin_dir = bpffs / "joinproxyd"
+    services = ipip_services(lab, pki, tmp_path / "r0", grasp=False)
+    daemon = ProxyDaemon(lab, tmp_path / "proxy",
+                         ipip_config(tmp_path / "proxy", pin_dir, static=True))
+    try:
+        services.start()
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        assert proxy_entries(lab.proxy)
+
+        services.stop("registrar")
+        wait_for(lambda: not daemon.ctl()["relays"]["ipip"]["relaying"], 10, "relaying to stop")
+        assert proxy_entries(lab.proxy) == ""
+        assert ipip_maps(pin_dir) == {name: [] for name in IPIP_MAPS}
+        outer_src = backbone_address(lab.proxy)
+        assert outer_src not in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        assert daemon.ctl()["relays"]["ipip"]["refusal"] == "no registrar is known"
+        # still attached (they pass everything untouched), and still exactly once
+        assert hooks(lab.proxy) == ONE_EACH
+
+        services.start("registrar")
+        wait_for(lambda: relaying(daemon), 15, "relaying again")
+        assert f"{REGISTRAR_LL} dev join0 proxy" in proxy_entries(lab.proxy)
+        assert outer_src in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        run = enroll(lab.pledges[0], pki, tmp_path / "out", "--serial", "back-0",
+                     "--discover", "grasp", "--deadline", "30", timeout=60)
+        assert run.ok, run.stderr[-3000:]
+        assert daemon.stop() == 0
+    finally:
+        show(services, daemon)

@@ -255,7 +255,11 @@ class IpipMode(RelayMode):
         dp = await self._datapath()
         await self._adopt()
         joins = plan.joins(protocol)
-        allowed = frozenset(x for x in (self._previous_registrar,) if x)
+        # The registrar failed away from may still have replies on the way: let them in
+        # while another one is relayed to (with none, nothing is relayed, nothing let in).
+        previous = self._previous_registrar
+        allowed = frozenset({previous} if previous and plan.target is not None
+                            and previous != plan.target.address else ())
         # 1. the return path: backbone addresses, the backbone program, the maps
         if plan.backbone_index is not None:
             for address in sorted(plan.addresses() - set(self._addresses)):
