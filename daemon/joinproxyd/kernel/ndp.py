@@ -166,6 +166,9 @@ def _knob(ifname: str, knob: str, root: Path) -> Path:
 
 
 PROXY_KNOBS = {"proxy_ndp": "1", "forwarding": "1", "proxy_delay": "0"}
+# Only a matter of latency: a system that keeps /proc/sys/net/ipv6/neigh read-only (a
+# hardened unit) still gets its answers, up to 0.8 s later.
+OPTIONAL_KNOBS = frozenset({"proxy_delay"})
 
 
 def read_knobs(ifname: str, root: Path = PROC_SYS) -> dict[str, str]:
@@ -175,16 +178,25 @@ def read_knobs(ifname: str, root: Path = PROC_SYS) -> dict[str, str]:
         try:
             out[knob] = path.read_text().strip()
         except OSError as exc:
+            if knob in OPTIONAL_KNOBS:
+                continue
             raise KernelError(f"cannot read {path}: {describe_errno(exc.errno or 0)}",
                               exc.errno) from None
     return out
 
 
-def write_knobs(ifname: str, values: dict[str, str], root: Path = PROC_SYS) -> None:
+def write_knobs(ifname: str, values: dict[str, str], root: Path = PROC_SYS) -> list[str]:
+    """Set the knobs; KernelError for a required one that cannot be set. Returns why each
+    optional one that could not be set was not (for the caller to log once)."""
+    skipped = []
     for knob, value in values.items():
         path = _knob(ifname, knob, root)
         try:
             path.write_text(f"{value}\n")
         except OSError as exc:
-            raise KernelError(f"cannot set {path}={value}: {describe_errno(exc.errno or 0)}",
-                              exc.errno) from None
+            why = f"cannot set {path}={value}: {describe_errno(exc.errno or 0)}"
+            if knob in OPTIONAL_KNOBS:
+                skipped.append(why)
+                continue
+            raise KernelError(why, exc.errno) from None
+    return skipped

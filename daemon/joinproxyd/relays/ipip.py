@@ -287,8 +287,12 @@ class IpipMode(RelayMode):
                 self._join_tc[name] = index
             if name not in self._knobs:
                 before = await asyncio.to_thread(ndp.read_knobs, name)
-                await asyncio.to_thread(ndp.write_knobs, name, ndp.PROXY_KNOBS)
+                skipped = await asyncio.to_thread(ndp.write_knobs, name, ndp.PROXY_KNOBS)
                 self._knobs[name] = before
+                for why in skipped:
+                    self.ctx.log.info("%s: %s; pledges' neighbour solicitations are answered "
+                                      "after the kernel's proxy delay", name, why,
+                                      extra={"INTERFACE": name, "MODE": self.name})
         wanted = plan.proxies()
         for index, address in sorted(self._proxies - wanted):
             await asyncio.to_thread(ndp.del_proxy, index, address)
