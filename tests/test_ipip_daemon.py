@@ -203,7 +203,8 @@ def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
         assert (next(r for r in status["registrars"] if r["active"])["source"]
                 == ("static" if static else "grasp"))
         # each link announces the registrar's address and port; the proxy answers ND for it
-        assert [i["port"] for i in status["interfaces"]] == [REGISTRAR_PORT] * 2
+        assert [(i["port"], i["announce"]) for i in status["interfaces"]] == \
+            [(REGISTRAR_PORT, [REGISTRAR_LL])] * 2
         bb0 = lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
         for join in joins:
             assert f"{REGISTRAR_LL} dev {join} proxy" in proxy_entries(lab.proxy)

@@ -59,9 +59,11 @@ def render_status(status: dict[str, Any]) -> str:
            f"backbone: {status['backbone']['name']} "
            f"({'ready' if status['backbone']['ready'] else 'NOT READY'})", "",
            "join interfaces:"]
-    rows = [["interface", "address", "port", "modes"]]
-    rows += [[i["name"], i["link_local"], str(i["port"]), ",".join(i["modes"])]
-             for i in status["interfaces"]]
+    # "announced": where pledges are told to connect (an ipip link names the registrar's
+    # link-local address; nothing while no mode of the link can serve them)
+    rows = [["interface", "address", "port", "modes", "announced"]]
+    rows += [[i["name"], i["link_local"], str(i["port"]), ",".join(i["modes"]),
+              ",".join(i.get("announce", [])) or "-"] for i in status["interfaces"]]
     out += [_table(rows) if len(rows) > 1 else "  (none)", "", "registrars:"]
     rows = [["registrar", "source", "pref", "healthy", "active"]]
     rows += [[f"[{r['address']}]:{r['port']}", r["source"], str(r["preference"]),

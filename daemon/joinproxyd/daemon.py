@@ -371,7 +371,8 @@ class Daemon:
                          "ready": bool(backbone and backbone.ready)},
             "interfaces": [{"name": i.name, "index": i.index, "link_local": i.link_local,
                             "routable": list(i.routable), "modes": list(i.modes),
-                            "port": i.port} for i in self.interfaces],
+                            "port": i.port, "announce": list(i.announce)}
+                           for i in self.interfaces],
             "registrars": self.registrars.status(),
             "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
             "guard": self.guard.status(),
