@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -49,10 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from joinproxyd.kernel.bpf import DEFAULT_OBJ_DIR, BpfDatapath, IpipJoin, Program
+from lab.netns import thread_in_namespace
 
 PLEDGE, REG_LL, PORT = "fe80::1:1", "fe80::1234", 5684
 OUTER_SRC, REGISTRAR = "fd4a:5044::1:1", "fd4a:5044::86dd"
-CLONE_NEWNET = 0x40000000
 ETH_P_IPV6 = 0x86DD
 PATHS = ("bare-redirect", "xdp-encap", "tc-encap", "userspace")
 GENERATOR_CHUNK = 200_000  # frames per live-frame run of the generator
@@ -63,22 +62,6 @@ def sh(*argv: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
     return done.stdout
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """This thread in namespace `name` (test runs look their ingress ifindex up there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        yield
-    finally:
-        libc.setns(saved, CLONE_NEWNET)
-        os.close(saved)
-        os.close(target)
 
 
 def ipv6_udp_frame(dst_mac: bytes, src_mac: bytes) -> bytes:
@@ -121,7 +104,7 @@ class Bench:
 
     def live(self, dp: BpfDatapath, ns: str, program: Program, ifindex: int,
              repeat: int) -> None:
-        with in_netns(ns):
+        with thread_in_namespace(ns):
             dp.bench_run(program, self.frame, repeat=repeat, live=True, ifindex=ifindex)
 
     def through(self, run: Callable[[], None]) -> float:
@@ -173,7 +156,7 @@ class UserspaceRelay(threading.Thread):
 
     def __init__(self, ns: str, ifname: str) -> None:
         super().__init__(daemon=True)
-        with in_netns(ns):
+        with thread_in_namespace(ns):
             self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IPV6))
             self.rx.bind((ifname, ETH_P_IPV6))
             self.tx = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 41)

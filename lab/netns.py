@@ -5,10 +5,13 @@ pasted into a shell to reproduce a topology by hand, and it keeps the daemon's o
 code (pyroute2, in joinproxyd.kernel) the only netlink code under test.
 """
 
+import contextlib
+import ctypes
 import json
+import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class LabError(Exception):
@@ -122,3 +125,30 @@ def wait_settled(ns: str, ifnames: Sequence[str], timeout: float = 10) -> None:
         if time.monotonic() > deadline:
             raise LabError(f"namespace {ns} did not settle: {'; '.join(pending)}")
         time.sleep(0.02)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def thread_in_namespace(ns: str) -> Iterator[None]:
+    """Move the calling thread into namespace `ns` for the block, then back.
+
+    Netlink sockets, /proc/sys/net and BPF_PROG_TEST_RUN's ifindex lookups follow the thread,
+    so this lets a test drive kernel interfaces of a lab namespace in-process.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise LabError(f"setns {ns}: {os.strerror(ctypes.get_errno())}")
+        yield
+    finally:
+        libc.setns(saved, CLONE_NEWNET)
+        os.close(saved)
+        os.close(target)
+
+
+def ifindex(ns: str, ifname: str) -> int:
+    return int(json.loads(ip(ns, "-j", "link", "show", "dev", ifname))[0]["ifindex"])

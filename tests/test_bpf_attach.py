@@ -9,7 +9,6 @@ registrar without tunnel devices does it (raw IPv6 sockets for protocol 41/98).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
@@ -38,11 +37,11 @@ from joinproxyd.kernel.bpf import (
     ObjectSpec,
     Program,
 )
+from lab.netns import ifindex, thread_in_namespace
 
 pytestmark = pytest.mark.netns
 
 REPO = Path(__file__).resolve().parent.parent
-CLONE_NEWNET = 0x40000000
 
 
 def sh(*argv: str, check: bool = True) -> str:
@@ -393,24 +392,6 @@ def test_ipip_configuration_is_validated(as_root: None) -> None:
 
 
 # ------------------------------------------------------------------ end to end -----------
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        assert libc.setns(target, CLONE_NEWNET) == 0
-        yield
-    finally:
-        libc.setns(saved, CLONE_NEWNET)
-        os.close(saved)
-        os.close(target)
-
-
-def ifindex_in(ns: str, dev: str) -> int:
-    return json.loads(sh("ip", "-n", ns, "-j", "link", "show", "dev", dev))[0]["ifindex"]
-
-
 @pytest.mark.parametrize(("proto", "forwarding"), [(41, False), (98, False), (41, True)])
 def test_ipip_relay_end_to_end(as_root: None, proto: int, forwarding: bool) -> None:
     """pledge --join0--> proxy (guard + tc encap) --bb0--> registrar raw socket, and back.
@@ -446,10 +427,10 @@ def test_ipip_relay_end_to_end(as_root: None, proto: int, forwarding: bool) -> N
             dp.attach_ipip_join("join0")
             dp.attach_ipip_backbone("bb0")
 
-            p0 = ifindex_in(pledge, "p0")
-            with in_netns(registrar):
+            p0 = ifindex(pledge, "p0")
+            with thread_in_namespace(registrar):
                 raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, proto)
-            with in_netns(pledge):
+            with thread_in_namespace(pledge):
                 udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             with raw, udp:
                 raw.settimeout(5)

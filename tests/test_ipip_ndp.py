@@ -4,11 +4,7 @@ and the per-link knobs are read, set and reported by name."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
-import json
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -17,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from joinproxyd.kernel import KernelError, ndp
+from lab.netns import ifindex, thread_in_namespace
 
 pytestmark = pytest.mark.netns
-CLONE_NEWNET = 0x40000000
 
 
 def sh(*argv: str) -> str:
@@ -39,29 +35,10 @@ def ns(as_root: None) -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-@contextlib.contextmanager
-def inside(name: str) -> Iterator[None]:
-    """This thread in the namespace (netlink sockets and /proc/sys/net follow the thread)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        assert libc.setns(target, CLONE_NEWNET) == 0
-        yield
-    finally:
-        libc.setns(saved, CLONE_NEWNET)
-        os.close(saved)
-        os.close(target)
-
-
-def index(ns: str, dev: str) -> int:
-    return int(json.loads(sh("ip", "-n", ns, "-j", "link", "show", dev))[0]["ifindex"])
-
-
 def test_proxy_entries_are_marked_and_idempotent(ns: str) -> None:
-    join0 = index(ns, "join0")
+    join0 = ifindex(ns, "join0")
     sh("ip", "-n", ns, "-6", "neigh", "add", "proxy", "fe80::99", "dev", "join0")  # operator's
-    with inside(ns):
+    with thread_in_namespace(ns):
         ndp.add_proxy(join0, "fe80::1234")
         ndp.add_proxy(join0, "fe80::1234%join0")  # again, scoped: still one entry
         assert ndp.proxies() == [(join0, "fe80::1234")]
@@ -72,9 +49,9 @@ def test_proxy_entries_are_marked_and_idempotent(ns: str) -> None:
 
 
 def test_addresses_are_marked_and_an_operators_are_not_ours(ns: str) -> None:
-    bb0 = index(ns, "bb0")
+    bb0 = ifindex(ns, "bb0")
     sh("ip", "-n", ns, "addr", "add", "fd00::7/64", "dev", "bb0", "nodad")
-    with inside(ns):
+    with thread_in_namespace(ns):
         assert ndp.add_address(bb0, "fd00::1:2") is True
         assert ndp.add_address(bb0, "fd00::1:2") is False, "present: not added twice"
         # The operator's address (any prefix length): used as it is, not ours to remove.
@@ -91,7 +68,7 @@ def test_addresses_are_marked_and_an_operators_are_not_ours(ns: str) -> None:
 
 
 def test_knobs_are_set_and_restored(ns: str) -> None:
-    with inside(ns):
+    with thread_in_namespace(ns):
         before = ndp.read_knobs("join0")
         assert before == {"proxy_ndp": "0", "forwarding": "0", "proxy_delay": "80"}
         assert ndp.write_knobs("join0", ndp.PROXY_KNOBS) == []
