@@ -78,7 +78,7 @@ def test_header_constants_match_the_mirrors() -> None:
 @cache
 def btf_types(obj: str) -> dict[int, dict[str, Any]]:
     if shutil.which("bpftool") is None:
-        pytest.skip("bpftool not installed (make setup)")
+        pytest.fail("bpftool not installed: run 'make setup'")
     path = EBPF / obj
     if not path.exists():
         pytest.fail(f"{path} missing: run 'make -C ebpf' (make setup does)")
