@@ -153,7 +153,6 @@ def test_every_packaged_console_script_has_a_wrapper_and_a_man_page():
         assert f"debian/man/{page}" in listed, (page, package)
 
 
-@pytest.mark.skipif(not shutil.which("rst2man"), reason="python3-docutils missing (make setup)")
 @pytest.mark.parametrize("page", sorted(MAN_PAGES))
 def test_man_page_renders_without_warnings(page, tmp_path):
     source = MAN / f"{page}.rst"

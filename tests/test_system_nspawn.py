@@ -53,8 +53,6 @@ CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "TERM":
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="boots containers and namespaces: needs root"),
-    pytest.mark.skipif(not (shutil.which("systemd-nspawn") and shutil.which("debootstrap")),
-                       reason="systemd-container and debootstrap are missing (make setup)"),
 ]
 
 
