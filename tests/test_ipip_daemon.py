@@ -138,9 +138,14 @@ def ipip_config(run_dir: Path, pin_dir: Path, *, protocol: int = 41, static: boo
 
 
 def relaying(daemon: ProxyDaemon) -> dict[str, Any] | None:
+    """The status once the ipip mode relays and every link is programmed (the control socket
+    answers between the steps of a reconcile, so 'relaying' alone can come first)."""
     status = daemon.ctl()
     ipip = status["relays"].get("ipip", {})
-    return status if ipip.get("relaying") and status["interfaces"] else None
+    links = ipip.get("interfaces", [])
+    done = ipip.get("relaying") and status["interfaces"] and links \
+        and all(link["proxy_ndp"] for link in links)
+    return status if done else None
 
 
 def show(*parts: Services | ProxyDaemon | Any) -> None:
