@@ -41,8 +41,7 @@ def one_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def script() -> Path:
-    if not SCRIPT.exists():
-        pytest.skip(f"{SCRIPT} not installed (pip install -e .)")
+    assert SCRIPT.exists(), f"{SCRIPT} not installed: run 'make setup'"
     return SCRIPT
 
 
