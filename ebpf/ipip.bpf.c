@@ -5,16 +5,17 @@
  *   jp_tc_join      tc ingress of a join link. A pledge's TCP/UDP packet to the registrar's
  *                   announced link-local address and a join port is wrapped in an outer IPv6
  *                   header (proxy backbone address for this join link -> registrar) and sent
- *                   out of the backbone: with the next hop's MACs from jp_nh_cache and a plain
- *                   bpf_redirect when they are known, else with bpf_redirect_neigh, which
- *                   routes and resolves in the kernel. This is the working path.
+ *                   out of the backbone: with the next hop's MACs from jp_encap_cache and a
+ *                   plain bpf_redirect when they are known, else with bpf_redirect_neigh,
+ *                   which routes and resolves in the kernel. This is the working path.
  *   jp_tc_backbone  tc ingress of the backbone. IPIP (next header 41 or 98) from an allowed
  *                   registrar to one of the per-join-link backbone addresses is unwrapped and
  *                   sent out of that join link, again with bpf_redirect_neigh.
- *   jp_xdp_join     XDP variant of jp_tc_join, with the MACs and route MTU of jp_nh_cache
- *                   (bpf_fib_lookup answers, kept per CPU for 100 ms); without a known next
- *                   hop it passes the packet on to jp_tc_join (counted as "fallback"), whose
- *                   redirect resolves it. Runs tail-called from jp_guard.
+ *   jp_xdp_join     XDP variant of jp_tc_join: the header, MACs and route MTU come ready
+ *                   from jp_encap_cache (bpf_fib_lookup answers, kept per CPU for 100 ms);
+ *                   without a known next hop it passes the packet on to jp_tc_join (counted
+ *                   as "fallback"), whose redirect resolves it. Runs tail-called from
+ *                   jp_guard.
  *
  * No per-pledge state: the pledge's address travels in the inner header (habit 14).
  * Everything not addressed to us passes untouched; every drop is counted by reason.
@@ -89,13 +90,21 @@ struct {
 	__type(value, struct jp_registrar);
 } jp_registrars SEC(".maps");
 
-/* Next hop per join link and CPU, for the XDP path. Written by this program only. */
+/* Bumped after every change of jp_join_cfg (joinproxy.h). Written only by bpf.py. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct jp_ipip_gen);
+} jp_ipip_gen SEC(".maps");
+
+/* Per CPU and join link: match, finished headers, next hop (joinproxy.h). Kernel-written. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, JP_MAX_JOIN_LINKS);
+	__uint(max_entries, JP_ENCAP_SLOTS);
 	__type(key, __u32);
-	__type(value, struct jp_nexthop);
-} jp_nh_cache SEC(".maps");
+	__type(value, struct jp_encap);
+} jp_encap_cache SEC(".maps");
 
 static __always_inline int addr_eq(const void *a, const void *b)
 {
@@ -104,28 +113,11 @@ static __always_inline int addr_eq(const void *a, const void *b)
 	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3])) == 0;
 }
 
-static __always_inline int port_listed(const __u16 *ports, __u16 port)
+/* ports[] repeats ports[0] in unused slots (encap_fill), so no zero test is needed. */
+static __always_inline int port_listed(const struct jp_encap *e, __u16 port_be)
 {
-	int i;
-
-#pragma unroll
-	for (i = 0; i < JP_MAX_PORTS; i++)
-		if (ports[i] != 0 && ports[i] == port)
-			return 1;
-	return 0;
-}
-
-/* The outer header, built in one go: version 6, traffic class and flow label 0. */
-static __always_inline void outer_header(struct ipv6hdr *o, const struct jp_join_cfg *cfg,
-					 __u16 inner_len)
-{
-	__builtin_memset(o, 0, sizeof(*o));
-	o->version = 6;
-	o->payload_len = bpf_htons(inner_len);
-	o->nexthdr = cfg->proto;
-	o->hop_limit = OUTER_HOP_LIMIT;
-	__builtin_memcpy(&o->saddr, cfg->outer_src, 16);
-	__builtin_memcpy(&o->daddr, cfg->outer_dst, 16);
+	return port_be == e->ports[0] || port_be == e->ports[1] || port_be == e->ports[2] ||
+	       port_be == e->ports[3];
 }
 
 /* ------------------------------------------------------------------ next hop -- */
@@ -135,80 +127,114 @@ static __always_inline void outer_header(struct ipv6hdr *o, const struct jp_join
  * helper reports the MTU only when a length exceeds it). bpf_fib_lookup needs IPv6
  * forwarding on the backbone device; without it there is no cached next hop, and the tc
  * program lets bpf_redirect_neigh route each packet instead. */
-static __always_inline void resolve_nexthop(void *ctx, const struct jp_join_cfg *cfg,
-					    struct jp_nexthop *nh, __u64 now)
+static __always_inline void encap_resolve(void *ctx, struct jp_encap *e, __u64 now)
 {
+	struct ipv6hdr *o = (void *)(e->hdr + JP_ENCAP_IP6);
 	struct bpf_fib_lookup fib = {};
 	long rc;
 
-	/* An answer, good or bad, is kept for JP_NH_TTL_NS; ifindex 0 means "none". */
-	nh->expires = now + JP_NH_TTL_NS;
-	nh->generation = cfg->generation;
-	nh->ifindex = 0;
+	/* An answer, good or bad, is kept for JP_NH_TTL_NS; egress 0 means "none". */
+	e->expires = now + JP_NH_TTL_NS;
+	e->egress = 0;
 
 	fib.family = AF_INET6;
-	fib.l4_protocol = cfg->proto;
-	fib.ifindex = cfg->backbone_ifindex;
-	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
-	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
+	fib.l4_protocol = o->nexthdr;
+	fib.ifindex = e->backbone;
+	__builtin_memcpy(fib.ipv6_src, &o->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &o->daddr, 16);
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->backbone_ifindex)
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != e->backbone)
 		return;
-	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(e->hdr + JP_ENCAP_ETH, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(e->hdr + JP_ENCAP_ETH + ETH_ALEN, fib.smac, ETH_ALEN);
 
 	__builtin_memset(&fib, 0, sizeof(fib));
 	fib.family = AF_INET6;
-	fib.l4_protocol = cfg->proto;
-	fib.ifindex = cfg->backbone_ifindex;
+	fib.l4_protocol = o->nexthdr;
+	fib.ifindex = e->backbone;
 	fib.tot_len = 0xffff;
-	__builtin_memcpy(fib.ipv6_src, cfg->outer_src, 16);
-	__builtin_memcpy(fib.ipv6_dst, cfg->outer_dst, 16);
+	__builtin_memcpy(fib.ipv6_src, &o->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &o->daddr, 16);
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
-	nh->mtu = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;
-	nh->ifindex = cfg->backbone_ifindex;
+	e->mtu = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED ? fib.mtu_result : 0xffff;
+	e->egress = e->backbone;
 }
 
-/* This CPU's next hop for a join link's outer packets, looked up again when it is older than
- * JP_NH_TTL_NS or the configuration changed; NULL when the kernel cannot tell yet (no
- * neighbour entry, no route, forwarding off). The coarse clock: the TSC read of
- * bpf_ktime_get_ns() cost a third of the XDP program on a VM. */
-static __always_inline struct jp_nexthop *nexthop(void *ctx, const struct jp_join_cfg *cfg)
+/* Build a link's entry from jp_join_cfg: match, outer header, next hop. */
+static __always_inline void encap_fill(void *ctx, struct jp_encap *e, __u32 ifindex,
+				       __u32 generation)
 {
-	__u32 slot = cfg->nh_slot;
-	struct jp_nexthop *nh = bpf_map_lookup_elem(&jp_nh_cache, &slot);
-	__u64 now;
+	struct jp_join_cfg *cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
+	struct ipv6hdr *o = (void *)(e->hdr + JP_ENCAP_IP6);
+	int i;
 
-	if (!nh)
-		return NULL;	/* a slot out of range: the slow paths still work */
-	now = bpf_ktime_get_coarse_ns();
-	if (now > nh->expires || nh->generation != cfg->generation)
-		resolve_nexthop(ctx, cfg, nh, now);	/* per CPU: nobody else writes it */
-	return nh->ifindex ? nh : NULL;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ifindex = ifindex;
+	e->generation = generation;
+	e->expires = JP_NEVER;
+	if (!cfg)
+		return;		/* not ours: backbone 0, nothing matches */
+	__builtin_memcpy(e->registrar_ll, cfg->registrar_ll, 16);
+#pragma unroll
+	for (i = 0; i < JP_MAX_PORTS; i++)
+		e->ports[i] = bpf_htons(cfg->ports[i] ? cfg->ports[i] : cfg->ports[0]);
+	e->hdr[JP_ENCAP_ETH + 12] = ETH_P_IPV6 >> 8;
+	e->hdr[JP_ENCAP_ETH + 13] = ETH_P_IPV6 & 0xff;
+	o->version = 6;
+	o->nexthdr = cfg->proto;
+	o->hop_limit = OUTER_HOP_LIMIT;
+	__builtin_memcpy(&o->saddr, cfg->outer_src, 16);
+	__builtin_memcpy(&o->daddr, cfg->outer_dst, 16);
+	e->backbone = cfg->backbone_ifindex;
+	encap_resolve(ctx, e, bpf_ktime_get_coarse_ns());
+}
+
+/* This CPU's entry for a join link, rebuilt when it belongs to another link or an older
+ * configuration; NULL only if the maps cannot be read. */
+static __always_inline struct jp_encap *encap_entry(void *ctx, __u32 ifindex)
+{
+	__u32 zero = 0, slot = ifindex & (JP_ENCAP_SLOTS - 1);
+	struct jp_ipip_gen *gen = bpf_map_lookup_elem(&jp_ipip_gen, &zero);
+	struct jp_encap *e = bpf_map_lookup_elem(&jp_encap_cache, &slot);
+
+	if (!gen || !e)
+		return NULL;
+	if (e->ifindex != ifindex || e->generation != gen->generation)
+		encap_fill(ctx, e, ifindex, gen->generation);
+	return e;
+}
+
+/* The next hop of a matched packet, looked up again when older than JP_NH_TTL_NS. Only
+ * then is the clock read: the coarse clock, because the TSC read of bpf_ktime_get_ns()
+ * cost a third of the XDP program on a VM. */
+static __always_inline __u32 encap_egress(void *ctx, struct jp_encap *e)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+
+	if (now > e->expires)
+		encap_resolve(ctx, e, now);	/* per CPU: nobody else writes it */
+	return e->egress;
 }
 
 /* ---------------------------------------------------------------- join side, tc -- */
 
 static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 {
-	__u32 ifindex = skb->ifindex;
-	struct jp_join_cfg *cfg;
-	struct jp_nexthop *nh;
+	struct jp_encap *e;
 	struct ipv6hdr ip6, outer;
-	__u8 macs[2 * ETH_ALEN];
 	__u16 ports[2];
-	__u32 l3_len, mtu_len = 0;
+	__u32 l3_len, egress, mtu_len = 0;
 	long rc;
 
-	cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
-	if (!cfg)
+	e = encap_entry(skb, skb->ifindex);
+	if (!e)
 		return JP_ACT_PASS;
 	/* skb->protocol is the Ethernet type the driver saw; VLAN-tagged frames are not ours */
 	if (skb->protocol != bpf_htons(ETH_P_IPV6) || skb->len < ETH_HLEN + IP6_HLEN)
 		return JP_ACT_PASS;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
 		return JP_ACT_PASS;
-	if (ip6.version != 6 || !addr_eq(&ip6.daddr, cfg->registrar_ll))
+	if (ip6.version != 6 || !addr_eq(&ip6.daddr, e->registrar_ll) || !e->backbone)
 		return JP_ACT_PASS;
 	if (ip6.nexthdr != IPPROTO_TCP && ip6.nexthdr != IPPROTO_UDP)
 		return JP_ACT_PASS;
@@ -217,7 +243,7 @@ static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 		*reason = JP_DROP_MALFORMED;
 		return JP_ACT_DROP;
 	}
-	if (!port_listed(cfg->ports, bpf_ntohs(ports[1])))
+	if (!port_listed(e, ports[1]))
 		return JP_ACT_PASS;
 	l3_len = skb->len - ETH_HLEN;
 	if ((__u32)bpf_ntohs(ip6.payload_len) + IP6_HLEN != l3_len) {
@@ -225,11 +251,13 @@ static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 		return JP_ACT_DROP;
 	}
 	/* bpf_check_mtu also handles GRO packets (it checks their segments). */
-	if (bpf_check_mtu(skb, cfg->backbone_ifindex, &mtu_len, IP6_HLEN, 0) != 0) {
+	if (bpf_check_mtu(skb, e->backbone, &mtu_len, IP6_HLEN, 0) != 0) {
 		*reason = JP_DROP_OVERSIZED;
 		return JP_ACT_DROP;
 	}
-	outer_header(&outer, cfg, l3_len);
+	egress = encap_egress(skb, e);
+	__builtin_memcpy(&outer, e->hdr + JP_ENCAP_IP6, sizeof(outer));
+	outer.payload_len = bpf_htons(l3_len);
 	if (bpf_skb_adjust_room(skb, IP6_HLEN, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6) < 0) {
 		*reason = JP_DROP_SEND_ERROR;	/* unchanged, but it cannot be relayed */
@@ -239,20 +267,17 @@ static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 		*reason = JP_DROP_SEND_ERROR;	/* grown: never pass it on */
 		return JP_ACT_DROP;
 	}
-	nh = nexthop(skb, cfg);
-	if (nh) {
+	if (egress) {
 		/* the cached next hop: write the MACs, a plain redirect, no route lookup */
-		__builtin_memcpy(macs, nh->dmac, ETH_ALEN);
-		__builtin_memcpy(macs + ETH_ALEN, nh->smac, ETH_ALEN);
-		if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0) {
+		if (bpf_skb_store_bytes(skb, 0, e->hdr + JP_ENCAP_ETH, 2 * ETH_ALEN, 0) < 0) {
 			*reason = JP_DROP_SEND_ERROR;
 			return JP_ACT_DROP;
 		}
-		rc = bpf_redirect(nh->ifindex, 0);
+		rc = bpf_redirect(egress, 0);
 	} else {
 		/* The kernel routes the outer destination out of the backbone (an on-link
 		 * registrar or a router) and resolves the MAC, queueing behind ND if needed. */
-		rc = bpf_redirect_neigh(cfg->backbone_ifindex, NULL, 0, 0);
+		rc = bpf_redirect_neigh(e->backbone, NULL, 0, 0);
 	}
 	if (rc != TC_ACT_REDIRECT) {
 		*reason = JP_DROP_SEND_ERROR;
@@ -368,22 +393,23 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	__u32 ifindex = ctx->ingress_ifindex;
-	struct jp_nexthop *nh;
-	struct jp_join_cfg *cfg;
-	struct ethhdr *eth = data;
-	struct ipv6hdr *ip6, *outer;
+	struct jp_encap *e;
+	struct ipv6hdr *ip6;
+	__u64 *dst, *src;
 	__u16 *ports;
 	__u32 l3_len;
 
-	cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
-	if (!cfg)
+	e = encap_entry(ctx, ctx->ingress_ifindex);
+	if (!e)
 		return JP_ACT_PASS;
 	ip6 = data + ETH_HLEN;
 	if ((void *)(ip6 + 1) > data_end)
 		return JP_ACT_PASS;
-	if (eth->h_proto != bpf_htons(ETH_P_IPV6) || ip6->version != 6 ||
-	    !addr_eq(&ip6->daddr, cfg->registrar_ll))
+	/* the destination as two 64-bit words: the IPv6 header is aligned (NET_IP_ALIGN) */
+	dst = (void *)&ip6->daddr;
+	src = (void *)e->registrar_ll;
+	if (*(__u16 *)(data + 12) != bpf_htons(ETH_P_IPV6) || ip6->version != 6 ||
+	    ((dst[0] ^ src[0]) | (dst[1] ^ src[1])) != 0 || !e->backbone)
 		return JP_ACT_PASS;
 	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
 		return JP_ACT_PASS;
@@ -392,18 +418,17 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 		*reason = JP_DROP_MALFORMED;
 		return JP_ACT_DROP;
 	}
-	if (!port_listed(cfg->ports, bpf_ntohs(ports[1])))
+	if (!port_listed(e, ports[1]))
 		return JP_ACT_PASS;
 	l3_len = data_end - (void *)ip6;
 	if ((__u32)bpf_ntohs(ip6->payload_len) + IP6_HLEN != l3_len) {
 		*reason = JP_DROP_MALFORMED;
 		return JP_ACT_DROP;
 	}
-
-	nh = nexthop(ctx, cfg);
-	if (!nh)
+	*egress = encap_egress(ctx, e);
+	if (!*egress)
 		return JP_ACT_FALLBACK;	/* jp_tc_join's redirect_neigh resolves it */
-	if (l3_len + IP6_HLEN > nh->mtu) {
+	if (l3_len + IP6_HLEN > e->mtu) {
 		*reason = JP_DROP_OVERSIZED;
 		return JP_ACT_DROP;
 	}
@@ -414,17 +439,24 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 	}
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	eth = data;
-	outer = data + ETH_HLEN;
-	if ((void *)(outer + 1) > data_end) {
+	if (data + ETH_HLEN + IP6_HLEN > data_end) {
 		*reason = JP_DROP_SEND_ERROR;	/* cannot happen after a successful adjust */
 		return JP_ACT_DROP;
 	}
-	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, nh->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IPV6);
-	outer_header(outer, cfg, l3_len);
-	*egress = nh->ifindex;
+	/* The finished headers in word-sized copies, aligned as the stack aligns them:
+	 * Ethernet at 2 mod 4, IPv6 at 0 mod 8. */
+	*(__u16 *)data = *(__u16 *)(e->hdr + JP_ENCAP_ETH);
+	*(__u32 *)(data + 2) = *(__u32 *)(e->hdr + JP_ENCAP_ETH + 2);
+	*(__u32 *)(data + 6) = *(__u32 *)(e->hdr + JP_ENCAP_ETH + 6);
+	*(__u32 *)(data + 10) = *(__u32 *)(e->hdr + JP_ENCAP_ETH + 10);
+	dst = data + ETH_HLEN;
+	src = (void *)(e->hdr + JP_ENCAP_IP6);
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+	dst[4] = src[4];
+	((struct ipv6hdr *)dst)->payload_len = bpf_htons(l3_len);
 	return JP_ACT_ENCAP;
 }
 

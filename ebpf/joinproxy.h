@@ -61,7 +61,8 @@ enum jp_prog {
 	JP_PROG_XDP_JOIN = 2,		/* jp_xdp_join: XDP variant of the encapsulation */
 	JP_PROG_GUARD = 3,		/* jp_guard: XDP join-port rate guard */
 	JP_PROG_BARE_REDIRECT = 4,	/* jp_bare_redir: benchmark baseline */
-	JP_PROG__COUNT = 5,
+	JP_PROG_BARE_PUSH = 5,		/* jp_bare_push: benchmark floor of any encapsulation */
+	JP_PROG__COUNT = 6,
 };
 
 /* jp_counters (PERCPU_ARRAY, key enum jp_prog): one row per program, one named slot per
@@ -72,7 +73,7 @@ struct jp_counters {
 };
 
 #define JP_MAX_PORTS 4
-#define JP_MAX_JOIN_LINKS 256	/* entries of jp_join_cfg, jp_bb_addrs and jp_nh_cache */
+#define JP_MAX_JOIN_LINKS 256	/* entries of jp_join_cfg and jp_bb_addrs */
 #define JP_GUARD_MAX_PORTS 8
 
 /* IPIP protocol numbers: 41 is IPv6-in-IPv6 (RFC 2473, what the BRSKI drafts say), 98 is
@@ -89,21 +90,42 @@ struct jp_join_cfg {
 	__u16 ports[JP_MAX_PORTS];	/* TCP/UDP destination ports relayed; 0 = unused */
 	__u8 proto;		/* outer next header: 41 or 98 */
 	__u8 pad[3];
-	__u32 generation;	/* changes with every write: invalidates jp_nh_cache entries */
-	__u32 nh_slot;		/* this link's entry in jp_nh_cache (< JP_MAX_JOIN_LINKS) */
 };
 
-/* jp_nh_cache (PERCPU_ARRAY, index jp_join_cfg.nh_slot; an array so the verifier inlines
- * the lookup): the XDP encapsulation's next hop as
- * bpf_fib_lookup gave it, reused for JP_NH_TTL_NS (a FIB lookup costs more than the rest of
- * the program). Written by the kernel only; per CPU, so without races. */
-struct jp_nexthop {
-	__u64 expires;		/* bpf_ktime_get_coarse_ns() after which it is looked up again */
-	__u32 generation;	/* jp_join_cfg.generation it was resolved for */
-	__u32 ifindex;		/* egress device (the backbone) */
+/* jp_ipip_gen (ARRAY, one entry): bumped by bpf.py after every change of jp_join_cfg, so the
+ * programs drop their cached copies (jp_encap_cache) at once. It starts at random in each
+ * process, so a pinned cache written for a killed daemon's configuration never matches. */
+struct jp_ipip_gen {
+	__u32 generation;
+};
+
+/* jp_encap_cache (PERCPU_ARRAY, JP_ENCAP_SLOTS entries, index ifindex % JP_ENCAP_SLOTS):
+ * everything the join programs need per packet, in one place per CPU and join link: the
+ * match (registrar_ll, ports), the finished Ethernet and outer IPv6 header with the next
+ * hop's MACs (bpf_fib_lookup's answer, kept JP_NH_TTL_NS), the egress and the route MTU.
+ * A hash lookup of jp_join_cfg, the header build and the FIB lookup cost more than the
+ * rest of the XDP encapsulation together; this way a packet pays two inlined array lookups
+ * and a header copy. Direct-mapped: links whose ifindexes are equal modulo JP_ENCAP_SLOTS
+ * evict each other (still correct, only slower). Written by the kernel only; per CPU, so
+ * without races. A link without IPIP configuration is cached too (backbone 0): its packets
+ * pass after the same two lookups. */
+#define JP_ENCAP_SLOTS 256	/* a power of two */
+#define JP_ENCAP_HDR 56		/* 2 bytes padding, Ethernet (14), outer IPv6 (40) */
+#define JP_ENCAP_ETH 2		/* offsets in hdr[]: the IPv6 header is 8-byte aligned */
+#define JP_ENCAP_IP6 16
+#define JP_NEVER (~0ULL)
+
+struct jp_encap {
+	__u32 ifindex;		/* tag: the join link this entry is for; 0 = empty */
+	__u32 generation;	/* jp_ipip_gen it was built for */
+	__u64 expires;		/* bpf_ktime_get_coarse_ns() when the next hop is looked up again */
+	__u32 backbone;		/* jp_join_cfg.backbone_ifindex; 0 = link not configured */
+	__u32 egress;		/* where the FIB sends the outer packet; 0 = no next hop yet */
 	__u32 mtu;		/* route MTU towards the registrar */
-	__u8 dmac[6];
-	__u8 smac[6];
+	__u32 pad;
+	__u16 ports[JP_MAX_PORTS];	/* network order; unused slots repeat ports[0] */
+	__u8 registrar_ll[16];
+	__u8 hdr[JP_ENCAP_HDR];	/* payload length 0, filled in per packet */
 };
 
 /* A neighbour change is seen within this. Both programs read the coarse clock (tick

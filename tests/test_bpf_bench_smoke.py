@@ -1,6 +1,6 @@
 """bench/ipip_pps.py runs end to end with its smallest settings.
 
-A smoke test only: the benchmark builds its namespaces, drives all four paths and prints its
+A smoke test only: the benchmark builds its namespaces, drives all five paths and prints its
 table and ratio lines, and leaves no namespace behind. How fast anything is stays unchecked
 (this machine is shared and noisy).
 """
@@ -28,9 +28,10 @@ def test_ipip_pps_quick(as_root: None) -> None:
                           capture_output=True, text=True, timeout=180, check=False, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for label in ("bare XDP redirect", "XDP encap", "tc encap", "user-space relay"):
+    for label in ("bare XDP redirect", "push 40 bytes", "XDP encap", "tc encap",
+                  "user-space relay"):
         assert re.search(rf"^{label}.* [\d,]+$", out, re.M), out
-    for pair in ("xdp-encap/bare-redirect", "tc-encap/userspace", "xdp-encap/userspace",
-                 "tc-encap/bare-redirect"):
+    for pair in ("xdp-encap/bare-redirect", "xdp-encap/userspace", "tc-encap/userspace",
+                 "push-floor/bare-redirect", "xdp-encap/push-floor"):
         assert re.search(rf"^ratio {pair} +\d+\.\d\d", out, re.M), out
     assert namespaces() == before

@@ -41,7 +41,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from joinproxyd.kernel import KernelError
-from joinproxyd.kernel.bpf import Action, BpfDatapath, IpipJoin, Program
+from joinproxyd.kernel.bpf import JP_ENCAP_SLOTS, Action, BpfDatapath, IpipJoin, Program
 from joinproxyd.model import DropReason
 
 pytestmark = pytest.mark.netns
@@ -515,6 +515,38 @@ def test_xdp_join_next_hop_cache_follows_config_and_neighbours(dp: BpfDatapath,
            "bb0", "nud", "permanent")
 
 
+def test_join_links_sharing_a_cache_slot_each_keep_their_own_header(dp: BpfDatapath,
+                                                                    lab: Lab) -> None:
+    """jp_encap_cache is indexed by ifindex modulo its size: two links 256 apart share a
+    slot on each CPU and evict each other, and every packet must still get its own link's
+    outer source and protocol (only the speed may suffer)."""
+    first, second = 300, 300 + JP_ENCAP_SLOTS
+    outer = {first: ("fd4a:5044::3:1", 41), second: ("fd4a:5044::4:1", 98)}
+    for index in (first, second):
+        sh("ip", "-n", lab.ns, "link", "add", f"jc{index}", "index", str(index), "type",
+           "veth", "peer", "name", f"jc{index}p")
+    try:
+        joins = default_ipip(lab)
+        for index, (src, proto) in outer.items():
+            joins[index] = IpipJoin(registrar_ll=REG_LL, outer_src=src, registrar=REGISTRAR,
+                                    backbone_ifindex=lab.ifindex["bb0"], ports=(5684,),
+                                    proto=proto)
+        dp.set_ipip(joins)
+        eth = backbone_eth(lab)
+        for index in (first, second, first, second, first):
+            src, proto = outer[index]
+            for program, verdict in ((Program.XDP_JOIN, XDP_REDIRECT),
+                                     (Program.TC_JOIN, TC_ACT_REDIRECT)):
+                with in_netns(lab.ns):
+                    got, out = dp.test_run(program, _UDP, ifindex=index)
+                assert (got, out) == (verdict, encapsulated(_UDP, src, proto, eth)), \
+                    f"{program} on ifindex {index}:\n{decode(out)}"
+    finally:
+        for index in (first, second):
+            subprocess.run(["ip", "-n", lab.ns, "link", "del", f"jc{index}"], check=False,
+                           capture_output=True)
+
+
 # ------------------------------------------------------------------------ jp_guard --------
 @pytest.fixture
 def fresh_dp(lab: Lab) -> Iterator[BpfDatapath]:
@@ -653,3 +685,17 @@ def test_bare_redirect_and_sink(lab: Lab) -> None:
         counts = {k: v for k, v in dp.counters().items() if v}
         assert counts == {(Program.BARE_REDIRECT.value, "drop"): 1,
                           (Program.BARE_REDIRECT.value, "redirect"): 1}
+
+
+def test_bare_push_moves_the_ethernet_header_40_bytes_ahead(lab: Lab) -> None:
+    with BpfDatapath.open(pin_dir=None, objects=("bare",), netns=lab.ns) as dp:
+        with in_netns(lab.ns):
+            assert dp.test_run(Program.BARE_PUSH, _UDP)[0] == XDP_DROP, "no target: sink"
+            dp.set_bare_target(lab.ifindex["bb0"])
+            verdict, out = dp.test_run(Program.BARE_PUSH, _UDP)
+        assert verdict == XDP_REDIRECT
+        assert len(out) == len(_UDP) + 40
+        assert out[:14] == _UDP[:14] and out[40:] == _UDP, "pushed: header copied, frame kept"
+        counts = {k: v for k, v in dp.counters().items() if v}
+        assert counts == {(Program.BARE_PUSH.value, "drop"): 1,
+                          (Program.BARE_PUSH.value, "redirect"): 1}

@@ -8,6 +8,7 @@ Objects (built by ``make -C ebpf``, never compiled here; shared structs in ebpf/
                          jp_xdp_join     XDP encapsulation (fast path, falls back to tc)
     guard.bpf.o          jp_guard        XDP join-port guard (per-source token bucket)
     bare_redirect.bpf.o  jp_bare_redir   benchmark baseline / counting sink
+                         jp_bare_push    benchmark floor: 40 bytes pushed, then redirected
 
 Use from the control plane::
 
@@ -46,9 +47,11 @@ needs CAP_SYS_ADMIN and the mount syscalls.
 Map layouts (ebpf/joinproxy.h; ctypes mirrors below, checked against the objects' BTF):
 
     jp_join_cfg    HASH   u32 join ifindex -> jp_join_cfg (registrar LL, outer src/dst,
-                          backbone ifindex, ports[4], proto, generation, nh_slot)
+                          backbone ifindex, ports[4], proto)          written by set_ipip
+    jp_ipip_gen    ARRAY  [0] -> generation, bumped after jp_join_cfg changes
                                                                       written by set_ipip
-    jp_nh_cache    PERCPU_ARRAY [nh_slot] -> MACs, egress, route MTU  kernel-written (XDP)
+    jp_encap_cache PERCPU_ARRAY [ifindex % 256] -> match, finished Ethernet + outer IPv6
+                          header, egress, route MTU                   kernel-written
     jp_bb_addrs    HASH   16-byte outer dst -> u32 join ifindex       written by set_ipip
     jp_registrars  HASH   16-byte outer src -> u32 flags              written by set_ipip
     jp_guard_cfg   ARRAY  [0] -> rate_pps, burst, ports[8]            written by set_guard
@@ -117,17 +120,22 @@ class Program(StrEnum):
     XDP_JOIN = "jp_xdp_join"
     GUARD = "jp_guard"
     BARE_REDIRECT = "jp_bare_redir"
+    BARE_PUSH = "jp_bare_push"
 
 
 IPIP_PROGRAMS = (Program.TC_JOIN, Program.TC_BACKBONE, Program.XDP_JOIN)
 OUR_PROGRAM_NAMES = frozenset(p.value for p in Program)
-XDP_PROGRAMS = frozenset({Program.XDP_JOIN, Program.GUARD, Program.BARE_REDIRECT})
+XDP_PROGRAMS = frozenset({Program.XDP_JOIN, Program.GUARD, Program.BARE_REDIRECT,
+                          Program.BARE_PUSH})
 
 
 # ----------------------------------------------------------- struct mirrors (habit 8) -----
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 JP_MAX_PORTS = 4
 JP_MAX_JOIN_LINKS = 256
+JP_ENCAP_SLOTS = 256
+JP_ENCAP_HDR = 56
+JP_ENCAP_ETH = 2
 JP_GUARD_MAX_PORTS = 8
 JP_TOKEN_ONE = 1_000_000_000
 IPPROTO_IPV6 = 41
@@ -137,12 +145,17 @@ IPPROTO_ENCAP = 98
 class JoinCfgC(ctypes.Structure):
     _fields_ = [("registrar_ll", u8 * 16), ("outer_src", u8 * 16), ("outer_dst", u8 * 16),
                 ("backbone_ifindex", u32), ("ports", u16 * JP_MAX_PORTS), ("proto", u8),
-                ("pad", u8 * 3), ("generation", u32), ("nh_slot", u32)]
+                ("pad", u8 * 3)]
 
 
-class NexthopC(ctypes.Structure):
-    _fields_ = [("expires", u64), ("generation", u32), ("ifindex", u32), ("mtu", u32),
-                ("dmac", u8 * 6), ("smac", u8 * 6)]
+class IpipGenC(ctypes.Structure):
+    _fields_ = [("generation", u32)]
+
+
+class EncapC(ctypes.Structure):
+    _fields_ = [("ifindex", u32), ("generation", u32), ("expires", u64), ("backbone", u32),
+                ("egress", u32), ("mtu", u32), ("pad", u32), ("ports", u16 * JP_MAX_PORTS),
+                ("registrar_ll", u8 * 16), ("hdr", u8 * JP_ENCAP_HDR)]
 
 
 class AddrC(ctypes.Structure):
@@ -179,7 +192,8 @@ class CountersC(ctypes.Structure):
 
 # C struct name -> mirror; tests compare each against the BTF of the objects.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
-    "jp_join_cfg": JoinCfgC, "jp_nexthop": NexthopC, "jp_addr": AddrC, "jp_bb_addr": BbAddrC,
+    "jp_join_cfg": JoinCfgC, "jp_ipip_gen": IpipGenC, "jp_encap": EncapC, "jp_addr": AddrC,
+    "jp_bb_addr": BbAddrC,
     "jp_registrar": RegistrarC, "jp_guard_cfg": GuardCfgC, "jp_guard_key": GuardKeyC,
     "jp_guard_bucket": GuardBucketC, "jp_bare_cfg": BareCfgC, "jp_counters": CountersC,
 }
@@ -195,10 +209,10 @@ class ObjectSpec:
 OBJECTS: dict[str, ObjectSpec] = {
     "ipip": ObjectSpec("ipip.bpf.o", IPIP_PROGRAMS,
                        ("jp_counters", "jp_join_cfg", "jp_bb_addrs", "jp_registrars",
-                        "jp_nh_cache")),
+                        "jp_ipip_gen", "jp_encap_cache")),
     "guard": ObjectSpec("guard.bpf.o", (Program.GUARD,),
                         ("jp_counters", "jp_guard_cfg", "jp_guard_bkt", "jp_guard_next")),
-    "bare": ObjectSpec("bare_redirect.bpf.o", (Program.BARE_REDIRECT,),
+    "bare": ObjectSpec("bare_redirect.bpf.o", (Program.BARE_REDIRECT, Program.BARE_PUSH),
                        ("jp_counters", "jp_bare_cfg")),
 }
 
@@ -249,8 +263,8 @@ class IpipJoin:
         if self.backbone_ifindex <= 0:
             raise ValueError(f"backbone_ifindex: must be positive (got {self.backbone_ifindex})")
 
-    def to_c(self, generation: int = 0, nh_slot: int = 0) -> JoinCfgC:
-        cfg = JoinCfgC(generation=generation, nh_slot=nh_slot)
+    def to_c(self) -> JoinCfgC:
+        cfg = JoinCfgC()
         cfg.registrar_ll[:] = _ipv6(self.registrar_ll, "registrar_ll").packed
         cfg.outer_src[:] = _ipv6(self.outer_src, "outer_src").packed
         cfg.outer_dst[:] = _ipv6(self.registrar, "registrar").packed
@@ -780,10 +794,9 @@ class BpfDatapath:
         self._nl = _Netlink(netns)
         self._attached: dict[Hook, _Attached] = {}
         self._qdiscs: set[int] = set()  # clsact qdiscs this process created
-        # jp_join_cfg generations start at random, so an adopted jp_nh_cache entry written for
-        # a previous process's configuration cannot carry the same number
+        # jp_ipip_gen starts at random, so an adopted jp_encap_cache entry written for a
+        # previous process's configuration cannot carry the same number
         self._generation = int.from_bytes(os.urandom(4), "little")
-        self._slots: dict[int, int] = {}  # join ifindex -> jp_nh_cache slot
         self._state = _State()
         self._lock = threading.RLock()
         self._closed = False
@@ -1014,21 +1027,16 @@ class BpfDatapath:
                 key = _addr_key(join.outer_src)
                 want_bb[bytes(key.addr)] = ifindex
                 _update(bb_fd, key, BbAddrC(join_ifindex=ifindex), "jp_bb_addrs")
-            # A new generation makes the XDP path look its next hop up again at once. Each
-            # link keeps its jp_nh_cache slot while it stays configured.
-            self._generation = (self._generation + 1) & 0xFFFFFFFF
-            slots = {i: s for i, s in self._slots.items() if i in joins}
-            free = iter(sorted(set(range(JP_MAX_JOIN_LINKS)) - set(slots.values())))
-            for ifindex in joins:
-                if ifindex not in slots:
-                    slots[ifindex] = next(free)
             for ifindex, join in joins.items():
-                _update(cfg_fd, u32(ifindex), join.to_c(self._generation, slots[ifindex]),
-                        "jp_join_cfg")
-            self._slots = slots
+                _update(cfg_fd, u32(ifindex), join.to_c(), "jp_join_cfg")
             for key in _keys(cfg_fd, u32):
                 if key.value not in joins:
                     _delete(cfg_fd, key, "jp_join_cfg")
+            # After the entries: a program that sees the new generation rebuilds its cached
+            # copy from the new configuration.
+            self._generation = (self._generation + 1) & 0xFFFFFFFF
+            _update(self._map("ipip", "jp_ipip_gen"), u32(0), IpipGenC(self._generation),
+                    "jp_ipip_gen")
             for key in _keys(bb_fd, AddrC):
                 if bytes(key.addr) not in want_bb:
                     _delete(bb_fd, key, "jp_bb_addrs")
@@ -1310,17 +1318,19 @@ class BpfDatapath:
         with self._lock:
             if self._closed or "ipip" not in self._objects:
                 return out
-            fd = self._map("ipip", "jp_nh_cache")
-            for ifindex, slot in self._slots.items():
-                per_cpu = (NexthopC * lib.ncpus)()
-                _check(lib.bpf_map_lookup_elem(fd, ctypes.byref(u32(slot)),
-                                               ctypes.byref(per_cpu)), "read jp_nh_cache")
-                known = [nh for nh in per_cpu if nh.ifindex]
+            fd = self._map("ipip", "jp_encap_cache")
+            for ifindex in self._state.ipip:
+                per_cpu = (EncapC * lib.ncpus)()
+                _check(lib.bpf_map_lookup_elem(fd, ctypes.byref(u32(ifindex % JP_ENCAP_SLOTS)),
+                                               ctypes.byref(per_cpu)), "read jp_encap_cache")
+                known = [e for e in per_cpu if e.ifindex == ifindex and e.egress
+                         and e.generation == self._generation]
                 if known:
-                    nh = max(known, key=lambda n: n.expires)
-                    out[ifindex] = {"ifindex": nh.ifindex, "mtu": nh.mtu,
-                                    "dmac": ":".join(f"{b:02x}" for b in nh.dmac),
-                                    "smac": ":".join(f"{b:02x}" for b in nh.smac)}
+                    e = max(known, key=lambda n: n.expires)
+                    macs = bytes(e.hdr[JP_ENCAP_ETH:JP_ENCAP_ETH + 12])
+                    out[ifindex] = {"ifindex": e.egress, "mtu": e.mtu,
+                                    "dmac": ":".join(f"{b:02x}" for b in macs[:6]),
+                                    "smac": ":".join(f"{b:02x}" for b in macs[6:])}
         return out
 
     def kernel_drops(self, programs: Iterable[Program] = IPIP_PROGRAMS) -> dict[str, int]:
