@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from joinproxyd.kernel import ndp
 from lab import Host, Lab, Topology, wait_for
 from lab.brski_services import (
     REGISTRAR_PORT,
@@ -356,13 +357,106 @@ def test_kill_9_and_restart_leaves_one_program_per_hook_and_enrollment_works(
         show(services, daemon)
 
 
+# -- the join links' sysctls across kill -9 ----------------------------------------------------
+
+# An operator's values, none of them what the ipip mode sets (proxy_delay: the kernel keeps
+# it in jiffies, 40 survives the conversion exactly).
+OPERATOR_KNOBS = {"proxy_ndp": "0", "forwarding": "0", "proxy_delay": "40"}
+
+
+def knob_key(link: str, name: str) -> str:
+    return f"net.ipv6.{'neigh' if name == 'proxy_delay' else 'conf'}.{link}.{name}"
+
+
+def link_knobs(host: Host, link: str) -> dict[str, str]:
+    return {name: knob(host, knob_key(link, name)) for name in OPERATOR_KNOBS}
+
+
+def set_link_knobs(host: Host, link: str, values: dict[str, str]) -> None:
+    host.run(["sysctl", "-qw", *(f"{knob_key(link, k)}={v}" for k, v in values.items())])
+
+
+def recorded(path: Path) -> dict[str, Any]:
+    return {name: entry["knobs"] for name, entry in
+            json.loads(path.read_text())["links"].items()}
+
+
+def test_kill_9_and_restart_restores_the_join_links_sysctls_from_before_the_first_run(
+        two_links: Lab, bpffs: Path, tmp_path: Path) -> None:
+    """The killed run leaves proxy_ndp/forwarding at 1; the restarted one must not take those
+    for the operator's. join1 disappears while no daemon runs: it is forgotten, not written."""
+    lab = two_links
+    pin_dir = bpffs / "joinproxyd"
+    run_dir = tmp_path / "proxy"
+    record = run_dir / "ipip-knobs.json"
+    for join in ("join0", "join1"):
+        set_link_knobs(lab.proxy, join, OPERATOR_KNOBS)
+    daemon = ProxyDaemon(lab, run_dir, ipip_config(run_dir, pin_dir, static=True))
+    echo_registrar(lab.registrars[0], "r0")
+    try:
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        for join in ("join0", "join1"):
+            assert link_knobs(lab.proxy, join) == ndp.PROXY_KNOBS
+        assert recorded(record) == {"join0": OPERATOR_KNOBS, "join1": OPERATOR_KNOBS}
+        join0 = ifindex(lab.proxy, "join0")
+        assert json.loads(record.read_text())["links"]["join0"]["ifindex"] == join0
+
+        daemon.kill()
+        assert link_knobs(lab.proxy, "join0") == ndp.PROXY_KNOBS, "what the killed run left"
+        lab.remove_join_link("join1")
+
+        daemon.start()
+        status = wait_for(lambda: relaying(daemon), 15, "the restarted ipip mode relaying")
+        assert [i["name"] for i in status["interfaces"]] == ["join0"]
+        ipip = status["relays"]["ipip"]
+        assert ipip["knobs_before"] == {"join0": OPERATOR_KNOBS}
+        assert ipip["knob_record"] == {"path": str(record), "error": None}
+        assert recorded(record) == {"join0": OPERATOR_KNOBS}, "not the 1s the killed run set"
+        assert link_knobs(lab.proxy, "join0") == ndp.PROXY_KNOBS
+        assert "join1: gone since an earlier run recorded its sysctls" in daemon.log()
+
+        assert daemon.stop() == 0
+        assert link_knobs(lab.proxy, "join0") == OPERATOR_KNOBS
+        assert not record.exists(), "removed once everything is restored"
+        assert sorted(p.name for p in run_dir.iterdir() if "knobs" in p.name) == []
+    finally:
+        show(daemon)
+
+
+def test_a_corrupt_knob_record_is_logged_and_the_daemon_serves_on(
+        lab: Lab, bpffs: Path, tmp_path: Path) -> None:
+    pin_dir = bpffs / "joinproxyd"
+    run_dir = tmp_path / "proxy"
+    run_dir.mkdir()
+    record = run_dir / "ipip-knobs.json"
+    record.write_text('{"version": 1, "links": {"join0": {"ifindex": ')
+    set_link_knobs(lab.proxy, "join0", OPERATOR_KNOBS)
+    daemon = ProxyDaemon(lab, run_dir, ipip_config(run_dir, pin_dir, static=True))
+    echo_registrar(lab.registrars[0], "r0")
+    try:
+        daemon.start()
+        status = wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        assert status["relays"]["ipip"]["error"] is None
+        assert f"the record of the join links' sysctls from before an earlier run, {record}, " \
+               "not JSON" in daemon.log()
+        assert (run_dir / "ipip-knobs.json.corrupt").exists()
+        assert recorded(record) == {"join0": OPERATOR_KNOBS}, "a good record replaces it"
+        assert daemon.stop() == 0
+        assert link_knobs(lab.proxy, "join0") == OPERATOR_KNOBS
+        assert not record.exists()
+    finally:
+        show(daemon)
+
+
 def test_a_killed_ipip_run_is_cleaned_up_by_a_start_without_bpf(
         lab: Lab, bpffs: Path, tmp_path: Path) -> None:
     """kill -9, then a circuit-only configuration with the guard off: the next start removes
-    the programs, pins, proxy entries and backbone address the killed run left, and loads no
-    BPF of its own."""
+    the programs, pins, proxy entries and backbone address the killed run left, restores the
+    join link's sysctls it changed, and loads no BPF of its own."""
     pin_dir = bpffs / "joinproxyd"
     run_dir = tmp_path / "proxy"
+    set_link_knobs(lab.proxy, "join0", OPERATOR_KNOBS)
     daemon = ProxyDaemon(lab, run_dir, ipip_config(run_dir, pin_dir, static=True))
     echo_registrar(lab.registrars[0], "r0")  # something for the health probe to reach
     try:
@@ -371,6 +465,7 @@ def test_a_killed_ipip_run_is_cleaned_up_by_a_start_without_bpf(
         outer_src = backbone_address(lab.proxy)
         daemon.kill()
         assert hooks(lab.proxy) == ONE_EACH and pin_dir.exists()
+        assert link_knobs(lab.proxy, "join0") == ndp.PROXY_KNOBS
 
         daemon.write_config(base_config(run_dir, daemon={"bpf_pin_dir": str(pin_dir)},
                                         guard={"enabled": False}))
@@ -380,6 +475,9 @@ def test_a_killed_ipip_run_is_cleaned_up_by_a_start_without_bpf(
         assert proxy_entries(lab.proxy) == ""
         assert outer_src not in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
         assert daemon.ctl()["bpf"] is None
+        # the join link's sysctls from before the killed run, from its record
+        assert link_knobs(lab.proxy, "join0") == OPERATOR_KNOBS
+        assert not (run_dir / "ipip-knobs.json").exists()
         assert daemon.stop() == 0
     finally:
         show(daemon)

@@ -28,7 +28,7 @@ whole packets.
 import fnmatch
 import ipaddress
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ DISCOVERY_METHODS = ("static", "grasp", "mdns")
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
 KNOWN_MODES = ("circuit", "nat66", "ipip")
 DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
+KNOB_RECORD_NAME = "ipip-knobs.json"  # beside the control socket (IpipSettings.knob_record)
 IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
 IPIP_MAX_PORTS = 4  # ports the kernel's IPIP program matches per join link
 IFNAMSIZ = 15  # longest interface name
@@ -82,6 +83,10 @@ class IpipSettings:
     # link): configured by name, else the prefix plus the link's ifindex.
     backbone_prefix: ipaddress.IPv6Network | None = None
     backbone_addresses: dict[str, str] = field(default_factory=dict)
+    # Not a key: where the mode records the join links' sysctls from before it changed them
+    # (relays/ipip_knobs.py), in the control socket's directory, the daemon's runtime one.
+    knob_record: Path = field(default=Path("/run/joinproxyd") / KNOB_RECORD_NAME,
+                              compare=False)
 
 
 @dataclass(frozen=True)
@@ -427,6 +432,8 @@ def parse(data: dict[str, Any]) -> Config:
         guard=guard,
         ipip=ipip,
     )
+    config = replace(config, ipip=replace(
+        ipip, knob_record=config.control_socket.parent / KNOB_RECORD_NAME))
     for table in (daemon, metrics, backbone, registrars, limits_table, announce, root):
         table.done()
     if any(spec.matches(config.backbone) for spec in joins):

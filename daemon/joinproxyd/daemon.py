@@ -39,7 +39,7 @@ from .kernel.bpf import Program
 from .kernel.netlink import InterfaceWatcher
 from .metrics import Metrics
 from .model import JoinInterface, LinkState, RegistrarEndpoint
-from .relays import RelayContext, RelayMode, mode_class, mode_names
+from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
 from .relays.ipip import usable_target
 
 log = logging.getLogger("joinproxyd")
@@ -181,6 +181,10 @@ class Daemon:
         for name in mode_names():
             if name not in wanted:
                 await mode_class(name).clean_leftovers(log)
+        if "ipip" not in wanted:
+            # The join links' sysctls a killed ipip run changed; their record is a file in
+            # the runtime directory, which clean_leftovers (a classmethod) is not told of.
+            await ipip_knobs.restore_leftovers(self.config.ipip.knob_record, log)
         if not self.config.needs_bpf:
             await self.datapath.clean_leftovers()
         await self.control.start()

@@ -165,6 +165,15 @@ def _knob(ifname: str, knob: str, root: Path) -> Path:
     return root / "net" / "ipv6" / table / ifname / knob
 
 
+def link_index(ifname: str) -> int | None:
+    """The link's ifindex now, None if no link has that name (in the calling thread's
+    namespace): tells the link whose knobs were recorded from a later one with its name."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+
+
 PROXY_KNOBS = {"proxy_ndp": "1", "forwarding": "1", "proxy_delay": "0"}
 # Only a matter of latency: a system that keeps /proc/sys/net/ipv6/neigh read-only (a
 # hardened unit) still gets its answers, up to 0.8 s later.

@@ -34,7 +34,10 @@ The programs stay attached and pass everything untouched.
 
 What is left by a killed run is recognised: proxy entries and addresses carry our netlink
 protocol mark, programs our names, maps are pinned; a configured mode adopts or replaces them
-at its first reconcile, and an unconfigured one removes them (clean_leftovers).
+at its first reconcile, and an unconfigured one removes them (clean_leftovers). The join
+links' sysctls from before the first run are in a file the killed run wrote before changing
+them (ipip_knobs.py): a configured mode restores them from there when it stops serving a link,
+and an unconfigured one at start (ipip_knobs.restore_leftovers).
 
 Counters: the programs count by action and reason (jp_counters); drops are exported as
 joinproxyd_drops_total{mode="ipip",reason} and every action as
@@ -44,18 +47,20 @@ joinproxyd_bpf_packets_total{program,action}. No per-pledge state means no circu
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import IpipSettings
 from ..kernel import KernelError, ndp
 from ..kernel.bpf import IPIP_PROGRAMS, BpfDatapath, IpipJoin
 from ..model import IpipTarget, JoinInterface, LinkState, RegistrarEndpoint
+from . import ipip_knobs
 from .base import RelayContext, RelayMode
+from .ipip_knobs import KnobRecord, Saved
 
 # -- the plan, as pure functions ----------------------------------------------------------------
 
@@ -194,7 +199,9 @@ class IpipMode(RelayMode):
         self._addresses: dict[str, int] = {}  # backbone address -> ifindex, added by us
         self._join_tc: dict[str, int] = {}  # link name -> ifindex with jp_tc_join
         self._backbone_tc: int | None = None
-        self._knobs: dict[str, dict[str, str]] = {}  # link -> its sysctls before us
+        self._knobs: dict[str, Saved] = {}  # link -> its sysctls before the first run
+        self._knobs_set: set[str] = set()  # links whose knobs this process has set
+        self._record: KnobRecord | None = None  # read at the first reconcile
         self._written: tuple[dict[int, IpipJoin], frozenset[str]] | None = None
         self._previous_registrar: str | None = None
         self._logged: str | None = None
@@ -205,6 +212,7 @@ class IpipMode(RelayMode):
                         registrar: RegistrarEndpoint | None) -> None:
         async with self._lock:
             settings = self.ctx.ipip()
+            self._load_knobs(settings.knob_record)
             plan = make_plan(interfaces, registrar, settings, self.ctx.backbone())
             old_target = self.plan.target
             if old_target is not None and (plan.target is None
@@ -239,6 +247,26 @@ class IpipMode(RelayMode):
         if self.ctx.datapath is None:
             raise KernelError("no BPF data plane in this context")
         return await self.ctx.datapath.get()
+
+    def _load_knobs(self, path: Path) -> None:
+        """First reconcile: the knobs an earlier (killed) run recorded are the operator's;
+        those of links gone since are dropped. The path stays the same for the process."""
+        if self._record is not None:
+            return
+        self._record = KnobRecord(path, self.ctx.log)
+        recorded = self._record.load()
+        for name, saved in recorded.items():
+            if ipip_knobs.still_there(name, saved):
+                self._knobs[name] = saved
+                self.ctx.log.info("%s: sysctls from before an earlier run (%s) are restored "
+                                  "when it is no longer served", name,
+                                  ", ".join(f"{k}={v}" for k, v in sorted(saved.knobs.items())),
+                                  extra={"INTERFACE": name, "MODE": self.name})
+            else:
+                self.ctx.log.info("%s", ipip_knobs.describe(name, saved, False),
+                                  extra={"INTERFACE": name, "MODE": self.name})
+        if recorded.keys() != self._knobs.keys():
+            self._record.save(self._knobs)
 
     async def _adopt(self) -> None:
         """First pass: what a killed run left becomes ours, to keep or remove."""
@@ -281,14 +309,21 @@ class IpipMode(RelayMode):
         for name, index in list(self._join_tc.items()):
             if desired.get(name) != index:
                 await self._unserve(dp, name, index)
+        for name, saved in list(self._knobs.items()):
+            if desired.get(name) != saved.ifindex:  # recorded by an earlier run, not served
+                await self._restore_knobs(name)
         for name, index in desired.items():
             if self._join_tc.get(name) != index:
                 await asyncio.to_thread(dp.attach_ipip_join, index)
                 self._join_tc[name] = index
             if name not in self._knobs:
                 before = await asyncio.to_thread(ndp.read_knobs, name)
+                self._knobs[name] = Saved(index, before)
+                assert self._record is not None
+                self._record.save(self._knobs)  # on disk before the first knob changes
+            if name not in self._knobs_set:
                 skipped = await asyncio.to_thread(ndp.write_knobs, name, ndp.PROXY_KNOBS)
-                self._knobs[name] = before
+                self._knobs_set.add(name)
                 for why in skipped:
                     self.ctx.log.info("%s: %s; pledges' neighbour solicitations are answered "
                                       "after the kernel's proxy delay", name, why,
@@ -317,13 +352,18 @@ class IpipMode(RelayMode):
             self._proxies.discard(entry)
         await asyncio.to_thread(dp.detach_ipip_join, index)
         del self._join_tc[name]
-        before = self._knobs.pop(name, None)
-        if before is not None:
-            try:
-                await asyncio.to_thread(ndp.write_knobs, name, before)
-            except KernelError as exc:
-                if exc.errno != errno.ENOENT:  #: the link is gone, and its knobs with it
-                    raise
+        if name in self._knobs:
+            await self._restore_knobs(name)
+
+    async def _restore_knobs(self, name: str) -> None:
+        """Put the link's recorded sysctls back (unless the link is gone, taking them with
+        it) and forget them; a failure keeps them, to be tried again."""
+        saved = self._knobs[name]
+        await asyncio.to_thread(ipip_knobs.restore, name, saved)
+        del self._knobs[name]
+        self._knobs_set.discard(name)
+        if self._record is not None:
+            self._record.save(self._knobs)
 
     async def _teardown(self) -> None:
         """Serve nothing: the reverse of _apply."""
@@ -336,8 +376,9 @@ class IpipMode(RelayMode):
         dp = await self._datapath()
         for name, index in list(self._join_tc.items()):
             await self._unserve(dp, name, index)
-        for name in list(self._knobs):  # knobs of links whose program never got attached
-            await asyncio.to_thread(ndp.write_knobs, name, self._knobs.pop(name))
+        # links whose program never got attached, and those an earlier run recorded
+        for name in list(self._knobs):
+            await self._restore_knobs(name)
         if self._written:
             await asyncio.to_thread(dp.set_ipip, {}, ())
             self._written = None
@@ -389,6 +430,9 @@ class IpipMode(RelayMode):
                             and (link.index, target.link_local) in self._proxies}
                            for link in plan.links],
             "backbone_addresses_added": sorted(self._addresses),
+            "knobs_before": ipip_knobs.as_status(self._knobs),
+            "knob_record": None if self._record is None else {
+                "path": str(self._record.path), "error": self._record.error},
             "drops": self.kernel_drops(),
             "error": self.error,
         }
