@@ -30,7 +30,11 @@
  *   join side, to the registrar, TCP/UDP, but the L4 header is cut short or the payload
  *     length disagrees with the frame (also jumbograms) -> DROP malformed: relaying it would
  *     put a lying length on the backbone;
- *   join side, too big for the backbone MTU once 40 bytes are added -> DROP oversized;
+ *   join side, too big for the backbone (device or route MTU) once 40 bytes are added ->
+ *     TOO_BIG: dropped (counted as oversized) and answered with an ICMPv6 Packet Too Big
+ *     from the registrar's link-local address, so the pledge's stack lowers its path MTU
+ *     (a silent drop would black-hole every full-sized packet); the XDP program hands such
+ *     packets to the tc program (fallback), which builds the answer;
  *   backbone side, not IPIP to one of our per-join-link addresses -> PASS;
  *   backbone side, IPIP to us from a source not in jp_registrars -> DROP no-registrar
  *     (nothing else on this host consumes protocol 41/98 sent to these addresses);
@@ -41,6 +45,7 @@
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/icmpv6.h>
 #include <linux/in.h>
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
@@ -105,6 +110,20 @@ struct {
 	__type(key, __u32);
 	__type(value, struct jp_encap);
 } jp_encap_cache SEC(".maps");
+
+/* The quoted packet of a Packet Too Big, for its checksum: 1,232 bytes do not fit the
+ * 512-byte stack. Per CPU, used within one program run. */
+#define PTB_QUOTE 1232	/* IPv6 minimum MTU 1280 - 40 - 8: "as much as fits" (RFC 4443) */
+struct jp_quote {
+	__u8 bytes[PTB_QUOTE];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct jp_quote);
+} jp_ptb_scratch SEC(".maps");
 
 static __always_inline int addr_eq(const void *a, const void *b)
 {
@@ -218,6 +237,79 @@ static __always_inline __u32 encap_egress(void *ctx, struct jp_encap *e)
 
 /* ---------------------------------------------------------------- join side, tc -- */
 
+/* Turn a pledge's packet that is too big for the backbone into an ICMPv6 Packet Too Big
+ * (RFC 4443 3.2) back to it: from the registrar's link-local address (the one the pledge
+ * sent to, which this link answers ND for), reporting the MTU left inside the tunnel and
+ * quoting the first 1,232 bytes of the packet, so the answer is exactly 1,280 bytes.
+ * Oversized means more than backbone MTU - 40 >= 1,240 bytes, so there is always that much
+ * to quote. Sent straight back out of the join link to the frame's source MAC; no state.
+ * Rate: one answer per oversized packet, which the guard already limits per source, and
+ * never larger than the packet that caused it. */
+static __always_inline __u32 too_big(struct __sk_buff *skb, const struct jp_encap *e,
+				     const struct ipv6hdr *ip6, __u32 mtu, __u32 *reason)
+{
+	__u32 zero = 0, s;
+	struct jp_quote *q = bpf_map_lookup_elem(&jp_ptb_scratch, &zero);
+	struct {
+		struct ipv6hdr ip6;
+		struct icmp6hdr icmp;
+	} hdr = {};
+	struct {
+		__u8 src[16];
+		__u8 dst[16];
+		__be32 len;
+		__u8 zero[3];
+		__u8 nexthdr;
+	} pseudo = {};
+	__u8 macs[2 * ETH_ALEN], swapped[2 * ETH_ALEN];
+	__s64 sum;
+
+	*reason = JP_DROP_OVERSIZED;
+	if (!q || mtu <= IP6_HLEN)
+		return JP_ACT_DROP;
+	if (bpf_skb_load_bytes(skb, 0, macs, sizeof(macs)) < 0 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, q->bytes, PTB_QUOTE) < 0)
+		return JP_ACT_DROP;
+	__builtin_memcpy(swapped, macs + ETH_ALEN, ETH_ALEN);
+	__builtin_memcpy(swapped + ETH_ALEN, macs, ETH_ALEN);
+
+	hdr.ip6.version = 6;
+	hdr.ip6.payload_len = bpf_htons(sizeof(hdr.icmp) + PTB_QUOTE);
+	hdr.ip6.nexthdr = IPPROTO_ICMPV6;
+	hdr.ip6.hop_limit = OUTER_HOP_LIMIT;
+	__builtin_memcpy(&hdr.ip6.saddr, e->registrar_ll, 16);
+	__builtin_memcpy(&hdr.ip6.daddr, &ip6->saddr, 16);
+	hdr.icmp.icmp6_type = ICMPV6_PKT_TOOBIG;
+	hdr.icmp.icmp6_mtu = bpf_htonl(mtu - IP6_HLEN);
+
+	/* checksum: pseudo-header, ICMPv6 header, quote (bpf_csum_diff takes <= 512 bytes) */
+	__builtin_memcpy(pseudo.src, e->registrar_ll, 16);
+	__builtin_memcpy(pseudo.dst, &ip6->saddr, 16);
+	pseudo.len = bpf_htonl(sizeof(hdr.icmp) + PTB_QUOTE);
+	pseudo.nexthdr = IPPROTO_ICMPV6;
+	sum = bpf_csum_diff(NULL, 0, (void *)&pseudo, sizeof(pseudo), 0);
+	sum = bpf_csum_diff(NULL, 0, (void *)&hdr.icmp, sizeof(hdr.icmp), (__u32)sum);
+	sum = bpf_csum_diff(NULL, 0, (void *)q->bytes, 512, (__u32)sum);
+	sum = bpf_csum_diff(NULL, 0, (void *)(q->bytes + 512), 512, (__u32)sum);
+	sum = bpf_csum_diff(NULL, 0, (void *)(q->bytes + 1024), PTB_QUOTE - 1024, (__u32)sum);
+	if (sum < 0)
+		return JP_ACT_DROP;
+	s = (__u32)sum;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	hdr.icmp.icmp6_cksum = ~s & 0xffff;
+
+	/* from here on the packet is being rebuilt: a failure drops it */
+	if (bpf_skb_change_tail(skb, ETH_HLEN + PTB_QUOTE, 0) < 0 ||
+	    bpf_skb_adjust_room(skb, sizeof(hdr), BPF_ADJ_ROOM_MAC, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &hdr, sizeof(hdr), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0) < 0)
+		return JP_ACT_DROP;
+	if (bpf_redirect(skb->ifindex, 0) != TC_ACT_REDIRECT)
+		return JP_ACT_DROP;
+	return JP_ACT_TOO_BIG;
+}
+
 static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 {
 	struct jp_encap *e;
@@ -250,12 +342,13 @@ static __always_inline __u32 tc_join(struct __sk_buff *skb, __u32 *reason)
 		*reason = JP_DROP_MALFORMED;
 		return JP_ACT_DROP;
 	}
-	/* bpf_check_mtu also handles GRO packets (it checks their segments). */
-	if (bpf_check_mtu(skb, e->backbone, &mtu_len, IP6_HLEN, 0) != 0) {
-		*reason = JP_DROP_OVERSIZED;
-		return JP_ACT_DROP;
-	}
+	/* bpf_check_mtu also handles GRO packets (it checks their segments); the route MTU is
+	 * compared for single packets only. */
+	if (bpf_check_mtu(skb, e->backbone, &mtu_len, IP6_HLEN, 0) != 0)
+		return too_big(skb, e, &ip6, mtu_len, reason);
 	egress = encap_egress(skb, e);
+	if (egress && !skb->gso_size && l3_len + IP6_HLEN > e->mtu)
+		return too_big(skb, e, &ip6, e->mtu, reason);
 	__builtin_memcpy(&outer, e->hdr + JP_ENCAP_IP6, sizeof(outer));
 	outer.payload_len = bpf_htons(l3_len);
 	if (bpf_skb_adjust_room(skb, IP6_HLEN, BPF_ADJ_ROOM_MAC,
@@ -291,6 +384,7 @@ static __always_inline int tc_code(__u32 action)
 	switch (action) {
 	case JP_ACT_ENCAP:
 	case JP_ACT_DECAP:
+	case JP_ACT_TOO_BIG:
 		return TC_ACT_REDIRECT;
 	case JP_ACT_DROP:
 		return TC_ACT_SHOT;
@@ -428,10 +522,8 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 	*egress = encap_egress(ctx, e);
 	if (!*egress)
 		return JP_ACT_FALLBACK;	/* jp_tc_join's redirect_neigh resolves it */
-	if (l3_len + IP6_HLEN > e->mtu) {
-		*reason = JP_DROP_OVERSIZED;
-		return JP_ACT_DROP;
-	}
+	if (l3_len + IP6_HLEN > e->mtu)
+		return JP_ACT_FALLBACK;	/* jp_tc_join answers with a Packet Too Big */
 
 	if (bpf_xdp_adjust_head(ctx, -IP6_HLEN) < 0) {
 		*reason = JP_DROP_SEND_ERROR;	/* unchanged, but cannot be relayed */

@@ -51,7 +51,9 @@ enum jp_action {
 	JP_ACT_FALLBACK = 4,	/* XDP encap: next hop not resolved, left to the tc program */
 	JP_ACT_REDIRECT = 5,	/* bare redirect baseline */
 	JP_ACT_DROP = 6,	/* dropped; the reason is counted in drop[] too */
-	JP_ACT__COUNT = 7,
+	JP_ACT_TOO_BIG = 7,	/* IPIP: too big to relay, answered with ICMPv6 Packet Too Big;
+				 * counted in drop[] as oversized too */
+	JP_ACT__COUNT = 8,
 };
 
 /* Which program counted: the key of jp_counters. Mirror of bpf.Program. */
@@ -190,7 +192,7 @@ struct {
 	__type(value, struct jp_counters);
 } jp_counters SEC(".maps");
 
-/* Count one verdict: the action, and for a drop its reason. Per-CPU rows, so a plain
+/* Count one verdict: the action, and for a drop (or a Packet Too Big) its reason. Per-CPU rows, so a plain
  * increment is exact (BPF programs do not migrate while they run). */
 static __always_inline void jp_count(__u32 prog, __u32 action, __u32 reason)
 {
@@ -200,7 +202,7 @@ static __always_inline void jp_count(__u32 prog, __u32 action, __u32 reason)
 		return;
 	if (action < JP_ACT__COUNT)
 		c->action[action]++;
-	if (action == JP_ACT_DROP && reason < JP_DROP__COUNT)
+	if ((action == JP_ACT_DROP || action == JP_ACT_TOO_BIG) && reason < JP_DROP__COUNT)
 		c->drop[reason]++;
 }
 #endif /* __bpf__ */

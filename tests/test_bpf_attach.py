@@ -9,6 +9,7 @@ registrar without tunnel devices does it (raw IPv6 sockets for protocol 41/98).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -392,11 +393,10 @@ def test_ipip_configuration_is_validated(as_root: None) -> None:
 
 
 # ------------------------------------------------------------------ end to end -----------
-@pytest.mark.parametrize(("proto", "forwarding"), [(41, False), (98, False), (41, True)])
-def test_ipip_relay_end_to_end(as_root: None, proto: int, forwarding: bool) -> None:
-    """pledge --join0--> proxy (guard + tc encap) --bb0--> registrar raw socket, and back.
-    Without IPv6 forwarding on bb0 every packet takes bpf_redirect_neigh; with it, once the
-    kernel knows the registrar's MAC, the cached next hop and a plain redirect."""
+@contextlib.contextmanager
+def relay_lab(proto: int, forwarding: bool) -> Iterator[tuple[str, str, BpfDatapath]]:
+    """pledge --join0--> proxy (guard + tc encap) --bb0--> registrar: the pledge's and the
+    registrar's namespaces and the proxy's data plane, relaying fe80::1234 port 5684."""
     pledge, proxy, registrar = (new_namespace(p) for p in ("jpep", "jpex", "jper"))
     try:
         sh("ip", "link", "add", "p0", "netns", pledge, "type", "veth", "peer", "name", "join0",
@@ -426,50 +426,112 @@ def test_ipip_relay_end_to_end(as_root: None, proto: int, forwarding: bool) -> N
             dp.attach_guard("join0")
             dp.attach_ipip_join("join0")
             dp.attach_ipip_backbone("bb0")
-
-            p0 = ifindex(pledge, "p0")
-            with thread_in_namespace(registrar):
-                raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, proto)
-            with thread_in_namespace(pledge):
-                udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            with raw, udp:
-                raw.settimeout(5)
-                udp.settimeout(5)
-                udp.bind(("fe80::1:1", 40001, 0, p0))
-                udp.sendto(b"voucher-request", ("fe80::1234", 5684, 0, p0))
-
-                inner, (outer_src, *_) = raw.recvfrom(4096)
-                assert outer_src == "fd4a:5044::1:1"
-                got = IPv6(inner)
-                assert (got.src, got.dst, got[UDP].dport, bytes(got[UDP].payload)) == \
-                    ("fe80::1:1", "fe80::1234", 5684, b"voucher-request")
-                checksum = got[UDP].chksum
-                del got[UDP].chksum
-                assert IPv6(bytes(got))[UDP].chksum == checksum, "inner UDP checksum intact"
-
-                answer = IPv6(src="fe80::1234", dst="fe80::1:1", hlim=64) / \
-                    UDP(sport=5684, dport=40001) / Raw(b"voucher")
-                raw.sendto(bytes(answer), ("fd4a:5044::1:1", 0))
-                data, sender = udp.recvfrom(4096)
-                assert (data, sender[0], sender[1]) == (b"voucher", "fe80::1234", 5684)
-
-                # once the cached (negative) answer has expired, the next hop is known
-                time.sleep(0.15)
-                udp.sendto(b"again", ("fe80::1234", 5684, 0, p0))
-                inner, _ = raw.recvfrom(4096)
-                assert bytes(IPv6(inner)[UDP].payload) == b"again"
-                r0_mac = json.loads(sh("ip", "-n", registrar, "-j", "link", "show", "dev",
-                                       "r0"))[0]["address"]
-                if forwarding:
-                    assert dp.nexthops()[join0]["dmac"] == r0_mac
-                else:
-                    assert dp.nexthops() == {}, "no FIB answers without forwarding"
-
-            counts = {k: v for k, v in dp.counters().items() if v}
-            assert counts[(Program.TC_JOIN.value, "encap")] >= 1
-            assert counts[(Program.TC_BACKBONE.value, "decap")] >= 1
-            assert counts[(Program.GUARD.value, "allow")] >= 1
-            assert not any(dp.drops().values())
+            yield pledge, registrar, dp
     finally:
         for ns in (pledge, proxy, registrar):
             sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.mark.parametrize(("proto", "forwarding"), [(41, False), (98, False), (41, True)])
+def test_ipip_relay_end_to_end(as_root: None, proto: int, forwarding: bool) -> None:
+    """pledge --join0--> proxy (guard + tc encap) --bb0--> registrar raw socket, and back.
+    Without IPv6 forwarding on bb0 every packet takes bpf_redirect_neigh; with it, once the
+    kernel knows the registrar's MAC, the cached next hop and a plain redirect."""
+    with relay_lab(proto, forwarding) as (pledge, registrar, dp):
+        join0 = dp.ifindex("join0")
+        p0 = ifindex(pledge, "p0")
+        with thread_in_namespace(registrar):
+            raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, proto)
+        with thread_in_namespace(pledge):
+            udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        with raw, udp:
+            raw.settimeout(5)
+            udp.settimeout(5)
+            udp.bind(("fe80::1:1", 40001, 0, p0))
+            udp.sendto(b"voucher-request", ("fe80::1234", 5684, 0, p0))
+
+            inner, (outer_src, *_) = raw.recvfrom(4096)
+            assert outer_src == "fd4a:5044::1:1"
+            got = IPv6(inner)
+            assert (got.src, got.dst, got[UDP].dport, bytes(got[UDP].payload)) == \
+                ("fe80::1:1", "fe80::1234", 5684, b"voucher-request")
+            checksum = got[UDP].chksum
+            del got[UDP].chksum
+            assert IPv6(bytes(got))[UDP].chksum == checksum, "inner UDP checksum intact"
+
+            answer = IPv6(src="fe80::1234", dst="fe80::1:1", hlim=64) / \
+                UDP(sport=5684, dport=40001) / Raw(b"voucher")
+            raw.sendto(bytes(answer), ("fd4a:5044::1:1", 0))
+            data, sender = udp.recvfrom(4096)
+            assert (data, sender[0], sender[1]) == (b"voucher", "fe80::1234", 5684)
+
+            # once the cached (negative) answer has expired, the next hop is known
+            time.sleep(0.15)
+            udp.sendto(b"again", ("fe80::1234", 5684, 0, p0))
+            inner, _ = raw.recvfrom(4096)
+            assert bytes(IPv6(inner)[UDP].payload) == b"again"
+            r0_mac = json.loads(sh("ip", "-n", registrar, "-j", "link", "show", "dev",
+                                   "r0"))[0]["address"]
+            if forwarding:
+                assert dp.nexthops()[join0]["dmac"] == r0_mac
+            else:
+                assert dp.nexthops() == {}, "no FIB answers without forwarding"
+
+        counts = {k: v for k, v in dp.counters().items() if v}
+        assert counts[(Program.TC_JOIN.value, "encap")] >= 1
+        assert counts[(Program.TC_BACKBONE.value, "decap")] >= 1
+        assert counts[(Program.GUARD.value, "allow")] >= 1
+        assert not any(dp.drops().values())
+
+
+@pytest.mark.parametrize("limit", ["device", "route"])
+def test_a_packet_too_big_for_the_backbone_is_answered_with_packet_too_big(
+        as_root: None, limit: str) -> None:
+    """A pledge's datagram that would not fit the backbone once encapsulated (bb0's MTU, or
+    a smaller route MTU towards the registrar) is not relayed: the pledge gets an ICMPv6
+    Packet Too Big from the registrar's address, and its kernel takes the lower path MTU."""
+    with relay_lab(41, forwarding=limit == "route") as (pledge, registrar, dp):
+        proxy = dp.netns or ""
+        if limit == "route":
+            # forwarded traffic takes a route's MTU only when it is locked (as the kernel's
+            # own forwarding does; bpf_fib_lookup answers the same)
+            sh("ip", "-n", proxy, "-6", "route", "replace", "fd4a:5044::100/128", "dev", "bb0",
+               "mtu", "lock", "1400")
+        mtu = 1400 - 40 if limit == "route" else 1500 - 40
+        p0 = ifindex(pledge, "p0")
+        with thread_in_namespace(registrar):
+            raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 41)
+        with thread_in_namespace(pledge):
+            udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            icmp = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        with raw, udp, icmp:
+            for sock in (raw, udp, icmp):
+                sock.settimeout(5)
+            udp.bind(("fe80::1:1", 40001, 0, p0))
+            # a small one first: the registrar's MAC gets known, so is the route MTU
+            udp.sendto(b"hello", ("fe80::1234", 5684, 0, p0))
+            raw.recvfrom(4096)
+            time.sleep(0.15)  # the cached negative next hop expires
+            big = b"b" * (mtu + 1 - 48)  # one byte over: IPv6 40 + UDP 8 + payload
+            udp.sendto(big, ("fe80::1234", 5684, 0, p0))
+            while True:
+                data, (src, *_) = icmp.recvfrom(4096)
+                if data[0] == 2:  # Packet Too Big (neighbour discovery may come first)
+                    break
+            assert src == "fe80::1234"
+            assert int.from_bytes(data[4:8], "big") == mtu
+            quoted = IPv6(data[8:])
+            assert len(data) == 1280 - 40, "the answer fills the IPv6 minimum MTU"
+            assert (quoted.src, quoted.dst, quoted[UDP].dport) == \
+                ("fe80::1:1", "fe80::1234", 5684)
+            route = sh("ip", "-n", pledge, "-6", "route", "get", "fe80::1234", "dev", "p0")
+            assert f"mtu {mtu}" in route, route
+            raw.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                while True:  # nothing that big reached the registrar
+                    inner, _ = raw.recvfrom(4096)
+                    assert len(inner) <= mtu, "an oversized packet was relayed"
+        counts = {k: v for k, v in dp.counters().items() if v}
+        assert counts[(Program.TC_JOIN.value, "too-big")] == 1
+        assert dp.drops()[(Program.TC_JOIN.value, "oversized")] == 1
+

@@ -31,6 +31,7 @@ from scapy.layers.inet6 import (
     ICMPv6DestUnreach,
     ICMPv6EchoRequest,
     ICMPv6ND_NS,
+    ICMPv6PacketTooBig,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -249,6 +250,20 @@ _TCP = join_frame(to_registrar(TCP(sport=40002, dport=443, flags="S", seq=1)))
 _FITS = join_frame(sized_to_registrar(BACKBONE_MTU - 40))
 _TOO_BIG = join_frame(sized_to_registrar(BACKBONE_MTU - 39))
 
+def packet_too_big(frame: bytes, mtu: int) -> bytes:
+    """What jp_tc_join sends back for a frame too big for the backbone: from the registrar's
+    link-local address to the pledge, out of the link it came in on, 1,280 bytes of IPv6
+    quoting the start of the packet (the checksum is scapy's)."""
+    return bytes(Ether(src=JOIN_MAC, dst=PLEDGE_MAC) /
+                 IPv6(src=REG_LL, dst=PLEDGE, hlim=64) /
+                 ICMPv6PacketTooBig(mtu=mtu) / Raw(frame[14:14 + 1232]))
+
+
+def _too_big(frame: bytes, mtu: int = BACKBONE_MTU - 40) -> Builder:
+    return lambda lab: Case("too big", frame, TC_ACT_REDIRECT, packet_too_big(frame, mtu),
+                            Action.TOO_BIG, DropReason.OVERSIZED)
+
+
 def backbone_eth(lab: Lab, dst: str = REG_MAC) -> bytes:
     """The Ethernet header of an encapsulated packet: the FIB's next hop, from bb0."""
     return bytes(Ether(dst=dst, src=lab.mac["bb0"], type=0x86DD))
@@ -266,7 +281,7 @@ TC_JOIN: dict[str, Builder] = {
     "tcp syn to the registrar is encapsulated": _tc_encap(_TCP),
     "join1: protocol 98 from its own backbone address": _tc_encap(_UDP, OUTER1, 98, "join1"),
     "largest packet that fits the backbone MTU": _tc_encap(_FITS),
-    "one byte over the backbone MTU is dropped": _drop("too big", _TOO_BIG, DropReason.OVERSIZED),
+    "one byte over the backbone MTU: packet too big back to the pledge": _too_big(_TOO_BIG),
     "another destination passes": _ok("other dst", to_registrar(dst="fe80::1")),
     "another port passes": _ok("other port", to_registrar(dport=53)),
     "icmpv6 echo to the registrar passes": _ok(
@@ -445,8 +460,8 @@ XDP_JOIN: dict[str, Builder] = {
     "udp to the registrar: MACs from the FIB, outer header": _xdp_encap(_UDP),
     "tcp to the registrar": _xdp_encap(_TCP),
     "largest packet that fits the route MTU": _xdp_encap(_FITS),
-    "one byte over the route MTU is dropped": _drop(
-        "too big", _TOO_BIG, DropReason.OVERSIZED, "xdp"),
+    "one byte over the route MTU is left to tc (which answers it)": lambda lab: Case(
+        "too big", _TOO_BIG, XDP_PASS, None, Action.FALLBACK),
     "another destination passes": _xdp_ok("other dst", join_frame(to_registrar(dst="fe80::1"))),
     "icmpv6 to the registrar passes": _xdp_ok(
         "echo", join_frame(IPv6(src=PLEDGE, dst=REG_LL) / ICMPv6EchoRequest())),

@@ -110,6 +110,7 @@ class Action(StrEnum):
     FALLBACK = "fallback"
     REDIRECT = "redirect"
     DROP = "drop"
+    TOO_BIG = "too-big"
 
 
 class Program(StrEnum):
