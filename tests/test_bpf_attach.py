@@ -392,6 +392,33 @@ def test_ipip_configuration_is_validated(as_root: None) -> None:
         dp.set_ipip({3: IpipJoin(**good), 4: IpipJoin(**good)})  # type: ignore[arg-type]
 
 
+def test_ipip_maps_read_back_what_was_written(as_root: None) -> None:
+    joins = {
+        7: IpipJoin(registrar_ll="fe80::1234", outer_src="fd4a:5044::7", registrar="fd4a::100",
+                    backbone_ifindex=2, ports=(443, 5684), proto=98),
+        9: IpipJoin(registrar_ll="fe80::1234", outer_src="fd4a:5044::9", registrar="fd4a::100",
+                    backbone_ifindex=2, ports=(5684,)),
+    }
+    with BpfDatapath.open(pin_dir=None, objects=("ipip",)) as dp:
+        assert dp.ipip_maps() == {"join": {}, "backbone_addresses": {}, "registrars": []}
+        dp.set_ipip(joins, ["fd4a::200"])
+        assert dp.ipip_maps() == {
+            "join": {7: {"registrar_ll": "fe80::1234", "outer_src": "fd4a:5044::7",
+                         "registrar": "fd4a::100", "backbone_ifindex": 2,
+                         "ports": [443, 5684], "proto": 98},
+                     9: {"registrar_ll": "fe80::1234", "outer_src": "fd4a:5044::9",
+                         "registrar": "fd4a::100", "backbone_ifindex": 2, "ports": [5684],
+                         "proto": 41}},
+            "backbone_addresses": {"fd4a:5044::7": 7, "fd4a:5044::9": 9},
+            "registrars": ["fd4a::100", "fd4a::200"]}
+        dp.set_ipip({9: joins[9]})
+        maps = dp.ipip_maps()
+        assert (list(maps["join"]), maps["backbone_addresses"], maps["registrars"]) == \
+            ([9], {"fd4a:5044::9": 9}, ["fd4a::100"])
+    assert dp.ipip_maps() == {"join": {}, "backbone_addresses": {}, "registrars": []}, \
+        "closed: nothing to read"
+
+
 # ------------------------------------------------------------------ end to end -----------
 @contextlib.contextmanager
 def relay_lab(proto: int, forwarding: bool) -> Iterator[tuple[str, str, BpfDatapath]]:

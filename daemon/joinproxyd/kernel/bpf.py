@@ -1050,7 +1050,8 @@ class BpfDatapath:
     def set_ipip_xdp(self, enabled: bool) -> None:
         """Run jp_xdp_join after the guard on every guarded link (it ignores links without an
         IPIP entry). The tc programs stay attached as the slow path: packets whose next hop
-        the XDP program cannot resolve are passed to them."""
+        the XDP program cannot resolve, and packets too big for the backbone (tc answers
+        them with a Packet Too Big), are passed to them."""
         with self._lock:
             self._write_next_slot(enabled)
             self._state.ipip_xdp = enabled
@@ -1332,6 +1333,35 @@ class BpfDatapath:
                     out[ifindex] = {"ifindex": e.egress, "mtu": e.mtu,
                                     "dmac": ":".join(f"{b:02x}" for b in macs[:6]),
                                     "smac": ":".join(f"{b:02x}" for b in macs[6:])}
+        return out
+
+    def ipip_maps(self) -> dict[str, Any]:
+        """What the IPIP maps hold, read back from the kernel (not this process's record):
+        {"join": {ifindex: {...}}, "backbone_addresses": {address: ifindex},
+        "registrars": [address]}. Every entry is per join link or per registrar, never per
+        pledge: tests and operators can check the proxy stays stateless."""
+        def text(raw: Any) -> str:
+            return str(ipaddress.IPv6Address(bytes(raw)))
+
+        out: dict[str, Any] = {"join": {}, "backbone_addresses": {}, "registrars": []}
+        with self._lock:
+            if self._closed or "ipip" not in self._objects:
+                return out
+            cfg_fd = self._map("ipip", "jp_join_cfg")
+            for key in _keys(cfg_fd, u32):
+                cfg = JoinCfgC()
+                if _lookup(cfg_fd, key, cfg):
+                    out["join"][key.value] = {
+                        "registrar_ll": text(cfg.registrar_ll), "outer_src": text(cfg.outer_src),
+                        "registrar": text(cfg.outer_dst), "backbone_ifindex": cfg.backbone_ifindex,
+                        "ports": [p for p in cfg.ports if p], "proto": cfg.proto}
+            bb_fd = self._map("ipip", "jp_bb_addrs")
+            for addr in _keys(bb_fd, AddrC):
+                bb = BbAddrC()
+                if _lookup(bb_fd, addr, bb):
+                    out["backbone_addresses"][text(addr.addr)] = bb.join_ifindex
+            out["registrars"] = sorted(text(a.addr)
+                                       for a in _keys(self._map("ipip", "jp_registrars"), AddrC))
         return out
 
     def kernel_drops(self, programs: Iterable[Program] = IPIP_PROGRAMS) -> dict[str, int]:
