@@ -121,7 +121,7 @@ def ipip_services(lab: Lab, pki: Path, work: Path, *, grasp: bool = True) -> Ser
 
 
 def ipip_config(run_dir: Path, pin_dir: Path, *, protocol: int = 41, static: bool = False,
-                guard: dict[str, Any] | None = None) -> dict[str, Any]:
+                guard: dict[str, Any] | None = None, xdp: str | None = None) -> dict[str, Any]:
     if static:
         registrars: dict[str, Any] = {
             "discovery": ["static"],
@@ -133,7 +133,8 @@ def ipip_config(run_dir: Path, pin_dir: Path, *, protocol: int = 41, static: boo
         run_dir, daemon={"bpf_pin_dir": str(pin_dir)},
         join=[{"interfaces": ["join*"], "modes": ["ipip"], "port": REGISTRAR_PORT}],
         registrars=registrars,
-        ipip={"protocol": protocol, "backbone_prefix": BACKBONE_PREFIX},
+        ipip={"protocol": protocol, "backbone_prefix": BACKBONE_PREFIX,
+              **({"xdp": xdp} if xdp is not None else {})},
         guard=guard or {"enabled": True, "rate": 100, "burst": 200},
         announce={"grasp": True, "mdns": False})
 
@@ -517,3 +518,138 @@ def test_joining_follows_the_registrar(lab: Lab, bpffs: Path, tmp_path: Path) ->
         assert daemon.stop() == 0
     finally:
         show(services, daemon)
+
+
+# -- the XDP fast path -----------------------------------------------------------------------------
+
+def bpf_counters(daemon: ProxyDaemon) -> dict[tuple[str, str], float]:
+    return {(dict(labels)["program"], dict(labels)["action"]): value
+            for (name, labels), value in daemon.metrics().items()
+            if name == "joinproxyd_bpf_packets_total"}
+
+
+def backbone_takes_xdp_frames(lab: Lab, on: bool = True) -> None:
+    """GRO on bb0's peer (in the backbone switch) gives it the NAPI that makes bb0 advertise
+    ndo-xmit; forwarding on bb0 lets bpf_fib_lookup find the XDP program its next hop."""
+    lab.proxy.run(["ip", "netns", "exec", lab.ns_name("bb"), "ethtool", "-K", "proxy", "gro",
+                   "on" if on else "off"])
+
+
+def xdp_status(daemon: ProxyDaemon) -> dict[str, Any]:
+    return daemon.ctl()["relays"]["ipip"]["xdp"]
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard-on", "guard-off-dispatcher"])
+def test_pledges_enroll_through_the_xdp_fast_path(lab: Lab, bpffs: Path, tmp_path: Path,
+                                                   guard: bool) -> None:
+    """ipip.xdp = "on" with a backbone that takes the frames: the XDP encapsulation carries
+    the pledges' packets (its encap counter), the tc program stays as the fallback. With the
+    guard off, its program is attached anyway, limiting nothing, as the dispatcher."""
+    serials = [f"xdp-{guard}-{i}" for i in range(len(lab.pledges))]
+    pki = make_pki(tmp_path / "pki", serials)
+    pin_dir = bpffs / "joinproxyd"
+    backbone_takes_xdp_frames(lab)
+    lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1"])
+    services = ipip_services(lab, pki, tmp_path / "r0")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", ipip_config(
+        tmp_path / "proxy", pin_dir, xdp="on",
+        guard=None if guard else {"enabled": False}))
+    try:
+        services.start()
+        daemon.start()
+        status = wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        xdp = status["relays"]["ipip"]["xdp"]
+        assert (xdp["setting"], xdp["active"], xdp["why"]) == ("on", True, "ipip.xdp is on")
+        assert "ndo-xmit" in xdp["backbone"]["xdp_features"]
+        assert xdp["backbone"]["forwarding"] == "1"
+        assert status["bpf"]["ipip_xdp"] is True
+        assert status["guard"]["enabled"] is guard
+        assert status["guard"]["interfaces"] == {"join0": "native"}, "attached either way"
+        assert hooks(lab.proxy) == ONE_EACH
+        assert (status["bpf"]["guard"]["rate_pps"] == 0) is (not guard), "off: limits nothing"
+        if not guard:
+            assert "join-port guard's program on join0 (XDP native) as the ipip fast path's " \
+                   "dispatcher" in daemon.log()
+        before = bpf_counters(daemon)
+
+        results = enroll_each(lab.pledges, pki, tmp_path / "out", serials,
+                              "--discover", "grasp", "--deadline", "40")
+        for r in results:
+            assert r["ok"], json.dumps(r, indent=1)
+            assert ldevid_verifies(pki, r["ldevid_path"]), r["ldevid_path"]
+        assert services.issued() == set(serials)
+
+        after = bpf_counters(daemon)
+        encap = after[("jp_xdp_join", "encap")] - before.get(("jp_xdp_join", "encap"), 0)
+        assert encap > 10, after
+        # tc encapsulated only what the XDP program handed on to it
+        fallback = after[("jp_xdp_join", "fallback")] - before.get(("jp_xdp_join", "fallback"), 0)
+        assert after[("jp_tc_join", "encap")] - before.get(("jp_tc_join", "encap"), 0) \
+            <= fallback, after
+        # the guard's verdict comes first: with it off, every packet is a plain pass
+        assert after[("jp_guard", "pass" if not guard else "allow")] > 10, after
+        assert after[("jp_tc_backbone", "decap")] > 10, after
+        assert daemon.drops("ipip", "send-error") == 0
+        assert daemon.drops("guard", "rate-limit") == 0
+
+        assert daemon.stop() == 0
+        assert hooks(lab.proxy) == {k: [] for k in ONE_EACH}
+        assert not pin_dir.exists()
+    finally:
+        show(services, daemon)
+
+
+def test_auto_follows_what_the_backbone_can_take(lab: Lab, bpffs: Path,
+                                                 tmp_path: Path) -> None:
+    """auto: off while bb0 takes no redirected frames, off while it has no forwarding, on
+    when it has both (decided again at each reconcile; a reload makes one); "off" turns it
+    off; a restart after kill -9 decides afresh instead of keeping the pinned fast path."""
+    pin_dir = bpffs / "joinproxyd"
+    run_dir = tmp_path / "proxy"
+    config = ipip_config(run_dir, pin_dir, static=True)  # xdp not given: auto
+    daemon = ProxyDaemon(lab, run_dir, config)
+    echo_registrar(lab.registrars[0], "r0")
+    backbone_takes_xdp_frames(lab, False)
+    try:
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        xdp = xdp_status(daemon)
+        assert (xdp["setting"], xdp["active"]) == ("auto", False)
+        assert "bb0 does not take XDP-redirected frames" in xdp["why"], xdp
+        assert "ndo-xmit" not in xdp["backbone"]["xdp_features"]
+        assert daemon.ctl()["bpf"]["ipip_xdp"] is False
+
+        backbone_takes_xdp_frames(lab)
+        daemon.reload(config)
+        xdp = wait_for(lambda: (x := xdp_status(daemon))["backbone"]["xdp_features"]
+                       and "ndo-xmit" in x["backbone"]["xdp_features"] and x, 10,
+                       "the backbone's new flags")
+        assert not xdp["active"]
+        assert "net.ipv6.conf.bb0.forwarding is 0" in xdp["why"], xdp
+
+        lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1"])
+        daemon.reload(config)
+        xdp = wait_for(lambda: (x := xdp_status(daemon))["active"] and x, 10, "auto turning on")
+        assert xdp["why"] == "ipip.xdp is auto, and bb0 takes XDP-redirected frames " \
+                             "(ndo-xmit) with forwarding on"
+        assert daemon.ctl()["bpf"]["ipip_xdp"] is True
+        assert "ipip: XDP fast path on: ipip.xdp is auto" in daemon.log()
+
+        off = ipip_config(run_dir, pin_dir, static=True, xdp="off")
+        daemon.reload(off)
+        assert xdp_status(daemon)["active"] is False
+        assert daemon.ctl()["bpf"]["ipip_xdp"] is False
+        daemon.reload(config)
+        assert xdp_status(daemon)["active"] is True
+
+        # kill -9 with the fast path on (it stays in the pinned program array), then a start
+        # told "off": this run's decision wins over what it adopted
+        daemon.kill()
+        daemon.write_config(off)
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the restarted ipip mode relaying")
+        assert xdp_status(daemon)["active"] is False
+        assert daemon.ctl()["bpf"]["ipip_xdp"] is False
+        assert daemon.stop() == 0
+    finally:
+        show(daemon)

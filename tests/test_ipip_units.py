@@ -135,6 +135,7 @@ def test_the_shipped_configuration_parses_and_turns_the_guard_on() -> None:
     config = parse(tomllib.loads(shipped.read_text()))
     assert config.guard.enabled and config.guard.rate == 20 and config.guard.burst == 40
     assert config.ipip.protocol == 41
+    assert config.ipip.xdp == "auto"
 
 
 # -- the IPIP offer in a GRASP flood -------------------------------------------------------------

@@ -17,7 +17,7 @@ packaging/joinproxyd.toml documents each key.
                     idle_timeout, circuit_lifetime
     [announce]      interval, grasp, mdns
     [guard]         enabled, rate, burst (XDP join-port guard, every join link)
-    [ipip]          protocol, backbone_prefix, backbone_addresses (the ipip relay mode)
+    [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
 
 The guard is off when [guard] is absent, so a configuration written before it existed (and
 a circuit-only one with the guard off) loads no BPF at all; the shipped joinproxyd.toml
@@ -43,6 +43,7 @@ DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
 KNOB_RECORD_NAME = "ipip-knobs.json"  # beside the control socket (IpipSettings.knob_record)
 IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
 IPIP_MAX_PORTS = 4  # ports the kernel's IPIP program matches per join link
+IPIP_XDP = ("auto", "on", "off")  # ipip.xdp: the XDP encapsulation fast path (relays/ipip_xdp.py)
 IFNAMSIZ = 15  # longest interface name
 # A derived backbone address is the prefix plus the join link's ifindex: leave it room.
 IPIP_PREFIX_MAX_LEN = 112
@@ -83,6 +84,8 @@ class IpipSettings:
     # link): configured by name, else the prefix plus the link's ifindex.
     backbone_prefix: ipaddress.IPv6Network | None = None
     backbone_addresses: dict[str, str] = field(default_factory=dict)
+    # The XDP encapsulation in front of the tc one: "auto" when the backbone can take it.
+    xdp: str = "auto"
     # Not a key: where the mode records the join links' sysctls from before it changed them
     # (relays/ipip_knobs.py), in the control socket's directory, the daemon's runtime one.
     knob_record: Path = field(default=Path("/run/joinproxyd") / KNOB_RECORD_NAME,
@@ -348,8 +351,12 @@ def _ipip(table: _Table) -> IpipSettings:
                                                          "links: one address per link")
         addresses[name] = address.compressed
     addresses_table.done()
+    xdp = table.take("xdp", "auto")
+    if not isinstance(xdp, str) or xdp not in IPIP_XDP:
+        shown = str(xdp).lower() if isinstance(xdp, bool) else repr(xdp)
+        raise ConfigError(table.key("xdp"), f'must be "auto", "on" or "off" (got {shown})')
     table.done()
-    return IpipSettings(protocol, prefix, addresses)
+    return IpipSettings(protocol, prefix, addresses, xdp)
 
 
 def _join(item: object, key: str) -> JoinSpec:

@@ -10,7 +10,8 @@ admitted. Without one, announcements stop and new circuits are refused (counted)
 established circuits are left alone.
 
 The BPF data plane (datapath.py) is opened only when something runs in it: the join-port
-guard (guard.py, on every served join link whatever its modes) or an ipip link. After the
+guard (guard.py, on every served join link whatever its modes; with the guard off, on the
+links where the ipip XDP fast path runs, as its dispatcher) or an ipip link. After the
 first full reconcile, programs of ours on hooks this process did not attach (a killed run's)
 are removed, so each hook holds exactly one.
 """
@@ -40,7 +41,7 @@ from .kernel.netlink import InterfaceWatcher
 from .metrics import Metrics
 from .model import JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
-from .relays.ipip import usable_target
+from .relays.ipip import IpipMode, usable_target
 
 log = logging.getLogger("joinproxyd")
 
@@ -256,8 +257,13 @@ class Daemon:
             await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
         if config.guard.enabled:
             self.metrics.drops.declare(GUARD_MODE)
+        # The ipip XDP fast path runs behind the guard's program: with the guard off, that
+        # program still goes on the links the fast path serves (relays/ipip_xdp.py).
+        ipip = self.modes.get("ipip")
+        fast = ipip.xdp_dispatch() if isinstance(ipip, IpipMode) else []
         await self.guard.reconcile(config.guard, self.interfaces,
-                                   guarded_ports(config, self.interfaces, registrar))
+                                   guarded_ports(config, self.interfaces, registrar),
+                                   dispatch=[i for i in self.interfaces if i.name in fast])
         if not config.needs_bpf and self.datapath.opened:
             await self.datapath.close()  # turned off by a reload: unload it all
         joining = registrar is not None

@@ -58,13 +58,15 @@ class Datapath:
         """Once, after the first full reconcile: remove our programs from hooks this process
         did not attach (a killed daemon's), so each hook holds exactly one of ours. With
         clear_ipip (no ipip link configured), the IPIP maps adopted from a killed run that
-        had some are emptied too, so no stale configuration waits in a pin."""
+        had some are emptied too, and the guard no longer hands packets to the XDP
+        encapsulation, so no stale configuration waits in a pin."""
         if self._stale_done or self._dp is None:
             return
         self._stale_done = True
         try:
             if clear_ipip:
                 await asyncio.to_thread(self._dp.set_ipip, {}, ())
+                await asyncio.to_thread(self._dp.set_ipip_xdp, False)
             removed = await asyncio.to_thread(self._dp.detach_stale)
         except KernelError as exc:
             self.log.error("cannot remove BPF programs left by an earlier run: %s", exc)

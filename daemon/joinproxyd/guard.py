@@ -11,6 +11,9 @@ what it is told.
     rate      packets per second per source and link; burst the bucket's depth
     ports     the join ports of the served links: each link's announced port (for an ipip
               link that is the registrar's port, which pledges send to)
+    dispatch  with the guard off, the links where the ipip mode's XDP fast path runs still
+              get the program, told rate 0 (which limits nothing): its tail call into the
+              fast path is the only way there (relays/ipip_xdp.py)
 
 Reconciling is idempotent and cheap when nothing changed: the configuration map is written
 only when its contents change, and a link is attached once per ifindex (a link that comes
@@ -44,15 +47,20 @@ class Guard:
         self.attached: dict[str, int] = {}  # link name -> ifindex it was attached at
         self.modes: dict[str, str] = {}  # link name -> "native" | "generic"
         self.written: tuple[int, int, tuple[int, ...]] | None = None  # rate, burst, ports
+        self.dispatcher = False  # attached only for the ipip XDP fast path (guard off)
         self.error: str | None = None
 
     async def reconcile(self, settings: GuardSettings, interfaces: Sequence[JoinInterface],
-                        ports: Sequence[int]) -> None:
-        """Guard exactly these links, watching these ports (see the module docstring)."""
+                        ports: Sequence[int], dispatch: Sequence[JoinInterface] = ()) -> None:
+        """Guard exactly these links, watching these ports; with the guard off, only be the
+        XDP dispatcher on the `dispatch` links (see the module docstring)."""
         self.settings = settings
-        if not settings.enabled:
+        self.dispatcher = not settings.enabled and bool(dispatch)
+        if not settings.enabled and not dispatch:
             await self._detach_all()
             return
+        if self.dispatcher:
+            interfaces, ports = dispatch, ()
         try:
             dp = await self.datapath.get()
         except KernelError as exc:
@@ -64,15 +72,21 @@ class Guard:
             errors.append(f"the guard watches at most {JP_GUARD_MAX_PORTS} join ports; "
                           f"ports {ports[JP_GUARD_MAX_PORTS:]} are not guarded")
             ports = ports[:JP_GUARD_MAX_PORTS]
-        wanted = (settings.rate, settings.burst, tuple(ports))
+        # rate 0: the program limits nothing (and still tail-calls the fast path)
+        wanted = (0, 1, ()) if self.dispatcher else \
+            (settings.rate, settings.burst, tuple(ports))
         if wanted != self.written:
             try:
                 # Written before attaching: a new link is never guarded by stale settings.
-                await asyncio.to_thread(dp.set_guard, settings.rate, settings.burst, ports)
+                await asyncio.to_thread(dp.set_guard, *wanted)
             except (KernelError, ValueError) as exc:
                 errors.append(f"guard settings: {exc}")
             else:
-                if self.written is not None:
+                if self.dispatcher:
+                    self.log.info("join-port guard off; its XDP program stays on the ipip "
+                                  "links, limiting nothing, to hand packets to the XDP fast "
+                                  "path", extra={"MODE": MODE})
+                elif self.written is not None:
                     self.log.info("join-port guard: %d packets/s, burst %d, ports %s",
                                   settings.rate, settings.burst,
                                   ",".join(map(str, ports)) or "none")
@@ -91,9 +105,14 @@ class Guard:
                 continue
             self.attached[name] = index
             self.modes[name] = mode
-            self.log.info("join-port guard on %s (XDP %s): %d packets/s per source, "
-                          "burst %d", name, mode, settings.rate, settings.burst,
-                          extra={"INTERFACE": name, "MODE": MODE})
+            if self.dispatcher:
+                self.log.info("join-port guard's program on %s (XDP %s) as the ipip fast "
+                              "path's dispatcher, limiting nothing (guard.enabled = false)",
+                              name, mode, extra={"INTERFACE": name, "MODE": MODE})
+            else:
+                self.log.info("join-port guard on %s (XDP %s): %d packets/s per source, "
+                              "burst %d", name, mode, settings.rate, settings.burst,
+                              extra={"INTERFACE": name, "MODE": MODE})
         if errors:
             self._failed("; ".join(errors))
         else:

@@ -194,6 +194,16 @@ def read_knobs(ifname: str, root: Path = PROC_SYS) -> dict[str, str]:
     return out
 
 
+def forwarding(ifname: str, root: Path = PROC_SYS) -> str:
+    """net.ipv6.conf.<ifname>.forwarding (the ipip XDP path needs it on the backbone)."""
+    path = _knob(ifname, "forwarding", root)
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise KernelError(f"cannot read {path}: {describe_errno(exc.errno or 0)}",
+                          exc.errno) from None
+
+
 def write_knobs(ifname: str, values: dict[str, str], root: Path = PROC_SYS) -> list[str]:
     """Set the knobs; KernelError for a required one that cannot be set. Returns why each
     optional one that could not be set was not (for the caller to log once)."""

@@ -21,11 +21,15 @@ kernel match:
     BPF           jp_join_cfg[link] = (R_ll, B_link, R, backbone, ports, protocol),
                   jp_bb_addrs[B_link] = link, jp_registrars[R] (kernel/bpf.py set_ipip);
                   jp_tc_join on each link's tc ingress, jp_tc_backbone on the backbone's
+    XDP           the fast path: the guard's XDP program on each link hands pledge packets
+                  to jp_xdp_join, which falls back to jp_tc_join; on, off or when the
+                  backbone can take redirected frames (ipip.xdp, ipip_xdp.py)
 
 Order: the return path first (address, backbone program, maps), then the join side (join
 program, proxy NDP, which is what makes pledges send), so no packet leaves whose reply would
-be refused; removal goes the other way. When the registrar is failed away from, the old one
-stays allowed to send until the next change, so its last replies are not dropped.
+be refused, and the XDP fast path last (it hands over to the join program); removal goes the
+other way. When the registrar is failed away from, the old one stays allowed to send until
+the next change, so its last replies are not dropped.
 
 Without an IPIP-capable registrar (none, one that does not offer the configured protocol, or
 no backbone address for the link) the maps hold nothing for the link and its proxy entry is
@@ -58,7 +62,7 @@ from ..config import IpipSettings
 from ..kernel import KernelError, ndp
 from ..kernel.bpf import IPIP_PROGRAMS, BpfDatapath, IpipJoin
 from ..model import IpipTarget, JoinInterface, LinkState, RegistrarEndpoint
-from . import ipip_knobs
+from . import ipip_knobs, ipip_xdp
 from .base import RelayContext, RelayMode
 from .ipip_knobs import KnobRecord, Saved
 
@@ -205,6 +209,9 @@ class IpipMode(RelayMode):
         self._written: tuple[dict[int, IpipJoin], frozenset[str]] | None = None
         self._previous_registrar: str | None = None
         self._logged: str | None = None
+        self.xdp = ipip_xdp.Decision(False, "not started")
+        self._xdp_backbone: ipip_xdp.Backbone | None = None  # as last read
+        self._xdp_written: bool | None = None  # what jp_guard_next holds (None: not known)
         ctx.metrics.add_mode(self.name)
 
     # -- control plane ----------------------------------------------------------------------
@@ -225,6 +232,7 @@ class IpipMode(RelayMode):
                 if interfaces:
                     await self._apply(plan, settings.protocol, [i for i in interfaces
                                                                 if i.name not in plan.errors])
+                    await self._reconcile_xdp(settings.xdp, plan)
                 else:
                     await self._teardown()
             except (KernelError, ValueError) as exc:
@@ -242,6 +250,7 @@ class IpipMode(RelayMode):
             except KernelError as exc:
                 self._set_error(str(exc))
             self.plan = Plan(None, "stopped", None)
+            self.xdp = ipip_xdp.Decision(False, "stopped")
 
     async def _datapath(self) -> BpfDatapath:
         if self.ctx.datapath is None:
@@ -344,6 +353,37 @@ class IpipMode(RelayMode):
             await asyncio.to_thread(dp.detach_ipip_backbone, self._backbone_tc)
             self._backbone_tc = None
 
+    async def _reconcile_xdp(self, setting: str, plan: Plan) -> None:
+        """The fast path on or off, decided afresh (ipip_xdp.py): the backbone may have
+        changed, or what it can take."""
+        serving = bool(plan.links) and plan.backbone_index is not None
+        backbone_link = self.ctx.backbone()
+        backbone = None
+        if setting != "off" and serving and backbone_link is not None \
+                and plan.backbone_index is not None:
+            backbone = await ipip_xdp.probe(backbone_link.name, plan.backbone_index)
+        decision = ipip_xdp.decide(setting, serving, backbone)
+        self._xdp_backbone = backbone
+        await self._write_xdp(decision.active)
+        if decision != self.xdp:
+            log = self.ctx.log.warning if decision.warn else self.ctx.log.info
+            log("ipip: XDP fast path %s: %s", "on" if decision.active else "off",
+                decision.why, extra={"MODE": self.name})
+        self.xdp = decision
+
+    async def _write_xdp(self, enabled: bool) -> None:
+        # Always written once: a pinned program array adopted from a killed run may hold
+        # the fast path (bpf.py keeps it on across the restart) whatever this run decides.
+        if enabled != self._xdp_written:
+            dp = await self._datapath()
+            await asyncio.to_thread(dp.set_ipip_xdp, enabled)
+            self._xdp_written = enabled
+
+    def xdp_dispatch(self) -> list[str]:
+        """The links whose XDP hook must hold jp_guard even with the guard off: the ones
+        served while the fast path is on (see ipip_xdp.py)."""
+        return [link.name for link in self.plan.links] if self._xdp_written else []
+
     async def _unserve(self, dp: BpfDatapath, name: str, index: int) -> None:
         """A link no longer served (or back with another ifindex): its proxy entry, program
         and knobs go; a link that is gone took them with it."""
@@ -367,6 +407,11 @@ class IpipMode(RelayMode):
 
     async def _teardown(self) -> None:
         """Serve nothing: the reverse of _apply."""
+        # Also when not known: an adopted program array may hold a killed run's fast path.
+        opened = self.ctx.datapath is not None and self.ctx.datapath.opened
+        if self._xdp_written or (self._xdp_written is None and opened):
+            await self._write_xdp(False)
+        self.xdp = ipip_xdp.Decision(False, "ipip serves no link")
         for index, address in sorted(self._proxies):
             await asyncio.to_thread(ndp.del_proxy, index, address)
         self._proxies.clear()
@@ -430,6 +475,10 @@ class IpipMode(RelayMode):
                             and (link.index, target.link_local) in self._proxies}
                            for link in plan.links],
             "backbone_addresses_added": sorted(self._addresses),
+            "xdp": {"setting": self.ctx.ipip().xdp, "active": bool(self._xdp_written),
+                    "why": self.xdp.why,
+                    "backbone": None if self._xdp_backbone is None
+                    else self._xdp_backbone.as_status()},
             "knobs_before": ipip_knobs.as_status(self._knobs),
             "knob_record": None if self._record is None else {
                 "path": str(self._record.path), "error": self._record.error},
