@@ -170,4 +170,7 @@ def test_guard_drops_join_the_drop_family_and_the_status(tmp_path: Any) -> None:
     status["bpf"] = None
     status["guard"] = {"enabled": False}
     text = render_status(status)
-    assert "guard: off" in text and "BPF data plane: not loaded" in text
+    assert "guard: off\n" in text and "BPF data plane: not loaded" in text
+    status["guard"] = {"enabled": False, "interfaces": {"join0": "native"}}
+    assert "guard: off (its program stays on join0 to start the XDP encapsulation, " \
+        "limiting nothing)" in render_status(status)

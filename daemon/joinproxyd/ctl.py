@@ -83,7 +83,10 @@ def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list
     """The join-port guard and the BPF programs: where they are attached, what they did."""
     out = [""]
     if guard is None or not guard.get("enabled"):
-        out.append("guard: off")
+        # with the IPIP fast path on, its program stays on the ipip links as the dispatcher
+        links = ", ".join(guard.get("interfaces") or ()) if guard else ""
+        out.append("guard: off" + (f" (its program stays on {links} to start the XDP "
+                                   "encapsulation, limiting nothing)" if links else ""))
     else:
         links = ", ".join(f"{name} ({mode})" for name, mode in guard["interfaces"].items())
         out.append(f"guard: {guard['rate']} packets/s per source, burst {guard['burst']}, "
