@@ -690,27 +690,19 @@ def test_guard_refuses_bad_settings(fresh_dp: BpfDatapath) -> None:
 
 
 # ------------------------------------------------------------------ jp_bare_redir ---------
-def test_bare_redirect_and_sink(lab: Lab) -> None:
+@pytest.mark.parametrize("program", [Program.BARE_REDIRECT, Program.BARE_PUSH])
+def test_bare_baselines_redirect_or_sink(lab: Lab, program: Program) -> None:
+    """jp_bare_redir sends the frame on as it is; jp_bare_push 40 bytes longer, its Ethernet
+    header copied in front and the frame kept after it. Without a target both are sinks."""
     with BpfDatapath.open(pin_dir=None, objects=("bare",), netns=lab.ns) as dp:
         with in_netns(lab.ns):
-            assert dp.test_run(Program.BARE_REDIRECT, _UDP)[0] == XDP_DROP, "no target: sink"
+            assert dp.test_run(program, _UDP)[0] == XDP_DROP, "no target: sink"
             dp.set_bare_target(lab.ifindex["bb0"])
-            verdict, out = dp.test_run(Program.BARE_REDIRECT, _UDP)
-        assert (verdict, out) == (XDP_REDIRECT, _UDP)
-        counts = {k: v for k, v in dp.counters().items() if v}
-        assert counts == {(Program.BARE_REDIRECT.value, "drop"): 1,
-                          (Program.BARE_REDIRECT.value, "redirect"): 1}
-
-
-def test_bare_push_moves_the_ethernet_header_40_bytes_ahead(lab: Lab) -> None:
-    with BpfDatapath.open(pin_dir=None, objects=("bare",), netns=lab.ns) as dp:
-        with in_netns(lab.ns):
-            assert dp.test_run(Program.BARE_PUSH, _UDP)[0] == XDP_DROP, "no target: sink"
-            dp.set_bare_target(lab.ifindex["bb0"])
-            verdict, out = dp.test_run(Program.BARE_PUSH, _UDP)
+            verdict, out = dp.test_run(program, _UDP)
         assert verdict == XDP_REDIRECT
-        assert len(out) == len(_UDP) + 40
-        assert out[:14] == _UDP[:14] and out[40:] == _UDP, "pushed: header copied, frame kept"
+        if program is Program.BARE_PUSH:
+            assert (out[:14], out[40:]) == (_UDP[:14], _UDP), "pushed 40 bytes, frame kept"
+        else:
+            assert out == _UDP
         counts = {k: v for k, v in dp.counters().items() if v}
-        assert counts == {(Program.BARE_PUSH.value, "drop"): 1,
-                          (Program.BARE_PUSH.value, "redirect"): 1}
+        assert counts == {(program.value, "drop"): 1, (program.value, "redirect"): 1}
