@@ -484,6 +484,34 @@ def test_a_killed_ipip_run_is_cleaned_up_by_a_start_without_bpf(
         show(daemon)
 
 
+def test_a_restart_that_serves_no_link_removes_the_killed_runs_entries(
+        lab: Lab, bpffs: Path, tmp_path: Path) -> None:
+    """kill -9, then ipip still configured but no link to serve (the join pattern matches
+    nothing now): the proxy neighbour entry and backbone address the killed run left are
+    removed at the first reconcile, not kept until some link is served again."""
+    pin_dir = bpffs / "joinproxyd"
+    run_dir = tmp_path / "proxy"
+    config = ipip_config(run_dir, pin_dir, static=True)
+    daemon = ProxyDaemon(lab, run_dir, config)
+    echo_registrar(lab.registrars[0], "r0")
+    try:
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        outer_src = backbone_address(lab.proxy)
+        daemon.kill()
+        assert f"{REGISTRAR_LL} dev join0 proxy" in proxy_entries(lab.proxy)
+
+        config["join"][0]["interfaces"] = ["nolink*"]
+        daemon.write_config(config)
+        daemon.start()
+        wait_for(lambda: proxy_entries(lab.proxy) == "" or None, 10,
+                 "the killed run's proxy entry removed")
+        assert outer_src not in lab.proxy.run(["ip", "-6", "addr", "show", "dev", "bb0"]).stdout
+        assert daemon.stop() == 0
+    finally:
+        show(daemon)
+
+
 def test_joining_follows_the_registrar(lab: Lab, bpffs: Path, tmp_path: Path) -> None:
     """Habit 14: without a healthy registrar the link stops answering ND for the registrar's
     address and the maps hold nothing; when it answers again, both come back."""

@@ -407,6 +407,8 @@ class IpipMode(RelayMode):
 
     async def _teardown(self) -> None:
         """Serve nothing: the reverse of _apply."""
+        # A first reconcile that serves nothing still owns what a killed run left.
+        await self._adopt()
         # Also when not known: an adopted program array may hold a killed run's fast path.
         opened = self.ctx.datapath is not None and self.ctx.datapath.opened
         if self._xdp_written or (self._xdp_written is None and opened):
