@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from joinproxyd.daemon import XDP_RECHECK_SECONDS
 from joinproxyd.kernel import ndp
 from lab import Host, Lab, Topology, wait_for
 from lab.brski_services import (
@@ -630,7 +631,8 @@ def test_pledges_enroll_through_the_xdp_fast_path(lab: Lab, bpffs: Path, tmp_pat
 def test_auto_follows_what_the_backbone_can_take(lab: Lab, bpffs: Path,
                                                  tmp_path: Path) -> None:
     """auto: off while bb0 takes no redirected frames, off while it has no forwarding, on
-    when it has both (decided again at each reconcile; a reload makes one); "off" turns it
+    when it has both (decided again at each reconcile, which a reload makes, and every few
+    seconds when only the backbone changed); "off" turns it
     off; a restart after kill -9 decides afresh instead of keeping the pinned fast path."""
     pin_dir = bpffs / "joinproxyd"
     run_dir = tmp_path / "proxy"
@@ -655,9 +657,11 @@ def test_auto_follows_what_the_backbone_can_take(lab: Lab, bpffs: Path,
         assert not xdp["active"]
         assert "net.ipv6.conf.bb0.forwarding is 0" in xdp["why"], xdp
 
+        # no reload now: the daemon looks at the backbone again every few seconds
         lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1"])
-        daemon.reload(config)
-        xdp = wait_for(lambda: (x := xdp_status(daemon))["active"] and x, 10, "auto turning on")
+        xdp = wait_for(lambda: (x := xdp_status(daemon))["active"] and x,
+                       XDP_RECHECK_SECONDS * 3, "auto turning on by itself")
+        assert "the backbone's XDP flags or forwarding changed; reconciling" in daemon.log()
         assert xdp["why"] == "ipip.xdp is auto, and bb0 takes XDP-redirected frames " \
                              "(ndo-xmit) with forwarding on"
         assert daemon.ctl()["bpf"]["ipip_xdp"] is True

@@ -44,6 +44,9 @@ from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
 from .relays.ipip import IpipMode, usable_target
 
 log = logging.getLogger("joinproxyd")
+# How often the ipip XDP fast path's "auto" looks at the backbone again between reconciles:
+# its xdp_features and forwarding knob change without an event the daemon listens to.
+XDP_RECHECK_SECONDS = 5.0
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
@@ -232,7 +235,11 @@ class Daemon:
 
     async def _reconcile_forever(self) -> None:
         while True:
-            await self._dirty.wait()
+            try:
+                await asyncio.wait_for(self._dirty.wait(), XDP_RECHECK_SECONDS)
+            except TimeoutError:
+                if not await self._xdp_outdated():
+                    continue
             self._dirty.clear()
             try:
                 await self.reconcile()
@@ -240,6 +247,20 @@ class Daemon:
                 log.exception("reconcile failed")
                 await asyncio.sleep(1)
                 self._dirty.set()
+
+    async def _xdp_outdated(self) -> bool:
+        ipip = self.modes.get("ipip")
+        if not isinstance(ipip, IpipMode):
+            return False
+        try:
+            outdated = await ipip.xdp_outdated()
+        except Exception as exc:  # never the end of the reconcile task; a kernel
+            # error that persists is said by the next reconcile, which probes the same way
+            log.debug("ipip: re-checking the XDP fast path: %s", exc)
+            return False
+        if outdated:
+            log.info("ipip: the backbone's XDP flags or forwarding changed; reconciling")
+        return outdated
 
     # -- the one place desired state is derived and applied ------------------------------------
     async def reconcile(self) -> None:

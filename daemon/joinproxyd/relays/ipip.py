@@ -371,6 +371,18 @@ class IpipMode(RelayMode):
                 decision.why, extra={"MODE": self.name})
         self.xdp = decision
 
+    async def xdp_outdated(self) -> bool:
+        """Whether "auto" would now decide otherwise than what runs: the backbone's flags or
+        its forwarding knob can change with no event the daemon reconciles on. One generic
+        netlink query and one sysctl read; the daemon asks every XDP_RECHECK_SECONDS."""
+        async with self._lock:
+            plan, backbone_link = self.plan, self.ctx.backbone()
+            if self.ctx.ipip().xdp != "auto" or not plan.links or backbone_link is None \
+                    or plan.backbone_index is None or self._xdp_written is None:
+                return False
+            backbone = await ipip_xdp.probe(backbone_link.name, plan.backbone_index)
+            return ipip_xdp.decide("auto", True, backbone).active != self._xdp_written
+
     async def _write_xdp(self, enabled: bool) -> None:
         # Always written once: a pinned program array adopted from a killed run may hold
         # the fast path (bpf.py keeps it on across the restart) whatever this run decides.

@@ -27,7 +27,9 @@ ipip links, as the dispatcher: guard.py attaches it there, told rate 0, which li
 (the program counts "pass" and tail-calls). The daemon hands it those links (xdp_dispatch).
 
 Decided again at every reconcile, as the backbone, its flags or its forwarding knob may have
-changed since; a change of the flags alone does not cause a reconcile.
+changed since. Those two change with no event the daemon reconciles on, so with "auto" the
+daemon also probes the backbone every XDP_RECHECK_SECONDS (daemon.py) and reconciles when the
+decision would change.
 """
 
 from __future__ import annotations
