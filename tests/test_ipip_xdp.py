@@ -9,7 +9,6 @@ import asyncio
 import errno
 import logging
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from joinproxyd.guard import Guard
 from joinproxyd.kernel import KernelError, xdp_features
 from joinproxyd.model import JoinInterface
 from joinproxyd.relays.ipip_xdp import NO_FAMILY, Backbone, Decision, decide, probe
+from lab import netns
 from lab.netns import ifindex, thread_in_namespace
 
 LOG = logging.getLogger("test.ipip_xdp")
@@ -178,22 +178,22 @@ def test_with_the_guard_off_and_no_fast_path_no_bpf_is_opened() -> None:
 # -- xdp_features against real veths -------------------------------------------------------
 
 def sh(*argv: str) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    return netns.run(argv)
 
 
 @pytest.fixture
 def veth(as_root: None) -> Iterator[str]:
     """A namespace with the veth pair bb0 <-> peer, both up, GRO off on both."""
     ns = f"jpxf{secrets.token_hex(4)}"
-    sh("ip", "netns", "add", ns)
+    netns.add_namespace(ns)
     try:
-        sh("ip", "-n", ns, "link", "add", "bb0", "type", "veth", "peer", "name", "peer")
+        netns.add_veth(ns, "bb0", ns, "peer")
         for dev in ("bb0", "peer"):
-            sh("ip", "-n", ns, "link", "set", dev, "up")
+            netns.link_up(ns, dev)
             sh("ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "off")
         yield ns
     finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+        netns.delete_namespace(ns)
 
 
 def read(ns: str, dev: str = "bb0", **kwargs: Any) -> int | None:
