@@ -20,6 +20,7 @@ lets a registrar compare nonces as text (RFC 8995 §5.8.1). Time is always a par
 
 from __future__ import annotations
 
+import abc
 import binascii
 import enum
 import re
@@ -152,7 +153,7 @@ _NO_WIRE = WireForm()
 
 
 @dataclass(frozen=True, kw_only=True)
-class VoucherArtifact:
+class VoucherArtifact(abc.ABC):
     """Leaves both artifacts have. Dates are timezone-aware; binaries are raw bytes."""
 
     MODULE: ClassVar[str]
@@ -236,8 +237,9 @@ class VoucherArtifact:
             raise ValidationError(f"expired at {format_datetime(self.expires_on)}")
         self._validate_kind()
 
+    @abc.abstractmethod
     def _validate_kind(self) -> None:
-        raise NotImplementedError
+        """The checks only one kind of artifact has."""
 
 
 @dataclass(frozen=True, kw_only=True)
