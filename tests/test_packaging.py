@@ -44,7 +44,8 @@ def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
 vendor = _load("debian_vendor", DEBIAN / "vendor.py")  # the vendoring policy
 wrappers = _load("debian_wrappers", DEBIAN / "wrappers.py")  # the /usr/bin wrappers
 
-PACKAGED = {"brski": "brski-common", "daemon/joinproxyd": "joinproxyd",
+PACKAGED = {"brski": "brski-common", "service_notify": "brski-common",
+            "daemon/joinproxyd": "joinproxyd",
             "registrar": "brski-registrar", "pledge_sim": "pledge-sim"}
 MAN_PAGES = {"joinproxyd.8": "joinproxyd", "joinproxyctl.8": "joinproxyd",
              "joinproxyd.toml.5": "joinproxyd", "brski-registrar.8": "brski-registrar",
@@ -66,7 +67,7 @@ def third_party_imports(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab"}
+    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab", "service_notify"}
     return {n for n in names if n not in sys.stdlib_module_names and n not in first_party}
 
 
