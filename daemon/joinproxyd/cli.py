@@ -15,7 +15,7 @@ import resource
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, logs, sdnotify
 from .config import DEFAULT_PATH, ConfigError, load
 
 EXIT_CONFIG = os.EX_CONFIG  # 78, sysexits.h: the unit does not restart on it
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"joinproxyd: {args.config}: {exc}" if exc.key != str(args.config)
               else f"joinproxyd: {exc}", file=sys.stderr)
+        # systemctl status shows it as the unit's Status: line.
+        sdnotify.Notifier().send(sdnotify.status(f"configuration invalid: {exc}"))
         return EXIT_CONFIG
     log = logs.setup(config.log_level)
     raise_fd_limit(config.limits.circuits_total, log)
