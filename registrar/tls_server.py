@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from brski.errors import DecodeError
 from brski.tls_certificate import CERTIFICATE, leaf_certificate
@@ -53,11 +54,20 @@ class TlsRefusal:
         return certificate_identity(self.certificate)
 
 
+# A pledge's IDevID names the device in its subject's serialNumber (RFC 8995 §2.3.1): spelt
+# out rather than as the bare OID 2.5.4.5.
+_NAMES = {NameOID.SERIAL_NUMBER: "serialNumber"}
+
+
+def name_text(name: x509.Name) -> str:
+    return name.rfc4514_string(_NAMES) or "(empty)"
+
+
 def certificate_identity(cert: x509.Certificate | None) -> str:
     if cert is None:
         return "no client certificate"
-    return (f"subject {cert.subject.rfc4514_string() or '(empty)'}, "
-            f"serial {cert.serial_number:x}, issuer {cert.issuer.rfc4514_string() or '(empty)'}")
+    return (f"subject {name_text(cert.subject)}, serial {cert.serial_number:x}, "
+            f"issuer {name_text(cert.issuer)}")
 
 
 def refusal_reason(exc: BaseException) -> tuple[str, str]:
