@@ -62,6 +62,9 @@ class Refusal(Exception):
         self.headers = headers or {}
         self.close = close  # RFC 8995 §5.3: after 401 the registrar closes the connection
         self.label = label or status_reason(status)  # the metric's reason
+        # Who was refused, when the TLS client certificate does not say (the MASA's client is
+        # a registrar; the pledge is named inside the request).
+        self.identity: str | None = None
 
 
 def plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -76,7 +79,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Refusal as refusal:
         # WARNING: a misbehaving or refused peer is worth seeing, not an error of ours.
         log.warning("%s %s from %s (%s): %d %s", request.method, request.path, _peer(request),
-                    _identity(request), refusal.status, refusal.reason)
+                    refusal.identity or _identity(request), refusal.status, refusal.reason)
         _count(request, refusal.label)
         response = plain(refusal.status, refusal.reason, refusal.headers)
         if refusal.close:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from registrar.labsetup import write_configs
 from registrar.testing import ServiceProcess, call, client_context, free_port
@@ -248,3 +249,22 @@ def test_ldevid_from_another_domain_is_refused_with_an_alert_too(services, tmp_p
         call("::1", services.port, "GET", "/.well-known/est/cacerts",
              ctx=client_context(tmp_path / "x.crt", tmp_path / "x.key"))
     assert services.refusals("tls", "tls-unknown-ca") == before + 1
+
+
+def test_a_masa_refusal_names_the_device_the_request_claims(services):
+    """The MASA's client is a registrar without a client certificate: the log names the
+    device and the signer the refused request claims."""
+    from registrar.testing import load_issued, make_pvr
+
+    cert_file, key_file = services.idevid(services.pki, "SN-1")
+    idevid = load_issued(cert_file, key_file)
+    # A pledge voucher-request sent straight to the MASA: not a registrar's, refused.
+    body = make_pvr(idevid, "SN-1", idevid.cert.public_bytes(Encoding.DER),
+                    datetime.datetime.now(datetime.UTC))
+    before_log = services.masa.log()
+    answer = call("::1", services.masa_port, "POST", RV, body=body, content_type=VCJ)
+    assert 400 <= answer.status < 500, answer.text
+    [line] = [x for x in services.masa.log()[len(before_log):].splitlines()
+              if RV in x and "registrar.web" in x]
+    assert "claims device SN-1, signed by " in line, line
+    assert "serialNumber=SN-1" in line, line
