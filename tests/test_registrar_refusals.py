@@ -268,3 +268,27 @@ def test_a_masa_refusal_names_the_device_the_request_claims(services):
               if RV in x and "registrar.web" in x]
     assert "claims device SN-1, signed by " in line, line
     assert "serialNumber=SN-1" in line, line
+
+
+def test_a_not_yet_valid_idevid_gets_its_own_alert_and_reason(services, tmp_path):
+    """A certificate of a known manufacturer that is not valid yet (a pledge with a wrong
+    clock's twin: a registrar with a wrong clock) is told so, and counted apart."""
+    from brski.pki import issue_idevid
+    from registrar.testing import load_issued
+
+    ca = load_issued(services.pki / "manufacturer/ca.crt", services.pki / "manufacturer/ca.key")
+    future = issue_idevid(ca, "SN-LATER", "masa.example:9443",
+                          datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30))
+    (tmp_path / "l.crt").write_bytes(future.cert_pem())
+    (tmp_path / "l.key").write_bytes(future.key_pem())
+    before_log = services.registrar.log()
+    before = services.refusals("tls", "tls-certificate-not-yet-valid")
+    done = subprocess.run(["curl", "-sS", "-k", "--cert", str(tmp_path / "l.crt"), "--key",
+                           str(tmp_path / "l.key"),
+                           f"https://[::1]:{services.port}/.well-known/est/cacerts"],
+                          capture_output=True, text=True, timeout=30)
+    assert "alert bad certificate" in done.stderr, done.stderr
+    assert services.refusals("tls", "tls-certificate-not-yet-valid") == before + 1
+    [line] = [x for x in services.registrar.log()[len(before_log):].splitlines()
+              if "TLS handshake" in x]
+    assert "not yet valid" in line and "serialNumber=SN-LATER" in line, line
