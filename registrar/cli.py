@@ -21,6 +21,7 @@ from .context import Registrar
 from .domain_ca import DomainCA
 from .ipip import IpipService
 from .masa_client import MasaClient
+from .metrics import ServiceMetrics
 from .store import Store
 from .web import serve
 
@@ -28,7 +29,7 @@ DESCRIPTION = ("BRSKI registrar with EST and a domain CA. --ipip: also terminate
                "IPIP join proxy (the [ipip] configuration table)")
 
 
-async def run(config: RegistrarConfig) -> None:
+async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
     # Resolved first: a missing [ipip] link_local is a configuration error (exit 1).
     ipip = IpipService.from_config(config) if config.ipip.enabled else None
     with Store(config.store_path, "registrar") as store:
@@ -47,7 +48,7 @@ async def run(config: RegistrarConfig) -> None:
 
         try:
             await serve(make_app(Registrar(config, store, masa, ca)), config.listen,
-                        tls_context(config), "registrar", on_started=started)
+                        tls_context(config), "registrar", on_started=started, metrics=metrics)
         finally:
             await announcer.stop()
             # After the listeners closed: connections on the TUN devices got their last

@@ -55,6 +55,10 @@ Every key, its default and its meaning. Relative paths are relative to the confi
                                   # proxy must encapsulate, in registrar.ipip_config and
                                   # registrar.ipip
 
+    [metrics]
+    listen = ""                   # Prometheus /metrics, e.g. "[::1]:9466"; "" (default): off;
+                                  # --metrics ADDRESS overrides it (registrar.metrics)
+
     [log]
     level = "info"                # debug, info, warning or error (to stderr)
 """
@@ -69,6 +73,7 @@ from pathlib import Path
 from cryptography import x509
 
 from .ipip_config import IpipConfig, load_ipip_config
+from .metrics import load_metrics_listen
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -131,6 +136,7 @@ class RegistrarConfig:
     announce_address: ipaddress.IPv6Address | None
     mdns_instance: str
     log_level: int
+    metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
     ipip: IpipConfig = field(default_factory=IpipConfig)
 
     @property
@@ -207,6 +213,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
 
     ipip_config = load_ipip_config(root, listen, force=ipip)
     level = log_level(root)
+    metrics_listen = load_metrics_listen(root)
     root.finish()
     return RegistrarConfig(
         source=path, listen=listen, cert_file=cert_file, key_file=key_file,
@@ -217,7 +224,8 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         masa_timeout=timeout, retry_after=retry_after, masa_overrides=overrides,
         store_path=store_path, announce_interfaces=interfaces, grasp=grasp,
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
-        mdns_instance=instance, log_level=level, ipip=ipip_config,
+        mdns_instance=instance, log_level=level, metrics_listen=metrics_listen,
+        ipip=ipip_config,
     )
 
 

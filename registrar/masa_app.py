@@ -13,7 +13,11 @@ import datetime
 
 from aiohttp import web
 
+from brski import cms
+from brski.voucher import decode_payload
+
 from .masa import Masa
+from .tls_server import name_text
 from .web import (
     MEDIA_JSON,
     MEDIA_VOUCHER_CMS,
@@ -34,7 +38,11 @@ async def request_voucher(request: web.Request) -> web.Response:
                            f"Accept was {request.headers['Accept']}")
     body = await read_body(request)
     masa = request.app[MASA_KEY]
-    voucher = masa.request_voucher(body, datetime.datetime.now(datetime.UTC))
+    try:
+        voucher = masa.request_voucher(body, datetime.datetime.now(datetime.UTC))
+    except Refusal as refusal:
+        refusal.identity = claimed_identity(body)
+        raise
     return web.Response(body=voucher, content_type=MEDIA_VOUCHER_CMS)
 
 
@@ -43,8 +51,34 @@ async def request_audit_log(request: web.Request) -> web.Response:
     if not accepts(request.headers.get("Accept"), MEDIA_JSON):
         raise Refusal(406, f"the audit log is {MEDIA_JSON}")
     body = await read_body(request)
-    log = request.app[MASA_KEY].audit_log(body, datetime.datetime.now(datetime.UTC))
+    try:
+        log = request.app[MASA_KEY].audit_log(body, datetime.datetime.now(datetime.UTC))
+    except Refusal as refusal:
+        refusal.identity = claimed_identity(body)
+        raise
     return web.Response(body=log, content_type=MEDIA_JSON)
+
+
+def claimed_identity(body: bytes) -> str:
+    """For the log line of a refused request: the device serial number the registrar
+    voucher-request names and the certificate that signed it, as claimed (a refused request
+    may well be forged: that is what the log must show)."""
+    try:
+        signed = cms.parse(body)
+    except Exception:  # for a log line only: any failure means "cannot say"
+        return "not a CMS signed request"
+    parts = []
+    try:
+        serial = getattr(decode_payload(signed.content), "serial_number", None)
+        if serial:
+            parts.append(f"device {serial}")
+    except Exception:  # for a log line only
+        pass
+    try:
+        parts.append(f"signed by {name_text(cms.find_signer(signed).subject)}")
+    except Exception:  # for a log line only
+        parts.append("signer certificate not included")
+    return "claims " + ", ".join(parts)
 
 
 def make_app(masa: Masa) -> web.Application:

@@ -8,14 +8,15 @@ from . import service
 from .masa import Masa
 from .masa_app import make_app
 from .masa_config import MasaConfig, load_masa_config
+from .metrics import ServiceMetrics
 from .store import Store
 from .web import serve, server_ssl_context
 
 
-async def run(config: MasaConfig) -> None:
+async def run(config: MasaConfig, metrics: ServiceMetrics) -> None:
     with Store(config.store_path, "masa") as store:
         ctx = server_ssl_context(config.cert_file, config.key_file)
-        await serve(make_app(Masa(config, store)), config.listen, ctx, "masa")
+        await serve(make_app(Masa(config, store)), config.listen, ctx, "masa", metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

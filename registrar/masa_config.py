@@ -38,6 +38,10 @@ Every key, its default and its meaning. Relative paths are relative to the confi
     [store]
     path = "masa.db"              # SQLite file: audit log and first-use ownership
 
+    [metrics]
+    listen = ""                   # Prometheus /metrics, e.g. "[::1]:9467"; "" (default): off;
+                                  # --metrics ADDRESS overrides it (registrar.metrics)
+
     [log]
     level = "info"
 """
@@ -49,6 +53,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from .metrics import load_metrics_listen
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -84,6 +89,7 @@ class MasaConfig:
     lifetime: int
     store_path: Path
     log_level: int
+    metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
 
 
 def load_masa_config(path: Path) -> MasaConfig:
@@ -132,11 +138,12 @@ def load_masa_config(path: Path) -> MasaConfig:
     store.finish()
 
     level = log_level(root)
+    metrics_listen = load_metrics_listen(root)
     root.finish()
     return MasaConfig(
         source=path, listen=listen, cert_file=cert_file, key_file=key_file,
         signer_chain=chain, signer_key=key, manufacturer_cas=mfg, ownership=mode,
         devices=devices, assertion=assertion, nonceless=nonceless, lifetime=lifetime,
-        store_path=store_path, log_level=level,
+        store_path=store_path, log_level=level, metrics_listen=metrics_listen,
     )
 

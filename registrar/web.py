@@ -6,8 +6,13 @@
   413 body too large) into plain-text answers, and any other exception into a logged 500, so
   a bad request never takes a server down.
 * ``server_ssl_context``, ``peer_certificate``: TLS with optional client certificates.
-* ``serve``: binds every listen address, logs ``ready: listening on ...`` and runs until
-  SIGTERM/SIGINT.
+* ``serve``: binds every listen address (TLS through ``tls_server``, so a refused handshake
+  sends its alert and is logged and counted), logs ``ready: listening on ...``, tells systemd
+  READY=1 and runs until SIGTERM/SIGINT.
+
+Every refusal, in the TLS handshake or of a request, is logged once at warning level with the
+client certificate's subject, serial number and issuer (for the registrar: the pledge's IDevID
+or LDevID; the TCP peer is often a join proxy) and counted in ``METRICS`` by reason.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import service_notify
+
+from .metrics import TLS_ENDPOINT, ServiceMetrics, status_reason
+from .tls_server import (
+    AlertingTLSSite,
+    TlsRefusal,
+    capture_client_certificates,
+    certificate_identity,
+)
 from .tomlconfig import ListenAddress
 
 log = logging.getLogger(__name__)
@@ -34,18 +48,23 @@ MAX_BODY = 256 * 1024  # a voucher-request with two chains is a few KiB
 READY = "ready: listening on"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
 
 
 class Refusal(Exception):
     """An answer other than success: HTTP status, plain-text reason, optional headers."""
 
     def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None,
-                 *, close: bool = False) -> None:
+                 *, close: bool = False, label: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers or {}
         self.close = close  # RFC 8995 §5.3: after 401 the registrar closes the connection
+        self.label = label or status_reason(status)  # the metric's reason
+        # Who was refused, when the TLS client certificate does not say (the MASA's client is
+        # a registrar; the pledge is named inside the request).
+        self.identity: str | None = None
 
 
 def plain(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -59,8 +78,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except Refusal as refusal:
         # WARNING: a misbehaving or refused peer is worth seeing, not an error of ours.
-        log.warning("%s %s from %s: %d %s", request.method, request.path, _peer(request),
-                    refusal.status, refusal.reason)
+        log.warning("%s %s from %s (%s): %d %s", request.method, request.path, _peer(request),
+                    refusal.identity or _identity(request), refusal.status, refusal.reason)
+        _count(request, refusal.label)
         response = plain(refusal.status, refusal.reason, refusal.headers)
         if refusal.close:
             response.force_close()
@@ -68,8 +88,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        log.info("%s %s from %s: %d %s", request.method, request.path, _peer(request),
-                 exc.status, exc.reason)
+        log.info("%s %s from %s (%s): %d %s", request.method, request.path, _peer(request),
+                 _identity(request), exc.status, exc.reason)
+        _count(request, status_reason(exc.status))
         allow = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         if exc.status == 404:
             text = f"no such endpoint: {request.path}"
@@ -84,9 +105,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("%s %s from %s: internal error", request.method, request.path,
-                      _peer(request))
+        log.exception("%s %s from %s (%s): internal error", request.method, request.path,
+                      _peer(request), _identity(request))
+        _count(request, status_reason(500))
         return plain(500, "internal error (logged at the server)")
+
+
+def _endpoint(request: web.Request) -> str:
+    """The metric's endpoint: the route's last path segment; "unknown" for other paths (a
+    label per unknown path would let any client grow the series without bound)."""
+    route = request.match_info.route
+    if route.resource is None or not route.resource.canonical:
+        return "unknown"
+    return route.resource.canonical.rstrip("/").rsplit("/", 1)[-1] or "unknown"
+
+
+def _count(request: web.Request, reason: str) -> None:
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.refused(_endpoint(request), reason)
+
+
+def _identity(request: web.Request) -> str:
+    try:
+        return certificate_identity(peer_certificate(request))
+    except ValueError:
+        return "unparsable client certificate"
 
 
 def _peer(request: web.Request) -> str:
@@ -144,6 +188,8 @@ def server_ssl_context(
     if client_cas:
         ctx.load_verify_locations(cadata=_pem(client_cas))
     ctx.verify_mode = client_cert
+    if client_cert != ssl.CERT_NONE:
+        capture_client_certificates(ctx)  # to name a refused client (tls_server)
     return ctx
 
 
@@ -179,13 +225,30 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
 # --- running --------------------------------------------------------------------------------
 
 
+def tls_refused(metrics: ServiceMetrics | None) -> Callable[[TlsRefusal], None]:
+    def report(refusal: TlsRefusal) -> None:
+        log.warning("TLS handshake from %s refused (%s): %s; %s", refusal.peer,
+                    refusal.reason, refusal.detail, refusal.identity())
+        if metrics is not None:
+            metrics.refused(TLS_ENDPOINT, refusal.reason)
+    return report
+
+
 async def serve(app: web.Application, listen: Sequence[ListenAddress],
                 ssl_context: ssl.SSLContext, name: str,
-                on_started: Callable[[], Awaitable[None]] | None = None) -> None:
+                on_started: Callable[[], Awaitable[None]] | None = None,
+                notifier: service_notify.Notifier | None = None,
+                metrics: ServiceMetrics | None = None) -> None:
     """Bind every address (failing as a whole if one cannot be bound), then run until
-    SIGTERM or SIGINT."""
+    SIGTERM or SIGINT. READY=1 goes to systemd once every address is bound and
+    ``on_started`` has run; the app's ``METRICS``, if any, count the refusals."""
+    notifier = notifier or service_notify.Notifier()
+    if metrics is not None:
+        app[METRICS] = metrics
+    on_refused = tls_refused(metrics)
     runner = web.AppRunner(app, access_log=logging.getLogger(f"{name}.access"),
-                           access_log_format='%a "%r" %s %b', handle_signals=False)
+                           access_log_format='%a "%r" %s %b', handle_signals=False,
+                           shutdown_timeout=2.0)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -193,17 +256,20 @@ async def serve(app: web.Application, listen: Sequence[ListenAddress],
         loop.add_signal_handler(sig, stop.set)
     try:
         for address in listen:
-            site = web.TCPSite(runner, address.host, address.port, ssl_context=ssl_context,
-                               shutdown_timeout=2.0)
+            site = AlertingTLSSite(runner, address.host, address.port, ssl_context,
+                                   on_refused)
             try:
                 await site.start()
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
         if on_started is not None:
             await on_started()
-        log.info("%s %s", READY, ", ".join(str(a) for a in listen))
+        where = ", ".join(str(a) for a in listen)
+        log.info("%s %s", READY, where)
+        notifier.send(service_notify.ready(f"listening on {where}"))
         await stop.wait()
         log.info("stopping")
+        notifier.send(service_notify.stopping())
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):

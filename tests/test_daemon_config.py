@@ -110,7 +110,7 @@ def test_check_config_cli(tmp_path):
     bad.write_text('[backbone]\ninterface = "bb0"\n[[join]]\ninterfaces = ["j*"]\n'
                    '[limits]\nidle_timeout = 0\n')
     done = check(bad)
-    assert done.returncode == 1
+    assert done.returncode == 78  # EX_CONFIG: the unit's RestartPreventExitStatus=
     assert done.stderr == (f"{bad}: limits.idle_timeout: must be a number between 0.1 and "
                            "86400 (got 0)\n")
 
@@ -120,7 +120,7 @@ def test_daemon_refuses_to_start_on_a_bad_config(tmp_path):
     bad.write_text("[backbone]\n")
     done = subprocess.run([sys.executable, "-m", "joinproxyd", "--config", str(bad)],
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 1
+    assert done.returncode == 78  # EX_CONFIG: systemd must not restart it
     assert done.stderr.strip() == f"joinproxyd: {bad}: join: at least one [[join]] table is " \
                                   "required"
 

@@ -44,7 +44,8 @@ def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
 vendor = _load("debian_vendor", DEBIAN / "vendor.py")  # the vendoring policy
 wrappers = _load("debian_wrappers", DEBIAN / "wrappers.py")  # the /usr/bin wrappers
 
-PACKAGED = {"brski": "brski-common", "daemon/joinproxyd": "joinproxyd",
+PACKAGED = {"brski": "brski-common", "service_notify": "brski-common",
+            "daemon/joinproxyd": "joinproxyd",
             "registrar": "brski-registrar", "pledge_sim": "pledge-sim"}
 MAN_PAGES = {"joinproxyd.8": "joinproxyd", "joinproxyctl.8": "joinproxyd",
              "joinproxyd.toml.5": "joinproxyd", "brski-registrar.8": "brski-registrar",
@@ -66,7 +67,7 @@ def third_party_imports(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab"}
+    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab", "service_notify"}
     return {n for n in names if n not in sys.stdlib_module_names and n not in first_party}
 
 
@@ -204,9 +205,10 @@ def unit(name: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("name", ["brski-registrar.service", "brski-masa.service"])
 def test_registrar_units_run_unprivileged_and_verify(name, tmp_path):
     values = unit(name)
-    assert values["User"] == ["brski-registrar"]
+    user = name.removesuffix(".service")  # each its own user and state directory
+    assert values["User"] == [user] and values["Group"] == [user]
     assert values["CapabilityBoundingSet"] == [""] and values["AmbientCapabilities"] == [""]
-    assert values["StateDirectory"] == ["brski-registrar"]
+    assert values["StateDirectory"] == [user]
     for option in ("NoNewPrivileges", "PrivateUsers", "ProtectHome", "PrivateTmp",
                    "PrivateDevices", "ProtectKernelTunables", "RestrictNamespaces"):
         assert values[option] == ["yes"], option
@@ -227,12 +229,23 @@ def test_registrar_configuration_matches_brski_pki_layout(tmp_path):
     pki = state / "pki"
     (state / "registrar-chain.pem").write_bytes((pki / "domain/registrar.crt").read_bytes()
                                                 + (pki / "domain/ca.crt").read_bytes())
-    (state / "masa-signer-chain.pem").write_bytes((pki / "masa/signer.crt").read_bytes()
+    # The MASA's state, as the postinst moves it to /var/lib/brski-masa.
+    masa_state = tmp_path / "masa"
+    masa_state.mkdir()
+    for name in ("tls.crt", "tls.key", "signer.key"):
+        (masa_state / name).write_bytes((pki / "masa" / name).read_bytes())
+    (masa_state / "signer-chain.pem").write_bytes((pki / "masa/signer.crt").read_bytes()
                                                   + (pki / "masa/ca.crt").read_bytes())
+    (masa_state / "manufacturer-ca.crt").write_bytes((pki / "manufacturer/ca.crt").read_bytes())
+    (masa_state / "domain-ca.crt").write_bytes((pki / "domain/ca.crt").read_bytes())
+    postinst = (DEBIAN / "brski-registrar.postinst").read_text()
+    for name in ("signer-chain.pem", "manufacturer-ca.crt", "domain-ca.crt", "masa.db"):
+        assert f'"$MASA_STATE/{name}"' in postinst, name
     for name, module in (("registrar", "registrar.cli"), ("masa", "registrar.masa_cli")):
         config = tmp_path / f"{name}.toml"
         config.write_text((DEBIAN / f"registrar-config/{name}.toml").read_text()
-                          .replace("/var/lib/brski-registrar", str(state)))
+                          .replace("/var/lib/brski-registrar", str(state))
+                          .replace("/var/lib/brski-masa", str(masa_state)))
         done = run([sys.executable, "-m", module, "--config", str(config), "--check-config"])
         assert done.returncode == 0, done.stdout + done.stderr
 

@@ -128,7 +128,7 @@ def test_check_config_exit_codes(configs, tmp_path):
     bad = edited(configs[0], tmp_path, r"^grasp = .*$", 'grasp = "yes"')
     done = subprocess.run([sys.executable, "-m", "registrar.cli", "--config", str(bad),
                            "--check-config"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
+    assert done.returncode == 78  # EX_CONFIG: the units' RestartPreventExitStatus=
     assert done.stderr.strip() == (f"brski-registrar: {bad}: announce.grasp: must be true or "
                                    "false, not a string")
 

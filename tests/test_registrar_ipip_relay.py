@@ -336,7 +336,7 @@ def test_ipip_needs_a_wildcard_listener(pki, tmp_path):
 def test_check_config_with_the_ipip_switch(pki, tmp_path, capsys):
     off = config_file(pki, tmp_path, listen="[::1]:8443", enabled=False)
     assert cli.main(["--config", str(off), "--check-config"]) == 0
-    assert cli.main(["--ipip", "--config", str(off), "--check-config"]) == 1
+    assert cli.main(["--ipip", "--config", str(off), "--check-config"]) == 78
     assert "server.listen: IPIP needs a wildcard" in capsys.readouterr().err
     good = config_file(pki, tmp_path / "good", enabled=False)
     assert cli.main(["--config", str(good), "--check-config", "--ipip"]) == 0

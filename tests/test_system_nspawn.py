@@ -398,8 +398,8 @@ def test_packages_under_systemd_in_a_lab(tmp_path):
 
             # -- brski-registrar: user, keys, both units started by the postinst -------------
             owner = registrar.sh("stat -c '%a %U' /var/lib/brski-registrar/pki/domain/ca.key "
-                                 "/var/lib/brski-registrar/pki/masa/signer.key").stdout.split("\n")
-            assert owner[:2] == ["600 brski-registrar"] * 2, owner
+                                 "/var/lib/brski-masa/signer.key").stdout.split("\n")
+            assert owner[:2] == ["600 brski-registrar", "600 brski-masa"], owner
             wait_for(lambda: registrar.sh("systemctl is-active brski-masa brski-registrar",
                                           check=False).returncode == 0, 20,
                      "brski-masa and brski-registrar active")
@@ -543,3 +543,152 @@ def test_packages_under_systemd_in_a_lab(tmp_path):
         (CACHE / "report.txt").write_text("\n".join(report) + "\n")
         print("\n".join(report))
     assert times["total"] < 300, times
+
+
+# -- issue 11: configuration faults, and the registrar's units (defects 3 and 4) ---------------
+
+@contextlib.contextmanager
+def one_container(rootfs: Path, netns: str, name: str, run_dir: Path,
+                  binds: dict[Path, str]) -> Iterator[Container]:
+    box = Container(name, rootfs, netns, run_dir / name, binds)
+    try:
+        box.boot()
+        box.wait_running()
+        yield box
+    except BaseException:
+        print(f"--- {box.name} console:\n{box.console()}")
+        raise
+    finally:
+        box.stop()
+
+
+def failed_without_restarts(box: Container, unit: str, seconds: float = 6.0) -> None:
+    """The unit failed with 78 (EX_CONFIG) and stays failed: no restart in more than twice
+    RestartSec."""
+    time.sleep(seconds)
+    props = {p: box.show(unit, p) for p in ("ActiveState", "Result", "NRestarts",
+                                            "ExecMainStatus")}
+    assert props == {"ActiveState": "failed", "Result": "exit-code", "NRestarts": "0",
+                     "ExecMainStatus": "78"}, (props, box.journal(unit)[-2000:])
+
+
+def test_joinproxyd_configuration_faults_under_systemd(tmp_path):
+    """Defect 3: a broken file fails the unit once (no restart loop) with the reason in
+    `systemctl status`; `systemctl reload` of a broken file fails and the running daemon
+    keeps its configuration."""
+    clean_stale_runs()
+    debs = build_debs()
+    rootfs = rootfs_for(debs)
+    run_dir = CACHE / "run" / str(os.getpid())
+    metrics = ["curl", "-sf", "http://[::1]:9465/metrics"]
+    try:
+        with Lab(Topology(pledges=1, registrars=1), log_dir=tmp_path / "logs") as lab, \
+                one_container(rootfs, lab.proxy.ns, f"{PREFIX}{lab.run_id}-cfg", run_dir,
+                              {DEB_DIR: "/mnt/deb"}) as proxy:
+            proxy.sh(f"apt-get install -y -q {deb(debs, 'brski-common')} "
+                     f"{deb(debs, 'joinproxyd')}", timeout=300)
+            config = proxy.path("/etc/joinproxyd/joinproxyd.toml")
+            config.write_text("[backbone]\ninterface = \"bb0\"\n")  # no [[join]]
+            started = proxy.sh("systemctl start joinproxyd", check=False, timeout=60)
+            assert started.returncode != 0
+            failed_without_restarts(proxy, "joinproxyd")
+            reason = "join: at least one [[join]] table is required"
+            status = proxy.sh("systemctl status --no-pager -n 20 joinproxyd",
+                              check=False).stdout
+            assert reason in status and "status=78/CONFIG" in status, status
+            assert reason in proxy.show("joinproxyd", "StatusText")
+
+            # A good file: running. Then a broken one: the reload fails, nothing changes.
+            config.write_text(lab_config())
+            proxy.sh("systemctl reset-failed joinproxyd && systemctl start joinproxyd",
+                     timeout=60)
+            main_pid = proxy.show("joinproxyd", "MainPID")
+            wait_for(lambda: "joinproxyd_config_reloads_total" in lab.proxy.run(
+                metrics, check=False).stdout, 20, "joinproxyd metrics")
+            assert "[limits]" not in lab_config()
+            config.write_text(lab_config() + "\n[limits]\nidle_timeout = 0\n")
+            reload = proxy.sh("systemctl reload joinproxyd", check=False, timeout=60)
+            assert reload.returncode != 0, reload.stdout + reload.stderr
+            time.sleep(1)
+            assert proxy.show("joinproxyd", "ActiveState") == "active"
+            assert proxy.show("joinproxyd", "MainPID") == main_pid
+            assert "limits.idle_timeout: must be a number" in proxy.journal("joinproxyd")
+            text = lab.proxy.run(metrics).stdout
+            # No SIGHUP reached the daemon: no reload counted, neither ok nor refused.
+            assert not re.search(r"^joinproxyd_config_reloads_total\{.*\} [1-9]", text, re.M), \
+                [x for x in text.splitlines() if "reloads" in x]
+            assert "configuration reloaded from" not in proxy.journal("joinproxyd")
+            # Fixed again: the reload goes through to the same process.
+            config.write_text(lab_config())
+            proxy.sh("systemctl reload joinproxyd", timeout=60)
+            wait_for(lambda: 'joinproxyd_config_reloads_total{result="ok"} 1.0' in
+                     lab.proxy.run(metrics).stdout, 15, "the good reload counted")
+            assert proxy.show("joinproxyd", "MainPID") == main_pid
+            assert proxy.show("joinproxyd", "NRestarts") == "0"
+            proxy.sh("systemctl stop joinproxyd", timeout=60)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_registrar_units_notify_users_metrics_and_refusals(tmp_path):
+    """Defect 4 (and 3 for the registrar): both units Type=notify and active, each service as
+    its own user; the registrar's /metrics reachable; a pledge with an IDevID from an unknown
+    manufacturer gets the unknown-ca alert and the installed registrar logs and counts it;
+    a broken registrar.toml fails the unit once."""
+    clean_stale_runs()
+    debs = build_debs()
+    rootfs = rootfs_for(debs)
+    run_dir = CACHE / "run" / str(os.getpid())
+    foreign = tmp_path / "foreign"
+    subprocess.run([PY, "-m", "brski.cli.pki", "init", str(foreign), "--serial", "SN-F"],
+                   check=True, capture_output=True, timeout=60)
+    idevid = foreign / "manufacturer/idevid/SN-F"
+    try:
+        with Lab(Topology(pledges=1, registrars=1), log_dir=tmp_path / "logs") as lab, \
+                one_container(rootfs, lab.registrars[0].ns, f"{PREFIX}{lab.run_id}-reg2",
+                              run_dir, {DEB_DIR: "/mnt/deb"}) as box:
+            host = lab.registrars[0]
+            box.sh(f"apt-get install -y -q {deb(debs, 'brski-common')} "
+                   f"{deb(debs, 'brski-registrar')}", timeout=300)
+            units = ("brski-masa", "brski-registrar")
+            wait_for(lambda: box.sh("systemctl is-active " + " ".join(units),
+                                    check=False).returncode == 0, 30, "both units active")
+            for unit in units:
+                assert box.show(unit, "Type") == "notify"
+                assert box.show(unit, "NRestarts") == "0"
+                assert box.show(unit, "StatusText").startswith("listening on "), unit
+                pid = box.show(unit, "MainPID")
+                assert box.sh(f"ps -o user= -p {pid}").stdout.strip() == unit
+            # The registrar cannot read the MASA's keys: it does not even have them.
+            assert box.sh("runuser -u brski-registrar -- cat /var/lib/brski-masa/signer.key",
+                          check=False).returncode != 0
+            assert not box.path("/var/lib/brski-registrar/pki/masa/signer.key").exists()
+
+            def metrics(port: int) -> str:
+                return host.run(["curl", "-sf", f"http://[::1]:{port}/metrics"]).stdout
+
+            assert "brski_masa_refusals_total" in metrics(9467)
+            line = 'brski_registrar_refusals_total{endpoint="tls",reason="tls-unknown-ca"}'
+            assert f"{line} 0.0" in metrics(9466)
+
+            done = host.run(["curl", "-sS", "-k", "--cert", f"{idevid}.crt", "--key",
+                             f"{idevid}.key", f"https://[::1]:{PORT}/.well-known/est/cacerts"],
+                            check=False)
+            assert done.returncode != 0 and "alert unknown ca" in done.stderr, done.stderr
+            assert f"{line} 1.0" in metrics(9466)
+            journal = box.journal("brski-registrar")
+            refused = [x for x in journal.splitlines() if "TLS handshake" in x]
+            assert len(refused) == 1 and "tls-unknown-ca" in refused[0], journal[-2000:]
+            assert "serialNumber=SN-F" in refused[0], refused
+
+            # A broken file: one failure with the reason, no restart loop.
+            toml = box.path("/etc/brski-registrar/registrar.toml")
+            toml.write_text(toml.read_text().replace("grasp = true", 'grasp = "yes"'))
+            restarted = box.sh("systemctl restart brski-registrar", check=False, timeout=60)
+            assert restarted.returncode != 0
+            failed_without_restarts(box, "brski-registrar")
+            assert "announce.grasp: must be true or false" in box.show("brski-registrar",
+                                                                       "StatusText")
+            assert box.show("brski-masa", "ActiveState") == "active"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

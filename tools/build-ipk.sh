@@ -48,7 +48,7 @@ mkdir -p "$root/usr/bin" "$root/usr/lib/joinproxyd/python" "$root/usr/lib/joinpr
 
 # The project's code, without caches; lab/, registrar/ and pledge_sim/ stay out (not for a
 # router).
-tar -cf - --exclude=__pycache__ --exclude='*.pyc' brski -C daemon joinproxyd \
+tar -cf - --exclude=__pycache__ --exclude='*.pyc' brski service_notify -C daemon joinproxyd \
     | tar -xf - -C "$root/usr/lib/joinproxyd/python"
 for name in "${VENDORED[@]}"; do
     whl=(build/deb/wheels/"$name"-*.whl)

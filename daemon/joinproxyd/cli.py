@@ -2,18 +2,23 @@
 
     joinproxyd [--config /etc/joinproxyd/joinproxyd.toml]
     joinproxyd --check-config FILE     prints "ok" or the first error, with key and reason
+
+Exit status 78 (EX_CONFIG) means the configuration is invalid, from --check-config and at
+start: the unit lists it in RestartPreventExitStatus=, as restarting cannot fix a file.
 """
 
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, logs, sdnotify
 from .config import DEFAULT_PATH, ConfigError, load
 
+EXIT_CONFIG = os.EX_CONFIG  # 78, sysexits.h: the unit does not restart on it
 FDS_PER_CIRCUIT = 2  # the pledge's socket and the registrar's
 FDS_SPARE = 256  # listeners, netlink, discovery, metrics, control, logs
 
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"{args.check_config}: {exc}" if exc.key != str(args.check_config)
                   else str(exc), file=sys.stderr)
-            return 1
+            return EXIT_CONFIG
         print("ok")
         return 0
     try:
@@ -61,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"joinproxyd: {args.config}: {exc}" if exc.key != str(args.config)
               else f"joinproxyd: {exc}", file=sys.stderr)
-        return 1
+        # systemctl status shows it as the unit's Status: line.
+        sdnotify.Notifier().send(sdnotify.status(f"configuration invalid: {exc}"))
+        return EXIT_CONFIG
     log = logs.setup(config.log_level)
     raise_fd_limit(config.limits.circuits_total, log)
     from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2

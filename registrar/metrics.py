@@ -1,0 +1,86 @@
+"""Prometheus metrics of brski-registrar and brski-masa (``[metrics] listen``, ``--metrics``).
+
+    brski_<program>_refusals_total{endpoint,reason}   refused TLS handshakes (endpoint "tls")
+                                                      and refused requests (endpoint: the last
+                                                      path segment, "unknown" for other paths)
+
+Reasons are short fixed labels (below), the words for humans go to the log. The TLS reasons
+exist from the start, at zero, so a dashboard can tell "never happened" from "not exported".
+Served by prometheus_client's HTTP server on a thread of its own, like joinproxyd's.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
+
+from .tomlconfig import Table, parse_host_port
+
+# The *_created series say when a process started counting: noise for an operator.
+disable_created_metrics()
+
+TLS_ENDPOINT = "tls"
+TLS_REASONS = ("tls-unknown-ca", "tls-certificate-expired", "tls-certificate-not-yet-valid",
+               "tls-bad-certificate", "tls-handshake-failed")
+
+# HTTP status -> reason label, for refusals that name no reason of their own.
+STATUS_REASONS = {
+    400: "malformed", 401: "unauthenticated", 403: "forbidden", 404: "not-found",
+    405: "method-not-allowed", 406: "not-acceptable", 413: "too-large",
+    415: "wrong-media-type", 500: "internal-error", 502: "bad-masa-answer",
+}
+
+
+def status_reason(status: int) -> str:
+    return STATUS_REASONS.get(status, f"status-{status}")
+
+
+class ServiceMetrics:
+    def __init__(self, program: str) -> None:
+        self.registry = CollectorRegistry()
+        self.refusals = Counter(
+            f"brski_{program}_refusals", "Refused TLS handshakes and requests",
+            ["endpoint", "reason"], registry=self.registry)
+        for reason in TLS_REASONS:
+            self.refusals.labels(TLS_ENDPOINT, reason)
+        self._server: tuple[Any, threading.Thread] | None = None
+
+    def refused(self, endpoint: str, reason: str) -> None:
+        self.refusals.labels(endpoint, reason).inc()
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve /metrics over HTTP from a background thread."""
+        self._server = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=2)
+            self._server = None
+
+
+def metrics_address(text: str) -> tuple[str, int] | None:
+    """``[metrics] listen`` / ``--metrics``: "[ipv6]:port", "ipv4:port" or "" (off).
+    ValueError with the reason."""
+    if not text:
+        return None
+    host, port = parse_host_port(text)
+    return host.strip("[]"), port
+
+
+def load_metrics_listen(root: Table) -> tuple[str, int] | None:
+    """The optional ``[metrics]`` table of both services' configuration files."""
+    table = root.table("metrics")
+    if table.data.get("listen") == "":
+        del table.data["listen"]  # "" turns it off, as in joinproxyd's file (string() refuses it)
+    text = table.string("listen", None) or ""
+    try:
+        address = metrics_address(text)
+    except ValueError as exc:
+        raise table.error("listen", f"{text!r}: {exc}") from exc
+    table.finish()
+    return address
