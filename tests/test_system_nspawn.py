@@ -376,6 +376,7 @@ def test_packages_under_systemd_in_a_lab(tmp_path):
     binds = {DEB_DIR: "/mnt/deb", tmp_path / "shared": "/mnt/shared"}
     (tmp_path / "shared").mkdir()
     scores: dict[str, tuple[float, str]] = {}
+    memory: dict[str, int] = {}
     bpf_running = "not reached"
     try:
         with Lab(Topology(pledges=1, registrars=1, join_ula=True),
@@ -487,6 +488,14 @@ def test_packages_under_systemd_in_a_lab(tmp_path):
             assert scores["brski-masa.service"][0] <= 2.0, scores
             caps = proxy.sh(f"grep ^Cap /proc/{main_pid}/status").stdout
             assert re.search(r"CapEff:\s*000000c000003000", caps), caps  # the four, no more
+            # Resident memory after an enrollment, against the units' MemoryHigh ceilings
+            # (the main process's VmRSS: the container has no memory controller of its own).
+            for container, unit in ((proxy, "joinproxyd"), (registrar, "brski-registrar"),
+                                    (registrar, "brski-masa")):
+                pid, high = (container.show(unit, key) for key in ("MainPID", "MemoryHigh"))
+                rss = container.sh(f"grep ^VmRSS: /proc/{pid}/status").stdout.split()[1]
+                memory[unit] = int(rss) * 1024
+                assert memory[unit] < int(high), (unit, memory[unit], high)
             lap("reload and security")
 
             # -- watchdog: a stopped daemon is killed and restarted by systemd ---------------
@@ -539,6 +548,7 @@ def test_packages_under_systemd_in_a_lab(tmp_path):
         report.append(f"BPF programs of the running daemon: {bpf_running}")
         report += [f"systemd-analyze security {unit}: {score} {level}"
                    for unit, (score, level) in sorted(scores.items())]
+        report += [f"memory {unit}: {used / 2**20:.1f} MiB" for unit, used in memory.items()]
         CACHE.mkdir(parents=True, exist_ok=True)
         (CACHE / "report.txt").write_text("\n".join(report) + "\n")
         print("\n".join(report))

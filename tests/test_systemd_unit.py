@@ -130,3 +130,13 @@ def test_invalid_configuration_is_the_units_status_text(module, tmp_path):
         message = sock.recv(4096).decode()
     assert done.returncode == os.EX_CONFIG
     assert message.startswith("STATUS=configuration invalid: server.listen:"), message
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_every_unit_has_a_memory_ceiling(name):
+    """A leak or a flood must not take the router's memory (issue 11): MemoryMax is set, and
+    MemoryHigh below it so the unit is reclaimed before it is killed."""
+    unit = values(name)
+    sizes = {key: unit[key][0] for key in ("MemoryHigh", "MemoryMax")}
+    mib = {key: int(value.removesuffix("M")) for key, value in sizes.items()}
+    assert 0 < mib["MemoryHigh"] < mib["MemoryMax"] <= 1024, sizes
