@@ -151,18 +151,23 @@ struct jp_registrar {
 	__u32 flags;	/* reserved, 0 */
 };
 
-/* jp_guard_cfg (ARRAY, one entry). */
+/* jp_guard_cfg (ARRAY, one entry). UDP datagrams and TCP SYNs (new connections) have
+ * buckets and rates of their own; other TCP segments are not rationed. */
 struct jp_guard_cfg {
-	__u64 rate_pps;		/* tokens added per second; 0 turns the guard off */
-	__u64 burst;		/* bucket depth in packets (>= 1 when rate_pps > 0) */
+	__u64 rate_pps;		/* UDP datagrams per second; 0 turns the whole guard off */
+	__u64 burst;		/* UDP bucket depth in datagrams (>= 1 when rate_pps > 0) */
 	__u16 ports[JP_GUARD_MAX_PORTS];	/* join ports, TCP and UDP; 0 = unused */
+	__u64 syn_rate_pps;	/* TCP SYNs (without ACK) per second; 0: SYNs not limited */
+	__u64 syn_burst;	/* SYN bucket depth (>= 1 when syn_rate_pps > 0) */
 };
 
-/* jp_guard_bkt (LRU_HASH): one token bucket per (source, ingress interface). IPv4 sources
- * are stored v4-mapped (::ffff:a.b.c.d) so one key type serves both families. */
+/* jp_guard_bkt (LRU_HASH): one token bucket per (source, ingress interface, protocol). IPv4
+ * sources are stored v4-mapped (::ffff:a.b.c.d) so one key type serves both families. */
 struct jp_guard_key {
 	__u8 addr[16];
 	__u32 ifindex;
+	__u8 proto;	/* IPPROTO_TCP (SYN bucket) or IPPROTO_UDP */
+	__u8 pad[3];	/* zero */
 };
 
 /* Tokens are fixed point: JP_TOKEN_ONE units make one packet, so refill is

@@ -8,7 +8,9 @@ what it is told.
     enabled   attached to every served join link; detached from a link that stops being
               served (a link that disappears takes its program with it), and from all at
               stop or when the guard is turned off by a reload
-    rate      packets per second per source and link; burst the bucket's depth
+    rates     per source and link: UDP datagrams (rate, burst) and TCP SYNs, i.e. new
+              connections (syn_rate, syn_burst); other TCP segments are never limited, so a
+              pledge's connection never loses a segment to the guard
     ports     the join ports of the served links: each link's announced port (for an ipip
               link that is the registrar's port, which pledges send to)
     dispatch  with the guard off, the links where the ipip mode's XDP fast path runs still
@@ -46,7 +48,8 @@ class Guard:
         self.settings = settings or GuardSettings()
         self.attached: dict[str, int] = {}  # link name -> ifindex it was attached at
         self.modes: dict[str, str] = {}  # link name -> "native" | "generic"
-        self.written: tuple[int, int, tuple[int, ...]] | None = None  # rate, burst, ports
+        # rate, burst, ports[, syn_rate, syn_burst]: what the kernel's map holds
+        self.written: tuple[Any, ...] | None = None
         self.dispatcher = False  # attached only for the ipip XDP fast path (guard off)
         self.error: str | None = None
 
@@ -73,8 +76,8 @@ class Guard:
                           f"ports {ports[JP_GUARD_MAX_PORTS:]} are not guarded")
             ports = ports[:JP_GUARD_MAX_PORTS]
         # rate 0: the program limits nothing (and still tail-calls the fast path)
-        wanted = (0, 1, ()) if self.dispatcher else \
-            (settings.rate, settings.burst, tuple(ports))
+        wanted: tuple[Any, ...] = (0, 1, ()) if self.dispatcher else \
+            (settings.rate, settings.burst, tuple(ports), settings.syn_rate, settings.syn_burst)
         if wanted != self.written:
             try:
                 # Written before attaching: a new link is never guarded by stale settings.
@@ -87,8 +90,9 @@ class Guard:
                                   "links, limiting nothing, to hand packets to the XDP fast "
                                   "path", extra={"MODE": MODE})
                 elif self.written is not None:
-                    self.log.info("join-port guard: %d packets/s, burst %d, ports %s",
-                                  settings.rate, settings.burst,
+                    self.log.info("join-port guard: UDP %d datagrams/s, burst %d; TCP %d "
+                                  "SYNs/s, burst %d; ports %s", settings.rate, settings.burst,
+                                  settings.syn_rate, settings.syn_burst,
                                   ",".join(map(str, ports)) or "none")
                 self.written = wanted
         desired = {i.name: i.index for i in interfaces}
@@ -110,9 +114,10 @@ class Guard:
                               "path's dispatcher, limiting nothing (guard.enabled = false)",
                               name, mode, extra={"INTERFACE": name, "MODE": MODE})
             else:
-                self.log.info("join-port guard on %s (XDP %s): %d packets/s per source, "
-                              "burst %d", name, mode, settings.rate, settings.burst,
-                              extra={"INTERFACE": name, "MODE": MODE})
+                self.log.info("join-port guard on %s (XDP %s), per source: UDP %d "
+                              "datagrams/s, burst %d; TCP %d SYNs/s, burst %d", name, mode,
+                              settings.rate, settings.burst, settings.syn_rate,
+                              settings.syn_burst, extra={"INTERFACE": name, "MODE": MODE})
         if errors:
             self._failed("; ".join(errors))
         else:
@@ -148,6 +153,7 @@ class Guard:
     def status(self) -> dict[str, Any]:
         s = self.settings
         return {"enabled": s.enabled, "rate": s.rate, "burst": s.burst,
+                "syn_rate": s.syn_rate, "syn_burst": s.syn_burst,
                 "ports": list(self.written[2]) if self.written else [],
                 "interfaces": {name: self.modes.get(name) for name in sorted(self.attached)},
                 "error": self.error}
