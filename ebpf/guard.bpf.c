@@ -207,6 +207,7 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 		/* a new source starts with a full bucket, less this packet */
 		fresh.tokens = cap >= JP_TOKEN_ONE ? cap - JP_TOKEN_ONE : 0;
 		fresh.last_ns = now;
+		fresh.drops = 0;
 		if (cap < JP_TOKEN_ONE) {
 			*reason = JP_DROP_RATE_LIMIT;	/* burst 0: nothing gets through */
 			return JP_ACT_DROP;
@@ -231,6 +232,7 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 	b->last_ns = now;
 	if (tokens < JP_TOKEN_ONE) {
 		b->tokens = tokens;
+		__sync_fetch_and_add(&b->drops, 1);
 		*reason = JP_DROP_RATE_LIMIT;
 		return JP_ACT_DROP;
 	}

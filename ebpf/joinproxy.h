@@ -177,6 +177,7 @@ struct jp_guard_key {
 struct jp_guard_bucket {
 	__u64 tokens;	/* in 1/JP_TOKEN_ONE packets */
 	__u64 last_ns;	/* bpf_ktime_get_coarse_ns() of the last refill */
+	__u64 drops;	/* packets this source lost to the bucket: who is flooding */
 };
 
 /* jp_bare_cfg (ARRAY, one entry): the baseline's target; 0 makes it a counting sink. */

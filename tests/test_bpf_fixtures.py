@@ -600,8 +600,9 @@ def test_guard_burst_then_drop(fresh_dp: BpfDatapath, lab: Lab) -> None:
     verdicts = [guard(fresh_dp, lab, udp_from(PLEDGE)) for _ in range(5)]
     assert verdicts == [XDP_PASS] * 3 + [XDP_DROP] * 2
     assert guard_counts(fresh_dp) == {"allow": 3, "drop": 2, "drop:rate-limit": 2}
-    tokens, _ = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) or (None, 0)
+    tokens, _, drops = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) or (None, 0, 0)
     assert tokens is not None and tokens < 1
+    assert drops == 2, "drops are also counted per source"
 
 
 def test_guard_buckets_per_source_and_per_interface(fresh_dp: BpfDatapath, lab: Lab) -> None:
@@ -656,12 +657,13 @@ def test_guard_holds_a_syn_flood_to_its_own_rate(fresh_dp: BpfDatapath, lab: Lab
     flood = [guard(fresh_dp, lab, tcp_from(PLEDGE, flags)) for flags in ["S"] * 8 + ["SE"] * 2]
     assert flood == [XDP_PASS] * 3 + [XDP_DROP] * 7  # SYN with ECE is still a new flow
     assert guard_counts(fresh_dp) == {"allow": 3, "drop": 7, "drop:rate-limit": 7}
-    tokens, _ = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"], proto=6) or (None, 0)
-    assert tokens is not None and tokens < 1
+    tokens, _, drops = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"], proto=6) \
+        or (None, 0, 0)
+    assert tokens is not None and tokens < 1 and drops == 7
     # UDP has a bucket of its own: the SYN flood did not empty it.
     assert [guard(fresh_dp, lab, udp_from(PLEDGE, dport=443)) for _ in range(3)] == \
         [XDP_PASS, XDP_PASS, XDP_DROP]
-    assert fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) is not None
+    assert (fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) or ())[2:] == (1,)
     # syn_rate 0 leaves SYNs unlimited while UDP stays rationed.
     fresh_dp.set_guard(rate_pps=1, burst=2, ports=[443], syn_rate_pps=0)
     assert [guard(fresh_dp, lab, tcp_from(PLEDGE, "S")) for _ in range(5)] == [XDP_PASS] * 5

@@ -56,7 +56,8 @@ Map layouts (ebpf/joinproxy.h; ctypes mirrors below, checked against the objects
     jp_registrars  HASH   16-byte outer src -> u32 flags              written by set_ipip
     jp_guard_cfg   ARRAY  [0] -> rate_pps, burst, ports[8], syn_rate_pps, syn_burst
                                                                       written by set_guard
-    jp_guard_bkt   LRU    (16-byte source, ifindex, proto) -> tokens, last   kernel-written
+    jp_guard_bkt   LRU    (16-byte source, ifindex, proto) -> tokens, last, drops
+                                                                      kernel-written
     jp_guard_next  PROG_ARRAY [0] -> jp_xdp_join or empty             written by set_ipip_xdp
     jp_bare_cfg    ARRAY  [0] -> target ifindex                       written by set_bare_target
     jp_counters    PERCPU_ARRAY jp_prog -> u64 action[Action], drop[DropReason]
@@ -182,7 +183,7 @@ class GuardKeyC(ctypes.Structure):
 
 
 class GuardBucketC(ctypes.Structure):
-    _fields_ = [("tokens", u64), ("last_ns", u64)]
+    _fields_ = [("tokens", u64), ("last_ns", u64), ("drops", u64)]
 
 
 class BareCfgC(ctypes.Structure):
@@ -988,9 +989,9 @@ class BpfDatapath:
             self._state.guard = cfg
 
     def guard_bucket(self, source: str, ifindex: int,
-                     proto: int = 17) -> tuple[float, int] | None:
-        """(tokens, last refill ns) of one bucket (proto 17: UDP; 6: TCP SYNs), for status
-        and tests."""
+                     proto: int = 17) -> tuple[float, int, int] | None:
+        """(tokens, last refill ns, packets dropped) of one bucket (proto 17: UDP; 6: TCP
+        SYNs), for status and tests."""
         key = GuardKeyC(ifindex=ifindex, proto=proto)
         addr = ipaddress.ip_address(source.split("%")[0])
         if isinstance(addr, ipaddress.IPv4Address):
@@ -1000,7 +1001,7 @@ class BpfDatapath:
         with self._lock:
             if not _lookup(self._map("guard", "jp_guard_bkt"), key, value):
                 return None
-        return value.tokens / JP_TOKEN_ONE, value.last_ns
+        return value.tokens / JP_TOKEN_ONE, value.last_ns, value.drops
 
     def attach_guard(self, iface: int | str) -> str:
         """The guard on a join link's XDP hook; returns "native" or "generic"."""
