@@ -471,3 +471,24 @@ def test_flows_outliving_the_drain_are_cut(lab, driver):
     assert 1 <= time.monotonic() - started < 10
     assert reply["shutdown_drops"] == 1
     assert nft_tables(lab) == [] and forwarding(lab) == "0"
+
+
+def test_a_flow_addressed_to_the_registrar_is_listed_and_drained_too(lab, driver):
+    """It has only source NAT in conntrack (no dnat status): it must still be found."""
+    driver.reconcile()
+    hold = lab.pledges[0].spawn([PYTHON, "-c", HOLD, REGISTRAR, str(ECHO_PORT), "2"],
+                                name="hold")
+    wait_for(lambda: "connected" in hold.log(), 10, "the held connection")
+    pledge = lab.pledges[0].address("eth0", link_local=False)
+    (circuit,) = driver.reply("circuits")["circuits"]
+    assert circuit["pledge"].startswith(f"[{pledge}]:")
+    assert circuit["proxy"] == circuit["registrar"] == f"[{REGISTRAR}]:{ECHO_PORT}"
+    started = time.monotonic()
+    driver.send("close", drain=20)
+    time.sleep(0.5)
+    # Draining: a new connection to the registrar is no longer admitted...
+    assert connect(lab, REGISTRAR, port=ECHO_PORT, timeout=1) == "ERROR TimeoutError"
+    reply = driver._read(30)
+    assert time.monotonic() - started < 15  # waited for the flow, and only as long as it lived
+    assert "echoed late" in hold.log()  # ...while the open one lived through the drain
+    assert reply["shutdown_drops"] == 0
