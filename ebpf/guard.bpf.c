@@ -191,11 +191,11 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 		if ((void *)(flags + 1) > data_end)
 			return JP_ACT_PASS;	/* cut short: the stack drops it */
 		if ((*flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
-			return JP_ACT_PASS;	/* part of a connection: never rationed */
+			return JP_ACT_ALLOW;	/* part of a connection: never rationed */
 		rate = cfg->syn_rate_pps;
 		burst = cfg->syn_burst;
 		if (rate == 0)
-			return JP_ACT_PASS;	/* SYNs not limited */
+			return JP_ACT_ALLOW;	/* SYNs not limited */
 	}
 
 	key.ifindex = ctx->ingress_ifindex;

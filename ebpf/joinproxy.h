@@ -47,7 +47,8 @@ enum jp_action {
 	JP_ACT_PASS = 0,	/* left to the stack untouched */
 	JP_ACT_ENCAP = 1,	/* IPIP: encapsulated and redirected to the backbone */
 	JP_ACT_DECAP = 2,	/* IPIP: decapsulated and redirected to its join link */
-	JP_ACT_ALLOW = 3,	/* guard: to a join port and within the rate */
+	JP_ACT_ALLOW = 3,	/* guard: to a join port, let through (within the rate, or
+				 * a TCP segment of a connection, which is never rationed) */
 	JP_ACT_FALLBACK = 4,	/* XDP encap: next hop not resolved, left to the tc program */
 	JP_ACT_REDIRECT = 5,	/* bare redirect baseline */
 	JP_ACT_DROP = 6,	/* dropped; the reason is counted in drop[] too */

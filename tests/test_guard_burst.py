@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from test_ipip_daemon import bpffs, map_dump, show, xdp_progs
 
+from joinproxyd.guard import REPORT_SECONDS
 from lab import Host, Lab, Topology, wait_for
 from lab.proxyd import ProxyDaemon, base_config
 from lab.topology import PROXY_LL
@@ -220,6 +221,17 @@ def test_a_syn_flood_is_held_while_a_bursting_pledge_loses_nothing(lab: Lab, bpf
         # Every drop of the guard is the flooder's.
         wait_for(lambda: daemon.drops("guard", "rate-limit") == flood_drops, 5,
                  "the guard's drop counter")
+        # The operator is told who: the flooder, once, and never the well-behaved pledge.
+        named = f"join-port guard drops TCP SYNs from {flooder_ll} on join0"
+        wait_for(lambda: named in daemon.log(), REPORT_SECONDS + 5, "the flooder named")
+        said = [line for line in daemon.log().splitlines() if "guard drops" in line]
+        assert len(said) == 1 and victim_ll not in said[0], said
+        # status lists who lost the most, as of the last look (every REPORT_SECONDS while
+        # the guard drops).
+        top = [{"source": flooder_ll, "interface": "join0", "protocol": "tcp",
+                "drops": flood_drops}]
+        wait_for(lambda: daemon.ctl()["guard"]["dropped_most"] == top, REPORT_SECONDS + 5,
+                 "the flooder on top of the status")
     finally:
         show(daemon, flood, echo)
         if flood is not None:

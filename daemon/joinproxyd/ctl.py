@@ -97,6 +97,8 @@ def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list
                    f"ports {','.join(map(str, guard['ports'])) or 'none'} on "
                    f"{links or 'no link'}" + (f"; ERROR {guard['error']}"
                                               if guard.get("error") else ""))
+        out += [f"  dropped {entry['drops']} {entry['protocol']} from {entry['source']} on "
+                f"{entry['interface']}" for entry in guard.get("dropped_most") or ()]
     if bpf is None:
         out.append("BPF data plane: not loaded")
         return out

@@ -1003,6 +1003,20 @@ class BpfDatapath:
                 return None
         return value.tokens / JP_TOKEN_ONE, value.last_ns, value.drops
 
+    def guard_drops_by_source(self) -> dict[tuple[str, int, int], int]:
+        """(source, ifindex, proto) -> packets the guard dropped, for every bucket that
+        dropped any (one map walk: up to 65536 lookups)."""
+        out: dict[tuple[str, int, int], int] = {}
+        value = GuardBucketC()
+        with self._lock:
+            fd = self._map("guard", "jp_guard_bkt")
+            for key in _keys(fd, GuardKeyC):
+                if _lookup(fd, key, value) and value.drops:
+                    addr = ipaddress.IPv6Address(bytes(key.addr))
+                    source = addr.ipv4_mapped or addr
+                    out[(str(source), key.ifindex, key.proto)] = value.drops
+        return out
+
     def attach_guard(self, iface: int | str) -> str:
         """The guard on a join link's XDP hook; returns "native" or "generic"."""
         return self.attach_xdp(iface, Program.GUARD)
