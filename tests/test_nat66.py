@@ -561,3 +561,20 @@ def test_traffic_counters_are_polled_between_reconciles(proc, monkeypatch):
     assert run(scenario()) == (1, 160, 240)
     assert mode.status()["traffic"] == {"join0": {"flows": 1, "upstream_bytes": 160,
                                                   "downstream_bytes": 240}}
+
+
+def test_traffic_during_the_drain_is_counted_too(proc):
+    table, flows = FakeTable(), FakeFlows()
+    mode = make_mode(proc, table, flows=flows)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    table.live = {"flows-join0": 1, "upstream-join0": 2, "downstream-join0": 2}
+    flows.flows = [flow()]
+
+    def flow_ends(fake: FakeFlows) -> None:
+        # The draining table (new, counting from zero) carried the rest of the flow.
+        table.live = {"upstream-join0": 3, "downstream-join0": 1}
+        fake.flows = []
+
+    flows.on_read = flow_ends
+    run(mode.close(10))
+    assert nat66_traffic(mode) == (1, (2 + 3) * 80, (2 + 1) * 80)

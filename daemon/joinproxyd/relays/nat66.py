@@ -346,6 +346,7 @@ class Nat66Mode(RelayMode):
                              forwarding_before=self._forwarding_before, draining=True)
         await self._fold_counters()
         await self._call(self._kernel_table().apply, spec)
+        self._traffic_seen = {}  # the new table's counters start at zero
         self.relaying = False
         deadline = time.monotonic() + drain_seconds
         while (flows := await self._open_flows()) and time.monotonic() < deadline:
