@@ -7,7 +7,11 @@
 join0 serves both modes on port 8443. A pledge that connects to the proxy's ULA uses its own
 ULA as source and is DNATed to the registrar and masqueraded behind the proxy's backbone
 address (no user-space circuit); one that connects to fe80::1 has a link-local source, which
-the kernel cannot forward, and gets a circuit. Then the daemon is SIGKILLed and started again
+the kernel cannot forward, and gets a circuit. A pledge that addresses the registrar itself
+is relayed and masqueraded the same way (the DNAT to the same address sets no dnat status in
+conntrack), one that addresses another backbone host is dropped and counted, and NAT66 flows
+and bytes show in joinproxyd_circuits_total and joinproxyd_relayed_bytes_total
+{mode="nat66"}. Then the daemon is SIGKILLed and started again
 (its nftables table is replaced, not duplicated, and the forwarding value from before the
 crashed run is what a clean stop restores).
 """
