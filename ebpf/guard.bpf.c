@@ -9,7 +9,7 @@
  *     (CoAPS, JPY, IPIP to a UDP port) have no connection setup to ration instead;
  *     rate_pps/burst.
  *   - TCP SYNs without ACK to a join port, i.e. new connections: syn_rate_pps/syn_burst.
- *     Every other TCP segment passes. A pledge's established connection must never lose
+ *     Every other TCP segment to a join port is let through (counted as allow). A pledge's established connection must never lose
  *     a segment to the guard (a lost segment costs a retransmission timeout, 200 ms to
  *     seconds); how many connections a pledge may hold is the circuit limits' business,
  *     and segments of no connection the stack answers with a reset.
