@@ -9,10 +9,11 @@
  *     (CoAPS, JPY, IPIP to a UDP port) have no connection setup to ration instead;
  *     rate_pps/burst.
  *   - TCP SYNs without ACK to a join port, i.e. new connections: syn_rate_pps/syn_burst.
- *     Every other TCP segment to a join port is let through (counted as allow). A pledge's established connection must never lose
- *     a segment to the guard (a lost segment costs a retransmission timeout, 200 ms to
- *     seconds); how many connections a pledge may hold is the circuit limits' business,
- *     and segments of no connection the stack answers with a reset.
+ *     Every other TCP segment to a join port is let through (counted as allow): a
+ *     pledge's established connection must never lose a segment to the guard (a lost
+ *     segment costs a retransmission timeout, 200 ms to seconds); how many connections a
+ *     pledge may hold is the circuit limits' business, and segments of no connection the
+ *     stack answers with a reset.
  * The LRU bounds memory under a spoofed flood (old buckets are evicted; a returning source
  * then starts with a full bucket). Everything else passes untouched. After a pass the guard
  * tail-calls jp_guard_next[0] when the control plane put a program there (the XDP IPIP
