@@ -16,6 +16,9 @@ than the guard's buckets hold, but only 6 of them are SYNs.
 - pledge1 loses nothing: its bucket counts no drop, the guard's total drop counter is
   pledge0's alone, its TCP stack retransmitted nothing (the netns' TcpRetransSegs and
   TCPSynRetrans stay where they were) and every byte came back.
+
+A second test checks the UDP numbers against a real DTLS 1.2 handshake with certificates
+(OpenSSL, the IDevID with its CA as the client's chain, 1024-byte MTU), three back to back.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,4 +240,54 @@ def test_a_syn_flood_is_held_while_a_bursting_pledge_loses_nothing(lab: Lab, bpf
         show(daemon, flood, echo)
         if flood is not None:
             flood.stop()
+        daemon.stop()
+
+
+def test_dtls_handshakes_with_certificates_fit_the_shipped_udp_bucket(lab: Lab, bpffs: Path,
+                                                                      tmp_path: Path) -> None:
+    """What the UDP numbers were chosen for: a cBRSKI-like DTLS 1.2 handshake (cookie round,
+    the IDevID and its CA as the client's chain, records of at most 1024 bytes), three times
+    back to back from one pledge, to a DTLS server on the join port behind the guard. A lost
+    datagram would cost the handshake OpenSSL's 1 s retransmission timer."""
+    from lab.brski_services import make_pki
+
+    pki = make_pki(tmp_path / "pki", ["dtls-0"])
+    pin_dir = bpffs / "joinproxyd"
+    pledge = lab.pledges[0]
+    pledge_ll = pledge.address("eth0", link_local=True)
+    config = base_config(tmp_path / "proxy", daemon={"bpf_pin_dir": str(pin_dir)},
+                         guard=shipped_guard())
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", config)
+    # s_server ends at the end of its input: give it one that stays open.
+    server = lab.proxy.spawn(["sh", "-c", "sleep 600 | exec openssl s_server -dtls1_2 -listen "
+                              f"-6 -accept [::]:{PORT} -cert {pki}/domain/registrar.crt "
+                              f"-key {pki}/domain/registrar.key -Verify 2 "
+                              f"-CAfile {pki}/manufacturer/ca.crt -mtu 1024"],
+                             name="dtls-server")
+    timings = []
+    try:
+        daemon.start()
+        assert xdp_progs(lab.proxy, "join0") == ["jp_guard"]
+        wait_for(lambda: lab.proxy.run(["ss", "-Hlun", f"sport = :{PORT}"]).stdout.strip(), 10,
+                 "the DTLS server")
+        for _ in range(3):
+            began = time.monotonic()
+            # One source port for all three: s_server's socket stays connected to its
+            # first peer.
+            done = pledge.run(["openssl", "s_client", "-dtls1_2", "-connect",
+                               f"[{PROXY_LL}%eth0]:{PORT}", "-bind", f"[{pledge_ll}%eth0]:40000",
+                               "-mtu", "1024",
+                               "-cert", str(pki / "manufacturer/idevid/dtls-0.crt"),
+                               "-key", str(pki / "manufacturer/idevid/dtls-0.key"),
+                               "-cert_chain", str(pki / "manufacturer/ca.crt")],
+                              input="", check=False, timeout=20)
+            timings.append(round(time.monotonic() - began, 3))
+            assert "New, TLSv1.2, Cipher is" in done.stdout, done.stdout + done.stderr
+        print("DTLS handshakes (s):", timings)  # each with s_client's start and exit
+        seen = buckets(pin_dir)
+        assert seen[(pledge_ll, UDP)]["drops"] == 0, seen  # rationed, never cut
+        assert daemon.drops("guard", "rate-limit") == 0
+    finally:
+        show(daemon, server)
+        server.stop()
         daemon.stop()
