@@ -2,15 +2,23 @@
 /*
  * guard.bpf.c: the XDP join-port guard, attached to every join link whatever the relay mode.
  *
- * What it counts: every TCP and UDP packet (IPv6 and IPv4, first fragments included) whose
- * destination port is one of the join ports, not only SYNs: UDP modes (CoAPS, JPY, IPIP to a
- * UDP port) have no SYN, and a TCP flood need not use SYNs. Each (source address, ingress
- * interface) has a token bucket in an LRU hash: rate_pps tokens a second up to burst; a
- * packet takes one token or is dropped (rate-limit). The LRU bounds memory under a spoofed
- * flood (old buckets are evicted; a returning source then starts with a full bucket).
- * Everything else passes untouched. After a pass the guard tail-calls jp_guard_next[0] when
- * the control plane put a program there (the XDP IPIP encapsulation), so the guard and a
- * data-plane XDP program share the one XDP hook of the link.
+ * What it rations, per (source address, ingress interface), each with a token bucket in an
+ * LRU hash (rate tokens a second up to burst; a packet takes one token or is dropped,
+ * reason rate-limit):
+ *   - UDP datagrams to a join port (IPv6 and IPv4, first fragments included): UDP modes
+ *     (CoAPS, JPY, IPIP to a UDP port) have no connection setup to ration instead;
+ *     rate_pps/burst.
+ *   - TCP SYNs without ACK to a join port, i.e. new connections: syn_rate_pps/syn_burst.
+ *     Every other TCP segment to a join port is let through (counted as allow): a
+ *     pledge's established connection must never lose a segment to the guard (a lost
+ *     segment costs a retransmission timeout, 200 ms to seconds); how many connections a
+ *     pledge may hold is the circuit limits' business, and segments of no connection the
+ *     stack answers with a reset.
+ * The LRU bounds memory under a spoofed flood (old buckets are evicted; a returning source
+ * then starts with a full bucket). Everything else passes untouched. After a pass the guard
+ * tail-calls jp_guard_next[0] when the control plane put a program there (the XDP IPIP
+ * encapsulation), so the guard and a data-plane XDP program share the one XDP hook of the
+ * link.
  *
  * Time is the coarse clock (one tick, 1-10 ms, of resolution, and no TSC read per packet):
  * the bucket is refilled in tick-sized steps, which the burst absorbs.
@@ -40,6 +48,9 @@
 #define NEXTHDR_ROUTING 43
 #define NEXTHDR_FRAGMENT 44
 #define NEXTHDR_DEST 60
+#define TCP_FLAGS_OFF 13	/* the byte with CWR ECE URG ACK PSH RST SYN FIN */
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -129,7 +140,7 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 	struct jp_guard_bucket *b, fresh;
 	struct jp_guard_cfg *cfg;
 	__u32 zero = 0, off = sizeof(*eth);
-	__u64 now, cap, tokens, elapsed;
+	__u64 now, cap, tokens, elapsed, rate, burst;
 	__u16 *ports;
 	__u8 proto = 0;
 
@@ -158,6 +169,7 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 		if ((bpf_ntohs(ip4->frag_off) & 0x1fff) != 0)
 			return JP_ACT_PASS;	/* non-first fragment: no ports */
 		off += ip4->ihl * 4;
+		proto = ip4->protocol;
 		key.addr[10] = 0xff;	/* ::ffff:a.b.c.d */
 		key.addr[11] = 0xff;
 		__builtin_memcpy(&key.addr[12], &ip4->saddr, 4);
@@ -172,14 +184,31 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 	if (!port_listed(cfg->ports, bpf_ntohs(ports[1])))
 		return JP_ACT_PASS;
 
+	rate = cfg->rate_pps;
+	burst = cfg->burst;
+	if (proto == IPPROTO_TCP) {
+		__u8 *flags = (__u8 *)ports + TCP_FLAGS_OFF;
+
+		if ((void *)(flags + 1) > data_end)
+			return JP_ACT_PASS;	/* cut short: the stack drops it */
+		if ((*flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+			return JP_ACT_ALLOW;	/* part of a connection: never rationed */
+		rate = cfg->syn_rate_pps;
+		burst = cfg->syn_burst;
+		if (rate == 0)
+			return JP_ACT_ALLOW;	/* SYNs not limited */
+	}
+
 	key.ifindex = ctx->ingress_ifindex;
+	key.proto = proto;
 	now = bpf_ktime_get_coarse_ns();
-	cap = cfg->burst * JP_TOKEN_ONE;
+	cap = burst * JP_TOKEN_ONE;
 	b = bpf_map_lookup_elem(&jp_guard_bkt, &key);
 	if (!b) {
 		/* a new source starts with a full bucket, less this packet */
 		fresh.tokens = cap >= JP_TOKEN_ONE ? cap - JP_TOKEN_ONE : 0;
 		fresh.last_ns = now;
+		fresh.drops = 0;
 		if (cap < JP_TOKEN_ONE) {
 			*reason = JP_DROP_RATE_LIMIT;	/* burst 0: nothing gets through */
 			return JP_ACT_DROP;
@@ -197,13 +226,14 @@ static __always_inline __u32 guard(struct xdp_md *ctx, __u32 *reason)
 	elapsed = now > b->last_ns ? now - b->last_ns : 0;
 	/* Refill without overflow: when the elapsed time alone fills the bucket, fill it;
 	 * otherwise elapsed * rate < cap - tokens, which fits in 64 bits. */
-	if (elapsed >= (cap - tokens) / cfg->rate_pps)
+	if (elapsed >= (cap - tokens) / rate)
 		tokens = cap;
 	else
-		tokens += elapsed * cfg->rate_pps;
+		tokens += elapsed * rate;
 	b->last_ns = now;
 	if (tokens < JP_TOKEN_ONE) {
 		b->tokens = tokens;
+		__sync_fetch_and_add(&b->drops, 1);
 		*reason = JP_DROP_RATE_LIMIT;
 		return JP_ACT_DROP;
 	}

@@ -47,7 +47,8 @@ enum jp_action {
 	JP_ACT_PASS = 0,	/* left to the stack untouched */
 	JP_ACT_ENCAP = 1,	/* IPIP: encapsulated and redirected to the backbone */
 	JP_ACT_DECAP = 2,	/* IPIP: decapsulated and redirected to its join link */
-	JP_ACT_ALLOW = 3,	/* guard: to a join port and within the rate */
+	JP_ACT_ALLOW = 3,	/* guard: to a join port, let through (within the rate, or
+				 * a TCP segment of a connection, which is never rationed) */
 	JP_ACT_FALLBACK = 4,	/* XDP encap: next hop not resolved, left to the tc program */
 	JP_ACT_REDIRECT = 5,	/* bare redirect baseline */
 	JP_ACT_DROP = 6,	/* dropped; the reason is counted in drop[] too */
@@ -151,18 +152,23 @@ struct jp_registrar {
 	__u32 flags;	/* reserved, 0 */
 };
 
-/* jp_guard_cfg (ARRAY, one entry). */
+/* jp_guard_cfg (ARRAY, one entry). UDP datagrams and TCP SYNs (new connections) have
+ * buckets and rates of their own; other TCP segments are not rationed. */
 struct jp_guard_cfg {
-	__u64 rate_pps;		/* tokens added per second; 0 turns the guard off */
-	__u64 burst;		/* bucket depth in packets (>= 1 when rate_pps > 0) */
+	__u64 rate_pps;		/* UDP datagrams per second; 0 turns the whole guard off */
+	__u64 burst;		/* UDP bucket depth in datagrams (>= 1 when rate_pps > 0) */
 	__u16 ports[JP_GUARD_MAX_PORTS];	/* join ports, TCP and UDP; 0 = unused */
+	__u64 syn_rate_pps;	/* TCP SYNs (without ACK) per second; 0: SYNs not limited */
+	__u64 syn_burst;	/* SYN bucket depth (>= 1 when syn_rate_pps > 0) */
 };
 
-/* jp_guard_bkt (LRU_HASH): one token bucket per (source, ingress interface). IPv4 sources
- * are stored v4-mapped (::ffff:a.b.c.d) so one key type serves both families. */
+/* jp_guard_bkt (LRU_HASH): one token bucket per (source, ingress interface, protocol). IPv4
+ * sources are stored v4-mapped (::ffff:a.b.c.d) so one key type serves both families. */
 struct jp_guard_key {
 	__u8 addr[16];
 	__u32 ifindex;
+	__u8 proto;	/* IPPROTO_TCP (SYN bucket) or IPPROTO_UDP */
+	__u8 pad[3];	/* zero */
 };
 
 /* Tokens are fixed point: JP_TOKEN_ONE units make one packet, so refill is
@@ -172,6 +178,7 @@ struct jp_guard_key {
 struct jp_guard_bucket {
 	__u64 tokens;	/* in 1/JP_TOKEN_ONE packets */
 	__u64 last_ns;	/* bpf_ktime_get_coarse_ns() of the last refill */
+	__u64 drops;	/* packets this source lost to the bucket: who is flooding */
 };
 
 /* jp_bare_cfg (ARRAY, one entry): the baseline's target; 0 makes it a counting sink. */

@@ -261,7 +261,7 @@ def test_a_stale_incompatible_pin_is_replaced(bpffs: Path,
         dp.set_guard(rate_pps=1, burst=1, ports=[443])
         shown = json.loads(sh("bpftool", "-j", "map", "show", "pinned",
                               str(pin_dir / "jp_guard_cfg")))
-        assert shown["bytes_value"] == 32
+        assert shown["bytes_value"] == 48  # struct jp_guard_cfg
         dp.close(unpin=True)
     assert "replacing stale pinned map" in caplog.text
 

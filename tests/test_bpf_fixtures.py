@@ -600,8 +600,9 @@ def test_guard_burst_then_drop(fresh_dp: BpfDatapath, lab: Lab) -> None:
     verdicts = [guard(fresh_dp, lab, udp_from(PLEDGE)) for _ in range(5)]
     assert verdicts == [XDP_PASS] * 3 + [XDP_DROP] * 2
     assert guard_counts(fresh_dp) == {"allow": 3, "drop": 2, "drop:rate-limit": 2}
-    tokens, _ = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) or (None, 0)
+    tokens, _, drops = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) or (None, 0, 0)
     assert tokens is not None and tokens < 1
+    assert drops == 2, "drops are also counted per source"
 
 
 def test_guard_buckets_per_source_and_per_interface(fresh_dp: BpfDatapath, lab: Lab) -> None:
@@ -618,13 +619,56 @@ def test_guard_counts_ipv4_tcp_and_extension_headers(fresh_dp: BpfDatapath, lab:
     fresh_dp.set_guard(rate_pps=1, burst=1, ports=[443])
     tcp4 = join_frame(IP(src="192.0.2.7", dst="192.0.2.254") / TCP(dport=443, flags="S"))
     assert [guard(fresh_dp, lab, tcp4) for _ in range(2)] == [XDP_PASS, XDP_DROP]
-    assert fresh_dp.guard_bucket("192.0.2.7", lab.ifindex["join0"]) is not None, "v4-mapped key"
+    assert fresh_dp.guard_bucket("192.0.2.7", lab.ifindex["join0"], proto=6) is not None, \
+        "v4-mapped key, the SYN bucket"
     hidden = join_frame(IPv6(src="fe80::1:9", dst="fe80::1") / IPv6ExtHdrDestOpt() /
                         IPv6ExtHdrHopByHop() / TCP(dport=443, flags="S"))
     assert [guard(fresh_dp, lab, hidden) for _ in range(2)] == [XDP_PASS, XDP_DROP]
     first_fragment = join_frame(IPv6(src="fe80::1:a", dst="fe80::1") /
                                 IPv6ExtHdrFragment(m=1, offset=0) / UDP(dport=443) / Raw(b"f"))
     assert [guard(fresh_dp, lab, first_fragment) for _ in range(2)] == [XDP_PASS, XDP_DROP]
+
+
+def tcp_from(src: str, flags: str, dport: int = 443, payload: bytes = b"") -> bytes:
+    return join_frame(IPv6(src=src, dst="fe80::1") / TCP(sport=40000, dport=dport, flags=flags)
+                      / Raw(payload))
+
+
+def test_guard_never_limits_segments_of_a_connection(fresh_dp: BpfDatapath, lab: Lab) -> None:
+    """Only SYNs open connections; every other segment belongs to one (or to none, and the
+    stack resets it): a well-behaved pledge must never lose one to the guard."""
+    fresh_dp.set_guard(rate_pps=1, burst=1, ports=[443], syn_rate_pps=1, syn_burst=1)
+    assert guard(fresh_dp, lab, tcp_from(PLEDGE, "S")) == XDP_PASS
+    assert guard(fresh_dp, lab, tcp_from(PLEDGE, "S")) == XDP_DROP, "the SYN bucket is empty"
+    segments = [tcp_from(PLEDGE, "A"), tcp_from(PLEDGE, "PA", payload=b"\x16\x03\x01" * 300),
+                tcp_from(PLEDGE, "FA"), tcp_from(PLEDGE, "R"), tcp_from(PLEDGE, "RA"),
+                tcp_from(PLEDGE, "SA")]  # a SYN-ACK opens nothing here
+    for _ in range(20):  # far beyond rate and burst
+        for frame in segments:
+            assert guard(fresh_dp, lab, frame) == XDP_PASS, decode(frame)
+    # A TCP header cut short before its flags: not the guard's to judge, the stack drops it.
+    assert guard(fresh_dp, lab, tcp_from(PLEDGE, "S")[:14 + 40 + 13]) == XDP_PASS
+    # Segments to a join port count as allowed; the one cut short is not the guard's.
+    assert guard_counts(fresh_dp) == {"allow": 1 + 20 * len(segments), "drop": 1,
+                                      "drop:rate-limit": 1, "pass": 1}
+
+
+def test_guard_holds_a_syn_flood_to_its_own_rate(fresh_dp: BpfDatapath, lab: Lab) -> None:
+    fresh_dp.set_guard(rate_pps=1, burst=2, ports=[443], syn_rate_pps=1, syn_burst=3)
+    flood = [guard(fresh_dp, lab, tcp_from(PLEDGE, flags)) for flags in ["S"] * 8 + ["SE"] * 2]
+    assert flood == [XDP_PASS] * 3 + [XDP_DROP] * 7  # SYN with ECE is still a new flow
+    assert guard_counts(fresh_dp) == {"allow": 3, "drop": 7, "drop:rate-limit": 7}
+    tokens, _, drops = fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"], proto=6) \
+        or (None, 0, 0)
+    assert tokens is not None and tokens < 1 and drops == 7
+    # UDP has a bucket of its own: the SYN flood did not empty it.
+    assert [guard(fresh_dp, lab, udp_from(PLEDGE, dport=443)) for _ in range(3)] == \
+        [XDP_PASS, XDP_PASS, XDP_DROP]
+    assert (fresh_dp.guard_bucket(PLEDGE, lab.ifindex["join0"]) or ())[2:] == (1,)
+    # syn_rate 0 leaves SYNs unlimited while UDP stays rationed.
+    fresh_dp.set_guard(rate_pps=1, burst=2, ports=[443], syn_rate_pps=0)
+    assert [guard(fresh_dp, lab, tcp_from(PLEDGE, "S")) for _ in range(5)] == [XDP_PASS] * 5
+    assert guard(fresh_dp, lab, udp_from(PLEDGE, dport=443)) == XDP_DROP
 
 
 def test_guard_passes_everything_else_untouched(fresh_dp: BpfDatapath, lab: Lab) -> None:

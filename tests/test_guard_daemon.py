@@ -116,7 +116,8 @@ def test_a_flooding_pledge_is_cut_off_while_another_enrolls(lab: Lab, bpffs: Pat
             == drops
         text = lab.proxy.run([sys.executable, "-m", "joinproxyd.ctl", "--socket",
                               daemon.config["daemon"]["control_socket"], "status"]).stdout
-        assert "guard: 20 packets/s per source, burst 40, ports 8443 on join0" in text, text
+        assert ("guard: per source UDP 20 datagrams/s burst 40, TCP 10 SYNs/s burst 20, "
+                "ports 8443 on join0") in text, text
         assert "jp_guard: " in text and "drop " in text, text
         assert daemon.stop() == 0
         assert bpftool_net(lab.proxy)["xdp"] == []
@@ -138,7 +139,8 @@ def test_sighup_changes_the_guard(lab: Lab, bpffs: Path, tmp_path: Path) -> None
         daemon.start()
         assert daemon.ctl()["guard"]["rate"] == 20
         assert daemon.ctl()["bpf"]["guard"] == {"rate_pps": 20, "burst": 40,
-                                                "ports": [REGISTRAR_PORT]}
+                                                "ports": [REGISTRAR_PORT],
+                                                "syn_rate_pps": 10, "syn_burst": 20}
         cfg = guard_map(pin_dir)
         assert (cfg["rate_pps"], cfg["burst"]) == (20, 40), cfg
         first = daemon.ctl()["bpf"]["attached"]

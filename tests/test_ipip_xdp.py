@@ -116,7 +116,7 @@ class FakeBpf:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def set_guard(self, rate: int, burst: int, ports: Any) -> None:
+    def set_guard(self, rate: int, burst: int, ports: Any, *syn: int) -> None:
         self.calls.append(("set_guard", rate, burst, list(ports)))
 
     def attach_guard(self, index: int) -> str:

@@ -51,12 +51,22 @@ def rules(spec: list[dict], chain: str) -> list[list[dict]]:
 
 # -- the builder -----------------------------------------------------------------------------
 
+DADDR_REGISTRAR = {"match": {"op": "==", "left": {"payload": {"protocol": "ip6",
+                                                              "field": "daddr"}},
+                             "right": "fd4a:5044::100"}}
+ESTABLISHED = {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                         "right": ["established", "related"]}}
+
+
 def test_ruleset_for_one_join_interface():
     spec = build_ruleset([JOIN0], REGISTRAR, "bb0")
     assert spec == [
         {"counter": {"name": "no-registrar"}},
         {"counter": {"name": "not-to-registrar"}},
         {"counter": {"name": "unsolicited"}},
+        {"counter": {"name": "flows-join0"}},
+        {"counter": {"name": "upstream-join0"}},
+        {"counter": {"name": "downstream-join0"}},
         {"chain": {"name": "prerouting", "type": "nat", "hook": "prerouting", "prio": -100,
                    "policy": "accept"}},
         {"chain": {"name": "postrouting", "type": "nat", "hook": "postrouting", "prio": 100,
@@ -70,22 +80,23 @@ def test_ruleset_for_one_join_interface():
             {"dnat": {"addr": "fd4a:5044::100", "port": 443}}]}},
         {"rule": {"chain": "postrouting", "expr": [
             {"match": {"op": "==", "left": OIF, "right": "bb0"}},
-            CT_DNAT,
-            {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
-                       "right": "fd4a:5044::100"}},
-            dport(443),
+            {"match": {"op": "==", "left": IIF, "right": "join0"}},
+            DADDR_REGISTRAR, dport(443),
+            {"counter": "flows-join0"},
             {"masquerade": None}]}},
         {"rule": {"chain": "forward", "expr": [
             {"match": {"op": "==", "left": IIF, "right": "join0"}}, CT_DNAT,
-            {"accept": None}]}},
+            {"counter": "upstream-join0"}, {"accept": None}]}},
+        # A pledge that addressed the registrar itself (no dnat status in conntrack).
+        {"rule": {"chain": "forward", "expr": [
+            {"match": {"op": "==", "left": IIF, "right": "join0"}}, DADDR_REGISTRAR,
+            dport(443), {"counter": "upstream-join0"}, {"accept": None}]}},
         {"rule": {"chain": "forward", "expr": [
             {"match": {"op": "==", "left": IIF, "right": "join0"}},
             {"counter": "not-to-registrar"}, {"drop": None}]}},
         {"rule": {"chain": "forward", "expr": [
-            {"match": {"op": "==", "left": OIF, "right": "join0"}},
-            {"match": {"op": "in", "left": {"ct": {"key": "state"}},
-                       "right": ["established", "related"]}},
-            {"accept": None}]}},
+            {"match": {"op": "==", "left": OIF, "right": "join0"}}, ESTABLISHED,
+            {"counter": "downstream-join0"}, {"accept": None}]}},
         {"rule": {"chain": "forward", "expr": [
             {"match": {"op": "==", "left": OIF, "right": "join0"}},
             {"counter": "unsolicited"}, {"drop": None}]}},
@@ -93,14 +104,29 @@ def test_ruleset_for_one_join_interface():
     json.dumps(spec)  # plain JSON, as libnftables wants it
 
 
-def test_each_interface_gets_its_own_port_and_forward_rules_use_a_set():
+def test_draining_admits_only_open_flows_and_makes_no_new_ones():
+    spec = build_ruleset([JOIN0], REGISTRAR, "bb0", draining=True)
+    text = json.dumps(spec)
+    assert '{"dnat":' not in text and "masquerade" not in text
+    assert rules(spec, "prerouting")[0][-1] == {"counter": "no-registrar"}
+    forward = rules(spec, "forward")
+    assert forward[1] == [{"match": {"op": "==", "left": IIF, "right": "join0"}},
+                          DADDR_REGISTRAR, dport(443), ESTABLISHED,
+                          {"counter": "upstream-join0"}, {"accept": None}]
+
+
+def test_each_interface_gets_its_own_port_and_counters():
     spec = build_ruleset([JOIN1, JOIN0], REGISTRAR, "bb0")  # any order in, sorted out
     prerouting = rules(spec, "prerouting")
     assert [(r[0]["match"]["right"], r[2]["match"]["right"]) for r in prerouting] == \
         [("join0", 8443), ("join1", 9443)]
-    for expr in rules(spec, "forward"):
-        assert expr[0]["match"]["right"] == {"set": ["join0", "join1"]}
-    assert len(rules(spec, "postrouting")) == 1  # one registrar, one masquerade rule
+    forward = rules(spec, "forward")
+    assert [expr[0]["match"]["right"] for expr in forward] == [
+        "join0", "join0", "join1", "join1", {"set": ["join0", "join1"]},
+        "join0", "join1", {"set": ["join0", "join1"]}]
+    # One masquerade rule per join interface, each counting that interface's new flows.
+    assert [r[-2] for r in rules(spec, "postrouting")] == [
+        {"counter": "flows-join0"}, {"counter": "flows-join1"}]
 
 
 @pytest.mark.parametrize(("registrar", "backbone"), [
@@ -115,7 +141,9 @@ def test_no_usable_registrar_means_no_nat_only_counting(registrar, backbone):
         {"match": {"op": "==", "left": IIF, "right": "join0"}}, NOT_LINK_LOCAL, dport(8443),
         {"counter": "no-registrar"}]]
     assert rules(spec, "postrouting") == []
-    assert len(rules(spec, "forward")) == 4  # pledges stay fenced in all the same
+    # Pledges stay fenced in all the same (and replies of flows still open get out).
+    assert [r[-1] for r in rules(spec, "forward")] == [
+        {"accept": None}, {"drop": None}, {"accept": None}, {"drop": None}]
 
 
 def test_refusal_reasons():
@@ -130,6 +158,7 @@ def test_udp_registrar_gets_udp_rules():
     spec = build_ruleset([JOIN0], udp, "bb0")
     assert rules(spec, "prerouting")[0][2] == dport(8443, "udp")
     assert rules(spec, "postrouting")[0][3] == dport(5684, "udp")
+    assert rules(spec, "forward")[1][2] == dport(5684, "udp")
 
 
 def test_no_interfaces_means_empty_chains():
@@ -418,7 +447,9 @@ def test_close_stops_relaying_first_then_waits_for_open_flows(proc):
     def finish_on_third_read(fake: FakeFlows) -> None:
         # While draining: the table no longer relays, but still fences pledges in.
         assert '{"dnat":' not in json.dumps(table.applied[-1])
-        assert len(rules(table.applied[-1], "forward")) == 4
+        assert "masquerade" not in json.dumps(table.applied[-1])
+        assert rules(table.applied[-1], "forward") == \
+            rules(build_ruleset([JOIN0], REGISTRAR, "bb0", draining=True), "forward")
         assert forwarding(proc) == "1"
         if fake.reads >= 3:
             fake.flows = [flow(tcp_state=7)]
@@ -485,3 +516,65 @@ def test_circuits_lists_open_flows_of_this_run(proc):
     ]
     flows.fail = KernelError("cannot read conntrack: EPERM (Operation not permitted)", 1)
     assert mode.circuits() == []
+
+
+def nat66_traffic(mode: Nat66Mode) -> tuple[float | None, ...]:
+    registry = mode.ctx.metrics.registry
+    return (registry.get_sample_value("joinproxyd_circuits_total", {"mode": "nat66"}),
+            *(registry.get_sample_value("joinproxyd_relayed_bytes_total",
+                                        {"mode": "nat66", "direction": direction})
+              for direction in ("upstream", "downstream")))
+
+
+def test_relayed_flows_and_bytes_are_counted_across_table_replacements(proc):
+    table = FakeTable()
+    mode = make_mode(proc, table)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    assert nat66_traffic(mode) == (0, 0, 0)
+    # FakeTable counts 80 bytes per packet.
+    table.live = {"flows-join0": 2, "upstream-join0": 5, "downstream-join0": 4,
+                  "not-to-registrar": 7}
+    run(mode.reconcile([JOIN0], RegistrarEndpoint(100, "fd4a:5044::200", 443)))  # replaced
+    assert nat66_traffic(mode) == (2, 400, 320)
+    table.live = {"flows-join0": 1, "upstream-join0": 1, "downstream-join0": 1}
+    run(mode.close(0))
+    assert nat66_traffic(mode) == (3, 480, 400)
+    assert mode.traffic == {"join0": {"flows": 3, "upstream_bytes": 480,
+                                      "downstream_bytes": 400}}
+
+
+def test_traffic_counters_are_polled_between_reconciles(proc, monkeypatch):
+    monkeypatch.setattr("joinproxyd.relays.nat66.TRAFFIC_POLL_SECONDS", 0.01)
+    table = FakeTable()
+    mode = make_mode(proc, table)
+
+    async def scenario() -> tuple[float | None, ...]:
+        await mode.reconcile([JOIN0], REGISTRAR)
+        table.live = {"flows-join0": 1, "upstream-join0": 2, "downstream-join0": 3}
+        await asyncio.sleep(0.1)
+        seen = nat66_traffic(mode)
+        await asyncio.sleep(0.1)  # read again: the same values add nothing
+        assert nat66_traffic(mode) == seen
+        await mode.close(0)
+        return seen
+
+    assert run(scenario()) == (1, 160, 240)
+    assert mode.status()["traffic"] == {"join0": {"flows": 1, "upstream_bytes": 160,
+                                                  "downstream_bytes": 240}}
+
+
+def test_traffic_during_the_drain_is_counted_too(proc):
+    table, flows = FakeTable(), FakeFlows()
+    mode = make_mode(proc, table, flows=flows)
+    run(mode.reconcile([JOIN0], REGISTRAR))
+    table.live = {"flows-join0": 1, "upstream-join0": 2, "downstream-join0": 2}
+    flows.flows = [flow()]
+
+    def flow_ends(fake: FakeFlows) -> None:
+        # The draining table (new, counting from zero) carried the rest of the flow.
+        table.live = {"upstream-join0": 3, "downstream-join0": 1}
+        fake.flows = []
+
+    flows.on_read = flow_ends
+    run(mode.close(10))
+    assert nat66_traffic(mode) == (1, (2 + 3) * 80, (2 + 1) * 80)

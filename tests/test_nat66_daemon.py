@@ -7,7 +7,11 @@
 join0 serves both modes on port 8443. A pledge that connects to the proxy's ULA uses its own
 ULA as source and is DNATed to the registrar and masqueraded behind the proxy's backbone
 address (no user-space circuit); one that connects to fe80::1 has a link-local source, which
-the kernel cannot forward, and gets a circuit. Then the daemon is SIGKILLed and started again
+the kernel cannot forward, and gets a circuit. A pledge that addresses the registrar itself
+is relayed and masqueraded the same way (the DNAT to the same address sets no dnat status in
+conntrack), one that addresses another backbone host is dropped and counted, and NAT66 flows
+and bytes show in joinproxyd_circuits_total and joinproxyd_relayed_bytes_total
+{mode="nat66"}. Then the daemon is SIGKILLed and started again
 (its nftables table is replaced, not duplicated, and the forwarding value from before the
 crashed run is what a clean stop restores).
 """
@@ -33,6 +37,9 @@ PROXY_BACKBONE = "fd4a:5044::1"
 REGISTRAR = "fd4a:5044::100"
 VIA_NAT66 = f"[{PROXY_JOIN_ULA}]:{REGISTRAR_PORT}"
 VIA_CIRCUIT = f"[fe80::1%eth0]:{REGISTRAR_PORT}"
+DIRECT = f"[{REGISTRAR}]:{REGISTRAR_PORT}"
+OTHER_HOST = "fd4a:5044::200"  # another backbone host (an address of the registrar's host)
+OTHER_PORT = 2200
 
 
 @pytest.fixture
@@ -51,8 +58,12 @@ def forwarding(proxy: Host) -> str:
     return proxy.run(["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout.strip()
 
 
-def circuits(daemon: ProxyDaemon) -> float:
-    return daemon.sample("joinproxyd_circuits_total", mode="circuit")
+def circuits(daemon: ProxyDaemon, mode: str = "circuit") -> float:
+    return daemon.sample("joinproxyd_circuits_total", mode=mode)
+
+
+def relayed_bytes(daemon: ProxyDaemon, direction: str) -> float:
+    return daemon.sample("joinproxyd_relayed_bytes_total", mode="nat66", direction=direction)
 
 
 def nat66_relaying(daemon: ProxyDaemon) -> bool:
@@ -75,7 +86,7 @@ def hold(pledge: Host, target: str) -> LabProcess:
 
 def test_nat66_enrolls_survives_a_crash_and_cleans_up(lab: Lab, tmp_path: Path) -> None:
     pledge, proxy = lab.pledges[0], lab.proxy
-    serials = ["nat-0", "ll-0", "nat-1"]
+    serials = ["nat-0", "direct-0", "ll-0", "nat-1"]
     pki = make_pki(tmp_path / "pki", serials)
     services = Services(lab.registrars[0], pki, tmp_path / "r0",
                         registrar_listen=[f"[{REGISTRAR}]:{REGISTRAR_PORT}"],
@@ -92,11 +103,19 @@ def test_nat66_enrolls_survives_a_crash_and_cleans_up(lab: Lab, tmp_path: Path) 
         assert forwarding(proxy) == "1"
         assert pledge.address("eth0", link_local=False) == PLEDGE_ULA
 
-        # Forwarding is on, yet the registrar is out of reach except through the join port.
-        direct = pledge.run(["socat", "-", f"TCP6:[{REGISTRAR}]:{REGISTRAR_PORT},"
-                             "connect-timeout=1"], input="", check=False, timeout=10)
-        assert direct.returncode != 0
-        wait_for(lambda: daemon.drops("nat66", "not-to-registrar") >= 1, 5,
+        # Forwarding is on, yet the backbone is out of reach except the registrar's port.
+        registrar_host = lab.registrars[0]
+        registrar_host.run(["ip", "-6", "addr", "add", f"{OTHER_HOST}/64", "dev", "eth0",
+                            "nodad"])
+        registrar_host.spawn(["socat", f"TCP6-LISTEN:{OTHER_PORT},fork,reuseaddr",
+                              "SYSTEM:echo other"], name="other")
+        wait_for(lambda: registrar_host.run(["ss", "-ltnH", f"sport = :{OTHER_PORT}"]).stdout,
+                 10, "the other backbone service")
+        for target in (OTHER_HOST, REGISTRAR):
+            other = pledge.run(["socat", "-", f"TCP6:[{target}]:{OTHER_PORT},"
+                                "connect-timeout=1"], input="", check=False, timeout=10)
+            assert other.returncode != 0 and "other" not in other.stdout
+        wait_for(lambda: daemon.drops("nat66", "not-to-registrar") >= 2, 5,
                  "the forward chain's refusal count")
 
         # A connection from the pledge's ULA: NATed by the kernel, no circuit.
@@ -119,6 +138,20 @@ def test_nat66_enrolls_survives_a_crash_and_cleans_up(lab: Lab, tmp_path: Path) 
         assert ldevid_verifies(pki, result["ldevid_path"])
         assert circuits(daemon) == 0, "NAT66 traffic must not take the circuit path"
         assert set(services.peers()) == {PROXY_BACKBONE}  # masqueraded, never the pledge
+
+        # A pledge that addresses the registrar itself (the DNAT to the same address sets
+        # no dnat status in conntrack) is relayed too, and masqueraded the same way.
+        run = enroll(pledge, pki, out, "--serial", "direct-0", "--registrar", DIRECT,
+                     "--deadline", "30", timeout=60)
+        assert run.ok, run.stderr[-3000:]
+        assert ldevid_verifies(pki, run.results[0]["ldevid_path"])
+        assert set(services.peers()) == {PROXY_BACKBONE}
+        # Counted like circuits: the held connection and both enrollments (each pledge-sim
+        # run opens one or more connections), bytes both ways.
+        wait_for(lambda: circuits(daemon, "nat66") >= 3, 5, "NAT66 flows counted")
+        assert relayed_bytes(daemon, "upstream") > 2000
+        assert relayed_bytes(daemon, "downstream") > 2000
+        assert circuits(daemon) == 0
 
         # The same join port by link-local: the circuit mode serves it.
         run = enroll(pledge, pki, out, "--serial", "ll-0", "--registrar", VIA_CIRCUIT,

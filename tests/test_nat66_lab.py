@@ -72,6 +72,11 @@ async def main():
             reply["circuits"] = mode.circuits()
         reply["shutdown_drops"] = metrics.registry.get_sample_value(
             "joinproxyd_drops_total", {"mode": "nat66", "reason": "shutdown"})
+        reply["circuits_total"] = metrics.registry.get_sample_value(
+            "joinproxyd_circuits_total", {"mode": "nat66"})
+        reply["relayed_bytes"] = {direction: metrics.registry.get_sample_value(
+            "joinproxyd_relayed_bytes_total", {"mode": "nat66", "direction": direction})
+            for direction in ("upstream", "downstream")}
         print(json.dumps(reply), flush=True)
     await watcher.stop()
 
@@ -225,7 +230,8 @@ def test_pledge_reaches_the_registrar_which_sees_the_proxy(lab, driver):
 
 def test_everything_else_from_and_to_pledges_is_dropped_and_counted(lab, driver):
     driver.reconcile()
-    assert connect(lab, REGISTRAR, port=ECHO_PORT, timeout=1.5) == "ERROR TimeoutError"
+    # The registrar's host on another port: nothing listens there, so a reset if it got through.
+    assert connect(lab, REGISTRAR, port=ECHO_PORT + 1, timeout=1.5) == "ERROR TimeoutError"
     assert connect(lab, PROXY_BACKBONE, port=22, timeout=1) in ("ERROR TimeoutError",
                                                                 "ERROR ConnectionRefusedError")
     assert driver.call("status")["drops"]["not-to-registrar"] >= 1
@@ -240,6 +246,55 @@ def test_everything_else_from_and_to_pledges_is_dropped_and_counted(lab, driver)
     assert drops["unsolicited"] >= 1
     # ...while the relayed flow still works.
     assert connect(lab, PROXY_JOIN_ULA).startswith(f"from {PROXY_BACKBONE} to {ECHO_PORT}\n")
+
+
+@pytest.mark.parametrize("join_port", [ECHO_PORT, JOIN_PORT])
+def test_pledge_addressing_the_registrar_itself_is_relayed(lab, driver, join_port):
+    """With the join port equal to the registrar's, the DNAT to the same address sets no
+    dnat status in conntrack; with another join port, no DNAT happens at all. Either way
+    the flow is the registrar's and is relayed (masqueraded), and nothing else is opened."""
+    driver.reconcile(port=join_port)
+    hello = f"from {PROXY_BACKBONE} to {ECHO_PORT}\nhello pledge\n"
+    assert connect(lab, REGISTRAR, port=ECHO_PORT) == hello
+    assert connect(lab, PROXY_JOIN_ULA, port=join_port) == hello
+    assert driver.call("status")["drops"]["not-to-registrar"] == 0
+    # The same host on another port, another backbone host: still dropped and counted.
+    registrar = lab.registrars[0]
+    registrar.run(["ip", "-6", "addr", "add", "fd4a:5044::200/64", "dev", "eth0", "nodad"])
+    registrar.spawn([PYTHON, "-c", ECHO, str(ECHO_PORT + 2)], name="echo-other")
+    wait_for(lambda: registrar.run(["ss", "-ltnH", f"sport = :{ECHO_PORT + 2}"]).stdout.strip(),
+             10, "the other echo server")
+    assert connect(lab, REGISTRAR, port=ECHO_PORT + 2, timeout=1) == "ERROR TimeoutError"
+    assert connect(lab, "fd4a:5044::200", port=ECHO_PORT + 2, timeout=1) \
+        == "ERROR TimeoutError"
+    assert driver.call("status")["drops"]["not-to-registrar"] >= 2
+
+
+def test_relayed_flows_and_bytes_are_counted(lab, driver):
+    driver.reconcile()
+    payload = len("hello pledge\n")
+    hello = f"from {PROXY_BACKBONE} to {ECHO_PORT}\nhello pledge\n"
+    assert connect(lab, PROXY_JOIN_ULA) == hello  # DNAT
+    assert connect(lab, REGISTRAR, port=ECHO_PORT) == hello  # addressed to the registrar
+    connect(lab, REGISTRAR, port=ECHO_PORT + 1, timeout=1)  # dropped: not counted
+
+    def counted() -> dict[str, Any] | None:
+        reply = driver.reply("status")
+        return reply if reply["circuits_total"] == 2 else None
+
+    reply = wait_for(counted, 5, "two NAT66 circuits counted")
+    traffic = reply["status"]["traffic"]["join0"]
+    assert traffic["flows"] == 2
+    # IPv6 packets, headers included: 2 flows x (SYN, ACK, data, FIN, ...) of >= 60 bytes.
+    assert reply["relayed_bytes"]["upstream"] == traffic["upstream_bytes"] \
+        >= 2 * (payload + 4 * 60)
+    assert reply["relayed_bytes"]["downstream"] == traffic["downstream_bytes"] \
+        >= 2 * (len(hello) + 3 * 60)
+    # Counts survive a table replacement and close.
+    before = reply["relayed_bytes"]
+    driver.reconcile(registrar=(REGISTRAR, 9001))
+    after = driver.reply("close")
+    assert after["circuits_total"] == 2 and after["relayed_bytes"] == before
 
 
 def test_table_matches_the_ruleset_the_builder_made(lab, driver):
@@ -328,7 +383,7 @@ def test_registrar_change_moves_new_connections(lab, driver):
 
 def test_counters_survive_table_replacement(lab, driver):
     driver.reconcile()
-    connect(lab, REGISTRAR, port=ECHO_PORT, timeout=1)
+    connect(lab, REGISTRAR, port=ECHO_PORT + 1, timeout=1)
     before = driver.call("status")["drops"]["not-to-registrar"]
     assert before >= 1
     driver.reconcile(registrar=(REGISTRAR, 9001))  # a new table
@@ -416,3 +471,24 @@ def test_flows_outliving_the_drain_are_cut(lab, driver):
     assert 1 <= time.monotonic() - started < 10
     assert reply["shutdown_drops"] == 1
     assert nft_tables(lab) == [] and forwarding(lab) == "0"
+
+
+def test_a_flow_addressed_to_the_registrar_is_listed_and_drained_too(lab, driver):
+    """It has only source NAT in conntrack (no dnat status): it must still be found."""
+    driver.reconcile()
+    hold = lab.pledges[0].spawn([PYTHON, "-c", HOLD, REGISTRAR, str(ECHO_PORT), "2"],
+                                name="hold")
+    wait_for(lambda: "connected" in hold.log(), 10, "the held connection")
+    pledge = lab.pledges[0].address("eth0", link_local=False)
+    (circuit,) = driver.reply("circuits")["circuits"]
+    assert circuit["pledge"].startswith(f"[{pledge}]:")
+    assert circuit["proxy"] == circuit["registrar"] == f"[{REGISTRAR}]:{ECHO_PORT}"
+    started = time.monotonic()
+    driver.send("close", drain=20)
+    time.sleep(0.5)
+    # Draining: a new connection to the registrar is no longer admitted...
+    assert connect(lab, REGISTRAR, port=ECHO_PORT, timeout=1) == "ERROR TimeoutError"
+    reply = driver._read(30)
+    assert time.monotonic() - started < 15  # waited for the flow, and only as long as it lived
+    assert "echoed late" in hold.log()  # ...while the open one lived through the drain
+    assert reply["shutdown_drops"] == 0

@@ -16,13 +16,14 @@ packaging/joinproxyd.toml documents each key.
                     new_circuits_per_second, new_circuits_burst, connect_timeout,
                     idle_timeout, circuit_lifetime
     [announce]      interval, grasp, mdns
-    [guard]         enabled, rate, burst (XDP join-port guard, every join link)
+    [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
     [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
 
 The guard is off when [guard] is absent, so a configuration written before it existed (and
 a circuit-only one with the guard off) loads no BPF at all; the shipped joinproxyd.toml
-turns it on. Rate and burst are whole packets because the kernel's token bucket counts
-whole packets.
+turns it on. Rates and bursts are whole packets because the kernel's token buckets count
+whole packets: rate/burst UDP datagrams, syn_rate/syn_burst TCP SYNs (new connections);
+other TCP segments are never limited by the guard.
 """
 
 import fnmatch
@@ -68,11 +69,15 @@ class StaticRegistrar:
 
 @dataclass(frozen=True)
 class GuardSettings:
-    """The XDP join-port guard: a token bucket per (pledge address, join link)."""
+    """The XDP join-port guard: token buckets per (pledge address, join link), one for UDP
+    datagrams and one for TCP SYNs; the reasoning behind the defaults is in
+    packaging/joinproxyd.toml and joinproxyd.toml(5)."""
 
     enabled: bool = False
-    rate: int = 20  # packets per second to the join ports, per source and link
-    burst: int = 40  # packets
+    rate: int = 20  # UDP datagrams per second to the join ports, per source and link
+    burst: int = 40  # datagrams
+    syn_rate: int = 10  # TCP SYNs (new connections) per second, per source and link
+    syn_burst: int = 20  # SYNs
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,9 @@ def _guard(table: _Table) -> GuardSettings:
     guard = GuardSettings(
         enabled=table.boolean("enabled", defaults.enabled),
         rate=table.integer("rate", defaults.rate, 1, 10_000_000),
-        burst=table.integer("burst", defaults.burst, 1, 1_000_000))
+        burst=table.integer("burst", defaults.burst, 1, 1_000_000),
+        syn_rate=table.integer("syn_rate", defaults.syn_rate, 1, 10_000_000),
+        syn_burst=table.integer("syn_burst", defaults.syn_burst, 1, 1_000_000))
     table.done()
     return guard
 

@@ -89,10 +89,16 @@ def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list
                                    "encapsulation, limiting nothing)" if links else ""))
     else:
         links = ", ".join(f"{name} ({mode})" for name, mode in guard["interfaces"].items())
-        out.append(f"guard: {guard['rate']} packets/s per source, burst {guard['burst']}, "
+        rates = (f"per source UDP {guard['rate']} datagrams/s burst {guard['burst']}, TCP "
+                 f"{guard['syn_rate']} SYNs/s burst {guard['syn_burst']}"
+                 if "syn_rate" in guard else  # a daemon from before SYNs had their own rate
+                 f"{guard['rate']} packets/s per source, burst {guard['burst']}")
+        out.append(f"guard: {rates}, "
                    f"ports {','.join(map(str, guard['ports'])) or 'none'} on "
                    f"{links or 'no link'}" + (f"; ERROR {guard['error']}"
                                               if guard.get("error") else ""))
+        out += [f"  dropped {entry['drops']} {entry['protocol']} from {entry['source']} on "
+                f"{entry['interface']}" for entry in guard.get("dropped_most") or ()]
     if bpf is None:
         out.append("BPF data plane: not loaded")
         return out

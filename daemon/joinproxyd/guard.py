@@ -8,7 +8,9 @@ what it is told.
     enabled   attached to every served join link; detached from a link that stops being
               served (a link that disappears takes its program with it), and from all at
               stop or when the guard is turned off by a reload
-    rate      packets per second per source and link; burst the bucket's depth
+    rates     per source and link: UDP datagrams (rate, burst) and TCP SYNs, i.e. new
+              connections (syn_rate, syn_burst); other TCP segments are never limited, so a
+              pledge's connection never loses a segment to the guard
     ports     the join ports of the served links: each link's announced port (for an ipip
               link that is the registrar's port, which pledges send to)
     dispatch  with the guard off, the links where the ipip mode's XDP fast path runs still
@@ -20,6 +22,12 @@ only when its contents change, and a link is attached once per ifindex (a link t
 back with a new ifindex is attached again). Drops are counted by the program (reason
 rate-limit, or table-full when no bucket could be stored) and exported as
 joinproxyd_drops_total{mode="guard"} by the control plane.
+
+Who is dropped: each bucket also counts its own drops. While the guard drops anything (its
+total drop counter moved), every REPORT_SECONDS the control walks the buckets and logs each
+source that started losing packets since the last look, once per episode (a source that
+stops and starts again is logged again), at most REPORT_LINES sources a look; status()
+lists the sources that lost the most.
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ from typing import Any
 from .config import GuardSettings
 from .datapath import Datapath
 from .kernel import KernelError
-from .kernel.bpf import JP_GUARD_MAX_PORTS
+from .kernel.bpf import JP_GUARD_MAX_PORTS, Program
 from .model import JoinInterface
 
 MODE = "guard"  # the mode label of its drops
+REPORT_SECONDS = 5.0
+REPORT_LINES = 10
+PROTOCOLS = {6: "TCP SYNs", 17: "UDP datagrams"}
 
 
 class Guard:
@@ -46,9 +57,15 @@ class Guard:
         self.settings = settings or GuardSettings()
         self.attached: dict[str, int] = {}  # link name -> ifindex it was attached at
         self.modes: dict[str, str] = {}  # link name -> "native" | "generic"
-        self.written: tuple[int, int, tuple[int, ...]] | None = None  # rate, burst, ports
+        # rate, burst, ports[, syn_rate, syn_burst]: what the kernel's map holds
+        self.written: tuple[Any, ...] | None = None
         self.dispatcher = False  # attached only for the ipip XDP fast path (guard off)
         self.error: str | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._drops_seen = 0  # the guard's total drop count at the last look
+        self._by_source: dict[tuple[str, int, int], int] = {}  # drops at the last look
+        self._dropping: set[tuple[str, int, int]] = set()  # sources losing packets now
+        self.top: list[dict[str, Any]] = []  # the sources that lost the most
 
     async def reconcile(self, settings: GuardSettings, interfaces: Sequence[JoinInterface],
                         ports: Sequence[int], dispatch: Sequence[JoinInterface] = ()) -> None:
@@ -73,8 +90,8 @@ class Guard:
                           f"ports {ports[JP_GUARD_MAX_PORTS:]} are not guarded")
             ports = ports[:JP_GUARD_MAX_PORTS]
         # rate 0: the program limits nothing (and still tail-calls the fast path)
-        wanted = (0, 1, ()) if self.dispatcher else \
-            (settings.rate, settings.burst, tuple(ports))
+        wanted: tuple[Any, ...] = (0, 1, ()) if self.dispatcher else \
+            (settings.rate, settings.burst, tuple(ports), settings.syn_rate, settings.syn_burst)
         if wanted != self.written:
             try:
                 # Written before attaching: a new link is never guarded by stale settings.
@@ -87,8 +104,9 @@ class Guard:
                                   "links, limiting nothing, to hand packets to the XDP fast "
                                   "path", extra={"MODE": MODE})
                 elif self.written is not None:
-                    self.log.info("join-port guard: %d packets/s, burst %d, ports %s",
-                                  settings.rate, settings.burst,
+                    self.log.info("join-port guard: UDP %d datagrams/s, burst %d; TCP %d "
+                                  "SYNs/s, burst %d; ports %s", settings.rate, settings.burst,
+                                  settings.syn_rate, settings.syn_burst,
                                   ",".join(map(str, ports)) or "none")
                 self.written = wanted
         desired = {i.name: i.index for i in interfaces}
@@ -110,13 +128,57 @@ class Guard:
                               "path's dispatcher, limiting nothing (guard.enabled = false)",
                               name, mode, extra={"INTERFACE": name, "MODE": MODE})
             else:
-                self.log.info("join-port guard on %s (XDP %s): %d packets/s per source, "
-                              "burst %d", name, mode, settings.rate, settings.burst,
-                              extra={"INTERFACE": name, "MODE": MODE})
+                self.log.info("join-port guard on %s (XDP %s), per source: UDP %d "
+                              "datagrams/s, burst %d; TCP %d SYNs/s, burst %d", name, mode,
+                              settings.rate, settings.burst, settings.syn_rate,
+                              settings.syn_burst, extra={"INTERFACE": name, "MODE": MODE})
         if errors:
             self._failed("; ".join(errors))
         else:
             self.error = None
+        if self.attached and not self.dispatcher and \
+                (self._reporter is None or self._reporter.done()):
+            self._reporter = asyncio.create_task(self._report_forever(), name="guard-drops")
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_SECONDS)
+            try:
+                await self.report_drops()
+            except KernelError as exc:
+                self._failed(f"cannot read the guard's drops by source: {exc}")
+
+    async def report_drops(self) -> None:
+        """Log the sources that started losing packets since the last look (see the module
+        docstring); cheap when the guard dropped nothing since."""
+        total = sum(self.datapath.kernel_drops((Program.GUARD,)).values())
+        if total == self._drops_seen:
+            self._dropping = set()  # every episode is over
+            return
+        self._drops_seen = total
+        dp = await self.datapath.get()
+        now = await asyncio.to_thread(dp.guard_drops_by_source)
+        rising = {key for key, count in now.items() if count > self._by_source.get(key, 0)}
+        started = sorted(rising - self._dropping, key=lambda key: -now[key])
+        names = {index: name for name, index in self.attached.items()}
+        for source, index, proto in started[:REPORT_LINES]:
+            rate, burst = (self.settings.syn_rate, self.settings.syn_burst) if proto == 6 \
+                else (self.settings.rate, self.settings.burst)
+            name = names.get(index, f"ifindex {index}")
+            self.log.warning(
+                "join-port guard drops %s from %s on %s: over %d/s, burst %d (%d dropped "
+                "so far)", PROTOCOLS.get(proto, f"protocol {proto}"), source, name, rate, burst,
+                now[(source, index, proto)],
+                extra={"INTERFACE": name, "MODE": MODE, "PLEDGE": source,
+                       "REASON": "rate-limit"})
+        if len(started) > REPORT_LINES:
+            self.log.warning("join-port guard drops packets from %d more sources",
+                             len(started) - REPORT_LINES, extra={"MODE": MODE})
+        self._dropping, self._by_source = rising, now
+        self.top = [{"source": source, "interface": names.get(index, index),
+                     "protocol": {6: "tcp", 17: "udp"}.get(proto, proto), "drops": count}
+                    for (source, index, proto), count
+                    in sorted(now.items(), key=lambda item: -item[1])[:REPORT_LINES]]
 
     async def _detach(self, name: str, index: int) -> None:
         self.attached.pop(name, None)
@@ -133,6 +195,10 @@ class Guard:
                       extra={"INTERFACE": name, "MODE": MODE})
 
     async def _detach_all(self) -> None:
+        if self._reporter is not None and not self._reporter.done():
+            self._reporter.cancel()
+            await asyncio.wait([self._reporter])
+        self._reporter = None
         for name, index in list(self.attached.items()):
             await self._detach(name, index)
         self.written = None
@@ -148,6 +214,7 @@ class Guard:
     def status(self) -> dict[str, Any]:
         s = self.settings
         return {"enabled": s.enabled, "rate": s.rate, "burst": s.burst,
+                "syn_rate": s.syn_rate, "syn_burst": s.syn_burst,
                 "ports": list(self.written[2]) if self.written else [],
                 "interfaces": {name: self.modes.get(name) for name in sorted(self.attached)},
-                "error": self.error}
+                "dropped_most": self.top, "error": self.error}

@@ -54,8 +54,10 @@ Map layouts (ebpf/joinproxy.h; ctypes mirrors below, checked against the objects
                           header, egress, route MTU                   kernel-written
     jp_bb_addrs    HASH   16-byte outer dst -> u32 join ifindex       written by set_ipip
     jp_registrars  HASH   16-byte outer src -> u32 flags              written by set_ipip
-    jp_guard_cfg   ARRAY  [0] -> rate_pps, burst, ports[8]            written by set_guard
-    jp_guard_bkt   LRU    (16-byte source, ifindex) -> tokens, last   kernel-written
+    jp_guard_cfg   ARRAY  [0] -> rate_pps, burst, ports[8], syn_rate_pps, syn_burst
+                                                                      written by set_guard
+    jp_guard_bkt   LRU    (16-byte source, ifindex, proto) -> tokens, last, drops
+                                                                      kernel-written
     jp_guard_next  PROG_ARRAY [0] -> jp_xdp_join or empty             written by set_ipip_xdp
     jp_bare_cfg    ARRAY  [0] -> target ifindex                       written by set_bare_target
     jp_counters    PERCPU_ARRAY jp_prog -> u64 action[Action], drop[DropReason]
@@ -172,15 +174,16 @@ class RegistrarC(ctypes.Structure):
 
 
 class GuardCfgC(ctypes.Structure):
-    _fields_ = [("rate_pps", u64), ("burst", u64), ("ports", u16 * JP_GUARD_MAX_PORTS)]
+    _fields_ = [("rate_pps", u64), ("burst", u64), ("ports", u16 * JP_GUARD_MAX_PORTS),
+                ("syn_rate_pps", u64), ("syn_burst", u64)]
 
 
 class GuardKeyC(ctypes.Structure):
-    _fields_ = [("addr", u8 * 16), ("ifindex", u32)]
+    _fields_ = [("addr", u8 * 16), ("ifindex", u32), ("proto", u8), ("pad", u8 * 3)]
 
 
 class GuardBucketC(ctypes.Structure):
-    _fields_ = [("tokens", u64), ("last_ns", u64)]
+    _fields_ = [("tokens", u64), ("last_ns", u64), ("drops", u64)]
 
 
 class BareCfgC(ctypes.Structure):
@@ -960,26 +963,36 @@ class BpfDatapath:
         return self._nl.run(lookup)
 
     # -- guard ------------------------------------------------------------------------------
-    def set_guard(self, rate_pps: int, burst: int, ports: Iterable[int]) -> None:
-        """Rate (packets/s per source and interface; 0 turns the guard off), burst (packets)
-        and the join ports it watches (TCP and UDP). Takes effect at the next packet."""
+    def set_guard(self, rate_pps: int, burst: int, ports: Iterable[int],
+                  syn_rate_pps: int | None = None, syn_burst: int | None = None) -> None:
+        """UDP rate (datagrams/s per source and interface; 0 turns the whole guard off) and
+        burst, the join ports it watches (TCP and UDP), and the TCP SYN rate and burst (new
+        connections; by default the UDP ones; other TCP segments are never limited). Takes
+        effect at the next packet."""
         ports = sorted(set(ports))
-        if not 0 <= rate_pps <= 10_000_000:
-            raise ValueError(f"rate_pps: between 0 and 10000000 (got {rate_pps})")
-        if not 1 <= burst <= 1_000_000:
-            raise ValueError(f"burst: between 1 and 1000000 (got {burst})")
+        syn_rate_pps = rate_pps if syn_rate_pps is None else syn_rate_pps
+        syn_burst = burst if syn_burst is None else syn_burst
+        for name, rate in (("rate_pps", rate_pps), ("syn_rate_pps", syn_rate_pps)):
+            if not 0 <= rate <= 10_000_000:
+                raise ValueError(f"{name}: between 0 and 10000000 (got {rate})")
+        for name, depth in (("burst", burst), ("syn_burst", syn_burst)):
+            if not 1 <= depth <= 1_000_000:
+                raise ValueError(f"{name}: between 1 and 1000000 (got {depth})")
         if len(ports) > JP_GUARD_MAX_PORTS or any(not 1 <= p <= 65535 for p in ports):
             raise ValueError(f"ports: up to {JP_GUARD_MAX_PORTS} ports in 1..65535 (got {ports})")
-        cfg = GuardCfgC(rate_pps=rate_pps, burst=burst)
+        cfg = GuardCfgC(rate_pps=rate_pps, burst=burst, syn_rate_pps=syn_rate_pps,
+                        syn_burst=syn_burst)
         for i, port in enumerate(ports):
             cfg.ports[i] = port
         with self._lock:
             _update(self._map("guard", "jp_guard_cfg"), u32(0), cfg, "jp_guard_cfg")
             self._state.guard = cfg
 
-    def guard_bucket(self, source: str, ifindex: int) -> tuple[float, int] | None:
-        """(tokens, last refill ns) of one bucket, for status and tests."""
-        key = GuardKeyC(ifindex=ifindex)
+    def guard_bucket(self, source: str, ifindex: int,
+                     proto: int = 17) -> tuple[float, int, int] | None:
+        """(tokens, last refill ns, packets dropped) of one bucket (proto 17: UDP; 6: TCP
+        SYNs), for status and tests."""
+        key = GuardKeyC(ifindex=ifindex, proto=proto)
         addr = ipaddress.ip_address(source.split("%")[0])
         if isinstance(addr, ipaddress.IPv4Address):
             addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
@@ -988,7 +1001,21 @@ class BpfDatapath:
         with self._lock:
             if not _lookup(self._map("guard", "jp_guard_bkt"), key, value):
                 return None
-        return value.tokens / JP_TOKEN_ONE, value.last_ns
+        return value.tokens / JP_TOKEN_ONE, value.last_ns, value.drops
+
+    def guard_drops_by_source(self) -> dict[tuple[str, int, int], int]:
+        """(source, ifindex, proto) -> packets the guard dropped, for every bucket that
+        dropped any (one map walk: up to 65536 lookups)."""
+        out: dict[tuple[str, int, int], int] = {}
+        value = GuardBucketC()
+        with self._lock:
+            fd = self._map("guard", "jp_guard_bkt")
+            for key in _keys(fd, GuardKeyC):
+                if _lookup(fd, key, value) and value.drops:
+                    addr = ipaddress.IPv6Address(bytes(key.addr))
+                    source = addr.ipv4_mapped or addr
+                    out[(str(source), key.ifindex, key.proto)] = value.drops
+        return out
 
     def attach_guard(self, iface: int | str) -> str:
         """The guard on a join link's XDP hook; returns "native" or "generic"."""
@@ -1385,7 +1412,8 @@ class BpfDatapath:
                                                 key=lambda kv: (kv[0].ifindex, kv[0].kind))],
                 "guard": None if guard is None else {
                     "rate_pps": guard.rate_pps, "burst": guard.burst,
-                    "ports": [p for p in guard.ports if p]},
+                    "ports": [p for p in guard.ports if p],
+                    "syn_rate_pps": guard.syn_rate_pps, "syn_burst": guard.syn_burst},
                 "ipip": {str(i): {"registrar_ll": j.registrar_ll, "outer_src": j.outer_src,
                                   "registrar": j.registrar, "proto": j.proto,
                                   "ports": list(j.ports)} for i, j in self._state.ipip.items()},

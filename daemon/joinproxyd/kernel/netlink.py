@@ -52,7 +52,8 @@ IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
-IPS_DST_NAT = 0x20  # linux/netfilter/nf_conntrack_common.h
+IPS_SRC_NAT = 0x10  # linux/netfilter/nf_conntrack_common.h
+IPS_DST_NAT = 0x20
 # TCP conntrack states in which a connection still carries data (nf_conntrack_tcp.h):
 # SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK.
 TCP_OPEN_STATES = frozenset(range(1, 7))
@@ -381,7 +382,9 @@ class InterfaceWatcher:
 
 @dataclass(frozen=True)
 class NatFlow:
-    """One destination-NATed IPv6 conntrack entry, as seen from the pledge's side."""
+    """One NATed IPv6 conntrack entry (destination NAT, source NAT or both), as seen from
+    the pledge's side. A flow the pledge addressed to the registrar itself is only
+    source-NATed: its destination and target are the same."""
 
     protocol: int  # IPPROTO_TCP, IPPROTO_UDP, ...
     source: str  # the pledge
@@ -405,30 +408,39 @@ _ENTRY_ATTRS = ("", "CTA_TUPLE_ORIG", "CTA_TUPLE_REPLY", "CTA_STATUS", "CTA_TIME
 
 
 async def nat_flows(*, netns: str | None = None) -> list[NatFlow]:
-    """Every IPv6 conntrack entry with destination NAT, in this (or the named) namespace."""
+    """Every IPv6 conntrack entry with destination or source NAT, in this (or the named)
+    namespace."""
     args: dict[str, Any] = {"netns": netns, "flags": 0} if netns else {}
     flows = []
+    nat = IPS_DST_NAT | IPS_SRC_NAT
     try:
         async with AsyncConntrack(nfgen_family=socket.AF_INET6, **args) as ct:
+            messages = []
             try:
-                # The kernel filters by status since 5.15; older ones answer EINVAL.
-                messages = [m async for m in await ct.dump(status=IPS_DST_NAT,
-                                                           status_mask=IPS_DST_NAT)]
+                # The kernel filters by status since 5.15 (all bits of the mask must match,
+                # so one dump per bit); older kernels answer EINVAL.
+                for bit in (IPS_DST_NAT, IPS_SRC_NAT):
+                    messages += [m async for m in await ct.dump(status=bit, status_mask=bit)]
             except NetlinkError as exc:
                 if exc.code != errno.EINVAL:
                     raise
                 messages = [m async for m in await ct.dump()]
     except (OSError, NetlinkError) as exc:
         raise KernelError(f"cannot read conntrack: {_explain(exc)}", _errno_of(exc)) from exc
+    seen: set[Any] = set()
     for msg in messages:
         try:
             entry = ConntrackEntry(*(msg.get_attr(name) if name else msg["nfgen_family"]
                                      for name in _ENTRY_ATTRS))
         except Exception:  # an entry pyroute2 cannot make sense of is not one of ours
             continue
-        if not (entry.status or 0) & IPS_DST_NAT:
+        if not (entry.status or 0) & nat:
             continue
         orig, reply = entry.tuple_orig, entry.tuple_reply
+        key = (orig.proto, orig.saddr, orig.sport, orig.daddr, orig.dport)
+        if key in seen:  # both NAT bits: in both dumps
+            continue
+        seen.add(key)
         state = entry.protoinfo.state if entry.protoinfo is not None else None
         flows.append(NatFlow(orig.proto, orig.saddr, orig.sport or 0, orig.daddr,
                              orig.dport or 0, reply.saddr, reply.sport or 0, state))

@@ -8,11 +8,12 @@ registrar R:RP, the table holds:
     chain prerouting   nat hook prerouting, priority dstnat
         iifname X ip6 saddr != fe80::/10 tcp dport P dnat to [R]:RP
     chain postrouting  nat hook postrouting, priority srcnat
-        oifname <backbone> ct status dnat ip6 daddr R tcp dport RP masquerade
+        oifname <backbone> iifname X ip6 daddr R tcp dport RP counter name flows-X masquerade
     chain forward      filter hook forward, priority filter, policy accept
-        iifname {joins} ct status dnat accept                  the relayed flows, both ways
+        iifname X ct status dnat counter name upstream-X accept          relayed flows
+        iifname X ip6 daddr R tcp dport RP counter name upstream-X accept    addressed to R
         iifname {joins} counter name not-to-registrar drop     anything else from pledges
-        oifname {joins} ct state established,related accept
+        oifname X ct state established,related counter name downstream-X accept
         oifname {joins} counter name unsolicited drop          anything not asked for
 
 Why these rules:
@@ -23,7 +24,13 @@ Why these rules:
 - The forward chain keeps the router closed to pledges: from a join link only flows the
   prerouting rule sent to the registrar are forwarded, and towards a join link only replies.
   Traffic between other interfaces is not this mode's business (policy accept).
-- The masquerade rule names the registrar, so other DNAT on the router is not masqueraded.
+- A pledge may also address the registrar itself. With the join port equal to the
+  registrar's, the DNAT then rewrites nothing, and the kernel sets no dnat status in
+  conntrack for a translation that changed nothing, so "ct status dnat" alone would drop
+  it; with another join port no DNAT happens at all. The second forward rule admits such
+  flows: from a join link to exactly the registrar's address and port, nothing more.
+- The masquerade rule names the join link (iifname works in postrouting for forwarded
+  packets) and the registrar, so other traffic of the router is not masqueraded.
 - Without a usable registrar (none, or a link-local one: the kernel would not forward to it
   either) there are no DNAT rules at all; pledges' join-port packets are only counted
   (counter no-registrar) and reach the proxy itself, which answers with a reset.
@@ -41,8 +48,19 @@ started after a crash restores the value from before the crashed run, not the 1 
 Closing drains: the DNAT rules go first (new connections are no longer relayed), flows the
 kernel already NATed keep going (their binding lives in conntrack) until they end or
 drain_seconds pass, then forwarding is restored and the table removed, which cuts the rest
-(counted as DropReason.SHUTDOWN). Open flows are read from conntrack, which also gives
+(counted as DropReason.SHUTDOWN). While draining, flows addressed to the registrar itself
+are admitted only when already established. Open flows are read from conntrack (entries
+with destination or source NAT to a registrar this run relayed to), which also gives
 circuits() its list.
+
+Relayed traffic. Per join interface X, named counters count new flows (flows-X: the
+masquerade rule, which the kernel evaluates only for a flow's first packet, so each flow
+once, retransmitted SYNs not again) and the bytes of the forwarded IPv6 packets, headers
+included, each way (upstream-X, downstream-X; the circuit mode counts TCP payload instead).
+The mode reads them every TRAFFIC_POLL_SECONDS and just before each table replacement or
+removal, and adds what they gained to joinproxyd_circuits_total{mode="nat66"} and
+joinproxyd_relayed_bytes_total{mode="nat66",direction}: the metrics lag the kernel by at
+most the poll interval. status() shows the totals per interface ("traffic").
 
 Counters. The drop rules use named counters, which status() reports as
 ``drops: {"no-registrar": n, "not-to-registrar": n, "unsolicited": n}`` (packets), the
@@ -77,6 +95,7 @@ PRIORITY_SRCNAT = 100
 PRIORITY_FILTER = 0
 STATE_CHAIN = "state"
 DRAIN_POLL_SECONDS = 0.2
+TRAFFIC_POLL_SECONDS = 1.0
 
 # Named counters on the refusing rules, in the order status() lists them.
 COUNTERS = ("no-registrar", "not-to-registrar", "unsolicited")
@@ -119,21 +138,32 @@ def refusal(registrar: RegistrarEndpoint | None, backbone: str | None) -> str | 
     return None
 
 
+def traffic_counters(interface: str) -> tuple[str, str, str]:
+    """Names of the table's counters of relayed traffic on one join interface: new flows,
+    bytes upstream (pledge to registrar) and bytes downstream."""
+    return (f"flows-{interface}", f"upstream-{interface}", f"downstream-{interface}")
+
+
 def build_ruleset(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpoint | None,
-                  backbone: str | None, *, forwarding_before: str | None = None) -> TableSpec:
+                  backbone: str | None, *, forwarding_before: str | None = None,
+                  draining: bool = False) -> TableSpec:
     """The table's contents for this desired state (objects without family/table).
 
     ``forwarding_before`` is recorded in the table (chain "state") so that a later run can
-    restore it; see the module docstring.
+    restore it; see the module docstring. ``draining``: no new flows (no DNAT, no
+    masquerade), while flows already open to ``registrar`` keep going.
     """
     ifaces = sorted(interfaces, key=lambda iface: iface.name)
     joins = [iface.name for iface in ifaces]
-    relaying = refusal(registrar, backbone) is None
+    usable = refusal(registrar, backbone) is None
+    relaying = usable and not draining
     l4 = L4_NAMES.get(registrar.protocol, "tcp") if registrar is not None else "tcp"
     not_link_local = _match(_payload("ip6", "saddr"),
                             {"prefix": {"addr": "fe80::", "len": 10}}, "!=")
 
     spec: TableSpec = [{"counter": {"name": name}} for name in COUNTERS]
+    spec += [{"counter": {"name": name}} for iface in ifaces
+             for name in traffic_counters(iface.name)]
     spec += [
         {"chain": {"name": "prerouting", "type": "nat", "hook": "prerouting",
                    "prio": PRIORITY_DSTNAT, "policy": "accept"}},
@@ -151,31 +181,46 @@ def build_ruleset(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpo
         else:
             expr.append({"counter": "no-registrar"})
         spec.append({"rule": {"chain": "prerouting", "expr": expr}})
-    if relaying and joins:
-        assert registrar is not None and backbone is not None
-        spec.append({"rule": {"chain": "postrouting", "expr": [
-            _match(_meta("oifname"), backbone),
-            _match({"ct": {"key": "status"}}, "dnat", "in"),
-            _match(_payload("ip6", "daddr"), registrar.address),
-            _match(_payload(l4, "dport"), registrar.port),
-            {"masquerade": None}]}})
+    to_registrar: list[dict[str, Any]] = []
+    if usable:
+        assert registrar is not None
+        to_registrar = [_match(_payload("ip6", "daddr"), registrar.address),
+                        _match(_payload(l4, "dport"), registrar.port)]
+    if relaying:
+        assert backbone is not None
+        for iface in ifaces:
+            # NAT chains see only a flow's first packet: this counts each new flow once.
+            spec.append({"rule": {"chain": "postrouting", "expr": [
+                _match(_meta("oifname"), backbone), _match(_meta("iifname"), iface.name),
+                *to_registrar, {"counter": traffic_counters(iface.name)[0]},
+                {"masquerade": None}]}})
+    for iface in ifaces:
+        upstream = {"counter": traffic_counters(iface.name)[1]}
+        spec.append({"rule": {"chain": "forward", "expr": [
+            _match(_meta("iifname"), iface.name),
+            _match({"ct": {"key": "status"}}, "dnat", "in"), upstream, {"accept": None}]}})
+        if to_registrar:
+            # A pledge that addressed the registrar itself: the DNAT to the same address
+            # changes nothing, so conntrack sets no dnat status for it. While draining,
+            # only flows already open.
+            new_too = [] if relaying else [
+                _match({"ct": {"key": "state"}}, ["established", "related"], "in")]
+            spec.append({"rule": {"chain": "forward", "expr": [
+                _match(_meta("iifname"), iface.name), *to_registrar, *new_too, upstream,
+                {"accept": None}]}})
     if joins:
-        spec += [
-            {"rule": {"chain": "forward", "expr": [
-                _match(_meta("iifname"), _names(joins)),
-                _match({"ct": {"key": "status"}}, "dnat", "in"),
-                {"accept": None}]}},
-            {"rule": {"chain": "forward", "expr": [
-                _match(_meta("iifname"), _names(joins)),
-                {"counter": "not-to-registrar"}, {"drop": None}]}},
-            {"rule": {"chain": "forward", "expr": [
-                _match(_meta("oifname"), _names(joins)),
-                _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
-                {"accept": None}]}},
-            {"rule": {"chain": "forward", "expr": [
-                _match(_meta("oifname"), _names(joins)),
-                {"counter": "unsolicited"}, {"drop": None}]}},
-        ]
+        spec.append({"rule": {"chain": "forward", "expr": [
+            _match(_meta("iifname"), _names(joins)),
+            {"counter": "not-to-registrar"}, {"drop": None}]}})
+    for iface in ifaces:
+        spec.append({"rule": {"chain": "forward", "expr": [
+            _match(_meta("oifname"), iface.name),
+            _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+            {"counter": traffic_counters(iface.name)[2]}, {"accept": None}]}})
+    if joins:
+        spec.append({"rule": {"chain": "forward", "expr": [
+            _match(_meta("oifname"), _names(joins)),
+            {"counter": "unsolicited"}, {"drop": None}]}})
     if forwarding_before is not None:
         # A regular chain nothing jumps to: never evaluated, it only carries the note.
         spec += [
@@ -242,6 +287,12 @@ class Nat66Mode(RelayMode):
         self._forwarding_before: str | None = None  # set while this mode holds forwarding on
         self._owned = False  # the kernel's table is one this run built
         self._replaced = dict.fromkeys(COUNTERS, 0)  # packets counted by replaced tables
+        # Relayed traffic: what the current table's counters held at the last read, and
+        # the totals per join interface (flows, upstream bytes, downstream bytes).
+        self._traffic_seen: dict[str, int] = {}
+        self.traffic: dict[str, dict[str, int]] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._poll_error: str | None = None
         self._refusal_logged: str | None = None
         self._plan_logged: str | None = None
         self._warned_no_prefix: set[str] = set()
@@ -280,16 +331,22 @@ class Nat66Mode(RelayMode):
                 await self._stop_serving()
             except KernelError as exc:
                 self._failed(exc)
+        if self._poller is not None:
+            from ..aio import cancel_and_wait
+            await cancel_and_wait(self._poller)
+            self._poller = None
 
     async def _drain(self, drain_seconds: float) -> None:
         # The same table without DNAT: new connections are no longer relayed, while flows
         # already NATed keep their binding (it lives in their conntrack entry) and the
         # forward rules still let them through.
         backbone = self.ctx.backbone()
-        spec = build_ruleset(self.interfaces, None, backbone.name if backbone else None,
-                             forwarding_before=self._forwarding_before)
+        spec = build_ruleset(self.interfaces, self.registrar,
+                             backbone.name if backbone else None,
+                             forwarding_before=self._forwarding_before, draining=True)
         await self._fold_counters()
         await self._call(self._kernel_table().apply, spec)
+        self._traffic_seen = {}  # the new table's counters start at zero
         self.relaying = False
         deadline = time.monotonic() + drain_seconds
         while (flows := await self._open_flows()) and time.monotonic() < deadline:
@@ -320,6 +377,9 @@ class Nat66Mode(RelayMode):
         await self._fold_counters()
         await self._call(table.apply, spec)
         self._owned = True
+        self._traffic_seen = {}
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_traffic(), name="nat66-traffic")
         if self._forwarding() != "1":
             # Only now: the join-link filter is in place before anything is forwarded.
             sysctl.write(sysctl.IPV6_FORWARDING, "1", self._sysctl_root)
@@ -345,6 +405,7 @@ class Nat66Mode(RelayMode):
             await self._fold_counters()
             await self._call(table.delete)
             self._owned = False
+            self._traffic_seen = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def _kernel_table(self) -> Table:
@@ -363,9 +424,53 @@ class Nat66Mode(RelayMode):
         """Keep what the table about to be replaced has counted (this run's tables only)."""
         if not self._owned:
             return
-        for name, value in (await self._call(self._kernel_table().counters)).items():
+        counters = await self._call(self._kernel_table().counters)
+        for name, value in counters.items():
             if name in self._replaced:
                 self._replaced[name] += value.packets
+        self._count_traffic(counters)
+
+    def _count_traffic(self, counters: dict[str, Any]) -> None:
+        """Add what the traffic counters gained since the last read to the metrics."""
+        metrics = self.ctx.metrics
+        keys = {"flows": ("packets", "flows"), "upstream": ("bytes", "upstream_bytes"),
+                "downstream": ("bytes", "downstream_bytes")}
+        for name, value in counters.items():
+            kind, _, iface = name.partition("-")
+            if kind not in keys or not iface:
+                continue
+            field, key = keys[kind]
+            now = getattr(value, field)
+            gained = now - self._traffic_seen.get(name, 0)
+            self._traffic_seen[name] = now
+            if gained <= 0:
+                continue
+            totals = self.traffic.setdefault(
+                iface, {"flows": 0, "upstream_bytes": 0, "downstream_bytes": 0})
+            totals[key] += gained
+            if kind == "flows":
+                metrics.circuits.labels(self.name).inc(gained)
+            else:
+                metrics.relayed_bytes.labels(self.name, kind).inc(gained)
+
+    async def _poll_traffic(self) -> None:
+        """Read the traffic counters every TRAFFIC_POLL_SECONDS (and at every table change,
+        in _fold_counters): the metrics lag the kernel by at most that much."""
+        while True:
+            await asyncio.sleep(TRAFFIC_POLL_SECONDS)
+            async with self._lock:
+                if not self._owned:
+                    continue
+                try:
+                    counters = await self._call(self._kernel_table().counters)
+                except KernelError as exc:
+                    if str(exc) != self._poll_error:  # once per distinct failure
+                        self.ctx.log.warning("nat66: cannot read the traffic counters: %s",
+                                             exc, extra={"MODE": self.name})
+                    self._poll_error = str(exc)
+                    continue
+                self._poll_error = None
+                self._count_traffic(counters)
 
     def _failed(self, exc: KernelError) -> None:
         message = str(exc)
@@ -434,6 +539,7 @@ class Nat66Mode(RelayMode):
             "relaying": self.relaying,
             "forwarding": {"now": forwarding, "before": self._forwarding_before},
             "drops": self.drops(),
+            "traffic": {name: dict(totals) for name, totals in sorted(self.traffic.items())},
             "error": self.error,
         }
 
