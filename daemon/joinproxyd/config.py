@@ -111,7 +111,7 @@ class JoinSpec:
 class Limits:
     circuits_total: int = 1000
     circuits_per_interface: int = 500
-    circuits_per_pledge: int = 4
+    circuits_per_pledge: int = 8
     new_circuits_per_second: float = 2.0
     new_circuits_burst: int = 8
     connect_timeout: float = 5.0
