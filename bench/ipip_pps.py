@@ -193,7 +193,8 @@ class Bench:
         if not conf.exists():
             conf.write_text("{ " + ", ".join(f"0x{b:02x}" for b in self.frame) + " }\n")
         gen = subprocess.Popen(["ip", "netns", "exec", self.gen, "trafgen", "--dev", "g0",
-                                "--in", str(conf), "--num", str(TRAFGEN_FRAMES), "--cpus", "1", "-q"],
+                                "--in", str(conf), "--num", str(TRAFGEN_FRAMES), "--cpus", "1",
+                                "-q"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
         try:
