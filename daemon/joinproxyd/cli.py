@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__, logs
 from .config import DEFAULT_PATH, ConfigError, load
+from .kernel import features
 
 FDS_PER_CIRCUIT = 2  # the pledge's socket and the registrar's
 FDS_SPARE = 256  # listeners, netlink, discovery, metrics, control, logs
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
               else f"joinproxyd: {exc}", file=sys.stderr)
         return 1
     log = logs.setup(config.log_level)
+    # A configured relay mode whose kernel feature or library is missing here: one line that
+    # names the package, not a traceback from the first reconcile (kernel/features.py).
+    missing = features.missing_for(mode for spec in config.joins for mode in spec.modes)
+    if missing is not None:
+        log.critical("%s: %s", args.config, missing)
+        return 1
     raise_fd_limit(config.limits.circuits_total, log)
     from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2
 

@@ -36,6 +36,7 @@ from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
 from .guard import MODE as GUARD_MODE
 from .guard import Guard
+from .kernel import features
 from .kernel.bpf import Program
 from .kernel.netlink import InterfaceWatcher
 from .metrics import Metrics
@@ -342,6 +343,9 @@ class Daemon:
         self.notifier.send(sdnotify.reloading())
         try:
             new = config_mod.load(self.config_path)
+            missing = features.missing_for(m for spec in new.joins for m in spec.modes)
+            if missing is not None:
+                raise ConfigError("join.modes", missing)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.metrics.reloads.labels("error").inc()

@@ -147,7 +147,10 @@ class Guard:
 
     def status(self) -> dict[str, Any]:
         s = self.settings
-        return {"enabled": s.enabled, "rate": s.rate, "burst": s.burst,
+        # running: enabled and on every link it should be; else error says why not (a
+        # missing libbpf names the package to install)
+        return {"enabled": s.enabled, "running": s.enabled and self.error is None,
+                "rate": s.rate, "burst": s.burst,
                 "ports": list(self.written[2]) if self.written else [],
                 "interfaces": {name: self.modes.get(name) for name in sorted(self.attached)},
                 "error": self.error}

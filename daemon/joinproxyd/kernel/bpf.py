@@ -88,13 +88,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..model import DropReason
-from . import KernelError, describe_errno
+from . import KernelError, describe_errno, features
 
 log = logging.getLogger(__name__)
 
-# Where `make -C ebpf` leaves the objects (a package installs them next to the daemon and
-# passes obj_dir), and the daemon's pin directory.
-DEFAULT_OBJ_DIR = Path(__file__).resolve().parents[3] / "ebpf"
+# Where the objects are: `make -C ebpf` leaves them in the checkout's ebpf/; the .ipk puts
+# them beside its python/ directory (/usr/lib/joinproxyd/bpf), the .deb in that same place
+# while its code is under /usr/lib/brski. The first that exists; a configured
+# daemon.bpf_object_dir overrides. Then the daemon's pin directory.
+_TOP = Path(__file__).resolve().parents[3]
+OBJ_DIRS = (_TOP / "ebpf", _TOP / "bpf", Path("/usr/lib/joinproxyd/bpf"))
+DEFAULT_OBJ_DIR = next((d for d in OBJ_DIRS if d.is_dir()), OBJ_DIRS[0])
 BPFFS_ROOT = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS_ROOT / "joinproxyd"
 
@@ -349,7 +353,10 @@ class _Libbpf:
             self.lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
             self.libc = ctypes.CDLL(None, use_errno=True)
         except OSError as exc:
-            raise KernelError(f"cannot load libbpf.so.1 ({exc}); install libbpf1") from exc
+            # named in the words of the package system that installed us (kernel/features.py)
+            raise KernelError(f"cannot load libbpf.so.1 ({exc}); "
+                              f"{features.install_hint('libbpf')}",
+                              errno=errno.ENOENT) from exc
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes

@@ -35,12 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import KernelError
-
-try:  # Debian's python3-nftables; the venv sees it through --system-site-packages
-    import nftables as _nftables
-except ImportError:  # pragma: no cover - depends on the host
-    _nftables = None
+from . import KernelError, features
 
 TableSpec = list[dict[str, Any]]
 
@@ -104,13 +99,18 @@ class Table:
 
     @staticmethod
     def _context() -> Any:
-        if _nftables is None:
-            raise KernelError("cannot program nftables: the python3-nftables module is not "
-                              "installed (Debian: apt install python3-nftables)")
+        # Imported here, not with the module: only a configured nat66 needs the binding,
+        # which OpenWrt has no package for (Debian's python3-nftables; the venv sees it
+        # through --system-site-packages).
+        binding: Any = features.nftables_binding()
+        if binding is None:
+            raise KernelError("cannot program nftables: "
+                              f"{features.install_hint('nftables-binding')}", errno.ENOENT)
         try:
-            return _nftables.Nftables()
+            return binding.Nftables()
         except OSError as exc:
-            raise KernelError(f"cannot load libnftables: {exc}", exc.errno) from None
+            raise KernelError(f"cannot load libnftables ({exc}); "
+                              f"{features.install_hint('libnftables')}", exc.errno) from None
 
     def __repr__(self) -> str:
         return f"Table({self.family} {self.name})"
