@@ -48,6 +48,8 @@ log = logging.getLogger("joinproxyd")
 # How often the ipip XDP fast path's "auto" looks at the backbone again between reconciles:
 # its xdp_features and forwarding knob change without an event the daemon listens to.
 XDP_RECHECK_SECONDS = 5.0
+# The clsact qdiscs this daemon added, beside the control socket (kernel/qdisc_record.py).
+QDISC_RECORD_NAME = "clsact.json"
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
@@ -116,7 +118,8 @@ class Daemon:
         self.modes: dict[str, RelayMode] = {}
         # The pin directory and objects are fixed for the life of the process (a reload
         # that changes them is logged and ignored).
-        self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log)
+        self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log,
+                                 config.control_socket.parent / QDISC_RECORD_NAME)
         self.guard = Guard(self.datapath, log, config.guard)
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
