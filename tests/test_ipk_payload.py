@@ -151,9 +151,21 @@ def test_the_payload_starts_serves_and_stops_with_circuit_mode(
         # the guard runs from the payload's own objects (/usr/lib/joinproxyd/bpf)
         assert status["guard"]["running"] and status["guard"]["interfaces"] == \
             {"join0": status["guard"]["interfaces"]["join0"]}, status["guard"]
+        # a reload that adds nat66 is refused the same way, and the running one serves on
+        config = circuit_config(run_dir, bpffs, ipk)
+        config["join"][0]["modes"] = ["circuit", "nat66"]
+        daemon.reload(config)
+        refused = [line for line in daemon.log().splitlines() if "reload refused" in line]
+        assert len(refused) == 1 and "nat66 mode cannot run here" in refused[0] \
+            and "OpenWrt" in refused[0], refused
+        assert list(daemon.ctl()["relays"]) == ["circuit"]
+        assert talk(lab.pledges[0], "again").splitlines() == ["r0", "again"]
+        daemon.write_config(circuit_config(run_dir, bpffs, ipk))
         assert daemon.stop() == 0
         log = daemon.log()
-        assert "Traceback" not in log and " ERROR " not in f" {log}", log
+        assert "Traceback" not in log, log
+        assert [line for line in log.splitlines() if line.startswith("ERROR")] == \
+            refused, log
         assert not (bpffs / "joinproxyd").exists()
     finally:
         show(daemon)
