@@ -50,6 +50,27 @@ _STRERROR = {os.strerror(code): code for code in sorted(errno.errorcode, reverse
 _INDEX = re.compile(r"command array at index (\d+)")
 
 
+# nft family names -> NFPROTO_* numbers, for the netlink probe below
+_NFPROTO = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
+
+
+def table_present(family: str, name: str) -> bool:
+    """Is there such a table? Asked over plain netlink (pyroute2), so that a daemon that does
+    not program nftables (no nat66) neither imports the binding nor loads libnftables just
+    to look for a table a killed run may have left. Blocks for a netlink round trip."""
+    from pyroute2.nftables.main import NFTables
+
+    nft = NFTables(nfgen_family=_NFPROTO[family])
+    try:
+        return any(msg.get_attr("NFTA_TABLE_NAME") == name
+                   and msg["nfgen_family"] == _NFPROTO[family] for msg in nft.get_tables())
+    except Exception as exc:
+        raise KernelError(f"listing nftables tables: {exc}",
+                          getattr(exc, "code", None)) from None
+    finally:
+        nft.close()
+
+
 def _hook(chain: Mapping[str, Any]) -> tuple[Any, ...]:
     """What makes a chain the same base chain: kept only if none of it changes."""
     return tuple(chain.get(key) for key in ("type", "hook", "prio", "policy"))

@@ -62,9 +62,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..kernel import KernelError, features, sysctl
+from ..kernel import KernelError, sysctl
 from ..kernel.netlink import NatFlow, nat_flows
-from ..kernel.nftables import Table, TableSpec
+from ..kernel.nftables import Table, TableSpec, table_present
 from ..model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
 from .base import RelayContext, RelayMode
 
@@ -208,11 +208,11 @@ class Nat66Mode(RelayMode):
     @classmethod
     async def clean_leftovers(cls, log: logging.Logger) -> None:
         """A killed nat66 run left its table (and forwarding on): restore and remove.
-        Without the nftables binding no run of ours can have made one: nothing to look at
-        (and nothing to import: the binding is optional, OpenWrt has none)."""
-        if features.nftables_binding() is None:
-            return
+        Looked for over plain netlink: the nftables binding (optional, OpenWrt has none) is
+        imported only when there is a table to remove."""
         try:
+            if not await asyncio.to_thread(table_present, TABLE_FAMILY, TABLE_NAME):
+                return
             table = Table(TABLE_FAMILY, TABLE_NAME)
             leftover = await asyncio.to_thread(table.list)
             if not leftover:
