@@ -35,6 +35,9 @@ Ours means: a program this process loaded, one a previous daemon pinned in ``pin
 program by id), or, when the kernel does answer, one named like ours; tc filters carry the
 name "<program>:<id>". close() detaches only what this process attached; ``detach_stale()``
 removes our programs from hooks this process did not attach (a killed daemon's leftovers).
+A clsact qdisc is added where a tc program needs one and none is there, claimed first in
+``qdisc_record`` (qdisc_record.py) so that a run after kill -9 knows it for ours; ours are
+removed once no filter of anyone's is left on them, a clsact that was there before never.
 Maps are pinned under ``pin_dir`` so a restarted daemon adopts them (configuration, guard
 buckets and counters survive, and programs left attached keep working until replaced); a
 pinned map whose type or sizes no longer match the object is replaced, with a log line.
