@@ -176,9 +176,11 @@ def test_the_payload_without_libbpf_serves_and_says_the_guard_is_not_running(
     """libbpf is declared, but a router may still lack it (installed with --nodeps, removed
     since): the circuit relay serves, and the log and status say the guard is not running
     and which OpenWrt package would run it."""
-    lib = subprocess.run([SYSTEM_PYTHON, "-c", "import ctypes.util, os; print(os.path."
-                          "realpath('/usr/lib/x86_64-linux-gnu/libbpf.so.1'))"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                           check=True).stdout
+    found = re.search(r"^\s*libbpf\.so\.1 \(.*\) => (\S+)$", cache, re.M)
+    assert found, "libbpf.so.1 is not in the loader's cache"
+    lib = str(Path(found.group(1)).resolve())
     hidden = ["unshare", "-m", "sh", "-c", f"mount --bind /dev/null {lib} && exec \"$@\"",
               "sh", *payload]
     run_dir = tmp_path / "proxy"
