@@ -151,6 +151,7 @@ def test_the_payload_starts_serves_and_stops_with_circuit_mode(
         # the guard runs from the payload's own objects (/usr/lib/joinproxyd/bpf)
         assert status["guard"]["running"] and status["guard"]["interfaces"] == \
             {"join0": status["guard"]["interfaces"]["join0"]}, status["guard"]
+        assert daemon.metrics()[("joinproxyd_guard_running", frozenset())] == 1
         # a reload that adds nat66 is refused the same way, and the running one serves on
         config = circuit_config(run_dir, bpffs, ipk)
         config["join"][0]["modes"] = ["circuit", "nat66"]
@@ -200,6 +201,7 @@ def test_the_payload_without_libbpf_serves_and_says_the_guard_is_not_running(
         text = lab.proxy.run([sys.executable, "-m", "joinproxyd.ctl", "--socket",
                               str(run_dir / "control.sock"), "status"]).stdout
         assert "guard: NOT RUNNING: the join-port guard cannot run" in text, text
+        assert daemon.metrics()[("joinproxyd_guard_running", frozenset())] == 0
         assert daemon.stop() == 0
         assert "Traceback" not in daemon.log()
     finally:

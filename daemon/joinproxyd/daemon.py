@@ -35,7 +35,7 @@ from .discovery.grasp import GraspRegistrarListener
 from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
 from .guard import MODE as GUARD_MODE
-from .guard import Guard
+from .guard import Guard, GuardRunning
 from .kernel import features
 from .kernel.bpf import Program
 from .kernel.netlink import InterfaceWatcher
@@ -121,6 +121,7 @@ class Daemon:
         self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log,
                                  config.control_socket.parent / QDISC_RECORD_NAME)
         self.guard = Guard(self.datapath, log, config.guard)
+        self.metrics.register(GuardRunning(self.guard))
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
                                     datapath=self.datapath, ipip=lambda: self.config.ipip)
