@@ -97,8 +97,11 @@ class Notifications:
 
 class ProxyDaemon:
     def __init__(self, lab: Lab, run_dir: Path, config: dict[str, Any],
-                 host: Host | None = None) -> None:
+                 host: Host | None = None, command: list[str] | None = None) -> None:
         self.lab = lab
+        # how the daemon is started: this checkout's code by default, or e.g. a package's
+        # payload (tests/test_ipk_payload.py)
+        self.command = command or [PYTHON, "-m", "joinproxyd"]
         self.host = host or lab.proxy
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +121,7 @@ class ProxyDaemon:
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self.process = self.host.spawn(
-            [PYTHON, "-m", "joinproxyd", "--config", str(self.config_path)],
+            [*self.command, "--config", str(self.config_path)],
             name="joinproxyd", env=env)
         try:
             self.notify.wait("READY=1")

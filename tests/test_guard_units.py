@@ -88,8 +88,8 @@ def test_each_link_is_attached_once_and_settings_written_only_when_they_change()
     run(guard.reconcile(ON, [link("join0", 9)], [8443]))
     assert dp.bpf.calls[4:] == [("set_guard", 20, 40, [8443], 10, 20), ("detach", 3),
                                 ("detach", 4), ("attach", 9)]
-    assert guard.status() == {"enabled": True, "rate": 20, "burst": 40, "syn_rate": 10,
-                              "syn_burst": 20, "ports": [8443],
+    assert guard.status() == {"enabled": True, "running": True, "rate": 20, "burst": 40,
+                              "syn_rate": 10, "syn_burst": 20, "ports": [8443],
                               "interfaces": {"join0": "native"}, "dropped_most": [],
                               "error": None}
     run(guard.reconcile(GuardSettings(), [link("join0", 9)], [8443]))
@@ -104,6 +104,7 @@ def test_a_guard_that_cannot_run_is_reported_not_raised(caplog: pytest.LogCaptur
     run(guard.reconcile(ON, [link("join0", 3)], [8443]))
     assert guard.status()["error"] == ("the join-port guard cannot run: open guard.bpf.o: "
                                        "EPERM (Operation not permitted)")
+    assert guard.status()["running"] is False
     assert sum("cannot run" in r.message for r in caplog.records) == 1, "logged once"
 
     dp = FakeDatapath()

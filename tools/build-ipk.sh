@@ -50,6 +50,9 @@ mkdir -p "$root/usr/bin" "$root/usr/lib/joinproxyd/python" "$root/usr/lib/joinpr
 # router).
 tar -cf - --exclude=__pycache__ --exclude='*.pyc' brski service_notify -C daemon joinproxyd \
     | tar -xf - -C "$root/usr/lib/joinproxyd/python"
+# The daemon names a missing library by the package that provides it on this system
+# (daemon/joinproxyd/kernel/features.py): OpenWrt's, wherever the payload runs.
+printf 'openwrt\n' > "$root/usr/lib/joinproxyd/python/joinproxyd/PACKAGED_FOR"
 for name in "${VENDORED[@]}"; do
     whl=(build/deb/wheels/"$name"-*.whl)
     [ -e "${whl[0]}" ] || { echo "make ipk: no wheel for $name" >&2; exit 1; }
@@ -73,7 +76,7 @@ size=$(du -sb --apparent-size "$root" | cut -f1)
 cat > "$ctl/control" <<EOF
 Package: joinproxyd
 Version: $VERSION-$RELEASE
-Depends: libc, python3, python3-ifaddr, kmod-sched-bpf
+Depends: libc, python3, python3-ifaddr, kmod-sched-bpf, libbpf
 Source: packaging/openwrt/joinproxyd
 SourceName: joinproxyd
 License: Apache-2.0

@@ -3,8 +3,9 @@
     joinproxyd [--config /etc/joinproxyd/joinproxyd.toml]
     joinproxyd --check-config FILE     prints "ok" or the first error, with key and reason
 
-Exit status 78 (EX_CONFIG) means the configuration is invalid, from --check-config and at
-start: the unit lists it in RestartPreventExitStatus=, as restarting cannot fix a file.
+Exit status 78 (EX_CONFIG) means the configuration is invalid, or asks for a relay mode this
+system lacks the library for, from --check-config and at start: the unit lists it in
+RestartPreventExitStatus=, as restarting cannot fix a file or install a package.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from . import __version__, logs, sdnotify
 from .config import DEFAULT_PATH, ConfigError, load
+from .kernel import features
 
 EXIT_CONFIG = os.EX_CONFIG  # 78, sysexits.h: the unit does not restart on it
 FDS_PER_CIRCUIT = 2  # the pledge's socket and the registrar's
@@ -54,10 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check_config is not None:
         try:
-            load(args.check_config)
+            checked = load(args.check_config)
         except ConfigError as exc:
             print(f"{args.check_config}: {exc}" if exc.key != str(args.check_config)
                   else str(exc), file=sys.stderr)
+            return EXIT_CONFIG
+        # A reload (ExecReload=, procd's reload_service) checks first: a mode this system
+        # cannot run fails it here rather than being refused by the running daemon.
+        missing = features.missing_for(mode for spec in checked.joins for mode in spec.modes)
+        if missing is not None:
+            print(f"{args.check_config}: {missing}", file=sys.stderr)
             return EXIT_CONFIG
         print("ok")
         return 0
@@ -70,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         sdnotify.Notifier().send(sdnotify.status(f"configuration invalid: {exc}"))
         return EXIT_CONFIG
     log = logs.setup(config.log_level)
+    # A configured relay mode whose kernel feature or library is missing here: one line that
+    # names the package, not a traceback from the first reconcile (kernel/features.py).
+    missing = features.missing_for(mode for spec in config.joins for mode in spec.modes)
+    if missing is not None:
+        log.critical("%s: %s", args.config, missing)
+        sdnotify.Notifier().send(sdnotify.status(f"cannot serve: {missing}"))
+        return EXIT_CONFIG
     raise_fd_limit(config.limits.circuits_total, log)
     from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2
 

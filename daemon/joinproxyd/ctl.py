@@ -87,6 +87,8 @@ def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list
         links = ", ".join(guard.get("interfaces") or ()) if guard else ""
         out.append("guard: off" + (f" (its program stays on {links} to start the XDP "
                                    "encapsulation, limiting nothing)" if links else ""))
+    elif guard.get("running") is False and not guard["interfaces"]:
+        out.append(f"guard: NOT RUNNING: {guard.get('error') or 'no reason given'}")
     else:
         links = ", ".join(f"{name} ({mode})" for name, mode in guard["interfaces"].items())
         rates = (f"per source UDP {guard['rate']} datagrams/s burst {guard['burst']}, TCP "

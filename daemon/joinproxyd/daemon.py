@@ -35,7 +35,8 @@ from .discovery.grasp import GraspRegistrarListener
 from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
 from .guard import MODE as GUARD_MODE
-from .guard import Guard
+from .guard import Guard, GuardRunning
+from .kernel import features
 from .kernel.bpf import Program
 from .kernel.netlink import InterfaceWatcher
 from .metrics import Metrics
@@ -47,6 +48,8 @@ log = logging.getLogger("joinproxyd")
 # How often the ipip XDP fast path's "auto" looks at the backbone again between reconciles:
 # its xdp_features and forwarding knob change without an event the daemon listens to.
 XDP_RECHECK_SECONDS = 5.0
+# The clsact qdiscs this daemon added, beside the control socket (kernel/qdisc_record.py).
+QDISC_RECORD_NAME = "clsact.json"
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
@@ -115,8 +118,10 @@ class Daemon:
         self.modes: dict[str, RelayMode] = {}
         # The pin directory and objects are fixed for the life of the process (a reload
         # that changes them is logged and ignored).
-        self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log)
+        self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log,
+                                 config.control_socket.parent / QDISC_RECORD_NAME)
         self.guard = Guard(self.datapath, log, config.guard)
+        self.metrics.register(GuardRunning(self.guard))
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
                                     datapath=self.datapath, ipip=lambda: self.config.ipip)
@@ -342,6 +347,9 @@ class Daemon:
         self.notifier.send(sdnotify.reloading())
         try:
             new = config_mod.load(self.config_path)
+            missing = features.missing_for(m for spec in new.joins for m in spec.modes)
+            if missing is not None:
+                raise ConfigError("join.modes", missing)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.metrics.reloads.labels("error").inc()

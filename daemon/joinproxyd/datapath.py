@@ -29,8 +29,11 @@ T = TypeVar("T")
 
 
 class Datapath:
-    def __init__(self, pin_dir: Path, obj_dir: Path | None, log: logging.Logger) -> None:
+    def __init__(self, pin_dir: Path, obj_dir: Path | None, log: logging.Logger,
+                 qdisc_record: Path | None = None) -> None:
         self.pin_dir = pin_dir
+        # where the clsact qdiscs we add are claimed, so a run after kill -9 removes them
+        self.qdisc_record = qdisc_record
         self.obj_dir = obj_dir or DEFAULT_OBJ_DIR
         self.log = log
         self._dp: BpfDatapath | None = None
@@ -47,7 +50,7 @@ class Datapath:
         async with self._open_lock:
             if self._dp is None:
                 dp = await asyncio.to_thread(BpfDatapath.open, self.obj_dir, self.pin_dir,
-                                             objects=OBJECTS)
+                                             objects=OBJECTS, qdisc_record=self.qdisc_record)
                 with self._guard:
                     self._dp = dp
                 self.log.info("BPF data plane loaded from %s, maps pinned in %s",
@@ -81,7 +84,7 @@ class Datapath:
             return
         try:
             dp = await asyncio.to_thread(BpfDatapath.open, self.obj_dir, self.pin_dir,
-                                         objects=OBJECTS)
+                                         objects=OBJECTS, qdisc_record=self.qdisc_record)
             removed = await asyncio.to_thread(dp.detach_stale)
             await asyncio.to_thread(dp.close, True, True)
         except KernelError as exc:

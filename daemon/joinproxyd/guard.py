@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .config import GuardSettings
 from .datapath import Datapath
@@ -213,8 +216,29 @@ class Guard:
 
     def status(self) -> dict[str, Any]:
         s = self.settings
-        return {"enabled": s.enabled, "rate": s.rate, "burst": s.burst,
+        # running: enabled and on every link it should be; else error says why not (a
+        # missing libbpf names the package to install)
+        return {"enabled": s.enabled, "running": s.enabled and self.error is None,
+                "rate": s.rate, "burst": s.burst,
                 "syn_rate": s.syn_rate, "syn_burst": s.syn_burst,
                 "ports": list(self.written[2]) if self.written else [],
                 "interfaces": {name: self.modes.get(name) for name in sorted(self.attached)},
                 "dropped_most": self.top, "error": self.error}
+
+
+class GuardRunning(Collector):
+    """joinproxyd_guard_running: 1 while the enabled guard runs, 0 while it cannot (a missing
+    libbpf, say; joinproxyctl status gives the reason); absent while it is off. Read at
+    scrape time from the metrics thread: two attribute reads, no lock needed."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "joinproxyd_guard_running",
+            "1 while the enabled join-port guard runs, 0 while it cannot (see joinproxyctl "
+            "status)")
+        if self.guard.settings.enabled:
+            family.add_metric([], 0 if self.guard.error is not None else 1)
+        yield family

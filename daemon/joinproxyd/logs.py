@@ -37,10 +37,16 @@ def setup(level: str, name: str = "joinproxyd") -> logging.Logger:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler: logging.Handler
+    journal = None
     if under_journal():
-        from systemd.journal import JournalHandler  # only needed, and present, under systemd
+        try:  # python3-systemd: optional, stderr reaches the journal as plain lines too
+            from systemd.journal import JournalHandler
 
-        handler = JournalHandler(SYSLOG_IDENTIFIER=name)
+            journal = JournalHandler(SYSLOG_IDENTIFIER=name)
+        except ImportError:
+            journal = None
+    if journal is not None:
+        handler = journal
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(levelname)s %(name)s: %(message)s"))

@@ -35,6 +35,9 @@ Ours means: a program this process loaded, one a previous daemon pinned in ``pin
 program by id), or, when the kernel does answer, one named like ours; tc filters carry the
 name "<program>:<id>". close() detaches only what this process attached; ``detach_stale()``
 removes our programs from hooks this process did not attach (a killed daemon's leftovers).
+A clsact qdisc is added where a tc program needs one and none is there, claimed first in
+``qdisc_record`` (qdisc_record.py) so that a run after kill -9 knows it for ours; ours are
+removed once no filter of anyone's is left on them, a clsact that was there before never.
 Maps are pinned under ``pin_dir`` so a restarted daemon adopts them (configuration, guard
 buckets and counters survive, and programs left attached keep working until replaced); a
 pinned map whose type or sizes no longer match the object is replaced, with a log line.
@@ -90,13 +93,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..model import DropReason
-from . import KernelError, describe_errno
+from . import KernelError, describe_errno, features
+from .qdisc_record import QdiscRecord
 
 log = logging.getLogger(__name__)
 
-# Where `make -C ebpf` leaves the objects (a package installs them next to the daemon and
-# passes obj_dir), and the daemon's pin directory.
-DEFAULT_OBJ_DIR = Path(__file__).resolve().parents[3] / "ebpf"
+# Where the objects are: `make -C ebpf` leaves them in the checkout's ebpf/; the .ipk puts
+# them beside its python/ directory (/usr/lib/joinproxyd/bpf), the .deb in that same place
+# while its code is under /usr/lib/brski. The first that exists; a configured
+# daemon.bpf_object_dir overrides. Then the daemon's pin directory.
+_TOP = Path(__file__).resolve().parents[3]
+OBJ_DIRS = (_TOP / "ebpf", _TOP / "bpf", Path("/usr/lib/joinproxyd/bpf"))
+DEFAULT_OBJ_DIR = next((d for d in OBJ_DIRS if d.is_dir()), OBJ_DIRS[0])
 BPFFS_ROOT = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS_ROOT / "joinproxyd"
 
@@ -352,7 +360,10 @@ class _Libbpf:
             self.lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
             self.libc = ctypes.CDLL(None, use_errno=True)
         except OSError as exc:
-            raise KernelError(f"cannot load libbpf.so.1 ({exc}); install libbpf1") from exc
+            # named in the words of the package system that installed us (kernel/features.py)
+            raise KernelError(f"cannot load libbpf.so.1 ({exc}); "
+                              f"{features.install_hint('libbpf')}",
+                              errno=errno.ENOENT) from exc
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes
@@ -768,6 +779,20 @@ def _tc_filters(ipr: Any, ifindex: int, parent: int) -> list[tuple[int, int, str
     return out
 
 
+def _has_filters(ipr: Any, ifindex: int) -> bool:
+    """Does the link's clsact hold any filter at all, ours or anyone's, either direction?"""
+    for parent in (TC_H_INGRESS_PARENT, TC_H_EGRESS_PARENT):
+        try:
+            msgs = ipr.get_filters(index=ifindex, parent=parent)
+        except Exception as exc:  # EINVAL without a clsact qdisc
+            if getattr(exc, "code", None) in (errno.EINVAL, errno.ENOENT):
+                continue
+            raise
+        if any(msg.get_attr("TCA_KIND") for msg in msgs):
+            return True
+    return False
+
+
 def _base(filter_name: str | None) -> str:
     """Our tc filter names are "<program>:<prog id>"; anything else is not ours."""
     return (filter_name or "").split(":")[0]
@@ -791,13 +816,16 @@ class BpfDatapath:
     """Owner of joinproxyd's BPF objects, maps and attachments (see the module docstring)."""
 
     def __init__(self, objects: dict[str, _Object], pin_dir: Path | None,
-                 netns: str | None) -> None:
+                 netns: str | None, qdisc_record: Path | None = None) -> None:
         self._objects = objects
         self.pin_dir = pin_dir
         self.netns = netns
         self._nl = _Netlink(netns)
         self._attached: dict[Hook, _Attached] = {}
-        self._qdiscs: set[int] = set()  # clsact qdiscs this process created
+        # clsact qdiscs we created: this process, or a killed one that wrote them down
+        # (qdisc_record.py); only these are ever removed
+        self._qdiscs: set[int] = set()
+        self._record = QdiscRecord(qdisc_record) if qdisc_record is not None else None
         # jp_ipip_gen starts at random, so an adopted jp_encap_cache entry written for a
         # previous process's configuration cannot carry the same number
         self._generation = int.from_bytes(os.urandom(4), "little")
@@ -809,10 +837,13 @@ class BpfDatapath:
     @classmethod
     def open(cls, obj_dir: str | Path = DEFAULT_OBJ_DIR,
              pin_dir: str | Path | None = DEFAULT_PIN_DIR, *, netns: str | None = None,
-             objects: Iterable[str] = ("ipip", "guard")) -> BpfDatapath:
+             objects: Iterable[str] = ("ipip", "guard"),
+             qdisc_record: Path | None = None) -> BpfDatapath:
         """Load the named objects from obj_dir. With pin_dir (on bpffs), maps are pinned
         there and adopted from a previous run; None keeps them private to this process
-        (tests, benchmarks). netns names the namespace whose links attach_* works on."""
+        (tests, benchmarks). netns names the namespace whose links attach_* works on.
+        qdisc_record is the file where the clsact qdiscs we add are claimed (and a killed
+        run's claims are adopted from)."""
         obj_dir, pins = Path(obj_dir), Path(pin_dir) if pin_dir is not None else None
         if pins is not None:
             ensure_pin_dir(pins)
@@ -827,9 +858,25 @@ class BpfDatapath:
             for obj in loaded.values():
                 obj.close()
             raise
-        dp = cls(loaded, pins, netns)
+        dp = cls(loaded, pins, netns, qdisc_record)
         dp._adopt_next_slot()
+        try:
+            dp._adopt_qdiscs()
+        except Exception as exc:  # the data plane works without; only a leftover may stay
+            log.error("cannot check the clsact qdiscs an earlier run added: %s", exc)
         return dp
+
+    def _adopt_qdiscs(self) -> None:
+        """The clsact qdiscs a killed run of ours claimed, on links that are still the same
+        links, are ours to remove when they are empty."""
+        if self._record is None or not self._record.load():
+            return
+
+        def names(ipr: Any) -> dict[int, str]:
+            return {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.link("dump")}
+
+        self._record.keep_only(self._nl.run(names))
+        self._qdiscs |= set(self._record.claims)
 
     def _adopt_next_slot(self) -> None:
         """A pinned jp_guard_next may still point at a killed daemon's jp_xdp_join: point it
@@ -861,6 +908,10 @@ class BpfDatapath:
                             self._detach_tc(hook.ifindex, Program(hook.program), own=True)
                     except KernelError as exc:
                         errors.append(str(exc))
+                try:  # a killed run's, on links this one did not use
+                    self._remove_empty_qdiscs()
+                except KernelError as exc:
+                    errors.append(str(exc))
             self._nl.close()
             pins = [p for obj in self._objects.values() for p in obj.pins]
             for obj in self._objects.values():
@@ -1179,12 +1230,19 @@ class BpfDatapath:
 
         def attach(ipr: Any) -> bool:
             created = True
+            claimed = ifindex not in self._qdiscs and self._record is not None
+            if claimed and self._record is not None:  # written down before it exists
+                link = ipr.link("get", index=ifindex)[0]
+                self._record.claim(ifindex, link.get_attr("IFLA_IFNAME"))
             try:
                 ipr.tc("add", "clsact", index=ifindex)
             except Exception as exc:
+                if claimed and self._record is not None:
+                    self._record.withdraw(ifindex)
                 if getattr(exc, "code", None) != errno.EEXIST:
                     raise _nl_error(exc, f"{iface}: add clsact qdisc") from exc
-                created = False  # already there: normal, and not ours to remove
+                # already there: normal; ours only if we (or a killed run) added it
+                created = False
             try:
                 # replace is atomic: no packet sees the hook empty
                 ipr.tc("replace-filter", "bpf", index=ifindex, parent=TC_H_INGRESS_PARENT,
@@ -1246,14 +1304,49 @@ class BpfDatapath:
             for pref, handle, name in _tc_filters(ipr, ifindex, TC_H_INGRESS_PARENT):
                 if _base(name) == program and own_name in (None, name):
                     _del_filter(ipr, ifindex, pref, handle)
-            left = _tc_filters(ipr, ifindex, TC_H_INGRESS_PARENT) + \
-                _tc_filters(ipr, ifindex, TC_H_EGRESS_PARENT)
-            if created and not left:
-                ipr.tc("del", "clsact", index=ifindex)
-                self._qdiscs.discard(ifindex)
+            if created and not _has_filters(ipr, ifindex):
+                self._del_qdisc(ipr, ifindex)
 
         self._netlink_tolerant(remove, f"ifindex {ifindex}: detach {program}")
         self._attached.pop(Hook("tc-ingress", ifindex, program.value), None)
+
+    def _del_qdisc(self, ipr: Any, ifindex: int) -> None:
+        try:
+            ipr.tc("del", "clsact", index=ifindex)
+        except Exception as exc:  # gone already (with its link, or removed by hand)
+            if getattr(exc, "code", None) not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                raise
+        self._qdiscs.discard(ifindex)
+        if self._record is not None:
+            self._record.withdraw(ifindex)
+
+    def _remove_empty_qdiscs(self) -> list[int]:
+        """Remove the clsact qdiscs of ours (this run's or a killed run's) that hold no
+        filter of anyone's and carry no program this process attached."""
+        busy = {h.ifindex for h in self._attached if h.kind == "tc-ingress"}
+        removed = []
+        for ifindex in sorted(self._qdiscs - busy):
+
+            def remove(ipr: Any, ifindex: int = ifindex) -> bool:
+                if _has_filters(ipr, ifindex):
+                    return False
+                self._del_qdisc(ipr, ifindex)
+                return True
+
+            try:
+                done = self._nl.run(remove)
+            except Exception as exc:
+                if getattr(exc, "code", None) == errno.ENODEV:  # the link is gone
+                    self._qdiscs.discard(ifindex)
+                    if self._record is not None:
+                        self._record.withdraw(ifindex)
+                    continue
+                raise _nl_error(exc, f"ifindex {ifindex}: remove clsact qdisc") from exc
+            if done:
+                removed.append(ifindex)
+                log.info("removed the clsact qdisc an earlier run added on ifindex %d",
+                         ifindex)
+        return removed
 
     def _netlink_tolerant(self, fn: Callable[[Any], None], what: str) -> None:
         """Run a removal; a link that is gone meanwhile has nothing left to remove."""
@@ -1303,6 +1396,7 @@ class BpfDatapath:
                 removed.append(hook)
                 log.info("removed a stale %s from ifindex %d (%s)", hook.program, hook.ifindex,
                          hook.kind)
+            self._remove_empty_qdiscs()
         return removed
 
     # -- counters -----------------------------------------------------------------------

@@ -35,12 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import KernelError
-
-try:  # Debian's python3-nftables; the venv sees it through --system-site-packages
-    import nftables as _nftables
-except ImportError:  # pragma: no cover - depends on the host
-    _nftables = None
+from . import KernelError, features
 
 TableSpec = list[dict[str, Any]]
 
@@ -53,6 +48,27 @@ OBJECT_KINDS = frozenset({"chain", "rule", "counter", "quota", "limit", "set", "
 # rule: No such file or directory"); mapping it back lets callers decide by errno.
 _STRERROR = {os.strerror(code): code for code in sorted(errno.errorcode, reverse=True)}
 _INDEX = re.compile(r"command array at index (\d+)")
+
+
+# nft family names -> NFPROTO_* numbers, for the netlink probe below
+_NFPROTO = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
+
+
+def table_present(family: str, name: str) -> bool:
+    """Is there such a table? Asked over plain netlink (pyroute2), so that a daemon that does
+    not program nftables (no nat66) neither imports the binding nor loads libnftables just
+    to look for a table a killed run may have left. Blocks for a netlink round trip."""
+    from pyroute2.nftables.main import NFTables
+
+    nft = NFTables(nfgen_family=_NFPROTO[family])
+    try:
+        return any(msg.get_attr("NFTA_TABLE_NAME") == name
+                   and msg["nfgen_family"] == _NFPROTO[family] for msg in nft.get_tables())
+    except Exception as exc:
+        raise KernelError(f"listing nftables tables: {exc}",
+                          getattr(exc, "code", None)) from None
+    finally:
+        nft.close()
 
 
 def _hook(chain: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -104,13 +120,18 @@ class Table:
 
     @staticmethod
     def _context() -> Any:
-        if _nftables is None:
-            raise KernelError("cannot program nftables: the python3-nftables module is not "
-                              "installed (Debian: apt install python3-nftables)")
+        # Imported here, not with the module: only a configured nat66 needs the binding,
+        # which OpenWrt has no package for (Debian's python3-nftables; the venv sees it
+        # through --system-site-packages).
+        binding: Any = features.nftables_binding()
+        if binding is None:
+            raise KernelError("cannot program nftables: "
+                              f"{features.install_hint('nftables-binding')}", errno.ENOENT)
         try:
-            return _nftables.Nftables()
+            return binding.Nftables()
         except OSError as exc:
-            raise KernelError(f"cannot load libnftables: {exc}", exc.errno) from None
+            raise KernelError(f"cannot load libnftables ({exc}); "
+                              f"{features.install_hint('libnftables')}", exc.errno) from None
 
     def __repr__(self) -> str:
         return f"Table({self.family} {self.name})"

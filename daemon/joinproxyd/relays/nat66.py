@@ -82,7 +82,7 @@ from typing import Any, TypeVar
 
 from ..kernel import KernelError, sysctl
 from ..kernel.netlink import NatFlow, nat_flows
-from ..kernel.nftables import Table, TableSpec
+from ..kernel.nftables import Table, TableSpec, table_present
 from ..model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
 from .base import RelayContext, RelayMode
 
@@ -252,9 +252,13 @@ class Nat66Mode(RelayMode):
 
     @classmethod
     async def clean_leftovers(cls, log: logging.Logger) -> None:
-        """A killed nat66 run left its table (and forwarding on): restore and remove."""
-        table = Table(TABLE_FAMILY, TABLE_NAME)
+        """A killed nat66 run left its table (and forwarding on): restore and remove.
+        Looked for over plain netlink: the nftables binding (optional, OpenWrt has none) is
+        imported only when there is a table to remove."""
         try:
+            if not await asyncio.to_thread(table_present, TABLE_FAMILY, TABLE_NAME):
+                return
+            table = Table(TABLE_FAMILY, TABLE_NAME)
             leftover = await asyncio.to_thread(table.list)
             if not leftover:
                 return

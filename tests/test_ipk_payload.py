@@ -1,0 +1,231 @@
+"""The OpenWrt package's payload run with only what the package declares (issue 11, defect 1).
+
+`make ipk` is built and unpacked; the daemon is then started from the payload the way its
+wrapper does, under Debian's own interpreter with ``-I -S``: no site-packages, so the only
+importable code is the standard library (the OpenWrt package python3), what the .ipk ships
+(/usr/lib/joinproxyd/python and vendor) and, for each other declared dependency, the Python
+modules that OpenWrt package would install (python3-ifaddr: ifaddr, copied into a directory of
+its own). Everything else, the nftables binding, cryptography, python3-systemd, must be
+un-importable; the first check proves it is. Shared libraries stand in the same way: a
+declared libbpf is the host's libbpf.so.1; one test hides it (a bind mount of /dev/null in a
+mount namespace of the daemon's own) to see what a router without it shows.
+
+In a namespace lab, with a circuit-only configuration (the guard on, as shipped): the daemon
+starts, relays a pledge's connection, and stops cleanly. With nat66 configured it refuses with
+one line that says what OpenWrt lacks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_ipip_daemon import bpffs, show
+
+from lab import Lab, Topology, wait_for
+from lab.proxyd import ProxyDaemon, base_config, echo_registrar, talk
+
+REPO = Path(__file__).resolve().parent.parent
+__all__ = ["bpffs"]  # the fixture, shared with test_ipip_daemon
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, not the venv's: its path has no site-packages
+
+# Each OpenWrt dependency the .ipk may declare -> the top-level Python modules it provides
+# (found here in the venv and copied aside); python3 is the standard library itself. A new
+# dependency fails test_every_declared_dependency_is_mapped until it is mapped here.
+OPENWRT_PYTHON_MODULES: dict[str, tuple[str, ...]] = {
+    "libc": (), "python3": (), "python3-ifaddr": ("ifaddr",), "kmod-sched-bpf": (),
+    "libbpf": (),  # libbpf.so.1, loaded with ctypes: the host's stands in
+}
+# Importable on the build machine, and must not be from the payload.
+NOT_SHIPPED = ("nftables", "cryptography", "systemd", "aiocoap", "pytest")
+
+
+@pytest.fixture(scope="module")
+def ipk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    done = subprocess.run(["make", "-s", "ipk"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (package,) = (REPO / "build/ipk").glob("joinproxyd_*.ipk")
+    out = tmp_path_factory.mktemp("ipk")
+    with tarfile.open(package) as outer:
+        outer.extractall(out)  # our own archive, just built
+    for part in ("control", "data"):
+        (out / part).mkdir()
+        with tarfile.open(out / f"{part}.tar.gz") as inner:
+            inner.extractall(out / part)
+    return out
+
+
+def declared(ipk: Path) -> list[str]:
+    control = (ipk / "control/control").read_text()
+    depends = re.search(r"^Depends: (.*)$", control, re.M)
+    assert depends is not None
+    return [d.strip().split()[0] for d in depends.group(1).split(",")]
+
+
+@pytest.fixture(scope="module")
+def payload(ipk: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The argv that runs the payload's joinproxyd with only what the package declares."""
+    work = tmp_path_factory.mktemp("payload")
+    site = work / "site-packages"  # what the declared OpenWrt packages would install
+    site.mkdir()
+    for dep in declared(ipk):
+        for module in OPENWRT_PYTHON_MODULES.get(dep, ()):
+            spec = importlib.util.find_spec(module)
+            assert spec is not None and spec.origin, module
+            shutil.copytree(Path(spec.origin).parent, site / module,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    data = ipk / "data"
+    wrapper = (data / "usr/bin/joinproxyd").read_text()
+    assert "/usr/lib/joinproxyd/python" in wrapper
+    head, tail = wrapper.split("\nfrom joinproxyd", 1)
+    runner = work / "joinproxyd"
+    runner.write_text(head.replace("/usr/lib/joinproxyd", str(data / "usr/lib/joinproxyd"))
+                      + f"\nsys.path.append({str(site)!r})\nfrom joinproxyd" + tail)
+    return [SYSTEM_PYTHON, "-I", "-S", str(runner)]
+
+
+def test_every_declared_dependency_is_mapped_and_libbpf_is_declared(ipk: Path) -> None:
+    deps = declared(ipk)
+    assert set(deps) <= set(OPENWRT_PYTHON_MODULES), \
+        f"map {set(deps) - set(OPENWRT_PYTHON_MODULES)} to the Python modules it provides"
+    # the guard and the ipip mode load libbpf.so.1 (kernel/bpf.py)
+    assert "libbpf" in deps
+    feed = (REPO / "packaging/openwrt/joinproxyd/Makefile").read_text()
+    assert re.search(r"^\s*DEPENDS:=.*\+libbpf\b", feed, re.M)
+
+
+def test_the_payload_environment_has_only_what_the_package_declares(
+        payload: list[str], ipk: Path) -> None:
+    probe = Path(payload[-1]).with_name("probe.py")
+    probe.write_text(Path(payload[-1]).read_text().split("\nfrom joinproxyd")[0] + (
+        "\nimport importlib.util, json\n"
+        f"names = {[*NOT_SHIPPED, 'pyroute2', 'zeroconf', 'ifaddr', 'joinproxyd']!r}\n"
+        "found = {n: getattr(importlib.util.find_spec(n), 'origin', None) for n in names}\n"
+        "print(json.dumps(found))\n"))
+    done = subprocess.run([*payload[:-1], str(probe)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    for name in NOT_SHIPPED:
+        assert found[name] is None, f"{name} importable from {found[name]}"
+    data = str(ipk / "data/usr/lib/joinproxyd")
+    for name in ("pyroute2", "zeroconf", "joinproxyd"):
+        assert found[name].startswith(data), (name, found[name])
+    assert found["ifaddr"] and "site-packages" in found["ifaddr"]
+
+
+@pytest.fixture
+def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
+    with Lab(Topology(pledges=1, registrars=1), log_dir=tmp_path / "logs") as lab:
+        yield lab
+
+
+def circuit_config(run_dir: Path, bpffs: Path, ipk: Path, **join: object) -> dict:
+    """As shipped: circuit mode, the guard on, every discovery and announcement."""
+    return base_config(
+        run_dir, daemon={"log_level": "info", "bpf_pin_dir": str(bpffs / "joinproxyd")},
+        join=[{"interfaces": ["join*"], "modes": ["circuit"], "port": 8443, **join}],
+        guard={"enabled": True, "rate": 20, "burst": 40},
+        announce={"interval": 1, "mdns": True})
+
+
+def test_the_payload_starts_serves_and_stops_with_circuit_mode(
+        lab: Lab, bpffs: Path, ipk: Path, payload: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "proxy"
+    echo_registrar(lab.registrars[0], "r0")
+    daemon = ProxyDaemon(lab, run_dir, circuit_config(run_dir, bpffs, ipk), command=payload)
+    try:
+        daemon.start()
+        wait_for(lambda: daemon.ctl()["joining"] or None, 15, "joining open")
+        assert talk(lab.pledges[0], "hello").splitlines() == ["r0", "hello"]
+        status = daemon.ctl()
+        # the guard runs from the payload's own objects (/usr/lib/joinproxyd/bpf)
+        assert status["guard"]["running"] and status["guard"]["interfaces"] == \
+            {"join0": status["guard"]["interfaces"]["join0"]}, status["guard"]
+        assert daemon.metrics()[("joinproxyd_guard_running", frozenset())] == 1
+        # a reload that adds nat66 is refused the same way, and the running one serves on
+        config = circuit_config(run_dir, bpffs, ipk)
+        config["join"][0]["modes"] = ["circuit", "nat66"]
+        daemon.reload(config)
+        refused = [line for line in daemon.log().splitlines() if "reload refused" in line]
+        assert len(refused) == 1 and "nat66 mode cannot run here" in refused[0] \
+            and "OpenWrt" in refused[0], refused
+        assert list(daemon.ctl()["relays"]) == ["circuit"]
+        assert talk(lab.pledges[0], "again").splitlines() == ["r0", "again"]
+        daemon.write_config(circuit_config(run_dir, bpffs, ipk))
+        assert daemon.stop() == 0
+        log = daemon.log()
+        assert "Traceback" not in log, log
+        assert [line for line in log.splitlines() if line.startswith("ERROR")] == \
+            refused, log
+        assert not (bpffs / "joinproxyd").exists()
+    finally:
+        show(daemon)
+
+
+def test_the_payload_without_libbpf_serves_and_says_the_guard_is_not_running(
+        lab: Lab, bpffs: Path, ipk: Path, payload: list[str], tmp_path: Path) -> None:
+    """libbpf is declared, but a router may still lack it (installed with --nodeps, removed
+    since): the circuit relay serves, and the log and status say the guard is not running
+    and which OpenWrt package would run it."""
+    cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                           check=True).stdout
+    found = re.search(r"^\s*libbpf\.so\.1 \(.*\) => (\S+)$", cache, re.M)
+    assert found, "libbpf.so.1 is not in the loader's cache"
+    lib = str(Path(found.group(1)).resolve())
+    hidden = ["unshare", "-m", "sh", "-c", f"mount --bind /dev/null {lib} && exec \"$@\"",
+              "sh", *payload]
+    run_dir = tmp_path / "proxy"
+    echo_registrar(lab.registrars[0], "r0")
+    daemon = ProxyDaemon(lab, run_dir, circuit_config(run_dir, bpffs, ipk), command=hidden)
+    try:
+        daemon.start()
+        wait_for(lambda: daemon.ctl()["joining"] or None, 15, "joining open")
+        assert talk(lab.pledges[0], "hello").splitlines() == ["r0", "hello"]
+        guard = wait_for(lambda: (g := daemon.ctl()["guard"])["error"] and g, 10,
+                         "the guard's error in status")
+        assert guard["enabled"] and not guard["running"] and not guard["interfaces"]
+        assert "install the OpenWrt package libbpf (opkg install libbpf)" in guard["error"]
+        errors = [line for line in daemon.log().splitlines() if line.startswith("ERROR")]
+        assert len(errors) == 1 and "opkg install libbpf" in errors[0], errors
+        assert "libbpf1" not in daemon.log()  # the Debian name would mislead on a router
+        text = lab.proxy.run([sys.executable, "-m", "joinproxyd.ctl", "--socket",
+                              str(run_dir / "control.sock"), "status"]).stdout
+        assert "guard: NOT RUNNING: the join-port guard cannot run" in text, text
+        assert daemon.metrics()[("joinproxyd_guard_running", frozenset())] == 0
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log()
+    finally:
+        show(daemon)
+
+
+def test_the_payload_refuses_nat66_with_one_line_naming_what_openwrt_lacks(
+        lab: Lab, bpffs: Path, ipk: Path, payload: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "proxy"
+    run_dir.mkdir()
+    config = circuit_config(run_dir, bpffs, ipk)
+    config["join"][0]["modes"] = ["circuit", "nat66"]
+    daemon = ProxyDaemon(lab, run_dir, config, command=payload)
+    done = lab.proxy.run([*payload, "--config", str(daemon.config_path)], check=False,
+                         timeout=60)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 78  # EX_CONFIG: procd/systemd must not respawn it
+    assert len(lines) == 1, lines
+    assert "nat66" in lines[0] and "nftables" in lines[0] and "OpenWrt" in lines[0], lines
+    assert "python3-nftables" not in lines[0]  # a Debian package name
+    assert "Traceback" not in done.stderr
+    # The init script's start and reload check the file first: the check says the same.
+    checked = lab.proxy.run([*payload, "--check-config", str(daemon.config_path)],
+                            check=False, timeout=60)
+    assert checked.returncode == 78, checked
+    assert "nat66" in checked.stderr and "OpenWrt" in checked.stderr, checked.stderr
+    assert checked.stdout.strip() != "ok"
