@@ -64,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log = logs.setup(config.log_level)
     raise_fd_limit(config.limits.circuits_total, log)
-    from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2
+    from .daemon import Daemon, DaemonError  # after logging: importing pulls in pyroute2
 
     try:
         return asyncio.run(Daemon(config, args.config).run())
     except KeyboardInterrupt:
         return 0
+    except DaemonError as exc:
+        print(f"joinproxyd: {exc}", file=sys.stderr)
+        return 1
     except PermissionError as exc:
         print(f"joinproxyd: {exc}; run as root or with CAP_NET_ADMIN", file=sys.stderr)
         return 1
