@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from brski import __version__
+
 from .discovery import METHODS, Candidate, DiscoveryError, discover, parse_address
 from .fleet import enroll_all
 from .identity import (
@@ -65,6 +67,7 @@ def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v progress, -vv debug")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enroll", help="run pledges through BRSKI and EST")

@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from brski import __version__
+
 from .store import StoreError
 from .tomlconfig import ConfigError
 
@@ -36,8 +38,12 @@ def main(
     load: Callable[[Path], C],
     run: Callable[[C], Coroutine[Any, Any, None]],
     argv: list[str] | None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    if options is not None:  # a service's own switches, so that its usage names them
+        options(parser)
     parser.add_argument("--config", "-c", type=Path, required=True, help="TOML configuration")
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration (files, keys, certificates) and exit")

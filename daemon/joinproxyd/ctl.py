@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .config import Config
 
 DEFAULT_SOCKET = Config.__dataclass_fields__["control_socket"].default
@@ -139,6 +140,7 @@ def render_circuits(circuits: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="joinproxyctl", description=__doc__.split("\n")[0])
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    parser.add_argument("--version", action="version", version=f"joinproxyctl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("status", "circuits"):
         cmd = sub.add_parser(name)
