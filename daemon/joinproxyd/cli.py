@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit(config.limits.circuits_total, log)
     from .daemon import Daemon, DaemonError  # after logging: importing pulls in pyroute2
 
+    logs.quiet_libraries()  # again: importing pyroute2 reset its logger's level
+
     try:
         return asyncio.run(Daemon(config, args.config).run())
     except KeyboardInterrupt:
