@@ -69,8 +69,11 @@ def test_a_taken_join_port_is_not_ready_not_announced_then_retried(lab, tmp_path
     daemon.start(wait_ready=False)
     assert daemon.notify is not None
 
-    # Joining is open (the registrar is healthy), but join0 is not served: it must say so.
-    status = status_when(daemon, lambda s: s["joining"], "a healthy registrar")
+    # The registrar is healthy, but join0 is not served: joining is not open.
+    status = status_when(daemon, lambda s: s["registrars"] and s["registrars"][0]["healthy"],
+                         "a healthy registrar")
+    assert status["joining"] is False
+    assert status["joining_reason"] == "no join link served"
     time.sleep(2)  # announce interval 1 s: a flood would have come by now
     assert not any(m.startswith("READY=1") for m in daemon.notify.poll()), daemon.notify.seen
     assert floods(sniffer) == [], "an AN_Proxy flood for a port nobody listens on"
@@ -85,6 +88,8 @@ def test_a_taken_join_port_is_not_ready_not_announced_then_retried(lab, tmp_path
     text = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",
                             daemon.config["daemon"]["control_socket"], "status"]).stdout
     assert "NOT READY" in text and "join0 (circuit): NOT SERVED" in text
+    assert "joining CLOSED (no join link served)" in text
+    assert "joining open" not in daemon.log()
     seen = daemon.notify.poll()
     assert not any(m.startswith("READY=1") for m in seen), seen
     assert any("NOT SERVING: join0 circuit: cannot listen on [fe80::1%join0]:8443" in m
@@ -106,7 +111,8 @@ def test_a_taken_join_port_is_not_ready_not_announced_then_retried(lab, tmp_path
     assert (str(locator.address), locator.port) == ("fe80::1", 8443)
     assert talk(lab.pledges[0], "ClientHello") == "r0\nClientHello\n"
     status = daemon.ctl()
-    assert status["ready"] is True and status["unserved"] == []
+    assert status["ready"] is True and status["unserved"] == [] and status["joining"]
+    assert "joining open on join0 via registrar [fd4a:5044::100]:8443" in daemon.log()
     assert [i["name"] for i in status["interfaces"]] == ["join0"]
     assert daemon.sample("joinproxyd_listeners_unbound") == 0
     assert "circuit: listening on [fe80::1%join0]:8443 after" in daemon.log()

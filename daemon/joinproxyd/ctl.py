@@ -56,8 +56,9 @@ def _table(rows: list[list[str]]) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     backbone = status["backbone"]
-    out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, "
-           f"joining {'open' if status['joining'] else 'CLOSED (no healthy registrar)'}"
+    joining = ("joining open" if status["joining"] else
+               f"joining CLOSED ({status.get('joining_reason', 'no healthy registrar')})")
+    out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, {joining}"
            + ("" if status.get("ready", True) else ", NOT READY (listeners not bound)"),
            f"backbone: {backbone['name']} "
            + ("(ready)" if backbone["ready"] else

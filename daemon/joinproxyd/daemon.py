@@ -179,6 +179,7 @@ class Daemon:
         self._started = False
         self._ready = False
         self._backbone_problem: str | None = None  # what was last logged about it
+        self._joining_said: bool | None = None
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
         # Runs on the metrics thread: iterate over a copy, the loop may change the dict.
@@ -196,10 +197,10 @@ class Daemon:
 
     def _registrar_changed(self, registrar: RegistrarEndpoint | None) -> None:
         if registrar is None:
-            log.warning("no healthy registrar: joining closed, new circuits refused",
+            log.warning("no healthy registrar: new circuits refused",
                         extra={"REGISTRAR": "none"})
         else:
-            log.info("registrar %s (%s) is active: joining open", registrar.key,
+            log.info("registrar %s (%s) is active", registrar.key,
                      registrar.source, extra={"REGISTRAR": registrar.key})
         self._dirty.set()
 
@@ -343,8 +344,31 @@ class Daemon:
             self._serve_metrics()  # its retry is due (Listeners woke us)
         self.metrics.join_interfaces.set(len(self.served))
         self.metrics.listeners_unbound.set(len(self.listeners.failures))
+        self._say_joining()
         self._notify()
 
+    def joining(self) -> tuple[bool, str]:
+        """Whether pledges can join now, and why (not): a healthy registrar and at least one
+        join link served (announced only then)."""
+        registrar = self.registrars.active
+        if registrar is None:
+            return False, "no healthy registrar"
+        if not self.served:
+            return False, "no join link served"
+        return True, (f"on {', '.join(i.name for i in self.served)} via registrar "
+                      f"{registrar.key}")
+
+    def _say_joining(self) -> None:
+        """Log when joining opens or closes (once per change, with why)."""
+        state = self.joining()
+        if state[0] == self._joining_said:
+            return
+        first = self._joining_said is None
+        self._joining_said = state[0]
+        if state[0]:
+            log.info("joining open %s", state[1])
+        elif not first:
+            log.warning("joining closed: %s", state[1])
     def _account_served(self) -> None:
         """What each mode really serves (a listener may have failed to bind), and why the
         configured links that are not served are not."""
@@ -580,12 +604,13 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         backbone = self.links.get(self.config.backbone)
-        active = self.registrars.active
+        joining, why = self.joining()
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime": time.monotonic() - self.started,
-            "joining": active is not None,
+            "joining": joining,
+            "joining_reason": why,
             "ready": self._ready,
             "backbone": {"name": self.config.backbone,
                          "ready": bool(backbone and backbone.ready),
