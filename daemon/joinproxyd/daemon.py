@@ -547,7 +547,7 @@ class Daemon:
             self.listeners.forget("", "metrics")
         self._metrics_listen = listen
         self._metrics_serving = False
-        if listen is None or not self.listeners.due("", "metrics"):
+        if listen is None or not self.listeners.due("", "metrics", f"[{listen[0]}]:{listen[1]}"):
             return
         try:
             self.metrics.serve(listen)

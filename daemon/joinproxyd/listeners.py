@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,10 +69,12 @@ class Listeners:
         self.failures: dict[Key, Failure] = {}
         self._timers: dict[Key, asyncio.TimerHandle] = {}
 
-    def due(self, interface: str, mode: str) -> bool:
-        """May a bind be attempted now? (Not before its backoff has passed.)"""
+    def due(self, interface: str, mode: str, where: str | None = None) -> bool:
+        """May a bind be attempted now? Not before its backoff has passed, unless what is to
+        be bound changed (a reload gave the link another port, the address changed)."""
         failure = self.failures.get((interface, mode))
-        return failure is None or self.clock() >= failure.next_attempt
+        return (failure is None or self.clock() >= failure.next_attempt
+                or (where is not None and where != failure.where))
 
     def failed(self, interface: str, mode: str, where: str, exc: BaseException) -> float:
         """A bind failed: count it, log it (once per reason), schedule the retry. Returns
@@ -80,6 +83,8 @@ class Listeners:
         reason = bind_reason(exc)
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         old = self.failures.get(key)
+        if old is not None and old.where != where:
+            old = None  # something else is being bound now: a first failure again
         attempts = old.attempts + 1 if old is not None else 1
         delay = backoff(attempts)
         self.failures[key] = Failure(where, reason, detail, attempts, self.clock() + delay)
@@ -115,10 +120,10 @@ class Listeners:
         failure = self.failures.get((interface, mode))
         if failure is None:
             return None
-        wait = max(0.0, failure.next_attempt - self.clock())
+        wait = math.ceil(max(0.0, failure.next_attempt - self.clock()))
         return (f"{mode}: cannot listen on {failure.where}: {failure.detail} "
                 f"({failure.attempts} attempt{'' if failure.attempts == 1 else 's'}, "
-                f"next in {wait:.0f} s)")
+                f"next in {wait} s)")
 
     def status(self) -> list[dict[str, Any]]:
         now = self.clock()

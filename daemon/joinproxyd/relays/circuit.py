@@ -199,7 +199,8 @@ class CircuitMode(RelayMode):
 
     async def _listen(self, iface: JoinInterface) -> None:
         book = self.ctx.listener_book()
-        if not book.due(iface.name, self.name):
+        where = f"[{iface.scoped_link_local}]:{iface.port}"
+        if not book.due(iface.name, self.name, where):
             return  # failed lately: the retry timer brings the next attempt
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -214,8 +215,7 @@ class CircuitMode(RelayMode):
             sock.close()
             # Counted, logged once and retried with backoff; the control plane neither
             # announces this link for circuit nor calls it served meanwhile (unserved()).
-            book.failed(iface.name, self.name, f"[{iface.scoped_link_local}]:{iface.port}",
-                        exc)
+            book.failed(iface.name, self.name, where, exc)
             return
         book.bound(iface.name, self.name)
         self.listeners[iface.name] = _Listener(iface, server)
