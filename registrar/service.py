@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from brski import __version__
+from brski.cli import quiet
 
 from .store import StoreError
 from .tomlconfig import ConfigError
@@ -30,6 +32,11 @@ def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     # aiohttp logs each access at INFO; keep that, but not its internal debug chatter.
     logging.getLogger("aiohttp").setLevel(max(level, logging.INFO))
+    # The other libraries (pyroute2, zeroconf, asyncio...) only warn, unless named in
+    # BRSKI_DEBUG_LIBRARIES: at debug level the lines must be the service's own.
+    quiet.hold(logging.getLogger().handlers,
+               quiet.wanted_loud(os.environ.get("BRSKI_DEBUG_LIBRARIES", "")),
+               [n for n in quiet.LIBRARIES if n != "aiohttp"])
 
 
 def main(

@@ -64,3 +64,39 @@ def test_the_running_daemon_at_debug_level_logs_no_netlink_dumps(as_root, tmp_pa
         assert any(line.startswith("DEBUG joinproxyd:") for line in lines)
         noise = [line for line in lines if line.startswith(("DEBUG pyroute2", "DEBUG asyncio"))]
         assert noise == [], noise[:5]
+
+
+REGISTRAR_SCRIPT = """
+import logging
+from registrar.service import setup_logging
+setup_logging(logging.DEBUG)
+import pyroute2  # resets its logger's level when imported
+for name in ("pyroute2.netlink.core", "asyncio", "zeroconf"):
+    logging.getLogger(name).debug("chatter from %s", name)
+logging.getLogger("aiohttp.access").info("access line")
+logging.getLogger("registrar").debug("our own debug line")
+"""
+
+
+def test_the_registrar_at_debug_level_logs_its_own_lines_and_accesses_only():
+    env = {k: v for k, v in os.environ.items() if k != "BRSKI_DEBUG_LIBRARIES"}
+    err = subprocess.run([sys.executable, "-c", REGISTRAR_SCRIPT], capture_output=True,
+                         text=True, env=env, timeout=30, check=True).stderr
+    assert "our own debug line" in err and "access line" in err
+    assert "chatter" not in err, err
+    err = subprocess.run([sys.executable, "-c", REGISTRAR_SCRIPT], capture_output=True,
+                         text=True, env={**env, "BRSKI_DEBUG_LIBRARIES": "zeroconf"},
+                         timeout=30, check=True).stderr
+    assert "chatter from zeroconf" in err and "chatter from asyncio" not in err
+
+
+@pytest.mark.netns
+def test_pledge_sim_at_debug_level_logs_no_library_chatter(as_root, tmp_path):
+    with Lab(Topology(pledges=1), log_dir=tmp_path / "logs") as lab:
+        done = lab.pledges[0].run([sys.executable, "-m", "pledge_sim.cli", "-vv", "discover",
+                                   "--timeout", "1"], check=False)
+        lines = done.stderr.splitlines()
+        assert lines, done
+        noise = [line for line in lines if "zeroconf" in line.lower()
+                 or "asyncio" in line.lower() or "Using selector" in line]
+        assert noise == [], noise[:5]

@@ -9,40 +9,20 @@ import logging
 import os
 import sys
 
+from brski.cli import quiet
+
 FIELDS = ("INTERFACE", "MODE", "REGISTRAR", "PLEDGE", "REASON")
 
-# Libraries whose debug output (pyroute2 dumps every netlink message) would drown the
-# daemon's own lines: they log at WARNING and above unless the environment names them.
-LIBRARIES = ("pyroute2", "asyncio", "zeroconf", "aiohttp", "aiocoap", "urllib3")
-LIBRARY_FLOOR = logging.WARNING
-# JOINPROXYD_DEBUG_LIBRARIES=pyroute2,zeroconf (or "all"): those follow daemon.log_level.
+# JOINPROXYD_DEBUG_LIBRARIES=pyroute2,zeroconf (or "all"): those follow daemon.log_level;
+# every other library logs warnings and errors only (brski.cli.quiet says why).
 LIBRARY_ENV = "JOINPROXYD_DEBUG_LIBRARIES"
 
 
-class _LibraryFloor(logging.Filter):
-    """Drops library records below WARNING at the handler: pyroute2 resets its logger's
-    level when imported, so a logger level alone does not hold."""
-
-    def __init__(self, quiet: tuple[str, ...]) -> None:
-        super().__init__()
-        self.quiet = quiet
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= LIBRARY_FLOOR:
-            return True
-        name = record.name
-        return not any(name == q or name.startswith(q + ".") for q in self.quiet)
-
-
-def quiet_libraries(env: dict[str, str] | None = None) -> tuple[str, ...]:
-    """Hold the libraries' loggers at WARNING, except those the environment asks to hear
-    (their records are not even made). Returns the names held."""
-    env = dict(os.environ) if env is None else env
-    wanted = {n.strip() for n in env.get(LIBRARY_ENV, "").split(",") if n.strip()}
-    quiet = tuple(n for n in LIBRARIES if "all" not in wanted and n not in wanted)
-    for name in LIBRARIES:
-        logging.getLogger(name).setLevel(LIBRARY_FLOOR if name in quiet else logging.NOTSET)
-    return quiet
+def quiet_libraries(handlers: list[logging.Handler] | None = None) -> tuple[str, ...]:
+    """Hold the libraries at WARNING but those the environment names; again after
+    importing pyroute2 (it resets its logger's level). Returns the names held."""
+    handlers = logging.getLogger().handlers if handlers is None else handlers
+    return quiet.hold(handlers, quiet.wanted_loud(os.environ.get(LIBRARY_ENV, "")))
 
 
 class _FieldsFormatter(logging.Formatter):
@@ -77,7 +57,7 @@ def setup(level: str, name: str = "joinproxyd") -> logging.Logger:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_LibraryFloor(quiet_libraries()))
+    quiet_libraries([handler])
     root.addHandler(handler)
     root.setLevel(level.upper())
     return logging.getLogger(name)
