@@ -369,6 +369,7 @@ class Daemon:
             log.info("joining open %s", state[1])
         elif not first:
             log.warning("joining closed: %s", state[1])
+
     def _account_served(self) -> None:
         """What each mode really serves (a listener may have failed to bind), and why the
         configured links that are not served are not."""
