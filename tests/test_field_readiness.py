@@ -4,6 +4,7 @@ daemon does not say READY=1, does not announce the link to pledges, says in
 and retries them with backoff; once the port is free the bind follows, then READY=1, the
 announcements and relayed circuits. The real daemon in a namespace lab."""
 
+import signal
 import time
 
 import pytest
@@ -100,6 +101,11 @@ def test_a_taken_join_port_is_not_ready_not_announced_then_retried(lab, tmp_path
     assert daemon.sample("joinproxyd_join_interfaces") == 0
     # the retries are logged once, at error level, not once per attempt
     assert daemon.log().count("ERROR joinproxyd: circuit: cannot listen on") == 1
+
+    # A reload meanwhile does not say READY=1 either (it ends a reload only once ready).
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in daemon.log(), 10, "the reload")
+    assert not any(m.startswith(("READY=1", "RELOADING=1")) for m in daemon.notify.poll())
 
     holder.stop()
     freed = time.monotonic()

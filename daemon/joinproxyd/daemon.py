@@ -503,13 +503,13 @@ class Daemon:
         """SIGHUP: apply a new configuration without dropping established circuits."""
         if self.config_path is None:
             return False
-        self.notifier.send(sdnotify.reloading())
+        self._send_reload(sdnotify.reloading())
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.metrics.reloads.labels("error").inc()
-            self.notifier.send(sdnotify.ready(self.summary()))
+            self._send_reload(sdnotify.ready(self.summary()))
             return False
         old, self.config = self.config, new
         logs.set_level(new.log_level)
@@ -537,8 +537,16 @@ class Daemon:
         await self.reconcile()
         self.metrics.reloads.labels("ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
-        self.notifier.send(sdnotify.ready(self.summary()))
+        self._send_reload(sdnotify.ready(self.summary()))
         return True
+
+    def _send_reload(self, message: bytes) -> None:
+        """RELOADING=1 and the READY=1 that ends a reload, only once the daemon was ready:
+        before that, READY=1 still means every listener is bound (_notify sends it)."""
+        if self._ready:
+            self.notifier.send(message)
+        else:
+            self._notify()
 
     def _serve_metrics(self) -> None:
         """Serve /metrics; a port that cannot be bound is retried with backoff (and holds
