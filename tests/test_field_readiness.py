@@ -177,3 +177,27 @@ def test_a_control_socket_that_cannot_be_made_is_one_line_and_exit_1(lab, tmp_pa
     log = daemon.log()
     assert "joinproxyd: control socket" in log and "Traceback" not in log, log
     assert not any(m.startswith("READY=1") for m in daemon.notify.poll())
+
+
+def test_links_down_without_address_or_missing_are_listed_with_why(lab, tmp_path):
+    echo_registrar(lab.registrars[0], "r0")
+    config = base_config(tmp_path / "proxy", join=[
+        {"interfaces": ["join*", "lan7"], "modes": ["circuit"], "port": 8443}])
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
+    status = daemon.ctl()
+    assert [(u["name"], u["reason"]) for u in status["unserved"]] == [("lan7", "missing")]
+    lab.proxy.run(["ip", "link", "set", "join0", "down"])
+    status = status_when(daemon, lambda s: len(s["unserved"]) == 2, "join0 not served")
+    assert [(u["name"], u["reason"]) for u in status["unserved"]] == [
+        ("join0", "link down"), ("lan7", "missing")]
+    assert (status["joining"], status["joining_reason"]) == (False, "no join link served")
+    lab.proxy.run(["ip", "link", "set", "join0", "up"])
+    lab.proxy.run(["ip", "-6", "addr", "flush", "dev", "join0", "scope", "link"])
+    status = status_when(daemon, lambda s: any(u["reason"] == "no link-local address"
+                                               for u in s["unserved"]), "no link-local")
+    assert status["interfaces"] == []
+    text = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",
+                            config["daemon"]["control_socket"], "status"]).stdout
+    assert "join0 (circuit): NOT SERVED: no link-local address" in text
+    assert "lan7 (circuit): NOT SERVED: missing" in text
+    assert daemon.stop() == 0
