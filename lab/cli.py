@@ -10,6 +10,8 @@ import argparse
 import signal
 import sys
 
+from brski import __version__
+
 from . import demo, netns, runs
 from .netns import LabError
 from .topology import Lab, Topology
@@ -50,6 +52,7 @@ def _down() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="joinproxy-lab", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"joinproxy-lab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build a topology that stays up until 'down'")
     up.add_argument("--pledges", type=int, default=1)

@@ -114,7 +114,8 @@ class ProxyDaemon:
         self.config = config
         self.config_path.write_text(toml(config))
 
-    def start(self, *, watchdog_usec: int | None = None) -> "ProxyDaemon":
+    def start(self, *, watchdog_usec: int | None = None, wait_ready: bool = True
+              ) -> "ProxyDaemon":
         notify_path = self.run_dir / f"notify-{time.monotonic_ns()}"
         self.notify = Notifications(notify_path)
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
@@ -123,6 +124,8 @@ class ProxyDaemon:
         self.process = self.host.spawn(
             [*self.command, "--config", str(self.config_path)],
             name="joinproxyd", env=env)
+        if not wait_ready:  # the caller watches the notify socket itself
+            return self
         try:
             self.notify.wait("READY=1")
         except Exception:

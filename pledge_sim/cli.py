@@ -16,10 +16,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+from brski import __version__
+from brski.cli import quiet
 
 from .discovery import METHODS, Candidate, DiscoveryError, discover, parse_address
 from .fleet import enroll_all
@@ -65,6 +69,7 @@ def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v progress, -vv debug")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enroll", help="run pledges through BRSKI and EST")
@@ -193,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s")
+    # -vv is about the pledge's steps: libraries only warn, unless BRSKI_DEBUG_LIBRARIES
+    # names them (pyroute2, zeroconf, asyncio, aiocoap...)
+    quiet.hold(logging.getLogger().handlers,
+               quiet.wanted_loud(os.environ.get("BRSKI_DEBUG_LIBRARIES", "")))
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return asyncio.run(_enroll(args) if args.command == "enroll" else _discover(args))

@@ -224,7 +224,7 @@ class Announcer:
             port=cfg.announce_port,
             parsed_addresses=addresses,
             server=f"{host}.local.",
-            properties={},
+            properties=b"\x00",  # RFC 6763 §6.1: no TXT data is one empty string, not none
         )
         await self._zeroconf.async_register_service(self._info)
         log.info("mDNS: %s.%s on %s, port %d, addresses %s", cfg.mdns_instance, SERVICE_TYPE,

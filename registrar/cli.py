@@ -58,13 +58,21 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
             await masa.close()
 
 
+def ipip_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ipip", action="store_true",
+                        help="also terminate the stateless IPIP join proxy ([ipip] in the "
+                             "configuration)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    # --ipip is the registrar's own switch; the shared service parser knows the rest.
+    # --ipip is the registrar's own switch: the shared service parser shows it in the usage
+    # (ipip_option); its value is needed before, to load the configuration with it.
+    argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--ipip", action="store_true")
-    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    ipip_option(pre)
+    known, _ = pre.parse_known_args(argv)
     load = functools.partial(load_registrar_config, ipip=known.ipip)
-    return service.main("brski-registrar", DESCRIPTION, load, run, rest)
+    return service.main("brski-registrar", DESCRIPTION, load, run, argv, ipip_option)
 
 
 if __name__ == "__main__":

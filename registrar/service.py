@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import service_notify
+from brski import __version__
+from brski.cli import quiet
 
 from .metrics import ServiceMetrics, metrics_address
 from .store import StoreError
@@ -35,6 +37,11 @@ def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     # aiohttp logs each access at INFO; keep that, but not its internal debug chatter.
     logging.getLogger("aiohttp").setLevel(max(level, logging.INFO))
+    # The other libraries (pyroute2, zeroconf, asyncio...) only warn, unless named in
+    # BRSKI_DEBUG_LIBRARIES: at debug level the lines must be the service's own.
+    quiet.hold(logging.getLogger().handlers,
+               quiet.wanted_loud(os.environ.get("BRSKI_DEBUG_LIBRARIES", "")),
+               [n for n in quiet.LIBRARIES if n != "aiohttp"])
 
 
 def _metrics_flag(text: str) -> str:
@@ -51,8 +58,12 @@ def main(
     load: Callable[[Path], C],
     run: Callable[[C, ServiceMetrics], Coroutine[Any, Any, None]],
     argv: list[str] | None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    if options is not None:  # a service's own switches, so that its usage names them
+        options(parser)
     parser.add_argument("--config", "-c", type=Path, required=True, help="TOML configuration")
     parser.add_argument("--check-config", action="store_true",
                         help="check the configuration (files, keys, certificates) and exit")

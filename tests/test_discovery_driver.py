@@ -488,7 +488,8 @@ async def role_mdns_resolve(args: argparse.Namespace) -> None:
         info = AsyncServiceInfo(args.service, name)
         if await info.async_request(aiozc.zeroconf, 3000):
             emit("resolved", name=name, port=info.port, server=info.server,
-                 addresses=info.parsed_scoped_addresses(IPVersion.V6Only))
+                 addresses=info.parsed_scoped_addresses(IPVersion.V6Only),
+                 text=(info.text or b"").hex())
 
     def on_event(zeroconf: Any, service_type: str, name: str,
                  state_change: ServiceStateChange) -> None:

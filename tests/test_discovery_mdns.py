@@ -37,6 +37,7 @@ def test_pledge_resolves_the_proxy_and_sees_it_withdrawn(as_root, tmp_path, star
         found = pledge.event("resolved", timeout=15)
         assert found["name"] == f"proxy-join0.{PROXY_SERVICE}"
         assert found["port"] == 8443
+        assert found["text"] == "00"  # RFC 6763 §6.1: one empty string, not an empty RDATA
         eth0 = ifindex(lab.pledges[0], "eth0")
         assert found["addresses"] == [f"fe80::1%{eth0}"]
         assert proxy.request("status", "status", interfaces=["join0"])["sent"] == {"join0": 1}

@@ -149,7 +149,7 @@ MDNS_BROWSER = """
     if found:
         info = zc.get_service_info(TYPE, found[0], timeout=3000)
         result.update(port=info.port, addresses=info.parsed_scoped_addresses(),
-                      server=info.server)
+                      server=info.server, text=(info.text or b"").hex())
     zc.close()
     print(json.dumps(result))
 """
@@ -160,6 +160,7 @@ def test_mdns_record_is_resolvable_from_another_namespace(lab):
     assert len(result["names"]) == 1, result
     assert result["names"][0].endswith("._brski-registrar._tcp.local.")
     assert result["port"] == PORT
+    assert result["text"] == "00"  # RFC 6763 §6.1: one empty string, not an empty RDATA
     registrar_ll = lab.registrars[0].address("eth0", link_local=True)
     assert any(a.split("%")[0] == registrar_ll for a in result["addresses"]), result
 

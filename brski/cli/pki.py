@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .. import __version__
 from ..errors import BrskiError
 from ..pki import Issued, TestPki, create_test_pki, issue_idevid
 
@@ -88,6 +89,7 @@ def add_idevid(root: Path, serial: str, now: datetime.datetime) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brski-pki", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"brski-pki {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="create a new PKI in an empty directory")
     init.add_argument("dir", type=Path)

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from .. import cms, cose
+from .. import __version__, cms, cose
 from ..chain import describe, load_certificate
 from ..errors import BrskiError, DecodeError
 from ..signed_voucher import (
@@ -211,6 +211,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brski-voucher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"brski-voucher {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("decode", help="print a voucher or voucher-request as JSON (unverified)")
     d.add_argument("file", type=Path)

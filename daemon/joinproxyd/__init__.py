@@ -1,3 +1,5 @@
 """joinproxyd: a BRSKI join proxy for Linux border routers."""
 
-__version__ = "0.1.0"
+from brski import __version__  # the project's one version
+
+__all__ = ["__version__"]

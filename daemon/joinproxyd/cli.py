@@ -86,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         sdnotify.Notifier().send(sdnotify.status(f"cannot serve: {missing}"))
         return EXIT_CONFIG
     raise_fd_limit(config.limits.circuits_total, log)
-    from .daemon import Daemon  # after logging is set up: importing pulls in pyroute2
+    from .daemon import Daemon, DaemonError  # after logging: importing pulls in pyroute2
+
+    logs.quiet_libraries()  # again: importing pyroute2 reset its logger's level
 
     try:
         return asyncio.run(Daemon(config, args.config).run())
     except KeyboardInterrupt:
         return 0
+    except DaemonError as exc:
+        print(f"joinproxyd: {exc}", file=sys.stderr)
+        return 1
     except PermissionError as exc:
         print(f"joinproxyd: {exc}; run as root or with CAP_NET_ADMIN", file=sys.stderr)
         return 1

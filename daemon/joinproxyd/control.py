@@ -64,9 +64,10 @@ class ControlServer:
         return {"ok": True, command: handler()}
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        if self.server is None:
+            return  # never made (start failed): nothing of ours to remove
+        self.server.close()
+        await self.server.wait_closed()
+        self.server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .config import Config
 
 DEFAULT_SOCKET = Config.__dataclass_fields__["control_socket"].default
@@ -54,17 +55,33 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, "
-           f"joining {'open' if status['joining'] else 'CLOSED (no healthy registrar)'}",
-           f"backbone: {status['backbone']['name']} "
-           f"({'ready' if status['backbone']['ready'] else 'NOT READY'})", "",
+    backbone = status["backbone"]
+    joining = ("joining open" if status["joining"] else
+               f"joining CLOSED ({status.get('joining_reason', 'no healthy registrar')})")
+    out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, {joining}"
+           + ("" if status.get("ready", True) else ", NOT READY (listeners not bound)"),
+           f"backbone: {backbone['name']} "
+           + ("(ready)" if backbone["ready"] else
+              f"(NOT READY: {backbone.get('problem') or 'not usable'}"
+              + "".join(f"; {s}" for s in backbone.get("stops", ())) + ")"), "",
            "join interfaces:"]
     # "announced": where pledges are told to connect (an ipip link names the registrar's
     # link-local address; nothing while no mode of the link can serve them)
     rows = [["interface", "address", "port", "modes", "announced"]]
     rows += [[i["name"], i["link_local"], str(i["port"]), ",".join(i["modes"]),
               ",".join(i.get("announce", [])) or "-"] for i in status["interfaces"]]
-    out += [_table(rows) if len(rows) > 1 else "  (none)", "", "registrars:"]
+    out.append(_table(rows) if len(rows) > 1 else "  (none)")
+    # configured but not served (or served by fewer modes than configured), and why
+    problems = [f"  {i['name']}: {why}" for i in status["interfaces"]
+                for why in i.get("not_serving", {}).values()]
+    problems += [f"  {u['name']} ({','.join(u['modes'])}): NOT SERVED: {u['reason']}"
+                 for u in status.get("unserved", ())]
+    problems += [f"  {e['mode']}: cannot listen on {e['address']}: {e['error']} "
+                 f"({e['attempts']} attempts, next in {e['retry_in']:g} s)"
+                 for e in status.get("listener_errors", ()) if not e["interface"]]
+    if problems:
+        out += ["", "not served:", *problems]
+    out += ["", "registrars:"]
     rows = [["registrar", "source", "pref", "healthy", "active"]]
     rows += [[f"[{r['address']}]:{r['port']}", r["source"], str(r["preference"]),
               "yes" if r["healthy"] else "no", "*" if r["active"] else ""]
@@ -132,6 +149,7 @@ def render_circuits(circuits: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="joinproxyctl", description=__doc__.split("\n")[0])
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    parser.add_argument("--version", action="version", version=f"joinproxyctl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("status", "circuits"):
         cmd = sub.add_parser(name)

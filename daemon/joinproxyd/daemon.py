@@ -17,6 +17,7 @@ are removed, so each hook holds exactly one.
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ from .guard import Guard, GuardRunning
 from .kernel import features
 from .kernel.bpf import Program
 from .kernel.netlink import InterfaceWatcher
+from .listeners import Listeners
 from .metrics import Metrics
 from .model import JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
@@ -105,6 +107,34 @@ def guarded_ports(config: Config, interfaces: list[JoinInterface],
     return sorted(ports)
 
 
+class DaemonError(Exception):
+    """The daemon cannot run at all (its control socket cannot be made, say): one line for
+    the operator, exit 1."""
+
+
+def link_problem(link: LinkState | None) -> str | None:
+    """Why a configured link cannot be served now (None: it can)."""
+    if link is None:
+        return "missing"
+    if not link.up:
+        return "link down"
+    if not link.link_local:
+        return "no link-local address"
+    return None
+
+
+def served_view(iface: JoinInterface, unserved: dict[str, str]) -> JoinInterface | None:
+    """The interface as far as its bound listeners serve it: only those modes, and only
+    the addresses they serve announced; None when no mode serves it."""
+    if not unserved:
+        return iface
+    modes = tuple(m for m in iface.modes if m not in unserved)
+    if not modes:
+        return None
+    return dataclasses.replace(iface, modes=modes, announce=announced_addresses(
+        modes, iface.link_local, iface.routable))
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None,
                  notifier: sdnotify.Notifier | None = None) -> None:
@@ -125,6 +155,9 @@ class Daemon:
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
                                     datapath=self.datapath, ipip=lambda: self.config.ipip)
+        self._dirty = asyncio.Event()
+        self.listeners = Listeners(self.metrics, log, on_retry=self._dirty.set)
+        self.context.listeners = self.listeners
         self.metrics.drops.add_source(self._kernel_drops)
         self.metrics.bpf_packets.set_source(self.datapath.counters)
         self.watcher = InterfaceWatcher(self._links_changed, log)
@@ -140,10 +173,18 @@ class Daemon:
         self._backbone_index: int | None = None
         self.control = ControlServer(config.control_socket, {
             "status": self.status, "circuits": self.circuit_list})
-        self._dirty = asyncio.Event()
         self._stop = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._metrics_listen: tuple[str, int] | None = None
+        self._metrics_serving = False
+        self._metric_links: set[str] = set()
+        # Join links with at least one mode serving, as announced; and what is not served
+        self.served: list[JoinInterface] = []
+        self.unserved: dict[str, dict[str, str]] = {}  # link -> mode -> why
+        self._started = False
+        self._ready = False
+        self._backbone_problem: str | None = None  # what was last logged about it
+        self._joining_said: bool | None = None
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
         # Runs on the metrics thread: iterate over a copy, the loop may change the dict.
@@ -161,10 +202,10 @@ class Daemon:
 
     def _registrar_changed(self, registrar: RegistrarEndpoint | None) -> None:
         if registrar is None:
-            log.warning("no healthy registrar: joining closed, new circuits refused",
+            log.warning("no healthy registrar: new circuits refused",
                         extra={"REGISTRAR": "none"})
         else:
-            log.info("registrar %s (%s) is active: joining open", registrar.key,
+            log.info("registrar %s (%s) is active", registrar.key,
                      registrar.source, extra={"REGISTRAR": registrar.key})
         self._dirty.set()
 
@@ -176,8 +217,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         try:
             await self.start()
-            self.notifier.send(sdnotify.ready(self.summary()))
-            log.info("joinproxyd %s started: %s", __version__, self.summary())
+            self._started = True
+            self._notify()
             self.notifier.start_watchdog(self.alive)
             await self._stop.wait()
         finally:
@@ -196,7 +237,7 @@ class Daemon:
             await ipip_knobs.restore_leftovers(self.config.ipip.knob_record, log)
         if not self.config.needs_bpf:
             await self.datapath.clean_leftovers()
-        await self.control.start()
+        await self._start_control()
         self._serve_metrics()
         await self.registrars.start()
         await self.announcer.start()
@@ -230,6 +271,7 @@ class Daemon:
         await self.registrars.stop()
         await self.watcher.stop()
         await self.control.close()
+        self.listeners.close()
         self.metrics.close()
         await self.notifier.close()
         log.info("stopped")
@@ -293,14 +335,87 @@ class Daemon:
         if not config.needs_bpf and self.datapath.opened:
             await self.datapath.close()  # turned off by a reload: unload it all
         joining = registrar is not None
-        # A link where no configured mode can serve the pledges' addresses is not announced.
-        announced = [i for i in self.interfaces if i.announce]
+        self._account_served()
+        # Only what is bound is announced: a link whose listeners could not bind (the port
+        # is taken) is left out until a retry binds them. A link where no configured mode
+        # can serve the pledges' addresses is not announced either.
+        announced = [i for i in self.served if i.announce]
         self.announcer.set_targets(announced if config.announce_grasp else [])
         self.announcer.set_enabled(joining and config.announce_grasp)
         await self._reconcile_mdns_advertiser(joining)
         await self._reconcile_backbone()
-        self.metrics.join_interfaces.set(len(self.interfaces))
-        self.notifier.send(sdnotify.status(self.summary()))
+        self._forget_gone_links()
+        if self._metrics_listen is not None and not self._metrics_serving:
+            self._serve_metrics()  # its retry is due (Listeners woke us)
+        self.metrics.join_interfaces.set(len(self.served))
+        self.metrics.listeners_unbound.set(len(self.listeners.failures))
+        self._say_joining()
+        self._notify()
+
+    def joining(self) -> tuple[bool, str]:
+        """Whether pledges can join now, and why (not): a healthy registrar and at least one
+        join link served (announced only then)."""
+        registrar = self.registrars.active
+        if registrar is None:
+            return False, "no healthy registrar"
+        if not self.served:
+            return False, "no join link served"
+        return True, (f"on {', '.join(i.name for i in self.served)} via registrar "
+                      f"{registrar.key}")
+
+    def _say_joining(self) -> None:
+        """Log when joining opens or closes (once per change, with why)."""
+        state = self.joining()
+        if state[0] == self._joining_said:
+            return
+        first = self._joining_said is None
+        self._joining_said = state[0]
+        if state[0]:
+            log.info("joining open %s", state[1])
+        elif not first:
+            log.warning("joining closed: %s", state[1])
+
+    def _account_served(self) -> None:
+        """What each mode really serves (a listener may have failed to bind), and why the
+        configured links that are not served are not."""
+        unserved: dict[str, dict[str, str]] = {}
+        for name, mode in self.modes.items():
+            for link, why in mode.unserved().items():
+                unserved.setdefault(link, {})[name] = why
+        self.unserved = unserved
+        self.served = [view for i in self.interfaces
+                       if (view := served_view(i, unserved.get(i.name, {}))) is not None]
+
+    def _forget_gone_links(self) -> None:
+        """Labelled metric series of links that no longer exist are removed."""
+        present = set(self.links)
+        for name in sorted(self._metric_links - present):
+            self.metrics.forget_interface(name)
+        self._metric_links = (self._metric_links & present) | {i.name for i in self.interfaces}
+
+    def pending(self) -> list[str]:
+        """Configured listeners not bound now: while any is, READY=1 is withheld."""
+        return list(self._failures_text().values())
+
+    def _failures_text(self) -> dict[tuple[str, str], str]:
+        return {key: self.listeners.describe(*key) or "" for key in
+                sorted(self.listeners.failures)}
+
+    def _notify(self) -> None:
+        """READY=1 once start-up is done and every configured listener is bound; STATUS=
+        after every reconcile. Links that are missing, down or without a link-local address
+        do not hold READY back (they are served when they come, like a hot-plugged link);
+        a listener that cannot bind does, and if it never binds systemd's TimeoutStartSec
+        fails the start (README, joinproxyd(8))."""
+        summary = self.summary()
+        if self._started and not self._ready and not self.pending():
+            self._ready = True
+            self.notifier.send(sdnotify.ready(summary))
+            log.info("joinproxyd %s started: %s", __version__, summary)
+            return
+        if self._started and not self._ready:
+            summary = "starting, waiting for listeners: " + summary
+        self.notifier.send(sdnotify.status(summary))
 
     async def _reconcile_mdns_advertiser(self, joining: bool) -> None:
         if self.config.announce_mdns and self.advertiser is None:
@@ -310,13 +425,14 @@ class Daemon:
             await self.advertiser.stop()
             self.advertiser = None
         if self.advertiser is not None:
-            self.advertiser.set_targets([i for i in self.interfaces if i.announce])
+            self.advertiser.set_targets([i for i in self.served if i.announce])
             self.advertiser.set_enabled(joining)
 
     async def _reconcile_backbone(self) -> None:
         """(Re)start registrar discovery on the backbone when its link (re)appears."""
         config = self.config
         backbone = self.links.get(config.backbone)
+        self._say_backbone(link_problem(backbone))
         index = backbone.index if backbone is not None and backbone.ready else None
         want_grasp = index is not None and "grasp" in config.discovery
         want_mdns = index is not None and "mdns" in config.discovery
@@ -328,23 +444,71 @@ class Daemon:
             await self.mdns_browser.stop()
             self.mdns_browser = None
         self._backbone_index = index
-        if want_grasp and self.grasp_listener is None and index is not None:
-            self.grasp_listener = GraspRegistrarListener(
+        if not want_grasp:
+            self.listeners.forget(config.backbone, "discovery-grasp")
+        if not want_mdns:
+            self.listeners.forget(config.backbone, "discovery-mdns")
+        if (want_grasp and self.grasp_listener is None and index is not None
+                and self.listeners.due(config.backbone, "discovery-grasp")):
+            listener = GraspRegistrarListener(
                 interface=config.backbone, ifindex=index, on_registrar=self.registrars.offer,
                 metrics=self.metrics, log=log)
-            await self.grasp_listener.start()
-        if want_mdns and self.mdns_browser is None and index is not None:
-            self.mdns_browser = MdnsRegistrarBrowser(
+            try:
+                await listener.start()
+            except OSError as exc:  # the port held by a socket without SO_REUSEPORT, ...
+                self.listeners.failed(config.backbone, "discovery-grasp",
+                                      f"[ff02::13%{config.backbone}]:7017", exc)
+            else:
+                self.listeners.bound(config.backbone, "discovery-grasp")
+                self.grasp_listener = listener
+        if (want_mdns and self.mdns_browser is None and index is not None
+                and self.listeners.due(config.backbone, "discovery-mdns")):
+            browser = MdnsRegistrarBrowser(
                 interface=config.backbone, ifindex=index, on_registrar=self.registrars.offer,
                 on_gone=self.registrars.withdraw, metrics=self.metrics, log=log)
-            await self.mdns_browser.start()
+            try:
+                await browser.start()
+            except (OSError, RuntimeError) as exc:  # zeroconf: RuntimeError, no adapter
+                self.listeners.failed(config.backbone, "discovery-mdns",
+                                      f"[ff02::fb%{config.backbone}]:5353", exc)
+            else:
+                self.listeners.bound(config.backbone, "discovery-mdns")
+                self.mdns_browser = browser
+
+    def _say_backbone(self, problem: str | None) -> None:
+        """Log once when the backbone becomes unusable (with what that stops), and once when
+        it is back: joinproxyctl is not the only place an operator looks."""
+        if problem == self._backbone_problem:
+            return
+        was, self._backbone_problem = self._backbone_problem, problem
+        name = self.config.backbone
+        if problem is None:
+            if was is not None:
+                log.info("backbone interface %s is usable again", name,
+                         extra={"INTERFACE": name})
+            return
+        log.warning("backbone interface %s: %s; until it is usable: %s", name, problem,
+                    "; ".join(self.backbone_stops()), extra={"INTERFACE": name,
+                                                             "REASON": problem})
+
+    def backbone_stops(self) -> list[str]:
+        """What a missing or unusable backbone stops, for this configuration."""
+        config = self.config
+        out = [f"no registrar discovery by {m} on it" for m in config.discovery
+               if m in ("grasp", "mdns")]
+        wanted = {mode for spec in config.joins for mode in spec.modes}
+        out += [f"{m} links do not relay (they need it)" for m in sorted(wanted)
+                if m in ("ipip", "nat66")]
+        if "static" in config.discovery:
+            out.append("static registrars are still probed over whatever route exists")
+        return out
 
     # -- reload ---------------------------------------------------------------------------------
     async def reload(self) -> bool:
         """SIGHUP: apply a new configuration without dropping established circuits."""
         if self.config_path is None:
             return False
-        self.notifier.send(sdnotify.reloading())
+        self._send_reload(sdnotify.reloading())
         try:
             new = config_mod.load(self.config_path)
             missing = features.missing_for(m for spec in new.joins for m in spec.modes)
@@ -353,7 +517,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.metrics.reloads.labels("error").inc()
-            self.notifier.send(sdnotify.ready(self.summary()))
+            self._send_reload(sdnotify.ready(self.summary()))
             return False
         old, self.config = self.config, new
         logs.set_level(new.log_level)
@@ -368,7 +532,11 @@ class Daemon:
         if new.control_socket != old.control_socket:
             await self.control.close()
             self.control.path = new.control_socket
-            await self.control.start()
+            try:
+                await self._start_control()
+            except DaemonError as exc:
+                log.error("reload: %s; joinproxyctl cannot reach this daemon until a reload "
+                          "names a usable path", exc)
         if new.discovery != old.discovery or new.backbone != old.backbone:
             self._backbone_index = -1  # force discovery listeners to restart
         if (new.bpf_pin_dir, new.bpf_object_dir) != (old.bpf_pin_dir, old.bpf_object_dir):
@@ -377,41 +545,103 @@ class Daemon:
         await self.reconcile()
         self.metrics.reloads.labels("ok").inc()
         log.info("configuration reloaded from %s", self.config_path)
-        self.notifier.send(sdnotify.ready(self.summary()))
+        self._send_reload(sdnotify.ready(self.summary()))
         return True
 
+    def _send_reload(self, message: bytes) -> None:
+        """RELOADING=1 and the READY=1 that ends a reload, only once the daemon was ready:
+        before that, READY=1 still means every listener is bound (_notify sends it)."""
+        if self._ready:
+            self.notifier.send(message)
+        else:
+            self._notify()
+
     def _serve_metrics(self) -> None:
+        """Serve /metrics; a port that cannot be bound is retried with backoff (and holds
+        READY back) like every listener."""
         listen = self.config.metrics_listen
+        if listen != self._metrics_listen:
+            self.listeners.forget("", "metrics")
         self._metrics_listen = listen
-        if listen is None:
+        self._metrics_serving = False
+        if listen is None or not self.listeners.due("", "metrics", f"[{listen[0]}]:{listen[1]}"):
             return
         try:
             self.metrics.serve(listen)
         except OSError as exc:
-            log.error("metrics endpoint [%s]:%d unavailable: %s", *listen,
-                      exc.strerror or exc)
+            self.listeners.failed("", "metrics", f"[{listen[0]}]:{listen[1]}", exc)
+            return
+        self.listeners.bound("", "metrics")
+        self._metrics_serving = True
+
+    async def _start_control(self) -> None:
+        """The control socket is a path of ours: if it cannot be made, waiting will not help
+        (a directory's permissions, a full disk); say so in one line and exit."""
+        try:
+            await self.control.start()
+        except OSError as exc:
+            raise DaemonError(f"control socket {self.control.path}: "
+                              f"{exc.strerror or exc}") from None
 
     # -- views ------------------------------------------------------------------------------------
     def summary(self) -> str:
         registrar = self.registrars.active
-        names = ", ".join(f"{i.name}({'+'.join(i.modes)})" for i in self.interfaces) or "none"
-        return (f"serving {names}; registrar "
-                f"{registrar.key if registrar else 'none (joining closed)'}")
+        names = ", ".join(f"{i.name}({'+'.join(i.modes)})" for i in self.served) or "none"
+        out = (f"serving {names}; registrar "
+               f"{registrar.key if registrar else 'none (joining closed)'}")
+        problems = [f"{link} {why}" for link in sorted(self.unserved)
+                    for why in self.unserved[link].values()]
+        problems += [text for (link, mode), text in self._failures_text().items()
+                     if mode not in self.unserved.get(link, {})]
+        if self._backbone_problem is not None:
+            problems.append(f"backbone {self.config.backbone}: {self._backbone_problem}")
+        return out + (f"; NOT SERVING: {'; '.join(problems)}" if problems else "")
+
+    def unserved_links(self) -> list[dict[str, Any]]:
+        """Configured join links that are not served at all, and why: present but down or
+        without a link-local address, missing (names without wildcards only), or every
+        listener failed to bind."""
+        out: list[dict[str, Any]] = []
+        served = {i.name for i in self.served}
+        for i in self.interfaces:
+            if i.name not in served:
+                out.append({"name": i.name, "modes": list(i.modes),
+                            "reason": "; ".join(self.unserved.get(i.name, {}).values())})
+        for link in sorted(self.links.values(), key=lambda link: link.name):
+            spec = self.config.join_spec_for(link.name)
+            problem = link_problem(link)
+            if spec is not None and problem is not None:
+                out.append({"name": link.name, "modes": list(spec.modes), "reason": problem})
+        named = [(p, spec) for spec in self.config.joins for p in spec.interfaces
+                 if not any(c in p for c in "*?[")]
+        for name, spec in named:
+            if name not in self.links and name != self.config.backbone:
+                out.append({"name": name, "modes": list(spec.modes), "reason": "missing"})
+        return sorted(out, key=lambda entry: entry["name"])
 
     def status(self) -> dict[str, Any]:
         backbone = self.links.get(self.config.backbone)
-        active = self.registrars.active
+        joining, why = self.joining()
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime": time.monotonic() - self.started,
-            "joining": active is not None,
+            "joining": joining,
+            "joining_reason": why,
+            "ready": self._ready,
             "backbone": {"name": self.config.backbone,
-                         "ready": bool(backbone and backbone.ready)},
+                         "ready": bool(backbone and backbone.ready),
+                         "problem": link_problem(backbone),
+                         "stops": self.backbone_stops() if link_problem(backbone) else []},
+            # the links served (with the modes that serve them); modes that do not serve a
+            # link and why are in not_serving, links not served at all in unserved
             "interfaces": [{"name": i.name, "index": i.index, "link_local": i.link_local,
                             "routable": list(i.routable), "modes": list(i.modes),
-                            "port": i.port, "announce": list(i.announce)}
-                           for i in self.interfaces],
+                            "port": i.port, "announce": list(i.announce),
+                            "not_serving": self.unserved.get(i.name, {})}
+                           for i in self.served],
+            "unserved": self.unserved_links(),
+            "listener_errors": self.listeners.status(),
             "registrars": self.registrars.status(),
             "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
             "guard": self.guard.status(),

@@ -9,7 +9,20 @@ import logging
 import os
 import sys
 
+from brski.cli import quiet
+
 FIELDS = ("INTERFACE", "MODE", "REGISTRAR", "PLEDGE", "REASON")
+
+# JOINPROXYD_DEBUG_LIBRARIES=pyroute2,zeroconf (or "all"): those follow daemon.log_level;
+# every other library logs warnings and errors only (brski.cli.quiet says why).
+LIBRARY_ENV = "JOINPROXYD_DEBUG_LIBRARIES"
+
+
+def quiet_libraries(handlers: list[logging.Handler] | None = None) -> tuple[str, ...]:
+    """Hold the libraries at WARNING but those the environment names; again after
+    importing pyroute2 (it resets its logger's level). Returns the names held."""
+    handlers = logging.getLogger().handlers if handlers is None else handlers
+    return quiet.hold(handlers, quiet.wanted_loud(os.environ.get(LIBRARY_ENV, "")))
 
 
 class _FieldsFormatter(logging.Formatter):
@@ -50,6 +63,7 @@ def setup(level: str, name: str = "joinproxyd") -> logging.Logger:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_FieldsFormatter("%(levelname)s %(name)s: %(message)s"))
+    quiet_libraries([handler])
     root.addHandler(handler)
     root.setLevel(level.upper())
     return logging.getLogger(name)

@@ -136,6 +136,13 @@ class Metrics:
             "joinproxyd_join_interfaces", "Join interfaces being served", registry=r)
         self.reloads = Counter(
             "joinproxyd_config_reloads", "Configuration reloads", ["result"], registry=r)
+        # interface "" for listeners not on a join link (mode "metrics", "discovery-grasp")
+        self.listener_errors = Counter(
+            "joinproxyd_listener_errors", "Failed attempts to bind a listening socket",
+            ["interface", "mode", "reason"], registry=r)
+        self.listeners_unbound = Gauge(
+            "joinproxyd_listeners_unbound", "Configured listeners not bound now (retrying)",
+            registry=r)
         for mode in modes:
             self.add_mode(mode)
         self._server: object | None = None
@@ -146,6 +153,12 @@ class Metrics:
             self.circuits.labels(mode)
             for direction in ("upstream", "downstream"):
                 self.relayed_bytes.labels(mode, direction)
+
+    def forget_interface(self, name: str) -> None:
+        """A link went away: its labelled series go with it, or they would stay forever
+        (interface names come and go with hot-plug)."""
+        for family in (self.circuits_active, self.announcements, self.listener_errors):
+            family.remove_by_labels({"interface": name})
 
     def drop(self, mode: str, reason: DropReason, count: int = 1) -> None:
         self.drops.inc(mode, reason, count)

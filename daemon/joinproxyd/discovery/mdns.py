@@ -44,6 +44,9 @@ from .target import AnnounceTarget
 PROXY_SERVICE: Final = "_brski-proxy._tcp.local."
 REGISTRAR_SERVICE: Final = "_brski-registrar._tcp.local."
 METHOD: Final = "mdns"
+# RFC 6763 §6.1: a service with no TXT data still has a TXT record, holding one empty
+# string (a single zero byte); zeroconf would send an empty RDATA for properties={}.
+EMPTY_TXT: Final = b"\x00"
 RESOLVE_TIMEOUT_MS: Final = 3000
 RETRY_SECONDS: Final = 10.0  # after a failed registration (the link may still be settling)
 CLOSE_TIMEOUT: Final = 5.0
@@ -168,7 +171,7 @@ class MdnsProxyAdvertiser:
         label = _dns_label(f"{self.hostname}-{target.name}")
         return ServiceInfo(PROXY_SERVICE, f"{label}.{PROXY_SERVICE}", port=target.port,
                            server=f"{label}.local.", parsed_addresses=list(target.addresses),
-                           interface_index=target.index)
+                           properties=EMPTY_TXT, interface_index=target.index)
 
     async def _register(self, target: AnnounceTarget) -> None:
         try:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from ..config import IpipSettings, Limits
 from ..datapath import Datapath
+from ..listeners import Listeners
 from ..metrics import Metrics
 from ..model import JoinInterface, LinkState, RegistrarEndpoint
 
@@ -30,6 +31,14 @@ class RelayContext:
     # The BPF data plane, opened by whoever first needs it (modes that run in BPF).
     datapath: Datapath | None = None
     ipip: Callable[[], IpipSettings] = IpipSettings
+    # Bind failures and their retries (the control plane's, so that status, READY and the
+    # announcements know what is really bound); a mode without one keeps its own.
+    listeners: Listeners | None = None
+
+    def listener_book(self) -> Listeners:
+        if self.listeners is None:
+            self.listeners = Listeners(self.metrics, self.log)
+        return self.listeners
 
 
 class RelayMode(ABC):
@@ -63,6 +72,11 @@ class RelayMode(ABC):
     @abstractmethod
     def status(self) -> dict[str, Any]:
         """A JSON-ready view for joinproxyctl."""
+
+    def unserved(self) -> dict[str, str]:
+        """The links this mode was asked to serve but does not serve now, with why (a
+        listener that could not bind, say). Announcements, READY and status leave them out."""
+        return {}
 
     def kernel_drops(self) -> dict[str, int]:
         """Drops counted by the kernel (nft or BPF counters), by DropReason value; read at

@@ -167,6 +167,7 @@ class CircuitMode(RelayMode):
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
         self.listeners: dict[str, _Listener] = {}
+        self._wanted: dict[str, JoinInterface] = {}
         self.registrar: RegistrarEndpoint | None = None
         self.admission = Admission(ctx.limits())
         self.open: set[Circuit] = set()
@@ -178,6 +179,11 @@ class CircuitMode(RelayMode):
                         registrar: RegistrarEndpoint | None) -> None:
         self.registrar = registrar
         desired = {iface.name: iface for iface in interfaces}
+        self._wanted = desired
+        book = self.ctx.listener_book()
+        for name, mode in list(book.failures):
+            if mode == self.name and name not in desired:
+                book.forget(name, mode)
         for name, listener in list(self.listeners.items()):
             if desired.get(name) != listener.iface:
                 await self._unlisten(name, gone=name not in desired
@@ -192,6 +198,10 @@ class CircuitMode(RelayMode):
         self.admission.limits = self.ctx.limits()
 
     async def _listen(self, iface: JoinInterface) -> None:
+        book = self.ctx.listener_book()
+        where = f"[{iface.scoped_link_local}]:{iface.port}"
+        if not book.due(iface.name, self.name, where):
+            return  # failed lately: the retry timer brings the next attempt
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         try:
@@ -203,10 +213,11 @@ class CircuitMode(RelayMode):
             server = await loop.create_server(lambda: self._accept(iface), sock=sock)
         except OSError as exc:
             sock.close()
-            self.ctx.log.error("cannot listen on [%s]:%d: %s", iface.scoped_link_local,
-                               iface.port, exc.strerror or exc,
-                               extra={"INTERFACE": iface.name, "MODE": self.name})
+            # Counted, logged once and retried with backoff; the control plane neither
+            # announces this link for circuit nor calls it served meanwhile (unserved()).
+            book.failed(iface.name, self.name, where, exc)
             return
+        book.bound(iface.name, self.name)
         self.listeners[iface.name] = _Listener(iface, server)
         self.ctx.log.info("circuit proxy listening on [%s]:%d", iface.scoped_link_local,
                           iface.port, extra={"INTERFACE": iface.name, "MODE": self.name})
@@ -220,7 +231,16 @@ class CircuitMode(RelayMode):
         self.ctx.log.info("circuit proxy stopped listening on %s", name,
                           extra={"INTERFACE": name, "MODE": self.name})
 
+    def unserved(self) -> dict[str, str]:
+        book = self.ctx.listener_book()
+        return {name: book.describe(name, self.name) or "not listening"
+                for name in self._wanted if name not in self.listeners}
+
     async def close(self, drain_seconds: float) -> None:
+        book = self.ctx.listener_book()
+        for name in self._wanted:
+            book.forget(name, self.name)
+        self._wanted = {}
         for name in list(self.listeners):
             await self._unlisten(name, gone=False)
         deadline = time.monotonic() + drain_seconds

@@ -209,6 +209,8 @@ class IpipMode(RelayMode):
         self._written: tuple[dict[int, IpipJoin], frozenset[str]] | None = None
         self._previous_registrar: str | None = None
         self._logged: str | None = None
+        self._asked: tuple[str, ...] = ()  # the links the last reconcile asked to serve
+        self._apply_error: str | None = None  # what the kernel refused at the last one
         self.xdp = ipip_xdp.Decision(False, "not started")
         self._xdp_backbone: ipip_xdp.Backbone | None = None  # as last read
         self._xdp_written: bool | None = None  # what jp_guard_next holds (None: not known)
@@ -226,8 +228,10 @@ class IpipMode(RelayMode):
                                            or plan.target.address != old_target.address):
                 self._previous_registrar = old_target.address
             self.plan, self.registrar = plan, registrar
+            self._asked = tuple(i.name for i in interfaces)
             self._explain(plan, settings.protocol)
             errors = list(plan.errors.values())
+            self._apply_error = None
             try:
                 if interfaces:
                     await self._apply(plan, settings.protocol, [i for i in interfaces
@@ -239,6 +243,7 @@ class IpipMode(RelayMode):
                 # ValueError: the data plane refused a configuration (bpf.py validates);
                 # said once, retried at the next change, never fatal.
                 errors.append(str(exc))
+                self._apply_error = str(exc)
             self._set_error("; ".join(errors) or None)
 
     async def close(self, drain_seconds: float) -> None:
@@ -473,6 +478,22 @@ class IpipMode(RelayMode):
         if self.ctx.datapath is None:
             return {}
         return self.ctx.datapath.kernel_drops(IPIP_PROGRAMS)
+
+    def unserved(self) -> dict[str, str]:
+        """With a registrar, a link is served only while the plan relays it and the kernel
+        took it (status is true: not announced otherwise)."""
+        plan = self.plan
+        if self.registrar is None:
+            return {}  # joining is closed: nothing is announced anyway
+        relayed = {link.name for link in plan.links} if plan.relaying else set()
+        out = {}
+        for name in self._asked:
+            why = plan.errors.get(name) or (None if name in relayed else plan.refusal)
+            if why is None and self._apply_error is not None:
+                why = self._apply_error  # the kernel refused what the plan asked
+            if why is not None or name not in relayed:
+                out[name] = f"ipip: {why or 'not relayed'}"
+        return out
 
     def status(self) -> dict[str, Any]:
         plan, target = self.plan, self.plan.target

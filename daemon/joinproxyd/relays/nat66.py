@@ -529,6 +529,22 @@ class Nat66Mode(RelayMode):
     def kernel_drops(self) -> dict[str, int]:
         return self.drops()
 
+    def unserved(self) -> dict[str, str]:
+        """With a registrar, links are served only while the rules are in the kernel and
+        relay to it (status is true: not announced otherwise). Without one joining is closed
+        and nothing is announced anyway."""
+        if self.registrar is None:
+            return {}
+        if self.error is not None:
+            why = f"nat66: {self.error}"
+        elif not self.relaying:
+            backbone = self.ctx.backbone()
+            why = "nat66: " + (refusal(self.registrar, backbone.name if backbone else None)
+                               or "not relaying")
+        else:
+            return {}
+        return {iface.name: why for iface in self.interfaces}
+
     def status(self) -> dict[str, Any]:
         """A JSON-ready view; reads the kernel's counters (a libnftables call, milliseconds)."""
         try:
