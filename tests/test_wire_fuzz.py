@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from brski.cbor_strict import loads_exact
 from brski.errors import BrskiError
 from brski.grasp import Flood, IPv6Locator, proxy_flood, registrar_flood
 from brski.jpy import FlowHeaderSealer, JpyMessage, PledgeEndpoint, SequencedHeaderSealer
@@ -112,8 +113,8 @@ def one_node_replaced(draw: st.DrawFn, template: Any, values: st.SearchStrategy)
 def same_cbor(a: bytes, b: bytes) -> bool:
     """Equal as CBOR data. Canonical form sorts sets (tag 258), whose order follows Python's
     per-process hash seed, and makes NaN comparable."""
-    return cbor2.dumps(cbor2.loads(a), canonical=True) == cbor2.dumps(cbor2.loads(b),
-                                                                        canonical=True)
+    return cbor2.dumps(loads_exact(a, "a"), canonical=True) == cbor2.dumps(
+        loads_exact(b, "b"), canonical=True)
 
 
 def must_only_raise_brski_errors(decode, data):
