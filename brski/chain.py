@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import verification as xv
 
+from . import der_kind
 from .errors import DecodeError, SignatureError, UsageError
 
 MAX_DEPTH = 8
@@ -95,7 +96,8 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
             len(cert.extensions)
     except Exception as exc:  # ValueError, InvalidVersion, DuplicateExtension, ... all mean
         # the same here: a certificate we cannot use
-        raise DecodeError(f"{what} is not a usable DER certificate: {exc}") from exc
+        raise DecodeError(f"{what} is not a usable DER certificate: {_problem(bytes(der))}"
+                          ) from exc
     return cert
 
 
@@ -112,3 +114,10 @@ def valid_at(cert: x509.Certificate, at: datetime) -> bool:
     if at.tzinfo is None:
         raise UsageError("time must be timezone-aware")
     return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
+
+
+def _problem(der: bytes) -> str:
+    # cryptography's text ("ParseError { kind: UnexpectedTag ... }") names its internals.
+    if der_kind.describe(der) == "an X.509 certificate":
+        return "its subject, issuer or an extension cannot be read"
+    return der_kind.refusal("an X.509 certificate", der)

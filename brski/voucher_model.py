@@ -414,7 +414,7 @@ def b64decode_lenient(text: str) -> bytes:
     try:
         return binascii.a2b_base64(body + "=" * (-len(body) % 4), strict_mode=True)
     except binascii.Error as exc:
-        raise DecodeError(f"binary value is not valid base64: {exc}") from exc
+        raise DecodeError("binary value is not valid base64 (bad padding)") from exc
 
 
 def _b64_matches(text: str, value: bytes) -> bool:

@@ -1,0 +1,117 @@
+"""Library-level regressions for issue 11's fuzzing findings: refusal texts that name what was
+expected and what came (not parser internals), strict JSON, CSRs read fully at decode."""
+
+import json
+
+import pytest
+from badcsr import cn_not_utf8, cn_wrong_type, version_1
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from brski import cms, est
+from brski.chain import load_certificate
+from brski.der_kind import describe
+from brski.errors import DecodeError, ProtocolError
+from brski.json_strict import loads_strict
+from brski.telemetry import AuditLog, StatusReport
+from brski.voucher_json import decode_json
+
+
+@pytest.fixture(scope="module")
+def cert_der() -> bytes:
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name.from_rfc4514_string("CN=t")
+    t = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(t)
+            .not_valid_after(t + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_describe(cert_der):
+    assert describe(b"") == "an empty body"
+    assert describe(cert_der) == "an X.509 certificate"
+    assert describe(cert_der + b"xx") == "a DER SEQUENCE followed by 2 extra bytes"
+    assert describe(cert_der[:-3]).startswith("a DER SEQUENCE cut short")
+    assert describe(est.encode_base64(cert_der)) == "base64 text"
+    assert describe(b"-----BEGIN CERTIFICATE-----\n") == "PEM text (CERTIFICATE)"
+    assert describe(b"\x04\x00").startswith("bytes that are not DER")
+    assert describe(b"\x30\x03\x02\x01\x00") == "a DER SEQUENCE of another kind"
+
+
+def test_csr_body_that_is_a_certificate(cert_der):
+    with pytest.raises(DecodeError) as info:
+        est.decode_csr_body(cert_der)
+    assert str(info.value) == "expected a PKCS#10 request (RFC 2986), got an X.509 certificate"
+
+
+@pytest.mark.parametrize(("make", "why"), [(version_1, "version field 1"),
+                                          (cn_not_utf8, "subject cannot be read"),
+                                          (cn_wrong_type, "subject cannot be read")])
+def test_malformed_csrs_are_decode_errors(make, why):
+    # cryptography's InvalidVersion escaped; the subject errors came later, in the CA.
+    for body in (make(), est.encode_base64(make())):
+        with pytest.raises(DecodeError, match=why):
+            est.decode_csr_body(body)
+
+
+def test_cms_messages_name_the_input(cert_der):
+    with pytest.raises(DecodeError, match="got base64 text where binary DER was expected"):
+        cms.parse(est.encode_base64(cert_der))
+    with pytest.raises(DecodeError, match=r"expected a CMS SignedData .*got an X.509 cert"):
+        cms.parse(cert_der)
+    for exc_text in ("Extra data", "ParseError", "ValueError"):
+        with pytest.raises(DecodeError) as info:
+            cms.parse(cert_der + b"\x00\x00")
+        assert exc_text not in str(info.value)
+
+
+def test_certificate_messages_name_the_input(cert_der):
+    with pytest.raises(DecodeError) as info:
+        load_certificate(cert_der[:-1], "pinned-domain-cert")
+    assert "ParseError" not in str(info.value)
+    assert "cut short" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"a":"\\ud800"}', "lone surrogate"),
+        ('{"\\udc00":1}', "lone surrogate"),
+        ('["\\ud83d"]', "lone surrogate"),
+        ('{"a":1e999}', "out of range"),
+        ('{"a":-1e400}', "out of range"),
+        ('{"a":NaN}', "NaN is not JSON"),
+        ('{"a":1,"a":2}', "duplicate key"),
+        ("1" * 5000, "too many digits"),
+        ("[" * 100000, "nested too deeply"),
+    ],
+)
+def test_json_that_cannot_be_re_encoded_is_refused(text, why):
+    with pytest.raises(DecodeError, match=why):
+        loads_strict(text.encode(), "x")
+
+
+def test_surrogate_pairs_are_text():
+    assert loads_strict(b'["\\ud83d\\ude00"]', "x") == ["\U0001f600"]
+
+
+@pytest.mark.parametrize(
+    "decode", [StatusReport.decode_json, AuditLog.decode_json, decode_json])
+def test_every_json_decoder_refuses_what_its_encoder_cannot_write(decode):
+    for body in (b'{"version":1,"status":true,"reason":"\\ud800"}',
+                 b'{"version":1,"status":true,"reason-context":{"x":1e999}}',
+                 b'{"ietf-voucher-request:voucher":{"serial-number":"\\udfff"}}'):
+        with pytest.raises(ProtocolError):
+            decode(body)
+
+
+def test_telemetry_version_is_bounded():
+    with pytest.raises(DecodeError, match="below 2"):
+        StatusReport.decode_json(json.dumps({"version": 2**63, "status": True}).encode())
+    report = StatusReport.decode_json(json.dumps({"version": 2**63 - 1, "status": True}).encode())
+    assert StatusReport.decode_json(report.encode_json()) == report
+    assert StatusReport.decode_cbor(report.encode_cbor()) == report
