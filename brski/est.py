@@ -213,22 +213,43 @@ class CsrAttribute:
 
 
 def encode_csrattrs(items: Sequence[CsrAttribute]) -> bytes:
-    """DER of CsrAttrs. An empty list is legal (RFC 7030 §4.5.2: SIZE (0..MAX))."""
+    """DER of CsrAttrs. An empty list is legal (RFC 7030 §4.5.2: SIZE (0..MAX)).
+
+    Written by hand rather than with asn1crypto's ``dump(force=True)``, which parses every
+    attribute value again and fails on values it cannot interpret (a UTF8String that is not
+    UTF-8, a REAL) although they are well-formed DER the decoder accepted. Values are opaque
+    DER here; DER sorts a SET OF by encoding, and so does the decoder."""
     out = []
     for item in items:
         try:
-            oid = core.ObjectIdentifier(item.oid)
-            if item.values is None:
-                out.append(_AttrOrOID(name="oid", value=oid))
-            else:
-                if not item.values:
-                    raise UsageError(f"attribute {item.oid} needs at least one value")
-                values = _AnySet([core.Any.load(v) for v in item.values])
-                out.append(_AttrOrOID(name="attribute",
-                                      value=_Attribute({"type": oid, "values": values})))
+            oid = core.ObjectIdentifier(item.oid).dump()
         except (ValueError, TypeError) as exc:
-            raise UsageError(f"csrattrs item {item!r}: {exc}") from exc
-    return _CsrAttrs(out).dump(force=True)
+            raise UsageError(f"csrattrs item {item.oid!r} is not a dotted OID") from exc
+        if item.values is None:
+            out.append(oid)
+            continue
+        if not item.values:
+            raise UsageError(f"attribute {item.oid} needs at least one value")
+        for value in item.values:
+            if not isinstance(value, bytes) or _tlv_length(value) != len(value):
+                raise UsageError(f"attribute {item.oid}: a value is not one DER item")
+        out.append(_der(0x30, oid + _der(0x31, b"".join(sorted(item.values)))))
+    return _der(0x30, b"".join(out))
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _tlv_length(der: bytes) -> int | None:
+    try:
+        return len(core.Any.load(der, strict=True).dump())
+    except Exception:  # any parse failure means "not one DER item"
+        return None
 
 
 def decode_csrattrs(der: bytes) -> list[CsrAttribute]:
@@ -242,7 +263,7 @@ def decode_csrattrs(der: bytes) -> list[CsrAttribute]:
                 out.append(CsrAttribute(choice.chosen.dotted))
             else:
                 attr = choice.chosen
-                values = tuple(v.dump() for v in attr["values"])
+                values = tuple(sorted(v.dump() for v in attr["values"]))  # DER order
                 if not values:
                     raise ValueError("attribute with no values")
                 out.append(CsrAttribute(attr["type"].dotted, values))

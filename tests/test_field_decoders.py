@@ -4,7 +4,7 @@ expected and what came (not parser internals), strict JSON, CSRs read fully at d
 import json
 
 import pytest
-from badcsr import cn_not_utf8, cn_wrong_type, version_1
+from badcsr import _tlv, cn_not_utf8, cn_wrong_type, version_1
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -115,3 +115,42 @@ def test_telemetry_version_is_bounded():
     report = StatusReport.decode_json(json.dumps({"version": 2**63 - 1, "status": True}).encode())
     assert StatusReport.decode_json(report.encode_json()) == report
     assert StatusReport.decode_cbor(report.encode_cbor()) == report
+
+
+# --- link-format: what we write parses back to the same links -----------------------------------
+
+
+@pytest.mark.parametrize("value", ["a<b>", "<", ">", "a=b", "x:y", "(1)", "[v]", "{}", "a?b",
+                                   "u@h", 'say "hi"', "a,b;c", "é", ""])
+def test_link_params_read_back_the_same(value):
+    from brski.linkformat import JoinPortLink, format_links, parse_links
+
+    link = JoinPortLink(8485, None, (("var", value),))
+    assert parse_links(format_links([link])) == [link]
+
+
+def test_link_params_that_cannot_read_back_are_refused():
+    from brski.errors import UsageError
+    from brski.linkformat import JoinPortLink, format_links, parse_links
+
+    with pytest.raises(UsageError, match="backslash"):
+        format_links([JoinPortLink(1, None, (("var", "a\\b"),))])
+    with pytest.raises(DecodeError, match="backslash"):
+        parse_links(b'<>;brski-jp=1;var="a\\\\b"')
+    with pytest.raises(DecodeError, match="not a token"):
+        parse_links(b"<>;brski-jp=1;a*b=3")
+
+
+# --- csrattrs: what the decoder accepts, the encoder writes ------------------------------------
+
+
+@pytest.mark.parametrize("values", [
+    (b"\x0c\x01\xa0",),  # a UTF8String that is not UTF-8: well-formed DER all the same
+    (b"\x09\x01\x61",),  # a REAL asn1crypto cannot read back
+    (b"\x13\x02ab", b"\x0c\x01a"),  # SET OF order: DER sorts it
+    (b"\x03\x02\x8eb",),  # a BIT STRING with too many unused bits
+])
+def test_csrattrs_round_trip(values):
+    der = _tlv(0x30, _tlv(0x30, b"\x06\x03\x55\x04\x05" + _tlv(0x31, b"".join(values))))
+    items = est.decode_csrattrs(der)
+    assert est.decode_csrattrs(est.encode_csrattrs(items)) == items
