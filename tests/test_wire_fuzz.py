@@ -13,7 +13,8 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzkit import examples, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from brski.cbor_strict import loads_exact
@@ -23,14 +24,8 @@ from brski.jpy import FlowHeaderSealer, JpyMessage, PledgeEndpoint, SequencedHea
 from brski.linkformat import format_links, parse_links
 from brski.telemetry import AuditEvent, AuditLog, StatusReport, Truncation
 
-EXAMPLES = 500
-fuzz = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+EXAMPLES = examples(500)  # make fuzz raises it (tests/fuzzkit.py)
+fuzz = fuzz_settings(500)
 
 
 # --- strategies -------------------------------------------------------------------------------
