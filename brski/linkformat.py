@@ -20,6 +20,7 @@ ValidationError. Emission writes tokens unquoted, so the drafts' examples come o
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def parse_links(payload: bytes | str) -> list[DiscoveryLink]:
     try:
         document = linkformat.parse(text)
     except Exception as exc:  # the vendored parser's ParseException, or worse on odd input
-        raise DecodeError(f"not a link-format document: {exc}") from exc
+        raise DecodeError(f"not an RFC 6690 link-format document{_where(exc, text)}") from exc
     found: list[DiscoveryLink] = []
     for link in document.links:
         typed = _typed(link.href, [(str(k), v) for k, v in link.attr_pairs])
@@ -241,6 +242,21 @@ def _typed(href: str, pairs: list[tuple[str, str | None]]) -> DiscoveryLink | No
     address, port, _ = _split_uri(href, "coaps", COAPS_DEFAULT_PORT)
     others = tuple((k, v) for k, v in pairs if k.lower() != "rt")
     return JoinPortLink(port, address, others)
+
+
+def _where(exc: Exception, text: str) -> str:
+    # The parser's own text is its internals ("link_header.parse() failed near %s"); it
+    # passes the unread rest of the document as its second argument: say where that starts.
+    rest = exc.args[1] if len(exc.args) == 2 and isinstance(exc.args[1], str) else None
+    if rest is None:
+        return ""
+    try:
+        rest = ast.literal_eval(rest)
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(rest, str) or not text.endswith(rest):
+        return ""
+    return f": cannot read on from character {len(text) - len(rest)} ({rest[:20]!r})"
 
 
 def _check_kept_params(params: Params) -> None:

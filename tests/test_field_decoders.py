@@ -154,3 +154,12 @@ def test_csrattrs_round_trip(values):
     der = _tlv(0x30, _tlv(0x30, b"\x06\x03\x55\x04\x05" + _tlv(0x31, b"".join(values))))
     items = est.decode_csrattrs(der)
     assert est.decode_csrattrs(est.encode_csrattrs(items)) == items
+
+
+def test_link_format_refusal_says_where_not_what_the_parser_calls_itself():
+    from brski.linkformat import parse_links
+
+    with pytest.raises(DecodeError) as info:
+        parse_links(b"<>;brski-jp=1;var=a<b")
+    assert "link_header" not in str(info.value)
+    assert "character 19" in str(info.value)
