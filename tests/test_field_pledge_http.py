@@ -42,3 +42,11 @@ def test_unicode_digits_and_odd_numbers_are_http_errors(pki_dir, reply):  # noqa
             await conn.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("text", ["[fe80::1%eth0]:8²", "registrar.example:²", "h:" + "9" * 5000])
+def test_static_registrar_port_takes_ascii_digits_only(text):
+    from pledge_sim.discovery import DiscoveryError, parse_address
+
+    with pytest.raises(DiscoveryError, match="port must be"):
+        parse_address(text)
