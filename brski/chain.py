@@ -11,6 +11,7 @@ registrar, RFC 8995 §5.5), checked after this.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -75,7 +76,7 @@ def verify_chain(
     except (xv.VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(
             f"certificate {describe(leaf)} does not chain to a trust anchor "
-            f"at {at.isoformat()}: {exc}"
+            f"at {at.isoformat()}: {_verification_reason(exc)}"
         ) from exc
 
 
@@ -121,3 +122,21 @@ def _problem(der: bytes) -> str:
     if der_kind.describe(der) == "an X.509 certificate":
         return "its subject, issuer or an extension cannot be read"
     return der_kind.refusal("an X.509 certificate", der)
+
+
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing <Certificate\(.*\)>\)\s*$", re.S)
+_REASONS = {
+    "all candidates exhausted with no interior errors":
+        "no trusted or supplied certificate issued it",
+    "cert is not valid at validation time":
+        "a certificate of the chain is expired or not yet valid then",
+}
+
+
+def _verification_reason(exc: Exception) -> str:
+    # cryptography's text carries its internals ("candidates exhausted: ...", "(encountered
+    # processing <Certificate(...)>)"); keep the reason, in words a peer's operator can act on.
+    text = _ENCOUNTERED.sub("", str(exc))
+    for prefix in ("validation failed: ", "candidates exhausted: "):
+        text = text.removeprefix(prefix)
+    return _REASONS.get(text, text)

@@ -163,3 +163,22 @@ def test_link_format_refusal_says_where_not_what_the_parser_calls_itself():
         parse_links(b"<>;brski-jp=1;var=a<b")
     assert "link_header" not in str(info.value)
     assert "character 19" in str(info.value)
+
+
+def test_chain_refusals_say_why_in_words():
+    import datetime
+
+    from brski.chain import verify_chain
+    from brski.errors import SignatureError
+    from brski.pki import create_test_pki
+
+    now = datetime.datetime.now(datetime.UTC)
+    ours, theirs = create_test_pki(now), create_test_pki(now, domain="Other")
+    with pytest.raises(SignatureError) as info:
+        verify_chain(ours.domain_ca.cert, [], [theirs.masa_ca.cert], now)
+    assert str(info.value).endswith("no trusted or supplied certificate issued it")
+    later = now + datetime.timedelta(days=40000)
+    with pytest.raises(SignatureError) as info:
+        verify_chain(ours.masa_ca.cert, [], [ours.masa_ca.cert], later)
+    assert str(info.value).endswith("a certificate of the chain is expired or not yet valid then")
+    assert "encountered processing" not in str(info.value)
