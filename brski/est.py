@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from .der_kind import refusal
+from .der_kind import describe, refusal
 from .errors import DecodeError, UsageError, ValidationError
 
 MEDIA_CERTS_ONLY: Final = "application/pkcs7-mime; smime-type=certs-only"
@@ -85,8 +85,14 @@ def decode_certs_only(der: bytes) -> list[x509.Certificate]:
     """The certificates of a certs-only SignedData (DER)."""
     if len(der) > MAX_BODY:
         raise DecodeError(f"PKCS#7 of {len(der)} bytes exceeds {MAX_BODY}")
+    got = describe(bytes(der))
+    if got.startswith(("a DER SEQUENCE followed by", "a DER SEQUENCE cut short")):
+        # cryptography would warn and re-read it as BER, extra bytes and all
+        raise DecodeError(f"expected a PKCS#7 certs-only structure (RFC 7030 §4.1.3), got {got}")
     try:
-        certs = pkcs7.load_der_pkcs7_certificates(bytes(der))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "falling back to parsing as BER"
+            certs = pkcs7.load_der_pkcs7_certificates(bytes(der))
     except Exception as exc:  # ValueError for junk; other types for unsupported structures
         raise DecodeError(refusal("a PKCS#7 certs-only structure (RFC 7030 §4.1.3)",
                                   bytes(der), rule="after the base64 was removed")) from exc

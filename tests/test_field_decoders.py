@@ -182,3 +182,9 @@ def test_chain_refusals_say_why_in_words():
         verify_chain(ours.masa_ca.cert, [], [ours.masa_ca.cert], later)
     assert str(info.value).endswith("a certificate of the chain is expired or not yet valid then")
     assert "encountered processing" not in str(info.value)
+
+
+def test_certs_only_with_trailing_bytes_is_refused(cert_der):
+    bundle = est.encode_certs_only([x509.load_der_x509_certificate(cert_der)])
+    with pytest.raises(DecodeError, match="followed by 3 extra bytes"):
+        est.decode_certs_only(bundle + b"abc")
