@@ -11,7 +11,7 @@ APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables 
 	debhelper dh-python lintian python3-docutils python3-pip shellcheck \
 	systemd-container debootstrap zstd netsniff-ng
 
-.PHONY: setup apt venv bpf lint test demo deb ipk clean
+.PHONY: setup apt venv bpf lint test fuzz demo deb ipk clean
 
 setup: apt venv bpf
 
@@ -40,6 +40,14 @@ test: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make test: run as root (the tests create network namespaces)" >&2; exit 1; }
 	@$(VENV)/bin/ruff check --quiet . && echo "ruff: clean"
 	$(PY) -m pytest
+
+# A long fuzzing run: every decoder and network-facing handler harness (make test runs the same
+# ones briefly, derandomized), FUZZ_EXAMPLES examples per property, fresh random inputs each run.
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	BRSKI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BRSKI_FUZZ_RANDOM=1 $(PY) -m pytest --timeout=0 \
+		-p no:cacheprovider tests/test_fuzz_decoders.py tests/test_fuzz_handlers.py \
+		tests/test_wire_fuzz.py tests/test_voucher_fuzz.py
 
 demo: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make demo: run as root (the demo creates network namespaces)" >&2; exit 1; }

@@ -11,6 +11,7 @@ registrar, RFC 8995 §5.5), checked after this.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509 import verification as xv
 
+from . import der_kind
 from .errors import DecodeError, SignatureError, UsageError
 
 MAX_DEPTH = 8
@@ -74,7 +76,7 @@ def verify_chain(
     except (xv.VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise SignatureError(
             f"certificate {describe(leaf)} does not chain to a trust anchor "
-            f"at {at.isoformat()}: {exc}"
+            f"at {at.isoformat()}: {_verification_reason(exc)}"
         ) from exc
 
 
@@ -95,7 +97,8 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
             len(cert.extensions)
     except Exception as exc:  # ValueError, InvalidVersion, DuplicateExtension, ... all mean
         # the same here: a certificate we cannot use
-        raise DecodeError(f"{what} is not a usable DER certificate: {exc}") from exc
+        raise DecodeError(f"{what} is not a usable DER certificate: {_problem(bytes(der))}"
+                          ) from exc
     return cert
 
 
@@ -112,3 +115,28 @@ def valid_at(cert: x509.Certificate, at: datetime) -> bool:
     if at.tzinfo is None:
         raise UsageError("time must be timezone-aware")
     return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
+
+
+def _problem(der: bytes) -> str:
+    # cryptography's text ("ParseError { kind: UnexpectedTag ... }") names its internals.
+    if der_kind.describe(der) == "an X.509 certificate":
+        return "its subject, issuer or an extension cannot be read"
+    return der_kind.refusal("an X.509 certificate", der)
+
+
+_ENCOUNTERED = re.compile(r"\s*\(encountered processing <Certificate\(.*\)>\)\s*$", re.S)
+_REASONS = {
+    "all candidates exhausted with no interior errors":
+        "no trusted or supplied certificate issued it",
+    "cert is not valid at validation time":
+        "a certificate of the chain is expired or not yet valid then",
+}
+
+
+def _verification_reason(exc: Exception) -> str:
+    # cryptography's text carries its internals ("candidates exhausted: ...", "(encountered
+    # processing <Certificate(...)>)"); keep the reason, in words a peer's operator can act on.
+    text = _ENCOUNTERED.sub("", str(exc))
+    for prefix in ("validation failed: ", "candidates exhausted: "):
+        text = text.removeprefix(prefix)
+    return _REASONS.get(text, text)

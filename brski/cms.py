@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
 from .chain import load_certificate
+from .der_kind import describe, refusal
 from .errors import DecodeError, SignatureError, UsageError
 
 MAX_SIZE = 256 * 1024
@@ -96,7 +97,15 @@ def parse(der: bytes) -> SignedData:
         raise
     except Exception as exc:  # asn1crypto parses lazily and raises ValueError,
         # TypeError, KeyError, IndexError, OverflowError... at first access: all mean "bad DER".
-        raise DecodeError(f"malformed CMS: {type(exc).__name__}: {exc}") from exc
+        raise DecodeError(_parse_refusal(bytes(der))) from exc
+
+
+def _parse_refusal(der: bytes) -> str:
+    # asn1crypto's own text ("Extra data - 2605 bytes") names its internals: say what came.
+    got = describe(der)
+    if got == "a CMS SignedData structure":
+        return "malformed CMS SignedData: a field does not have the form RFC 5652 §5 gives it"
+    return refusal("a CMS SignedData (RFC 5652)", der, rule="RFC 8995 §5.2")
 
 
 def _parse(der: bytes) -> SignedData:

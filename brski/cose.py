@@ -237,7 +237,8 @@ def _pycose_eddsa_verify(msg: Sign1, key: ed25519.Ed25519PublicKey) -> bool:
         cose_msg.key = OKPKey(crv=Ed25519, x=_raw_public(key))
         return bool(cose_msg.verify_signature())
     except Exception as exc:  # pycose raises CoseException, ValueError, TypeError...
-        raise SignatureError(f"COSE EdDSA verification failed: {exc}") from exc
+        raise SignatureError("COSE EdDSA signature cannot be checked (malformed protected "
+                             "header or signature)") from exc
 
 
 def _der_to_raw(der: bytes, size: int) -> bytes:

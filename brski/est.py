@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import binascii
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
@@ -29,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from .der_kind import describe, refusal
 from .errors import DecodeError, UsageError, ValidationError
 
 MEDIA_CERTS_ONLY: Final = "application/pkcs7-mime; smime-type=certs-only"
@@ -65,7 +67,7 @@ def decode_base64(body: bytes) -> bytes:
     try:
         return binascii.a2b_base64(compact, strict_mode=True)
     except binascii.Error as exc:
-        raise DecodeError(f"EST body is not valid base64: {exc}") from exc
+        raise DecodeError("EST body is not valid base64 (padding in the wrong place)") from exc
 
 
 # --- certs-only ---------------------------------------------------------------------------
@@ -83,10 +85,17 @@ def decode_certs_only(der: bytes) -> list[x509.Certificate]:
     """The certificates of a certs-only SignedData (DER)."""
     if len(der) > MAX_BODY:
         raise DecodeError(f"PKCS#7 of {len(der)} bytes exceeds {MAX_BODY}")
+    got = describe(bytes(der))
+    if got.startswith(("a DER SEQUENCE followed by", "a DER SEQUENCE cut short")):
+        # cryptography would warn and re-read it as BER, extra bytes and all
+        raise DecodeError(f"expected a PKCS#7 certs-only structure (RFC 7030 §4.1.3), got {got}")
     try:
-        certs = pkcs7.load_der_pkcs7_certificates(bytes(der))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "falling back to parsing as BER"
+            certs = pkcs7.load_der_pkcs7_certificates(bytes(der))
     except Exception as exc:  # ValueError for junk; other types for unsupported structures
-        raise DecodeError(f"not a PKCS#7 certs-only structure: {exc}") from exc
+        raise DecodeError(refusal("a PKCS#7 certs-only structure (RFC 7030 §4.1.3)",
+                                  bytes(der), rule="after the base64 was removed")) from exc
     if not certs:
         raise DecodeError("PKCS#7 certs-only structure holds no certificate")
     return certs
@@ -114,21 +123,71 @@ def decode_csr_body(body: bytes) -> x509.CertificateSigningRequest:
     if body.lstrip().startswith(b"-----BEGIN"):
         try:
             csr = x509.load_pem_x509_csr(body)
-        except ValueError as exc:
-            raise DecodeError(f"not a PEM PKCS#10 request: {exc}") from exc
+        except Exception as exc:  # ValueError, InvalidVersion
+            raise DecodeError(_csr_refusal(exc, body)) from exc
     else:
         der = body if body[:1] == b"\x30" else decode_base64(body)
         try:
             csr = x509.load_der_x509_csr(der)
-        except ValueError as exc:
-            raise DecodeError(f"not a PKCS#10 certificate request: {exc}") from exc
+        except Exception as exc:  # ValueError, InvalidVersion
+            raise DecodeError(_csr_refusal(exc, der)) from exc
+    _read_everything(csr)
     try:
         valid = csr.is_signature_valid
     except Exception as exc:  # an algorithm cryptography cannot check
-        raise ValidationError(f"CSR signature cannot be checked: {exc}") from exc
+        raise ValidationError(f"CSR signature algorithm {_signature_oid(csr)} cannot be "
+                              "checked") from exc
     if not valid:
         raise ValidationError("CSR signature does not verify (proof of possession failed)")
     return csr
+
+
+def _csr_refusal(exc: Exception, data: bytes) -> str:
+    if isinstance(exc, x509.InvalidVersion):
+        return (f"PKCS#10 request with version field {exc.parsed_version}: the only version "
+                "is v1, written 0 (RFC 2986 §4.1)")
+    if data.lstrip().startswith(b"-----BEGIN CERTIFICATE REQUEST"):
+        return "PEM CERTIFICATE REQUEST whose content is not a PKCS#10 request"
+    return refusal("a PKCS#10 request (RFC 2986)", data)
+
+
+def _read_everything(csr: x509.CertificateSigningRequest) -> None:
+    """cryptography parses a CSR's parts lazily and raises ValueError or TypeError when one is
+    first read — in the CA, long after this decoder said yes. Read every part a CA uses now."""
+    def subject() -> None:
+        for attribute in csr.subject:
+            attribute.value  # noqa: B018 - reading is the check
+        csr.subject.rfc4514_string()
+
+    parts = (
+        ("subject", subject),
+        ("attributes", lambda: [a.value for a in csr.attributes]),
+        ("extensions", lambda: [e.value for e in csr.extensions]),
+        ("public key", csr.public_key),
+    )
+    for name, read in parts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # e.g. a 3-letter country name
+                read()
+        except Exception as exc:  # ValueError, TypeError, UnsupportedAlgorithm, ...
+            raise DecodeError(f"the CSR's {name} cannot be read: {_PART_PROBLEMS[name]}") from exc
+
+
+_PART_PROBLEMS: Final = {
+    "subject": "a name attribute has an ASN.1 type X.520 does not allow there, or text that "
+               "is not valid in its string type (e.g. a UTF8String that is not UTF-8)",
+    "attributes": "an attribute is malformed",
+    "extensions": "an extension is malformed, unknown in a critical way or repeated",
+    "public key": "the key is malformed or of an unsupported type",
+}
+
+
+def _signature_oid(csr: x509.CertificateSigningRequest) -> str:
+    try:
+        return csr.signature_algorithm_oid.dotted_string
+    except Exception:
+        return "(unreadable)"
 
 
 # --- CSR attributes -----------------------------------------------------------------------
@@ -160,22 +219,43 @@ class CsrAttribute:
 
 
 def encode_csrattrs(items: Sequence[CsrAttribute]) -> bytes:
-    """DER of CsrAttrs. An empty list is legal (RFC 7030 §4.5.2: SIZE (0..MAX))."""
+    """DER of CsrAttrs. An empty list is legal (RFC 7030 §4.5.2: SIZE (0..MAX)).
+
+    Written by hand rather than with asn1crypto's ``dump(force=True)``, which parses every
+    attribute value again and fails on values it cannot interpret (a UTF8String that is not
+    UTF-8, a REAL) although they are well-formed DER the decoder accepted. Values are opaque
+    DER here; DER sorts a SET OF by encoding, and so does the decoder."""
     out = []
     for item in items:
         try:
-            oid = core.ObjectIdentifier(item.oid)
-            if item.values is None:
-                out.append(_AttrOrOID(name="oid", value=oid))
-            else:
-                if not item.values:
-                    raise UsageError(f"attribute {item.oid} needs at least one value")
-                values = _AnySet([core.Any.load(v) for v in item.values])
-                out.append(_AttrOrOID(name="attribute",
-                                      value=_Attribute({"type": oid, "values": values})))
+            oid = core.ObjectIdentifier(item.oid).dump()
         except (ValueError, TypeError) as exc:
-            raise UsageError(f"csrattrs item {item!r}: {exc}") from exc
-    return _CsrAttrs(out).dump(force=True)
+            raise UsageError(f"csrattrs item {item.oid!r} is not a dotted OID") from exc
+        if item.values is None:
+            out.append(oid)
+            continue
+        if not item.values:
+            raise UsageError(f"attribute {item.oid} needs at least one value")
+        for value in item.values:
+            if not isinstance(value, bytes) or _tlv_length(value) != len(value):
+                raise UsageError(f"attribute {item.oid}: a value is not one DER item")
+        out.append(_der(0x30, oid + _der(0x31, b"".join(sorted(item.values)))))
+    return _der(0x30, b"".join(out))
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _tlv_length(der: bytes) -> int | None:
+    try:
+        return len(core.Any.load(der, strict=True).dump())
+    except Exception:  # any parse failure means "not one DER item"
+        return None
 
 
 def decode_csrattrs(der: bytes) -> list[CsrAttribute]:
@@ -189,12 +269,13 @@ def decode_csrattrs(der: bytes) -> list[CsrAttribute]:
                 out.append(CsrAttribute(choice.chosen.dotted))
             else:
                 attr = choice.chosen
-                values = tuple(v.dump() for v in attr["values"])
+                values = tuple(sorted(v.dump() for v in attr["values"]))  # DER order
                 if not values:
                     raise ValueError("attribute with no values")
                 out.append(CsrAttribute(attr["type"].dotted, values))
     except Exception as exc:  # asn1crypto raises ValueError, TypeError, OverflowError, ...
-        raise DecodeError(f"not a CsrAttrs structure: {exc}") from exc
+        raise DecodeError(refusal("a CsrAttrs SEQUENCE of OIDs and attributes (RFC 7030 "
+                                  "§4.5.2)", bytes(der))) from exc
     return out
 
 

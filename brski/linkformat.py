@@ -20,6 +20,7 @@ ValidationError. Emission writes tokens unquoted, so the drafts' examples come o
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -46,8 +47,11 @@ RT_LEGACY_JOIN_PROXY: Final = "brski.jp"
 ATTR_JOIN_PORT: Final = "brski-jp"
 
 _PORT_TEXT = re.compile(r"[0-9]{1,5}")
-# RFC 6690 ptoken characters: what may be written without quotes.
-_PTOKEN = re.compile(r"[!#$%&'()*+\-./0-9:<=>?@A-Z\[\]^_`a-z{|}~]+")
+# Written without quotes: RFC 9110 tchar plus "/". RFC 6690's ptoken allows more ("<", ">",
+# ":", "=", "()", "[]", "{}", "?", "@"), but the parser we use (aiocoap's) then misreads the
+# document, so those values are quoted; what we write must parse back to the same links.
+_PTOKEN = re.compile(r"[!#$%&'*+\-./0-9A-Z^_`a-z|~]+")
+_PARMNAME = re.compile(r"[!#$&+\-.^_`|~0-9A-Za-z]+")  # RFC 8288 §3
 
 Address = IPv6Address | IPv4Address
 Params = tuple[tuple[str, str | None], ...]
@@ -134,6 +138,11 @@ DiscoveryLink = JoinPortLink | RegistrarLink
 def _format_link(href: str, params: Iterable[tuple[str, str | None]]) -> str:
     parts = [f"<{href}>"]
     for name, value in params:
+        if not _PARMNAME.fullmatch(name):
+            raise UsageError(f"link parameter name {name!r} is not a token")
+        if value is not None and "\\" in value:
+            # the parser does not undo \\ escapes: such a value would not read back the same
+            raise UsageError(f"link parameter {name}: a backslash cannot be written")
         if value is None:
             parts.append(name)
         elif _PTOKEN.fullmatch(value):
@@ -176,10 +185,12 @@ def parse_links(payload: bytes | str) -> list[DiscoveryLink]:
     try:
         document = linkformat.parse(text)
     except Exception as exc:  # the vendored parser's ParseException, or worse on odd input
-        raise DecodeError(f"not a link-format document: {exc}") from exc
+        raise DecodeError(f"not an RFC 6690 link-format document{_where(exc, text)}") from exc
     found: list[DiscoveryLink] = []
     for link in document.links:
         typed = _typed(link.href, [(str(k), v) for k, v in link.attr_pairs])
+        if isinstance(typed, JoinPortLink):
+            _check_kept_params(typed.params)
         if typed is not None:
             found.append(typed)
     return found
@@ -231,6 +242,31 @@ def _typed(href: str, pairs: list[tuple[str, str | None]]) -> DiscoveryLink | No
     address, port, _ = _split_uri(href, "coaps", COAPS_DEFAULT_PORT)
     others = tuple((k, v) for k, v in pairs if k.lower() != "rt")
     return JoinPortLink(port, address, others)
+
+
+def _where(exc: Exception, text: str) -> str:
+    # The parser's own text is its internals ("link_header.parse() failed near %s"); it
+    # passes the unread rest of the document as its second argument: say where that starts.
+    rest = exc.args[1] if len(exc.args) == 2 and isinstance(exc.args[1], str) else None
+    if rest is None:
+        return ""
+    try:
+        rest = ast.literal_eval(rest)
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(rest, str) or not text.endswith(rest):
+        return ""
+    return f": cannot read on from character {len(text) - len(rest)} ({rest[:20]!r})"
+
+
+def _check_kept_params(params: Params) -> None:
+    """A join port link keeps its other parameters: refuse those it could not write back."""
+    for name, value in params:
+        if not _PARMNAME.fullmatch(name):
+            raise DecodeError(f"link parameter name {name[:40]!r} is not a token (RFC 8288 §3)")
+        if value is not None and "\\" in value:
+            raise DecodeError(f"link parameter {name} holds a backslash escape, which the "
+                              "link-format parser does not undo")
 
 
 def _split_uri(href: str, scheme: str, default_port: int | None) -> tuple[Address, int, str]:

@@ -34,6 +34,7 @@ import cbor2
 
 from .cbor_strict import loads_exact
 from .errors import DecodeError, UsageError, ValidationError
+from .json_strict import loads_strict
 
 TELEMETRY_VERSION: Final = 1
 AUDIT_LOG_VERSION: Final = 1
@@ -42,25 +43,18 @@ MAX_TELEMETRY_SIZE: Final = 64 * 1024
 MAX_AUDIT_LOG_SIZE: Final = 4 * 1024 * 1024
 
 
+# Versions and counters: JSON and CBOR can carry larger numbers, but a registrar must store
+# what it accepts (SQLite INTEGER is signed 64-bit) and nothing real comes near this.
+UINT_MAX: Final = 2**63 - 1
+
+
 def _is_uint(value: object) -> bool:
-    return type(value) is int and value >= 0  # bool is an int subclass: exclude it
+    # bool is an int subclass: exclude it
+    return type(value) is int and 0 <= value <= UINT_MAX
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared input handling: bytes in, one JSON value or one CBOR item out, failures as DecodeError
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
 
 
 def _json_value(data: bytes, limit: int, what: str) -> Any:
@@ -68,16 +62,7 @@ def _json_value(data: bytes, limit: int, what: str) -> Any:
         raise UsageError(f"{what} input must be bytes")
     if len(data) > limit:
         raise DecodeError(f"{what} of {len(data)} bytes exceeds {limit}")
-    try:
-        # RFC 8259 §8.1: JSON between systems is UTF-8; json.loads(bytes) would guess UTF-16/32.
-        text = bytes(data).decode("utf-8")
-        return json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_unique_object
-        )
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeError are here
-        raise DecodeError(f"{what} is not valid JSON: {exc}") from exc
-
-
+    return loads_strict(data, what)
 
 
 @dataclass(frozen=True)
@@ -142,7 +127,7 @@ class StatusReport:
             raise ValidationError("status report has no status")
         version, status = item["version"], item["status"]
         if not _is_uint(version):
-            raise DecodeError("status report version is not an unsigned integer")
+            raise DecodeError("status report version is not an unsigned integer below 2^63")
         if type(status) is not bool:
             raise DecodeError("status report status is not a boolean")
         reason = item.get("reason")
@@ -177,9 +162,10 @@ _DECIMAL = re.compile(r"[0-9]{1,20}")
 def _uint_field(value: object, what: str, lenient: bool) -> int:
     if _is_uint(value):
         return value  # type: ignore[return-value]
-    if lenient and isinstance(value, str) and _DECIMAL.fullmatch(value):
+    if lenient and isinstance(value, str) and _DECIMAL.fullmatch(value) and (
+            int(value) <= UINT_MAX):
         return int(value)
-    raise DecodeError(f"{what} is not an unsigned integer")
+    raise DecodeError(f"{what} is not an unsigned integer below 2^63")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .voucher_model import (
     WireForm,
     artifact_class,
     build,
+    ignored_in,
     parse_datetime,
 )
 
@@ -56,7 +57,7 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
     unknown: list[tuple[Any, Any]] = []
     for key, raw in container.items():
         leaf = _leaf_for(key, cls, by_sid)
-        if leaf is None:
+        if leaf is None or ignored_in(cls, leaf):
             unknown.append((key, raw))
             continue
         if leaf.name in values:

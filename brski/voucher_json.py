@@ -13,6 +13,7 @@ import json
 from typing import Any, TypeVar, overload
 
 from .errors import DecodeError, ValidationError
+from .json_strict import loads_strict
 from .voucher_model import (
     LEAF_BY_NAME,
     Assertion,
@@ -23,6 +24,7 @@ from .voucher_model import (
     artifact_class,
     b64decode_lenient,
     build,
+    ignored_in,
     parse_datetime,
 )
 
@@ -42,10 +44,7 @@ def decode_json(data: bytes | str, expect: type[VoucherArtifact] | None = None) 
     """
     if len(data) > MAX_SIZE:
         raise DecodeError(f"JSON voucher larger than {MAX_SIZE} bytes")
-    try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints
-        raise DecodeError(f"not JSON: {exc}") from exc
+    doc = loads_strict(data, "JSON voucher")
     if not isinstance(doc, dict) or len(doc) != 1:
         raise DecodeError("a voucher is a JSON object with exactly one member")
     ((top, container),) = doc.items()
@@ -62,7 +61,7 @@ def decode_json(data: bytes | str, expect: type[VoucherArtifact] | None = None) 
     unknown: list[tuple[str, Any]] = []
     for member, raw in container.items():
         leaf = _leaf_for(member, cls.MODULE)
-        if leaf is None:
+        if leaf is None or ignored_in(cls, leaf):
             unknown.append((member, raw))
             continue
         if leaf.name in values:
@@ -140,21 +139,6 @@ def _is_extension_item(item: Any) -> bool:
     if isinstance(item, bool):
         return False
     return isinstance(item, str) or (isinstance(item, int) and 0 <= item < 2**64)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads keeps the last duplicate silently; two parsers disagreeing on a nonce is a
-    # classic signature-bypass shape, so refuse.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise DecodeError(f"duplicate JSON member {key[:60]!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise DecodeError(f"{name} is not JSON")
 
 
 __all__ = ["MAX_SIZE", "decode_json", "encode_json"]

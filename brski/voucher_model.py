@@ -9,9 +9,11 @@ whether it is valid in a voucher and in a voucher-request. The JSON and CBOR cod
 Two dataclasses share a base: ``Voucher`` (from the MASA) and ``VoucherRequest`` (pledge or
 registrar). Leaves that are not valid in one of them (``proximity-registrar-cert`` in a voucher;
 ``pinned-domain-*``, ``domain-cert-revocation-checks``, ``last-renewal-date`` in a request, which
-RFC 8995 §3.3 declares "not valid in a voucher request") are not fields of that class, and the
-decoders reject them with ``ValidationError``. Unknown members are kept in ``WireForm`` and
-otherwise ignored (RFC 8995 §5.6.1: the pledge MUST ignore unknown fields).
+RFC 8995 §3.3 declares "not valid in a voucher request") are not fields of that class. In a
+voucher-request the decoders ignore them (RFC 8995 §3.4: such leaves MUST be ignored) and keep
+them with the unknown members; in a voucher they are refused with ``ValidationError``. Unknown
+members are kept in ``WireForm`` and otherwise ignored (RFC 8995 §5.6.1: the pledge MUST ignore
+unknown fields).
 
 Values keep the text they arrived as (``WireForm.texts``): a JSON nonce in unpadded base64url
 (RFC 8995 App. C) or a date with a local offset re-encodes byte for byte, and ``wire_text()``
@@ -318,6 +320,12 @@ def artifact_class(top: str | int) -> type[VoucherArtifact] | None:
     return None
 
 
+def ignored_in(cls: type[VoucherArtifact], leaf: Leaf) -> bool:
+    """True for a voucher-only leaf in a voucher-request: RFC 8995 §3.4 says the registrar and
+    MASA MUST ignore those, so the codecs keep them as unknown members, unread."""
+    return cls.IS_REQUEST and not leaf.in_request
+
+
 def build(cls: type[VoucherArtifact], values: dict[str, Any], wire: WireForm) -> VoucherArtifact:
     """Make an artifact from decoded leaf values (YANG name -> typed value).
 
@@ -406,7 +414,7 @@ def b64decode_lenient(text: str) -> bytes:
     try:
         return binascii.a2b_base64(body + "=" * (-len(body) % 4), strict_mode=True)
     except binascii.Error as exc:
-        raise DecodeError(f"binary value is not valid base64: {exc}") from exc
+        raise DecodeError("binary value is not valid base64 (bad padding)") from exc
 
 
 def _b64_matches(text: str, value: bytes) -> bool:

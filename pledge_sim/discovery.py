@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
 import struct
 from collections.abc import Iterable
@@ -69,7 +70,7 @@ def parse_address(text: str) -> Candidate:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
             raise DiscoveryError(f"{text!r}: expected host:port or [ipv6%zone]:port")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 < int(port_text) < 65536:
         raise DiscoveryError(f"{text!r}: port must be 1..65535")
     return Candidate(host, int(port_text), "static")
 

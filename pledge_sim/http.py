@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from dataclasses import dataclass, field
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a certs-only PKCS#7 or a voucher is a few KiB
+_STATUS = re.compile(r"[0-9]{3}")  # RFC 9112 §4: status-code = 3DIGIT
+_DECIMAL = re.compile(r"[0-9]{1,18}")  # more digits is more than MAX_BODY_BYTES anyway
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class HttpError(Exception):
@@ -109,7 +113,8 @@ class Connection:
             self._reusable = False
             raise ClosedBeforeResponse(first=self._answered == 0)
         parts = status_line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        # ASCII digits only: str.isdigit() also passes "²", which int() then refuses.
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _STATUS.fullmatch(parts[1]):
             self._reusable = False
             raise HttpError(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
         status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
@@ -146,7 +151,7 @@ class Connection:
             return await self._read_chunked()
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            if not _DECIMAL.fullmatch(length) or int(length) > MAX_BODY_BYTES:
                 raise HttpError(f"unusable Content-Length {length!r}")
             return await self._reader.readexactly(int(length))
         # Neither: the body runs to the end of the connection (RFC 9112 §6.3 rule 8).
@@ -160,10 +165,10 @@ class Connection:
         body = bytearray()
         while True:
             size_line = (await self._reader.readline()).split(b";")[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError as exc:
-                raise HttpError(f"bad chunk size {size_line[:20]!r}") from exc
+            # RFC 9112 §7.1: 1*HEXDIG; int(..., 16) alone would take "0x1f", "+5" and "1_0"
+            if not _CHUNK_SIZE.fullmatch(size_line):
+                raise HttpError(f"bad chunk size {size_line[:20]!r}")
+            size = int(size_line, 16)
             if size == 0:
                 await self._read_headers()  # trailers, up to the blank line
                 return bytes(body)

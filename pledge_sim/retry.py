@@ -8,6 +8,7 @@ of the backoff is a parameter (the CLI defaults it lower than the RFC's hour).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from email.utils import parsedate_to_datetime
 
 RETRY_AFTER_CAP = 60.0  # seconds, RFC 8995 §5.3
 RFC_BACKOFF_CAP = 3600.0  # seconds, RFC 8995 §4.1
+_DELAY_SECONDS = re.compile(r"[0-9]+")  # RFC 9110 §10.2.3: delay-seconds = 1*DIGIT (ASCII)
 DEFAULT_RETRY_AFTER = 1.0  # a 202 without (or with an unusable) Retry-After
 
 
@@ -54,8 +56,9 @@ def retry_after_seconds(value: str | None, now: datetime) -> float:
     if value is None:
         return DEFAULT_RETRY_AFTER
     text = value.strip()
-    if text.isdigit():
-        seconds = float(int(text))
+    if _DELAY_SECONDS.fullmatch(text):  # not str.isdigit(): it passes "²", int() refuses it
+        # many digits: far beyond the cap (and int() refuses more than 4,300 of them)
+        seconds = RETRY_AFTER_CAP if len(text.lstrip("0")) > 12 else float(int(text))
     else:
         try:
             when = parsedate_to_datetime(text)

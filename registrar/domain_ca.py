@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -49,11 +50,17 @@ class DomainCA:
         ``idevid``: the pledge's authenticated IDevID (enroll); ``renewing``: the authenticated
         LDevID being renewed (re-enroll, RFC 7030 §4.2.2: the subject stays the same).
         """
-        if not csr.is_signature_valid:
-            raise EnrollError("CSR signature does not verify")
-        public = csr.public_key()
+        try:
+            # cryptography parses CSR parts lazily: a malformed one raises ValueError or
+            # TypeError on first use (brski.est.decode_csr_body reads them all first).
+            if not csr.is_signature_valid:
+                raise EnrollError("CSR signature does not verify")
+            public = csr.public_key()
+            subject = self._subject(csr, idevid, renewing)
+            list(subject)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise EnrollError("the CSR's key or subject cannot be read") from exc
         _check_key(public)
-        subject = self._subject(csr, idevid, renewing)
         not_after = min(now + self.validity, self.cert.not_valid_after_utc)
         builder = (
             x509.CertificateBuilder()
@@ -95,7 +102,11 @@ class DomainCA:
         if san is not None:
             builder = builder.add_extension(san, critical=False)
         algorithm = None if isinstance(self.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-        return builder.sign(self.key, algorithm)
+        try:
+            return builder.sign(self.key, algorithm)
+        except (ValueError, TypeError) as exc:  # a CSR subject/SAN cryptography cannot encode
+            raise EnrollError("the CSR's subject or subjectAltName cannot be put in a "
+                              "certificate") from exc
 
     def _subject(self, csr: x509.CertificateSigningRequest, idevid: x509.Certificate | None,
                  renewing: x509.Certificate | None) -> x509.Name:

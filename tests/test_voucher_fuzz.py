@@ -13,6 +13,7 @@ from pathlib import Path
 import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
+from fuzzkit import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +43,8 @@ from brski.voucher import (
     parse_datetime,
 )
 
-EXAMPLES = 500
+DEFAULT_EXAMPLES = 500
+EXAMPLES = examples(DEFAULT_EXAMPLES)  # make fuzz raises it (tests/fuzzkit.py)
 fuzz = settings(
     max_examples=EXAMPLES,
     deadline=None,  # chain validation time varies with the machine
@@ -397,5 +399,5 @@ def test_example_count_is_what_the_docstring_says():
         name for name, fn in globals().items()
         if name.startswith("test_") and hasattr(fn, "hypothesis")
     ]  # fmt: skip
-    assert len(given_tests) * EXAMPLES == 8000, given_tests
+    assert len(given_tests) * DEFAULT_EXAMPLES == 8000, given_tests
     pytest.importorskip("hypothesis")

@@ -370,10 +370,26 @@ def test_request_leaves_are_rejected_in_a_voucher(member):
         ("last-renewal-date", "2021-04-13T00:00:00Z"),
     ],
 )
-def test_voucher_only_leaves_are_rejected_in_a_request(member, value):
+def test_voucher_only_leaves_are_ignored_in_a_request(member, value):
+    # RFC 8995 §3.4: MUST be ignored (issue 11 defect 5: they were refused with 400). Kept as
+    # unknown members so that re-encoding gives the same document.
     doc = {"ietf-voucher-request:voucher": {"serial-number": "S", member: value}}
-    with pytest.raises(ValidationError, match="not valid in a voucher-request"):
-        V.decode_json(json.dumps(doc))
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    vr = V.decode_json(data, V.VoucherRequest)
+    assert vr == V.VoucherRequest(serial_number="S")
+    assert V.encode_json(vr) == data
+
+
+@pytest.mark.parametrize(
+    "key", [3, 6, 8, 17, 18, "domain-cert-revocation-checks", "pinned-domain-cert"]
+)
+def test_voucher_only_leaves_are_ignored_in_a_cbor_request(key):
+    import cbor2
+
+    data = cbor2.dumps({2501: {13: "S", key: True}})  # 2504 - 2501 = 3: revocation checks
+    vr = V.decode_cbor(data, V.VoucherRequest)
+    assert vr == V.VoucherRequest(serial_number="S")
+    assert V.decode_cbor(V.encode_cbor(vr)) == vr
 
 
 def test_request_leaves_rejected_in_cbor_voucher_by_sid():

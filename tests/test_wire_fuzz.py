@@ -13,23 +13,19 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzkit import examples, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from brski.cbor_strict import loads_exact
 from brski.errors import BrskiError
 from brski.grasp import Flood, IPv6Locator, proxy_flood, registrar_flood
 from brski.jpy import FlowHeaderSealer, JpyMessage, PledgeEndpoint, SequencedHeaderSealer
 from brski.linkformat import format_links, parse_links
 from brski.telemetry import AuditEvent, AuditLog, StatusReport, Truncation
 
-EXAMPLES = 500
-fuzz = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+EXAMPLES = examples(500)  # make fuzz raises it (tests/fuzzkit.py)
+fuzz = fuzz_settings(500)
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -112,8 +108,8 @@ def one_node_replaced(draw: st.DrawFn, template: Any, values: st.SearchStrategy)
 def same_cbor(a: bytes, b: bytes) -> bool:
     """Equal as CBOR data. Canonical form sorts sets (tag 258), whose order follows Python's
     per-process hash seed, and makes NaN comparable."""
-    return cbor2.dumps(cbor2.loads(a), canonical=True) == cbor2.dumps(cbor2.loads(b),
-                                                                        canonical=True)
+    return cbor2.dumps(loads_exact(a, "a"), canonical=True) == cbor2.dumps(
+        loads_exact(b, "b"), canonical=True)
 
 
 def must_only_raise_brski_errors(decode, data):
