@@ -269,6 +269,11 @@ def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
         assert counters[("joinproxyd_bpf_packets_total", "jp_tc_join", "encap")] > 10
         assert counters[("joinproxyd_bpf_packets_total", "jp_tc_backbone", "decap")] > 10
         assert counters[("joinproxyd_bpf_packets_total", "jp_guard", "allow")] > 10
+        # No circuit or byte series for a mode that has no flows: a zero kept for ever would
+        # say nothing was relayed.
+        flow_series = [(s[0], dict(s[1])) for s in daemon.metrics()
+                       if s[0] in ("joinproxyd_circuits_total", "joinproxyd_relayed_bytes_total")]
+        assert not [x for x in flow_series if x[1].get("mode") == "ipip"], flow_series
         assert daemon.drops("ipip", "no-registrar") == 0
         assert daemon.drops("guard", "rate-limit") == 0
         text = lab.proxy.run([sys_python(), "-m", "joinproxyd.ctl", "--socket",

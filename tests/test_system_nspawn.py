@@ -312,6 +312,18 @@ def security_scores(container: Container, units: list[str]) -> dict[str, tuple[f
         r"Overall exposure level for (\S+): ([\d.]+) (\w+)", out)}
 
 
+# Holds the join port on every address of the namespace (the daemon's bind to the join
+# link's link-local address then fails with EADDRINUSE) until it is stopped.
+HOLD_PORT = """
+import signal, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.bind(("::", int(sys.argv[1])))
+s.listen()
+print("holding", flush=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+"""
+
+
 def lab_config() -> str:
     return toml({
         "daemon": {"log_level": "info", "drain_seconds": 1},
@@ -635,6 +647,30 @@ def test_joinproxyd_configuration_faults_under_systemd(tmp_path):
                      lab.proxy.run(metrics).stdout, 15, "the good reload counted")
             assert proxy.show("joinproxyd", "MainPID") == main_pid
             assert proxy.show("joinproxyd", "NRestarts") == "0"
+
+            # The join port held by another process: no READY=1 (the unit stays
+            # "activating"), STATUS= names the link that is not served and why, nothing is
+            # announced; once the port is free the bind is retried and the unit is active.
+            proxy.sh("systemctl stop joinproxyd", timeout=60)
+            holder = lab.proxy.spawn([PY, "-c", HOLD_PORT, str(PORT)], name="port-holder")
+            try:
+                wait_for(lambda: "holding" in holder.log(), 10, "the port holder")
+                proxy.sh("systemctl start --no-block joinproxyd", timeout=60)
+                wait_for(lambda: "NOT SERVING" in proxy.show("joinproxyd", "StatusText"), 20,
+                         "STATUS= naming the link that is not served")
+                status = proxy.show("joinproxyd", "StatusText")
+                assert "join0" in status and "in use" in status.lower(), status
+                time.sleep(2)
+                assert proxy.show("joinproxyd", "ActiveState") == "activating"
+                errors = lab.proxy.run(metrics).stdout
+                assert re.search(r'^joinproxyd_listener_errors_total\{.*interface="join0".*\} '
+                                 r"[1-9]", errors, re.M), errors[-2000:]
+            finally:
+                holder.stop()
+            wait_for(lambda: proxy.show("joinproxyd", "ActiveState") == "active", 40,
+                     "READY=1 once the join port is free")
+            assert "NOT SERVING" not in proxy.show("joinproxyd", "StatusText")
+            assert any("join0" in line or "%" in line for line in listening(lab.proxy, {PORT}))
             proxy.sh("systemctl stop joinproxyd", timeout=60)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

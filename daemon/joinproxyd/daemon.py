@@ -320,7 +320,7 @@ class Daemon:
         for name in sorted(wanted):
             mode = self.modes.get(name)
             if mode is None:
-                self.metrics.add_mode(name)
+                self.metrics.add_mode(name, flows=mode_class(name).keeps_flows)
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
         if config.guard.enabled:

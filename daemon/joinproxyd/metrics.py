@@ -147,9 +147,12 @@ class Metrics:
             self.add_mode(mode)
         self._server: object | None = None
 
-    def add_mode(self, mode: str) -> None:
+    def add_mode(self, mode: str, flows: bool = True) -> None:
+        """Declare a mode's series at zero. flows=False for a mode that keeps no flows (the
+        stateless ipip relay: its packets are joinproxyd_bpf_packets_total), so no
+        circuits or bytes series claims a count that nothing will ever make."""
         self.drops.declare(mode)
-        if mode not in ("discovery", "announce"):
+        if flows and mode not in ("discovery", "announce"):
             self.circuits.labels(mode)
             for direction in ("upstream", "downstream"):
                 self.relayed_bytes.labels(mode, direction)

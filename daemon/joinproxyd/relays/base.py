@@ -47,6 +47,9 @@ class RelayMode(ABC):
     # the join link's addresses to announce.
     serves_link_local: ClassVar[bool] = True
     serves_routable: ClassVar[bool] = False
+    # Whether the mode has flows to count in joinproxyd_circuits_total and
+    # joinproxyd_relayed_bytes_total (a stateless relay counts packets in BPF instead).
+    keeps_flows: ClassVar[bool] = True
 
     @classmethod
     async def clean_leftovers(cls, log: logging.Logger) -> None:

@@ -171,6 +171,7 @@ def make_plan(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpoint 
 class IpipMode(RelayMode):
     name = "ipip"
     serves_link_local = True  # inner packets are the pledges' own, link-local ones
+    keeps_flows = False  # stateless: joinproxyd_bpf_packets_total counts what it relays
 
     @classmethod
     async def clean_leftovers(cls, log: logging.Logger) -> None:
@@ -214,7 +215,7 @@ class IpipMode(RelayMode):
         self.xdp = ipip_xdp.Decision(False, "not started")
         self._xdp_backbone: ipip_xdp.Backbone | None = None  # as last read
         self._xdp_written: bool | None = None  # what jp_guard_next holds (None: not known)
-        ctx.metrics.add_mode(self.name)
+        ctx.metrics.add_mode(self.name, flows=self.keeps_flows)
 
     # -- control plane ----------------------------------------------------------------------
     async def reconcile(self, interfaces: Sequence[JoinInterface],
