@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from lab import Lab, Topology
-from registrar.labsetup import wait_ready, write_configs
+from lab.registrar_setup import wait_ready, write_configs
 
 PY = sys.executable
 PORT = 8443

@@ -69,7 +69,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from joinproxyd.kernel import KernelError
-from joinproxyd.kernel.bpf import DEFAULT_OBJ_DIR, BpfDatapath, IpipJoin, Program
+from joinproxyd.kernel.bpf import BpfDatapath
+from joinproxyd.kernel.bpf_layout import IpipJoin, Program
+from joinproxyd.kernel.bpf_object import DEFAULT_OBJ_DIR
 from lab.netns import thread_in_namespace
 
 PLEDGE, REG_LL, PORT = "fe80::1:1", "fe80::1234", 5684

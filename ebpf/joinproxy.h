@@ -2,11 +2,12 @@
 /*
  * joinproxy.h: everything the BPF programs and their one userspace owner
  * (daemon/joinproxyd/kernel/bpf.py) share: enums, map keys and values, config structs.
+ * Their Python side is daemon/joinproxyd/kernel/bpf_layout.py.
  *
  * Rules (style-models.md, habits 6-8):
  * - every enum member has an explicit value; tests/test_bpf_structs.py parses this file and
  *   checks the values against the Python enums, so a reordering fails a test, not a dashboard;
- * - every struct here has a ctypes mirror in bpf.py whose size and offsets are checked
+ * - every struct here has a ctypes mirror in bpf_layout.py whose size and offsets are checked
  *   against the BTF of the compiled objects;
  * - addresses are kept as 16 raw bytes in network order (no struct in6_addr unions), so the
  *   BTF and the ctypes mirror stay trivially comparable;

@@ -1,7 +1,7 @@
 """Real BRSKI in a lab: MASA + registrar on a registrar host, pledge-sim in pledge namespaces.
 
 The services are the project's own (``registrar.masa_cli``, ``registrar.cli``) with the
-configuration ``registrar.labsetup.write_configs`` makes from a ``brski-pki init`` directory;
+configuration ``lab.registrar_setup.write_configs`` makes from a ``brski-pki init`` directory;
 pledges are ``pledge_sim.cli enroll --json`` processes whose reports come back parsed. Used
 by the tests that enroll through joinproxyd, and meant for the demo and test_enroll_e2e.py.
 
@@ -97,7 +97,7 @@ class Services:
     """A MASA and a registrar on one lab host, configured from a brski-pki directory."""
 
     def __init__(self, host: Host, pki: Path, work: Path, **config: Any) -> None:
-        from registrar.labsetup import write_configs
+        from lab.registrar_setup import write_configs
 
         self.host = host
         self.pki = pki
@@ -120,7 +120,7 @@ class Services:
 
     def start(self, *names: str, timeout: float = 20) -> Services:
         """Start the named services (default: MASA, then registrar), each ready on return."""
-        from registrar.labsetup import wait_ready
+        from lab.registrar_setup import wait_ready
 
         for name in names or ("masa", "registrar"):
             if name in self.processes and self.processes[name].alive():

@@ -7,6 +7,7 @@ Two services, each a console script with a TOML configuration:
 * ``brski-masa`` (``registrar.masa_cli``; keys in ``registrar.masa_config``): vouchers and the
   audit log.
 
-``registrar.labsetup.write_configs`` makes both configurations from a ``brski-pki`` directory.
+For labs and tests, ``lab.registrar_setup.write_configs`` (source tree only, not packaged)
+makes both configurations from a ``brski-pki`` directory.
 Wire formats come from ``brski``; state is kept by ``registrar.store`` (SQLite).
 """

@@ -1,5 +1,6 @@
-"""systemd notification (sd_notify protocol), shared by joinproxyd, brski-registrar and
-brski-masa.
+"""systemd notification (sd_notify): readiness and status for all three of our daemons.
+
+Shared by joinproxyd, brski-registrar and brski-masa.
 
 Messages are built by pure functions; a Notifier sends them and never raises. Without
 NOTIFY_SOCKET (not started by systemd) every send is a no-op. joinproxyd adds its watchdog on

@@ -30,14 +30,9 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from joinproxyd.kernel import KernelError
-from joinproxyd.kernel.bpf import (
-    OBJECTS,
-    BpfDatapath,
-    Hook,
-    IpipJoin,
-    ObjectSpec,
-    Program,
-)
+from joinproxyd.kernel.bpf import BpfDatapath
+from joinproxyd.kernel.bpf_attach import Hook
+from joinproxyd.kernel.bpf_layout import OBJECTS, IpipJoin, ObjectSpec, Program
 from lab.netns import ifindex, thread_in_namespace
 
 pytestmark = pytest.mark.netns
@@ -256,7 +251,7 @@ def test_a_stale_incompatible_pin_is_replaced(bpffs: Path,
     pin_dir.mkdir()
     sh("bpftool", "map", "create", str(pin_dir / "jp_guard_cfg"), "type", "array", "key", "4",
        "value", "8", "entries", "1", "name", "jp_guard_cfg")
-    with caplog.at_level(logging.WARNING, logger="joinproxyd.kernel.bpf"), \
+    with caplog.at_level(logging.WARNING, logger="joinproxyd.kernel.bpf_object"), \
             BpfDatapath.open(pin_dir=pin_dir, objects=("guard",)) as dp:
         dp.set_guard(rate_pps=1, burst=1, ports=[443])
         shown = json.loads(sh("bpftool", "-j", "map", "show", "pinned",

@@ -42,7 +42,8 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from joinproxyd.kernel import KernelError
-from joinproxyd.kernel.bpf import JP_ENCAP_SLOTS, Action, BpfDatapath, IpipJoin, Program
+from joinproxyd.kernel.bpf import BpfDatapath
+from joinproxyd.kernel.bpf_layout import JP_ENCAP_SLOTS, Action, IpipJoin, Program
 from joinproxyd.model import DropReason
 
 pytestmark = pytest.mark.netns

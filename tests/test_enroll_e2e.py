@@ -2,7 +2,7 @@
 
 Each test builds a lab (``pledges_on_backbone``: the pledges sit on the registrar's own link
 with link-local addresses only), a test PKI (``brski-pki``), and runs brski-masa and
-brski-registrar from the configuration ``registrar.labsetup.write_configs`` makes. The pledges
+brski-registrar from the configuration ``lab.registrar_setup.write_configs`` makes. The pledges
 are ``pledge-sim`` processes in a pledge namespace; their JSON report, the LDevIDs they wrote,
 and the registrar's and MASA's stores are what the tests check.
 
@@ -28,7 +28,7 @@ import pytest
 from brski.cli.pki import write_issued
 from brski.pki import issue_registrar
 from lab import Host, Lab, LabProcess, Topology, wait_for
-from registrar.labsetup import wait_ready, write_configs
+from lab.registrar_setup import wait_ready, write_configs
 from registrar.store import Store
 
 pytestmark = pytest.mark.netns

@@ -14,7 +14,7 @@ from test_registrar import EST, RV, VCJ, Setup, brski_pki, now
 from brski import est
 from brski.signed_voucher import sign_voucher_cms
 from brski.voucher import Assertion, VoucherRequest, WireForm
-from registrar.testing import load_issued
+from lab.registrar_testing import load_issued
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from test_wire_fuzz import FLOOD_SEEDS
 from brski import est
 from brski.grasp import IPv6Locator, registrar_flood
 from joinproxyd.discovery.grasp import Refused, registrars_in_flood
+from lab.registrar_testing import call, client_context
 from registrar import ipip_packet
-from registrar.testing import call, client_context
 
 LL = IPv6Address("fe80::1")
 GRASP_SEEDS = [*FLOOD_SEEDS, registrar_flood(lambda n: bytes(n), LL,

@@ -22,8 +22,8 @@ from brski.signed_voucher import (
 )
 from brski.telemetry import AuditLog
 from brski.voucher import Assertion, VoucherRequest, decode_json
-from registrar.labsetup import write_configs
-from registrar.testing import (
+from lab.registrar_setup import write_configs
+from lab.registrar_testing import (
     ServiceProcess,
     call,
     client_context,

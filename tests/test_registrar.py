@@ -18,9 +18,8 @@ from brski.chain import verify_chain
 from brski.pki import create_test_pki
 from brski.signed_voucher import verify_voucher_cms
 from brski.voucher import Assertion
-from registrar.labsetup import write_configs
-from registrar.store import Store
-from registrar.testing import (
+from lab.registrar_setup import write_configs
+from lab.registrar_testing import (
     Answer,
     ServiceProcess,
     call,
@@ -29,6 +28,7 @@ from registrar.testing import (
     load_issued,
     make_pvr,
 )
+from registrar.store import Store
 
 VCJ = "application/voucher-cms+json"
 RV = "/.well-known/brski/requestvoucher"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.registrar_setup import write_configs
 from registrar.config import load_registrar_config
-from registrar.labsetup import write_configs
 from registrar.masa_config import load_masa_config
 from registrar.tomlconfig import ConfigError, ListenAddress, parse_host_port
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from brski import grasp
 from lab import Lab, Topology, wait_for
-from registrar.labsetup import wait_ready, write_configs
+from lab.registrar_setup import wait_ready, write_configs
 
 pytestmark = pytest.mark.netns
 PY = sys.executable
@@ -217,7 +217,7 @@ TLS_PLEDGE = """
     from ipaddress import IPv6Address
     from pathlib import Path
     from registrar.ipip_tun import TunDevice
-    from registrar.testing import call, client_context
+    from lab.registrar_testing import call, client_context
     pki, serial = Path(sys.argv[1]), sys.argv[2]
     registrar_ll = IPv6Address("fe80::b:2").packed
     tun = TunDevice.create("pj0", IPv6Address("fe80::1:1"), mtu=1460)

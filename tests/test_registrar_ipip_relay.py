@@ -16,6 +16,7 @@ from scapy.layers.inet6 import ICMPv6MLReport2, IPv6, IPv6ExtHdrHopByHop
 from scapy.packet import Raw, raw
 
 from brski import grasp
+from lab.registrar_setup import write_configs
 from registrar import cli
 from registrar.announce import Announcer
 from registrar.config import load_registrar_config
@@ -23,7 +24,6 @@ from registrar.ipip import resolve_link_local
 from registrar.ipip_config import IpipConfig
 from registrar.ipip_packet import Drop, check_inbound, check_outbound, outer_source_ok
 from registrar.ipip_relay import IpipRelay
-from registrar.labsetup import write_configs
 from registrar.tomlconfig import ConfigError
 
 LL = IPv6Address("fe80::b:2")

@@ -14,8 +14,8 @@ from cryptography import x509
 from brski import grasp
 from brski.signed_voucher import verify_voucher_cms
 from lab import Lab, Topology
+from lab.registrar_setup import wait_ready, write_configs
 from registrar.announce import GraspFlooder, InterfaceAddresses
-from registrar.labsetup import wait_ready, write_configs
 
 pytestmark = pytest.mark.netns
 PY = sys.executable
@@ -63,7 +63,7 @@ def run_python(host, script: str, timeout: float = 30) -> str:
 PLEDGE = """
     import datetime, json, sys
     from pathlib import Path
-    from registrar.testing import call, client_context, load_issued, make_pvr
+    from lab.registrar_testing import call, client_context, load_issued, make_pvr
     pki, serial, host = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     d = pki / "manufacturer/idevid"
     ctx = client_context(d / f"{serial}.crt", d / f"{serial}.key")

@@ -23,8 +23,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from registrar.labsetup import write_configs
-from registrar.testing import ServiceProcess, call, client_context, free_port
+from lab.registrar_setup import write_configs
+from lab.registrar_testing import ServiceProcess, call, client_context, free_port
 from registrar.tls_server import name_text
 
 RV = "/.well-known/brski/requestvoucher"
@@ -254,7 +254,7 @@ def test_ldevid_from_another_domain_is_refused_with_an_alert_too(services, tmp_p
 def test_a_masa_refusal_names_the_device_the_request_claims(services):
     """The MASA's client is a registrar without a client certificate: the log names the
     device and the signer the refused request claims."""
-    from registrar.testing import load_issued, make_pvr
+    from lab.registrar_testing import load_issued, make_pvr
 
     cert_file, key_file = services.idevid(services.pki, "SN-1")
     idevid = load_issued(cert_file, key_file)
@@ -274,7 +274,7 @@ def test_a_not_yet_valid_idevid_gets_its_own_alert_and_reason(services, tmp_path
     """A certificate of a known manufacturer that is not valid yet (a pledge with a wrong
     clock's twin: a registrar with a wrong clock) is told so, and counted apart."""
     from brski.pki import issue_idevid
-    from registrar.testing import load_issued
+    from lab.registrar_testing import load_issued
 
     ca = load_issued(services.pki / "manufacturer/ca.crt", services.pki / "manufacturer/ca.key")
     future = issue_idevid(ca, "SN-LATER", "masa.example:9443",

@@ -38,7 +38,7 @@ from .discovery.registrars import RegistrarSet
 from .guard import MODE as GUARD_MODE
 from .guard import Guard, GuardRunning
 from .kernel import features
-from .kernel.bpf import Program
+from .kernel.bpf_layout import Program
 from .kernel.netlink import InterfaceWatcher
 from .listeners import Listeners
 from .metrics import Metrics

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .kernel import KernelError
-from .kernel.bpf import DEFAULT_OBJ_DIR, BpfDatapath, Program
+from .kernel.bpf import BpfDatapath
+from .kernel.bpf_layout import Program
+from .kernel.bpf_object import DEFAULT_OBJ_DIR
 
 OBJECTS = ("ipip", "guard")
 T = TypeVar("T")

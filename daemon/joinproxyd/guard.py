@@ -43,7 +43,7 @@ from prometheus_client.registry import Collector
 from .config import GuardSettings
 from .datapath import Datapath
 from .kernel import KernelError
-from .kernel.bpf import JP_GUARD_MAX_PORTS, Program
+from .kernel.bpf_layout import JP_GUARD_MAX_PORTS, Program
 from .model import JoinInterface
 
 MODE = "guard"  # the mode label of its drops

@@ -3,6 +3,9 @@
     netlink.py   links and addresses, watched over rtnetlink (pyroute2's asyncio API)
     nftables.py  the one nftables table the daemon owns (libnftables JSON)
     sysctl.py    /proc/sys knobs (IPv6 forwarding for NAT66)
+    bpf.py       the BPF data plane's owner (BpfDatapath), built from bpf_layout.py (shapes
+                 shared with ebpf/joinproxy.h), libbpf.py (the ctypes binding),
+                 bpf_object.py (loading and pinning) and bpf_attach.py (XDP/tc over netlink)
 
 No other module of the daemon imports pyroute2 or nftables or writes /proc/sys; relay modes
 describe what they want and call in here. Failures surface as KernelError, whose message

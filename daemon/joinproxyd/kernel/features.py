@@ -98,7 +98,7 @@ def nftables_problem() -> str | None:
 def libbpf_problem() -> str | None:
     """Why libbpf.so.1 cannot be loaded, or None."""
     from . import KernelError
-    from .bpf import libbpf  # the module loads it lazily, once
+    from .libbpf import libbpf  # the module loads it lazily, once
 
     try:
         libbpf()

@@ -1,5 +1,7 @@
-"""Relay modes by name. A new mode is a RelayMode subclass in its own module plus one line
-here (and its name in config.KNOWN_MODES); the control plane needs no change."""
+"""The relay modes (circuit, nat66, ipip) that carry a pledge's traffic, looked up by name.
+
+A new mode is a RelayMode subclass in its own module plus one line here (and its name in
+config.KNOWN_MODES); the control plane needs no change."""
 
 import importlib
 

@@ -60,7 +60,8 @@ from typing import Any
 
 from ..config import IpipSettings
 from ..kernel import KernelError, ndp
-from ..kernel.bpf import IPIP_PROGRAMS, BpfDatapath, IpipJoin
+from ..kernel.bpf import BpfDatapath
+from ..kernel.bpf_layout import IPIP_PROGRAMS, IpipJoin
 from ..model import IpipTarget, JoinInterface, LinkState, RegistrarEndpoint
 from . import ipip_knobs, ipip_xdp
 from .base import RelayContext, RelayMode

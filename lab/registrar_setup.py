@@ -3,7 +3,7 @@
 For tests, the demo and the pledge simulator: they then run the services exactly as an
 operator would::
 
-    from registrar.labsetup import write_configs
+    from lab.registrar_setup import write_configs
     registrar_toml, masa_toml = write_configs(
         pki, workdir,
         registrar_listen=["[fe80::b:2%eth0]:8443", "[fd4a:5044::100]:8443"],
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from .tomlconfig import parse_host_port
+from registrar.tomlconfig import parse_host_port
 
 REGISTRAR_TOML = "registrar.toml"
 MASA_TOML = "masa.toml"
@@ -110,7 +110,7 @@ def write_configs(
                              + (pki / "masa/ca.crt").read_bytes())
 
     registrar = [
-        "# written by registrar.labsetup.write_configs",
+        "# written by lab.registrar_setup.write_configs",
         "[server]",
         f"listen = {_list(registrar_listen)}",
         f"cert = {_q(chain)}",
@@ -154,7 +154,7 @@ def write_configs(
     if devices is None:
         devices = sorted(p.stem for p in (pki / "manufacturer/idevid").glob("*.crt"))
     masa = [
-        "# written by registrar.labsetup.write_configs",
+        "# written by lab.registrar_setup.write_configs",
         "[server]",
         f"listen = {_list(masa_listen)}",
         f"cert = {_q(pki / 'masa/tls.crt')}",

@@ -22,7 +22,7 @@ from brski.pki import Issued
 from brski.signed_voucher import sign_voucher_cms
 from brski.voucher import Assertion, VoucherRequest
 
-from .labsetup import wait_ready
+from .registrar_setup import wait_ready
 
 
 @dataclass(frozen=True)
