@@ -382,7 +382,8 @@ def test_joinproxyd_package(debs, tmp_path):
         "/etc/joinproxyd/joinproxyd.toml"]
     assert "/usr/bin/joinproxyd" not in files  # a daemon: /usr/sbin
     # The examples, each of which --check-config accepts (test_examples_check_out).
-    assert {p for p in files if p.startswith("/usr/share/doc/joinproxyd/examples/")} == {
+    assert {p for p in files if p.startswith("/usr/share/doc/joinproxyd/examples/")
+            and not p.endswith("/")} == {
         f"/usr/share/doc/joinproxyd/examples/{e.name}" for e in EXAMPLES}
     # Every BPF object the daemon loads, byte for byte (strip must not touch them), and not
     # the benchmarks' baseline program.
