@@ -770,9 +770,10 @@ def test_router_and_registrar_roles_installed_alone_from_the_readme(tmp_path):
                 assert done.returncode == 0, out[-3000:]
             assert installed_of_ours(proxy) == ROLES["router"]
             assert installed_of_ours(registrar) == ROLES["registrar host"]
-            assert proxy.sh("command -v joinproxyd joinproxyctl").stdout.split() == [
-                "/usr/sbin/joinproxyd", "/usr/bin/joinproxyctl"]
-            assert registrar.sh("command -v brski-registrar brski-masa brski-pki").stdout \
+            assert proxy.sh("for c in joinproxyd joinproxyctl; do command -v $c; done"
+                            ).stdout.split() == ["/usr/sbin/joinproxyd", "/usr/bin/joinproxyctl"]
+            assert registrar.sh(
+                "for c in brski-registrar brski-masa brski-pki; do command -v $c; done").stdout \
                 .split() == ["/usr/sbin/brski-registrar", "/usr/sbin/brski-masa",
                              "/usr/bin/brski-pki"]
 
