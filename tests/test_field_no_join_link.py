@@ -74,4 +74,16 @@ def test_no_join_table_serves_nothing_and_says_so_until_one_is_added(lab, bpffs,
              f"the guard on join0: {daemon.ctl()['guard']}\n{daemon.log()[-3000:]}")
     wait_for(lambda: floods(sniffer), 5, "an AN_Proxy flood after the reload")
     assert REASON not in daemon.notify.poll()[-1]
+
+    # And back: the table removed again, the link is released and nothing stays loaded.
+    del config["join"]
+    daemon.write_config(config)
+    daemon.signal(1)
+    wait_for(lambda: (s := daemon.ctl())["joining_reason"].startswith(REASON) and s, 15,
+             "no join link again")
+    wait_for(lambda: ":8443 " not in lab.proxy.run(["ss", "-Hlntu"]).stdout, 10,
+             "the join port closed")
+    wait_for(lambda: xdp_programs(lab.proxy) == [], 10, "the guard detached")
+    status = daemon.ctl()
+    assert status["interfaces"] == [] and status["bpf"] is None, status
     assert daemon.stop() == 0
