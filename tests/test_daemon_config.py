@@ -53,7 +53,8 @@ def test_join_spec_matching_by_glob_and_order():
      "limits.idle_timeout: must be a number between 0.1 and 86400 (got 'soon')"),
     (with_(limits={"circuits_per_plege": 3}), "limits.circuits_per_plege: unknown key"),
     (with_(colour="blue"), "colour: unknown key"),
-    ({"backbone": {"interface": "bb0"}}, "join: at least one [[join]] table is required"),
+    ({"backbone": {"interface": "bb0"}, "join": "lan0"},
+     "join: must be a list of [[join]] tables"),
     ({"join": [{"interfaces": ["j*"]}]}, "backbone.interface: is required"),
     (with_(join=[{"interfaces": ["join*"], "modes": ["teleport"]}]),
      "join[0].modes: 'teleport' is not one of circuit, nat66, ipip"),
@@ -121,8 +122,7 @@ def test_daemon_refuses_to_start_on_a_bad_config(tmp_path):
     done = subprocess.run([sys.executable, "-m", "joinproxyd", "--config", str(bad)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 78  # EX_CONFIG: systemd must not restart it
-    assert done.stderr.strip() == f"joinproxyd: {bad}: join: at least one [[join]] table is " \
-                                  "required"
+    assert done.stderr.strip() == f"joinproxyd: {bad}: backbone.interface: is required"
 
 
 @pytest.mark.parametrize(("modes", "routable", "announced"), [

@@ -42,7 +42,7 @@ def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
 
 
 vendor = _load("debian_vendor", DEBIAN / "vendor.py")  # the vendoring policy
-wrappers = _load("debian_wrappers", DEBIAN / "wrappers.py")  # the /usr/bin wrappers
+wrappers = _load("debian_wrappers", DEBIAN / "wrappers.py")  # the /usr/{s,}bin wrappers
 
 PACKAGED = {"brski": "brski-common", "service_notify": "brski-common",
             "daemon/joinproxyd": "joinproxyd",
@@ -51,6 +51,20 @@ MAN_PAGES = {"joinproxyd.8": "joinproxyd", "joinproxyctl.8": "joinproxyd",
              "joinproxyd.toml.5": "joinproxyd", "brski-registrar.8": "brski-registrar",
              "brski-masa.8": "brski-registrar", "brski-pki.1": "brski-registrar",
              "brski-voucher.1": "brski-registrar", "pledge-sim.1": "pledge-sim"}
+
+
+EXAMPLES = sorted((REPO / "packaging/examples").glob("*.toml"))
+# Man pages that describe joinproxyd's relay modes: each names all of them.
+MODE_PAGES = ("joinproxyd.8", "joinproxyctl.8", "joinproxyd.toml.5", "brski-registrar.8")
+
+
+def daemon_bpf_objects() -> set[str]:
+    """The object files the daemon loads (datapath.OBJECTS names them in kernel/bpf.py's
+    table): what the packages ship, and nothing else."""
+    from joinproxyd import datapath
+    from joinproxyd.kernel import bpf
+
+    return {bpf.OBJECTS[name].file for name in datapath.OBJECTS}
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -141,6 +155,68 @@ def test_control_declares_the_four_packages():
     for name in ("brski-registrar", "pledge-sim"):
         assert packages[name]["Architecture"] == "all"
         assert "brski-common (>= ${source:Version})" in packages[name]["Depends"]
+
+
+def test_daemons_go_to_sbin_and_the_units_start_them_there():
+    """Debian's habit: daemons in /usr/sbin, commands people type in /usr/bin; each unit's
+    ExecStart= and ExecReload= name the path the wrapper is written to."""
+    assert {s for s in wrappers.PACKAGE_OF if wrappers.bin_dir(s) == "usr/sbin"} == {
+        "joinproxyd", "brski-registrar", "brski-masa"}
+    for name in ("joinproxyd.service", "brski-registrar.service", "brski-masa.service"):
+        values = unit(name)
+        script = name.removesuffix(".service")
+        commands = [c.split()[0] for key in ("ExecStart", "ExecReload")
+                    for c in values.get(key, []) if "kill" not in c]
+        assert commands and set(commands) == {f"/usr/sbin/{script}"}, (name, commands)
+
+
+def test_completions_go_to_the_package_of_their_command(tmp_path):
+    """packaging/completion/<command> (bash), where present, is installed by the package
+    that ships the command; files for unknown names are not."""
+    source = tmp_path / "completion"
+    source.mkdir()
+    for name in ("joinproxyctl", "brski-pki", "pledge-sim", "not-a-command"):
+        (source / name).write_text(f"complete -F _{name.replace('-', '_')} {name}\n")
+    debian = tmp_path / "debian"
+    wrappers.install_completions(source, debian)
+    found = sorted(str(p.relative_to(debian)) for p in debian.rglob("*") if p.is_file())
+    where = "usr/share/bash-completion/completions"
+    assert found == [f"brski-registrar/{where}/brski-pki", f"joinproxyd/{where}/joinproxyctl",
+                     f"pledge-sim/{where}/pledge-sim"]
+
+
+def test_shipped_configuration_names_no_join_link():
+    """A fresh router serves nothing until the administrator names a join link."""
+    from joinproxyd.config import load
+
+    config = load(REPO / "packaging/joinproxyd.toml")
+    assert config.joins == () and not config.needs_bpf
+    assert "no join link configured" in (REPO / "packaging/joinproxyd.toml").read_text()
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_check_out(example):
+    done = run([sys.executable, "-m", "joinproxyd", "--check-config", str(example)],
+               timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_examples_cover_every_relay_mode_and_the_guard_off():
+    from joinproxyd.config import KNOWN_MODES, load
+
+    configs = [load(e) for e in EXAMPLES]
+    assert {m for c in configs for spec in c.joins for m in spec.modes} == set(KNOWN_MODES)
+    assert any(not c.needs_bpf for c in configs)  # a router without BPF
+    listed = (DEBIAN / "joinproxyd.examples").read_text().split()
+    assert listed == ["packaging/examples/*.toml"]
+
+
+@pytest.mark.parametrize("page", MODE_PAGES)
+def test_man_pages_about_relay_modes_name_ipip(page):
+    text = (MAN / f"{page}.rst").read_text()
+    assert "ipip" in text.lower(), page
+    description = next(p for p in control_paragraphs()[1:] if p["Package"] == "joinproxyd")
+    assert "IPIP" in description["Description"] or "ipip" in description["Description"]
 
 
 def test_every_packaged_console_script_has_a_wrapper_and_a_man_page():
@@ -296,7 +372,7 @@ def test_lintian_reports_no_errors(debs):
 
 def test_joinproxyd_package(debs, tmp_path):
     files = contents(debs["joinproxyd"])
-    for path in ("/usr/bin/joinproxyd", "/usr/bin/joinproxyctl",
+    for path in ("/usr/sbin/joinproxyd", "/usr/bin/joinproxyctl",
                  "/lib/systemd/system/joinproxyd.service", "/etc/joinproxyd/joinproxyd.toml",
                  "/usr/share/man/man8/joinproxyd.8.gz", "/usr/share/man/man8/joinproxyctl.8.gz",
                  "/usr/share/man/man5/joinproxyd.toml.5.gz",
@@ -304,10 +380,18 @@ def test_joinproxyd_package(debs, tmp_path):
         assert path in files, path
     assert control_file(debs["joinproxyd"], "conffiles", tmp_path).split() == [
         "/etc/joinproxyd/joinproxyd.toml"]
-    # Every prebuilt BPF object, byte for byte (strip must not touch them).
-    objects = sorted(REPO.glob("ebpf/*.bpf.o"))
+    assert "/usr/bin/joinproxyd" not in files  # a daemon: /usr/sbin
+    # The examples, each of which --check-config accepts (test_examples_check_out).
+    assert {p for p in files if p.startswith("/usr/share/doc/joinproxyd/examples/")
+            and not p.endswith("/")} == {
+        f"/usr/share/doc/joinproxyd/examples/{e.name}" for e in EXAMPLES}
+    # Every BPF object the daemon loads, byte for byte (strip must not touch them), and not
+    # the benchmarks' baseline program.
+    objects = sorted(REPO / "ebpf" / name for name in daemon_bpf_objects())
+    assert all(o.exists() for o in objects), objects
     packaged = {p for p in files if p.startswith("/usr/lib/joinproxyd/bpf/") and p.endswith(".o")}
     assert packaged == {f"/usr/lib/joinproxyd/bpf/{o.name}" for o in objects}
+    assert "/usr/lib/joinproxyd/bpf/bare_redirect.bpf.o" not in packaged
     if objects:
         root = tmp_path / "root"
         subprocess.run(["dpkg-deb", "-x", str(debs["joinproxyd"]), str(root)], check=True)
@@ -318,7 +402,8 @@ def test_joinproxyd_package(debs, tmp_path):
 
 def test_brski_registrar_package(debs, tmp_path):
     files = contents(debs["brski-registrar"])
-    for path in ("/usr/bin/brski-registrar", "/usr/bin/brski-masa", "/usr/bin/brski-pki",
+    for path in ("/usr/sbin/brski-registrar", "/usr/sbin/brski-masa", "/usr/bin/brski-pki",
+                 "/usr/bin/brski-voucher",
                  "/lib/systemd/system/brski-registrar.service",
                  "/lib/systemd/system/brski-masa.service",
                  "/usr/share/man/man8/brski-registrar.8.gz",
@@ -354,7 +439,7 @@ def test_wrappers_put_the_vendored_libraries_first(debs, tmp_path):
     root = tmp_path / "root"
     subprocess.run(["dpkg-deb", "-x", str(debs["brski-common"]), str(root)], check=True)
     subprocess.run(["dpkg-deb", "-x", str(debs["joinproxyd"]), str(root)], check=True)
-    wrapper = (root / "usr/bin/joinproxyd").read_text()
+    wrapper = (root / "usr/sbin/joinproxyd").read_text()
     assert wrapper.startswith("#!/usr/bin/python3 -I\n")
     probe = wrapper.replace("/usr/lib/brski", str(root / "usr/lib/brski")).split(
         "from joinproxyd")[0] + (
@@ -419,7 +504,7 @@ def test_ipk_files(ipk):
                  "/usr/lib/joinproxyd/vendor/zeroconf/_dns.py"):
         assert path in files, path
     assert {p for p in files if p.startswith("/usr/lib/joinproxyd/bpf/")} == {
-        f"/usr/lib/joinproxyd/bpf/{o.name}" for o in REPO.glob("ebpf/*.bpf.o")}
+        f"/usr/lib/joinproxyd/bpf/{name}" for name in daemon_bpf_objects()}
     # Pure Python for any OpenWrt target; no registrar or lab on a router.
     assert not [p for p in files if p.endswith(".so") or "__pycache__" in p]
     assert not [p for p in files if "/registrar/" in p or "/lab/" in p]

@@ -610,11 +610,13 @@ def test_joinproxyd_configuration_faults_under_systemd(tmp_path):
             proxy.sh(f"apt-get install -y -q {deb(debs, 'brski-common')} "
                      f"{deb(debs, 'joinproxyd')}", timeout=300)
             config = proxy.path("/etc/joinproxyd/joinproxyd.toml")
-            config.write_text("[backbone]\ninterface = \"bb0\"\n")  # no [[join]]
+            # (No [[join]] table is valid: the shipped file, which serves nothing.)
+            config.write_text('[backbone]\ninterface = "bb0"\n[[join]]\n'
+                              'interfaces = ["join*"]\nmodes = ["teleport"]\n')
             started = proxy.sh("systemctl start joinproxyd", check=False, timeout=60)
             assert started.returncode != 0
             failed_without_restarts(proxy, "joinproxyd")
-            reason = "join: at least one [[join]] table is required"
+            reason = "join[0].modes: 'teleport' is not one of circuit, nat66, ipip"
             status = proxy.sh("systemctl status --no-pager -n 20 joinproxyd",
                               check=False).stdout
             assert reason in status and "status=78/CONFIG" in status, status
@@ -736,5 +738,143 @@ def test_registrar_units_notify_users_metrics_and_refusals(tmp_path):
             assert "announce.grasp: must be true or false" in box.show("brski-registrar",
                                                                        "StatusText")
             assert box.show("brski-masa", "ActiveState") == "active"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# -- issue 12: packages per role, from the README's own lines; a fresh router serves nothing ----
+
+ROLES = {"router": {"brski-common", "joinproxyd"},
+         "registrar host": {"brski-common", "brski-registrar"},
+         "lab or test host": {"brski-common", "pledge-sim"}}
+OURS = {"brski-common", "joinproxyd", "brski-registrar", "pledge-sim"}
+NO_JOIN = "no join link configured"
+
+
+def readme_install_line(role: str) -> str:
+    """The README's install command for a role: the line after its `# <role>` comment."""
+    found = re.search(rf"^ {{4}}# {re.escape(role)}\b[^\n]*\n {{4}}(apt install [^\n]+)$",
+                      (REPO / "README.md").read_text(), re.M)
+    assert found, f"README.md has no install line for the {role}"
+    return found.group(1)
+
+
+def install_from_readme(box: Container, role: str) -> subprocess.Popen[str]:
+    """Run the README's line for `role` in the container, from a checkout-like directory
+    (/mnt/src, whose build/deb/ is ours); apt answers yes as an operator would."""
+    line = readme_install_line(role)
+    box.path("/etc/apt/apt.conf.d/90test-assume-yes").write_text('APT::Get::Assume-Yes "true";\n')
+    return subprocess.Popen(["nsenter", "-t", str(box.leader), "-a", "--", "/bin/sh", "-c",
+                             f"cd /mnt/src && {line}"], env=CLEAN_ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def installed_of_ours(box: Container) -> set[str]:
+    out = box.sh("dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n'").stdout
+    return {line.split()[0] for line in out.splitlines()
+            if line.split()[0] in OURS and line.split()[1].startswith("ii")}
+
+
+def test_readme_install_lines_name_each_role_and_the_built_packages():
+    debs = {d.name.split("_")[0] for d in DEB_DIR.glob("*.deb")} or OURS
+    for role, packages in ROLES.items():
+        line = readme_install_line(role)
+        named = set(re.findall(r"\./build/deb/([a-z-]+)_\*\.deb", line))
+        assert named == packages and named <= debs, (role, line)
+
+
+def test_router_and_registrar_roles_installed_alone_from_the_readme(tmp_path):
+    """Each role installed with its README line, alone in its container; the fresh router's
+    joinproxyd, started as at boot, serves nothing and says why, until a join link is
+    configured and reloaded."""
+    from test_field_readiness import GRASP_SNIFFER, floods  # a pledge hearing AN_Proxy
+
+    clean_stale_runs()
+    debs = build_debs()
+    rootfs = rootfs_for(debs)
+    run_dir = CACHE / "run" / str(os.getpid())
+    binds = {DEB_DIR: "/mnt/src/build/deb"}
+    metrics = ["curl", "-sf", "http://[::1]:9465/metrics"]
+    try:
+        with Lab(Topology(pledges=1, registrars=1), log_dir=tmp_path / "logs") as lab, \
+                containers(rootfs, lab, run_dir, binds) as (proxy, registrar):
+            sniffer = lab.pledges[0].spawn([PY, "-c", GRASP_SNIFFER], name="grasp-sniffer")
+            reg_install = install_from_readme(registrar, "registrar host")
+            router_install = install_from_readme(proxy, "router")
+            for done in (router_install, reg_install):
+                out, _ = done.communicate(timeout=300)
+                assert done.returncode == 0, out[-3000:]
+            assert installed_of_ours(proxy) == ROLES["router"]
+            assert installed_of_ours(registrar) == ROLES["registrar host"]
+            assert proxy.sh("for c in joinproxyd joinproxyctl; do command -v $c; done"
+                            ).stdout.split() == ["/usr/sbin/joinproxyd", "/usr/bin/joinproxyctl"]
+            assert registrar.sh(
+                "for c in brski-registrar brski-masa brski-pki; do command -v $c; done").stdout \
+                .split() == ["/usr/sbin/brski-registrar", "/usr/sbin/brski-masa",
+                             "/usr/bin/brski-pki"]
+
+            # -- the registrar host: both services up, from the package alone --------------
+            wait_for(lambda: registrar.sh("systemctl is-active brski-masa brski-registrar",
+                                          check=False).returncode == 0, 30,
+                     "brski-masa and brski-registrar active")
+            wait_for(lambda: listening(lab.registrars[0], {PORT}), 20, "the registrar on 8443")
+
+            # -- the router: enabled, not started; started as the next boot would ----------
+            # (a reboot would drop the container's volatile overlay, and the package with it)
+            assert proxy.sh("systemctl is-enabled joinproxyd").stdout.strip() == "enabled"
+            assert proxy.sh("systemctl is-active joinproxyd",
+                            check=False).stdout.strip() == "inactive"
+            pinned_before = sorted(p.name for p in proxy.path("/sys/fs/bpf").iterdir())
+            proxy.sh("systemctl start joinproxyd", timeout=60)  # returns after READY=1
+            assert proxy.show("joinproxyd", "ActiveState") == "active"
+            status_text = proxy.show("joinproxyd", "StatusText")
+            assert status_text.startswith(f"serving nothing ({NO_JOIN}"), status_text
+            assert f"Status: \"serving nothing ({NO_JOIN}" in proxy.sh(
+                "systemctl status --no-pager joinproxyd").stdout
+            ctl = proxy.sh("joinproxyctl status").stdout
+            assert f"joining CLOSED ({NO_JOIN}" in ctl, ctl
+            assert f"started: serving nothing ({NO_JOIN}" in proxy.journal("joinproxyd")
+            wait_for(lambda: "joinproxyd_build_info" in lab.proxy.run(metrics).stdout, 20,
+                     "joinproxyd metrics")
+            time.sleep(2)  # what would be served, would be by now
+            assert listening(lab.proxy, {PORT}) == []
+            assert bpf_attachments(lab.proxy) == []
+            assert bpf_programs_of(proxy.unit_host_pids("joinproxyd.service")) == set()
+            assert sorted(p.name for p in proxy.path("/sys/fs/bpf").iterdir()) == pinned_before
+            text = lab.proxy.run(metrics).stdout
+            assert not re.search(r"^joinproxyd_announcements_total\{.*\} [1-9]", text, re.M)
+            assert "joinproxyd_join_interfaces 0.0" in text
+            assert floods(sniffer) == [], "an AN_Proxy flood from an unconfigured router"
+
+            # -- the control socket: the daemon's user's, in its 0700 directory ------------
+            assert proxy.sh("stat -c '%a %U:%G' /run/joinproxyd /run/joinproxyd/control.sock"
+                            ).stdout.split("\n")[:2] == ["700 joinproxyd:joinproxyd",
+                                                         "600 joinproxyd:joinproxyd"]
+            denied = proxy.sh("runuser -u nobody -- joinproxyctl status", check=False)
+            assert denied.returncode == 1 and "ermission denied" in denied.stderr, denied
+
+            # -- the examples installed with the package check out with the installed daemon
+            examples = proxy.sh("ls /usr/share/doc/joinproxyd/examples/").stdout.split()
+            assert {"circuit.toml", "nat66.toml", "ipip.toml"} <= set(examples), examples
+            for name in examples:
+                checked = proxy.sh("joinproxyd --check-config "
+                                   f"/usr/share/doc/joinproxyd/examples/{name}", check=False)
+                assert checked.stdout.strip() == "ok", (name, checked.stderr)
+
+            # -- a join link configured and reloaded: served, guarded, announced ------------
+            main_pid = proxy.show("joinproxyd", "MainPID")
+            proxy.path("/etc/joinproxyd/joinproxyd.toml").write_text(lab_config())
+            proxy.sh("systemctl reload joinproxyd", timeout=60)
+            wait_for(lambda: listening(lab.proxy, {PORT}), 20, "the join port listening")
+            wait_for(lambda: any(a.startswith("join0: xdp jp_guard")
+                                 for a in bpf_attachments(lab.proxy)), 20, "the guard on join0")
+            wait_for(lambda: "joining open" in proxy.sh("joinproxyctl status").stdout, 20,
+                     "joining open")
+            assert proxy.show("joinproxyd", "StatusText").startswith("serving join0(")
+            assert NO_JOIN not in proxy.show("joinproxyd", "StatusText")
+            wait_for(lambda: floods(sniffer), 15, "an AN_Proxy flood on join0")
+            assert proxy.show("joinproxyd", "MainPID") == main_pid
+            proxy.sh("systemctl stop joinproxyd", timeout=60)
+            assert bpf_attachments(lab.proxy) == []
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

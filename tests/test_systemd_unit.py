@@ -21,11 +21,11 @@ def service_section() -> dict[str, str]:
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
-    # The unit names /usr/bin/joinproxyd; point it at this checkout's script so verify can
+    # The unit names /usr/sbin/joinproxyd; point it at this checkout's script so verify can
     # check that the command exists. Man pages are checked by the packaging tests.
     script = Path(sys.executable).parent / "joinproxyd"
     unit = tmp_path / "joinproxyd.service"
-    unit.write_text(UNIT.read_text().replace("/usr/bin/joinproxyd", str(script)))
+    unit.write_text(UNIT.read_text().replace("/usr/sbin/joinproxyd", str(script)))
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -105,7 +105,7 @@ def test_invalid_configuration_is_not_restarted(name, tmp_path):
 def test_reload_checks_the_file_before_the_signal():
     unit = values("joinproxyd.service")
     config = unit["ExecStart"][0].split("--config ", 1)[1].strip()
-    assert unit["ExecReload"] == [f"/usr/bin/joinproxyd --check-config {config}",
+    assert unit["ExecReload"] == [f"/usr/sbin/joinproxyd --check-config {config}",
                                   "/bin/kill -HUP $MAINPID"]
 
 

@@ -29,7 +29,8 @@ VENDORED=(pyroute2 zeroconf prometheus_client cbor2)
 EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 
 shopt -s nullglob
-bpf_objects=(ebpf/*.bpf.o)
+bpf_objects=()  # what the daemon loads: not the benchmarks' baseline program
+for obj in ebpf/*.bpf.o; do [ "$obj" = ebpf/bare_redirect.bpf.o ] || bpf_objects+=("$obj"); done
 shopt -u nullglob
 if [ ${#bpf_objects[@]} -eq 0 ]; then
     echo "make ipk: no ebpf/*.bpf.o (make bpf builds them)" >&2
@@ -68,7 +69,8 @@ install -m 0755 "$FEED/files/joinproxyctl.wrapper" "$root/usr/bin/joinproxyctl"
 install -m 0755 "$FEED/files/joinproxyd.init" "$root/etc/init.d/joinproxyd"
 # OpenWrt's names: pledges arrive on the LAN bridge, registrars are on the WAN side.
 sed -e 's/^interface = "eth1"/interface = "wan"/' \
-    -e 's/^interfaces = \["lan\*"\]/interfaces = ["br-lan"]/' \
+    -e 's/^#\(\[\[join\]\]\|modes = \|port = \)/\1/' \
+    -e 's/^#interfaces = \["lan0"\]/interfaces = ["br-lan"]/' \
     packaging/joinproxyd.toml > "$root/etc/joinproxyd/joinproxyd.toml"
 chmod 0644 "$root/etc/joinproxyd/joinproxyd.toml"
 

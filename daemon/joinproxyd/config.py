@@ -8,7 +8,7 @@ packaging/joinproxyd.toml documents each key.
     [daemon]        log_level, control_socket, drain_seconds, bpf_pin_dir, bpf_object_dir
     [metrics]       listen ("[::1]:9465"; "" turns the endpoint off)
     [backbone]      interface
-    [[join]]        interfaces (names or globs), modes, port
+    [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
     [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference,
                     ipip = {link_local, address, protocols, ports}}]),
                     health_interval, health_timeout
@@ -146,8 +146,9 @@ class Config:
 
     @property
     def needs_bpf(self) -> bool:
-        """Whether anything configured runs in BPF (else no BPF object is ever loaded)."""
-        return self.guard.enabled or self.uses_ipip
+        """Whether anything configured runs in BPF (else no BPF object is ever loaded): the
+        guard or ipip, and a join link for them to serve."""
+        return bool(self.joins) and (self.guard.enabled or self.uses_ipip)
 
     def join_spec_for(self, ifname: str) -> JoinSpec | None:
         """The first [[join]] entry whose patterns match (order in the file decides)."""
@@ -395,9 +396,12 @@ def parse(data: dict[str, Any]) -> Config:
     announce = root.table("announce")
     guard = _guard(root.table("guard"))
     ipip = _ipip(root.table("ipip"))
-    joins_raw = root.take("join", None)
-    if not isinstance(joins_raw, list) or not joins_raw:
-        raise ConfigError("join", "at least one [[join]] table is required")
+    # No [[join]] table is a valid configuration (the shipped one): the daemon runs and
+    # serves nothing, saying "no join link configured", so that a fresh install serves no
+    # guessed interface (README, joinproxyd(8)).
+    joins_raw = root.take("join", [])
+    if not isinstance(joins_raw, list):
+        raise ConfigError("join", "must be a list of [[join]] tables")
     joins = tuple(_join(item, f"join[{i}]") for i, item in enumerate(joins_raw))
     defaults = Limits()
     limits = Limits(

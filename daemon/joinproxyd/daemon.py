@@ -52,6 +52,9 @@ log = logging.getLogger("joinproxyd")
 XDP_RECHECK_SECONDS = 5.0
 # The clsact qdiscs this daemon added, beside the control socket (kernel/qdisc_record.py).
 QDISC_RECORD_NAME = "clsact.json"
+# What status, STATUS= and the journal say when the configuration has no [[join]] table (the
+# shipped one): the daemon runs and serves nothing until the operator names a join link.
+NO_JOIN_LINK = "no join link configured: add a [[join]] table and reload"
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
@@ -329,7 +332,10 @@ class Daemon:
         # program still goes on the links the fast path serves (relays/ipip_xdp.py).
         ipip = self.modes.get("ipip")
         fast = ipip.xdp_dispatch() if isinstance(ipip, IpipMode) else []
-        await self.guard.reconcile(config.guard, self.interfaces,
+        # With no join link configured there is nothing to guard: nothing is loaded.
+        guard = config.guard if config.joins else dataclasses.replace(config.guard,
+                                                                      enabled=False)
+        await self.guard.reconcile(guard, self.interfaces,
                                    guarded_ports(config, self.interfaces, registrar),
                                    dispatch=[i for i in self.interfaces if i.name in fast])
         if not config.needs_bpf and self.datapath.opened:
@@ -355,6 +361,8 @@ class Daemon:
     def joining(self) -> tuple[bool, str]:
         """Whether pledges can join now, and why (not): a healthy registrar and at least one
         join link served (announced only then)."""
+        if not self.config.joins:
+            return False, NO_JOIN_LINK
         registrar = self.registrars.active
         if registrar is None:
             return False, "no healthy registrar"
@@ -587,6 +595,8 @@ class Daemon:
     def summary(self) -> str:
         registrar = self.registrars.active
         names = ", ".join(f"{i.name}({'+'.join(i.modes)})" for i in self.served) or "none"
+        if not self.config.joins:
+            names = f"nothing ({NO_JOIN_LINK})"
         out = (f"serving {names}; registrar "
                f"{registrar.key if registrar else 'none (joining closed)'}")
         problems = [f"{link} {why}" for link in sorted(self.unserved)
