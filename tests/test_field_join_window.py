@@ -206,3 +206,39 @@ def test_nat66_new_flows_stop_while_the_window_is_closed(lab: Lab, tmp_path: Pat
     assert daemon.ctl()["relays"]["nat66"]["relaying"] is True
     assert via_nat66(lab.pledges[1]).startswith("r0")
     daemon.stop()
+
+
+def test_the_configured_window_applies_at_start_and_when_a_reload_changes_it(
+        lab: Lab, tmp_path: Path) -> None:
+    echo_registrar(lab.registrars[0], "r0")
+    run_dir = tmp_path / "proxy"
+    closed = base_config(run_dir, daemon={"join_window": "closed"})
+    daemon = ProxyDaemon(lab, run_dir, closed).start()
+    assert daemon.notify is not None
+    wait_for(lambda: daemon.ctl()["registrars"] and daemon.ctl()["registrars"][0]["healthy"],
+             10, "a healthy registrar")
+    status = daemon.ctl()
+    assert status["joining"] is False
+    assert status["join_window"]["state"] == "closed"
+    assert status["join_window"]["by"] == "configuration"
+    assert daemon.sample("joinproxyd_join_window_open") == 0
+    assert talk(lab.pledges[0], timeout=1) == ""
+    wait_for(lambda: any("join window CLOSED by configuration" in m
+                         for m in daemon.notify.poll()), 5, "STATUS= to say it")
+    ctl(daemon, "window", "open")
+    # A reload with the same key keeps what joinproxyctl set ...
+    daemon.reload(closed)
+    assert daemon.ctl()["join_window"]["state"] == "open"
+    assert talk(lab.pledges[0]).startswith("r0")
+    # ... and one that changes it applies it.
+    reopened = {**closed, "daemon": {**closed["daemon"], "join_window": "open"}}
+    daemon.reload(reopened)
+    ctl(daemon, "window", "close")
+    daemon.reload(reopened)
+    assert daemon.ctl()["join_window"]["state"] == "closed"
+    daemon.reload(closed)
+    assert daemon.ctl()["join_window"]["state"] == "closed"
+    daemon.reload(reopened)
+    window = daemon.ctl()["join_window"]
+    assert window == {**window, "state": "open", "by": "configuration reload"}
+    daemon.stop()
