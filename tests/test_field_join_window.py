@@ -4,7 +4,8 @@ Closing it: a pledge's new circuit is refused and counted (drop reason window-cl
 refusal is listed per pledge (joinproxyctl refusals), GRASP AN_Proxy floods stop on the join
 link, and a circuit opened before keeps relaying both ways. Opening it again: new circuits
 are relayed and the floods resume. All in one daemon process (same PID), no restart, no
-reload. nat66: the same with a pledge's ULA flow, which the kernel stops translating.
+reload. nat66: the same with a pledge's ULA flow, which the kernel stops translating; ipip:
+the proxy NDP entry goes and comes back.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ipip_daemon import (
+    REGISTRAR_LL,
+    bpffs,
+    ipip_config,
+    ipip_maps,
+    proxy_entries,
+    relaying,
+    show,
+)
 
 from lab import Host, Lab, LabProcess, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, talk
 
 pytestmark = pytest.mark.netns
+__all__ = ["bpffs"]  # a fixture, used by name
 
 # A pledge in the middle of its enrollment: one line before the window closes, then, once
 # the flag file exists, another one over the same connection.
@@ -242,3 +253,49 @@ def test_the_configured_window_applies_at_start_and_when_a_reload_changes_it(
     window = daemon.ctl()["join_window"]
     assert window == {**window, "state": "open", "by": "configuration reload"}
     daemon.stop()
+
+
+def neighbour(pledge: Host, address: str) -> str:
+    """The pledge's neighbour entry for `address` after it tried to reach it."""
+    pledge.run(["ping", "-6", "-c1", "-W1", f"{address}%eth0"], check=False)
+    return pledge.run(["ip", "-6", "neigh", "show", address, "dev", "eth0"]).stdout.strip()
+
+
+def test_ipip_answers_no_neighbour_solicitation_while_the_window_is_closed(
+        lab: Lab, bpffs: Path, tmp_path: Path) -> None:
+    """Stateless ipip: closing withdraws the proxy NDP entry (a pledge cannot resolve the
+    registrar's address any more) and keeps the maps and programs (a pledge that resolved it
+    is still relayed); opening puts the entry back. Same daemon, no restart."""
+    pin_dir = bpffs / "joinproxyd"
+    echo_registrar(lab.registrars[0], "r0")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy",
+                         ipip_config(tmp_path / "proxy", pin_dir, static=True))
+    try:
+        daemon.start()
+        wait_for(lambda: relaying(daemon), 15, "the ipip mode relaying")
+        pid = daemon.ctl()["pid"]
+        assert "lladdr" in wait_for(lambda: "lladdr" in (n := neighbour(lab.pledges[0],
+                                                                          REGISTRAR_LL)) and n,
+                                    10, "pledge0 to resolve the registrar's address")
+        maps = ipip_maps(pin_dir)
+        assert maps["jp_join_cfg"]
+
+        ctl(daemon, "window", "close")
+        assert proxy_entries(lab.proxy) == ""
+        ipip = daemon.ctl()["relays"]["ipip"]
+        assert ipip["relaying"] is True and ipip["window_open"] is False
+        assert [link["proxy_ndp"] for link in ipip["interfaces"]] == [False]
+        assert ipip_maps(pin_dir) == maps  # what is established is still relayed
+        time.sleep(3)  # longer than the kernel's proxy delay, three solicitations
+        assert "lladdr" not in neighbour(lab.pledges[1], REGISTRAR_LL)
+
+        ctl(daemon, "window", "open")
+        wait_for(lambda: relaying(daemon), 10, "the proxy entry back")
+        assert f"{REGISTRAR_LL} dev join0 proxy" in proxy_entries(lab.proxy)
+        lab.pledges[1].run(["ip", "-6", "neigh", "flush", "dev", "eth0"])
+        wait_for(lambda: "lladdr" in neighbour(lab.pledges[1], REGISTRAR_LL), 10,
+                 "pledge1 to resolve the registrar's address")
+        assert daemon.ctl()["pid"] == pid
+        assert daemon.stop() == 0
+    finally:
+        show(daemon)

@@ -164,6 +164,7 @@ class Daemon:
                                     join_window=lambda: self.window.open,
                                     refusals=self.refusals)
         self._dirty = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
         self.listeners = Listeners(self.metrics, log, on_retry=self._dirty.set)
         self.context.listeners = self.listeners
         self.metrics.drops.add_source(self._kernel_drops)
@@ -321,6 +322,12 @@ class Daemon:
 
     # -- the one place desired state is derived and applied ------------------------------------
     async def reconcile(self) -> None:
+        # One pass at a time: the reconcile task, a reload and joinproxyctl window may all
+        # ask for one, and a mode half-way through a pass must not be handed another.
+        async with self._reconcile_lock:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         config = self.config
         registrar = self.registrars.active
         self.interfaces = desired_interfaces(config, self.links, registrar)
