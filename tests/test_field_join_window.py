@@ -299,3 +299,25 @@ def test_ipip_answers_no_neighbour_solicitation_while_the_window_is_closed(
         assert daemon.stop() == 0
     finally:
         show(daemon)
+
+
+def mdns_proxies(pledge: Host) -> list[dict[str, Any]]:
+    done = pledge.run([PYTHON, "-m", "pledge_sim.cli", "discover", "--methods", "mdns",
+                       "--timeout", "2", "--json"], check=False, timeout=30)
+    if done.returncode != 0:
+        return []
+    return json.loads(done.stdout)["candidates"]
+
+
+def test_the_mdns_advertisement_is_withdrawn_and_comes_back(lab: Lab, tmp_path: Path) -> None:
+    echo_registrar(lab.registrars[0], "r0")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", base_config(
+        tmp_path / "proxy", announce={"interval": 1, "mdns": True})).start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    wait_for(lambda: mdns_proxies(lab.pledges[0]), 15, "the proxy's _brski-proxy._tcp")
+    ctl(daemon, "window", "close")
+    wait_for(lambda: not mdns_proxies(lab.pledges[1]), 10, "the advertisement withdrawn")
+    ctl(daemon, "window", "open")
+    found = wait_for(lambda: mdns_proxies(lab.pledges[1]), 15, "the advertisement back")
+    assert {c["method"] for c in found} == {"mdns"}
+    daemon.stop()
