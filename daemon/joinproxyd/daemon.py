@@ -370,8 +370,8 @@ class Daemon:
         self._notify()
 
     def joining(self) -> tuple[bool, str]:
-        """Whether pledges can join now, and why (not): a healthy registrar and at least one
-        join link served (announced only then)."""
+        """Whether pledges can join now, and why (not): the operator's join window open, a
+        healthy registrar and at least one join link served (announced only then)."""
         registrar = self.registrars.active
         if not self.window.open:
             return False, f"join window closed by {self.window.by}"
@@ -710,8 +710,8 @@ class Daemon:
                 raise ControlError(f"window: state must be open or close (got {state!r})")
             if self._set_window(state == "open", request.who):
                 await self.reconcile()
-        return {**self.window.status(), "joining": self.joining()[0],
-                "joining_reason": self.joining()[1]}
+        joining, why = self.joining()
+        return {**self.window.status(), "joining": joining, "joining_reason": why}
 
     def refusal_list(self, request: Request) -> list[dict[str, Any]]:
         pledge = request.args.get("pledge")
