@@ -695,10 +695,10 @@ class Daemon:
             return False
         self.metrics.join_window_open.set(int(open_))
         if open_:
-            log.info("join window opened by %s", who, extra={"WINDOW": "open"})
+            log.info("join window opened by %s", who)
         else:
             log.warning("join window closed by %s: new pledges are refused, announcements "
-                        "stop, established circuits stay", who, extra={"WINDOW": "closed"})
+                        "stop, established circuits stay", who)
         return True
 
     async def window_command(self, request: Request) -> dict[str, Any]:
