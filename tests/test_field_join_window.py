@@ -28,6 +28,7 @@ from test_ipip_daemon import (
     show,
 )
 
+from joinproxyd import ctl as ctl_module
 from lab import Host, Lab, LabProcess, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, talk
 
@@ -186,6 +187,16 @@ def test_a_circuit_is_dropped_by_id_or_pledge_and_counted(lab: Lab, tmp_path: Pa
     assert len(missing.stderr.strip().splitlines()) == 1
     bad = ctl(daemon, "window", "ajar", check=False)
     assert bad.returncode == 2  # argparse: an invalid choice
+    # Malformed arguments straight on the socket: refused in one line, the daemon serves on.
+    socket_path = Path(daemon.config["daemon"]["control_socket"])
+    for command, args, error in (
+            ("drop", {"circuit": 5}, "drop: give a circuit id"),
+            ("drop", {}, "drop: give a circuit id"),
+            ("window", {"state": ["close"]}, "window: state must be open or close"),
+            ("refusals", {"pledge": {"x": 1}}, "refusals: pledge must be an address")):
+        with pytest.raises(ctl_module.CtlError, match=f"the daemon refused: {error}"):
+            ctl_module.request(socket_path, command, args=args)
+    assert daemon.ctl()["join_window"]["state"] == "open"
     daemon.stop()
 
 
