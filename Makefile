@@ -11,7 +11,7 @@ APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables 
 	debhelper dh-python lintian python3-docutils python3-pip shellcheck \
 	systemd-container debootstrap zstd netsniff-ng prometheus
 
-.PHONY: setup apt venv bpf lint test fuzz demo deb ipk clean
+.PHONY: setup apt venv bpf lint test fuzz demo deb ipk clean completion
 
 setup: apt venv bpf
 
@@ -52,6 +52,10 @@ fuzz: setup
 demo: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make demo: run as root (the demo creates network namespaces)" >&2; exit 1; }
 	$(VENV)/bin/joinproxy-lab demo
+
+# Bash completion files from the programs' argparse parsers (committed; the test checks them).
+completion: venv
+	$(PY) tools/completion.py packaging/completion
 
 # Debian packages (debhelper; sources in packaging/debian) into build/deb/, lintian-checked.
 deb: setup

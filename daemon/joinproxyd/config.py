@@ -5,7 +5,8 @@ Every error names the key and the reason, e.g.
 Defaults are what an operator would expect on a small border router; the shipped
 packaging/joinproxyd.toml documents each key.
 
-    [daemon]        log_level, control_socket, drain_seconds, bpf_pin_dir, bpf_object_dir
+    [daemon]        log_level, control_socket, drain_seconds, bpf_pin_dir, bpf_object_dir,
+                    join_window ("open" or "closed" at start; joinproxyctl window changes it)
     [metrics]       listen ("[::1]:9465"; "" turns the endpoint off)
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
@@ -126,6 +127,7 @@ class Config:
     log_level: str = "info"
     control_socket: Path = Path("/run/joinproxyd/control.sock")
     drain_seconds: float = 10.0
+    join_window: str = "open"
     metrics_listen: tuple[str, int] | None = ("::1", 9465)
     discovery: tuple[str, ...] = ("static", "grasp", "mdns")
     static_registrars: tuple[StaticRegistrar, ...] = ()
@@ -436,6 +438,7 @@ def parse(data: dict[str, Any]) -> Config:
         log_level=daemon.string("log_level", "info", LOG_LEVELS),
         control_socket=Path(daemon.string("control_socket", "/run/joinproxyd/control.sock")),
         drain_seconds=daemon.number("drain_seconds", 10.0, 0, 3600),
+        join_window=daemon.string("join_window", "open", ("open", "closed")),
         metrics_listen=_listen(metrics.string("listen", "[::1]:9465"), "metrics.listen"),
         discovery=discovery,
         static_registrars=static,

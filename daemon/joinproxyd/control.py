@@ -2,21 +2,68 @@
 
     {"command": "status"}    -> {"ok": true, "status": {...}}
     {"command": "circuits"}  -> {"ok": true, "circuits": [...]}
+    {"command": "window", "args": {"state": "close"}} -> {"ok": true, "window": {...}}
+    anything refused         -> {"ok": false, "error": "one line"}
 
 The socket is created 0600 in a 0700 directory: only root (or the daemon's user) may ask.
+Who asked (the peer's uid and pid, SO_PEERCRED) is given to the handlers, so that a change
+made through the socket is logged with who made it.
 """
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
+import pwd
+import socket
+import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MAX_REQUEST = 4096
 
-Handler = Callable[[], Any]
+
+class ControlError(Exception):
+    """A request the daemon refuses (bad argument, nothing to act on): its text is the
+    one-line error joinproxyctl prints."""
+
+
+@dataclass(frozen=True)
+class Request:
+    args: dict[str, Any] = field(default_factory=dict)
+    uid: int | None = None
+    pid: int | None = None
+
+    @property
+    def who(self) -> str:
+        """The peer as a log line names it: "uid 0 (root), pid 1234"."""
+        if self.uid is None:
+            return "an unknown peer"
+        try:
+            name = f" ({pwd.getpwuid(self.uid).pw_name})"
+        except KeyError:
+            name = ""
+        return f"uid {self.uid}{name}, pid {self.pid}"
+
+
+# A handler takes no argument (a view) or the Request; it may be a coroutine function.
+Handler = Callable[..., Any]
+
+
+def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | None]:
+    """(uid, pid) of the process at the other end of the unix socket."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None, None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None, None
+    pid, uid, _gid = struct.unpack("3i", raw)
+    return uid, pid
 
 
 class ControlServer:
@@ -38,9 +85,10 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
-            reply = self._answer(line)
         except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             reply = {"ok": False, "error": "no request line received"}
+        else:
+            reply = await self._answer(line, *peer_credentials(writer))
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
@@ -49,19 +97,32 @@ class ControlServer:
         finally:
             writer.close()
 
-    def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, uid: int | None = None,
+                      pid: int | None = None) -> dict[str, Any]:
         if len(line) > MAX_REQUEST:
             return {"ok": False, "error": "request too long"}
         try:
             request = json.loads(line)
             command = request["command"]
-        except (ValueError, KeyError, TypeError):
+            args = request.get("args", {})
+        except (ValueError, KeyError, TypeError, AttributeError):
             return {"ok": False, "error": 'expected {"command": NAME}'}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": '"args" must be an object'}
         handler = self.handlers.get(command) if isinstance(command, str) else None
         if handler is None:
             return {"ok": False, "error": f"unknown command {command!r}; "
                                           f"known: {', '.join(sorted(self.handlers))}"}
-        return {"ok": True, command: handler()}
+        try:
+            if inspect.signature(handler).parameters:
+                result = handler(Request(args, uid, pid))
+            else:
+                result = handler()
+            if inspect.isawaitable(result):
+                result = await result
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, command: result}
 
     async def close(self) -> None:
         if self.server is None:

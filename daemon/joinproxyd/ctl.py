@@ -2,12 +2,16 @@
 
     joinproxyctl [--socket PATH] status [--json]
     joinproxyctl [--socket PATH] circuits [--json]
+    joinproxyctl [--socket PATH] window [open|close] [--json]
+    joinproxyctl [--socket PATH] refusals [--pledge ADDRESS] [--json]
+    joinproxyctl [--socket PATH] drop CIRCUIT [--json]
 """
 
 import argparse
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,16 @@ class CtlError(Exception):
     pass
 
 
-def request(path: Path, command: str, timeout: float = 5) -> Any:
+def request(path: Path, command: str, timeout: float = 5,
+            args: dict[str, Any] | None = None) -> Any:
+    message: dict[str, Any] = {"command": command}
+    if args:
+        message["args"] = args
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            sock.sendall(json.dumps(message).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -58,8 +66,10 @@ def render_status(status: dict[str, Any]) -> str:
     backbone = status["backbone"]
     joining = ("joining open" if status["joining"] else
                f"joining CLOSED ({status.get('joining_reason', 'no healthy registrar')})")
+    window = status.get("join_window")  # absent from a daemon older than the window
     out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, {joining}"
            + ("" if status.get("ready", True) else ", NOT READY (listeners not bound)"),
+           *([render_window(window)] if window else []),
            f"backbone: {backbone['name']} "
            + ("(ready)" if backbone["ready"] else
               f"(NOT READY: {backbone.get('problem') or 'not usable'}"
@@ -140,23 +150,78 @@ def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list
 def render_circuits(circuits: list[dict[str, Any]]) -> str:
     if not circuits:
         return "no open circuits"
-    rows = [["mode", "interface", "pledge", "registrar", "seconds", "up", "down"]]
-    rows += [[c["mode"], c["interface"], c["pledge"], c["registrar"], f"{c['seconds']:.1f}",
-              str(c["bytes_up"]), str(c["bytes_down"])] for c in circuits]
+    # nat66 flows (the kernel's) have no id and no byte counts: "-"
+    rows = [["id", "mode", "interface", "pledge", "registrar", "seconds", "up", "down"]]
+    rows += [[str(c.get("id", "-")), c["mode"], str(c.get("interface") or "-"), c["pledge"],
+              c["registrar"], f"{c['seconds']:.1f}" if "seconds" in c else "-",
+              str(c.get("bytes_up", "-")), str(c.get("bytes_down", "-"))] for c in circuits]
     return _table(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def render_window(window: dict[str, Any]) -> str:
+    return (f"join window: {window['state']} (since {_when(window['since'])}, "
+            f"by {window['by']})")
+
+
+def render_refusals(groups: list[dict[str, Any]]) -> str:
+    if not groups:
+        return "no refusals recorded"
+    rows = [["pledge", "interface", "mode", "count", "last reason", "last time", "reasons"]]
+    rows += [[g["pledge"], g["interface"], g["mode"], str(g["count"]), g["last_reason"],
+              _when(g["last_time"]),
+              ",".join(f"{r}={n}" for r, n in sorted(g["reasons"].items()))] for g in groups]
+    return _table(rows)
+
+
+def render_dropped(circuits: list[dict[str, Any]]) -> str:
+    return "\n".join(f"dropped circuit {c['id']} {c['pledge']} -> {c['registrar']} on "
+                     f"{c['interface']}" for c in circuits)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; also what packaging/completion/joinproxyctl is checked against."""
     parser = argparse.ArgumentParser(prog="joinproxyctl", description=__doc__.split("\n")[0])
-    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                        help=f"the daemon's control socket (default {DEFAULT_SOCKET})")
     parser.add_argument("--version", action="version", version=f"joinproxyctl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("status", "circuits"):
-        cmd = sub.add_parser(name)
+    commands = {
+        "status": "what the daemon serves, its registrars, relays and counters",
+        "circuits": "open circuits and nat66 flows, with the ids drop takes",
+        "window": "show, open or close the join window (closed: new pledges are refused)",
+        "refusals": "recent refusals per pledge, with their reason",
+        "drop": "close an open circuit, by id or by pledge address",
+    }
+    for name, text in commands.items():
+        cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("--json", action="store_true", help="print the raw JSON")
-    args = parser.parse_args(argv)
+        if name == "window":
+            cmd.add_argument("state", nargs="?", choices=("open", "close"),
+                             help="open or close it (without: show it)")
+        elif name == "refusals":
+            cmd.add_argument("--pledge", metavar="ADDRESS",
+                             help="only this pledge address (any scope or port)")
+        elif name == "drop":
+            cmd.add_argument("circuit", metavar="CIRCUIT",
+                             help="a circuit id from `circuits`, or a pledge address")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    call: dict[str, Any] = {}
+    if args.command == "window" and args.state:
+        call["state"] = args.state
+    elif args.command == "refusals" and args.pledge:
+        call["pledge"] = args.pledge
+    elif args.command == "drop":
+        call["circuit"] = args.circuit
     try:
-        result = request(args.socket, args.command)
+        result = request(args.socket, args.command, args=call)
     except CtlError as exc:
         print(f"joinproxyctl: {exc}", file=sys.stderr)
         return 1
@@ -164,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     elif args.command == "status":
         print(render_status(result))
+    elif args.command == "window":
+        print(render_window(result) + ("" if result["joining"] else
+                                        f"; joining closed: {result['joining_reason']}"))
+    elif args.command == "refusals":
+        print(render_refusals(result))
+    elif args.command == "drop":
+        print(render_dropped(result))
     else:
         print(render_circuits(result))
     return 0

@@ -5,9 +5,10 @@ marks the desired state dirty; one reconcile task then derives the desired state
 each relay mode, announcer and discovery listener exactly what it should serve. Reconciling
 is idempotent, so a burst of netlink events costs one pass.
 
-Joining is open while a registrar is healthy: announcements go out and new circuits are
-admitted. Without one, announcements stop and new circuits are refused (counted), while
-established circuits are left alone.
+Joining is open while a registrar is healthy, a join link is served and the operator's
+join window (window.py, `joinproxyctl window`) is open: announcements go out and new
+circuits are admitted. Otherwise announcements stop and new circuits are refused (counted),
+while established circuits are left alone.
 
 The BPF data plane (datapath.py) is opened only when something runs in it: the join-port
 guard (guard.py, on every served join link whatever its modes; with the guard off, on the
@@ -29,7 +30,7 @@ from . import __version__, logs, sdnotify
 from . import config as config_mod
 from .aio import cancel_and_wait
 from .config import Config, ConfigError
-from .control import ControlServer
+from .control import ControlError, ControlServer, Request
 from .datapath import Datapath
 from .discovery.announce import ProxyAnnouncer
 from .discovery.grasp import GraspRegistrarListener
@@ -44,7 +45,9 @@ from .listeners import Listeners
 from .metrics import Metrics
 from .model import JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
+from .relays.circuit import CircuitMode
 from .relays.ipip import IpipMode, usable_target
+from .window import JoinWindow, RefusalLog, pledge_key
 
 log = logging.getLogger("joinproxyd")
 # How often the ipip XDP fast path's "auto" looks at the backbone again between reconciles:
@@ -154,11 +157,17 @@ class Daemon:
         self.datapath = Datapath(config.bpf_pin_dir, config.bpf_object_dir, log,
                                  config.control_socket.parent / QDISC_RECORD_NAME)
         self.guard = Guard(self.datapath, log, config.guard)
+        self.window = JoinWindow(config.join_window == "open", "configuration", time.time())
+        self.metrics.join_window_open.set(int(self.window.open))
+        self.refusals = RefusalLog()
         self.metrics.register(GuardRunning(self.guard))
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
-                                    datapath=self.datapath, ipip=lambda: self.config.ipip)
+                                    datapath=self.datapath, ipip=lambda: self.config.ipip,
+                                    join_window=lambda: self.window.open,
+                                    refusals=self.refusals)
         self._dirty = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
         self.listeners = Listeners(self.metrics, log, on_retry=self._dirty.set)
         self.context.listeners = self.listeners
         self.metrics.drops.add_source(self._kernel_drops)
@@ -175,7 +184,9 @@ class Daemon:
         self.mdns_browser: MdnsRegistrarBrowser | None = None
         self._backbone_index: int | None = None
         self.control = ControlServer(config.control_socket, {
-            "status": self.status, "circuits": self.circuit_list})
+            "status": self.status, "circuits": self.circuit_list,
+            "window": self.window_command, "refusals": self.refusal_list,
+            "drop": self.drop_command})
         self._stop = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._metrics_listen: tuple[str, int] | None = None
@@ -314,6 +325,12 @@ class Daemon:
 
     # -- the one place desired state is derived and applied ------------------------------------
     async def reconcile(self) -> None:
+        # One pass at a time: the reconcile task, a reload and joinproxyctl window may all
+        # ask for one, and a mode half-way through a pass must not be handed another.
+        async with self._reconcile_lock:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         config = self.config
         registrar = self.registrars.active
         self.interfaces = desired_interfaces(config, self.links, registrar)
@@ -340,7 +357,7 @@ class Daemon:
                                    dispatch=[i for i in self.interfaces if i.name in fast])
         if not config.needs_bpf and self.datapath.opened:
             await self.datapath.close()  # turned off by a reload: unload it all
-        joining = registrar is not None
+        joining = registrar is not None and self.window.open
         self._account_served()
         # Only what is bound is announced: a link whose listeners could not bind (the port
         # is taken) is left out until a retry binds them. A link where no configured mode
@@ -359,11 +376,14 @@ class Daemon:
         self._notify()
 
     def joining(self) -> tuple[bool, str]:
-        """Whether pledges can join now, and why (not): a healthy registrar and at least one
-        join link served (announced only then)."""
+        """Whether pledges can join now, and why (not): a join link configured, the operator's
+        join window open, a healthy registrar and at least one join link served (announced
+        only then)."""
         if not self.config.joins:
             return False, NO_JOIN_LINK
         registrar = self.registrars.active
+        if not self.window.open:
+            return False, f"join window closed by {self.window.by}"
         if registrar is None:
             return False, "no healthy registrar"
         if not self.served:
@@ -547,6 +567,9 @@ class Daemon:
                           "names a usable path", exc)
         if new.discovery != old.discovery or new.backbone != old.backbone:
             self._backbone_index = -1  # force discovery listeners to restart
+        if new.join_window != old.join_window:
+            # The key changed: the operator's newer word; otherwise joinproxyctl's stands.
+            self._set_window(new.join_window == "open", "configuration reload")
         if (new.bpf_pin_dir, new.bpf_object_dir) != (old.bpf_pin_dir, old.bpf_object_dir):
             log.warning("daemon.bpf_pin_dir and daemon.bpf_object_dir take effect at the next "
                         "start; this run keeps %s", self.datapath.pin_dir)
@@ -603,6 +626,8 @@ class Daemon:
                     for why in self.unserved[link].values()]
         problems += [text for (link, mode), text in self._failures_text().items()
                      if mode not in self.unserved.get(link, {})]
+        if not self.window.open:
+            out += f"; join window CLOSED by {self.window.by}"
         if self._backbone_problem is not None:
             problems.append(f"backbone {self.config.backbone}: {self._backbone_problem}")
         return out + (f"; NOT SERVING: {'; '.join(problems)}" if problems else "")
@@ -638,6 +663,7 @@ class Daemon:
             "uptime": time.monotonic() - self.started,
             "joining": joining,
             "joining_reason": why,
+            "join_window": self.window.status(),
             "ready": self._ready,
             "backbone": {"name": self.config.backbone,
                          "ready": bool(backbone and backbone.ready),
@@ -671,3 +697,59 @@ class Daemon:
     def circuit_list(self) -> list[dict[str, Any]]:
         return [{"mode": name, **c} for name, mode in sorted(self.modes.items())
                 for c in mode.circuits()]
+
+    # -- the operator's commands (joinproxyctl) ---------------------------------------------------
+    def _set_window(self, open_: bool, who: str) -> bool:
+        """Open or close the join window; logged once per change with who. The caller
+        reconciles (relays, announcements, STATUS= follow)."""
+        if not self.window.set(open_, who):
+            return False
+        self.metrics.join_window_open.set(int(open_))
+        if open_:
+            log.info("join window opened by %s", who)
+        else:
+            log.warning("join window closed by %s: new pledges are refused, announcements "
+                        "stop, established circuits stay", who)
+        return True
+
+    async def window_command(self, request: Request) -> dict[str, Any]:
+        """{"state": "open"|"close"} changes the window (and returns once the relays and
+        announcers follow); no state just shows it."""
+        state = request.args.get("state")
+        if state is not None:
+            if state not in ("open", "close", "closed"):
+                raise ControlError(f"window: state must be open or close (got {state!r})")
+            if self._set_window(state == "open", request.who):
+                await self.reconcile()
+        joining, why = self.joining()
+        return {**self.window.status(), "joining": joining, "joining_reason": why}
+
+    def refusal_list(self, request: Request) -> list[dict[str, Any]]:
+        pledge = request.args.get("pledge")
+        if pledge is not None and not isinstance(pledge, str):
+            raise ControlError("refusals: pledge must be an address")
+        return self.refusals.by_pledge(pledge)
+
+    def drop_command(self, request: Request) -> list[dict[str, Any]]:
+        """Close circuits by id (as `circuits` lists them) or every circuit of a pledge
+        address; returns what was dropped. nat66 flows live in conntrack, ipip keeps none."""
+        target = request.args.get("circuit")
+        if not isinstance(target, str) or not target.strip():
+            raise ControlError("drop: give a circuit id (joinproxyctl circuits) or a pledge "
+                               "address")
+        mode = self.modes.get("circuit")
+        circuits = sorted(mode.open, key=lambda c: c.id) if isinstance(mode, CircuitMode) else []
+        if target.strip().isdigit():
+            chosen = [c for c in circuits if c.id == int(target)]
+        else:
+            chosen = [c for c in circuits if pledge_key(c.pledge) == pledge_key(target)]
+        if not chosen:
+            raise ControlError(f"drop: no open circuit {target!r} (ids and pledges: "
+                               "joinproxyctl circuits; nat66 and ipip flows are the kernel's "
+                               "and cannot be dropped here)")
+        now = time.monotonic()
+        out = [c.info(now) for c in chosen]
+        assert isinstance(mode, CircuitMode)
+        for circuit in chosen:
+            mode.drop(circuit, request.who)
+        return out

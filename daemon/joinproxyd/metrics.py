@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .model import DropReason
+from .model import DropReason, PolicyDropReason
 
 # Activities that count drops from the start; each relay mode adds its own name when the
 # control plane creates it, so only modes in use are exported.
@@ -46,10 +46,10 @@ class DropCounters(Collector):
 
     def declare(self, mode: str) -> None:
         with self._lock:
-            for reason in DropReason:
+            for reason in (*DropReason, *PolicyDropReason):
                 self._counts.setdefault((mode, reason.value), 0.0)
 
-    def inc(self, mode: str, reason: DropReason, count: float = 1) -> None:
+    def inc(self, mode: str, reason: DropReason | PolicyDropReason, count: float = 1) -> None:
         with self._lock:
             key = (mode, reason.value)
             self._counts[key] = self._counts.get(key, 0.0) + count
@@ -140,6 +140,10 @@ class Metrics:
         self.listener_errors = Counter(
             "joinproxyd_listener_errors", "Failed attempts to bind a listening socket",
             ["interface", "mode", "reason"], registry=r)
+        self.join_window_open = Gauge(
+            "joinproxyd_join_window_open",
+            "1 while the operator's join window is open (joinproxyctl window)", registry=r)
+        self.join_window_open.set(1)
         self.listeners_unbound = Gauge(
             "joinproxyd_listeners_unbound", "Configured listeners not bound now (retrying)",
             registry=r)
@@ -163,7 +167,7 @@ class Metrics:
         for family in (self.circuits_active, self.announcements, self.listener_errors):
             family.remove_by_labels({"interface": name})
 
-    def drop(self, mode: str, reason: DropReason, count: int = 1) -> None:
+    def drop(self, mode: str, reason: DropReason | PolicyDropReason, count: int = 1) -> None:
         self.drops.inc(mode, reason, count)
 
     def register(self, collector: Collector) -> None:

@@ -33,6 +33,15 @@ class DropReason(StrEnum):
     RESOURCES = "resources"  # the proxy itself ran out (open files, buffers, memory)
 
 
+class PolicyDropReason(StrEnum):
+    """Refusals only the control plane decides, counted in the same family as DropReason.
+    Apart because DropReason is mirrored index for index by the BPF counters' layout
+    (ebpf/joinproxy.h jp_drop_reason), which these never reach."""
+
+    WINDOW_CLOSED = "window-closed"  # the operator closed the join window (joinproxyctl)
+    OPERATOR = "operator"  # an established circuit the operator dropped (joinproxyctl drop)
+
+
 @dataclass(frozen=True)
 class LinkState:
     """What the kernel says about one network interface."""

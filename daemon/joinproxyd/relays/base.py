@@ -10,7 +10,7 @@ their name to the registry in relays/__init__.py; the core does not change.
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..config import IpipSettings, Limits
@@ -18,6 +18,11 @@ from ..datapath import Datapath
 from ..listeners import Listeners
 from ..metrics import Metrics
 from ..model import JoinInterface, LinkState, RegistrarEndpoint
+from ..window import RefusalLog
+
+
+def _always_open() -> bool:
+    return True
 
 
 @dataclass
@@ -34,6 +39,11 @@ class RelayContext:
     # Bind failures and their retries (the control plane's, so that status, READY and the
     # announcements know what is really bound); a mode without one keeps its own.
     listeners: Listeners | None = None
+    # The operator's join window (window.py): closed, new pledges are refused while what is
+    # established stays. Refusals with a pledge address go to the ring `joinproxyctl
+    # refusals` lists, besides their counter.
+    join_window: Callable[[], bool] = _always_open
+    refusals: RefusalLog = field(default_factory=RefusalLog)
 
     def listener_book(self) -> Listeners:
         if self.listeners is None:

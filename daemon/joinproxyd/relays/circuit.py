@@ -12,6 +12,7 @@ asyncio Protocols rather than streams: no per-chunk coroutine switches on the ho
 
 import asyncio
 import errno
+import itertools
 import socket
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 from ..aio import cancel_and_wait
 from ..limits import Admission
-from ..model import DropReason, JoinInterface, RegistrarEndpoint
+from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
 from .base import RelayContext, RelayMode
 
 READ_CHUNK = 65536
@@ -87,6 +88,7 @@ class Circuit:
     def __init__(self, mode: "CircuitMode", interface: str, pledge: str,
                  registrar: RegistrarEndpoint) -> None:
         self.mode = mode
+        self.id = next(mode.ids)  # what `joinproxyctl circuits` lists and `drop` takes
         self.interface = interface
         self.pledge = pledge
         self.registrar = registrar
@@ -119,7 +121,8 @@ class Circuit:
             ours = isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES
             self.mode.refused(self.interface,
                               DropReason.RESOURCES if ours else DropReason.REGISTRAR_UNREACHABLE,
-                              f"registrar {self.registrar.key}: {exc or 'timed out'}")
+                              f"registrar {self.registrar.key}: {exc or 'timed out'}",
+                              self.pledge)
             self.close()
             return
         upstream = self.registrar_side.transport
@@ -150,7 +153,7 @@ class Circuit:
         self.mode.closed(self)
 
     def info(self, now: float) -> dict[str, Any]:
-        return {"interface": self.interface, "pledge": self.pledge,
+        return {"id": self.id, "interface": self.interface, "pledge": self.pledge,
                 "registrar": self.registrar.key, "seconds": round(now - self.started, 1),
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
 
@@ -171,6 +174,7 @@ class CircuitMode(RelayMode):
         self.registrar: RegistrarEndpoint | None = None
         self.admission = Admission(ctx.limits())
         self.open: set[Circuit] = set()
+        self.ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         ctx.metrics.add_mode(self.name)
 
@@ -260,10 +264,13 @@ class CircuitMode(RelayMode):
     def admit(self, iface: JoinInterface, transport: asyncio.Transport) -> None:
         peername = transport.get_extra_info("peername") or ("?", 0)
         pledge = f"{peername[0].split('%')[0]}%{iface.name}"
-        reason = self.admission.admit(iface.name, pledge, time.monotonic(),
-                                      self.registrar is not None)
+        # The operator's window first: a closed one refuses whatever else would be true.
+        reason: DropReason | PolicyDropReason | None = (
+            PolicyDropReason.WINDOW_CLOSED if not self.ctx.join_window() else
+            self.admission.admit(iface.name, pledge, time.monotonic(),
+                                 self.registrar is not None))
         if reason is not None:
-            self.refused(iface.name, reason, f"pledge {pledge}")
+            self.refused(iface.name, reason, f"pledge {pledge}", pledge)
             transport.abort()
             return
         assert self.registrar is not None
@@ -277,11 +284,27 @@ class CircuitMode(RelayMode):
         circuit.connect_task = asyncio.create_task(
             circuit.connect(self.ctx.limits().connect_timeout))
 
-    def refused(self, interface: str, reason: DropReason, detail: str) -> None:
+    def refused(self, interface: str, reason: DropReason | PolicyDropReason, detail: str,
+                pledge: str | None = None) -> None:
         self.ctx.metrics.drop(self.name, reason)
+        if pledge is not None:
+            self.ctx.refusals.add(pledge, reason.value, interface, self.name)
         self.ctx.log.info("circuit refused (%s): %s", reason.value, detail,
                           extra={"INTERFACE": interface, "MODE": self.name,
                                  "REASON": reason.value})
+
+    def drop(self, circuit: Circuit, who: str) -> None:
+        """The operator ends an established circuit (`joinproxyctl drop`): counted as
+        drop reason "operator", logged with who asked, both sides reset."""
+        self.ctx.metrics.drop(self.name, PolicyDropReason.OPERATOR)
+        self.ctx.refusals.add(circuit.pledge, PolicyDropReason.OPERATOR.value,
+                              circuit.interface, self.name)
+        self.ctx.log.warning("circuit %d %s -> %s dropped by %s", circuit.id, circuit.pledge,
+                             circuit.registrar.key, who,
+                             extra={"INTERFACE": circuit.interface, "MODE": self.name,
+                                    "PLEDGE": circuit.pledge,
+                                    "REASON": PolicyDropReason.OPERATOR.value})
+        circuit.close(abort=True)
 
     def opened(self, circuit: Circuit) -> None:
         self.ctx.metrics.circuits.labels(self.name).inc()
@@ -327,12 +350,13 @@ class CircuitMode(RelayMode):
                 self._flush(circuit)
                 if now - circuit.last_activity > limits.idle_timeout:
                     self.refused(circuit.interface, DropReason.IDLE_TIMEOUT,
-                                 f"pledge {circuit.pledge} silent for {limits.idle_timeout:g} s")
+                                 f"pledge {circuit.pledge} silent for {limits.idle_timeout:g} s",
+                                 circuit.pledge)
                     circuit.close(abort=True)
                 elif now - circuit.started > limits.circuit_lifetime:
                     self.refused(circuit.interface, DropReason.LIFETIME,
                                  f"pledge {circuit.pledge} open for "
-                                 f"{limits.circuit_lifetime:g} s")
+                                 f"{limits.circuit_lifetime:g} s", circuit.pledge)
                     circuit.close(abort=True)
 
     # -- views --------------------------------------------------------------------------------

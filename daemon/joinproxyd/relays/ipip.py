@@ -36,6 +36,13 @@ no backbone address for the link) the maps hold nothing for the link and its pro
 removed: pledges there cannot resolve the registrar's address, and the link is not announced.
 The programs stay attached and pass everything untouched.
 
+A closed join window (window.py) removes only the proxy NDP entries (and the announcements
+stop): a pledge that has not resolved the registrar's address cannot, while one in the
+middle of its enrollment keeps its neighbour entry (TCP's progress keeps it reachable) and
+goes on being relayed, since the maps and programs stay. Stateless, the kernel cannot tell a
+new pledge from an established one, so nothing is counted per pledge; opening the window
+puts the entries back.
+
 What is left by a killed run is recognised: proxy entries and addresses carry our netlink
 protocol mark, programs our names, maps are pinned; a configured mode adopts or replaces them
 at its first reconcile, and an unconfigured one removes them (clean_leftovers). The join
@@ -115,6 +122,7 @@ class Plan:
     backbone_index: int | None
     links: list[LinkPlan] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # link -> why it is not relayed
+    window_open: bool = True  # closed: no proxy NDP entries (new pledges cannot resolve)
 
     @property
     def relaying(self) -> bool:
@@ -131,7 +139,7 @@ class Plan:
                 for link in self.links}
 
     def proxies(self) -> set[tuple[int, str]]:
-        if not self.relaying or self.target is None:
+        if not self.relaying or self.target is None or not self.window_open:
             return set()
         return {(link.index, self.target.link_local) for link in self.links}
 
@@ -225,6 +233,7 @@ class IpipMode(RelayMode):
             settings = self.ctx.ipip()
             self._load_knobs(settings.knob_record)
             plan = make_plan(interfaces, registrar, settings, self.ctx.backbone())
+            plan.window_open = self.ctx.join_window()
             old_target = self.plan.target
             if old_target is not None and (plan.target is None
                                            or plan.target.address != old_target.address):
@@ -485,7 +494,7 @@ class IpipMode(RelayMode):
         """With a registrar, a link is served only while the plan relays it and the kernel
         took it (status is true: not announced otherwise)."""
         plan = self.plan
-        if self.registrar is None:
+        if self.registrar is None or not plan.window_open:
             return {}  # joining is closed: nothing is announced anyway
         relayed = {link.name for link in plan.links} if plan.relaying else set()
         out = {}
@@ -502,6 +511,7 @@ class IpipMode(RelayMode):
         return {
             "protocol": self.ctx.ipip().protocol,
             "relaying": plan.relaying,
+            "window_open": plan.window_open,
             "registrar": None if target is None else {
                 "link_local": target.link_local, "address": target.address,
                 "protocols": list(target.protocols), "ports": list(target.ports)},

@@ -45,6 +45,11 @@ with accept_ra=1: a backbone configured by SLAAC needs accept_ra=2. The previous
 also written into the table (a comment in the never-jumped-to chain "state"), so a daemon
 started after a crash restores the value from before the crashed run, not the 1 it left.
 
+A closed join window (window.py) is the draining table below, with the pledges' join-port
+packets counted as "window-closed" instead of "no-registrar": no new flow is translated,
+flows already NATed keep going, and opening the window puts the DNAT rules back. The kernel
+keeps no pledge address for these, so `joinproxyctl refusals` cannot list them per pledge.
+
 Closing drains: the DNAT rules go first (new connections are no longer relayed), flows the
 kernel already NATed keep going (their binding lives in conntrack) until they end or
 drain_seconds pass, then forwarding is restored and the table removed, which cuts the rest
@@ -99,6 +104,9 @@ TRAFFIC_POLL_SECONDS = 1.0
 
 # Named counters on the refusing rules, in the order status() lists them.
 COUNTERS = ("no-registrar", "not-to-registrar", "unsolicited")
+# Only in the table while the join window is closed (so an open window's table is as before);
+# its packets are kept across replacements like the others' once it has existed.
+WINDOW_COUNTER = "window-closed"
 
 L4_NAMES = {6: "tcp", 17: "udp"}
 _FORWARDING_NOTE = re.compile(r"^net\.ipv6\.conf\.all\.forwarding=([0-9]+) before joinproxyd$")
@@ -146,22 +154,25 @@ def traffic_counters(interface: str) -> tuple[str, str, str]:
 
 def build_ruleset(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpoint | None,
                   backbone: str | None, *, forwarding_before: str | None = None,
-                  draining: bool = False) -> TableSpec:
+                  draining: bool = False, window_closed: bool = False) -> TableSpec:
     """The table's contents for this desired state (objects without family/table).
 
     ``forwarding_before`` is recorded in the table (chain "state") so that a later run can
     restore it; see the module docstring. ``draining``: no new flows (no DNAT, no
-    masquerade), while flows already open to ``registrar`` keep going.
+    masquerade), while flows already open to ``registrar`` keep going. ``window_closed``:
+    the same, with the refused join-port packets counted as "window-closed".
     """
     ifaces = sorted(interfaces, key=lambda iface: iface.name)
     joins = [iface.name for iface in ifaces]
     usable = refusal(registrar, backbone) is None
-    relaying = usable and not draining
+    relaying = usable and not draining and not window_closed
     l4 = L4_NAMES.get(registrar.protocol, "tcp") if registrar is not None else "tcp"
     not_link_local = _match(_payload("ip6", "saddr"),
                             {"prefix": {"addr": "fe80::", "len": 10}}, "!=")
 
     spec: TableSpec = [{"counter": {"name": name}} for name in COUNTERS]
+    if window_closed:
+        spec.append({"counter": {"name": WINDOW_COUNTER}})
     spec += [{"counter": {"name": name}} for iface in ifaces
              for name in traffic_counters(iface.name)]
     spec += [
@@ -179,7 +190,7 @@ def build_ruleset(interfaces: Sequence[JoinInterface], registrar: RegistrarEndpo
             assert registrar is not None
             expr.append({"dnat": {"addr": registrar.address, "port": registrar.port}})
         else:
-            expr.append({"counter": "no-registrar"})
+            expr.append({"counter": WINDOW_COUNTER if window_closed else "no-registrar"})
         spec.append({"rule": {"chain": "prerouting", "expr": expr}})
     to_registrar: list[dict[str, Any]] = []
     if usable:
@@ -286,6 +297,7 @@ class Nat66Mode(RelayMode):
         self.interfaces: tuple[JoinInterface, ...] = ()
         self.registrar: RegistrarEndpoint | None = None
         self.relaying = False
+        self.window_closed = False  # the table built last refuses new flows for the window
         self.error: str | None = None
         self._lock = asyncio.Lock()  # one kernel change at a time
         self._forwarding_before: str | None = None  # set while this mode holds forwarding on
@@ -309,6 +321,7 @@ class Nat66Mode(RelayMode):
         async with self._lock:
             self.interfaces = tuple(sorted(interfaces, key=lambda iface: iface.name))
             self.registrar = registrar
+            self.window_closed = not self.ctx.join_window()
             backbone = self.ctx.backbone()
             self._explain(backbone)
             try:
@@ -325,7 +338,7 @@ class Nat66Mode(RelayMode):
         """Stop accepting, let open flows finish for up to drain_seconds, then give
         forwarding back and remove the table (which ends whatever flows are left)."""
         async with self._lock:
-            if self.relaying and drain_seconds > 0:
+            if (self.relaying or self.window_closed) and drain_seconds > 0:
                 try:
                     await self._drain(drain_seconds)
                 except KernelError as exc:  # cannot wait properly: still clean up
@@ -377,7 +390,8 @@ class Nat66Mode(RelayMode):
             self._forwarding_before = recorded_forwarding(leftover) or self._forwarding()
         spec = build_ruleset(self.interfaces, self.registrar,
                              backbone.name if backbone is not None else None,
-                             forwarding_before=self._forwarding_before)
+                             forwarding_before=self._forwarding_before,
+                             window_closed=self.window_closed)
         await self._fold_counters()
         await self._call(table.apply, spec)
         self._owned = True
@@ -390,7 +404,8 @@ class Nat66Mode(RelayMode):
             self.ctx.log.info("IPv6 forwarding turned on for NAT66 (it was %s; restored when "
                               "nat66 serves no interface)", self._forwarding_before,
                               extra={"MODE": self.name})
-        self.relaying = refusal(self.registrar, backbone.name if backbone else None) is None
+        self.relaying = not self.window_closed and \
+            refusal(self.registrar, backbone.name if backbone else None) is None
         if self.relaying and self.registrar is not None:
             self._relayed_to.add((self.registrar.address, self.registrar.port,
                                   self.registrar.protocol))
@@ -430,6 +445,8 @@ class Nat66Mode(RelayMode):
             return
         counters = await self._call(self._kernel_table().counters)
         for name, value in counters.items():
+            if name == WINDOW_COUNTER:
+                self._replaced.setdefault(name, 0)
             if name in self._replaced:
                 self._replaced[name] += value.packets
         self._count_traffic(counters)
@@ -522,8 +539,8 @@ class Nat66Mode(RelayMode):
             except KernelError:
                 live = {}
             for name, value in live.items():
-                if name in totals:
-                    totals[name] += value.packets
+                if name in totals or name == WINDOW_COUNTER:
+                    totals[name] = totals.get(name, 0) + value.packets
         return totals
 
     def kernel_drops(self) -> dict[str, int]:
@@ -533,8 +550,8 @@ class Nat66Mode(RelayMode):
         """With a registrar, links are served only while the rules are in the kernel and
         relay to it (status is true: not announced otherwise). Without one joining is closed
         and nothing is announced anyway."""
-        if self.registrar is None:
-            return {}
+        if self.registrar is None or (self.window_closed and self.error is None):
+            return {}  # joining is closed: nothing is announced anyway
         if self.error is not None:
             why = f"nat66: {self.error}"
         elif not self.relaying:
@@ -557,6 +574,7 @@ class Nat66Mode(RelayMode):
                             "routable": list(iface.routable)} for iface in self.interfaces],
             "registrar": self.registrar.key if self.registrar else None,
             "relaying": self.relaying,
+            "window_closed": self.window_closed,
             "forwarding": {"now": forwarding, "before": self._forwarding_before},
             "drops": self.drops(),
             "traffic": {name: dict(totals) for name, totals in sorted(self.traffic.items())},
