@@ -12,7 +12,9 @@ mount namespace of the daemon's own) to see what a router without it shows.
 
 In a namespace lab, with a circuit-only configuration (the guard on, as shipped): the daemon
 starts, relays a pledge's connection, and stops cleanly. With nat66 configured it refuses with
-one line that says what OpenWrt lacks.
+one line that says what OpenWrt lacks. Started the OpenWrt way, from a UCI file translated by
+the package's init script (joinproxyd --from-uci, run from the payload), it serves the same;
+a mistake in the UCI file is one line naming the UCI option.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import importlib.util
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_ipip_daemon import bpffs, show
+from test_packaging import init_script_run
 
 from lab import Lab, Topology, wait_for
 from lab.proxyd import ProxyDaemon, base_config, echo_registrar, talk
@@ -84,7 +89,7 @@ def payload(ipk: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
             shutil.copytree(Path(spec.origin).parent, site / module,
                             ignore=shutil.ignore_patterns("__pycache__"))
     data = ipk / "data"
-    wrapper = (data / "usr/bin/joinproxyd").read_text()
+    wrapper = (data / "usr/sbin/joinproxyd").read_text()
     assert "/usr/lib/joinproxyd/python" in wrapper
     head, tail = wrapper.split("\nfrom joinproxyd", 1)
     runner = work / "joinproxyd"
@@ -229,3 +234,89 @@ def test_the_payload_refuses_nat66_with_one_line_naming_what_openwrt_lacks(
     assert checked.returncode == 78, checked
     assert "nat66" in checked.stderr and "OpenWrt" in checked.stderr, checked.stderr
     assert checked.stdout.strip() != "ok"
+
+
+def uci_file(run_dir: Path, bpffs: Path, port: str = "8443") -> str:
+    """circuit_config() as an operator would write it in /etc/config/joinproxyd."""
+    return f"""
+config daemon 'daemon'
+	option log_level 'info'
+	option control_socket '{run_dir}/control.sock'
+	option drain_seconds '1'
+	option bpf_pin_dir '{bpffs}/joinproxyd'
+
+config metrics 'metrics'
+	option listen '[::1]:9465'
+
+config backbone 'backbone'
+	option interface 'bb0'
+
+config join 'pledges'
+	list interface 'join*'
+	list mode 'circuit'
+	option port '{port}'
+
+config registrars 'registrars'
+	list discovery 'static'
+	option health_interval '0.3'
+	option health_timeout '0.3'
+
+config registrar 'lab'
+	option address 'fd4a:5044::100'
+	option port '8443'
+	option preference '10'
+
+config announce 'announce'
+	option interval '1'
+	option mdns '1'
+
+config guard 'guard'
+	option enabled '1'
+	option rate '20'
+	option burst '40'
+"""
+
+
+def test_the_payload_starts_from_a_uci_file_through_the_init_script(
+        lab: Lab, bpffs: Path, ipk: Path, payload: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "proxy"
+    run_dir.mkdir()
+    script = ipk / "data/etc/init.d/joinproxyd"
+    recorded = init_script_run(script, tmp_path, uci_file(run_dir, bpffs), "start_service",
+                               daemon=payload)
+    generated = tmp_path / "var/etc/joinproxyd.toml"
+    command = "param command T/joinproxyd --config T/var/etc/joinproxyd.toml"
+    assert command in recorded and recorded[-1] == "status 0", recorded
+    echo_registrar(lab.registrars[0], "r0")
+    # What procd runs: the payload with the generated file.
+    daemon = ProxyDaemon(lab, run_dir, tomllib.loads(generated.read_text()), command=payload)
+    daemon.config_path = generated
+    try:
+        daemon.start()
+        wait_for(lambda: daemon.ctl()["joining"] or None, 15, "joining open")
+        assert talk(lab.pledges[0], "hello").splitlines() == ["r0", "hello"]
+        assert daemon.ctl()["guard"]["running"]
+        # uci commit: translated again, then procd's reload_signal (SIGHUP) reloads it
+        recorded = init_script_run(script, tmp_path, uci_file(run_dir, bpffs, "9443"),
+                                   "reload_service", daemon=payload)
+        assert recorded[-2:] == ["start", "status 0"], recorded
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: [i["port"] for i in daemon.ctl()["interfaces"]] == [9443] or None,
+                 10, "join port 9443 after the reload")
+        assert talk(lab.pledges[0], "again", port=9443).splitlines() == ["r0", "again"]
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log() and "ERROR" not in daemon.log(), daemon.log()
+    finally:
+        show(daemon)
+    # A mistake: one line naming the UCI option, the generated file left as it was.
+    before = generated.read_text()
+    broken = tmp_path / "broken"
+    broken.write_text(uci_file(run_dir, bpffs, "84 43"))
+    done = subprocess.run([*payload, "--from-uci", str(broken), "--write-config",
+                           str(generated)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 78 and done.stdout == "", done
+    assert done.stderr.splitlines() == [
+        f"joinproxyd: {broken}:17: joinproxyd.pledges.port: must be a whole number "
+        "(got '84 43')"], done.stderr
+    assert generated.read_text() == before
