@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,3 +322,84 @@ def test_the_payload_starts_from_a_uci_file_through_the_init_script(
         f"joinproxyd: {broken}:17: joinproxyd.pledges.port: must be a whole number "
         "(got '84 43')"], done.stderr
     assert generated.read_text() == before
+
+
+JAIL_UID = 64123  # no user of the build machine: procd's `user joinproxyd` stands in
+
+
+@pytest.fixture
+def jail_dir(as_root: None) -> Iterator[Path]:
+    """A directory the unprivileged daemon can reach (pytest's own are root-only), with a bpf
+    filesystem of its own; removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="jp-jail-"))
+    base.chmod(0o755)
+    (base / "bpffs").mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(base / "bpffs")], check=True)
+    try:
+        yield base
+    finally:
+        subprocess.run(["umount", "-l", str(base / "bpffs")], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_payload_serves_jailed_as_procd_runs_it(
+        lab: Lab, ipk: Path, payload: list[str], jail_dir: Path, tmp_path: Path) -> None:
+    """procd's user, capabilities (the shipped JSON) and no_new_privs, applied with setpriv:
+    the daemon, not root and with only those capabilities, starts with the guard, relays
+    and stops; what the init script prepares (run and pin directories) is all it needs."""
+    caps = json.loads((ipk / "data/etc/capabilities/joinproxyd.json").read_text())
+    assert set(caps) == {"bounding", "effective", "ambient", "permitted", "inheritable"}
+    wanted = ",".join(["-all"] + [f"+{c.removeprefix('CAP_').lower()}"
+                                  for c in caps["ambient"]])
+    # the payload, readable by the jailed user
+    shutil.copytree(ipk / "data", jail_dir / "data", symlinks=True)
+    site = Path(payload[-1]).parent / "site-packages"
+    shutil.copytree(site, jail_dir / "site-packages")
+    runner = jail_dir / "joinproxyd"
+    runner.write_text(Path(payload[-1]).read_text()
+                      .replace(str(ipk / "data"), str(jail_dir / "data"))
+                      .replace(str(site), str(jail_dir / "site-packages")))
+    subprocess.run(["chmod", "-R", "a+rX", str(jail_dir / "data"),
+                    str(jail_dir / "site-packages"), str(runner)], check=True)
+    # what start_service prepares: the run directory and the pin directory, the user's own
+    run_dir, pins = jail_dir / "run", jail_dir / "bpffs/joinproxyd"
+    for directory in (run_dir, pins):
+        directory.mkdir()
+        os.chown(directory, JAIL_UID, JAIL_UID)
+    uci = jail_dir / "joinproxyd.uci"
+    uci.write_text(uci_file(run_dir, jail_dir / "bpffs"))
+    generated = jail_dir / "joinproxyd.toml"
+    done = subprocess.run([*payload[:-1], str(runner), "--from-uci", str(uci),
+                           "--write-config", str(generated)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    jail = ["setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}", "--clear-groups",
+            f"--inh-caps={wanted}", f"--ambient-caps={wanted}", f"--bounding-set={wanted}",
+            "--no-new-privs", "--"]
+    echo_registrar(lab.registrars[0], "r0")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", tomllib.loads(generated.read_text()),
+                         command=[*jail, *payload[:-1], str(runner)])
+    daemon.config_path = generated
+    try:
+        daemon.start(wait_ready=False)  # its notify socket is root's; the status says it
+
+        def joining() -> bool | None:
+            assert daemon.process and daemon.process.popen.poll() is None, daemon.log()
+            return ((run_dir / "control.sock").exists() and daemon.ctl()["joining"]) or None
+
+        wait_for(joining, 20, "joining open")
+        status = Path(f"/proc/{daemon.ctl()['pid']}/status").read_text()
+        assert re.search(rf"^Uid:\s+{JAIL_UID}\s", status, re.M), status
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+        effective = int(re.search(r"^CapEff:\s+(\w+)$", status, re.M)[1], 16)
+        # CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_PERFMON 38, CAP_BPF 39
+        assert effective == (1 << 12) | (1 << 13) | (1 << 38) | (1 << 39), hex(effective)
+        assert talk(lab.pledges[0], "hello").splitlines() == ["r0", "hello"]
+        guard = daemon.ctl()["guard"]
+        assert guard["running"] and list(guard["interfaces"]) == ["join0"], guard
+        assert daemon.metrics()[("joinproxyd_guard_running", frozenset())] == 1
+        assert daemon.stop() == 0
+        log = daemon.log()
+        assert "Traceback" not in log and "ERROR" not in log and "WARNING" not in log, log
+    finally:
+        show(daemon)
