@@ -439,6 +439,8 @@ def test_ipk_configuration_uses_openwrt_names_and_checks_out(ipk):
     parsed = tomllib.loads(config.read_text())
     assert parsed["backbone"]["interface"] == "wan"
     assert parsed["join"][0]["interfaces"] == ["br-lan"]
+    # OpenWrt's runtime directory, the one the init script makes for the jailed daemon
+    assert parsed["daemon"]["control_socket"] == "/var/run/joinproxyd/control.sock"
     done = run([sys.executable, "-m", "joinproxyd", "--check-config", str(config)])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
@@ -455,6 +457,20 @@ def test_ipk_code_runs_from_its_private_directories(ipk):
     assert done.returncode == 0, done.stderr
     for path in json.loads(done.stdout):
         assert path.startswith(str(data / "usr/lib/joinproxyd")), path
+
+
+def test_ipk_joinproxyctl_looks_for_the_socket_where_openwrt_keeps_it(ipk):
+    data = ipk / "data"
+    wrapper = (data / "usr/bin/joinproxyctl").read_text().replace(
+        "/usr/lib/joinproxyd", str(data / "usr/lib/joinproxyd"))
+    done = run([sys.executable, "-I", "-c", wrapper, "status"])
+    assert done.returncode != 0
+    assert done.stderr.strip() == "joinproxyctl: /var/run/joinproxyd/control.sock: no such " \
+        "socket; is joinproxyd running?", done.stderr
+    uci = (data / "etc/config/joinproxyd").read_text()
+    assert "option control_socket '/var/run/joinproxyd/control.sock'" in uci
+    assert re.search(r"^RUN_DIR=/var/run/joinproxyd$", (data / "etc/init.d/joinproxyd")
+                     .read_text(), re.M)
 
 
 def init_script_run(script: Path, tmp_path: Path, uci_text: str, commands: str,

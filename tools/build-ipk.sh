@@ -75,6 +75,7 @@ install -m 0644 "$FEED/files/joinproxyd.capabilities" "$root/etc/capabilities/jo
 # OpenWrt's names: pledges arrive on the LAN bridge, registrars are on the WAN side.
 sed -e 's/^interface = "eth1"/interface = "wan"/' \
     -e 's/^interfaces = \["lan\*"\]/interfaces = ["br-lan"]/' \
+    -e 's|^control_socket = "/run/joinproxyd/|control_socket = "/var/run/joinproxyd/|' \
     packaging/joinproxyd.toml > "$root/etc/joinproxyd/joinproxyd.toml"
 chmod 0644 "$root/etc/joinproxyd/joinproxyd.toml"
 
