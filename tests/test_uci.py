@@ -261,6 +261,12 @@ JOIN = "config backbone\n\toption interface 'wan'\nconfig join 'lan'\n\tlist int
      ":2: joinproxyd.@backbone[0].interface: 'wan' also matches a [[join]]"),
     ("config join 'lan'\n\tlist interface 'br-lan'\n",
      ": joinproxyd.@backbone[0].interface: is required"),
+    ("config backbone\n\toption interface 'wan'\nconfig join 'lan'\n\tlist mode 'circuit'\n",
+     ":3: joinproxyd.lan.interface: is required"),
+    (JOIN + "config registrar 'r'\n\toption port '443'\n",
+     ":5: joinproxyd.r.address: is required"),
+    (JOIN + "config registrar 'r'\n\toption address 'fd00::1'\n\toption ipip_address "
+     "'fd00::2'\n", ":5: joinproxyd.r.ipip_link_local: is required"),
     (JOIN + "\tlist mode 'ipip'\n",
      ": joinproxyd.@ipip[0].backbone_prefix: is required when a [[join]] uses ipip"),
 ])

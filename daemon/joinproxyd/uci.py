@@ -353,7 +353,10 @@ def explain(error: ConfigError, translation: Translation, path: str) -> str:
     key = error.key
     while key:
         if key in translation.origins:
-            return f"{translation.origins[key]}: {error.reason}"
+            where = translation.origins[key]
+            if key != error.key:  # an option not given in a section that is: name it
+                where += "." + _option_for(error.key[len(key) + 1:])
+            return f"{where}: {error.reason}"
         key = key.rpartition(".")[0]
     # A key nothing set (a required one): name the option that would set it.
     table, _, leaf = error.key.partition(".")
@@ -362,6 +365,15 @@ def explain(error: ConfigError, translation: Translation, path: str) -> str:
             if kind == table and toml_key == leaf:
                 return f"{path}: {PACKAGE}.@{kind}[0].{option}: {error.reason}"
     return f"{path}: {error}"
+
+
+def _option_for(toml_key: str) -> str:
+    """The UCI option that sets a TOML key within its section (interfaces -> interface)."""
+    for schema in SECTIONS.values():
+        for option, (key, _kind) in schema.items():
+            if key == toml_key:
+                return option
+    return toml_key
 
 
 def toml_text(data: dict[str, Any], source: str) -> str:
