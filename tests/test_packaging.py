@@ -494,7 +494,7 @@ def init_script_run(script: Path, tmp_path: Path, uci_text: str, commands: str,
         procd_close_instance() {{ echo close >> {calls}; }}
         procd_add_reload_trigger() {{ echo "trigger $*" >> {calls}; }}
         logger() {{ echo "logger $*" >> {calls}; }}
-        chown() {{ echo "chown $*" >> {calls}; }}
+        chown() {{ echo "chown $*" >> {calls}; return "${{CHOWN_FAILS:-0}}"; }}
         start() {{ echo start >> {calls}; }}
         stop() {{ echo stop >> {calls}; }}
         . {script}
@@ -545,6 +545,12 @@ def test_ipk_init_script_translates_uci_and_runs_jailed_with_procd(ipk, tmp_path
     line = ("logger -t joinproxyd not started: joinproxyd: T/config/joinproxyd:32: "
             "joinproxyd.lan.port: must be a whole number (got '8443x')")
     assert recorded == [translate, line, "status 1", translate, line, "status 1"], recorded
+    # No user joinproxyd (installed without its scripts): not started as root instead.
+    recorded = init_script_run(script, tmp_path, enabled, "CHOWN_FAILS=1; start_service")
+    assert recorded == [
+        "status 0", translate, "chown joinproxyd:joinproxyd T/run",
+        "logger -t joinproxyd not started: cannot give T/run to the user joinproxyd (the "
+        "package's postinst creates the user: reinstall joinproxyd)", "status 1"], recorded
 
 
 def test_ipk_capabilities_are_procds_json_with_only_what_the_daemon_needs(ipk):
