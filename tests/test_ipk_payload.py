@@ -50,6 +50,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, not the venv's: its path has no 
 OPENWRT_PYTHON_MODULES: dict[str, tuple[str, ...]] = {
     "libc": (), "python3": (), "python3-ifaddr": ("ifaddr",), "kmod-sched-bpf": (),
     "libbpf": (),  # libbpf.so.1, loaded with ctypes: the host's stands in
+    "procd-ujail": (),  # procd's jail (user, capabilities): setpriv stands in
 }
 # Importable on the build machine, and must not be from the payload.
 NOT_SHIPPED = ("nftables", "cryptography", "systemd", "aiocoap", "pytest")

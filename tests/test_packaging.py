@@ -403,7 +403,8 @@ def test_ipk_control(ipk):
     release = re.search(r"^PKG_RELEASE:=(\d+)$", (FEED / "Makefile").read_text(), re.M)[1]
     assert fields["Version"] == f"{VERSION}-{release}"
     assert fields["Architecture"] == "x86_64"
-    assert {"python3", "python3-ifaddr"} <= {d.strip() for d in fields["Depends"].split(",")}
+    assert {"python3", "python3-ifaddr", "procd-ujail"} <= {
+        d.strip() for d in fields["Depends"].split(",")}
     assert int(fields["Installed-Size"]) > 0
     assert fields["License"] == "Apache-2.0" and fields["Maintainer"]
     assert (ipk / "control/conffiles").read_text().split() == [
@@ -493,6 +494,7 @@ def init_script_run(script: Path, tmp_path: Path, uci_text: str, commands: str,
         procd_set_param() {{ echo "param $*" >> {calls}; }}
         procd_close_instance() {{ echo close >> {calls}; }}
         procd_add_reload_trigger() {{ echo "trigger $*" >> {calls}; }}
+        procd_add_jail() {{ echo "jail $*" >> {calls}; }}
         logger() {{ echo "logger $*" >> {calls}; }}
         chown() {{ echo "chown $*" >> {calls}; return "${{CHOWN_FAILS:-0}}"; }}
         start() {{ echo start >> {calls}; }}
@@ -525,7 +527,8 @@ def test_ipk_init_script_translates_uci_and_runs_jailed_with_procd(ipk, tmp_path
         "param command T/joinproxyd --config T/var/etc/joinproxyd.toml",
         "param respawn 3600 5 5",
         "param file T/config/joinproxyd T/var/etc/joinproxyd.toml",
-        "param reload_signal HUP", "param user joinproxyd", "param group joinproxyd",
+        "param reload_signal HUP", "jail joinproxyd requirejail", "param user joinproxyd",
+        "param group joinproxyd",
         "param capabilities /etc/capabilities/joinproxyd.json", "param no_new_privs 1",
         "param stdout 1", "param stderr 1", "close", "status 0",
         translate, "start", "status 0", "trigger joinproxyd", "status 0"], recorded

@@ -83,7 +83,7 @@ size=$(du -sb --apparent-size "$root" | cut -f1)
 cat > "$ctl/control" <<EOF
 Package: joinproxyd
 Version: $VERSION-$RELEASE
-Depends: libc, python3, python3-ifaddr, kmod-sched-bpf, libbpf
+Depends: libc, python3, python3-ifaddr, kmod-sched-bpf, libbpf, procd-ujail
 Source: packaging/openwrt/joinproxyd
 SourceName: joinproxyd
 License: Apache-2.0
