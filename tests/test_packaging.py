@@ -495,6 +495,7 @@ def init_script_run(script: Path, tmp_path: Path, uci_text: str, commands: str,
         procd_close_instance() {{ echo close >> {calls}; }}
         procd_add_reload_trigger() {{ echo "trigger $*" >> {calls}; }}
         procd_add_jail() {{ echo "jail $*" >> {calls}; }}
+        mount() {{ echo "mount $*" >> {calls}; }}
         logger() {{ echo "logger $*" >> {calls}; }}
         chown() {{ echo "chown $*" >> {calls}; return "${{CHOWN_FAILS:-0}}"; }}
         start() {{ echo start >> {calls}; }}
@@ -523,7 +524,7 @@ def test_ipk_init_script_translates_uci_and_runs_jailed_with_procd(ipk, tmp_path
     recorded = init_script_run(script, tmp_path, enabled,
                                "start_service; reload_service; service_triggers")
     assert recorded == [
-        translate, "chown joinproxyd:joinproxyd T/run", "open",
+        translate, "chown joinproxyd:joinproxyd T/run", "mount -t bpf bpf T/bpf", "open",
         "param command T/joinproxyd --config T/var/etc/joinproxyd.toml",
         "param respawn 3600 5 5",
         "param file T/config/joinproxyd T/var/etc/joinproxyd.toml",
