@@ -275,6 +275,15 @@ def test_the_daemons_checks_name_the_uci_option(text: str, expected: str,
     assert error(text, tmp_path).startswith(expected), error(text, tmp_path)
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n", "package joinproxyd\n",
+                                  "config backbone\n\toption interface 'wan'\n"])
+def test_a_file_without_a_join_section_serves_nothing(text: str, tmp_path: Path) -> None:
+    source = tmp_path / "joinproxyd"
+    source.write_text(text)
+    with pytest.raises(uci.NothingToServe, match="no join link is enabled"):
+        uci.load_uci(source)
+
+
 def test_oversized_binary_and_missing_files_are_refused(tmp_path: Path) -> None:
     assert "too large for a configuration" in error("#" * (uci.MAX_BYTES + 1), tmp_path)
     assert error(b"config join\n\toption port '\xff'\n", tmp_path) == ":2: not UTF-8 text"
@@ -309,3 +318,5 @@ def test_cli_writes_the_toml_prints_its_path_and_refuses_with_one_line(
     done = run_cli("--from-uci", str(source), "--write-config", str(out))
     assert done.returncode == 69 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "nothing to serve" in done.stderr
+    done = run_cli("--write-config", str(out))
+    assert done.returncode == 2 and "--write-config goes with --from-uci" in done.stderr

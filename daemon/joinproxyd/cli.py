@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --from-uci: where the TOML goes (/var/etc/joinproxyd.toml)")
     parser.add_argument("--version", action="version", version=f"joinproxyd {__version__}")
     args = parser.parse_args(argv)
+    if args.write_config is not None and args.from_uci is None:
+        parser.error("--write-config goes with --from-uci")
     if args.from_uci is not None:
         from . import uci
 
