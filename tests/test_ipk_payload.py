@@ -326,6 +326,19 @@ def test_the_payload_starts_from_a_uci_file_through_the_init_script(
 
 
 JAIL_UID = 64123  # no user of the build machine: procd's `user joinproxyd` stands in
+CAPABILITIES = REPO / "packaging/openwrt/joinproxyd/files/joinproxyd.capabilities"
+
+
+def jail_argv(capabilities: Path = CAPABILITIES) -> list[str]:
+    """procd's user, capabilities (procd's JSON) and no_new_privs, as setpriv applies them."""
+    caps = json.loads(capabilities.read_text())
+    assert set(caps) == {"bounding", "effective", "ambient", "permitted", "inheritable"}
+    assert all(caps[name] == caps["ambient"] for name in caps)  # one set, kept across exec
+    wanted = ",".join(["-all"] + [f"+{c.removeprefix('CAP_').lower()}"
+                                  for c in caps["ambient"]])
+    return ["setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}", "--clear-groups",
+            f"--inh-caps={wanted}", f"--ambient-caps={wanted}", f"--bounding-set={wanted}",
+            "--no-new-privs", "--"]
 
 
 @pytest.fixture
@@ -348,10 +361,6 @@ def test_the_payload_serves_jailed_as_procd_runs_it(
     """procd's user, capabilities (the shipped JSON) and no_new_privs, applied with setpriv:
     the daemon, not root and with only those capabilities, starts with the guard, relays
     and stops; what the init script prepares (run and pin directories) is all it needs."""
-    caps = json.loads((ipk / "data/etc/capabilities/joinproxyd.json").read_text())
-    assert set(caps) == {"bounding", "effective", "ambient", "permitted", "inheritable"}
-    wanted = ",".join(["-all"] + [f"+{c.removeprefix('CAP_').lower()}"
-                                  for c in caps["ambient"]])
     # the payload, readable by the jailed user
     shutil.copytree(ipk / "data", jail_dir / "data", symlinks=True)
     site = Path(payload[-1]).parent / "site-packages"
@@ -374,9 +383,7 @@ def test_the_payload_serves_jailed_as_procd_runs_it(
                            "--write-config", str(generated)], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    jail = ["setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}", "--clear-groups",
-            f"--inh-caps={wanted}", f"--ambient-caps={wanted}", f"--bounding-set={wanted}",
-            "--no-new-privs", "--"]
+    jail = jail_argv(ipk / "data/etc/capabilities/joinproxyd.json")
     echo_registrar(lab.registrars[0], "r0")
     daemon = ProxyDaemon(lab, tmp_path / "proxy", tomllib.loads(generated.read_text()),
                          command=[*jail, *payload[:-1], str(runner)])

@@ -268,7 +268,7 @@ def translate(sections: list[Section], path: str = str(DEFAULT_UCI)) -> Translat
         values: dict[str, Any] = {}
         for option in section.options.values():
             label = f"{path}:{option.line}: {PACKAGE}.{section.label}.{option.name}"
-            key, kind = schema[option.name]
+            _key, kind = schema[option.name]
             if kind.startswith("list:"):
                 values[option.name] = [_scalar(v, kind[5:], label) for v in option.values]
             elif option.is_list:
