@@ -15,6 +15,7 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -331,7 +332,10 @@ def test_openwrt_feed_makefile_is_a_buildroot_package():
     for needle in ("include $(TOPDIR)/rules.mk", "include $(INCLUDE_DIR)/package.mk",
                    "include $(INCLUDE_DIR)/bpf.mk", "PKG_NAME:=joinproxyd",
                    "define Package/joinproxyd\n", "define Package/joinproxyd/conffiles\n"
-                   "/etc/joinproxyd/joinproxyd.toml", "define Package/joinproxyd/install",
+                   "/etc/config/joinproxyd\n/etc/joinproxyd/joinproxyd.toml",
+                   "USERID:=joinproxyd:joinproxyd",
+                   "./files/joinproxyd.config $(1)/etc/config/joinproxyd",
+                   "define Package/joinproxyd/install",
                    "$(call CompileBPF,", "./files/joinproxyd.init $(1)/etc/init.d/joinproxyd",
                    "$(eval $(call BuildPackage,joinproxyd))"):
         assert needle in text, needle
@@ -484,10 +488,13 @@ def test_ipk_control(ipk):
     release = re.search(r"^PKG_RELEASE:=(\d+)$", (FEED / "Makefile").read_text(), re.M)[1]
     assert fields["Version"] == f"{VERSION}-{release}"
     assert fields["Architecture"] == "x86_64"
-    assert {"python3", "python3-ifaddr"} <= {d.strip() for d in fields["Depends"].split(",")}
+    assert {"python3", "python3-ifaddr", "procd-ujail"} <= {
+        d.strip() for d in fields["Depends"].split(",")}
     assert int(fields["Installed-Size"]) > 0
     assert fields["License"] == "Apache-2.0" and fields["Maintainer"]
-    assert (ipk / "control/conffiles").read_text().split() == ["/etc/joinproxyd/joinproxyd.toml"]
+    assert (ipk / "control/conffiles").read_text().split() == [
+        "/etc/config/joinproxyd", "/etc/joinproxyd/joinproxyd.toml"]
+    assert fields["Require-User"] == "joinproxyd:joinproxyd"  # default_postinst adds it
     for script in ("postinst", "prerm"):
         assert run(["sh", "-n", str(ipk / "control" / script)]).returncode == 0
         assert f"default_{script}" in (ipk / "control" / script).read_text()
@@ -496,8 +503,9 @@ def test_ipk_control(ipk):
 def test_ipk_files(ipk):
     data = ipk / "data"
     files = {"/" + str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
-    for path in ("/usr/bin/joinproxyd", "/usr/bin/joinproxyctl", "/etc/init.d/joinproxyd",
-                 "/etc/joinproxyd/joinproxyd.toml",
+    for path in ("/usr/sbin/joinproxyd", "/usr/bin/joinproxyctl", "/etc/init.d/joinproxyd",
+                 "/etc/joinproxyd/joinproxyd.toml", "/etc/config/joinproxyd",
+                 "/etc/capabilities/joinproxyd.json",
                  "/usr/lib/joinproxyd/python/joinproxyd/daemon.py",
                  "/usr/lib/joinproxyd/python/brski/grasp.py",
                  "/usr/lib/joinproxyd/vendor/pyroute2/__init__.py",
@@ -508,7 +516,7 @@ def test_ipk_files(ipk):
     # Pure Python for any OpenWrt target; no registrar or lab on a router.
     assert not [p for p in files if p.endswith(".so") or "__pycache__" in p]
     assert not [p for p in files if "/registrar/" in p or "/lab/" in p]
-    for path in ("usr/bin/joinproxyd", "usr/bin/joinproxyctl", "etc/init.d/joinproxyd"):
+    for path in ("usr/sbin/joinproxyd", "usr/bin/joinproxyctl", "etc/init.d/joinproxyd"):
         assert (data / path).stat().st_mode & 0o111, path
 
 
@@ -517,13 +525,15 @@ def test_ipk_configuration_uses_openwrt_names_and_checks_out(ipk):
     parsed = tomllib.loads(config.read_text())
     assert parsed["backbone"]["interface"] == "wan"
     assert parsed["join"][0]["interfaces"] == ["br-lan"]
+    # OpenWrt's runtime directory, the one the init script makes for the jailed daemon
+    assert parsed["daemon"]["control_socket"] == "/var/run/joinproxyd/control.sock"
     done = run([sys.executable, "-m", "joinproxyd", "--check-config", str(config)])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
 def test_ipk_code_runs_from_its_private_directories(ipk):
     data = ipk / "data"
-    wrapper = (data / "usr/bin/joinproxyd").read_text().replace(
+    wrapper = (data / "usr/sbin/joinproxyd").read_text().replace(
         "/usr/lib/joinproxyd", str(data / "usr/lib/joinproxyd"))
     probe = wrapper.split("from joinproxyd")[0] + (
         "import joinproxyd.daemon, zeroconf, cbor2, pyroute2, prometheus_client, json\n"
@@ -535,33 +545,105 @@ def test_ipk_code_runs_from_its_private_directories(ipk):
         assert path.startswith(str(data / "usr/lib/joinproxyd")), path
 
 
-def test_ipk_init_script_is_procd_with_respawn_and_sighup_reload(ipk, tmp_path):
-    script = ipk / "data/etc/init.d/joinproxyd"
-    text = script.read_text()
-    assert text.startswith("#!/bin/sh /etc/rc.common\n")
-    assert re.search(r"^USE_PROCD=1$", text, re.M)
-    assert run(["sh", "-n", str(script)]).returncode == 0
-    # Run its functions against recording stand-ins for procd.sh and the daemon.
+def test_ipk_joinproxyctl_looks_for_the_socket_where_openwrt_keeps_it(ipk):
+    data = ipk / "data"
+    wrapper = (data / "usr/bin/joinproxyctl").read_text().replace(
+        "/usr/lib/joinproxyd", str(data / "usr/lib/joinproxyd"))
+    done = run([sys.executable, "-I", "-c", wrapper, "status"])
+    assert done.returncode != 0
+    assert done.stderr.strip() == "joinproxyctl: /var/run/joinproxyd/control.sock: no such " \
+        "socket; is joinproxyd running?", done.stderr
+    uci = (data / "etc/config/joinproxyd").read_text()
+    assert "option control_socket '/var/run/joinproxyd/control.sock'" in uci
+    assert re.search(r"^RUN_DIR=/var/run/joinproxyd$", (data / "etc/init.d/joinproxyd")
+                     .read_text(), re.M)
+
+
+def init_script_run(script: Path, tmp_path: Path, uci_text: str, commands: str,
+                    daemon: list[str] | None = None) -> list[str]:
+    """Run the init script's functions against recording stand-ins for procd.sh, rc.common
+    and chown, with this checkout's joinproxyd as the daemon, or ``daemon`` (paths moved
+    into tmp_path, shown as T)."""
     calls = tmp_path / "calls"
-    fake = tmp_path / "joinproxyd"
-    fake.write_text(f"#!/bin/sh\necho \"daemon $*\" >> {calls}\necho ok\n")
-    fake.chmod(0o755)
+    calls.write_text("")
+    uci_conf = tmp_path / "config/joinproxyd"
+    uci_conf.parent.mkdir(exist_ok=True)
+    uci_conf.write_text(uci_text)
+    prog = tmp_path / "joinproxyd"
+    prog.write_text(f"#!/bin/sh\necho \"daemon $*\" >> {calls}\n"
+                    f"exec {shlex.join(daemon or [sys.executable, '-m', 'joinproxyd'])} "
+                    "\"$@\"\n")
+    prog.chmod(0o755)
     harness = f"""
         procd_open_instance() {{ echo open >> {calls}; }}
         procd_set_param() {{ echo "param $*" >> {calls}; }}
         procd_close_instance() {{ echo close >> {calls}; }}
-        procd_send_signal() {{ echo "signal $*" >> {calls}; }}
+        procd_add_reload_trigger() {{ echo "trigger $*" >> {calls}; }}
+        procd_add_jail() {{ echo "jail $*" >> {calls}; }}
+        mount() {{ echo "mount $*" >> {calls}; }}
         logger() {{ echo "logger $*" >> {calls}; }}
+        chown() {{ echo "chown $*" >> {calls}; return "${{CHOWN_FAILS:-0}}"; }}
+        start() {{ echo start >> {calls}; }}
+        stop() {{ echo stop >> {calls}; }}
         . {script}
-        PROG={fake}
-        start_service && reload_service
+        PROG={prog} UCI_CONF={uci_conf} CONF={tmp_path}/var/etc/joinproxyd.toml
+        RUN_DIR={tmp_path}/run PIN_DIR={tmp_path}/bpf/joinproxyd
+        {commands.replace(";", f"; echo status $? >> {calls};")}
+        echo status $? >> {calls}
     """
     done = run(["sh", "-c", harness])
-    assert done.returncode == 0, done.stderr
-    recorded = calls.read_text().splitlines()
-    conf = "/etc/joinproxyd/joinproxyd.toml"
-    assert recorded == [
-        f"daemon --check-config {conf}", "open", f"param command {fake} --config {conf}",
-        "param respawn 3600 5 5", "param stdout 1", "param stderr 1", "close",
-        f"daemon --check-config {conf}", "signal joinproxyd * HUP"], recorded
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return calls.read_text().replace(str(tmp_path), "T").splitlines()
 
+
+def test_ipk_init_script_translates_uci_and_runs_jailed_with_procd(ipk, tmp_path):
+    script = ipk / "data/etc/init.d/joinproxyd"
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh /etc/rc.common\n")
+    assert re.search(r"^USE_PROCD=1$", text, re.M)
+    assert re.search(r"^PROG=/usr/sbin/joinproxyd$", text, re.M)
+    assert run(["sh", "-n", str(script)]).returncode == 0
+    shipped = (ipk / "data/etc/config/joinproxyd").read_text()
+    enabled = shipped.replace("option enabled '0'", "option enabled '1'")
+    translate = "daemon --from-uci T/config/joinproxyd --write-config T/var/etc/joinproxyd.toml"
+    recorded = init_script_run(script, tmp_path, enabled,
+                               "start_service; reload_service; service_triggers")
+    assert recorded == [
+        translate, "chown joinproxyd:joinproxyd T/run", "mount -t bpf bpf T/bpf", "open",
+        "param command T/joinproxyd --config T/var/etc/joinproxyd.toml",
+        "param respawn 3600 5 5",
+        "param file T/config/joinproxyd T/var/etc/joinproxyd.toml",
+        "param reload_signal HUP", "jail joinproxyd requirejail", "param user joinproxyd",
+        "param group joinproxyd",
+        "param capabilities /etc/capabilities/joinproxyd.json", "param no_new_privs 1",
+        "param stdout 1", "param stderr 1", "close", "status 0",
+        translate, "start", "status 0", "trigger joinproxyd", "status 0"], recorded
+    generated = tomllib.loads((tmp_path / "var/etc/joinproxyd.toml").read_text())
+    assert generated["join"] == [{"interfaces": ["br-lan"], "modes": ["circuit"],
+                                  "port": 8443}]
+    # As installed: nothing to serve, so no instance; a reload of it stops a running one.
+    recorded = init_script_run(script, tmp_path, shipped, "start_service; reload_service")
+    assert recorded[1].startswith("logger -t joinproxyd not started: joinproxyd: ")
+    assert recorded[1].endswith("no join link is enabled (config join with option enabled "
+                                "'1'): nothing to serve"), recorded
+    assert recorded == [translate, recorded[1], "status 1", translate, recorded[1], "stop",
+                        "status 0"], recorded
+    # A mistake: logged with the UCI option, and a reload leaves the running daemon alone.
+    broken = enabled.replace("option port '8443'", "option port '8443x'")
+    recorded = init_script_run(script, tmp_path, broken, "start_service; reload_service")
+    line = ("logger -t joinproxyd not started: joinproxyd: T/config/joinproxyd:32: "
+            "joinproxyd.lan.port: must be a whole number (got '8443x')")
+    assert recorded == [translate, line, "status 1", translate, line, "status 1"], recorded
+    # No user joinproxyd (installed without its scripts): not started as root instead.
+    recorded = init_script_run(script, tmp_path, enabled, "CHOWN_FAILS=1; start_service")
+    assert recorded == [
+        "status 0", translate, "chown joinproxyd:joinproxyd T/run",
+        "logger -t joinproxyd not started: cannot give T/run to the user joinproxyd (the "
+        "package's postinst creates the user: reinstall joinproxyd)", "status 1"], recorded
+
+
+def test_ipk_capabilities_are_procds_json_with_only_what_the_daemon_needs(ipk):
+    caps = json.loads((ipk / "data/etc/capabilities/joinproxyd.json").read_text())
+    needed = ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF", "CAP_PERFMON"]
+    assert caps == {name: needed for name in ("bounding", "effective", "ambient",
+                                              "permitted", "inheritable")}

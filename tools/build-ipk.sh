@@ -6,7 +6,10 @@
 # the protocol library under /usr/lib/joinproxyd/python, the pure-Python libraries the
 # OpenWrt feeds lack under /usr/lib/joinproxyd/vendor (from the wheels `make deb` fetches,
 # without their compiled accelerators), the prebuilt ebpf/*.bpf.o, the procd init script and
-# the configuration (a conffile). The format is what OpenWrt's ipkg-build writes and opkg
+# the configuration: /etc/config/joinproxyd (UCI, translated to TOML at start; no join link
+# enabled) and /etc/joinproxyd/joinproxyd.toml (run only when the UCI file names it), both
+# conffiles. The daemon runs as the user joinproxyd (Require-User: created by postinst) with
+# the capabilities of /etc/capabilities/joinproxyd.json. The format is what OpenWrt's ipkg-build writes and opkg
 # reads: a gzipped tar of ./debian-binary, ./data.tar.gz and ./control.tar.gz. Files are
 # owned by root and dated SOURCE_DATE_EPOCH, so the same inputs give the same package.
 #
@@ -44,8 +47,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/data
 ctl=$work/control
-mkdir -p "$root/usr/bin" "$root/usr/lib/joinproxyd/python" "$root/usr/lib/joinproxyd/vendor" \
-    "$root/usr/lib/joinproxyd/bpf" "$root/etc/init.d" "$root/etc/joinproxyd" "$ctl"
+mkdir -p "$root/usr/bin" "$root/usr/sbin" "$root/usr/lib/joinproxyd/python" \
+    "$root/usr/lib/joinproxyd/vendor" "$root/usr/lib/joinproxyd/bpf" "$root/etc/init.d" \
+    "$root/etc/joinproxyd" "$root/etc/config" "$root/etc/capabilities" "$ctl"
 
 # The project's code, without caches; lab/, registrar/ and pledge_sim/ stay out (not for a
 # router).
@@ -64,13 +68,15 @@ done
 find "$root/usr/lib/joinproxyd/vendor" \( -name '*.so' -o -name '*.pyx' -o -name '*.pxd' \
     -o -name '*.c' -o -name RECORD \) -delete
 install -m 0644 "${bpf_objects[@]}" "$root/usr/lib/joinproxyd/bpf/"
-install -m 0755 "$FEED/files/joinproxyd.wrapper" "$root/usr/bin/joinproxyd"
+install -m 0755 "$FEED/files/joinproxyd.wrapper" "$root/usr/sbin/joinproxyd"
 install -m 0755 "$FEED/files/joinproxyctl.wrapper" "$root/usr/bin/joinproxyctl"
 install -m 0755 "$FEED/files/joinproxyd.init" "$root/etc/init.d/joinproxyd"
+install -m 0644 "$FEED/files/joinproxyd.config" "$root/etc/config/joinproxyd"
+install -m 0644 "$FEED/files/joinproxyd.capabilities" "$root/etc/capabilities/joinproxyd.json"
 # OpenWrt's names: pledges arrive on the LAN bridge, registrars are on the WAN side.
 sed -e 's/^interface = "eth1"/interface = "wan"/' \
-    -e 's/^#\(\[\[join\]\]\|modes = \|port = \)/\1/' \
-    -e 's/^#interfaces = \["lan0"\]/interfaces = ["br-lan"]/' \
+    -e 's/^#interfaces = \["lan0"\]/#interfaces = ["br-lan"]/' \
+    -e 's|^control_socket = "/run/joinproxyd/|control_socket = "/var/run/joinproxyd/|' \
     packaging/joinproxyd.toml > "$root/etc/joinproxyd/joinproxyd.toml"
 chmod 0644 "$root/etc/joinproxyd/joinproxyd.toml"
 
@@ -78,7 +84,7 @@ size=$(du -sb --apparent-size "$root" | cut -f1)
 cat > "$ctl/control" <<EOF
 Package: joinproxyd
 Version: $VERSION-$RELEASE
-Depends: libc, python3, python3-ifaddr, kmod-sched-bpf, libbpf
+Depends: libc, python3, python3-ifaddr, kmod-sched-bpf, libbpf, procd-ujail
 Source: packaging/openwrt/joinproxyd
 SourceName: joinproxyd
 License: Apache-2.0
@@ -87,14 +93,17 @@ SourceDateEpoch: $EPOCH
 Maintainer: joinproxyd developers <joinproxyd@example.org>
 Architecture: $ARCH
 Installed-Size: $size
+Require-User: joinproxyd:joinproxyd
 Description: BRSKI join proxy for border routers. joinproxyd lets new devices that only have
  a manufacturer identity reach the domain's registrar for zero-touch enrollment (BRSKI,
- RFC 8995), and nothing else. Runs under procd; configuration in
- /etc/joinproxyd/joinproxyd.toml, reload with SIGHUP (/etc/init.d/joinproxyd reload).
+ RFC 8995), and nothing else. Runs under procd as the user joinproxyd; configuration
+ in /etc/config/joinproxyd (UCI; no join link is enabled until you enable one), applied by
+ uci commit joinproxyd or /etc/init.d/joinproxyd reload (SIGHUP).
 EOF
-echo /etc/joinproxyd/joinproxyd.toml > "$ctl/conffiles"
-# What OpenWrt's buildroot puts into every package with an init script: enable and start it
-# on a running system, stop and disable it before removal.
+printf '%s\n' /etc/config/joinproxyd /etc/joinproxyd/joinproxyd.toml > "$ctl/conffiles"
+# What OpenWrt's buildroot puts into every package with an init script: create the
+# Require-User user and group, enable and start it on a running system (with no join link
+# enabled it starts nothing), stop and disable it before removal.
 cat > "$ctl/postinst" <<'EOF'
 #!/bin/sh
 [ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0

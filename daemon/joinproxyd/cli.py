@@ -2,6 +2,10 @@
 
     joinproxyd [--config /etc/joinproxyd/joinproxyd.toml]
     joinproxyd --check-config FILE     prints "ok" or the first error, with key and reason
+    joinproxyd --from-uci FILE [--write-config OUT]
+                                       OpenWrt: translates UCI FILE to OUT (default
+                                       /var/etc/joinproxyd.toml), prints the TOML path to run
+                                       (exit 69: no join link enabled; joinproxyd/uci.py)
 
 Exit status 78 (EX_CONFIG) means the configuration is invalid, or asks for a relay mode this
 system lacks the library for, from --check-config and at start: the unit lists it in
@@ -52,8 +56,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"configuration file (default {DEFAULT_PATH})")
     parser.add_argument("--check-config", type=Path, metavar="FILE",
                         help="validate FILE and exit")
+    parser.add_argument("--from-uci", type=Path, metavar="FILE",
+                        help="OpenWrt: translate the UCI file FILE to TOML, print its path")
+    parser.add_argument("--write-config", type=Path, metavar="OUT",
+                        help="with --from-uci: where the TOML goes (/var/etc/joinproxyd.toml)")
     parser.add_argument("--version", action="version", version=f"joinproxyd {__version__}")
     args = parser.parse_args(argv)
+    if args.write_config is not None and args.from_uci is None:
+        parser.error("--write-config goes with --from-uci")
+    if args.from_uci is not None:
+        from . import uci
+
+        return uci.run(args.from_uci, args.write_config or uci.DEFAULT_OUTPUT)
     if args.check_config is not None:
         try:
             checked = load(args.check_config)
