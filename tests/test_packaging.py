@@ -524,7 +524,9 @@ def test_ipk_configuration_uses_openwrt_names_and_checks_out(ipk):
     config = ipk / "data/etc/joinproxyd/joinproxyd.toml"
     parsed = tomllib.loads(config.read_text())
     assert parsed["backbone"]["interface"] == "wan"
-    assert parsed["join"][0]["interfaces"] == ["br-lan"]
+    # No join link until the operator sets one (UCI or this file); the example names br-lan.
+    assert "join" not in parsed
+    assert '#interfaces = ["br-lan"]' in config.read_text()
     # OpenWrt's runtime directory, the one the init script makes for the jailed daemon
     assert parsed["daemon"]["control_socket"] == "/var/run/joinproxyd/control.sock"
     done = run([sys.executable, "-m", "joinproxyd", "--check-config", str(config)])
