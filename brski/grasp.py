@@ -142,7 +142,7 @@ class IPv6Locator:
 @dataclass(frozen=True)
 class OtherLocator:
     """A locator option we do not interpret (O_IPv4_LOCATOR 104, O_FQDN_LOCATOR 105,
-    O_URI_LOCATOR 101, ...), kept verbatim."""
+    O_URI_LOCATOR 106, ...), kept verbatim."""
 
     option: int
     fields: tuple[object, ...]
