@@ -186,9 +186,9 @@ def test_config_file_runs_a_toml_file_as_written_and_nothing_else_is_allowed(
         text + "config backbone 'backbone'\n\toption interface 'wan'\n", tmp_path)
     assert "joinproxyd.daemon.log_level would be ignored" in error(
         text + "\toption log_level 'info'\n", tmp_path)
-    toml.write_text("[backbone]\ninterface = 'wan'\n")
-    assert error(text, tmp_path) == f": config_file {toml}: join: at least one [[join]] " \
-        "table is required"
+    toml.write_text("[backbone]\ninterface = 'wan'\n[limits]\nidle_timeout = 0\n")
+    assert error(text, tmp_path) == f": config_file {toml}: limits.idle_timeout: must be a " \
+        "number between 0.1 and 86400 (got 0)"
     toml.unlink()
     assert error(text, tmp_path) == f": config_file {toml}: No such file or directory"
 

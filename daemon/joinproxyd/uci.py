@@ -53,6 +53,7 @@ SECTIONS: dict[str, Schema] = {
                "drain_seconds": ("drain_seconds", "float"),
                "bpf_pin_dir": ("bpf_pin_dir", "str"),
                "bpf_object_dir": ("bpf_object_dir", "str"),
+               "join_window": ("join_window", "str"),
                "config_file": ("", "str")},  # not a TOML key: see the module's docstring
     "metrics": {"listen": ("listen", "str")},
     "backbone": {"interface": ("interface", "str")},
