@@ -3,10 +3,14 @@ MASA process, built by the registrar's own function, and the COSE vouchers that 
 every refusal with its status, plain-text reason, log line and metric."""
 
 import asyncio
+import base64
 import datetime
 import hashlib
+import json
 import os
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -315,3 +319,53 @@ def test_registrar_accepts_the_pubk_sha256_form(lab):
     req = check_pledge_request_cose(sign_voucher_cose(request, idevid.key), [idevid.cert],
                                     lab.registrar.cert, [lab.manufacturer_ca], now())
     assert req.serial == "SN-A"
+
+
+# --- brski-voucher makes the PVR and verifies the answer (the issue's acceptance path) -------
+
+
+def voucher_cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "brski.cli.voucher", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_brski_voucher_makes_a_cose_pvr_and_verifies_the_answer(lab, tmp_path):
+    idevid_crt = lab.root / "manufacturer/idevid/SN-A.crt"
+    nonce = base64.b64encode(os.urandom(8)).decode()
+    pvr_json = tmp_path / "pvr.json"
+    pvr_json.write_text(json.dumps({"ietf-voucher-request:voucher": {
+        "assertion": "proximity", "created-on": "2026-01-01T00:00:00Z",
+        "serial-number": "SN-A", "nonce": nonce,
+        "proximity-registrar-pubk": base64.b64encode(
+            certs.spki_der(lab.registrar.cert)).decode()}}))
+    pvr = tmp_path / "pvr.vch"
+    done = voucher_cli("sign", "--in", pvr_json, "--key",
+                       lab.root / "manufacturer/idevid/SN-A.key", "--format", "cose",
+                       "--out", pvr)
+    assert done.returncode == 0, done.stderr
+    assert cose.decode(pvr.read_bytes()).x5bag == ()  # cBRSKI §9.2: a PVR has no x5bag
+    done = voucher_cli("verify", pvr, "--trust", idevid_crt, "--serial", "SN-A")
+    assert done.returncode == 0 and "valid COSE voucher-request" in done.stdout, done.stderr
+
+    got = obtain(lab, pvr.read_bytes(), [lab.idevid("SN-A").cert])
+    answer = tmp_path / "voucher.vch"
+    answer.write_bytes(got.for_pledge)
+    signer = tmp_path / "masa-signer.pem"
+    signer.write_bytes(lab.masa_signer.public_bytes(Encoding.PEM))
+    done = voucher_cli("verify", answer, "--trust", signer, "--serial", "SN-A",
+                       f"--nonce={nonce}")
+    assert done.returncode == 0 and "valid COSE voucher" in done.stdout, done.stderr
+    # Stripped of its x5bag, the voucher cannot be chained to the MASA CA by itself.
+    done = voucher_cli("verify", answer, "--trust", lab.root / "masa/ca.crt")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = voucher_cli("verify", answer, "--trust", signer, "--nonce=AAAAAAAAAAA=")
+    assert done.returncode == 1 and "nonce" in done.stderr, done.stderr
+
+
+def test_brski_voucher_cms_still_needs_a_certificate(lab, tmp_path):
+    pvr_json = tmp_path / "pvr.json"
+    pvr_json.write_text(json.dumps({"ietf-voucher-request:voucher": {
+        "assertion": "proximity", "serial-number": "SN-A", "nonce": "AAAA"}}))
+    done = voucher_cli("sign", "--in", pvr_json, "--key",
+                       lab.root / "manufacturer/idevid/SN-A.key", "--out", tmp_path / "x")
+    assert done.returncode == 2 and "--cert" in done.stderr, done.stderr
