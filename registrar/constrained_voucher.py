@@ -4,6 +4,12 @@
     got = await obtain_voucher_cose(masa, req, key, registrar_chain, now)
     got.for_pledge   # the MASA's voucher with x5bag/x5chain stripped: what the pledge gets
 
+    voucher = await request_voucher_cose(registrar, pvr, idevid_chain)   # all of it, stored
+
+``request_voucher_cose`` is what the CoAPS ``rv`` resource calls: the checks above, the
+enrollment policy, the store (the request pending, refused or vouchered; the voucher as the MASA
+sent it), a retried identical PVR answered from the store, and the stripped voucher returned.
+
 ``check_pledge_request_cose`` applies the registrar's checks to a pledge's COSE PVR. A PVR
 carries no x5bag we may use (cBRSKI §9.2: the registrar ignores it): its signer is the IDevID
 that authenticated the DTLS session, ``idevid_chain[0]``; the rest of that chain are the
@@ -34,7 +40,8 @@ from brski.errors import BrskiError, DecodeError, SignatureError, ValidationErro
 from brski.signed_voucher import sign_voucher_cose, verify_voucher_cose, verify_voucher_request_cose
 from brski.voucher import Assertion, Voucher
 
-from .masa_client import MasaClient, NoMasa
+from .context import Registrar
+from .masa_client import MasaClient, MasaUnreachable, NoMasa
 from .voucher_request import PledgeRequest, build_rvr
 from .web import MEDIA_VOUCHER_COSE, Refusal
 
@@ -114,13 +121,19 @@ async def obtain_voucher_cose(
     idevid_chain: Sequence[x509.Certificate],
     now: datetime.datetime,
 ) -> ConstrainedVoucher:
+    rvr = sign_rvr_cose(req, key, registrar_chain, idevid_chain, now)
+    return await ask_masa_cose(masa, req, rvr, now)
+
+
+async def ask_masa_cose(masa: MasaClient, req: PledgeRequest, rvr: bytes,
+                        now: datetime.datetime) -> ConstrainedVoucher:
+    """Send the signed COSE ``rvr`` to the MASA the IDevID names; check its answer."""
     try:
         masa_url = certs.masa_url(req.idevid)
     except BrskiError as exc:
         raise Refusal(403, f"the IDevID's MASA URL extension is unusable: {exc}") from exc
     if masa_url is None:
         raise Refusal(404, "the IDevID has no MASA URL extension: no MASA to ask")
-    rvr = sign_rvr_cose(req, key, registrar_chain, idevid_chain, now)
     try:
         answer = await masa.request_voucher(masa_url, rvr, MEDIA_VOUCHER_COSE)
     except NoMasa as exc:
@@ -142,3 +155,39 @@ async def obtain_voucher_cose(
     log.info("COSE voucher for %s obtained from %s (assertion %s)", req.serial, masa_url,
              voucher.assertion.yang_name if voucher.assertion is not None else None)
     return ConstrainedVoucher(for_pledge, answer.body, voucher, rvr)
+
+
+async def request_voucher_cose(reg: Registrar, pvr: bytes,
+                               idevid_chain: Sequence[x509.Certificate]) -> bytes:
+    """The voucher for the pledge (x5bag stripped), or ``Refusal`` / ``MasaUnreachable``
+    (answer "retry later": the pledge resends the same PVR, RFC 8995 §5.6)."""
+    now = reg.now()
+    req = check_pledge_request_cose(pvr, idevid_chain, reg.config.server_cert,
+                                    reg.config.manufacturer_cas, now)
+    reg.check_enrollment_policy(req.serial)
+    reg.store.pledge_seen(req.serial, req.idevid.public_bytes(serialization.Encoding.DER),
+                          "voucher-requested")
+    known = reg.store.voucher_for_request(req.sha256)
+    if known is not None:
+        log.info("COSE voucher for %s: the same request again, answering with the voucher "
+                 "already obtained", req.serial)
+        return cose.without_x5(known.voucher)
+    rvr = sign_rvr_cose(req, reg.config.tls_key, reg.rvr_certificates,  # type: ignore[arg-type]
+                        idevid_chain, now)
+    record = reg.store.find_voucher_request(req.sha256)
+    request_id = record.id if record is not None else reg.store.add_voucher_request(
+        req.serial, req.sha256, req.signed, rvr, req.nonce_text, "pending")
+    try:
+        got = await ask_masa_cose(reg.masa, req, rvr, now)
+    except MasaUnreachable as exc:
+        log.warning("MASA for %s unreachable (%s); the pledge must retry", req.serial, exc)
+        reg.store.update_voucher_request(request_id, "pending", f"MASA unreachable: {exc}")
+        raise
+    except Refusal as refusal:
+        reg.store.update_voucher_request(request_id, "refused", refusal.reason)
+        raise
+    assertion = got.voucher.assertion.yang_name if got.voucher.assertion is not None else None
+    reg.store.add_voucher(req.serial, got.from_masa, request_id=request_id,
+                          assertion=assertion, nonce=req.nonce_text)
+    reg.store.pledge_seen(req.serial, None, "vouchered")
+    return got.for_pledge

@@ -29,9 +29,13 @@ from registrar.config import load_registrar_config
 from registrar.constrained_voucher import (
     check_pledge_request_cose,
     obtain_voucher_cose,
+    request_voucher_cose,
     sign_rvr_cose,
 )
-from registrar.masa_client import MasaClient
+from registrar.context import Registrar
+from registrar.domain_ca import DomainCA
+from registrar.masa_client import MasaClient, MasaUnreachable
+from registrar.store import Store
 from registrar.voucher_request import PledgeRequest
 from registrar.web import MAX_BODY, Refusal
 from tests.test_masa import brski_pki
@@ -369,3 +373,67 @@ def test_brski_voucher_cms_still_needs_a_certificate(lab, tmp_path):
     done = voucher_cli("sign", "--in", pvr_json, "--key",
                        lab.root / "manufacturer/idevid/SN-A.key", "--out", tmp_path / "x")
     assert done.returncode == 2 and "--cert" in done.stderr, done.stderr
+
+
+# --- the whole registrar step, with its store (what the CoAPS rv resource calls) -------------
+
+
+def run_registrar(config, store_path: Path, pvrs: list[tuple[bytes, list[x509.Certificate]]]):
+    """``request_voucher_cose`` for each PVR in turn on one registrar; answers or exceptions."""
+    async def run():
+        client = MasaClient(config)
+        await client.start()
+        reg = Registrar(config, Store(store_path, "registrar"), client,
+                        DomainCA(config.ca_cert, config.ca_key))  # type: ignore[arg-type]
+        out: list[object] = []
+        try:
+            for pvr, chain in pvrs:
+                try:
+                    out.append(await request_voucher_cose(reg, pvr, chain))
+                except (Refusal, MasaUnreachable) as exc:
+                    out.append(exc)
+        finally:
+            await client.close()
+        return reg.store, out
+    return asyncio.run(run())
+
+
+def test_registrar_step_stores_and_answers_a_retry_from_the_store(lab, tmp_path):
+    idevid = lab.idevid("SN-B")
+    pvr = cose_pvr(idevid, "SN-B", lab.registrar.cert)
+    issued = lab.masa.log().count("voucher issued: serial SN-B")
+    store, (first, again) = run_registrar(lab.registrar_config, tmp_path / "r.db",
+                                          [(pvr, [idevid.cert]), (pvr, [idevid.cert])])
+    assert isinstance(first, bytes) and first == again
+    assert lab.masa.log().count("voucher issued: serial SN-B") == issued + 1  # asked once
+    assert cose.decode(first).x5bag == ()
+    record = store.find_voucher_request(hashlib.sha256(pvr).digest())
+    assert record is not None and record.status == "vouchered" and record.pvr == pvr
+    assert record.rvr is not None and idevid.cert in cose.decode(record.rvr).x5bag
+    (stored,) = store.vouchers("SN-B")
+    assert cose.decode(stored.voucher).x5bag  # kept as the MASA sent it
+    assert cose.without_x5(stored.voucher) == first
+
+
+def test_registrar_step_records_a_masa_refusal(lab, tmp_path):
+    idevid = lab.idevid("SN-C")
+    pvr = cose_pvr(idevid, "SN-C", lab.registrar.cert)
+    store, (answer,) = run_registrar(lab.registrar_config, tmp_path / "r.db",
+                                     [(pvr, [idevid.cert])])
+    assert isinstance(answer, Refusal) and answer.status == 404
+    record = store.find_voucher_request(hashlib.sha256(pvr).digest())
+    assert record is not None and record.status == "refused" and "SN-C" in record.reason
+    assert store.vouchers("SN-C") == []
+
+
+def test_registrar_step_with_the_masa_down_leaves_the_request_pending(lab, tmp_path):
+    toml, _ = write_configs(lab.root, tmp_path, masa_listen=[f"[::1]:{free_port()}"],
+                            masa_timeout=2)
+    idevid = lab.idevid("SN-A")
+    pvr = cose_pvr(idevid, "SN-A", lab.registrar.cert)
+    store, (answer,) = run_registrar(load_registrar_config(toml), tmp_path / "r.db",
+                                     [(pvr, [idevid.cert])])
+    assert isinstance(answer, MasaUnreachable)
+    record = store.find_voucher_request(hashlib.sha256(pvr).digest())
+    assert record is not None and record.status == "pending"
+    assert "MASA unreachable" in (record.reason or "") and store.vouchers("SN-A") == []
