@@ -437,3 +437,12 @@ def test_registrar_step_with_the_masa_down_leaves_the_request_pending(lab, tmp_p
     record = store.find_voucher_request(hashlib.sha256(pvr).digest())
     assert record is not None and record.status == "pending"
     assert "MASA unreachable" in (record.reason or "") and store.vouchers("SN-A") == []
+
+
+def test_nonceless_cose_request_is_refused_by_a_masa_without_nonceless(lab):
+    """No prior-signed-voucher-request: this MASA (nonceless = false) says why."""
+    request = VoucherRequest(assertion=Assertion.PROXIMITY, created_on=now(),
+                             serial_number="SN-A")
+    body = sign_voucher_cose(request, lab.registrar.key,
+                             x5bag=[lab.registrar.cert, lab.domain_ca])
+    refused(lab, body, 403, "forbidden", "does not issue nonceless vouchers")
