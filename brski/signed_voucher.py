@@ -11,7 +11,8 @@ CBOR in COSE_Sign1 (cBRSKI, ``application/voucher+cose``)::
 
     data = sign_voucher_cose(artifact, key, x5bag=certs, kid=None)
     voucher, signer = verify_voucher_cose(data, anchors, now, signer=None, serial_number=sn)
-    request, signer = verify_voucher_request_cose(data, anchors, now, signer=pledge_cert)
+    request, signer = verify_voucher_request_cose(data, anchors, now, signer=pledge_cert,
+                                                  extra_certs=chain)
 
 ``trust_anchors`` is required and explicit. A sequence of certificates: the signer must chain
 to one of them at ``now`` (the chain comes from the CMS certificates or the COSE x5bag; a
@@ -131,7 +132,7 @@ def verify_voucher_cose(
 ) -> tuple[Voucher, x509.Certificate | None]:
     """A COSE-signed voucher, verified. Returns the signer certificate (None when the signer
     was given as a bare public key)."""
-    voucher, cert = _verify_cose(data, trust_anchors, now, signer, Voucher)
+    voucher, cert = _verify_cose(data, trust_anchors, now, signer, Voucher, ())
     check_voucher(voucher, serial_number=serial_number, nonce=nonce)
     return voucher, cert
 
@@ -142,9 +143,12 @@ def verify_voucher_request_cose(
     now: datetime,
     *,
     signer: x509.Certificate | cose.PublicKey | None = None,
+    extra_certs: Sequence[x509.Certificate] = (),
 ) -> tuple[VoucherRequest, x509.Certificate | None]:
-    """A COSE-signed voucher-request (PVR: pass the pledge's DTLS cert as ``signer``)."""
-    return _verify_cose(data, trust_anchors, now, signer, VoucherRequest)
+    """A COSE-signed voucher-request (PVR: pass the pledge's DTLS cert as ``signer``).
+    ``extra_certs``: intermediates from elsewhere — the pledge's DTLS chain at the registrar,
+    the RVR's x5bag at the MASA — since a PVR carries no x5bag of its own (cBRSKI §9.2)."""
+    return _verify_cose(data, trust_anchors, now, signer, VoucherRequest, extra_certs)
 
 
 def _verify_cose(
@@ -153,9 +157,10 @@ def _verify_cose(
     now: datetime,
     signer: x509.Certificate | cose.PublicKey | None,
     expect: type[A],
+    extra_certs: Sequence[x509.Certificate],
 ) -> tuple[A, x509.Certificate | None]:
     msg = cose.decode(data)
-    cert = _cose_signer(msg, trust_anchors, now, signer)
+    cert = _cose_signer(msg, trust_anchors, now, signer, extra_certs)
     artifact = decode_cbor(msg.payload, expect)
     artifact.validate(now=now)
     return artifact, cert
@@ -166,12 +171,13 @@ def _cose_signer(
     trust_anchors: Anchors,
     now: datetime,
     signer: x509.Certificate | cose.PublicKey | None,
+    extra_certs: Sequence[x509.Certificate],
 ) -> x509.Certificate | None:
     if signer is not None:
         cose.verify(msg, signer)
         if not isinstance(signer, x509.Certificate):
             return None
-        _check_signer(signer, msg.x5bag, trust_anchors, now)
+        _check_signer(signer, [*msg.x5bag, *extra_certs], trust_anchors, now)
         return signer
     # x5bag is unordered (RFC 9360): the signer is whichever certificate verifies. Without
     # x5bag (a registrar-stripped voucher) the trust anchors themselves are the candidates.
@@ -185,7 +191,7 @@ def _cose_signer(
         except SignatureError as exc:
             last_error = exc
             continue
-        _check_signer(cert, msg.x5bag, trust_anchors, now)
+        _check_signer(cert, [*msg.x5bag, *extra_certs], trust_anchors, now)
         return cert
     raise SignatureError(
         f"no candidate certificate verifies the COSE signature ({len(candidates)} tried)"

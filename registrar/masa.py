@@ -10,6 +10,13 @@ signed voucher or raises ``Refusal`` with the RFC 8995 §5.6 status:
 * 404: the device is not known to this MASA (ownership table, or trust on first use);
 * 400: the body is not a CMS voucher-request at all.
 
+``Masa.request_voucher_cose(body, now)`` does the same for cBRSKI (``application/voucher+cose``):
+a COSE_Sign1 RVR whose unprotected x5bag (label 32) carries the registrar's chain and the
+pledge's IDevID chain, around the pledge's COSE PVR (which has no x5bag: its signer is found in
+the RVR's). Same policy, same statuses; the answer is a COSE_Sign1 voucher in SID-keyed CBOR,
+pinning the domain CA certificate, with the MASA's signing chain in its x5bag (cBRSKI §9.2;
+the registrar strips it before the pledge sees it).
+
 Ownership (``[ownership]``): a table serial -> domain CA, or trust on first use (the first
 domain whose registrar asks owns the device). The voucher pins the domain CA: the registrar's
 TLS certificate chains to it (RFC 8995 §5.6.2). Assertion: the configured one when the
@@ -31,10 +38,15 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from brski import certs, cms
+from brski import certs, cms, cose
 from brski.chain import verify_chain
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
-from brski.signed_voucher import sign_voucher_cms, verify_voucher_request_cms
+from brski.signed_voucher import (
+    sign_voucher_cms,
+    sign_voucher_cose,
+    verify_voucher_request_cms,
+    verify_voucher_request_cose,
+)
 from brski.telemetry import AuditEvent, AuditLog
 from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
 
@@ -73,6 +85,22 @@ class Masa:
     # -- requestvoucher -------------------------------------------------------------------
     def request_voucher(self, body: bytes, now: datetime.datetime) -> bytes:
         req = self.authenticate(body, now)
+        voucher, domain_ca = self._voucher(req, now)
+        signed = sign_voucher_cms(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                  self.config.signer_chain, now)
+        self._issued(req, voucher, domain_ca, signed, now)
+        return signed
+
+    def request_voucher_cose(self, body: bytes, now: datetime.datetime) -> bytes:
+        req = self.authenticate_cose(body, now)
+        voucher, domain_ca = self._voucher(req, now)
+        signed = sign_voucher_cose(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                   x5bag=self.config.signer_chain)
+        self._issued(req, voucher, domain_ca, signed, now)
+        return signed
+
+    def _voucher(self, req: AuthenticatedRequest,
+                 now: datetime.datetime) -> tuple[Voucher, x509.Certificate]:
         domain_ca = self._owner(req, now)
         assertion = Assertion.from_yang_name(self.config.assertion) if req.proximity \
             else Assertion.LOGGED
@@ -92,16 +120,20 @@ class Masa:
             pinned_domain_cert=pinned,
             wire=WireForm(texts={"nonce": nonce_text} if nonce_text else {}),
         )
-        signed = sign_voucher_cms(voucher, self.config.signer_key,  # type: ignore[arg-type]
-                                  self.config.signer_chain, now)
-        self.store.add_voucher(req.serial, signed, assertion=assertion.yang_name,
+        return voucher, domain_ca
+
+    def _issued(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
+                signed: bytes, now: datetime.datetime) -> None:
+        assert voucher.assertion is not None
+        nonce_text = req.nonce_text
+        self.store.add_voucher(req.serial, signed, assertion=voucher.assertion.yang_name,
                                nonce=nonce_text, domain_id=domain_id(domain_ca),
                                created_at=now)
+        expires = voucher.expires_on
         log.info("voucher issued: serial %s, domain %s, assertion %s, %s", req.serial,
-                 domain_ca.subject.rfc4514_string(), assertion.yang_name,
+                 domain_ca.subject.rfc4514_string(), voucher.assertion.yang_name,
                  "with nonce" if nonce_text else f"expires {format_datetime(expires)}"
                  if expires else "")
-        return signed
 
     # -- requestauditlog ------------------------------------------------------------------
     def audit_log(self, body: bytes, now: datetime.datetime) -> bytes:
@@ -159,22 +191,64 @@ class Masa:
             serial = certs.serial_number(idevid)
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
-        # RFC 8995 §5.5: the serial comes from the authenticated IDevID; both requests must
-        # name that one device.
-        if rvr.serial_number != serial:
-            raise Refusal(403, f"registrar voucher-request names serial {rvr.serial_number!r} "
-                               f"but the pledge's IDevID is {serial!r}")
-        if pvr.serial_number != serial:
-            raise Refusal(403, f"pledge voucher-request names serial {pvr.serial_number!r} "
-                               f"but its IDevID is {serial!r}")
-        if rvr.nonce != pvr.nonce:
-            raise Refusal(403, "nonce of the registrar voucher-request differs from the "
-                               "pledge's")
-        if rvr.idevid_issuer is not None and rvr.idevid_issuer not in idevid_issuer_forms(idevid):
-            raise Refusal(403, "idevid-issuer does not match the pledge's IDevID")
-        if (pvr.proximity_registrar_cert is None and pvr.proximity_registrar_pubk is None
-                and pvr.proximity_registrar_pubk_sha256 is None):
-            raise Refusal(403, "the pledge voucher-request has no proximity-registrar-cert")
+        _pvr_matches(rvr, pvr, idevid, serial)
+        return pvr, idevid
+
+    # -- cBRSKI: COSE --------------------------------------------------------------------
+    def authenticate_cose(self, body: bytes, now: datetime.datetime) -> AuthenticatedRequest:
+        """The COSE twin of ``authenticate``: the RVR's signer is whichever x5bag certificate
+        verifies it, the PVR's whichever other one verifies the PVR and chains to one of our
+        manufacturer CAs."""
+        try:
+            msg = cose.decode(body)
+            rvr, registrar = verify_voucher_request_cose(body, None, now)
+        except SignatureError as exc:
+            raise Refusal(403, f"registrar voucher-request: {exc}") from exc
+        except (DecodeError, ValidationError) as exc:
+            raise Refusal(400, f"not a valid COSE registrar voucher-request: {exc}") from exc
+        assert registrar is not None  # no bare key given: the signer is a certificate
+        if not certs.has_cmc_ra(registrar):
+            raise Refusal(403, "the registrar certificate lacks id-kp-cmcRA (RFC 8995 §5.5): "
+                               "it may not request vouchers")
+        if rvr.proximity_registrar_cert is not None:
+            raise Refusal(400, "a registrar voucher-request must not carry "
+                               "proximity-registrar-cert (RFC 8995 §5.5)")
+        bag = msg.x5bag
+        # The x5bag mixes both chains; proximity and ownership look at the registrar's only,
+        # so a pledge cannot name its own certificate as "the registrar it saw".
+        chain = _issuer_path(registrar, bag)
+        if rvr.prior_signed_voucher_request is None:
+            if not self.config.nonceless:
+                raise Refusal(403, "no prior-signed-voucher-request, and this MASA does not "
+                                   "issue nonceless vouchers")
+            return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
+                                        proximity=False)
+        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, now)
+        return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
+                                    idevid, proximity=_proximity(pvr, chain))
+
+    def _check_pvr_cose(self, rvr: VoucherRequest, bag: Sequence[x509.Certificate],
+                        registrar: x509.Certificate,
+                        now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
+        assert rvr.prior_signed_voucher_request is not None
+        prior = rvr.prior_signed_voucher_request
+        try:
+            msg = cose.decode(prior)
+        except BrskiError as exc:
+            raise Refusal(403, f"prior-signed voucher-request is not a COSE_Sign1: {exc}") \
+                from exc
+        idevid = next((c for c in bag if c != registrar and _verifies(msg, c)), None)
+        if idevid is None:
+            raise Refusal(403, "prior-signed voucher-request: no certificate in the x5bag "
+                               "verifies its signature (the RVR must carry the pledge's "
+                               "IDevID chain, cBRSKI §9.2)")
+        try:
+            pvr, _ = verify_voucher_request_cose(prior, self.config.manufacturer_cas, now,
+                                                 signer=idevid, extra_certs=bag)
+            serial = certs.serial_number(idevid)
+        except BrskiError as exc:
+            raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
+        _pvr_matches(rvr, pvr, idevid, serial)
         return pvr, idevid
 
     def _known(self, req: AuthenticatedRequest) -> bool:
@@ -206,6 +280,50 @@ class Masa:
         if owner != spki:
             raise Refusal(403, f"device {req.serial} is already owned by another domain")
         return domain
+
+
+def _pvr_matches(rvr: VoucherRequest, pvr: VoucherRequest, idevid: x509.Certificate,
+                 serial: str) -> None:
+    """The checks both encodings share, once the PVR is authenticated."""
+    # RFC 8995 §5.5: the serial comes from the authenticated IDevID; both requests must
+    # name that one device.
+    if rvr.serial_number != serial:
+        raise Refusal(403, f"registrar voucher-request names serial {rvr.serial_number!r} "
+                           f"but the pledge's IDevID is {serial!r}")
+    if pvr.serial_number != serial:
+        raise Refusal(403, f"pledge voucher-request names serial {pvr.serial_number!r} "
+                           f"but its IDevID is {serial!r}")
+    if rvr.nonce != pvr.nonce:
+        raise Refusal(403, "nonce of the registrar voucher-request differs from the "
+                           "pledge's")
+    if rvr.idevid_issuer is not None and rvr.idevid_issuer not in idevid_issuer_forms(idevid):
+        raise Refusal(403, "idevid-issuer does not match the pledge's IDevID")
+    if (pvr.proximity_registrar_cert is None and pvr.proximity_registrar_pubk is None
+            and pvr.proximity_registrar_pubk_sha256 is None):
+        raise Refusal(403, "the pledge voucher-request has no proximity-registrar-cert")
+
+
+def _verifies(msg: cose.Sign1, cert: x509.Certificate) -> bool:
+    try:
+        cose.verify(msg, cert)
+    except SignatureError:
+        return False
+    return True
+
+
+def _issuer_path(leaf: x509.Certificate,
+                 pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
+    """``leaf`` and its issuers found in ``pool``, in order (cf. ``_chain_top``)."""
+    path, current, seen = [leaf], leaf, {leaf.fingerprint(_SHA256)}
+    while current.issuer != current.subject:
+        parent = next((c for c in pool if c.subject == current.issuer
+                       and c.fingerprint(_SHA256) not in seen and _signed_by(current, c)), None)
+        if parent is None:
+            break
+        seen.add(parent.fingerprint(_SHA256))
+        path.append(parent)
+        current = parent
+    return tuple(path)
 
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:

@@ -129,12 +129,13 @@ class MasaClient:
             return MasaTarget(masa_base_url(config.url), ctx, authority)
         return MasaTarget(masa_base_url(masa_url), ctx, authority)
 
-    async def post(self, masa_url: str, endpoint: str, body: bytes, accept: str) -> MasaAnswer:
+    async def post(self, masa_url: str, endpoint: str, body: bytes, accept: str,
+                   content_type: str = MEDIA_VOUCHER_CMS) -> MasaAnswer:
         if self._session is None:
             raise RuntimeError("MasaClient.start() was not called")
         target = self.target(masa_url)
         url = f"{target.base_url}/{endpoint}"
-        headers = {"Content-Type": MEDIA_VOUCHER_CMS, "Accept": accept}
+        headers = {"Content-Type": content_type, "Accept": accept}
         try:
             async with self._session.post(url, data=body, headers=headers,
                                           ssl=target.ssl) as response:
@@ -148,8 +149,10 @@ class MasaClient:
         log.debug("MASA %s answered %d (%s, %d bytes)", url, status, content_type, len(data))
         return MasaAnswer(status, data, content_type)
 
-    async def request_voucher(self, masa_url: str, rvr: bytes) -> MasaAnswer:
-        return await self.post(masa_url, "requestvoucher", rvr, MEDIA_VOUCHER_CMS)
+    async def request_voucher(self, masa_url: str, rvr: bytes,
+                              media: str = MEDIA_VOUCHER_CMS) -> MasaAnswer:
+        """``media``: the RVR's type, also the voucher's we accept (CMS or COSE)."""
+        return await self.post(masa_url, "requestvoucher", rvr, media, media)
 
     async def request_audit_log(self, masa_url: str, rvr: bytes) -> MasaAnswer:
         return await self.post(masa_url, "requestauditlog", rvr, MEDIA_JSON)

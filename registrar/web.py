@@ -43,6 +43,7 @@ from .tomlconfig import ListenAddress
 log = logging.getLogger(__name__)
 
 MEDIA_VOUCHER_CMS = "application/voucher-cms+json"
+MEDIA_VOUCHER_COSE = "application/voucher+cose"  # cBRSKI; CoAP Content-Format 836
 MEDIA_JSON = "application/json"
 MAX_BODY = 256 * 1024  # a voucher-request with two chains is a few KiB
 READY = "ready: listening on"

@@ -2,7 +2,7 @@
 
     brski-voucher decode FILE
     brski-voucher verify FILE --trust CERT [--trust CERT ...] [--at TIME] [--nonce N] [--serial S]
-    brski-voucher sign --in JSON --key KEY --cert CERT [--cert ...] [--format cms|cose] --out FILE
+    brski-voucher sign --in JSON --key KEY [--cert CERT ...] [--format cms|cose] --out FILE
 
 FILE may be JSON (an unsigned voucher), CMS as DER, PEM or base64 (.pkcs, .b64, .vcj), or
 COSE_Sign1 / unsigned CBOR as binary or hex (.bin, .hex, .vch). ``decode`` prints the voucher
@@ -10,6 +10,11 @@ as RFC 7951 JSON without checking anything. ``verify`` exits 0 only if the signa
 chain to a ``--trust`` certificate at ``--at`` (default: now) and the voucher rules hold;
 otherwise it prints one line saying why and exits 1. Exit status 2: the command line or a
 file could not be used.
+
+``sign --format cose`` without ``--cert`` makes a COSE_Sign1 with no x5bag: what a pledge sends
+as its voucher-request (cBRSKI §9.2; the registrar knows the IDevID from the DTLS handshake).
+Verify such a file, or a voucher the registrar stripped of its x5bag, with ``--trust`` naming
+the signer's own certificate (the IDevID, the MASA's voucher signer).
 """
 
 from __future__ import annotations
@@ -195,8 +200,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     artifact = decode_unsigned_json(_read(args.input))
     key = load_key(args.key)
-    certs = [cert for path in args.cert for cert in load_certificates(path)]
+    certs = [cert for path in args.cert or () for cert in load_certificates(path)]
     if args.format == "cms":
+        if not certs:
+            raise CliError("CMS needs --cert: the signer certificate travels in the message")
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise CliError("CMS vouchers are signed with ECDSA keys")
         out = sign_voucher_cms(artifact, key, certs, datetime.now(UTC))
@@ -240,8 +247,8 @@ def parser() -> argparse.ArgumentParser:
         "--cert",
         type=Path,
         action="append",
-        required=True,
-        help="signer certificate and chain (PEM or DER); repeatable",
+        help="signer certificate and chain (PEM or DER); repeatable; required for CMS, "
+             "optional for COSE (none: no x5bag, as in a pledge's voucher-request)",
     )
     s.add_argument("--format", choices=("cms", "cose"), default="cms")
     s.add_argument("--out", type=Path, required=True)
