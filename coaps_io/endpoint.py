@@ -58,6 +58,7 @@ class Peer:
     def send(self, data: bytes) -> None:
         """Send one application record (a CoAP message) to this peer."""
         self.session.send(data)
+        self.endpoint.records_sent += 1
         self.endpoint._flush(self)
 
 
@@ -87,6 +88,7 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
         self.handshakes = 0
         self.records_received = 0  # application records (CoAP messages) decrypted
+        self.records_sent = 0
         self._transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
