@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from brski.dtls import DtlsConfig, DtlsError, DtlsServer, DtlsSession
+from brski.dtls import DtlsConfig, DtlsError, DtlsServer, DtlsSession, is_client_hello
 
 DROP_REASONS = ("no-cookie", "handshake-failed", "table-full", "garbage")
 DEFAULT_MAX_SESSIONS = 1000
@@ -129,6 +129,11 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         if peer is None:
             self._from_unknown(data, addr, now)
             return
+        if peer.session.handshake_complete and is_client_hello(data) and self._server:
+            # RFC 6347 §4.2.8: a fresh epoch-0 ClientHello from a known address is a rebooted
+            # client; once it proves the address with a cookie, it replaces the old session.
+            self._from_unknown(data, addr, now, replacing=peer)
+            return
         peer.last_seen = now
         try:
             records = peer.session.receive(data)
@@ -146,11 +151,15 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         if peer.session.closed:
             self._forget(peer, ConnectionResetError("DTLS close_notify from the peer"))
 
-    def _from_unknown(self, data: bytes, addr: PeerAddress, now: float) -> None:
+    def _from_unknown(self, data: bytes, addr: PeerAddress, now: float,
+                      replacing: Peer | None = None) -> None:
         if self._server is None:
             self._drop("garbage", addr, "no session with this peer")
             return
         accepted = self._server.accept(peer_id(addr), data, now)
+        if accepted.session is not None and replacing is not None:
+            log.info("DTLS session with %s replaced by a new handshake", addr[:2])
+            self._forget(replacing, ConnectionResetError("DTLS peer started a new session"))
         if accepted.session is not None and len(self.peers) >= self.max_sessions:
             self._drop("table-full", addr, f"{len(self.peers)} sessions")
             return  # the verified ClientHello is forgotten; the client will retry

@@ -187,6 +187,27 @@ def test_session_limit_counts_table_full(pki):
     assert endpoint.handshakes == 1
 
 
+def test_rebooted_client_from_the_same_address_gets_a_new_session(pki):
+    """A client that lost its session state handshakes again from the same address."""
+    async def main():
+        server, endpoint, _, port = await serve(pki)
+        client, client_endpoint = await create_client_context(
+            client_config(pki, pki.idevids["P1"]), bind=("::1", 0))
+        uri = f"coaps://[::1]:{port}/big"
+        try:
+            first = await client.request(aiocoap.Message(code=aiocoap.GET, uri=uri)).response
+            client_endpoint.peers.clear()  # the "reboot": no close_notify, state gone
+            second = await client.request(aiocoap.Message(code=aiocoap.GET, uri=uri)).response
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+        return first, second, endpoint
+
+    first, second, endpoint = run(main())
+    assert first.payload == second.payload == BIG
+    assert endpoint.handshakes == 2 and endpoint.drops["handshake-failed"] == 0
+
+
 def test_idle_sessions_expire(pki):
     async def main():
         server, endpoint, _, port = await serve(pki, idle_timeout=0.4)
