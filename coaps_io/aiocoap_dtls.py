@@ -25,6 +25,7 @@ from brski.dtls import DtlsConfig, DtlsServer
 from .endpoint import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_SESSIONS,
+    HANDSHAKE_TIMEOUT,
     DtlsEndpoint,
     Peer,
     PeerAddress,
@@ -133,6 +134,7 @@ class DtlsMessageInterface(GenericMessageInterface):
         cls, bind: tuple[str, int], mman: interfaces.MessageManager, log: logging.Logger,
         *, server_config: DtlsConfig | None = None, client_config: DtlsConfig | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> DtlsMessageInterface:
         loop = asyncio.get_running_loop()
         self = cls(mman, log, loop, client_config)
@@ -142,7 +144,8 @@ class DtlsMessageInterface(GenericMessageInterface):
         _, endpoint = await loop.create_datagram_endpoint(
             lambda: DtlsEndpoint(server=server, on_plaintext=self._plaintext,
                                  on_closed=self._closed, max_sessions=max_sessions,
-                                 idle_timeout=idle_timeout),
+                                 idle_timeout=idle_timeout,
+                                 handshake_timeout=handshake_timeout),
             local_addr=(host, bind[1]), family=family,
         )
         self.endpoint = endpoint
@@ -204,11 +207,12 @@ async def _context(
 async def create_server_context(
     site: Any, bind: tuple[str, int], config: DtlsConfig, *,
     max_sessions: int = DEFAULT_MAX_SESSIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-    loggername: str = "coaps-server",
+    handshake_timeout: float = HANDSHAKE_TIMEOUT, loggername: str = "coaps-server",
 ) -> tuple[Context, DtlsEndpoint]:
     """An aiocoap server Context serving ``site`` over certificate DTLS on ``bind``."""
     ctx, interface = await _context(site, bind, loggername, server_config=config,
-                                    max_sessions=max_sessions, idle_timeout=idle_timeout)
+                                    max_sessions=max_sessions, idle_timeout=idle_timeout,
+                                    handshake_timeout=handshake_timeout)
     return ctx, interface.endpoint
 
 

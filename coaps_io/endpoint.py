@@ -74,10 +74,12 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         on_closed: Callable[[Peer, Exception], None] | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_sessions < 1 or idle_timeout <= 0:
-            raise ValueError("max_sessions must be ≥ 1 and idle_timeout > 0")
+        if max_sessions < 1 or idle_timeout <= 0 or handshake_timeout <= 0:
+            raise ValueError("max_sessions must be ≥ 1, idle and handshake timeouts > 0")
+        self.handshake_timeout = handshake_timeout
         self._server = server
         self._on_plaintext = on_plaintext
         self._on_closed = on_closed
@@ -233,10 +235,11 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
     async def _sweep(self) -> None:
         """Expire idle sessions, and handshakes that never finish."""
         while True:
-            await asyncio.sleep(min(self.idle_timeout, HANDSHAKE_TIMEOUT) / 4)
+            await asyncio.sleep(min(self.idle_timeout, self.handshake_timeout) / 4)
             now = self._clock()
             for peer in list(self.peers.values()):
-                limit = self.idle_timeout if peer.session.handshake_complete else HANDSHAKE_TIMEOUT
+                limit = (self.idle_timeout if peer.session.handshake_complete
+                         else self.handshake_timeout)
                 if now - peer.last_seen >= limit:
                     log.info("DTLS session with %s idle for %.0f s: closed",
                              peer.addr[:2], now - peer.last_seen)

@@ -208,6 +208,46 @@ def test_rebooted_client_from_the_same_address_gets_a_new_session(pki):
     assert endpoint.handshakes == 2 and endpoint.drops["handshake-failed"] == 0
 
 
+def test_abandoned_handshake_is_retransmitted_then_expired_and_counted(pki):
+    """A client that proves its address and then goes silent: the server resends its flight
+    on its DTLS timer, and drops the half-open session after the handshake timeout."""
+    async def main():
+        server, endpoint, _, port = await serve(pki, handshake_timeout=2.5)
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.bind(("::1", 0))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        client = DtlsSession.client(client_config(pki, pki.idevids["P1"]))
+        try:
+            (hello,) = client.datagrams_to_send()
+            await loop.sock_sendto(sock, hello, ("::1", port))
+            client.receive(await loop.sock_recv(sock, 2048))
+            (hello2,) = client.datagrams_to_send()
+            await loop.sock_sendto(sock, hello2, ("::1", port))
+            await asyncio.sleep(0.3)
+            during = len(endpoint.peers)
+            received = []
+            for _ in range(20):
+                try:
+                    received.append(await asyncio.wait_for(loop.sock_recv(sock, 2048), 0.25))
+                except TimeoutError:
+                    if len(endpoint.peers) == 0:
+                        break
+            after = len(endpoint.peers)
+        finally:
+            sock.close()
+            await server.shutdown()
+        return during, after, received, endpoint
+
+    during, after, received, endpoint = run(main())
+    assert (during, after) == (1, 0)
+    first_flight = [d for d in received if d[0] == 22]
+    # The flight came at least twice: once at once, once after the 1 s DTLS timer.
+    server_hellos = [d for d in first_flight if d[13] == 2]
+    assert len(server_hellos) >= 2, [d[:14].hex() for d in received]
+    assert endpoint.drops["handshake-failed"] == 1 and endpoint.handshakes == 0
+
+
 def test_idle_sessions_expire(pki):
     async def main():
         server, endpoint, _, port = await serve(pki, idle_timeout=0.4)
