@@ -45,7 +45,7 @@ def _load(name: str, path: Path):  # type: ignore[no-untyped-def]
 vendor = _load("debian_vendor", DEBIAN / "vendor.py")  # the vendoring policy
 wrappers = _load("debian_wrappers", DEBIAN / "wrappers.py")  # the /usr/{s,}bin wrappers
 
-PACKAGED = {"brski": "brski-common", "service_notify": "brski-common",
+PACKAGED = {"brski": "brski-common", "service_notify": "brski-common", "coaps_io": "brski-common",
             "daemon/joinproxyd": "joinproxyd",
             "registrar": "brski-registrar", "pledge_sim": "pledge-sim"}
 MAN_PAGES = {"joinproxyd.8": "joinproxyd", "joinproxyctl.8": "joinproxyd",
@@ -82,7 +82,8 @@ def third_party_imports(folder: Path) -> set[str]:
                 names |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab", "service_notify"}
+    first_party = {"brski", "joinproxyd", "registrar", "pledge_sim", "lab", "service_notify",
+                   "coaps_io"}
     return {n for n in names if n not in sys.stdlib_module_names and n not in first_party}
 
 
@@ -424,6 +425,7 @@ def test_pledge_sim_and_common_packages(debs):
     assert "/usr/share/man/man1/pledge-sim.1.gz" in contents(debs["pledge-sim"])
     common = contents(debs["brski-common"])
     assert "/usr/lib/brski/python/brski/grasp.py" in common
+    assert "/usr/lib/brski/python/coaps_io/aiocoap_dtls.py" in common
     top = {p.split("/")[5] for p in common if p.startswith("/usr/lib/brski/vendor/")
            and p.count("/") > 5}
     for name in ("cryptography", "pyroute2", "prometheus_client", "zeroconf", "aiohttp",

@@ -28,7 +28,7 @@ mkdir -p "$OUT"
 "$VENV_PY" packaging/debian/vendor.py download "$OUT/wheels" "$VENV_PY" requirements.txt
 
 # What goes into the packages: tracked and new (not ignored) files of these folders.
-SOURCES=(brski service_notify daemon registrar pledge_sim packaging pyproject.toml requirements.txt README.md)
+SOURCES=(brski service_notify coaps_io daemon registrar pledge_sim packaging pyproject.toml requirements.txt README.md)
 mapfile -t files < <(git ls-files --cached --others --exclude-standard -- "${SOURCES[@]}" \
     | while read -r f; do [ -e "$f" ] && printf '%s\n' "$f"; done | sort -u)
 # The BPF objects the daemon loads; not the benchmarks' own (bench/ipip_pps.py's baseline).

@@ -3,7 +3,9 @@
 
 The programs need newer libraries than Debian 12 ships (pyroute2 0.9's AsyncIPRoute,
 cryptography >= 42 for X.509 verification, prometheus-client >= 0.17, zeroconf's current
-asyncio API, aiohttp 3.14, pycose and aiocoap which Debian lacks). Those are installed from
+asyncio API, aiohttp 3.14, pycose and aiocoap which Debian lacks, pyOpenSSL >= 22 for DTLS
+cookies and memory-BIO MTUs, built for the vendored cryptography, and the typing-extensions
+>= 4.9 it asks for on Python < 3.13 where Debian 12 has 4.4). Those are installed from
 the pinned wheels into a private directory, /usr/lib/brski/vendor, which only the programs'
 own wrappers put on sys.path; nothing in the system's dist-packages changes. Every other
 dependency comes from Debian, where its version works (see FROM_DEBIAN for the evidence).
@@ -51,13 +53,10 @@ FROM_DEBIAN: dict[str, tuple[str, str, str]] = {
                "zeroconf asks for >= 0.1.7; the mDNS tests pass with it"),
     "oscrypto": ("python3-oscrypto", "1.3.0", "certvalidator asks for >= 0.16.1"),
     "six": ("python3-six", "1.16.0", "ecdsa asks for >= 1.9.0"),
-    "typing-extensions": ("python3-typing-extensions", "4.4.0",
-                          "aiohttp asks for >= 4.4 on Python < 3.13"),
 }
 # In requirements.txt's runtime section but not imported by any packaged program.
 NOT_PACKAGED = {
     "scapy": "used by tests only",
-    "pyopenssl": "not imported by the daemon, the registrar or pledge-sim",
 }
 # Only joinproxyd needs python3-systemd (journald fields); it depends on it itself.
 PER_PROGRAM = {"systemd-python"}
