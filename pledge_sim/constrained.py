@@ -16,6 +16,10 @@ module is the pledge's policy, as ``voucher_check`` and ``est`` are for the HTTP
 * EST-coaps answers (RFC 9148 §5): ``application/pkix-cert`` (CF 287, one DER certificate)
   and ``application/pkcs7-mime; smime-type=certs-only`` (CF 281, DER, not base64 as over
   HTTPS); the CSR goes out as DER ``application/pkcs10`` (CF 286);
+* the join proxy a CoRE discovery answer names (cBRSKI §10: ``<>;brski-jp=PORT`` on the
+  answer's source address; the legacy ``rt=brski.jp`` link carries its own);
+* the registrar the pledge talked to must chain to the voucher's pinned-domain-cert (RFC 8995
+  §5.6.2: provisional to validated) before EST goes on;
 * the §6.7.1 shortcut: when the pinned domain CA is a root that signed the LDevID, the
   enrollment is complete without ``/crts``; otherwise the pledge must fetch ``/crts``.
 """
@@ -30,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from brski import certs, cose
+from brski import certs, cose, linkformat
 from brski import est as codec
 from brski.chain import load_certificate, verify_chain
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
@@ -53,11 +57,22 @@ CF_CSRATTRS = 285
 CF_PKCS10 = 286
 CF_PKIX_CERT = 287
 CF_VOUCHER_COSE = 836  # application/voucher+cose
-CERT_FORMATS = (CF_PKIX_CERT, CF_PKCS7_CERTS)
 
-__all__ = ["CF_PKCS7_CERTS", "CF_PKCS10", "CF_PKIX_CERT", "CF_VOUCHER_COSE", "Proximity",
-           "accept_voucher_cose", "build_cose_pvr", "build_csr_der", "decode_est_certs",
-           "enrolled_ldevid", "new_nonce"]
+__all__ = [
+    "CF_PKCS7_CERTS",
+    "CF_PKCS10",
+    "CF_PKIX_CERT",
+    "CF_VOUCHER_COSE",
+    "Proximity",
+    "accept_voucher_cose",
+    "build_cose_pvr",
+    "build_csr_der",
+    "check_registrar_pinned",
+    "decode_est_certs",
+    "enrolled_ldevid",
+    "join_proxies",
+    "new_nonce",
+]
 
 
 class Proximity(enum.Enum):
@@ -164,6 +179,39 @@ def accept_voucher_cose(
     except DecodeError as exc:
         raise VoucherRejected("pinned-domain-cert", str(exc)) from exc
     return AcceptedVoucher(voucher, signer, pinned)
+
+
+def join_proxies(payload: bytes, source_host: str) -> list[tuple[str, int]]:
+    """Where to open DTLS, from a ``/.well-known/core?brski-jp=*`` answer that came from
+    ``source_host`` (with its ``%scope`` for a link-local address). Links of a variant this
+    pledge does not speak (a ``var`` attribute) are left out. DecodeError for a malformed
+    answer; an empty list when it offers nothing usable."""
+    found = []
+    for link in linkformat.parse_join_ports(payload):
+        if any(name == "var" for name, _ in link.params):
+            continue
+        host = source_host if link.address is None else str(link.address)
+        if (host, link.port) not in found:
+            found.append((host, link.port))
+    return found
+
+
+def check_registrar_pinned(registrar_chain: Sequence[x509.Certificate],
+                           pinned: x509.Certificate, now: datetime | None) -> None:
+    """The DTLS server the pledge enrolled through must chain to the pinned domain cert (which
+    may be the registrar's own certificate). ``registrar_chain``: leaf first, as the handshake
+    showed it. VoucherRejected("registrar-not-pinned") otherwise: the pledge must drop this
+    registrar, report voucher status and try another proxy."""
+    if not registrar_chain:
+        raise VoucherRejected("registrar-not-pinned", "no registrar certificate to check")
+    leaf, rest = registrar_chain[0], list(registrar_chain[1:])
+    at = now or clockless_time([leaf, pinned])
+    try:
+        verify_chain(leaf, [c for c in rest if c != pinned], [pinned], at)
+    except SignatureError as exc:
+        raise VoucherRejected("registrar-not-pinned",
+                              f"the registrar does not chain to the pinned domain cert: {exc}"
+                              ) from exc
 
 
 # -- EST-coaps -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from brski import certs, cose
 from brski import est as codec
-from brski.errors import UsageError
+from brski.errors import DecodeError, UsageError
 from brski.pki import create_test_pki
 from brski.signed_voucher import sign_voucher_cose, verify_voucher_request_cose
 from brski.voucher import Assertion, Voucher, VoucherRequest, decode_cbor
@@ -29,8 +29,10 @@ from pledge_sim.constrained import (
     accept_voucher_cose,
     build_cose_pvr,
     build_csr_der,
+    check_registrar_pinned,
     decode_est_certs,
     enrolled_ldevid,
+    join_proxies,
 )
 from pledge_sim.est import EstError, new_ldevid_key
 from pledge_sim.identity import PledgeIdentity
@@ -368,3 +370,28 @@ def test_shortcut_refuses_a_forged_ldevid_in_the_pinned_cas_name(pki):
     forged = issue(impostor.domain_ca, key, NOW)
     with pytest.raises(EstError):
         enrolled_ldevid([forged], key, pki.domain_ca.cert, None, NOW)
+
+
+# -- discovery and the pinned registrar -----------------------------------------------------------
+
+
+def test_join_proxies_from_a_core_answer():
+    answer = b'<>;brski-jp=8485,<>;brski-jp="63245",<>;brski-jp=61617;var="c509 v2"'
+    assert join_proxies(answer, "fe80::1%join0") == [("fe80::1%join0", 8485),
+                                                     ("fe80::1%join0", 63245)]
+    legacy = b"<coaps://[fe80::2]:8485>;rt=brski.jp"
+    assert join_proxies(legacy, "fe80::9%join0") == [("fe80::2", 8485)]
+    assert join_proxies(b"</sensors>;rt=temp", "fe80::1%join0") == []
+    with pytest.raises(DecodeError):
+        join_proxies(b"<>;brski-jp=99999", "fe80::1%join0")
+
+
+def test_registrar_must_chain_to_the_pinned_cert(pki, other_pki):
+    chain = [pki.registrar.cert, pki.domain_ca.cert]
+    check_registrar_pinned(chain, pki.domain_ca.cert, NOW)
+    check_registrar_pinned(chain[:1], pki.domain_ca.cert, None)
+    check_registrar_pinned(chain[:1], pki.registrar.cert, NOW)  # the EE cert pinned itself
+    for bad in ([other_pki.registrar.cert, other_pki.domain_ca.cert], []):
+        with pytest.raises(VoucherRejected) as caught:
+            check_registrar_pinned(bad, pki.domain_ca.cert, NOW)
+        assert caught.value.code == "registrar-not-pinned"
