@@ -72,6 +72,10 @@ class DtlsConfig:
     ``anchors`` are the CAs the *peer's* certificate must chain to (for a registrar: the
     manufacturers it accepts IDevIDs from; for a pledge: its pinned domain CA or registrar).
     ``chain`` are intermediates sent after ``certificate``.
+
+    ``provisional`` (client only): accept whatever certificate the server shows, with no
+    anchors, as a pledge must before it has a voucher (RFC 8995 §5.1, cBRSKI §6.3). The caller
+    names that certificate in its voucher-request and checks it against the voucher's pin.
     """
 
     certificate: x509.Certificate
@@ -80,9 +84,10 @@ class DtlsConfig:
     chain: Sequence[x509.Certificate] = ()
     ciphers: str = DEFAULT_CIPHERS
     mtu: int = DEFAULT_MTU
+    provisional: bool = False
 
     def __post_init__(self) -> None:
-        if not self.anchors:
+        if not self.anchors and not self.provisional:
             raise UsageError("DTLS config: anchors must name at least one CA to verify the peer")
         if not MIN_MTU <= self.mtu <= MAX_DATAGRAM:
             raise UsageError(f"DTLS config: mtu {self.mtu} outside {MIN_MTU}..{MAX_DATAGRAM}")
@@ -119,8 +124,14 @@ def _context(method: int, config: DtlsConfig) -> SSL.Context:
     assert store is not None
     for anchor in config.anchors:
         store.add_cert(crypto.X509.from_cryptography(anchor))
-    # Both sides must show a certificate; OpenSSL's own chain check decides (no callback).
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    if config.provisional:
+        if method != SSL.DTLS_CLIENT_METHOD:
+            raise UsageError("DTLS config: only a client can be provisional")
+        # The server still sends its certificate; nothing is verified until the voucher pins it.
+        ctx.set_verify(SSL.VERIFY_NONE)
+    else:
+        # Both sides must show a certificate; OpenSSL's own chain check decides (no callback).
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     # The MTU is ours to set: memory BIOs cannot be asked for a path MTU.
     ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
     return ctx
@@ -193,6 +204,7 @@ class DtlsSession:
         self.handshake_complete = False
         self.closed = False
         self.error: str | None = None
+        self.provisional = False  # a provisional client verified nothing (DtlsConfig)
         conn.set_ciphertext_mtu(mtu)
 
     @classmethod
@@ -204,6 +216,7 @@ class DtlsSession:
         conn = SSL.Connection(_context(SSL.DTLS_CLIENT_METHOD, config))
         conn.set_connect_state()
         session = cls(conn, config.mtu, server=False)
+        session.provisional = config.provisional
         session._advance()
         return session
 
@@ -322,10 +335,19 @@ class DtlsSession:
 
     @property
     def peer_chain(self) -> list[x509.Certificate]:
-        """The peer's verified chain, leaf first, anchor last (empty before the handshake)."""
-        if not self.handshake_complete:
+        """The peer's verified chain, leaf first, anchor last (empty before the handshake, and
+        for a provisional client, whose OpenSSL builds a chain it did not insist on)."""
+        if not self.handshake_complete or self.provisional:
             return []
         return list(self._conn.get_verified_chain(as_cryptography=True) or [])
+
+    @property
+    def peer_certificates(self) -> list[x509.Certificate]:
+        """The peer's certificates as it sent them, leaf first, verified or not (what a
+        provisional pledge names and later checks against its voucher's pin)."""
+        if not self.handshake_complete:
+            return []
+        return list(self._conn.get_peer_cert_chain(as_cryptography=True) or [])
 
     @property
     def cipher(self) -> str | None:
