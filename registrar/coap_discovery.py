@@ -94,7 +94,8 @@ class WellKnownCore(resource.Resource):
         else:
             found = linkformat.filter_links(self.links(request_ifindex(request)),
                                             request.opt.uri_query)
-            response = aiocoap.Message(payload=linkformat.format_links(found).encode(),
+            response = aiocoap.Message(code=aiocoap.CONTENT,
+                                       payload=linkformat.format_links(found).encode(),
                                        content_format=ContentFormat.LINKFORMAT)
             if found:
                 self.answered += 1
