@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ifaddr
@@ -168,8 +169,10 @@ class Announcer:
     """Everything the registrar announces, started once its listeners are bound."""
 
     def __init__(self, config: RegistrarConfig, *,
-                 ipip_link_local: ipaddress.IPv6Address | None = None) -> None:
+                 ipip_link_local: ipaddress.IPv6Address | None = None,
+                 refused: Callable[[str, str], None] | None = None) -> None:
         self.config = config
+        self.refused = refused  # the refusal metric, for datagrams CoAP discovery drops
         self.ipip_link_local = ipip_link_local  # set when [ipip] is on (resolved address)
         self.flooders: list[GraspFlooder] = []
         self._zeroconf: AsyncZeroconf | None = None
@@ -208,7 +211,7 @@ class Announcer:
             await self._start_mdns(ifaces, locators)
         if cfg.announce_coaps_port is not None:
             self.coap = CoapDiscovery({i.name: (i.index, locators[i.name]) for i in ifaces},
-                                      cfg.announce_coaps_port)
+                                      cfg.announce_coaps_port, refused=self.refused)
             await self.coap.start()
 
     def _ipip_announcement(self, locator: ipaddress.IPv6Address,

@@ -16,7 +16,8 @@ interface. The link's address is the announce locator of the interface the reque
 filter as RFC 6690 §4.1 says (``brski.linkformat.filter_links``); a multicast request that
 matches nothing, or fails, gets no answer (RFC 7252 §8.2, RFC 7967). Link-format only
 (Accept other than 40: 4.06). Datagrams that are not CoAP are dropped by aiocoap; they are
-counted here and the first one is logged (aiocoap would log every one).
+counted here (``brski_registrar_refusals_total{endpoint="coap-discovery",
+reason="unparsable"}``) and the first one is logged (aiocoap would log every one).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import aiocoap
 from aiocoap import resource
@@ -39,20 +40,24 @@ ALL_COAP_NODES = ("ff02::fd", "ff05::fd")  # link-local and site-local (RFC 7252
 _PKTINFO = struct.Struct("16sI")  # struct in6_pktinfo (RFC 3542)
 # RFC 7967 No-Response bits: suppress 2.xx (2), 4.xx (8) and 5.xx (16).
 _SUPPRESS_ALL = 2 | 8 | 16
+REFUSAL_ENDPOINT = "coap-discovery"
 
 
 class UnparsableCounter(logging.Filter):
     """Counts aiocoap's "Ignoring unparsable message" records and lets only the first through:
     a flood of garbage must not become a flood of log lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, refused: Callable[[str, str], None] | None = None) -> None:
         super().__init__()
         self.count = 0
+        self._refused = refused
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.getMessage().startswith("Ignoring unparsable message"):
             return True
         self.count += 1
+        if self._refused is not None:
+            self._refused(REFUSAL_ENDPOINT, "unparsable")
         if self.count == 1:
             record.msg = "CoAP discovery: " + str(record.msg) + " (further ones are counted only)"
         return self.count == 1
@@ -112,12 +117,14 @@ class CoapDiscovery:
     """The plain-CoAP server that answers discovery on the announce interfaces."""
 
     def __init__(self, interfaces: Mapping[str, tuple[int, ipaddress.IPv6Address]],
-                 coaps_port: int, *, port: int = COAP_PORT) -> None:
-        """``interfaces``: name -> (ifindex, locator address)."""
+                 coaps_port: int, *, port: int = COAP_PORT,
+                 refused: Callable[[str, str], None] | None = None) -> None:
+        """``interfaces``: name -> (ifindex, locator address); ``refused(endpoint, reason)``
+        counts dropped datagrams (the service's refusal metric)."""
         self.interfaces = dict(interfaces)
         self.port = port
         self.wkc = WellKnownCore({i: a for i, a in self.interfaces.values()}, coaps_port)
-        self.unparsable = UnparsableCounter()
+        self.unparsable = UnparsableCounter(refused)
         self._context: aiocoap.Context | None = None
         self._logger = logging.getLogger(f"{__name__}.coap")
 

@@ -110,8 +110,8 @@ def lab(as_root, tmp_path_factory):
         masa = host.spawn([PY, "-m", "registrar.masa_cli", "--config", str(masa_toml)],
                           name="masa")
         wait_ready(masa.log, alive=masa.alive)
-        registrar = host.spawn([PY, "-m", "registrar.cli", "--config", str(registrar_toml)],
-                               name="registrar")
+        registrar = host.spawn([PY, "-m", "registrar.cli", "--config", str(registrar_toml),
+                                "--metrics", "[::1]:9466"], name="registrar")
         wait_ready(registrar.log, alive=registrar.alive)
         lab.registrar = registrar  # type: ignore[attr-defined]
         yield lab
@@ -285,6 +285,13 @@ def test_garbage_datagrams_do_not_stop_it_and_are_logged_once(lab):
     log = lab.registrar.log()
     assert log.count("Ignoring unparsable message") == 1, log
     assert "further ones are counted only" in log
+    metrics = run_python(lab.registrars[0], """
+        import urllib.request
+        print(urllib.request.urlopen("http://[::1]:9466/metrics", timeout=5).read().decode())
+    """)
+    [line] = [x for x in metrics.splitlines() if x.startswith(
+        'brski_registrar_refusals_total{endpoint="coap-discovery",reason="unparsable"}')]
+    assert float(line.split()[-1]) >= 100, line  # 280 sent, all of them unparsable
 
 
 def test_discovery_is_logged(lab):
