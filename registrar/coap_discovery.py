@@ -63,6 +63,35 @@ class UnparsableCounter(logging.Filter):
         return self.count == 1
 
 
+def joined_groups(igmp6: str, ifindex: int) -> set[ipaddress.IPv6Address]:
+    """The IPv6 multicast groups interface ``ifindex`` has joined, from /proc/net/igmp6
+    (``index name group-hex users flags timer`` per line)."""
+    groups = set()
+    for line in igmp6.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == str(ifindex) and len(fields[2]) == 32:
+            groups.add(ipaddress.IPv6Address(bytes.fromhex(fields[2])))
+    return groups
+
+
+def udp_ports_bound(proc_udp6: str) -> set[int]:
+    """The local ports of the IPv6 UDP sockets in /proc/net/udp6 (``sl local:port ...``)."""
+    ports = set()
+    for line in proc_udp6.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 2 and ":" in fields[1]:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def request_ifindex(request: aiocoap.Message) -> int:
     """The interface a request came in on (0 if aiocoap kept no packet info)."""
     pktinfo = getattr(request.remote, "pktinfo", None)
@@ -136,9 +165,21 @@ class CoapDiscovery:
         self._context = await aiocoap.Context.create_server_context(
             site, bind=("::", self.port), loggername=self._logger.name, multicast=groups,
             transports=["udp6"])
+        # aiocoap only warns when a join fails: say which groups we are in, as the kernel has it.
+        igmp6 = _read("/proc/net/igmp6")
+        for name, (index, _) in self.interfaces.items():
+            joined = joined_groups(igmp6, index)
+            missing = [g for g in ALL_COAP_NODES if ipaddress.IPv6Address(g) not in joined]
+            if missing:
+                log.warning("CoAP discovery: not in group %s on %s: multicast queries there "
+                            "go unanswered", " ".join(missing), name)
         log.info("CoAP discovery: answering /.well-known/core?rt=brski on UDP %d, groups %s on "
                  "%s, with coaps port %d", self.port, " ".join(ALL_COAP_NODES),
                  ", ".join(self.interfaces), self.wkc.coaps_port)
+        if self.wkc.coaps_port not in udp_ports_bound(_read("/proc/net/udp6")):
+            # As for the HTTPS port: the announcement is made, but the operator hears of it.
+            log.warning("CoAP discovery: announcing coaps port %d, but no UDP socket is bound "
+                        "to it", self.wkc.coaps_port)
 
     async def stop(self) -> None:
         if self._context is not None:

@@ -15,6 +15,7 @@ from brski import grasp, linkformat
 from brski.errors import UsageError
 from lab import Lab, Topology
 from lab.registrar_setup import wait_ready, write_configs
+from registrar import coap_discovery
 from registrar.config import load_registrar_config
 from registrar.tomlconfig import ConfigError
 
@@ -67,6 +68,29 @@ def test_registrar_flood_names_dtls_at_the_udp_locator():
     assert {e.objective.name for e in back.entries} == {"AN_join_registrar"}
     with pytest.raises(UsageError):
         grasp.registrar_flood(lambda n: b"\x00" * 4, ll, [])
+
+
+IGMP6 = """\
+1    lo              ff020000000000000000000000000001     1 0000000C 0
+7    eth0            ff0200000000000000000000000000fd     1 00000004 0
+7    eth0            ff020000000000000000000000000001     1 0000000C 0
+17   eth1            ff0500000000000000000000000000fd     1 00000004 0
+"""
+UDP6 = """\
+  sl  local_address                         remote_address                        st tx_queue
+ 1: 00000000000000000000000000000000:1633 00000000000000000000000000000000:0000 07 00000000
+ 2: 000080FE000000000B00000001000000:1634 00000000000000000000000000000000:0000 07 00000000
+"""
+
+
+def test_kernel_tables_are_read_for_groups_and_ports():
+    assert coap_discovery.joined_groups(IGMP6, 7) == {IPv6Address("ff02::fd"),
+                                                      IPv6Address("ff02::1")}
+    assert coap_discovery.joined_groups(IGMP6, 17) == {IPv6Address("ff05::fd")}
+    assert coap_discovery.joined_groups(IGMP6, 1) == {IPv6Address("ff02::1")}
+    assert coap_discovery.joined_groups("", 7) == set()
+    assert coap_discovery.udp_ports_bound(UDP6) == {5683, 5684}
+    assert coap_discovery.udp_ports_bound("") == set()
 
 
 def _config(tmp_path: Path, extra: str) -> Path:
@@ -299,4 +323,5 @@ def test_discovery_is_logged(lab):
     assert f"UDP (CoAPS) port {COAPS}" in log
     assert "_brski-registrar._udp.local. on eth0, port 5684" in log
     assert "CoAP discovery: answering /.well-known/core?rt=brski on UDP 5683" in log
+    assert "not in group" not in log  # the kernel lists both groups on eth0
 
