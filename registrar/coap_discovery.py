@@ -14,7 +14,8 @@ Served by aiocoap on UDP 5683 (all addresses), joined to ff02::fd and ff05::fd o
 interface. The link's address is the announce locator of the interface the request came in on
 (``registrar.announce.locator_address``); requests from other interfaces get no link. Queries
 filter as RFC 6690 §4.1 says (``brski.linkformat.filter_links``); a multicast request that
-matches nothing, or fails, gets no answer (RFC 7252 §8.2, RFC 7967). Link-format only
+matches nothing, or fails, gets no answer (RFC 7252 §8.2, RFC 7967); one that matches is
+answered after a random delay within a Leisure of 0.5 s (§8.2). Link-format only
 (Accept other than 40: 4.06). Datagrams that are not CoAP are dropped by aiocoap; they are
 counted here (``brski_registrar_refusals_total{endpoint="coap-discovery",
 reason="unparsable"}``) and the first one is logged (aiocoap would log every one).
@@ -22,8 +23,10 @@ reason="unparsable"}``) and the first one is logged (aiocoap would log every one
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import random
 import struct
 from collections.abc import Callable, Mapping
 
@@ -41,6 +44,10 @@ _PKTINFO = struct.Struct("16sI")  # struct in6_pktinfo (RFC 3542)
 # RFC 7967 No-Response bits: suppress 2.xx (2), 4.xx (8) and 5.xx (16).
 _SUPPRESS_ALL = 2 | 8 | 16
 REFUSAL_ENDPOINT = "coap-discovery"
+# RFC 7252 §8.2: answer a multicast request at a random point within a Leisure period, so
+# many responders do not answer at once. Its §8.2.1 estimate (S * G / R) is far below the
+# 5 s default for the one or two registrars of a domain; 0.5 s keeps discovery quick.
+DEFAULT_LEISURE = 0.5
 
 
 class UnparsableCounter(logging.Filter):
@@ -107,10 +114,12 @@ def _is_multicast(request: aiocoap.Message) -> bool:
 class WellKnownCore(resource.Resource):
     """``/.well-known/core`` with the registrar's discovery links, per arrival interface."""
 
-    def __init__(self, locators: Mapping[int, ipaddress.IPv6Address], coaps_port: int) -> None:
+    def __init__(self, locators: Mapping[int, ipaddress.IPv6Address], coaps_port: int,
+                 leisure: float = DEFAULT_LEISURE) -> None:
         super().__init__()
         self.locators = dict(locators)
         self.coaps_port = coaps_port
+        self.leisure = leisure
         self.answered = 0
 
     def links(self, ifindex: int) -> list[linkformat.DiscoveryLink]:
@@ -132,6 +141,8 @@ class WellKnownCore(resource.Resource):
                                        payload=linkformat.format_links(found).encode(),
                                        content_format=ContentFormat.LINKFORMAT)
             if found:
+                if multicast and self.leisure > 0:
+                    await asyncio.sleep(random.uniform(0, self.leisure))
                 self.answered += 1
                 log.debug("CoAP discovery: answered %s with %s", request.remote,
                           linkformat.format_links(found))

@@ -325,3 +325,28 @@ def test_discovery_is_logged(lab):
     assert "CoAP discovery: answering /.well-known/core?rt=brski on UDP 5683" in log
     assert "not in group" not in log  # the kernel lists both groups on eth0
 
+
+
+TIMED_CLIENT = """
+    import asyncio, json, time
+    import aiocoap
+    async def main():
+        ctx = await aiocoap.Context.create_client_context()
+        delays = []
+        for _ in range(8):
+            msg = aiocoap.Message(code=aiocoap.GET, mtype=aiocoap.NON,
+                                  uri="coap://[ff02::fd%eth0]/.well-known/core?rt=brski")
+            start = time.monotonic()
+            await asyncio.wait_for(ctx.request(msg).response, 3)
+            delays.append(time.monotonic() - start)
+        await ctx.shutdown()
+        print(json.dumps(delays))
+    asyncio.run(main())
+"""
+
+
+def test_multicast_answers_wait_a_random_leisure(lab):
+    # RFC 7252 §8.2: not at once, at a random point within the Leisure (0.5 s here).
+    delays = json.loads(run_python(lab.pledges[0], TIMED_CLIENT))
+    assert max(delays) < 1.0, delays
+    assert max(delays) > 0.05 and max(delays) - min(delays) > 0.02, delays
