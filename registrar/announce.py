@@ -207,12 +207,12 @@ class Announcer:
                          iface.name, cfg.grasp_period, locator, cfg.announce_port, coaps,
                          "".join(f", IPIP [{x.address}] protocol {x.protocol} to {initiator}"
                                  for x in extra))
-        if cfg.mdns:
-            await self._start_mdns(ifaces, locators)
-        if cfg.announce_coaps_port is not None:
+        if cfg.announce_coaps_port is not None:  # before mDNS, whose probing takes seconds
             self.coap = CoapDiscovery({i.name: (i.index, locators[i.name]) for i in ifaces},
                                       cfg.announce_coaps_port, refused=self.refused)
             await self.coap.start()
+        if cfg.mdns:
+            await self._start_mdns(ifaces, locators)
 
     def _ipip_announcement(self, locator: ipaddress.IPv6Address,
                            ) -> tuple[tuple[grasp.IPv6Locator, ...], ipaddress.IPv6Address | None]:
