@@ -48,6 +48,9 @@ AN_JOIN_REGISTRAR: Final = "AN_join_registrar"  # the IANA-registered spelling (
 # so accept that spelling and turn it into the registered one.
 _OBJECTIVE_ALIASES: Final = {"AN_Join_Registrar": AN_JOIN_REGISTRAR}
 
+REGISTRAR_VALUE_TLS: Final = "EST-TLS"  # RFC 8995 §4.3: EST over TLS at a TCP locator
+REGISTRAR_VALUE_DTLS: Final = "BRSKI_JP"  # cBRSKI over DTLS at a UDP locator (see below)
+
 DEFAULT_TTL_MS: Final = 180_000  # RFC 8995 §4.1.1 and §4.3 examples
 PROXY_LOOP_COUNT: Final = 1  # link-local only
 REGISTRAR_LOOP_COUNT: Final = 255  # "mandatory maximum"
@@ -293,12 +296,22 @@ def registrar_flood(
     locators: Sequence[IPv6Locator],
     *,
     ttl_ms: int = DEFAULT_TTL_MS,
-    value: object = "EST-TLS",
+    value: object = REGISTRAR_VALUE_TLS,
+    udp_value: object = REGISTRAR_VALUE_DTLS,
 ) -> Flood:
     """The registrar's announcement (RFC 8995 §4.3): ``["AN_join_registrar", 4, 255,
-    "EST-TLS"]``, one entry per locator (TCP is the only mandatory one)."""
+    "EST-TLS"]``, one entry per locator (TCP is the only mandatory one).
+
+    The objective value names the protocol at the locator, so a UDP (CoAPS/DTLS) locator gets
+    ``udp_value`` instead: ``"BRSKI_JP"``, the value the constrained join-proxy draft
+    registered for the registrar's stateful DTLS port (up to -15; later drafts leave GRASP to
+    brski-discovery, which names none for it). Proxies that want TCP pick by protocol."""
     if not locators:
         raise UsageError("a registrar flood needs at least one locator")
-    objective = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, value)
-    entries = tuple(FloodEntry(objective, loc) for loc in locators)
+    tls = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, value)
+    dtls = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, udp_value)
+    entries = tuple(
+        FloodEntry(dtls if isinstance(loc, IPv6Locator) and loc.protocol == IPPROTO_UDP
+                   else tls, loc)
+        for loc in locators)
     return Flood(_session_id(rng), initiator, ttl_ms, entries)

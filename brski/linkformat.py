@@ -161,6 +161,35 @@ def format_links(links: Iterable[DiscoveryLink]) -> str:
     return ",".join(link.to_link() for link in items)
 
 
+def link_matches(link: DiscoveryLink, query: str) -> bool:
+    """Whether ``link`` passes one RFC 6690 §4.1 filter query (a Uri-Query option value such
+    as ``rt=brski``, ``rt=brski*`` or ``href=coaps*``). A trailing ``*`` is a prefix match;
+    attribute values that are space-separated lists (``rt``, ``if``) match on any one item; a
+    link without the attribute does not match. A query that is not ``name=value`` is no
+    filter (RFC 6690 defines no other) and matches every link."""
+    name, sep, pattern = query.partition("=")
+    if not sep:
+        return True
+    prefix = pattern.endswith("*")
+    wanted = pattern[:-1] if prefix else pattern
+
+    def hit(value: str) -> bool:
+        return value.startswith(wanted) if prefix else value == wanted
+
+    # Matched on the link as written, read back by the parser clients use.
+    [parsed] = linkformat.parse(link.to_link()).links
+    if name == "href":
+        return hit(parsed.href)
+    values = [v for k, v in parsed.attr_pairs if str(k).lower() == name.lower() and v is not None]
+    return any(hit(item) for value in values for item in value.split(" "))
+
+
+def filter_links(links: Iterable[DiscoveryLink], queries: Iterable[str]) -> list[DiscoveryLink]:
+    """The links that pass every filter query (RFC 6690 §4.1; several queries: all of them)."""
+    wanted = list(queries)
+    return [link for link in links if all(link_matches(link, q) for q in wanted)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing
 

@@ -7,6 +7,12 @@
 * mDNS: ``<instance>._brski-registrar._tcp.local.`` with the port and the announced addresses,
   answered by python-zeroconf on the configured interfaces only.
 
+With ``[announce] coaps_port`` set (the registrar's CoAPS/DTLS port for cBRSKI), the flood also
+carries ``[O_IPv6_LOCATOR, address, 17, coaps_port]`` under ``["AN_join_registrar", 4, 255,
+"BRSKI_JP"]`` (``brski.grasp.registrar_flood``), mDNS also has
+``<instance>._brski-registrar._udp.local.`` with that port, and ``registrar.coap_discovery``
+answers ``GET coap://[ff05::fd]/.well-known/core?rt=brski`` (and on ff02::fd).
+
 The locator address, per interface: ``[announce] address`` if set; else a listen address on
 that interface (by zone or by address); else the interface's first global/ULA address; else its
 link-local one.
@@ -25,6 +31,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ifaddr
@@ -33,11 +40,13 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from brski import grasp
 
+from .coap_discovery import CoapDiscovery
 from .config import RegistrarConfig
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_brski-registrar._tcp.local."
+UDP_SERVICE_TYPE = "_brski-registrar._udp.local."  # cBRSKI (brski-discovery; not IANA's yet)
 GRASP_OBJECTIVE_VALUE = "EST-TLS"
 MIN_RECOMMENDED_PERIOD = 60.0  # RFC 8995 §4.3: SHOULD NOT be below 60 s
 
@@ -99,13 +108,16 @@ class GraspFlooder:
 
     def __init__(self, iface: InterfaceAddresses, locator: ipaddress.IPv6Address, port: int,
                  period: float, *, extra_locators: tuple[grasp.IPv6Locator, ...] = (),
-                 initiator: ipaddress.IPv6Address | None = None) -> None:
+                 initiator: ipaddress.IPv6Address | None = None,
+                 udp_port: int | None = None) -> None:
         if not iface.link_local:
             raise OSError(f"interface {iface.name} has no link-local address for GRASP")
         self.iface = iface
         self.initiator = initiator or iface.link_local[0]
         self.locator = grasp.IPv6Locator(locator, grasp.IPPROTO_TCP, port)
-        self.locators = (self.locator, *extra_locators)
+        udp = (() if udp_port is None
+               else (grasp.IPv6Locator(locator, grasp.IPPROTO_UDP, udp_port),))
+        self.locators = (self.locator, *udp, *extra_locators)
         self.period = period
         self.sent = 0
         self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -120,7 +132,7 @@ class GraspFlooder:
 
     def message(self) -> bytes:
         flood = grasp.registrar_flood(os.urandom, self.initiator, list(self.locators),
-                                      value=GRASP_OBJECTIVE_VALUE)
+                                      value=GRASP_OBJECTIVE_VALUE)  # UDP: BRSKI_JP
         return flood.encode()
 
     def send_once(self) -> None:
@@ -157,12 +169,15 @@ class Announcer:
     """Everything the registrar announces, started once its listeners are bound."""
 
     def __init__(self, config: RegistrarConfig, *,
-                 ipip_link_local: ipaddress.IPv6Address | None = None) -> None:
+                 ipip_link_local: ipaddress.IPv6Address | None = None,
+                 refused: Callable[[str, str], None] | None = None) -> None:
         self.config = config
+        self.refused = refused  # the refusal metric, for datagrams CoAP discovery drops
         self.ipip_link_local = ipip_link_local  # set when [ipip] is on (resolved address)
         self.flooders: list[GraspFlooder] = []
         self._zeroconf: AsyncZeroconf | None = None
-        self._info: ServiceInfo | None = None
+        self._infos: list[ServiceInfo] = []
+        self.coap: CoapDiscovery | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -182,13 +197,20 @@ class Announcer:
                 locator = locators[iface.name]
                 extra, initiator = self._ipip_announcement(locator)
                 flooder = GraspFlooder(iface, locator, cfg.announce_port, cfg.grasp_period,
-                                       extra_locators=extra, initiator=initiator)
+                                       extra_locators=extra, initiator=initiator,
+                                       udp_port=cfg.announce_coaps_port)
                 flooder.start()
                 self.flooders.append(flooder)
-                log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d%s",
-                         iface.name, cfg.grasp_period, locator, cfg.announce_port,
+                coaps = ("" if cfg.announce_coaps_port is None
+                         else f", UDP (CoAPS) port {cfg.announce_coaps_port}")
+                log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d%s%s",
+                         iface.name, cfg.grasp_period, locator, cfg.announce_port, coaps,
                          "".join(f", IPIP [{x.address}] protocol {x.protocol} to {initiator}"
                                  for x in extra))
+        if cfg.announce_coaps_port is not None:  # before mDNS, whose probing takes seconds
+            self.coap = CoapDiscovery({i.name: (i.index, locators[i.name]) for i in ifaces},
+                                      cfg.announce_coaps_port, refused=self.refused)
+            await self.coap.start()
         if cfg.mdns:
             await self._start_mdns(ifaces, locators)
 
@@ -218,25 +240,35 @@ class Announcer:
         self._zeroconf = AsyncZeroconf(interfaces=choice,  # type: ignore[arg-type]
                                        ip_version=IPVersion.All if v4 else IPVersion.V6Only)
         host = cfg.mdns_instance.replace(".", "-")
-        self._info = ServiceInfo(
-            SERVICE_TYPE,
-            f"{cfg.mdns_instance}.{SERVICE_TYPE}",
-            port=cfg.announce_port,
-            parsed_addresses=addresses,
-            server=f"{host}.local.",
-            properties=b"\x00",  # RFC 6763 §6.1: no TXT data is one empty string, not none
-        )
-        await self._zeroconf.async_register_service(self._info)
-        log.info("mDNS: %s.%s on %s, port %d, addresses %s", cfg.mdns_instance, SERVICE_TYPE,
-                 ", ".join(cfg.announce_interfaces), cfg.announce_port, ", ".join(addresses))
+        services = [(SERVICE_TYPE, cfg.announce_port)]
+        if cfg.announce_coaps_port is not None:
+            services.append((UDP_SERVICE_TYPE, cfg.announce_coaps_port))
+        for service_type, port in services:
+            info = ServiceInfo(
+                service_type,
+                f"{cfg.mdns_instance}.{service_type}",
+                port=port,
+                parsed_addresses=addresses,
+                server=f"{host}.local.",
+                properties=b"\x00",  # RFC 6763 §6.1: no TXT data is one empty string, not none
+            )
+            await self._zeroconf.async_register_service(info)
+            self._infos.append(info)
+            log.info("mDNS: %s.%s on %s, port %d, addresses %s", cfg.mdns_instance,
+                     service_type, ", ".join(cfg.announce_interfaces), port,
+                     ", ".join(addresses))
 
     async def stop(self) -> None:
         for flooder in self.flooders:
             await flooder.stop()
         self.flooders.clear()
+        if self.coap is not None:
+            await self.coap.stop()
+            self.coap = None
         if self._zeroconf is not None:
             with contextlib.suppress(Exception):  # best effort: say goodbye, then close
-                if self._info is not None:
-                    await self._zeroconf.async_unregister_service(self._info)
+                for info in self._infos:
+                    await self._zeroconf.async_unregister_service(info)
+            self._infos.clear()
             await self._zeroconf.async_close()
             self._zeroconf = None

@@ -38,7 +38,8 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                       subject_policy=config.ldevid_subject)
         masa = MasaClient(config)
         await masa.start()
-        announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None)
+        announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None,
+                              refused=metrics.refused)
 
         async def started() -> None:
             # Tunnels before announcements: a proxy that hears the flood can use them at once.

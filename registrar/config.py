@@ -49,6 +49,10 @@ Every key, its default and its meaning. Relative paths are relative to the confi
                                   # listen address there, else its first global/ULA address,
                                   # else its link-local one)
     instance = "registrar"        # mDNS instance name (default: "registrar-<hostname>")
+    coaps_port = 5684             # the CoAPS (cBRSKI) port to announce beside the HTTPS one:
+                                  # GRASP UDP locator, _brski-registrar._udp, and answers to
+                                  # GET coap://[ff05::fd]/.well-known/core?rt=brski on UDP 5683
+                                  # (registrar.coap_discovery); default: unset, not announced
 
     [ipip]                        # terminating the stateless IPIP join proxy (off by default;
     enabled = false               # `brski-registrar --ipip` turns it on): every key, and how a
@@ -136,6 +140,7 @@ class RegistrarConfig:
     announce_address: ipaddress.IPv6Address | None
     mdns_instance: str
     log_level: int
+    announce_coaps_port: int | None = None  # [announce] coaps_port
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
     ipip: IpipConfig = field(default_factory=IpipConfig)
 
@@ -209,6 +214,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         except ValueError as exc:
             raise ann.error("address", f"not an IPv6 address ({exc})") from exc
     instance = ann.string("instance", f"registrar-{socket.gethostname()}")
+    coaps_port = ann.integer("coaps_port", None, minimum=1, maximum=65535)
     ann.finish()
 
     ipip_config = load_ipip_config(root, listen, force=ipip)
@@ -225,7 +231,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         store_path=store_path, announce_interfaces=interfaces, grasp=grasp,
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
         mdns_instance=instance, log_level=level, metrics_listen=metrics_listen,
-        ipip=ipip_config,
+        ipip=ipip_config, announce_coaps_port=coaps_port,
     )
 
 
