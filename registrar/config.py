@@ -55,6 +55,11 @@ Every key, its default and its meaning. Relative paths are relative to the confi
                                   # proxy must encapsulate, in registrar.ipip_config and
                                   # registrar.ipip
 
+    [coaps]
+    listen = ""                   # cBRSKI + EST-coaps over DTLS (registrar.coaps) on this UDP
+                                  # address, e.g. "[::]:5684" (the cBRSKI default port);
+                                  # "" (default): off, so no UDP port opens unasked
+
     [metrics]
     listen = ""                   # Prometheus /metrics, e.g. "[::1]:9466"; "" (default): off;
                                   # --metrics ADDRESS overrides it (registrar.metrics)
@@ -73,7 +78,7 @@ from pathlib import Path
 from cryptography import x509
 
 from .ipip_config import IpipConfig, load_ipip_config
-from .metrics import load_metrics_listen
+from .metrics import load_metrics_listen, metrics_address
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -138,6 +143,7 @@ class RegistrarConfig:
     log_level: int
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
     ipip: IpipConfig = field(default_factory=IpipConfig)
+    coaps_listen: tuple[str, int] | None = None  # [coaps] listen (registrar.coaps)
 
     @property
     def server_cert(self) -> x509.Certificate:
@@ -214,6 +220,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
     ipip_config = load_ipip_config(root, listen, force=ipip)
     level = log_level(root)
     metrics_listen = load_metrics_listen(root)
+    coaps_listen = _coaps_listen(root)
     root.finish()
     return RegistrarConfig(
         source=path, listen=listen, cert_file=cert_file, key_file=key_file,
@@ -225,8 +232,21 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         store_path=store_path, announce_interfaces=interfaces, grasp=grasp,
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
         mdns_instance=instance, log_level=level, metrics_listen=metrics_listen,
-        ipip=ipip_config,
+        ipip=ipip_config, coaps_listen=coaps_listen,
     )
+
+
+def _coaps_listen(root: Table) -> tuple[str, int] | None:
+    table = root.table("coaps")
+    if table.data.get("listen") == "":
+        del table.data["listen"]  # "" is "off", as in [metrics]
+    text = table.string("listen", None) or ""
+    try:
+        address = metrics_address(text)
+    except ValueError as exc:
+        raise table.error("listen", f"{text!r}: {exc}") from exc
+    table.finish()
+    return address
 
 
 def _masa_route(authority: str, table: Table) -> MasaRoute:
