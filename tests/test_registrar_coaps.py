@@ -145,7 +145,7 @@ def test_pledge_enrolls_over_coaps(lab, tmp_path):
     idevid = lab.idevid("SN-A")
     nonce = os.urandom(8)
     pvr = cose_pvr(idevid, "SN-A", lab.registrar.cert, nonce=nonce)
-    der, _ = csr_for(idevid)
+    der, key = csr_for(idevid)
     telemetry = StatusReport(True).encode_cbor()
     rv, sen, crts, vs, es = run(exchange(lab, idevid, [
         req(lab, aiocoap.POST, "/.well-known/brski/rv", pvr, content_format=836),
@@ -173,6 +173,15 @@ def test_pledge_enrolls_over_coaps(lab, tmp_path):
     assert crts.opt.block2 is not None and crts.opt.block2.size_exponent == 2
     assert vs.code == aiocoap.CHANGED and vs.payload == b""
     assert es.code == aiocoap.CHANGED and es.payload == b""
+
+    # Re-enrollment with the LDevID just issued, over a session it authenticates.
+    der2, _ = csr_for(idevid)
+    (sren,) = run(exchange(lab, Issued(ldevid, key), [
+        req(lab, aiocoap.POST, "/.well-known/est/sren", der2, content_format=286)]))
+    assert sren.code == aiocoap.CHANGED and sren.opt.content_format == 281, sren.payload
+    renewed = coap_formats.decode_certs(sren.payload, 281)[0]
+    assert renewed.subject == ldevid.subject and renewed.serial_number != ldevid.serial_number
+    assert ": OK" in openssl_verify(tmp_path, lab, renewed)
 
     with lab.store() as store:
         assert [v.nonce for v in store.vouchers("SN-A")]  # the MASA's voucher, stored
@@ -310,6 +319,26 @@ def test_garbage_datagrams_are_counted_and_the_registrar_keeps_serving(lab):
     assert answer.code == aiocoap.CONTENT
     assert lab.metric("brski_registrar_coaps_drops_total", reason="garbage") >= before + 3
     assert lab.reg.alive()
+
+
+def test_masa_down_gets_5_03_with_max_age_then_the_same_pvr_succeeds(lab):
+    idevid = lab.idevid("SN-D")
+    nonce = os.urandom(8)
+    pvr = cose_pvr(idevid, "SN-D", lab.registrar.cert, nonce=nonce)
+    rv = (lab, aiocoap.POST, "/.well-known/brski/rv", pvr)
+    lab.masa.stop()
+    try:
+        (answer,) = run(exchange(lab, idevid, [req(*rv, content_format=836)]))
+    finally:
+        lab.masa.start()
+    # RFC 9148 §5.7: the HTTPS side's 202 + Retry-After is 5.03 + Max-Age here.
+    assert answer.code == aiocoap.SERVICE_UNAVAILABLE and answer.opt.max_age == 5, answer
+    with lab.store() as store:
+        assert [r.status for r in store.voucher_requests("SN-D")][-1] == "pending"
+    (answer,) = run(exchange(lab, idevid, [req(*rv, content_format=836)]))
+    assert answer.code == aiocoap.CHANGED, answer.payload
+    signer = x509.load_pem_x509_certificate(lab.masa_signer.read_bytes())
+    verify_voucher_cose(answer.payload, [signer], now(), serial_number="SN-D", nonce=nonce)
 
 
 # --- libcoap's coap-client-openssl as the independent peer ----------------------------------
