@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from brski import certs, coap_formats, cose
-from brski.dtls import DtlsConfig
+from brski.dtls import DtlsConfig, DtlsSession
 from brski.pki import Issued
 from brski.signed_voucher import verify_voucher_cose
 from brski.telemetry import StatusReport
@@ -339,6 +339,36 @@ def test_masa_down_gets_5_03_with_max_age_then_the_same_pvr_succeeds(lab):
     assert answer.code == aiocoap.CHANGED, answer.payload
     signer = x509.load_pem_x509_certificate(lab.masa_signer.read_bytes())
     verify_voucher_cose(answer.payload, [signer], now(), serial_number="SN-D", nonce=nonce)
+
+
+def test_client_hello_flood_without_cookies_is_counted_and_keeps_no_session(lab):
+    idevid = lab.idevid("SN-B")
+    before = lab.metric("brski_registrar_coaps_drops_total", reason="no-cookie")
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        for _ in range(30):
+            (hello,) = DtlsSession.client(DtlsConfig(
+                idevid.cert, idevid.key, [lab.domain_ca])).datagrams_to_send()
+            sock.sendto(hello, ("::1", lab.coaps_port))
+    (answer,) = run(exchange(lab, idevid, [
+        req(lab, aiocoap.GET, "/.well-known/est/crts", accept=287)]))
+    assert answer.code == aiocoap.CONTENT
+    # 30 from the flood, and the served client's own first ClientHello.
+    assert lab.metric("brski_registrar_coaps_drops_total", reason="no-cookie") == before + 31
+    assert lab.metric("brski_registrar_coaps_sessions") <= 1
+
+
+@pytest.mark.parametrize("value, message", [
+    ('"[::1]"', "listen"), ('"[::1]:99999"', "listen"), ("5684", "listen")])
+def test_coaps_listen_errors_name_the_key(lab, tmp_path, value, message):
+    text = (lab.work / "registrar.toml").read_text().replace(
+        f'listen = "[::1]:{lab.coaps_port}"', f"listen = {value}")
+    bad = tmp_path / "registrar.toml"
+    bad.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "registrar.cli", "--config", str(bad),
+                           "--check-config"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "[coaps]" in done.stderr or "coaps" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 # --- libcoap's coap-client-openssl as the independent peer ----------------------------------
