@@ -7,6 +7,7 @@ import base64
 import datetime
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -369,6 +370,29 @@ def test_coaps_listen_errors_name_the_key(lab, tmp_path, value, message):
     assert done.returncode == 78, done.stderr
     assert "[coaps]" in done.stderr or "coaps" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_random_bodies_never_get_an_internal_error(lab):
+    """Mutated PVRs, CSRs and reports on every POST resource: 4.xx each, never 5.00."""
+    rng = random.Random(13)
+    idevid = lab.idevid("SN-C")
+    seeds = {"/.well-known/brski/rv": (cose_pvr(idevid, "SN-C", lab.registrar.cert), 836),
+             "/.well-known/est/sen": (csr_for(idevid)[0], 286),
+             "/.well-known/brski/vs": (StatusReport(False, "x").encode_cbor(), 60),
+             "/.well-known/brski/es": (b'{"version":1,"status":true}', 50)}
+    requests = []
+    for path, (seed, form) in seeds.items():
+        for _ in range(12):
+            body = bytearray(seed)
+            for _ in range(rng.randint(1, 4)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+            requests.append(req(lab, aiocoap.POST, path, bytes(body[:rng.randint(1, len(body))]),
+                                content_format=form))
+    answers = run(exchange(lab, idevid, requests))
+    assert all(a.code.class_ == 4 for a in answers), [str(a.code) for a in answers]
+    assert "internal error" not in lab.reg.log()
+    with lab.store() as store:
+        assert store.vouchers("SN-C") == []
 
 
 # --- libcoap's coap-client-openssl as the independent peer ----------------------------------
