@@ -179,10 +179,13 @@ class CaCerts(RegistrarResource):
         form = _accept(request, cf.CERT_FORMATS, cf.CF_PKCS7_CERTS_ONLY)
         ca = self.coaps.registrar.config.ca_cert
         payload = cf.encode_certs([ca], form)
+        # The ETag names the representation: this CA in this format.
+        etag = hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)
+                              + form.to_bytes(2, "big")).digest()[:8]
+        if etag in request.opt.etags:  # RFC 7252 §5.10.6: the client's copy is current
+            return aiocoap.Message(code=Code.VALID, etag=etag)
         response = aiocoap.Message(code=Code.CONTENT, payload=payload, content_format=form)
-        # The ETag names the CA certificate; the format is the Content-Format's business.
-        response.opt.etag = hashlib.sha256(ca.public_bytes(
-            serialization.Encoding.DER)).digest()[:8]
+        response.opt.etag = etag
         response.opt.size2 = len(payload)  # copied into every Block2 (cBRSKI §6.7: MUST)
         return response
 

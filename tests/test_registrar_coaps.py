@@ -207,6 +207,13 @@ def test_crts_formats_and_att(lab):
     assert default.opt.content_format == 281  # RFC 9148 §5.3: no Accept -> 281
     assert att.code == aiocoap.CONTENT and att.opt.content_format == 285
     assert bad.code == aiocoap.NOT_ACCEPTABLE
+    assert len({p7.opt.etag, pkix.opt.etag}) == 2 and default.opt.etag == p7.opt.etag
+    valid, changed = run(exchange(lab, idevid, [
+        req(lab, aiocoap.GET, "/.well-known/est/crts", accept=287, etags=[pkix.opt.etag]),
+        req(lab, aiocoap.GET, "/.well-known/est/crts", accept=62, etags=[pkix.opt.etag])]))
+    assert valid.code == aiocoap.VALID and valid.payload == b""
+    assert valid.opt.etag == pkix.opt.etag
+    assert changed.code == aiocoap.CONTENT and changed.opt.content_format == 62
 
 
 def test_well_known_core_and_uri_path_abbrev(lab):
