@@ -66,9 +66,8 @@ class Lab:
         self.coaps_port, self.metrics_port = free_udp_port(), free_port()
         registrar_toml, masa_toml = write_configs(
             self.root, work, masa_listen=[f"[::1]:{self.masa_port}"],
-            registrar_listen=[f"[::1]:{self.https_port}"], masa_timeout=5)
-        with open(registrar_toml, "a") as f:
-            f.write(f'\n[coaps]\nlisten = "[::1]:{self.coaps_port}"\n')
+            registrar_listen=[f"[::1]:{self.https_port}"], masa_timeout=5,
+            coaps_listen=f"[::1]:{self.coaps_port}")
         self.masa_signer = work / "masa-signer.pem"
         self.masa_signer.write_bytes(x509.load_pem_x509_certificates(
             (work / "masa-signer-chain.pem").read_bytes())[0].public_bytes(Encoding.PEM))
