@@ -109,12 +109,15 @@ class RegistrarResource(resource.Resource):
                         refusal.status, refusal.reason)
             self.coaps.refused(self.name, refusal.label)
             code = CODES.get(refusal.status, Code.INTERNAL_SERVER_ERROR)
-            return aiocoap.Message(code=code, payload=refusal.reason.encode()[:512])
+            # A diagnostic payload (RFC 7252 §5.5.2): UTF-8, short, not cut inside a character.
+            text = refusal.reason.encode()[:512].decode("utf-8", "ignore")
+            return aiocoap.Message(code=code, payload=text.encode())
         except MasaUnreachable as exc:
             # RFC 9148 §5.7 / cBRSKI §6.5: HTTPS's 202 + Retry-After is 5.03 + Max-Age.
             retry = reg.config.retry_after
-            log.warning("CoAPS %s: MASA unreachable (%s); 5.03, Max-Age %d", self.name, exc,
-                        retry)
+            # constrained_voucher has logged it at warning level already.
+            log.debug("CoAPS %s: MASA unreachable (%s); 5.03, Max-Age %d", self.name, exc,
+                      retry)
             return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=retry,
                                    payload=f"MASA unreachable; retry in {retry} s".encode())
         except Exception:
@@ -260,11 +263,19 @@ class RegistrarSite(resource.Site):
             raise aiocoap.error.RequestEntityTooLarge()
         try:
             return await super().render_to_pipe(request)
-        except (aiocoap.error.NotFound, aiocoap.error.BadOption) as exc:
-            status, label = (404, "not-found") if isinstance(
-                exc, aiocoap.error.NotFound) else (400, "malformed")
-            path = "/" + "/".join(message.opt.uri_path)
-            self._refused(message, "unknown", status, label, f"no such resource: {path}")
+        except (aiocoap.error.NotFound, aiocoap.error.BadOption,
+                aiocoap.error.UnallowedMethod) as exc:
+            path = tuple(message.opt.uri_path)
+            where = "/" + "/".join(path)
+            if isinstance(exc, aiocoap.error.UnallowedMethod):
+                endpoint = path[-1] if path in self.coaps.resources else "unknown"
+                self._refused(message, endpoint, 405, "method-not-allowed",
+                              f"{message.code} is not allowed on {where}")
+            elif isinstance(exc, aiocoap.error.NotFound):
+                self._refused(message, "unknown", 404, "not-found", f"no such resource: {where}")
+            else:
+                self._refused(message, "unknown", 400, "malformed",
+                              "Uri-Path-Abbrev unknown or beside Uri-Path")
             raise
 
     def _refused(self, message: aiocoap.Message, endpoint: str, status: int, label: str,

@@ -254,12 +254,15 @@ def test_refusals_get_coap_codes_logged_and_counted(lab):
         req(lab, aiocoap.POST, "/.well-known/est/sren", b"", content_format=286),
         req(lab, aiocoap.GET, "/.well-known/brski/nothing"),
         req(lab, aiocoap.POST, "/.well-known/est/sen", b"\x30\x03abc", content_format=286),
+        req(lab, aiocoap.PUT, "/.well-known/est/crts", b"x"),
+        aiocoap.Message(code=aiocoap.GET, uri=lab.uri, uri_path_abbrev=999),
     ]))
     codes = [a.code for a in answers]
     assert codes == [aiocoap.FORBIDDEN, aiocoap.UNAUTHORIZED, aiocoap.UNSUPPORTED_CONTENT_FORMAT,
                      aiocoap.UNSUPPORTED_CONTENT_FORMAT, aiocoap.REQUEST_ENTITY_TOO_LARGE,
                      aiocoap.NOT_ACCEPTABLE, aiocoap.FORBIDDEN, aiocoap.NOT_FOUND,
-                     aiocoap.BAD_REQUEST], [str(c) for c in codes]
+                     aiocoap.BAD_REQUEST, aiocoap.METHOD_NOT_ALLOWED, aiocoap.BAD_OPTION], [
+                         str(c) for c in codes]
     assert b"signature" in answers[0].payload
     assert lab.metric("brski_registrar_refusals_total", endpoint="rv",
                       reason="forbidden") == before + 1
@@ -267,6 +270,8 @@ def test_refusals_get_coap_codes_logged_and_counted(lab):
                       reason="too-large") >= 1
     assert lab.metric("brski_registrar_refusals_total", endpoint="unknown",
                       reason="not-found") >= 1
+    assert lab.metric("brski_registrar_refusals_total", endpoint="crts",
+                      reason="method-not-allowed") >= 1
     log = lab.reg.log()
     line = [ln for ln in log.splitlines() if "CoAPS" in ln and "signature" in ln]
     assert len(line) == 1 and "serialNumber=SN-C" in line[0], line
