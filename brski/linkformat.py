@@ -326,3 +326,30 @@ def _split_uri(href: str, scheme: str, default_port: int | None) -> tuple[Addres
     if (address.version == 6) != parts.netloc.startswith("["):
         raise DecodeError(f"link target {href!r}: only IPv6 addresses go in brackets")
     return address, port, parts.path
+
+
+# ---------------------------------------------------------------------------------------------
+# A server's own resources (/.well-known/core over the DTLS session, cBRSKI §6.5, RFC 9148 §5.1)
+
+
+def format_resource_links(links: Iterable[tuple[str, Params]]) -> str:
+    """``</.well-known/brski/rv>;rt=brski.rv;ct=836,...`` from (path, params) pairs; a value
+    with a space (``ct="281 287"``) is quoted."""
+    return ",".join(_format_link(href, params) for href, params in links)
+
+
+def matches_query(params: Params, query: Sequence[str]) -> bool:
+    """RFC 6690 §4.1 filtering: every ``name=value`` (``value*`` a prefix) must match one of
+    the link's values for that name (space-separated values count one by one)."""
+    for item in query:
+        name, sep, want = item.partition("=")
+        if not sep:
+            continue
+        values = [v for n, value in params if n == name and value is not None
+                  for v in value.split(" ")]
+        if want.endswith("*"):
+            if not any(v.startswith(want[:-1]) for v in values):
+                return False
+        elif want not in values:
+            return False
+    return True

@@ -51,6 +51,7 @@ def write_configs(
     nonceless: bool = False,
     log_level: str = "info",
     ipip: Mapping[str, object] | None = None,
+    coaps_listen: str | None = None,
 ) -> tuple[Path, Path]:
     """Write ``registrar.toml`` and ``masa.toml`` into ``out_dir``; return their paths.
 
@@ -80,6 +81,9 @@ def write_configs(
     ``ipip``: write an ``[ipip]`` table (``enabled = true`` unless given) with these keys, e.g.
     ``{"link_local": "fe80::b:2", "protocols": [41, 98], "proxies": ["fd4a:5044::1"]}``
     (keys in ``registrar.ipip_config``); it needs a ``[::]:port`` listen address.
+
+    ``coaps_listen``: the registrar's CoAPS (cBRSKI, EST-coaps) UDP address, e.g.
+    ``"[::1]:5684"`` (None: off).
 
     Databases go to ``out_dir/registrar.db`` and ``out_dir/masa.db``; the registrar's TLS chain
     (registrar certificate then domain CA) to ``out_dir/registrar-chain.pem``, the MASA's
@@ -149,6 +153,9 @@ def write_configs(
     if ipip is not None:
         registrar += ["", "[ipip]", *(f"{key} = {_value(value)}"
                                       for key, value in {"enabled": True, **ipip}.items())]
+    if coaps_listen is not None:
+        parse_host_port(coaps_listen)
+        registrar += ["", "[coaps]", f"listen = {_q(coaps_listen)}"]
     registrar += ["", "[log]", f"level = {_q(log_level)}", ""]
 
     if devices is None:

@@ -25,7 +25,7 @@ from brski.signed_voucher import sign_voucher_cms, verify_voucher_cms
 from brski.telemetry import StatusReport
 
 from .context import REGISTRAR, Registrar
-from .identity import Kind, require_pledge
+from .identity import Client, Kind, require_pledge
 from .masa_client import MasaUnreachable, NoMasa
 from .voucher_request import PledgeRequest, build_rvr, check_pledge_request
 from .web import (
@@ -136,6 +136,13 @@ async def _telemetry(request: web.Request, kind: str) -> web.Response:
         report = StatusReport.decode_json(body)
     except BrskiError as exc:
         raise Refusal(400, f"not a {kind} report: {exc}") from exc
+    record_telemetry(reg, client, kind, body, report)
+    return plain(200, "recorded")
+
+
+def record_telemetry(reg: Registrar, client: Client, kind: str, body: bytes,
+                     report: StatusReport) -> None:
+    """Store and log a status report, over HTTPS or CoAPS alike (``body`` as received)."""
     matches = _matches_record(reg, client.cert, client.kind, client.serial)
     reg.store.add_telemetry(client.serial, kind, body, version=report.version,
                             status=report.status, reason=report.reason,
@@ -150,7 +157,6 @@ async def _telemetry(request: web.Request, kind: str) -> web.Response:
     if report.version > 1:
         log.warning("%s from %s has version %d (we know 1): please look at it", kind,
                     client.serial, report.version)
-    return plain(200, "recorded")
 
 
 def _matches_record(reg: Registrar, cert: object, kind: Kind, serial: str | None) -> bool:

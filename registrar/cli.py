@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import logging
 import sys
 
 from . import service
 from .announce import Announcer
 from .app import make_app, tls_context
+from .coaps import CoapsRegistrar
 from .config import RegistrarConfig, load_registrar_config
 from .context import Registrar
 from .domain_ca import DomainCA
@@ -40,18 +42,32 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
         await masa.start()
         announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None,
                               refused=metrics.refused)
+        registrar = Registrar(config, store, masa, ca)
+        coaps = CoapsRegistrar(registrar, metrics) if config.coaps_listen else None
 
         async def started() -> None:
             # Tunnels before announcements: a proxy that hears the flood can use them at once.
             if ipip is not None:
                 await ipip.start()
+            if coaps is not None and config.coaps_listen is not None:
+                try:
+                    endpoint = await coaps.start(config.coaps_listen)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen for CoAPS on "
+                                             f"[{config.coaps_listen[0]}]:"
+                                             f"{config.coaps_listen[1]}: {exc.strerror}") from exc
+                host, port = endpoint.local_address[:2]
+                logging.getLogger("registrar.coaps").info(
+                    "CoAPS (cBRSKI, EST-coaps) on udp [%s]:%d", host, port)
             await announcer.start()
 
         try:
-            await serve(make_app(Registrar(config, store, masa, ca)), config.listen,
+            await serve(make_app(registrar), config.listen,
                         tls_context(config), "registrar", on_started=started, metrics=metrics)
         finally:
             await announcer.stop()
+            if coaps is not None:
+                await coaps.stop()
             # After the listeners closed: connections on the TUN devices got their last
             # segments out through them.
             if ipip is not None:

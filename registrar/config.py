@@ -52,12 +52,18 @@ Every key, its default and its meaning. Relative paths are relative to the confi
     coaps_port = 5684             # the CoAPS (cBRSKI) port to announce beside the HTTPS one:
                                   # GRASP UDP locator, _brski-registrar._udp, and answers to
                                   # GET coap://[ff05::fd]/.well-known/core?rt=brski on UDP 5683
-                                  # (registrar.coap_discovery); default: unset, not announced
+                                  # (registrar.coap_discovery); default: the port of
+                                  # [coaps] listen when that is set, else not announced
 
     [ipip]                        # terminating the stateless IPIP join proxy (off by default;
     enabled = false               # `brski-registrar --ipip` turns it on): every key, and how a
                                   # proxy must encapsulate, in registrar.ipip_config and
                                   # registrar.ipip
+
+    [coaps]
+    listen = ""                   # cBRSKI + EST-coaps over DTLS (registrar.coaps) on this UDP
+                                  # address, e.g. "[::]:5684" (the cBRSKI default port);
+                                  # "" (default): off, so no UDP port opens unasked
 
     [metrics]
     listen = ""                   # Prometheus /metrics, e.g. "[::1]:9466"; "" (default): off;
@@ -77,7 +83,7 @@ from pathlib import Path
 from cryptography import x509
 
 from .ipip_config import IpipConfig, load_ipip_config
-from .metrics import load_metrics_listen
+from .metrics import load_metrics_listen, metrics_address
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -143,6 +149,7 @@ class RegistrarConfig:
     announce_coaps_port: int | None = None  # [announce] coaps_port
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
     ipip: IpipConfig = field(default_factory=IpipConfig)
+    coaps_listen: tuple[str, int] | None = None  # [coaps] listen (registrar.coaps)
 
     @property
     def server_cert(self) -> x509.Certificate:
@@ -220,6 +227,9 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
     ipip_config = load_ipip_config(root, listen, force=ipip)
     level = log_level(root)
     metrics_listen = load_metrics_listen(root)
+    coaps_listen = _coaps_listen(root)
+    if coaps_port is None and coaps_listen is not None:
+        coaps_port = coaps_listen[1]  # announce the CoAPS listener the registrar runs
     root.finish()
     return RegistrarConfig(
         source=path, listen=listen, cert_file=cert_file, key_file=key_file,
@@ -231,8 +241,21 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         store_path=store_path, announce_interfaces=interfaces, grasp=grasp,
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
         mdns_instance=instance, log_level=level, metrics_listen=metrics_listen,
-        ipip=ipip_config, announce_coaps_port=coaps_port,
+        ipip=ipip_config, announce_coaps_port=coaps_port, coaps_listen=coaps_listen,
     )
+
+
+def _coaps_listen(root: Table) -> tuple[str, int] | None:
+    table = root.table("coaps")
+    if table.data.get("listen") == "":
+        del table.data["listen"]  # "" is "off", as in [metrics]
+    text = table.string("listen", None) or ""
+    try:
+        address = metrics_address(text)
+    except ValueError as exc:
+        raise table.error("listen", f"{text!r}: {exc}") from exc
+    table.finish()
+    return address
 
 
 def _masa_route(authority: str, table: Table) -> MasaRoute:

@@ -86,6 +86,13 @@ async def simple_reenroll(request: web.Request) -> web.Response:
 def _issue(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
            idevid: x509.Certificate | None = None,
            renewing: x509.Certificate | None = None) -> web.Response:
+    return _certs_only([issue_ldevid(reg, csr, serial, idevid=idevid, renewing=renewing)])
+
+
+def issue_ldevid(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
+                 idevid: x509.Certificate | None = None,
+                 renewing: x509.Certificate | None = None) -> x509.Certificate:
+    """Issue and store an LDevID (HTTPS and CoAPS alike); ``Refusal`` 400 if the CA will not."""
     try:
         cert = reg.ca.issue(csr, now=reg.now(), idevid=idevid, renewing=renewing)
     except EnrollError as exc:
@@ -97,4 +104,4 @@ def _issue(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
              "LDevID renewed" if renewing is not None else "LDevID issued", serial,
              cert.subject.rfc4514_string(), cert.serial_number,
              cert.not_valid_after_utc.isoformat())
-    return _certs_only([cert])
+    return cert

@@ -2,7 +2,12 @@
 
     brski_<program>_refusals_total{endpoint,reason}   refused TLS handshakes (endpoint "tls")
                                                       and refused requests (endpoint: the last
-                                                      path segment, "unknown" for other paths)
+                                                      path segment, "unknown" for other paths;
+                                                      CoAPS: the short name, e.g. "rv", "sen")
+    brski_registrar_coaps_drops_total{reason}          datagrams the CoAPS (DTLS) socket dropped:
+                                                      no-cookie, handshake-failed (e.g. an
+                                                      unknown manufacturer), table-full, garbage
+    brski_registrar_coaps_sessions                     DTLS sessions now open
 
 Reasons are short fixed labels (below), the words for humans go to the log. The TLS reasons
 exist from the start, at zero, so a dashboard can tell "never happened" from "not exported".
@@ -15,6 +20,7 @@ import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .tomlconfig import Table, parse_host_port
 
@@ -50,6 +56,10 @@ class ServiceMetrics:
     def refused(self, endpoint: str, reason: str) -> None:
         self.refusals.labels(endpoint, reason).inc()
 
+    def watch_dtls(self, endpoint: Any) -> None:
+        """Export a ``coaps_io.endpoint.DtlsEndpoint``'s drop counters and session count."""
+        self.registry.register(_DtlsCollector(endpoint))
+
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics over HTTP from a background thread."""
         self._server = start_http_server(port, addr=host, registry=self.registry)
@@ -61,6 +71,22 @@ class ServiceMetrics:
             server.server_close()
             thread.join(timeout=2)
             self._server = None
+
+
+class _DtlsCollector:
+    """Read at scrape time: the endpoint counts for itself (``drops``, ``peers``)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+
+    def collect(self) -> Any:
+        drops = CounterMetricFamily("brski_registrar_coaps_drops",
+                                    "Datagrams dropped by the CoAPS DTLS socket", labels=["reason"])
+        for reason, count in sorted(self.endpoint.drops.items()):
+            drops.add_metric([reason], count)
+        yield drops
+        yield GaugeMetricFamily("brski_registrar_coaps_sessions", "DTLS sessions open",
+                                value=len(self.endpoint.peers))
 
 
 def metrics_address(text: str) -> tuple[str, int] | None:

@@ -167,3 +167,14 @@ def test_a_newer_store_stops_the_registrar_with_the_reason(configs, tmp_path):
     assert done.returncode == 1
     assert "registrar.db: schema version 7 is newer than this registrar understands (1)" \
         in done.stderr
+
+
+def test_the_coaps_listener_is_announced_unless_another_port_is_named(configs, tmp_path):
+    """[announce] coaps_port defaults to the port [coaps] listen serves (issue 13: one
+    registrar announces the CoAPS endpoint it runs), and stays unset without a listener."""
+    registrar = configs[0]
+    assert load_registrar_config(registrar).announce_coaps_port is None
+    with_coaps = tmp_path / "coaps.toml"
+    with_coaps.write_text(registrar.read_text() + '\n[coaps]\nlisten = "[::1]:5699"\n')
+    assert load_registrar_config(with_coaps).coaps_listen == ("::1", 5699)
+    assert load_registrar_config(with_coaps).announce_coaps_port == 5699
