@@ -31,6 +31,7 @@ from test_ipip_daemon import (
 from joinproxyd import ctl as ctl_module
 from lab import Host, Lab, LabProcess, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, talk
+from lab.sniffers import GRASP_SNIFFER, heard
 
 pytestmark = pytest.mark.netns
 __all__ = ["bpffs"]  # a fixture, used by name
@@ -61,19 +62,6 @@ except OSError:
     pass
 """
 
-# Every AN_Proxy flood the pledge hears on its link, one wall-clock time per line.
-GRASP_SNIFFER = """
-import socket, struct, time
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 7017))
-group = socket.inet_pton(socket.AF_INET6, "ff02::13")
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-             group + struct.pack("@I", socket.if_nametoindex("eth0")))
-while True:
-    s.recv(2048)
-    print(time.time(), flush=True)
-"""
 
 
 @pytest.fixture
@@ -93,7 +81,7 @@ def ctl_json(daemon: ProxyDaemon, *args: str) -> Any:
 
 
 def floods(sniffer: LabProcess) -> list[float]:
-    return [float(line) for line in sniffer.log().split() if line.strip()]
+    return [arrived for arrived, _ in heard(sniffer.log())]
 
 
 def conversation(pledge: Host, target: str, flag: Path, name: str) -> LabProcess:

@@ -11,20 +11,11 @@ import pytest
 from brski import grasp
 from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar
+from lab.sniffers import GRASP_SNIFFER, heard
 
 pytestmark = pytest.mark.netns
 
-GRASP_SNIFFER = """
-import socket, struct
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 7017))
-group = socket.inet_pton(socket.AF_INET6, "ff02::13")
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-             group + struct.pack("@I", socket.if_nametoindex("eth0")))
-while True:
-    print(s.recv(2048).hex(), flush=True)
-"""
+
 
 
 def registrar_healthy(daemon: ProxyDaemon) -> dict | None:  # type: ignore[type-arg]
@@ -46,8 +37,8 @@ def test_nat66_without_a_backbone_is_not_announced_but_the_circuit_is(as_root, t
         assert join0["modes"] == ["circuit"], join0
         assert join0["not_serving"]["nat66"] == "nat66: the backbone interface is not known"
         assert status["joining"] is True  # the circuit serves
-        line = wait_for(lambda: sniffer.log().split(), 5, "an AN_Proxy flood")[0]
-        locators = grasp.Flood.decode(bytes.fromhex(line)).locators_for("AN_Proxy")
+        _, data = wait_for(lambda: heard(sniffer.log()), 5, "an AN_Proxy flood")[0]
+        locators = grasp.Flood.decode(data).locators_for("AN_Proxy")
         assert [str(loc.address) for loc in locators] == ["fe80::1"], \
             "a ULA announced for a NAT66 that relays nothing"
         text = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",

@@ -8,11 +8,12 @@ import json
 import time
 
 import pytest
-from test_field_readiness import GRASP_SNIFFER, floods
+from test_field_readiness import floods
 from test_ipip_daemon import bpffs
 
 from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, talk
+from lab.sniffers import GRASP_SNIFFER
 
 __all__ = ["bpffs"]  # the fixture
 

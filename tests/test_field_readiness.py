@@ -13,21 +13,10 @@ from brski import grasp
 from lab import Lab, Topology, wait_for
 from lab.netns import LabError
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, talk
+from lab.sniffers import GRASP_SNIFFER, heard
 
 pytestmark = pytest.mark.netns
 
-# Prints every GRASP datagram heard on the pledge's link, one hex line each.
-GRASP_SNIFFER = """
-import socket, struct
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 7017))
-group = socket.inet_pton(socket.AF_INET6, "ff02::13")
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-             group + struct.pack("@I", socket.if_nametoindex("eth0")))
-while True:
-    print(s.recv(2048).hex(), flush=True)
-"""
 
 # Holds a TCP port on the proxy's join address (no SO_REUSEPORT: nobody can share it).
 PORT_HOLDER = """
@@ -58,7 +47,7 @@ def status_when(daemon: ProxyDaemon, predicate, what: str):  # type: ignore[no-u
 
 
 def floods(sniffer) -> list[grasp.Flood]:  # type: ignore[no-untyped-def]
-    return [grasp.Flood.decode(bytes.fromhex(line)) for line in sniffer.log().split()]
+    return [grasp.Flood.decode(data) for _, data in heard(sniffer.log())]
 
 
 def test_a_taken_join_port_is_not_ready_not_announced_then_retried(lab, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from brski import grasp
 from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar, hold_circuit, talk
+from lab.sniffers import GRASP_SNIFFER, heard
 
 pytestmark = pytest.mark.netns
 
@@ -118,16 +119,7 @@ def test_without_registrar_joining_closes_and_open_circuits_stay(lab, tmp_path):
     daemon.stop()
 
 
-GRASP_LISTENER = """
-import socket, struct
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 7017))
-group = socket.inet_pton(socket.AF_INET6, "ff02::13")
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
-             group + struct.pack("@I", socket.if_nametoindex("eth0")))
-print(s.recv(2048).hex(), flush=True)
-"""
+
 
 
 def test_a_join_interface_plugged_in_later_is_served_and_released(lab, tmp_path):
@@ -140,9 +132,9 @@ def test_a_join_interface_plugged_in_later_is_served_and_released(lab, tmp_path)
     assert time.monotonic() - plugged < 5
     assert ifname in [i["name"] for i in daemon.ctl()["interfaces"]]
     # The new link also gets AN_Proxy announcements.
-    listener = pledge.spawn([PYTHON, "-c", GRASP_LISTENER], name="grasp-listener")
-    flood_hex = wait_for(lambda: listener.log().strip(), 5, "an AN_Proxy flood on the link")
-    flood = grasp.Flood.decode(bytes.fromhex(flood_hex))
+    listener = pledge.spawn([PYTHON, "-c", GRASP_SNIFFER], name="grasp-listener")
+    _, data = wait_for(lambda: heard(listener.log()), 5, "an AN_Proxy flood on the link")[0]
+    flood = grasp.Flood.decode(data)
     (locator,) = flood.locators_for("AN_Proxy")
     assert (str(locator.address), locator.protocol, locator.port) == ("fe80::1", 6, 8443)
     lab.remove_join_link(ifname)
@@ -243,9 +235,9 @@ def test_nat66_links_announce_their_ula_and_a_killed_nat66_run_is_cleaned_up(as_
         daemon = started(lab, tmp_path, join=[{"interfaces": ["join*"], "port": 8443,
                                                "modes": ["nat66", "circuit"]}])
         wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
-        listener = lab.pledges[0].spawn([PYTHON, "-c", GRASP_LISTENER], name="grasp-listener")
-        flood = grasp.Flood.decode(bytes.fromhex(
-            wait_for(lambda: listener.log().strip(), 5, "an AN_Proxy flood")))
+        listener = lab.pledges[0].spawn([PYTHON, "-c", GRASP_SNIFFER], name="grasp-listener")
+        flood = grasp.Flood.decode(
+            wait_for(lambda: heard(listener.log()), 5, "an AN_Proxy flood")[0][1])
         assert [str(loc.address) for loc in flood.locators_for("AN_Proxy")] == [
             "fe80::1", "fd4a:5044:0:100::1"]
         forwarding = "sysctl", "-n", "net.ipv6.conf.all.forwarding"

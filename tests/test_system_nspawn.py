@@ -787,7 +787,9 @@ def test_router_and_registrar_roles_installed_alone_from_the_readme(tmp_path):
     """Each role installed with its README line, alone in its container; the fresh router's
     joinproxyd, started as at boot, serves nothing and says why, until a join link is
     configured and reloaded."""
-    from test_field_readiness import GRASP_SNIFFER, floods  # a pledge hearing AN_Proxy
+    from test_field_readiness import floods
+
+    from lab.sniffers import GRASP_SNIFFER  # a pledge hearing AN_Proxy
 
     clean_stale_runs()
     debs = build_debs()
