@@ -85,6 +85,9 @@ class DtlsConfig:
     ciphers: str = DEFAULT_CIPHERS
     mtu: int = DEFAULT_MTU
     provisional: bool = False
+    # A debugging aid, off unless set: gets each session's secrets as NSS key log lines
+    # (SSLKEYLOGFILE format) so a capture of the link can be decrypted, e.g. by tshark.
+    keylog: Callable[[bytes], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.anchors and not self.provisional:
@@ -134,6 +137,9 @@ def _context(method: int, config: DtlsConfig) -> SSL.Context:
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     # The MTU is ours to set: memory BIOs cannot be asked for a path MTU.
     ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    if config.keylog is not None:
+        keylog = config.keylog
+        ctx.set_keylog_callback(lambda conn, line: keylog(line))
     return ctx
 
 
@@ -350,6 +356,12 @@ class DtlsSession:
         return list(self._conn.get_peer_cert_chain(as_cryptography=True) or [])
 
     @property
+    def verification(self) -> HandshakeState | None:
+        """A server session's notes on the client certificate (set even when refused)."""
+        state = self._conn.get_app_data()
+        return state if isinstance(state, HandshakeState) else None
+
+    @property
     def cipher(self) -> str | None:
         return self._conn.get_cipher_name()
 
@@ -398,6 +410,19 @@ class CookieSecrets:
 
 
 @dataclass
+class HandshakeState:
+    """What a server connection's app data holds: the peer bytes its cookie binds to, and what
+    certificate verification saw (OpenSSL keeps no peer certificate after a failed check, so
+    the verify callback is the only place a refused certificate can be seen)."""
+
+    peer: bytes
+    verify_error: int | None = None  # X509_V_ERR_* of the first failure
+    failed_depth: int | None = None
+    failed_certificate: x509.Certificate | None = None
+    leaf: x509.Certificate | None = None  # depth 0, when OpenSSL got that far
+
+
+@dataclass
 class Accepted:
     """What :meth:`DtlsServer.accept` made of a datagram from an unknown peer.
 
@@ -410,6 +435,7 @@ class Accepted:
     replies: list[bytes] = field(default_factory=list)
     drop: str | None = None
     detail: str = ""
+    failed: DtlsSession | None = None  # the session whose first flight failed (for its refusal)
 
 
 class DtlsServer:
@@ -425,12 +451,14 @@ class DtlsServer:
         self._ctx = _context(SSL.DTLS_SERVER_METHOD, config)
         self._ctx.set_cookie_generate_callback(self._make_cookie)
         self._ctx.set_cookie_verify_callback(self._check_cookie)
+        # OpenSSL still decides (the callback returns its verdict); it only takes notes.
+        self._ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify)
 
     def _make_cookie(self, conn: SSL.Connection) -> bytes:
-        return self.cookies.make(conn.get_app_data())
+        return self.cookies.make(conn.get_app_data().peer)
 
     def _check_cookie(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        return self.cookies.check(conn.get_app_data(), cookie)
+        return self.cookies.check(conn.get_app_data().peer, cookie)
 
     def accept(self, peer: bytes, datagram: bytes, now: float) -> Accepted:
         """Handle one datagram from a peer that has no session. Never raises on peer input."""
@@ -438,7 +466,7 @@ class DtlsServer:
         if not is_client_hello(datagram) or len(datagram) > MAX_DATAGRAM:
             return Accepted(None, drop="garbage", detail="not a ClientHello")
         conn = SSL.Connection(self._ctx)
-        conn.set_app_data(peer)
+        conn.set_app_data(HandshakeState(peer))
         conn.set_accept_state()
         conn.set_ciphertext_mtu(self._config.mtu)
         conn.bio_write(datagram)
@@ -455,8 +483,21 @@ class DtlsServer:
         try:
             session._advance()
         except DtlsError as exc:
-            return Accepted(None, session.datagrams_to_send(), "handshake-failed", str(exc))
+            return Accepted(None, session.datagrams_to_send(), "handshake-failed", str(exc),
+                            failed=session)
         return Accepted(session, session.datagrams_to_send())
+
+
+def _note_verify(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int,
+                 ok: int) -> bool:
+    state = conn.get_app_data()
+    if isinstance(state, HandshakeState):
+        if depth == 0:
+            state.leaf = cert.to_cryptography()
+        if not ok and state.verify_error is None:
+            state.verify_error, state.failed_depth = error, depth
+            state.failed_certificate = cert.to_cryptography()
+    return bool(ok)
 
 
 def _drain(conn: SSL.Connection) -> bytes:

@@ -16,7 +16,10 @@ through the same checks, store and CA as the HTTPS registrar (``constrained_vouc
 ``brski_handlers.record_telemetry``, ``est.issue_ldevid``): one registrar, two transports.
 
 The DTLS handshake already verified the client certificate against the manufacturer CAs and the
-domain CA (an unknown manufacturer gets an alert and a ``handshake-failed`` drop). A refused
+domain CA. A refused handshake (an unknown manufacturer, an expired IDevID: the client gets an
+alert) is logged once with the client certificate, peer and reason, and counted both as a
+``handshake-failed`` drop and in ``brski_registrar_refusals_total{endpoint="dtls"}`` with the
+HTTPS side's reason labels (tls-unknown-ca, ...). A refused
 request is answered with the CoAP code of the HTTPS status (4.00/4.01/4.03/4.04/4.06/4.13/4.15,
 5.02) and a diagnostic payload, logged once with the pledge's certificate and counted in
 ``brski_registrar_refusals_total{endpoint=<short name>}``.
@@ -37,11 +40,12 @@ from cryptography.hazmat.primitives import serialization
 from brski import coap_formats as cf
 from brski import est as est_format
 from brski import linkformat
-from brski.dtls import DtlsConfig
+from brski.dtls import DtlsConfig, DtlsSession
 from brski.errors import BrskiError
 from brski.telemetry import StatusReport
 from coaps_io.aiocoap_dtls import create_server_context, peer_of
-from coaps_io.endpoint import DtlsEndpoint
+from coaps_io.endpoint import DtlsEndpoint, PeerAddress
+from coaps_io.log_limit import LogLimiter
 
 from .brski_handlers import record_telemetry
 from .constrained_voucher import request_voucher_cose
@@ -49,12 +53,15 @@ from .context import Registrar
 from .est import CSR_ATTRIBUTES, issue_ldevid
 from .identity import Client, Kind, classify, require_pledge
 from .masa_client import MasaUnreachable
-from .metrics import ServiceMetrics
-from .tls_server import certificate_identity
+from .metrics import DTLS_ENDPOINT, ServiceMetrics
+from .tls_server import certificate_identity, format_peer, verify_reason
 from .web import Refusal
 
 log = logging.getLogger(__name__)
 AIOCOAP_LOGGER = "registrar.coaps.aiocoap"
+# Refused handshakes logged one by one per reason and minute before a summary line takes over:
+# each needs a cookie round trip, so they come from a real address, but they can still flood.
+REFUSAL_LOG_BURST = 20
 
 # A PVR is ~1 KiB, a CSR a few hundred bytes; aiocoap reassembles Block1 before we see it.
 MAX_REQUEST = 16 * 1024
@@ -295,6 +302,7 @@ class CoapsRegistrar:
         self.metrics = metrics
         self.context: aiocoap.Context | None = None
         self.endpoint: DtlsEndpoint | None = None
+        self.refusal_log = LogLimiter(log, burst=REFUSAL_LOG_BURST)
         brski, est = (".well-known", "brski"), (".well-known", "est")
         self.resources: dict[tuple[str, ...], RegistrarResource] = {
             (*brski, "rv"): VoucherRequest(self, "rv", "brski.rv", f"{cf.CF_VOUCHER_COSE}"),
@@ -315,6 +323,30 @@ class CoapsRegistrar:
         if self.metrics is not None:
             self.metrics.refused(endpoint, reason)
 
+    def handshake_refused(self, addr: PeerAddress, session: DtlsSession, detail: str) -> None:
+        """A DTLS handshake failed: one line naming the client certificate, peer and reason,
+        counted as ``refusals_total{endpoint="dtls"}`` with the HTTPS side's reason labels."""
+        notes = session.verification
+        cert = None
+        if notes is not None and notes.verify_error is not None:
+            reason = verify_reason(notes.verify_error)
+            detail = f"{detail} (X509 verify error {notes.verify_error})"
+            cert = notes.leaf or notes.failed_certificate
+            who = certificate_identity(cert)
+            if notes.leaf is None and notes.failed_depth:
+                who += f" (chain certificate at depth {notes.failed_depth})"
+        else:
+            reason = "tls-handshake-failed"
+            if notes is not None and notes.leaf is not None:
+                cert = notes.leaf
+            who = (certificate_identity(cert) if cert is not None
+                   else "no client certificate seen")
+        self.refused(DTLS_ENDPOINT, reason)
+        self.refusal_log.flush()
+        if self.refusal_log.allow(f"DTLS handshakes refused ({reason})"):
+            log.warning("DTLS handshake from %s refused (%s): %s; %s", format_peer(addr),
+                        reason, detail, who)
+
     def dtls_config(self) -> DtlsConfig:
         config = self.registrar.config
         return DtlsConfig(config.server_cert, config.tls_key,  # type: ignore[arg-type]
@@ -329,6 +361,7 @@ class CoapsRegistrar:
         self.context, self.endpoint = await create_server_context(
             self.site, bind, self.dtls_config(), loggername=AIOCOAP_LOGGER,
             **endpoint_options)
+        self.endpoint.on_refused = self.handshake_refused
         if self.metrics is not None:
             self.metrics.watch_dtls(self.endpoint)
         return self.endpoint
