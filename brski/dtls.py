@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
 from .errors import DecodeError, ProtocolError, SignatureError, UsageError
+from .tls_certificate import CERTIFICATE, leaf_certificate
 
 # RFC 9148 §4 mandatory suite first, then the ECDHE-ECDSA AEAD suites RFC 9148 and cBRSKI name.
 DEFAULT_CIPHERS = (
@@ -52,6 +53,8 @@ RECORD_HEADER = 13  # type, version, epoch, sequence number, length (RFC 6347 §
 CONTENT_ALERT = 21
 CONTENT_HANDSHAKE = 22
 HANDSHAKE_CLIENT_HELLO = 1
+HANDSHAKE_HEADER = 12  # type, length, message_seq, fragment_offset, fragment_length
+MAX_CERTIFICATE_MESSAGE = 1 << 16  # what a refused client may make us buffer, at most
 COOKIE_SIZE = 16
 MAX_DATAGRAM = 65535
 _DRAIN = 1 << 17
@@ -211,6 +214,12 @@ class DtlsSession:
         self.closed = False
         self.error: str | None = None
         self.provisional = False  # a provisional client verified nothing (DtlsConfig)
+        # A server reassembles the client's Certificate message as it passes, to name a client
+        # it refuses: OpenSSL's verify callback may never see the leaf (a chain that fails
+        # at depth 1 stops there).
+        self._certificate_fragments: dict[int, bytes] = {}
+        self._certificate_length: int | None = None
+        self.sent_certificate: x509.Certificate | None = None
         conn.set_ciphertext_mtu(mtu)
 
     @classmethod
@@ -284,8 +293,57 @@ class DtlsSession:
             raise DtlsError("DTLS: session is closed")
         if not datagram or len(datagram) > MAX_DATAGRAM:
             raise DecodeError(f"DTLS: datagram of {len(datagram)} bytes")
+        if self.server and not self.handshake_complete and self.sent_certificate is None:
+            self._note_certificate(datagram)
         self._conn.bio_write(datagram)
         return self._advance()
+
+    def _note_certificate(self, datagram: bytes) -> None:
+        """Collect the fragments of an epoch-0 Certificate handshake message (RFC 6347
+        §4.2.2); once it is whole, keep its first certificate in ``sent_certificate``. Best
+        effort: whatever does not frame is left to OpenSSL to refuse."""
+        try:
+            records = split_records(datagram)
+        except DecodeError:
+            return
+        for record in records:
+            if record[0] != CONTENT_HANDSHAKE or record[3:5] != b"\0\0":
+                continue  # encrypted (epoch ≥ 1) or not a handshake record
+            body = record[RECORD_HEADER:]
+            while len(body) >= HANDSHAKE_HEADER:
+                kind = body[0]
+                length = int.from_bytes(body[1:4], "big")
+                offset = int.from_bytes(body[6:9], "big")
+                size = int.from_bytes(body[9:12], "big")
+                fragment = body[HANDSHAKE_HEADER:HANDSHAKE_HEADER + size]
+                body = body[HANDSHAKE_HEADER + size:]
+                if kind == CERTIFICATE and len(fragment) == size:
+                    self._certificate_fragment(length, offset, fragment)
+
+    def _certificate_fragment(self, length: int, offset: int, fragment: bytes) -> None:
+        if length > MAX_CERTIFICATE_MESSAGE or offset + len(fragment) > length:
+            return
+        if self._certificate_length != length:  # first fragment, or a different message
+            self._certificate_fragments, self._certificate_length = {}, length
+        self._certificate_fragments[offset] = fragment
+        if sum(len(p) for p in self._certificate_fragments.values()) > 2 * length:
+            self._certificate_fragments = {}  # overlapping junk: not worth memory
+            return
+        whole = bytearray(length)
+        covered = bytearray(length)
+        for at, piece in self._certificate_fragments.items():
+            whole[at:at + len(piece)] = piece
+            covered[at:at + len(piece)] = b"\1" * len(piece)
+        if b"\0" in covered:
+            return
+        self._certificate_fragments = {}
+        try:
+            der = leaf_certificate(bytes([CERTIFICATE]) + length.to_bytes(3, "big")
+                                   + bytes(whole), tls13=False)
+            self.sent_certificate = (x509.load_der_x509_certificate(der)
+                                     if der is not None else None)
+        except (DecodeError, ValueError):
+            return
 
     def send(self, data: bytes) -> None:
         """Queue one application record (one CoAP message); the handshake must be done."""

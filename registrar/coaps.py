@@ -327,20 +327,17 @@ class CoapsRegistrar:
         """A DTLS handshake failed: one line naming the client certificate, peer and reason,
         counted as ``refusals_total{endpoint="dtls"}`` with the HTTPS side's reason labels."""
         notes = session.verification
-        cert = None
+        # The leaf as OpenSSL verified it, else as the client's Certificate message carried it.
+        leaf = (notes.leaf if notes is not None else None) or session.sent_certificate
+        who = certificate_identity(leaf) if leaf is not None else "no client certificate seen"
         if notes is not None and notes.verify_error is not None:
             reason = verify_reason(notes.verify_error)
             detail = f"{detail} (X509 verify error {notes.verify_error})"
-            cert = notes.leaf or notes.failed_certificate
-            who = certificate_identity(cert)
-            if notes.leaf is None and notes.failed_depth:
-                who += f" (chain certificate at depth {notes.failed_depth})"
+            if leaf is None and notes.failed_certificate is not None:
+                who = (f"{certificate_identity(notes.failed_certificate)} (chain certificate "
+                       f"at depth {notes.failed_depth})")
         else:
             reason = "tls-handshake-failed"
-            if notes is not None and notes.leaf is not None:
-                cert = notes.leaf
-            who = (certificate_identity(cert) if cert is not None
-                   else "no client certificate seen")
         self.refused(DTLS_ENDPOINT, reason)
         self.refusal_log.flush()
         if self.refusal_log.allow(f"DTLS handshakes refused ({reason})"):

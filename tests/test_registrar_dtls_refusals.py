@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from brski.dtls import DtlsConfig, DtlsSession
 from brski.pki import issue_idevid
+from coaps_io.aiocoap_dtls import create_client_context
 from coaps_io.log_limit import LogLimiter
 from lab.registrar_testing import load_issued
 from tests.test_registrar_coaps import COAP_CLIENT, Lab, exchange, req, run
@@ -215,3 +216,30 @@ def test_log_limiter_logs_the_first_then_a_summary(caplog):
         assert limiter.allow("DTLS drop garbage")  # a new window
         limiter.flush()
     assert len(caplog.records) == 1
+
+
+def test_refusal_names_the_leaf_when_the_client_sends_its_chain(lab):
+    """A pledge that sends its manufacturer CA after its IDevID fails verification at depth 1:
+    the line must still name the IDevID (from the client's Certificate message), not the CA."""
+    d = lab.foreign_root / "manufacturer"
+    rogue = lab.idevid("SN-A", foreign=True)
+    rogue_ca = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    log_start = len(lab.reg.log())
+    before = lab.metric("brski_registrar_refusals_total", endpoint="dtls", reason="tls-unknown-ca")
+
+    async def attempt() -> None:
+        ctx, _ = await create_client_context(
+            DtlsConfig(rogue.cert, rogue.key, [lab.domain_ca], chain=[rogue_ca]),
+            bind=("::1", 0))
+        try:
+            await ctx.request(req(lab, aiocoap.GET, "/.well-known/est/crts")).response
+        finally:
+            await ctx.shutdown()
+
+    with pytest.raises(aiocoap.error.NetworkError):
+        run(attempt())
+    wait_for(lambda: lab.metric("brski_registrar_refusals_total", endpoint="dtls",
+                                reason="tls-unknown-ca") == before + 1)
+    (line,) = refusal_lines(lab.reg.log()[log_start:])
+    assert f"serial {rogue.cert.serial_number:x}" in line and "serialNumber=SN-A" in line, line
+    assert "depth" not in line, line
