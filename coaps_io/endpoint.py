@@ -260,12 +260,14 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
                 limit = (self.idle_timeout if peer.session.handshake_complete
                          else self.handshake_timeout)
                 if now - peer.last_seen >= limit:
-                    log.info("DTLS session with %s idle for %.0f s: closed",
-                             peer.addr[:2], now - peer.last_seen)
                     peer.session.close()
                     self._flush(peer)
-                    if not peer.session.handshake_complete:
-                        self._drop("handshake-failed", peer.addr, "handshake timed out",
+                    if peer.session.handshake_complete:
+                        log.info("DTLS session with %s idle for %.0f s: closed",
+                                 peer.addr[:2], now - peer.last_seen)
+                    else:  # the refusal is its one line
+                        self._drop("handshake-failed", peer.addr,
+                                   f"handshake unfinished after {now - peer.last_seen:.0f} s",
                                    peer.session)
                     self._forget(peer, TimeoutError("DTLS session idle"))
 
