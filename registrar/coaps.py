@@ -59,8 +59,9 @@ from .web import Refusal
 
 log = logging.getLogger(__name__)
 AIOCOAP_LOGGER = "registrar.coaps.aiocoap"
-# Refused handshakes logged one by one per reason and minute before a summary line takes over:
-# each needs a cookie round trip, so they come from a real address, but they can still flood.
+# Refusals logged one by one per kind and minute before a summary line takes over: a refused
+# handshake needs a cookie round trip, so it comes from a real address, but they can still
+# flood, and so can bad requests inside one session.
 REFUSAL_LOG_BURST = 20
 
 # A PVR is ~1 KiB, a CSR a few hundred bytes; aiocoap reassembles Block1 before we see it.
@@ -111,9 +112,10 @@ class RegistrarResource(resource.Resource):
             return await handler(request, client)
         except Refusal as refusal:
             peer = peer_of(request.remote)
-            log.warning("CoAPS %s %s from %s (%s): %d %s", request.code, self.name,
-                        peer[:2] if peer else "?", certificate_identity(cert),
-                        refusal.status, refusal.reason)
+            if self.coaps.may_log(self.name, refusal.label):
+                log.warning("CoAPS %s %s from %s (%s): %d %s", request.code, self.name,
+                            peer[:2] if peer else "?", certificate_identity(cert),
+                            refusal.status, refusal.reason)
             self.coaps.refused(self.name, refusal.label)
             code = CODES.get(refusal.status, Code.INTERNAL_SERVER_ERROR)
             # A diagnostic payload (RFC 7252 §5.5.2): UTF-8, short, not cut inside a character.
@@ -288,9 +290,10 @@ class RegistrarSite(resource.Site):
     def _refused(self, message: aiocoap.Message, endpoint: str, status: int, label: str,
                  reason: str) -> None:
         peer = peer_of(message.remote)
-        log.warning("CoAPS %s from %s (%s): %d %s", message.code, peer[:2] if peer else "?",
-                    certificate_identity(getattr(message.remote, "peer_certificate", None)),
-                    status, reason)
+        if self.coaps.may_log(endpoint, label):
+            log.warning("CoAPS %s from %s (%s): %d %s", message.code, peer[:2] if peer else "?",
+                        certificate_identity(getattr(message.remote, "peer_certificate", None)),
+                        status, reason)
         self.coaps.refused(endpoint, label)
 
 
@@ -319,6 +322,12 @@ class CoapsRegistrar:
         self.site.add_resource((".well-known", "core"),
                                WellKnownCore(self, "core", None, None))
 
+    def may_log(self, endpoint: str, reason: str) -> bool:
+        """Whether a refusal gets its own line: a session can send requests as fast as a
+        socket takes them, so past 20 a minute of one kind a summary line counts the rest."""
+        self.refusal_log.flush()
+        return self.refusal_log.allow(f"CoAPS requests refused ({endpoint}, {reason})")
+
     def refused(self, endpoint: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.refused(endpoint, reason)
@@ -339,7 +348,7 @@ class CoapsRegistrar:
         else:
             reason = "tls-handshake-failed"
         self.refused(DTLS_ENDPOINT, reason)
-        self.refusal_log.flush()
+        self.refusal_log.flush()  # ends the windows that are over, with their summaries
         if self.refusal_log.allow(f"DTLS handshakes refused ({reason})"):
             log.warning("DTLS handshake from %s refused (%s): %s; %s", format_peer(addr),
                         reason, detail, who)

@@ -25,6 +25,7 @@ from brski.pki import issue_idevid
 from coaps_io.aiocoap_dtls import create_client_context
 from coaps_io.log_limit import LogLimiter
 from lab.registrar_testing import load_issued
+from registrar.coaps import REFUSAL_LOG_BURST
 from tests.test_registrar_coaps import COAP_CLIENT, Lab, exchange, req, run
 
 
@@ -243,3 +244,15 @@ def test_refusal_names_the_leaf_when_the_client_sends_its_chain(lab):
     (line,) = refusal_lines(lab.reg.log()[log_start:])
     assert f"serial {rogue.cert.serial_number:x}" in line and "serialNumber=SN-A" in line, line
     assert "depth" not in line, line
+
+
+def test_a_request_flood_in_one_session_is_counted_but_not_logged_line_by_line(lab):
+    before = lab.metric("brski_registrar_refusals_total", endpoint="unknown", reason="not-found")
+    log_start = len(lab.reg.log())
+    answers = run(exchange(lab, lab.idevid("SN-B"), [
+        req(lab, aiocoap.GET, f"/.well-known/brski/nothing-{i}") for i in range(30)]))
+    assert all(a.code == aiocoap.NOT_FOUND for a in answers)
+    assert lab.metric("brski_registrar_refusals_total", endpoint="unknown",
+                      reason="not-found") == before + 30
+    lines = [line for line in lab.reg.log()[log_start:].splitlines() if "nothing-" in line]
+    assert len(lines) == REFUSAL_LOG_BURST, lines  # the rest go into the minute's summary
