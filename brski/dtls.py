@@ -11,6 +11,10 @@ hands in each received datagram with the peer it came from and sends what comes 
   cookie callback during ``DTLSv1_listen``. Only a ClientHello that echoes a good cookie becomes a
   :class:`DtlsSession`.
 * :class:`DtlsSession` is one handshake and its records, client or server side.
+* A refused client is named: a server session keeps what the verify callback saw
+  (:class:`HandshakeState`: the X509 error, the leaf) and the leaf from the client's
+  Certificate message (``sent_certificate``), since OpenSSL keeps no peer certificate after a
+  failed verification.
 
 Two OpenSSL facts shape this (README "Certificate DTLS"): the mandatory suite
 ``TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8`` sits below security level 1 (its 64-bit tag), so the cipher
