@@ -11,6 +11,10 @@ hands in each received datagram with the peer it came from and sends what comes 
   cookie callback during ``DTLSv1_listen``. Only a ClientHello that echoes a good cookie becomes a
   :class:`DtlsSession`.
 * :class:`DtlsSession` is one handshake and its records, client or server side.
+* A refused client is named: a server session keeps what the verify callback saw
+  (:class:`HandshakeState`: the X509 error, the leaf) and the leaf from the client's
+  Certificate message (``sent_certificate``), since OpenSSL keeps no peer certificate after a
+  failed verification.
 
 Two OpenSSL facts shape this (README "Certificate DTLS"): the mandatory suite
 ``TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8`` sits below security level 1 (its 64-bit tag), so the cipher
@@ -37,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
 from .errors import DecodeError, ProtocolError, SignatureError, UsageError
+from .tls_certificate import CERTIFICATE, leaf_certificate
 
 # RFC 9148 §4 mandatory suite first, then the ECDHE-ECDSA AEAD suites RFC 9148 and cBRSKI name.
 DEFAULT_CIPHERS = (
@@ -52,6 +57,8 @@ RECORD_HEADER = 13  # type, version, epoch, sequence number, length (RFC 6347 §
 CONTENT_ALERT = 21
 CONTENT_HANDSHAKE = 22
 HANDSHAKE_CLIENT_HELLO = 1
+HANDSHAKE_HEADER = 12  # type, length, message_seq, fragment_offset, fragment_length
+MAX_CERTIFICATE_MESSAGE = 1 << 16  # what a refused client may make us buffer, at most
 COOKIE_SIZE = 16
 MAX_DATAGRAM = 65535
 _DRAIN = 1 << 17
@@ -85,6 +92,9 @@ class DtlsConfig:
     ciphers: str = DEFAULT_CIPHERS
     mtu: int = DEFAULT_MTU
     provisional: bool = False
+    # A debugging aid, off unless set: gets each session's secrets as NSS key log lines
+    # (SSLKEYLOGFILE format) so a capture of the link can be decrypted, e.g. by tshark.
+    keylog: Callable[[bytes], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.anchors and not self.provisional:
@@ -134,6 +144,9 @@ def _context(method: int, config: DtlsConfig) -> SSL.Context:
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     # The MTU is ours to set: memory BIOs cannot be asked for a path MTU.
     ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    if config.keylog is not None:
+        keylog = config.keylog
+        ctx.set_keylog_callback(lambda conn, line: keylog(line))
     return ctx
 
 
@@ -205,6 +218,12 @@ class DtlsSession:
         self.closed = False
         self.error: str | None = None
         self.provisional = False  # a provisional client verified nothing (DtlsConfig)
+        # A server reassembles the client's Certificate message as it passes, to name a client
+        # it refuses: OpenSSL's verify callback may never see the leaf (a chain that fails
+        # at depth 1 stops there).
+        self._certificate_fragments: dict[int, bytes] = {}
+        self._certificate_length: int | None = None
+        self.sent_certificate: x509.Certificate | None = None
         conn.set_ciphertext_mtu(mtu)
 
     @classmethod
@@ -278,8 +297,57 @@ class DtlsSession:
             raise DtlsError("DTLS: session is closed")
         if not datagram or len(datagram) > MAX_DATAGRAM:
             raise DecodeError(f"DTLS: datagram of {len(datagram)} bytes")
+        if self.server and not self.handshake_complete and self.sent_certificate is None:
+            self._note_certificate(datagram)
         self._conn.bio_write(datagram)
         return self._advance()
+
+    def _note_certificate(self, datagram: bytes) -> None:
+        """Collect the fragments of an epoch-0 Certificate handshake message (RFC 6347
+        §4.2.2); once it is whole, keep its first certificate in ``sent_certificate``. Best
+        effort: whatever does not frame is left to OpenSSL to refuse."""
+        try:
+            records = split_records(datagram)
+        except DecodeError:
+            return
+        for record in records:
+            if record[0] != CONTENT_HANDSHAKE or record[3:5] != b"\0\0":
+                continue  # encrypted (epoch ≥ 1) or not a handshake record
+            body = record[RECORD_HEADER:]
+            while len(body) >= HANDSHAKE_HEADER:
+                kind = body[0]
+                length = int.from_bytes(body[1:4], "big")
+                offset = int.from_bytes(body[6:9], "big")
+                size = int.from_bytes(body[9:12], "big")
+                fragment = body[HANDSHAKE_HEADER:HANDSHAKE_HEADER + size]
+                body = body[HANDSHAKE_HEADER + size:]
+                if kind == CERTIFICATE and len(fragment) == size:
+                    self._certificate_fragment(length, offset, fragment)
+
+    def _certificate_fragment(self, length: int, offset: int, fragment: bytes) -> None:
+        if length > MAX_CERTIFICATE_MESSAGE or offset + len(fragment) > length:
+            return
+        if self._certificate_length != length:  # first fragment, or a different message
+            self._certificate_fragments, self._certificate_length = {}, length
+        self._certificate_fragments[offset] = fragment
+        if sum(len(p) for p in self._certificate_fragments.values()) > 2 * length:
+            self._certificate_fragments = {}  # overlapping junk: not worth memory
+            return
+        whole = bytearray(length)
+        covered = bytearray(length)
+        for at, piece in self._certificate_fragments.items():
+            whole[at:at + len(piece)] = piece
+            covered[at:at + len(piece)] = b"\1" * len(piece)
+        if b"\0" in covered:
+            return
+        self._certificate_fragments = {}
+        try:
+            der = leaf_certificate(bytes([CERTIFICATE]) + length.to_bytes(3, "big")
+                                   + bytes(whole), tls13=False)
+            self.sent_certificate = (x509.load_der_x509_certificate(der)
+                                     if der is not None else None)
+        except (DecodeError, ValueError):
+            return
 
     def send(self, data: bytes) -> None:
         """Queue one application record (one CoAP message); the handshake must be done."""
@@ -350,6 +418,12 @@ class DtlsSession:
         return list(self._conn.get_peer_cert_chain(as_cryptography=True) or [])
 
     @property
+    def verification(self) -> HandshakeState | None:
+        """A server session's notes on the client certificate (set even when refused)."""
+        state = self._conn.get_app_data()
+        return state if isinstance(state, HandshakeState) else None
+
+    @property
     def cipher(self) -> str | None:
         return self._conn.get_cipher_name()
 
@@ -398,6 +472,19 @@ class CookieSecrets:
 
 
 @dataclass
+class HandshakeState:
+    """What a server connection's app data holds: the peer bytes its cookie binds to, and what
+    certificate verification saw (OpenSSL keeps no peer certificate after a failed check, so
+    the verify callback is the only place a refused certificate can be seen)."""
+
+    peer: bytes
+    verify_error: int | None = None  # X509_V_ERR_* of the first failure
+    failed_depth: int | None = None
+    failed_certificate: x509.Certificate | None = None
+    leaf: x509.Certificate | None = None  # depth 0, when OpenSSL got that far
+
+
+@dataclass
 class Accepted:
     """What :meth:`DtlsServer.accept` made of a datagram from an unknown peer.
 
@@ -410,6 +497,7 @@ class Accepted:
     replies: list[bytes] = field(default_factory=list)
     drop: str | None = None
     detail: str = ""
+    failed: DtlsSession | None = None  # the session whose first flight failed (for its refusal)
 
 
 class DtlsServer:
@@ -425,12 +513,14 @@ class DtlsServer:
         self._ctx = _context(SSL.DTLS_SERVER_METHOD, config)
         self._ctx.set_cookie_generate_callback(self._make_cookie)
         self._ctx.set_cookie_verify_callback(self._check_cookie)
+        # OpenSSL still decides (the callback returns its verdict); it only takes notes.
+        self._ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_verify)
 
     def _make_cookie(self, conn: SSL.Connection) -> bytes:
-        return self.cookies.make(conn.get_app_data())
+        return self.cookies.make(conn.get_app_data().peer)
 
     def _check_cookie(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        return self.cookies.check(conn.get_app_data(), cookie)
+        return self.cookies.check(conn.get_app_data().peer, cookie)
 
     def accept(self, peer: bytes, datagram: bytes, now: float) -> Accepted:
         """Handle one datagram from a peer that has no session. Never raises on peer input."""
@@ -438,7 +528,7 @@ class DtlsServer:
         if not is_client_hello(datagram) or len(datagram) > MAX_DATAGRAM:
             return Accepted(None, drop="garbage", detail="not a ClientHello")
         conn = SSL.Connection(self._ctx)
-        conn.set_app_data(peer)
+        conn.set_app_data(HandshakeState(peer))
         conn.set_accept_state()
         conn.set_ciphertext_mtu(self._config.mtu)
         conn.bio_write(datagram)
@@ -455,8 +545,21 @@ class DtlsServer:
         try:
             session._advance()
         except DtlsError as exc:
-            return Accepted(None, session.datagrams_to_send(), "handshake-failed", str(exc))
+            return Accepted(None, session.datagrams_to_send(), "handshake-failed", str(exc),
+                            failed=session)
         return Accepted(session, session.datagrams_to_send())
+
+
+def _note_verify(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int,
+                 ok: int) -> bool:
+    state = conn.get_app_data()
+    if isinstance(state, HandshakeState):
+        if depth == 0:
+            state.leaf = cert.to_cryptography()
+        if not ok and state.verify_error is None:
+            state.verify_error, state.failed_depth = error, depth
+            state.failed_certificate = cert.to_cryptography()
+    return bool(ok)
 
 
 def _drain(conn: SSL.Connection) -> bytes:

@@ -30,6 +30,7 @@ from .endpoint import (
     Peer,
     PeerAddress,
 )
+from .keylog import with_env_keylog
 
 # CoAP header, token and the options a block-wise exchange carries, kept clear of the payload.
 COAP_OVERHEAD = 64
@@ -210,7 +211,7 @@ async def create_server_context(
     handshake_timeout: float = HANDSHAKE_TIMEOUT, loggername: str = "coaps-server",
 ) -> tuple[Context, DtlsEndpoint]:
     """An aiocoap server Context serving ``site`` over certificate DTLS on ``bind``."""
-    ctx, interface = await _context(site, bind, loggername, server_config=config,
+    ctx, interface = await _context(site, bind, loggername, server_config=with_env_keylog(config),
                                     max_sessions=max_sessions, idle_timeout=idle_timeout,
                                     handshake_timeout=handshake_timeout)
     return ctx, interface.endpoint
@@ -220,7 +221,8 @@ async def create_client_context(
     config: DtlsConfig, *, bind: tuple[str, int] = ("::", 0), loggername: str = "coaps-client",
 ) -> tuple[Context, DtlsEndpoint]:
     """An aiocoap client Context whose ``coaps://`` requests use certificate DTLS."""
-    ctx, interface = await _context(None, bind, loggername, client_config=config)
+    ctx, interface = await _context(None, bind, loggername,
+                                    client_config=with_env_keylog(config))
     return ctx, interface.endpoint
 
 

@@ -10,6 +10,10 @@ sessions, enforces a session limit and counts every datagram it drops, by reason
 ``table-full``       a cookie-verified ClientHello while ``max_sessions`` sessions exist
 ``garbage``          a datagram from an unknown peer that is not a usable ClientHello
 
+Drops are logged through a :class:`~.log_limit.LogLimiter` (the first of each reason per minute,
+then a summary line), so a flood does not write a line per datagram. A server may set
+``on_refused`` to log and count a failed handshake itself, naming the client's certificate.
+
 Both the registrar (server) and pledge-sim (client) use it: a server endpoint has a
 :class:`~brski.dtls.DtlsServer`; a client endpoint opens sessions with :meth:`connect`.
 """
@@ -26,6 +30,8 @@ from typing import Any
 
 from brski.dtls import DtlsConfig, DtlsError, DtlsServer, DtlsSession, is_client_hello
 
+from .log_limit import LogLimiter
+
 DROP_REASONS = ("no-cookie", "handshake-failed", "table-full", "garbage")
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_IDLE_TIMEOUT = 120.0
@@ -34,6 +40,8 @@ HANDSHAKE_TIMEOUT = 30.0
 log = logging.getLogger(__name__)
 
 PeerAddress = tuple[Any, ...]  # what asyncio gives for the socket family: (host, port, ...)
+# (peer address, the failed session, why): a server's report of a refused handshake.
+OnRefused = Callable[[PeerAddress, DtlsSession, str], None]
 
 
 def peer_id(addr: PeerAddress) -> bytes:
@@ -91,6 +99,8 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         self.handshakes = 0
         self.records_received = 0  # application records (CoAP messages) decrypted
         self.records_sent = 0
+        self.on_refused: OnRefused | None = None
+        self.log_limit = LogLimiter(log)
         self._transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -168,7 +178,7 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         for datagram in accepted.replies:
             self._sendto(datagram, addr)
         if accepted.drop is not None:
-            self._drop(accepted.drop, addr, accepted.detail)
+            self._drop(accepted.drop, addr, accepted.detail, accepted.failed)
             return
         assert accepted.session is not None
         peer = Peer(self, addr, accepted.session, now)
@@ -187,14 +197,22 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
             peer.established.set_result(None)
         self._arm_timer(peer)
 
-    def _drop(self, reason: str, addr: PeerAddress, detail: str) -> None:
+    def _drop(self, reason: str, addr: PeerAddress, detail: str,
+              session: DtlsSession | None = None) -> None:
         self.drops[reason] += 1
+        if reason == "handshake-failed" and session is not None and self.on_refused is not None:
+            try:
+                self.on_refused(addr, session, detail)
+            except Exception:  # a reporting bug must not take the socket down
+                log.exception("reporting a refused DTLS handshake failed")
+            return
         level = logging.DEBUG if reason == "no-cookie" else logging.WARNING
-        log.log(level, "DTLS drop %s from %s: %s", reason, addr[:2], detail)
+        if self.log_limit.allow(f"DTLS drop {reason}", level):
+            log.log(level, "DTLS drop %s from %s: %s", reason, addr[:2], detail)
 
     def _failed(self, peer: Peer, exc: Exception) -> None:
         if not peer.session.handshake_complete:
-            self._drop("handshake-failed", peer.addr, str(exc))
+            self._drop("handshake-failed", peer.addr, str(exc), peer.session)
         else:
             log.info("DTLS session with %s ended: %s", peer.addr[:2], exc)
         self._forget(peer, exc)
@@ -237,16 +255,20 @@ class DtlsEndpoint(asyncio.DatagramProtocol):
         while True:
             await asyncio.sleep(min(self.idle_timeout, self.handshake_timeout) / 4)
             now = self._clock()
+            self.log_limit.flush()
             for peer in list(self.peers.values()):
                 limit = (self.idle_timeout if peer.session.handshake_complete
                          else self.handshake_timeout)
                 if now - peer.last_seen >= limit:
-                    log.info("DTLS session with %s idle for %.0f s: closed",
-                             peer.addr[:2], now - peer.last_seen)
                     peer.session.close()
                     self._flush(peer)
-                    if not peer.session.handshake_complete:
-                        self._drop("handshake-failed", peer.addr, "handshake timed out")
+                    if peer.session.handshake_complete:
+                        log.info("DTLS session with %s idle for %.0f s: closed",
+                                 peer.addr[:2], now - peer.last_seen)
+                    else:  # the refusal is its one line
+                        self._drop("handshake-failed", peer.addr,
+                                   f"handshake unfinished after {now - peer.last_seen:.0f} s",
+                                   peer.session)
                     self._forget(peer, TimeoutError("DTLS session idle"))
 
     # -- client side ----------------------------------------------------------------------------

@@ -16,7 +16,10 @@ through the same checks, store and CA as the HTTPS registrar (``constrained_vouc
 ``brski_handlers.record_telemetry``, ``est.issue_ldevid``): one registrar, two transports.
 
 The DTLS handshake already verified the client certificate against the manufacturer CAs and the
-domain CA (an unknown manufacturer gets an alert and a ``handshake-failed`` drop). A refused
+domain CA. A refused handshake (an unknown manufacturer, an expired IDevID: the client gets an
+alert) is logged once with the client certificate, peer and reason, and counted both as a
+``handshake-failed`` drop and in ``brski_registrar_refusals_total{endpoint="dtls"}`` with the
+HTTPS side's reason labels (tls-unknown-ca, ...). A refused
 request is answered with the CoAP code of the HTTPS status (4.00/4.01/4.03/4.04/4.06/4.13/4.15,
 5.02) and a diagnostic payload, logged once with the pledge's certificate and counted in
 ``brski_registrar_refusals_total{endpoint=<short name>}``.
@@ -37,11 +40,12 @@ from cryptography.hazmat.primitives import serialization
 from brski import coap_formats as cf
 from brski import est as est_format
 from brski import linkformat
-from brski.dtls import DtlsConfig
+from brski.dtls import DtlsConfig, DtlsSession
 from brski.errors import BrskiError
 from brski.telemetry import StatusReport
 from coaps_io.aiocoap_dtls import create_server_context, peer_of
-from coaps_io.endpoint import DtlsEndpoint
+from coaps_io.endpoint import DtlsEndpoint, PeerAddress
+from coaps_io.log_limit import LogLimiter
 
 from .brski_handlers import record_telemetry
 from .constrained_voucher import request_voucher_cose
@@ -49,12 +53,16 @@ from .context import Registrar
 from .est import CSR_ATTRIBUTES, issue_ldevid
 from .identity import Client, Kind, classify, require_pledge
 from .masa_client import MasaUnreachable
-from .metrics import ServiceMetrics
-from .tls_server import certificate_identity
+from .metrics import DTLS_ENDPOINT, ServiceMetrics
+from .tls_server import certificate_identity, format_peer, verify_reason
 from .web import Refusal
 
 log = logging.getLogger(__name__)
 AIOCOAP_LOGGER = "registrar.coaps.aiocoap"
+# Refusals logged one by one per kind and minute before a summary line takes over: a refused
+# handshake needs a cookie round trip, so it comes from a real address, but they can still
+# flood, and so can bad requests inside one session.
+REFUSAL_LOG_BURST = 20
 
 # A PVR is ~1 KiB, a CSR a few hundred bytes; aiocoap reassembles Block1 before we see it.
 MAX_REQUEST = 16 * 1024
@@ -104,9 +112,10 @@ class RegistrarResource(resource.Resource):
             return await handler(request, client)
         except Refusal as refusal:
             peer = peer_of(request.remote)
-            log.warning("CoAPS %s %s from %s (%s): %d %s", request.code, self.name,
-                        peer[:2] if peer else "?", certificate_identity(cert),
-                        refusal.status, refusal.reason)
+            if self.coaps.may_log(self.name, refusal.label):
+                log.warning("CoAPS %s %s from %s (%s): %d %s", request.code, self.name,
+                            peer[:2] if peer else "?", certificate_identity(cert),
+                            refusal.status, refusal.reason)
             self.coaps.refused(self.name, refusal.label)
             code = CODES.get(refusal.status, Code.INTERNAL_SERVER_ERROR)
             # A diagnostic payload (RFC 7252 §5.5.2): UTF-8, short, not cut inside a character.
@@ -281,9 +290,10 @@ class RegistrarSite(resource.Site):
     def _refused(self, message: aiocoap.Message, endpoint: str, status: int, label: str,
                  reason: str) -> None:
         peer = peer_of(message.remote)
-        log.warning("CoAPS %s from %s (%s): %d %s", message.code, peer[:2] if peer else "?",
-                    certificate_identity(getattr(message.remote, "peer_certificate", None)),
-                    status, reason)
+        if self.coaps.may_log(endpoint, label):
+            log.warning("CoAPS %s from %s (%s): %d %s", message.code, peer[:2] if peer else "?",
+                        certificate_identity(getattr(message.remote, "peer_certificate", None)),
+                        status, reason)
         self.coaps.refused(endpoint, label)
 
 
@@ -295,6 +305,7 @@ class CoapsRegistrar:
         self.metrics = metrics
         self.context: aiocoap.Context | None = None
         self.endpoint: DtlsEndpoint | None = None
+        self.refusal_log = LogLimiter(log, burst=REFUSAL_LOG_BURST)
         brski, est = (".well-known", "brski"), (".well-known", "est")
         self.resources: dict[tuple[str, ...], RegistrarResource] = {
             (*brski, "rv"): VoucherRequest(self, "rv", "brski.rv", f"{cf.CF_VOUCHER_COSE}"),
@@ -311,9 +322,36 @@ class CoapsRegistrar:
         self.site.add_resource((".well-known", "core"),
                                WellKnownCore(self, "core", None, None))
 
+    def may_log(self, endpoint: str, reason: str) -> bool:
+        """Whether a refusal gets its own line: a session can send requests as fast as a
+        socket takes them, so past 20 a minute of one kind a summary line counts the rest."""
+        self.refusal_log.flush()
+        return self.refusal_log.allow(f"CoAPS requests refused ({endpoint}, {reason})")
+
     def refused(self, endpoint: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.refused(endpoint, reason)
+
+    def handshake_refused(self, addr: PeerAddress, session: DtlsSession, detail: str) -> None:
+        """A DTLS handshake failed: one line naming the client certificate, peer and reason,
+        counted as ``refusals_total{endpoint="dtls"}`` with the HTTPS side's reason labels."""
+        notes = session.verification
+        # The leaf as OpenSSL verified it, else as the client's Certificate message carried it.
+        leaf = (notes.leaf if notes is not None else None) or session.sent_certificate
+        who = certificate_identity(leaf) if leaf is not None else "no client certificate seen"
+        if notes is not None and notes.verify_error is not None:
+            reason = verify_reason(notes.verify_error)
+            detail = f"{detail} (X509 verify error {notes.verify_error})"
+            if leaf is None and notes.failed_certificate is not None:
+                who = (f"{certificate_identity(notes.failed_certificate)} (chain certificate "
+                       f"at depth {notes.failed_depth})")
+        else:
+            reason = "tls-handshake-failed"
+        self.refused(DTLS_ENDPOINT, reason)
+        self.refusal_log.flush()  # ends the windows that are over, with their summaries
+        if self.refusal_log.allow(f"DTLS handshakes refused ({reason})"):
+            log.warning("DTLS handshake from %s refused (%s): %s; %s", format_peer(addr),
+                        reason, detail, who)
 
     def dtls_config(self) -> DtlsConfig:
         config = self.registrar.config
@@ -329,6 +367,7 @@ class CoapsRegistrar:
         self.context, self.endpoint = await create_server_context(
             self.site, bind, self.dtls_config(), loggername=AIOCOAP_LOGGER,
             **endpoint_options)
+        self.endpoint.on_refused = self.handshake_refused
         if self.metrics is not None:
             self.metrics.watch_dtls(self.endpoint)
         return self.endpoint

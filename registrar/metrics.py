@@ -1,6 +1,7 @@
 """Prometheus metrics of brski-registrar and brski-masa (``[metrics] listen``, ``--metrics``).
 
-    brski_<program>_refusals_total{endpoint,reason}   refused TLS handshakes (endpoint "tls")
+    brski_<program>_refusals_total{endpoint,reason}   refused TLS handshakes (endpoint "tls";
+                                                      the CoAPS listener's DTLS ones: "dtls")
                                                       and refused requests (endpoint: the last
                                                       path segment, "unknown" for other paths;
                                                       CoAPS: the short name, e.g. "rv", "sen")
@@ -28,6 +29,7 @@ from .tomlconfig import Table, parse_host_port
 disable_created_metrics()
 
 TLS_ENDPOINT = "tls"
+DTLS_ENDPOINT = "dtls"  # the CoAPS listener's handshakes, with the same reasons
 TLS_REASONS = ("tls-unknown-ca", "tls-certificate-expired", "tls-certificate-not-yet-valid",
                "tls-bad-certificate", "tls-handshake-failed")
 
@@ -57,7 +59,10 @@ class ServiceMetrics:
         self.refusals.labels(endpoint, reason).inc()
 
     def watch_dtls(self, endpoint: Any) -> None:
-        """Export a ``coaps_io.endpoint.DtlsEndpoint``'s drop counters and session count."""
+        """Export a ``coaps_io.endpoint.DtlsEndpoint``'s drop counters and session count, and
+        its handshake refusal reasons at zero."""
+        for reason in TLS_REASONS:
+            self.refusals.labels(DTLS_ENDPOINT, reason)
         self.registry.register(_DtlsCollector(endpoint))
 
     def serve(self, host: str, port: int) -> None:

@@ -70,18 +70,21 @@ def certificate_identity(cert: x509.Certificate | None) -> str:
             f"issuer {name_text(cert.issuer)}")
 
 
+def verify_reason(code: int) -> str:
+    """The metric label for an X509_V_ERR_* code (TLS here, DTLS in ``registrar.coaps``)."""
+    if code in _UNKNOWN_CA:
+        return "tls-unknown-ca"
+    if code in _EXPIRED:
+        return "tls-certificate-expired"
+    if code in _NOT_YET_VALID:
+        return "tls-certificate-not-yet-valid"
+    return "tls-bad-certificate"
+
+
 def refusal_reason(exc: BaseException) -> tuple[str, str]:
     """(metric label, detail) for a failed server handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        detail = f"client certificate: {exc.verify_message}"
-        if code in _UNKNOWN_CA:
-            return "tls-unknown-ca", detail
-        if code in _EXPIRED:
-            return "tls-certificate-expired", detail
-        if code in _NOT_YET_VALID:
-            return "tls-certificate-not-yet-valid", detail
-        return "tls-bad-certificate", detail
+        return verify_reason(exc.verify_code), f"client certificate: {exc.verify_message}"
     reason = getattr(exc, "reason", None) or type(exc).__name__
     return "tls-handshake-failed", str(reason).lower().replace("_", " ")
 
