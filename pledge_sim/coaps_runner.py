@@ -100,6 +100,7 @@ class CoapsPledgeRunner:
         self.backoff = Backoff(random.random, settings.backoff_initial, settings.backoff_cap)
         self.result = EnrollResult(identity.serial)
         self.records = [0, 0]  # DTLS application records sent / received, all attempts
+        self._doing = ""  # what was under way, for a deadline that interrupts it
 
     async def run(self) -> EnrollResult:
         started = time.monotonic()
@@ -108,7 +109,7 @@ class CoapsPledgeRunner:
                 await self._attempts()
         except TimeoutError:
             self._fail("deadline", f"gave up after {self.settings.deadline:g} s; last: "
-                       f"{self.result.reason or 'no answer'}")
+                       f"{self._doing or self.result.reason or 'no answer'}")
         finally:
             self.result.seconds = round(time.monotonic() - started, 3)
             self.result.events.append(f"coaps: {self.records[0]} CoAP messages sent, "
@@ -236,6 +237,8 @@ class CoapsPledgeRunner:
             raise Failed("address", f"{candidate.label}: {exc.strerror}",
                          other_proxy=True) from exc
         timeout = self.settings.connect_timeout
+        self._doing = (f"{candidate.label}: no DTLS handshake answer (registrar or proxy "
+                       "down?)")
         try:
             peer = await endpoint.connect(infos[0][4], config, timeout)  # type: ignore[attr-defined]
         except TimeoutError as exc:
@@ -244,6 +247,8 @@ class CoapsPledgeRunner:
         except Exception as exc:  # an alert or a broken handshake: this peer refuses us
             raise Failed("dtls-refused", f"{candidate.label} refused the DTLS session: "
                          f"{exc}", other_proxy=True) from exc
+        finally:
+            self._doing = ""
         chain = peer.session.peer_certificates
         if not chain:
             raise Failed("dtls", f"{candidate.label}: the DTLS server showed no certificate",
@@ -290,7 +295,7 @@ class CoapsPledgeRunner:
             max_age = answer.opt.max_age
             return Failed(f"coap-{code.dotted}", detail,
                           wait=float(max_age if max_age is not None else DEFAULT_MAX_AGE))
-        return Failed(f"coap-{code.dotted}", detail, other_proxy=code.is_client_error())
+        return Failed(f"coap-{code.dotted}", detail, other_proxy=code.class_ == 4)
 
     def _write(self, ldevid: x509.Certificate, chain: list[x509.Certificate],
                key: ec.EllipticCurvePrivateKey, cacerts: list[x509.Certificate]) -> None:
