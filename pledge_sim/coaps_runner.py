@@ -239,16 +239,18 @@ class CoapsPledgeRunner:
         timeout = self.settings.connect_timeout
         self._doing = (f"{candidate.label}: no DTLS handshake answer (registrar or proxy "
                        "down?)")
+        # Not cleared when the deadline cancels the handshake: the deadline's reason says it.
         try:
             peer = await endpoint.connect(infos[0][4], config, timeout)  # type: ignore[attr-defined]
         except TimeoutError as exc:
+            self._doing = ""
             raise Failed("dtls", f"{candidate.label}: no DTLS handshake within {timeout:g} s "
                          "(registrar or proxy down?)") from exc
         except Exception as exc:  # an alert or a broken handshake: this peer refuses us
+            self._doing = ""
             raise Failed("dtls-refused", f"{candidate.label} refused the DTLS session: "
                          f"{exc}", other_proxy=True) from exc
-        finally:
-            self._doing = ""
+        self._doing = ""
         chain = peer.session.peer_certificates
         if not chain:
             raise Failed("dtls", f"{candidate.label}: the DTLS server showed no certificate",
