@@ -34,8 +34,11 @@ def _interfaces() -> list[tuple[int, str]]:
 
 
 def request_datagram(message_id: int, token: bytes) -> bytes:
-    msg = aiocoap.Message(code=aiocoap.GET, mtype=aiocoap.NON, mid=message_id, token=token,
-                          uri_path=(".well-known", "core"), uri_query=(QUERY,))
+    # Sent on a raw socket, so that every answer (one per proxy) is seen, which aiocoap's
+    # request API does not give; aiocoap still encodes and decodes the messages.
+    msg = aiocoap.Message(code=aiocoap.GET, uri_path=(".well-known", "core"),
+                          uri_query=(QUERY,))
+    msg.mtype, msg.mid, msg.token = aiocoap.NON, message_id, token
     return msg.encode()
 
 
