@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from brski import cose
 from brski.signed_voucher import verify_voucher_cose
-from lab import Lab, Topology
-from lab.brski_services import Services, enroll, ldevid_verifies, make_pki
+from lab import Lab, Topology, wait_for
+from lab.brski_services import Services, enroll, ldevid_verifies, make_pki, spawn_enroll
 
 pytestmark = pytest.mark.netns
 COAPS = 5684
@@ -42,7 +42,8 @@ def env(tmp_path_factory):
     work = tmp_path_factory.mktemp("pledge-coaps")
     # The MASA knows the devices in the PKI when it starts: every serial is made up front.
     fleet = [f"sim-{n:04d}" for n in range(20)]
-    pki = make_pki(work / "pki", [*fleet, "solo-1", "solo-2", "disc-1", "wary-1", "late-1"])
+    pki = make_pki(work / "pki", [*fleet, "solo-1", "solo-2", "disc-1", "wary-1", "late-1",
+                                    "wait-1"])
     make_pki(work / "rogue", [], "--manufacturer", "Rogue Manufacturer")
     with Lab(Topology(pledges=1, registrars=1, pledges_on_backbone=True),
              log_dir=work / "logs") as lab:
@@ -126,6 +127,22 @@ def test_voucher_from_an_untrusted_masa_signer_is_refused_and_reported(env):
         assert (status.kind, status.status) == ("voucher_status", False)
         assert "signature" in (status.reason or "")
         assert not store.certificates("wary-1")
+
+
+def test_masa_down_gets_503_max_age_and_the_pledge_waits_then_enrolls(env):
+    env.services.stop("masa")
+    try:
+        sim = spawn_enroll(env.pledge, env.pki, env.work / "wait", "--transport", "coaps",
+                           "--serial", "wait-1", "--registrar", env.static, "--deadline", "60")
+        wait_for(lambda: "5.03" in sim.log(), 30, "the pledge to get a 5.03 from rv")
+    finally:
+        env.services.start("masa")
+    run = sim.wait(90)
+    assert run.ok, run.stderr[-3000:]
+    [r] = run.results
+    assert r["waits"] >= 1 and r["attempts"] >= 2
+    assert any("/rv answered 5.03 Service Unavailable" in e for e in r["events"]), r["events"]
+    assert ldevid_verifies(env.pki, r["ldevid_path"])
 
 
 def test_registrar_down_is_one_clear_line_and_non_zero(env):
