@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, choices=BLOCK_SIZES, metavar="BYTES",
                    help="coaps: largest CoAP block (Block1/Block2), 16..1024 (default: "
                         "what the DTLS record allows)")
+    e.add_argument("--fetch-crts", action="store_true",
+                   help="coaps: GET /crts even when the pinned domain CA signed the LDevID")
     e.add_argument("--registrar", action="append", default=[], metavar="ADDR",
                    help="skip discovery: [fe80::b:2%%eth0]:8443 (repeatable)")
     e.add_argument("--discover", type=_methods, default=list(METHODS), metavar="METHODS",
@@ -187,14 +189,17 @@ async def _enroll(args: argparse.Namespace) -> int:
     anchors = load_anchors(_anchor_path(args))
     if not anchors:
         raise UsageProblem("the MASA trust anchor file holds no certificate")
-    if args.block_size is not None and args.transport != "coaps":
-        raise UsageProblem("--block-size is for --transport coaps")
+    for given, option in ((args.block_size is not None, "--block-size"),
+                          (args.fetch_crts, "--fetch-crts"), (args.masa_signer, "--masa-signer")):
+        if given and args.transport != "coaps":
+            raise UsageProblem(f"{option} is for --transport coaps")
     settings = Settings(anchors=anchors, out_dir=args.out, deadline=args.deadline,
                         request_timeout=args.request_timeout,
                         backoff_cap=args.max_backoff, trusted_clock=args.trusted_clock,
                         accept_nonceless=args.accept_nonceless,
                         masa_signers=_masa_signers(args),
-                        block_szx=None if args.block_size is None else block_szx(args.block_size))
+                        block_szx=None if args.block_size is None else block_szx(args.block_size),
+                        fetch_crts=args.fetch_crts)
     runner = CoapsPledgeRunner if args.transport == "coaps" else PledgeRunner
     if runner is CoapsPledgeRunner:
         bad = [i.serial for i in identities if not isinstance(i.key, ec.EllipticCurvePrivateKey)]

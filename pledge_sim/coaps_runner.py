@@ -27,6 +27,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import aiocoap
 from aiocoap import error as coap_error
@@ -190,7 +191,7 @@ class CoapsPledgeRunner:
         await self._est(ctx, uri, accepted, clock)
 
     async def _est(self, ctx: aiocoap.Context, uri: str, accepted: AcceptedVoucher,
-                   clock: object) -> None:
+                   clock: datetime | None) -> None:
         key = est.new_ldevid_key()
         csr = build_csr_der(self.identity.serial, key)
         answer = await self._request(ctx, aiocoap.POST, uri + SEN, csr,
@@ -199,9 +200,11 @@ class CoapsPledgeRunner:
             raise self._refusal("sen", answer)
         try:
             issued = decode_est_certs(answer.payload, answer.opt.content_format)
-            done = enrolled_ldevid(issued, key, accepted.pinned, None, clock)  # type: ignore[arg-type]
+            done = enrolled_ldevid(issued, key, accepted.pinned, None, clock)
             crts: list[x509.Certificate] = [accepted.pinned]
-            if done is None:  # the pinned cert did not sign it: the domain's CAs, §6.7.1
+            if done is None or self.settings.fetch_crts:
+                # The pinned cert did not sign it (cBRSKI §6.7.1), or the domain's CA set is
+                # wanted anyway: /crts, and the LDevID must chain to a root among them.
                 extra = {"block2": (0, False, self.settings.block_szx)} \
                     if self.settings.block_szx is not None else {}
                 got = await self._request(ctx, aiocoap.GET, uri + CRTS, b"",
@@ -209,7 +212,7 @@ class CoapsPledgeRunner:
                 if got.code != aiocoap.CONTENT:
                     raise self._refusal("crts", got)
                 crts = decode_est_certs(got.payload, got.opt.content_format)
-                done = enrolled_ldevid(issued, key, accepted.pinned, crts, clock)  # type: ignore[arg-type]
+                done = enrolled_ldevid(issued, key, accepted.pinned, crts, clock)
                 self.result.events.append("LDevID chained with /crts")
             else:
                 self.result.events.append("LDevID signed by the pinned CA (§6.7.1: no /crts)")

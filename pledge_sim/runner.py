@@ -55,6 +55,7 @@ class Settings:
     # anchors (COSE vouchers reach the pledge without x5bag), and a Block1/Block2 SZX limit.
     masa_signers: Sequence[x509.Certificate] = ()
     block_szx: int | None = None
+    fetch_crts: bool = False  # GET /crts even when the §6.7.1 shortcut applies
 
 
 @dataclass

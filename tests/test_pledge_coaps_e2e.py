@@ -89,12 +89,26 @@ def test_twenty_constrained_pledges_enroll_at_concurrency_ten(env):
 def test_small_blocks_split_the_requests(env):
     big = env.enroll("big", "--serial", "solo-1", "--registrar", env.static)
     small = env.enroll("small", "--serial", "solo-2", "--registrar", env.static,
-                       "--block-size", "32")
+                       "--block-size", "32", "--fetch-crts")
     assert big.ok and small.ok, (big.stderr, small.stderr)
 
-    def sent(run) -> int:
+    def counts(run) -> tuple[int, int]:
         [line] = [e for e in run.results[0]["events"] if e.startswith("coaps: ")]
-        return int(line.split()[1])
+        words = line.split()
+        return int(words[1]), int(words[5])
+
+    def sent(run) -> int:
+        return counts(run)[0]
+
+    assert "LDevID signed by the pinned CA (§6.7.1: no /crts)" in big.results[0]["events"]
+    # /crts (certs-only PKCS#7, several hundred bytes) came in 32-byte Block2 pieces, and the
+    # LDevID was validated against what it holds.
+    assert "LDevID chained with /crts" in small.results[0]["events"]
+    assert counts(small)[1] >= counts(big)[1] + 10
+    cacerts = x509.load_pem_x509_certificates(
+        (env.work / "small" / "cacerts.pem").read_bytes())
+    assert cacerts == [x509.load_pem_x509_certificate(
+        (env.pki / "domain/ca.crt").read_bytes())]
     # rv, vs, sen, es (and Block2 follow-ups for a voucher bigger than a block) at full size;
     # with 32-byte blocks the PVR (>100 bytes) and the DER CSR (>200) go in Block1 pieces.
     assert 4 <= sent(big) <= 8
