@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     # names them (pyroute2, zeroconf, asyncio, aiocoap...)
     quiet.hold(logging.getLogger().handlers,
                quiet.wanted_loud(os.environ.get("BRSKI_DEBUG_LIBRARIES", "")))
+    if args.verbose < 2:
+        # The DTLS endpoint logs a refused handshake as a drop; the pledge's own report says
+        # it (one line), so that line only shows with -vv.
+        logging.getLogger("coaps_io").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return asyncio.run(_enroll(args) if args.command == "enroll" else _discover(args))

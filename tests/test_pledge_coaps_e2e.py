@@ -7,6 +7,8 @@ by ``openssl verify``), their JSON report, and the registrar's store (COSE vouch
 from __future__ import annotations
 
 import datetime
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,9 @@ class Env:
         self.pledge = lab.pledges[0]
         self.registrar_ll = lab.registrars[0].address("eth0", link_local=True)
 
-    def enroll(self, out: str, *args: str, timeout: float = 120):
+    def enroll(self, out: str, *args: str, timeout: float = 120, verbose: bool = True):
         return enroll(self.pledge, self.pki, self.work / out, "--transport", "coaps", *args,
-                      timeout=timeout)
+                      timeout=timeout, verbose=verbose)
 
     @property
     def static(self) -> str:
@@ -44,7 +46,7 @@ def env(tmp_path_factory):
     fleet = [f"sim-{n:04d}" for n in range(20)]
     pki = make_pki(work / "pki", [*fleet, "solo-1", "solo-2", "disc-1", "wary-1", "late-1",
                                     "wait-1"])
-    make_pki(work / "rogue", [], "--manufacturer", "Rogue Manufacturer")
+    make_pki(work / "rogue", ["stranger-1"], "--manufacturer", "Rogue Manufacturer")
     with Lab(Topology(pledges=1, registrars=1, pledges_on_backbone=True),
              log_dir=work / "logs") as lab:
         services = Services(lab.registrars[0], pki, work / "r0", coaps_listen=f"[::]:{COAPS}")
@@ -143,6 +145,22 @@ def test_voucher_from_an_untrusted_masa_signer_is_refused_and_reported(env):
         assert not store.certificates("wary-1")
 
 
+def test_idevid_of_an_unknown_manufacturer_is_refused_in_the_handshake(env):
+    idevids = env.work / "rogue/manufacturer/idevid"
+    done = env.pledge.run(
+        [sys.executable, "-m", "pledge_sim.cli", "enroll", "--json", "--transport", "coaps",
+         "--idevid", str(idevids / "stranger-1.crt"), "--key", str(idevids / "stranger-1.key"),
+         "--masa-ca", str(env.pki / "masa/ca.crt"), "--out", str(env.work / "stranger"),
+         "--registrar", env.static, "--deadline", "30"], check=False, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [r] = json.loads(done.stdout)["results"]
+    # Refused at once with the registrar's alert, not after the deadline.
+    assert r["code"] == "dtls-refused" and r["seconds"] < 15, r
+    [line] = done.stderr.strip().splitlines()  # one line, without -v
+    assert line.startswith("pledge-sim: stranger-1 failed: ") and "refused" in line, line
+    assert "alert unknown ca" in line
+
+
 def test_masa_down_gets_503_max_age_and_the_pledge_waits_then_enrolls(env):
     env.services.stop("masa")
     try:
@@ -161,10 +179,11 @@ def test_masa_down_gets_503_max_age_and_the_pledge_waits_then_enrolls(env):
 
 def test_registrar_down_is_one_clear_line_and_non_zero(env):
     nothing = f"[{env.registrar_ll}%eth0]:{COAPS + 7}"
-    run = env.enroll("down", "--serial", "late-1", "--registrar", nothing, "--deadline", "6")
+    run = env.enroll("down", "--serial", "late-1", "--registrar", nothing, "--deadline", "6",
+                     verbose=False)
     assert run.rc == 1
     [r] = run.results
     assert r["code"] == "deadline" and not r["ok"]
-    err = [ln for ln in run.stderr.splitlines() if ln.startswith("pledge-sim: late-1 failed")]
-    assert len(err) == 1, run.stderr
-    assert "no DTLS handshake" in err[0] and "registrar or proxy down" in err[0], err[0]
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith("pledge-sim: late-1 failed: gave up after 6 s"), line
+    assert "no DTLS handshake" in line and "registrar or proxy down" in line, line
