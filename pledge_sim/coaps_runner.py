@@ -132,7 +132,14 @@ class CoapsPledgeRunner:
             try:
                 await self._attempt(candidate)
                 return
-            except Failed as failure:
+            except Exception as exc:
+                if not isinstance(exc, Failed):
+                    # A fault of this simulator or its libraries: say it in the report, and
+                    # do not loop on it with this proxy.
+                    log.debug("%s: unexpected", self.identity.serial, exc_info=True)
+                    exc = Failed("error", f"{candidate.label}: {type(exc).__name__}: {exc}",
+                                 other_proxy=True)
+                failure = exc
                 self._fail(failure.code, failure.reason)
                 self.result.events.append(f"attempt {self.result.attempts} via "
                                           f"{candidate.label}: {failure.reason}")

@@ -100,3 +100,26 @@ def test_missing_masa_signer_file_is_one_line(tmp_path):
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("pledge-sim: ") and "cannot load MASA signer" in line, line
+
+
+def test_an_unexpected_fault_is_reported_not_raised(tmp_path, monkeypatch):
+    import asyncio
+
+    from lab.brski_services import make_pki
+    from pledge_sim import coaps_runner
+    from pledge_sim.identity import identities_from_pki, load_anchors
+    from pledge_sim.runner import Settings
+
+    pki = make_pki(tmp_path / "pki", ["F-1"])
+
+    async def broken(*_args, **_kwargs):
+        raise RuntimeError("no sockets today")
+
+    monkeypatch.setattr(coaps_runner, "create_client_context", broken)
+    [identity] = identities_from_pki(pki, serials=["F-1"])
+    settings = Settings(anchors=load_anchors(pki / "masa/ca.crt"), out_dir=tmp_path / "out",
+                        deadline=10)
+    result = asyncio.run(CoapsPledgeRunner(identity, [Candidate("::1", 5684, "static")],
+                                           settings).run())
+    assert not result.ok and result.code == "error" and result.attempts == 1
+    assert result.reason == "[::1]:5684: RuntimeError: no sockets today"
