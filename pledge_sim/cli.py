@@ -105,8 +105,9 @@ def parser() -> argparse.ArgumentParser:
                    help="coaps: GET /crts even when the pinned domain CA signed the LDevID")
     e.add_argument("--registrar", action="append", default=[], metavar="ADDR",
                    help="skip discovery: [fe80::b:2%%eth0]:8443 (repeatable)")
-    e.add_argument("--discover", type=_methods, default=list(METHODS), metavar="METHODS",
-                   help="discovery methods, comma-separated (default: grasp,mdns)")
+    e.add_argument("--discover", type=_methods, metavar="METHODS",
+                   help="discovery methods, comma-separated (default: grasp,mdns; "
+                        "coaps pledges use CoRE discovery)")
     e.add_argument("--discovery-timeout", type=_positive(float), default=15.0, metavar="S")
     e.add_argument("--concurrency", type=_positive(int), default=10)
     e.add_argument("--out", type=Path, default=Path("pledge-sim-out"),
@@ -177,22 +178,25 @@ async def _candidates(args: argparse.Namespace) -> list[Candidate]:
         return [parse_address(a) for a in args.registrar]
     if args.transport == "coaps":
         return await discover_join_proxies(args.discovery_timeout)
-    found = await discover(args.discover, args.discovery_timeout)
+    methods = args.discover or list(METHODS)
+    found = await discover(methods, args.discovery_timeout)
     if not found.candidates:
-        raise DiscoveryError(f"no proxy found by {', '.join(args.discover)} within "
+        raise DiscoveryError(f"no proxy found by {', '.join(methods)} within "
                              f"{args.discovery_timeout:g} s (or give --registrar ADDR)")
     return found.candidates
 
 
 async def _enroll(args: argparse.Namespace) -> int:
-    identities = _identities(args)
-    anchors = load_anchors(_anchor_path(args))
-    if not anchors:
-        raise UsageProblem("the MASA trust anchor file holds no certificate")
     for given, option in ((args.block_size is not None, "--block-size"),
                           (args.fetch_crts, "--fetch-crts"), (args.masa_signer, "--masa-signer")):
         if given and args.transport != "coaps":
             raise UsageProblem(f"{option} is for --transport coaps")
+    if args.discover and args.transport == "coaps":
+        raise UsageProblem("--discover is for https; coaps pledges use CoRE discovery")
+    identities = _identities(args)
+    anchors = load_anchors(_anchor_path(args))
+    if not anchors:
+        raise UsageProblem("the MASA trust anchor file holds no certificate")
     settings = Settings(anchors=anchors, out_dir=args.out, deadline=args.deadline,
                         request_timeout=args.request_timeout,
                         backoff_cap=args.max_backoff, trusted_clock=args.trusted_clock,

@@ -85,9 +85,15 @@ def test_block_size_without_coaps_is_a_usage_error(tmp_path):
     done = pledge_sim("enroll", "--pki", str(tmp_path), "--block-size", "64",
                       "--masa-ca", "/dev/null")
     assert done.returncode == 2
+    assert done.stderr.strip() == "pledge-sim: --block-size is for --transport coaps"
     done = pledge_sim("enroll", "--transport", "coaps", "--block-size", "100",
                       "--pki", str(tmp_path))
     assert done.returncode == 2 and "--block-size" in done.stderr
+    done = pledge_sim("enroll", "--transport", "coaps", "--discover", "grasp",
+                      "--pki", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("pledge-sim: --discover is for https; coaps pledges use "
+                                   "CoRE discovery")
 
 
 def test_missing_masa_signer_file_is_one_line(tmp_path):
