@@ -38,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from brski.dtls import DtlsConfig
 from brski.telemetry import StatusReport
 from coaps_io.aiocoap_dtls import create_client_context
+from coaps_io.endpoint import DtlsEndpoint, PeerAddress
 
 from . import est
 from .constrained import (
@@ -159,19 +160,27 @@ class CoapsPledgeRunner:
         ident = self.identity
         assert isinstance(ident.key, ec.EllipticCurvePrivateKey)
         config = DtlsConfig(ident.cert, ident.key, [], provisional=True)
-        bind = ("::", 0) if ":" in candidate.host else ("0.0.0.0", 0)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                candidate.host, candidate.port, type=socket.SOCK_DGRAM)
+        except socket.gaierror as exc:
+            raise Failed("address", f"{candidate.label}: {exc.strerror}",
+                         other_proxy=True) from exc
+        # A name may resolve to either family: the socket follows the first address.
+        family, addr = infos[0][0], infos[0][4]
+        bind = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
         ctx, endpoint = await create_client_context(config, bind=bind)
         try:
-            await self._enroll(ctx, endpoint, candidate, config)
+            await self._enroll(ctx, endpoint, candidate, addr, config)
         finally:
             self.records[0] += endpoint.records_sent
             self.records[1] += endpoint.records_received
             await ctx.shutdown()
 
-    async def _enroll(self, ctx: aiocoap.Context, endpoint: object, candidate: Candidate,
-                      config: DtlsConfig) -> None:
+    async def _enroll(self, ctx: aiocoap.Context, endpoint: DtlsEndpoint, candidate: Candidate,
+                      addr: PeerAddress, config: DtlsConfig) -> None:
         settings, serial = self.settings, self.identity.serial
-        chain = await self._handshake(endpoint, candidate, config)
+        chain = await self._handshake(endpoint, candidate, addr, config)
         uri = f"coaps://{candidate.label}"
         now = now_utc()
         clock = now if settings.trusted_clock else None
@@ -236,22 +245,14 @@ class CoapsPledgeRunner:
             {NameOID.SERIAL_NUMBER: "serialNumber"})
 
     # -- helpers ------------------------------------------------------------------------------
-    async def _handshake(self, endpoint: object, candidate: Candidate,
-                         config: DtlsConfig) -> list[x509.Certificate]:
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in candidate.host else socket.AF_INET
-        try:
-            infos = await loop.getaddrinfo(candidate.host, candidate.port,
-                                           type=socket.SOCK_DGRAM, family=family)
-        except socket.gaierror as exc:
-            raise Failed("address", f"{candidate.label}: {exc.strerror}",
-                         other_proxy=True) from exc
+    async def _handshake(self, endpoint: DtlsEndpoint, candidate: Candidate,
+                         addr: PeerAddress, config: DtlsConfig) -> list[x509.Certificate]:
         timeout = self.settings.connect_timeout
         self._doing = (f"{candidate.label}: no DTLS handshake answer (registrar or proxy "
                        "down?)")
         # Not cleared when the deadline cancels the handshake: the deadline's reason says it.
         try:
-            peer = await endpoint.connect(infos[0][4], config, timeout)  # type: ignore[attr-defined]
+            peer = await endpoint.connect(addr, config, timeout)
         except TimeoutError as exc:
             self._doing = ""
             raise Failed("dtls", f"{candidate.label}: no DTLS handshake within {timeout:g} s "
