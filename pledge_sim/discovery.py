@@ -43,7 +43,7 @@ class DiscoveryError(Exception):
 class Candidate:
     host: str  # IPv6 address, with %zone when link-local; or a name
     port: int
-    method: str  # static, grasp, grasp-registrar, mdns, mdns-registrar
+    method: str  # static, grasp, grasp-registrar, mdns, mdns-registrar, coap (CoRE)
 
     @property
     def label(self) -> str:

@@ -29,6 +29,9 @@ from brski.errors import BrskiError
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 IDEVID_SUBDIR = Path("manufacturer") / "idevid"
 MASA_CA = Path("masa") / "ca.crt"
+# The MASA's voucher-signing certificate: a COSE voucher reaches a constrained pledge with its
+# x5bag stripped (cBRSKI §6.8), so the pledge needs the signer installed beside the anchor.
+MASA_SIGNER = Path("masa") / "signer.crt"
 
 
 class IdentityError(Exception):
@@ -120,14 +123,19 @@ def identities_from_pki(
     return [load_identity(directory / f"{s}.crt", directory / f"{s}.key") for s in wanted]
 
 
-def load_anchors(path: Path) -> list[x509.Certificate]:
-    """Every certificate in a PEM file: the manufacturer-installed MASA trust anchors."""
+def load_anchors(path: Path, what: str = "MASA trust anchors") -> list[x509.Certificate]:
+    """Every certificate in a PEM file: the manufacturer-installed MASA trust anchors (or,
+    for a constrained pledge, the MASA signing certificates)."""
     try:
         found = x509.load_pem_x509_certificates(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise IdentityError(f"{path}: cannot load MASA trust anchors: {exc}") from exc
+        raise IdentityError(f"{path}: cannot load {what}: {exc}") from exc
     return found
 
 
 def masa_anchor_path(pki_root: Path) -> Path:
     return pki_root / MASA_CA
+
+
+def masa_signer_path(pki_root: Path) -> Path:
+    return pki_root / MASA_SIGNER

@@ -51,6 +51,11 @@ class Settings:
     backoff_cap: float = 30.0  # RFC 8995 §4.1 allows up to an hour; a simulator wants less
     trusted_clock: bool = False
     accept_nonceless: bool = False
+    # CoAPS only (pledge_sim.coaps_runner): MASA signing certificates installed beside the
+    # anchors (COSE vouchers reach the pledge without x5bag), and a Block1/Block2 SZX limit.
+    masa_signers: Sequence[x509.Certificate] = ()
+    block_szx: int | None = None
+    fetch_crts: bool = False  # GET /crts even when the §6.7.1 shortcut applies
 
 
 @dataclass

@@ -37,6 +37,13 @@ def test_demo_enrolls_five_pledges_and_leaves_nothing(as_root):
         line = next(line for line in out.splitlines() if line.startswith(f"demo-{i} "))
         assert line.rstrip().endswith(" ok") and " proximity " in line
         assert f"serialNumber=demo-{i}" in line
+    # ...and the constrained pledges, directly over CoAPS, in their own table.
+    assert "3 enrolled, 0 failed" in out
+    assert "openssl verify against the domain CA: 3/3 constrained LDevIDs OK" in out
+    for i in range(3):
+        line = next(line for line in out.splitlines() if line.startswith(f"demo-c{i} "))
+        assert line.rstrip().endswith(" ok") and f"serialNumber=demo-c{i}" in line
+        assert ":5684 " in line and " static " in line
     rid = run_id(out)
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(f"jpl{rid}-")]
     assert demo_dirs() == before
