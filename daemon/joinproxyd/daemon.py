@@ -33,6 +33,7 @@ from .config import Config, ConfigError
 from .control import ControlError, ControlServer, Request
 from .datapath import Datapath
 from .discovery.announce import ProxyAnnouncer
+from .discovery.coap_join import JoinPortAnnouncer, constrained_targets
 from .discovery.grasp import GraspRegistrarListener
 from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
@@ -180,6 +181,7 @@ class Daemon:
         self.announcer = ProxyAnnouncer(interval=config.announce_interval,
                                         metrics=self.metrics, log=log)
         self.advertiser: MdnsProxyAdvertiser | None = None
+        self.core_join = JoinPortAnnouncer(log)
         self.grasp_listener: GraspRegistrarListener | None = None
         self.mdns_browser: MdnsRegistrarBrowser | None = None
         self._backbone_index: int | None = None
@@ -274,6 +276,7 @@ class Daemon:
                 except Exception:  # keep stopping the rest: kernel state must still go
                     log.exception("stopping %s failed", type(part).__name__)
         await self.announcer.stop()
+        await self.core_join.stop()
         await asyncio.gather(*(mode.close(self.config.drain_seconds)
                                for mode in self.modes.values()))
         self.modes.clear()
@@ -366,6 +369,8 @@ class Daemon:
         self.announcer.set_targets(announced if config.announce_grasp else [])
         self.announcer.set_enabled(joining and config.announce_grasp)
         await self._reconcile_mdns_advertiser(joining)
+        await self.core_join.set_targets(constrained_targets(
+            self.served, joining, lambda mode: mode_class(mode).constrained))
         await self._reconcile_backbone()
         self._forget_gone_links()
         if self._metrics_listen is not None and not self._metrics_serving:
@@ -679,6 +684,7 @@ class Daemon:
             "unserved": self.unserved_links(),
             "listener_errors": self.listeners.status(),
             "registrars": self.registrars.status(),
+            "core_join_discovery": self.core_join.status(),
             "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
             "guard": self.guard.status(),
             "bpf": self.datapath.status(),
