@@ -276,3 +276,30 @@ def test_status_rendering_shows_endpoints_and_health():
     assert "coaps://[fd00::52]:5684  coap,grasp  yes" in text and text.count("*") == 1
     assert "jpy://[fd00::53]:7634    static      no       no DTLS answer within 1 s" in text
     assert ctl.render_constrained(None) == []
+
+
+def test_core_answers_that_are_garbage_are_counted_and_logged_once(caplog):
+    from aiocoap import CONTENT, NOT_FOUND, Message
+
+    from joinproxyd.discovery.constrained import CoreRegistrarFinder
+
+    got: list = []
+    finder = CoreRegistrarFinder(interface="bb0", ifindex=4, period=10, log=LOG,
+                                 on_registrar=lambda reg, ttl: got.append((reg, ttl)))
+
+    def answer(payload: bytes, token: bytes = b"tokn", code=CONTENT) -> bytes:
+        message = Message(code=code, payload=payload)
+        message.mtype, message.token, message.mid = 1, token, 1  # NON
+        return message.encode()
+
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        finder._answer(answer(b"<jpy://[fd00::52]:7634>;rt=brski.rjp"), "fe80::2", b"tokn")
+        finder._answer(answer(b"<jpy://[fd00::53]:7634>;rt=brski.rjp", b"othr"), "fe80::2",
+                       b"tokn")  # another request's answer
+        finder._answer(answer(b"", code=NOT_FOUND), "fe80::2", b"tokn")
+        for garbage in (b"\xff" * 9, b"\x40", answer(b"<jpy://[fd00::52]>;rt=brski.rjp"),
+                        answer(b"<" + b" " * 40)):
+            finder._answer(garbage, "fe80::2", b"tokn")
+    assert got == [(UdpRegistrar(UdpKind.JPY, "fd00::52", 7634), 30)]
+    assert finder.bad_answers == 4
+    assert caplog.text.count("CoRE discovery answer from fe80::2 dropped") == 1

@@ -48,6 +48,7 @@ CORE: Final = "coap"
 CORE_GROUPS: Final = ("ff05::fd", "ff02::fd")  # site-local first (join-proxy draft §5.4)
 CORE_QUERIES: Final = (f"rt={linkformat.RT_REGISTRAR_JPY}", f"rt={linkformat.RT_REGISTRAR}")
 MODE_CHOICES: Final = ("auto", "coaps", "jpy")
+COAP_PORT: Final = 5683
 
 
 class UdpKind(StrEnum):
@@ -351,8 +352,11 @@ class ConstrainedRegistrars:
 
 class CoreRegistrarFinder:
     """Asks ``/.well-known/core?rt=brski.rjp`` and ``?rt=brski`` on ff05::fd and ff02::fd of
-    the backbone every ``period`` seconds; every answer is offered for three periods, so a
-    registrar that stops answering is forgotten after its third missed round."""
+    the backbone every ``period`` seconds and takes every answer heard within ``wait``
+    seconds (aiocoap's client keeps only the first answer to a multicast request, so the
+    request goes out on a socket of ours and aiocoap only encodes and decodes). Each answer
+    is offered for three periods: a registrar that stops answering is forgotten after its
+    third missed round."""
 
     def __init__(self, *, interface: str, ifindex: int, period: float,
                  on_registrar: Callable[[UdpRegistrar, float], None],
@@ -362,14 +366,12 @@ class CoreRegistrarFinder:
         self.period = period
         self.on_registrar = on_registrar
         self.log = log
-        self.wait = wait  # how long answers to one multicast request are collected
+        self.wait = wait
         self._task: asyncio.Task[None] | None = None
-        self._context: aiocoap.Context | None = None
         self.bad_answers = 0
 
     async def start(self) -> None:
         if self._task is None:
-            self._context = await aiocoap.Context.create_client_context(transports=["udp6"])
             self._task = asyncio.create_task(self._run(), name="core-registrar-finder")
             self.log.info("asking CoRE discovery for constrained registrars on %s",
                           self.interface)
@@ -377,9 +379,6 @@ class CoreRegistrarFinder:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        if self._context is not None:
-            await self._context.shutdown()
-            self._context = None
 
     async def _run(self) -> None:
         while True:
@@ -387,30 +386,40 @@ class CoreRegistrarFinder:
                 for query in CORE_QUERIES:
                     try:
                         await self._ask(group, query)
-                    except Exception as exc:  # a failed round is retried next period
+                    except OSError as exc:  # the link went away, ...: retried next period
                         self.log.debug("CoRE discovery on %s: %s", self.interface, exc)
             await asyncio.sleep(self.period)
 
     async def _ask(self, group: str, query: str) -> None:
-        assert self._context is not None
-        uri = f"coap://[{group}%{self.interface}]/.well-known/core?{query}"
-        request = aiocoap.Message(code=aiocoap.GET, mtype=aiocoap.NON, uri=uri)
-        pending = self._context.request(request)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.wait):
-                async for answer in pending.responses:
-                    self._answer(answer)
+        loop = asyncio.get_running_loop()
+        token = os.urandom(4)
+        request = aiocoap.Message(code=aiocoap.GET, uri_path=(".well-known", "core"),
+                                  uri_query=(query,))
+        # Our socket, so the message layer's fields are ours to set (a NON request).
+        request.mtype, request.token = aiocoap.NON, token
+        request.mid = int.from_bytes(os.urandom(2), "big")
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, self.ifindex)
+            sock.bind(("::", 0, 0, self.ifindex))
+            await loop.sock_sendto(sock, request.encode(), (group, COAP_PORT, 0, self.ifindex))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.wait):
+                    while True:
+                        data, sender = await loop.sock_recvfrom(sock, 65535)
+                        self._answer(data, str(sender[0]), token)
 
-    def _answer(self, answer: aiocoap.Message) -> None:
-        if not answer.code.is_successful():
-            return
+    def _answer(self, data: bytes, sender: str, token: bytes) -> None:
         try:
+            answer = aiocoap.Message.decode(data)
+            if answer.token != token or not answer.code.is_successful():
+                return  # not an answer to this request (or "no such thing here")
             found = udp_registrars_in_links(answer.payload, self.ifindex)
-        except DecodeError as exc:
+        except (DecodeError, aiocoap.error.UnparsableMessage) as exc:
             self.bad_answers += 1
             if self.bad_answers == 1:
                 self.log.warning("CoRE discovery answer from %s dropped: %s (further ones are "
-                                 "counted only)", answer.remote.hostinfo, exc)
+                                 "counted only)", sender, exc)
             return
         for registrar in found:
             try:
