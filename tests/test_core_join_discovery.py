@@ -213,3 +213,27 @@ def test_pledge_finds_the_join_port_with_libcoap_only_while_open(as_root, tmp_pa
         proc.popen.wait(10)
         assert proc.popen.returncode == 0, proc.log()
         assert "Traceback" not in proc.log()
+
+
+def test_garbage_on_the_join_port_discovery_socket_is_counted_and_logged_once(caplog):
+    async def main():
+        port = _free_udp_port()
+        counted: list[int] = []
+        ann = JoinPortAnnouncer(logging.getLogger("test.corejoin.garbage"), port=port,
+                                leisure=0, refused=lambda: counted.append(1))
+        lo = socket.if_nametoindex("lo")
+        await ann.set_targets([JoinPortTarget("lo", lo, "fe80::1", JOIN_PORT)])
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            for _ in range(5):
+                for garbage in (b"\xff" * 9, b"\x40", bytes(range(256))):
+                    s.sendto(garbage, ("::1", port))
+        await asyncio.sleep(0.3)
+        still = await _ask(port, "brski-jp=*")  # it keeps answering
+        await ann.stop()
+        return len(counted), ann.status()["unparsable"], still
+
+    with caplog.at_level(logging.DEBUG, logger="test.corejoin.garbage"):
+        counted, unparsable, still = asyncio.run(main())
+    assert counted == unparsable == 15
+    assert caplog.text.count("unparsable") == 1
+    assert still.payload == f"<>;brski-jp={JOIN_PORT}".encode()

@@ -45,7 +45,7 @@ from .kernel.bpf_layout import Program
 from .kernel.netlink import InterfaceWatcher
 from .listeners import Listeners
 from .metrics import Metrics
-from .model import JoinInterface, LinkState, RegistrarEndpoint
+from .model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
 from .relays.circuit import CircuitMode
 from .relays.ipip import IpipMode, usable_target
@@ -183,7 +183,8 @@ class Daemon:
         self.announcer = ProxyAnnouncer(interval=config.announce_interval,
                                         metrics=self.metrics, log=log)
         self.advertiser: MdnsProxyAdvertiser | None = None
-        self.core_join = JoinPortAnnouncer(log)
+        self.core_join = JoinPortAnnouncer(log, refused=lambda: self.metrics.drop(
+            "discovery", DropReason.MALFORMED))
         # Registrars' UDP endpoints for the constrained modes (coaps, jpy), DTLS-probed
         self.constrained = ConstrainedDiscovery(
             static=static_endpoints(config), health_interval=config.health_interval,

@@ -107,11 +107,33 @@ class _WellKnownCore(resource.Resource):
         return response
 
 
+class _Unparsable(logging.Filter):
+    """Counts aiocoap's "Ignoring unparsable message" records and lets only the first one
+    through: garbage from a join link must not become a flood of log lines."""
+
+    def __init__(self, refused: Callable[[], None]) -> None:
+        super().__init__()
+        self.count = 0
+        self.refused = refused
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Ignoring unparsable message"):
+            return True
+        self.count += 1
+        self.refused()
+        if self.count == 1:
+            record.msg = "CoRE join-port discovery: " + str(record.msg) + \
+                " (further ones are counted only)"
+        return self.count == 1
+
+
 class JoinPortAnnouncer:
     """Answers join-port discovery on the join links the control plane names."""
 
     def __init__(self, log: logging.Logger, *, port: int = COAP_PORT,
-                 leisure: float = DEFAULT_LEISURE) -> None:
+                 leisure: float = DEFAULT_LEISURE,
+                 refused: Callable[[], None] = lambda: None) -> None:
+        """``refused()`` counts a datagram that is not CoAP (the daemon's drop metric)."""
         self.log = log
         self.port = port
         self.wkc = _WellKnownCore(leisure)
@@ -120,6 +142,8 @@ class JoinPortAnnouncer:
         self._context: aiocoap.Context | None = None
         self._groups: tuple[str, ...] = ()
         self._logger = logging.getLogger(f"{log.name}.coap-join")
+        self.unparsable = _Unparsable(refused)
+        self._logger.addFilter(self.unparsable)
 
     @property
     def serving(self) -> bool:
@@ -178,4 +202,5 @@ class JoinPortAnnouncer:
 
     def status(self) -> dict[str, object]:
         return {"serving": self.serving, "error": self.error, "answered": self.wkc.answered,
+                "unparsable": self.unparsable.count,
                 "links": [{"interface": t.name, "port": t.port} for t in self.targets]}

@@ -38,7 +38,7 @@ from brski import grasp as wire
 from brski.errors import DecodeError, ValidationError
 
 from ..aio import cancel_and_wait, woken_or_timeout
-from ..model import RegistrarEndpoint
+from ..model import DropReason, RegistrarEndpoint
 from .grasp import usable_address
 from .mdns import CONSTRAINED_REGISTRAR_SERVICE, METHOD, MdnsRegistrarBrowser
 from .registry import DISCOVERED_PREFERENCE
@@ -360,7 +360,10 @@ class CoreRegistrarFinder:
 
     def __init__(self, *, interface: str, ifindex: int, period: float,
                  on_registrar: Callable[[UdpRegistrar, float], None],
-                 log: logging.Logger, wait: float = 1.0) -> None:
+                 log: logging.Logger, wait: float = 1.0,
+                 refused: Callable[[], None] = lambda: None) -> None:
+        """``refused()`` counts an answer dropped as malformed (the daemon's drop metric)."""
+        self.refused = refused
         self.interface = interface
         self.ifindex = ifindex
         self.period = period
@@ -417,6 +420,7 @@ class CoreRegistrarFinder:
             found = udp_registrars_in_links(answer.payload, self.ifindex)
         except (DecodeError, aiocoap.error.UnparsableMessage) as exc:
             self.bad_answers += 1
+            self.refused()
             if self.bad_answers == 1:
                 self.log.warning("CoRE discovery answer from %s dropped: %s (further ones are "
                                  "counted only)", sender, exc)
@@ -481,7 +485,8 @@ class ConstrainedDiscovery:
         if core and self.finder is None:
             finder = CoreRegistrarFinder(
                 interface=interface, ifindex=where[1], period=core_interval, log=self.log,
-                on_registrar=lambda reg, ttl: self.table.offer(reg, CORE, ttl))
+                on_registrar=lambda reg, ttl: self.table.offer(reg, CORE, ttl),
+                refused=lambda: self.metrics.drop("discovery", DropReason.MALFORMED))
             try:
                 await finder.start()
             except OSError as exc:
@@ -524,7 +529,8 @@ class ConstrainedDiscovery:
     def status(self) -> dict[str, Any]:
         return {**self.table.status(),
                 "finders": [name for name, on in (("coap", self.finder), ("mdns", self.browser))
-                            if on is not None]}
+                            if on is not None],
+                "core_answers_dropped": 0 if self.finder is None else self.finder.bad_answers}
 
 
 def _as_coaps(endpoint: RegistrarEndpoint) -> UdpRegistrar:
