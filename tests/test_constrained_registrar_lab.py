@@ -91,3 +91,61 @@ def test_daemon_learns_probes_and_loses_the_registrars_coaps_endpoint(lab, tmp_p
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.log(), daemon.log()
+
+
+# The relay modes that set RelayMode.constrained (coaps, jpy) are built beside this branch. Until
+# they are merged, the daemon's join-link CoRE hook is exercised by starting the real daemon
+# with the circuit mode flagged constrained: the gate (window open, a DTLS-healthy constrained
+# registrar) and the answer are the daemon's own; only the flag is set from outside.
+FLAGGED_DAEMON = """
+import sys
+from joinproxyd.relays.circuit import CircuitMode
+CircuitMode.constrained = True
+from joinproxyd.cli import main
+sys.exit(main())
+"""
+
+
+def _ask_join_port(pledge) -> str:
+    done = pledge.run(["coap-client-openssl", "-N", "-v", "3", "-m", "get", "-B", "2",
+                       "coap://[ff02::fd%eth0]/.well-known/core?brski-jp=*"],
+                      timeout=30, check=False)
+    return (done.stdout + done.stderr).strip()
+
+
+def test_join_link_core_answer_follows_joining(lab, tmp_path):
+    config = base_config(
+        tmp_path / "run",
+        registrars={"discovery": ["static"],
+                    "static": [{"address": REGISTRAR, "port": PORT, "preference": 10,
+                                "coaps_port": COAPS}]})
+    daemon = ProxyDaemon(lab, tmp_path / "run", config,
+                         command=[PY, "-c", FLAGGED_DAEMON]).start()
+    pledge = lab.pledges[0]
+    socket_path = config["daemon"]["control_socket"]
+
+    def window(state: str) -> None:
+        lab.proxy.run([PY, "-m", "joinproxyd.ctl", "--socket", socket_path, "window", state])
+
+    try:
+        _wait(daemon, lambda: daemon.ctl("status")["core_join_discovery"]["serving"], 15,
+              "join-port discovery serving")
+        assert _ask_join_port(pledge) == f"<>;brski-jp={PORT}"
+        status = daemon.ctl("status")["core_join_discovery"]
+        assert status["links"] == [{"interface": "join0", "port": PORT}]
+        window("close")
+        _wait(daemon, lambda: not daemon.ctl("status")["core_join_discovery"]["serving"], 10,
+              "join-port discovery stopped with the window closed")
+        assert _ask_join_port(pledge) == ""
+        window("open")
+        _wait(daemon, lambda: daemon.ctl("status")["core_join_discovery"]["serving"], 10,
+              "join-port discovery back with the window open")
+        assert _ask_join_port(pledge) == f"<>;brski-jp={PORT}"
+        lab.registrar.stop()  # no DTLS answer: no constrained registrar, no answer
+        _wait(daemon, lambda: not daemon.ctl("status")["core_join_discovery"]["serving"], 15,
+              "join-port discovery stopped with the registrar gone")
+        assert _ask_join_port(pledge) == ""
+        assert "CoRE join-port discovery: no longer answering" in daemon.log()
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.log(), daemon.log()
