@@ -102,6 +102,41 @@ def test_dtls_probe_on_loopback(dtls_server):
     assert closed == "Connection refused"
 
 
+def test_dtls_probe_of_a_jpy_port_wraps_the_hello_and_wants_its_header_back(dtls_server):
+    from brski.jpy import JpyMessage
+
+    class JpyServer(asyncio.DatagramProtocol):
+        """A JPY endpoint as the draft has it: DTLS inside [header, content], header back."""
+
+        def __init__(self, tamper: bool) -> None:
+            self.tamper = tamper
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            message = JpyMessage.decode(data)
+            header = bytes([message.header[0] ^ 1]) + message.header[1:] if self.tamper \
+                else message.header
+            for reply in dtls_server.accept(message.header, message.content, 0.0).replies:
+                self.transport.sendto(JpyMessage(header, reply).encode(), addr)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        out = []
+        for tamper in (False, True):
+            server, _ = await loop.create_datagram_endpoint(lambda t=tamper: JpyServer(t),
+                                                            local_addr=("::1", 0))
+            port = server.get_extra_info("sockname")[1]
+            out.append(await dtls_probe(UdpRegistrar.make(UdpKind.JPY, "::1", port), 0.5))
+            server.close()
+        return out
+
+    good, tampered = asyncio.run(main())
+    assert good is None
+    assert tampered == "no DTLS answer within 0.5 s"
+
+
 # --- where endpoints come from -------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import aiocoap
 
-from brski import dtls, linkformat
+from brski import dtls, jpy, linkformat
 from brski import grasp as wire
 from brski.errors import DecodeError, ValidationError
 
@@ -141,9 +141,14 @@ def _registrar_links(payload: bytes) -> list[linkformat.RegistrarLink]:
 
 async def dtls_probe(registrar: UdpRegistrar, timeout: float) -> str | None:
     """Send one DTLS ClientHello; None if a HelloVerifyRequest or ServerHello came back,
-    else why not (no answer, ICMP port unreachable, something that is not DTLS)."""
+    else why not (no answer, ICMP port unreachable, something that is not DTLS). A JPY port
+    takes the hello as a JPY message (draft §4.5) under a random header of ours, and its
+    answer counts only when it carries that header back."""
     loop = asyncio.get_running_loop()
     hello = dtls.probe_client_hello()
+    header = os.urandom(16)
+    if registrar.kind is UdpKind.JPY:
+        hello = jpy.JpyMessage(header, hello).encode()
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         try:
@@ -152,12 +157,24 @@ async def dtls_probe(registrar: UdpRegistrar, timeout: float) -> str | None:
                 await loop.sock_sendall(sock, hello)
                 while True:  # a connected socket only hears the registrar
                     answer = await loop.sock_recv(sock, dtls.MAX_DATAGRAM)
-                    if dtls.probe_answer(answer) is not None:
+                    if _hello_answered(registrar.kind, header, answer):
                         return None
         except TimeoutError:
             return f"no DTLS answer within {timeout:g} s"
         except OSError as exc:
             return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _hello_answered(kind: UdpKind, header: bytes, answer: bytes) -> bool:
+    if kind is UdpKind.JPY:
+        try:
+            message = jpy.JpyMessage.decode(answer)
+        except DecodeError:
+            return False
+        if message.header != header:
+            return False
+        answer = message.content
+    return dtls.probe_answer(answer) is not None
 
 
 Probe = Callable[[UdpRegistrar, float], Any]
