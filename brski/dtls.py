@@ -567,3 +567,46 @@ def _drain(conn: SSL.Connection) -> bytes:
         return conn.bio_read(_DRAIN)
     except SSL.WantReadError:
         return b""
+
+
+# -- a cheap liveness probe (join proxy towards a constrained registrar) ------------------------
+
+HANDSHAKE_SERVER_HELLO = 2
+HANDSHAKE_HELLO_VERIFY_REQUEST = 3
+_PROBE_ANSWERS = {HANDSHAKE_SERVER_HELLO: "ServerHello",
+                  HANDSHAKE_HELLO_VERIFY_REQUEST: "HelloVerifyRequest"}
+
+
+def probe_client_hello(ciphers: str = DEFAULT_CIPHERS) -> bytes:
+    """One DTLS 1.2 ClientHello datagram, as a pledge's first flight would start, from a
+    throw-away context with no certificate: a server answers it with a HelloVerifyRequest
+    (RFC 6347 §4.2.1) and keeps no state, so it probes a registrar's DTLS port cheaply."""
+    ctx = SSL.Context(SSL.DTLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    ctx.set_max_proto_version(DTLS1_2_VERSION)
+    ctx.set_cipher_list((ciphers + ":@SECLEVEL=0").encode())
+    ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    conn = SSL.Connection(ctx)
+    conn.set_ciphertext_mtu(DEFAULT_MTU)  # memory BIOs cannot be asked for one
+    conn.set_connect_state()
+    with contextlib.suppress(SSL.WantReadError):
+        conn.do_handshake()
+    hello = _drain(conn)
+    if not is_client_hello(hello):  # our own OpenSSL's output: cannot happen
+        raise DtlsError("DTLS: OpenSSL wrote no ClientHello")
+    return hello
+
+
+def probe_answer(datagram: bytes) -> str | None:
+    """What a datagram answering :func:`probe_client_hello` is: ``"HelloVerifyRequest"`` or
+    ``"ServerHello"`` when its first record is an epoch-0 DTLS handshake record holding one,
+    else None (anything else, truncated or not DTLS at all)."""
+    if len(datagram) < RECORD_HEADER + 1 or datagram[0] != CONTENT_HANDSHAKE:
+        return None
+    version = struct.unpack_from("!H", datagram, 1)[0]
+    if version not in (DTLS1_2_VERSION, 0xFEFF) or datagram[3:5] != b"\0\0":
+        return None
+    (length,) = struct.unpack_from("!H", datagram, 11)
+    if length < 12 or RECORD_HEADER + length > len(datagram):  # 12: the handshake header
+        return None
+    return _PROBE_ANSWERS.get(datagram[RECORD_HEADER])

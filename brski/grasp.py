@@ -50,6 +50,8 @@ _OBJECTIVE_ALIASES: Final = {"AN_Join_Registrar": AN_JOIN_REGISTRAR}
 
 REGISTRAR_VALUE_TLS: Final = "EST-TLS"  # RFC 8995 §4.3: EST over TLS at a TCP locator
 REGISTRAR_VALUE_DTLS: Final = "BRSKI_JP"  # cBRSKI over DTLS at a UDP locator (see below)
+# The stateless (JPY) port, as the constrained join-proxy drafts up to -15 registered it.
+REGISTRAR_VALUE_JPY: Final = "BRSKI_RJP"
 
 DEFAULT_TTL_MS: Final = 180_000  # RFC 8995 §4.1.1 and §4.3 examples
 PROXY_LOOP_COUNT: Final = 1  # link-local only
@@ -244,6 +246,13 @@ class Flood:
                 raise DecodeError("M_FLOOD entry is not an [objective, locator] pair")
             entries.append(FloodEntry(Objective.from_cbor(pair[0]), _locator_from_cbor(pair[1])))
         return cls(session_id, IPv6Address(initiator), ttl, tuple(entries))
+
+    def valued_locators_for(self, objective_name: str) -> list[tuple[object, IPv6Locator]]:
+        """(objective value, locator) for each IPv6 locator flooded with the named objective:
+        the value tells a registrar's services apart (EST-TLS, BRSKI_JP, BRSKI_RJP)."""
+        name = canonical_objective_name(objective_name)
+        return [(e.objective.value, e.locator) for e in self.entries
+                if e.objective.name == name and isinstance(e.locator, IPv6Locator)]
 
     def locators_for(self, objective_name: str) -> list[IPv6Locator]:
         """The IPv6 locators flooded with the named objective (alias spellings accepted)."""

@@ -75,7 +75,7 @@ def test_join_spec_matching_by_glob_and_order():
      "registrars.static: is empty and discovery is static only: the proxy would have no "
      "registrar"),
     (with_(registrars={"discovery": ["grasp", "carrier-pigeon"]}),
-     "registrars.discovery: 'carrier-pigeon' is not one of static, grasp, mdns"),
+     "registrars.discovery: 'carrier-pigeon' is not one of static, grasp, mdns, coap"),
     (with_(daemon={"log_level": "loud"}),
      "daemon.log_level: must be one of debug, info, warning, error (got 'loud')"),
     (with_(announce={"grasp": "yes"}), "announce.grasp: must be true or false (got 'yes')"),

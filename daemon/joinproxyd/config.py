@@ -38,7 +38,9 @@ from .model import IpipTarget
 
 DEFAULT_PATH = Path("/etc/joinproxyd/joinproxyd.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DISCOVERY_METHODS = ("static", "grasp", "mdns")
+# "coap": CoRE discovery of constrained registrars (also on whenever a constrained mode is).
+DISCOVERY_METHODS = ("static", "grasp", "mdns", "coap")
+CONSTRAINED_MODES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
 KNOWN_MODES = ("circuit", "nat66", "ipip")
 DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
@@ -66,6 +68,8 @@ class StaticRegistrar:
     port: int
     preference: int
     ipip: IpipTarget | None = None  # the registrar also terminates the IPIP proxy
+    coaps_port: int | None = None  # its CoAPS (DTLS) port, for the coaps relay mode
+    jpy_port: int | None = None  # its JPY port, for the stateless jpy relay mode
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class Config:
     static_registrars: tuple[StaticRegistrar, ...] = ()
     health_interval: float = 2.0
     health_timeout: float = 1.0
+    constrained_mode: str = "auto"  # which constrained relay a registrar is used with
+    core_interval: float = 30.0  # seconds between CoRE discovery rounds on the backbone
     limits: Limits = field(default_factory=Limits)
     announce_interval: float = 30.0
     announce_grasp: bool = True
@@ -282,8 +288,10 @@ def _static_registrar(item: object, key: str) -> StaticRegistrar:
     ipip = None
     if "ipip" in table.data:
         ipip = _static_ipip(table.table("ipip"), str(ip), port)
+    udp = {name: table.integer(name, 0, 1, 65535) if name in table.data else None
+           for name in ("coaps_port", "jpy_port")}
     table.done()
-    return StaticRegistrar(str(ip), port, preference, ipip)
+    return StaticRegistrar(str(ip), port, preference, ipip, **udp)
 
 
 def _ipv6(table: _Table, name: str, default: str | None = None) -> ipaddress.IPv6Address:
@@ -444,6 +452,8 @@ def parse(data: dict[str, Any]) -> Config:
         static_registrars=static,
         health_interval=registrars.number("health_interval", 2.0, 0.1, 3600),
         health_timeout=registrars.number("health_timeout", 1.0, 0.05, 60),
+        constrained_mode=registrars.string("constrained_mode", "auto", CONSTRAINED_MODES),
+        core_interval=registrars.number("core_interval", 30.0, 1, 3600),
         limits=limits,
         announce_interval=announce.number("interval", 30.0, 1, 3600),
         announce_grasp=announce.boolean("grasp", True),

@@ -96,7 +96,9 @@ def render_status(status: dict[str, Any]) -> str:
     rows += [[f"[{r['address']}]:{r['port']}", r["source"], str(r["preference"]),
               "yes" if r["healthy"] else "no", "*" if r["active"] else ""]
              for r in status["registrars"]]
-    out += [_table(rows) if len(rows) > 1 else "  (none)", "", "relays:"]
+    out += [_table(rows) if len(rows) > 1 else "  (none)"]
+    out += render_constrained(status.get("constrained_registrars"))
+    out += ["", "relays:"]
     for mode, info in status["relays"].items():
         out.append(f"  {mode}: {json.dumps(info, sort_keys=True)}")
     out += render_bpf(status.get("guard"), status.get("bpf"))
@@ -104,6 +106,23 @@ def render_status(status: dict[str, Any]) -> str:
     out += ["", "counters (not zero; --json shows all):"]
     out += [f"  {name} {value:g}" for name, value in sorted(counters.items()) if value]
     return "\n".join(out)
+
+
+def render_constrained(info: dict[str, Any] | None) -> list[str]:
+    """Registrars' UDP endpoints (coaps, jpy) and their DTLS health; absent: older daemon."""
+    if not info or not info.get("endpoints"):
+        return []
+    chosen = info.get("chosen") or {}
+    rows = [["endpoint", "sources", "healthy", "error", "chosen"]]
+    for e in info["endpoints"]:
+        used = (e["address"] == chosen.get("address")
+                and e["port"] == chosen.get(f"{e['kind']}_port"))
+        rows.append([f"{e['kind']}://[{e['address']}]:{e['port']}", ",".join(e["sources"]),
+                     {True: "yes", False: "no", None: "?"}[e["healthy"]],
+                     e.get("last_error") or "", "*" if used else ""])
+    mode = info.get("mode") or "none (no healthy one)"
+    return ["", f"constrained registrars (mode {mode}, setting {info['mode_setting']}):",
+            _table(rows)]
 
 
 def render_bpf(guard: dict[str, Any] | None, bpf: dict[str, Any] | None) -> list[str]:

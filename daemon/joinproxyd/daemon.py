@@ -33,6 +33,8 @@ from .config import Config, ConfigError
 from .control import ControlError, ControlServer, Request
 from .datapath import Datapath
 from .discovery.announce import ProxyAnnouncer
+from .discovery.coap_join import JoinPortAnnouncer, constrained_targets
+from .discovery.constrained import ConstrainedDiscovery
 from .discovery.grasp import GraspRegistrarListener
 from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
@@ -43,7 +45,7 @@ from .kernel.bpf_layout import Program
 from .kernel.netlink import InterfaceWatcher
 from .listeners import Listeners
 from .metrics import Metrics
-from .model import JoinInterface, LinkState, RegistrarEndpoint
+from .model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
 from .relays.circuit import CircuitMode
 from .relays.ipip import IpipMode, usable_target
@@ -61,7 +63,8 @@ NO_JOIN_LINK = "no join link configured: add a [[join]] table and reload"
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
-    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip)
+    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip,
+                              coaps_port=r.coaps_port, jpy_port=r.jpy_port)
             for r in config.static_registrars if "static" in config.discovery]
 
 
@@ -180,6 +183,13 @@ class Daemon:
         self.announcer = ProxyAnnouncer(interval=config.announce_interval,
                                         metrics=self.metrics, log=log)
         self.advertiser: MdnsProxyAdvertiser | None = None
+        self.core_join = JoinPortAnnouncer(log, refused=lambda: self.metrics.drop(
+            "discovery", DropReason.MALFORMED))
+        # Registrars' UDP endpoints for the constrained modes (coaps, jpy), DTLS-probed
+        self.constrained = ConstrainedDiscovery(
+            static=static_endpoints(config), health_interval=config.health_interval,
+            health_timeout=config.health_timeout, mode=config.constrained_mode,
+            on_change=self._dirty.set, metrics=self.metrics, log=log)
         self.grasp_listener: GraspRegistrarListener | None = None
         self.mdns_browser: MdnsRegistrarBrowser | None = None
         self._backbone_index: int | None = None
@@ -254,6 +264,7 @@ class Daemon:
         await self._start_control()
         self._serve_metrics()
         await self.registrars.start()
+        await self.constrained.start()
         await self.announcer.start()
         await self.reconcile()
         # Everything this run wants is attached now, replacing a killed run's programs on
@@ -274,6 +285,8 @@ class Daemon:
                 except Exception:  # keep stopping the rest: kernel state must still go
                     log.exception("stopping %s failed", type(part).__name__)
         await self.announcer.stop()
+        await self.core_join.stop()
+        await self.constrained.stop()
         await asyncio.gather(*(mode.close(self.config.drain_seconds)
                                for mode in self.modes.values()))
         self.modes.clear()
@@ -342,7 +355,8 @@ class Daemon:
             if mode is None:
                 self.metrics.add_mode(name, flows=mode_class(name).keeps_flows)
                 mode = self.modes[name] = mode_class(name)(self.context)
-            await mode.reconcile([i for i in self.interfaces if name in i.modes], registrar)
+            await mode.reconcile([i for i in self.interfaces if name in i.modes],
+                                 self.constrained.chosen if mode.constrained else registrar)
         if config.guard.enabled:
             self.metrics.drops.declare(GUARD_MODE)
         # The ipip XDP fast path runs behind the guard's program: with the guard off, that
@@ -366,6 +380,9 @@ class Daemon:
         self.announcer.set_targets(announced if config.announce_grasp else [])
         self.announcer.set_enabled(joining and config.announce_grasp)
         await self._reconcile_mdns_advertiser(joining)
+        await self.core_join.set_targets(constrained_targets(
+            self.served, self.window.open and self.constrained.chosen is not None,
+            lambda mode: mode_class(mode).constrained))
         await self._reconcile_backbone()
         self._forget_gone_links()
         if self._metrics_listen is not None and not self._metrics_serving:
@@ -480,7 +497,7 @@ class Daemon:
                 and self.listeners.due(config.backbone, "discovery-grasp")):
             listener = GraspRegistrarListener(
                 interface=config.backbone, ifindex=index, on_registrar=self.registrars.offer,
-                metrics=self.metrics, log=log)
+                metrics=self.metrics, log=log, on_flood=self.constrained.grasp_flood)
             try:
                 await listener.start()
             except OSError as exc:  # the port held by a socket without SO_REUSEPORT, ...
@@ -502,6 +519,11 @@ class Daemon:
             else:
                 self.listeners.bound(config.backbone, "discovery-mdns")
                 self.mdns_browser = browser
+        constrained = "coap" in config.discovery or any(
+            mode_class(m).constrained for spec in config.joins for m in spec.modes)
+        await self.constrained.reconcile_backbone(
+            config.backbone, index, core=constrained, mdns=constrained and want_mdns,
+            core_interval=config.core_interval)
 
     def _say_backbone(self, problem: str | None) -> None:
         """Log once when the backbone becomes unusable (with what that stops), and once when
@@ -553,6 +575,8 @@ class Daemon:
             mode.limits_changed()
         self.registrars.reconfigure(static_endpoints(new), new.health_interval,
                                     new.health_timeout)
+        self.constrained.reconfigure(static_endpoints(new), new.health_interval,
+                                     new.health_timeout, new.constrained_mode)
         self.announcer.interval = new.announce_interval
         if new.metrics_listen != old.metrics_listen:
             self.metrics.close()
@@ -679,6 +703,8 @@ class Daemon:
             "unserved": self.unserved_links(),
             "listener_errors": self.listeners.status(),
             "registrars": self.registrars.status(),
+            "core_join_discovery": self.core_join.status(),
+            "constrained_registrars": self.constrained.status(),
             "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
             "guard": self.guard.status(),
             "bpf": self.datapath.status(),

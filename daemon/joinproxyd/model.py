@@ -100,6 +100,10 @@ class RegistrarEndpoint:
     protocol: int = field(default=6, compare=False)  # IPPROTO_TCP
     # Set when the registrar also terminates the stateless IPIP proxy (ipip mode).
     ipip: IpipTarget | None = field(default=None, compare=False)
+    # The registrar's UDP ports for constrained pledges (cBRSKI over DTLS): its CoAPS port
+    # (coaps mode, rt=brski / BRSKI_JP) and its JPY port (jpy mode, rt=brski.rjp / BRSKI_RJP).
+    coaps_port: int | None = field(default=None, compare=False)
+    jpy_port: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

@@ -63,14 +63,23 @@ def registrars_in_flood(data: bytes, ifindex: int) -> tuple[list[RegistrarEndpoi
     Pure: the adapter below and the unit tests feed it bytes. Link-local locators are only
     meaningful on the link the flood came from, so they get that link's ifindex as scope.
     """
+    return tcp_registrars(decode_flood(data), ifindex)
+
+
+def decode_flood(data: bytes) -> wire.Flood:
+    """The M_FLOOD in a GRASP datagram, or Refused."""
     if len(data) > wire.GRASP_MAX_SIZE:
         raise Refused(DropReason.OVERSIZED,
                       f"{len(data)} bytes, more than GRASP's {wire.GRASP_MAX_SIZE}")
     try:
-        flood = wire.Flood.decode(data)
+        return wire.Flood.decode(data)
     except DecodeError as exc:
         # Also other GRASP message types (M_DISCOVERY and friends): we only listen to floods.
         raise Refused(DropReason.MALFORMED, str(exc)) from None
+
+
+def tcp_registrars(flood: wire.Flood, ifindex: int) -> tuple[list[RegistrarEndpoint], float]:
+    """The TCP registrars of a decoded flood and its ttl in seconds, or Refused."""
     locators = flood.locators_for(wire.AN_JOIN_REGISTRAR)
     ipip = ipip_target(locators, flood.initiator)
     endpoints: list[RegistrarEndpoint] = []
@@ -147,10 +156,14 @@ class _Protocol(asyncio.DatagramProtocol):
 class GraspRegistrarListener:
     def __init__(self, *, interface: str, ifindex: int,
                  on_registrar: Callable[[RegistrarEndpoint, float], None],
-                 metrics: Metrics, log: logging.Logger) -> None:
+                 metrics: Metrics, log: logging.Logger,
+                 on_flood: Callable[[wire.Flood, int], int] | None = None) -> None:
+        """``on_flood(flood, ifindex)``: sees every flood first and returns how many of its
+        (constrained, UDP) endpoints it took, so a flood with only those is not refused."""
         self.interface = interface
         self.ifindex = ifindex
         self.on_registrar = on_registrar
+        self.on_flood = on_flood
         self.metrics = metrics
         self.log = log
         self._warnings = PeerWarnings(log)
@@ -179,7 +192,14 @@ class GraspRegistrarListener:
 
     def received(self, data: bytes, sender: str) -> None:
         try:
-            endpoints, ttl = registrars_in_flood(data, self.ifindex)
+            flood = decode_flood(data)
+            taken = self._constrained(flood)
+            try:
+                endpoints, ttl = tcp_registrars(flood, self.ifindex)
+            except Refused as refused:
+                if not taken or refused.reason is not DropReason.IRRELEVANT:
+                    raise
+                endpoints, ttl = [], flood.ttl_ms / 1000.0
         except Refused as refused:
             self.metrics.drop("discovery", refused.reason)
             self._warnings.warn(refused.reason.value, "GRASP datagram from %s on %s dropped "
@@ -193,3 +213,12 @@ class GraspRegistrarListener:
                 self.on_registrar(endpoint, ttl)
             except Exception:  # our bug, not the peer's: say so, and keep listening
                 self.log.exception("registrar handler failed for %s", endpoint.key)
+
+    def _constrained(self, flood: wire.Flood) -> int:
+        if self.on_flood is None:
+            return 0
+        try:
+            return self.on_flood(flood, self.ifindex)
+        except Exception:  # our bug, not the peer's: say so, and keep listening
+            self.log.exception("constrained registrar handler failed")
+            return 0

@@ -43,6 +43,7 @@ from .target import AnnounceTarget
 
 PROXY_SERVICE: Final = "_brski-proxy._tcp.local."
 REGISTRAR_SERVICE: Final = "_brski-registrar._tcp.local."
+CONSTRAINED_REGISTRAR_SERVICE: Final = "_brski-registrar._udp.local."  # its CoAPS port
 METHOD: Final = "mdns"
 # RFC 6763 §6.1: a service with no TXT data still has a TXT record, holding one empty
 # string (a single zero byte); zeroconf would send an empty RDATA for properties={}.
@@ -216,7 +217,10 @@ class MdnsRegistrarBrowser:
     def __init__(self, *, interface: str, ifindex: int,
                  on_registrar: Callable[[RegistrarEndpoint, float | None], None],
                  on_gone: Callable[[RegistrarEndpoint], None],
-                 metrics: Metrics, log: logging.Logger) -> None:
+                 metrics: Metrics, log: logging.Logger,
+                 service: str = REGISTRAR_SERVICE) -> None:
+        """``service``: ``_brski-registrar._udp.local.`` finds constrained registrars."""
+        self.service = service
         self.interface = interface
         self.ifindex = ifindex
         self.on_registrar = on_registrar
@@ -233,9 +237,9 @@ class MdnsRegistrarBrowser:
         if self._aiozc is not None:
             return
         self._aiozc = await open_zeroconf(self.interface, self.ifindex)
-        self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, [REGISTRAR_SERVICE],
+        self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, [self.service],
                                             handlers=[self._on_event])
-        self.log.info("browsing mDNS for registrars on %s", self.interface,
+        self.log.info("browsing mDNS for %s on %s", self.service, self.interface,
                       extra={"INTERFACE": self.interface})
 
     async def stop(self) -> None:
@@ -271,7 +275,7 @@ class MdnsRegistrarBrowser:
             while True:
                 self._again.discard(name)
                 assert self._aiozc is not None
-                info = AsyncServiceInfo(REGISTRAR_SERVICE, name)
+                info = AsyncServiceInfo(self.service, name)
                 if await info.async_request(self._aiozc.zeroconf, RESOLVE_TIMEOUT_MS):
                     self.metrics.discovery_messages.labels(METHOD).inc()
                     self._update(name, self._endpoints(info))
