@@ -61,7 +61,8 @@ NO_JOIN_LINK = "no join link configured: add a [[join]] table and reload"
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
-    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip)
+    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip,
+                             coaps_port=r.coaps_port)
             for r in config.static_registrars if "static" in config.discovery]
 
 

@@ -40,6 +40,7 @@ class PolicyDropReason(StrEnum):
 
     WINDOW_CLOSED = "window-closed"  # the operator closed the join window (joinproxyctl)
     OPERATOR = "operator"  # an established circuit the operator dropped (joinproxyctl drop)
+    FLOW_LIMIT = "flow-limit"  # coaps: the pledge address or join link has its flows already
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,16 @@ class RegistrarEndpoint:
     protocol: int = field(default=6, compare=False)  # IPPROTO_TCP
     # Set when the registrar also terminates the stateless IPIP proxy (ipip mode).
     ipip: IpipTarget | None = field(default=None, compare=False)
+    # The registrar's CoAPS (DTLS over UDP) port at the same address, for the coaps relay
+    # mode: a GRASP UDP locator ("BRSKI_JP") or registrars.static[].coaps_port. None: the
+    # registrar takes no constrained pledges (coaps links refuse new flows, no-registrar).
+    coaps_port: int | None = field(default=None, compare=False)
+
+    @property
+    def coaps_sockaddr(self) -> tuple[str, int, int, int] | None:
+        if self.coaps_port is None:
+            return None
+        return (self.address, self.coaps_port, 0, self.scope_id)
 
     @property
     def key(self) -> str:

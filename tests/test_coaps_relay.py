@@ -1,0 +1,209 @@
+"""The coaps relay mode (issue 14 item 1, draft-ietf-anima-constrained-join-proxy §4.3) in
+namespaces: the real daemon, a UDP registrar stand-in that says which source port it saw, and
+pledge-side probes that also capture ICMPv6 with a raw socket. The real registrar and libcoap
+through the relay are at the end."""
+
+import ipaddress
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from brski import grasp
+from lab import Lab, Topology, wait_for
+from lab.brski_services import Services, make_pki
+from lab.proxyd import PYTHON, ProxyDaemon, base_config, echo_registrar
+
+pytestmark = pytest.mark.netns
+
+PROBE = str(Path(__file__).with_name("coaps_probe.py"))
+COAP_CLIENT = shutil.which("coap-client-openssl")
+REGISTRAR = "fd4a:5044::100"
+
+
+@pytest.fixture
+def lab(as_root, tmp_path):
+    with Lab(Topology(pledges=2, registrars=1), log_dir=tmp_path / "logs") as lab:
+        yield lab
+
+
+def coaps_config(tmp_path: Path, coaps_port: int = 5684, **sections):  # type: ignore[no-untyped-def]
+    return base_config(
+        tmp_path / "proxy",
+        join=[{"interfaces": ["join*"], "modes": ["coaps"]}],
+        registrars={"static": [{"address": REGISTRAR, "port": 8443, "preference": 10,
+                                "coaps_port": coaps_port}]},
+        **sections)
+
+
+def start(lab: Lab, tmp_path: Path, coaps_port: int = 5684, **sections) -> ProxyDaemon:  # type: ignore[no-untyped-def]
+    echo_registrar(lab.registrars[0], "r0")  # TCP: what the health probe connects to
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", coaps_config(tmp_path, coaps_port,
+                                                               **sections)).start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    return daemon
+
+
+def probe(pledge, *payloads: str, wait: float = 1.5) -> dict:  # type: ignore[no-untyped-def]
+    done = pledge.run([PYTHON, PROBE, "pledge", "fe80::1", "5684", str(wait), *payloads],
+                      timeout=wait + 30)
+    return json.loads(done.stdout)
+
+
+def udp_echo(lab: Lab, port: int = 5684) -> None:
+    lab.registrars[0].spawn([PYTHON, PROBE, "echo", "r0", str(port)], name="udp-echo")
+
+
+def test_each_pledge_port_gets_its_own_flow_and_source_port(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path)
+    out = probe(lab.pledges[0], "hello-a", "hello-b")
+    assert [r.split(" ", 2)[2] for r in out["replies"]] == ["hello-a", "hello-b"], out
+    seen_ports = {r.split(" ")[1] for r in out["replies"]}
+    assert len(seen_ports) == 2, out  # a fresh source port towards the registrar per flow
+    assert out["icmp"] == []
+    flows = [c for c in daemon.ctl("circuits") if c["mode"] == "coaps"]
+    assert len(flows) == 2
+    assert {str(f["local_port"]) for f in flows} == seen_ports
+    assert all(f["registrar"] == f"[{REGISTRAR}]:5684" for f in flows)
+    assert daemon.sample("joinproxyd_circuits_total", mode="coaps") == 2
+    assert daemon.sample("joinproxyd_circuits_active", interface="join0", mode="coaps") == 2
+    wait_for(lambda: daemon.sample("joinproxyd_relayed_datagrams_total", mode="coaps",
+                                   direction="downstream") == 2, 5, "datagram counters")
+    assert daemon.sample("joinproxyd_relayed_bytes_total", mode="coaps",
+                         direction="upstream") == 14
+    status = daemon.ctl()
+    assert status["relays"]["coaps"]["listeners"] == [
+        {"interface": "join0", "address": "fe80::1", "port": 5684, "protocol": "udp"}]
+    assert status["ready"] is True
+    daemon.stop()
+
+
+def test_third_flow_from_one_pledge_address_gets_icmp_admin_prohibited(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path)
+    out = probe(lab.pledges[0], "one", "two", "three")
+    assert out["replies"][0].endswith(" one") and out["replies"][1].endswith(" two"), out
+    assert out["replies"][2] in (None, "error 13"), out  # EACCES is the kernel's reading
+    refused = [e for e in out["icmp"] if e["type"] == 1 and e["code"] == 1]
+    assert refused, out
+    # The error quotes the pledge's own datagram: its source port, the join port, payload.
+    assert refused[0] == {"type": 1, "code": 1, "from": "fe80::1", "sport": out["ports"][2],
+                          "dport": 5684, "payload": "three"}
+    assert daemon.drops("coaps", "flow-limit") >= 1
+    assert daemon.sample("joinproxyd_circuits_total", mode="coaps") == 2
+    # another pledge address still gets its flows
+    other = probe(lab.pledges[1], "four")
+    assert other["replies"][0].endswith(" four") and other["icmp"] == [], other
+    refusals = daemon.ctl("refusals")
+    assert any("flow-limit" in r["reasons"] and r["mode"] == "coaps" for r in refusals)
+    daemon.stop()
+
+
+def test_per_interface_limit_from_limits_table(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path, limits={"flows_per_interface": 1})
+    assert probe(lab.pledges[0], "a")["replies"][0].endswith(" a")
+    out = probe(lab.pledges[1], "b")
+    assert out["replies"] == [None] or out["replies"] == ["error 13"], out
+    assert [(e["type"], e["code"]) for e in out["icmp"]] == [(1, 1)], out
+    assert daemon.drops("coaps", "flow-limit") == 1
+    daemon.stop()
+
+
+def test_idle_flows_expire_and_free_their_slots(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path, limits={"flow_idle_timeout": 1})
+    assert all(probe(lab.pledges[0], "a", "b", wait=0.5)["replies"])
+    wait_for(lambda: daemon.sample("joinproxyd_circuits_active", interface="join0",
+                                   mode="coaps") == 0, 5, "idle flows to expire")
+    assert daemon.ctl("circuits") == []
+    assert "closed (idle 1 s)" in daemon.log()
+    out = probe(lab.pledges[0], "c", "d", wait=0.5)
+    assert out["icmp"] == [] and all(out["replies"]), out
+    assert daemon.drops("coaps", "flow-limit") == 0
+    daemon.stop()
+
+
+def test_registrar_port_unreachable_is_reflected_to_the_pledge(lab, tmp_path):
+    daemon = start(lab, tmp_path, coaps_port=5999)  # nothing listens there
+    out = probe(lab.pledges[0], "knock", "knock-again", wait=2)
+    unreachable = [e for e in out["icmp"] if (e["type"], e["code"]) == (1, 4)]
+    assert unreachable, out
+    assert unreachable[0]["payload"].startswith("knock") and unreachable[0]["dport"] == 5684
+    assert unreachable[0]["sport"] in out["ports"] and unreachable[0]["from"] == "fe80::1"
+    wait_for(lambda: daemon.drops("coaps", "registrar-unreachable") >= 1, 5, "the count")
+    daemon.stop()
+
+
+def test_closed_window_refuses_new_flows_and_no_registrar_port_is_not_served(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path)
+    daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",
+                     daemon.config["daemon"]["control_socket"], "window", "close"])
+    out = probe(lab.pledges[0], "late", wait=0.8)
+    assert out["replies"] == [None] and out["icmp"] == [], out
+    assert daemon.drops("coaps", "window-closed") == 1
+    daemon.stop()
+    # A registrar without a CoAPS port: the link is not served (and not announced).
+    config = coaps_config(tmp_path)
+    del config["registrars"]["static"][0]["coaps_port"]
+    daemon = ProxyDaemon(lab, tmp_path / "proxy2", config).start()
+    wait_for(lambda: daemon.ctl()["registrars"][0]["healthy"], 10, "a healthy registrar")
+    status = daemon.ctl()
+    assert status["interfaces"] == []
+    assert "has no CoAPS port" in json.dumps(status["unserved"])
+    daemon.stop()
+
+
+def test_grasp_announces_a_udp_locator_and_the_guard_covers_the_port(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path, guard={"enabled": True})
+    listen = ("import socket,struct,sys; s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);"
+              "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); s.bind(('::',7017));"
+              "i=socket.if_nametoindex('eth0');"
+              "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_JOIN_GROUP,"
+              "socket.inet_pton(socket.AF_INET6,'ff02::13')+struct.pack('@I',i));"
+              "s.settimeout(5); sys.stdout.buffer.write(s.recv(2048).hex().encode())")
+    done = lab.pledges[0].run([PYTHON, "-c", listen], timeout=20)
+    flood = grasp.Flood.decode(bytes.fromhex(done.stdout))
+    [locator] = flood.locators_for(grasp.AN_PROXY)
+    assert (locator.address, locator.protocol, locator.port) == (
+        ipaddress.IPv6Address("fe80::1"), 17, 5684)
+    assert 5684 in daemon.ctl()["guard"]["ports"]
+    daemon.stop()
+
+
+# --- the real registrar's CoAPS front door through the relay -----------------------------------
+
+
+def test_libcoap_gets_crts_from_the_real_registrar_through_the_relay(lab, tmp_path):
+    assert COAP_CLIENT, "coap-client-openssl missing: make setup installs libcoap3-bin"
+    pki = make_pki(tmp_path / "pki", ["p-0"])
+    services = Services(lab.registrars[0], pki, tmp_path / "r0",
+                        registrar_listen=[f"[{REGISTRAR}]:8443"], announce_interfaces=[],
+                        coaps_listen=f"[{REGISTRAR}]:5684")
+    services.start()
+    try:
+        daemon = ProxyDaemon(lab, tmp_path / "proxy", coaps_config(tmp_path)).start()
+        wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+        idevid = pki / "manufacturer/idevid"
+        out = tmp_path / "crts.bin"
+        done = lab.pledges[0].run(
+            [COAP_CLIENT, "-B", "20", "-c", str(idevid / "p-0.crt"), "-j",
+             str(idevid / "p-0.key"), "-C", str(pki / "domain/ca.crt"), "-o", str(out),
+             "-m", "get", "-A", "287", "coaps://[fe80::1%eth0]:5684/.well-known/est/crts"],
+            check=False, timeout=60)
+        assert out.exists(), done.stdout + done.stderr + daemon.log()
+        from cryptography import x509
+
+        from brski import coap_formats
+        ca = x509.load_pem_x509_certificate((pki / "domain/ca.crt").read_bytes())
+        assert coap_formats.decode_certs(out.read_bytes(), 287) == [ca]
+        assert daemon.sample("joinproxyd_circuits_total", mode="coaps") == 1
+        flows = daemon.ctl("circuits")
+        assert len(flows) == 1 and flows[0]["datagrams_up"] >= 3
+        daemon.stop()
+    finally:
+        services.stop()
