@@ -207,3 +207,38 @@ def test_libcoap_gets_crts_from_the_real_registrar_through_the_relay(lab, tmp_pa
         daemon.stop()
     finally:
         services.stop()
+
+
+UDP_PORT_HOLDER = """
+import socket, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("fe80::1", 5684, 0, socket.if_nametoindex("join0")))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_taken_udp_join_port_holds_ready_back_until_it_binds(lab, tmp_path):
+    echo_registrar(lab.registrars[0], "r0")
+    udp_echo(lab)
+    holder = lab.proxy.spawn([PYTHON, "-c", UDP_PORT_HOLDER], name="udp-port-holder")
+    wait_for(lambda: "holding" in holder.log(), 5, "the port holder")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", coaps_config(tmp_path))
+    daemon.start(wait_ready=False)
+    assert daemon.notify is not None
+
+    def status():  # type: ignore[no-untyped-def]
+        try:
+            s = daemon.ctl()
+        except Exception:  # the control socket is not up yet
+            return None
+        return s if s["registrars"] and s["registrars"][0]["healthy"] else None
+    s = wait_for(status, 15, "a healthy registrar")
+    assert s["joining"] is False and s["interfaces"] == []
+    assert "5684" in json.dumps(s["listener_errors"])
+    assert not any(m.startswith("READY=1") for m in daemon.notify.poll())
+    holder.stop()
+    daemon.notify.wait("READY=1", timeout=30)
+    wait_for(lambda: daemon.ctl()["joining"], 10, "joining once the port is bound")
+    assert probe(lab.pledges[0], "now")["replies"][0].endswith(" now")
+    daemon.stop()
