@@ -242,3 +242,44 @@ def test_a_taken_udp_join_port_holds_ready_back_until_it_binds(lab, tmp_path):
     wait_for(lambda: daemon.ctl()["joining"], 10, "joining once the port is bound")
     assert probe(lab.pledges[0], "now")["replies"][0].endswith(" now")
     daemon.stop()
+
+
+def test_aiocoap_pledge_gets_a_voucher_and_ldevid_through_the_relay(lab, tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from brski.signed_voucher import verify_voucher_cose
+
+    pki = make_pki(tmp_path / "pki", ["p-0"])
+    services = Services(lab.registrars[0], pki, tmp_path / "r0",
+                        registrar_listen=[f"[{REGISTRAR}]:8443"], announce_interfaces=[],
+                        coaps_listen=f"[{REGISTRAR}]:5684")
+    services.start()
+    try:
+        daemon = ProxyDaemon(lab, tmp_path / "proxy", coaps_config(tmp_path)).start()
+        wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+        out = tmp_path / "pledge-out"
+        out.mkdir()
+        done = lab.pledges[0].run(
+            [PYTHON, str(Path(__file__).with_name("coaps_voucher_client.py")), str(pki), "p-0",
+             "coaps://[fe80::1%eth0]:5684", str(out)], check=False, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr + services.logs()
+        assert json.loads(done.stdout) == {"rv": "2.04 Changed", "sen": "2.04 Changed"}
+        signer = x509.load_pem_x509_certificates(
+            (tmp_path / "r0" / "masa-signer-chain.pem").read_bytes())[0]
+        voucher, _ = verify_voucher_cose(
+            (out / "voucher.cose").read_bytes(), [signer], datetime.datetime.now(datetime.UTC),
+            serial_number="p-0", nonce=(out / "nonce.bin").read_bytes())
+        ca = x509.load_pem_x509_certificate((pki / "domain/ca.crt").read_bytes())
+        assert voucher.pinned_domain_cert == ca.public_bytes(Encoding.DER)
+        ldevid = x509.load_der_x509_certificate((out / "ldevid.der").read_bytes())
+        assert ldevid.issuer == ca.subject
+        with services.store("registrar") as store:
+            assert store.vouchers("p-0")  # the registrar's record of this enrollment
+        flows = daemon.ctl("circuits")
+        assert len(flows) == 1 and flows[0]["datagrams_down"] >= 4, flows
+        daemon.stop()
+    finally:
+        services.stop()
