@@ -172,6 +172,15 @@ def test_grasp_announces_a_udp_locator_and_the_guard_covers_the_port(lab, tmp_pa
     assert (locator.address, locator.protocol, locator.port) == (
         ipaddress.IPv6Address("fe80::1"), 17, 5684)
     assert 5684 in daemon.ctl()["guard"]["ports"]
+    # 300 datagrams at once from one pledge: the guard's bucket (burst 40) drops most in XDP
+    flood = ("import socket; s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);"
+             "d=('fe80::1',5684,0,socket.if_nametoindex('eth0'));"
+             "[s.sendto(b'x',d) for _ in range(300)]")
+    lab.pledges[1].run([PYTHON, "-c", flood])
+    wait_for(lambda: daemon.drops("guard", "rate-limit") >= 200, 10, "the guard dropping")
+    upstream = daemon.sample("joinproxyd_relayed_datagrams_total", mode="coaps",
+                             direction="upstream")
+    assert upstream <= 100, upstream  # what got through the guard, at most burst + rate
     daemon.stop()
 
 
@@ -283,3 +292,17 @@ def test_aiocoap_pledge_gets_a_voucher_and_ldevid_through_the_relay(lab, tmp_pat
         daemon.stop()
     finally:
         services.stop()
+
+
+def test_after_kill_9_a_restarted_daemon_relays_again(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path)
+    assert probe(lab.pledges[0], "before")["replies"][0].endswith(" before")
+    daemon.kill()
+    daemon.start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    # the same pledge address gets its two flows again: nothing of the old run counts
+    out = probe(lab.pledges[0], "after-1", "after-2")
+    assert out["icmp"] == [] and all(r.endswith(" after-1") or r.endswith(" after-2")
+                                     for r in out["replies"]), out
+    daemon.stop()
