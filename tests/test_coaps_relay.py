@@ -77,6 +77,13 @@ def test_each_pledge_port_gets_its_own_flow_and_source_port(lab, tmp_path):
     assert status["relays"]["coaps"]["listeners"] == [
         {"interface": "join0", "address": "fe80::1", "port": 5684, "protocol": "udp"}]
     assert status["ready"] is True
+    assert status["registrars"][0]["coaps_port"] == 5684
+    text = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",
+                            daemon.config["daemon"]["control_socket"], "circuits"]).stdout
+    assert text.count(" coaps ") == 2 and "[fd4a:5044::100]:5684" in text, text
+    text = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",
+                            daemon.config["daemon"]["control_socket"], "status"]).stdout
+    assert "[fd4a:5044::100]:8443 coaps 5684" in text, text
     daemon.stop()
 
 
