@@ -194,15 +194,23 @@ def test_grasp_announces_a_udp_locator_and_the_guard_covers_the_port(lab, tmp_pa
 # --- the real registrar's CoAPS front door through the relay -----------------------------------
 
 
-def test_libcoap_gets_crts_from_the_real_registrar_through_the_relay(lab, tmp_path):
+@pytest.mark.parametrize("learned", ["static", "grasp"])
+def test_libcoap_gets_crts_from_the_real_registrar_through_the_relay(lab, tmp_path, learned):
     assert COAP_CLIENT, "coap-client-openssl missing: make setup installs libcoap3-bin"
     pki = make_pki(tmp_path / "pki", ["p-0"])
+    # grasp: the registrar's flood carries its UDP locator ("BRSKI_JP"), the proxy knows no
+    # registrar otherwise
     services = Services(lab.registrars[0], pki, tmp_path / "r0",
-                        registrar_listen=[f"[{REGISTRAR}]:8443"], announce_interfaces=[],
+                        registrar_listen=[f"[{REGISTRAR}]:8443"],
+                        announce_interfaces=["eth0"] if learned == "grasp" else [],
                         coaps_listen=f"[{REGISTRAR}]:5684")
     services.start()
     try:
-        daemon = ProxyDaemon(lab, tmp_path / "proxy", coaps_config(tmp_path)).start()
+        config = coaps_config(tmp_path)
+        if learned == "grasp":
+            config["registrars"] = {**config["registrars"], "discovery": ["grasp"],
+                                    "static": []}
+        daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
         wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
         idevid = pki / "manufacturer/idevid"
         out = tmp_path / "crts.bin"
@@ -220,6 +228,7 @@ def test_libcoap_gets_crts_from_the_real_registrar_through_the_relay(lab, tmp_pa
         assert daemon.sample("joinproxyd_circuits_total", mode="coaps") == 1
         flows = daemon.ctl("circuits")
         assert len(flows) == 1 and flows[0]["datagrams_up"] >= 3
+        assert daemon.ctl()["registrars"][0]["source"] == learned
         daemon.stop()
     finally:
         services.stop()
