@@ -322,3 +322,27 @@ def test_after_kill_9_a_restarted_daemon_relays_again(lab, tmp_path):
     assert out["icmp"] == [] and all(r.endswith(" after-1") or r.endswith(" after-2")
                                      for r in out["replies"]), out
     daemon.stop()
+
+
+def test_operator_drops_coaps_flows_by_id_and_by_pledge(lab, tmp_path):
+    udp_echo(lab)
+    daemon = start(lab, tmp_path)
+    assert all(probe(lab.pledges[0], "a", "b", wait=0.5)["replies"])
+    flows = daemon.ctl("circuits")
+    assert [f["id"] for f in flows] == ["coaps-1", "coaps-2"]
+    sock = daemon.config["daemon"]["control_socket"]
+    done = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket", sock, "drop",
+                            "coaps-2", "--json"])
+    assert [f["id"] for f in json.loads(done.stdout)] == ["coaps-2"]
+    assert [f["id"] for f in daemon.ctl("circuits")] == ["coaps-1"]
+    pledge = flows[0]["pledge"].split("]")[0].lstrip("[").split("%")[0]
+    done = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket", sock, "drop",
+                            pledge, "--json"])
+    assert [f["id"] for f in json.loads(done.stdout)] == ["coaps-1"]
+    assert daemon.ctl("circuits") == []
+    assert daemon.drops("coaps", "operator") == 2
+    assert daemon.sample("joinproxyd_circuits_active", interface="join0", mode="coaps") == 0
+    missing = daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket", sock, "drop",
+                               "coaps-9"], check=False)
+    assert missing.returncode != 0 and "no open circuit 'coaps-9'" in missing.stderr
+    daemon.stop()

@@ -45,6 +45,8 @@ ICMP6_FILTER = 1  # linux/icmpv6.h: which ICMPv6 types a raw socket receives
 SOCK_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
 REFUSAL_LOG_SECONDS = 10.0  # one log line per pledge and reason per this long (still counted)
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Flow ids in `joinproxyctl circuits` and `drop`: apart from the circuit mode's numbers.
+COAPS_ID_PREFIX = "coaps-"
 
 
 class Flow:
@@ -63,11 +65,15 @@ class Flow:
         self.bytes_up = self.bytes_down = self.datagrams_up = self.datagrams_down = 0
 
     @property
+    def label(self) -> str:
+        return f"{COAPS_ID_PREFIX}{self.id}"
+
+    @property
     def pledge_address(self) -> str:
         return f"{self.pledge[0].split('%')[0]}%{self.interface}"
 
     def info(self, now: float) -> dict[str, Any]:
-        return {"id": self.id, "interface": self.interface,
+        return {"id": self.label, "interface": self.interface,
                 "pledge": f"[{self.pledge_address}]:{self.pledge[1]}",
                 "registrar": f"[{self.registrar.address}]:{self.registrar.coaps_port}",
                 "local_port": self.sock.getsockname()[1],
@@ -330,6 +336,19 @@ class CoapsMode(RelayMode):
                           flow.datagrams_down, flow.bytes_up, flow.bytes_down,
                           extra={"INTERFACE": flow.interface, "MODE": self.name,
                                  "PLEDGE": pledge})
+
+    def drop(self, flow: Flow, who: str) -> None:
+        """The operator ends a flow (`joinproxyctl drop coaps-N` or the pledge's address):
+        counted as drop reason "operator", logged with who asked. The pledge's next datagram
+        opens a new flow if the limits allow."""
+        self.ctx.metrics.drop(self.name, PolicyDropReason.OPERATOR)
+        self.ctx.refusals.add(flow.pledge_address, PolicyDropReason.OPERATOR.value,
+                              flow.interface, self.name)
+        self.ctx.log.warning("coaps flow %s dropped by %s", flow.label, who,
+                             extra={"INTERFACE": flow.interface, "MODE": self.name,
+                                    "PLEDGE": flow.pledge_address,
+                                    "REASON": PolicyDropReason.OPERATOR.value})
+        self._close_flow(flow, f"dropped by {who}")
 
     # -- ICMPv6 -------------------------------------------------------------------------------
     def _errors(self, flow: Flow) -> None:
