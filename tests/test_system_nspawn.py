@@ -616,7 +616,7 @@ def test_joinproxyd_configuration_faults_under_systemd(tmp_path):
             started = proxy.sh("systemctl start joinproxyd", check=False, timeout=60)
             assert started.returncode != 0
             failed_without_restarts(proxy, "joinproxyd")
-            reason = "join[0].modes: 'teleport' is not one of circuit, nat66, ipip"
+            reason = "join[0].modes: 'teleport' is not one of circuit, nat66, ipip, coaps"
             status = proxy.sh("systemctl status --no-pager -n 20 joinproxyd",
                               check=False).stdout
             assert reason in status and "status=78/CONFIG" in status, status

@@ -153,7 +153,8 @@ def test_every_toml_key_the_daemon_reads_has_a_uci_option() -> None:
                                else text):
             kind = table
             if table == "registrars" and word in ("address", "port", "preference", "ipip",
-                                                  "link_local", "protocols", "ports"):
+                                                  "link_local", "protocols", "ports",
+                                                  "coaps_port"):
                 kind = "registrar"  # registrars.static[]: one config registrar each
             if word == "ipip" or (table == "registrars" and word in ("static", "grasp", "mdns")):
                 continue  # a sub-table, or the discovery methods' names

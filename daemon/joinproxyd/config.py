@@ -11,11 +11,13 @@ packaging/joinproxyd.toml documents each key.
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
     [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference,
+                    coaps_port,
                     ipip = {link_local, address, protocols, ports}}]),
                     health_interval, health_timeout
     [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
                     new_circuits_per_second, new_circuits_burst, connect_timeout,
-                    idle_timeout, circuit_lifetime
+                    idle_timeout, circuit_lifetime; flows_per_pledge,
+                    flows_per_interface, flow_idle_timeout (the coaps UDP relay)
     [announce]      interval, grasp, mdns
     [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
     [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
@@ -42,7 +44,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_METHODS = ("static", "grasp", "mdns", "coap")
 CONSTRAINED_MODES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
-KNOWN_MODES = ("circuit", "nat66", "ipip")
+KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps")
+# The join port a [[join]] without `port` gets: 5684 (CoAPS) when only constrained (UDP)
+# modes serve it, the draft's default; else BRSKI's 8443.
+CONSTRAINED_MODES = frozenset({"coaps", "jpy"})
+COAPS_JOIN_PORT = 5684
 DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
 KNOB_RECORD_NAME = "ipip-knobs.json"  # beside the control socket (IpipSettings.knob_record)
 IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
@@ -122,6 +128,11 @@ class Limits:
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
     circuit_lifetime: float = 600.0
+    # The coaps relay (UDP, stateful, draft §4.3): flows per pledge address and per join
+    # link, and how long a flow outlives its last datagram either way.
+    flows_per_pledge: int = 2
+    flows_per_interface: int = 10
+    flow_idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -285,6 +296,8 @@ def _static_registrar(item: object, key: str) -> StaticRegistrar:
                                                 "statically; use a ULA or global address")
     port = table.integer("port", 443, 1, 65535)
     preference = table.integer("preference", 100, 0, 65535)
+    coaps_port = table.integer("coaps_port", None, 1, 65535) if "coaps_port" in table.data \
+        else None
     ipip = None
     if "ipip" in table.data:
         ipip = _static_ipip(table.table("ipip"), str(ip), port)
@@ -379,11 +392,11 @@ def _ipip(table: _Table) -> IpipSettings:
 
 def _join(item: object, key: str) -> JoinSpec:
     table = _Table(item, key)
-    spec = JoinSpec(
-        interfaces=table.strings("interfaces", None),
-        modes=table.strings("modes", ("circuit",), KNOWN_MODES),
-        port=table.integer("port", 8443, 1, 65535),
-    )
+    interfaces = table.strings("interfaces", None)
+    modes = table.strings("modes", ("circuit",), KNOWN_MODES)
+    default_port = COAPS_JOIN_PORT if set(modes) <= CONSTRAINED_MODES else 8443
+    spec = JoinSpec(interfaces=interfaces, modes=modes,
+                    port=table.integer("port", default_port, 1, 65535))
     if "ipip" in spec.modes and len(spec.modes) > 1:
         raise ConfigError(table.key("modes"), "ipip cannot share a join link with other modes: "
                                               "pledges there are sent to the registrar's own "
@@ -430,6 +443,12 @@ def parse(data: dict[str, Any]) -> Config:
         idle_timeout=limits_table.number("idle_timeout", defaults.idle_timeout, 0.1, 86400),
         circuit_lifetime=limits_table.number("circuit_lifetime", defaults.circuit_lifetime,
                                              1, 7 * 86400),
+        flows_per_pledge=limits_table.integer("flows_per_pledge", defaults.flows_per_pledge,
+                                              1, 100_000),
+        flows_per_interface=limits_table.integer(
+            "flows_per_interface", defaults.flows_per_interface, 1, 1_000_000),
+        flow_idle_timeout=limits_table.number("flow_idle_timeout", defaults.flow_idle_timeout,
+                                              0.1, 86400),
     )
     static_raw = registrars.take("static", [])
     if not isinstance(static_raw, list):

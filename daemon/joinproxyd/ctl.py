@@ -93,7 +93,9 @@ def render_status(status: dict[str, Any]) -> str:
         out += ["", "not served:", *problems]
     out += ["", "registrars:"]
     rows = [["registrar", "source", "pref", "healthy", "active"]]
-    rows += [[f"[{r['address']}]:{r['port']}", r["source"], str(r["preference"]),
+    rows += [[f"[{r['address']}]:{r['port']}"
+              + (f" coaps {r['coaps_port']}" if r.get("coaps_port") else ""),
+              r["source"], str(r["preference"]),
               "yes" if r["healthy"] else "no", "*" if r["active"] else ""]
              for r in status["registrars"]]
     out += [_table(rows) if len(rows) > 1 else "  (none)"]
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "status": "what the daemon serves, its registrars, relays and counters",
-        "circuits": "open circuits and nat66 flows, with the ids drop takes",
+        "circuits": "open circuits, nat66 and coaps flows, with the ids drop takes",
         "window": "show, open or close the join window (closed: new pledges are refused)",
         "refusals": "recent refusals per pledge, with their reason",
         "drop": "close an open circuit, by id or by pledge address",

@@ -48,6 +48,7 @@ from .metrics import Metrics
 from .model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
 from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
 from .relays.circuit import CircuitMode
+from .relays.coaps import COAPS_ID_PREFIX, CoapsMode
 from .relays.ipip import IpipMode, usable_target
 from .window import JoinWindow, RefusalLog, pledge_key
 
@@ -757,25 +758,36 @@ class Daemon:
         return self.refusals.by_pledge(pledge)
 
     def drop_command(self, request: Request) -> list[dict[str, Any]]:
-        """Close circuits by id (as `circuits` lists them) or every circuit of a pledge
-        address; returns what was dropped. nat66 flows live in conntrack, ipip keeps none."""
+        """Close circuits by id (as `circuits` lists them), coaps flows by theirs (coaps-N),
+        or every circuit and coaps flow of a pledge address; returns what was dropped. nat66
+        flows live in conntrack, ipip keeps none."""
         target = request.args.get("circuit")
         if not isinstance(target, str) or not target.strip():
             raise ControlError("drop: give a circuit id (joinproxyctl circuits) or a pledge "
                                "address")
+        target = target.strip()
         mode = self.modes.get("circuit")
         circuits = sorted(mode.open, key=lambda c: c.id) if isinstance(mode, CircuitMode) else []
-        if target.strip().isdigit():
-            chosen = [c for c in circuits if c.id == int(target)]
+        coaps = self.modes.get("coaps")
+        flows = sorted(coaps.flows.values(), key=lambda f: f.id) \
+            if isinstance(coaps, CoapsMode) else []
+        if target.isdigit():
+            chosen, chosen_flows = [c for c in circuits if c.id == int(target)], []
+        elif target.startswith(COAPS_ID_PREFIX):
+            chosen, chosen_flows = [], [f for f in flows if f.label == target]
         else:
             chosen = [c for c in circuits if pledge_key(c.pledge) == pledge_key(target)]
-        if not chosen:
+            chosen_flows = [f for f in flows if pledge_key(f.pledge_address) == pledge_key(target)]
+        if not chosen and not chosen_flows:
             raise ControlError(f"drop: no open circuit {target!r} (ids and pledges: "
                                "joinproxyctl circuits; nat66 and ipip flows are the kernel's "
                                "and cannot be dropped here)")
         now = time.monotonic()
-        out = [c.info(now) for c in chosen]
-        assert isinstance(mode, CircuitMode)
+        out = [c.info(now) for c in chosen] + [f.info(now) for f in chosen_flows]
         for circuit in chosen:
+            assert isinstance(mode, CircuitMode)
             mode.drop(circuit, request.who)
+        for flow in chosen_flows:
+            assert isinstance(coaps, CoapsMode)
+            coaps.drop(flow, request.who)
         return out

@@ -40,6 +40,7 @@ class PolicyDropReason(StrEnum):
 
     WINDOW_CLOSED = "window-closed"  # the operator closed the join window (joinproxyctl)
     OPERATOR = "operator"  # an established circuit the operator dropped (joinproxyctl drop)
+    FLOW_LIMIT = "flow-limit"  # coaps: the pledge address or join link has its flows already
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,12 @@ class RegistrarEndpoint:
     # (coaps mode, rt=brski / BRSKI_JP) and its JPY port (jpy mode, rt=brski.rjp / BRSKI_RJP).
     coaps_port: int | None = field(default=None, compare=False)
     jpy_port: int | None = field(default=None, compare=False)
+
+    @property
+    def coaps_sockaddr(self) -> tuple[str, int, int, int] | None:
+        if self.coaps_port is None:
+            return None
+        return (self.address, self.coaps_port, 0, self.scope_id)
 
     @property
     def key(self) -> str:

@@ -195,9 +195,13 @@ class ProxyAnnouncer:
             self._sock = None
 
     def _send(self, target: AnnounceTarget) -> None:
+        for protocol in target.protocols:  # one flood per transport (coaps: UDP locators)
+            self._send_one(target, protocol)
+
+    def _send_one(self, target: AnnounceTarget, protocol: int) -> None:
         try:
             data = wire.proxy_flood(self._rng, IPv6Address(target.link_local), target.port,
-                                    ttl_ms=flood_ttl_ms(self._interval),
+                                    protocol=protocol, ttl_ms=flood_ttl_ms(self._interval),
                                     locators=[IPv6Address(a) for a in target.addresses]
                                     ).encode()
         except (UsageError, ValueError) as exc:  # our input, not the network's: a bug

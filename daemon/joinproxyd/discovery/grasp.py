@@ -83,6 +83,10 @@ def tcp_registrars(flood: wire.Flood, ifindex: int) -> tuple[list[RegistrarEndpo
     locators = flood.locators_for(wire.AN_JOIN_REGISTRAR)
     ipip = ipip_target(locators, flood.initiator)
     endpoints: list[RegistrarEndpoint] = []
+    # A UDP locator at the same address is the registrar's CoAPS port (objective value
+    # "BRSKI_JP"): the coaps relay mode's target. The endpoint stays keyed on TCP.
+    udp_ports = {loc.address: loc.port for loc in reversed(locators)
+                 if loc.protocol == wire.IPPROTO_UDP and loc.port}
     for locator in locators:
         if locator.protocol != wire.IPPROTO_TCP or not locator.port:
             continue  # RFC 8995 §4.3: TCP is the one transport a BRSKI proxy relays
@@ -90,7 +94,8 @@ def tcp_registrars(flood: wire.Flood, ifindex: int) -> tuple[list[RegistrarEndpo
             continue
         scope = ifindex if locator.address.is_link_local else 0
         endpoint = RegistrarEndpoint(DISCOVERED_PREFERENCE, locator.address.compressed,
-                                     locator.port, source=SOURCE, scope_id=scope, ipip=ipip)
+                                     locator.port, source=SOURCE, scope_id=scope, ipip=ipip,
+                                     coaps_port=udp_ports.get(locator.address))
         if endpoint not in endpoints:
             endpoints.append(endpoint)
     if not endpoints:

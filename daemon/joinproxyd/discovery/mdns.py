@@ -123,7 +123,8 @@ class MdnsProxyAdvertiser:
         self._task: asyncio.Task[None] | None = None
 
     def set_targets(self, interfaces: Sequence[JoinInterface]) -> None:
-        wanted = {i.name: AnnounceTarget.of(i) for i in interfaces}
+        # _brski-proxy._tcp names a TCP port: a link served only over UDP (coaps) is not it.
+        wanted = {i.name: t for i in interfaces if 6 in (t := AnnounceTarget.of(i)).protocols}
         if wanted != self._targets:
             self._targets = wanted
             self._retry_at.clear()

@@ -141,6 +141,7 @@ class RegistrarSet:
             out.append({
                 "address": state.endpoint.address,
                 "port": state.endpoint.port,
+                "coaps_port": state.endpoint.coaps_port,  # None: no CoAPS (coaps mode)
                 "scope_id": state.endpoint.scope_id,
                 "source": state.endpoint.source,
                 "sources": list(state.sources),

@@ -45,6 +45,7 @@ class RegistrarState:
     # What each source says about IPIP (static configuration, a GRASP flood); the endpoint
     # carries the configuration's when it has one, else a discovery source's.
     ipip: dict[str, IpipTarget | None] = field(default_factory=dict)
+    coaps_port: dict[str, int | None] = field(default_factory=dict)  # per source, likewise
 
     @property
     def key(self) -> Key:
@@ -102,8 +103,9 @@ class RegistrarTable:
             source = next(iter(state.learned), state.endpoint.source)
         origins = ([STATIC] if state.static else []) + list(state.learned)
         ipip = next((t for s in origins if (t := state.ipip.get(s)) is not None), None)
+        coaps = next((p for s in origins if (p := state.coaps_port.get(s)) is not None), None)
         state.endpoint = replace(state.endpoint, preference=preference, source=source,
-                                 ipip=ipip)
+                                 ipip=ipip, coaps_port=coaps)
 
     def _drop_if_orphan(self, state: RegistrarState) -> bool:
         if state.static or state.learned:
@@ -127,6 +129,7 @@ class RegistrarTable:
             state = self._state_for(endpoint)
             state.static_preference = endpoint.preference
             state.ipip[STATIC] = endpoint.ipip
+            state.coaps_port[STATIC] = endpoint.coaps_port
             self._refresh(state)
         return removed
 
@@ -141,6 +144,7 @@ class RegistrarTable:
         state = self._state_for(endpoint)
         state.learned[endpoint.source] = None if ttl is None else now + ttl
         state.ipip[endpoint.source] = endpoint.ipip
+        state.coaps_port[endpoint.source] = endpoint.coaps_port
         self._refresh(state)
         return state, new
 

@@ -1,0 +1,177 @@
+"""The traffic ends and the bare relay for bench/coaps_relay.py, one process each.
+
+    _udpflow.py echo PORT                         registrar: answer every datagram with itself
+    _udpflow.py relay LISTEN_ADDR PORT IFNAME TARGET TPORT
+                                                  the bare asyncio UDP relay: per client
+                                                  (address, port) a connected socket of its
+                                                  own towards TARGET, payload untouched; no
+                                                  limits, no expiry, no counters
+    _udpflow.py load PROXY PORT SECONDS FLOWS WINDOW SIZE
+                                                  FLOWS sockets, each keeping WINDOW datagrams
+                                                  of SIZE bytes in flight; prints echoes/s
+    _udpflow.py hold PROXY PORT FLOWS             FLOWS sockets, each sends one datagram until
+                                                  it is answered, then holds (prints "held N",
+                                                  then waits for stdin to close)
+"""
+
+import asyncio
+import contextlib
+import resource
+import select
+import socket
+import sys
+import time
+
+
+def raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def echo(port: int) -> None:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("::", port))
+    while True:
+        data, addr = sock.recvfrom(65535)
+        with contextlib.suppress(OSError):
+            sock.sendto(data, addr)
+
+
+class _Upstream(asyncio.DatagramProtocol):
+    def __init__(self, listener: asyncio.DatagramTransport, client: tuple) -> None:
+        self.listener = listener
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.listener.sendto(data, self.client)
+
+
+class _Listener(asyncio.DatagramProtocol):
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.flows: dict[tuple, asyncio.DatagramTransport | None] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # _SelectorDatagramTransport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        flow = self.flows.get(addr)
+        if flow is not None:
+            flow.sendto(data)
+            return
+        if addr in self.flows:
+            return  # still being created
+        self.flows[addr] = None
+        task = asyncio.ensure_future(self._open(addr, data))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _open(self, addr: tuple, data: bytes) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Upstream(self.transport, addr), remote_addr=self.target,
+            family=socket.AF_INET6)
+        self.flows[addr] = transport
+        transport.sendto(data)
+
+
+async def relay(listen: str, port: int, ifname: str, target: str, tport: int) -> None:
+    raise_nofile()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.bind((listen, port, 0, socket.if_nametoindex(ifname)))
+    await loop.create_datagram_endpoint(lambda: _Listener((target, tport)), sock=sock)
+    print("relay ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def load(proxy: str, port: int, seconds: float, flows: int, window: int, size: int) -> None:
+    dest = (proxy, port, 0, socket.if_nametoindex("eth0"))
+    socks = []
+    for _ in range(flows):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(dest)
+        socks.append(sock)
+    payload = b"\x17" * size
+    for sock in socks:
+        for _ in range(window):
+            sock.send(payload)
+    poller = select.epoll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        poller.register(fd, select.EPOLLIN)
+    echoes = 0
+    start = time.monotonic()
+    last_seen = start
+    deadline = start + seconds
+    while (now := time.monotonic()) < deadline:
+        events = poller.poll(0.2)
+        if not events and now - last_seen > 0.2:
+            # datagrams lost on the way (buffers): refill each window so the load goes on
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.send(payload)
+        for fd, _ in events:
+            sock = by_fd[fd]
+            while True:
+                try:
+                    sock.recv(65535)
+                except (BlockingIOError, ConnectionRefusedError):
+                    break
+                echoes += 1
+                last_seen = time.monotonic()
+                with contextlib.suppress(OSError):
+                    sock.send(payload)
+    elapsed = time.monotonic() - start
+    print(f"echoes {echoes} seconds {elapsed:.3f} rate {echoes / elapsed:.1f}", flush=True)
+
+
+def hold(proxy: str, port: int, flows: int) -> None:
+    raise_nofile()
+    dest = (proxy, port, 0, socket.if_nametoindex("eth0"))
+    waiting = {}
+    for i in range(flows):
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(dest)
+        waiting[sock.fileno()] = sock
+        if i % 200 == 199:
+            time.sleep(0.01)  # pace the first datagrams a little: the proxy's buffer
+    held = []
+    poller = select.epoll()
+    for fd in waiting:
+        poller.register(fd, select.EPOLLIN)
+    deadline = time.monotonic() + 60
+    while waiting and time.monotonic() < deadline:
+        for sock in list(waiting.values())[:2000]:
+            with contextlib.suppress(OSError):
+                sock.send(b"hold")
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for fd, _ in poller.poll(0.1):
+                sock = waiting.pop(fd, None)
+                if sock is None:
+                    continue
+                poller.unregister(fd)
+                with contextlib.suppress(OSError):
+                    sock.recv(65535)
+                held.append(sock)
+    print(f"held {len(held)}", flush=True)
+    sys.stdin.read()
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "echo":
+        echo(int(args[0]))
+    elif cmd == "relay":
+        asyncio.run(relay(args[0], int(args[1]), args[2], args[3], int(args[4])))
+    elif cmd == "load":
+        load(args[0], int(args[1]), float(args[2]), int(args[3]), int(args[4]), int(args[5]))
+    else:
+        hold(args[0], int(args[1]), int(args[2]))
