@@ -11,7 +11,7 @@ packaging/joinproxyd.toml documents each key.
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
     [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference,
-                    ipip = {link_local, address, protocols, ports}}]),
+                    ipip = {link_local, address, protocols, ports}, jpy_port}]),
                     health_interval, health_timeout
     [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
                     new_circuits_per_second, new_circuits_burst, connect_timeout,
@@ -40,7 +40,7 @@ DEFAULT_PATH = Path("/etc/joinproxyd/joinproxyd.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_METHODS = ("static", "grasp", "mdns")
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
-KNOWN_MODES = ("circuit", "nat66", "ipip")
+KNOWN_MODES = ("circuit", "nat66", "ipip", "jpy")
 DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
 KNOB_RECORD_NAME = "ipip-knobs.json"  # beside the control socket (IpipSettings.knob_record)
 IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
@@ -66,6 +66,7 @@ class StaticRegistrar:
     port: int
     preference: int
     ipip: IpipTarget | None = None  # the registrar also terminates the IPIP proxy
+    jpy_port: int | None = None  # its JPY endpoint's UDP port (jpy mode)
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,9 @@ def _static_registrar(item: object, key: str) -> StaticRegistrar:
     ipip = None
     if "ipip" in table.data:
         ipip = _static_ipip(table.table("ipip"), str(ip), port)
+    jpy_port = table.integer("jpy_port", 0, 1, 65535) if "jpy_port" in table.data else None
     table.done()
-    return StaticRegistrar(str(ip), port, preference, ipip)
+    return StaticRegistrar(str(ip), port, preference, ipip, jpy_port)
 
 
 def _ipv6(table: _Table, name: str, default: str | None = None) -> ipaddress.IPv6Address:

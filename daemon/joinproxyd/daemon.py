@@ -61,7 +61,8 @@ NO_JOIN_LINK = "no join link configured: add a [[join]] table and reload"
 
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
-    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip)
+    return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip,
+                              jpy_port=r.jpy_port)
             for r in config.static_registrars if "static" in config.discovery]
 
 

@@ -40,6 +40,12 @@ class PolicyDropReason(StrEnum):
 
     WINDOW_CLOSED = "window-closed"  # the operator closed the join window (joinproxyctl)
     OPERATOR = "operator"  # an established circuit the operator dropped (joinproxyctl drop)
+    # jpy (relays/jpy.py): a reply whose sealed header does not open, or whose bytes were
+    # already relayed, or whose key was retired; a pledge datagram too big once wrapped.
+    JPY_FORGED = "jpy-forged"
+    JPY_REPLAYED = "jpy-replayed"
+    JPY_STALE = "jpy-stale"
+    TOO_BIG = "too-big"
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class RegistrarEndpoint:
     protocol: int = field(default=6, compare=False)  # IPPROTO_TCP
     # Set when the registrar also terminates the stateless IPIP proxy (ipip mode).
     ipip: IpipTarget | None = field(default=None, compare=False)
+    # The registrar's JPY port (stateless constrained proxy, jpy mode), when it has one.
+    jpy_port: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

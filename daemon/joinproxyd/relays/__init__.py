@@ -11,6 +11,7 @@ _MODES = {
     "circuit": ("circuit", "CircuitMode"),
     "nat66": ("nat66", "Nat66Mode"),
     "ipip": ("ipip", "IpipMode"),
+    "jpy": ("jpy", "JpyMode"),
 }
 
 

@@ -1,0 +1,188 @@
+"""The stateless jpy relay mode through the real daemon, in namespaces.
+
+Two pledges talk UDP to the proxy's join port; a stand-in JPY registrar on the backbone (a
+real process: it decodes each JPY message and answers [same header, b"echo:" + content])
+answers. Then the stand-in, from the registrar's own JPY port, injects 1,000 forged replies
+at the proxy's fixed socket: random headers, bit-flipped real ones, exact replays of real
+replies and headers under a key id that is not live. All are dropped and counted by reason,
+and none reaches a pledge. A capture on the backbone shows the headers: one per pledge flow
+(the registrar keys its DTLS connection on it, brski/jpy.py), different across pledges, and
+never the pledge's address or port in clear.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from lab import Host, Lab, LabProcess, Topology, wait_for
+from lab.proxyd import PYTHON, ProxyDaemon, base_config
+
+pytestmark = pytest.mark.netns
+
+JPY_PORT = 5684
+JOIN_PORT = 8443
+
+# The stand-in registrar: echo, and on b"INJECT" fire the forged replies, 250 of each kind.
+REGISTRAR = """
+import os, random, socket, sys
+import cbor2
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+sent = []
+while True:
+    data, peer = s.recvfrom(65535)
+    header, content = cbor2.loads(data)[:2]
+    print("header", header.hex(), flush=True)
+    if content == b"INJECT":
+        rng = random.Random(7)
+        forged = []
+        for i in range(250):
+            forged.append(cbor2.dumps([header[:1] + rng.randbytes(31), b"SECRET"]))
+            flipped = bytearray(header)
+            bit = rng.randrange(8, 8 * len(header))
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            forged.append(cbor2.dumps([bytes(flipped), b"SECRET"]))
+            forged.append(sent[i % len(sent)])
+            forged.append(cbor2.dumps([bytes([(header[0] + 1 + i % 200) & 0xFF]) + header[1:],
+                                       b"SECRET"]))
+        for datagram in forged:
+            s.sendto(datagram, peer)
+        print("injected", len(forged), flush=True)
+        continue
+    reply = cbor2.dumps([header, b"echo:" + content])
+    sent.append(reply)
+    s.sendto(reply, peer)
+"""
+
+# A pledge: three datagrams (their echoes printed), then the trigger, then everything that
+# arrives in the next seconds.
+PLEDGE = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(3)
+target = ("fe80::1%eth0", int(sys.argv[1]))
+for i in range(3):
+    s.sendto(b"hello-%d" % i, target)
+    print(s.recv(2048).decode(), flush=True)
+if sys.argv[2] == "inject":
+    s.sendto(b"INJECT", target)
+s.settimeout(1)
+deadline = time.time() + float(sys.argv[3])
+while time.time() < deadline:
+    try:
+        print("late", s.recv(2048), flush=True)
+    except TimeoutError:
+        pass
+print("done", flush=True)
+"""
+
+
+@pytest.fixture
+def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
+    with Lab(Topology(pledges=2), log_dir=tmp_path / "logs") as lab:
+        yield lab
+
+
+def jpy_config(run_dir: Path) -> dict:
+    return base_config(
+        run_dir, join=[{"interfaces": ["join*"], "modes": ["jpy"], "port": JOIN_PORT}],
+        registrars={"discovery": ["static"],
+                    "static": [{"address": "fd4a:5044::100", "port": 8443, "preference": 10,
+                                "jpy_port": JPY_PORT}],
+                    "health_interval": 0.3, "health_timeout": 0.3})
+
+
+def start(lab: Lab, tmp_path: Path) -> tuple[ProxyDaemon, LabProcess]:
+    # The health probe is a TCP connect to the registrar's port: something must listen.
+    lab.registrars[0].spawn(["socat", "TCP6-LISTEN:8443,fork,reuseaddr", "SYSTEM:true"],
+                            name="tcp-health")
+    registrar = lab.registrars[0].spawn([PYTHON, "-c", REGISTRAR, str(JPY_PORT)],
+                                        name="jpy-registrar")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", jpy_config(tmp_path / "proxy")).start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    return daemon, registrar
+
+
+def pledge(host: Host, name: str, inject: bool = False, linger: float = 1) -> LabProcess:
+    return host.spawn([PYTHON, "-c", PLEDGE, str(JOIN_PORT), "inject" if inject else "-",
+                       str(linger)], name=name)
+
+
+def udp_payloads(pcap: Path, port: int) -> list[bytes]:
+    """UDP payloads to `port` in a tcpdump file (Ethernet, IPv6 without extension headers)."""
+    data = pcap.read_bytes()
+    out, offset = [], 24
+    while offset + 16 <= len(data):
+        caplen = struct.unpack_from("<I", data, offset + 8)[0]
+        frame = data[offset + 16: offset + 16 + caplen]
+        offset += 16 + caplen
+        if frame[12:14] != b"\x86\xdd" or frame[20] != 17:
+            continue
+        udp = frame[54:]
+        if struct.unpack_from(">H", udp, 2)[0] == port:
+            out.append(udp[8:])
+    return out
+
+
+def test_jpy_relays_both_ways_and_drops_every_forged_reply(lab: Lab, tmp_path: Path) -> None:
+    capture = tmp_path / "backbone.pcap"
+    tcpdump = lab.registrars[0].spawn(["tcpdump", "-i", "eth0", "-U", "-w", str(capture),
+                                       "udp", "port", str(JPY_PORT)], name="tcpdump")
+    daemon, registrar = start(lab, tmp_path)
+    status = daemon.ctl()
+    jpy = status["modes"]["jpy"] if "modes" in status else None
+    quiet = pledge(lab.pledges[1], "pledge1", linger=6)
+    attacked = pledge(lab.pledges[0], "pledge0", inject=True, linger=4)
+    wait_for(lambda: "done" in attacked.log() and "done" in quiet.log(), 20, "the pledges")
+    for process in (attacked, quiet):
+        lines = process.log().split("\n")
+        assert lines[:3] == ["echo:hello-0", "echo:hello-1", "echo:hello-2"], process.log()
+        assert not [line for line in lines if line.startswith("late")], process.log()
+    assert "injected 1000" in registrar.log()
+    assert daemon.drops("jpy", "jpy-forged") == 500
+    assert daemon.drops("jpy", "jpy-replayed") == 250
+    assert daemon.drops("jpy", "jpy-stale") == 250
+    assert daemon.sample("joinproxyd_relayed_bytes_total", mode="jpy",
+                         direction="upstream") == 2 * 3 * len("hello-0") + len("INJECT")
+    assert daemon.sample("joinproxyd_relayed_bytes_total", mode="jpy",
+                         direction="downstream") == 2 * 3 * len("echo:hello-0")
+    status = daemon.ctl()
+    assert jpy is None or jpy["datagrams"]["upstream"] >= 0
+    assert json.dumps(status).count('"jpy"') >= 1
+
+    # The backbone: one header per pledge flow, distinct across pledges, nothing in clear.
+    wait_for(lambda: capture.exists() and len(udp_payloads(capture, JPY_PORT)) >= 7, 5,
+             "the capture")
+    tcpdump.stop()
+    headers: dict[bytes, set[bytes]] = {}
+    for payload in udp_payloads(capture, JPY_PORT):
+        header, content = cbor2.loads(payload)[:2]
+        assert len(header) <= 32
+        headers.setdefault(header, set()).add(content)
+    assert len(headers) == 2, headers
+    for header in headers:
+        for iid in (bytes.fromhex("0000000000010001"), bytes.fromhex("0000000000010002")):
+            assert iid not in header
+    daemon.stop()
+
+
+def test_too_big_and_closed_window_refused_and_counted(lab: Lab, tmp_path: Path) -> None:
+    daemon, _ = start(lab, tmp_path)
+    big = lab.pledges[0].run([PYTHON, "-c", (
+        "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM);"
+        f"s.sendto(b'x' * 1200, ('fe80::1%eth0', {JOIN_PORT}))")])
+    assert big.returncode == 0
+    wait_for(lambda: daemon.drops("jpy", "too-big") == 1, 5, "the too-big count")
+    daemon.host.run([PYTHON, "-m", "joinproxyd.ctl", "--socket",
+                     daemon.config["daemon"]["control_socket"], "window", "close"])
+    closed = pledge(lab.pledges[0], "closed")
+    wait_for(lambda: not closed.alive(), 15, "the pledge to give up")
+    assert "echo:" not in closed.log()
+    assert daemon.drops("jpy", "window-closed") >= 1
+    daemon.stop()
