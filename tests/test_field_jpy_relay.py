@@ -21,6 +21,7 @@ import cbor2
 import pytest
 
 from lab import Host, Lab, LabProcess, Topology, wait_for
+from lab.netns import LabError
 from lab.proxyd import PYTHON, ProxyDaemon, base_config
 
 pytestmark = pytest.mark.netns
@@ -185,4 +186,31 @@ def test_too_big_and_closed_window_refused_and_counted(lab: Lab, tmp_path: Path)
     wait_for(lambda: not closed.alive(), 15, "the pledge to give up")
     assert "echo:" not in closed.log()
     assert daemon.drops("jpy", "window-closed") >= 1
+    daemon.stop()
+
+
+def test_a_registrar_without_a_jpy_port_leaves_the_link_unserved(lab: Lab,
+                                                                 tmp_path: Path) -> None:
+    """Status is true: with no JPY port to relay to, the jpy link is not served, joining is
+    closed and says why, and nothing is announced (no TCP locator lures pledges)."""
+    lab.registrars[0].spawn(["socat", "TCP6-LISTEN:8443,fork,reuseaddr", "SYSTEM:true"],
+                            name="tcp-health")
+    config = jpy_config(tmp_path / "proxy")
+    del config["registrars"]["static"][0]["jpy_port"]
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start(wait_ready=False)
+    def status_text() -> str:
+        try:
+            return json.dumps(daemon.ctl())
+        except LabError:  # the control socket is not there yet
+            return ""
+    wait_for(lambda: "has no JPY port" in status_text(), 10, "the unserved reason")
+    status = daemon.ctl()
+    assert status["joining"] is False, status
+    assert "no join link served" in status["joining_reason"], status
+    sent = pledge(lab.pledges[0], "unserved")
+    wait_for(lambda: not sent.alive(), 15, "the pledge to give up")
+    assert "echo:" not in sent.log()
+    assert daemon.drops("jpy", "no-registrar") >= 1
+    assert daemon.sample("joinproxyd_announcements_total", method="grasp",
+                         interface="join0") == 0
     daemon.stop()

@@ -128,6 +128,9 @@ class ReplayFilter:
 
 class JpyMode(RelayMode):
     name = "jpy"
+    # Pledges find a jpy link by CoRE discovery (brski-jp, UDP), not by the GRASP/mDNS
+    # announcements of a TCP port: announcing it there would lure them to nothing.
+    serves_link_local = False
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
@@ -219,6 +222,11 @@ class JpyMode(RelayMode):
         book = self.ctx.listener_book()
         if self.upstream is None and self._wanted:
             return {name: "no registrar-side socket" for name in self._wanted}
+        registrar = self.registrar
+        if registrar is not None and registrar.jpy_port is None:
+            # Status is true: a link whose datagrams would all be refused is not served.
+            return {name: f"registrar {registrar.key} has no JPY port"
+                    for name in self._wanted}
         return {name: book.describe(name, self.name) or "not listening"
                 for name in self._wanted if name not in self.joins}
 
