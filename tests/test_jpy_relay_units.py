@@ -33,6 +33,7 @@ def make_mode() -> tuple[JpyMode, Recorder, Recorder, Metrics]:
     metrics = Metrics()
     mode = JpyMode(RelayContext(metrics, Limits, lambda: None, logging.getLogger("test.jpy")))
     mode.registrar = REGISTRAR
+    mode._registrar_source = (REGISTRAR.address, 5684)
     pledge_link, upstream = Recorder(), Recorder()
     side = _PledgeSide(mode, IFACE)
     side.transport = pledge_link  # type: ignore[assignment]

@@ -145,11 +145,18 @@ class JpyMode(RelayMode):
         self._rotator: asyncio.Task[None] | None = None
         self.datagrams = {"upstream": 0, "downstream": 0}
         ctx.metrics.add_mode(self.name)
+        # Per-datagram work is the cost of this mode: look the counters up once.
+        self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
+        self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
+        self._registrar_source: tuple[str, int] | None = None
 
     # -- control plane ----------------------------------------------------------------------
     async def reconcile(self, interfaces: Sequence[JoinInterface],
                         registrar: RegistrarEndpoint | None) -> None:
         self.registrar = registrar
+        # Replies are accepted from this (address, port), in recvfrom's canonical spelling.
+        self._registrar_source = None if registrar is None or registrar.jpy_port is None \
+            else (str(IPv6Address(registrar.address.split("%")[0])), registrar.jpy_port)
         desired = {iface.name: iface for iface in interfaces}
         self._wanted = desired
         book = self.ctx.listener_book()
@@ -282,8 +289,8 @@ class JpyMode(RelayMode):
                          f"fit in {MAX_WRAPPED} once wrapped", iface.name, pledge)
             return
         try:
-            endpoint = PledgeEndpoint(IPv6Address(str(addr[0]).split("%")[0]), addr[1],
-                                      iface.index)
+            packed = socket.inet_pton(socket.AF_INET6, str(addr[0]).split("%")[0])
+            endpoint = PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
             header = self.sealer.seal(endpoint)
             wrapped = JpyMessage(header, data).encode()
         except (ValueError, UsageError, ValidationError) as exc:
@@ -296,13 +303,12 @@ class JpyMode(RelayMode):
             self._refuse(DropReason.SEND_ERROR, f"to registrar: {exc}", iface.name)
             return
         self.datagrams["upstream"] += 1
-        self.ctx.metrics.relayed_bytes.labels(self.name, "upstream").inc(len(data))
+        self._bytes_up.inc(len(data))
 
     def from_registrar(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        registrar = self.registrar
+        expected = self._registrar_source
         source = str(addr[0]).split("%")[0]
-        if registrar is None or registrar.jpy_port != addr[1] \
-                or IPv6Address(source) != IPv6Address(registrar.address.split("%")[0]):
+        if expected is None or (source, addr[1]) != expected:
             self._refuse(DropReason.UNSOLICITED, f"reply from [{source}]:{addr[1]}, not the "
                          "registrar's JPY port")
             return
@@ -328,14 +334,13 @@ class JpyMode(RelayMode):
                          "which is not served")
             return
         try:
-            side.transport.sendto(message.content,
-                                  (str(pledge.address), pledge.port, 0, pledge.ifindex))
+            host = socket.inet_ntop(socket.AF_INET6, pledge.address.packed)
+            side.transport.sendto(message.content, (host, pledge.port, 0, pledge.ifindex))
         except OSError as exc:
             self._refuse(DropReason.SEND_ERROR, f"to pledge: {exc}", side.iface.name)
             return
         self.datagrams["downstream"] += 1
-        self.ctx.metrics.relayed_bytes.labels(self.name, "downstream").inc(
-            len(message.content))
+        self._bytes_down.inc(len(message.content))
 
     # -- views --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
