@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,11 @@ while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
     print("header", header.hex(), flush=True)
+    if content == b"OLD":  # every reply sent so far again: after a restart, old-key headers
+        for datagram in sent:
+            s.sendto(datagram, peer)
+        print("resent", len(sent), flush=True)
+        continue
     if content == b"INJECT":
         rng = random.Random(7)
         forged = []
@@ -136,6 +142,9 @@ def test_jpy_relays_both_ways_and_drops_every_forged_reply(lab: Lab, tmp_path: P
     tcpdump = lab.registrars[0].spawn(["tcpdump", "-i", "eth0", "-U", "-w", str(capture),
                                        "udp", "port", str(JPY_PORT)], name="tcpdump")
     daemon, registrar = start(lab, tmp_path)
+    sniffers = [host.spawn([PYTHON, "-c", SNIFF], name=f"sniff{i}")
+                for i, host in enumerate(lab.pledges)]
+    wait_for(lambda: all("ready" in s.log() for s in sniffers), 10, "the sniffers")
     quiet = pledge(lab.pledges[1], "pledge1", linger=6)
     attacked = pledge(lab.pledges[0], "pledge0", inject=True, linger=4)
     wait_for(lambda: "done" in attacked.log() and "done" in quiet.log(), 20, "the pledges")
@@ -144,6 +153,11 @@ def test_jpy_relays_both_ways_and_drops_every_forged_reply(lab: Lab, tmp_path: P
         assert lines[:3] == ["echo:hello-0", "echo:hello-1", "echo:hello-2"], process.log()
         assert not [line for line in lines if line.startswith("late")], process.log()
     assert "injected 1000" in registrar.log()
+    time.sleep(0.5)  # the sniffers have printed what the pledges received
+    for sniffer in sniffers:  # every UDP datagram on each pledge's link: the echoes only
+        from_proxy = [bytes.fromhex(line.split()[1]) for line in sniffer.log().splitlines()
+                      if line.startswith("fe80::1 ")]
+        assert from_proxy == [b"echo:hello-%d" % i for i in range(3)], sniffer.log()
     assert daemon.drops("jpy", "jpy-forged") == 500
     assert daemon.drops("jpy", "jpy-replayed") == 250
     assert daemon.drops("jpy", "jpy-stale") == 250
@@ -216,4 +230,51 @@ def test_a_registrar_without_a_jpy_port_leaves_the_link_unserved(lab: Lab,
     assert daemon.drops("jpy", "no-registrar") >= 1
     assert daemon.sample("joinproxyd_announcements_total", method="grasp",
                          interface="join0") == 0
+    daemon.stop()
+
+
+SNIFF = """
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(65535)
+    print(peer[0], data[8:].hex(), flush=True)
+"""
+
+
+def test_kill_9_and_restart_old_key_replies_dropped_pledge_retries_succeed(
+        lab: Lab, tmp_path: Path) -> None:
+    """After kill -9 the key is new: replies sealed by the old run (the registrar sends every
+    one again) are dropped and counted, none reaches the pledge link (a raw socket there sees
+    every UDP datagram), and the pledge's next datagrams are relayed. Nothing of the old run
+    is left: the new one binds the same join port."""
+    daemon, registrar = start(lab, tmp_path)
+    sniffer = lab.pledges[0].spawn([PYTHON, "-c", SNIFF], name="sniffer")
+    wait_for(lambda: "ready" in sniffer.log(), 10, "the sniffer")
+    first = pledge(lab.pledges[0], "before")
+    wait_for(lambda: "done" in first.log(), 15, "the first pledge run")
+    assert first.log().split("\n")[:3] == ["echo:hello-0", "echo:hello-1", "echo:hello-2"]
+    daemon.kill()
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", jpy_config(tmp_path / "proxy")).start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar again")
+    old = lab.pledges[0].run([PYTHON, "-c", (
+        "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM);"
+        f"s.sendto(b'OLD', ('fe80::1%eth0', {JOIN_PORT}))")])
+    assert old.returncode == 0
+    wait_for(lambda: "resent 3" in registrar.log(), 5, "the old replies")
+    wait_for(lambda: daemon.drops("jpy", "jpy-stale") + daemon.drops("jpy", "jpy-forged") == 3,
+             5, "the old-key drops")
+    after = pledge(lab.pledges[0], "after")
+    wait_for(lambda: "done" in after.log(), 15, "the pledge after the restart")
+    assert after.log().split("\n")[:3] == ["echo:hello-0", "echo:hello-1", "echo:hello-2"]
+    def heard() -> list[str]:
+        return [line.split()[1] for line in sniffer.log().splitlines()
+                if line.startswith("fe80::1 ")]
+    wait_for(lambda: len(heard()) >= 6, 5, "the sniffer to see the six echoes")
+    time.sleep(0.5)  # and nothing else arrives
+    from_proxy = heard()
+    assert [bytes.fromhex(p).decode() for p in from_proxy] == [
+        f"echo:hello-{i}" for i in range(3)] * 2, sniffer.log()
     daemon.stop()

@@ -134,7 +134,9 @@ class JpyMode(RelayMode):
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
-        self.sealer = FlowHeaderSealer(os.urandom(32))
+        # A random first key id: headers of an earlier run then name a key this run does not
+        # have (jpy-stale), except when the ids happen to match (jpy-forged, 2 in 256).
+        self.sealer = FlowHeaderSealer(os.urandom(32), os.urandom(1)[0])
         self.key_started = time.monotonic()
         self.replays = ReplayFilter()
         self.joins: dict[str, _PledgeSide] = {}
