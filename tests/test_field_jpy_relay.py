@@ -165,6 +165,9 @@ def test_jpy_relays_both_ways_and_drops_every_forged_reply(lab: Lab, tmp_path: P
                          direction="upstream") == 2 * 3 * len("hello-0") + len("INJECT")
     assert daemon.sample("joinproxyd_relayed_bytes_total", mode="jpy",
                          direction="downstream") == 2 * 3 * len("echo:hello-0")
+    for direction, count in (("upstream", 7), ("downstream", 6)):
+        assert daemon.sample("joinproxyd_relayed_datagrams_total", mode="jpy",
+                             direction=direction) == count
     jpy = daemon.ctl()["relays"]["jpy"]
     assert jpy["datagrams"] == {"upstream": 7, "downstream": 6}, jpy
     assert jpy["registrar"] == f"[fd4a:5044::100]:{JPY_PORT}"

@@ -116,6 +116,10 @@ class Metrics:
         self.relayed_bytes = Counter(
             "joinproxyd_relayed_bytes", "Bytes relayed; upstream is pledge to registrar",
             ["mode", "direction"], registry=r)
+        # UDP relays (jpy): datagrams per direction; a mode's series appear when it starts.
+        self.relayed_datagrams = Counter(
+            "joinproxyd_relayed_datagrams", "Datagrams relayed; upstream is pledge to registrar",
+            ["mode", "direction"], registry=r)
         self.drops = DropCounters()
         r.register(self.drops)
         self.bpf_packets = BpfPackets()

@@ -150,6 +150,8 @@ class JpyMode(RelayMode):
         # Per-datagram work is the cost of this mode: look the counters up once.
         self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
         self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
+        self._datagrams_up = ctx.metrics.relayed_datagrams.labels(self.name, "upstream")
+        self._datagrams_down = ctx.metrics.relayed_datagrams.labels(self.name, "downstream")
         self._registrar_source: tuple[str, int] | None = None
 
     # -- control plane ----------------------------------------------------------------------
@@ -305,6 +307,7 @@ class JpyMode(RelayMode):
             self._refuse(DropReason.SEND_ERROR, f"to registrar: {exc}", iface.name)
             return
         self.datagrams["upstream"] += 1
+        self._datagrams_up.inc()
         self._bytes_up.inc(len(data))
 
     def from_registrar(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -342,6 +345,7 @@ class JpyMode(RelayMode):
             self._refuse(DropReason.SEND_ERROR, f"to pledge: {exc}", side.iface.name)
             return
         self.datagrams["downstream"] += 1
+        self._datagrams_down.inc()
         self._bytes_down.inc(len(message.content))
 
     # -- views --------------------------------------------------------------------------------
