@@ -48,7 +48,7 @@ from .constrained_voucher import request_voucher_cose
 from .context import Registrar
 from .est import CSR_ATTRIBUTES, issue_ldevid
 from .identity import Client, Kind, classify, require_pledge
-from .jpy_endpoint import JpyEndpoint
+from .jpy_endpoint import JpyDtlsCollector, JpyEndpoint
 from .masa_client import MasaUnreachable
 from .metrics import ServiceMetrics
 from .tls_server import certificate_identity
@@ -344,6 +344,8 @@ class CoapsRegistrar:
         self.jpy_context, self.jpy_endpoint = await create_server_context(
             self.site, bind, self.dtls_config(), loggername=AIOCOAP_LOGGER,
             wrap=lambda dtls: JpyEndpoint(dtls, self.refused), **endpoint_options)
+        if self.metrics is not None:
+            self.metrics.registry.register(JpyDtlsCollector(self.jpy_endpoint))
         return self.jpy_endpoint
 
     async def stop(self) -> None:

@@ -20,6 +20,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from brski.errors import DecodeError, UsageError
 from brski.jpy import JpyMessage
 from coaps_io.endpoint import DtlsEndpoint
@@ -55,6 +57,24 @@ class _SessionTransport:
 
     def is_closing(self) -> bool:
         return self.outer.transport is None or self.outer.transport.is_closing()
+
+
+class JpyDtlsCollector:
+    """The JPY endpoint's DTLS sessions and drops, read at scrape time (the [coaps] endpoint's
+    are brski_registrar_coaps_*)."""
+
+    def __init__(self, endpoint: DtlsEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def collect(self) -> Any:
+        drops = CounterMetricFamily("brski_registrar_jpy_dtls_drops",
+                                    "Datagrams in JPY messages dropped by DTLS", labels=["reason"])
+        for reason, count in sorted(self.endpoint.drops.items()):
+            drops.add_metric([reason], count)
+        yield drops
+        yield GaugeMetricFamily("brski_registrar_jpy_sessions",
+                                "DTLS sessions open through stateless join proxies",
+                                value=len(self.endpoint.peers))
 
 
 class JpyEndpoint(asyncio.DatagramProtocol):

@@ -33,10 +33,11 @@ METRICS_PORT = 9466
 METRIC = """
 import re, sys, urllib.request
 text = urllib.request.urlopen("http://[::1]:%d/metrics" % int(sys.argv[1]), timeout=5).read()
-m = re.search(rb'^brski_registrar_refusals_total\\{endpoint="jpy",reason="malformed"\\} (\\S+)$',
-              text, re.M)
+m = re.search(rb'^' + re.escape(sys.argv[2].encode()) + rb' (\\S+)$', text, re.M)
 print(float(m.group(1)) if m else 0.0)
 """
+MALFORMED = 'brski_registrar_refusals_total{endpoint="jpy",reason="malformed"}'
+GARBAGE = 'brski_registrar_jpy_dtls_drops_total{reason="garbage"}'
 
 SEND = """
 import socket, sys
@@ -91,12 +92,16 @@ def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path) -> No
     bad = [cbor2.dumps({1: 2}), cbor2.dumps([b"h"]), cbor2.dumps(["h", b"c"]), b"\xff"]
     host.run([PYTHON, "-c", SEND, str(JPY_PORT), *(b.hex() for b in bad)])
 
+    def metric(name: str) -> float:
+        return float(host.run([PYTHON, "-c", METRIC, str(METRICS_PORT), name]).stdout)
+
     def malformed() -> float:
-        return float(host.run([PYTHON, "-c", METRIC, str(METRICS_PORT)]).stdout)
+        return metric(MALFORMED)
     wait_for(lambda: malformed() == len(bad), 5, "the malformed count")
     # Three elements, the third ignored: a JPY message (a DTLS record that is not a
     # ClientHello, so the DTLS layer drops it), not counted as malformed.
     host.run([PYTHON, "-c", SEND, str(JPY_PORT), cbor2.dumps([b"h", b"c", 1]).hex()])
+    wait_for(lambda: metric(GARBAGE) == 1, 5, "the DTLS drop of the 3-element message")
     assert malformed() == len(bad)
     daemon.stop()
     registrar.stop()
