@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from aiocoap import Context, error, interfaces, util
@@ -136,17 +137,21 @@ class DtlsMessageInterface(GenericMessageInterface):
         *, server_config: DtlsConfig | None = None, client_config: DtlsConfig | None = None,
         max_sessions: int = DEFAULT_MAX_SESSIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        wrap: Callable[[DtlsEndpoint], asyncio.DatagramProtocol] | None = None,
     ) -> DtlsMessageInterface:
+        """``wrap``: a protocol between the socket and the DTLS endpoint (the registrar's JPY
+        endpoint unwraps each datagram and names its peer by proxy address, port and header,
+        so one socket carries many sessions without one socket each)."""
         loop = asyncio.get_running_loop()
         self = cls(mman, log, loop, client_config)
         server = DtlsServer(server_config) if server_config is not None else None
         host = bind[0]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        _, endpoint = await loop.create_datagram_endpoint(
-            lambda: DtlsEndpoint(server=server, on_plaintext=self._plaintext,
-                                 on_closed=self._closed, max_sessions=max_sessions,
-                                 idle_timeout=idle_timeout,
-                                 handshake_timeout=handshake_timeout),
+        endpoint = DtlsEndpoint(server=server, on_plaintext=self._plaintext,
+                                on_closed=self._closed, max_sessions=max_sessions,
+                                idle_timeout=idle_timeout, handshake_timeout=handshake_timeout)
+        await loop.create_datagram_endpoint(
+            lambda: endpoint if wrap is None else wrap(endpoint),
             local_addr=(host, bind[1]), family=family,
         )
         self.endpoint = endpoint
@@ -209,11 +214,12 @@ async def create_server_context(
     site: Any, bind: tuple[str, int], config: DtlsConfig, *,
     max_sessions: int = DEFAULT_MAX_SESSIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT, loggername: str = "coaps-server",
+    wrap: Callable[[DtlsEndpoint], asyncio.DatagramProtocol] | None = None,
 ) -> tuple[Context, DtlsEndpoint]:
     """An aiocoap server Context serving ``site`` over certificate DTLS on ``bind``."""
     ctx, interface = await _context(site, bind, loggername, server_config=with_env_keylog(config),
                                     max_sessions=max_sessions, idle_timeout=idle_timeout,
-                                    handshake_timeout=handshake_timeout)
+                                    handshake_timeout=handshake_timeout, wrap=wrap)
     return ctx, interface.endpoint
 
 

@@ -45,10 +45,12 @@ OnRefused = Callable[[PeerAddress, DtlsSession, str], None]
 
 
 def peer_id(addr: PeerAddress) -> bytes:
-    """The bytes a cookie binds to: host (with scope), port."""
+    """The bytes a cookie binds to: host (with scope), port, and anything after the scope
+    (the JPY header, for a peer behind a stateless join proxy)."""
     host, port = addr[0], addr[1]
     scope = addr[3] if len(addr) > 3 else 0
-    return f"{host}%{scope}|{port}".encode()
+    extra = b"".join(b"|" + bytes(part) for part in addr[4:])
+    return f"{host}%{scope}|{port}".encode() + extra
 
 
 @dataclass(eq=False)

@@ -207,9 +207,11 @@ class Announcer:
                          iface.name, cfg.grasp_period, locator, cfg.announce_port, coaps,
                          "".join(f", IPIP [{x.address}] protocol {x.protocol} to {initiator}"
                                  for x in extra))
-        if cfg.announce_coaps_port is not None:  # before mDNS, whose probing takes seconds
+        jpy_port = cfg.jpy_listen[1] if cfg.jpy_listen else None
+        if cfg.announce_coaps_port is not None or jpy_port is not None:  # before mDNS
             self.coap = CoapDiscovery({i.name: (i.index, locators[i.name]) for i in ifaces},
-                                      cfg.announce_coaps_port, refused=self.refused)
+                                      cfg.announce_coaps_port, refused=self.refused,
+                                      jpy_port=jpy_port)
             await self.coap.start()
         if cfg.mdns:
             await self._start_mdns(ifaces, locators)

@@ -43,7 +43,8 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
         announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None,
                               refused=metrics.refused)
         registrar = Registrar(config, store, masa, ca)
-        coaps = CoapsRegistrar(registrar, metrics) if config.coaps_listen else None
+        coaps = (CoapsRegistrar(registrar, metrics)
+                 if config.coaps_listen or config.jpy_listen else None)
 
         async def started() -> None:
             # Tunnels before announcements: a proxy that hears the flood can use them at once.
@@ -59,6 +60,16 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                 host, port = endpoint.local_address[:2]
                 logging.getLogger("registrar.coaps").info(
                     "CoAPS (cBRSKI, EST-coaps) on udp [%s]:%d", host, port)
+            if coaps is not None and config.jpy_listen is not None:
+                try:
+                    endpoint = await coaps.start_jpy(config.jpy_listen)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen for JPY on "
+                                             f"[{config.jpy_listen[0]}]:"
+                                             f"{config.jpy_listen[1]}: {exc.strerror}") from exc
+                host, port = endpoint.local_address[:2]
+                logging.getLogger("registrar.jpy").info(
+                    "JPY (CoAPS behind stateless join proxies) on udp [%s]:%d", host, port)
             await announcer.start()
 
         try:

@@ -7,8 +7,8 @@ on one link also ff02::fd) and relays pledges' DTLS to the address and port in t
 
 A pledge one hop away asks ``?brski-jp=*``; cBRSKI wants a registrar on the pledge's link to
 answer as a join proxy would, so the document also holds ``<>;brski-jp=<coaps port>`` (the
-port on the address the answer comes from). ``rt=brski.rjp`` (stateless JPY) is not offered:
-the registrar has no JPY port.
+port on the address the answer comes from). ``<jpy://[addr]:port>;rt=brski.rjp`` (stateless
+JPY, registrar.jpy_endpoint) is offered only while ``[jpy] listen`` is configured.
 
 Served by aiocoap on UDP 5683 (all addresses), joined to ff02::fd and ff05::fd on each announce
 interface. The link's address is the announce locator of the interface the request came in on
@@ -114,11 +114,12 @@ def _is_multicast(request: aiocoap.Message) -> bool:
 class WellKnownCore(resource.Resource):
     """``/.well-known/core`` with the registrar's discovery links, per arrival interface."""
 
-    def __init__(self, locators: Mapping[int, ipaddress.IPv6Address], coaps_port: int,
-                 leisure: float = DEFAULT_LEISURE) -> None:
+    def __init__(self, locators: Mapping[int, ipaddress.IPv6Address], coaps_port: int | None,
+                 leisure: float = DEFAULT_LEISURE, jpy_port: int | None = None) -> None:
         super().__init__()
         self.locators = dict(locators)
         self.coaps_port = coaps_port
+        self.jpy_port = jpy_port
         self.leisure = leisure
         self.answered = 0
 
@@ -126,9 +127,15 @@ class WellKnownCore(resource.Resource):
         address = self.locators.get(ifindex)
         if address is None:
             return []
-        return [linkformat.RegistrarLink(linkformat.RegistrarKind.STATEFUL, address,
-                                         self.coaps_port, "/.well-known/brski"),
-                linkformat.JoinPortLink(self.coaps_port)]
+        links: list[linkformat.DiscoveryLink] = []
+        if self.coaps_port is not None:
+            links += [linkformat.RegistrarLink(linkformat.RegistrarKind.STATEFUL, address,
+                                               self.coaps_port, "/.well-known/brski"),
+                      linkformat.JoinPortLink(self.coaps_port)]
+        if self.jpy_port is not None:
+            links.append(linkformat.RegistrarLink(linkformat.RegistrarKind.STATELESS, address,
+                                                  self.jpy_port))
+        return links
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         multicast = _is_multicast(request)
@@ -157,13 +164,15 @@ class CoapDiscovery:
     """The plain-CoAP server that answers discovery on the announce interfaces."""
 
     def __init__(self, interfaces: Mapping[str, tuple[int, ipaddress.IPv6Address]],
-                 coaps_port: int, *, port: int = COAP_PORT,
-                 refused: Callable[[str, str], None] | None = None) -> None:
+                 coaps_port: int | None, *, port: int = COAP_PORT,
+                 refused: Callable[[str, str], None] | None = None,
+                 jpy_port: int | None = None) -> None:
         """``interfaces``: name -> (ifindex, locator address); ``refused(endpoint, reason)``
         counts dropped datagrams (the service's refusal metric)."""
         self.interfaces = dict(interfaces)
         self.port = port
-        self.wkc = WellKnownCore({i: a for i, a in self.interfaces.values()}, coaps_port)
+        self.wkc = WellKnownCore({i: a for i, a in self.interfaces.values()}, coaps_port,
+                                 jpy_port=jpy_port)
         self.unparsable = UnparsableCounter(refused)
         self._context: aiocoap.Context | None = None
         self._logger = logging.getLogger(f"{__name__}.coap")
@@ -185,9 +194,10 @@ class CoapDiscovery:
                 log.warning("CoAP discovery: not in group %s on %s: multicast queries there "
                             "go unanswered", " ".join(missing), name)
         log.info("CoAP discovery: answering /.well-known/core?rt=brski on UDP %d, groups %s on "
-                 "%s, with coaps port %d", self.port, " ".join(ALL_COAP_NODES),
-                 ", ".join(self.interfaces), self.wkc.coaps_port)
-        if self.wkc.coaps_port not in udp_ports_bound(_read("/proc/net/udp6")):
+                 "%s, with coaps port %s, jpy port %s", self.port, " ".join(ALL_COAP_NODES),
+                 ", ".join(self.interfaces), self.wkc.coaps_port, self.wkc.jpy_port)
+        if self.wkc.coaps_port is not None \
+                and self.wkc.coaps_port not in udp_ports_bound(_read("/proc/net/udp6")):
             # As for the HTTPS port: the announcement is made, but the operator hears of it.
             log.warning("CoAP discovery: announcing coaps port %d, but no UDP socket is bound "
                         "to it", self.wkc.coaps_port)

@@ -52,6 +52,7 @@ from .constrained_voucher import request_voucher_cose
 from .context import Registrar
 from .est import CSR_ATTRIBUTES, issue_ldevid
 from .identity import Client, Kind, classify, require_pledge
+from .jpy_endpoint import JpyDtlsCollector, JpyEndpoint
 from .masa_client import MasaUnreachable
 from .metrics import DTLS_ENDPOINT, ServiceMetrics
 from .tls_server import certificate_identity, format_peer, verify_reason
@@ -306,6 +307,8 @@ class CoapsRegistrar:
         self.context: aiocoap.Context | None = None
         self.endpoint: DtlsEndpoint | None = None
         self.refusal_log = LogLimiter(log, burst=REFUSAL_LOG_BURST)
+        self.jpy_context: aiocoap.Context | None = None
+        self.jpy_endpoint: DtlsEndpoint | None = None
         brski, est = (".well-known", "brski"), (".well-known", "est")
         self.resources: dict[tuple[str, ...], RegistrarResource] = {
             (*brski, "rv"): VoucherRequest(self, "rv", "brski.rv", f"{cf.CF_VOUCHER_COSE}"),
@@ -372,8 +375,21 @@ class CoapsRegistrar:
             self.metrics.watch_dtls(self.endpoint)
         return self.endpoint
 
+    async def start_jpy(self, bind: tuple[str, int], **endpoint_options: Any) -> DtlsEndpoint:
+        """The same resources for pledges behind stateless join proxies: one more DTLS
+        endpoint whose sessions are keyed by (proxy, port, JPY header) (registrar.jpy_endpoint)."""
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger(AIOCOAP_LOGGER).setLevel(logging.WARNING)
+        self.jpy_context, self.jpy_endpoint = await create_server_context(
+            self.site, bind, self.dtls_config(), loggername=AIOCOAP_LOGGER,
+            wrap=lambda dtls: JpyEndpoint(dtls, self.refused), **endpoint_options)
+        if self.metrics is not None:
+            self.metrics.registry.register(JpyDtlsCollector(self.jpy_endpoint))
+        return self.jpy_endpoint
+
     async def stop(self) -> None:
-        if self.context is not None:
-            await self.context.shutdown()
-            self.context = None
+        for context in (self.context, self.jpy_context):
+            if context is not None:
+                await context.shutdown()
+        self.context = self.jpy_context = None
 

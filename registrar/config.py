@@ -65,6 +65,12 @@ Every key, its default and its meaning. Relative paths are relative to the confi
                                   # address, e.g. "[::]:5684" (the cBRSKI default port);
                                   # "" (default): off, so no UDP port opens unasked
 
+    [jpy]
+    listen = ""                   # the same CoAPS service for pledges behind stateless join
+                                  # proxies (JPY messages, registrar.jpy_endpoint) on this UDP
+                                  # address, e.g. "[::]:5685"; announced as rt=brski.rjp;
+                                  # "" (default): off
+
     [metrics]
     listen = ""                   # Prometheus /metrics, e.g. "[::1]:9466"; "" (default): off;
                                   # --metrics ADDRESS overrides it (registrar.metrics)
@@ -150,6 +156,7 @@ class RegistrarConfig:
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
     ipip: IpipConfig = field(default_factory=IpipConfig)
     coaps_listen: tuple[str, int] | None = None  # [coaps] listen (registrar.coaps)
+    jpy_listen: tuple[str, int] | None = None  # [jpy] listen (registrar.jpy_endpoint)
 
     @property
     def server_cert(self) -> x509.Certificate:
@@ -228,6 +235,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
     level = log_level(root)
     metrics_listen = load_metrics_listen(root)
     coaps_listen = _coaps_listen(root)
+    jpy_listen = _coaps_listen(root, "jpy")
     if coaps_port is None and coaps_listen is not None:
         coaps_port = coaps_listen[1]  # announce the CoAPS listener the registrar runs
     root.finish()
@@ -242,11 +250,12 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
         mdns_instance=instance, log_level=level, metrics_listen=metrics_listen,
         ipip=ipip_config, announce_coaps_port=coaps_port, coaps_listen=coaps_listen,
+        jpy_listen=jpy_listen,
     )
 
 
-def _coaps_listen(root: Table) -> tuple[str, int] | None:
-    table = root.table("coaps")
+def _coaps_listen(root: Table, name: str = "coaps") -> tuple[str, int] | None:
+    table = root.table(name)
     if table.data.get("listen") == "":
         del table.data["listen"]  # "" is "off", as in [metrics]
     text = table.string("listen", None) or ""

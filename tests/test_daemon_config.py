@@ -57,7 +57,7 @@ def test_join_spec_matching_by_glob_and_order():
      "join: must be a list of [[join]] tables"),
     ({"join": [{"interfaces": ["j*"]}]}, "backbone.interface: is required"),
     (with_(join=[{"interfaces": ["join*"], "modes": ["teleport"]}]),
-     "join[0].modes: 'teleport' is not one of circuit, nat66, ipip, coaps"),
+     "join[0].modes: 'teleport' is not one of circuit, nat66, ipip, coaps, jpy"),
     (with_(join=[{"interfaces": []}]),
      "join[0].interfaces: must be a non-empty list of strings (got [])"),
     (with_(join=[{"interfaces": ["join0"], "port": 70000}]),
@@ -69,6 +69,8 @@ def test_join_spec_matching_by_glob_and_order():
     (with_(registrars={"static": [{"address": "fe80::1", "port": 443}]}),
      "registrars.static[0].address: a link-local registrar cannot be configured statically; "
      "use a ULA or global address"),
+    (with_(registrars={"static": [{"address": "fd00::10", "jpy_port": 0}]}),
+     "registrars.static[0].jpy_port: must be an integer between 1 and 65535 (got 0)"),
     (with_(registrars={"static": [{"address": "registrar.example"}]}),
      "registrars.static[0].address: must be an IPv6 address (got 'registrar.example')"),
     (with_(registrars={"discovery": ["static"]}),

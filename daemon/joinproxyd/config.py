@@ -11,7 +11,7 @@ packaging/joinproxyd.toml documents each key.
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
     [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference,
-                    coaps_port,
+                    coaps_port, jpy_port,
                     ipip = {link_local, address, protocols, ports}}]),
                     health_interval, health_timeout
     [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
@@ -44,7 +44,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_METHODS = ("static", "grasp", "mdns", "coap")
 CONSTRAINED_MODES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
-KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps")
+KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps", "jpy")
 # The join port a [[join]] without `port` gets: 5684 (CoAPS) when only constrained (UDP)
 # modes serve it, the draft's default; else BRSKI's 8443.
 CONSTRAINED_MODES = frozenset({"coaps", "jpy"})

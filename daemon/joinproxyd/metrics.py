@@ -116,7 +116,7 @@ class Metrics:
         self.relayed_bytes = Counter(
             "joinproxyd_relayed_bytes", "Bytes relayed; upstream is pledge to registrar",
             ["mode", "direction"], registry=r)
-        # Datagram relays (coaps): what relayed_bytes counts, in datagrams.
+        # Datagram relays (coaps, jpy): datagrams per direction, beside relayed_bytes.
         self.relayed_datagrams = Counter(
             "joinproxyd_relayed_datagrams", "Datagrams relayed; upstream is pledge to registrar",
             ["mode", "direction"], registry=r)

@@ -41,6 +41,12 @@ class PolicyDropReason(StrEnum):
     WINDOW_CLOSED = "window-closed"  # the operator closed the join window (joinproxyctl)
     OPERATOR = "operator"  # an established circuit the operator dropped (joinproxyctl drop)
     FLOW_LIMIT = "flow-limit"  # coaps: the pledge address or join link has its flows already
+    # jpy (relays/jpy.py): a reply whose sealed header does not open, or whose bytes were
+    # already relayed, or whose key was retired; a pledge datagram too big once wrapped.
+    JPY_FORGED = "jpy-forged"
+    JPY_REPLAYED = "jpy-replayed"
+    JPY_STALE = "jpy-stale"
+    TOO_BIG = "too-big"
 
 
 @dataclass(frozen=True)

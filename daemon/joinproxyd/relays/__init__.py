@@ -12,6 +12,7 @@ _MODES = {
     "nat66": ("nat66", "Nat66Mode"),
     "ipip": ("ipip", "IpipMode"),
     "coaps": ("coaps", "CoapsMode"),
+    "jpy": ("jpy", "JpyMode"),
 }
 
 

@@ -1,0 +1,371 @@
+"""The stateless constrained join proxy (draft-ietf-anima-constrained-join-proxy §4.4–4.5).
+
+A UDP socket on each join link's link-local address and join port takes pledge datagrams;
+each leaves, as the JPY message ``[header, datagram]``, from ONE fixed UDP socket towards the
+registrar's JPY port. The header is brski.jpy's sealed header (the pledge's address, port and
+interface under AES-SIV with a key only this process holds), so the proxy keeps no table of
+pledges: a reply is decoded, its header opened, and its content sent to the pledge the header
+names, out of the join link it names. The registrar echoes the header unchanged.
+
+What is dropped, silently towards the network and counted by reason:
+
+* jpy-forged: the header does not authenticate (random bytes, a flipped bit, wrong size).
+* jpy-stale: the header's key id is neither the current nor the previous key (it was sealed
+  before the last-but-one rotation, or by an earlier run of the daemon, or is made up).
+* jpy-replayed: exactly these reply bytes were already relayed lately. The header is the same
+  for every datagram of a pledge flow (the registrar keys its DTLS connection on it), so it
+  cannot carry a sequence number; but a registrar never sends the same datagram twice (DTLS
+  record sequence numbers differ even in a retransmitted flight), so an exact copy is a
+  replay. A bounded set of digests (REPLAY_MEMORY, the last REPLAY_SECONDS) catches copies
+  made within that window; older copies of a still-live header reach the pledge, whose DTLS
+  replay window discards them. This is state about replies, not about pledges, and its size
+  does not grow with them.
+* too-big: a pledge datagram that no longer fits in the IPv6 minimum MTU once wrapped (the
+  registrar's path is not known to be larger).
+* malformed: a reply that is not a JPY message; unsolicited: not from the active registrar's
+  JPY port, or for a join link no longer served; window-closed: the operator's join window is
+  closed (stateless, the proxy cannot tell a new pledge from one half-way through, so every
+  pledge datagram is refused while it is closed; replies still go through).
+
+Keys: a fresh random key at start; every KEY_ROTATION_SECONDS a new one, the previous still
+opening headers for one more period. A restart loses both, so replies in flight at that
+moment are dropped (jpy-stale) and the pledges' DTLS retransmissions, sealed anew, carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from ipaddress import IPv6Address
+from typing import Any
+
+from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
+from brski.jpy import MAX_OVERHEAD, FlowHeaderSealer, JpyMessage, PledgeEndpoint
+
+from ..aio import cancel_and_wait
+from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
+from .base import RelayContext, RelayMode
+
+KEY_ROTATION_SECONDS = 24 * 3600.0
+# IPv6 minimum MTU less the IPv6 and UDP headers: what surely reaches the registrar.
+MAX_WRAPPED = 1280 - 40 - 8
+MAX_PLEDGE_DATAGRAM = MAX_WRAPPED - MAX_OVERHEAD
+REPLAY_SECONDS = 120.0
+REPLAY_MEMORY = 16384
+RECEIVE_BUFFER = 4 << 20
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not name it
+
+
+class _PledgeSide(asyncio.DatagramProtocol):
+    def __init__(self, mode: JpyMode, iface: JoinInterface) -> None:
+        self.mode = mode
+        self.iface = iface
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.mode.from_pledge(self.iface, data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.mode.ctx.log.debug("jpy join socket on %s: %s", self.iface.name, exc,
+                                extra={"INTERFACE": self.iface.name, "MODE": JpyMode.name})
+
+
+class _RegistrarSide(asyncio.DatagramProtocol):
+    def __init__(self, mode: JpyMode) -> None:
+        self.mode = mode
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.mode.from_registrar(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMPv6 error for an earlier send: the registrar's port is closed or unreachable.
+        self.mode.ctx.metrics.drop(JpyMode.name, DropReason.REGISTRAR_UNREACHABLE)
+        self.mode.ctx.log.debug("jpy registrar socket: %s", exc, extra={"MODE": JpyMode.name})
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    """All replies from every pledge's registrar come to one socket: give it room for bursts
+    (the default ~200 KiB holds a few hundred small datagrams). Beyond the sysctl limit only
+    with CAP_NET_ADMIN; without it the kernel's limit stands."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+
+class ReplayFilter:
+    """Digests of reply datagrams relayed in the last ``seconds``, at most ``size`` of them."""
+
+    def __init__(self, seconds: float = REPLAY_SECONDS, size: int = REPLAY_MEMORY) -> None:
+        self.seconds = seconds
+        self.size = size
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def seen(self, data: bytes, now: float) -> bool:
+        """True if ``data`` was recorded within the window; records it otherwise."""
+        while self._seen:
+            oldest, at = next(iter(self._seen.items()))
+            if now - at <= self.seconds and len(self._seen) < self.size:
+                break
+            del self._seen[oldest]
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest in self._seen:
+            return True
+        self._seen[digest] = now
+        return False
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class JpyMode(RelayMode):
+    name = "jpy"
+    # Given the DTLS-probed constrained registrar (discovery/constrained.py), and its join
+    # links answer CoRE join-port discovery.
+    constrained = True
+    # Pledges find a jpy link by CoRE discovery (brski-jp, UDP), not by the GRASP/mDNS
+    # announcements of a TCP port: announcing it there would lure them to nothing.
+    serves_link_local = False
+
+    def __init__(self, ctx: RelayContext) -> None:
+        super().__init__(ctx)
+        # A random first key id: headers of an earlier run then name a key this run does not
+        # have (jpy-stale), except when the ids happen to match (jpy-forged, 2 in 256).
+        self.sealer = FlowHeaderSealer(os.urandom(32), os.urandom(1)[0])
+        self.key_started = time.monotonic()
+        self.replays = ReplayFilter()
+        self.joins: dict[str, _PledgeSide] = {}
+        self.by_index: dict[int, _PledgeSide] = {}
+        self._wanted: dict[str, JoinInterface] = {}
+        self.registrar: RegistrarEndpoint | None = None
+        self.upstream: asyncio.DatagramTransport | None = None
+        self._rotator: asyncio.Task[None] | None = None
+        self.datagrams = {"upstream": 0, "downstream": 0}
+        ctx.metrics.add_mode(self.name)
+        # Per-datagram work is the cost of this mode: look the counters up once.
+        self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
+        self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
+        self._datagrams_up = ctx.metrics.relayed_datagrams.labels(self.name, "upstream")
+        self._datagrams_down = ctx.metrics.relayed_datagrams.labels(self.name, "downstream")
+        self._registrar_source: tuple[str, int] | None = None
+
+    # -- control plane ----------------------------------------------------------------------
+    async def reconcile(self, interfaces: Sequence[JoinInterface],
+                        registrar: RegistrarEndpoint | None) -> None:
+        self.registrar = registrar
+        # Replies are accepted from this (address, port), in recvfrom's canonical spelling.
+        self._registrar_source = None if registrar is None or registrar.jpy_port is None \
+            else (str(IPv6Address(registrar.address.split("%")[0])), registrar.jpy_port)
+        desired = {iface.name: iface for iface in interfaces}
+        self._wanted = desired
+        book = self.ctx.listener_book()
+        for name, mode in list(book.failures):
+            if mode == self.name and name not in desired:
+                book.forget(name, mode)
+        for name, side in list(self.joins.items()):
+            if desired.get(name) != side.iface:
+                self._unlisten(name)
+        if desired and self.upstream is None:
+            await self._open_upstream()
+        for name, iface in desired.items():
+            if name not in self.joins:
+                await self._listen(iface)
+        if self._rotator is None:
+            self._rotator = asyncio.create_task(self._rotate(), name="jpy-key-rotation")
+
+    async def _open_upstream(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _grow_receive_buffer(sock)
+            sock.bind(("::", 0))
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _RegistrarSide(self), sock=sock)
+        except OSError as exc:
+            sock.close()
+            self.ctx.log.warning("jpy: cannot open the registrar-side socket: %s", exc,
+                                 extra={"MODE": self.name})
+            return
+        self.upstream = transport
+        self.ctx.log.info("jpy proxy sends to registrars from [::]:%d",
+                          sock.getsockname()[1], extra={"MODE": self.name})
+
+    async def _listen(self, iface: JoinInterface) -> None:
+        book = self.ctx.listener_book()
+        where = f"udp [{iface.scoped_link_local}]:{iface.port}"
+        if not book.due(iface.name, self.name, where):
+            return
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((iface.link_local, iface.port, 0, iface.index))
+            sock.setblocking(False)
+            _, protocol = await loop.create_datagram_endpoint(
+                lambda: _PledgeSide(self, iface), sock=sock)
+        except OSError as exc:
+            sock.close()
+            book.failed(iface.name, self.name, where, exc)
+            return
+        book.bound(iface.name, self.name)
+        self.joins[iface.name] = protocol
+        self.by_index[iface.index] = protocol
+        self.ctx.log.info("jpy proxy listening on udp [%s]:%d", iface.scoped_link_local,
+                          iface.port, extra={"INTERFACE": iface.name, "MODE": self.name})
+
+    def _unlisten(self, name: str) -> None:
+        side = self.joins.pop(name)
+        if self.by_index.get(side.iface.index) is side:
+            del self.by_index[side.iface.index]
+        if side.transport is not None:
+            side.transport.close()
+        self.ctx.log.info("jpy proxy stopped listening on %s", name,
+                          extra={"INTERFACE": name, "MODE": self.name})
+
+    def unserved(self) -> dict[str, str]:
+        book = self.ctx.listener_book()
+        if self.upstream is None and self._wanted:
+            return {name: "no registrar-side socket" for name in self._wanted}
+        registrar = self.registrar
+        if registrar is not None and registrar.jpy_port is None:
+            # Status is true: a link whose datagrams would all be refused is not served.
+            return {name: f"registrar {registrar.key} has no JPY port"
+                    for name in self._wanted}
+        return {name: book.describe(name, self.name) or "not listening"
+                for name in self._wanted if name not in self.joins}
+
+    async def _rotate(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_ROTATION_SECONDS)
+            self.rotate_key()
+
+    def rotate_key(self) -> None:
+        self.sealer.rotate(os.urandom(32))
+        self.key_started = time.monotonic()
+        self.ctx.log.info("jpy header key rotated (key id %d)", self.sealer.key_id,
+                          extra={"MODE": self.name})
+
+    async def close(self, drain_seconds: float) -> None:
+        book = self.ctx.listener_book()
+        for name in self._wanted:
+            book.forget(name, self.name)
+        self._wanted = {}
+        for name in list(self.joins):
+            self._unlisten(name)
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if self._rotator is not None:
+            await cancel_and_wait(self._rotator)
+            self._rotator = None
+
+    # -- data plane -------------------------------------------------------------------------
+    def _refuse(self, reason: DropReason | PolicyDropReason, detail: str,
+                interface: str | None = None, pledge: str | None = None) -> None:
+        self.ctx.metrics.drop(self.name, reason)
+        if pledge is not None and interface is not None:
+            self.ctx.refusals.add(pledge, reason.value, interface, self.name)
+        extra = {"MODE": self.name, "REASON": reason.value}
+        if interface is not None:
+            extra["INTERFACE"] = interface
+        # Debug, not info: forged replies come at line rate and the counter says how many.
+        self.ctx.log.debug("jpy dropped (%s): %s", reason.value, detail, extra=extra)
+
+    def from_pledge(self, iface: JoinInterface, data: bytes, addr: tuple[Any, ...]) -> None:
+        pledge = f"{str(addr[0]).split('%')[0]}%{iface.name}"
+        if not self.ctx.join_window():
+            self._refuse(PolicyDropReason.WINDOW_CLOSED, f"pledge {pledge}", iface.name, pledge)
+            return
+        registrar = self.registrar
+        if registrar is None or registrar.jpy_port is None or self.upstream is None:
+            self._refuse(DropReason.NO_REGISTRAR, f"pledge {pledge}: no registrar with a "
+                         "JPY port", iface.name, pledge)
+            return
+        if len(data) > MAX_PLEDGE_DATAGRAM:
+            self._refuse(PolicyDropReason.TOO_BIG, f"pledge {pledge}: {len(data)} bytes do not "
+                         f"fit in {MAX_WRAPPED} once wrapped", iface.name, pledge)
+            return
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, str(addr[0]).split("%")[0])
+            endpoint = PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
+            header = self.sealer.seal(endpoint)
+            wrapped = JpyMessage(header, data).encode()
+        except (ValueError, UsageError, ValidationError) as exc:
+            self._refuse(DropReason.MALFORMED, f"pledge {pledge}: {exc}", iface.name, pledge)
+            return
+        try:
+            self.upstream.sendto(wrapped, (registrar.address, registrar.jpy_port, 0,
+                                           registrar.scope_id))
+        except OSError as exc:
+            self._refuse(DropReason.SEND_ERROR, f"to registrar: {exc}", iface.name)
+            return
+        self.datagrams["upstream"] += 1
+        self._datagrams_up.inc()
+        self._bytes_up.inc(len(data))
+
+    def from_registrar(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        expected = self._registrar_source
+        source = str(addr[0]).split("%")[0]
+        if expected is None or (source, addr[1]) != expected:
+            self._refuse(DropReason.UNSOLICITED, f"reply from [{source}]:{addr[1]}, not the "
+                         "registrar's JPY port")
+            return
+        try:
+            message = JpyMessage.decode(data)
+        except DecodeError as exc:
+            self._refuse(DropReason.MALFORMED, f"reply: {exc}")
+            return
+        try:
+            pledge = self.sealer.open(message.header)
+        except (DecodeError, SignatureError) as exc:
+            self._refuse(PolicyDropReason.JPY_FORGED, f"reply header: {exc}")
+            return
+        except ValidationError as exc:
+            self._refuse(PolicyDropReason.JPY_STALE, f"reply header: {exc}")
+            return
+        if self.replays.seen(data, time.monotonic()):
+            self._refuse(PolicyDropReason.JPY_REPLAYED, "reply already relayed")
+            return
+        side = self.by_index.get(pledge.ifindex)
+        if side is None or side.transport is None:
+            self._refuse(DropReason.UNSOLICITED, f"reply for interface {pledge.ifindex}, "
+                         "which is not served")
+            return
+        try:
+            host = socket.inet_ntop(socket.AF_INET6, pledge.address.packed)
+            side.transport.sendto(message.content, (host, pledge.port, 0, pledge.ifindex))
+        except OSError as exc:
+            self._refuse(DropReason.SEND_ERROR, f"to pledge: {exc}", side.iface.name)
+            return
+        self.datagrams["downstream"] += 1
+        self._datagrams_down.inc()
+        self._bytes_down.inc(len(message.content))
+
+    # -- views --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        registrar = self.registrar
+        port = None
+        if self.upstream is not None:
+            port = self.upstream.get_extra_info("sockname")[1]
+        return {
+            "listeners": [{"interface": name, "address": side.iface.link_local,
+                           "port": side.iface.port, "protocol": "udp"}
+                          for name, side in sorted(self.joins.items())],
+            "registrar": (f"[{registrar.address}]:{registrar.jpy_port}"
+                          if registrar is not None and registrar.jpy_port else None),
+            "source_port": port,
+            "key_id": self.sealer.key_id,
+            "key_age_seconds": round(time.monotonic() - self.key_started),
+            "datagrams": dict(self.datagrams),
+            "replay_filter": len(self.replays),
+        }
