@@ -296,8 +296,6 @@ def _static_registrar(item: object, key: str) -> StaticRegistrar:
                                                 "statically; use a ULA or global address")
     port = table.integer("port", 443, 1, 65535)
     preference = table.integer("preference", 100, 0, 65535)
-    coaps_port = table.integer("coaps_port", None, 1, 65535) if "coaps_port" in table.data \
-        else None
     ipip = None
     if "ipip" in table.data:
         ipip = _static_ipip(table.table("ipip"), str(ip), port)
