@@ -10,10 +10,10 @@ packaging/joinproxyd.toml documents each key.
     [metrics]       listen ("[::1]:9465"; "" turns the endpoint off)
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
-    [registrars]    discovery (static, grasp, mdns), static ([{address, port, preference,
+    [registrars]    discovery (static, grasp, mdns, coap), static ([{address, port, preference,
                     coaps_port, jpy_port,
                     ipip = {link_local, address, protocols, ports}}]),
-                    health_interval, health_timeout
+                    health_interval, health_timeout, constrained_mode, core_interval
     [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
                     new_circuits_per_second, new_circuits_burst, connect_timeout,
                     idle_timeout, circuit_lifetime; flows_per_pledge,
@@ -42,7 +42,7 @@ DEFAULT_PATH = Path("/etc/joinproxyd/joinproxyd.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # "coap": CoRE discovery of constrained registrars (also on whenever a constrained mode is).
 DISCOVERY_METHODS = ("static", "grasp", "mdns", "coap")
-CONSTRAINED_MODES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
+CONSTRAINED_MODE_CHOICES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
 KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps", "jpy")
 # The join port a [[join]] without `port` gets: 5684 (CoAPS) when only constrained (UDP)
@@ -469,7 +469,7 @@ def parse(data: dict[str, Any]) -> Config:
         static_registrars=static,
         health_interval=registrars.number("health_interval", 2.0, 0.1, 3600),
         health_timeout=registrars.number("health_timeout", 1.0, 0.05, 60),
-        constrained_mode=registrars.string("constrained_mode", "auto", CONSTRAINED_MODES),
+        constrained_mode=registrars.string("constrained_mode", "auto", CONSTRAINED_MODE_CHOICES),
         core_interval=registrars.number("core_interval", 30.0, 1, 3600),
         limits=limits,
         announce_interval=announce.number("interval", 30.0, 1, 3600),
