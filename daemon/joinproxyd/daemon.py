@@ -85,6 +85,18 @@ def announced_addresses(modes: tuple[str, ...], link_local: str,
     return tuple(out)
 
 
+def constrained_target(chosen: RegistrarEndpoint | None, active: RegistrarEndpoint | None,
+                       port: str) -> RegistrarEndpoint | None:
+    """The registrar a constrained mode relays to: the one whose UDP endpoint answered the
+    DTLS probe (discovery/constrained.py) when it offers the mode's port; else the active
+    registrar when static configuration or its GRASP flood names that port, its TCP health
+    standing in until a DTLS probe answers; else none (the mode's links are not served)."""
+    for candidate in (chosen, active):
+        if candidate is not None and getattr(candidate, port, None) is not None:
+            return candidate
+    return None
+
+
 def desired_interfaces(config: Config, links: dict[str, LinkState],
                        registrar: RegistrarEndpoint | None = None) -> list[JoinInterface]:
     """The join interfaces to serve: configured, up, and with a usable link-local address.
@@ -357,7 +369,9 @@ class Daemon:
                 self.metrics.add_mode(name, flows=mode_class(name).keeps_flows)
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes],
-                                 self.constrained.chosen if mode.constrained else registrar)
+                                 constrained_target(self.constrained.chosen, registrar,
+                                                    mode.registrar_port)
+                                 if mode.constrained else registrar)
         if config.guard.enabled:
             self.metrics.drops.declare(GUARD_MODE)
         # The ipip XDP fast path runs behind the guard's program: with the guard off, that
@@ -520,11 +534,13 @@ class Daemon:
             else:
                 self.listeners.bound(config.backbone, "discovery-mdns")
                 self.mdns_browser = browser
-        constrained = "coap" in config.discovery or any(
-            mode_class(m).constrained for spec in config.joins for m in spec.modes)
+        # CoRE discovery only where the operator lists it ("coap" in registrars.discovery),
+        # as every other source; mDNS _udp beside _tcp where a constrained mode is served.
+        constrained = any(mode_class(m).constrained for spec in config.joins
+                          for m in spec.modes)
         await self.constrained.reconcile_backbone(
-            config.backbone, index, core=constrained, mdns=constrained and want_mdns,
-            core_interval=config.core_interval)
+            config.backbone, index, core="coap" in config.discovery,
+            mdns=constrained and want_mdns, core_interval=config.core_interval)
 
     def _say_backbone(self, problem: str | None) -> None:
         """Log once when the backbone becomes unusable (with what that stops), and once when

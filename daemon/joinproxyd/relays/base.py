@@ -63,6 +63,9 @@ class RelayMode(ABC):
     # Whether pledges reach the mode by CoAPS (coaps, jpy): its join links then answer CoRE
     # join-port discovery (discovery/coap_join.py) while joining is open.
     constrained: ClassVar[bool] = False
+    # A constrained mode's port on the registrar endpoint (RegistrarEndpoint.coaps_port or
+    # .jpy_port): which registrar the control plane hands it (daemon.constrained_target).
+    registrar_port: ClassVar[str] = ""
 
     @classmethod
     async def clean_leftovers(cls, log: logging.Logger) -> None:

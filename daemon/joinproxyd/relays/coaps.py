@@ -94,9 +94,10 @@ class _Listener:
 
 class CoapsMode(RelayMode):
     name = "coaps"
-    # Given the DTLS-probed constrained registrar (discovery/constrained.py), and its join
-    # links answer CoRE join-port discovery.
+    # Given a registrar with a coaps_port (daemon.constrained_target), and its join links answer
+    # CoRE join-port discovery.
     constrained = True
+    registrar_port = "coaps_port"
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)

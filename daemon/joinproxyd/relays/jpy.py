@@ -128,9 +128,10 @@ class ReplayFilter:
 
 class JpyMode(RelayMode):
     name = "jpy"
-    # Given the DTLS-probed constrained registrar (discovery/constrained.py), and its join
-    # links answer CoRE join-port discovery.
+    # Given a registrar with a jpy_port (daemon.constrained_target), and its join links answer
+    # CoRE join-port discovery.
     constrained = True
+    registrar_port = "jpy_port"
     # Pledges find a jpy link by CoRE discovery (brski-jp, UDP), not by the GRASP/mDNS
     # announcements of a TCP port: announcing it there would lure them to nothing.
     serves_link_local = False
