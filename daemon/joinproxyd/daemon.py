@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,7 @@ from .config import Config, ConfigError
 from .control import ControlError, ControlServer, Request
 from .datapath import Datapath
 from .discovery.announce import ProxyAnnouncer
-from .discovery.coap_join import JoinPortAnnouncer, constrained_targets
-from .discovery.constrained import ConstrainedDiscovery
+from .discovery.constrained_off import NoConstrainedDiscovery, NoJoinPortAnnouncer
 from .discovery.grasp import GraspRegistrarListener
 from .discovery.mdns import MdnsProxyAdvertiser, MdnsRegistrarBrowser
 from .discovery.registrars import RegistrarSet
@@ -196,13 +196,27 @@ class Daemon:
         self.announcer = ProxyAnnouncer(interval=config.announce_interval,
                                         metrics=self.metrics, log=log)
         self.advertiser: MdnsProxyAdvertiser | None = None
-        self.core_join = JoinPortAnnouncer(log, refused=lambda: self.metrics.drop(
-            "discovery", DropReason.MALFORMED))
-        # Registrars' UDP endpoints for the constrained modes (coaps, jpy), DTLS-probed
-        self.constrained = ConstrainedDiscovery(
-            static=static_endpoints(config), health_interval=config.health_interval,
-            health_timeout=config.health_timeout, mode=config.constrained_mode,
-            on_change=self._dirty.set, metrics=self.metrics, log=log)
+        # Registrars' UDP endpoints for the constrained modes (coaps, jpy), DTLS-probed, and
+        # CoRE join-port discovery on their links: only where aiocoap and pyOpenSSL are
+        # installed (a start with a constrained mode is refused without them, features.py).
+        missing = features.constrained_problem()
+        if missing is None:
+            from .discovery.coap_join import JoinPortAnnouncer, constrained_targets
+            from .discovery.constrained import ConstrainedDiscovery
+
+            self.core_join: Any = JoinPortAnnouncer(log, refused=lambda: self.metrics.drop(
+                "discovery", DropReason.MALFORMED))
+            self.constrained: Any = ConstrainedDiscovery(
+                static=static_endpoints(config), health_interval=config.health_interval,
+                health_timeout=config.health_timeout, mode=config.constrained_mode,
+                on_change=self._dirty.set, metrics=self.metrics, log=log)
+            self._constrained_targets: Callable[..., list[Any]] = constrained_targets
+        else:
+            if "coap" in config.discovery:
+                log.warning("registrars.discovery: CoRE discovery (coap) is off: %s", missing)
+            self.core_join = NoJoinPortAnnouncer(missing)
+            self.constrained = NoConstrainedDiscovery(missing)
+            self._constrained_targets = lambda *args: []
         self.grasp_listener: GraspRegistrarListener | None = None
         self.mdns_browser: MdnsRegistrarBrowser | None = None
         self._backbone_index: int | None = None
@@ -395,7 +409,7 @@ class Daemon:
         self.announcer.set_targets(announced if config.announce_grasp else [])
         self.announcer.set_enabled(joining and config.announce_grasp)
         await self._reconcile_mdns_advertiser(joining)
-        await self.core_join.set_targets(constrained_targets(
+        await self.core_join.set_targets(self._constrained_targets(
             self.served, self.window.open and self.constrained.chosen is not None,
             lambda mode: mode_class(mode).constrained))
         await self._reconcile_backbone()

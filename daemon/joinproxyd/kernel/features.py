@@ -8,6 +8,10 @@ imported or loaded only when the configuration uses that feature:
                                 binding (module nftables)                     the binding)
                                 libnftables with JSON      libnftables1      nftables-json
     ipip, the join-port guard   libbpf.so.1                libbpf1           libbpf
+    coaps, jpy, CoRE discovery  aiocoap                    python3-aiocoap   (no feed ships it)
+                                pyOpenSSL                  python3-openssl   python3-pyopenssl
+                                cryptography               python3-crypto-   python3-crypto-
+                                                           graphy            graphy
 
 A missing piece is named in the package system's own words. Which system: the package says so
 first (the .ipk and the .deb ship joinproxyd/PACKAGED_FOR, so an OpenWrt package run anywhere
@@ -36,10 +40,15 @@ PACKAGES: dict[str, dict[str, str | None]] = {
     "libbpf": {DEBIAN: "libbpf1", OPENWRT: "libbpf"},
     "nftables-binding": {DEBIAN: "python3-nftables", OPENWRT: None},
     "libnftables": {DEBIAN: "libnftables1", OPENWRT: "nftables-json"},
+    "aiocoap": {DEBIAN: "python3-aiocoap", OPENWRT: None},
+    "OpenSSL": {DEBIAN: "python3-openssl", OPENWRT: "python3-pyopenssl"},
+    "cryptography": {DEBIAN: "python3-cryptography", OPENWRT: "python3-cryptography"},
 }
 WHAT = {"libbpf": "libbpf.so.1",
         "nftables-binding": "the libnftables Python binding (module nftables)",
-        "libnftables": "libnftables with JSON support"}
+        "libnftables": "libnftables with JSON support",
+        "aiocoap": "the CoAP library aiocoap", "OpenSSL": "pyOpenSSL (module OpenSSL)",
+        "cryptography": "the Python module cryptography"}
 INSTALL = {DEBIAN: "apt install", OPENWRT: "opkg install"}
 LABEL = {DEBIAN: "Debian", OPENWRT: "OpenWrt"}
 
@@ -107,8 +116,18 @@ def libbpf_problem() -> str | None:
     return None
 
 
+def constrained_problem() -> str | None:
+    """Why the constrained parts (coaps, jpy, CoRE discovery, the DTLS probe) cannot run
+    here, or None: their Python modules, found without importing them."""
+    for module in ("cryptography", "OpenSSL", "aiocoap"):
+        if importlib.util.find_spec(module) is None:
+            return install_hint(module)
+    return None
+
+
 # relay mode -> the probes it needs
-_NEEDS = {"nat66": (nftables_problem,), "ipip": (libbpf_problem,)}
+_NEEDS = {"nat66": (nftables_problem,), "ipip": (libbpf_problem,),
+          "coaps": (constrained_problem,), "jpy": (constrained_problem,)}
 
 
 def missing_for(modes: Iterable[str]) -> str | None:
