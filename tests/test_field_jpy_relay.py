@@ -40,6 +40,8 @@ sent = []
 while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
+    if content[:1] == b"\x16":  # the daemon's DTLS health probe: this stand-in speaks none
+        continue
     print("header", header.hex(), flush=True)
     if content == b"OLD":  # every reply sent so far again: after a restart, old-key headers
         for datagram in sent:
@@ -185,6 +187,8 @@ def test_jpy_relays_both_ways_and_drops_every_forged_reply(lab: Lab, tmp_path: P
     for payload in udp_payloads(capture, JPY_PORT):
         header, content = cbor2.loads(payload)[:2]
         assert len(header) <= 32
+        if content[:1] == b"\x16":
+            continue  # the daemon's DTLS health probe of the JPY port, not a pledge's flow
         headers.setdefault(header, set()).add(content)
     assert len(headers) == 2, headers
     for header in headers:

@@ -216,26 +216,29 @@ def test_the_payload_without_libbpf_serves_and_says_the_guard_is_not_running(
         show(daemon)
 
 
-def test_the_payload_refuses_nat66_with_one_line_naming_what_openwrt_lacks(
-        lab: Lab, bpffs: Path, ipk: Path, payload: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "missing"), [("nat66", "nftables"), ("coaps", "cryptography"),
+                                             ("jpy", "cryptography")])
+def test_the_payload_refuses_a_mode_with_one_line_naming_what_openwrt_lacks(
+        lab: Lab, bpffs: Path, ipk: Path, payload: list[str], tmp_path: Path, mode: str,
+        missing: str) -> None:
     run_dir = tmp_path / "proxy"
     run_dir.mkdir()
     config = circuit_config(run_dir, bpffs, ipk)
-    config["join"][0]["modes"] = ["circuit", "nat66"]
+    config["join"][0]["modes"] = ["circuit", mode]
     daemon = ProxyDaemon(lab, run_dir, config, command=payload)
     done = lab.proxy.run([*payload, "--config", str(daemon.config_path)], check=False,
                          timeout=60)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 78  # EX_CONFIG: procd/systemd must not respawn it
     assert len(lines) == 1, lines
-    assert "nat66" in lines[0] and "nftables" in lines[0] and "OpenWrt" in lines[0], lines
-    assert "python3-nftables" not in lines[0]  # a Debian package name
+    assert mode in lines[0] and missing in lines[0] and "OpenWrt" in lines[0], lines
+    assert "python3-nftables" not in lines[0] and "python3-openssl" not in lines[0]  # Debian's
     assert "Traceback" not in done.stderr
     # The init script's start and reload check the file first: the check says the same.
     checked = lab.proxy.run([*payload, "--check-config", str(daemon.config_path)],
                             check=False, timeout=60)
     assert checked.returncode == 78, checked
-    assert "nat66" in checked.stderr and "OpenWrt" in checked.stderr, checked.stderr
+    assert mode in checked.stderr and "OpenWrt" in checked.stderr, checked.stderr
     assert checked.stdout.strip() != "ok"
 
 

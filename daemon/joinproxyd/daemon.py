@@ -46,7 +46,13 @@ from .kernel.netlink import InterfaceWatcher
 from .listeners import Listeners
 from .metrics import Metrics
 from .model import DropReason, JoinInterface, LinkState, RegistrarEndpoint
-from .relays import RelayContext, RelayMode, ipip_knobs, mode_class, mode_names
+from .relays import (
+    RelayContext,
+    RelayMode,
+    ipip_knobs,
+    mode_class,
+    modes_with_kernel_state,
+)
 from .relays.circuit import CircuitMode
 from .relays.coaps import COAPS_ID_PREFIX, CoapsMode
 from .relays.ipip import IpipMode, usable_target
@@ -89,12 +95,11 @@ def constrained_target(chosen: RegistrarEndpoint | None, active: RegistrarEndpoi
                        port: str) -> RegistrarEndpoint | None:
     """The registrar a constrained mode relays to: the one whose UDP endpoint answered the
     DTLS probe (discovery/constrained.py) when it offers the mode's port; else the active
-    registrar when static configuration or its GRASP flood names that port, its TCP health
-    standing in until a DTLS probe answers; else none (the mode's links are not served)."""
-    for candidate in (chosen, active):
-        if candidate is not None and getattr(candidate, port, None) is not None:
-            return candidate
-    return None
+    registrar, whose TCP health stands in until a DTLS probe answers (the mode serves it
+    only when static configuration or its GRASP flood names that port, and says so)."""
+    if chosen is not None and getattr(chosen, port, None) is not None:
+        return chosen
+    return active
 
 
 def desired_interfaces(config: Config, links: dict[str, LinkState],
@@ -279,7 +284,7 @@ class Daemon:
     async def start(self) -> None:
         self.links = await self.watcher.start()
         wanted = {mode for spec in self.config.joins for mode in spec.modes}
-        for name in mode_names():
+        for name in modes_with_kernel_state():
             if name not in wanted:
                 await mode_class(name).clean_leftovers(log)
         if "ipip" not in wanted:
@@ -554,7 +559,8 @@ class Daemon:
                           for m in spec.modes)
         await self.constrained.reconcile_backbone(
             config.backbone, index, core="coap" in config.discovery,
-            mdns=constrained and want_mdns, core_interval=config.core_interval)
+            mdns=(constrained or "coap" in config.discovery) and want_mdns,
+            core_interval=config.core_interval)
 
     def _say_backbone(self, problem: str | None) -> None:
         """Log once when the backbone becomes unusable (with what that stops), and once when

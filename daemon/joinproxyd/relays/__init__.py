@@ -1,4 +1,4 @@
-"""The relay modes (circuit, nat66, ipip) that carry a pledge's traffic, looked up by name.
+"""The relay modes (circuit, nat66, ipip, coaps, jpy) that carry a pledge's traffic, by name.
 
 A new mode is a RelayMode subclass in its own module plus one line here (and its name in
 config.KNOWN_MODES); the control plane needs no change."""
@@ -16,8 +16,18 @@ _MODES = {
 }
 
 
+# The modes that can leave kernel state behind a killed run (nftables table, BPF programs,
+# proxy NDP entries): a start without them cleans up by importing only these, since an
+# unconfigured mode's libraries may be absent here (kernel/features.py).
+_KERNEL_STATE = ("nat66", "ipip")
+
+
 def mode_names() -> list[str]:
     return list(_MODES)
+
+
+def modes_with_kernel_state() -> list[str]:
+    return list(_KERNEL_STATE)
 
 
 def mode_class(name: str) -> type[RelayMode]:
@@ -28,4 +38,4 @@ def mode_class(name: str) -> type[RelayMode]:
     return cls
 
 
-__all__ = ["RelayContext", "RelayMode", "mode_class", "mode_names"]
+__all__ = ["RelayContext", "RelayMode", "mode_class", "mode_names", "modes_with_kernel_state"]
