@@ -38,15 +38,15 @@ from brski import certs, cose, linkformat
 from brski import est as codec
 from brski.chain import load_certificate, verify_chain
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
-from brski.signed_voucher import check_voucher, sign_voucher_cose, verify_voucher_cose
+from brski.signed_voucher import sign_voucher_cose, verify_voucher_cose
 from brski.voucher import Assertion, Voucher, VoucherRequest
 
 from .est import EstError, build_csr, check_ldevid
 from .identity import PledgeIdentity
 from .voucher_check import (
-    ACCEPTED_ASSERTIONS,
     AcceptedVoucher,
     VoucherRejected,
+    check_claims,
     clockless_time,
     new_nonce,
 )
@@ -155,21 +155,7 @@ def accept_voucher_cose(
         code = "expired" if "expired" in str(exc) else "invalid"
         raise VoucherRejected(code, f"voucher is invalid: {exc}") from exc
     assert signer is not None  # only a bare public key as signer gives None; we pass certs
-    try:
-        check_voucher(voucher, serial_number=serial)
-    except ValidationError as exc:
-        raise VoucherRejected("serial", str(exc)) from exc
-    if voucher.nonce is None:
-        if not accept_nonceless:
-            raise VoucherRejected("nonce", "voucher has no nonce, and this pledge sent one")
-    else:
-        try:
-            check_voucher(voucher, nonce=nonce)
-        except ValidationError as exc:
-            raise VoucherRejected("nonce", str(exc)) from exc
-    if voucher.assertion is not None and voucher.assertion not in ACCEPTED_ASSERTIONS:
-        raise VoucherRejected("assertion", f"assertion {voucher.assertion.yang_name!r} is "
-                                           "not acceptable to this pledge")
+    check_claims(voucher, serial, nonce, accept_nonceless)
     if voucher.pinned_domain_cert is None:
         # A pubk pin cannot anchor the DTLS handshake for EST here (it needs a certificate).
         raise VoucherRejected("pinned-domain-cert", "voucher has no pinned-domain-cert "

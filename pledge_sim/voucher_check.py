@@ -83,6 +83,27 @@ def clockless_time(certs: Sequence[x509.Certificate]) -> datetime:
     return max(c.not_valid_before_utc for c in certs)
 
 
+def check_claims(voucher: Voucher, serial: str, nonce: bytes | None,
+                 accept_nonceless: bool) -> None:
+    """What a pledge checks of any voucher, CMS or COSE, once its signature holds: its serial
+    number, its nonce (none only where nonceless vouchers are accepted) and its assertion."""
+    try:
+        check_voucher(voucher, serial_number=serial)
+    except ValidationError as exc:
+        raise VoucherRejected("serial", str(exc)) from exc
+    if voucher.nonce is None:
+        if not accept_nonceless:
+            raise VoucherRejected("nonce", "voucher has no nonce, and this pledge sent one")
+    else:
+        try:
+            check_voucher(voucher, nonce=nonce)
+        except ValidationError as exc:
+            raise VoucherRejected("nonce", str(exc)) from exc
+    if voucher.assertion is not None and voucher.assertion not in ACCEPTED_ASSERTIONS:
+        raise VoucherRejected("assertion", f"assertion {voucher.assertion.yang_name!r} is "
+                                           "not acceptable to this pledge")
+
+
 def accept_voucher(
     data: bytes,
     *,
@@ -109,21 +130,7 @@ def accept_voucher(
     except ValidationError as exc:
         code = "expired" if "expired" in str(exc) else "invalid"
         raise VoucherRejected(code, f"voucher is invalid: {exc}") from exc
-    try:
-        check_voucher(voucher, serial_number=serial)
-    except ValidationError as exc:
-        raise VoucherRejected("serial", str(exc)) from exc
-    if voucher.nonce is None:
-        if not accept_nonceless:
-            raise VoucherRejected("nonce", "voucher has no nonce, and this pledge sent one")
-    else:
-        try:
-            check_voucher(voucher, nonce=nonce)
-        except ValidationError as exc:
-            raise VoucherRejected("nonce", str(exc)) from exc
-    if voucher.assertion is not None and voucher.assertion not in ACCEPTED_ASSERTIONS:
-        raise VoucherRejected("assertion", f"assertion {voucher.assertion.yang_name!r} is "
-                                           "not acceptable to this pledge")
+    check_claims(voucher, serial, nonce, accept_nonceless)
     if voucher.pinned_domain_cert is None:
         # RFC 8995 §5.6.1: fail gracefully. Only a certificate can serve as a TLS anchor here.
         raise VoucherRejected("pinned-domain-cert", "voucher has no pinned-domain-cert")

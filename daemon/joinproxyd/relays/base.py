@@ -9,7 +9,7 @@ their name to the registry in relays/__init__.py; the core does not change.
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -75,6 +75,13 @@ class RelayMode(ABC):
 
     def __init__(self, ctx: RelayContext) -> None:
         self.ctx = ctx
+
+    def forget_listener_failures(self, desired: Collection[str]) -> None:
+        """A link this mode no longer serves takes its bind failures (status, metrics) along."""
+        book = self.ctx.listener_book()
+        for name, mode in list(book.failures):
+            if mode == self.name and name not in desired:
+                book.forget(name, mode)
 
     @abstractmethod
     async def reconcile(self, interfaces: Sequence[JoinInterface],

@@ -126,10 +126,7 @@ class CoapsMode(RelayMode):
         self.registrar = registrar
         desired = {iface.name: iface for iface in interfaces}
         self._wanted = desired
-        book = self.ctx.listener_book()
-        for name, mode in list(book.failures):
-            if mode == self.name and name not in desired:
-                book.forget(name, mode)
+        self.forget_listener_failures(desired)
         for name, listener in list(self.listeners.items()):
             if desired.get(name) != listener.iface:
                 self._unlisten(name, gone=name not in desired

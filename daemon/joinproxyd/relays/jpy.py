@@ -167,10 +167,7 @@ class JpyMode(RelayMode):
             else (str(IPv6Address(registrar.address.split("%")[0])), registrar.jpy_port)
         desired = {iface.name: iface for iface in interfaces}
         self._wanted = desired
-        book = self.ctx.listener_book()
-        for name, mode in list(book.failures):
-            if mode == self.name and name not in desired:
-                book.forget(name, mode)
+        self.forget_listener_failures(desired)
         for name, side in list(self.joins.items()):
             if desired.get(name) != side.iface:
                 self._unlisten(name)
