@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_INTERVAL = 60.0
+# Refusals name a client each: enough lines to see who is refused, not a flood's worth.
+REFUSAL_LOG_BURST = 20
 
 
 @dataclass

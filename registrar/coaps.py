@@ -45,7 +45,7 @@ from brski.errors import BrskiError
 from brski.telemetry import StatusReport
 from coaps_io.aiocoap_dtls import create_server_context, peer_of
 from coaps_io.endpoint import DtlsEndpoint, PeerAddress
-from coaps_io.log_limit import LogLimiter
+from coaps_io.log_limit import REFUSAL_LOG_BURST, LogLimiter
 
 from .brski_handlers import record_telemetry
 from .constrained_voucher import request_voucher_cose
@@ -63,8 +63,6 @@ AIOCOAP_LOGGER = "registrar.coaps.aiocoap"
 # Refusals logged one by one per kind and minute before a summary line takes over: a refused
 # handshake needs a cookie round trip, so it comes from a real address, but they can still
 # flood, and so can bad requests inside one session.
-REFUSAL_LOG_BURST = 20
-
 # A PVR is ~1 KiB, a CSR a few hundred bytes; aiocoap reassembles Block1 before we see it.
 MAX_REQUEST = 16 * 1024
 

@@ -136,9 +136,21 @@ class AlertingTLSProtocol(sslproto.SSLProtocol):
                          ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         self._on_refused = on_refused
         self._refused = False
+        self._spoke = False
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes > 0:
+            self._spoke = True
+        super().buffer_updated(nbytes)
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
-        if handshake_exc is not None and not self._refused:
+        if handshake_exc is not None and not self._spoke:
+            # Connected and closed without a byte: a health probe (joinproxyd's TCP check)
+            # or a port scan. Nobody was refused, so nothing is counted or warned about.
+            peer = self._transport.get_extra_info("peername") if self._transport else None
+            log.debug("TCP connection from %s closed before a TLS ClientHello",
+                      format_peer(peer))
+        elif handshake_exc is not None and not self._refused:
             self._refused = True
             # The alert is in the outgoing BIO: hand it to the socket before closing.
             self._process_outgoing()  # type: ignore[attr-defined]

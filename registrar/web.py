@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import service_notify
+from coaps_io.log_limit import REFUSAL_LOG_BURST, LogLimiter
 
 from .metrics import TLS_ENDPOINT, ServiceMetrics, status_reason
 from .tls_server import (
@@ -227,9 +228,15 @@ def peer_certificate(request: web.Request) -> x509.Certificate | None:
 
 
 def tls_refused(metrics: ServiceMetrics | None) -> Callable[[TlsRefusal], None]:
+    # A flood of bad handshakes is counted in full but logged as the first few per reason a
+    # minute and one summary line, as the CoAPS side does.
+    log_limit = LogLimiter(log, burst=REFUSAL_LOG_BURST)
+
     def report(refusal: TlsRefusal) -> None:
-        log.warning("TLS handshake from %s refused (%s): %s; %s", refusal.peer,
-                    refusal.reason, refusal.detail, refusal.identity())
+        log_limit.flush()
+        if log_limit.allow(f"TLS handshakes refused ({refusal.reason})"):
+            log.warning("TLS handshake from %s refused (%s): %s; %s", refusal.peer,
+                        refusal.reason, refusal.detail, refusal.identity())
         if metrics is not None:
             metrics.refused(TLS_ENDPOINT, refusal.reason)
     return report

@@ -23,6 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from coaps_io.log_limit import REFUSAL_LOG_BURST
 from lab import wait_for
 from lab.registrar_setup import write_configs
 from lab.registrar_testing import ServiceProcess, call, client_context, free_port
@@ -155,6 +156,36 @@ def test_plain_http_to_the_tls_port_is_counted_and_harmless(services):
     cert_file, key_file = services.idevid(services.pki, "SN-1")
     assert call("::1", services.port, "GET", "/.well-known/est/cacerts",
                 ctx=client_context(cert_file, key_file)).status == 200
+
+
+def test_a_connect_and_close_probe_is_not_a_refusal(services):
+    """joinproxyd's health check connects and closes without a byte: nobody was refused."""
+    before_log = services.registrar.log()
+    before = services.refusals("tls", "tls-handshake-failed")
+    for _ in range(5):
+        socket.create_connection(("::1", services.port), timeout=10).close()
+    # A refusal after the probes: once it is counted, the probes have been handled too.
+    with socket.create_connection(("::1", services.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        sock.recv(100)
+    counted(lambda: services.refusals("tls", "tls-handshake-failed"), before + 1)
+    new = services.registrar.log()[len(before_log):]
+    lines = [line for line in new.splitlines() if "TLS handshake from" in line]
+    assert len(lines) == 1 and "http request" in lines[0], new  # the probes left no line
+
+
+def test_a_flood_of_bad_handshakes_is_counted_in_full_and_logged_in_brief(services):
+    before_log = services.registrar.log()
+    before = services.refusals("tls", "tls-handshake-failed")
+    flood = REFUSAL_LOG_BURST + 15
+    for _ in range(flood):
+        with socket.create_connection(("::1", services.port), timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # a handshake record, not TLS
+            sock.recv(100)
+    counted(lambda: services.refusals("tls", "tls-handshake-failed"), before + flood)
+    lines = [line for line in services.registrar.log()[len(before_log):].splitlines()
+             if "TLS handshake from" in line]
+    assert 1 <= len(lines) <= REFUSAL_LOG_BURST, lines
 
 
 def test_a_refused_voucher_request_names_the_pledge_and_is_counted(services):
