@@ -124,7 +124,7 @@ def _context(method: int, config: DtlsConfig) -> SSL.Context:
         raise UsageError(f"DTLS config: ciphers {config.ciphers!r}: {exc}") from exc
     ctx.use_certificate(config.certificate)
     for extra in config.chain:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.add_extra_chain_cert(extra)
     try:
         ctx.use_privatekey(config.key)
         ctx.check_privatekey()
