@@ -61,7 +61,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("constrained-proxy")
     pki = make_pki(work / "pki", [s for m in MODES for s in fleet(m)]
-                   + [f"kill-{n}" for n in range(6)])
+                   + [f"kill-{n}" for n in range(6)] + [f"legacy-{m}" for m in MODES])
     with Lab(Topology(pledges=1, registrars=1), log_dir=work / "logs") as lab:
         services = Services(lab.registrars[0], pki, work / "r0",
                             registrar_listen=[f"[{REGISTRAR}]:8443"], announce_interfaces=[],
@@ -125,6 +125,21 @@ def test_twenty_constrained_pledges_enroll_through_the_proxy(env: Env, mode: str
     assert counters.flows == (attempts if mode == "coaps" else 0), (counters, attempts)
     assert counters.bytes_up > 0 and counters.bytes_down > counters.bytes_up  # vouchers, certs
     assert not counters.drops, counters
+    daemon.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pledge_of_older_drafts_finds_the_proxy_with_rt_brski_jp(env: Env, mode: str) -> None:
+    """?rt=brski.jp gets <coaps://[fe80::1]:5684>;rt=brski.jp, a link-local address without a
+    zone: the pledge takes the zone of the link the answer came on and enrolls."""
+    daemon = start_proxy(env, mode, f"proxy-legacy-{mode}")
+    run = pledges(env, f"out-legacy-{mode}", [f"legacy-{mode}"], "--core-query", "rt",
+                  "--discovery-timeout", "5", "--deadline", "60", timeout=90)
+    assert run.ok, (run.stderr[-3000:], daemon.log()[-3000:])
+    [r] = run.results
+    assert (r["method"], r["proxy"]) == ("coap", f"[{PROXY_LL}%eth0]:{JOIN_PORT}"), r
+    assert ldevid_verifies(env.pki, r["ldevid_path"]), r
+    assert daemon.ctl()["core_join_discovery"]["answered"] >= 1
     daemon.stop()
 
 
