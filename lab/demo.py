@@ -1,15 +1,19 @@
-"""The demo behind `make demo`: five pledges enroll through joinproxyd, for real.
+"""The demo behind `make demo`: pledges enroll through joinproxyd, for real, in three modes.
 
-    pledge0..4  (join link, link-local only)  --  proxy: joinproxyd, circuit mode
-                                                      |  backbone
-                                          registrar0: brski-registrar + brski-masa
+    pledge0..4  (join0, link-local only)  --  circuit (TCP, HTTPS BRSKI)  -.
+    pledge5..7  (join1, link-local only)  --  coaps (stateful UDP relay)   -+- proxy -- bb0
+    pledge8..10 (join2, link-local only)  --  jpy (stateless, JPY header)  -'     |
+                                            registrar0: brski-registrar (HTTPS, CoAPS, JPY)
+                                                        + brski-masa
 
-Discovery is GRASP on both sides: the registrar floods AN_join_registrar on the backbone,
-joinproxyd hears it, and floods AN_Proxy on the join link, where each pledge-sim hears it.
-The proxy does not route: the pledges reach the registrar only through the circuit relay.
-Then three constrained pledges (cBRSKI + EST-coaps over DTLS, ``pledge-sim --transport coaps``)
-enroll directly with the registrar's CoAPS endpoint from a host on its link (the proxy's
-namespace, on the backbone), until joinproxyd relays DTLS too.
+Towards the registrar, discovery is GRASP (its AN_join_registrar flood on the backbone names
+its TCP and CoAPS ports) and CoRE (its /.well-known/core names its JPY port, rt=brski.rjp);
+joinproxyd uses both. On join0 joinproxyd floods
+AN_Proxy, which the HTTPS pledges hear; on join1 and join2 it answers CoRE discovery
+(GET coap://[ff02::fd]/.well-known/core?brski-jp=*), which is how the constrained pledges
+(cBRSKI + EST-coaps over DTLS, ``pledge-sim --transport coaps``) find its join port. The
+proxy does not route: the pledges reach the registrar only through a relay. At the end the
+relay counters per mode (datagrams, bytes, flows, drops) from joinproxyd's /metrics.
 Everything lives in a temporary directory and the lab's namespaces, both removed at the end
 (also on error or Ctrl-C). Exit status 0 only if every pledge enrolled through the proxy and
 every LDevID verifies against the domain CA.
@@ -20,15 +24,18 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from .brski_services import Services, enroll, enroll_each, ldevid_verifies, make_pki
+from .brski_services import Services, enroll_each, ldevid_verifies, make_pki, spawn_enroll
 from .netns import LabError
 from .proxyd import ProxyDaemon, base_config
-from .topology import PROXY_LL, Lab, Topology, wait_for
+from .topology import PROXY_LL, Host, Lab, Topology, wait_for
 
 PLEDGES = 5
-CONSTRAINED = 3
-COAPS_PORT = 5684
+CONSTRAINED = 3  # per constrained mode
+CONSTRAINED_MODES = ("coaps", "jpy")
+COAPS_PORT, JPY_PORT = 5684, 5685  # the registrar's
+UDP_JOIN_PORT = 5684  # the proxy's, on join1 and join2
 
 
 def _pki(root: Path, serials: list[str]) -> Path:
@@ -40,74 +47,120 @@ def _proxy_config(run_dir: Path) -> dict:
         run_dir,
         daemon={"log_level": "info", "control_socket": str(run_dir / "control.sock"),
                 "drain_seconds": 1},
-        registrars={"discovery": ["grasp"], "static": [], "health_interval": 0.5,
+        join=[{"interfaces": ["join0"], "modes": ["circuit"], "port": 8443},
+              *({"interfaces": [f"join{n}"], "modes": [mode], "port": UDP_JOIN_PORT}
+                for n, mode in enumerate(CONSTRAINED_MODES, 1))],
+        registrars={"discovery": ["grasp", "coap"], "static": [], "health_interval": 0.5,
                     "health_timeout": 0.5},
         announce={"interval": 1, "grasp": True, "mdns": False})
 
 
-def run() -> int:
-    from joinproxyd.ctl import render_status
+def _table(results: list[dict[str, Any]], seconds: float) -> str:
     from pledge_sim.report import table
     from pledge_sim.runner import EnrollResult
 
+    return table([EnrollResult(**{k: v for k, v in r.items()
+                                  if k in EnrollResult.__dataclass_fields__})
+                  for r in results], seconds)
+
+
+def _constrained(pledges: dict[str, list[Host]], pki: Path, work: Path) -> bool:
+    """Each constrained mode's pledges, one pledge-sim per pledge host, all modes at once."""
+    started = time.monotonic()
+    running = {mode: [(f"demo-{mode}{i}",
+                       spawn_enroll(host, pki, work / f"ldevid-{mode}", "--transport", "coaps",
+                                    "--serial", f"demo-{mode}{i}", "--discovery-timeout", "5",
+                                    "--deadline", "40"))
+                      for i, host in enumerate(pledges[mode])]
+               for mode in CONSTRAINED_MODES}
+    done: dict[str, tuple[list[dict[str, Any]], float]] = {}
+    for mode, sims in running.items():
+        results: list[dict[str, Any]] = []
+        for serial, sim in sims:
+            run = sim.wait(60)
+            results += run.results or [{"serial": serial, "ok": False, "code": "crashed",
+                                        "reason": (run.stderr.strip().splitlines()
+                                                   or ["no output"])[-1]}]
+        done[mode] = results, time.monotonic() - started
+    ok = True
+    for n, mode in enumerate(CONSTRAINED_MODES, 1):
+        results, seconds = done[mode]
+        print(f"\nconstrained pledges on join{n} (CoRE discovery, DTLS, COSE vouchers, "
+              f"EST-coaps) through joinproxyd in {mode} mode:")
+        print(_table(results, seconds))
+        for r in results:
+            if not r.get("ok") and r.get("code") == "crashed":  # pledge-sim's own last line
+                print(f"{r['serial']}: {r.get('reason')}")
+        verified = sum(ldevid_verifies(pki, r.get("ldevid_path")) for r in results)
+        print(f"openssl verify against the domain CA: {verified}/{CONSTRAINED} {mode} "
+              "LDevIDs OK")
+        through = all(str(r.get("proxy", "")) == f"[{PROXY_LL}%eth0]:{UDP_JOIN_PORT}"
+                      for r in results)
+        ok = ok and verified == CONSTRAINED and through and all(r.get("ok") for r in results)
+    return ok
+
+
+def run() -> int:
+    from joinproxyd.ctl import render_status
+
     started = time.monotonic()
     serials = [f"demo-{i}" for i in range(PLEDGES)]
-    constrained = [f"demo-c{i}" for i in range(CONSTRAINED)]
+    constrained = [f"demo-{m}{i}" for m in CONSTRAINED_MODES for i in range(CONSTRAINED)]
     ok = False
     with tempfile.TemporaryDirectory(prefix="joinproxy-demo-") as tmp:
         work = Path(tmp)
         pki = _pki(work / "pki", serials + constrained)
         with Lab(Topology(pledges=PLEDGES, registrars=1), log_dir=work / "logs") as lab:
+            small = {mode: lab.add_join_link(CONSTRAINED)[1] for mode in CONSTRAINED_MODES}
             print(lab.describe())
             registrar = lab.registrars[0]
-            Services(registrar, pki, work / "registrar",
-                     coaps_listen=f"[::]:{COAPS_PORT}").start()
+            Services(registrar, pki, work / "registrar", coaps_listen=f"[::]:{COAPS_PORT}",
+                     jpy_listen=f"[::]:{JPY_PORT}").start()
             print(f"registrar0: MASA and registrar up, flooding AN_join_registrar for "
-                  f"[{registrar.address('eth0', link_local=True)}]:8443 on the backbone")
+                  f"[{registrar.address('eth0', link_local=True)}]:8443 (TCP) and "
+                  f"{COAPS_PORT} (CoAPS) on the backbone, its JPY port {JPY_PORT} in CoRE "
+                  "discovery")
             proxy = ProxyDaemon(lab, work / "proxy", _proxy_config(work / "proxy")).start()
+            links = {"join0", *(f"join{n}" for n in range(1, len(CONSTRAINED_MODES) + 1))}
             try:
-                wait_for(lambda: proxy.ctl()["joining"], 15,
-                         "joinproxyd to hear the registrar's GRASP flood")
+                wait_for(lambda: proxy.ctl()["joining"] and links <= {
+                    i["name"] for i in proxy.ctl()["interfaces"]}, 15,
+                    "joinproxyd to hear the registrar's GRASP flood and serve every join link")
             except LabError:
                 print(proxy.log()[-2000:])
                 raise
-            print(f"proxy: joinproxyd found the registrar by GRASP and announces AN_Proxy "
-                  f"[{PROXY_LL}]:8443 on join0")
+            print(f"proxy: joinproxyd found the registrar by GRASP and CoRE; announces AN_Proxy "
+                  f"[{PROXY_LL}]:8443 on join0 and answers CoRE discovery with its UDP join "
+                  f"port {UDP_JOIN_PORT} on join1 (coaps) and join2 (jpy)")
             ula = registrar.address("eth0", link_local=False)
             blocked = lab.pledges[0].run(["ping", "-6", "-c", "1", "-W", "1", ula], check=False)
             print(f"pledge0 -> registrar {ula}: "
                   f"{'unreachable, as it must be' if blocked.returncode != 0 else 'REACHABLE'}")
             enrolling = time.monotonic()
-            results = enroll_each(lab.pledges, pki, work / "ldevid", serials,
+            results = enroll_each(lab.pledges[:PLEDGES], pki, work / "ldevid", serials,
                                   "--discover", "grasp", "--deadline", "40")
-            print(table([EnrollResult(**{k: v for k, v in r.items()
-                                         if k in EnrollResult.__dataclass_fields__})
-                         for r in results], time.monotonic() - enrolling))
+            print(_table(results, time.monotonic() - enrolling))
             verified = sum(ldevid_verifies(pki, r.get("ldevid_path")) for r in results)
             print(f"openssl verify against the domain CA: {verified}/{PLEDGES} LDevIDs OK")
             through_proxy = all(str(r.get("proxy", "")).startswith(f"[{PROXY_LL}%")
                                 for r in results if r.get("ok"))
+            small_ok = _constrained(small, pki, work)
+            # The UDP relays move their counts into /metrics once a second: let the last
+            # pledges' datagrams be counted before status and counters are shown.
+            time.sleep(1.2)
             print("\njoinproxyctl status:\n" + render_status(proxy.ctl()))
+            counted = _print_counters(proxy)
             proxy.stop()
-            reg_ll = registrar.address("eth0", link_local=True)
-            print(f"\nconstrained pledges (CoAPS/DTLS, COSE vouchers, EST-coaps), direct to "
-                  f"[{reg_ll}%bb0]:{COAPS_PORT} from the backbone:")
-            args = [a for s in constrained for a in ("--serial", s)]
-            small = enroll(lab.proxy, pki, work / "ldevid-coaps", "--transport", "coaps",
-                           "--registrar", f"[{reg_ll}%bb0]:{COAPS_PORT}", "--deadline", "40",
-                           *args, timeout=60, verbose=False)
-            print(table([EnrollResult(**{k: v for k, v in r.items()
-                                         if k in EnrollResult.__dataclass_fields__})
-                         for r in small.results], float(small.doc.get("seconds", 0.0))))
-            if not small.results:  # pledge-sim itself failed: its one-line reason
-                print(small.stderr.strip().splitlines()[-1] if small.stderr.strip()
-                      else f"pledge-sim exited {small.rc} without a report")
-            small_verified = sum(ldevid_verifies(pki, r.get("ldevid_path"))
-                                 for r in small.results)
-            print(f"openssl verify against the domain CA: {small_verified}/{CONSTRAINED} "
-                  "constrained LDevIDs OK")
             ok = (blocked.returncode != 0 and verified == PLEDGES and through_proxy
-                  and all(r.get("ok") for r in results)
-                  and small.ok and small_verified == CONSTRAINED)
+                  and all(r.get("ok") for r in results) and small_ok and counted)
     print(f"lab removed; demo {'passed' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     return 0 if ok else 1
+
+
+def _print_counters(proxy: ProxyDaemon) -> bool:
+    """The relay counters per constrained mode; True if each mode relayed both ways."""
+    counters = [proxy.relay_counters(mode) for mode in CONSTRAINED_MODES]
+    print("\nrelay counters per mode (joinproxyd /metrics):")
+    for c in counters:
+        print("  " + c.line())
+    return all(c.datagrams_up and c.datagrams_down for c in counters)

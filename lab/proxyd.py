@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,44 @@ class ProxyDaemon:
 
     def drops(self, mode: str, reason: str) -> float:
         return self.sample("joinproxyd_drops_total", mode=mode, reason=reason)
+
+    def relay_counters(self, mode: str) -> "RelayCounters":
+        """One relay mode's counters as /metrics shows them (the one place that names them)."""
+        metrics = self.metrics()
+
+        def get(name: str, **labels: str) -> int:
+            return int(metrics.get((name, frozenset({"mode": mode, **labels}.items())), 0))
+        drops = {dict(labels)["reason"]: int(value)
+                 for (name, labels), value in metrics.items()
+                 if name == "joinproxyd_drops_total" and dict(labels).get("mode") == mode
+                 and value}
+        return RelayCounters(
+            mode=mode,
+            datagrams_up=get("joinproxyd_relayed_datagrams_total", direction="upstream"),
+            datagrams_down=get("joinproxyd_relayed_datagrams_total", direction="downstream"),
+            bytes_up=get("joinproxyd_relayed_bytes_total", direction="upstream"),
+            bytes_down=get("joinproxyd_relayed_bytes_total", direction="downstream"),
+            flows=get("joinproxyd_circuits_total"), drops=drops)
+
+
+@dataclass(frozen=True)
+class RelayCounters:
+    """What a relay mode did: datagrams and bytes each way (upstream: pledge to registrar),
+    flows opened (the stateful modes; 0 for a stateless one) and drops by reason."""
+
+    mode: str
+    datagrams_up: int
+    datagrams_down: int
+    bytes_up: int
+    bytes_down: int
+    flows: int
+    drops: dict[str, int]
+
+    def line(self) -> str:
+        drops = ", ".join(f"{k} {v}" for k, v in sorted(self.drops.items())) or "none"
+        return (f"{self.mode:<6} datagrams {self.datagrams_up} up / {self.datagrams_down} down, "
+                f"bytes {self.bytes_up} up / {self.bytes_down} down, flows {self.flows}, "
+                f"drops: {drops}")
 
 
 def echo_registrar(host: Host, name: str, port: int = 8443) -> LabProcess:

@@ -52,6 +52,7 @@ def write_configs(
     log_level: str = "info",
     ipip: Mapping[str, object] | None = None,
     coaps_listen: str | None = None,
+    jpy_listen: str | None = None,
 ) -> tuple[Path, Path]:
     """Write ``registrar.toml`` and ``masa.toml`` into ``out_dir``; return their paths.
 
@@ -83,7 +84,8 @@ def write_configs(
     (keys in ``registrar.ipip_config``); it needs a ``[::]:port`` listen address.
 
     ``coaps_listen``: the registrar's CoAPS (cBRSKI, EST-coaps) UDP address, e.g.
-    ``"[::1]:5684"`` (None: off).
+    ``"[::1]:5684"`` (None: off). ``jpy_listen``: its JPY UDP address, where stateless join
+    proxies send (``[jpy] listen``, e.g. ``"[::]:5685"``; None: off).
 
     Databases go to ``out_dir/registrar.db`` and ``out_dir/masa.db``; the registrar's TLS chain
     (registrar certificate then domain CA) to ``out_dir/registrar-chain.pem``, the MASA's
@@ -156,6 +158,9 @@ def write_configs(
     if coaps_listen is not None:
         parse_host_port(coaps_listen)
         registrar += ["", "[coaps]", f"listen = {_q(coaps_listen)}"]
+    if jpy_listen is not None:
+        parse_host_port(jpy_listen)
+        registrar += ["", "[jpy]", f"listen = {_q(jpy_listen)}"]
     registrar += ["", "[log]", f"level = {_q(log_level)}", ""]
 
     if devices is None:

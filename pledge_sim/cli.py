@@ -4,13 +4,15 @@
     pledge-sim enroll --idevid CERT --key KEY --masa-ca FILE [--registrar ADDR]
     pledge-sim enroll --idevid-dir DIR --masa-ca FILE [--count N]
     pledge-sim enroll --transport coaps --pki DIR [--count N] [--block-size B]
+                      [--core-query brski-jp|rt | --registrar [fe80::1%eth0]:5684]
     pledge-sim discover [--methods grasp,mdns] [--timeout S] [--json]
 
 Without --registrar, pledges listen for GRASP AN_Proxy floods and browse mDNS for
 _brski-proxy._tcp; with --transport coaps (cBRSKI over DTLS) they ask CoRE discovery on each
-link (ff02::fd, ?brski-jp=*). LDevIDs go to --out as <serial>.crt/.key. Exit status: 0 when
-every pledge enrolled, 1 when one failed (reasons follow the table), 2 for bad arguments or
-files.
+link (ff02::fd, ?brski-jp=*), answered by a join proxy (joinproxyd in coaps or jpy mode) or
+a registrar there; --registrar names a proxy's join port (or a registrar) directly. LDevIDs
+go to --out as <serial>.crt/.key. Exit status: 0 when every pledge enrolled, 1 when one
+failed (reasons follow the table), 2 for bad arguments or files.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from brski import __version__
 from brski.cli import quiet
 
-from .coap_discover import discover_join_proxies
+from .coap_discover import QUERIES, discover_join_proxies
 from .coaps_runner import BLOCK_SIZES, CoapsPledgeRunner, block_szx
 from .discovery import METHODS, Candidate, DiscoveryError, discover, parse_address
 from .fleet import enroll_all
@@ -109,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
                    help="discovery methods, comma-separated (default: grasp,mdns; "
                         "coaps pledges use CoRE discovery)")
     e.add_argument("--discovery-timeout", type=_positive(float), default=15.0, metavar="S")
+    e.add_argument("--core-query", choices=tuple(QUERIES),
+                   help="coaps: the CoRE discovery query, brski-jp (?brski-jp=*, default) or "
+                        "rt (?rt=brski.jp, as pledges of older drafts ask)")
     e.add_argument("--concurrency", type=_positive(int), default=10)
     e.add_argument("--out", type=Path, default=Path("pledge-sim-out"),
                    help="where LDevIDs are written (default: ./pledge-sim-out)")
@@ -177,7 +182,8 @@ async def _candidates(args: argparse.Namespace) -> list[Candidate]:
     if args.registrar:
         return [parse_address(a) for a in args.registrar]
     if args.transport == "coaps":
-        return await discover_join_proxies(args.discovery_timeout)
+        return await discover_join_proxies(args.discovery_timeout,
+                                           QUERIES[args.core_query or "brski-jp"])
     methods = args.discover or list(METHODS)
     found = await discover(methods, args.discovery_timeout)
     if not found.candidates:
@@ -188,11 +194,14 @@ async def _candidates(args: argparse.Namespace) -> list[Candidate]:
 
 async def _enroll(args: argparse.Namespace) -> int:
     for given, option in ((args.block_size is not None, "--block-size"),
-                          (args.fetch_crts, "--fetch-crts"), (args.masa_signer, "--masa-signer")):
+                          (args.fetch_crts, "--fetch-crts"), (args.masa_signer, "--masa-signer"),
+                          (args.core_query is not None, "--core-query")):
         if given and args.transport != "coaps":
             raise UsageProblem(f"{option} is for --transport coaps")
     if args.discover and args.transport == "coaps":
         raise UsageProblem("--discover is for https; coaps pledges use CoRE discovery")
+    if args.core_query and args.registrar:
+        raise UsageProblem("--core-query is for CoRE discovery, which --registrar skips")
     identities = _identities(args)
     anchors = load_anchors(_anchor_path(args))
     if not anchors:

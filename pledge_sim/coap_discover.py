@@ -2,8 +2,10 @@
 
 cBRSKI §10: the pledge multicasts ``GET coap://[ff02::fd]/.well-known/core?brski-jp=*`` (NON)
 on each of its links; an answer ``<>;brski-jp=PORT`` names a DTLS port on the answer's source
-address (``constrained.join_proxies``). A registrar on the link answers the same way. Every
-answer within the time is kept (RFC 8995 §4.1: try them all), deduplicated, in arrival order.
+address (``constrained.join_proxies``). A registrar on the link answers the same way. Pledges
+built on older drafts ask ``?rt=brski.jp`` instead and get ``<coaps://[ADDR]:PORT>;rt=brski.jp``
+(``QUERIES["rt"]``, pledge-sim's ``--core-query rt``). Every answer within the time is kept
+(RFC 8995 §4.1: try them all), deduplicated, in arrival order.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 COAP_PORT = 5683
 ALL_COAP_NODES = "ff02::fd"
 QUERY = "brski-jp=*"
+# --core-query: the current form, and the one deployed pledges of older drafts send
+QUERIES = {"brski-jp": QUERY, "rt": "rt=brski.jp"}
 GRACE = 0.5  # after the first answer, listen this much longer for more (multicast Leisure)
 
 
@@ -33,11 +37,11 @@ def _interfaces() -> list[tuple[int, str]]:
     return [(i, name) for i, name in socket.if_nameindex() if name != "lo"]
 
 
-def request_datagram(message_id: int, token: bytes) -> bytes:
+def request_datagram(message_id: int, token: bytes, query: str = QUERY) -> bytes:
     # Sent on a raw socket, so that every answer (one per proxy) is seen, which aiocoap's
     # request API does not give; aiocoap still encodes and decodes the messages.
     msg = aiocoap.Message(code=aiocoap.GET, uri_path=(".well-known", "core"),
-                          uri_query=(QUERY,))
+                          uri_query=(query,))
     msg.mtype, msg.mid, msg.token = aiocoap.NON, message_id, token
     return msg.encode()
 
@@ -60,7 +64,7 @@ def candidates_from_answer(data: bytes, source: str, ifname: str | None,
         return []
 
 
-async def discover_join_proxies(timeout: float) -> list[Candidate]:
+async def discover_join_proxies(timeout: float, query: str = QUERY) -> list[Candidate]:
     """Ask on every link; the candidates found within ``timeout`` (DiscoveryError if none)."""
     loop = asyncio.get_running_loop()
     links = _interfaces()
@@ -76,8 +80,8 @@ async def discover_join_proxies(timeout: float) -> list[Candidate]:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF,
                             struct.pack("@I", index))
             try:
-                sock.sendto(request_datagram(int.from_bytes(token[:2]) + n & 0xFFFF, token),
-                            (ALL_COAP_NODES, COAP_PORT, 0, index))
+                sock.sendto(request_datagram(int.from_bytes(token[:2]) + n & 0xFFFF, token,
+                                             query), (ALL_COAP_NODES, COAP_PORT, 0, index))
             except OSError as exc:  # a link without IPv6 or down: the others may do
                 log.debug("CoRE discovery on %s: %s", name, exc)
         end = loop.time() + timeout
@@ -98,6 +102,6 @@ async def discover_join_proxies(timeout: float) -> list[Candidate]:
         sock.close()
     if not found:
         raise DiscoveryError(f"no join proxy or registrar answered CoRE discovery "
-                             f"(?{QUERY} on ff02::fd) within {timeout:g} s "
+                             f"(?{query} on ff02::fd) within {timeout:g} s "
                              "(or give --registrar ADDR)")
     return found

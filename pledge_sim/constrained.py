@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime
+from ipaddress import IPv6Address
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -168,15 +169,24 @@ def accept_voucher_cose(
 
 
 def join_proxies(payload: bytes, source_host: str) -> list[tuple[str, int]]:
-    """Where to open DTLS, from a ``/.well-known/core?brski-jp=*`` answer that came from
-    ``source_host`` (with its ``%scope`` for a link-local address). Links of a variant this
+    """Where to open DTLS, from a ``/.well-known/core?brski-jp=*`` (or legacy
+    ``?rt=brski.jp``) answer that came from ``source_host`` (with its ``%scope`` for a
+    link-local address). Links of a variant this
     pledge does not speak (a ``var`` attribute) are left out. DecodeError for a malformed
     answer; an empty list when it offers nothing usable."""
     found = []
+    zone = source_host.partition("%")[2]
     for link in linkformat.parse_join_ports(payload):
         if any(name == "var" for name, _ in link.params):
             continue
-        host = source_host if link.address is None else str(link.address)
+        if link.address is None:
+            host = source_host
+        else:
+            host = str(link.address)
+            # The legacy form names a link-local address without a zone: it is on the link
+            # the answer came from, and unusable without that link.
+            if zone and isinstance(link.address, IPv6Address) and link.address.is_link_local:
+                host = f"{host}%{zone}"
         if (host, link.port) not in found:
             found.append((host, link.port))
     return found

@@ -1,7 +1,10 @@
-"""`make demo` (joinproxy-lab demo): five real enrollments, a table, exit status, no leftovers."""
+"""`make demo` (joinproxy-lab demo): five HTTPS enrollments through the circuit proxy, three
+constrained ones through each of coaps and jpy, tables, relay counters, exit status, no
+leftovers."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +28,7 @@ def run_id(stdout: str) -> str:
     return first.split()[1].rstrip(":")
 
 
-def test_demo_enrolls_five_pledges_and_leaves_nothing(as_root):
+def test_demo_enrolls_through_three_modes_and_leaves_nothing(as_root):
     before = demo_dirs()
     done = subprocess.run([sys.executable, "-m", "lab.cli", "demo"], capture_output=True,
                           text=True, timeout=120)
@@ -37,13 +40,28 @@ def test_demo_enrolls_five_pledges_and_leaves_nothing(as_root):
         line = next(line for line in out.splitlines() if line.startswith(f"demo-{i} "))
         assert line.rstrip().endswith(" ok") and " proximity " in line
         assert f"serialNumber=demo-{i}" in line
-    # ...and the constrained pledges, directly over CoAPS, in their own table.
-    assert "3 enrolled, 0 failed" in out
-    assert "openssl verify against the domain CA: 3/3 constrained LDevIDs OK" in out
-    for i in range(3):
-        line = next(line for line in out.splitlines() if line.startswith(f"demo-c{i} "))
-        assert line.rstrip().endswith(" ok") and f"serialNumber=demo-c{i}" in line
-        assert ":5684 " in line and " static " in line
+    # ...and the constrained pledges, through joinproxyd in coaps and in jpy mode, found by
+    # CoRE discovery on their join links, each mode in its own table.
+    assert out.count("3 enrolled, 0 failed") == 2, out
+    for mode in ("coaps", "jpy"):
+        assert f"through joinproxyd in {mode} mode:" in out
+        assert f"openssl verify against the domain CA: 3/3 {mode} LDevIDs OK" in out
+        for i in range(3):
+            line = next(line for line in out.splitlines() if line.startswith(f"demo-{mode}{i} "))
+            assert line.rstrip().endswith(" ok") and f"serialNumber=demo-{mode}{i}" in line
+            assert line.split()[1:3] == ["[fe80::1%eth0]:5684", "coap"], line
+    # ...and the relay counters per mode at the end: both ways, every flow, no drop.
+    counters = {m.group(1): m for m in re.finditer(
+        r"^  (\w+) +datagrams (\d+) up / (\d+) down, bytes (\d+) up / (\d+) down, "
+        r"flows (\d+), drops: (.*)$", out, re.M)}
+    assert set(counters) == {"coaps", "jpy"}, out
+    for mode, m in counters.items():
+        up, down, flows = int(m.group(2)), int(m.group(3)), int(m.group(6))
+        # a DTLS handshake and four requests each way per pledge, at least
+        assert up >= 3 * 6 and down >= 3 * 6, m.group(0)
+        # one flow per DTLS attempt in coaps (a retry is one more); jpy keeps none
+        assert (flows >= 3) if mode == "coaps" else flows == 0, m.group(0)
+        assert m.group(7) == "none", m.group(0)
     rid = run_id(out)
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(f"jpl{rid}-")]
     assert demo_dirs() == before

@@ -380,7 +380,10 @@ def test_join_proxies_from_a_core_answer():
     assert join_proxies(answer, "fe80::1%join0") == [("fe80::1%join0", 8485),
                                                      ("fe80::1%join0", 63245)]
     legacy = b"<coaps://[fe80::2]:8485>;rt=brski.jp"
-    assert join_proxies(legacy, "fe80::9%join0") == [("fe80::2", 8485)]
+    # A link-local address in the legacy form is on the link the answer came from: its zone.
+    assert join_proxies(legacy, "fe80::9%join0") == [("fe80::2%join0", 8485)]
+    assert join_proxies(b"<coaps://[fd00::2]:8485>;rt=brski.jp", "fe80::9%join0") == [
+        ("fd00::2", 8485)]
     assert join_proxies(b"</sensors>;rt=temp", "fe80::1%join0") == []
     with pytest.raises(DecodeError):
         join_proxies(b"<>;brski-jp=99999", "fe80::1%join0")
