@@ -307,6 +307,7 @@ def registrar_flood(
     ttl_ms: int = DEFAULT_TTL_MS,
     value: object = REGISTRAR_VALUE_TLS,
     udp_value: object = REGISTRAR_VALUE_DTLS,
+    jpy_locators: Sequence[IPv6Locator] = (),
 ) -> Flood:
     """The registrar's announcement (RFC 8995 §4.3): ``["AN_join_registrar", 4, 255,
     "EST-TLS"]``, one entry per locator (TCP is the only mandatory one).
@@ -314,13 +315,17 @@ def registrar_flood(
     The objective value names the protocol at the locator, so a UDP (CoAPS/DTLS) locator gets
     ``udp_value`` instead: ``"BRSKI_JP"``, the value the constrained join-proxy draft
     registered for the registrar's stateful DTLS port (up to -15; later drafts leave GRASP to
-    brski-discovery, which names none for it). Proxies that want TCP pick by protocol."""
+    brski-discovery, which names none for it). Proxies that want TCP pick by protocol.
+    ``jpy_locators`` are the stateless (JPY) UDP ports, flooded under ``"BRSKI_RJP"``."""
     if not locators:
         raise UsageError("a registrar flood needs at least one locator")
+    if any(loc.protocol != IPPROTO_UDP for loc in jpy_locators):
+        raise UsageError("a JPY locator is a UDP locator")
     tls = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, value)
     dtls = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, udp_value)
+    jpy = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, REGISTRAR_VALUE_JPY)
     entries = tuple(
         FloodEntry(dtls if isinstance(loc, IPv6Locator) and loc.protocol == IPPROTO_UDP
                    else tls, loc)
-        for loc in locators)
+        for loc in locators) + tuple(FloodEntry(jpy, loc) for loc in jpy_locators)
     return Flood(_session_id(rng), initiator, ttl_ms, entries)

@@ -9,7 +9,8 @@
 
 With ``[announce] coaps_port`` set (the registrar's CoAPS/DTLS port for cBRSKI), the flood also
 carries ``[O_IPv6_LOCATOR, address, 17, coaps_port]`` under ``["AN_join_registrar", 4, 255,
-"BRSKI_JP"]`` (``brski.grasp.registrar_flood``), mDNS also has
+"BRSKI_JP"]`` (``brski.grasp.registrar_flood``; with ``[jpy] listen``, its port likewise under
+``"BRSKI_RJP"``), mDNS also has
 ``<instance>._brski-registrar._udp.local.`` with that port, and ``registrar.coap_discovery``
 answers ``GET coap://[ff05::fd]/.well-known/core?rt=brski`` (and on ff02::fd).
 
@@ -109,7 +110,7 @@ class GraspFlooder:
     def __init__(self, iface: InterfaceAddresses, locator: ipaddress.IPv6Address, port: int,
                  period: float, *, extra_locators: tuple[grasp.IPv6Locator, ...] = (),
                  initiator: ipaddress.IPv6Address | None = None,
-                 udp_port: int | None = None) -> None:
+                 udp_port: int | None = None, jpy_port: int | None = None) -> None:
         if not iface.link_local:
             raise OSError(f"interface {iface.name} has no link-local address for GRASP")
         self.iface = iface
@@ -118,6 +119,8 @@ class GraspFlooder:
         udp = (() if udp_port is None
                else (grasp.IPv6Locator(locator, grasp.IPPROTO_UDP, udp_port),))
         self.locators = (self.locator, *udp, *extra_locators)
+        self.jpy_locators = (() if jpy_port is None
+                             else (grasp.IPv6Locator(locator, grasp.IPPROTO_UDP, jpy_port),))
         self.period = period
         self.sent = 0
         self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -132,7 +135,8 @@ class GraspFlooder:
 
     def message(self) -> bytes:
         flood = grasp.registrar_flood(os.urandom, self.initiator, list(self.locators),
-                                      value=GRASP_OBJECTIVE_VALUE)  # UDP: BRSKI_JP
+                                      value=GRASP_OBJECTIVE_VALUE,  # UDP: BRSKI_JP
+                                      jpy_locators=self.jpy_locators)  # BRSKI_RJP
         return flood.encode()
 
     def send_once(self) -> None:
@@ -189,6 +193,7 @@ class Announcer:
             if not _listens_on(cfg, address):
                 log.warning("announcing [%s]:%d on %s, but no listen address covers it",
                             address, cfg.announce_port, name)
+        jpy_port = cfg.jpy_listen[1] if cfg.jpy_listen else None
         if cfg.grasp:
             if cfg.grasp_period < MIN_RECOMMENDED_PERIOD:
                 log.warning("grasp_period %.3g s is below the %d s RFC 8995 §4.3 recommends",
@@ -198,16 +203,16 @@ class Announcer:
                 extra, initiator = self._ipip_announcement(locator)
                 flooder = GraspFlooder(iface, locator, cfg.announce_port, cfg.grasp_period,
                                        extra_locators=extra, initiator=initiator,
-                                       udp_port=cfg.announce_coaps_port)
+                                       udp_port=cfg.announce_coaps_port, jpy_port=jpy_port)
                 flooder.start()
                 self.flooders.append(flooder)
                 coaps = ("" if cfg.announce_coaps_port is None
                          else f", UDP (CoAPS) port {cfg.announce_coaps_port}")
+                coaps += "" if jpy_port is None else f", UDP (JPY) port {jpy_port}"
                 log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d%s%s",
                          iface.name, cfg.grasp_period, locator, cfg.announce_port, coaps,
                          "".join(f", IPIP [{x.address}] protocol {x.protocol} to {initiator}"
                                  for x in extra))
-        jpy_port = cfg.jpy_listen[1] if cfg.jpy_listen else None
         if cfg.announce_coaps_port is not None or jpy_port is not None:  # before mDNS
             self.coap = CoapDiscovery({i.name: (i.index, locators[i.name]) for i in ifaces},
                                       cfg.announce_coaps_port, refused=self.refused,

@@ -53,13 +53,19 @@ def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
         yield lab
 
 
-def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("learned", ["static", "grasp"])
+def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path, learned: str) -> None:
+    """grasp: the proxy knows no registrar but the one whose flood carries its JPY port as a
+    BRSKI_RJP UDP locator (the flood once had only the CoAPS port, and jpy links stayed
+    unserved)."""
     assert COAP_CLIENT, "coap-client-openssl missing: make setup installs libcoap3-bin"
     pki = tmp_path / "pki"
     brski_pki("init", str(pki), "--serial", "SN-J")
     registrar_toml, masa_toml = write_configs(
         pki, tmp_path / "svc", masa_listen=["[::1]:9443"],
-        registrar_listen=["[fd4a:5044::100]:8443"], masa_timeout=5, mdns=False, grasp=False)
+        registrar_listen=["[fd4a:5044::100]:8443"], masa_timeout=5, mdns=False,
+        grasp=learned == "grasp", announce_interfaces=["eth0"] if learned == "grasp" else (),
+        grasp_period=1.0)
     with registrar_toml.open("a") as toml:
         toml.write(f'\n[jpy]\nlisten = "[::]:{JPY_PORT}"\n')
     host = lab.registrars[0]
@@ -70,8 +76,12 @@ def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path) -> No
     wait_for(lambda: READY_MARK in registrar.log() and READY_MARK in masa.log(), 30,
              "the registrar and MASA")
     assert "JPY (CoAPS behind stateless join proxies) on udp [::]:5684" in registrar.log()
-    daemon = ProxyDaemon(lab, tmp_path / "proxy", jpy_config(tmp_path / "proxy")).start()
+    config = jpy_config(tmp_path / "proxy")
+    if learned == "grasp":
+        config["registrars"] = {**config["registrars"], "discovery": ["grasp"], "static": []}
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
     wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    assert daemon.ctl()["registrars"][0]["source"] == learned
 
     idevid = pki / "manufacturer/idevid"
     out = tmp_path / "crts.bin"

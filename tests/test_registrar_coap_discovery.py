@@ -70,6 +70,21 @@ def test_registrar_flood_names_dtls_at_the_udp_locator():
         grasp.registrar_flood(lambda n: b"\x00" * 4, ll, [])
 
 
+def test_registrar_flood_names_the_jpy_port_brski_rjp():
+    ll = IPv6Address("fe80::1")
+    flood = grasp.registrar_flood(lambda n: b"\x00\x00\x00\x07", ll, [
+        grasp.IPv6Locator(ULA, grasp.IPPROTO_TCP, PORT),
+        grasp.IPv6Locator(ULA, grasp.IPPROTO_UDP, COAPS)],
+        jpy_locators=[grasp.IPv6Locator(ULA, grasp.IPPROTO_UDP, 7634)])
+    back = grasp.Flood.decode(flood.encode())
+    assert [(e.objective.value, e.locator.protocol, e.locator.port) for e in back.entries] == [
+        ("EST-TLS", 6, PORT), ("BRSKI_JP", 17, COAPS), ("BRSKI_RJP", 17, 7634)]
+    with pytest.raises(UsageError, match="UDP"):
+        grasp.registrar_flood(lambda n: b"\x00" * 4, ll, [
+            grasp.IPv6Locator(ULA, grasp.IPPROTO_TCP, PORT)],
+            jpy_locators=[grasp.IPv6Locator(ULA, grasp.IPPROTO_TCP, 7634)])
+
+
 IGMP6 = """\
 1    lo              ff020000000000000000000000000001     1 0000000C 0
 7    eth0            ff0200000000000000000000000000fd     1 00000004 0
