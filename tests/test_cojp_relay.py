@@ -67,7 +67,7 @@ asyncio.run(main())
 # A pledge: argv = port, then requests as "con|non:token-hex:payload"; prints each answer.
 PLEDGE = """
 import socket, sys
-from brski.coap_datagram import CoapDatagram
+from brski.coap_datagram import CoapDatagram, MessageType
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 s.settimeout(float(sys.argv[2]))
 target = ("fe80::1%eth0", int(sys.argv[1]))
