@@ -154,6 +154,17 @@ def read_token(data: bytes) -> tuple[bytes, int]:
     return _need(data, pos, tkl), pos + tkl
 
 
+def retokened(data: bytes, mtype: MessageType, message_id: int, token: bytes) -> bytes:
+    """``data`` (a CoAP message) with another type, message ID and token, its code, options
+    and payload copied as they are: what a proxy does to a response it only routes, without
+    parsing (and so without re-checking) the options it never looks at. The old token must
+    be well-formed (DecodeError otherwise)."""
+    _, offset = read_token(data)
+    tkl, extension = token_length_field(len(token))
+    return bytes([VERSION << 6 | mtype << 4 | tkl, data[1]]) + message_id.to_bytes(2, "big") \
+        + extension + token + data[offset:]
+
+
 def _nibble(value: int) -> tuple[int, bytes]:
     if value < 13:
         return value, b""

@@ -189,3 +189,15 @@ def test_aiocoap_codec_with_extended_tokens_matches_ours() -> None:
         m = aiocoap.Message(code=aiocoap.GET, mtype=aiocoap.CON, mid=1)
         m.token = bytes(n)
         assert aiocoap.Message.decode(m.encode()).token == bytes(n)
+
+
+def test_retokened_keeps_code_options_and_payload() -> None:
+    from brski.coap_datagram import retokened
+
+    response = CoapDatagram(MessageType.CON, 0x44, 9, bytes(40), ((9, b""), (60, b"x")),
+                            b"cfg")
+    out = retokened(response.encode(), MessageType.ACK, 0x1234, b"\x08")
+    assert CoapDatagram.decode(out) == CoapDatagram(MessageType.ACK, 0x44, 0x1234, b"\x08",
+                                                    response.options, b"cfg")
+    with pytest.raises(DecodeError):
+        retokened(b"\x4d\x44\x00\x01", MessageType.NON, 1, b"")

@@ -52,6 +52,8 @@ from brski.coap_datagram import (
     OptionNumber,
     is_request,
     is_response,
+    read_token,
+    retokened,
 )
 from brski.cojp_token import TokenSealer, TokenState
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
@@ -296,12 +298,15 @@ class CojpMode(RelayMode):
             return
         # Only what would be forwarded spends the link's join rate.
         settings = self.ctx.cojp()
-        if not side.bucket.take(time.monotonic(), settings.rate, settings.burst):
+        # Rate 0 is RFC 9031's "no join traffic at all", not even a first burst.
+        if settings.rate == 0 or not side.bucket.take(time.monotonic(), settings.rate,
+                                                      settings.burst):
             self._refuse(DropReason.RATE_LIMIT, f"pledge {pledge}: over the join rate of "
                          f"{settings.rate:g}/s on {iface.name}", iface.name, pledge)
             return
         try:
-            endpoint = PledgeEndpoint(IPv6Address(host), addr[1], iface.index)
+            packed = socket.inet_pton(socket.AF_INET6, host)
+            endpoint = PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
             token = self.sealer.seal(TokenState(endpoint, request.message_id, request.token,
                                                 request.mtype is MessageType.CON),
                                      int(time.monotonic()))
@@ -332,18 +337,21 @@ class CojpMode(RelayMode):
             self._refuse(DropReason.UNSOLICITED, f"datagram from [{source}]:{addr[1]}, not "
                          "the JRC")
             return
+        # Only the header and token are read: the options and payload go to the pledge as they
+        # came (the pledge's CoAP and OSCORE judge them), which is also the cheap way.
         try:
-            response = CoapDatagram.decode(data)
+            token, _ = read_token(data)
         except DecodeError as exc:
             self._refuse(DropReason.MALFORMED, f"from the JRC: {exc}")
             return
-        if not is_response(response.code) or response.mtype is MessageType.RST:
+        mtype, code = MessageType((data[0] >> 4) & 3), data[1]
+        if data[0] >> 6 != 1 or not is_response(code) or mtype is MessageType.RST:
             # An empty ACK or RST (e.g. a JRC without extended tokens RSTs ours), a request.
-            self._refuse(DropReason.IRRELEVANT, f"from the JRC: code {response.code >> 5}."
-                         f"{response.code & 31:02d}, type {response.mtype.name}")
+            self._refuse(DropReason.IRRELEVANT, f"from the JRC: code {code >> 5}."
+                         f"{code & 31:02d}, type {mtype.name}")
             return
         try:
-            state = self.sealer.open(response.token, int(time.monotonic()))
+            state = self.sealer.open(token, int(time.monotonic()))
         except (DecodeError, SignatureError) as exc:
             self._refuse(PolicyDropReason.COJP_FORGED, f"response token: {exc}")
             return
@@ -353,9 +361,10 @@ class CojpMode(RelayMode):
         if self.replays.seen(data, time.monotonic()):
             self._refuse(PolicyDropReason.COJP_REPLAYED, "response already relayed")
             return
-        if response.mtype is MessageType.CON and self.upstream is not None:
+        if mtype is MessageType.CON and self.upstream is not None:
             # Acknowledge a separate CON response (RFC 7252 §4.2) with its own ID: no state.
-            self.upstream.sendto(CoapDatagram(MessageType.ACK, 0, response.message_id
+            self.upstream.sendto(CoapDatagram(MessageType.ACK, 0, int.from_bytes(data[2:4],
+                                                                                "big")
                                               ).encode(), addr)
         side = self.by_index.get(state.pledge.ifindex)
         if side is None or side.transport is None:
@@ -366,8 +375,7 @@ class CojpMode(RelayMode):
             kind, mid = MessageType.ACK, state.message_id  # piggybacked on the pledge's CON
         else:
             kind, mid = MessageType.NON, self._mid()
-        answer = CoapDatagram(kind, response.code, mid, state.token, response.options,
-                              response.payload).encode()
+        answer = retokened(data, kind, mid, state.token)
         try:
             host = socket.inet_ntop(socket.AF_INET6, state.pledge.address.packed)
             side.transport.sendto(answer, (host, state.pledge.port, 0, state.pledge.ifindex))
