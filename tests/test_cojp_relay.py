@@ -301,3 +301,30 @@ def test_config() -> None:
         parse({"backbone": {"interface": "bb0"}, "cojp": {"burst": 0}})
     with pytest.raises(ConfigError, match=r"cojp\.speed: unknown key"):
         parse({"backbone": {"interface": "bb0"}, "cojp": {"speed": 1}})
+
+
+# What the CoRE join-port responder (discovery/coap_join.py, aiocoap) holds while a jpy or
+# coaps link is served: [::]:5683 with SO_REUSEPORT.
+CORE_RESPONDER = """
+import socket, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 5683))
+print("bound", flush=True)
+time.sleep(600)
+"""
+
+
+def test_cojp_binds_beside_the_core_responder_on_5683(lab: Lab, tmp_path: Path) -> None:
+    """A daemon serving jpy on one link (CoRE discovery on [::]:5683) and cojp on another
+    binds both: the cojp socket, on the link's own address and interface, takes that link's
+    unicast join requests."""
+    start_jrc(lab)
+    responder = lab.proxy.spawn([PYTHON, "-c", CORE_RESPONDER], name="core-responder")
+    wait_for(lambda: "bound" in responder.log(), 10, "the stand-in CoRE responder")
+    daemon = start_daemon(lab, tmp_path, cojp_config(tmp_path / "proxy"))
+    relay = daemon.ctl()["relays"]["cojp"]
+    assert relay["listeners"], daemon.log()[-2000:]
+    assert pledge(lab, 0, "con:08:beside").startswith("answer ACK True 08 68 [9] cfg:beside")
+    daemon.stop()

@@ -196,6 +196,10 @@ class CojpMode(RelayMode):
             book.failed(iface.name, self.name, where, exc)
             return
         try:
+            # The CoRE join-port responder (discovery/coap_join.py) holds [::]:5683 with
+            # SO_REUSEPORT while a jpy or coaps link is served; this socket, on the link's own
+            # address and interface, can then bind beside it and gets that link's unicast.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((iface.link_local, iface.port, 0, iface.index))
             sock.setblocking(False)
             _, protocol = await loop.create_datagram_endpoint(
