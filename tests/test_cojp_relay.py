@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from ipaddress import IPv6Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import UDP
@@ -134,7 +135,10 @@ def pledge(lab: Lab, n: int, *requests: str, timeout: float = 3) -> str:
 
 def capture(lab: Lab, host_index: int | None, path: Path) -> LabProcess:
     host = lab.registrars[0] if host_index is None else lab.pledges[host_index]
-    dump = host.spawn(["tcpdump", "-i", "eth0", "-U", "-w", str(path), "udp"], name="tcpdump")
+    # --immediate-mode -U: every packet is written as it comes (tests/test_registrar_coaps_
+    # capture.py: without it, packets in the kernel's ring at the stop are never written).
+    dump = host.spawn(["tcpdump", "-i", "eth0", "--immediate-mode", "-U", "-w", str(path),
+                       "udp"], name="tcpdump")
     wait_for(lambda: "listening on" in dump.log(), 10, "tcpdump")
     return dump
 
@@ -173,20 +177,25 @@ def test_join_requests_relayed_both_ways_statelessly(lab: Lab, tmp_path: Path) -
     assert relay["jrc"] == f"[fd4a:5044::100]:{JRC_PORT}"
     assert relay["listeners"] == [{"interface": "join0", "address": "fe80::1",
                                    "port": JOIN_PORT, "protocol": "udp"}]
-    time.sleep(0.5)
+    def udp(pcap: Path, sport: int | None = None, dport: int | None = None) -> list[Any]:
+        return [f for f in rdpcap(str(pcap)) if UDP in f
+                and (sport is None or f[UDP].sport == sport)
+                and (dport is None or f[UDP].dport == dport)]
+    wait_for(lambda: len(udp(tmp_path / "backbone.pcap", dport=JRC_PORT)) >= 4
+             and len(udp(tmp_path / "link.pcap", sport=JOIN_PORT)) >= 3, 5, "the captures")
+    time.sleep(0.3)  # and nothing more comes
     backbone.stop()
     link.stop()
     # Marked AF43 both ways out of the proxy; no pledge address on the backbone.
     frames = rdpcap(str(tmp_path / "backbone.pcap"))
-    to_jrc = [f for f in frames if UDP in f and f[UDP].dport == JRC_PORT]
+    to_jrc = udp(tmp_path / "backbone.pcap", dport=JRC_PORT)
     assert len(to_jrc) == 4 and {f[IPv6].tc for f in to_jrc} == {AF43}
     secrets = []
     for host in lab.pledges:
         address = IPv6Address(host.address("eth0", link_local=True))
         secrets += [address.packed, address.packed[8:]]
     assert not [f for f in frames for s in secrets if s in bytes(f)]
-    answers = [f for f in rdpcap(str(tmp_path / "link.pcap"))
-               if UDP in f and f[UDP].sport == JOIN_PORT]
+    answers = udp(tmp_path / "link.pcap", sport=JOIN_PORT)
     assert len(answers) == 3 and {f[IPv6].tc for f in answers} == {AF43}
     assert daemon.sample("joinproxyd_relayed_datagrams_total", mode="cojp",
                          direction="upstream") == 4

@@ -138,10 +138,12 @@ def test_backbone_capture_headers_and_the_dtls_inside(lab: Lab, tmp_path: Path) 
     # Three flows: pledge 0 twice (two source ports), pledge 1 once.
     for n, (pledge, serial) in enumerate([(0, "SN-P0"), (1, "SN-P1"), (0, "SN-P0")]):
         get_crts(lab, pledge, pki, serial, tmp_path / f"crts{n}.p7")
-    time.sleep(0.5)
+    relayed = daemon.ctl()["relays"]["jpy"]["datagrams"]
+    # dumpcap writes each packet as it comes; wait until all are in the file, then stop.
+    wait_for(lambda: len(jpy_datagrams(capture, relay_port)) >= relayed["upstream"]
+             + relayed["downstream"], 10, "the capture")
     dumpcap.stop()
     datagrams = jpy_datagrams(capture, relay_port)
-    relayed = daemon.ctl()["relays"]["jpy"]["datagrams"]
     assert len(datagrams) == relayed["upstream"] + relayed["downstream"], relayed
 
     # The header: never the pledge's address in clear, one per flow, never repeated across.
