@@ -8,6 +8,9 @@ import logging
 from typing import Any
 
 import pytest
+from fuzzkit import fuzz_settings, mutated
+from hypothesis import given
+from hypothesis import strategies as st
 
 from brski.coap_datagram import CoapDatagram, MessageType
 from joinproxyd.config import CojpSettings, Limits
@@ -121,3 +124,21 @@ def test_join_rate_zero_forwards_nothing() -> None:
         mode.from_pledge(side, request(), PLEDGE)
     assert upstream.sent == []  # not even the burst: RFC 9031 join rate 0 = no join traffic
     assert drops(metrics, "rate-limit") == 3
+
+
+@fuzz_settings(300)
+@given(st.one_of(st.binary(max_size=120), mutated([request(), request(MessageType.NON,
+                                                                       bytes(8))])),
+       st.binary(min_size=38, max_size=46))
+def test_a_datagram_never_raises(data: bytes, token: bytes) -> None:
+    """A daemon never dies on a packet: any bytes from a pledge or from the JRC's port are
+    relayed or dropped and counted, nothing else."""
+    mode, side, _, _, metrics = make_mode(CojpSettings(rate=1e6, burst=10**6))
+    mode.from_pledge(side, data, PLEDGE)
+    mode.from_jrc(data, FROM_JRC)
+    mode.from_jrc(data[:4] + token + data[4:], FROM_JRC)
+    total = sum(sample.value for family in metrics.registry.collect()
+                if family.name == "joinproxyd_drops" for sample in family.samples
+                if sample.name == "joinproxyd_drops_total")
+    relayed = mode.datagrams["upstream"] + mode.datagrams["downstream"]
+    assert total + relayed == 3  # each one either relayed or dropped and counted
