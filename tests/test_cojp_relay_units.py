@@ -118,6 +118,17 @@ def test_rotation_and_lifetime(monkeypatch: pytest.MonkeyPatch) -> None:
     assert drops(metrics, "cojp-stale") == 2 and len(pledge_link.sent) == 1
 
 
+def test_too_big_once_the_token_is_sealed() -> None:
+    mode, side, _, upstream, metrics = make_mode()
+    fits = CoapDatagram(MessageType.CON, 2, 1, b"", JOIN, bytes(1100)).encode()
+    mode.from_pledge(side, fits, PLEDGE)
+    assert len(upstream.sent) == 1 and len(upstream.sent[0][0]) <= cojp.MAX_FORWARDED
+    grown = CoapDatagram(MessageType.CON, 2, 1, b"", JOIN, bytes(1200)).encode()
+    assert len(grown) < cojp.MAX_FORWARDED  # it fitted as the pledge sent it
+    mode.from_pledge(side, grown, PLEDGE)
+    assert len(upstream.sent) == 1 and drops(metrics, "too-big") == 1
+
+
 def test_join_rate_zero_forwards_nothing() -> None:
     mode, side, _, upstream, metrics = make_mode(CojpSettings(rate=0, burst=1))
     for _ in range(3):
