@@ -337,3 +337,19 @@ def test_cojp_binds_beside_the_core_responder_on_5683(lab: Lab, tmp_path: Path) 
     assert relay["listeners"], daemon.log()[-2000:]
     assert pledge(lab, 0, "con:08:beside").startswith("answer ACK True 08 68 [9] cfg:beside")
     daemon.stop()
+
+
+def test_a_jrc_without_extended_tokens_is_named_once(lab: Lab, tmp_path: Path) -> None:
+    """libcoap 4.3.1's coap-server as the JRC: it refuses any token over 8 bytes with RST. The
+    pledge gets nothing, each RST is counted (irrelevant) and the log says why, once."""
+    host = lab.registrars[0]
+    host.spawn(["socat", "TCP6-LISTEN:8443,fork,reuseaddr", "SYSTEM:true"], name="tcp-health")
+    server = host.spawn(["coap-server-openssl", "-A", "fd4a:5044::100", "-p", str(JRC_PORT),
+                         "-v", "6"], name="libcoap-jrc")
+    daemon = start_daemon(lab, tmp_path, cojp_config(tmp_path / "proxy"))
+    out = pledge(lab, 0, "non:01:a", "non:02:b", timeout=1)
+    assert out.count("timeout") == 2, out
+    wait_for(lambda: daemon.drops("cojp", "irrelevant") == 2, 5, "the RSTs counted")
+    assert server.log().count("discard malformed PDU") == 2, server.log()[-2000:]
+    assert daemon.log().count("does it accept RFC 8974 extended tokens") == 1, daemon.log()
+    daemon.stop()

@@ -80,7 +80,7 @@ def test_forwarded_as_non_and_answered_with_a_piggybacked_ack() -> None:
                                                        ((9, b""),), b"cfg")
 
 
-def test_what_is_refused_and_counted() -> None:
+def test_what_is_refused_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     mode, side, pledge_link, upstream, metrics = make_mode()
     mode.from_pledge(side, request(options=((3, b"6tisch.arpa"), (39, b"http"))), PLEDGE)
     mode.from_pledge(side, request(options=(*JOIN, (35, b"coap://x/"))), PLEDGE)
@@ -91,8 +91,10 @@ def test_what_is_refused_and_counted() -> None:
     assert drops(metrics, "malformed") == 2
     mode.from_pledge(side, request(), ("fe80::1:2", 40000, 0, 7))
     token = CoapDatagram.decode(upstream.sent[0][0]).token
-    mode.from_jrc(CoapDatagram(MessageType.RST, 0, 5).encode(), FROM_JRC)  # no RFC 8974
-    assert drops(metrics, "irrelevant") == 4
+    for _ in range(2):  # no RFC 8974 at the JRC: counted each time, said once
+        mode.from_jrc(CoapDatagram(MessageType.RST, 0, 5).encode(), FROM_JRC)
+    assert drops(metrics, "irrelevant") == 5
+    assert [r.levelname for r in caplog.records if "RFC 8974" in r.getMessage()] == ["WARNING"]
     mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, 5, token).encode(),
                   ("fd4a:5044::101", 5683, 0, 0))
     assert drops(metrics, "unsolicited") == 1

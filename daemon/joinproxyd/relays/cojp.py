@@ -134,6 +134,7 @@ class CojpMode(RelayMode):
         self._rotator: asyncio.Task[None] | None = None
         self._jrc_source: tuple[str, int] | None = None
         self._next_mid = int.from_bytes(os.urandom(2), "big")
+        self._warned_reset = False
         self.datagrams = {"upstream": 0, "downstream": 0}
         ctx.metrics.add_mode(self.name)
         self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
@@ -349,6 +350,13 @@ class CojpMode(RelayMode):
             self._refuse(DropReason.MALFORMED, f"from the JRC: {exc}")
             return
         mtype, code = MessageType((data[0] >> 4) & 3), data[1]
+        if mtype is MessageType.RST and not self._warned_reset:
+            # Likely a misconfiguration, not an attack: say so once (the counter goes on).
+            self._warned_reset = True
+            self.ctx.log.warning("cojp: the JRC [%s]:%d answers forwarded join requests with "
+                                 "RST: does it accept RFC 8974 extended tokens (RFC 9031 "
+                                 "§7.1)? libcoap 4.3.1 and stock aiocoap 0.4.17 do not",
+                                 source, addr[1], extra={"MODE": self.name})
         if data[0] >> 6 != 1 or not is_response(code) or mtype is MessageType.RST:
             # An empty ACK or RST (e.g. a JRC without extended tokens RSTs ours), a request.
             self._refuse(DropReason.IRRELEVANT, f"from the JRC: code {code >> 5}."
