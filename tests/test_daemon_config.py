@@ -57,7 +57,7 @@ def test_join_spec_matching_by_glob_and_order():
      "join: must be a list of [[join]] tables"),
     ({"join": [{"interfaces": ["j*"]}]}, "backbone.interface: is required"),
     (with_(join=[{"interfaces": ["join*"], "modes": ["teleport"]}]),
-     "join[0].modes: 'teleport' is not one of circuit, nat66, ipip, coaps, jpy"),
+     "join[0].modes: 'teleport' is not one of circuit, nat66, ipip, coaps, jpy, cojp"),
     (with_(join=[{"interfaces": []}]),
      "join[0].interfaces: must be a non-empty list of strings (got [])"),
     (with_(join=[{"interfaces": ["join0"], "port": 70000}]),

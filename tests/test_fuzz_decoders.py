@@ -43,9 +43,11 @@ from test_wire_fuzz import (
 from brski import cms, cose, est
 from brski.cbor_strict import loads_exact
 from brski.chain import load_certificate
+from brski.coap_datagram import CoapDatagram, MessageType
+from brski.cojp_token import TokenSealer, TokenState
 from brski.errors import DecodeError
 from brski.grasp import Flood
-from brski.jpy import JpyMessage
+from brski.jpy import JpyMessage, PledgeEndpoint
 from brski.json_strict import loads_strict
 from brski.linkformat import format_links, parse_links
 from brski.telemetry import AuditLog, StatusReport
@@ -185,6 +187,21 @@ _VOUCHER = Voucher(assertion=Assertion.LOGGED, created_on=NOW, serial_number="SN
 _COSE = cose.sign(encode_cbor(_REQUEST), ec.generate_private_key(ec.SECP256R1()))
 
 
+def rt_coap(msg: CoapDatagram) -> None:
+    assert CoapDatagram.decode(msg.encode()) == msg
+
+
+# The CoJP proxy's token state (brski/cojp_token.py): sealed at time 0, opened at time 0.
+_TOKENS = TokenSealer(bytes(32), 1)
+_TOKEN = _TOKENS.seal(TokenState(PledgeEndpoint(IPv6Address("fe80::1:2"), 5683, 3), 7,
+                                 b"\x08", True), 0)
+_COAP_SEEDS = [
+    CoapDatagram(MessageType.CON, 2, 1, b"\x08", ((3, b"6tisch.arpa"), (9, b"\x09\x00a"),
+                                                   (39, b"coap")), b"oscore").encode(),
+    CoapDatagram(MessageType.NON, 0x44, 2, _TOKEN, ((9, b""),), b"cfg").encode(),
+    CoapDatagram(MessageType.NON, 2, 3, bytes(300), ((300, b"x" * 20),)).encode()]
+
+
 @dataclass(frozen=True)
 class Decoder:
     decode: Callable[[bytes], Any]
@@ -202,6 +219,8 @@ DECODERS: dict[str, Decoder] = {
                     lambda d: d if not re.fullmatch(rb"[0-9a-fA-F\s]+", d) else _hex(d)),
     "grasp": Decoder(Flood.decode, rt_flood, FLOOD_SEEDS),
     "jpy": Decoder(JpyMessage.decode, rt_jpy, JPY_SEEDS, ("constrained-join-proxy/*.cbor",)),
+    "coap-datagram": Decoder(CoapDatagram.decode, rt_coap, _COAP_SEEDS),
+    "cojp-token": Decoder(lambda d: _TOKENS.open(d, 0), None, [_TOKEN]),
     "cose": Decoder(cose.decode, rt_cose, [_COSE],
                     ("constrained-voucher/examples/cose-examples/[prv]*r.hex",
                      "constrained-voucher/examples/cose-examples/voucher.hex"), _hex),

@@ -154,7 +154,7 @@ def test_every_toml_key_the_daemon_reads_has_a_uci_option() -> None:
             kind = table
             if table == "registrars" and word in ("address", "port", "preference", "ipip",
                                                   "link_local", "protocols", "ports",
-                                                  "coaps_port", "jpy_port"):
+                                                  "coaps_port", "jpy_port", "cojp_port"):
                 kind = "registrar"  # registrars.static[]: one config registrar each
             if word == "ipip" or (table == "registrars" and word in ("static", "grasp", "mdns")):
                 continue  # a sub-table, or the discovery methods' names

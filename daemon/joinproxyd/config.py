@@ -11,7 +11,7 @@ packaging/joinproxyd.toml documents each key.
     [backbone]      interface
     [[join]]        interfaces (names or globs), modes, port (none: nothing is served)
     [registrars]    discovery (static, grasp, mdns, coap), static ([{address, port, preference,
-                    coaps_port, jpy_port,
+                    coaps_port, jpy_port, cojp_port,
                     ipip = {link_local, address, protocols, ports}}]),
                     health_interval, health_timeout, constrained_mode, core_interval
     [limits]        circuits_total, circuits_per_interface, circuits_per_pledge,
@@ -21,6 +21,7 @@ packaging/joinproxyd.toml documents each key.
     [announce]      interval, grasp, mdns
     [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
     [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
+    [cojp]          rate, burst (the cojp relay's join rate limit per join link)
 
 The guard is off when [guard] is absent, so a configuration written before it existed (and
 a circuit-only one with the guard off) loads no BPF at all; the shipped joinproxyd.toml
@@ -44,11 +45,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_METHODS = ("static", "grasp", "mdns", "coap")
 CONSTRAINED_MODE_CHOICES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
-KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps", "jpy")
+KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps", "jpy", "cojp")
 # The join port a [[join]] without `port` gets: 5684 (CoAPS) when only constrained (UDP)
 # modes serve it, the draft's default; else BRSKI's 8443.
 CONSTRAINED_MODES = frozenset({"coaps", "jpy"})
 COAPS_JOIN_PORT = 5684
+# cojp (RFC 9031): pledges send their Join Request to the proxy's CoAP port, 5683, and so it is
+# the default port of a [[join]] that serves cojp (it cannot share a link with other modes).
+COAP_JOIN_PORT = 5683
 DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
 KNOB_RECORD_NAME = "ipip-knobs.json"  # beside the control socket (IpipSettings.knob_record)
 IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
@@ -76,6 +80,17 @@ class StaticRegistrar:
     ipip: IpipTarget | None = None  # the registrar also terminates the IPIP proxy
     coaps_port: int | None = None  # its CoAPS (DTLS) port, for the coaps relay mode
     jpy_port: int | None = None  # its JPY port, for the stateless jpy relay mode
+    cojp_port: int | None = None  # its JRC's CoAP port, for the cojp relay mode (RFC 9031)
+
+
+@dataclass(frozen=True)
+class CojpSettings:
+    """The cojp relay (RFC 9031 stateless join proxy): how many pledge datagrams per second
+    each join link may forward to the JRC (RFC 9031 §6.1 and §8.4.2: the proxy limits join
+    traffic; 0 forwards none, as a join rate of 0 means), and the burst above that rate."""
+
+    rate: float = 5.0
+    burst: int = 10
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,7 @@ class Config:
     bpf_object_dir: Path | None = None  # None: where `make -C ebpf` builds them
     guard: GuardSettings = field(default_factory=GuardSettings)
     ipip: IpipSettings = field(default_factory=IpipSettings)
+    cojp: CojpSettings = field(default_factory=CojpSettings)
 
     @property
     def uses_ipip(self) -> bool:
@@ -300,7 +316,7 @@ def _static_registrar(item: object, key: str) -> StaticRegistrar:
     if "ipip" in table.data:
         ipip = _static_ipip(table.table("ipip"), str(ip), port)
     udp = {name: table.integer(name, 0, 1, 65535) if name in table.data else None
-           for name in ("coaps_port", "jpy_port")}
+           for name in ("coaps_port", "jpy_port", "cojp_port")}
     table.done()
     return StaticRegistrar(str(ip), port, preference, ipip, **udp)
 
@@ -388,17 +404,30 @@ def _ipip(table: _Table) -> IpipSettings:
     return IpipSettings(protocol, prefix, addresses, xdp)
 
 
+def _cojp(table: _Table) -> CojpSettings:
+    defaults = CojpSettings()
+    cojp = CojpSettings(rate=table.number("rate", defaults.rate, 0, 1e6),
+                        burst=table.integer("burst", defaults.burst, 1, 1_000_000))
+    table.done()
+    return cojp
+
+
 def _join(item: object, key: str) -> JoinSpec:
     table = _Table(item, key)
     interfaces = table.strings("interfaces", None)
     modes = table.strings("modes", ("circuit",), KNOWN_MODES)
-    default_port = COAPS_JOIN_PORT if set(modes) <= CONSTRAINED_MODES else 8443
+    default_port = COAP_JOIN_PORT if "cojp" in modes else \
+        COAPS_JOIN_PORT if set(modes) <= CONSTRAINED_MODES else 8443
     spec = JoinSpec(interfaces=interfaces, modes=modes,
                     port=table.integer("port", default_port, 1, 65535))
     if "ipip" in spec.modes and len(spec.modes) > 1:
         raise ConfigError(table.key("modes"), "ipip cannot share a join link with other modes: "
                                               "pledges there are sent to the registrar's own "
                                               "link-local address and port")
+    if "cojp" in spec.modes and len(spec.modes) > 1:
+        raise ConfigError(table.key("modes"), "cojp cannot share a join link with other modes: "
+                                              "its port takes plain CoAP join requests "
+                                              "(RFC 9031), not DTLS or TCP")
     for pattern in spec.interfaces:
         if len(pattern) > 15 and not any(c in pattern for c in "*?["):
             raise ConfigError(table.key("interfaces"), f"{pattern!r} is longer than an "
@@ -417,6 +446,7 @@ def parse(data: dict[str, Any]) -> Config:
     announce = root.table("announce")
     guard = _guard(root.table("guard"))
     ipip = _ipip(root.table("ipip"))
+    cojp = _cojp(root.table("cojp"))
     # No [[join]] table is a valid configuration (the shipped one): the daemon runs and
     # serves nothing, saying "no join link configured", so that a fresh install serves no
     # guessed interface (README, joinproxyd(8)).
@@ -479,6 +509,7 @@ def parse(data: dict[str, Any]) -> Config:
         bpf_object_dir=daemon.abspath("bpf_object_dir", None),
         guard=guard,
         ipip=ipip,
+        cojp=cojp,
     )
     config = replace(config, ipip=replace(
         ipip, knob_record=config.control_socket.parent / KNOB_RECORD_NAME))

@@ -71,7 +71,8 @@ NO_JOIN_LINK = "no join link configured: add a [[join]] table and reload"
 
 def static_endpoints(config: Config) -> list[RegistrarEndpoint]:
     return [RegistrarEndpoint(r.preference, r.address, r.port, source="static", ipip=r.ipip,
-                              coaps_port=r.coaps_port, jpy_port=r.jpy_port)
+                              coaps_port=r.coaps_port, jpy_port=r.jpy_port,
+                              cojp_port=r.cojp_port)
             for r in config.static_registrars if "static" in config.discovery]
 
 
@@ -185,6 +186,7 @@ class Daemon:
         self.context = RelayContext(self.metrics, lambda: self.config.limits,
                                     lambda: self.links.get(self.config.backbone), log,
                                     datapath=self.datapath, ipip=lambda: self.config.ipip,
+                                    cojp=lambda: self.config.cojp,
                                     join_window=lambda: self.window.open,
                                     refusals=self.refusals)
         self._dirty = asyncio.Event()

@@ -47,6 +47,11 @@ class PolicyDropReason(StrEnum):
     JPY_REPLAYED = "jpy-replayed"
     JPY_STALE = "jpy-stale"
     TOO_BIG = "too-big"
+    # cojp (relays/cojp.py): a JRC response whose token state does not open, whose key was
+    # retired or whose lifetime is over, or whose bytes were already relayed.
+    COJP_FORGED = "cojp-forged"
+    COJP_STALE = "cojp-stale"
+    COJP_REPLAYED = "cojp-replayed"
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class RegistrarEndpoint:
     # (coaps mode, rt=brski / BRSKI_JP) and its JPY port (jpy mode, rt=brski.rjp / BRSKI_RJP).
     coaps_port: int | None = field(default=None, compare=False)
     jpy_port: int | None = field(default=None, compare=False)
+    # Its JRC's CoAP port (cojp mode, RFC 9031), from static configuration.
+    cojp_port: int | None = field(default=None, compare=False)
 
     @property
     def coaps_sockaddr(self) -> tuple[str, int, int, int] | None:

@@ -67,6 +67,7 @@ SECTIONS: dict[str, Schema] = {
     "registrar": {"enabled": ("", "bool"), "address": ("address", "str"),
                   "port": ("port", "int"), "preference": ("preference", "int"),
                   "coaps_port": ("coaps_port", "int"), "jpy_port": ("jpy_port", "int"),
+                  "cojp_port": ("cojp_port", "int"),
                   "ipip_link_local": ("ipip.link_local", "str"),
                   "ipip_address": ("ipip.address", "str"),
                   "ipip_protocol": ("ipip.protocols", "list:int"),
@@ -86,6 +87,7 @@ SECTIONS: dict[str, Schema] = {
     "ipip": {"protocol": ("protocol", "int"), "backbone_prefix": ("backbone_prefix", "str"),
              "backbone_address": ("backbone_addresses", "list:str"),
              "xdp": ("xdp", "str")},
+    "cojp": {"rate": ("rate", "float"), "burst": ("burst", "int")},
 }
 REPEATED = ("join", "registrar")
 

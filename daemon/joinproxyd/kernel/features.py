@@ -125,9 +125,17 @@ def constrained_problem() -> str | None:
     return None
 
 
+def cryptography_problem() -> str | None:
+    """Why the cojp relay (AES-SIV sealed tokens) cannot run here, or None."""
+    if importlib.util.find_spec("cryptography") is None:
+        return install_hint("cryptography")
+    return None
+
+
 # relay mode -> the probes it needs
 _NEEDS = {"nat66": (nftables_problem,), "ipip": (libbpf_problem,),
-          "coaps": (constrained_problem,), "jpy": (constrained_problem,)}
+          "coaps": (constrained_problem,), "jpy": (constrained_problem,),
+          "cojp": (cryptography_problem,)}
 
 
 def missing_for(modes: Iterable[str]) -> str | None:

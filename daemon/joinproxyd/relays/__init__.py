@@ -1,4 +1,4 @@
-"""The relay modes (circuit, nat66, ipip, coaps, jpy) that carry a pledge's traffic, by name.
+"""The relay modes (circuit, nat66, ipip, coaps, jpy, cojp) that carry a pledge's traffic, by name.
 
 A new mode is a RelayMode subclass in its own module plus one line here (and its name in
 config.KNOWN_MODES); the control plane needs no change."""
@@ -13,6 +13,7 @@ _MODES = {
     "ipip": ("ipip", "IpipMode"),
     "coaps": ("coaps", "CoapsMode"),
     "jpy": ("jpy", "JpyMode"),
+    "cojp": ("cojp", "CojpMode"),
 }
 
 

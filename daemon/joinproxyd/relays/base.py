@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import IpipSettings, Limits
+from ..config import CojpSettings, IpipSettings, Limits
 from ..datapath import Datapath
 from ..listeners import Listeners
 from ..metrics import Metrics
@@ -36,6 +36,7 @@ class RelayContext:
     # The BPF data plane, opened by whoever first needs it (modes that run in BPF).
     datapath: Datapath | None = None
     ipip: Callable[[], IpipSettings] = IpipSettings
+    cojp: Callable[[], CojpSettings] = CojpSettings
     # Bind failures and their retries (the control plane's, so that status, READY and the
     # announcements know what is really bound); a mode without one keeps its own.
     listeners: Listeners | None = None
