@@ -86,6 +86,7 @@ SECTIONS: dict[str, Schema] = {
     "ipip": {"protocol": ("protocol", "int"), "backbone_prefix": ("backbone_prefix", "str"),
              "backbone_address": ("backbone_addresses", "list:str"),
              "xdp": ("xdp", "str")},
+    "jpy": {"key_rotation": ("key_rotation", "float")},
 }
 REPEATED = ("join", "registrar")
 
