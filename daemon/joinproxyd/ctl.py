@@ -133,7 +133,8 @@ def render_traffic(traffic: dict[str, Any] | None) -> list[str]:
     rows = [["mode", "flows open/opened", "datagrams up/down", "bytes up/down", "drops"]]
     for mode, t in sorted(traffic.items()):
         flows = t.get("flows")
-        rows.append([mode, "-" if flows is None else f"{flows['active']}/{flows['opened']}",
+        active = "-" if flows is None or flows.get("active") is None else flows["active"]
+        rows.append([mode, "-" if flows is None else f"{active}/{flows['opened']}",
                      pair(t.get("datagrams")), pair(t.get("bytes")),
                      ",".join(f"{r}={n}" for r, n in sorted(t["drops"].items())) or "-"])
     return ["", "traffic:", _table(rows)]

@@ -252,6 +252,7 @@ class Daemon:
         self._ready = False
         self._backbone_problem: str | None = None  # what was last logged about it
         self._joining_said: bool | None = None
+        self._targets: dict[str, RegistrarEndpoint | None] | None = None  # per mode, applied
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
         # Runs on the metrics thread: iterate over a copy, the loop may change the dict.
@@ -391,6 +392,9 @@ class Daemon:
         registrar = self.registrars.active
         self.interfaces = desired_interfaces(config, self.links, registrar)
         wanted = {mode for spec in config.joins for mode in spec.modes}
+        # One view of the registrars per pass: the modes are given it, and joining and the
+        # announcements follow it (a registrar turning healthy mid-pass dirties the next).
+        targets = self._targets = self.mode_targets()
         for name in sorted(set(self.modes) - wanted):
             await self.modes.pop(name).close(config.drain_seconds)
         for name in sorted(wanted):
@@ -399,7 +403,7 @@ class Daemon:
                 self.metrics.add_mode(name, flows=mode_class(name).keeps_flows)
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes],
-                                 self.mode_target(name))
+                                 targets.get(name))
         if config.guard.enabled:
             self.metrics.drops.declare(GUARD_MODE)
         # The ipip XDP fast path runs behind the guard's program: with the guard off, that
@@ -443,16 +447,23 @@ class Daemon:
         the DTLS probe (discovery/constrained.py), None while none does."""
         cls = mode_class(name)
         if cls.constrained:
-            return self.constrained.endpoint_for(name)
+            kind = {"coaps_port": "coaps", "jpy_port": "jpy"}.get(cls.registrar_port)
+            return None if kind is None else self.constrained.endpoint_for(kind)
         return self.registrars.active
 
     def mode_targets(self) -> dict[str, RegistrarEndpoint | None]:
         wanted = sorted({mode for spec in self.config.joins for mode in spec.modes})
         return {name: self.mode_target(name) for name in wanted}
 
+    def applied_targets(self) -> dict[str, RegistrarEndpoint | None]:
+        """What the last reconcile gave each mode (what the relays really use); before the
+        first one, what it would give."""
+        return self._targets if self._targets is not None else self.mode_targets()
+
     def joinable(self) -> list[JoinInterface]:
         """The served links restricted to their modes with a healthy registrar."""
-        healthy = {name for name, target in self.mode_targets().items() if target is not None}
+        healthy = {name for name, target in self.applied_targets().items()
+                   if target is not None}
         return [view for i in self.served if (view := joinable_view(i, healthy)) is not None]
 
     @staticmethod
@@ -470,7 +481,7 @@ class Daemon:
             return False, NO_JOIN_LINK
         if not self.window.open:
             return False, f"join window closed by {self.window.by}"
-        targets = self.mode_targets()
+        targets = self.applied_targets()
         if not any(targets.values()):
             tcp = [m for m in targets if not mode_class(m).constrained]
             udp = [m for m in targets if mode_class(m).constrained]
@@ -501,7 +512,7 @@ class Daemon:
         """Per configured mode: whether new pledges are taken, and the registrar or why not."""
         out: dict[str, dict[str, Any]] = {}
         served = {m for i in self.served for m in i.modes}
-        for name, target in self.mode_targets().items():
+        for name, target in self.applied_targets().items():
             why = None
             if not self.window.open:
                 why = f"join window closed by {self.window.by}"
@@ -756,7 +767,7 @@ class Daemon:
         if not self.config.joins:
             names = f"nothing ({NO_JOIN_LINK})"
         joining, why = self.joining()
-        targets = self.mode_targets()
+        targets = self.applied_targets()
         out = f"serving {names}"
         if any(not mode_class(m).constrained for m in targets) or not targets:
             out += f"; registrar {registrar.key if registrar else 'none'}"
@@ -859,10 +870,12 @@ class Daemon:
 
         for name, mode in self.modes.items():
             if mode.keeps_flows:
-                entry(name)["flows"] = {"active": 0, "opened": 0}
+                entry(name)["flows"] = {"active": 0 if mode.counts_active else None,
+                                        "opened": 0}
         for labels, value in _samples(metrics.circuits_active):
-            if "flows" in entry(labels["mode"]):
-                entry(labels["mode"])["flows"]["active"] += int(value)
+            flows = entry(labels["mode"]).get("flows")
+            if flows is not None and flows["active"] is not None:
+                flows["active"] += int(value)
         for labels, value in _samples(metrics.circuits):
             entry(labels["mode"]).setdefault("flows", {"active": 0, "opened": 0})["opened"] \
                 = int(value)

@@ -96,6 +96,9 @@ class RelayMode(ABC):
     # Whether the mode has flows to count in joinproxyd_circuits_total and
     # joinproxyd_relayed_bytes_total (a stateless relay counts packets in BPF instead).
     keeps_flows: ClassVar[bool] = True
+    # Whether it knows its open flows (joinproxyd_circuits_active): nat66's live in conntrack,
+    # which it counts only as they start.
+    counts_active: ClassVar[bool] = True
     # Whether pledges reach the mode by CoAPS (coaps, jpy): its join links then answer CoRE
     # join-port discovery (discovery/coap_join.py) while joining is open.
     constrained: ClassVar[bool] = False
