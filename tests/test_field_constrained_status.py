@@ -382,3 +382,88 @@ def test_the_guard_covers_both_udp_join_ports(lab: Lab, bpffs: Path, tmp_path: P
     wait_for(lambda: len({e["source"] for e in daemon.ctl()["guard"]["dropped_most"]}) == 2,
              15, "the guard naming both flooders")
     daemon.stop()
+
+
+# --- pure parts --------------------------------------------------------------------------------
+
+
+def test_each_constrained_kind_gets_a_healthy_endpoint_of_its_own_and_health_changes_tell():
+    """Registrar A offers only JPY, B only CoAPS: "auto" chooses A, yet a coaps link is given
+    B; when B stops answering the control plane is told (the choice itself is unchanged)."""
+    import asyncio
+    import logging
+
+    from joinproxyd.discovery.constrained import ConstrainedRegistrars, UdpKind, UdpRegistrar
+
+    jpy_a = UdpRegistrar(UdpKind.JPY, "fd00::a", 7634)
+    coaps_b = UdpRegistrar(UdpKind.COAPS, "fd00::b", 5684)
+    health: dict = {jpy_a: None, coaps_b: None}
+    changes: list[int] = []
+
+    async def probe(registrar, timeout):  # type: ignore[no-untyped-def]
+        return health[registrar]
+
+    async def main() -> None:
+        table = ConstrainedRegistrars(log=logging.getLogger("t"), health_interval=1,
+                                      health_timeout=1, on_change=lambda: changes.append(1),
+                                      probe=probe)
+        table.offer(jpy_a, "grasp", 90)
+        table.offer(coaps_b, "grasp", 90)
+        assert table.endpoint_for(UdpKind.COAPS) is None  # nothing probed yet
+        await table._pass()
+        assert table.chosen is not None and table.chosen.address == "fd00::a"
+        jpy, coaps = table.endpoint_for(UdpKind.JPY), table.endpoint_for(UdpKind.COAPS)
+        assert jpy is not None and (jpy.address, jpy.jpy_port) == ("fd00::a", 7634)
+        assert coaps is not None and (coaps.address, coaps.coaps_port) == ("fd00::b", 5684)
+        told = len(changes)
+        health[coaps_b] = "no DTLS answer"
+        await table._pass()
+        assert table.endpoint_for(UdpKind.COAPS) is None
+        assert table.chosen is not None and table.chosen.address == "fd00::a"
+        assert len(changes) == told + 1  # told, though the chosen registrar is the same
+        await table._pass()
+        assert len(changes) == told + 1  # nothing changed: not told again
+        health[coaps_b] = None
+        await table._pass()
+        table.withdraw(coaps_b, "grasp")  # a healthy endpoint forgotten: told too
+        assert len(changes) == told + 3
+    asyncio.run(main())
+
+
+def test_status_renders_modes_and_traffic() -> None:
+    from joinproxyd.ctl import render_joining_modes, render_traffic
+
+    lines = render_joining_modes({
+        "coaps": {"open": True, "reason": None, "registrar": "[fd00::1]:5684"},
+        "circuit": {"open": False, "reason": "no healthy registrar", "registrar": None}})
+    assert lines == ["modes: circuit CLOSED (no healthy registrar); coaps open via "
+                     "[fd00::1]:5684"]
+    text = "\n".join(render_traffic({
+        "coaps": {"flows": {"active": 1, "opened": 3}, "datagrams": {"upstream": 5,
+                                                                     "downstream": 4},
+                  "bytes": {"upstream": 50, "downstream": 40}, "drops": {"flow-limit": 2}},
+        "nat66": {"flows": {"active": None, "opened": 7}, "drops": {}},
+        "jpy": {"datagrams": {"upstream": 1, "downstream": 0}, "drops": {"jpy-stale": 1}}}))
+    assert "coaps  1/3" in text and "5/4" in text and "50/40" in text, text
+    assert "flow-limit=2" in text and "jpy-stale=1" in text, text
+    assert "nat66  -/7" in text, text
+    assert render_traffic(None) == []
+
+
+def test_circuit_traffic_in_status_matches_metrics(lab: Lab, tmp_path: Path) -> None:
+    """The traffic table is generic: the circuit mode's flows and bytes are there too."""
+    from lab.proxyd import echo_registrar, talk
+
+    echo_registrar(lab.registrars[0], "r0")
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", base_config(tmp_path / "proxy")).start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "joining open")
+    assert daemon.ctl()["joining_modes"]["circuit"]["open"] is True
+    assert talk(lab.pledges[0], "hello") == "r0\nhello\n"
+    wait_for(lambda: traffic(daemon, "circuit")["flows"] == {"active": 0, "opened": 1}, 10,
+             "the circuit to close")
+    t = traffic(daemon, "circuit")
+    assert t["bytes"] == {"upstream": 6, "downstream": 9}, t
+    assert daemon.sample("joinproxyd_relayed_bytes_total", mode="circuit",
+                         direction="downstream") == 9
+    assert "datagrams" not in t, t
+    daemon.stop()
