@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,6 +316,18 @@ def test_jpy_previous_key_opens_for_one_period_then_stale(lab: Lab, tmp_path: Pa
     assert proc.log().splitlines()[-2] == "none", proc.log()
     assert daemon.drops("jpy", "jpy-stale") == stale + 1
     assert "older than the previous key" in daemon.log()
+    # a reload takes a new period at once; a bad one is refused naming the key
+    daemon.reload({**config, "jpy": {"key_rotation": 600}})
+    settled = key_id()[0]
+    assert daemon.ctl()["relays"]["jpy"]["key_rotation_seconds"] == 600
+    time.sleep(4)  # more than the old period
+    assert key_id()[0] == settled
+    daemon.write_config({**config, "jpy": {"key_rotation": "1d"}})
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in daemon.log(), 10, "the reload to be refused")
+    assert "jpy.key_rotation: must be a number between 1 and 2.592e+06 (got '1d')" \
+        in daemon.log()
+    assert daemon.ctl()["relays"]["jpy"]["key_rotation_seconds"] == 600
     daemon.stop()
 
 
