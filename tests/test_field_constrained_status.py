@@ -481,3 +481,32 @@ def test_circuit_traffic_in_status_matches_metrics(lab: Lab, tmp_path: Path) -> 
                          direction="downstream") == 9
     assert "datagrams" not in t, t
     daemon.stop()
+
+
+def test_a_coaps_datagram_that_cannot_be_sent_is_counted_and_logged(lab: Lab,
+                                                                     tmp_path: Path) -> None:
+    """The route to the registrar goes away under an open flow: the pledge's next datagram
+    is not sent, counted as send-error once and logged with the pledge and why."""
+    stand_in(lab)
+    config = constrained_config(tmp_path / "proxy")
+    config["registrars"]["health_interval"] = 30
+    config["join"] = [config["join"][0]]
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
+    wait_for(lambda: daemon.ctl()["joining"], 10, "joining open")
+    flag = tmp_path / "route-gone"
+    proc = lab.pledges[0].spawn([PYTHON, "-c", PLEDGE, str(COAPS_JOIN), "1", "first",
+                                 f"@{flag}", "second"], name="coaps-pledge")
+    wait_for(lambda: "reply first" in proc.log(), 10, "the first echo")
+    routes = json.loads(lab.proxy.run(["ip", "-j", "-6", "route", "show", "match",
+                                       REGISTRAR]).stdout)
+    for route in routes:  # every route that reaches the registrar (probes are 30 s apart)
+        lab.proxy.run(["ip", "-6", "route", "del", route["dst"], "dev", route["dev"]])
+    flag.touch()
+    wait_for(lambda: "done" in proc.log(), 10, "the second datagram")
+    assert proc.log().splitlines()[-2] == "none", proc.log()
+    t = traffic(daemon, "coaps")
+    assert t["drops"] == {"send-error": 1}, t
+    assert t["datagrams"]["upstream"] == 1, t
+    lines = [line for line in daemon.log().splitlines() if "to the registrar not sent" in line]
+    assert len(lines) == 1 and "unreachable" in lines[0].lower(), lines
+    daemon.stop()

@@ -220,14 +220,15 @@ class CoapsMode(RelayMode):
             try:
                 flow.sock.send(data)
             except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                    self.ctx.metrics.drop(self.name, DropReason.SEND_ERROR)
-                    self._say(flow.pledge_address, "send-error", flow.interface,
-                              f"datagram of flow {flow.id} to the registrar not sent: "
-                              f"{exc.strerror or exc}")
-                    continue
-                # A queued error (an earlier ICMPv6 from the registrar's side): report it.
-                self._errors(flow)
+                # Not sent (counted): a full queue, no route to the registrar any more, or an
+                # earlier ICMPv6 error from the registrar's side that the kernel reports here;
+                # that one is also reflected to the pledge.
+                self.ctx.metrics.drop(self.name, DropReason.SEND_ERROR)
+                self._say(flow.pledge_address, "send-error", flow.interface,
+                          f"datagram of flow {flow.id} to the registrar not sent: "
+                          f"{exc.strerror or exc}")
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                    self._errors(flow)
                 continue
             flow.last = time.monotonic()
             flow.datagrams_up += 1
