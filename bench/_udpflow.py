@@ -1,6 +1,8 @@
 """The traffic ends and the bare relay for bench/coaps_relay.py, one process each.
 
     _udpflow.py echo PORT                         registrar: answer every datagram with itself
+                                                  (a DTLS ClientHello, the proxy's health
+                                                  probe, with a HelloVerifyRequest)
     _udpflow.py relay LISTEN_ADDR PORT IFNAME TARGET TPORT
                                                   the bare asyncio UDP relay: per client
                                                   (address, port) a connected socket of its
@@ -28,12 +30,21 @@ def raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# A DTLS 1.2 HelloVerifyRequest with a one-byte cookie: what the proxy's probe wants back.
+_HVR_BODY = b"\xfe\xff\x01X"
+_HVR = (b"\x03" + len(_HVR_BODY).to_bytes(3, "big") + bytes(5)
+        + len(_HVR_BODY).to_bytes(3, "big") + _HVR_BODY)
+HELLO_VERIFY_REQUEST = b"\x16\xfe\xfd" + bytes(8) + len(_HVR).to_bytes(2, "big") + _HVR
+
+
 def echo(port: int) -> None:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind(("::", port))
     while True:
         data, addr = sock.recvfrom(65535)
+        if data[:1] == b"\x16" and data[13:14] == b"\x01":
+            data = HELLO_VERIFY_REQUEST  # the proxy relays only to a DTLS-healthy registrar
         with contextlib.suppress(OSError):
             sock.sendto(data, addr)
 

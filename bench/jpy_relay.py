@@ -34,15 +34,26 @@ JPY_PORT = 5684
 ECHO_PORT = 5690
 REGISTRAR = "fd4a:5044::100"
 
+# The first port answers the daemon's DTLS probe (a JPY message with a 16-byte header, where
+# the relay's headers are 32) with a HelloVerifyRequest under the same header.
 ECHO = """
 import asyncio, sys
+import cbor2
+body = bytes([0xFE, 0xFF, 1, 88])
+hs = bytes([3]) + len(body).to_bytes(3, "big") + bytes(5) + len(body).to_bytes(3, "big") + body
+HVR = bytes([22, 0xFE, 0xFD]) + bytes(8) + len(hs).to_bytes(2, "big") + hs
 class Echo(asyncio.DatagramProtocol):
+    def __init__(self, jpy): self.jpy = jpy
     def connection_made(self, t): self.t = t
-    def datagram_received(self, d, a): self.t.sendto(d, a)
+    def datagram_received(self, d, a):
+        if self.jpy and d[1:2] == bytes([0x50]):
+            d = cbor2.dumps([cbor2.loads(d)[0], HVR])
+        self.t.sendto(d, a)
 async def main():
     loop = asyncio.get_running_loop()
-    for port in sys.argv[1:]:
-        await loop.create_datagram_endpoint(Echo, local_addr=("::", int(port)))
+    for i, port in enumerate(sys.argv[1:]):
+        await loop.create_datagram_endpoint(lambda i=i: Echo(i == 0),
+                                            local_addr=("::", int(port)))
     print("ready", flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())

@@ -1,7 +1,8 @@
 """Lab helpers run inside namespaces for the coaps relay tests (python tests/coaps_probe.py ...).
 
 ``echo NAME PORT``: a UDP registrar stand-in that answers each datagram with
-``NAME <source port it saw> <datagram>``, so a test sees which source port each flow has.
+``NAME <source port it saw> <datagram>``, so a test sees which source port each flow has; a
+DTLS ClientHello (the proxy's health probe) gets a HelloVerifyRequest, as a registrar's would.
 
 ``pledge TARGET PORT WAIT PAYLOAD...``: one UDP socket (own source port) per payload, each
 sends its payload to [TARGET]:PORT; meanwhile a raw ICMPv6 socket records every error that
@@ -17,11 +18,27 @@ import sys
 import time
 
 
+def hello_verify_request() -> bytes:
+    """A DTLS 1.2 record holding a HelloVerifyRequest with a one-byte cookie: what the
+    proxy's DTLS probe (discovery/constrained.py) takes as a live registrar."""
+    body = b"\xfe\xff\x01X"  # server_version, cookie length, cookie
+    handshake = (bytes([3]) + len(body).to_bytes(3, "big") + b"\0\0" + b"\0\0\0"
+                 + len(body).to_bytes(3, "big") + body)
+    return b"\x16\xfe\xfd" + b"\0" * 8 + struct.pack("!H", len(handshake)) + handshake
+
+
+def is_client_hello(data: bytes) -> bool:
+    return len(data) > 13 and data[0] == 22 and data[13] == 1
+
+
 def echo(name: str, port: int) -> None:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     sock.bind(("::", port))
     while True:
         data, addr = sock.recvfrom(65535)
+        if is_client_hello(data):
+            sock.sendto(hello_verify_request(), addr)
+            continue
         sock.sendto(f"{name} {addr[1]} ".encode() + data, addr)
 
 

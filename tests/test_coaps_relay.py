@@ -6,6 +6,7 @@ through the relay are at the end."""
 import ipaddress
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -37,11 +38,14 @@ def coaps_config(tmp_path: Path, coaps_port: int = 5684, **sections):  # type: i
         **sections)
 
 
-def start(lab: Lab, tmp_path: Path, coaps_port: int = 5684, **sections) -> ProxyDaemon:  # type: ignore[no-untyped-def]
+def start(lab: Lab, tmp_path: Path, coaps_port: int = 5684, health_interval: float = 0.3,  # type: ignore[no-untyped-def]
+          **sections) -> ProxyDaemon:
     echo_registrar(lab.registrars[0], "r0")  # TCP: what the health probe connects to
-    daemon = ProxyDaemon(lab, tmp_path / "proxy", coaps_config(tmp_path, coaps_port,
-                                                               **sections)).start()
-    wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    config = coaps_config(tmp_path, coaps_port, **sections)
+    config["registrars"]["health_interval"] = health_interval
+    daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
+    # joining on a coaps link needs the registrar's CoAPS port to answer the DTLS probe
+    wait_for(lambda: daemon.ctl()["joining"], 10, "a DTLS-healthy registrar")
     return daemon
 
 
@@ -51,8 +55,8 @@ def probe(pledge, *payloads: str, wait: float = 1.5) -> dict:  # type: ignore[no
     return json.loads(done.stdout)
 
 
-def udp_echo(lab: Lab, port: int = 5684) -> None:
-    lab.registrars[0].spawn([PYTHON, PROBE, "echo", "r0", str(port)], name="udp-echo")
+def udp_echo(lab: Lab, port: int = 5684):  # type: ignore[no-untyped-def]
+    return lab.registrars[0].spawn([PYTHON, PROBE, "echo", "r0", str(port)], name="udp-echo")
 
 
 def test_each_pledge_port_gets_its_own_flow_and_source_port(lab, tmp_path):
@@ -134,7 +138,11 @@ def test_idle_flows_expire_and_free_their_slots(lab, tmp_path):
 
 
 def test_registrar_port_unreachable_is_reflected_to_the_pledge(lab, tmp_path):
-    daemon = start(lab, tmp_path, coaps_port=5999)  # nothing listens there
+    # The CoAPS port answers the DTLS probe once (probes 30 s apart), then closes: the flow's
+    # datagrams meet port unreachable before the next probe says the registrar is down.
+    echo = udp_echo(lab, 5999)
+    daemon = start(lab, tmp_path, coaps_port=5999, health_interval=30)
+    echo.stop()
     out = probe(lab.pledges[0], "knock", "knock-again", wait=2)
     unreachable = [e for e in out["icmp"] if (e["type"], e["code"]) == (1, 4)]
     assert unreachable, out
@@ -153,14 +161,19 @@ def test_closed_window_refuses_new_flows_and_no_registrar_port_is_not_served(lab
     assert out["replies"] == [None] and out["icmp"] == [], out
     assert daemon.drops("coaps", "window-closed") == 1
     daemon.stop()
-    # A registrar without a CoAPS port: the link is not served (and not announced).
+    # A registrar without a CoAPS port: coaps joining is closed, saying why, and the link is
+    # not announced, though its registrar is healthy on TCP.
     config = coaps_config(tmp_path)
     del config["registrars"]["static"][0]["coaps_port"]
     daemon = ProxyDaemon(lab, tmp_path / "proxy2", config).start()
     wait_for(lambda: daemon.ctl()["registrars"][0]["healthy"], 10, "a healthy registrar")
     status = daemon.ctl()
-    assert status["interfaces"] == []
-    assert "has no CoAPS port" in json.dumps(status["unserved"])
+    assert status["joining"] is False
+    assert status["joining_modes"]["coaps"]["reason"] == \
+        "no constrained registrar answers the DTLS probe", status
+    time.sleep(1.5)  # an announcement interval
+    assert daemon.sample("joinproxyd_announcements_total", method="grasp",
+                         interface="join0") == 0
     daemon.stop()
 
 

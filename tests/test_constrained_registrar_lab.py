@@ -93,17 +93,8 @@ def test_daemon_learns_probes_and_loses_the_registrars_coaps_endpoint(lab, tmp_p
     assert "Traceback" not in daemon.log(), daemon.log()
 
 
-# The relay modes that set RelayMode.constrained (coaps, jpy) are built beside this branch. Until
-# they are merged, the daemon's join-link CoRE hook is exercised by starting the real daemon
-# with the circuit mode flagged constrained: the gate (window open, a DTLS-healthy constrained
-# registrar) and the answer are the daemon's own; only the flag is set from outside.
-FLAGGED_DAEMON = """
-import sys
-from joinproxyd.relays.circuit import CircuitMode
-CircuitMode.constrained = True
-from joinproxyd.cli import main
-sys.exit(main())
-"""
+# The daemon's join-link CoRE answer, with the real coaps mode: the gate (window open, a
+# DTLS-healthy constrained registrar) and the answer are the daemon's own.
 
 
 def _ask_join_port(pledge) -> str:
@@ -116,11 +107,11 @@ def _ask_join_port(pledge) -> str:
 def test_join_link_core_answer_follows_joining(lab, tmp_path):
     config = base_config(
         tmp_path / "run",
+        join=[{"interfaces": ["join*"], "modes": ["coaps"], "port": PORT}],
         registrars={"discovery": ["static"],
                     "static": [{"address": REGISTRAR, "port": PORT, "preference": 10,
                                 "coaps_port": COAPS}]})
-    daemon = ProxyDaemon(lab, tmp_path / "run", config,
-                         command=[PY, "-c", FLAGGED_DAEMON]).start()
+    daemon = ProxyDaemon(lab, tmp_path / "run", config).start()
     pledge = lab.pledges[0]
     socket_path = config["daemon"]["control_socket"]
 

@@ -22,6 +22,7 @@ packaging/joinproxyd.toml documents each key.
     [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
     [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
     [cojp]          rate, burst (the cojp relay's join rate limit per join link)
+    [jpy]           key_rotation (seconds between header keys of the stateless jpy relay)
 
 The guard is off when [guard] is absent, so a configuration written before it existed (and
 a circuit-only one with the guard off) loads no BPF at all; the shipped joinproxyd.toml
@@ -124,6 +125,14 @@ class IpipSettings:
 
 
 @dataclass(frozen=True)
+class JpySettings:
+    """The stateless jpy relay mode: how long a header key seals before the next one takes
+    over; the previous key still opens for one more period (relays/jpy.py)."""
+
+    key_rotation: float = 86400.0  # draft §4.5.5 suggests about a day
+
+
+@dataclass(frozen=True)
 class JoinSpec:
     interfaces: tuple[str, ...]
     modes: tuple[str, ...]
@@ -174,6 +183,7 @@ class Config:
     guard: GuardSettings = field(default_factory=GuardSettings)
     ipip: IpipSettings = field(default_factory=IpipSettings)
     cojp: CojpSettings = field(default_factory=CojpSettings)
+    jpy: JpySettings = field(default_factory=JpySettings)
 
     @property
     def uses_ipip(self) -> bool:
@@ -412,6 +422,15 @@ def _cojp(table: _Table) -> CojpSettings:
     return cojp
 
 
+def _jpy(table: _Table) -> JpySettings:
+    # At least a second (tests use a few); at most 30 days: a key that lives longer seals
+    # more headers than a day's worth for little gain (draft §4.5.5: about a day).
+    settings = JpySettings(key_rotation=table.number(
+        "key_rotation", JpySettings.key_rotation, 1, 30 * 86400))
+    table.done()
+    return settings
+
+
 def _join(item: object, key: str) -> JoinSpec:
     table = _Table(item, key)
     interfaces = table.strings("interfaces", None)
@@ -447,6 +466,7 @@ def parse(data: dict[str, Any]) -> Config:
     guard = _guard(root.table("guard"))
     ipip = _ipip(root.table("ipip"))
     cojp = _cojp(root.table("cojp"))
+    jpy = _jpy(root.table("jpy"))
     # No [[join]] table is a valid configuration (the shipped one): the daemon runs and
     # serves nothing, saying "no join link configured", so that a fresh install serves no
     # guessed interface (README, joinproxyd(8)).
@@ -510,6 +530,7 @@ def parse(data: dict[str, Any]) -> Config:
         guard=guard,
         ipip=ipip,
         cojp=cojp,
+        jpy=jpy,
     )
     config = replace(config, ipip=replace(
         ipip, knob_record=config.control_socket.parent / KNOB_RECORD_NAME))

@@ -70,6 +70,7 @@ def render_status(status: dict[str, Any]) -> str:
     out = [f"joinproxyd {status['version']}, up {status['uptime']:.0f} s, {joining}"
            + ("" if status.get("ready", True) else ", NOT READY (listeners not bound)"),
            *([render_window(window)] if window else []),
+           *render_joining_modes(status.get("joining_modes")),
            f"backbone: {backbone['name']} "
            + ("(ready)" if backbone["ready"] else
               f"(NOT READY: {backbone.get('problem') or 'not usable'}"
@@ -103,11 +104,40 @@ def render_status(status: dict[str, Any]) -> str:
     out += ["", "relays:"]
     for mode, info in status["relays"].items():
         out.append(f"  {mode}: {json.dumps(info, sort_keys=True)}")
+    out += render_traffic(status.get("traffic"))
     out += render_bpf(status.get("guard"), status.get("bpf"))
     counters = status["counters"]
     out += ["", "counters (not zero; --json shows all):"]
     out += [f"  {name} {value:g}" for name, value in sorted(counters.items()) if value]
     return "\n".join(out)
+
+
+def render_joining_modes(modes: dict[str, Any] | None) -> list[str]:
+    """One line per configured mode: open (via which registrar) or closed and why; absent
+    from an older daemon."""
+    if not modes:
+        return []
+    parts = [f"{name} open via {m['registrar']}" if m["open"]
+             else f"{name} CLOSED ({m['reason']})" for name, m in sorted(modes.items())]
+    return ["modes: " + "; ".join(parts)]
+
+
+def render_traffic(traffic: dict[str, Any] | None) -> list[str]:
+    """Per mode: flows open/opened, datagrams and bytes up/down, drops by reason."""
+    if not traffic:
+        return []
+
+    def pair(d: dict[str, int] | None) -> str:
+        return "-" if d is None else f"{d.get('upstream', 0)}/{d.get('downstream', 0)}"
+
+    rows = [["mode", "flows open/opened", "datagrams up/down", "bytes up/down", "drops"]]
+    for mode, t in sorted(traffic.items()):
+        flows = t.get("flows")
+        active = "-" if flows is None or flows.get("active") is None else flows["active"]
+        rows.append([mode, "-" if flows is None else f"{active}/{flows['opened']}",
+                     pair(t.get("datagrams")), pair(t.get("bytes")),
+                     ",".join(f"{r}={n}" for r, n in sorted(t["drops"].items())) or "-"])
+    return ["", "traffic:", _table(rows)]
 
 
 def render_constrained(info: dict[str, Any] | None) -> list[str]:

@@ -5,10 +5,13 @@ marks the desired state dirty; one reconcile task then derives the desired state
 each relay mode, announcer and discovery listener exactly what it should serve. Reconciling
 is idempotent, so a burst of netlink events costs one pass.
 
-Joining is open while a registrar is healthy, a join link is served and the operator's
-join window (window.py, `joinproxyctl window`) is open: announcements go out and new
-circuits are admitted. Otherwise announcements stop and new circuits are refused (counted),
-while established circuits are left alone.
+Joining is open, per relay mode, while that mode has a healthy registrar, one of its join
+links is served and the operator's join window (window.py, `joinproxyctl window`) is open:
+the TCP modes (circuit, nat66, ipip) need a registrar whose TCP health probe answers, the
+constrained ones (coaps, jpy) one whose UDP endpoint answers the DTLS probe
+(discovery/constrained.py). Only links with such a mode are announced (GRASP, mDNS, CoRE
+join-port discovery for the constrained ones). A mode without a healthy registrar refuses new
+pledges (counted), while established circuits and flows are left alone.
 
 The BPF data plane (datapath.py) is opened only when something runs in it: the join-port
 guard (guard.py, on every served join link whatever its modes; with the guard off, on the
@@ -92,15 +95,16 @@ def announced_addresses(modes: tuple[str, ...], link_local: str,
     return tuple(out)
 
 
-def constrained_target(chosen: RegistrarEndpoint | None, active: RegistrarEndpoint | None,
-                       port: str) -> RegistrarEndpoint | None:
-    """The registrar a constrained mode relays to: the one whose UDP endpoint answered the
-    DTLS probe (discovery/constrained.py) when it offers the mode's port; else the active
-    registrar, whose TCP health stands in until a DTLS probe answers (the mode serves it
-    only when static configuration or its GRASP flood names that port, and says so)."""
-    if chosen is not None and getattr(chosen, port, None) is not None:
-        return chosen
-    return active
+def joinable_view(iface: JoinInterface, healthy: set[str]) -> JoinInterface | None:
+    """The served link as far as joining is open on it: only its modes with a healthy
+    registrar (and the addresses they serve announced); None when it has none."""
+    modes = tuple(m for m in iface.modes if m in healthy)
+    if modes == iface.modes:
+        return iface
+    if not modes:
+        return None
+    return dataclasses.replace(iface, modes=modes, announce=announced_addresses(
+        modes, iface.link_local, iface.routable))
 
 
 def desired_interfaces(config: Config, links: dict[str, LinkState],
@@ -133,6 +137,12 @@ def guarded_ports(config: Config, interfaces: list[JoinInterface],
     if target is not None and any("ipip" in i.modes for i in interfaces):
         ports.update(target.ports)
     return sorted(ports)
+
+
+def _samples(metric: Any) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of a prometheus_client metric's own series (no _created)."""
+    return [(sample.labels, sample.value) for family in metric.collect()
+            for sample in family.samples if not sample.name.endswith("_created")]
 
 
 class DaemonError(Exception):
@@ -187,6 +197,7 @@ class Daemon:
                                     lambda: self.links.get(self.config.backbone), log,
                                     datapath=self.datapath, ipip=lambda: self.config.ipip,
                                     cojp=lambda: self.config.cojp,
+                                    jpy=lambda: self.config.jpy,
                                     join_window=lambda: self.window.open,
                                     refusals=self.refusals)
         self._dirty = asyncio.Event()
@@ -243,6 +254,7 @@ class Daemon:
         self._ready = False
         self._backbone_problem: str | None = None  # what was last logged about it
         self._joining_said: bool | None = None
+        self._targets: dict[str, RegistrarEndpoint | None] | None = None  # per mode, applied
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
         # Runs on the metrics thread: iterate over a copy, the loop may change the dict.
@@ -382,6 +394,9 @@ class Daemon:
         registrar = self.registrars.active
         self.interfaces = desired_interfaces(config, self.links, registrar)
         wanted = {mode for spec in config.joins for mode in spec.modes}
+        # One view of the registrars per pass: the modes are given it, and joining and the
+        # announcements follow it (a registrar turning healthy mid-pass dirties the next).
+        targets = self._targets = self.mode_targets()
         for name in sorted(set(self.modes) - wanted):
             await self.modes.pop(name).close(config.drain_seconds)
         for name in sorted(wanted):
@@ -390,9 +405,7 @@ class Daemon:
                 self.metrics.add_mode(name, flows=mode_class(name).keeps_flows)
                 mode = self.modes[name] = mode_class(name)(self.context)
             await mode.reconcile([i for i in self.interfaces if name in i.modes],
-                                 constrained_target(self.constrained.chosen, registrar,
-                                                    mode.registrar_port)
-                                 if mode.constrained else registrar)
+                                 targets.get(name))
         if config.guard.enabled:
             self.metrics.drops.declare(GUARD_MODE)
         # The ipip XDP fast path runs behind the guard's program: with the guard off, that
@@ -407,18 +420,20 @@ class Daemon:
                                    dispatch=[i for i in self.interfaces if i.name in fast])
         if not config.needs_bpf and self.datapath.opened:
             await self.datapath.close()  # turned off by a reload: unload it all
-        joining = registrar is not None and self.window.open
         self._account_served()
-        # Only what is bound is announced: a link whose listeners could not bind (the port
-        # is taken) is left out until a retry binds them. A link where no configured mode
-        # can serve the pledges' addresses is not announced either.
-        announced = [i for i in self.served if i.announce]
+        # Only what is bound, and has a mode with a healthy registrar, is announced: a link
+        # whose listeners could not bind (the port is taken) is left out until a retry binds
+        # them, a coaps link while no constrained registrar answers the DTLS probe, a circuit
+        # link while no registrar answers on TCP. A link where no configured mode can serve
+        # the pledges' addresses is not announced either.
+        joinable = self.joinable() if self.window.open else []
+        announced = [i for i in joinable if i.announce]
+        joining = bool(announced)
         self.announcer.set_targets(announced if config.announce_grasp else [])
         self.announcer.set_enabled(joining and config.announce_grasp)
-        await self._reconcile_mdns_advertiser(joining)
+        await self._reconcile_mdns_advertiser(joining, announced)
         await self.core_join.set_targets(self._constrained_targets(
-            self.served, self.window.open and self.constrained.chosen is not None,
-            lambda mode: mode_class(mode).constrained))
+            joinable, bool(joinable), lambda mode: mode_class(mode).constrained))
         await self._reconcile_backbone()
         self._forget_gone_links()
         if self._metrics_listen is not None and not self._metrics_serving:
@@ -428,21 +443,90 @@ class Daemon:
         self._say_joining()
         self._notify()
 
+    def mode_target(self, name: str) -> RegistrarEndpoint | None:
+        """The registrar a mode relays to now: the active (TCP-healthy) one for circuit,
+        nat66 and ipip; for a constrained mode the one whose UDP endpoint for it answered
+        the DTLS probe (discovery/constrained.py), None while none does."""
+        cls = mode_class(name)
+        if cls.constrained:
+            kind = {"coaps_port": "coaps", "jpy_port": "jpy"}.get(cls.registrar_port)
+            return None if kind is None else self.constrained.endpoint_for(kind)
+        return self.registrars.active
+
+    def mode_targets(self) -> dict[str, RegistrarEndpoint | None]:
+        wanted = sorted({mode for spec in self.config.joins for mode in spec.modes})
+        return {name: self.mode_target(name) for name in wanted}
+
+    def applied_targets(self) -> dict[str, RegistrarEndpoint | None]:
+        """What the last reconcile gave each mode (what the relays really use); before the
+        first one, what it would give."""
+        return self._targets if self._targets is not None else self.mode_targets()
+
+    def joinable(self) -> list[JoinInterface]:
+        """The served links restricted to their modes with a healthy registrar."""
+        healthy = {name for name, target in self.applied_targets().items()
+                   if target is not None}
+        return [view for i in self.served if (view := joinable_view(i, healthy)) is not None]
+
+    @staticmethod
+    def _target_text(name: str, target: RegistrarEndpoint) -> str:
+        if mode_class(name).constrained:
+            port = getattr(target, mode_class(name).registrar_port)
+            return f"constrained registrar [{target.address}]:{port}"
+        return f"registrar {target.key}"
+
     def joining(self) -> tuple[bool, str]:
         """Whether pledges can join now, and why (not): a join link configured, the operator's
-        join window open, a healthy registrar and at least one join link served (announced
-        only then)."""
+        join window open, and a served join link with a mode whose registrar is healthy (TCP
+        probe for circuit, nat66, ipip; DTLS probe for coaps, jpy); announced only then."""
         if not self.config.joins:
             return False, NO_JOIN_LINK
-        registrar = self.registrars.active
         if not self.window.open:
             return False, f"join window closed by {self.window.by}"
-        if registrar is None:
-            return False, "no healthy registrar"
+        targets = self.applied_targets()
+        if not any(targets.values()):
+            tcp = [m for m in targets if not mode_class(m).constrained]
+            udp = [m for m in targets if mode_class(m).constrained]
+            why = ([f"no healthy registrar ({', '.join(tcp)})"] if tcp and udp else
+                   ["no healthy registrar"] if tcp else [])
+            if udp:
+                why.append(f"no constrained registrar answers the DTLS probe "
+                           f"({', '.join(udp)})")
+            return False, "; ".join(why)
         if not self.served:
             return False, "no join link served"
-        return True, (f"on {', '.join(i.name for i in self.served)} via registrar "
-                      f"{registrar.key}")
+        joinable = self.joinable()
+        if not joinable:
+            down = sorted({m for i in self.served for m in i.modes if targets.get(m) is None})
+            return False, (f"no served join link has a mode with a healthy registrar "
+                           f"(none for {', '.join(down)})")
+        used = sorted({m for i in joinable for m in i.modes})
+        via = []
+        for name in used:
+            target = targets[name]
+            assert target is not None
+            text = self._target_text(name, target)
+            if text not in via:
+                via.append(text)
+        return True, f"on {', '.join(i.name for i in joinable)} via {', '.join(via)}"
+
+    def joining_modes(self) -> dict[str, dict[str, Any]]:
+        """Per configured mode: whether new pledges are taken, and the registrar or why not."""
+        out: dict[str, dict[str, Any]] = {}
+        served = {m for i in self.served for m in i.modes}
+        for name, target in self.applied_targets().items():
+            why = None
+            if not self.window.open:
+                why = f"join window closed by {self.window.by}"
+            elif target is None:
+                why = ("no constrained registrar answers the DTLS probe"
+                       if mode_class(name).constrained else "no healthy registrar")
+            elif name not in served:
+                why = "no join link served"
+            out[name] = {"open": why is None, "reason": why,
+                         "registrar": None if target is None
+                         else self._target_text(name, target).split(" ")[-1]}
+        return out
 
     def _say_joining(self) -> None:
         """Log when joining opens or closes (once per change, with why)."""
@@ -498,7 +582,8 @@ class Daemon:
             summary = "starting, waiting for listeners: " + summary
         self.notifier.send(sdnotify.status(summary))
 
-    async def _reconcile_mdns_advertiser(self, joining: bool) -> None:
+    async def _reconcile_mdns_advertiser(self, joining: bool,
+                                         announced: list[JoinInterface]) -> None:
         if self.config.announce_mdns and self.advertiser is None:
             self.advertiser = MdnsProxyAdvertiser(metrics=self.metrics, log=log)
             await self.advertiser.start()
@@ -506,7 +591,7 @@ class Daemon:
             await self.advertiser.stop()
             self.advertiser = None
         if self.advertiser is not None:
-            self.advertiser.set_targets([i for i in self.served if i.announce])
+            self.advertiser.set_targets(announced)
             self.advertiser.set_enabled(joining)
 
     async def _reconcile_backbone(self) -> None:
@@ -683,8 +768,18 @@ class Daemon:
         names = ", ".join(f"{i.name}({'+'.join(i.modes)})" for i in self.served) or "none"
         if not self.config.joins:
             names = f"nothing ({NO_JOIN_LINK})"
-        out = (f"serving {names}; registrar "
-               f"{registrar.key if registrar else 'none (joining closed)'}")
+        joining, why = self.joining()
+        targets = self.applied_targets()
+        out = f"serving {names}"
+        if any(not mode_class(m).constrained for m in targets) or not targets:
+            out += f"; registrar {registrar.key if registrar else 'none'}"
+        constrained = [m for m in targets if mode_class(m).constrained]
+        if constrained:
+            found = sorted({self._target_text(m, t).split(" ")[-1]
+                            for m in constrained if (t := targets[m]) is not None})
+            out += f"; constrained registrar {', '.join(found) or 'none'}"
+        if not joining:
+            out += f" (joining closed: {why})"
         problems = [f"{link} {why}" for link in sorted(self.unserved)
                     for why in self.unserved[link].values()]
         problems += [text for (link, mode), text in self._failures_text().items()
@@ -726,6 +821,8 @@ class Daemon:
             "uptime": time.monotonic() - self.started,
             "joining": joining,
             "joining_reason": why,
+            # per configured mode: open or not, the registrar it relays to, or why not
+            "joining_modes": self.joining_modes(),
             "join_window": self.window.status(),
             "ready": self._ready,
             "backbone": {"name": self.config.backbone,
@@ -745,6 +842,8 @@ class Daemon:
             "core_join_discovery": self.core_join.status(),
             "constrained_registrars": self.constrained.status(),
             "relays": {name: mode.status() for name, mode in sorted(self.modes.items())},
+            # per mode: flows, datagrams, bytes and drops by reason, as /metrics has them
+            "traffic": self.traffic(),
             "guard": self.guard.status(),
             "bpf": self.datapath.status(),
             "counters": self.counters(),
@@ -758,6 +857,38 @@ class Daemon:
                     labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
                     out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
         return out
+
+    def traffic(self) -> dict[str, dict[str, Any]]:
+        """Per relay mode (and per other drop-counting activity: guard, discovery, announce)
+        what /metrics counts: flows open and opened (modes that keep flows), datagrams and
+        bytes each way, and drops by reason (those not zero). Read from the same series."""
+        for mode in self.modes.values():
+            mode.sync_counters()
+        metrics = self.metrics
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(mode: str) -> dict[str, Any]:
+            return out.setdefault(mode, {"drops": {}})
+
+        for name, mode in self.modes.items():
+            if mode.keeps_flows:
+                entry(name)["flows"] = {"active": 0 if mode.counts_active else None,
+                                        "opened": 0}
+        for labels, value in _samples(metrics.circuits_active):
+            flows = entry(labels["mode"]).get("flows")
+            if flows is not None and flows["active"] is not None:
+                flows["active"] += int(value)
+        for labels, value in _samples(metrics.circuits):
+            entry(labels["mode"]).setdefault("flows", {"active": 0, "opened": 0})["opened"] \
+                = int(value)
+        for key, family in (("datagrams", metrics.relayed_datagrams),
+                            ("bytes", metrics.relayed_bytes)):
+            for labels, value in _samples(family):
+                entry(labels["mode"]).setdefault(key, {})[labels["direction"]] = int(value)
+        for (mode_name, reason), value in sorted(metrics.drops.values().items()):
+            if value:
+                entry(mode_name)["drops"][reason] = int(value)
+        return {name: out[name] for name in sorted(out)}
 
     def circuit_list(self) -> list[dict[str, Any]]:
         return [{"mode": name, **c} for name, mode in sorted(self.modes.items())

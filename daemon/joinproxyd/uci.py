@@ -88,6 +88,7 @@ SECTIONS: dict[str, Schema] = {
              "backbone_address": ("backbone_addresses", "list:str"),
              "xdp": ("xdp", "str")},
     "cojp": {"rate": ("rate", "float"), "burst": ("burst", "int")},
+    "jpy": {"key_rotation": ("key_rotation", "float")},
 }
 REPEATED = ("join", "registrar")
 

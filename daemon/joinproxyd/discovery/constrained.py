@@ -209,6 +209,7 @@ class ConstrainedRegistrars:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._chosen: RegistrarEndpoint | None = None
+        self._lost_healthy = False  # a healthy endpoint was forgotten since the last choice
 
     # -- inputs ---------------------------------------------------------------------------------
     def set_static(self, registrars: Sequence[UdpRegistrar]) -> None:
@@ -245,6 +246,7 @@ class ConstrainedRegistrars:
         state.sources.pop(source, None)
         if not state.sources:
             del self._states[state.registrar]
+            self._lost_healthy = self._lost_healthy or bool(state.healthy)
             self.log.info("constrained registrar %s forgotten: %s", state.registrar.key, why)
 
     def _expire(self) -> None:
@@ -259,32 +261,51 @@ class ConstrainedRegistrars:
         """The mode and the registrar for the constrained relays: healthy endpoints only;
         stateless first unless the operator forced a mode (draft §4.1); among equals, static
         before discovered, then the one known longest."""
-        healthy = [s for s in self._states.values() if s.healthy]
         kinds = [UdpKind(self.mode)] if self.mode != "auto" else [UdpKind.JPY, UdpKind.COAPS]
         for kind in kinds:
-            picks = sorted((s for s in healthy if s.registrar.kind is kind),
-                           key=lambda s: (STATIC not in s.sources, s.seq))
-            if picks:
-                first = picks[0].registrar
-                ports = {s.registrar.kind: s.registrar.port for s in healthy
-                         if (s.registrar.address, s.registrar.scope_id)
-                         == (first.address, first.scope_id)}
-                source = STATIC if STATIC in picks[0].sources else next(iter(picks[0].sources))
-                return kind, RegistrarEndpoint(
-                    0 if source == STATIC else DISCOVERED_PREFERENCE, first.address, first.port,
-                    source=source, scope_id=first.scope_id, protocol=socket.IPPROTO_UDP,
-                    coaps_port=ports.get(UdpKind.COAPS), jpy_port=ports.get(UdpKind.JPY))
+            endpoint = self._best(kind)
+            if endpoint is not None:
+                return kind, endpoint
         return None, None
+
+    def endpoint_for(self, kind: UdpKind) -> RegistrarEndpoint | None:
+        """The registrar a relay of this kind is given: the chosen one when it offers the
+        kind's port healthy, else the best healthy endpoint of that kind (a coaps link still
+        relays when the chosen registrar offers only JPY), else None: nothing to relay to."""
+        port = "coaps_port" if kind is UdpKind.COAPS else "jpy_port"
+        chosen = self._chosen
+        if chosen is not None and getattr(chosen, port) is not None:
+            return chosen
+        return self._best(kind)
+
+    def _best(self, kind: UdpKind) -> RegistrarEndpoint | None:
+        healthy = [s for s in self._states.values() if s.healthy]
+        picks = sorted((s for s in healthy if s.registrar.kind is kind),
+                       key=lambda s: (STATIC not in s.sources, s.seq))
+        if not picks:
+            return None
+        first = picks[0].registrar
+        ports = {s.registrar.kind: s.registrar.port for s in healthy
+                 if (s.registrar.address, s.registrar.scope_id)
+                 == (first.address, first.scope_id)}
+        source = STATIC if STATIC in picks[0].sources else next(iter(picks[0].sources))
+        return RegistrarEndpoint(
+            0 if source == STATIC else DISCOVERED_PREFERENCE, first.address, first.port,
+            source=source, scope_id=first.scope_id, protocol=socket.IPPROTO_UDP,
+            coaps_port=ports.get(UdpKind.COAPS), jpy_port=ports.get(UdpKind.JPY))
 
     @property
     def chosen(self) -> RegistrarEndpoint | None:
         return self._chosen
 
     def _changed(self) -> None:
-        self._reselect()
+        lost, self._lost_healthy = self._lost_healthy, False
+        self._reselect(health_changed=lost)
         self._wake.set()
 
-    def _reselect(self) -> None:
+    def _reselect(self, health_changed: bool = False) -> None:
+        """Choose again; tell the control plane when the choice changed, or when any
+        endpoint's health did (a relay of the other kind may be given another one)."""
         kind, endpoint = self.choose()
         old = self._chosen
         self._chosen = endpoint
@@ -293,12 +314,17 @@ class ConstrainedRegistrars:
             and (old.address, old.port, old.coaps_port, old.jpy_port)
             == (endpoint.address, endpoint.port, endpoint.coaps_port, endpoint.jpy_port))
         if same:
+            if health_changed:
+                self._notify_change()
             return
         if endpoint is None:
             self.log.warning("no healthy constrained registrar")
         else:
             self.log.info("constrained registrar [%s] chosen for %s (coaps port %s, jpy port "
                           "%s)", endpoint.address, kind, endpoint.coaps_port, endpoint.jpy_port)
+        self._notify_change()
+
+    def _notify_change(self) -> None:
         try:
             self.on_change()
         except Exception:
@@ -327,18 +353,22 @@ class ConstrainedRegistrars:
         states = list(self._states.values())
         errors = await asyncio.gather(*(self._probe_one(s) for s in states))
         now = self._clock()
+        flipped = False
         for state, error in zip(states, errors, strict=True):
             if self._states.get(state.registrar) is not state:
                 continue  # forgotten while its probe was in flight
             healthy = error is None
             if healthy != state.healthy:
+                flipped = True
                 if healthy:
                     self.log.info("constrained registrar %s answers DTLS", state.registrar.key)
                 else:
                     self.log.info("constrained registrar %s is down: %s", state.registrar.key,
                                   error)
             state.healthy, state.last_error, state.last_probe = healthy, error, now
-        self._reselect()
+        # an endpoint that expired at the start of this pass counts as a change too
+        flipped, self._lost_healthy = flipped or self._lost_healthy, False
+        self._reselect(health_changed=flipped)
 
     async def _probe_one(self, state: UdpState) -> str | None:
         try:
@@ -471,6 +501,9 @@ class ConstrainedDiscovery:
     @property
     def chosen(self) -> RegistrarEndpoint | None:
         return self.table.chosen
+
+    def endpoint_for(self, kind: str) -> RegistrarEndpoint | None:
+        return self.table.endpoint_for(UdpKind(kind))
 
     def reconfigure(self, static: Sequence[RegistrarEndpoint], health_interval: float,
                     health_timeout: float, mode: str) -> None:

@@ -30,6 +30,9 @@ class NoConstrainedDiscovery:
     def reconfigure(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    def endpoint_for(self, kind: str) -> RegistrarEndpoint | None:
+        return None
+
     def grasp_flood(self, flood: Any, ifindex: int) -> int:
         return 0  # its UDP locators are of no use without a constrained mode
 

@@ -8,17 +8,52 @@ their name to the registry in relays/__init__.py; the core does not change.
 """
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import CojpSettings, IpipSettings, Limits
+from ..config import CojpSettings, IpipSettings, JpySettings, Limits
 from ..datapath import Datapath
 from ..listeners import Listeners
 from ..metrics import Metrics
 from ..model import JoinInterface, LinkState, RegistrarEndpoint
 from ..window import RefusalLog
+
+REFUSAL_LOG_SECONDS = 10.0  # one log line per peer and reason per this long (still counted)
+REFUSAL_LOG_KEYS = 4096  # peers remembered before the quiet ones are forgotten
+
+
+class RefusalSayer:
+    """Logs a datagram relay's refusal once per (who, reason) per REFUSAL_LOG_SECONDS: a
+    pledge retransmits and a forger repeats, and every datagram is counted anyway, so the
+    journal says who and why once per episode instead of once per packet."""
+
+    def __init__(self, log: logging.Logger, mode: str,
+                 seconds: float = REFUSAL_LOG_SECONDS) -> None:
+        self.log = log
+        self.mode = mode
+        self.seconds = seconds
+        self._logged: dict[tuple[str, str], float] = {}
+
+    def __call__(self, who: str, reason: str, interface: str | None, text: str,
+                 who_field: str = "PLEDGE") -> bool:
+        """Log ``text`` unless (who, reason) was logged lately; True if it was logged.
+        ``who_field`` is the journal field naming who: PLEDGE, or REGISTRAR for what came
+        from the backbone side."""
+        now = time.monotonic()
+        key = (who, reason)
+        if now - self._logged.get(key, -self.seconds) < self.seconds:
+            return False
+        self._logged[key] = now
+        if len(self._logged) > REFUSAL_LOG_KEYS:
+            self._logged = {k: t for k, t in self._logged.items() if now - t < self.seconds}
+        extra = {"MODE": self.mode, who_field: who, "REASON": reason}
+        if interface is not None:
+            extra["INTERFACE"] = interface
+        self.log.info("%s", text, extra=extra)
+        return True
 
 
 def _always_open() -> bool:
@@ -37,6 +72,7 @@ class RelayContext:
     datapath: Datapath | None = None
     ipip: Callable[[], IpipSettings] = IpipSettings
     cojp: Callable[[], CojpSettings] = CojpSettings
+    jpy: Callable[[], JpySettings] = JpySettings
     # Bind failures and their retries (the control plane's, so that status, READY and the
     # announcements know what is really bound); a mode without one keeps its own.
     listeners: Listeners | None = None
@@ -61,6 +97,9 @@ class RelayMode(ABC):
     # Whether the mode has flows to count in joinproxyd_circuits_total and
     # joinproxyd_relayed_bytes_total (a stateless relay counts packets in BPF instead).
     keeps_flows: ClassVar[bool] = True
+    # Whether it knows its open flows (joinproxyd_circuits_active): nat66's live in conntrack,
+    # which it counts only as they start.
+    counts_active: ClassVar[bool] = True
     # Whether pledges reach the mode by CoAPS (coaps, jpy): its join links then answer CoRE
     # join-port discovery (discovery/coap_join.py) while joining is open.
     constrained: ClassVar[bool] = False
@@ -113,3 +152,7 @@ class RelayMode(ABC):
     def circuits(self) -> list[dict[str, Any]]:
         """Open relayed connections, for `joinproxyctl circuits`."""
         return []
+
+    def sync_counters(self) -> None:  # noqa: B027 - optional hook, most count in place
+        """Move counts kept in place by a hot path into the metrics now (status reads them);
+        called on the event loop."""

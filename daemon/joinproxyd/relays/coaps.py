@@ -34,7 +34,7 @@ from brski import icmpv6
 
 from ..aio import cancel_and_wait
 from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
-from .base import RelayContext, RelayMode
+from .base import RefusalSayer, RelayContext, RelayMode
 
 MAX_DATAGRAM = 65535
 BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the others
@@ -43,7 +43,6 @@ MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 SO_EE_ORIGIN_ICMP6 = 3
 ICMP6_FILTER = 1  # linux/icmpv6.h: which ICMPv6 types a raw socket receives
 SOCK_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
-REFUSAL_LOG_SECONDS = 10.0  # one log line per pledge and reason per this long (still counted)
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Flow ids in `joinproxyctl circuits` and `drop`: apart from the circuit mode's numbers.
 COAPS_ID_PREFIX = "coaps-"
@@ -111,7 +110,7 @@ class CoapsMode(RelayMode):
         self.ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         self._icmp: socket.socket | None = None
-        self._logged: dict[tuple[str, str], float] = {}
+        self._sayer = RefusalSayer(ctx.log, self.name)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Counted in place and moved into the metrics by the sweeper: the hot path only adds.
         self._pending = [0, 0, 0, 0]  # datagrams up, down, bytes up, down
@@ -221,11 +220,15 @@ class CoapsMode(RelayMode):
             try:
                 flow.sock.send(data)
             except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                    self.ctx.metrics.drop(self.name, DropReason.SEND_ERROR)
-                    continue
-                # A queued error (an earlier ICMPv6 from the registrar's side): report it.
-                self._errors(flow)
+                # Not sent (counted): a full queue, no route to the registrar any more, or an
+                # earlier ICMPv6 error from the registrar's side that the kernel reports here;
+                # that one is also reflected to the pledge.
+                self.ctx.metrics.drop(self.name, DropReason.SEND_ERROR)
+                self._say(flow.pledge_address, "send-error", flow.interface,
+                          f"datagram of flow {flow.id} to the registrar not sent: "
+                          f"{exc.strerror or exc}")
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                    self._errors(flow)
                 continue
             flow.last = time.monotonic()
             flow.datagrams_up += 1
@@ -415,18 +418,8 @@ class CoapsMode(RelayMode):
                   + (f": {detail}" if detail else ""))
 
     def _say(self, pledge: str, reason: str, interface: str, text: str) -> None:
-        """Log a refusal once per pledge and reason per REFUSAL_LOG_SECONDS: a pledge
-        retransmits, and every datagram is counted anyway."""
-        now = time.monotonic()
-        key = (pledge, reason)
-        if now - self._logged.get(key, -REFUSAL_LOG_SECONDS) < REFUSAL_LOG_SECONDS:
-            return
-        self._logged[key] = now
-        if len(self._logged) > 4096:
-            self._logged = {k: t for k, t in self._logged.items()
-                            if now - t < REFUSAL_LOG_SECONDS}
-        self.ctx.log.info("%s", text, extra={"INTERFACE": interface, "MODE": self.name,
-                                             "PLEDGE": pledge, "REASON": reason})
+        """Log a refusal once per pledge and reason per REFUSAL_LOG_SECONDS (base.py)."""
+        self._sayer(pledge, reason, interface, text)
 
     def _flush(self) -> None:
         pending = self._pending
@@ -460,6 +453,9 @@ class CoapsMode(RelayMode):
                           if registrar is not None and registrar.coaps_port else None),
             "active": len(self.flows),
         }
+
+    def sync_counters(self) -> None:
+        self._flush()
 
     def circuits(self) -> list[dict[str, Any]]:
         now = time.monotonic()

@@ -27,9 +27,15 @@ What is dropped, silently towards the network and counted by reason:
   closed (stateless, the proxy cannot tell a new pledge from one half-way through, so every
   pledge datagram is refused while it is closed; replies still go through).
 
-Keys: a fresh random key at start; every KEY_ROTATION_SECONDS a new one, the previous still
-opening headers for one more period. A restart loses both, so replies in flight at that
-moment are dropped (jpy-stale) and the pledges' DTLS retransmissions, sealed anew, carry on.
+Every drop is counted (joinproxyd_drops_total{mode="jpy",reason}) and logged once per sender
+and reason every few seconds (base.RefusalSayer): forged replies come at line rate, and the
+counter says how many.
+
+Keys: a fresh random key at start; every ``[jpy] key_rotation`` seconds (default 24 h) a new
+one, the previous still opening headers for one more period, so a header lives one to two
+periods. A restart loses both, so replies in flight at that moment are dropped (jpy-stale,
+or jpy-forged when the random key ids happen to match) and the pledges' DTLS
+retransmissions, sealed anew, carry on.
 """
 
 from __future__ import annotations
@@ -49,9 +55,8 @@ from brski.jpy import MAX_OVERHEAD, FlowHeaderSealer, JpyMessage, PledgeEndpoint
 
 from ..aio import cancel_and_wait
 from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
-from .base import RelayContext, RelayMode
+from .base import RefusalSayer, RelayContext, RelayMode
 
-KEY_ROTATION_SECONDS = 24 * 3600.0
 # IPv6 minimum MTU less the IPv6 and UDP headers: what surely reaches the registrar.
 MAX_WRAPPED = 1280 - 40 - 8
 MAX_PLEDGE_DATAGRAM = MAX_WRAPPED - MAX_OVERHEAD
@@ -74,8 +79,11 @@ class _PledgeSide(asyncio.DatagramProtocol):
         self.mode.from_pledge(self.iface, data, addr)
 
     def error_received(self, exc: Exception) -> None:
-        self.mode.ctx.log.debug("jpy join socket on %s: %s", self.iface.name, exc,
-                                extra={"INTERFACE": self.iface.name, "MODE": JpyMode.name})
+        # An ICMPv6 error for a reply sent to a pledge (it left, its port closed): that reply
+        # was lost, counted as a send error.
+        name = self.iface.name
+        self.mode._refuse(DropReason.SEND_ERROR, f"reply to a pledge on {name} not "
+                          f"delivered: {exc}", name, who=f"a pledge on {name}")
 
 
 class _RegistrarSide(asyncio.DatagramProtocol):
@@ -87,8 +95,11 @@ class _RegistrarSide(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         # An ICMPv6 error for an earlier send: the registrar's port is closed or unreachable.
-        self.mode.ctx.metrics.drop(JpyMode.name, DropReason.REGISTRAR_UNREACHABLE)
-        self.mode.ctx.log.debug("jpy registrar socket: %s", exc, extra={"MODE": JpyMode.name})
+        registrar = self.mode.registrar
+        who = "registrar" if registrar is None or registrar.jpy_port is None \
+            else f"[{registrar.address}]:{registrar.jpy_port}"
+        self.mode._refuse(DropReason.REGISTRAR_UNREACHABLE, f"a pledge datagram sent to "
+                          f"{who} was refused: {exc}", who=who, who_field="REGISTRAR")
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:
@@ -135,6 +146,9 @@ class JpyMode(RelayMode):
     # Pledges find a jpy link by CoRE discovery (brski-jp, UDP), not by the GRASP/mDNS
     # announcements of a TCP port: announcing it there would lure them to nothing.
     serves_link_local = False
+    # Stateless: no flows to count; joinproxyd_relayed_datagrams_total and _bytes_total say
+    # what it relayed.
+    keeps_flows = False
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
@@ -150,7 +164,8 @@ class JpyMode(RelayMode):
         self.upstream: asyncio.DatagramTransport | None = None
         self._rotator: asyncio.Task[None] | None = None
         self.datagrams = {"upstream": 0, "downstream": 0}
-        ctx.metrics.add_mode(self.name)
+        self._say = RefusalSayer(ctx.log, self.name)
+        ctx.metrics.add_mode(self.name, flows=self.keeps_flows)
         # Per-datagram work is the cost of this mode: look the counters up once.
         self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
         self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
@@ -242,16 +257,29 @@ class JpyMode(RelayMode):
         return {name: book.describe(name, self.name) or "not listening"
                 for name in self._wanted if name not in self.joins}
 
+    @property
+    def key_rotation(self) -> float:
+        return self.ctx.jpy().key_rotation
+
     async def _rotate(self) -> None:
         while True:
-            await asyncio.sleep(KEY_ROTATION_SECONDS)
+            await asyncio.sleep(max(0.0, self.key_started + self.key_rotation
+                                    - time.monotonic()))
             self.rotate_key()
 
     def rotate_key(self) -> None:
         self.sealer.rotate(os.urandom(32))
         self.key_started = time.monotonic()
-        self.ctx.log.info("jpy header key rotated (key id %d)", self.sealer.key_id,
+        self.ctx.log.info("jpy header key rotated (key id %d; the previous one opens for "
+                          "%g s more)", self.sealer.key_id, self.key_rotation,
                           extra={"MODE": self.name})
+
+    def limits_changed(self) -> None:
+        # A reload may change [jpy] key_rotation: the rotator sleeps anew under the new
+        # period, counted from the current key's start (a key already older rotates now).
+        if self._rotator is not None:
+            self._rotator.cancel()
+            self._rotator = asyncio.create_task(self._rotate(), name="jpy-key-rotation")
 
     async def close(self, drain_seconds: float) -> None:
         book = self.ctx.listener_book()
@@ -269,15 +297,15 @@ class JpyMode(RelayMode):
 
     # -- data plane -------------------------------------------------------------------------
     def _refuse(self, reason: DropReason | PolicyDropReason, detail: str,
-                interface: str | None = None, pledge: str | None = None) -> None:
+                interface: str | None = None, pledge: str | None = None,
+                who: str | None = None, who_field: str = "PLEDGE") -> None:
+        """Count, keep a pledge's refusal for `joinproxyctl refusals`, and log once per
+        sender (the pledge, or the backbone peer a reply came from) and reason."""
         self.ctx.metrics.drop(self.name, reason)
         if pledge is not None and interface is not None:
             self.ctx.refusals.add(pledge, reason.value, interface, self.name)
-        extra = {"MODE": self.name, "REASON": reason.value}
-        if interface is not None:
-            extra["INTERFACE"] = interface
-        # Debug, not info: forged replies come at line rate and the counter says how many.
-        self.ctx.log.debug("jpy dropped (%s): %s", reason.value, detail, extra=extra)
+        self._say(who or pledge or "?", reason.value, interface,
+                  f"jpy dropped ({reason.value}): {detail}", who_field)
 
     def from_pledge(self, iface: JoinInterface, data: bytes, addr: tuple[Any, ...]) -> None:
         pledge = f"{str(addr[0]).split('%')[0]}%{iface.name}"
@@ -305,7 +333,8 @@ class JpyMode(RelayMode):
             self.upstream.sendto(wrapped, (registrar.address, registrar.jpy_port, 0,
                                            registrar.scope_id))
         except OSError as exc:
-            self._refuse(DropReason.SEND_ERROR, f"to registrar: {exc}", iface.name)
+            self._refuse(DropReason.SEND_ERROR, f"pledge {pledge}: datagram to the registrar "
+                         f"not sent: {exc}", iface.name, who=pledge)
             return
         self.datagrams["upstream"] += 1
         self._datagrams_up.inc()
@@ -314,36 +343,44 @@ class JpyMode(RelayMode):
     def from_registrar(self, data: bytes, addr: tuple[Any, ...]) -> None:
         expected = self._registrar_source
         source = str(addr[0]).split("%")[0]
+        who = f"[{source}]:{addr[1]}"
         if expected is None or (source, addr[1]) != expected:
-            self._refuse(DropReason.UNSOLICITED, f"reply from [{source}]:{addr[1]}, not the "
-                         "registrar's JPY port")
+            self._refuse(DropReason.UNSOLICITED, f"reply from {who}, not the registrar's JPY "
+                         "port", who=who, who_field="REGISTRAR")
             return
         try:
             message = JpyMessage.decode(data)
         except DecodeError as exc:
-            self._refuse(DropReason.MALFORMED, f"reply: {exc}")
+            self._refuse(DropReason.MALFORMED, f"reply from {who}: {exc}", who=who,
+                         who_field="REGISTRAR")
             return
         try:
             pledge = self.sealer.open(message.header)
         except (DecodeError, SignatureError) as exc:
-            self._refuse(PolicyDropReason.JPY_FORGED, f"reply header: {exc}")
+            self._refuse(PolicyDropReason.JPY_FORGED, f"reply from {who}, header: {exc}",
+                         who=who, who_field="REGISTRAR")
             return
         except ValidationError as exc:
-            self._refuse(PolicyDropReason.JPY_STALE, f"reply header: {exc}")
+            self._refuse(PolicyDropReason.JPY_STALE, f"reply from {who}, header: {exc} "
+                         "(older than the previous key, or from before a restart)",
+                         who=who, who_field="REGISTRAR")
             return
         if self.replays.seen(data, time.monotonic()):
-            self._refuse(PolicyDropReason.JPY_REPLAYED, "reply already relayed")
+            self._refuse(PolicyDropReason.JPY_REPLAYED, f"reply from {who} already relayed",
+                         who=who, who_field="REGISTRAR")
             return
         side = self.by_index.get(pledge.ifindex)
         if side is None or side.transport is None:
-            self._refuse(DropReason.UNSOLICITED, f"reply for interface {pledge.ifindex}, "
-                         "which is not served")
+            self._refuse(DropReason.UNSOLICITED, f"reply from {who} for interface "
+                         f"{pledge.ifindex}, which is not served", who=who,
+                         who_field="REGISTRAR")
             return
+        host = socket.inet_ntop(socket.AF_INET6, pledge.address.packed)
         try:
-            host = socket.inet_ntop(socket.AF_INET6, pledge.address.packed)
             side.transport.sendto(message.content, (host, pledge.port, 0, pledge.ifindex))
         except OSError as exc:
-            self._refuse(DropReason.SEND_ERROR, f"to pledge: {exc}", side.iface.name)
+            self._refuse(DropReason.SEND_ERROR, f"reply to pledge [{host}]:{pledge.port} not "
+                         f"sent: {exc}", side.iface.name, who=f"{host}%{side.iface.name}")
             return
         self.datagrams["downstream"] += 1
         self._datagrams_down.inc()
@@ -364,6 +401,7 @@ class JpyMode(RelayMode):
             "source_port": port,
             "key_id": self.sealer.key_id,
             "key_age_seconds": round(time.monotonic() - self.key_started),
+            "key_rotation_seconds": self.key_rotation,
             "datagrams": dict(self.datagrams),
             "replay_filter": len(self.replays),
         }

@@ -258,6 +258,7 @@ def recorded_forwarding(objects: Sequence[dict[str, Any]]) -> str | None:
 
 class Nat66Mode(RelayMode):
     name = "nat66"
+    counts_active = False  # its flows are conntrack's: counted as they start, not as they end
     serves_link_local = False  # the kernel does not forward link-local sources
     serves_routable = True
 
