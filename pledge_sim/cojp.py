@@ -1,0 +1,99 @@
+"""A CoJP pledge (RFC 9031 §8.1): one Join Request over OSCORE with a PSK, the Configuration back.
+
+The pledge's OSCORE context is aiocoap's FilesystemSecurityContext in a directory per pledge
+(``secret``, empty Sender ID, Recipient ID "JRC", ID context = pledge ID): it persists the
+sender sequence number between runs (RFC 8613 App. B.1.1), as RFC 9031 §7.3.1 requires of a
+pledge. Direct to the JRC, or through a join proxy: then the outer request carries
+Proxy-Scheme "coap" and Uri-Host "6tisch.arpa" (§8.1), added after protection because aiocoap
+drops a bare Proxy-Scheme (protocols.md §9.2); OSCORE has no Class I options, so the proxy may
+strip them. This is what ``pledge-sim --cojp`` will drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiocoap
+from aiocoap import oscore
+from aiocoap.message import UndecidedRemote
+from aiocoap.numbers.codes import Code
+
+from brski import cojp
+from brski.errors import DecodeError, ValidationError
+
+JRC_ID = b"JRC"
+JOIN_TIMEOUT = 30.0
+
+
+class JoinFailed(Exception):
+    """The join did not end with a valid Configuration; the text says why."""
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    configuration: cojp.Configuration
+    request_piv: bytes  # the pledge's Partial IV of the Join Request
+    response_piv: bytes | None  # the JRC's own Partial IV, if it sent one
+
+
+def write_context(directory: Path, pledge_id: bytes, psk: bytes) -> None:
+    """The pledge's OSCORE context files (aiocoap's format); sequence.json is left alone, so
+    a pledge that joined before keeps counting from where it was."""
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {"sender-id_hex": "", "recipient-id_hex": JRC_ID.hex(),
+                "id-context_hex": pledge_id.hex(), "algorithm": "AES-CCM-16-64-128"}
+    (directory / "settings.json").write_text(json.dumps(settings))
+    secret = directory / "secret.json"
+    secret.write_text(json.dumps({"secret_hex": psk.hex()}))
+    secret.chmod(0o600)
+
+
+def load_context(directory: Path) -> oscore.FilesystemSecurityContext:
+    return oscore.FilesystemSecurityContext(str(directory))
+
+
+def response_partial_iv(message: aiocoap.Message) -> bytes | None:
+    """The Partial IV in a response's OSCORE option (None: the request's nonce was reused)."""
+    _, _, unprotected, _ = oscore.CanUnprotect._extract_encrypted0(message)
+    return unprotected.get(oscore.COSE_PIV)
+
+
+async def join(client: aiocoap.Context, context: oscore.FilesystemSecurityContext,
+               target: str, network_id: bytes, *, via_proxy: bool = False,
+               role: int | None = None, timeout: float = JOIN_TIMEOUT) -> JoinResult:
+    """POST /j to ``target`` ("[addr]:port", the JRC or a join proxy) and check the answer."""
+    inner = aiocoap.Message(code=Code.POST, uri_path=("j",),
+                            payload=cojp.JoinRequest(network_id, role=role).encode())
+    outer, request_id = context.protect(inner)
+    outer.mtype = aiocoap.CON
+    outer.remote = UndecidedRemote("coap", target)
+    if via_proxy:
+        outer.opt.proxy_scheme = "coap"
+        outer.opt.uri_host = "6tisch.arpa"
+    try:
+        response = await asyncio.wait_for(client.request(outer).response, timeout)
+    except (TimeoutError, aiocoap.error.Error) as exc:
+        raise JoinFailed(f"no response from {target}: {exc or type(exc).__name__}") from None
+    if response.opt.oscore is None:
+        # §7.3.2: a pledge discards any response that is not OSCORE-protected.
+        raise JoinFailed(f"unprotected {response.code} from {target} (discarded)")
+    try:
+        plain, _ = context.unprotect(response, request_id)
+    except oscore.ProtectionInvalid as exc:
+        raise JoinFailed(f"response from {target} does not verify: {exc}") from None
+    if plain.code != Code.CHANGED:
+        detail = ""
+        if plain.code == Code.BAD_REQUEST and plain.payload:
+            try:
+                detail = f": {cojp.decode_unsupported_configuration(plain.payload)}"
+            except ValidationError as exc:
+                detail = f" (unreadable diagnostic: {exc})"
+        raise JoinFailed(f"JRC answered {plain.code}{detail}")
+    try:
+        configuration = cojp.decode_configuration(plain.payload)
+    except (ValidationError, DecodeError) as exc:
+        raise JoinFailed(f"Configuration refused: {exc}") from None
+    return JoinResult(configuration, request_id.partial_iv, response_partial_iv(response))
