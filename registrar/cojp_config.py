@@ -81,7 +81,7 @@ def load_cojp_config(root: Table) -> CojpConfig:
         raise table.error("listen", "empty: give an address, e.g. \"[::]:5683\" "
                                     "(enabled = false turns the JRC off)")
     network_id = _hex(table, "network_id", cojp.MAX_NETWORK_ID)
-    jrc_text = table.string("jrc_address", "")
+    jrc_text = table.string("jrc_address", None)
     jrc_address = None
     if jrc_text:
         try:
@@ -115,7 +115,7 @@ def load_cojp_config(root: Table) -> CojpConfig:
 
 
 def _hex(table: Table, name: str, limit: int, *, required: bool = False) -> bytes | None:
-    text = table.string(name, None if required else "")
+    text = table.string(name, None)
     if not text:
         if required:
             raise table.error(name, "missing")
