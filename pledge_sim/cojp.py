@@ -97,3 +97,100 @@ async def join(client: aiocoap.Context, context: oscore.FilesystemSecurityContex
     except (ValidationError, DecodeError) as exc:
         raise JoinFailed(f"Configuration refused: {exc}") from None
     return JoinResult(configuration, request_id.partial_iv, response_partial_iv(response))
+
+
+# -- a fleet: what `pledge-sim cojp` runs ------------------------------------------------------
+
+@dataclass(frozen=True)
+class PledgeOutcome:
+    pledge_id: bytes
+    seconds: float
+    result: JoinResult | None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+    def to_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {"pledge_id": self.pledge_id.hex(), "ok": self.ok,
+                                  "seconds": round(self.seconds, 3)}
+        if self.result is not None:
+            conf = self.result.configuration
+            doc["short_id"] = conf.short_identifier.identifier.hex() \
+                if conf.short_identifier else None
+            doc["keys"] = len(conf.link_layer_keys or ())
+            doc["request_piv"] = self.result.request_piv.hex()
+            doc["response_piv"] = None if self.result.response_piv is None \
+                else self.result.response_piv.hex()
+        else:
+            doc["reason"] = self.reason
+        return doc
+
+
+def read_pledges(path: Path) -> list[tuple[bytes, bytes]]:
+    """``PLEDGE_ID PSK`` per line (hex; ``-``/``:`` allowed in the ID; ``#`` comments).
+    ValueError names the line."""
+    pledges = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError("expected 'PLEDGE_ID PSK'")
+            pledge_id = bytes.fromhex(parts[0].replace("-", "").replace(":", ""))
+            psk = bytes.fromhex(parts[1])
+            if not pledge_id or len(psk) < 16:
+                raise ValueError("empty pledge ID or a PSK under 16 bytes")
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
+        pledges.append((pledge_id, psk))
+    return pledges
+
+
+async def join_all(pledges: list[tuple[bytes, bytes]], state: Path, target: str,
+                   network_id: bytes, *, via_proxy: bool, concurrency: int,
+                   timeout: float) -> list[PledgeOutcome]:
+    """Join each pledge once, at most ``concurrency`` at a time; each pledge's OSCORE context
+    lives in ``state/<pledge ID>`` (made from the PSK on first use, then kept: its sequence
+    number carries on across runs)."""
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
+    gate = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+
+    async def one(pledge_id: bytes, psk: bytes) -> PledgeOutcome:
+        async with gate:
+            started = loop.time()
+            directory = state / pledge_id.hex()
+            try:
+                if not (directory / "secret.json").exists():
+                    write_context(directory, pledge_id, psk)
+                context = load_context(directory)
+                result = await join(client, context, target, network_id,
+                                    via_proxy=via_proxy, timeout=timeout)
+            except JoinFailed as exc:
+                return PledgeOutcome(pledge_id, loop.time() - started, None, str(exc))
+            except (OSError, ValueError, oscore.ContextUnavailable) as exc:
+                return PledgeOutcome(pledge_id, loop.time() - started, None,
+                                     f"OSCORE context in {directory}: {exc}")
+            return PledgeOutcome(pledge_id, loop.time() - started, result)
+
+    try:
+        return list(await asyncio.gather(*(one(i, k) for i, k in pledges)))
+    finally:
+        await client.shutdown()
+
+
+def report(outcomes: list[PledgeOutcome], elapsed: float) -> str:
+    lines = [f"{'pledge':<18} {'short-id':<8} {'seconds':>7}  result"]
+    for o in outcomes:
+        sid = o.result.configuration.short_identifier if o.result else None
+        lines.append(f"{o.pledge_id.hex():<18} {sid.identifier.hex() if sid else '-':<8} "
+                     f"{o.seconds:7.2f}  {'ok' if o.ok else 'FAILED: ' + o.reason}")
+    ok = sum(o.ok for o in outcomes)
+    rate = ok / elapsed if elapsed > 0 else 0.0
+    lines.append(f"{ok} joined, {len(outcomes) - ok} failed in {elapsed:.2f} s "
+                 f"({rate:.1f} joins/s)")
+    return "\n".join(lines)

@@ -176,3 +176,57 @@ def test_pledge_joins_and_jrc_nonces_survive_kill_9(lab: Lab, tmp_path: Path) ->
     listing = cli("list", "--config", str(registrar_toml))
     assert listing.returncode == 0 and " joins 8 " in listing.stdout, listing.stdout
     registrar.stop()
+
+
+def test_pledge_sim_cojp_fleet(lab: Lab, tmp_path: Path) -> None:
+    """20 pledges added by the operator command join with ``pledge-sim cojp`` (10 at a time);
+    a second run carries each pledge's sequence number on (its OSCORE state persists)."""
+    pki = tmp_path / "pki"
+    brski_pki("init", str(pki), "--serial", "SN-F")
+    registrar_toml, _ = write_configs(
+        pki, tmp_path / "svc", masa_listen=["[::1]:9443"],
+        registrar_listen=["[fd4a:5044::100]:8443"], masa_timeout=5, mdns=False, grasp=False)
+    with registrar_toml.open("a") as toml:
+        toml.write('\n[cojp]\nenabled = true\nnetwork_id = "cafe"\nshort_id_lease = 12\n')
+    lines = []
+    for n in range(20):
+        pledge_id = f"02-00-00-00-00-00-00-{n:02x}"
+        added = cli("add-pledge", "--config", str(registrar_toml), "--id", pledge_id,
+                    "--generate-psk")
+        assert added.returncode == 0, added.stderr
+        lines.append(f"{pledge_id} {added.stdout.split('psk ')[1].split()[0]}")
+    pledges_file = tmp_path / "pledges.txt"
+    pledges_file.write_text("# id psk\n" + "\n".join(lines) + "\n")
+
+    registrar = lab.registrars[0].spawn(
+        [PYTHON, "-m", "registrar.cli", "--config", str(registrar_toml)], name="registrar")
+    wait_for(lambda: READY_MARK in registrar.log(), 30, "the registrar")
+
+    def fleet() -> dict:
+        done = lab.pledges[0].run(
+            [PYTHON, "-m", "pledge_sim.cli", "cojp", "--jrc", f"[{JRC_LL}%eth0]:5683",
+             "--pledges", str(pledges_file), "--count", "20", "--concurrency", "10",
+             "--state", str(tmp_path / "state"), "--json"], check=False, timeout=180)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    first = fleet()
+    assert first["joined"] == 20 and first["failed"] == 0
+    short_ids = {r["short_id"] for r in first["results"]}
+    assert len(short_ids) == 20 and "fffe" not in short_ids
+    second = fleet()
+    assert second["joined"] == 20
+    for before, after in zip(first["results"], second["results"], strict=True):
+        assert before["pledge_id"] == after["pledge_id"]
+        assert int(after["request_piv"], 16) > int(before["request_piv"], 16)
+        assert after["short_id"] == before["short_id"]
+    assert registrar.log().count("joined (network cafe") == 40
+
+    # A bad pledges file: one line naming the file and line, exit 2.
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0011 00\n")
+    done = subprocess.run([sys.executable, "-m", "pledge_sim.cli", "cojp", "--jrc", "[::1]:5683",
+                           "--pledges", str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"{bad}:1:" in done.stderr
+    assert done.stderr.count("\n") == 1
+    registrar.stop()
