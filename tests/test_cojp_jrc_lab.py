@@ -5,6 +5,7 @@ directly) and join with a PSK that ``brski-registrar cojp add-pledge --generate-
 store. The pledge is aiocoap's client with its own OSCORE context (pledge_sim.cojp). Then the
 registrar is killed with SIGKILL, restarted, and the pledge joins again: the JRC's Partial IVs
 seen on the wire never repeat, an old request is refused as a replay, counted in /metrics.
+aiocoap-client, with an OSCORE credentials file, joins as another pledge.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from brski import cojp
 from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON
 from lab.registrar_setup import READY_MARK, write_configs
@@ -175,6 +177,30 @@ def test_pledge_joins_and_jrc_nonces_survive_kill_9(lab: Lab, tmp_path: Path) ->
     assert "refused (replay)" in registrar.log()
     listing = cli("list", "--config", str(registrar_toml))
     assert listing.returncode == 0 and " joins 8 " in listing.stdout, listing.stdout
+
+    # An independent client: aiocoap-client with an OSCORE credentials file, another pledge.
+    other = "00-12-4b-00-14-b5-d9-e3"
+    added = cli("add-pledge", "--config", str(registrar_toml), "--id", other, "--generate-psk")
+    assert added.returncode == 0, added.stderr
+    other_ctx = tmp_path / "aiocoap-client-ctx"
+    subprocess.run([sys.executable, "-c",
+                    "import sys; from pathlib import Path; from pledge_sim import cojp; "
+                    "cojp.write_context(Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), "
+                    "bytes.fromhex(sys.argv[3]))", str(other_ctx), other.replace("-", ""),
+                    added.stdout.split("psk ")[1].split()[0]], check=True)
+    url = f"coap://[{JRC_LL}%eth0]:5683"
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({f"{url}/*": {"oscore": {"basedir": f"{other_ctx}/"}}}))
+    payload = tmp_path / "join-request.cbor"
+    payload.write_bytes(bytes.fromhex("a10542cafe"))  # RFC 9031 App. A's Join_Request
+    client = str(Path(sys.executable).parent / "aiocoap-client")
+    done = pledge.run(["sh", "-c", f"{client} --credentials {credentials} -m POST "
+                       f"--payload @{payload} '{url}/j' | od -An -tx1"], timeout=60)
+    answer = bytes.fromhex(done.stdout.replace(" ", "").replace("\n", ""))
+    conf = cojp.decode_configuration(answer)
+    assert conf.short_identifier == cojp.ShortIdentifier(b"\x00\x02"), done
+    assert conf.jrc_address == bytes.fromhex("fd4a5044000000000000000000000100")
+    assert "pledge 00124b0014b5d9e3 joined" in registrar.log()
     registrar.stop()
 
 
