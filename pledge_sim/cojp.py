@@ -164,6 +164,7 @@ async def join_all(pledges: list[tuple[bytes, bytes]], state: Path, target: str,
         async with gate:
             started = loop.time()
             directory = state / pledge_id.hex()
+            context = None
             try:
                 if not (directory / "secret.json").exists():
                     write_context(directory, pledge_id, psk)
@@ -175,6 +176,11 @@ async def join_all(pledges: list[tuple[bytes, bytes]], state: Path, target: str,
             except (OSError, ValueError, oscore.ContextUnavailable) as exc:
                 return PledgeOutcome(pledge_id, loop.time() - started, None,
                                      f"OSCORE context in {directory}: {exc}")
+            finally:
+                if context is not None:
+                    # Write the sequence number back and free the context's lock now, not at
+                    # garbage collection: a second run in this process loads it again.
+                    context._destroy()
             return PledgeOutcome(pledge_id, loop.time() - started, result)
 
     try:

@@ -208,3 +208,29 @@ def test_store_refuses_duplicates_and_reused_psks(store: Store) -> None:
     replaced = pledges.add_pledge(PLEDGE_ID, b"\x01" * 16, replace=True)
     assert replaced.short_id == 1 and replaced.ssn_reserved == 0
     assert pledges.add_pledge(b"\x02" * 8, b"\x02" * 16).short_id == 2
+
+
+def test_join_all_twice_in_one_process(store: Store, tmp_path: Path) -> None:
+    """pledge_sim.cojp.join_all over loopback: a second run in the same process loads the
+    pledges' OSCORE contexts again (their locks were released) and counts on from the first."""
+    import asyncio
+    import socket
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    config = CojpConfig(enabled=True, listen=("::1", port))
+
+    async def run() -> list[list[pledge.PledgeOutcome]]:
+        jrc = CojpJrc(config, store)
+        await jrc.start()
+        try:
+            return [await pledge.join_all([(PLEDGE_ID, PSK)], tmp_path / "state",
+                                          f"[::1]:{port}", NETWORK, via_proxy=False,
+                                          concurrency=1, timeout=10) for _ in range(2)]
+        finally:
+            await jrc.stop()
+
+    first, second = asyncio.run(run())
+    assert first[0].ok and second[0].ok, (first[0].reason, second[0].reason)
+    assert second[0].result.request_piv > first[0].result.request_piv
