@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from aiocoap import oscore
 from aiocoap.message import UndecidedRemote
 from aiocoap.numbers.codes import Code
 
-from brski import cojp
-from brski.errors import DecodeError, ValidationError
+from brski import cojp, edhoc_oscore
+from brski.errors import DecodeError, ProtocolError, ValidationError
+from coaps_io.oscore_ephemeral import EphemeralOscoreContext
 
 JRC_ID = b"JRC"
 JOIN_TIMEOUT = 30.0
@@ -61,7 +63,60 @@ def response_partial_iv(message: aiocoap.Message) -> bytes | None:
     return unprotected.get(oscore.COSE_PIV)
 
 
-async def join(client: aiocoap.Context, context: oscore.FilesystemSecurityContext,
+async def _post(client: aiocoap.Context, target: str, path: tuple[str, ...], payload: bytes,
+                via_proxy: bool, timeout: float) -> aiocoap.Message:
+    request = aiocoap.Message(code=Code.POST, uri_path=path, payload=payload)
+    request.mtype = aiocoap.CON
+    request.remote = UndecidedRemote("coap", target)
+    if via_proxy:
+        request.opt.proxy_scheme = "coap"
+        request.opt.uri_host = "6tisch.arpa"
+    try:
+        return await asyncio.wait_for(client.request(request).response, timeout)
+    except (TimeoutError, aiocoap.error.Error) as exc:
+        raise JoinFailed(f"no response from {target}: {exc or type(exc).__name__}") from None
+
+
+async def edhoc_context(client: aiocoap.Context, target: str, private_key: bytes,
+                        credential: bytes, jrc_credential: bytes, *, via_proxy: bool = False,
+                        timeout: float = JOIN_TIMEOUT) -> EphemeralOscoreContext:
+    """EDHOC (method 3, suite 2, forward flow) with the JRC; the OSCORE context it yields
+    (pledge Sender ID C_R, Recipient ID C_I, no ID context: RFC 9528 App. A.1)."""
+    import lakers  # only pledges that use EDHOC need it
+
+    initiator = lakers.EdhocInitiator()
+    c_i = edhoc_oscore.connection_id(os.urandom(2))
+    path = (".well-known", "edhoc")
+    try:
+        message_1 = initiator.prepare_message_1(c_i=c_i)
+    except (ValueError, RuntimeError) as exc:
+        raise JoinFailed(f"EDHOC message_1: {exc}") from None
+    answer = await _post(client, target, path, edhoc_oscore.MESSAGE_1_PREFIX + message_1,
+                         via_proxy, timeout)
+    if answer.code != Code.CHANGED:
+        raise JoinFailed(f"EDHOC message_1 answered {answer.code} {answer.payload[:64]!r}")
+    jrc = lakers.Credential(jrc_credential)
+    try:
+        c_r, id_cred_r, _ead_2 = initiator.parse_message_2(answer.payload)
+        if edhoc_oscore.kid_of_id_cred(bytes(id_cred_r)) != bytes(jrc.kid()):
+            raise JoinFailed("EDHOC message_2 names another JRC credential")
+        initiator.verify_message_2(private_key, lakers.Credential(credential), jrc)
+        message_3, _prk_out = initiator.prepare_message_3(lakers.CredentialTransfer.ByReference)
+    except (ValueError, RuntimeError, ProtocolError) as exc:
+        raise JoinFailed(f"EDHOC message_2: {exc}") from None
+    answer = await _post(client, target, path, bytes(c_r) + message_3, via_proxy, timeout)
+    if answer.code != Code.CHANGED:
+        raise JoinFailed(f"EDHOC message_3 answered {answer.code} {answer.payload[:64]!r}")
+    initiator.completed_without_message_4()
+    secret = initiator.edhoc_exporter(edhoc_oscore.MASTER_SECRET_LABEL, b"",
+                                      edhoc_oscore.MASTER_SECRET_LENGTH)
+    salt = initiator.edhoc_exporter(edhoc_oscore.MASTER_SALT_LABEL, b"",
+                                    edhoc_oscore.MASTER_SALT_LENGTH)
+    return EphemeralOscoreContext(edhoc_oscore.oscore_id(bytes(c_r)),
+                                  edhoc_oscore.oscore_id(c_i), bytes(secret), bytes(salt))
+
+
+async def join(client: aiocoap.Context, context: oscore.CanProtect,
                target: str, network_id: bytes, *, via_proxy: bool = False,
                role: int | None = None, timeout: float = JOIN_TIMEOUT) -> JoinResult:
     """POST /j to ``target`` ("[addr]:port", the JRC or a join proxy) and check the answer."""

@@ -18,6 +18,11 @@
                                   # the JRC's sequence number, persisted ahead of use, then
                                   # guarantees a fresh nonce whatever the replay state
 
+    edhoc_private_key = ""        # file: the JRC's EDHOC static DH key (P-256, 32 bytes, hex);
+                                  # with edhoc_credential, pledges may use EDHOC (method 3,
+                                  # suite 2) instead of a PSK; "": PSK only
+    edhoc_credential = ""         # file: the JRC's CCS (hex), whose key is that private key
+
     [[cojp.link_layer_key]]       # the link-layer key set (label 2); none: label omitted
     key_id = 1                    # 0..254
     key = "e6bf4287c2d7618d6a9687445ffd33e6"   # 16 bytes, hex
@@ -31,6 +36,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from brski import cojp
 from brski.errors import UsageError
@@ -39,6 +47,7 @@ from .metrics import metrics_address
 from .tomlconfig import Table
 
 DEFAULT_LISTEN = "[::]:5683"
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,8 @@ class CojpConfig:
     join_rate: int | None = None
     response_partial_iv: bool = True
     link_layer_keys: tuple[cojp.LinkLayerKey, ...] = ()
+    edhoc_private_key: bytes | None = None  # P-256 scalar, 32 bytes
+    edhoc_credential: bytes | None = None  # the JRC's CCS (RFC 9528 §3.5.2)
 
 
 def parse_hex_id(text: str) -> bytes:
@@ -68,7 +79,7 @@ def parse_hex_id(text: str) -> bytes:
 
 def load_cojp_config(root: Table) -> CojpConfig:
     table = root.table("cojp")
-    for name in ("network_id", "jrc_address"):
+    for name in ("network_id", "jrc_address", "edhoc_private_key", "edhoc_credential"):
         if table.data.get(name) == "":
             del table.data[name]  # "" is "not set", as in [coaps] listen
     enabled = table.boolean("enabled", False)
@@ -106,12 +117,49 @@ def load_cojp_config(root: Table) -> CojpConfig:
             keys.append(cojp.LinkLayerKey(key_id, value, key_usage=usage))
         except UsageError as exc:
             raise key_table.error("key", str(exc).removeprefix("CoJP: ")) from None
+    edhoc_key, edhoc_cred = _edhoc(table)
     table.finish()
     return CojpConfig(
         enabled=enabled, listen=listen, network_id=network_id, jrc_address=jrc_address,
         short_id_lease=lease, blacklist=blacklist,
         join_rate=None if join_rate < 0 else join_rate, response_partial_iv=response_piv,
-        link_layer_keys=tuple(keys))
+        link_layer_keys=tuple(keys), edhoc_private_key=edhoc_key, edhoc_credential=edhoc_cred)
+
+
+def _edhoc(table: Table) -> tuple[bytes | None, bytes | None]:
+    key_file = table.file("edhoc_private_key", None)
+    cred_file = table.file("edhoc_credential", None)
+    if (key_file is None) != (cred_file is None):
+        missing = "edhoc_credential" if cred_file is None else "edhoc_private_key"
+        raise table.error(missing, "missing: EDHOC needs both the key and the credential")
+    if key_file is None:
+        return None, None
+    key = _hex_file(table, "edhoc_private_key", key_file)
+    cred = _hex_file(table, "edhoc_credential", cred_file)
+    if len(key) != 32:
+        raise table.error("edhoc_private_key", f"{len(key)} bytes: a P-256 key is 32")
+    try:
+        import lakers  # only when EDHOC is configured
+
+        public_x = lakers.Credential(cred).public_key()
+    except Exception as exc:  # lakers raises plain ValueError/TypeError for bad CBOR
+        raise table.error("edhoc_credential", f"not a CCS credential ({exc})") from None
+    scalar = int.from_bytes(key, "big")
+    if not 0 < scalar < P256_ORDER:
+        raise table.error("edhoc_private_key", "not a P-256 private key")
+    x = ec.derive_private_key(scalar, ec.SECP256R1()).public_key().public_numbers().x
+    if x.to_bytes(32, "big") != bytes(public_x):
+        raise table.error("edhoc_private_key", "does not match the key in edhoc_credential")
+    return key, cred
+
+
+def _hex_file(table: Table, name: str, path: Path) -> bytes:
+    try:
+        return bytes.fromhex(path.read_text())
+    except OSError as exc:
+        raise table.error(name, f"{path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise table.error(name, f"{path}: not hex ({exc})") from None
 
 
 def _hex(table: Table, name: str, limit: int, *, required: bool = False) -> bytes | None:

@@ -18,7 +18,9 @@ Refusals (RFC 9031 §7.3.2: OSCORE failures are dropped silently) are counted as
 is summarised per minute): not-oscore, bad-oscore-option, not-post, unknown-id-context,
 blacklisted, replay, bad-tag, internal-error; inside OSCORE the pledge gets an answer:
 malformed-join-request and wrong-network (4.00 with an Unsupported_Configuration),
-not-found (4.04), method-not-allowed (4.05).
+not-found (4.04), method-not-allowed (4.05). EDHOC (registrar.cojp_edhoc, when [cojp] has the
+JRC's EDHOC key): edhoc-malformed, edhoc-failed, edhoc-unknown-session,
+edhoc-unknown-credential, answered with 4.00 and an EDHOC error message (RFC 9528 App. A.2).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ from brski.errors import ProtocolError
 from coaps_io.log_limit import LogLimiter
 
 from .cojp_config import CojpConfig
+from .cojp_edhoc import (
+    WELL_KNOWN_EDHOC,
+    EdhocRefused,
+    EdhocResponderService,
+    EdhocSession,
+    error_response,
+)
 from .cojp_store import SSN_STEP, CojpPledge, CojpStore
 from .metrics import ServiceMetrics
 from .store import Store
@@ -53,7 +62,8 @@ REPLAY_WINDOW = 32  # RFC 8613 §7.4 default
 REFUSAL_LOG_BURST = 20
 REASONS = ("not-oscore", "bad-oscore-option", "not-post", "unknown-id-context", "blacklisted",
            "replay", "bad-tag", "internal-error", "malformed-join-request", "wrong-network",
-           "not-found", "method-not-allowed")
+           "not-found", "method-not-allowed", "edhoc-malformed", "edhoc-failed",
+           "edhoc-unknown-session", "edhoc-unknown-credential")
 
 
 class PledgeContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
@@ -105,6 +115,9 @@ class CojpJrc:
         self.counts: Counter[str] = Counter()
         self.refusal_log = LogLimiter(log, burst=REFUSAL_LOG_BURST)
         self.context: aiocoap.Context | None = None
+        self.edhoc = (EdhocResponderService(config.edhoc_private_key, config.edhoc_credential,
+                                            self.pledges)
+                      if config.edhoc_private_key and config.edhoc_credential else None)
         if metrics is not None:
             for reason in REASONS:  # at zero from the start: "never happened" is visible
                 metrics.refusals.labels(ENDPOINT, reason)
@@ -135,6 +148,8 @@ class CojpJrc:
 
     def _handle(self, request: aiocoap.Message) -> aiocoap.Message | None:
         if request.opt.oscore is None:
+            if self.edhoc is not None and request.opt.uri_path == WELL_KNOWN_EDHOC:
+                return self._edhoc(request)
             return self._refuse(request, "not-oscore", "no OSCORE option")
         try:
             bag = oscore.verify_start(request)
@@ -145,45 +160,83 @@ class CojpJrc:
         kid = bag.get(oscore.COSE_KID)
         id_context = bag.get(oscore.COSE_KID_CONTEXT)
         piv = bag.get(oscore.COSE_PIV)
+        digest = hashlib.sha256(request.opt.oscore + request.payload).digest()
+        if id_context is None and kid:
+            # No ID context: a context derived by EDHOC, named by its Recipient ID (C_R).
+            session = self.edhoc.session(kid) if self.edhoc is not None else None
+            if session is None:
+                return self._refuse(request, "unknown-id-context",
+                                    f"kid {kid.hex()}: no EDHOC session")
+            cached = (session.last_piv, session.last_request_sha256, session.last_response)
+            return self._protected(request, session.context, session.pledge_id, piv, digest,
+                                   cached, session)
         if kid != PLEDGE_SENDER_ID or not id_context:
             return self._refuse(request, "unknown-id-context",
                                 f"kid {_hex(kid)}, kid context {_hex(id_context)}")
         record = self.pledges.pledge(id_context)
-        if record is None:
+        if record is None or record.psk is None:
             return self._refuse(request, "unknown-id-context",
-                                f"pledge {id_context.hex()} is not in the store")
-        digest = hashlib.sha256(request.opt.oscore + request.payload).digest()
-        if (piv is not None and record.last_response is not None and record.last_piv == piv
-                and record.last_request_sha256 == digest):
+                                f"pledge {id_context.hex()} has no PSK in the store"
+                                if record else f"pledge {id_context.hex()} is not in the store")
+        cached = (record.last_piv, record.last_request_sha256, record.last_response)
+        return self._protected(request, self._context(record), id_context, piv, digest,
+                               cached, None)
+
+    def _protected(self, request: aiocoap.Message, ctx: Any, pledge_id: bytes,
+                   piv: bytes | None, digest: bytes,
+                   cached: tuple[bytes | None, bytes | None, bytes | None],
+                   session: EdhocSession | None) -> aiocoap.Message | None:
+        """Verify, answer and protect a request under ``ctx`` (a PSK or an EDHOC context)."""
+        last_piv, last_digest, last_response = cached
+        if (piv is not None and last_response is not None and last_piv == piv
+                and last_digest == digest):
             self.counts["retransmission"] += 1
             log.info("CoJP: pledge %s sent its Join Request (PIV %s) again; resending the "
-                     "response", id_context.hex(), piv.hex())
-            return _cached_response(record.last_response)
-        if id_context in self.config.blacklist:
-            return self._refuse(request, "blacklisted", f"pledge {id_context.hex()}")
-        ctx = self._context(record)
+                     "response", pledge_id.hex(), piv.hex())
+            return _cached_response(last_response)
+        if pledge_id in self.config.blacklist:
+            return self._refuse(request, "blacklisted", f"pledge {pledge_id.hex()}")
         try:
             plain, request_id = ctx.unprotect(request)
         except oscore.ReplayError as exc:
-            return self._refuse(request, "replay", f"pledge {id_context.hex()}: {exc}")
+            return self._refuse(request, "replay", f"pledge {pledge_id.hex()}: {exc}")
         except oscore.DecodeError as exc:
-            return self._refuse(request, "bad-oscore-option", f"pledge {id_context.hex()}: {exc}")
+            return self._refuse(request, "bad-oscore-option", f"pledge {pledge_id.hex()}: {exc}")
         except oscore.ProtectionInvalid as exc:
-            return self._refuse(request, "bad-tag", f"pledge {id_context.hex()}: {exc}")
-        inner, join = self._answer(request, plain, id_context)
+            return self._refuse(request, "bad-tag", f"pledge {pledge_id.hex()}: {exc}")
+        inner, join = self._answer(request, plain, pledge_id)
         if self.config.response_partial_iv:
             request_id.can_reuse_nonce = False
         inner.direction = aiocoap.message.Direction.OUTGOING
         outer, _ = ctx.protect(inner, request_id)
         if join is not None:
             assert piv is not None
-            self.pledges.save_join(id_context, piv, digest, _cache_blob(outer),
-                                   join.network_identifier, int(join.effective_role))
+            blob = _cache_blob(outer)
+            if session is None:
+                self.pledges.save_join(pledge_id, piv, digest, blob, join.network_identifier,
+                                       int(join.effective_role))
+            else:
+                session.last_piv, session.last_request_sha256, session.last_response = \
+                    piv, digest, blob
+                self.pledges.save_join(pledge_id, None, None, None, join.network_identifier,
+                                       int(join.effective_role), method="edhoc")
             self.counts["joined"] += 1
-            log.info("CoJP: pledge %s joined (network %s, role %s) from %s",
-                     id_context.hex(), join.network_identifier.hex(),
-                     join.effective_role.name.lower(), _peer(request))
+            log.info("CoJP: pledge %s joined (network %s, role %s, %s) from %s",
+                     pledge_id.hex(), join.network_identifier.hex(),
+                     join.effective_role.name.lower(), "psk" if session is None else "edhoc",
+                     _peer(request))
         return outer
+
+    def _edhoc(self, request: aiocoap.Message) -> aiocoap.Message:
+        assert self.edhoc is not None
+        try:
+            response = self.edhoc.handle(request)
+        except EdhocRefused as refusal:
+            self._refuse(request, refusal.reason, str(refusal))
+            return error_response(refusal)
+        if not response.payload:
+            self.counts["edhoc-completed"] += 1
+        return response
 
     def _answer(self, request: aiocoap.Message, plain: aiocoap.Message,
                 pledge_id: bytes) -> tuple[aiocoap.Message, cojp.JoinRequest | None]:

@@ -31,7 +31,9 @@ LAST_SHORT_ID = 0xFFFD  # 0xfffe and 0xffff mean "no short address" in IEEE 802.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cojp_pledges (
     pledge_id BLOB PRIMARY KEY,
-    psk BLOB NOT NULL,
+    psk BLOB,
+    edhoc_kid BLOB UNIQUE,
+    edhoc_credential BLOB,
     added_at TEXT NOT NULL,
     short_id INTEGER NOT NULL UNIQUE,
     ssn_reserved INTEGER NOT NULL DEFAULT 0,
@@ -55,7 +57,7 @@ class CojpStoreError(Exception):
 @dataclass(frozen=True)
 class CojpPledge:
     pledge_id: bytes
-    psk: bytes
+    psk: bytes | None
     added_at: str
     short_id: int
     ssn_reserved: int
@@ -66,10 +68,13 @@ class CojpPledge:
     last_response: bytes | None
     joins: int
     last_join: str | None
+    edhoc_kid: bytes | None
+    edhoc_credential: bytes | None
 
 
 _COLUMNS = ("pledge_id, psk, added_at, short_id, ssn_reserved, window_index, window_bits, "
-            "last_piv, last_request_sha256, last_response, joins, last_join")
+            "last_piv, last_request_sha256, last_response, joins, last_join, edhoc_kid, "
+            "edhoc_credential")
 
 
 def _now() -> str:
@@ -84,28 +89,40 @@ class CojpStore:
         with store.transaction() as db:
             db.execute(_SCHEMA)
 
-    def add_pledge(self, pledge_id: bytes, psk: bytes, *, replace: bool = False) -> CojpPledge:
-        """A pledge and its PSK. ``replace``: recommissioning with a new PSK, which also resets
-        the counters (a new key starts a new nonce space) and keeps the short identifier."""
+    def add_pledge(self, pledge_id: bytes, psk: bytes | None, *, replace: bool = False,
+                   edhoc_kid: bytes | None = None,
+                   edhoc_credential: bytes | None = None) -> CojpPledge:
+        """A pledge with its PSK and/or its EDHOC credential (a CCS, with its kid).
+        ``replace``: recommissioning, which also resets the OSCORE counters (a new key starts a
+        new nonce space) and keeps the short identifier."""
+        if psk is None and edhoc_credential is None:
+            raise CojpStoreError("a pledge needs a PSK or an EDHOC credential")
         with self.store.transaction() as db:
             row = db.execute("SELECT short_id FROM cojp_pledges WHERE pledge_id = ?",
                              (pledge_id,)).fetchone()
             if row is not None and not replace:
                 raise CojpStoreError(f"pledge {pledge_id.hex()} is already known "
-                                     "(--replace gives it a new PSK)")
+                                     "(--replace gives it new keys)")
             if row is not None:
-                if db.execute("SELECT 1 FROM cojp_pledges WHERE pledge_id = ? AND psk = ?",
-                              (pledge_id, psk)).fetchone():
+                if psk is not None and db.execute(
+                        "SELECT 1 FROM cojp_pledges WHERE pledge_id = ? AND psk = ?",
+                        (pledge_id, psk)).fetchone():
                     raise CojpStoreError("a new PSK must differ from the old one "
                                          "(RFC 9031 §7.3.1: never reuse a nonce under a PSK)")
                 db.execute("DELETE FROM cojp_pledges WHERE pledge_id = ?", (pledge_id,))
                 short_id = row[0]
             else:
                 short_id = self._free_short_id(db)
-            db.execute("INSERT INTO cojp_pledges (pledge_id, psk, added_at, short_id) "
-                       "VALUES (?, ?, ?, ?)", (pledge_id, psk, _now(), short_id))
+            if edhoc_kid is not None and db.execute(
+                    "SELECT 1 FROM cojp_pledges WHERE edhoc_kid = ?", (edhoc_kid,)).fetchone():
+                raise CojpStoreError(f"another pledge has the EDHOC kid {edhoc_kid.hex()}")
+            db.execute("INSERT INTO cojp_pledges (pledge_id, psk, added_at, short_id, "
+                       "edhoc_kid, edhoc_credential) VALUES (?, ?, ?, ?, ?, ?)",
+                       (pledge_id, psk, _now(), short_id, edhoc_kid, edhoc_credential))
             self.store._audit(db, "cojp-pledge-added", pledge_id.hex(),
-                              {"short_id": short_id, "replaced": row is not None}, _now())
+                              {"short_id": short_id, "replaced": row is not None,
+                               "psk": psk is not None, "edhoc": edhoc_kid is not None},
+                              _now())
         pledge = self.pledge(pledge_id)
         assert pledge is not None
         return pledge
@@ -132,6 +149,12 @@ class CojpStore:
                              (pledge_id,)).fetchone()
         return None if row is None else CojpPledge(*row)
 
+    def pledge_by_edhoc_kid(self, kid: bytes) -> CojpPledge | None:
+        with self.store.transaction() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM cojp_pledges WHERE edhoc_kid = ?",
+                             (kid,)).fetchone()
+        return None if row is None else CojpPledge(*row)
+
     def pledges(self) -> list[CojpPledge]:
         with self.store.transaction() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM cojp_pledges ORDER BY pledge_id")
@@ -147,12 +170,19 @@ class CojpStore:
             db.execute("UPDATE cojp_pledges SET ssn_reserved = max(ssn_reserved, ?) "
                        "WHERE pledge_id = ?", (reserved, pledge_id))
 
-    def save_join(self, pledge_id: bytes, piv: bytes, request_sha256: bytes, response: bytes,
-                  network_id: bytes, role: int) -> None:
+    def save_join(self, pledge_id: bytes, piv: bytes | None, request_sha256: bytes | None,
+                  response: bytes | None, network_id: bytes, role: int, *,
+                  method: str = "psk") -> None:
+        """A join, and (PSK) the response to resend for the same request; an EDHOC session
+        keeps that in memory, as its keys do not outlive the process."""
         with self.store.transaction() as db:
-            db.execute("UPDATE cojp_pledges SET last_piv = ?, last_request_sha256 = ?, "
-                       "last_response = ?, joins = joins + 1, last_join = ?, network_id = ?, "
-                       "role = ? WHERE pledge_id = ?",
-                       (piv, request_sha256, response, _now(), network_id, role, pledge_id))
+            db.execute("UPDATE cojp_pledges SET joins = joins + 1, last_join = ?, "
+                       "network_id = ?, role = ? WHERE pledge_id = ?",
+                       (_now(), network_id, role, pledge_id))
+            if response is not None:
+                db.execute("UPDATE cojp_pledges SET last_piv = ?, last_request_sha256 = ?, "
+                           "last_response = ? WHERE pledge_id = ?",
+                           (piv, request_sha256, response, pledge_id))
             self.store._audit(db, "cojp-join", pledge_id.hex(),
-                              {"network_id": network_id.hex(), "role": role}, _now())
+                              {"network_id": network_id.hex(), "role": role,
+                               "method": method}, _now())
