@@ -6,6 +6,7 @@
     pledge-sim enroll --transport coaps --pki DIR [--count N] [--block-size B]
     pledge-sim discover [--methods grasp,mdns] [--timeout S] [--json]
     pledge-sim cojp --jrc ADDR --pledges FILE [--count N] [--concurrency C] [--via-proxy]
+                    [--edhoc-dir DIR --jrc-credential FILE]
 
 Without --registrar, pledges listen for GRASP AN_Proxy floods and browse mDNS for
 _brski-proxy._tcp; with --transport coaps (cBRSKI over DTLS) they ask CoRE discovery on each
@@ -137,8 +138,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--via-proxy", action="store_true",
                    help="add Proxy-Scheme coap and Uri-Host 6tisch.arpa (RFC 9031 §8.1)")
     c.add_argument("--pledges", required=True, type=Path,
-                   help="'PLEDGE_ID PSK' per line, hex (the PSKs given to brski-registrar "
-                        "cojp add-pledge)")
+                   help="'PLEDGE_ID PSK' (hex, the PSK given to brski-registrar cojp "
+                        "add-pledge) or 'PLEDGE_ID edhoc' per line")
+    c.add_argument("--edhoc-dir", type=Path, metavar="DIR",
+                   help="EDHOC pledges' keys: DIR/<pledge ID>.key and .ccs (default: the "
+                        "pledges file's directory)")
+    c.add_argument("--jrc-credential", type=Path, metavar="FILE",
+                   help="the JRC's EDHOC credential (CCS, hex): needed by EDHOC pledges")
     c.add_argument("--count", type=_positive(int), help="the first N pledges of the file")
     c.add_argument("--concurrency", type=_positive(int), default=10)
     c.add_argument("--network-id", default="cafe", metavar="HEX",
@@ -260,10 +266,21 @@ async def _cojp(args: argparse.Namespace) -> int:
         pledges = pledges[:args.count]
     if not pledges:
         raise UsageProblem(f"{args.pledges}: no pledges")
+    edhoc = None
+    if any(psk is None for _, psk in pledges):
+        if args.jrc_credential is None:
+            raise UsageProblem(f"{args.pledges} lists EDHOC pledges: give --jrc-credential")
+        try:
+            jrc_credential = bytes.fromhex(args.jrc_credential.read_text())
+        except OSError as exc:
+            raise UsageProblem(f"{args.jrc_credential}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageProblem(f"{args.jrc_credential}: not hex ({exc})") from None
+        edhoc = cojp.EdhocKeys(args.edhoc_dir or args.pledges.parent, jrc_credential)
     started = time.monotonic()
     outcomes = await cojp.join_all(pledges, args.state, args.jrc, network_id,
                                    via_proxy=args.via_proxy, concurrency=args.concurrency,
-                                   timeout=args.timeout)
+                                   timeout=args.timeout, edhoc=edhoc)
     elapsed = time.monotonic() - started
     if args.json:
         ok = sum(o.ok for o in outcomes)

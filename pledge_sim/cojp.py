@@ -183,10 +183,10 @@ class PledgeOutcome:
         return doc
 
 
-def read_pledges(path: Path) -> list[tuple[bytes, bytes]]:
-    """``PLEDGE_ID PSK`` per line (hex; ``-``/``:`` allowed in the ID; ``#`` comments).
-    ValueError names the line."""
-    pledges = []
+def read_pledges(path: Path) -> list[tuple[bytes, bytes | None]]:
+    """``PLEDGE_ID PSK`` or ``PLEDGE_ID edhoc`` per line (hex; ``-``/``:`` allowed in the ID;
+    ``#`` comments): None for the PSK of an EDHOC pledge. ValueError names the line."""
+    pledges: list[tuple[bytes, bytes | None]] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -194,10 +194,10 @@ def read_pledges(path: Path) -> list[tuple[bytes, bytes]]:
         parts = line.split()
         try:
             if len(parts) != 2:
-                raise ValueError("expected 'PLEDGE_ID PSK'")
+                raise ValueError("expected 'PLEDGE_ID PSK' or 'PLEDGE_ID edhoc'")
             pledge_id = bytes.fromhex(parts[0].replace("-", "").replace(":", ""))
-            psk = bytes.fromhex(parts[1])
-            if not pledge_id or len(psk) < 16:
+            psk = None if parts[1] == "edhoc" else bytes.fromhex(parts[1])
+            if not pledge_id or (psk is not None and len(psk) < 16):
                 raise ValueError("empty pledge ID or a PSK under 16 bytes")
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: {exc}") from None
@@ -205,27 +205,57 @@ def read_pledges(path: Path) -> list[tuple[bytes, bytes]]:
     return pledges
 
 
-async def join_all(pledges: list[tuple[bytes, bytes]], state: Path, target: str,
+@dataclass(frozen=True)
+class EdhocKeys:
+    """Where EDHOC pledges find their keys: ``directory/<pledge ID hex>.key`` and ``.ccs``
+    (as ``brski-registrar cojp make-edhoc-credential`` writes them), and the JRC's CCS."""
+
+    directory: Path
+    jrc_credential: bytes
+
+    def of(self, pledge_id: bytes) -> tuple[bytes, bytes]:
+        base = self.directory / pledge_id.hex()
+        return (bytes.fromhex(base.with_suffix(".key").read_text()),
+                bytes.fromhex(base.with_suffix(".ccs").read_text()))
+
+
+async def join_all(pledges: list[tuple[bytes, bytes | None]], state: Path, target: str,
                    network_id: bytes, *, via_proxy: bool, concurrency: int,
-                   timeout: float) -> list[PledgeOutcome]:
-    """Join each pledge once, at most ``concurrency`` at a time; each pledge's OSCORE context
+                   timeout: float, edhoc: EdhocKeys | None = None) -> list[PledgeOutcome]:
+    """Join each pledge once, at most ``concurrency`` at a time. A PSK pledge's OSCORE context
     lives in ``state/<pledge ID>`` (made from the PSK on first use, then kept: its sequence
-    number carries on across runs)."""
+    number carries on across runs); an EDHOC pledge (PSK None) runs EDHOC first."""
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     gate = asyncio.Semaphore(concurrency)
     loop = asyncio.get_running_loop()
 
-    async def one(pledge_id: bytes, psk: bytes) -> PledgeOutcome:
+    async def with_edhoc(pledge_id: bytes) -> JoinResult:
+        if edhoc is None:
+            raise JoinFailed("an EDHOC pledge, but no JRC credential given")
+        try:
+            private_key, credential = edhoc.of(pledge_id)
+        except (OSError, ValueError) as exc:
+            raise JoinFailed(f"EDHOC keys of {pledge_id.hex()}: {exc}") from None
+        context = await edhoc_context(client, target, private_key, credential,
+                                      edhoc.jrc_credential, via_proxy=via_proxy,
+                                      timeout=timeout)
+        return await join(client, context, target, network_id, via_proxy=via_proxy,
+                          timeout=timeout)
+
+    async def one(pledge_id: bytes, psk: bytes | None) -> PledgeOutcome:
         async with gate:
             started = loop.time()
             directory = state / pledge_id.hex()
             context = None
             try:
-                if not (directory / "secret.json").exists():
-                    write_context(directory, pledge_id, psk)
-                context = load_context(directory)
-                result = await join(client, context, target, network_id,
-                                    via_proxy=via_proxy, timeout=timeout)
+                if psk is None:
+                    result = await with_edhoc(pledge_id)
+                else:
+                    if not (directory / "secret.json").exists():
+                        write_context(directory, pledge_id, psk)
+                    context = load_context(directory)
+                    result = await join(client, context, target, network_id,
+                                        via_proxy=via_proxy, timeout=timeout)
             except JoinFailed as exc:
                 return PledgeOutcome(pledge_id, loop.time() - started, None, str(exc))
             except (OSError, ValueError, oscore.ContextUnavailable) as exc:

@@ -205,22 +205,39 @@ def test_pledge_joins_and_jrc_nonces_survive_kill_9(lab: Lab, tmp_path: Path) ->
 
 
 def test_pledge_sim_cojp_fleet(lab: Lab, tmp_path: Path) -> None:
-    """20 pledges added by the operator command join with ``pledge-sim cojp`` (10 at a time);
-    a second run carries each pledge's sequence number on (its OSCORE state persists)."""
+    """20 PSK pledges and 20 EDHOC pledges, added by the operator commands, join with
+    ``pledge-sim cojp`` (10 at a time); a second run carries each PSK pledge's sequence number
+    on (its OSCORE state persists) and runs EDHOC again for the others."""
     pki = tmp_path / "pki"
     brski_pki("init", str(pki), "--serial", "SN-F")
     registrar_toml, _ = write_configs(
         pki, tmp_path / "svc", masa_listen=["[::1]:9443"],
         registrar_listen=["[fd4a:5044::100]:8443"], masa_timeout=5, mdns=False, grasp=False)
+    made = cli("make-edhoc-credential", "--out", str(tmp_path / "jrc"), "--kid", "4a",
+               "--subject", "jrc")
+    assert made.returncode == 0, made.stderr
     with registrar_toml.open("a") as toml:
-        toml.write('\n[cojp]\nenabled = true\nnetwork_id = "cafe"\nshort_id_lease = 12\n')
+        toml.write('\n[cojp]\nenabled = true\nnetwork_id = "cafe"\nshort_id_lease = 12\n'
+                   f'edhoc_private_key = "{tmp_path / "jrc.key"}"\n'
+                   f'edhoc_credential = "{tmp_path / "jrc.ccs"}"\n')
+    keys = tmp_path / "edhoc"
+    keys.mkdir()
     lines = []
-    for n in range(20):
+    for n in range(40):
         pledge_id = f"02-00-00-00-00-00-00-{n:02x}"
+        if n < 20:
+            added = cli("add-pledge", "--config", str(registrar_toml), "--id", pledge_id,
+                        "--generate-psk")
+            assert added.returncode == 0, added.stderr
+            lines.append(f"{pledge_id} {added.stdout.split('psk ')[1].split()[0]}")
+            continue
+        prefix = keys / pledge_id.replace("-", "")
+        made = cli("make-edhoc-credential", "--out", str(prefix), "--kid", f"{n:02x}00")
+        assert made.returncode == 0, made.stderr
         added = cli("add-pledge", "--config", str(registrar_toml), "--id", pledge_id,
-                    "--generate-psk")
+                    "--edhoc-credential", f"{prefix}.ccs")
         assert added.returncode == 0, added.stderr
-        lines.append(f"{pledge_id} {added.stdout.split('psk ')[1].split()[0]}")
+        lines.append(f"{pledge_id} edhoc")
     pledges_file = tmp_path / "pledges.txt"
     pledges_file.write_text("# id psk\n" + "\n".join(lines) + "\n")
 
@@ -231,22 +248,27 @@ def test_pledge_sim_cojp_fleet(lab: Lab, tmp_path: Path) -> None:
     def fleet() -> dict:
         done = lab.pledges[0].run(
             [PYTHON, "-m", "pledge_sim.cli", "cojp", "--jrc", f"[{JRC_LL}%eth0]:5683",
-             "--pledges", str(pledges_file), "--count", "20", "--concurrency", "10",
-             "--state", str(tmp_path / "state"), "--json"], check=False, timeout=180)
-        assert done.returncode == 0, done.stderr
+             "--pledges", str(pledges_file), "--count", "40", "--concurrency", "10",
+             "--state", str(tmp_path / "state"), "--edhoc-dir", str(keys),
+             "--jrc-credential", str(tmp_path / "jrc.ccs"), "--json"], check=False, timeout=240)
+        assert done.returncode == 0, (done.stdout[-3000:], done.stderr)
         return json.loads(done.stdout)
 
     first = fleet()
-    assert first["joined"] == 20 and first["failed"] == 0
+    assert first["joined"] == 40 and first["failed"] == 0
     short_ids = {r["short_id"] for r in first["results"]}
-    assert len(short_ids) == 20 and "fffe" not in short_ids
+    assert len(short_ids) == 40 and "fffe" not in short_ids
     second = fleet()
-    assert second["joined"] == 20
-    for before, after in zip(first["results"], second["results"], strict=True):
+    assert second["joined"] == 40
+    for before, after in zip(first["results"][:20], second["results"][:20], strict=True):
         assert before["pledge_id"] == after["pledge_id"]
         assert int(after["request_piv"], 16) > int(before["request_piv"], 16)
         assert after["short_id"] == before["short_id"]
-    assert registrar.log().count("joined (network cafe") == 40
+    log = registrar.log()
+    assert log.count("joined (network cafe, role node, psk)") == 40
+    assert log.count("joined (network cafe, role node, edhoc)") == 40
+    listing = cli("list", "--config", str(registrar_toml)).stdout
+    assert listing.count("joins 2 ") == 40 and listing.count("keys edhoc ") == 20
 
     # A bad pledges file: one line naming the file and line, exit 2.
     bad = tmp_path / "bad.txt"
