@@ -66,8 +66,9 @@ def check_connection_id(encoded: bytes, value: Any = None) -> None:
     if value is None:
         value = loads_exact(encoded, "EDHOC connection identifier")
     if isinstance(value, int) and not isinstance(value, bool):
-        if not -24 <= value <= 23:
-            raise ValidationError(f"EDHOC connection identifier {value} is not a one-byte int")
+        if not -24 <= value <= 23 or len(encoded) != 1:
+            raise ValidationError(f"EDHOC connection identifier {encoded.hex()} is not a "
+                                  "one-byte int")
     elif isinstance(value, bytes):
         if not value or len(value) > MAX_CONNECTION_ID:
             raise ValidationError(f"EDHOC connection identifier of {len(value)} bytes")
