@@ -3,7 +3,9 @@
 
     [cojp]
     enabled = false               # turn the JRC on (off by default: no UDP port opens unasked)
-    listen = "[::]:5683"          # UDP address of the CoJP /j resource (CoAP, OSCORE inside)
+    listen = "[::]:5683"          # UDP address of the CoJP /j resource (CoAP, OSCORE inside);
+                                  # not 5683 when the registrar also runs CoAP discovery
+                                  # (registrar.coap_discovery binds it): refused
     network_id = ""               # hex; when set, Join Requests naming another network
                                   # identifier (label 5) get a 4.00 diagnostic; "": any
     jrc_address = ""              # IPv6 address sent as the JRC address (label 4); "": omitted

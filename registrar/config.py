@@ -92,6 +92,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from .coap_discovery import COAP_PORT
 from .cojp_config import CojpConfig, load_cojp_config
 from .ipip_config import IpipConfig, load_ipip_config
 from .metrics import load_metrics_listen, metrics_address
@@ -245,6 +246,12 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
     cojp_config = load_cojp_config(root)
     if coaps_port is None and coaps_listen is not None:
         coaps_port = coaps_listen[1]  # announce the CoAPS listener the registrar runs
+    if (cojp_config.enabled and cojp_config.listen[1] == COAP_PORT and interfaces
+            and (coaps_port is not None or jpy_listen is not None)):
+        # Both would bind UDP 5683 on every address: the second start would fail.
+        raise ConfigError(f"cojp.listen: UDP {COAP_PORT} is also the CoAP discovery port, "
+                          "which this registrar serves on the [announce] interfaces; give "
+                          "the JRC another port (its join proxies must then be told it)")
     root.finish()
     return RegistrarConfig(
         source=path, listen=listen, cert_file=cert_file, key_file=key_file,

@@ -69,3 +69,24 @@ def test_bad_keys_are_named(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(f"[cojp]\n{text}\n")
     assert message in str(info.value)
+
+
+def test_jrc_and_coap_discovery_cannot_share_udp_5683(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from lab.registrar_setup import write_configs
+    from registrar.config import load_registrar_config
+
+    done = subprocess.run([sys.executable, "-m", "brski.cli.pki", "init", str(tmp_path / "pki"),
+                           "--serial", "SN-1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    toml, _ = write_configs(tmp_path / "pki", tmp_path / "out", registrar_listen=["[::1]:8443"],
+                            announce_interfaces=["lo"], coaps_listen="[::1]:5684",
+                            mdns=False, grasp=False)
+    base = toml.read_text()
+    toml.write_text(base + '\n[cojp]\nenabled = true\n')
+    with pytest.raises(ConfigError, match=r"cojp\.listen: UDP 5683 is also the CoAP discovery"):
+        load_registrar_config(toml)
+    toml.write_text(base + '\n[cojp]\nenabled = true\nlisten = "[::]:5690"\n')
+    assert load_registrar_config(toml).cojp.listen == ("::", 5690)
