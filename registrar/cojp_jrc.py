@@ -25,8 +25,10 @@ edhoc-unknown-credential, answered with 4.00 and an EDHOC error message (RFC 952
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
 from collections import Counter
 from typing import Any
 
@@ -59,6 +61,7 @@ JRC_SENDER_ID = b"JRC"  # RFC 9031 §8.3: 0x4a5243
 PLEDGE_SENDER_ID = b""
 AEAD = "AES-CCM-16-64-128"  # RFC 9031 §8.3 default (COSE 10)
 REPLAY_WINDOW = 32  # RFC 8613 §7.4 default
+AF42_TCLASS = 36 << 2  # DSCP AF42 (RFC 2597) in the IPv6 traffic class / IPv4 TOS byte
 REFUSAL_LOG_BURST = 20
 REASONS = ("not-oscore", "bad-oscore-option", "not-post", "unknown-id-context", "blacklisted",
            "replay", "bad-tag", "internal-error", "malformed-join-request", "wrong-network",
@@ -128,6 +131,10 @@ class CojpJrc:
         self.context = await aiocoap.Context.create_server_context(
             _JrcSite(self), bind=(host, port), transports=["udp6"],
             loggername=f"{__name__}.aiocoap")
+        marked = mark_join_responses(self.context)
+        if not marked:
+            log.warning("CoJP JRC: could not mark Join Responses AF42 (aiocoap's socket not "
+                        "found); they go out with the default traffic class")
         return host, port
 
     async def stop(self) -> None:
@@ -313,6 +320,26 @@ class _JrcSite(interfaces.Resource):
         response = self.jrc.handle(pipe.request)
         if response is not None:
             pipe.add_response(response, is_last=True)
+
+
+def mark_join_responses(context: aiocoap.Context) -> int:
+    """RFC 9031 §6.1/§9: the JRC SHOULD mark Join Responses AF42 (DSCP 36). Everything this
+    socket sends is a CoJP answer, so the socket's traffic class is set; returns how many
+    sockets were marked. aiocoap exposes no option for it: its UDP transport is reached through
+    the context's interfaces (aiocoap 0.4.17 attribute names)."""
+    marked = 0
+    for interface in context.request_interfaces:
+        messages = getattr(getattr(interface, "token_interface", None), "message_interface",
+                           None)
+        transport = getattr(messages, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            continue
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, AF42_TCLASS)
+        with contextlib.suppress(OSError):  # IPv4-mapped peers of a dual-stack socket
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, AF42_TCLASS)
+        marked += 1
+    return marked
 
 
 def _diagnostic(code: int, label: int | None) -> aiocoap.Message:

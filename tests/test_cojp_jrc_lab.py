@@ -11,6 +11,7 @@ aiocoap-client, with an OSCORE credentials file, joins as another pledge.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -147,7 +148,16 @@ def test_pledge_joins_and_jrc_nonces_survive_kill_9(lab: Lab, tmp_path: Path) ->
                           timeout=120)
         return [json.loads(line) for line in done.stdout.splitlines()]
 
+    capture = tmp_path / "jrc.pcap"
+    sniffer = pledge.spawn(["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-c", "3",
+                            "-w", str(capture), "udp src port 5683"], name="tcpdump")
+    wait_for(lambda: "listening on" in sniffer.log(), 10, "tcpdump")
     first = joins(3)
+    sniffer.popen.wait(10)  # -c 3: it exits after the three Join Responses
+    read = subprocess.run(["tcpdump", "-r", str(capture), "-n", "-v"], capture_output=True,
+                          text=True, timeout=30)
+    classes = re.findall(r"class 0x([0-9a-f]+)", read.stdout)
+    assert len(classes) == 3 and set(classes) == {"90"}, (read.stdout, read.stderr)
     assert [j["short_id"] for j in first] == ["0001"] * 3
     assert first[0]["jrc_address"] == "fd4a5044000000000000000000000100"
     stale = subprocess.run([sys.executable, "-c", RAW_REQUEST, str(context)], check=True,
