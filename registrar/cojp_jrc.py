@@ -37,6 +37,7 @@ import cbor2
 from aiocoap import interfaces, oscore
 from aiocoap.numbers.codes import Code
 from cryptography.hazmat.primitives import hashes
+from prometheus_client import Counter as PromCounter
 
 from brski import cojp
 from brski.cbor_strict import loads_exact
@@ -121,9 +122,16 @@ class CojpJrc:
         self.edhoc = (EdhocResponderService(config.edhoc_private_key, config.edhoc_credential,
                                             self.pledges)
                       if config.edhoc_private_key and config.edhoc_credential else None)
+        self.joins: PromCounter | None = None
         if metrics is not None:
             for reason in REASONS:  # at zero from the start: "never happened" is visible
                 metrics.refusals.labels(ENDPOINT, reason)
+            self.joins = PromCounter(
+                "brski_registrar_cojp_joins", "CoJP Join Requests answered with a "
+                "Configuration (method psk or edhoc), and retransmissions answered from the "
+                "cache (method retransmission)", ["method"], registry=metrics.registry)
+            for method in ("psk", "edhoc", "retransmission"):
+                self.joins.labels(method)
 
     # -- I/O ------------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -198,6 +206,8 @@ class CojpJrc:
         if (piv is not None and last_response is not None and last_piv == piv
                 and last_digest == digest):
             self.counts["retransmission"] += 1
+            if self.joins is not None:
+                self.joins.labels("retransmission").inc()
             log.info("CoJP: pledge %s sent its Join Request (PIV %s) again; resending the "
                      "response", pledge_id.hex(), piv.hex())
             return _cached_response(last_response)
@@ -228,6 +238,8 @@ class CojpJrc:
                 self.pledges.save_join(pledge_id, None, None, None, join.network_identifier,
                                        int(join.effective_role), method="edhoc")
             self.counts["joined"] += 1
+            if self.joins is not None:
+                self.joins.labels("psk" if session is None else "edhoc").inc()
             log.info("CoJP: pledge %s joined (network %s, role %s, %s) from %s",
                      pledge_id.hex(), join.network_identifier.hex(),
                      join.effective_role.name.lower(), "psk" if session is None else "edhoc",

@@ -184,6 +184,7 @@ def test_pledge_joins_and_jrc_nonces_survive_kill_9(lab: Lab, tmp_path: Path) ->
         return float(done.stdout.strip())
 
     assert metric('brski_registrar_refusals_total{endpoint="cojp",reason="replay"}') == 1.0
+    assert metric('brski_registrar_cojp_joins_total{method="psk"}') == 3.0  # since the restart
     assert "refused (replay)" in registrar.log()
     listing = cli("list", "--config", str(registrar_toml))
     assert listing.returncode == 0 and " joins 8 " in listing.stdout, listing.stdout
