@@ -234,3 +234,40 @@ def test_join_all_twice_in_one_process(store: Store, tmp_path: Path) -> None:
     first, second = asyncio.run(run())
     assert first[0].ok and second[0].ok, (first[0].reason, second[0].reason)
     assert second[0].result.request_piv > first[0].result.request_piv
+
+
+def test_pledge_via_proxy_sends_the_rfc_9031_outer_options(tmp_path: Path) -> None:
+    """What a CoJP join proxy receives from ``pledge-sim cojp --via-proxy``: POST, CON,
+    Proxy-Scheme "coap", Uri-Host "6tisch.arpa", OSCORE with the pledge ID as kid context, and
+    no Uri-Path outside (it is Class E, inside the ciphertext) (RFC 9031 §8.1)."""
+    import asyncio
+    import socket
+
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    listener.bind(("::1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    p = Pledge(tmp_path)
+
+    async def run() -> bytes:
+        client = await aiocoap.Context.create_client_context(transports=["udp6"])
+        loop = asyncio.get_running_loop()
+        try:
+            joining = asyncio.ensure_future(pledge.join(client, p.ctx, f"[::1]:{port}", NETWORK,
+                                                        via_proxy=True, timeout=2))
+            datagram = await asyncio.wait_for(loop.sock_recv(listener, 2048), 5)
+            with pytest.raises(pledge.JoinFailed, match="no response"):
+                await joining
+            return datagram
+        finally:
+            await client.shutdown()
+
+    try:
+        wire = asyncio.run(run())
+    finally:
+        listener.close()
+    request = aiocoap.Message.decode(wire)
+    assert request.code == Code.POST and request.mtype == aiocoap.CON
+    assert request.opt.proxy_scheme == "coap" and request.opt.uri_host == "6tisch.arpa"
+    assert request.opt.uri_path == () and request.opt.uri_port is None
+    assert oscore.verify_start(request)[oscore.COSE_KID_CONTEXT] == PLEDGE_ID
