@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml | apt
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
 		| grep -vE '^WARNING: Location|InformationOnly|^ *$$|name as your package|precedence during imports|warnings.warn' || true
-	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2' \
+	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2, lakers, aiocoap.oscore' \
 		|| { echo "setup: the venv is missing a dependency" >&2; exit 1; }
 	@touch $@
 

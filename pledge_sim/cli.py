@@ -6,6 +6,8 @@
     pledge-sim enroll --transport coaps --pki DIR [--count N] [--block-size B]
                       [--core-query brski-jp|rt | --registrar [fe80::1%eth0]:5684]
     pledge-sim discover [--methods grasp,mdns] [--timeout S] [--json]
+    pledge-sim cojp --jrc ADDR --pledges FILE [--count N] [--concurrency C] [--via-proxy]
+                    [--edhoc-dir DIR --jrc-credential FILE]
 
 Without --registrar, pledges listen for GRASP AN_Proxy floods and browse mDNS for
 _brski-proxy._tcp; with --transport coaps (cBRSKI over DTLS) they ask CoRE discovery on each
@@ -132,6 +134,31 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", type=_methods, default=list(METHODS))
     d.add_argument("--timeout", type=_positive(float), default=10.0)
     d.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("cojp", help="6TiSCH pledges: CoJP join over OSCORE with a PSK "
+                                    "(RFC 9031)")
+    c.add_argument("--jrc", required=True, metavar="ADDR",
+                   help='where the Join Request goes: the JRC, or with --via-proxy a join '
+                        'proxy, "[addr%%iface]:port"')
+    c.add_argument("--via-proxy", action="store_true",
+                   help="add Proxy-Scheme coap and Uri-Host 6tisch.arpa (RFC 9031 §8.1)")
+    c.add_argument("--pledges", required=True, type=Path,
+                   help="'PLEDGE_ID PSK' (hex, the PSK given to brski-registrar cojp "
+                        "add-pledge) or 'PLEDGE_ID edhoc' per line")
+    c.add_argument("--edhoc-dir", type=Path, metavar="DIR",
+                   help="EDHOC pledges' keys: DIR/<pledge ID>.key and .ccs (default: the "
+                        "pledges file's directory)")
+    c.add_argument("--jrc-credential", type=Path, metavar="FILE",
+                   help="the JRC's EDHOC credential (CCS, hex): needed by EDHOC pledges")
+    c.add_argument("--count", type=_positive(int), help="the first N pledges of the file")
+    c.add_argument("--concurrency", type=_positive(int), default=10)
+    c.add_argument("--network-id", default="cafe", metavar="HEX",
+                   help="the network identifier sent in the Join Request (default cafe)")
+    c.add_argument("--state", type=Path, default=Path("pledge-sim-cojp"),
+                   help="per-pledge OSCORE contexts; sequence numbers carry on across runs")
+    c.add_argument("--timeout", type=_positive(float), default=30.0, metavar="S",
+                   help="per join, CoAP retransmissions included")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -232,6 +259,54 @@ async def _enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cojp(args: argparse.Namespace) -> int:
+    from . import cojp  # aiocoap's OSCORE only when asked for
+
+    try:
+        pledges = cojp.read_pledges(args.pledges)
+        network_id = bytes.fromhex(args.network_id)
+    except OSError as exc:
+        raise UsageProblem(f"{args.pledges}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    if args.count is not None:
+        if args.count > len(pledges):
+            raise UsageProblem(f"--count {args.count}: {args.pledges} lists {len(pledges)}")
+        pledges = pledges[:args.count]
+    if not pledges:
+        raise UsageProblem(f"{args.pledges}: no pledges")
+    edhoc = None
+    if any(psk is None for _, psk in pledges):
+        if args.jrc_credential is None:
+            raise UsageProblem(f"{args.pledges} lists EDHOC pledges: give --jrc-credential")
+        try:
+            jrc_credential = bytes.fromhex(args.jrc_credential.read_text())
+        except OSError as exc:
+            raise UsageProblem(f"{args.jrc_credential}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageProblem(f"{args.jrc_credential}: not hex ({exc})") from None
+        edhoc = cojp.EdhocKeys(args.edhoc_dir or args.pledges.parent, jrc_credential)
+    started = time.monotonic()
+    outcomes = await cojp.join_all(pledges, args.state, args.jrc, network_id,
+                                   via_proxy=args.via_proxy, concurrency=args.concurrency,
+                                   timeout=args.timeout, edhoc=edhoc)
+    elapsed = time.monotonic() - started
+    if args.json:
+        ok = sum(o.ok for o in outcomes)
+        print(json.dumps({"joined": ok, "failed": len(outcomes) - ok,
+                          "seconds": round(elapsed, 3),
+                          "results": [o.to_json() for o in outcomes]}, indent=2))
+    else:
+        print(cojp.report(outcomes, elapsed), flush=True)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        print(f"{PROG}: {failed[0].pledge_id.hex()} failed: {failed[0].reason}{more}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 async def _discover(args: argparse.Namespace) -> int:
     found = await discover(args.methods, args.timeout)
     if args.json:
@@ -264,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("coaps_io").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        return asyncio.run(_enroll(args) if args.command == "enroll" else _discover(args))
+        commands = {"enroll": _enroll, "discover": _discover, "cojp": _cojp}
+        return asyncio.run(commands[args.command](args))
     except (UsageProblem, IdentityError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from . import service
 from .announce import Announcer
 from .app import make_app, tls_context
 from .coaps import CoapsRegistrar
+from .cojp_jrc import CojpJrc
 from .config import RegistrarConfig, load_registrar_config
 from .context import Registrar
 from .domain_ca import DomainCA
@@ -45,6 +46,7 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
         registrar = Registrar(config, store, masa, ca)
         coaps = (CoapsRegistrar(registrar, metrics)
                  if config.coaps_listen or config.jpy_listen else None)
+        jrc = CojpJrc(config.cojp, store, metrics) if config.cojp.enabled else None
 
         async def started() -> None:
             # Tunnels before announcements: a proxy that hears the flood can use them at once.
@@ -70,6 +72,14 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                 host, port = endpoint.local_address[:2]
                 logging.getLogger("registrar.jpy").info(
                     "JPY (CoAPS behind stateless join proxies) on udp [%s]:%d", host, port)
+            if jrc is not None:
+                try:
+                    host, port = await jrc.start()
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen for CoJP on [{config.cojp.listen[0]}]"
+                                             f":{config.cojp.listen[1]}: {exc.strerror}") from exc
+                logging.getLogger("registrar.cojp").info(
+                    "CoJP JRC (RFC 9031, OSCORE) on udp [%s]:%d", host, port)
             await announcer.start()
 
         try:
@@ -77,6 +87,8 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                         tls_context(config), "registrar", on_started=started, metrics=metrics)
         finally:
             await announcer.stop()
+            if jrc is not None:
+                await jrc.stop()
             if coaps is not None:
                 await coaps.stop()
             # After the listeners closed: connections on the TUN devices got their last
@@ -96,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     # --ipip is the registrar's own switch: the shared service parser shows it in the usage
     # (ipip_option); its value is needed before, to load the configuration with it.
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cojp"]:  # the operator's commands for the JRC's pledges (registrar.cojp_cli)
+        from .cojp_cli import main as cojp_main
+        return cojp_main(argv[1:])
     pre = argparse.ArgumentParser(add_help=False)
     ipip_option(pre)
     known, _ = pre.parse_known_args(argv)

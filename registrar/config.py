@@ -71,6 +71,10 @@ Every key, its default and its meaning. Relative paths are relative to the confi
                                   # address, e.g. "[::]:5685"; announced as rt=brski.rjp;
                                   # "" (default): off
 
+    [cojp]                        # the 6TiSCH JRC (RFC 9031 CoJP over OSCORE): off by default;
+    enabled = false               # keys in registrar.cojp_config, pledges and their PSKs from
+                                  # `brski-registrar cojp add-pledge`
+
     [metrics]
     listen = ""                   # Prometheus /metrics, e.g. "[::1]:9466"; "" (default): off;
                                   # --metrics ADDRESS overrides it (registrar.metrics)
@@ -88,6 +92,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from .coap_discovery import COAP_PORT
+from .cojp_config import CojpConfig, load_cojp_config
 from .ipip_config import IpipConfig, load_ipip_config
 from .metrics import load_metrics_listen, metrics_address
 from .tomlconfig import (
@@ -157,6 +163,7 @@ class RegistrarConfig:
     ipip: IpipConfig = field(default_factory=IpipConfig)
     coaps_listen: tuple[str, int] | None = None  # [coaps] listen (registrar.coaps)
     jpy_listen: tuple[str, int] | None = None  # [jpy] listen (registrar.jpy_endpoint)
+    cojp: CojpConfig = field(default_factory=CojpConfig)  # [cojp] (registrar.cojp_config)
 
     @property
     def server_cert(self) -> x509.Certificate:
@@ -236,8 +243,15 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
     metrics_listen = load_metrics_listen(root)
     coaps_listen = _coaps_listen(root)
     jpy_listen = _coaps_listen(root, "jpy")
+    cojp_config = load_cojp_config(root)
     if coaps_port is None and coaps_listen is not None:
         coaps_port = coaps_listen[1]  # announce the CoAPS listener the registrar runs
+    if (cojp_config.enabled and cojp_config.listen[1] == COAP_PORT and interfaces
+            and (coaps_port is not None or jpy_listen is not None)):
+        # Both would bind UDP 5683 on every address: the second start would fail.
+        raise ConfigError(f"cojp.listen: UDP {COAP_PORT} is also the CoAP discovery port, "
+                          "which this registrar serves on the [announce] interfaces; give "
+                          "the JRC another port (its join proxies must then be told it)")
     root.finish()
     return RegistrarConfig(
         source=path, listen=listen, cert_file=cert_file, key_file=key_file,
@@ -250,7 +264,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
         grasp_period=period, mdns=mdns, announce_port=port, announce_address=address,
         mdns_instance=instance, log_level=level, metrics_listen=metrics_listen,
         ipip=ipip_config, announce_coaps_port=coaps_port, coaps_listen=coaps_listen,
-        jpy_listen=jpy_listen,
+        jpy_listen=jpy_listen, cojp=cojp_config,
     )
 
 
