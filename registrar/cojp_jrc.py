@@ -42,6 +42,7 @@ from prometheus_client import Counter as PromCounter
 from brski import cojp
 from brski.cbor_strict import loads_exact
 from brski.errors import ProtocolError
+from coaps_io import extended_tokens
 from coaps_io.log_limit import LogLimiter
 
 from .cojp_config import CojpConfig
@@ -136,6 +137,9 @@ class CojpJrc:
     # -- I/O ------------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         host, port = self.config.listen
+        # Behind a stateless join proxy a request's token is the proxy's sealed state (RFC
+        # 9031 §7.1), 13 bytes or more: aiocoap's own codec mangles those.
+        extended_tokens.install()
         self.context = await aiocoap.Context.create_server_context(
             _JrcSite(self), bind=(host, port), transports=["udp6"],
             loggername=f"{__name__}.aiocoap")

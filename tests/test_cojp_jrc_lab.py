@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -215,10 +216,17 @@ def test_pledge_joins_and_jrc_nonces_survive_kill_9(lab: Lab, tmp_path: Path) ->
     registrar.stop()
 
 
-def test_pledge_sim_cojp_fleet(lab: Lab, tmp_path: Path) -> None:
-    """20 PSK pledges and 20 EDHOC pledges, added by the operator commands, join with
-    ``pledge-sim cojp`` (10 at a time); a second run carries each PSK pledge's sequence number
-    on (its OSCORE state persists) and runs EDHOC again for the others."""
+@dataclass
+class Fleet:
+    registrar_toml: Path
+    pledges_file: Path  # 20 PSK pledges, then 20 EDHOC pledges
+    edhoc_keys: Path
+    jrc_credential: Path
+
+
+def make_fleet(tmp_path: Path) -> Fleet:
+    """A registrar configuration with a JRC, and 20 PSK and 20 EDHOC pledges added to its store
+    by the operator commands."""
     pki = tmp_path / "pki"
     brski_pki("init", str(pki), "--serial", "SN-F")
     registrar_toml, _ = write_configs(
@@ -251,7 +259,15 @@ def test_pledge_sim_cojp_fleet(lab: Lab, tmp_path: Path) -> None:
         lines.append(f"{pledge_id} edhoc")
     pledges_file = tmp_path / "pledges.txt"
     pledges_file.write_text("# id psk\n" + "\n".join(lines) + "\n")
+    return Fleet(registrar_toml, pledges_file, keys, tmp_path / "jrc.ccs")
 
+
+def test_pledge_sim_cojp_fleet(lab: Lab, tmp_path: Path) -> None:
+    """20 PSK pledges and 20 EDHOC pledges, added by the operator commands, join with
+    ``pledge-sim cojp`` (10 at a time); a second run carries each PSK pledge's sequence number
+    on (its OSCORE state persists) and runs EDHOC again for the others."""
+    f = make_fleet(tmp_path)
+    registrar_toml, pledges_file, keys = f.registrar_toml, f.pledges_file, f.edhoc_keys
     registrar = lab.registrars[0].spawn(
         [PYTHON, "-m", "registrar.cli", "--config", str(registrar_toml)], name="registrar")
     wait_for(lambda: READY_MARK in registrar.log(), 30, "the registrar")
