@@ -15,7 +15,9 @@
 #      under packaging/, and the build must not leave files in the checkout,
 #   3. dpkg-buildpackage -b in the release's own build root (tools/deb-buildroot.sh: its
 #      python3, debhelper, dh-python), booted not, on a volatile overlay, without network,
-#   4. lintian of that release, in the same root: errors fail the build; warnings are printed.
+#   4. lintian of that release, in the same root: errors fail the build; warnings are printed
+#      (overrides of tags the release's lintian does not know are left out of the staged
+#      tree before the build: tools/lintian-known-overrides.sh).
 # A release whose inputs did not change since its last build is skipped (<release>/.inputs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +48,7 @@ for obj in ebpf/*.bpf.o; do
 done
 shopt -u nullglob
 sources_sum=$( { sha256sum "${files[@]}" "${bpf_objects[@]}" "$0" tools/deb-buildroot.sh \
-                 tools/nspawn-run.sh; } | sha256sum | cut -d' ' -f1)
+                 tools/nspawn-run.sh tools/lintian-known-overrides.sh; } | sha256sum | cut -d' ' -f1)
 
 build_release() {
     local release=$1 suffix out stage wheels root inputs debs version log lintian_out summary
@@ -78,14 +80,16 @@ print(releases[sys.argv[1]]["suffix"] if sys.argv[1] in releases else "")' "$rel
     cp -rL packaging/debian "$stage/debian"
     cp "$wheels"/*.whl "$stage/vendor/wheels/"
     [ ${#bpf_objects[@]} -eq 0 ] || cp "${bpf_objects[@]}" "$stage/ebpf/"
-    # The release's entry on top of the changelog, dated as the source's own entry (the
-    # build stays reproducible): the version and the distribution say which release it is for.
+    # The release's entry on top of the changelog, dated one second after the source's own
+    # entry (the build stays reproducible; lintian wants a newer date): the version and the
+    # distribution say which release it is for.
     {
         printf 'joinproxyd (%s) %s; urgency=medium\n\n' "$version" "$release"
         printf '  * Built for Debian %s.\n\n' "$release"
         printf ' -- %s  %s\n\n' \
             "$(dpkg-parsechangelog -l packaging/debian/changelog -S Maintainer)" \
-            "$(dpkg-parsechangelog -l packaging/debian/changelog -S Date)"
+            "$(LC_ALL=C date -u -R -d "@$(( $(dpkg-parsechangelog -l packaging/debian/changelog \
+                -S Timestamp) + 1 ))")"
         cat packaging/debian/changelog
     } > "$stage/debian/changelog"
 
@@ -100,7 +104,9 @@ print(releases[sys.argv[1]]["suffix"] if sys.argv[1] in releases else "")' "$rel
             --bind="$(realpath "$out"):/build" --chdir=/build/src \
             --setenv=SOURCE_DATE_EPOCH="$(dpkg-parsechangelog -l "$stage/debian/changelog" -S Timestamp)" \
             --setenv=HOME=/build/src --setenv=LANG=C.UTF-8 \
-            -- dpkg-buildpackage -us -uc -b -d >"$log" 2>&1; then
+            --bind-ro="$(realpath tools/lintian-known-overrides.sh):/usr/local/bin/lintian-known-overrides" \
+            -- sh -c "lintian-known-overrides debian && dpkg-buildpackage -us -uc -b -d" \
+            >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "make deb: dpkg-buildpackage for $release failed; full log in $log" >&2
         return 1

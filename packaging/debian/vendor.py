@@ -223,9 +223,11 @@ def install(wheels: Path, target: Path, substvars: Path, release: str) -> None:
     shutil.rmtree(target / "bin", ignore_errors=True)
     for junk in target.rglob("*"):
         # Build inputs of compiled modules (Cython .pyx/.pxd, C sources) are not needed to
-        # run; RECORD and INSTALLER describe a pip installation that dpkg now owns.
+        # run; RECORD, INSTALLER and direct_url.json (the wheel's path in the build tree)
+        # describe a pip installation that dpkg now owns.
         if junk.is_file() and (junk.suffix in {".pyx", ".pxd", ".c", ".h"}
-                               or junk.name in {"RECORD", "INSTALLER", "REQUESTED"}):
+                               or junk.name in {"RECORD", "INSTALLER", "REQUESTED",
+                                                "direct_url.json"}):
             junk.unlink()
     depends = [f"{pkg} (>= {version})" for dist, (pkg, version, _) in sorted(from_debian.items())
                if dist not in PER_PROGRAM]
