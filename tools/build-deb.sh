@@ -98,8 +98,8 @@ print(releases[sys.argv[1]]["suffix"] if sys.argv[1] in releases else "")' "$rel
     echo "make deb: building $version for $release (${#bpf_objects[@]} BPF objects); log in $log"
     # In the release's root, as it stays (volatile overlay), with no network: the build uses
     # what the root and the staged tree hold, nothing else. dpkg-buildpackage's check of
-    # build-essential is skipped (-d): the root has the Build-Depends (deb-buildroot.sh) and no
-    # compiler, which nothing here needs.
+    # build-essential is skipped (-d): the root has the Build-Depends (deb-buildroot.sh) but
+    # not g++ & co., which nothing here compiles with.
     if ! tools/nspawn-run.sh "$root" "jpbuild-$release-$$" --volatile=overlay --private-network \
             --bind="$(realpath "$out"):/build" --chdir=/build/src \
             --setenv=SOURCE_DATE_EPOCH="$(dpkg-parsechangelog -l "$stage/debian/changelog" -S Timestamp)" \

@@ -29,7 +29,7 @@ build_depends=$(sed -n '/^Build-Depends:/,/^[A-Z][A-Za-z-]*:/p' packaging/debian
     | sed '1s/^Build-Depends://; $d' | tr -d '\n' | sed 's/  */ /g; s/^ //; s/,* *$//')
 INCLUDE="$build_depends, dpkg-dev, lintian"
 # Raise LAYOUT when what the root holds changes other than through INCLUDE.
-LAYOUT=1
+LAYOUT=2
 key=$( { echo "$LAYOUT"; echo "$INCLUDE"; } | sha256sum | cut -c1-12)
 tarball=$CACHE/$RELEASE-$key.tar.zst
 root=$CACHE/$RELEASE-$key
@@ -53,7 +53,8 @@ if [ ! -s "$tarball" ]; then
     # On the host's network (not booted): the only step after debootstrap that downloads.
     tools/nspawn-run.sh "$tmp/root" "jpbuild-prep-$$" -- sh -c \
         "apt-get update -qq && apt-get satisfy -y -qq --no-install-recommends '$INCLUDE' \
-         && apt-get clean" >> "$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
+         && apt-get clean && rm -rf /var/lib/apt/lists/*" >> "$log" 2>&1 \
+        || { tail -20 "$log" >&2; exit 1; }  # (the build installs nothing: no package lists)
     echo "jpbuild-$RELEASE" > "$tmp/root/etc/hostname"
     tar -C "$tmp/root" --numeric-owner --xattrs --acls -cf - . \
         | zstd -q -T0 -3 -o "$tmp/root.tar.zst"
