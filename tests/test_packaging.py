@@ -475,6 +475,9 @@ def test_pledge_sim_and_common_packages(debs):
     for name in ("cryptography", "pyroute2", "prometheus_client", "zeroconf", "aiohttp",
                  "pycose", "aiocoap"):
         assert name in top, name
+    # Only what the release's interpreter needs: typing-extensions is asked for on Python <
+    # 3.13 only (pip downloads it for trixie too: it evaluates markers for its own Python).
+    assert ("/usr/lib/brski/vendor/typing_extensions.py" in common) == (release == "bookworm")
     # What Debian provides is not vendored again.
     for name in ("cbor2", "asn1crypto", "attr", "idna", "ifaddr", "six", "systemd"):
         assert name not in top, name

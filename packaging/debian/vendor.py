@@ -5,7 +5,7 @@ and which they bring along.
 The packages are built per release (tools/build-deb.sh, each in its own release's build root):
 Debian 12 "bookworm" (python3.11) and Debian 13 "trixie" (python3.13). The programs need newer
 libraries than either ships (pyroute2 0.9's AsyncIPRoute, cryptography >= 42 for X.509
-verification and the pinned pyOpenSSL's >= 46, prometheus-client newer than 0.21,
+verification and the pinned pyOpenSSL's >= 49, prometheus-client newer than 0.21,
 zeroconf's current asyncio API, aiohttp 3.14, pycose and aiocoap which Debian lacks, pyOpenSSL
 >= 22 for DTLS cookies and memory-BIO MTUs, built for the vendored cryptography, and the
 typing-extensions >= 4.9 it asks for on Python < 3.13 where Debian 12 has 4.4). Those are
@@ -22,11 +22,12 @@ where its version works (see FROM_DEBIAN for the evidence).
                                   dependencies pinned to the versions in the project's venv.
                                   Uses the index pip is configured with; the package build
                                   itself never downloads.
-    vendor.py install WHEELS TARGET SUBSTVARS RELEASE
-                                  debian/rules: install every wheel in WHEELS that is not taken
-                                  from RELEASE's Debian into TARGET (no index, no dependency
-                                  resolution) and write ${vendor:Depends} for the ones taken
-                                  from Debian.
+    vendor.py install WHEELS TARGET SUBSTVARS RELEASE REQUIREMENTS
+                                  debian/rules, in the release's build root: install every
+                                  wheel in WHEELS that the runtime requirements need on this
+                                  interpreter and that is not taken from RELEASE's Debian into
+                                  TARGET (no index) and write ${vendor:Depends} for the ones
+                                  taken from Debian.
     vendor.py policy REQUIREMENTS print the decision for every release and distribution, as
                                   JSON (tests).
 """
@@ -73,7 +74,7 @@ FROM_DEBIAN_BY_RELEASE: dict[str, dict[str, tuple[str, str, str]]] = {
     # Bookworm's libraries in trixie's versions; the installed-package system test
     # (tests/test_system_nspawn.py) runs the daemons with them in a booted trixie container
     # (an enrollment, /metrics). Still vendored on trixie, as Debian 13's are too old:
-    # cryptography (43; pyOpenSSL 26 asks for >= 46), pyOpenSSL (25), pyroute2 (0.7, no
+    # cryptography (43; pyOpenSSL 26 asks for >= 49), pyOpenSSL (25), pyroute2 (0.7, no
     # AsyncIPRoute), aiohttp (3.11), zeroconf (0.147), prometheus-client (0.21.1: with it
     # tests/test_field_metric_series.py fails, a removed join link's series stay); pycose
     # and aiocoap are not in Debian.
@@ -204,11 +205,45 @@ def _check_requirements(vendored: list[Path], release: str = "bookworm") -> None
         sys.exit("vendor.py: " + "; ".join(problems))
 
 
-def install(wheels: Path, target: Path, substvars: Path, release: str) -> None:
+def _requirements_of(whl: Path) -> list[str]:
+    """The distributions a wheel needs on the running interpreter (markers evaluated here)."""
+    from pip._vendor.packaging.requirements import Requirement  # pip is a build dependency
+
+    with zipfile.ZipFile(whl) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        text = zf.read(meta).decode()
+    needed = []
+    for line in text.splitlines():
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                needed.append(normalize(req.name))
+    return needed
+
+
+def needed_wheels(found: list[Path], roots: list[str]) -> list[Path]:
+    """The wheels the runtime requirements need on this interpreter, with their dependencies.
+    pip download evaluates markers for the interpreter running it, not the release's, so a
+    library only older Pythons need (typing-extensions on 3.13) may have come along."""
+    by_name = {wheel_name(w): w for w in found}
+    needed: set[str] = set()
+    todo = [normalize(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in needed or name not in by_name:
+            continue
+        needed.add(name)
+        todo += _requirements_of(by_name[name])
+    return [w for w in found if wheel_name(w) in needed]
+
+
+def install(wheels: Path, target: Path, substvars: Path, release: str,
+            requirements: Path) -> None:
     found = sorted(wheels.glob("*.whl"))
     if not found:
         sys.exit(f"vendor.py: no wheels in {wheels} (tools/build-deb.sh downloads them)")
     from_debian = FROM_DEBIAN_BY_RELEASE[release]
+    found = needed_wheels(found, runtime_requirements(requirements, release))
     vendored = [w for w in found if wheel_name(w) not in from_debian]
     _check_requirements(vendored, release)
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}  # no index, no constraints of the host
@@ -251,8 +286,8 @@ def policy(requirements: Path) -> None:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["download"] and len(argv) == 5 and argv[4] in RELEASES:
         download(Path(argv[1]), argv[2], Path(argv[3]), argv[4])
-    elif argv[:1] == ["install"] and len(argv) == 5 and argv[4] in RELEASES:
-        install(Path(argv[1]), Path(argv[2]), Path(argv[3]), argv[4])
+    elif argv[:1] == ["install"] and len(argv) == 6 and argv[4] in RELEASES:
+        install(Path(argv[1]), Path(argv[2]), Path(argv[3]), argv[4], Path(argv[5]))
     elif argv[:1] == ["policy"] and len(argv) == 2:
         policy(Path(argv[1]))
     else:
