@@ -14,6 +14,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -505,7 +506,7 @@ def test_wrappers_put_the_vendored_libraries_first(debs, tmp_path):
     argv = ["/usr/bin/python3", "-I", "-c", probe]
     if not host or host.group(1) != release:
         (buildroot,) = [p for p in (REPO / "build/debroot").glob(f"{release}-*") if p.is_dir()]
-        argv = [str(REPO / "tools/nspawn-run.sh"), str(buildroot), f"jppkg-{release}",
+        argv = [str(REPO / "tools/nspawn-run.sh"), str(buildroot), f"jppkg-{release}-{os.getpid()}",
                 "--volatile=overlay", "--private-network", f"--bind-ro={root}:{root}", "--",
                 *argv]
     done = run(argv, timeout=120)
