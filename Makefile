@@ -57,9 +57,12 @@ demo: setup
 completion: venv
 	$(PY) tools/completion.py packaging/completion
 
-# Debian packages (debhelper; sources in packaging/debian) into build/deb/, lintian-checked.
+# Debian packages (debhelper; sources in packaging/debian), per Debian release, each built in
+# that release's own build root (debootstrap'ed once, cached in build/debroot/), into
+# build/deb/<release>/, lintian-checked. `make deb DEBIAN_RELEASES=trixie` builds one.
+DEBIAN_RELEASES ?= bookworm trixie
 deb: setup
-	@tools/build-deb.sh
+	@tools/build-deb.sh $(DEBIAN_RELEASES)
 
 # OpenWrt package (packaging/openwrt) with the prebuilt BPF objects, into build/ipk/.
 ipk: setup

@@ -40,8 +40,9 @@ if [ ${#bpf_objects[@]} -eq 0 ]; then
     exit 1
 fi
 
-.venv/bin/python packaging/debian/vendor.py download build/deb/wheels .venv/bin/python \
-    requirements.txt
+# The wheels make deb fetches for bookworm: only their pure Python parts are used (below).
+.venv/bin/python packaging/debian/vendor.py download build/deb/wheels-bookworm .venv/bin/python \
+    requirements.txt bookworm
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -59,7 +60,7 @@ tar -cf - --exclude=__pycache__ --exclude='*.pyc' brski service_notify -C daemon
 # (daemon/joinproxyd/kernel/features.py): OpenWrt's, wherever the payload runs.
 printf 'openwrt\n' > "$root/usr/lib/joinproxyd/python/joinproxyd/PACKAGED_FOR"
 for name in "${VENDORED[@]}"; do
-    whl=(build/deb/wheels/"$name"-*.whl)
+    whl=(build/deb/wheels-bookworm/"$name"-*.whl)
     [ -e "${whl[0]}" ] || { echo "make ipk: no wheel for $name" >&2; exit 1; }
     python3 -m zipfile -e "${whl[0]}" "$root/usr/lib/joinproxyd/vendor"
 done

@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 
 PRIVATE = "/usr/lib/brski/python"   # the project's packages (brski, joinproxyd, registrar, ...)
-VENDOR = "/usr/lib/brski/vendor"    # third-party libraries Debian 12 lacks or has too old
+VENDOR = "/usr/lib/brski/vendor"    # third-party libraries the release lacks or has too old
 
 # console script -> the binary package that ships it; scripts not named here (joinproxy-lab,
 # the namespace lab for tests and benchmarks) are not packaged.
