@@ -21,6 +21,8 @@ from brski.coap_datagram import read_token, token_length_field
 from brski.errors import DecodeError, UsageError
 
 _installed = False
+# aiocoap's own decoder, kept for tests that show what the fix changes.
+stock_decode = Message.decode
 
 
 def _decode(cls: type[Message], rawdata: bytes, remote: Any = None) -> Message:

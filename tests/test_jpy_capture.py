@@ -205,7 +205,12 @@ headers, sent = [], []
 while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
-    if content[:1] == b"\\x16":  # the daemon's DTLS health probe
+    if content[:1] == b"\\x16":  # the daemon's DTLS health probe: a HelloVerifyRequest will do
+        body = bytes([0xFE, 0xFF, 1, 88])  # server_version, cookie length, cookie
+        n = len(body).to_bytes(3, "big")
+        hs = b"\\x03" + n + bytes(5) + n + body
+        hvr = bytes([22, 0xFE, 0xFD]) + bytes(8) + len(hs).to_bytes(2, "big") + hs
+        s.sendto(cbor2.dumps([header, hvr]), peer)
         continue
     if header not in headers:
         headers.append(header)
