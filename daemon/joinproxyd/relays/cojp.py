@@ -17,7 +17,9 @@ bucket with [cojp] burst), RFC 9031 §6.1/§8.4.2's "the JP limits join traffic"
 nothing. Marking: both sockets send with the DSCP AF43 (traffic class 0x98), as RFC 9031 asks
 of a join proxy's forwarded packets. The 6TiSCH enhanced beacons that carry the join proxy's
 existence on 802.15.4 are out of scope on Ethernet links: pledges are told of the proxy's
-address out of band, and the JRC is configured (registrars.static cojp_port).
+address out of band. The JRC is the one the control plane hands this mode: configured
+(registrars.static cojp_port) or flooded by a registrar under GRASP "6TiSCH-JRC", and
+answering a CoAP ping (discovery/constrained.py); joining on cojp links is open only then.
 
 What is dropped, silently towards the network and counted by reason:
 
@@ -119,6 +121,8 @@ class CojpMode(RelayMode):
     # Pledges learn of a CoJP proxy from 6TiSCH beacons or configuration, not from GRASP/mDNS
     # announcements of a TCP port (announcing one would lure BRSKI pledges to nothing).
     serves_link_local = False
+    # The control plane hands this mode the JRC that answers the CoAP ping (daemon.mode_target)
+    registrar_port = "cojp_port"
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
