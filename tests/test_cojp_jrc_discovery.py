@@ -113,10 +113,15 @@ def test_a_silent_jrc_closes_cojp_joining_while_the_registrar_answers_tcp(
     [endpoint] = jrc_endpoints(daemon)
     assert endpoint["sources"] == ["static"] and endpoint["healthy"] is True
     assert "answer ACK" in pledge(lab, 0, "con:01:join-a")
+    endpoint = {"endpoint": f"cojp://[fd4a:5044::100]:{JRC_PORT}", "kind": "cojp"}
+    assert daemon.sample("joinproxyd_constrained_registrar_up", **endpoint) == 1
+    assert daemon.sample("joinproxyd_mode_joining", mode="cojp") == 1
 
     jrc.stop()
     wait_for(lambda: not cojp_state(daemon)["open"], 10, "cojp joining to close")
     assert cojp_state(daemon)["reason"] == "no JRC answers the CoAP ping"
+    assert daemon.sample("joinproxyd_constrained_registrar_up", **endpoint) == 0
+    assert daemon.metrics().get(("joinproxyd_mode_joining", frozenset({("mode", "cojp")}))) == 0
     # The registrar itself is still healthy on TCP: only the JRC's ping tells.
     assert [r["healthy"] for r in daemon.ctl()["registrars"]] == [True]
     # Refused while closed, and counted as such (nothing to relay to).

@@ -256,6 +256,7 @@ class Daemon:
         self._ready = False
         self._backbone_problem: str | None = None  # what was last logged about it
         self._joining_said: bool | None = None
+        self._modes_exported: set[str] = set()  # joinproxyd_mode_joining's labels
         self._targets: dict[str, RegistrarEndpoint | None] | None = None  # per mode, applied
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
@@ -443,6 +444,7 @@ class Daemon:
         self.metrics.join_interfaces.set(len(self.served))
         self.metrics.listeners_unbound.set(len(self.listeners.failures))
         self._say_joining()
+        self._export_mode_joining()
         self._notify()
 
     def mode_target(self, name: str) -> RegistrarEndpoint | None:
@@ -548,6 +550,15 @@ class Daemon:
                          "registrar": None if target is None
                          else self._target_text(name, target).split(" ")[-1]}
         return out
+
+    def _export_mode_joining(self) -> None:
+        """joinproxyd_mode_joining{mode}: joining_modes as a gauge; gone modes removed."""
+        states = self.joining_modes()
+        for name in self._modes_exported - set(states):
+            self.metrics.mode_joining.remove(name)
+        for name, state in states.items():
+            self.metrics.mode_joining.labels(name).set(int(state["open"]))
+        self._modes_exported = set(states)
 
     def _say_joining(self) -> None:
         """Log when joining opens or closes (once per change, with why)."""

@@ -238,7 +238,11 @@ class ConstrainedRegistrars:
     def __init__(self, *, log: logging.Logger, health_interval: float, health_timeout: float,
                  on_change: Callable[[], None], mode: str = "auto",
                  clock: Callable[[], float] = time.monotonic, probe: Probe = udp_probe,
+                 on_health: Callable[[UdpRegistrar, bool | None], None] = lambda r, h: None,
                  ) -> None:
+        """``on_health(endpoint, healthy)`` after each probe, with None when it is forgotten
+        (the daemon's joinproxyd_constrained_registrar_up)."""
+        self.on_health = on_health
         self.log = log
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -289,6 +293,7 @@ class ConstrainedRegistrars:
         if not state.sources:
             del self._states[state.registrar]
             self._lost_healthy = self._lost_healthy or bool(state.healthy)
+            self.on_health(state.registrar, None)
             self.log.info("constrained registrar %s forgotten: %s", state.registrar.key, why)
 
     def _expire(self) -> None:
@@ -412,6 +417,7 @@ class ConstrainedRegistrars:
                     self.log.info("constrained registrar %s is down: %s", state.registrar.key,
                                   error)
             state.healthy, state.last_error, state.last_probe = healthy, error, now
+            self.on_health(state.registrar, healthy)
         # an endpoint that expired at the start of this pass counts as a change too
         flipped, self._lost_healthy = flipped or self._lost_healthy, False
         self._reselect(health_changed=flipped)
@@ -539,7 +545,8 @@ class ConstrainedDiscovery:
         self.log = log
         self.table = ConstrainedRegistrars(log=log, health_interval=health_interval,
                                            health_timeout=health_timeout, mode=mode,
-                                           on_change=on_change, probe=probe)
+                                           on_change=on_change, probe=probe,
+                                           on_health=self._export_health)
         self.table.set_static(static_udp_registrars(static))
         self.finder: CoreRegistrarFinder | None = None
         self.browser: MdnsRegistrarBrowser | None = None  # _brski-registrar._udp
@@ -548,6 +555,17 @@ class ConstrainedDiscovery:
     @property
     def chosen(self) -> RegistrarEndpoint | None:
         return self.table.chosen
+
+    def _export_health(self, registrar: UdpRegistrar, healthy: bool | None) -> None:
+        gauge = getattr(self.metrics, "constrained_up", None)
+        if gauge is None:  # a metrics stand-in without it (unit tests)
+            return
+        labels = (registrar.key, str(registrar.kind))
+        if healthy is None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        else:
+            gauge.labels(*labels).set(int(healthy))
 
     def endpoint_for(self, kind: str) -> RegistrarEndpoint | None:
         return self.table.endpoint_for(UdpKind(kind))
