@@ -45,6 +45,9 @@ class Echo(asyncio.DatagramProtocol):
     def connection_made(self, t): self.t = t
     def datagram_received(self, d, a):
         r = CoapDatagram.decode(d)
+        if r.code == 0:  # a CoAP ping (joinproxyd's JRC health probe): Reset, RFC 7252 4.3
+            self.t.sendto(CoapDatagram(MessageType.RST, 0, r.message_id).encode(), a)
+            return
         self.t.sendto(CoapDatagram(MessageType.NON, 0x44, r.message_id, r.token, (),
                                    r.payload).encode(), a)
 async def main():

@@ -187,3 +187,21 @@ def _extended(data: bytes, pos: int, nibble: int) -> tuple[int, int]:
     if nibble == 14:
         return int.from_bytes(_need(data, pos, 2), "big") + 269, pos + 2
     raise DecodeError("CoAP option nibble 15 outside the payload marker")
+
+
+def ping(message_id: int) -> bytes:
+    """A CoAP ping (RFC 7252 §4.3): an empty confirmable message. Every CoAP endpoint answers
+    it with a Reset of the same message ID, without touching any resource or security state,
+    which makes it the cheapest proof that a CoAP server (a JRC) is there."""
+    return CoapDatagram(MessageType.CON, 0, message_id).encode()
+
+
+def answers_ping(data: bytes, message_id: int) -> bool:
+    """Whether ``data`` is the Reset (or an empty ACK, which RFC 7252 §4.3 also lets a CoAP
+    endpoint send) that answers :func:`ping` with this message ID."""
+    try:
+        answer = CoapDatagram.decode(data)
+    except DecodeError:
+        return False
+    return (answer.code == 0 and answer.message_id == message_id
+            and answer.mtype in (MessageType.RST, MessageType.ACK))

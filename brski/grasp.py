@@ -52,6 +52,11 @@ REGISTRAR_VALUE_TLS: Final = "EST-TLS"  # RFC 8995 §4.3: EST over TLS at a TCP 
 REGISTRAR_VALUE_DTLS: Final = "BRSKI_JP"  # cBRSKI over DTLS at a UDP locator (see below)
 # The stateless (JPY) port, as the constrained join-proxy drafts up to -15 registered it.
 REGISTRAR_VALUE_JPY: Final = "BRSKI_RJP"
+# The registrar's 6TiSCH JRC (RFC 9031 CoJP, CoAP + OSCORE) at a UDP locator. No document
+# registers a GRASP objective value for a JRC (RFC 9031 finds it through the 6LBR or label 4 of
+# the Configuration): this is joinproxyd's own, local value, chosen so that no BRSKI proxy
+# mistakes the CoAP port for a DTLS one.
+REGISTRAR_VALUE_COJP: Final = "6TiSCH-JRC"
 
 DEFAULT_TTL_MS: Final = 180_000  # RFC 8995 §4.1.1 and §4.3 examples
 PROXY_LOOP_COUNT: Final = 1  # link-local only
@@ -308,6 +313,7 @@ def registrar_flood(
     value: object = REGISTRAR_VALUE_TLS,
     udp_value: object = REGISTRAR_VALUE_DTLS,
     jpy_locators: Sequence[IPv6Locator] = (),
+    cojp_locators: Sequence[IPv6Locator] = (),
 ) -> Flood:
     """The registrar's announcement (RFC 8995 §4.3): ``["AN_join_registrar", 4, 255,
     "EST-TLS"]``, one entry per locator (TCP is the only mandatory one).
@@ -316,16 +322,19 @@ def registrar_flood(
     ``udp_value`` instead: ``"BRSKI_JP"``, the value the constrained join-proxy draft
     registered for the registrar's stateful DTLS port (up to -15; later drafts leave GRASP to
     brski-discovery, which names none for it). Proxies that want TCP pick by protocol.
-    ``jpy_locators`` are the stateless (JPY) UDP ports, flooded under ``"BRSKI_RJP"``."""
+    ``jpy_locators`` are the stateless (JPY) UDP ports, flooded under ``"BRSKI_RJP"``;
+    ``cojp_locators`` the JRC's CoAP ports, under the local value ``"6TiSCH-JRC"``."""
     if not locators:
         raise UsageError("a registrar flood needs at least one locator")
-    if any(loc.protocol != IPPROTO_UDP for loc in jpy_locators):
-        raise UsageError("a JPY locator is a UDP locator")
+    if any(loc.protocol != IPPROTO_UDP for loc in (*jpy_locators, *cojp_locators)):
+        raise UsageError("a JPY or CoJP locator is a UDP locator")
     tls = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, value)
     dtls = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, udp_value)
     jpy = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, REGISTRAR_VALUE_JPY)
+    jrc = Objective(AN_JOIN_REGISTRAR, F_SYNCH, REGISTRAR_LOOP_COUNT, REGISTRAR_VALUE_COJP)
     entries = tuple(
         FloodEntry(dtls if isinstance(loc, IPv6Locator) and loc.protocol == IPPROTO_UDP
                    else tls, loc)
-        for loc in locators) + tuple(FloodEntry(jpy, loc) for loc in jpy_locators)
+        for loc in locators) + tuple(FloodEntry(jpy, loc) for loc in jpy_locators) \
+        + tuple(FloodEntry(jrc, loc) for loc in cojp_locators)
     return Flood(_session_id(rng), initiator, ttl_ms, entries)

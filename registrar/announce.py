@@ -14,6 +14,12 @@ carries ``[O_IPv6_LOCATOR, address, 17, coaps_port]`` under ``["AN_join_registra
 ``<instance>._brski-registrar._udp.local.`` with that port, and ``registrar.coap_discovery``
 answers ``GET coap://[ff05::fd]/.well-known/core?rt=brski`` (and on ff02::fd).
 
+With the JRC on (``[cojp] enabled``), the flood also carries ``[O_IPv6_LOCATOR, address, 17,
+<JRC port>]`` under ``["AN_join_registrar", 4, 255, "6TiSCH-JRC"]``: a value of this project's
+own (``brski.grasp.REGISTRAR_VALUE_COJP``), since neither RFC 9031 nor the BRSKI drafts name a
+GRASP objective for a JRC. No DNS-SD service name is registered for a JRC or for CoJP either,
+so none is announced over mDNS (a proxy learns the JRC from GRASP or its configuration).
+
 The locator address, per interface: ``[announce] address`` if set; else a listen address on
 that interface (by zone or by address); else the interface's first global/ULA address; else its
 link-local one.
@@ -110,7 +116,8 @@ class GraspFlooder:
     def __init__(self, iface: InterfaceAddresses, locator: ipaddress.IPv6Address, port: int,
                  period: float, *, extra_locators: tuple[grasp.IPv6Locator, ...] = (),
                  initiator: ipaddress.IPv6Address | None = None,
-                 udp_port: int | None = None, jpy_port: int | None = None) -> None:
+                 udp_port: int | None = None, jpy_port: int | None = None,
+                 cojp_port: int | None = None) -> None:
         if not iface.link_local:
             raise OSError(f"interface {iface.name} has no link-local address for GRASP")
         self.iface = iface
@@ -121,6 +128,8 @@ class GraspFlooder:
         self.locators = (self.locator, *udp, *extra_locators)
         self.jpy_locators = (() if jpy_port is None
                              else (grasp.IPv6Locator(locator, grasp.IPPROTO_UDP, jpy_port),))
+        self.cojp_locators = (() if cojp_port is None
+                              else (grasp.IPv6Locator(locator, grasp.IPPROTO_UDP, cojp_port),))
         self.period = period
         self.sent = 0
         self._sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -136,7 +145,8 @@ class GraspFlooder:
     def message(self) -> bytes:
         flood = grasp.registrar_flood(os.urandom, self.initiator, list(self.locators),
                                       value=GRASP_OBJECTIVE_VALUE,  # UDP: BRSKI_JP
-                                      jpy_locators=self.jpy_locators)  # BRSKI_RJP
+                                      jpy_locators=self.jpy_locators,  # BRSKI_RJP
+                                      cojp_locators=self.cojp_locators)  # 6TiSCH-JRC
         return flood.encode()
 
     def send_once(self) -> None:
@@ -182,6 +192,8 @@ class Announcer:
         self._zeroconf: AsyncZeroconf | None = None
         self._infos: list[ServiceInfo] = []
         self.coap: CoapDiscovery | None = None
+        # The JRC's bound UDP port (set by the caller once it listens): flooded for cojp proxies.
+        self.cojp_port: int | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -203,12 +215,15 @@ class Announcer:
                 extra, initiator = self._ipip_announcement(locator)
                 flooder = GraspFlooder(iface, locator, cfg.announce_port, cfg.grasp_period,
                                        extra_locators=extra, initiator=initiator,
-                                       udp_port=cfg.announce_coaps_port, jpy_port=jpy_port)
+                                       udp_port=cfg.announce_coaps_port, jpy_port=jpy_port,
+                                       cojp_port=self.cojp_port)
                 flooder.start()
                 self.flooders.append(flooder)
                 coaps = ("" if cfg.announce_coaps_port is None
                          else f", UDP (CoAPS) port {cfg.announce_coaps_port}")
                 coaps += "" if jpy_port is None else f", UDP (JPY) port {jpy_port}"
+                coaps += ("" if self.cojp_port is None
+                          else f", UDP (CoJP JRC) port {self.cojp_port}")
                 log.info("GRASP: flooding AN_join_registrar on %s every %g s: [%s]:%d%s%s",
                          iface.name, cfg.grasp_period, locator, cfg.announce_port, coaps,
                          "".join(f", IPIP [{x.address}] protocol {x.protocol} to {initiator}"

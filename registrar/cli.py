@@ -80,6 +80,7 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                                              f":{config.cojp.listen[1]}: {exc.strerror}") from exc
                 logging.getLogger("registrar.cojp").info(
                     "CoJP JRC (RFC 9031, OSCORE) on udp [%s]:%d", host, port)
+                announcer.cojp_port = port  # flooded under "6TiSCH-JRC" (announce.py)
             await announcer.start()
 
         try:

@@ -155,3 +155,27 @@ def test_a_datagram_never_raises(data: bytes, token: bytes) -> None:
                 if sample.name == "joinproxyd_drops_total")
     relayed = mode.datagrams["upstream"] + mode.datagrams["downstream"]
     assert total + relayed == 3  # each one either relayed or dropped and counted
+
+
+def test_refusals_logged_once_per_sender_and_reason_with_journal_fields(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal is counted; the journal hears of it once per (sender, reason), at info,
+    with the fields MODE, REASON, INTERFACE and PLEDGE (REGISTRAR for the JRC's side)."""
+    caplog.set_level(logging.INFO, logger="test.cojp")
+    mode, side, _, upstream, metrics = make_mode()
+    for _ in range(3):
+        mode.from_pledge(side, b"\x40", PLEDGE)
+    mode.from_pledge(side, request(), PLEDGE)
+    token = bytearray(CoapDatagram.decode(upstream.sent[0][0]).token)
+    token[-1] ^= 1  # its tag no longer authenticates
+    for mid in range(3):
+        mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, mid, bytes(token)).encode(), FROM_JRC)
+    assert drops(metrics, "malformed") == 3 and drops(metrics, "cojp-forged") == 3
+    said = [r for r in caplog.records if r.getMessage().startswith("cojp dropped")]
+    assert [(r.levelname, r.REASON) for r in said] == [  # type: ignore[attr-defined]
+        ("INFO", "malformed"), ("INFO", "cojp-forged")]
+    pledge_record, jrc_record = said
+    assert pledge_record.PLEDGE == "fe80::1:2%join0"  # type: ignore[attr-defined]
+    assert pledge_record.INTERFACE == "join0" and pledge_record.MODE == "cojp"  # type: ignore[attr-defined]
+    assert jrc_record.REGISTRAR == "[fd4a:5044::100]:5683"  # type: ignore[attr-defined]
+    assert not hasattr(jrc_record, "PLEDGE")

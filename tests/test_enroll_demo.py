@@ -1,6 +1,6 @@
 """`make demo` (joinproxy-lab demo): five HTTPS enrollments through the circuit proxy, three
-constrained ones through each of coaps and jpy, tables, relay counters, exit status, no
-leftovers."""
+constrained ones through each of coaps and jpy, four 6TiSCH CoJP joins (three PSK, one
+EDHOC) through cojp, tables, relay counters, exit status, no leftovers."""
 
 from __future__ import annotations
 
@@ -54,6 +54,18 @@ def test_demo_enrolls_through_three_modes_and_leaves_nothing(as_root):
     counters = {m.group(1): m for m in re.finditer(
         r"^  (\w+) +datagrams (\d+) up / (\d+) down, bytes (\d+) up / (\d+) down, "
         r"flows (\d+), drops: (.*)$", out, re.M)}
+    # ...and the 6TiSCH pledges on join3, through the cojp mode to the JRC it learned by GRASP
+    assert "through joinproxyd in cojp mode" in out
+    assert "4 joined, 0 failed" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("020000000000de0")]
+    assert [r[2] for r in rows] == ["psk", "psk", "psk", "edhoc"], out
+    assert all(r[-1] == "ok" for r in rows) and len({r[3] for r in rows}) == 4, rows
+    assert "cojp open via [fe80::b:2]:5686" in out  # joinproxyctl status: the GRASP JRC
+    assert re.search(r"^cojp://\[fe80::b:2\]:5686 +grasp +yes", out, re.M), out
+    cojp = counters.pop("cojp")
+    # one datagram each way per PSK join, three (EDHOC 1, 3, join) for the EDHOC pledge
+    assert (cojp.group(2), cojp.group(3), cojp.group(6)) == ("6", "6", "0"), cojp.group(0)
+    assert cojp.group(7) == "none", cojp.group(0)
     assert set(counters) == {"coaps", "jpy"}, out
     for mode, m in counters.items():
         up, down, flows = int(m.group(2)), int(m.group(3)), int(m.group(6))

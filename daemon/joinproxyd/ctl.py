@@ -141,7 +141,8 @@ def render_traffic(traffic: dict[str, Any] | None) -> list[str]:
 
 
 def render_constrained(info: dict[str, Any] | None) -> list[str]:
-    """Registrars' UDP endpoints (coaps, jpy) and their DTLS health; absent: older daemon."""
+    """Registrars' UDP endpoints (coaps, jpy: DTLS probe; cojp: CoAP ping) and their health;
+    absent: older daemon."""
     if not info or not info.get("endpoints"):
         return []
     chosen = info.get("chosen") or {}

@@ -9,9 +9,11 @@ Joining is open, per relay mode, while that mode has a healthy registrar, one of
 links is served and the operator's join window (window.py, `joinproxyctl window`) is open:
 the TCP modes (circuit, nat66, ipip) need a registrar whose TCP health probe answers, the
 constrained ones (coaps, jpy) one whose UDP endpoint answers the DTLS probe
-(discovery/constrained.py). Only links with such a mode are announced (GRASP, mDNS, CoRE
-join-port discovery for the constrained ones). A mode without a healthy registrar refuses new
-pledges (counted), while established circuits and flows are left alone.
+(discovery/constrained.py), cojp a JRC that answers a CoAP ping (learned from cojp_port or a
+GRASP "6TiSCH-JRC" locator, probed in the same table). Only links with such a mode are
+announced (GRASP, mDNS, CoRE join-port discovery for the constrained ones). A mode without a
+healthy registrar refuses new pledges (counted), while established circuits and flows are
+left alone.
 
 The BPF data plane (datapath.py) is opened only when something runs in it: the join-port
 guard (guard.py, on every served join link whatever its modes; with the guard off, on the
@@ -254,6 +256,7 @@ class Daemon:
         self._ready = False
         self._backbone_problem: str | None = None  # what was last logged about it
         self._joining_said: bool | None = None
+        self._modes_exported: set[str] = set()  # joinproxyd_mode_joining's labels
         self._targets: dict[str, RegistrarEndpoint | None] | None = None  # per mode, applied
 
     def _kernel_drops(self) -> dict[tuple[str, str], float]:
@@ -441,6 +444,7 @@ class Daemon:
         self.metrics.join_interfaces.set(len(self.served))
         self.metrics.listeners_unbound.set(len(self.listeners.failures))
         self._say_joining()
+        self._export_mode_joining()
         self._notify()
 
     def mode_target(self, name: str) -> RegistrarEndpoint | None:
@@ -448,10 +452,29 @@ class Daemon:
         nat66 and ipip; for a constrained mode the one whose UDP endpoint for it answered
         the DTLS probe (discovery/constrained.py), None while none does."""
         cls = mode_class(name)
+        if cls.registrar_port == "cojp_port":
+            return self._jrc_target()
         if cls.constrained:
             kind = {"coaps_port": "coaps", "jpy_port": "jpy"}.get(cls.registrar_port)
             return None if kind is None else self.constrained.endpoint_for(kind)
         return self.registrars.active
+
+    def _jrc_target(self) -> RegistrarEndpoint | None:
+        """The cojp mode's JRC: the one that answered the CoAP ping. Without the constrained
+        discovery's libraries (aiocoap, pyOpenSSL) there is no such probe: the active
+        registrar, if it is configured with a cojp_port, stands in (its TCP probe)."""
+        if isinstance(self.constrained, NoConstrainedDiscovery):
+            active = self.registrars.active
+            return active if active is not None and active.cojp_port is not None else None
+        return self.constrained.endpoint_for("cojp")
+
+    @staticmethod
+    def _unhealthy_text(name: str) -> str:
+        if mode_class(name).registrar_port == "cojp_port":
+            return "no JRC answers the CoAP ping"
+        if mode_class(name).constrained:
+            return "no constrained registrar answers the DTLS probe"
+        return "no healthy registrar"
 
     def mode_targets(self) -> dict[str, RegistrarEndpoint | None]:
         wanted = sorted({mode for spec in self.config.joins for mode in spec.modes})
@@ -470,6 +493,8 @@ class Daemon:
 
     @staticmethod
     def _target_text(name: str, target: RegistrarEndpoint) -> str:
+        if mode_class(name).registrar_port == "cojp_port":
+            return f"JRC [{target.address}]:{target.cojp_port}"
         if mode_class(name).constrained:
             port = getattr(target, mode_class(name).registrar_port)
             return f"constrained registrar [{target.address}]:{port}"
@@ -485,14 +510,13 @@ class Daemon:
             return False, f"join window closed by {self.window.by}"
         targets = self.applied_targets()
         if not any(targets.values()):
-            tcp = [m for m in targets if not mode_class(m).constrained]
-            udp = [m for m in targets if mode_class(m).constrained]
-            why = ([f"no healthy registrar ({', '.join(tcp)})"] if tcp and udp else
-                   ["no healthy registrar"] if tcp else [])
-            if udp:
-                why.append(f"no constrained registrar answers the DTLS probe "
-                           f"({', '.join(udp)})")
-            return False, "; ".join(why)
+            by_why: dict[str, list[str]] = {}
+            for m in targets:
+                by_why.setdefault(self._unhealthy_text(m), []).append(m)
+            if list(by_why) == ["no healthy registrar"]:
+                return False, "no healthy registrar"
+            return False, "; ".join(f"{text} ({', '.join(modes)})"
+                                    for text, modes in by_why.items())
         if not self.served:
             return False, "no join link served"
         joinable = self.joinable()
@@ -519,14 +543,22 @@ class Daemon:
             if not self.window.open:
                 why = f"join window closed by {self.window.by}"
             elif target is None:
-                why = ("no constrained registrar answers the DTLS probe"
-                       if mode_class(name).constrained else "no healthy registrar")
+                why = self._unhealthy_text(name)
             elif name not in served:
                 why = "no join link served"
             out[name] = {"open": why is None, "reason": why,
                          "registrar": None if target is None
                          else self._target_text(name, target).split(" ")[-1]}
         return out
+
+    def _export_mode_joining(self) -> None:
+        """joinproxyd_mode_joining{mode}: joining_modes as a gauge; gone modes removed."""
+        states = self.joining_modes()
+        for name in self._modes_exported - set(states):
+            self.metrics.mode_joining.remove(name)
+        for name, state in states.items():
+            self.metrics.mode_joining.labels(name).set(int(state["open"]))
+        self._modes_exported = set(states)
 
     def _say_joining(self) -> None:
         """Log when joining opens or closes (once per change, with why)."""
@@ -771,9 +803,12 @@ class Daemon:
         joining, why = self.joining()
         targets = self.applied_targets()
         out = f"serving {names}"
-        if any(not mode_class(m).constrained for m in targets) or not targets:
+        if any(not mode_class(m).registrar_port for m in targets) or not targets:
             out += f"; registrar {registrar.key if registrar else 'none'}"
         constrained = [m for m in targets if mode_class(m).constrained]
+        if "cojp" in targets:
+            jrc = targets["cojp"]
+            out += f"; JRC {'none' if jrc is None else self._target_text('cojp', jrc)[4:]}"
         if constrained:
             found = sorted({self._target_text(m, t).split(" ")[-1]
                             for m in constrained if (t := targets[m]) is not None})

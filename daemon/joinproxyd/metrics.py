@@ -127,6 +127,16 @@ class Metrics:
         self.registrar_up = Gauge(
             "joinproxyd_registrar_up", "1 if the registrar answered its last health probe",
             ["registrar", "source"], registry=r)
+        # The constrained modes' UDP endpoints (discovery/constrained.py): coaps and jpy ports
+        # probed with DTLS, a JRC (cojp) with a CoAP ping; the endpoint label is kind://[addr]:port
+        self.constrained_up = Gauge(
+            "joinproxyd_constrained_registrar_up",
+            "1 if the registrar's UDP endpoint answered its last probe (DTLS, or CoAP ping "
+            "for a cojp JRC)", ["endpoint", "kind"], registry=r)
+        # Per configured relay mode: what joinproxyctl status shows as joining_modes.
+        self.mode_joining = Gauge(
+            "joinproxyd_mode_joining", "1 while the relay mode takes new pledges", ["mode"],
+            registry=r)
         self.registrar_active = Gauge(
             "joinproxyd_registrar_active", "1 for the registrar new circuits go to",
             ["registrar"], registry=r)

@@ -11,12 +11,20 @@
 --          "Decode As... JPY" works on any port. The content is handed to the DTLS
 --          dissector.
 --
+--   CoAP extended tokens (RFC 8974) on the CoJP JRC's UDP port (preference
+--          "coap_ext_token.udp_port", default 5683): Wireshark 4.0's CoAP dissector reads the
+--          TKL nibble 13/14 as the token length, so the cojp relay's sealed 38-46 byte
+--          tokens (RFC 9031 §7.1) break the rest of the message. This dissector shows the
+--          token, then hands the message with the token taken out (TKL 0) to the built-in
+--          CoAP dissector, which decodes the options (OSCORE among them) and the payload as
+--          usual; a message with TKL 0..12 goes to it untouched.
+--
 -- CBOR is decoded here (a small subset: definite and indefinite lengths, no float values
 -- beyond their size), so every field points at its own bytes. A datagram that is not what it
 -- claims shows as malformed (expert info grasp.malformed / jpy.malformed), never an error.
 --
 -- Load: copy to ~/.local/lib/wireshark/plugins/ (or the system plugin folder), or
---   tshark -X lua_script:joinproxyd.lua -r capture.pcap -O grasp,jpy
+--   tshark -X lua_script:joinproxyd.lua -r capture.pcap -O grasp,jpy,coap_ext_token,coap
 
 local MAX_DEPTH = 16
 
@@ -486,3 +494,64 @@ function jpy.dissector(tvb, pinfo, tree)
 end
 
 register_port(jpy.prefs.udp_port)
+
+---------------------------------------------------------------------------- CoAP extended tokens
+
+local coapx = Proto("coap_ext_token", "CoAP extended token (RFC 8974)")
+local xf = {
+    tkl = ProtoField.uint8("coap_ext_token.tkl", "TKL nibble", base.DEC),
+    length = ProtoField.uint32("coap_ext_token.length", "Token length", base.DEC),
+    token = ProtoField.bytes("coap_ext_token.token", "Token"),
+}
+coapx.fields = xf
+local x_malformed = ProtoExpert.new("coap_ext_token.malformed", "Malformed CoAP token",
+                                    expert.group.MALFORMED, expert.severity.ERROR)
+coapx.experts = { x_malformed }
+coapx.prefs.udp_port = Pref.uint("CoAP UDP port", 5683,
+                                 "The port of the JRC (CoJP) whose CoAP carries RFC 8974 tokens")
+
+local coap = Dissector.get("coap")
+local coapx_port = 0
+
+local function register_coapx_port(port)
+    local udp = DissectorTable.get("udp.port")
+    if coapx_port ~= 0 then udp:remove(coapx_port, coapx) end
+    if port ~= 0 then udp:add(port, coapx) end
+    coapx_port = port
+end
+
+function coapx.prefs_changed() register_coapx_port(coapx.prefs.udp_port) end
+
+function coapx.dissector(tvb, pinfo, tree)
+    local length = tvb:len()
+    local first = length >= 4 and tvb(0, 1):uint() or 0
+    local tkl = first % 16
+    -- Not CoAP version 1 with an extended TKL: the built-in dissector as if we were not here.
+    if math.floor(first / 64) ~= 1 or tkl < 13 then return coap:call(tvb, pinfo, tree) end
+    local root = tree:add(coapx, tvb())
+    root:add(xf.tkl, tvb(0, 1), tkl)
+    local function bad(reason)
+        root:add_proto_expert_info(x_malformed, "Malformed CoAP token: " .. reason)
+        pinfo.cols.protocol = "CoAP"
+        pinfo.cols.info = "CoAP [malformed token: " .. reason .. "]"
+        return length
+    end
+    if tkl == 15 then return bad("TKL 15 is a message format error (RFC 8974 §2.1)") end
+    local ext = tkl == 13 and 1 or 2
+    if length < 4 + ext then return bad("truncated token length") end
+    local token_len = tkl == 13 and tvb(4, 1):uint() + 13 or tvb(4, 2):uint() + 269
+    root:add(xf.length, tvb(4, ext), token_len)
+    if length < 4 + ext + token_len then return bad("token longer than the datagram") end
+    root:add(xf.token, tvb(4 + ext, token_len))
+    root:append_text(string.format(", %d bytes", token_len))
+    -- The message without its token (TKL 0) for the built-in CoAP dissector.
+    local rest = ByteArray.new()
+    rest:append(tvb(0, 4):bytes())
+    rest:set_index(0, first - tkl)
+    local after = 4 + ext + token_len
+    if after < length then rest:append(tvb(after):bytes()) end
+    coap:call(rest:tvb("CoAP without its extended token"), pinfo, tree)
+    return length
+end
+
+register_coapx_port(coapx.prefs.udp_port)

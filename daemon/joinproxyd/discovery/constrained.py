@@ -7,6 +7,13 @@ GRASP objective value ``BRSKI_JP``) and, if it offers one, at its JPY port (stat
 discovery on the backbone (``GET coap://[ff05::fd]/.well-known/core?rt=brski.rjp`` and
 ``?rt=brski``, :class:`CoreRegistrarFinder`) and mDNS ``_brski-registrar._udp``.
 
+A registrar's 6TiSCH JRC (the cojp relay mode, RFC 9031) is a third kind of UDP endpoint here:
+``cojp_port`` in the configuration, or a GRASP UDP locator under the objective value
+``"6TiSCH-JRC"`` (brski.grasp.REGISTRAR_VALUE_COJP, a local value: nothing registers one). No
+DNS-SD service or CoRE resource type names a JRC, so mDNS and CoRE discovery do not find one.
+A JRC is probed with a CoAP ping (an empty CON, answered with a Reset, RFC 7252 §4.3): it
+costs the JRC no OSCORE work and no state. It takes no part in the coaps/jpy choice.
+
 Each endpoint is probed every health interval with one DTLS ClientHello: a live registrar
 answers with a HelloVerifyRequest and keeps no state (RFC 6347 §4.2.1), so the probe is cheap
 for both sides and proves the DTLS service itself, not only the host, is there.
@@ -33,7 +40,7 @@ from typing import Any, Final
 
 import aiocoap
 
-from brski import dtls, jpy, linkformat
+from brski import coap_datagram, dtls, jpy, linkformat
 from brski import grasp as wire
 from brski.errors import DecodeError, ValidationError
 
@@ -54,10 +61,14 @@ COAP_PORT: Final = 5683
 class UdpKind(StrEnum):
     COAPS = "coaps"  # stateful relay to the registrar's CoAPS (DTLS) port
     JPY = "jpy"  # stateless relay to its JPY port
+    COJP = "cojp"  # the cojp relay to its JRC's CoAP port (RFC 9031)
 
 
 _FLOOD_VALUES: Final = {wire.REGISTRAR_VALUE_DTLS: UdpKind.COAPS,
-                        wire.REGISTRAR_VALUE_JPY: UdpKind.JPY}
+                        wire.REGISTRAR_VALUE_JPY: UdpKind.JPY,
+                        wire.REGISTRAR_VALUE_COJP: UdpKind.COJP}
+_PORT_FIELDS: Final = {UdpKind.COAPS: "coaps_port", UdpKind.JPY: "jpy_port",
+                       UdpKind.COJP: "cojp_port"}
 _LINK_KINDS: Final = {linkformat.RegistrarKind.STATEFUL: UdpKind.COAPS,
                       linkformat.RegistrarKind.STATELESS: UdpKind.JPY}
 
@@ -88,7 +99,8 @@ class UdpRegistrar:
 def static_udp_registrars(endpoints: Sequence[RegistrarEndpoint]) -> list[UdpRegistrar]:
     out = []
     for e in endpoints:
-        for kind, port in ((UdpKind.COAPS, e.coaps_port), (UdpKind.JPY, e.jpy_port)):
+        for kind, port in ((UdpKind.COAPS, e.coaps_port), (UdpKind.JPY, e.jpy_port),
+                           (UdpKind.COJP, e.cojp_port)):
             if port is not None:
                 out.append(UdpRegistrar.make(kind, e.address, port, e.scope_id))
     return out
@@ -96,7 +108,8 @@ def static_udp_registrars(endpoints: Sequence[RegistrarEndpoint]) -> list[UdpReg
 
 def udp_registrars_in_flood(flood: wire.Flood, ifindex: int) -> list[UdpRegistrar]:
     """The constrained endpoints of a registrar's flood: UDP locators whose objective value
-    names the service (BRSKI_JP: CoAPS, BRSKI_RJP: JPY); other UDP locators are not ours."""
+    names the service (BRSKI_JP: CoAPS, BRSKI_RJP: JPY, 6TiSCH-JRC: a JRC); other UDP
+    locators are not ours."""
     found: list[UdpRegistrar] = []
     for value, locator in flood.valued_locators_for(wire.AN_JOIN_REGISTRAR):
         kind = _FLOOD_VALUES.get(value) if isinstance(value, str) else None
@@ -137,6 +150,35 @@ def _registrar_links(payload: bytes) -> list[linkformat.RegistrarLink]:
             with contextlib.suppress(ValidationError, DecodeError):
                 out.extend(linkformat.parse_registrars(part))
         return out
+
+
+async def udp_probe(registrar: UdpRegistrar, timeout: float) -> str | None:
+    """The health probe for the endpoint's kind: a CoAP ping for a JRC, else DTLS."""
+    if registrar.kind is UdpKind.COJP:
+        return await coap_ping(registrar, timeout)
+    return await dtls_probe(registrar, timeout)
+
+
+async def coap_ping(registrar: UdpRegistrar, timeout: float) -> str | None:
+    """Send one CoAP ping (an empty CON); None if the Reset with its message ID came back,
+    else why not. Any CoAP server answers it (RFC 7252 §4.3), so this proves the JRC's CoAP
+    endpoint, not only the host, is there, and costs the JRC no OSCORE work."""
+    loop = asyncio.get_running_loop()
+    mid = int.from_bytes(os.urandom(2), "big")
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, registrar.sockaddr)
+                await loop.sock_sendall(sock, coap_datagram.ping(mid))
+                while True:  # a connected socket only hears the JRC
+                    answer = await loop.sock_recv(sock, 2048)
+                    if coap_datagram.answers_ping(answer, mid):
+                        return None
+        except TimeoutError:
+            return f"no CoAP ping answer within {timeout:g} s"
+        except OSError as exc:
+            return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 async def dtls_probe(registrar: UdpRegistrar, timeout: float) -> str | None:
@@ -195,8 +237,12 @@ class ConstrainedRegistrars:
 
     def __init__(self, *, log: logging.Logger, health_interval: float, health_timeout: float,
                  on_change: Callable[[], None], mode: str = "auto",
-                 clock: Callable[[], float] = time.monotonic, probe: Probe = dtls_probe,
+                 clock: Callable[[], float] = time.monotonic, probe: Probe = udp_probe,
+                 on_health: Callable[[UdpRegistrar, bool | None], None] = lambda r, h: None,
                  ) -> None:
+        """``on_health(endpoint, healthy)`` after each probe, with None when it is forgotten
+        (the daemon's joinproxyd_constrained_registrar_up)."""
+        self.on_health = on_health
         self.log = log
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -247,6 +293,7 @@ class ConstrainedRegistrars:
         if not state.sources:
             del self._states[state.registrar]
             self._lost_healthy = self._lost_healthy or bool(state.healthy)
+            self.on_health(state.registrar, None)
             self.log.info("constrained registrar %s forgotten: %s", state.registrar.key, why)
 
     def _expire(self) -> None:
@@ -272,7 +319,7 @@ class ConstrainedRegistrars:
         """The registrar a relay of this kind is given: the chosen one when it offers the
         kind's port healthy, else the best healthy endpoint of that kind (a coaps link still
         relays when the chosen registrar offers only JPY), else None: nothing to relay to."""
-        port = "coaps_port" if kind is UdpKind.COAPS else "jpy_port"
+        port = _PORT_FIELDS[kind]
         chosen = self._chosen
         if chosen is not None and getattr(chosen, port) is not None:
             return chosen
@@ -292,7 +339,8 @@ class ConstrainedRegistrars:
         return RegistrarEndpoint(
             0 if source == STATIC else DISCOVERED_PREFERENCE, first.address, first.port,
             source=source, scope_id=first.scope_id, protocol=socket.IPPROTO_UDP,
-            coaps_port=ports.get(UdpKind.COAPS), jpy_port=ports.get(UdpKind.JPY))
+            coaps_port=ports.get(UdpKind.COAPS), jpy_port=ports.get(UdpKind.JPY),
+            cojp_port=ports.get(UdpKind.COJP))
 
     @property
     def chosen(self) -> RegistrarEndpoint | None:
@@ -311,8 +359,9 @@ class ConstrainedRegistrars:
         self._chosen = endpoint
         same = (old is None and endpoint is None) or (
             old is not None and endpoint is not None
-            and (old.address, old.port, old.coaps_port, old.jpy_port)
-            == (endpoint.address, endpoint.port, endpoint.coaps_port, endpoint.jpy_port))
+            and (old.address, old.port, old.coaps_port, old.jpy_port, old.cojp_port)
+            == (endpoint.address, endpoint.port, endpoint.coaps_port, endpoint.jpy_port,
+                endpoint.cojp_port))
         if same:
             if health_changed:
                 self._notify_change()
@@ -361,11 +410,14 @@ class ConstrainedRegistrars:
             if healthy != state.healthy:
                 flipped = True
                 if healthy:
-                    self.log.info("constrained registrar %s answers DTLS", state.registrar.key)
+                    self.log.info("constrained registrar %s answers %s", state.registrar.key,
+                                  "CoAP ping" if state.registrar.kind is UdpKind.COJP
+                                  else "DTLS")
                 else:
                     self.log.info("constrained registrar %s is down: %s", state.registrar.key,
                                   error)
             state.healthy, state.last_error, state.last_probe = healthy, error, now
+            self.on_health(state.registrar, healthy)
         # an endpoint that expired at the start of this pass counts as a change too
         flipped, self._lost_healthy = flipped or self._lost_healthy, False
         self._reselect(health_changed=flipped)
@@ -374,7 +426,7 @@ class ConstrainedRegistrars:
         try:
             return await self._probe(state.registrar, self.health_timeout)
         except Exception as exc:  # a probe bug must not end health checking for everyone
-            self.log.exception("DTLS probe of %s failed", state.registrar.key)
+            self.log.exception("probe of %s failed", state.registrar.key)
             return f"probe failed: {exc}"
 
     # -- views ----------------------------------------------------------------------------------
@@ -386,7 +438,8 @@ class ConstrainedRegistrars:
             "mode": None if kind is None else str(kind),
             "chosen": None if chosen is None else {
                 "address": chosen.address, "scope_id": chosen.scope_id,
-                "coaps_port": chosen.coaps_port, "jpy_port": chosen.jpy_port},
+                "coaps_port": chosen.coaps_port, "jpy_port": chosen.jpy_port,
+                "cojp_port": chosen.cojp_port},
             "endpoints": [{
                 "kind": str(s.registrar.kind), "address": s.registrar.address,
                 "port": s.registrar.port, "scope_id": s.registrar.scope_id,
@@ -487,12 +540,13 @@ class ConstrainedDiscovery:
 
     def __init__(self, *, static: Sequence[RegistrarEndpoint], health_interval: float,
                  health_timeout: float, mode: str, on_change: Callable[[], None],
-                 metrics: Any, log: logging.Logger, probe: Probe = dtls_probe) -> None:
+                 metrics: Any, log: logging.Logger, probe: Probe = udp_probe) -> None:
         self.metrics = metrics
         self.log = log
         self.table = ConstrainedRegistrars(log=log, health_interval=health_interval,
                                            health_timeout=health_timeout, mode=mode,
-                                           on_change=on_change, probe=probe)
+                                           on_change=on_change, probe=probe,
+                                           on_health=self._export_health)
         self.table.set_static(static_udp_registrars(static))
         self.finder: CoreRegistrarFinder | None = None
         self.browser: MdnsRegistrarBrowser | None = None  # _brski-registrar._udp
@@ -501,6 +555,17 @@ class ConstrainedDiscovery:
     @property
     def chosen(self) -> RegistrarEndpoint | None:
         return self.table.chosen
+
+    def _export_health(self, registrar: UdpRegistrar, healthy: bool | None) -> None:
+        gauge = getattr(self.metrics, "constrained_up", None)
+        if gauge is None:  # a metrics stand-in without it (unit tests)
+            return
+        labels = (registrar.key, str(registrar.kind))
+        if healthy is None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        else:
+            gauge.labels(*labels).set(int(healthy))
 
     def endpoint_for(self, kind: str) -> RegistrarEndpoint | None:
         return self.table.endpoint_for(UdpKind(kind))

@@ -17,7 +17,9 @@ bucket with [cojp] burst), RFC 9031 §6.1/§8.4.2's "the JP limits join traffic"
 nothing. Marking: both sockets send with the DSCP AF43 (traffic class 0x98), as RFC 9031 asks
 of a join proxy's forwarded packets. The 6TiSCH enhanced beacons that carry the join proxy's
 existence on 802.15.4 are out of scope on Ethernet links: pledges are told of the proxy's
-address out of band, and the JRC is configured (registrars.static cojp_port).
+address out of band. The JRC is the one the control plane hands this mode: configured
+(registrars.static cojp_port) or flooded by a registrar under GRASP "6TiSCH-JRC", and
+answering a CoAP ping (discovery/constrained.py); joining on cojp links is open only then.
 
 What is dropped, silently towards the network and counted by reason:
 
@@ -62,7 +64,7 @@ from brski.jpy import PledgeEndpoint
 from ..aio import cancel_and_wait
 from ..limits import TokenBucket
 from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
-from .base import RelayContext, RelayMode
+from .base import RefusalSayer, RelayContext, RelayMode
 from .jpy import ReplayFilter, _grow_receive_buffer
 
 KEY_ROTATION_SECONDS = 24 * 3600.0
@@ -119,6 +121,8 @@ class CojpMode(RelayMode):
     # Pledges learn of a CoJP proxy from 6TiSCH beacons or configuration, not from GRASP/mDNS
     # announcements of a TCP port (announcing one would lure BRSKI pledges to nothing).
     serves_link_local = False
+    # The control plane hands this mode the JRC that answers the CoAP ping (daemon.mode_target)
+    registrar_port = "cojp_port"
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
@@ -136,6 +140,7 @@ class CojpMode(RelayMode):
         self._next_mid = int.from_bytes(os.urandom(2), "big")
         self._warned_reset = False
         self.datagrams = {"upstream": 0, "downstream": 0}
+        self._say = RefusalSayer(ctx.log, self.name)
         ctx.metrics.add_mode(self.name)
         self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
         self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
@@ -262,15 +267,17 @@ class CojpMode(RelayMode):
 
     # -- data plane -------------------------------------------------------------------------
     def _refuse(self, reason: DropReason | PolicyDropReason, detail: str,
-                interface: str | None = None, pledge: str | None = None) -> None:
+                interface: str | None = None, pledge: str | None = None,
+                jrc: str | None = None, who: str | None = None) -> None:
+        """Count, keep a pledge's refusal for `joinproxyctl refusals`, and log once per
+        sender and reason (journal fields PLEDGE, or REGISTRAR for what came from the JRC's
+        side; forged datagrams come at line rate and the counter says how many)."""
         self.ctx.metrics.drop(self.name, reason)
         if pledge is not None and interface is not None:
             self.ctx.refusals.add(pledge, reason.value, interface, self.name)
-        extra = {"MODE": self.name, "REASON": reason.value}
-        if interface is not None:
-            extra["INTERFACE"] = interface
-        # Debug: forged datagrams come at line rate and the counter says how many.
-        self.ctx.log.debug("cojp dropped (%s): %s", reason.value, detail, extra=extra)
+        self._say(jrc or who or pledge or "?", reason.value, interface,
+                  f"cojp dropped ({reason.value}): {detail}",
+                  "REGISTRAR" if jrc is not None else "PLEDGE")
 
     def _mid(self) -> int:
         self._next_mid = (self._next_mid + 1) & 0xFFFF
@@ -330,7 +337,8 @@ class CojpMode(RelayMode):
             self.upstream.sendto(forwarded, (registrar.address, registrar.cojp_port, 0,
                                              registrar.scope_id))
         except OSError as exc:
-            self._refuse(DropReason.SEND_ERROR, f"to the JRC: {exc}", iface.name)
+            self._refuse(DropReason.SEND_ERROR, f"pledge {pledge}: to the JRC: {exc}",
+                         iface.name, who=pledge)
             return
         self.datagrams["upstream"] += 1
         self._datagrams_up.inc()
@@ -338,16 +346,16 @@ class CojpMode(RelayMode):
 
     def from_jrc(self, data: bytes, addr: tuple[Any, ...]) -> None:
         source = str(addr[0]).split("%")[0]
+        who = f"[{source}]:{addr[1]}"
         if self._jrc_source is None or (source, addr[1]) != self._jrc_source:
-            self._refuse(DropReason.UNSOLICITED, f"datagram from [{source}]:{addr[1]}, not "
-                         "the JRC")
+            self._refuse(DropReason.UNSOLICITED, f"datagram from {who}, not the JRC", jrc=who)
             return
         # Only the header and token are read: the options and payload go to the pledge as they
         # came (the pledge's CoAP and OSCORE judge them), which is also the cheap way.
         try:
             token, _ = read_token(data)
         except DecodeError as exc:
-            self._refuse(DropReason.MALFORMED, f"from the JRC: {exc}")
+            self._refuse(DropReason.MALFORMED, f"from the JRC: {exc}", jrc=who)
             return
         mtype, code = MessageType((data[0] >> 4) & 3), data[1]
         if mtype is MessageType.RST and not self._warned_reset:
@@ -360,18 +368,18 @@ class CojpMode(RelayMode):
         if data[0] >> 6 != 1 or not is_response(code) or mtype is MessageType.RST:
             # An empty ACK or RST (e.g. a JRC without extended tokens RSTs ours), a request.
             self._refuse(DropReason.IRRELEVANT, f"from the JRC: code {code >> 5}."
-                         f"{code & 31:02d}, type {mtype.name}")
+                         f"{code & 31:02d}, type {mtype.name}", jrc=who)
             return
         try:
             state = self.sealer.open(token, int(time.monotonic()))
         except (DecodeError, SignatureError) as exc:
-            self._refuse(PolicyDropReason.COJP_FORGED, f"response token: {exc}")
+            self._refuse(PolicyDropReason.COJP_FORGED, f"response token: {exc}", jrc=who)
             return
         except ValidationError as exc:
-            self._refuse(PolicyDropReason.COJP_STALE, f"response token: {exc}")
+            self._refuse(PolicyDropReason.COJP_STALE, f"response token: {exc}", jrc=who)
             return
         if self.replays.seen(data, time.monotonic()):
-            self._refuse(PolicyDropReason.COJP_REPLAYED, "response already relayed")
+            self._refuse(PolicyDropReason.COJP_REPLAYED, "response already relayed", jrc=who)
             return
         if mtype is MessageType.CON and self.upstream is not None:
             # Acknowledge a separate CON response (RFC 7252 §4.2) with its own ID: no state.
@@ -381,18 +389,19 @@ class CojpMode(RelayMode):
         side = self.by_index.get(state.pledge.ifindex)
         if side is None or side.transport is None:
             self._refuse(DropReason.UNSOLICITED, f"response for interface "
-                         f"{state.pledge.ifindex}, which is not served")
+                         f"{state.pledge.ifindex}, which is not served", jrc=who)
             return
         if state.confirmable:
             kind, mid = MessageType.ACK, state.message_id  # piggybacked on the pledge's CON
         else:
             kind, mid = MessageType.NON, self._mid()
         answer = retokened(data, kind, mid, state.token)
+        host = socket.inet_ntop(socket.AF_INET6, state.pledge.address.packed)
         try:
-            host = socket.inet_ntop(socket.AF_INET6, state.pledge.address.packed)
             side.transport.sendto(answer, (host, state.pledge.port, 0, state.pledge.ifindex))
         except OSError as exc:
-            self._refuse(DropReason.SEND_ERROR, f"to pledge: {exc}", side.iface.name)
+            self._refuse(DropReason.SEND_ERROR, f"to pledge [{host}]:{state.pledge.port}: {exc}",
+                         side.iface.name, who=f"{host}%{side.iface.name}")
             return
         self.datagrams["downstream"] += 1
         self._datagrams_down.inc()
