@@ -678,7 +678,9 @@ def parse_errors(data: bytes, encoding: str) -> list[dict[str, str]]:
 # --- DHCPv6 OPTION_V6_SZTP_REDIRECT (RFC 8572 §8.3) -----------------------------------------
 
 
-_URI = re.compile(r"^https://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?/?$")
+# a zone (RFC 6874 "%25eth0", or a bare "%eth0" as typed on a command line) is kept
+_URI = re.compile(r"^https://(\[[0-9a-fA-F:.]+(?:%(?:25)?[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9.-]+)"
+                  r"(:\d{1,5})?/?$")
 
 
 def encode_dhcpv6_uris(uris: Sequence[str]) -> bytes:
@@ -715,5 +717,5 @@ def uri_server(uri: str) -> BootstrapServer:
     match = _URI.match(uri)
     if not match:
         raise DecodeError(f"{uri!r} is not https://<host>[:port]")
-    host = match.group(1).strip("[]")
+    host = match.group(1).strip("[]").replace("%25", "%")
     return BootstrapServer(host, int(match.group(2)[1:]) if match.group(2) else 443)
