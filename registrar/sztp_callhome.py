@@ -5,8 +5,9 @@ the TLS *server*; this listener is the TLS client. It validates the device's cer
 IDevID) against the manufacturer CAs given (the leaf must be issued by one of them, or by an
 intermediate given as an anchor: Python 3.11's ssl shows only the peer's leaf) and, if a list
 of serial numbers is given, requires the certificate's serialNumber to be one of them (RFC 8071
-§4.1: an expected identifier), presents its own certificate when it has one (the device may require it), then
-reads one RESTCONF resource over the connection (``GET /restconf/data/...``) and reports::
+§4.1: an expected identifier), presents its own certificate when it has one (the device may
+require it), then reads one RESTCONF resource over the connection (``GET /restconf/data/...``)
+and reports::
 
     {"serial": "sn-1", "peer": "[fe80::2%join0]:40412", "ok": true, "status": 200,
      "resource": {...}, "error": null}

@@ -12,6 +12,7 @@ lab host, its records, the call-home manager, and pledge-sim sztp runs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -157,10 +158,8 @@ def call_homes(proc: LabProcess) -> list[dict[str, Any]]:
     for line in proc.log().splitlines():
         line = line.strip()
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-            except ValueError:
-                pass
     return out
 
 
