@@ -146,6 +146,7 @@ class Device:
         self.home = settings.state / identity.serial
         self.home.mkdir(parents=True, exist_ok=True)
         self.running = self._running_os()
+        self._conns: dict[str, http.Connection] = {}
 
     # -- state --------------------------------------------------------------------------------
     def _running_os(self) -> tuple[str, str]:
@@ -170,6 +171,8 @@ class Device:
             except _Reboot:
                 self.running = self._running_os()
                 log.info("%s: rebooted into %s %s", self.serial, *self.running)
+            finally:
+                await self._close()  # a reboot drops every connection
         self.outcome.os_version = self.running[1]
         return self.outcome
 
@@ -179,7 +182,7 @@ class Device:
             return
         if s.dhcpv6_interface is not None:
             try:
-                uris = await asyncio.to_thread(dhcpv6_sztp_uris, s.dhcpv6_interface, s.timeout)
+                uris = await _dhcpv6_once(s.dhcpv6_interface, s.timeout)
             except (OSError, DecodeError, TimeoutError) as exc:
                 self._fail("dhcpv6", f"DHCPv6 option 136: {exc}")
                 uris = []
@@ -250,30 +253,38 @@ class Device:
             return False
         return await self._process(output, server, peer, path, source, nonce=nonce)
 
+    async def _connection(self, server: Server) -> http.Connection:
+        """One persistent connection per server (RESTCONF over HTTP/1.1 keep-alive): one
+        circuit through a join proxy for all of a device's RPCs there."""
+        conn = self._conns.get(server.label)
+        if conn is None or not conn.reusable:
+            conn = await http.connect(server.address, server.port,
+                                      self._client_context(server),
+                                      timeout=self.settings.timeout)
+            self._conns[server.label] = conn
+        return conn
+
+    async def _close(self) -> None:
+        for conn in self._conns.values():
+            with contextlib.suppress(Exception):
+                await conn.close()
+        self._conns.clear()
+
     async def _get(self, server: Server, inp: sztp.GetBootstrappingDataInput
                    ) -> tuple[int, bytes, x509.Certificate | None]:
-        conn = await http.connect(server.address, server.port, self._client_context(server),
-                                  timeout=self.settings.timeout)
-        try:
-            der = conn.peer_cert_der
-            response = await conn.request(
-                "POST", sztp.OPERATIONS + "get-bootstrapping-data",
-                body=inp.encode(self.settings.encoding), headers=self._headers(),
-                timeout=self.settings.timeout)
-        finally:
-            await conn.close()
+        conn = await self._connection(server)
+        der = conn.peer_cert_der
+        response = await conn.request(
+            "POST", sztp.OPERATIONS + "get-bootstrapping-data",
+            body=inp.encode(self.settings.encoding), headers=self._headers(),
+            timeout=self.settings.timeout)
         peer = x509.load_der_x509_certificate(der) if der else None
         return response.status, response.body, peer
 
     async def rpc(self, server: Server, name: str, body: bytes) -> tuple[int, bytes]:
-        conn = await http.connect(server.address, server.port, self._client_context(server),
-                                  timeout=self.settings.timeout)
-        try:
-            response = await conn.request("POST", sztp.OPERATIONS + name, body=body,
-                                          headers=self._headers(),
-                                          timeout=self.settings.timeout)
-        finally:
-            await conn.close()
+        conn = await self._connection(server)
+        response = await conn.request("POST", sztp.OPERATIONS + name, body=body,
+                                      headers=self._headers(), timeout=self.settings.timeout)
         return response.status, response.body
 
     def _headers(self) -> dict[str, str]:
@@ -558,6 +569,19 @@ def dhcpv6_sztp_uris(interface: str, timeout: float, attempts: int = 4) -> list[
             except TimeoutError:
                 continue
     raise TimeoutError(f"no DHCPv6 Reply on {interface} within {timeout:g} s")
+
+
+_DHCPV6: dict[str, asyncio.Task[list[str]]] = {}
+
+
+async def _dhcpv6_once(interface: str, timeout: float) -> list[str]:
+    """The simulated devices of one process share their interface, hence one DHCPv6
+    exchange (several clients on port 546 of one address would steal each other's Replies)."""
+    task = _DHCPV6.get(interface)
+    if task is None or (task.done() and task.exception() is not None):
+        task = asyncio.ensure_future(asyncio.to_thread(dhcpv6_sztp_uris, interface, timeout))
+        _DHCPV6[interface] = task
+    return await asyncio.shield(task)
 
 
 async def run_devices(identities: Sequence[PledgeIdentity], settings: Settings,

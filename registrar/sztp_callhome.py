@@ -135,8 +135,13 @@ def serve(host: str, port: int, ctx: ssl.SSLContext, anchors: Sequence[x509.Cert
     done = 0
     lock = threading.Lock()
     finished = threading.Event()
-    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
-                                    else socket.AF_INET, reuse_port=False)
+    # getaddrinfo turns "fe80::1%join0" into a scoped (host, port, flow, scope) address
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    try:
+        listener = socket.create_server(address, family=family)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {_peer((host, port))}: "
+                                 f"{exc.strerror}") from exc
     listener.settimeout(0.5)
 
     def worker(conn: socket.socket, address: tuple) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from brski import sztp
 from lab.brski_services import PY, Services
-from lab.registrar_setup import wait_ready
+from lab.registrar_setup import wait_ready, write_configs
 from lab.topology import Host, LabProcess
 
 SZTP = "registrar.sztp_cli"
@@ -55,10 +55,14 @@ class Bootstrap:
                  redirect_only: bool = False, owner: tuple[Path, Path] | None = None,
                  with_masa: bool = True, encoding: str = "json") -> None:
         self.host, self.pki, self.work = host, pki, work
-        self.services = Services(host, pki, work, registrar_listen=[listen],
-                                 announce_interfaces=[], nonceless=True)
-        self.with_masa = with_masa
-        lines = ["[sztp]", f'registrar = "{self.services.tomls["registrar"]}"',
+        self.services: Services | None = None
+        if with_masa:
+            self.services = Services(host, pki, work, registrar_listen=[listen],
+                                     announce_interfaces=[], nonceless=True)
+            registrar_toml = self.services.tomls["registrar"]
+        else:
+            registrar_toml, _ = write_configs(pki, work, registrar_listen=[listen])
+        lines = ["[sztp]", f'registrar = "{registrar_toml}"',
                  f'listen = ["{listen}"]', f'encoding = "{encoding}"',
                  f"redirect_only = {'true' if redirect_only else 'false'}"]
         if owner is not None:
@@ -69,7 +73,7 @@ class Bootstrap:
         self.process: LabProcess | None = None
 
     def start(self) -> Bootstrap:
-        if self.with_masa:
+        if self.services is not None:
             self.services.start("masa")
         self.process = self.host.spawn([PY, "-m", SZTP, "--config", str(self.toml)],
                                        name="brski-sztp")
@@ -77,7 +81,8 @@ class Bootstrap:
         return self
 
     def log(self) -> str:
-        return (self.process.log() if self.process else "") + self.services.logs()
+        return ((self.process.log() if self.process else "")
+                + (self.services.logs() if self.services else ""))
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run([PY, "-m", SZTP, *args], capture_output=True, text=True,
