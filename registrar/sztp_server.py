@@ -25,6 +25,7 @@ Every refusal is logged once with the device and the reason, and counted
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from dataclasses import dataclass
@@ -85,6 +86,14 @@ class SztpServer:
             return self._refuse(request, RestconfError(
                 exc.status, tag, f"{request.method} {request.path}: {exc.reason}",
                 f"http-{exc.status}", "protocol"))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug of ours: the device still gets a RESTCONF error
+            log.exception("%s from %s (%s): internal error", request.path, _peer(request),
+                          _device(request))
+            return self._refuse(request, RestconfError(
+                500, "operation-failed", "internal error (logged at the server)",
+                "internal-error"))
 
     def _refuse(self, request: web.Request, err: RestconfError) -> web.Response:
         log.warning("%s from %s (%s): %d %s: %s", request.path.rsplit(":", 1)[-1],

@@ -181,3 +181,19 @@ def test_record_cli_refuses_bad_conveyed_information(server: tuple, tmp_path: Pa
     assert len(done.stderr.strip().splitlines()) == 1
     listing = boot.cli("record", "list", "--config", str(boot.toml)).stdout
     assert "default" not in listing and "dev-1" in listing
+
+
+def test_masa_unreachable_is_503_and_the_server_lives_on(server: tuple) -> None:
+    """Last in this module: it stops the MASA."""
+    lab, boot, pki = server
+    assert boot.services is not None
+    boot.services.stop("masa")
+    body = sztp.GetBootstrappingDataInput(True, nonce=bytes(16)).encode("json")
+    status, ctype, out = curl(lab, pki, "get-bootstrapping-data", body)
+    err = error(ctype, out)
+    assert status == 503 and err["error-tag"] == "operation-failed", err
+    assert err["error-message"].startswith("MASA unreachable")
+    # unsigned data needs no MASA: still served
+    status, _, _ = curl(lab, pki, "get-bootstrapping-data", GOOD.encode("json"))
+    assert status == 200
+    assert boot.process is not None and boot.process.alive()
