@@ -8,13 +8,16 @@
     pledge-sim discover [--methods grasp,mdns] [--timeout S] [--json]
     pledge-sim cojp --jrc ADDR --pledges FILE [--count N] [--concurrency C] [--via-proxy]
                     [--edhoc-dir DIR --jrc-credential FILE]
+    pledge-sim sztp --pki DIR [--serial S ...] [--trusted-server URI --server-ca FILE]
+                    [--server URI] [--dhcpv6 IFACE] [--media DIR] [--state DIR] [--json]
 
 Without --registrar, pledges listen for GRASP AN_Proxy floods and browse mDNS for
 _brski-proxy._tcp; with --transport coaps (cBRSKI over DTLS) they ask CoRE discovery on each
 link (ff02::fd, ?brski-jp=*), answered by a join proxy (joinproxyd in coaps or jpy mode) or
 a registrar there; --registrar names a proxy's join port (or a registrar) directly. LDevIDs
 go to --out as <serial>.crt/.key. Exit status: 0 when every pledge enrolled, 1 when one
-failed (reasons follow the table), 2 for bad arguments or files.
+failed (reasons follow the table), 2 for bad arguments or files. sztp runs SZTP devices
+(RFC 8572, pledge_sim.sztp) that end with an RFC 8071 call home.
 """
 
 from __future__ import annotations
