@@ -53,7 +53,8 @@ class Bootstrap:
 
     def __init__(self, host: Host, pki: Path, work: Path, *, listen: str,
                  redirect_only: bool = False, owner: tuple[Path, Path] | None = None,
-                 with_masa: bool = True, encoding: str = "json") -> None:
+                 with_masa: bool = True, encoding: str = "json",
+                 metrics: str | None = None) -> None:
         self.host, self.pki, self.work = host, pki, work
         self.services: Services | None = None
         if with_masa:
@@ -71,11 +72,13 @@ class Bootstrap:
         self.toml = work / "sztp.toml"
         self.toml.write_text("\n".join(lines))
         self.process: LabProcess | None = None
+        self.metrics = metrics
 
     def start(self) -> Bootstrap:
         if self.services is not None:
             self.services.start("masa")
-        self.process = self.host.spawn([PY, "-m", SZTP, "--config", str(self.toml)],
+        extra = ["--metrics", self.metrics] if self.metrics else []
+        self.process = self.host.spawn([PY, "-m", SZTP, "--config", str(self.toml), *extra],
                                        name="brski-sztp")
         wait_ready(self.process.log, alive=self.process.alive)
         return self

@@ -35,7 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Boot
     with Lab(Topology(pledges=0, registrars=1), log_dir=tmp / "logs") as lab:
         pki = make_pki(tmp / "pki", ["dev-1", "dev-2", "dev-3"])
         (tmp / "boot").mkdir()
-        boot = Bootstrap(lab.registrars[0], pki, tmp / "boot", listen="[::1]:8443")
+        boot = Bootstrap(lab.registrars[0], pki, tmp / "boot", listen="[::1]:8443",
+                         metrics="[::1]:9468")
         try:
             boot.start()
             boot.record(onboarding(config={"hostname": "x"}), serial="dev-1")
@@ -181,6 +182,19 @@ def test_record_cli_refuses_bad_conveyed_information(server: tuple, tmp_path: Pa
     assert len(done.stderr.strip().splitlines()) == 1
     listing = boot.cli("record", "list", "--config", str(boot.toml)).stdout
     assert "default" not in listing and "dev-1" in listing
+
+
+def test_refusals_are_counted_by_endpoint_and_reason(server: tuple) -> None:
+    lab, _, pki = server
+    def count(reason: str) -> float:
+        text = lab.registrars[0].run(["curl", "-s", "http://[::1]:9468/metrics"]).stdout
+        line = ('brski_sztp_refusals_total{endpoint="get-bootstrapping-data",'
+                f'reason="{reason}"}}')
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+    before = count("malformed")
+    curl(lab, pki, "get-bootstrapping-data", b"{")
+    curl(lab, pki, "get-bootstrapping-data", b"{")
+    assert count("malformed") == before + 2
 
 
 def test_masa_unreachable_is_503_and_the_server_lives_on(server: tuple) -> None:
