@@ -134,7 +134,7 @@ def _xml(data: bytes, what: str) -> ET.Element:
         raise DecodeError(f"{what}: XML with a DOCTYPE or entities is refused")
     try:
         return ET.fromstring(data)
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise DecodeError(f"{what} is not XML: {exc}") from None
 
 

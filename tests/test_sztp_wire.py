@@ -212,3 +212,10 @@ def test_media_types() -> None:
     assert sztp.encoding_of("application/yang-data+xml") == "xml"
     with pytest.raises(DecodeError, match="yang-data"):
         sztp.encoding_of("application/json")
+
+
+def test_xml_declaring_an_unknown_encoding_is_a_decode_error() -> None:
+    # found by test_sztp_fuzz: expat's LookupError escaped the decoder (a 500, not a 400)
+    body = b"<?xml version='1.0' encoding='ttf-8'?><input/>"
+    with pytest.raises(DecodeError, match="not XML"):
+        sztp.GetBootstrappingDataInput.decode(body, "xml")
