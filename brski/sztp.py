@@ -356,7 +356,12 @@ def encode_conveyed(ci: ConveyedInformation, encoding: str) -> bytes:
         return json.dumps({f"{MOD_INFO}:{ci.TOP}": ci.tree()}, indent=1).encode()
     if encoding == "xml":
         root = ET.Element(f"{{{NS_INFO}}}{ci.TOP}")
-        _xml_build(root, NS_INFO, ci.tree())
+        tree = ci.tree()
+        for check in tree.get("boot-image", {}).get("image-verification", []):
+            # RFC 7950 §9.10.3: unprefixed, an identityref is in the default namespace,
+            # which is this module's (a JSON module-name prefix means nothing in XML)
+            check["hash-algorithm"] = "sha-256"
+        _xml_build(root, NS_INFO, tree)
         return _xml_bytes(root, NS_INFO)
     raise UsageError(f"encoding {encoding!r}: json or xml")
 

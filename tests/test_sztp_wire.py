@@ -66,6 +66,12 @@ def test_conveyed_json_refusals(doc: dict, reason: str) -> None:
         sztp.decode_conveyed(json.dumps(doc).encode(), "json")
 
 
+def test_xml_identityref_is_in_the_default_namespace() -> None:
+    data = sztp.encode_conveyed(ONBOARD, "xml")
+    assert b"<hash-algorithm>sha-256</hash-algorithm>" in data
+    assert b"ietf-sztp-conveyed-info:sha-256" not in data
+
+
 def test_xml_with_doctype_is_refused() -> None:
     bomb = (b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "y">]>'
             b'<onboarding-information xmlns="urn:ietf:params:xml:ns:yang:'
