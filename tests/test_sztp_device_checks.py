@@ -135,3 +135,11 @@ def test_signed_conveyed_information_without_voucher(world: tuple) -> None:
     with pytest.raises(Refused) as exc:
         check(p, sztp.GetBootstrappingDataOutput(out.conveyed_information), trusted=True)
     assert exc.value.code == "no-ownership-voucher"
+
+
+def test_signed_redirect_keeps_its_trust_anchors(world: tuple) -> None:
+    p, _ = world
+    ta = sztp.degenerate_certs([p.domain_ca.cert])
+    info = sztp.RedirectInformation((sztp.BootstrapServer("fd00::2", 443, ta),))
+    got = check(p, output(p, info=info))  # untrusted source, but signed by the owner
+    assert got.signed and got.information == info
