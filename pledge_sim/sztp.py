@@ -315,7 +315,9 @@ class Device:
         except Refused as exc:
             self._fail(exc.code, f"{server.label if server else source}: {exc.reason}")
             if trusted and server is not None:
-                await _Reporter(self, server, False)("bootstrap-error",
+                # RFC 8572 §7.3: parsing-error covers a voucher for another serial number,
+                # a signature that does not match, unsigned data where signed was expected
+                await _Reporter(self, server, False)("parsing-error",
                                                      f"{exc.code}: {exc.reason}", always=True)
             return False
         self.outcome.signed = self.outcome.signed or got.signed
