@@ -18,7 +18,7 @@ from lab.brski_services import make_pki
 pytestmark = pytest.mark.netns
 
 FIRST, SECOND, OTHER_OWNER = "[::1]:8443", "[::1]:8444", "[::1]:8445"
-SERIALS = ["bad-hash", "loop-self", "loop-two", "wrong-owner", "good"]
+SERIALS = ["bad-hash", "loop-self", "loop-two", "wrong-owner", "good", "wrong-owner-t"]
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_devices_refuse_bad_bootstrapping_data(lab: Lab, tmp_path: Path) -> None
         first.record(redirect(("::1", 8444, ta)), serial="loop-two")
         second.record(redirect(("::1", 8443, ta)))
         first.record(onboarding(config={"hostname": "good"}), serial="good")
-        owner.record(onboarding(config=config))
+        owner.record(onboarding(config=config), sign="always")
 
         state = tmp_path / "state"
         for serial in SERIALS:  # a configuration from before, which must survive
@@ -65,7 +65,10 @@ def test_devices_refuse_bad_bootstrapping_data(lab: Lab, tmp_path: Path) -> None
                               f"https://{FIRST}", "--server-ca", anchor)
         untrusted = run_devices(host, pki, state, ["wrong-owner"], "--server",
                                 f"https://{OTHER_OWNER}")
-        got = {**trusted.devices, **untrusted.devices}
+        # the same server, trusted by its TLS certificate: signed data refused, and said so
+        trusted_owner = run_devices(host, pki, state, ["wrong-owner-t"], "--trusted-server",
+                                    f"https://{OTHER_OWNER}", "--server-ca", anchor)
+        got = {**trusted.devices, **untrusted.devices, **trusted_owner.devices}
         assert sorted(got) == sorted(SERIALS), trusted.stderr[-3000:]
         assert trusted.rc == 1 and untrusted.rc == 1  # some failed
 
@@ -89,7 +92,13 @@ def test_devices_refuse_bad_bootstrapping_data(lab: Lab, tmp_path: Path) -> None
         d = got["wrong-owner"]
         assert (d["code"], d["signed"]) == ("owner-certificate", False), d
         assert "does not chain to the voucher's pinned-domain-cert" in d["reason"]
-        assert owner.progress() == []  # untrusted and not authenticated: no reports
+        d = got["wrong-owner-t"]
+        assert (d["code"], d["signed"]) == ("owner-certificate", False), d
+        # untrusted and not authenticated: no reports; trusted: a parsing-error (RFC 8572 §7.3)
+        assert [(r["serial"], r["progress_type"]) for r in owner.progress()] == [
+            ("wrong-owner-t", "parsing-error")]
+        assert "owner-certificate: owner certificate does not chain" in \
+            owner.progress()[0]["message"]
 
         assert got["good"]["ok"] and got["good"]["code"] == "ok"
         for serial in SERIALS:
