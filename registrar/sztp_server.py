@@ -18,8 +18,8 @@ The device is the serial number of the IDevID that authenticated the TLS connect
 Errors are ``ietf-restconf:errors`` (RFC 8040 §7) in the request's encoding: 400
 malformed-message (not the encoding said) / invalid-value (breaks the YANG module), 401
 access-denied (no serialNumber), 404 invalid-value (no record for this device), 406 / 415
-(media types), 409 data-missing, 502/503 operation-failed (MASA refused / unreachable).
-Every refusal is logged once with the device and the reason, and counted
+(media types: Accept, Content-Type), 409 data-missing, 502/503 operation-failed (MASA
+refused / unreachable). Every refusal is logged once with the device and the reason, and counted
 (``brski_sztp_refusals_total{endpoint,reason}``).
 """
 
@@ -43,7 +43,7 @@ from .metrics import ServiceMetrics
 from .sztp_config import SztpConfig
 from .sztp_store import SztpStore
 from .voucher_request import idevid_issuer
-from .web import MAX_BODY, MEDIA_VOUCHER_CMS, peer_certificate
+from .web import MAX_BODY, MEDIA_VOUCHER_CMS, accepts, peer_certificate
 
 log = logging.getLogger("registrar.sztp")
 GET_DATA = sztp.OPERATIONS + "get-bootstrapping-data"
@@ -110,6 +110,11 @@ class SztpServer:
     # -- the two RPCs -------------------------------------------------------------------------
     async def get_bootstrapping_data(self, request: web.Request) -> web.Response:
         serial, idevid = _authenticated(request)
+        accept = request.headers.get("Accept")
+        if not any(accepts(accept, media) for media in sztp.MEDIA.values()):
+            raise RestconfError(406, "invalid-value", f"Accept {accept!r} admits neither "
+                                f"{sztp.MEDIA['json']} nor {sztp.MEDIA['xml']}",
+                                "not-acceptable", "protocol")
         encoding = _request_encoding(request)
         body = await request.read()
         try:

@@ -139,6 +139,10 @@ def test_refusals_by_policy(server: tuple) -> None:
                               sztp.GetBootstrappingDataInput(True).encode("json"),
                               serial="dev-2")
     assert status == 409 and error(ctype, out)["error-tag"] == "data-missing"
+    # an Accept the server cannot satisfy
+    status, ctype, out = curl(lab, pki, "get-bootstrapping-data", GOOD.encode("json"),
+                              accept="application/json")
+    assert status == 406 and error(ctype, out)["error-tag"] == "invalid-value"
     # an RPC is POST only
     status, ctype, out = curl(lab, pki, "get-bootstrapping-data", None, method="GET")
     assert status == 405 and error(ctype, out)["error-tag"] == "operation-not-supported"
