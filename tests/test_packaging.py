@@ -459,6 +459,8 @@ def test_brski_registrar_package(debs, tmp_path):
                  "/usr/bin/brski-voucher",
                  f"{unit_dir(debs)}/brski-registrar.service",
                  f"{unit_dir(debs)}/brski-masa.service",
+                 "/usr/sbin/brski-sztp", f"{unit_dir(debs)}/brski-sztp.service",
+                 "/usr/share/man/man8/brski-sztp.8.gz",
                  "/usr/share/man/man8/brski-registrar.8.gz",
                  "/usr/lib/brski/python/registrar/cli.py"):
         assert path in files, path
