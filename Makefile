@@ -9,7 +9,7 @@ APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables 
 	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
 	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd \
 	debhelper dh-python lintian python3-docutils python3-pip shellcheck \
-	systemd-container debootstrap zstd netsniff-ng prometheus
+	systemd-container debootstrap zstd netsniff-ng prometheus dnsmasq-base libyang2-tools
 
 .PHONY: setup apt venv bpf lint test fuzz demo deb ipk clean completion
 

@@ -85,14 +85,15 @@ class SignedData:
 # --- parsing --------------------------------------------------------------------------------
 
 
-def parse(der: bytes) -> SignedData:
-    """Parse a DER ContentInfo holding SignedData with one signer. Verifies nothing."""
+def parse(der: bytes, *, content_types: frozenset[str] = ACCEPTED_CONTENT_TYPES) -> SignedData:
+    """Parse a DER ContentInfo holding SignedData with one signer. Verifies nothing.
+    ``content_types``: the eContentTypes accepted (default: a JSON voucher's)."""
     if not isinstance(der, bytes | bytearray):
         raise DecodeError("CMS input must be bytes")
     if len(der) > MAX_SIZE:
         raise DecodeError(f"CMS larger than {MAX_SIZE} bytes")
     try:
-        return _parse(bytes(der))
+        return _parse(bytes(der), content_types)
     except DecodeError:
         raise
     except Exception as exc:  # asn1crypto parses lazily and raises ValueError,
@@ -108,7 +109,7 @@ def _parse_refusal(der: bytes) -> str:
     return refusal("a CMS SignedData (RFC 5652)", der, rule="RFC 8995 §5.2")
 
 
-def _parse(der: bytes) -> SignedData:
+def _parse(der: bytes, content_types: frozenset[str]) -> SignedData:
     info = acms.ContentInfo.load(der, strict=True)
     if info["content_type"].dotted != "1.2.840.113549.1.7.2":
         raise DecodeError(f"CMS content is {info['content_type'].dotted}, not signedData")
@@ -117,8 +118,9 @@ def _parse(der: bytes) -> SignedData:
     version = int(version_native[1:]) if isinstance(version_native, str) else int(version_native)
     encap = sd["encap_content_info"]
     econtent_type = encap["content_type"].dotted
-    if econtent_type not in ACCEPTED_CONTENT_TYPES:
-        raise DecodeError(f"eContentType {econtent_type} is not a JSON voucher")
+    if econtent_type not in content_types:
+        what = "a JSON voucher" if content_types is ACCEPTED_CONTENT_TYPES else "accepted here"
+        raise DecodeError(f"eContentType {econtent_type} is not {what}")
     content = encap["content"].native
     if content is None:
         raise DecodeError("detached CMS content is not supported for vouchers")
@@ -242,6 +244,7 @@ def sign(
     signing_time: datetime,
     *,
     econtent_type: str = ANIMA_JSON_VOUCHER,
+    content_types: frozenset[str] = ACCEPTED_CONTENT_TYPES,
 ) -> bytes:
     """DER ContentInfo/SignedData over ``content``, signed by ``key``.
 
@@ -250,7 +253,7 @@ def sign(
     """
     if signing_time.tzinfo is None:
         raise UsageError("signing_time must be timezone-aware")
-    if econtent_type not in ACCEPTED_CONTENT_TYPES:
+    if econtent_type not in content_types:
         raise UsageError(f"eContentType {econtent_type} is not for vouchers")
     signer_cert = _signer_cert(key, certs)
     digest_name, sig_name = _algorithms(key)

@@ -8,13 +8,16 @@
     pledge-sim discover [--methods grasp,mdns] [--timeout S] [--json]
     pledge-sim cojp --jrc ADDR --pledges FILE [--count N] [--concurrency C] [--via-proxy]
                     [--edhoc-dir DIR --jrc-credential FILE]
+    pledge-sim sztp --pki DIR [--serial S ...] [--trusted-server URI --server-ca FILE]
+                    [--server URI] [--dhcpv6 IFACE] [--media DIR] [--state DIR] [--json]
 
 Without --registrar, pledges listen for GRASP AN_Proxy floods and browse mDNS for
 _brski-proxy._tcp; with --transport coaps (cBRSKI over DTLS) they ask CoRE discovery on each
 link (ff02::fd, ?brski-jp=*), answered by a join proxy (joinproxyd in coaps or jpy mode) or
 a registrar there; --registrar names a proxy's join port (or a registrar) directly. LDevIDs
 go to --out as <serial>.crt/.key. Exit status: 0 when every pledge enrolled, 1 when one
-failed (reasons follow the table), 2 for bad arguments or files.
+failed (reasons follow the table), 2 for bad arguments or files. sztp runs SZTP devices
+(RFC 8572, pledge_sim.sztp) that end with an RFC 8071 call home.
 """
 
 from __future__ import annotations
@@ -159,6 +162,41 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=_positive(float), default=30.0, metavar="S",
                    help="per join, CoAP retransmissions included")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    z = sub.add_parser("sztp", help="SZTP devices (RFC 8572) ending in an RFC 8071 call home")
+    zwho = z.add_argument_group("identities (one source)")
+    zwho.add_argument("--pki", type=Path, help="a brski-pki directory: pick or issue IDevIDs")
+    zwho.add_argument("--serial", action="append", default=[],
+                      help="with --pki: this serial (repeatable; issued if missing)")
+    zwho.add_argument("--idevid", type=Path, help="one IDevID certificate (PEM)")
+    zwho.add_argument("--key", type=Path, help="its private key (PEM)")
+    zwho.add_argument("--idevid-dir", type=Path, help="a directory of NAME.crt/NAME.key pairs")
+    zwho.add_argument("--count", type=_positive(int), help="number of devices")
+    z.add_argument("--masa-ca", type=Path,
+                   help="MASA trust anchor(s), PEM (default with --pki: DIR/masa/ca.crt)")
+    z.add_argument("--server", action="append", default=[], metavar="URI",
+                   help="a preconfigured bootstrap server without trust anchor (untrusted: "
+                        "signed data only), https://[fe80::1%%eth0]:8443 (repeatable)")
+    z.add_argument("--trusted-server", action="append", default=[], metavar="URI",
+                   help="a preconfigured bootstrap server authenticated by --server-ca "
+                        "(tried before the --server ones)")
+    z.add_argument("--server-ca", type=Path, metavar="FILE",
+                   help="trust anchor(s) (PEM) of the --trusted-server servers")
+    z.add_argument("--dhcpv6", metavar="IFACE",
+                   help="ask DHCPv6 on IFACE for option 136 (bootstrap server URIs)")
+    z.add_argument("--media", type=Path, metavar="DIR",
+                   help="removable media: DIR/conveyed-information.cms, owner-certificate.cms, "
+                        "ownership-voucher.cms")
+    z.add_argument("--state", type=Path, default=Path("pledge-sim-sztp"),
+                   help="per-device state: running OS, boot image, config.json, script output")
+    z.add_argument("--hw-model", default="pledge-sim")
+    z.add_argument("--os-name", default="SimOS")
+    z.add_argument("--os-version", default="1.0")
+    z.add_argument("--encoding", choices=("json", "xml"), default="json",
+                   help="RESTCONF encoding (application/yang-data+json or +xml)")
+    z.add_argument("--timeout", type=_positive(float), default=20.0, metavar="S")
+    z.add_argument("--concurrency", type=_positive(int), default=10)
+    z.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -307,6 +345,49 @@ async def _cojp(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _sztp(args: argparse.Namespace) -> int:
+    from brski import sztp as wire
+    from brski.errors import DecodeError
+
+    from . import sztp
+
+    identities = _identities(args)
+    anchors = load_anchors(_anchor_path(args))
+    servers: list[sztp.Server] = []
+    if args.trusted_server and args.server_ca is None:
+        raise UsageProblem("--trusted-server needs --server-ca")
+    server_anchors = tuple(load_anchors(args.server_ca, "server trust anchors")) \
+        if args.server_ca else ()
+    for uri, tas in [*((u, server_anchors) for u in args.trusted_server),
+                     *((u, ()) for u in args.server)]:
+        try:
+            entry = wire.uri_server(uri)
+        except DecodeError as exc:
+            raise UsageProblem(f"--server: {exc}") from exc
+        servers.append(sztp.Server(entry.address, entry.port, tas))
+    if not (servers or args.dhcpv6 or args.media):
+        raise UsageProblem("no bootstrap source: give --server, --trusted-server, --dhcpv6 or "
+                           "--media")
+    settings = sztp.Settings(anchors, servers, args.media, args.dhcpv6, args.state,
+                             args.hw_model, args.os_name, args.os_version, args.encoding,
+                             args.timeout, args.timeout)
+    outcomes = await sztp.run_devices(identities, settings, args.concurrency)
+    if args.json:
+        print(json.dumps({"devices": [o.to_json() for o in outcomes]}, indent=1), flush=True)
+    else:
+        for o in outcomes:
+            home = (o.callhome or {}).get("manager", "-")
+            print(f"{o.serial:<16} {'ok' if o.ok else 'FAILED':<7} {o.code:<22} "
+                  f"signed={'yes' if o.signed else 'no':<4} call-home={home}  {o.reason}")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        print(f"{PROG}: {failed[0].serial} failed: {failed[0].code}: {failed[0].reason}{more}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 async def _discover(args: argparse.Namespace) -> int:
     found = await discover(args.methods, args.timeout)
     if args.json:
@@ -339,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("coaps_io").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        commands = {"enroll": _enroll, "discover": _discover, "cojp": _cojp}
+        commands = {"enroll": _enroll, "discover": _discover, "cojp": _cojp, "sztp": _sztp}
         return asyncio.run(commands[args.command](args))
     except (UsageProblem, IdentityError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

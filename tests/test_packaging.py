@@ -52,6 +52,7 @@ PACKAGED = {"brski": "brski-common", "service_notify": "brski-common", "coaps_io
 MAN_PAGES = {"joinproxyd.8": "joinproxyd", "joinproxyctl.8": "joinproxyd",
              "joinproxyd.toml.5": "joinproxyd", "brski-registrar.8": "brski-registrar",
              "brski-masa.8": "brski-registrar", "brski-pki.1": "brski-registrar",
+             "brski-sztp.8": "brski-registrar",
              "brski-voucher.1": "brski-registrar", "pledge-sim.1": "pledge-sim"}
 
 
@@ -195,8 +196,9 @@ def test_daemons_go_to_sbin_and_the_units_start_them_there():
     """Debian's habit: daemons in /usr/sbin, commands people type in /usr/bin; each unit's
     ExecStart= and ExecReload= name the path the wrapper is written to."""
     assert {s for s in wrappers.PACKAGE_OF if wrappers.bin_dir(s) == "usr/sbin"} == {
-        "joinproxyd", "brski-registrar", "brski-masa"}
-    for name in ("joinproxyd.service", "brski-registrar.service", "brski-masa.service"):
+        "joinproxyd", "brski-registrar", "brski-masa", "brski-sztp"}
+    for name in ("joinproxyd.service", "brski-registrar.service", "brski-masa.service",
+                 "brski-sztp.service"):
         values = unit(name)
         script = name.removesuffix(".service")
         commands = [c.split()[0] for key in ("ExecStart", "ExecReload")
@@ -313,10 +315,12 @@ def unit(name: str) -> dict[str, list[str]]:
     return values
 
 
-@pytest.mark.parametrize("name", ["brski-registrar.service", "brski-masa.service"])
+@pytest.mark.parametrize("name", ["brski-registrar.service", "brski-masa.service",
+                                  "brski-sztp.service"])
 def test_registrar_units_run_unprivileged_and_verify(name, tmp_path):
     values = unit(name)
-    user = name.removesuffix(".service")  # each its own user and state directory
+    # each its own user and state directory; brski-sztp is a door of the registrar's
+    user = name.removesuffix(".service").replace("brski-sztp", "brski-registrar")
     assert values["User"] == [user] and values["Group"] == [user]
     assert values["CapabilityBoundingSet"] == [""] and values["AmbientCapabilities"] == [""]
     assert values["StateDirectory"] == [user]
@@ -455,6 +459,8 @@ def test_brski_registrar_package(debs, tmp_path):
                  "/usr/bin/brski-voucher",
                  f"{unit_dir(debs)}/brski-registrar.service",
                  f"{unit_dir(debs)}/brski-masa.service",
+                 "/usr/sbin/brski-sztp", f"{unit_dir(debs)}/brski-sztp.service",
+                 "/usr/share/man/man8/brski-sztp.8.gz",
                  "/usr/share/man/man8/brski-registrar.8.gz",
                  "/usr/lib/brski/python/registrar/cli.py"):
         assert path in files, path

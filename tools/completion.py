@@ -26,6 +26,7 @@ PROGRAMS = {
     "joinproxyctl": "joinproxyd.ctl",
     "brski-registrar": "registrar.cli",
     "brski-masa": "registrar.masa_cli",
+    "brski-sztp": "registrar.sztp_cli",
     "brski-pki": "brski.cli.pki",
     "brski-voucher": "brski.cli.voucher",
     "pledge-sim": "pledge_sim.cli",

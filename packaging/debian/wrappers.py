@@ -31,6 +31,7 @@ PACKAGE_OF = {
     "joinproxyctl": "joinproxyd",
     "brski-registrar": "brski-registrar",
     "brski-masa": "brski-registrar",
+    "brski-sztp": "brski-registrar",
     "brski-pki": "brski-registrar",
     "brski-voucher": "brski-registrar",
     "pledge-sim": "pledge-sim",
@@ -38,7 +39,7 @@ PACKAGE_OF = {
 
 # Daemons go to /usr/sbin, as Debian does with the daemons an administrator runs (dnsmasq,
 # radvd, frr's); the commands people type (joinproxyctl, brski-pki, ...) stay in /usr/bin.
-DAEMONS = frozenset({"joinproxyd", "brski-registrar", "brski-masa"})
+DAEMONS = frozenset({"joinproxyd", "brski-registrar", "brski-masa", "brski-sztp"})
 
 TEMPLATE = """\
 #!/usr/bin/python3 -I
