@@ -95,6 +95,11 @@ from .bpf_layout import (
     IpipGenC,
     IpipJoin,
     JoinCfgC,
+    JpyCfgC,
+    JpyCount,
+    JpyKeyArgsC,
+    JpyLinkC,
+    JpyStatsC,
     Program,
     RegistrarC,
     addr_key,
@@ -111,6 +116,7 @@ from .libbpf import (
     obj_info,
     prog_id_of_fd,
     prog_test_run,
+    syscall_run,
     update_elem,
 )
 
@@ -552,6 +558,60 @@ class BpfDatapath:
                 "ipip_xdp": self._state.ipip_xdp,
                 "nexthops": {str(i): nh for i, nh in self.nexthops().items()},
             }
+
+    # -- the JPY relay (jpy.bpf.o; relays/jpy.py decides) --------------------------------
+    @property
+    def has_jpy(self) -> bool:
+        return "jpy" in self._objects and not self._closed
+
+    def set_jpy_key(self, slot: int, key_id: int, key: bytes | None) -> None:
+        """Create slot's AES-256 context from key (32 bytes) sealing under key_id, through
+        jp_jpy_setkey (contexts can only be made by a syscall program); key None retires the
+        slot (headers of its id stop opening)."""
+        args = JpyKeyArgsC(slot=slot, key_id=key_id)
+        fd = self._map("jpy", "jp_jpy_keys")
+        if key is None:
+            # A slot with live=0 never opens; its context is freed with the map or on reuse.
+            raw = (ctypes.c_uint8 * 16)()
+            update_elem(fd, u32(slot), raw, "jp_jpy_keys")
+            return
+        if len(key) != 32:
+            raise ValueError("a JPY kernel key is 32 bytes (AES-256)")
+        args.key[:] = key
+        with self._lock:
+            syscall_run(self.prog_fd(Program.JPY_SETKEY), args, "jp_jpy_setkey")
+        if args.result != 0:
+            raise KernelError(f"bpf_crypto_ctx_create(ecb(aes)): {describe_errno(-args.result)}",
+                              errno=-args.result)
+
+    def set_jpy(self, cfg: JpyCfgC | None, links: Mapping[int, JpyLinkC]) -> None:
+        """Write the JPY relay's configuration (None: relay nothing in the kernel) and its
+        join links (ifindex -> link), removing links no longer given."""
+        with self._lock:
+            cfg_fd = self._map("jpy", "jp_jpy_cfg")
+            update_elem(cfg_fd, u32(0), cfg if cfg is not None else JpyCfgC(), "jp_jpy_cfg")
+            links_fd = self._map("jpy", "jp_jpy_links")
+            for index, link in links.items():
+                update_elem(links_fd, u32(index), link, "jp_jpy_links")
+            for key in map_keys(links_fd, u32):
+                if key.value not in links:
+                    delete_elem(links_fd, key, "jp_jpy_links")
+
+    def jpy_stats(self) -> dict[str, int]:
+        """What the JPY programs did, summed over CPUs: JpyCount values, plus bytes_up and
+        bytes_down."""
+        lib = libbpf()
+        with self._lock:
+            if self._closed or "jpy" not in self._objects:
+                return {}
+            per_cpu = (JpyStatsC * lib.ncpus)()
+            check(lib.bpf_map_lookup_elem(self._map("jpy", "jp_jpy_stats"),
+                                          ctypes.byref(u32(0)), ctypes.byref(per_cpu)),
+                  "read jp_jpy_stats")
+        out = {c.value: sum(cpu.n[i] for cpu in per_cpu) for i, c in enumerate(JpyCount)}
+        out["bytes_up"] = sum(cpu.bytes_up for cpu in per_cpu)
+        out["bytes_down"] = sum(cpu.bytes_down for cpu in per_cpu)
+        return out
 
     # -- BPF_PROG_TEST_RUN --------------------------------------------------------------
     def _run(self, program: Program, packet: bytes, repeat: int, live: bool, ifindex: int,

@@ -254,3 +254,13 @@ def prog_test_run(fd: int, packet: bytes, repeat: int, *, xdp: bool, live: bool,
     check(libbpf().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), what)
     out = b"" if data_out is None else data_out.raw[:opts.data_size_out]
     return opts.retval, out, opts.duration
+
+
+def syscall_run(fd: int, args: ctypes.Structure, what: str) -> int:
+    """Run a BPF_PROG_TYPE_SYSCALL program on args (its context, which the kernel writes
+    back into args): the program's return code."""
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
+    opts.ctx_in = ctypes.cast(ctypes.byref(args), ctypes.c_void_p)
+    opts.ctx_size_in = ctypes.sizeof(args)
+    check(libbpf().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), what)
+    return opts.retval
