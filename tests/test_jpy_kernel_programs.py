@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator
 from ipaddress import IPv6Address
 
+import cbor2
 import pytest
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6
@@ -120,9 +121,9 @@ def test_not_ours_passes_untouched(dp: BpfDatapath) -> None:
 @pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 1000, JP_JPY_MAX_CONTENT])
 def test_unwraps_a_reply_to_the_pledge_it_names(dp: BpfDatapath, size: int) -> None:
     s = sealer()
-    for key_id_header in (s.seal(PledgeEndpoint(IPv6Address(PLEDGE), PLEDGE_PORT, LINK)),
-                          BlockHeaderSealer(KEY2, 8).seal(
-                              PledgeEndpoint(IPv6Address(PLEDGE), PLEDGE_PORT, LINK))):
+    pledge = PledgeEndpoint(IPv6Address(PLEDGE), PLEDGE_PORT, LINK)
+    # sealed under the current key, and under the previous one
+    for key_id_header in (s.seal(pledge), BlockHeaderSealer(KEY2, 8).seal(pledge)):
         content = os.urandom(size)
         rc, out = dp.test_run(Program.JPY_BACKBONE,
                               reply_frame(JpyMessage(key_id_header, content).encode()))
@@ -167,14 +168,13 @@ def test_forged_stale_and_truncated_replies_are_dropped_and_counted(dp: BpfDatap
 
 def test_replies_the_kernel_does_not_parse_go_to_the_daemon(dp: BpfDatapath) -> None:
     good = sealer().seal(PledgeEndpoint(IPv6Address(PLEDGE), PLEDGE_PORT, LINK))
-    import cbor2
     for payload in (cbor2.dumps([good, b"x", 1]),  # three elements: the daemon decodes
                     b"\xa0", b"\x82\x41\x00\x40",  # a map; a 1-byte header
                     bytes.fromhex("825820") + good + bytes.fromhex("5800")):  # not preferred
         assert dp.test_run(Program.JPY_BACKBONE, reply_frame(payload))[0] == TC_ACT_OK
     # not from the registrar's JPY port: the daemon's socket counts it as unsolicited
-    frame = bytes(Ether(src=MAC, dst=MAC) / IPv6(src=REGISTRAR, dst=BACKBONE) / UDP(sport=1, dport=SRC_PORT)
-                  / Raw(JpyMessage(good, b"x").encode()))
+    frame = bytes(Ether(src=MAC, dst=MAC) / IPv6(src=REGISTRAR, dst=BACKBONE)
+                  / UDP(sport=1, dport=SRC_PORT) / Raw(JpyMessage(good, b"x").encode()))
     assert dp.test_run(Program.JPY_BACKBONE, frame)[0] == TC_ACT_OK
 
 
