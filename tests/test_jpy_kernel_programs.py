@@ -113,8 +113,10 @@ def test_too_big_is_dropped_and_counted(dp: BpfDatapath) -> None:
 
 def test_not_ours_passes_untouched(dp: BpfDatapath) -> None:
     for frame in (pledge_frame(b"x", src="fd00::5"),  # not link-local: the daemon decides
-                  bytes(Ether(src=MAC, dst=MAC) / IPv6(src=PLEDGE, dst=JOIN_LL) / UDP(sport=1, dport=5683)),
-                  bytes(Ether(src=MAC, dst=MAC) / IPv6(src=PLEDGE, dst="fe80::bb") / UDP(dport=JOIN_PORT))):
+                  bytes(Ether(src=MAC, dst=MAC) / IPv6(src=PLEDGE, dst=JOIN_LL)
+                        / UDP(sport=1, dport=5683)),
+                  bytes(Ether(src=MAC, dst=MAC) / IPv6(src=PLEDGE, dst="fe80::bb")
+                        / UDP(dport=JOIN_PORT))):
         assert dp.test_run(Program.JPY_JOIN, frame)[0] == TC_ACT_OK
 
 
