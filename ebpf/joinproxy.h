@@ -227,7 +227,22 @@ enum jp_jpy_count {
 	JP_JPY_MALFORMED = 5,	/* lengths lie, message truncated */
 	JP_JPY_UNSOLICITED = 6,	/* reply for a join link not served */
 	JP_JPY_SEND_ERROR = 7,	/* the kernel refused to resize or rewrite the packet */
-	JP_JPY__COUNT = 8,
+	JP_JPY_REPLAYED = 8,	/* this reply was relayed within JP_JPY_REPLAY_NS */
+	JP_JPY__COUNT = 9,
+};
+
+/* jp_jpy_replays (LRU_HASH): replies relayed lately, as relays/jpy.py's ReplayFilter keeps
+ * their digests: state about replies, never about pledges, bounded. The key is what tells two
+ * replies of a flow apart without hashing the whole datagram: the header, the first 16
+ * content bytes (a DTLS record header: epoch and 48-bit sequence number, unique per record),
+ * the content length and the UDP checksum (a sum over every byte). */
+#define JP_JPY_REPLAY_ENTRIES 16384
+#define JP_JPY_REPLAY_NS 120000000000ULL	/* relays/jpy.py REPLAY_SECONDS */
+struct jp_jpy_replay_key {
+	__u8 header[32];
+	__u8 content[16];
+	__u16 len;
+	__u16 csum;
 };
 
 struct jp_jpy_stats {

@@ -116,11 +116,19 @@ struct {
 	__type(value, struct jp_jpy_stats);
 } jp_jpy_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, JP_JPY_REPLAY_ENTRIES);
+	__type(key, struct jp_jpy_replay_key);
+	__type(value, __u64);
+} jp_jpy_replays SEC(".maps");
+
 /* Per CPU, used within one run: the moved payload and the cipher blocks. */
 struct jp_jpy_scratch {
 	__u8 blocks[32];	/* P || P' in, cipher out */
 	__u8 out[32];
 	__u8 prefix[40];	/* CBOR framing before the content, zero padded */
+	struct jp_jpy_replay_key replay;
 	__u8 payload[SCRATCH];
 };
 
@@ -579,6 +587,26 @@ int jp_jpy_backbone(struct __sk_buff *skb)
 	if (!link) {
 		count(JP_JPY_UNSOLICITED, 0);
 		return TC_ACT_SHOT;
+	}
+	/* after the header authenticated, as the daemon does: forgeries never fill the table */
+	if (!parse(skb, &p))
+		goto malformed;
+	__builtin_memset(&sc->replay, 0, sizeof(sc->replay));
+	__builtin_memcpy(sc->replay.header, head + 3, 32);
+	if (len && bpf_skb_load_bytes(skb, PAYLOAD_OFF + pfx, sc->replay.content,
+				      len < 16 ? (len & 15) : 16))
+		goto malformed;
+	sc->replay.len = len;
+	sc->replay.csum = p.udp->check;
+	{
+		__u64 now = bpf_ktime_get_coarse_ns();
+		__u64 *seen = bpf_map_lookup_elem(&jp_jpy_replays, &sc->replay);
+
+		if (seen && now - *seen <= JP_JPY_REPLAY_NS) {
+			count(JP_JPY_REPLAYED, 0);
+			return TC_ACT_SHOT;
+		}
+		bpf_map_update_elem(&jp_jpy_replays, &sc->replay, &now, BPF_ANY);
 	}
 
 	/* re-parse: the load helpers do not move the packet, but keep the verifier sure */

@@ -239,3 +239,17 @@ def test_fuzzed_stream_never_yields_a_malformed_packet(dp: BpfDatapath) -> None:
         else:
             assert (str(ip6.src), pkt[UDP].sport) == (JOIN_LL, JOIN_PORT)
     assert all(verdicts.values()), verdicts  # the stream reached every verdict
+
+
+def test_an_exact_copy_of_a_relayed_reply_is_dropped_as_replayed(dp: BpfDatapath) -> None:
+    header = sealer().seal(PledgeEndpoint(IPv6Address(PLEDGE), PLEDGE_PORT, LINK))
+    record = b"\x17\xfe\xfd\x00\x01" + os.urandom(40)  # a DTLS record: epoch, sequence, ...
+    frame = reply_with(header, record)
+    before = dp.jpy_stats()
+    assert dp.test_run(Program.JPY_BACKBONE, frame)[0] == TC_ACT_REDIRECT
+    assert dp.test_run(Program.JPY_BACKBONE, frame)[0] == TC_ACT_SHOT
+    # the next record of the same flow is not a replay
+    assert dp.test_run(Program.JPY_BACKBONE, reply_with(header, record[:5] + os.urandom(40)))[0] \
+        == TC_ACT_REDIRECT
+    after = dp.jpy_stats()
+    assert (after["replayed"] - before["replayed"], after["down"] - before["down"]) == (1, 2)

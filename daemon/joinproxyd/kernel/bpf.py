@@ -148,13 +148,15 @@ class BpfDatapath:
         self._generation = int.from_bytes(os.urandom(4), "little")
         self._state = _State()
         self._closed = False
+        self.unavailable: dict[str, str] = {}  # optional object -> why it did not load
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
     def open(cls, obj_dir: str | Path = DEFAULT_OBJ_DIR,
              pin_dir: str | Path | None = DEFAULT_PIN_DIR, *, netns: str | None = None,
              objects: Iterable[str] = ("ipip", "guard"),
-             qdisc_record: Path | None = None) -> BpfDatapath:
+             qdisc_record: Path | None = None,
+             optional: Iterable[str] = ()) -> BpfDatapath:
         """Load the named objects from obj_dir. With pin_dir (on bpffs), maps are pinned
         there and adopted from a previous run; None keeps them private to this process
         (tests, benchmarks). netns names the namespace whose links attach_* works on.
@@ -174,7 +176,18 @@ class BpfDatapath:
             for obj in loaded.values():
                 obj.close()
             raise
+        # Optional objects need what not every kernel has (jpy: the BPF crypto kfuncs); one
+        # that does not load is recorded with the reason and costs the others nothing.
+        unavailable: dict[str, str] = {}
+        for name in optional:
+            spec = OBJECTS[name]
+            try:
+                loaded[name] = LoadedObject(name, spec, obj_dir / spec.file, pins)
+            except KernelError as exc:
+                unavailable[name] = str(exc).splitlines()[0]
+                log.info("BPF object %s not loaded: %s", spec.file, exc)
         dp = cls(loaded, pins, netns, qdisc_record)
+        dp.unavailable = unavailable
         dp._adopt_next_slot()
         try:
             dp._hooks.adopt_qdiscs()

@@ -72,6 +72,7 @@ class JpyCount(StrEnum):
     MALFORMED = "malformed"
     UNSOLICITED = "unsolicited"
     SEND_ERROR = "send-error"
+    REPLAYED = "replayed"
 
 
 IPIP_PROGRAMS = (Program.TC_JOIN, Program.TC_BACKBONE, Program.XDP_JOIN)
@@ -196,7 +197,7 @@ OBJECTS: dict[str, ObjectSpec] = {
     # in user space (datapath.py loads it apart, so its failure costs nothing else).
     "jpy": ObjectSpec("jpy.bpf.o", JPY_PROGRAMS,
                       ("jp_counters", "jp_jpy_keys", "jp_jpy_cfg", "jp_jpy_links",
-                       "jp_jpy_stats", "jp_jpy_scratch")),
+                       "jp_jpy_stats", "jp_jpy_scratch", "jp_jpy_replays")),
 }
 
 
