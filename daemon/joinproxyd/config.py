@@ -197,8 +197,9 @@ class Config:
     @property
     def needs_bpf(self) -> bool:
         """Whether anything configured runs in BPF (else no BPF object is ever loaded): the
-        guard or ipip, and a join link for them to serve."""
-        return bool(self.joins) and (self.guard.enabled or self.uses_ipip)
+        guard, ipip or the jpy relay's kernel path, and a join link for them to serve."""
+        jpy_kernel = self.jpy.datapath != "user" and any("jpy" in s.modes for s in self.joins)
+        return bool(self.joins) and (self.guard.enabled or self.uses_ipip or jpy_kernel)
 
     def join_spec_for(self, ifname: str) -> JoinSpec | None:
         """The first [[join]] entry whose patterns match (order in the file decides)."""

@@ -207,4 +207,5 @@ class KernelPath:
     def status(self) -> dict[str, Any]:
         return {"backbone_ifindex": self.backbone.ifindex if self.backbone else None,
                 "backbone_source": self.backbone.source if self.backbone else None,
-                "key_slot": self.slot, "joins": sorted(self.attached_joins)}
+                "key_slot": self.slot, "joins": sorted(self.attached_joins),
+                "counts": dict(self.synced)}
