@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ class KernelPath:
         self.synced: dict[str, int] = {}
         self.problem: str | None = None  # why the kernel path is not running
         self._bb_attached: int | None = None
+        self._sync_lock = threading.Lock()  # the scrape thread syncs too
 
     @property
     def running(self) -> bool:
@@ -105,6 +107,9 @@ class KernelPath:
             self.problem = str(exc).splitlines()[0]
             return False
         self.dp, self.slot, self.problem = dp, 0, None
+        hooks = getattr(ctx.metrics, "before_scrape", None)
+        if hooks is not None:  # a scrape shows what the programs did up to that moment
+            hooks.append(self.sync_counters)
         return True
 
     async def rotate(self, key: bytes, key_id: int) -> None:
@@ -162,6 +167,10 @@ class KernelPath:
 
     def sync_counters(self) -> None:
         """Fold what the programs counted since the last call into the mode's metrics."""
+        with self._sync_lock:
+            self._sync()
+
+    def _sync(self) -> None:
         dp, mode = self.dp, self.mode
         if dp is None:
             return
@@ -189,6 +198,9 @@ class KernelPath:
         if dp is None:
             return
         self.sync_counters()
+        hooks = getattr(self.mode.ctx.metrics, "before_scrape", None)
+        if hooks is not None and self.sync_counters in hooks:
+            hooks.remove(self.sync_counters)
         try:
             await asyncio.to_thread(dp.set_jpy, None, {})
             for index in list(self.attached_joins):
@@ -202,7 +214,8 @@ class KernelPath:
             self.mode.ctx.log.error("jpy kernel path: %s", exc, extra={"MODE": self.mode.name})
         self.attached_joins.clear()
         self._bb_attached = None
-        self.dp = None
+        with self._sync_lock:
+            self.dp = None
 
     def status(self) -> dict[str, Any]:
         return {"backbone_ifindex": self.backbone.ifindex if self.backbone else None,
