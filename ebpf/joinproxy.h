@@ -245,6 +245,16 @@ struct jp_jpy_replay_key {
 	__u16 csum;
 };
 
+/* jp_jpy_last (PERCPU_ARRAY, JP_JPY__COUNT entries): who caused the latest count of each
+ * kind on this CPU, so the daemon can log a refusal once with who, as it does for its own. */
+struct jp_jpy_who {
+	__u8 addr[16];		/* the pledge (join side) or the reply's source (backbone) */
+	__u32 ifindex;		/* where it arrived */
+	__u16 port;		/* its UDP source port, host order */
+	__u16 pad;
+	__u64 seq;		/* this CPU's count of that kind when it was written */
+};
+
 struct jp_jpy_stats {
 	__u64 n[JP_JPY__COUNT];
 	__u64 bytes_up;		/* pledge datagram bytes relayed up (content) */

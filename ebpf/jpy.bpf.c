@@ -123,12 +123,20 @@ struct {
 	__type(value, __u64);
 } jp_jpy_replays SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, JP_JPY__COUNT);
+	__type(key, __u32);
+	__type(value, struct jp_jpy_who);
+} jp_jpy_last SEC(".maps");
+
 /* Per CPU, used within one run: the moved payload and the cipher blocks. */
 struct jp_jpy_scratch {
 	__u8 blocks[32];	/* P || P' in, cipher out */
 	__u8 out[32];
 	__u8 prefix[40];	/* CBOR framing before the content, zero padded */
 	struct jp_jpy_replay_key replay;
+	struct jp_jpy_who from;	/* the packet's source, for jp_jpy_last */
 	__u8 payload[SCRATCH];
 };
 
@@ -189,15 +197,36 @@ static __always_inline void count(__u32 what, __u64 bytes)
 {
 	__u32 zero = 0;
 	struct jp_jpy_stats *s = bpf_map_lookup_elem(&jp_jpy_stats, &zero);
+	struct jp_jpy_scratch *sc;
+	struct jp_jpy_who *who;
 
-	if (!s)
+	if (!s || what >= JP_JPY__COUNT)
 		return;
-	if (what < JP_JPY__COUNT)
-		s->n[what]++;
-	if (what == JP_JPY_UP)
+	s->n[what]++;
+	if (what == JP_JPY_UP) {
 		s->bytes_up += bytes;
-	else if (what == JP_JPY_DOWN)
+		return;
+	}
+	if (what == JP_JPY_DOWN) {
 		s->bytes_down += bytes;
+		return;
+	}
+	/* a drop: remember who, for the daemon's one log line per sender and reason */
+	sc = bpf_map_lookup_elem(&jp_jpy_scratch, &zero);
+	who = bpf_map_lookup_elem(&jp_jpy_last, &what);
+	if (!sc || !who)
+		return;
+	__builtin_memcpy(who, &sc->from, sizeof(*who));
+	who->seq = s->n[what];
+}
+
+/* Note the packet's source in scratch, for count(). */
+static __always_inline void note_source(struct jp_jpy_scratch *sc, const void *saddr,
+					__u16 sport_be, __u32 ifindex)
+{
+	__builtin_memcpy(sc->from.addr, saddr, 16);
+	sc->from.port = bpf_ntohs(sport_be);
+	sc->from.ifindex = ifindex;
 }
 
 static __always_inline int addr_eq(const void *a, const void *b)
@@ -391,6 +420,7 @@ int jp_jpy_join(struct __sk_buff *skb)
 	    p.ip6->saddr.in6_u.u6_addr32[0] != bpf_htonl(0xfe800000) ||
 	    p.ip6->saddr.in6_u.u6_addr32[1] != 0)
 		return TC_ACT_OK;
+	note_source(sc, &p.ip6->saddr, p.udp->source, ifindex);
 
 	ulen = bpf_ntohs(p.udp->len);
 	if (ulen < 8 || ulen != bpf_ntohs(p.ip6->payload_len) || skb->len != UDP_OFF + ulen ||
@@ -510,6 +540,7 @@ int jp_jpy_backbone(struct __sk_buff *skb)
 	if (p.udp->source != bpf_htons(cfg->registrar_port) ||
 	    !addr_eq(&p.ip6->saddr, cfg->registrar_addr))
 		return TC_ACT_OK;
+	note_source(sc, &p.ip6->saddr, p.udp->source, skb->ifindex);
 
 	ulen = bpf_ntohs(p.udp->len);
 	if (ulen < 8 || ulen != bpf_ntohs(p.ip6->payload_len) || skb->len != UDP_OFF + ulen ||

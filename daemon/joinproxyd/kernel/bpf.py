@@ -100,6 +100,7 @@ from .bpf_layout import (
     JpyKeyArgsC,
     JpyLinkC,
     JpyStatsC,
+    JpyWhoC,
     Program,
     RegistrarC,
     addr_key,
@@ -624,6 +625,26 @@ class BpfDatapath:
         out = {c.value: sum(cpu.n[i] for cpu in per_cpu) for i, c in enumerate(JpyCount)}
         out["bytes_up"] = sum(cpu.bytes_up for cpu in per_cpu)
         out["bytes_down"] = sum(cpu.bytes_down for cpu in per_cpu)
+        return out
+
+    def jpy_last(self) -> dict[str, tuple[str, int, int]]:
+        """For each kind of JPY drop: (source address, ifindex, source port) of the latest
+        one on any CPU."""
+        lib = libbpf()
+        out: dict[str, tuple[str, int, int]] = {}
+        with self._lock:
+            if self._closed or "jpy" not in self._objects:
+                return out
+            fd = self._map("jpy", "jp_jpy_last")
+            for i, kind in enumerate(JpyCount):
+                per_cpu = (JpyWhoC * lib.ncpus)()
+                check(lib.bpf_map_lookup_elem(fd, ctypes.byref(u32(i)), ctypes.byref(per_cpu)),
+                      "read jp_jpy_last")
+                seen = [w for w in per_cpu if w.seq]
+                if seen:
+                    w = max(seen, key=lambda w: w.seq)
+                    out[kind.value] = (str(ipaddress.IPv6Address(bytes(w.addr))), w.ifindex,
+                                       w.port)
         return out
 
     # -- BPF_PROG_TEST_RUN --------------------------------------------------------------

@@ -157,6 +157,11 @@ class JpyStatsC(ctypes.Structure):
     _fields_ = [("n", u64 * len(JpyCount)), ("bytes_up", u64), ("bytes_down", u64)]
 
 
+class JpyWhoC(ctypes.Structure):
+    _fields_ = [("addr", u8 * 16), ("ifindex", u32), ("port", u16), ("pad", u16),
+                ("seq", u64)]
+
+
 class JpyKeyArgsC(ctypes.Structure):
     """jp_jpy_setkey's context (jpy.bpf.c struct jp_jpy_key_args)."""
 
@@ -174,7 +179,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "jp_registrar": RegistrarC, "jp_guard_cfg": GuardCfgC, "jp_guard_key": GuardKeyC,
     "jp_guard_bucket": GuardBucketC, "jp_bare_cfg": BareCfgC, "jp_counters": CountersC,
     "jp_jpy_cfg": JpyCfgC, "jp_jpy_link": JpyLinkC, "jp_jpy_stats": JpyStatsC,
-    "jp_jpy_key_args": JpyKeyArgsC,
+    "jp_jpy_key_args": JpyKeyArgsC, "jp_jpy_who": JpyWhoC,
 }
 
 
@@ -197,7 +202,8 @@ OBJECTS: dict[str, ObjectSpec] = {
     # in user space (datapath.py loads it apart, so its failure costs nothing else).
     "jpy": ObjectSpec("jpy.bpf.o", JPY_PROGRAMS,
                       ("jp_counters", "jp_jpy_keys", "jp_jpy_cfg", "jp_jpy_links",
-                       "jp_jpy_stats", "jp_jpy_scratch", "jp_jpy_replays")),
+                       "jp_jpy_stats", "jp_jpy_scratch", "jp_jpy_replays",
+                       "jp_jpy_last")),
 }
 
 

@@ -242,6 +242,7 @@ class JpyMode(RelayMode):
         while True:
             await asyncio.sleep(1.0)
             self.kernel.sync_counters()
+            self.kernel.report()
 
     def source_port(self) -> int | None:
         """The registrar-side socket's port: wrapped datagrams leave from it."""
@@ -452,6 +453,7 @@ class JpyMode(RelayMode):
     # -- views --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         self.kernel.sync_counters()
+        self.kernel.report()
         registrar = self.registrar
         port = None
         if self.upstream is not None:

@@ -83,6 +83,7 @@ class KernelPath:
         self.problem: str | None = None  # why the kernel path is not running
         self._bb_attached: int | None = None
         self._sync_lock = threading.Lock()  # the scrape thread syncs too
+        self.pending: dict[str, int] = {}  # drops counted but not yet logged, by kind
 
     @property
     def running(self) -> bool:
@@ -184,6 +185,7 @@ class KernelPath:
         for count, reason in DROPS.items():
             if delta.get(count, 0) > 0:
                 metrics.drop(mode.name, reason, delta[count])
+                self.pending[count] = self.pending.get(count, 0) + delta[count]
         if delta.get(JpyCount.UP, 0) > 0:
             mode._datagrams_up.inc(delta[JpyCount.UP])
             mode._bytes_up.inc(delta["bytes_up"])
@@ -192,6 +194,47 @@ class KernelPath:
             mode._datagrams_down.inc(delta[JpyCount.DOWN])
             mode._bytes_down.inc(delta["bytes_down"])
             mode.datagrams["downstream"] += delta[JpyCount.DOWN]
+
+    def report(self) -> None:
+        """Log the drops the programs counted since the last report, once per sender and
+        reason (the mode's RefusalSayer), naming the latest sender of each kind; a pledge's
+        refusal is kept for `joinproxyctl refusals`. Called from the event loop only."""
+        dp, mode = self.dp, self.mode
+        with self._sync_lock:
+            pending, self.pending = self.pending, {}
+        if dp is None or not pending:
+            return
+        try:
+            last = dp.jpy_last()
+        except KernelError:
+            return
+        for kind, n in pending.items():
+            reason = DROPS[kind]
+            address, ifindex, port = last.get(kind, ("?", 0, 0))
+            side = mode.by_index.get(ifindex)
+            times = f"{n} time{'s' if n > 1 else ''} in the kernel"
+            if side is not None:  # from a pledge, on a join link
+                name = side.iface.name
+                pledge = f"{address}%{name}"
+                why = {JpyCount.TOO_BIG: f"datagram too big to fit in {1280 - 48} bytes "
+                                         "once wrapped",
+                       JpyCount.MALFORMED: "its lengths disagree"}.get(kind, "not relayed")
+                mode.ctx.refusals.add(pledge, reason.value, name, mode.name)
+                mode._say(pledge, reason.value, name,
+                          f"jpy dropped ({reason.value}): pledge {pledge}: {why} ({times})",
+                          "PLEDGE")
+                continue
+            who = f"[{address}]:{port}"
+            why = {JpyCount.FORGED: "header does not authenticate",
+                   JpyCount.STALE: "header sealed under a key id that is not live (older "
+                                   "than the previous key, or from before a restart)",
+                   JpyCount.REPLAYED: "already relayed",
+                   JpyCount.MALFORMED: "truncated, or its lengths disagree",
+                   JpyCount.UNSOLICITED: "for a join link that is not served",
+                   JpyCount.SEND_ERROR: "the kernel could not rewrite it"}.get(kind, "")
+            mode._say(who, reason.value, None,
+                      f"jpy dropped ({reason.value}): reply from {who}: {why} ({times})",
+                      "REGISTRAR")
 
     async def stop(self) -> None:
         dp = self.dp
