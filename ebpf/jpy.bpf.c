@@ -378,13 +378,17 @@ static __always_inline int write_headers(struct __sk_buff *skb, const struct rew
 {
 	__be16 plen = bpf_htons(r->ulen);
 	__u8 hop = HOP_LIMIT;
+	/* version 6, traffic class and flow label 0: the pledge's flow label is not carried
+	 * onto the backbone (nor the registrar's onto the join link) */
+	__be32 first = bpf_htonl(0x60000000);
 	struct udphdr u = {
 		.source = r->sport,
 		.dest = r->dport,
 		.len = bpf_htons(r->ulen),
 	};
 
-	if (bpf_skb_store_bytes(skb, IP6_OFF + 4, &plen, 2, BPF_F_RECOMPUTE_CSUM) ||
+	if (bpf_skb_store_bytes(skb, IP6_OFF, &first, 4, BPF_F_RECOMPUTE_CSUM) ||
+	    bpf_skb_store_bytes(skb, IP6_OFF + 4, &plen, 2, BPF_F_RECOMPUTE_CSUM) ||
 	    bpf_skb_store_bytes(skb, IP6_OFF + 7, &hop, 1, BPF_F_RECOMPUTE_CSUM) ||
 	    bpf_skb_store_bytes(skb, IP6_OFF + 8, r->saddr, 32, BPF_F_RECOMPUTE_CSUM))
 		return -1;
