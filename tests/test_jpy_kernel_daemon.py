@@ -100,10 +100,9 @@ def udp_checks(pcap: Path, port: int) -> list[tuple[int, bool]]:
 def test_checksums_on_the_wire_are_right_for_every_length_prefix(lab: Lab,
                                                                 tmp_path: Path) -> None:
     backbone, join = tmp_path / "backbone.pcap", tmp_path / "join.pcap"
-    dumps = [lab.registrars[0].spawn(["tcpdump", "-i", "eth0", "-U", "--immediate-mode", "-w", str(backbone)],
-                                     name="tcpdump-bb"),
-             lab.pledges[0].spawn(["tcpdump", "-i", "eth0", "-U", "--immediate-mode", "-w", str(join)],
-                                  name="tcpdump-join")]
+    dump = ["tcpdump", "-i", "eth0", "-U", "--immediate-mode", "-w"]
+    dumps = [lab.registrars[0].spawn([*dump, str(backbone)], name="tcpdump-bb"),
+             lab.pledges[0].spawn([*dump, str(join)], name="tcpdump-join")]
     daemon = start(lab, tmp_path)
     time.sleep(0.5)  # tcpdump is listening
     run = lab.pledges[0].run([PYTHON, "-c", PLEDGE, str(JOIN_PORT), *map(str, SIZES)])
