@@ -69,7 +69,8 @@ enum jp_prog {
 	JP_PROG_JPY_JOIN = 6,		/* jp_jpy_join: tc ingress of a join link, JPY wrap */
 	JP_PROG_JPY_BACKBONE = 7,	/* jp_jpy_backbone: tc ingress of the backbone, unwrap */
 	JP_PROG_JPY_SETKEY = 8,		/* jp_jpy_setkey: syscall, creates the AES contexts */
-	JP_PROG__COUNT = 9,
+	JP_PROG_BARE_TC = 9,		/* jp_bare_tc: tc benchmark baseline, redirect */
+	JP_PROG__COUNT = 10,
 };
 
 /* jp_counters (PERCPU_ARRAY, key enum jp_prog): one row per program, one named slot per

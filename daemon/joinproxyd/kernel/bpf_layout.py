@@ -59,6 +59,7 @@ class Program(StrEnum):
     JPY_JOIN = "jp_jpy_join"
     JPY_BACKBONE = "jp_jpy_backbone"
     JPY_SETKEY = "jp_jpy_setkey"
+    BARE_TC = "jp_bare_tc"
 
 
 class JpyCount(StrEnum):
@@ -196,7 +197,8 @@ OBJECTS: dict[str, ObjectSpec] = {
                         "jp_ipip_gen", "jp_encap_cache")),
     "guard": ObjectSpec("guard.bpf.o", (Program.GUARD,),
                         ("jp_counters", "jp_guard_cfg", "jp_guard_bkt", "jp_guard_next")),
-    "bare": ObjectSpec("bare_redirect.bpf.o", (Program.BARE_REDIRECT, Program.BARE_PUSH),
+    "bare": ObjectSpec("bare_redirect.bpf.o",
+                       (Program.BARE_REDIRECT, Program.BARE_PUSH, Program.BARE_TC),
                        ("jp_counters", "jp_bare_cfg")),
     # Optional: needs the BPF crypto kfuncs (Linux 6.10+); without them the jpy relay runs
     # in user space (datapath.py loads it apart, so its failure costs nothing else).
