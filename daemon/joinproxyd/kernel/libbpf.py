@@ -49,6 +49,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_prog_get_fd_by_id": (_c.c_int, [_c.c_uint32]),
     "bpf_obj_get_info_by_fd": (_c.c_int, [_c.c_int, _c.c_void_p, _c.POINTER(_c.c_uint32)]),
     "libbpf_num_possible_cpus": (_c.c_int, []),
+    "bpf_enable_stats": (_c.c_int, [_c.c_int]),
     "libbpf_set_print": (_c.c_void_p, [_c.c_void_p]),
 }
 
@@ -160,6 +161,23 @@ def obj_info(fd: int) -> bytes:
     size = ctypes.c_uint32(len(buf))
     check(libbpf().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "bpf_obj_get_info")
     return buf.raw
+
+
+BPF_STATS_RUN_TIME = 0
+_RUN_TIME_NS, _RUN_CNT = 192, 200  # offsets in struct bpf_prog_info
+
+
+def enable_run_time_stats() -> int:
+    """An fd that keeps the kernel's per-program run time accounting on until closed
+    (BPF_ENABLE_STATS: nothing global is left switched on after it)."""
+    return check(libbpf().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program, counted while run time stats are enabled."""
+    raw = obj_info(fd)
+    return (int.from_bytes(raw[_RUN_TIME_NS:_RUN_TIME_NS + 8], "little"),
+            int.from_bytes(raw[_RUN_CNT:_RUN_CNT + 8], "little"))
 
 
 def prog_name_of_fd(fd: int) -> str:
