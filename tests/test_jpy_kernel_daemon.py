@@ -10,6 +10,7 @@ kernel runs (and `user` when forced off, tested in test_field_jpy_relay.py).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from lab.proxyd import PYTHON, ProxyDaemon, base_config
 pytestmark = pytest.mark.netns
 
 JPY_PORT, JOIN_PORT = 5684, 8443
+EBPF = Path(__file__).resolve().parent.parent / "ebpf"
 SIZES = (0, 1, 23, 24, 255, 256, 1000, 1194)
 
 ECHO = """
@@ -64,7 +66,7 @@ def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
         yield lab
 
 
-def start(lab: Lab, tmp_path: Path, **sections: dict) -> ProxyDaemon:
+def start(lab: Lab, tmp_path: Path, expect: str = "kernel", **sections: dict) -> ProxyDaemon:
     lab.registrars[0].spawn(["socat", "TCP6-LISTEN:8443,fork,reuseaddr", "SYSTEM:true"],
                             name="tcp-health")
     lab.registrars[0].spawn([PYTHON, "-c", ECHO, str(JPY_PORT)], name="jpy-echo")
@@ -78,7 +80,7 @@ def start(lab: Lab, tmp_path: Path, **sections: dict) -> ProxyDaemon:
     daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
     wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
     jpy = daemon.ctl()["relays"]["jpy"]
-    assert jpy["datapath"] == "kernel", jpy
+    assert jpy["datapath"] == expect, jpy
     return daemon
 
 
@@ -141,5 +143,31 @@ def test_guard_still_rations_and_too_big_is_counted_in_the_kernel(lab: Lab,
     wait_for(lambda: daemon.drops("guard", "rate-limit") >= 250, 10, "the guard dropping")
     time.sleep(1.5)  # the relay folds the programs' counts in every second
     up = daemon.ctl()["relays"]["jpy"]["kernel"]["counts"]["up"]
-    assert 10 <= up <= 40, up  # the burst and what the rate refilled, no more
+    assert 5 <= up <= 40, up  # what the burst (less the too-big one) and the refill let by
+    daemon.stop()
+
+
+@pytest.mark.parametrize("setting", ["auto", "kernel"])
+def test_without_the_kernel_path_the_user_space_relay_runs_and_status_says_why(
+        lab: Lab, tmp_path: Path, setting: str) -> None:
+    """A kernel without the BPF crypto kfuncs cannot load jpy.bpf.o; here the object is
+    missing from the object directory, which fails the same way. The relay runs in user space
+    (AES-SIV header), relays, and status names the reason; forced `kernel` logs it as an
+    error."""
+    objects = tmp_path / "bpf"
+    objects.mkdir()
+    for obj in EBPF.glob("*.bpf.o"):
+        if obj.name != "jpy.bpf.o":
+            shutil.copy(obj, objects / obj.name)
+    daemon = start(lab, tmp_path, expect="user",
+                   daemon={"bpf_object_dir": str(objects)}, jpy={"datapath": setting})
+    jpy = daemon.ctl()["relays"]["jpy"]
+    assert (jpy["datapath"], jpy["header"], jpy["kernel"]) == ("user", "aes-siv", None), jpy
+    assert "jpy.bpf.o" in jpy["datapath_reason"], jpy
+    # (not 0 bytes: asyncio's sendto drops an empty datagram, so the user-space relay cannot
+    # return an empty reply; the kernel path can)
+    run = lab.pledges[0].run([PYTHON, "-c", PLEDGE, str(JOIN_PORT), "1", "300"])
+    assert run.stdout.split("\n")[:2] == ["1 True", "300 True"], run.stdout
+    level = "ERROR" if setting == "kernel" else "INFO"
+    assert f"{level} joinproxyd: jpy relay runs in user space" in daemon.log(), daemon.log()
     daemon.stop()
