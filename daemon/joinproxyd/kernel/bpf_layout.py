@@ -189,6 +189,10 @@ class ObjectSpec:
     file: str
     programs: tuple[Program, ...]
     maps: tuple[str, ...]
+    # False: the maps stay private to the process (the programs are still pinned, so a
+    # restart finds its predecessor's): nothing in them outlives a run (jpy: fresh keys,
+    # configuration written at start), and daemons in other namespaces never share them.
+    pin_maps: bool = True
 
 
 OBJECTS: dict[str, ObjectSpec] = {
@@ -205,7 +209,7 @@ OBJECTS: dict[str, ObjectSpec] = {
     "jpy": ObjectSpec("jpy.bpf.o", JPY_PROGRAMS,
                       ("jp_counters", "jp_jpy_keys", "jp_jpy_cfg", "jp_jpy_links",
                        "jp_jpy_stats", "jp_jpy_scratch", "jp_jpy_replays",
-                       "jp_jpy_last")),
+                       "jp_jpy_last"), pin_maps=False),
 }
 
 
