@@ -31,6 +31,13 @@ Every drop is counted (joinproxyd_drops_total{mode="jpy",reason}) and logged onc
 and reason every few seconds (base.RefusalSayer): forged replies come at line rate, and the
 counter says how many.
 
+Where the work runs ([jpy] datapath, relays/jpy_kernel.py): with the kernel path the tc
+programs of ebpf/jpy.bpf.c do all of the above per datagram (wrap, seal, unwrap, open, the
+same drops, counted in a BPF map this module folds into the same metrics and logs once per
+sender), under a two-block AES header (brski.jpy.BlockHeaderSealer) that this module also
+uses for what the programs leave to its sockets; without it (no BPF crypto kfuncs, or
+datapath = "user") this module does it all with the AES-SIV header.
+
 Keys: a fresh random key at start; every ``[jpy] key_rotation`` seconds (default 24 h) a new
 one, the previous still opening headers for one more period, so a header lives one to two
 periods. A restart loses both, so replies in flight at that moment are dropped (jpy-stale,
