@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Debian's own interpreter, so Debian's python3-nftables is importable from the venv.
 SYSTEM_PYTHON := /usr/bin/python3
 
-APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables clang llvm \
+APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables clang clang-16 llvm \
 	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
 	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd \
 	debhelper dh-python lintian python3-docutils python3-pip shellcheck \

@@ -1,6 +1,11 @@
 """The stateless jpy relay: datagrams/s through joinproxyd against a bare asyncio UDP relay.
 
     sudo .venv/bin/python bench/jpy_relay.py [--seconds 2] [--rounds 3] [--quick]
+                                             [--datapath user|kernel]
+
+--datapath is the daemon's [jpy] datapath: user (default) measures the asyncio relay; kernel
+its tc programs (round trips from one Python pledge: sender-bound, see bench/jpy_kernel_pps.py
+for the programs' own rate).
 
 A namespace lab with one pledge and one registrar host. The registrar runs two plain UDP echo
 servers (each sends back the datagram it got, unchanged: for the jpy path that is
@@ -126,7 +131,7 @@ def measure(lab: Lab, port: int, seconds: float, window: int = 32) -> float:
     return result["datagrams"] / result["seconds"]
 
 
-def run(seconds: float, rounds: int) -> None:
+def run(seconds: float, rounds: int, datapath: str = "user") -> None:
     with tempfile.TemporaryDirectory(prefix="jpy-bench-") as tmp, \
             Lab(Topology(pledges=1), log_dir=Path(tmp) / "logs") as lab:
         registrar = lab.registrars[0]
@@ -143,9 +148,13 @@ def run(seconds: float, rounds: int) -> None:
                         "static": [{"address": REGISTRAR, "port": 8443, "preference": 10,
                                     "jpy_port": JPY_PORT}],
                         "health_interval": 1, "health_timeout": 1},
-            guard={"enabled": False})
+            guard={"enabled": False}, jpy={"datapath": datapath})
         daemon = ProxyDaemon(lab, Path(tmp) / "proxy", config).start()
         wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+        runs = daemon.ctl()["relays"]["jpy"]["datapath"]
+        if runs != datapath:
+            raise SystemExit(f"the jpy relay runs in {runs}, not {datapath}: "
+                             f"{daemon.ctl()['relays']['jpy']['datapath_reason']}")
         bare = lab.proxy.spawn([PY, "-c", BARE, REGISTRAR, str(ECHO_PORT), str(BARE_PORT)],
                                name="bare-relay")
         wait_for(lambda: "ready" in bare.log() or not bare.alive(), 10, "the bare relay")
@@ -160,7 +169,7 @@ def run(seconds: float, rounds: int) -> None:
             print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
         ratios = [j / b for j, b in zip(results["joinproxyd"], results["bare"], strict=True)]
         print(f"\njpy_relay: {rounds} round(s) of {seconds:g} s, 64-byte datagrams, "
-              "32 in flight, round trips through the relay")
+              f"32 in flight, round trips through the relay ([jpy] datapath = {datapath})")
         for name, values in results.items():
             print(f"{name:<12} {statistics.median(values):10.0f} datagrams/s "
                   f"({min(values):.0f}-{max(values):.0f})")
@@ -177,10 +186,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one short round (smoke test)")
+    p.add_argument("--datapath", choices=("user", "kernel"), default="user")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.rounds = 0.5, 1
-    run(args.seconds, args.rounds)
+    run(args.seconds, args.rounds, args.datapath)
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Generic, Protocol, TypeVar
 
 import cbor2
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESSIV
 
 from .cbor_strict import loads_exact
@@ -269,6 +270,91 @@ class FlowHeaderSealer:
         except InvalidTag as exc:
             raise SignatureError("header does not authenticate") from exc
         return _unpack(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel's header: two AES blocks, what BPF's AES-ECB kfuncs can seal and open
+
+
+@dataclass(slots=True)
+class _EcbSlot:
+    key_id: int
+    cipher: Cipher[modes.ECB]
+
+
+_BLOCK = struct.Struct(">BIH8sB")  # family, ifindex, port, IID, key id: one AES block
+_TAG_DOMAIN = 0x80  # family byte of the tag's block: no C block is ever a tag
+
+
+class BlockHeaderSealer:
+    """The JPY header the kernel relay (ebpf/jpy.bpf.c) seals and opens, byte for byte:
+    ``key id (1) | C = AES(k, P) (16) | T = AES(k, P')[:15] (15)`` = 32 bytes, where
+    ``P = family 0 | ifindex (4) | port (2) | IID (8) | key id`` (one block: the draft's
+    §4.5.6 example, widened to a 32-bit ifindex) and ``P'`` is P with the family byte 0x80.
+
+    C hides the pledge (deterministically, as AES-SIV does: one header per pledge flow); T is
+    a 120-bit PRF tag over P, so a forgery is accepted with odds 2^-120 per try, against the
+    draft's example (a zero word that must decrypt to zero) at 2^-32. Only what an AES block
+    cipher gives: the BPF crypto kfuncs have AES-ECB but no AEAD. IPv6 link-local pledges
+    only (that is all a join link has). Key: 32 bytes (AES-256).
+    """
+
+    HEADER_SIZE = 32
+
+    def __init__(self, key: bytes, key_id: int = 0) -> None:
+        self._keys = _KeyRing(self._slot(key, key_id))
+
+    @staticmethod
+    def _slot(key: bytes, key_id: object) -> _EcbSlot:
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise UsageError("AES-256 key must be 32 bytes")
+        return _EcbSlot(_check_key_id(key_id), Cipher(algorithms.AES(key), modes.ECB()))
+
+    @property
+    def key_id(self) -> int:
+        return self._keys.current.key_id
+
+    @property
+    def previous_key_id(self) -> int | None:
+        previous = self._keys.previous
+        return None if previous is None else previous.key_id
+
+    def rotate(self, key: bytes, key_id: int | None = None) -> None:
+        self._keys.push(self._slot(key, self._keys.next_id() if key_id is None else key_id))
+
+    def seal(self, pledge: PledgeEndpoint) -> bytes:
+        if not isinstance(pledge, PledgeEndpoint):
+            raise UsageError("seal() takes a PledgeEndpoint")
+        raw = pledge.address.packed
+        if len(raw) != 16 or raw[:8] != _LINK_LOCAL_PREFIX:
+            raise ValidationError(f"pledge address {pledge.address} is not in fe80::/64")
+        slot = self._keys.current
+        plain = _BLOCK.pack(Family.IPV6, pledge.ifindex, pledge.port, raw[8:], slot.key_id)
+        enc = slot.cipher.encryptor()
+        out = enc.update(plain + bytes([_TAG_DOMAIN]) + plain[1:]) + enc.finalize()
+        return bytes([slot.key_id]) + out[:16] + out[16:31]
+
+    def open(self, header: bytes) -> PledgeEndpoint:
+        """Wrong size: DecodeError; key id not live: ValidationError; forged: SignatureError."""
+        if not isinstance(header, bytes):
+            raise UsageError("open() takes bytes")
+        if len(header) != self.HEADER_SIZE:
+            raise DecodeError(f"header is {len(header)} bytes, expected {self.HEADER_SIZE}")
+        slot = self._keys.find(header[0])
+        dec = slot.cipher.decryptor()
+        plain = dec.update(header[1:17]) + dec.finalize()
+        enc = slot.cipher.encryptor()
+        tag = enc.update(bytes([_TAG_DOMAIN]) + plain[1:]) + enc.finalize()
+        # compare in full before deciding (no early exit on the first bad byte)
+        bad = plain[0] ^ Family.IPV6 | plain[15] ^ slot.key_id
+        for a, b in zip(tag[:15], header[17:], strict=True):
+            bad |= a ^ b
+        if bad:
+            raise SignatureError("header does not authenticate")
+        _, ifindex, port, iid, _ = _BLOCK.unpack(plain)
+        if port == 0:
+            raise DecodeError("sealed header holds UDP port 0")
+        return PledgeEndpoint(IPv6Address(_LINK_LOCAL_PREFIX + iid), port, ifindex)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,3 +72,19 @@ int jp_bare_push(struct xdp_md *ctx)
 	jp_count(JP_PROG_BARE_PUSH, JP_ACT_REDIRECT, 0);
 	return bpf_redirect(cfg->ifindex, 0);
 }
+
+/* The tc baseline (bench/jpy_kernel_pps.py): every frame on the hook redirected unmodified
+ * to the target's egress, the least a tc program that moves a packet can cost. */
+SEC("tc")
+int jp_bare_tc(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct jp_bare_cfg *cfg = bpf_map_lookup_elem(&jp_bare_cfg, &zero);
+
+	if (!cfg || cfg->ifindex == 0) {
+		jp_count(JP_PROG_BARE_TC, JP_ACT_DROP, JP_DROP_IRRELEVANT);
+		return 2;	/* TC_ACT_SHOT */
+	}
+	jp_count(JP_PROG_BARE_TC, JP_ACT_REDIRECT, 0);
+	return bpf_redirect(cfg->ifindex, 0);
+}

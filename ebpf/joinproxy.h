@@ -66,7 +66,11 @@ enum jp_prog {
 	JP_PROG_GUARD = 3,		/* jp_guard: XDP join-port rate guard */
 	JP_PROG_BARE_REDIRECT = 4,	/* jp_bare_redir: benchmark baseline */
 	JP_PROG_BARE_PUSH = 5,		/* jp_bare_push: benchmark floor of any encapsulation */
-	JP_PROG__COUNT = 6,
+	JP_PROG_JPY_JOIN = 6,		/* jp_jpy_join: tc ingress of a join link, JPY wrap */
+	JP_PROG_JPY_BACKBONE = 7,	/* jp_jpy_backbone: tc ingress of the backbone, unwrap */
+	JP_PROG_JPY_SETKEY = 8,		/* jp_jpy_setkey: syscall, creates the AES contexts */
+	JP_PROG_BARE_TC = 9,		/* jp_bare_tc: tc benchmark baseline, redirect */
+	JP_PROG__COUNT = 10,
 };
 
 /* jp_counters (PERCPU_ARRAY, key enum jp_prog): one row per program, one named slot per
@@ -185,6 +189,77 @@ struct jp_guard_bucket {
 /* jp_bare_cfg (ARRAY, one entry): the baseline's target; 0 makes it a counting sink. */
 struct jp_bare_cfg {
 	__u32 ifindex;
+};
+
+/* ---- the JPY relay in tc (jpy.bpf.c; daemon side: kernel/bpf_jpy.py) ---- */
+
+/* The largest pledge datagram the kernel wraps: IPv6 minimum MTU - 40 - 8 - 38 (CBOR and
+ * header), as relays/jpy.py MAX_PLEDGE_DATAGRAM. */
+#define JP_JPY_MAX_CONTENT 1194
+
+/* jp_jpy_cfg (ARRAY, one entry): where wrapped datagrams go and come from. */
+struct jp_jpy_cfg {
+	__u8 backbone_addr[16];	/* our source address towards the registrar */
+	__u8 registrar_addr[16];
+	__u32 backbone_ifindex;	/* 0: no registrar, nothing is relayed in the kernel */
+	__u32 current_slot;	/* jp_jpy_keys index that seals (0 or 1) */
+	__u16 src_port;		/* our JPY source port (the daemon's socket holds it) */
+	__u16 registrar_port;	/* the registrar's JPY port */
+	__u16 max_content;	/* larger pledge datagrams: dropped, too-big */
+	__u16 pad;
+};
+
+/* jp_jpy_links (HASH, key __u32 join ifindex): a join link served by the kernel path. */
+struct jp_jpy_link {
+	__u8 addr[16];		/* the link's link-local address pledges send to */
+	__u16 port;		/* the join port */
+	__u8 relay;		/* 0: join window closed, pledge datagrams go to the daemon */
+	__u8 pad;
+};
+
+/* jp_jpy_stats (PERCPU_ARRAY, one entry): what the JPY programs did. Mirror of
+ * kernel/bpf_jpy.py JpyCount, in the same order. */
+enum jp_jpy_count {
+	JP_JPY_UP = 0,		/* pledge datagrams relayed to the registrar */
+	JP_JPY_DOWN = 1,	/* replies relayed to pledges */
+	JP_JPY_FORGED = 2,	/* header did not authenticate */
+	JP_JPY_STALE = 3,	/* header's key id is not live */
+	JP_JPY_TOO_BIG = 4,	/* pledge datagram too big to wrap */
+	JP_JPY_MALFORMED = 5,	/* lengths lie, message truncated */
+	JP_JPY_UNSOLICITED = 6,	/* reply for a join link not served */
+	JP_JPY_SEND_ERROR = 7,	/* the kernel refused to resize or rewrite the packet */
+	JP_JPY_REPLAYED = 8,	/* this reply was relayed within JP_JPY_REPLAY_NS */
+	JP_JPY__COUNT = 9,
+};
+
+/* jp_jpy_replays (LRU_HASH): replies relayed lately, as relays/jpy.py's ReplayFilter keeps
+ * their digests: state about replies, never about pledges, bounded. The key is what tells two
+ * replies of a flow apart without hashing the whole datagram: the header, the first 16
+ * content bytes (a DTLS record header: epoch and 48-bit sequence number, unique per record),
+ * the content length and the UDP checksum (a sum over every byte). */
+#define JP_JPY_REPLAY_ENTRIES 16384
+#define JP_JPY_REPLAY_NS 120000000000ULL	/* relays/jpy.py REPLAY_SECONDS */
+struct jp_jpy_replay_key {
+	__u8 header[32];
+	__u8 content[16];
+	__u16 len;
+	__u16 csum;
+};
+
+/* jp_jpy_last (PERCPU_ARRAY, JP_JPY__COUNT entries): who caused the latest count of each
+ * kind on this CPU, so the daemon can log a refusal once with who, as it does for its own. */
+struct jp_jpy_who {
+	__u8 addr[16];		/* the pledge (join side) or the reply's source (backbone) */
+	__u32 ifindex;		/* where it arrived */
+	__u16 port;		/* its UDP source port, host order */
+	__u16 pad;
+	__u64 seq;		/* this CPU's count of that kind when it was written */
+};
+
+struct jp_jpy_stats {
+	__u64 n[JP_JPY__COUNT];
+	__u64 bytes_up;		/* pledge datagram bytes relayed up (content) */
+	__u64 bytes_down;	/* reply content bytes relayed down */
 };
 
 /* ---- BPF side only: the counters map every object declares the same way, and the one

@@ -215,21 +215,22 @@ def test_pinned_maps_are_adopted_by_the_next_start(ns: str, bpffs: Path) -> None
     joins = {1: IpipJoin(registrar_ll="fe80::1234", outer_src="fd4a:5044::1:1",
                          registrar="fd4a:5044::100", backbone_ifindex=1, ports=(5684,))}
     first = BpfDatapath.open(pin_dir=pin_dir, netns=ns)
+    LOADED = ("ipip", "guard")  # BpfDatapath.open's default objects
     first.set_guard(rate_pps=5, burst=10, ports=[5684])
     first.set_ipip(joins)
     first.set_ipip_xdp(True)
     assert first.test_run(Program.TC_JOIN, frame)[0] == 7  # ifindex 1: loopback
     first.test_run(Program.GUARD, frame)
-    ids = {name: first.map_id(obj, name) for obj, spec in OBJECTS.items() if obj != "bare"
+    ids = {name: first.map_id(obj, name) for obj, spec in OBJECTS.items() if obj in LOADED
            for name in spec.maps}
     first.close(detach=False)
-    programs = {f"prog_{p.value}" for obj, spec in OBJECTS.items() if obj != "bare"
+    programs = {f"prog_{p.value}" for obj, spec in OBJECTS.items() if obj in LOADED
                 for p in spec.programs}
     assert sorted(p.name for p in pin_dir.iterdir()) == sorted(set(ids) | programs)
 
     with BpfDatapath.open(pin_dir=pin_dir, netns=ns) as second:
         assert {name: second.map_id(obj, name) for obj, spec in OBJECTS.items()
-                if obj != "bare" for name in spec.maps} == ids
+                if obj in LOADED for name in spec.maps} == ids
         # configuration, buckets and counters carried over without a single write
         assert second.test_run(Program.TC_JOIN, frame)[0] == 7
         assert second.counters()[(Program.TC_JOIN.value, "encap")] == 2

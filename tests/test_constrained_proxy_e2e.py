@@ -41,6 +41,9 @@ REGISTRAR = "fd4a:5044::100"
 COAPS_PORT, JPY_PORT, JOIN_PORT = 5684, 5685, 5684
 FLEET = 20
 MODES = ("coaps", "jpy")
+# jpy twice: with its kernel path (tc programs, where the kernel has the BPF crypto kfuncs,
+# as this one does) and forced into user space ([jpy] datapath = "user")
+VARIANTS = ("coaps", "jpy", "jpy-user")
 
 __all__ = ["bpffs"]  # the fixture, shared with test_ipip_daemon
 
@@ -60,7 +63,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("constrained-proxy")
-    pki = make_pki(work / "pki", [s for m in MODES for s in fleet(m)]
+    pki = make_pki(work / "pki", [s for m in VARIANTS for s in fleet(m)]
                    + [f"kill-{n}" for n in range(6)] + [f"legacy-{m}" for m in MODES])
     with Lab(Topology(pledges=1, registrars=1), log_dir=work / "logs") as lab:
         services = Services(lab.registrars[0], pki, work / "r0",
@@ -74,20 +77,24 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         assert "Traceback" not in services.log("registrar"), services.logs()
 
 
-def proxy_config(run_dir: Path, mode: str) -> dict:
+def proxy_config(run_dir: Path, mode: str, datapath: str = "auto") -> dict:
     return base_config(
         run_dir,
         join=[{"interfaces": ["join*"], "modes": [mode], "port": JOIN_PORT}],
         registrars={"discovery": ["static"], "constrained_mode": mode,
                     "static": [{"address": REGISTRAR, "port": 8443, "preference": 10,
                                 "coaps_port": COAPS_PORT, "jpy_port": JPY_PORT}]},
-        limits={"flows_per_pledge": 4 * FLEET, "flows_per_interface": 4 * FLEET})
+        limits={"flows_per_pledge": 4 * FLEET, "flows_per_interface": 4 * FLEET},
+        jpy={"datapath": datapath})
 
 
-def start_proxy(env: Env, mode: str, name: str) -> ProxyDaemon:
+def start_proxy(env: Env, mode: str, name: str, datapath: str = "auto") -> ProxyDaemon:
     run_dir = env.work / name
-    daemon = ProxyDaemon(env.lab, run_dir, proxy_config(run_dir, mode)).start()
+    daemon = ProxyDaemon(env.lab, run_dir, proxy_config(run_dir, mode, datapath)).start()
     wait_for(lambda: daemon.ctl()["joining"], 15, f"joinproxyd ({mode}) to open joining")
+    if mode == "jpy":  # status says which runs
+        expected = "user" if datapath == "user" else "kernel"
+        assert daemon.ctl()["relays"]["jpy"]["datapath"] == expected
     return daemon
 
 
@@ -97,23 +104,24 @@ def pledges(env: Env, out: str, serials: list[str], *args: str, timeout: float =
                   *(a for s in serials for a in ("--serial", s)), *args, timeout=timeout)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_twenty_constrained_pledges_enroll_through_the_proxy(env: Env, mode: str) -> None:
-    daemon = start_proxy(env, mode, f"proxy-{mode}")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_twenty_constrained_pledges_enroll_through_the_proxy(env: Env, variant: str) -> None:
+    mode, _, datapath = variant.partition("-")
+    daemon = start_proxy(env, mode, f"proxy-{variant}", datapath or "auto")
     started = time.monotonic()
-    run = pledges(env, f"out-{mode}", fleet(mode), "--concurrency", "10",
+    run = pledges(env, f"out-{variant}", fleet(variant), "--concurrency", "10",
                   "--discovery-timeout", "5", "--deadline", "120")
     seconds = time.monotonic() - started
     print(f"{mode}: {FLEET} constrained pledges through joinproxyd in {seconds:.1f} s "
           f"(pledge-sim: {run.doc.get('seconds')} s)")
     assert run.ok, (run.stderr[-4000:], daemon.log()[-3000:], env.services.logs())
-    assert sorted(r["serial"] for r in run.results) == fleet(mode)
+    assert sorted(r["serial"] for r in run.results) == fleet(variant)
     for r in run.results:
         # found by CoRE discovery on the join link: the proxy's join port, not the registrar
         assert (r["method"], r["proxy"]) == ("coap", f"[{PROXY_LL}%eth0]:{JOIN_PORT}"), r
         assert ldevid_verifies(env.pki, r["ldevid_path"]), r
     with env.services.store("registrar") as store:
-        assert all(len(store.vouchers(s)) == 1 for s in fleet(mode))
+        assert all(len(store.vouchers(s)) == 1 for s in fleet(variant))
     # Every attempt is one DTLS session: in coaps one flow (a fresh source port), in jpy none.
     attempts = sum(r["attempts"] for r in run.results)
     # A handshake (ClientHello twice, the client's flight) and rv, vs, sen, es: at least six

@@ -23,7 +23,7 @@ from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon
 from lab.registrar_setup import READY_MARK, write_configs
 from registrar.coap_discovery import WellKnownCore
-from tests.test_field_jpy_relay import JOIN_PORT, jpy_config
+from tests.test_field_jpy_relay import DATAPATH, JOIN_PORT, jpy_config
 from tests.test_masa import brski_pki
 
 COAP_CLIENT = shutil.which("coap-client-openssl")
@@ -53,8 +53,18 @@ def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
         yield lab
 
 
+@pytest.fixture(params=["auto", "user"])
+def datapath(request: pytest.FixtureRequest) -> Iterator[str]:
+    """libcoap through the kernel path (auto, on this kernel) and through the user-space
+    relay (forced)."""
+    DATAPATH["mode"] = request.param
+    yield request.param
+    DATAPATH["mode"] = "auto"
+
+
 @pytest.mark.parametrize("learned", ["static", "grasp"])
-def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path, learned: str) -> None:
+def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path, learned: str,
+                                                 datapath: str) -> None:
     """grasp: the proxy knows no registrar but the one whose flood carries its JPY port as a
     BRSKI_RJP UDP locator (the flood once had only the CoAPS port, and jpy links stayed
     unserved)."""
@@ -82,6 +92,8 @@ def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path, learn
     daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
     wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
     assert daemon.ctl()["registrars"][0]["source"] == learned
+    assert daemon.ctl()["relays"]["jpy"]["datapath"] == \
+        ("kernel" if datapath == "auto" else "user")
 
     idevid = pki / "manufacturer/idevid"
     out = tmp_path / "crts.bin"

@@ -97,6 +97,18 @@ print("done", flush=True)
 """
 
 
+# Every test runs twice: with the kernel path (tc programs, ebpf/jpy.bpf.c; this kernel has
+# the BPF crypto kfuncs, so "auto" must pick it) and with it forced off.
+DATAPATH = {"mode": "auto"}
+
+
+@pytest.fixture(params=["auto", "user"], autouse=True)
+def datapath(request: pytest.FixtureRequest) -> Iterator[str]:
+    DATAPATH["mode"] = request.param
+    yield request.param
+    DATAPATH["mode"] = "auto"
+
+
 @pytest.fixture
 def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
     with Lab(Topology(pledges=2), log_dir=tmp_path / "logs") as lab:
@@ -109,7 +121,8 @@ def jpy_config(run_dir: Path) -> dict:
         registrars={"discovery": ["static"],
                     "static": [{"address": "fd4a:5044::100", "port": 8443, "preference": 10,
                                 "jpy_port": JPY_PORT}],
-                    "health_interval": 0.3, "health_timeout": 0.3})
+                    "health_interval": 0.3, "health_timeout": 0.3},
+        jpy={"datapath": DATAPATH["mode"]})
 
 
 def start(lab: Lab, tmp_path: Path) -> tuple[ProxyDaemon, LabProcess]:
@@ -120,6 +133,8 @@ def start(lab: Lab, tmp_path: Path) -> tuple[ProxyDaemon, LabProcess]:
                                         name="jpy-registrar")
     daemon = ProxyDaemon(lab, tmp_path / "proxy", jpy_config(tmp_path / "proxy")).start()
     wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+    jpy = daemon.ctl()["relays"]["jpy"]
+    assert jpy["datapath"] == ("kernel" if DATAPATH["mode"] == "auto" else "user"), jpy
     return daemon, registrar
 
 
@@ -177,6 +192,11 @@ def test_jpy_relays_both_ways_and_drops_every_forged_reply(lab: Lab, tmp_path: P
                              direction=direction) == count
     jpy = daemon.ctl()["relays"]["jpy"]
     assert jpy["datagrams"] == {"upstream": 7, "downstream": 6}, jpy
+    if DATAPATH["mode"] == "auto":  # the programs did it all, and counted it
+        counts = jpy["kernel"]["counts"]
+        assert "up" in counts, jpy
+        assert (counts["up"], counts["down"], counts["forged"], counts["stale"],
+                counts["replayed"]) == (7, 6, 500, 250, 250), counts
     assert jpy["registrar"] == f"[fd4a:5044::100]:{JPY_PORT}"
     assert jpy["listeners"] == [{"interface": "join0", "address": "fe80::1",
                                  "port": JOIN_PORT, "protocol": "udp"}]

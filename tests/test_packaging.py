@@ -62,12 +62,13 @@ MODE_PAGES = ("joinproxyd.8", "joinproxyctl.8", "joinproxyd.toml.5", "brski-regi
 
 
 def daemon_bpf_objects() -> set[str]:
-    """The object files the daemon loads (datapath.OBJECTS names them in kernel/bpf.py's
-    table): what the packages ship, and nothing else."""
+    """The object files the daemon loads (datapath.OBJECTS and, where the kernel can,
+    datapath.OPTIONAL name them in kernel/bpf.py's table): what the packages ship, and
+    nothing else."""
     from joinproxyd import datapath
     from joinproxyd.kernel import bpf
 
-    return {bpf.OBJECTS[name].file for name in datapath.OBJECTS}
+    return {bpf.OBJECTS[name].file for name in (*datapath.OBJECTS, *datapath.OPTIONAL)}
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]

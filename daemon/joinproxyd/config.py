@@ -22,7 +22,8 @@ packaging/joinproxyd.toml documents each key.
     [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
     [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
     [cojp]          rate, burst (the cojp relay's join rate limit per join link)
-    [jpy]           key_rotation (seconds between header keys of the stateless jpy relay)
+    [jpy]           key_rotation (seconds between header keys of the stateless jpy relay),
+                    datapath (auto|kernel|user: where the jpy relay's per-datagram work runs)
 
 The guard is off when [guard] is absent, so a configuration written before it existed (and
 a circuit-only one with the guard off) loads no BPF at all; the shipped joinproxyd.toml
@@ -46,6 +47,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DISCOVERY_METHODS = ("static", "grasp", "mdns", "coap")
 CONSTRAINED_MODE_CHOICES = ("auto", "coaps", "jpy")  # auto: jpy when a registrar offers it
 # Relay modes this build knows; relays/__init__.py maps each name to its implementation.
+JPY_DATAPATHS = ("auto", "kernel", "user")
 KNOWN_MODES = ("circuit", "nat66", "ipip", "coaps", "jpy", "cojp")
 # The join port a [[join]] without `port` gets: 5684 (CoAPS) when only constrained (UDP)
 # modes serve it, the draft's default; else BRSKI's 8443.
@@ -130,6 +132,9 @@ class JpySettings:
     over; the previous key still opens for one more period (relays/jpy.py)."""
 
     key_rotation: float = 86400.0  # draft §4.5.5 suggests about a day
+    # Where the per-datagram work runs: "kernel" (tc programs, ebpf/jpy.bpf.c), "user" (the
+    # asyncio relay, AES-SIV header), "auto": the kernel where its BPF crypto kfuncs exist.
+    datapath: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,9 @@ class Config:
     @property
     def needs_bpf(self) -> bool:
         """Whether anything configured runs in BPF (else no BPF object is ever loaded): the
-        guard or ipip, and a join link for them to serve."""
-        return bool(self.joins) and (self.guard.enabled or self.uses_ipip)
+        guard, ipip or the jpy relay's kernel path, and a join link for them to serve."""
+        jpy_kernel = self.jpy.datapath != "user" and any("jpy" in s.modes for s in self.joins)
+        return bool(self.joins) and (self.guard.enabled or self.uses_ipip or jpy_kernel)
 
     def join_spec_for(self, ifname: str) -> JoinSpec | None:
         """The first [[join]] entry whose patterns match (order in the file decides)."""
@@ -426,7 +432,8 @@ def _jpy(table: _Table) -> JpySettings:
     # At least a second (tests use a few); at most 30 days: a key that lives longer seals
     # more headers than a day's worth for little gain (draft §4.5.5: about a day).
     settings = JpySettings(key_rotation=table.number(
-        "key_rotation", JpySettings.key_rotation, 1, 30 * 86400))
+        "key_rotation", JpySettings.key_rotation, 1, 30 * 86400),
+        datapath=table.string("datapath", JpySettings.datapath, JPY_DATAPATHS))
     table.done()
     return settings
 

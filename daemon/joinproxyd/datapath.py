@@ -27,6 +27,7 @@ from .kernel.bpf_layout import Program
 from .kernel.bpf_object import DEFAULT_OBJ_DIR
 
 OBJECTS = ("ipip", "guard")
+OPTIONAL = ("jpy",)  # loaded where the kernel can (BPF crypto kfuncs); relays/jpy.py asks
 T = TypeVar("T")
 
 
@@ -52,7 +53,8 @@ class Datapath:
         async with self._open_lock:
             if self._dp is None:
                 dp = await asyncio.to_thread(BpfDatapath.open, self.obj_dir, self.pin_dir,
-                                             objects=OBJECTS, qdisc_record=self.qdisc_record)
+                                             objects=OBJECTS, qdisc_record=self.qdisc_record,
+                                             optional=OPTIONAL)
                 with self._guard:
                     self._dp = dp
                 self.log.info("BPF data plane loaded from %s, maps pinned in %s",
@@ -86,7 +88,8 @@ class Datapath:
             return
         try:
             dp = await asyncio.to_thread(BpfDatapath.open, self.obj_dir, self.pin_dir,
-                                         objects=OBJECTS, qdisc_record=self.qdisc_record)
+                                         objects=OBJECTS, qdisc_record=self.qdisc_record,
+                                         optional=OPTIONAL)
             removed = await asyncio.to_thread(dp.detach_stale)
             await asyncio.to_thread(dp.close, True, True)
         except KernelError as exc:

@@ -101,9 +101,24 @@ class BpfPackets(Collector):
         yield family
 
 
+class _ScrapeRegistry(CollectorRegistry):
+    """Runs the before_scrape hooks first: counters kept elsewhere (a BPF map the jpy relay
+    folds into its series) are brought up to date before they are read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before_scrape: list[Callable[[], None]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for hook in list(self.before_scrape):
+            hook()
+        yield from super().collect()
+
+
 class Metrics:
     def __init__(self, modes: Iterable[str] = DROP_MODES) -> None:
-        self.registry = CollectorRegistry()
+        self.registry = _ScrapeRegistry()
+        self.before_scrape = self.registry.before_scrape
         r = self.registry
         self.build_info = Info("joinproxyd_build", "joinproxyd version", registry=r)
         self.build_info.info({"version": __version__})

@@ -95,6 +95,12 @@ from .bpf_layout import (
     IpipGenC,
     IpipJoin,
     JoinCfgC,
+    JpyCfgC,
+    JpyCount,
+    JpyKeyArgsC,
+    JpyLinkC,
+    JpyStatsC,
+    JpyWhoC,
     Program,
     RegistrarC,
     addr_key,
@@ -111,6 +117,7 @@ from .libbpf import (
     obj_info,
     prog_id_of_fd,
     prog_test_run,
+    syscall_run,
     update_elem,
 )
 
@@ -142,13 +149,15 @@ class BpfDatapath:
         self._generation = int.from_bytes(os.urandom(4), "little")
         self._state = _State()
         self._closed = False
+        self.unavailable: dict[str, str] = {}  # optional object -> why it did not load
 
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
     def open(cls, obj_dir: str | Path = DEFAULT_OBJ_DIR,
              pin_dir: str | Path | None = DEFAULT_PIN_DIR, *, netns: str | None = None,
              objects: Iterable[str] = ("ipip", "guard"),
-             qdisc_record: Path | None = None) -> BpfDatapath:
+             qdisc_record: Path | None = None,
+             optional: Iterable[str] = ()) -> BpfDatapath:
         """Load the named objects from obj_dir. With pin_dir (on bpffs), maps are pinned
         there and adopted from a previous run; None keeps them private to this process
         (tests, benchmarks). netns names the namespace whose links attach_* works on.
@@ -168,7 +177,18 @@ class BpfDatapath:
             for obj in loaded.values():
                 obj.close()
             raise
+        # Optional objects need what not every kernel has (jpy: the BPF crypto kfuncs); one
+        # that does not load is recorded with the reason and costs the others nothing.
+        unavailable: dict[str, str] = {}
+        for name in optional:
+            spec = OBJECTS[name]
+            try:
+                loaded[name] = LoadedObject(name, spec, obj_dir / spec.file, pins)
+            except KernelError as exc:
+                unavailable[name] = str(exc).splitlines()[0]
+                log.info("BPF object %s not loaded: %s", spec.file, exc)
         dp = cls(loaded, pins, netns, qdisc_record)
+        dp.unavailable = unavailable
         dp._adopt_next_slot()
         try:
             dp._hooks.adopt_qdiscs()
@@ -552,6 +572,80 @@ class BpfDatapath:
                 "ipip_xdp": self._state.ipip_xdp,
                 "nexthops": {str(i): nh for i, nh in self.nexthops().items()},
             }
+
+    # -- the JPY relay (jpy.bpf.o; relays/jpy.py decides) --------------------------------
+    @property
+    def has_jpy(self) -> bool:
+        return "jpy" in self._objects and not self._closed
+
+    def set_jpy_key(self, slot: int, key_id: int, key: bytes | None) -> None:
+        """Create slot's AES-256 context from key (32 bytes) sealing under key_id, through
+        jp_jpy_setkey (contexts can only be made by a syscall program); key None retires the
+        slot (headers of its id stop opening)."""
+        args = JpyKeyArgsC(slot=slot, key_id=key_id)
+        fd = self._map("jpy", "jp_jpy_keys")
+        if key is None:
+            # A slot with live=0 never opens; its context is freed with the map or on reuse.
+            raw = (ctypes.c_uint8 * 16)()
+            update_elem(fd, u32(slot), raw, "jp_jpy_keys")
+            return
+        if len(key) != 32:
+            raise ValueError("a JPY kernel key is 32 bytes (AES-256)")
+        args.key[:] = key
+        with self._lock:
+            syscall_run(self.prog_fd(Program.JPY_SETKEY), args, "jp_jpy_setkey")
+        if args.result != 0:
+            raise KernelError(f"bpf_crypto_ctx_create(ecb(aes)): {describe_errno(-args.result)}",
+                              errno=-args.result)
+
+    def set_jpy(self, cfg: JpyCfgC | None, links: Mapping[int, JpyLinkC]) -> None:
+        """Write the JPY relay's configuration (None: relay nothing in the kernel) and its
+        join links (ifindex -> link), removing links no longer given."""
+        with self._lock:
+            cfg_fd = self._map("jpy", "jp_jpy_cfg")
+            update_elem(cfg_fd, u32(0), cfg if cfg is not None else JpyCfgC(), "jp_jpy_cfg")
+            links_fd = self._map("jpy", "jp_jpy_links")
+            for index, link in links.items():
+                update_elem(links_fd, u32(index), link, "jp_jpy_links")
+            for key in map_keys(links_fd, u32):
+                if key.value not in links:
+                    delete_elem(links_fd, key, "jp_jpy_links")
+
+    def jpy_stats(self) -> dict[str, int]:
+        """What the JPY programs did, summed over CPUs: JpyCount values, plus bytes_up and
+        bytes_down."""
+        lib = libbpf()
+        with self._lock:
+            if self._closed or "jpy" not in self._objects:
+                return {}
+            per_cpu = (JpyStatsC * lib.ncpus)()
+            check(lib.bpf_map_lookup_elem(self._map("jpy", "jp_jpy_stats"),
+                                          ctypes.byref(u32(0)), ctypes.byref(per_cpu)),
+                  "read jp_jpy_stats")
+        out = {c.value: sum(cpu.n[i] for cpu in per_cpu) for i, c in enumerate(JpyCount)}
+        out["bytes_up"] = sum(cpu.bytes_up for cpu in per_cpu)
+        out["bytes_down"] = sum(cpu.bytes_down for cpu in per_cpu)
+        return out
+
+    def jpy_last(self) -> dict[str, tuple[str, int, int]]:
+        """For each kind of JPY drop: (source address, ifindex, source port) of the latest
+        one on any CPU."""
+        lib = libbpf()
+        out: dict[str, tuple[str, int, int]] = {}
+        with self._lock:
+            if self._closed or "jpy" not in self._objects:
+                return out
+            fd = self._map("jpy", "jp_jpy_last")
+            for i, kind in enumerate(JpyCount):
+                per_cpu = (JpyWhoC * lib.ncpus)()
+                check(lib.bpf_map_lookup_elem(fd, ctypes.byref(u32(i)), ctypes.byref(per_cpu)),
+                      "read jp_jpy_last")
+                seen = [w for w in per_cpu if w.seq]
+                if seen:
+                    w = max(seen, key=lambda w: w.seq)
+                    out[kind.value] = (str(ipaddress.IPv6Address(bytes(w.addr))), w.ifindex,
+                                       w.port)
+        return out
 
     # -- BPF_PROG_TEST_RUN --------------------------------------------------------------
     def _run(self, program: Program, packet: bytes, repeat: int, live: bool, ifindex: int,

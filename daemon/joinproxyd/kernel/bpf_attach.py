@@ -45,7 +45,8 @@ TC_H_EGRESS_PARENT = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 # One fixed tc preference per program, so "replace" is atomic and two of our programs on
 # one link (a link both join and backbone, in a lab) do not fight over a slot.
-TC_PREF = {Program.TC_JOIN: 0x4A01, Program.TC_BACKBONE: 0x4A02}
+TC_PREF = {Program.TC_JOIN: 0x4A01, Program.TC_BACKBONE: 0x4A02,
+           Program.JPY_JOIN: 0x4A03, Program.JPY_BACKBONE: 0x4A04, Program.BARE_TC: 0x4A05}
 TC_HANDLE = 1
 
 T = TypeVar("T")

@@ -56,9 +56,28 @@ class Program(StrEnum):
     GUARD = "jp_guard"
     BARE_REDIRECT = "jp_bare_redir"
     BARE_PUSH = "jp_bare_push"
+    JPY_JOIN = "jp_jpy_join"
+    JPY_BACKBONE = "jp_jpy_backbone"
+    JPY_SETKEY = "jp_jpy_setkey"
+    BARE_TC = "jp_bare_tc"
+
+
+class JpyCount(StrEnum):
+    """enum jp_jpy_count (jpy.bpf.c's jp_jpy_stats), in the same order."""
+
+    UP = "up"
+    DOWN = "down"
+    FORGED = "forged"
+    STALE = "stale"
+    TOO_BIG = "too-big"
+    MALFORMED = "malformed"
+    UNSOLICITED = "unsolicited"
+    SEND_ERROR = "send-error"
+    REPLAYED = "replayed"
 
 
 IPIP_PROGRAMS = (Program.TC_JOIN, Program.TC_BACKBONE, Program.XDP_JOIN)
+JPY_PROGRAMS = (Program.JPY_JOIN, Program.JPY_BACKBONE, Program.JPY_SETKEY)
 OUR_PROGRAM_NAMES = frozenset(p.value for p in Program)
 XDP_PROGRAMS = frozenset({Program.XDP_JOIN, Program.GUARD, Program.BARE_REDIRECT,
                           Program.BARE_PUSH})
@@ -122,6 +141,34 @@ class BareCfgC(ctypes.Structure):
     _fields_ = [("ifindex", u32)]
 
 
+JP_JPY_MAX_CONTENT = 1194
+
+
+class JpyCfgC(ctypes.Structure):
+    _fields_ = [("backbone_addr", u8 * 16), ("registrar_addr", u8 * 16),
+                ("backbone_ifindex", u32), ("current_slot", u32), ("src_port", u16),
+                ("registrar_port", u16), ("max_content", u16), ("pad", u16)]
+
+
+class JpyLinkC(ctypes.Structure):
+    _fields_ = [("addr", u8 * 16), ("port", u16), ("relay", u8), ("pad", u8)]
+
+
+class JpyStatsC(ctypes.Structure):
+    _fields_ = [("n", u64 * len(JpyCount)), ("bytes_up", u64), ("bytes_down", u64)]
+
+
+class JpyWhoC(ctypes.Structure):
+    _fields_ = [("addr", u8 * 16), ("ifindex", u32), ("port", u16), ("pad", u16),
+                ("seq", u64)]
+
+
+class JpyKeyArgsC(ctypes.Structure):
+    """jp_jpy_setkey's context (jpy.bpf.c struct jp_jpy_key_args)."""
+
+    _fields_ = [("slot", u32), ("key_id", u32), ("key", u8 * 32), ("result", ctypes.c_int32)]
+
+
 class CountersC(ctypes.Structure):
     _fields_ = [("action", u64 * len(Action)), ("drop", u64 * len(DropReason))]
 
@@ -132,6 +179,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "jp_bb_addr": BbAddrC,
     "jp_registrar": RegistrarC, "jp_guard_cfg": GuardCfgC, "jp_guard_key": GuardKeyC,
     "jp_guard_bucket": GuardBucketC, "jp_bare_cfg": BareCfgC, "jp_counters": CountersC,
+    "jp_jpy_cfg": JpyCfgC, "jp_jpy_link": JpyLinkC, "jp_jpy_stats": JpyStatsC,
+    "jp_jpy_key_args": JpyKeyArgsC, "jp_jpy_who": JpyWhoC,
 }
 
 
@@ -140,6 +189,10 @@ class ObjectSpec:
     file: str
     programs: tuple[Program, ...]
     maps: tuple[str, ...]
+    # False: the maps stay private to the process (the programs are still pinned, so a
+    # restart finds its predecessor's): nothing in them outlives a run (jpy: fresh keys,
+    # configuration written at start), and daemons in other namespaces never share them.
+    pin_maps: bool = True
 
 
 OBJECTS: dict[str, ObjectSpec] = {
@@ -148,8 +201,15 @@ OBJECTS: dict[str, ObjectSpec] = {
                         "jp_ipip_gen", "jp_encap_cache")),
     "guard": ObjectSpec("guard.bpf.o", (Program.GUARD,),
                         ("jp_counters", "jp_guard_cfg", "jp_guard_bkt", "jp_guard_next")),
-    "bare": ObjectSpec("bare_redirect.bpf.o", (Program.BARE_REDIRECT, Program.BARE_PUSH),
+    "bare": ObjectSpec("bare_redirect.bpf.o",
+                       (Program.BARE_REDIRECT, Program.BARE_PUSH, Program.BARE_TC),
                        ("jp_counters", "jp_bare_cfg")),
+    # Optional: needs the BPF crypto kfuncs (Linux 6.10+); without them the jpy relay runs
+    # in user space (datapath.py loads it apart, so its failure costs nothing else).
+    "jpy": ObjectSpec("jpy.bpf.o", JPY_PROGRAMS,
+                      ("jp_counters", "jp_jpy_keys", "jp_jpy_cfg", "jp_jpy_links",
+                       "jp_jpy_stats", "jp_jpy_scratch", "jp_jpy_replays",
+                       "jp_jpy_last"), pin_maps=False),
 }
 
 

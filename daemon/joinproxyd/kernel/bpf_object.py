@@ -142,7 +142,7 @@ class LoadedObject:
             raise KernelError(f"{path.name}: jp_counters values are {size} bytes, joinproxyd "
                               f"expects {ctypes.sizeof(CountersC)}: ebpf/joinproxy.h and the "
                               "Python enums (DropReason, Action) disagree", errno=errno.EPROTO)
-        if pin_dir is not None:
+        if pin_dir is not None and self.spec.pin_maps:
             for map_name, handle in handles.items():
                 pin = pin_dir / map_name
                 self._adopt_or_replace(pin, handle)

@@ -49,6 +49,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_prog_get_fd_by_id": (_c.c_int, [_c.c_uint32]),
     "bpf_obj_get_info_by_fd": (_c.c_int, [_c.c_int, _c.c_void_p, _c.POINTER(_c.c_uint32)]),
     "libbpf_num_possible_cpus": (_c.c_int, []),
+    "bpf_enable_stats": (_c.c_int, [_c.c_int]),
     "libbpf_set_print": (_c.c_void_p, [_c.c_void_p]),
 }
 
@@ -162,6 +163,23 @@ def obj_info(fd: int) -> bytes:
     return buf.raw
 
 
+BPF_STATS_RUN_TIME = 0
+_RUN_TIME_NS, _RUN_CNT = 192, 200  # offsets in struct bpf_prog_info
+
+
+def enable_run_time_stats() -> int:
+    """An fd that keeps the kernel's per-program run time accounting on until closed
+    (BPF_ENABLE_STATS: nothing global is left switched on after it)."""
+    return check(libbpf().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
+
+
+def prog_run_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a program, counted while run time stats are enabled."""
+    raw = obj_info(fd)
+    return (int.from_bytes(raw[_RUN_TIME_NS:_RUN_TIME_NS + 8], "little"),
+            int.from_bytes(raw[_RUN_CNT:_RUN_CNT + 8], "little"))
+
+
 def prog_name_of_fd(fd: int) -> str:
     """The kernel's name of a program (bpf_prog_info.name) we hold an fd on."""
     return obj_info(fd)[64:80].split(b"\0")[0].decode(errors="replace")
@@ -254,3 +272,13 @@ def prog_test_run(fd: int, packet: bytes, repeat: int, *, xdp: bool, live: bool,
     check(libbpf().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), what)
     out = b"" if data_out is None else data_out.raw[:opts.data_size_out]
     return opts.retval, out, opts.duration
+
+
+def syscall_run(fd: int, args: ctypes.Structure, what: str) -> int:
+    """Run a BPF_PROG_TYPE_SYSCALL program on args (its context, which the kernel writes
+    back into args): the program's return code."""
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
+    opts.ctx_in = ctypes.cast(ctypes.byref(args), ctypes.c_void_p)
+    opts.ctx_size_in = ctypes.sizeof(args)
+    check(libbpf().bpf_prog_test_run_opts(fd, ctypes.byref(opts)), what)
+    return opts.retval

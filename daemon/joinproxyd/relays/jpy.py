@@ -31,6 +31,13 @@ Every drop is counted (joinproxyd_drops_total{mode="jpy",reason}) and logged onc
 and reason every few seconds (base.RefusalSayer): forged replies come at line rate, and the
 counter says how many.
 
+Where the work runs ([jpy] datapath, relays/jpy_kernel.py): with the kernel path the tc
+programs of ebpf/jpy.bpf.c do all of the above per datagram (wrap, seal, unwrap, open, the
+same drops, counted in a BPF map this module folds into the same metrics and logs once per
+sender), under a two-block AES header (brski.jpy.BlockHeaderSealer) that this module also
+uses for what the programs leave to its sockets; without it (no BPF crypto kfuncs, or
+datapath = "user") this module does it all with the AES-SIV header.
+
 Keys: a fresh random key at start; every ``[jpy] key_rotation`` seconds (default 24 h) a new
 one, the previous still opening headers for one more period, so a header lives one to two
 periods. A restart loses both, so replies in flight at that moment are dropped (jpy-stale,
@@ -51,11 +58,20 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
-from brski.jpy import MAX_OVERHEAD, FlowHeaderSealer, JpyMessage, PledgeEndpoint
+from brski.jpy import (
+    MAX_OVERHEAD,
+    BlockHeaderSealer,
+    FlowHeaderSealer,
+    HeaderSealer,
+    JpyMessage,
+    PledgeEndpoint,
+)
 
 from ..aio import cancel_and_wait
+from ..kernel import KernelError
 from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
 from .base import RefusalSayer, RelayContext, RelayMode
+from .jpy_kernel import KernelPath
 
 # IPv6 minimum MTU less the IPv6 and UDP headers: what surely reaches the registrar.
 MAX_WRAPPED = 1280 - 40 - 8
@@ -154,7 +170,12 @@ class JpyMode(RelayMode):
         super().__init__(ctx)
         # A random first key id: headers of an earlier run then name a key this run does not
         # have (jpy-stale), except when the ids happen to match (jpy-forged, 2 in 256).
-        self.sealer = FlowHeaderSealer(os.urandom(32), os.urandom(1)[0])
+        self.sealer: HeaderSealer = FlowHeaderSealer(os.urandom(32), os.urandom(1)[0])
+        # [jpy] datapath: decided at the first reconcile (jpy_kernel.py); until then, and
+        # for good where the kernel cannot, the user-space relay with its AES-SIV header.
+        self.kernel = KernelPath(self)
+        self._datapath_decided = False
+        self._kernel_sync: asyncio.Task[None] | None = None
         self.key_started = time.monotonic()
         self.replays = ReplayFilter()
         self.joins: dict[str, _PledgeSide] = {}
@@ -193,6 +214,48 @@ class JpyMode(RelayMode):
                 await self._listen(iface)
         if self._rotator is None:
             self._rotator = asyncio.create_task(self._rotate(), name="jpy-key-rotation")
+        if desired and self.upstream is not None:
+            await self._reconcile_kernel()
+
+    async def _reconcile_kernel(self) -> None:
+        """Decide once where the per-datagram work runs, then keep the kernel's maps and
+        hooks in line with what is served (links, registrar, join window)."""
+        setting = self.ctx.jpy().datapath
+        if not self._datapath_decided:
+            self._datapath_decided = True
+            if setting == "user":
+                self.kernel.problem = "[jpy] datapath = user"
+            else:
+                key, key_id = os.urandom(32), os.urandom(1)[0]
+                if await self.kernel.start(key, key_id):
+                    # the daemon's socket handles what the programs leave to it: same format
+                    self.sealer = BlockHeaderSealer(key, key_id)
+                    self.key_started = time.monotonic()
+                    self._kernel_sync = asyncio.create_task(self._sync_kernel(),
+                                                            name="jpy-kernel-counters")
+                    self.ctx.log.info("jpy relay runs in the kernel (tc programs of "
+                                      "jpy.bpf.o)", extra={"MODE": self.name})
+                else:
+                    level = self.ctx.log.error if setting == "kernel" else self.ctx.log.info
+                    level("jpy relay runs in user space: the kernel path cannot run here "
+                          "(%s)", self.kernel.problem, extra={"MODE": self.name})
+        if self.kernel.running:
+            try:
+                await self.kernel.apply()
+            except KernelError as exc:
+                self.ctx.log.error("jpy kernel path: %s", exc, extra={"MODE": self.name})
+
+    async def _sync_kernel(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.kernel.sync_counters()
+            self.kernel.report()
+
+    def source_port(self) -> int | None:
+        """The registrar-side socket's port: wrapped datagrams leave from it."""
+        if self.upstream is None:
+            return None
+        return int(self.upstream.get_extra_info("sockname")[1])
 
     async def _open_upstream(self) -> None:
         loop = asyncio.get_running_loop()
@@ -268,8 +331,12 @@ class JpyMode(RelayMode):
             self.rotate_key()
 
     def rotate_key(self) -> None:
-        self.sealer.rotate(os.urandom(32))
+        key = os.urandom(32)
+        self.sealer.rotate(key)
         self.key_started = time.monotonic()
+        if self.kernel.running:
+            asyncio.get_running_loop().create_task(
+                self.kernel.rotate(key, self.sealer.key_id), name="jpy-kernel-key")
         self.ctx.log.info("jpy header key rotated (key id %d; the previous one opens for "
                           "%g s more)", self.sealer.key_id, self.key_rotation,
                           extra={"MODE": self.name})
@@ -294,6 +361,10 @@ class JpyMode(RelayMode):
         if self._rotator is not None:
             await cancel_and_wait(self._rotator)
             self._rotator = None
+        if self._kernel_sync is not None:
+            await cancel_and_wait(self._kernel_sync)
+            self._kernel_sync = None
+        await self.kernel.stop()
 
     # -- data plane -------------------------------------------------------------------------
     def _refuse(self, reason: DropReason | PolicyDropReason, detail: str,
@@ -388,6 +459,8 @@ class JpyMode(RelayMode):
 
     # -- views --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        self.kernel.sync_counters()
+        self.kernel.report()
         registrar = self.registrar
         port = None
         if self.upstream is not None:
@@ -404,4 +477,10 @@ class JpyMode(RelayMode):
             "key_rotation_seconds": self.key_rotation,
             "datagrams": dict(self.datagrams),
             "replay_filter": len(self.replays),
+            # where the per-datagram work runs, and why not in the kernel when it does not
+            "datapath": "kernel" if self.kernel.running else "user",
+            "datapath_reason": self.kernel.problem,
+            "header": "aes-256 two blocks" if isinstance(self.sealer, BlockHeaderSealer)
+            else "aes-siv",
+            "kernel": self.kernel.status() if self.kernel.running else None,
         }

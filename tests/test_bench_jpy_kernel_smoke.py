@@ -1,0 +1,27 @@
+"""bench/jpy_kernel_pps.py runs end to end with its smallest settings (a smoke test: it checks
+the namespaces, the three paths, the run-time costs and the printed lines, never how fast
+anything is)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.netns
+
+
+def test_jpy_kernel_bench_quick(as_root: None) -> None:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "jpy_kernel_pps.py"), "--quick"],
+                          capture_output=True, text=True, timeout=180, check=False, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for label in ("kernel JPY wrap", "bare tc redirect", "user-space JPY work"):
+        assert re.search(rf"^{label} .* +[1-9][\d,]*$", out, re.M), out
+        assert re.search(rf"^{label} .* +[\d,]+ ns +[\d,]+ datagrams/s/CPU$", out, re.M), out
+    assert re.search(r"^ratio kernel-jpy/user-jpy +\d+\.\d\d", out, re.M), out
+    assert re.search(r"^cost ratio user-jpy/kernel-jpy +\d+\.\d", out, re.M), out
+    assert "kernel JPY counters besides up" not in done.stderr, done.stderr
