@@ -6,6 +6,7 @@ registrar's link-format answer."""
 import signal
 import subprocess
 
+from lab.capture import settle
 from tests.test_registrar_coap_discovery import (
     expected_link,
     lab,  # noqa: F401 - the fixture
@@ -31,6 +32,7 @@ def test_tshark_decodes_the_discovery_get_and_its_link_format_answer(lab, tmp_pa
         first = dump.stderr.readline()
         assert "listening on eth0" in first, first
         out = libcoap_get(lab.pledges[0], "coap://[ff02::fd%eth0]/.well-known/core?rt=brski")
+        settle(cap)
     finally:
         dump.send_signal(signal.SIGINT)  # ip netns exec has exec'd tcpdump: this PID is it
         try:

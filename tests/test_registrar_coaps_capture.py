@@ -16,6 +16,7 @@ import pytest
 
 from brski.dtls import DtlsConfig
 from coaps_io import keylog
+from lab.capture import settle
 from tests.test_registrar_coaps import COAP_CLIENT, Lab, exchange, req, run
 
 TSHARK, TCPDUMP = shutil.which("tshark"), shutil.which("tcpdump")
@@ -59,6 +60,7 @@ def capture(port: int, path: Path) -> Iterator[None]:
         first = dump.stderr.readline()
         assert "listening on lo" in first, first
         yield
+        settle(path)
     finally:
         dump.send_signal(signal.SIGINT)
         try:

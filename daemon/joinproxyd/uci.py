@@ -88,7 +88,7 @@ SECTIONS: dict[str, Schema] = {
              "backbone_address": ("backbone_addresses", "list:str"),
              "xdp": ("xdp", "str")},
     "cojp": {"rate": ("rate", "float"), "burst": ("burst", "int")},
-    "jpy": {"key_rotation": ("key_rotation", "float")},
+    "jpy": {"key_rotation": ("key_rotation", "float"), "datapath": ("datapath", "str")},
 }
 REPEATED = ("join", "registrar")
 
