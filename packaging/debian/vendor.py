@@ -52,6 +52,11 @@ RELEASES: dict[str, dict[str, str]] = {
     "trixie": {"suffix": "~deb13u1", "python": "3.13", "glibc": "2.41"},
 }
 
+# psycopg and psycopg-pool (the PostgreSQL store) are vendored on both releases, as pure
+# Python wheels that bind the system's libpq5 (brski-registrar depends on it): bookworm's
+# python3-psycopg-pool 3.1.7 has no connection check at checkout (ConnectionPool(check=...),
+# 3.2), which the store uses to replace a connection a restarted server dropped, and one pinned
+# version on both releases is what the tests ran.
 # Per release: distribution (normalized name) -> (Debian package, the Debian version it was
 # checked with, why Debian's copy is used). The version becomes the minimum in Depends.
 FROM_DEBIAN_BY_RELEASE: dict[str, dict[str, tuple[str, str, str]]] = {
