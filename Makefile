@@ -49,9 +49,11 @@ fuzz: setup
 		-p no:cacheprovider tests/test_fuzz_decoders.py tests/test_fuzz_handlers.py \
 		tests/test_wire_fuzz.py tests/test_voucher_fuzz.py
 
+# DEMO_REGISTRARS=2: one domain, two registrars sharing a PostgreSQL store (lab/demo_cluster.py).
+DEMO_REGISTRARS ?= 1
 demo: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make demo: run as root (the demo creates network namespaces)" >&2; exit 1; }
-	$(VENV)/bin/joinproxy-lab demo
+	$(VENV)/bin/joinproxy-lab demo --registrars $(DEMO_REGISTRARS)
 
 # Bash completion files from the programs' argparse parsers (committed; the test checks them).
 completion: venv
