@@ -38,6 +38,10 @@ def proxy_config(run_dir: Path, link: int, registrars: int, metrics_port: int) -
                 "drain_seconds": 1},
         metrics={"listen": f"[::1]:{metrics_port}"},
         join=[{"interfaces": [f"join{link}"], "modes": ["circuit"], "port": REGISTRAR_PORT}],
+        # One pledge host (one link-local address) stands for a whole fleet here: the
+        # per-pledge circuit limits would otherwise pace the fleet at 2 new circuits a second.
+        limits={"circuits_per_pledge": 1000, "circuits_per_interface": 1000,
+                "new_circuits_per_second": 1000.0, "new_circuits_burst": 1000},
         registrars={"discovery": ["static"], "static": static, "health_interval": 0.3,
                     "health_timeout": 0.3},
         announce={"interval": 1, "mdns": False, "grasp": False})
@@ -45,17 +49,19 @@ def proxy_config(run_dir: Path, link: int, registrars: int, metrics_port: int) -
 
 class RegistrarCluster:
     """``registrars`` registrar hosts (+ MASAs) and one joinproxyd per join link of ``lab``
-    (a Topology with ``join_links`` links and one pledge host per link)."""
+    (a Topology with ``join_links`` links and one pledge host per link). ``service_config``:
+    more ``write_configs`` settings for every registrar and MASA."""
 
     def __init__(self, lab: Lab, work: Path, serials: Sequence[Sequence[str]], *,
                  registrars: int = 2, store_url: str | None = None,
-                 masa_store_url: str | None = None, log_level: str = "info") -> None:
+                 masa_store_url: str | None = None, log_level: str = "info",
+                 **service_config: Any) -> None:
         self.lab = lab
         self.serials = [list(batch) for batch in serials]
         self.pki = make_pki(work / "pki", [s for batch in self.serials for s in batch])
         self.store_url = store_url
         self.masa_store_url = masa_store_url
-        extra: dict[str, Any] = {"log_level": log_level}
+        extra: dict[str, Any] = {"log_level": log_level, **service_config}
         if store_url:
             extra["store_url"] = store_url
         if masa_store_url:

@@ -25,7 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from lab import Lab, Topology, wait_for
-from lab.registrar_cluster import ULAS, RegistrarCluster
+from lab.brski_services import spawn_enroll
+from lab.registrar_cluster import PROXY, ULAS, RegistrarCluster
 from registrar.store import Store
 
 pytestmark = pytest.mark.netns
@@ -140,3 +141,36 @@ def test_a_registrar_killed_halfway_its_pledges_fail_over_and_finish(
     assert set(c.serials[1]) <= after | before_kill
     print(f"killed registrar0 after {len(before_kill)} LDevIDs; registrar1 issued "
           f"{len(after)}; store {counts}")
+
+
+def test_a_202_retry_is_answered_by_the_other_registrar_from_the_shared_record(
+        as_root: None, tmp_path: Path, pg_cluster) -> None:
+    """registrar0 cannot reach its MASA and answers 202; while the pledge waits Retry-After,
+    registrar0 stops, joinproxyd moves to registrar1, and the same signed request finds its
+    pending record there: one request record, one voucher, the pledge enrolled."""
+    with Lab(Topology(pledges=2, registrars=2, join_links=2),
+             log_dir=tmp_path / "logs") as lab:
+        url = pg_cluster.new_database("retry")
+        c = RegistrarCluster(lab, tmp_path, [["late-0"], ["late-1"]], store_url=url,
+                             retry_after=4)
+        try:
+            c.start()
+            c.services[0].stop("masa")
+            sim = spawn_enroll(lab.pledges[0], c.pki, c.out, "--serial", "late-0",
+                               "--registrar", PROXY, "--deadline", "60", verbose=False)
+            wait_for(lambda: 'requestvoucher HTTP/1.1" 202' in c.services[0].log("registrar"),
+                     30, "registrar0 to answer 202")
+            c.services[0].stop("registrar")
+            wait_for(lambda: c.active(0) == ULAS[1], 10, "joinproxyd on join0 to fail over")
+            run = sim.wait(90)
+            (result,) = run.results
+            assert result["ok"] and result["waits"] >= 1, json.dumps(result, indent=1)
+            assert "voucher for late-0 obtained" in c.services[1].log("registrar")
+            with Store(url, "registrar") as store:
+                (request,) = store.voucher_requests("late-0")
+                assert request.status == "vouchered"
+                (voucher,) = store.vouchers("late-0")
+                assert voucher.request_id == request.id
+        finally:
+            print(c.logs())
+            c.stop()
