@@ -380,10 +380,12 @@ class _PgEngine:
         except psycopg.Error as exc:
             reason = (str(exc).strip().splitlines() or ["no reason given"])[0]
             raise StoreError(f"{self.name}: cannot connect to PostgreSQL: {reason}") from exc
-        # A small pool: the service runs one transaction at a time from its event loop; a
-        # connection the server dropped (restart, failover) is found and replaced at checkout.
+        # A small pool: the service runs one transaction at a time from its event loop. No
+        # check at checkout (a round trip per transaction, measured +0.9 ms): a connection
+        # the server dropped (restart, failover) fails its next transaction, which rolls back
+        # (the pledge retries; a read is retried here once), and the pool replaces it.
+        self._operational = psycopg.OperationalError
         self.pool = ConnectionPool(url, min_size=1, max_size=4, open=False, timeout=15,
-                                   check=ConnectionPool.check_connection,
                                    kwargs={"connect_timeout": 10,
                                            "application_name": f"brski-{role}"})
         try:
@@ -438,8 +440,12 @@ class _PgEngine:
             yield _PgTransaction(conn)
 
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        with self.transaction() as db:
-            return db.execute(sql, params).fetchall()
+        try:
+            with self.transaction() as db:
+                return db.execute(sql, params).fetchall()
+        except self._operational:  # a dropped connection: once more, on a fresh one
+            with self.transaction() as db:
+                return db.execute(sql, params).fetchall()
 
     def lock(self, db: Any, key: int) -> None:
         db.execute("SELECT pg_advisory_xact_lock(?)", (key,))

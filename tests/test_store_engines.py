@@ -288,3 +288,23 @@ def test_vouchers_without_request_stay_separate(target):
         store.add_voucher("S", b"a", created_at=when)
         store.add_voucher("S", b"b", created_at=when)
         assert [v.voucher for v in store.vouchers("S")] == [b"a", b"b"]
+
+
+def test_a_restarted_server_costs_at_most_one_failed_write(pg_cluster):
+    """The pool does not probe connections at checkout: after a server restart a write may
+    fail once (rolled back, nothing half-done), a read is retried, and then all works."""
+    import psycopg
+    url = pg_cluster.new_database()
+    with Store(url, "registrar") as store:
+        store.audit("before", "R")
+        pg_cluster.restart()
+        assert [e.event for e in store.audit_events("R")] == ["before"]  # read: retried
+        failed = 0
+        for i in range(3):
+            try:
+                store.audit("after", "R", i=i)
+            except psycopg.OperationalError:
+                failed += 1
+        assert failed <= 1
+        events = [e.event for e in store.audit_events("R")]
+        assert events == ["before"] + ["after"] * (3 - failed)
