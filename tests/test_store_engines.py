@@ -308,3 +308,37 @@ def test_a_restarted_server_costs_at_most_one_failed_write(pg_cluster):
         assert failed <= 1
         events = [e.event for e in store.audit_events("R")]
         assert events == ["before"] + ["after"] * (3 - failed)
+
+
+def test_a_throw_away_cluster_goes_away_with_its_server(monkeypatch):
+    import tempfile
+
+    from lab.pgcluster import PgCluster, PgClusterError
+    cluster = PgCluster.start()
+    pid = int((cluster.data / "postmaster.pid").read_text().splitlines()[0])
+    assert Path(f"/proc/{pid}").exists()
+    assert (cluster.socket_dir / f".s.PGSQL.{cluster.port}").is_socket()
+    cluster.stop()
+    assert not cluster.root.exists()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists()
+    # A failed start (here: initdb refuses an unknown locale) removes its directory too.
+    made: list[Path] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(**kwargs):
+        made.append(Path(real_mkdtemp(**kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr("lab.pgcluster.tempfile.mkdtemp", mkdtemp)
+    real_run = PgCluster._run
+
+    def bad_locale(self, run_as, argv, step):
+        return real_run(self, run_as, [a.replace("C.UTF-8", "xx_YY.bogus") for a in argv], step)
+
+    monkeypatch.setattr(PgCluster, "_run", bad_locale)
+    with pytest.raises(PgClusterError, match="initdb failed"):
+        PgCluster.start()
+    assert made and not made[0].exists()
