@@ -342,3 +342,29 @@ def test_a_throw_away_cluster_goes_away_with_its_server(monkeypatch):
     with pytest.raises(PgClusterError, match="initdb failed"):
         PgCluster.start()
     assert made and not made[0].exists()
+
+
+@pytest.mark.parametrize("service", ["registrar", "masa"])
+def test_a_service_whose_postgresql_is_unreachable_exits_1_with_one_line(tmp_path, service):
+    from lab.registrar_setup import write_configs
+    done = subprocess.run([sys.executable, "-m", "brski.cli.pki", "init", str(tmp_path / "pki"),
+                           "--serial", "SN-1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    url = f"postgresql://brski:hunter2@/brski?host={tmp_path}&port=9"
+    tomls = dict(zip(("registrar", "masa"), write_configs(
+        tmp_path / "pki", tmp_path / "out", registrar_listen=["[::1]:18443"],
+        masa_listen=["[::1]:19443"], store_url=url, masa_store_url=url), strict=True))
+    module = "registrar.cli" if service == "registrar" else "registrar.masa_cli"
+    done = subprocess.run([sys.executable, "-m", module, "--config", str(tomls[service])],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "postgresql://(socket)/brski: cannot connect to PostgreSQL: " \
+        in lines[0], done.stderr
+    assert "hunter2" not in done.stderr
+    # The store commands say the same, in one line.
+    done = subprocess.run([sys.executable, "-m", module, "store", "check", "--config",
+                           str(tomls[service])], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert done.returncode == 1 and done.stderr.startswith(
+        f"brski-{service} store: postgresql://(socket)/brski: cannot connect"), done.stderr
