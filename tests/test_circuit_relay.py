@@ -290,7 +290,9 @@ def test_close_drains_then_aborts_leftovers():
         await reader.readexactly(1)
         await h.mode.close(0.3)
         assert h.drops("shutdown") == 1
-        assert h.mode.status() == {"listeners": [], "registrar": registrar.key, "active": 0}
+        status = h.mode.status()
+        assert status.pop("splice")["spliced_now"] == 0
+        assert status == {"listeners": [], "registrar": registrar.key, "active": 0}
         server.close()
 
     run(scenario())
