@@ -164,7 +164,7 @@ class Circuit:
         self.pending.clear()
         # our own fd on the pledge's socket: asyncio's transport (paused) keeps its own
         pledge_sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        spliced = SplicedCircuit(self.mode.splicer, pledge_sock, sock, self.bytes_up)
+        spliced = SplicedCircuit(splicer, self, pledge_sock, sock, self.bytes_up)
         try:
             await spliced.start(timeout)
         except Refused as exc:
@@ -174,13 +174,11 @@ class Circuit:
         except BaseException:
             spliced.close(abort=True)
             raise
-        spliced.on_close = lambda abort: self.close(abort=abort)
-        spliced.on_activity = self._touch
         self.spliced = spliced
         self.mode.splice_counts["spliced"] += 1
         return True
 
-    def _touch(self) -> None:
+    def touch(self) -> None:
         self.last_activity = time.monotonic()
 
     def refresh(self) -> None:
@@ -193,7 +191,7 @@ class Circuit:
             return
         if (up, down) != (self.bytes_up, self.bytes_down):
             self.bytes_up, self.bytes_down = up, down
-            self._touch()
+            self.touch()
 
     def close(self, abort: bool = False) -> None:
         if self.closed:

@@ -31,9 +31,9 @@ import fcntl
 import socket
 import struct
 import termios
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..kernel import KernelError, describe_errno
 from ..kernel.bpf_object import DEFAULT_OBJ_DIR
@@ -134,7 +134,14 @@ class Refused(Exception):
     """The kernel would not splice this circuit; str() says why (logged, counted)."""
 
 
-@dataclass
+class Owner(Protocol):
+    """What a spliced circuit tells its circuit (relays/circuit.py Circuit)."""
+
+    def close(self, abort: bool = False) -> None: ...
+    def touch(self) -> None: ...
+
+
+@dataclass(slots=True)  # slots: a spliced circuit should cost the daemon little memory
 class _End:
     """One socket of a spliced circuit."""
 
@@ -151,14 +158,15 @@ class SplicedCircuit:
     """The kernel's half of one circuit: its two sockets, their rows, and the events the
     daemon still handles (end of file, errors, stray bytes)."""
 
-    def __init__(self, splicer: Splicer, pledge: socket.socket, registrar: socket.socket,
-                 bytes_up: int) -> None:
+    __slots__ = ("_tasks", "closed", "owner", "pledge", "registrar", "splicer", "timeout")
+
+    def __init__(self, splicer: Splicer, owner: Owner, pledge: socket.socket,
+                 registrar: socket.socket, bytes_up: int) -> None:
         self.splicer = splicer
+        self.owner = owner
         self.pledge = _End(pledge, cookie_of(pledge), by_hand=bytes_up)
         self.registrar = _End(registrar, cookie_of(registrar))
-        self.on_close: Callable[[bool], None] = lambda abort: None
-        self.on_activity: Callable[[], None] = lambda: None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None  # half-closes under way
         self.closed = False
         self.timeout = 5.0
 
@@ -227,21 +235,23 @@ class SplicedCircuit:
         except BlockingIOError:
             return
         except OSError:
-            self.on_close(True)  # reset: the other side is reset too
+            self.owner.close(abort=True)  # reset: the other side is reset too
             return
         if data:
             # Not expected (the program takes every byte); written on by hand, in order.
             end.by_hand += len(data)
-            self.on_activity()
+            self.owner.touch()
             try:
                 self.peer(end).sock.sendall(data)
             except OSError:
-                self.on_close(True)
+                self.owner.close(abort=True)
             return
         self._stop_reading(end)
         end.eof = True
-        self.on_activity()
+        self.owner.touch()
         task = asyncio.get_running_loop().create_task(self._pass_fin(end))
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -255,16 +265,16 @@ class SplicedCircuit:
         if self.closed:
             return
         if not drained:
-            self.on_close(True)
+            self.owner.close(abort=True)
             return
         try:
             peer.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self.on_close(True)
+            self.owner.close(abort=True)
             return
         peer.shut = True
         if self.pledge.shut and self.registrar.shut:
-            self.on_close(False)
+            self.owner.close(abort=False)
 
     def close(self, abort: bool) -> None:
         """Remove the rows and close both sockets (reset them if abort)."""
@@ -278,5 +288,5 @@ class SplicedCircuit:
                 end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                     struct.pack("ii", 1, 0))
             end.sock.close()
-        for task in list(self._tasks):
+        for task in list(self._tasks or ()):
             task.cancel()
