@@ -234,7 +234,7 @@ MINIMAL = {"backbone": {"interface": "bb0"}, "join": [{"interfaces": ["join0"]}]
 
 
 def test_circuit_splice_key_parses_and_refuses_nonsense():
-    assert parse(dict(MINIMAL)).circuit.splice == "auto"
+    assert parse(dict(MINIMAL)).circuit.splice == "off"
     for value in ("on", "off", "auto"):
         assert parse({**MINIMAL, "circuit": {"splice": value}}).circuit.splice == value
     for bad, shown in ((True, "true"), ("yes", "'yes'"), (1, "1")):
