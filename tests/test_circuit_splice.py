@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 
 from joinproxyd.config import CircuitSettings, ConfigError, Limits, parse
+from joinproxyd.ctl import render_circuits
 from joinproxyd.metrics import Metrics
 from joinproxyd.model import JoinInterface, RegistrarEndpoint
 from joinproxyd.relays import RelayContext
@@ -73,6 +74,8 @@ def test_bytes_moved_by_the_kernel_keep_a_circuit_alive_and_are_counted():
             await asyncio.sleep(0.2)
         (info,) = h.mode.circuits()
         assert info["datapath"] == "splice"
+        assert render_circuits([{**info, "mode": "circuit"}]).splitlines()[1].split()[-1] \
+            == "splice"
         assert info["bytes_up"] == info["bytes_down"] == 10_000
         assert h.sample("joinproxyd_drops_total", mode="circuit", reason="idle-timeout") == 0
         assert h.sample("joinproxyd_relayed_bytes_total", mode="circuit",
