@@ -17,7 +17,7 @@ import pytest
 
 from lab import Lab, Topology, wait_for
 from lab.brski_services import REGISTRAR_PORT, Services, enroll_each, make_pki
-from lab.proxyd import ProxyDaemon, base_config
+from lab.proxyd import ProxyDaemon, base_config, echo_registrar, hold_circuit, talk
 
 pytestmark = pytest.mark.netns
 
@@ -84,3 +84,37 @@ def test_enroll_and_curl_through_the_spliced_circuit_proxy(two_pledges: Lab, tmp
     finally:
         print(services.logs())
         print(f"--- joinproxyd:\n{daemon.log()[-6000:]}")
+
+
+def test_spliced_half_close_and_idle_timeout_in_namespaces(as_root: None, tmp_path: Path
+                                                           ) -> None:
+    """socat sends a line and half-closes; the stand-in registrar (socat + cat) answers,
+    then closes when it sees end of file: through the splice the answer arrives whole. A
+    silent circuit is still ended by the idle timeout."""
+    with Lab(Topology(pledges=1, registrars=1), log_dir=tmp_path / "logs") as lab:
+        echo_registrar(lab.registrars[0], "r0")
+        daemon = ProxyDaemon(lab, tmp_path / "proxy", base_config(
+            tmp_path / "proxy", circuit={"splice": "on"},
+            limits={"idle_timeout": 1.5, "new_circuits_per_second": 100,
+                    "new_circuits_burst": 100})).start()
+        try:
+            wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+            # half-closed at once, the pledge would be refused by the kernel (asyncio then)
+            done = lab.pledges[0].run(["sh", "-c", "(echo ClientHello; sleep 1) | socat -t3 "
+                                       "-T3 - 'TCP6:[fe80::1%eth0]:8443'"], timeout=15)
+            assert done.stdout == "r0\nClientHello\n", done
+            # asyncio if the FIN came before the registrar connected, else spliced
+            assert talk(lab.pledges[0], "at once") == "r0\nat once\n"
+            state = wait_for(lambda: (s := daemon.ctl()["relays"]["circuit"]["splice"])
+                             and s["spliced"] + s["refused"] == 2 and s["spliced_now"] == 0
+                             and s, 5, "the circuits closed by the half-closes")
+            assert state["spliced"] >= 1  # the first; the second races its FIN
+            assert daemon.drops("circuit", "idle-timeout") == 0
+            holder = hold_circuit(lab.pledges[0])
+            (circuit,) = wait_for(lambda: daemon.ctl("circuits"), 5, "held circuit")
+            assert circuit["datapath"] == "splice"
+            wait_for(lambda: daemon.drops("circuit", "idle-timeout") == 1, 6, "the idle timeout")
+            holder.stop()
+            assert daemon.stop() == 0
+        finally:
+            print(f"--- joinproxyd:\n{daemon.log()[-6000:]}")
