@@ -176,6 +176,11 @@ class Circuit:
             raise
         self.spliced = spliced
         self.mode.splice_counts["spliced"] += 1
+        # asyncio's transport is of no more use: it goes (with its fd and buffers), our fd
+        # keeps the socket; told nothing, so its going does not close the circuit.
+        transport.set_protocol(_Detached())
+        transport.close()
+        self.pledge_side.transport = None
         return True
 
     def touch(self) -> None:
@@ -473,6 +478,10 @@ class CircuitMode(RelayMode):
 def _pause(transport: asyncio.Transport) -> None:
     if not transport.is_closing():
         transport.pause_reading()
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a spliced pledge's transport as it closes: hears nothing."""
 
 
 class _Admit(asyncio.Protocol):
