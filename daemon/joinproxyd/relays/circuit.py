@@ -37,6 +37,8 @@ LISTEN_BACKLOG = 1024
 class _Side(asyncio.Protocol):
     """One end of a circuit; it hands what it reads to the other end's transport."""
 
+    __slots__ = ("circuit", "eof", "transport", "upstream")  # memory per open circuit
+
     def __init__(self, circuit: "Circuit", upstream: bool) -> None:
         self.circuit = circuit
         self.upstream = upstream  # True for the pledge side: its bytes travel upstream
@@ -90,6 +92,11 @@ class _Side(asyncio.Protocol):
 
 
 class Circuit:
+    __slots__ = ("active", "bytes_down", "bytes_up", "closed", "connect_task", "connected",
+                 "flushed_down", "flushed_up", "id", "interface", "last_activity", "mode",
+                 "pending", "pledge", "pledge_side", "registrar", "registrar_side", "spliced",
+                 "started")  # memory per open circuit
+
     def __init__(self, mode: "CircuitMode", interface: str, pledge: str,
                  registrar: RegistrarEndpoint) -> None:
         self.mode = mode
