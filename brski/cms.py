@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
-from asn1crypto import algos, core
 from asn1crypto import cms as acms
 from asn1crypto import x509 as ax509
 from cryptography import x509
@@ -29,6 +28,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import der_codec as der
 from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
 from .chain import load_certificate
 from .der_kind import describe, refusal
@@ -193,6 +193,8 @@ def _is_signer(cert: x509.Certificate, signer: SignerInfo) -> bool:
     if cert.serial_number != signer.serial or signer.issuer is None:
         return False
     try:
+        if _issuer_and_serial(cert)[1] == signer.issuer.dump():
+            return True  # the same bytes: the usual case, and no need for asn1crypto's rules
         issuer = ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER)).issuer
         # asn1crypto compares names as RFC 5280 §7.1 says (case, spaces, string types)
         return issuer.dump() == signer.issuer.dump() or issuer == signer.issuer
@@ -260,70 +262,80 @@ def sign(
     message_digest = _digest(_DIGESTS[digest_name](), content)
     when = signing_time.astimezone(UTC).replace(microsecond=0)
     # RFC 5652 §11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
-    time_choice = "utc_time" if 1950 <= when.year < 2050 else "general_time"
-    attrs = acms.CMSAttributes(
-        [
-            {"type": "content_type", "values": [econtent_type]},
-            {"type": "signing_time", "values": [acms.Time({time_choice: when})]},
-            {"type": "message_digest", "values": [message_digest]},
-        ]
+    if 1950 <= when.year < 2050:
+        time_tlv = der.tlv(der.UTC_TIME, when.strftime("%y%m%d%H%M%SZ").encode())
+    else:
+        time_tlv = der.tlv(der.GENERALIZED_TIME, f"{when.year:04d}".encode()
+                           + when.strftime("%m%d%H%M%SZ").encode())  # fmt: skip
+    # Written directly rather than through asn1crypto objects (the same DER; the App. C
+    # vectors pin it): building them cost some 25 times the ECDSA signature.
+    econtent_oid = der.oid(econtent_type)
+    attrs = der.set_of(
+        der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE, der.tlv(der.SET, econtent_oid)),
+        der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv)),
+        der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
+                der.tlv(der.SET, der.tlv(der.OCTET_STRING, message_digest))),
+    )  # fmt: skip
+    signature = key.sign(attrs, ec.ECDSA(_DIGESTS[digest_name]()))
+    digest_alg = der.tlv(der.SEQUENCE, der.oid(_DIGEST_OIDS[digest_name]))
+    signer_info = der.tlv(
+        der.SEQUENCE,
+        der.integer(1),
+        _issuer_and_serial(signer_cert)[0],
+        digest_alg,
+        b"\xa0" + attrs[1:],  # [0] IMPLICIT SET OF
+        der.tlv(der.SEQUENCE, der.oid(_SIG_OIDS[sig_name])),
+        der.tlv(der.OCTET_STRING, signature),
     )
-    to_sign = attrs.dump()  # asn1crypto sorts SET OF members: DER
-    signature = key.sign(to_sign, ec.ECDSA(_DIGESTS[digest_name]()))
-    cert_der = signer_cert.public_bytes(serialization.Encoding.DER)
-    parsed = ax509.Certificate.load(cert_der)
-    signer_info = acms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": acms.SignerIdentifier(
-                {
-                    "issuer_and_serial_number": {
-                        "issuer": parsed.issuer,
-                        "serial_number": parsed.serial_number,
-                    }
-                }
-            ),
-            "digest_algorithm": _digest_algorithm(digest_name),
-            "signed_attrs": attrs,
-            "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": sig_name}),
-            "signature": signature,
-        }
+    signed_data = der.tlv(
+        der.SEQUENCE,
+        # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
+        der.integer(1 if econtent_type == DATA else 3),
+        der.tlv(der.SET, digest_alg),
+        der.tlv(der.SEQUENCE, econtent_oid, der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
+        der.tlv(0xA0, *(_issuer_and_serial(c)[2] for c in certs)),
+        der.tlv(der.SET, signer_info),
     )
-    signed_data = acms.SignedData(
-        {
-            # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
-            "version": "v1" if econtent_type == DATA else "v3",
-            "digest_algorithms": [_digest_algorithm(digest_name)],
-            "encap_content_info": {
-                "content_type": econtent_type,
-                # asn1crypto types id-data's eContent as OctetString, unknown types as
-                # ParsableOctetString; both encode the same OCTET STRING.
-                "content": (
-                    core.OctetString if econtent_type == DATA else core.ParsableOctetString
-                )(content),
-            },
-            # Loaded as the CHOICE itself: handing asn1crypto parsed Certificates makes it
-            # copy and re-encode each one, which tripled the signing time.
-            "certificates": [
-                acms.CertificateChoices.load(c.public_bytes(serialization.Encoding.DER))
-                for c in certs
-            ],
-            "signer_infos": [signer_info],
-        }
-    )
-    return acms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+    return der.tlv(der.SEQUENCE, _OID_SIGNED_DATA, der.tlv(0xA0, signed_data))
 
 
-class _AlgorithmWithoutParameters(core.Sequence):
-    _fields: ClassVar[list[tuple[str, type]]] = [("algorithm", algos.DigestAlgorithmId)]
+_OID_SIGNED_DATA = der.oid("1.2.840.113549.1.7.2")
+_OID_CONTENT_TYPE = der.oid("1.2.840.113549.1.9.3")
+_OID_MESSAGE_DIGEST = der.oid("1.2.840.113549.1.9.4")
+_OID_SIGNING_TIME = der.oid("1.2.840.113549.1.9.5")
+# RFC 5754 §2: SHA-2 AlgorithmIdentifiers with parameters absent (as in RFC 8995 App. C);
+# RFC 5758 §3.2: ecdsa-with-SHA* with parameters absent.
+_DIGEST_OIDS = {
+    "sha256": "2.16.840.1.101.3.4.2.1",
+    "sha384": "2.16.840.1.101.3.4.2.2",
+    "sha512": "2.16.840.1.101.3.4.2.3",
+}
+_SIG_OIDS = {
+    "sha256_ecdsa": "1.2.840.10045.4.3.2",
+    "sha384_ecdsa": "1.2.840.10045.4.3.3",
+    "sha512_ecdsa": "1.2.840.10045.4.3.4",
+}
+_ISSUER_AND_SERIAL: dict[x509.Certificate, tuple[bytes, bytes, bytes]] = {}  # equal = same DER
 
 
-def _digest_algorithm(name: str) -> algos.DigestAlgorithm:
-    # RFC 5754 §2: SHA-2 AlgorithmIdentifiers MUST be generated with parameters absent (as
-    # in RFC 8995 App. C); asn1crypto's DigestAlgorithm forces NULL when built, not when
-    # loaded, hence the detour through DER.
-    der = _AlgorithmWithoutParameters({"algorithm": name}).dump()
-    return algos.DigestAlgorithm.load(der)
+def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
+    """(IssuerAndSerialNumber, issuer Name, the certificate's DER), the Name exactly as the
+    certificate has it. Kept per certificate: cryptography re-serialises on each call."""
+    known = _ISSUER_AND_SERIAL.get(cert)
+    if known is None:
+        cert_der = cert.public_bytes(serialization.Encoding.DER)
+        _, start, end = der.read(cert_der, 0, len(cert_der))
+        _, tbs_start, tbs_end = der.read(cert_der, start, end)
+        fields = der.items(cert_der, tbs_start, tbs_end)
+        if fields[0][0] == 0xA0:  # [0] EXPLICIT version
+            fields = fields[1:]
+        serial, issuer = fields[0], fields[2]
+        name = cert_der[issuer[1] : issuer[3]]
+        known = der.tlv(der.SEQUENCE, name, cert_der[serial[1] : serial[3]]), name, cert_der
+        if len(_ISSUER_AND_SERIAL) >= 256:  # a bound; a MASA has a handful of signers
+            _ISSUER_AND_SERIAL.clear()
+        _ISSUER_AND_SERIAL[cert] = known
+    return known
 
 
 def _signer_cert(key: SigningKey, certs: Sequence[x509.Certificate]) -> x509.Certificate:
