@@ -1,11 +1,14 @@
 """brski.cms writes its DER directly (issue 18): the encoding rules it must keep."""
 
+import base64
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from asn1crypto import cms as acms
 
-from brski import cms
+from brski import cms, der_codec
+from brski.errors import DecodeError
 from brski.pki import create_test_pki
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -39,3 +42,65 @@ def test_certificates_kept_in_order_and_lengths_minimal(pki, size, order):
     sd = cms.parse(data)
     assert sd.content == b"a" * size and list(sd.certificates) == certs
     assert cms.verify_signature(sd) == pki.masa_signer.cert
+
+
+# --- the direct reader agrees with asn1crypto ------------------------------------------------
+
+APPC = "anima-bootstrap/examples"
+
+
+def appc(vectors, stem: str) -> bytes:
+    return base64.b64decode((vectors / APPC / f"{stem}_00-D0-E5-F2-00-02.b64").read_bytes())
+
+
+def both(data: bytes):
+    """(direct reader's result or None, asn1crypto's result or the DecodeError it raised)."""
+    try:
+        fast = cms._parse_canonical(data, cms.ACCEPTED_CONTENT_TYPES)
+    except (der_codec.DerError, ValueError, IndexError, KeyError):
+        fast = None
+    except DecodeError as exc:
+        fast = exc
+    try:
+        slow = cms._parse(data, cms.ACCEPTED_CONTENT_TYPES)
+    except Exception as exc:  # noqa: BLE001 - any refusal counts as one
+        slow = exc
+    return fast, slow
+
+
+def same(fast, slow) -> bool:
+    if isinstance(fast, Exception):
+        return isinstance(slow, Exception)
+    return fast is None or (not isinstance(slow, Exception) and fast == slow)
+
+
+@pytest.mark.parametrize("stem", ["voucher", "vr", "parboiled_vr"])
+def test_direct_reader_matches_asn1crypto_on_the_appc_vectors(vectors, stem):
+    fast, slow = both(appc(vectors, stem))
+    assert same(fast, slow)
+
+
+def test_direct_reader_reads_what_we_sign_and_matches_asn1crypto(pki):
+    data = cms.sign(b"{}", pki.masa_signer.key, [pki.masa_signer.cert, pki.masa_ca.cert], NOW)
+    fast, slow = both(data)
+    assert fast is not None and fast == slow
+
+
+def test_direct_reader_never_accepts_what_asn1crypto_reads_otherwise(pki):
+    # Every single-byte change and every truncation of a signed voucher: where the direct
+    # reader returns something, asn1crypto returns the same; where it refuses the content
+    # type, asn1crypto refuses too.
+    data = cms.sign(b'{"a":1}', pki.masa_signer.key, [pki.masa_signer.cert], NOW)
+    rng = random.Random(18)
+    cases = [data[:n] for n in range(0, len(data), 7)]
+    for index in range(len(data)):
+        for mask in (0x01, 0x80, rng.randrange(1, 256)):
+            out = bytearray(data)
+            out[index] ^= mask
+            cases.append(bytes(out))
+    accepted = 0
+    for case in cases:
+        fast, slow = both(case)
+        assert same(fast, slow), case.hex()
+        accepted += isinstance(fast, cms.SignedData)
+    assert accepted > len(data)  # the fast path was exercised, not only the fallback
