@@ -102,3 +102,28 @@ def test_cose_ecdsa_encoding_is_the_one_pycose_emits(pkis, kid, bag):
     ref.signature = tag.value[3]
     assert ref.encode(sign=False) == data
     cose.verify(cose.decode(data), pki.masa_signer.cert)
+
+
+def test_jpy_endpoint_table_never_skips_the_header_check():
+    import os
+    from ipaddress import IPv6Address
+
+    from brski import jpy
+    from brski.errors import ValidationError
+
+    pledge = jpy.PledgeEndpoint(IPv6Address("fe80::1:2"), 5684, 7)
+    sealer = jpy.FlowHeaderSealer(os.urandom(32))
+    header = sealer.seal(pledge)
+    assert sealer.open(header) == pledge and sealer.open(header) == pledge  # second: table
+    forged = header[:20] + bytes([header[20] ^ 1]) + header[21:]
+    with pytest.raises(SignatureError):
+        sealer.open(forged)
+    sealer.rotate(os.urandom(32))
+    sealer.rotate(os.urandom(32))
+    with pytest.raises(ValidationError):  # its key is gone: the table does not keep it alive
+        sealer.open(header)
+    with pytest.raises(SignatureError):  # another key's sealer, same key id
+        jpy.FlowHeaderSealer(os.urandom(32)).open(header)
+    for i in range(jpy._UNPACKED_MAX + 5):
+        jpy._unpack(jpy._pack(jpy.PledgeEndpoint(IPv6Address("fe80::1:2"), 1 + i, 7)))
+    assert len(jpy._UNPACKED) <= jpy._UNPACKED_MAX
