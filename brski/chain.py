@@ -64,6 +64,22 @@ class _Memo:
 
 _CERTS = _Memo(CACHE_SIZE)
 _PATHS = _Memo(CACHE_SIZE)
+_ISSUED = _Memo(CACHE_SIZE)
+
+
+def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer``'s key signed ``cert`` and the names chain (no validity, no policy:
+    path validation is ``verify_chain``). Yes-answers are kept: they depend only on the two
+    certificates' bytes."""
+    key = (cert, issuer)
+    if _ISSUED.get(key) is not None:
+        return True
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # InvalidSignature, ValueError, TypeError
+        return False
+    _ISSUED.put(key, True)
+    return True
 
 
 def _require_ca(

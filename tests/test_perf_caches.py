@@ -127,3 +127,13 @@ def test_jpy_endpoint_table_never_skips_the_header_check():
     for i in range(jpy._UNPACKED_MAX + 5):
         jpy._unpack(jpy._pack(jpy.PledgeEndpoint(IPv6Address("fe80::1:2"), 1 + i, 7)))
     assert len(jpy._UNPACKED) <= jpy._UNPACKED_MAX
+
+
+def test_issued_by_table_keeps_only_yes_answers(pkis):
+    ours, other = pkis
+    leaf = ours.registrar.cert
+    assert chain.directly_issued_by(leaf, ours.domain_ca.cert)
+    assert chain.directly_issued_by(leaf, ours.domain_ca.cert)  # from the table
+    # the same name under another key (a rotated domain CA key) does not issue it
+    assert not chain.directly_issued_by(leaf, other.domain_ca.cert)
+    assert not chain.directly_issued_by(leaf, other.domain_ca.cert)
