@@ -9,7 +9,7 @@ APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables 
 	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
 	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd \
 	debhelper dh-python lintian python3-docutils python3-pip shellcheck \
-	systemd-container debootstrap zstd netsniff-ng prometheus dnsmasq-base libyang2-tools
+	systemd-container debootstrap zstd netsniff-ng prometheus dnsmasq-base libyang2-tools postgresql
 
 .PHONY: setup apt venv bpf lint test fuzz demo deb ipk clean completion
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml | apt
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
 		| grep -vE '^WARNING: Location|InformationOnly|^ *$$|name as your package|precedence during imports|warnings.warn' || true
-	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2, lakers, aiocoap.oscore' \
+	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2, lakers, aiocoap.oscore, psycopg_pool' \
 		|| { echo "setup: the venv is missing a dependency" >&2; exit 1; }
 	@touch $@
 
@@ -49,9 +49,11 @@ fuzz: setup
 		-p no:cacheprovider tests/test_fuzz_decoders.py tests/test_fuzz_handlers.py \
 		tests/test_wire_fuzz.py tests/test_voucher_fuzz.py
 
+# DEMO_REGISTRARS=2: one domain, two registrars sharing a PostgreSQL store (lab/demo_cluster.py).
+DEMO_REGISTRARS ?= 1
 demo: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make demo: run as root (the demo creates network namespaces)" >&2; exit 1; }
-	$(VENV)/bin/joinproxy-lab demo
+	$(VENV)/bin/joinproxy-lab demo --registrars $(DEMO_REGISTRARS)
 
 # Bash completion files from the programs' argparse parsers (committed; the test checks them).
 completion: venv

@@ -1,5 +1,9 @@
 """Circuit relay: stream throughput, connection set-up rate and memory, against socat.
 
+"joinproxyd" is the circuit relay spliced in the kernel ([circuit] splice = on: a sockhash and
+an sk_skb verdict program move the bytes); "jp-asyncio" is a second joinproxyd beside it, on
+port 8445, with splice = off (the asyncio relay). Both relay to the same server.
+
     sudo .venv/bin/python bench/relay_throughput.py [--seconds 2] [--rounds 3] [--quick]
 
 A namespace lab with one pledge and one registrar host. The registrar runs bench/_tcpflow.py's
@@ -55,8 +59,11 @@ SOCAT_BIG_PORT = 9444  # the same with -b65536: socat's default 8 KiB read size 
 # lot of throughput, so this shows what socat can do with joinproxyd's chunk size
 PROXY_LL = "fe80::1%eth0"  # the proxy as a pledge sees it
 TICK = os.sysconf("SC_CLK_TCK")
-RELAYS = ("joinproxyd", "socat", "socat-b64k")
-PORTS = {"joinproxyd": JOIN_PORT, "socat": SOCAT_PORT, "socat-b64k": SOCAT_BIG_PORT}
+ASYNCIO_PORT = 8445  # the second joinproxyd, splice = off
+RELAYS = ("joinproxyd", "jp-asyncio", "socat", "socat-b64k")
+DAEMONS = ("joinproxyd", "jp-asyncio")
+PORTS = {"joinproxyd": JOIN_PORT, "jp-asyncio": ASYNCIO_PORT, "socat": SOCAT_PORT,
+         "socat-b64k": SOCAT_BIG_PORT}
 
 LIMITS = {  # out of the way: the benchmark measures the relay, not admission control
     "circuits_total": 100_000, "circuits_per_interface": 100_000,
@@ -82,6 +89,13 @@ def status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def machine_cpu_seconds() -> float:
+    """Busy time of every CPU (all but idle and iowait), from /proc/stat: it includes the
+    kernel's softirq and workqueue time, where a spliced circuit's bytes are moved."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+
+
 def nofile_limit(pid: int) -> str:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
@@ -103,26 +117,33 @@ class Series:
     paths: tuple[str, ...]
     values: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)  # relay CPU per unit of work
+    machine: dict[str, list[float]] = field(default_factory=dict)  # all CPUs, per unit
 
-    def add(self, path: str, value: float, cpu_per_unit: float | None = None) -> None:
+    def add(self, path: str, value: float, cpu_per_unit: float | None = None,
+            machine_per_unit: float | None = None) -> None:
         self.values.setdefault(path, []).append(value)
         if cpu_per_unit is not None:
             self.cpu.setdefault(path, []).append(cpu_per_unit)
+        if machine_per_unit is not None:
+            self.machine.setdefault(path, []).append(machine_per_unit)
 
-    def ratios(self, baseline: str) -> list[float]:
-        """joinproxyd/baseline, paired by round (both measured within seconds)."""
-        jp, base = self.values.get("joinproxyd", []), self.values.get(baseline, [])
+    def ratios(self, baseline: str, relay: str = "joinproxyd") -> list[float]:
+        """relay/baseline, paired by round (both measured within seconds)."""
+        jp, base = self.values.get(relay, []), self.values.get(baseline, [])
         return [a / b for a, b in zip(jp, base, strict=True) if b > 0]
 
 
 class Bench:
-    def __init__(self, lab: Lab, daemon: ProxyDaemon, socat_pids: dict[str, int],
+    def __init__(self, lab: Lab, daemons: dict[str, ProxyDaemon], socat_pids: dict[str, int],
                  seconds: float, concurrency: int) -> None:
         self.lab = lab
         self.pledge = lab.pledges[0]
-        self.daemon = daemon
-        assert daemon.process is not None
-        self.daemon_pid = daemon.process.pid
+        self.daemons = daemons
+        self.daemon = daemons["joinproxyd"]
+        self.daemon_pids = {}
+        for name, daemon in daemons.items():
+            assert daemon.process is not None
+            self.daemon_pids[name] = daemon.process.pid
         self.socat_pids = socat_pids
         self.seconds = seconds
         self.concurrency = concurrency
@@ -139,32 +160,34 @@ class Bench:
         return done.returncode == 0
 
     def relay_cpu(self, path: str) -> float:
-        if path == "joinproxyd":
-            return cpu_seconds(self.daemon_pid)
+        if path in self.daemon_pids:
+            return cpu_seconds(self.daemon_pids[path])
         if path in self.socat_pids:
             return cpu_seconds(self.socat_pids[path], children=True)
         return 0.0
 
     def timed(self, path: str, run: Callable[[], dict[str, float]]
-              ) -> tuple[dict[str, float], float]:
-        before = self.relay_cpu(path)
+              ) -> tuple[dict[str, float], float, float]:
+        before, machine = self.relay_cpu(path), machine_cpu_seconds()
         result = run()
+        machine = machine_cpu_seconds() - machine
         if path in self.socat_pids:
             time.sleep(0.1)  # socat's children are reaped (and their CPU booked) on SIGCHLD
-        return result, self.relay_cpu(path) - before
+        return result, self.relay_cpu(path) - before, machine
 
     def stream(self, path: str, direction: str, series: Series) -> None:
         host, addr, port = self.target(path)
-        result, cpu = self.timed(path, lambda: flow(
+        result, cpu, machine = self.timed(path, lambda: flow(
             host, "send" if direction == "up" else "recv", addr, str(port),
             "--seconds", str(self.seconds)))
         mb = result["bytes"] / 1e6
         series.add(path, mb / result["seconds"],
-                   cpu / (mb / 1000) if mb and path != "direct" else None)
+                   cpu / (mb / 1000) if mb and path != "direct" else None,
+                   machine / (mb / 1000) if mb else None)
 
     def rate(self, path: str, series: Series) -> None:
         host, addr, port = self.target(path)
-        result, cpu = self.timed(path, lambda: flow(
+        result, cpu, _ = self.timed(path, lambda: flow(
             host, "rate", addr, str(port), "--seconds", str(self.seconds),
             "--concurrency", str(self.concurrency)))
         if result["errors"]:
@@ -173,30 +196,33 @@ class Bench:
         series.add(path, n / result["seconds"],
                    cpu / n * 1e6 if n and path != "direct" else None)
 
-    def active(self) -> int:
-        return int(self.daemon.ctl()["relays"]["circuit"]["active"])
+    def active(self, name: str = "joinproxyd") -> int:
+        return int(self.daemons[name].ctl()["relays"]["circuit"]["active"])
 
-    def hold(self, count: int) -> dict[str, float]:
+    def hold(self, count: int, name: str = "joinproxyd") -> dict[str, float]:
         """RSS before and with `count` circuits held open from one pledge process."""
-        pid = self.daemon_pid
+        pid = self.daemon_pids[name]
         # Warm-up: the first circuits import and allocate things once; not per circuit.
-        self.hold_open(min(50, count), lambda: None)
+        self.hold_open(min(50, count), lambda: None, name)
         time.sleep(0.5)
         before = status_kib(pid, "VmRSS")
         held: dict[str, float] = {}
 
         def measure() -> None:
-            wait_for(lambda: self.active() >= count, 20, f"{count} active circuits")
+            wait_for(lambda: self.active(name) >= count, 20, f"{count} active circuits")
             held["rss_kib"] = status_kib(pid, "VmRSS")
             held["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+            held["spliced"] = self.daemons[name].ctl()["relays"]["circuit"]["splice"][
+                "spliced_now"]
 
-        self.hold_open(count, measure)
+        self.hold_open(count, measure, name)
         return {"rss_before_kib": before, "rss_held_kib": held["rss_kib"],
-                "fds_held": held["fds"], "count": count,
+                "fds_held": held["fds"], "count": count, "spliced": held["spliced"],
                 "bytes_per_circuit": (held["rss_kib"] - before) * 1024 / count}
 
-    def hold_open(self, count: int, while_held: Callable[[], None]) -> None:
-        argv = [PY, FLOW, "hold", PROXY_LL, str(JOIN_PORT), "--count", str(count)]
+    def hold_open(self, count: int, while_held: Callable[[], None],
+                  name: str = "joinproxyd") -> None:
+        argv = [PY, FLOW, "hold", PROXY_LL, str(PORTS[name]), "--count", str(count)]
         child = subprocess.Popen(self.pledge.cmd(argv), stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -212,7 +238,7 @@ class Bench:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        wait_for(lambda: self.active() == 0, 20, "held circuits to close")
+        wait_for(lambda: self.active(name) == 0, 20, "held circuits to close")
 
 
 def median_range(values: list[float], fmt: str) -> str:
@@ -224,8 +250,9 @@ def median_range(values: list[float], fmt: str) -> str:
     return f"{mid} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
-def report(series: dict[str, Series], memory: dict[str, float], idle_kib: int,
+def report(series: dict[str, Series], memories: dict[str, dict[str, float]], idle_kib: int,
            nofile: str, rounds: int) -> None:
+    memory = memories["joinproxyd"]
     columns = ("direct", *RELAYS)
     width = 19
     print(f"\nrelay_throughput: medians over {rounds} round(s), (min-max) when more than one")
@@ -237,13 +264,21 @@ def report(series: dict[str, Series], memory: dict[str, float], idle_kib: int,
         fmt = ".0f" if s.unit == "conn/s" else ".2f"
         cells = [median_range(s.cpu.get(p, []), fmt) if p in s.cpu else "" for p in columns]
         print(f"{label:<24}" + "".join(f"{c:>{width}}" for c in cells))
-    print("(relay CPU: user+system time of the relay process(es); direct has no relay)")
+        if s.machine:
+            cells = [median_range(s.machine.get(p, []), ".2f") for p in columns]
+            print(f"{'  machine CPU s/GB':<24}" + "".join(f"{c:>{width}}" for c in cells))
+    print("(relay CPU: user+system time of the relay process(es); direct has no relay. "
+          "A spliced circuit's bytes move in softirq and kworker time, which no process is "
+          "charged: machine CPU is all CPUs' busy time, senders and sinks included)")
     print()
     for name, s in series.items():
-        for baseline in RELAYS[1:]:
+        for baseline in ("direct", *RELAYS[1:]):
             if baseline in s.paths:
                 ratio = median_range(s.ratios(baseline), ".2f")
                 print(f"ratio joinproxyd/{baseline:<11} {name:<12} {ratio}")
+        if "jp-asyncio" in s.paths:
+            ratio = median_range(s.ratios("direct", "jp-asyncio"), ".2f")
+            print(f"ratio jp-asyncio/{'direct':<11} {name:<12} {ratio}")
     print()
     print(f"joinproxyd RSS idle                {idle_kib / 1024:8.1f} MiB")
     print(f"joinproxyd RSS before holding      {memory['rss_before_kib'] / 1024:8.1f} MiB"
@@ -252,13 +287,18 @@ def report(series: dict[str, Series], memory: dict[str, float], idle_kib: int,
           f"{memory['rss_held_kib'] / 1024:8.1f} MiB  ({memory['fds_held']:.0f} fds open)")
     print(f"joinproxyd RSS per circuit         {memory['bytes_per_circuit']:8.0f} bytes")
     print(f"joinproxyd open-file limit         {nofile} (2 fds per circuit)")
+    print(f"joinproxyd spliced circuits held   {memory['spliced']:8.0f} of {memory['count']:.0f}")
+    other = memories.get("jp-asyncio")
+    if other is not None:
+        print(f"jp-asyncio RSS per circuit         {other['bytes_per_circuit']:8.0f} bytes"
+              f"  ({other['spliced']:.0f} spliced)")
 
 
 def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
     streams = ("direct", *RELAYS)
     series = {"stream up": Series("MB/s", streams), "stream down": Series("MB/s", streams),
               # socat's buffer size does not matter for 16-byte exchanges
-              "connections": Series("conn/s", ("direct", "joinproxyd", "socat"))}
+              "connections": Series("conn/s", ("direct", "joinproxyd", "jp-asyncio", "socat"))}
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         work = Path(tmp)
         with Lab(Topology(pledges=1, registrars=1), log_dir=work / "logs") as lab:
@@ -277,8 +317,21 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
                 # probes and floods are background noise here, keep them rare
                 registrars={"health_interval": 2.0, "health_timeout": 1.0},
                 announce={"interval": 30, "mdns": False})
+            config["circuit"] = {"splice": "on"}
             daemon = ProxyDaemon(lab, work / "proxy", config).start()
-            wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
+            asyncio_config = base_config(
+                work / "proxy-asyncio", limits=LIMITS, daemon={"log_level": "info"},
+                registrars={"health_interval": 2.0, "health_timeout": 1.0},
+                announce={"interval": 30, "mdns": False, "grasp": False},
+                metrics={"listen": "[::1]:9466"}, circuit={"splice": "off"},
+                join=[{"interfaces": ["join*"], "modes": ["circuit"], "port": ASYNCIO_PORT}])
+            other = ProxyDaemon(lab, work / "proxy-asyncio", asyncio_config).start()
+            daemons = {"joinproxyd": daemon, "jp-asyncio": other}
+            for d in daemons.values():
+                wait_for(lambda d=d: d.ctl()["joining"], 10, "a healthy registrar")
+            splice = daemon.ctl()["relays"]["circuit"]["splice"]
+            if not splice["running"]:
+                raise RuntimeError(f"the kernel splice is not running: {splice['reason']}")
             assert daemon.process is not None
             time.sleep(0.5)
             idle_kib = status_kib(daemon.process.pid, "VmRSS")
@@ -289,7 +342,7 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
                     ["socat", *extra,
                      f"TCP6-LISTEN:{PORTS[name]},bind=[fe80::1%join0],fork,reuseaddr",
                      f"TCP6:[{REGISTRAR}]:{SERVER_PORT}"], name=name).pid
-            bench = Bench(lab, daemon, socats, seconds, concurrency)
+            bench = Bench(lab, daemons, socats, seconds, concurrency)
             for name in socats:
                 wait_for(lambda port=PORTS[name]: bench.reachable(port), 10, f"{name} listening")
             for r in range(rounds):
@@ -301,9 +354,10 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
                         else:
                             bench.stream(path, name.split()[1], s)
                 print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-            memory = bench.hold(circuits)
-            daemon.stop()
-    report(series, memory, idle_kib, nofile, rounds)
+            memories = {name: bench.hold(circuits, name) for name in DAEMONS}
+            for d in daemons.values():
+                d.stop()
+    report(series, memories, idle_kib, nofile, rounds)
     return 0
 
 

@@ -71,7 +71,14 @@ class _Reader:
     def item(self, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise self.fail(f"nested deeper than {MAX_DEPTH}")
-        major, info, arg = self.head()
+        # head() inlined for the one-byte heads that make up most of a message (hot path)
+        data, pos = self.data, self.pos
+        if pos < len(data) and data[pos] & 0x1F < 24:
+            initial = data[pos]
+            self.pos = pos + 1
+            major, info, arg = initial >> 5, initial & 0x1F, initial & 0x1F
+        else:
+            major, info, arg = self.head()
         if major == 0:
             return arg
         if major == 1:

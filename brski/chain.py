@@ -12,8 +12,10 @@ registrar, RFC 8995 §5.5), checked after this.
 from __future__ import annotations
 
 import re
+import threading
 import warnings
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -24,6 +26,60 @@ from . import der_kind
 from .errors import DecodeError, SignatureError, UsageError
 
 MAX_DEPTH = 8
+# Bounded memo tables. A MASA or registrar sees the same few signer chains and certificates
+# again and again; building a verifier and re-checking the CA's signature (one ECDSA verify),
+# or re-parsing a certificate's names, cost more than the voucher's own signature did.
+CACHE_SIZE = 256
+
+
+class _Memo:
+    """A small thread-safe LRU table; what goes in is immutable."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> object | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: object) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_CERTS = _Memo(CACHE_SIZE)
+_PATHS = _Memo(CACHE_SIZE)
+_ISSUED = _Memo(CACHE_SIZE)
+
+
+def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer``'s key signed ``cert`` and the names chain (no validity, no policy:
+    path validation is ``verify_chain``). Yes-answers are kept: they depend only on the two
+    certificates' bytes."""
+    key = (cert, issuer)
+    if _ISSUED.get(key) is not None:
+        return True
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # InvalidSignature, ValueError, TypeError
+        return False
+    _ISSUED.put(key, True)
+    return True
 
 
 def _require_ca(
@@ -63,6 +119,31 @@ def verify_chain(
         raise UsageError("verification time must be timezone-aware")
     if not trust_anchors:
         raise UsageError("no trust anchors given")
+    # A path found before holds again for the same leaf, intermediates and anchors (certificate
+    # equality is DER equality) at any time inside every member's validity period: nothing
+    # else in the check depends on the time. Only successes are kept; a changed, added or
+    # removed anchor or intermediate is another key, and a time at or past a member's validity
+    # edge is checked afresh.
+    key = (leaf, tuple(intermediates), tuple(trust_anchors))
+    at_utc = at.astimezone(UTC)
+    known = _PATHS.get(key)
+    if known is not None:
+        path, start, end = known  # type: ignore[misc]
+        if start < at_utc < end:
+            return list(path)
+    path = _verify_chain(leaf, intermediates, trust_anchors, at)
+    start = max(c.not_valid_before_utc for c in path)
+    end = min(c.not_valid_after_utc for c in path)
+    _PATHS.put(key, (tuple(path), start, end))
+    return path
+
+
+def _verify_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    trust_anchors: Sequence[x509.Certificate],
+    at: datetime,
+) -> list[x509.Certificate]:
     verifier = (
         xv.PolicyBuilder()
         .store(xv.Store(list(trust_anchors)))
@@ -85,7 +166,13 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
 
     cryptography parses subject, issuer and extensions lazily: a malformed name would
     otherwise surface as ValueError wherever it is first touched (an error message, say).
+    Certificates parsed before come from a bounded table (same bytes, same certificate).
     """
+    if isinstance(der, bytearray | memoryview):
+        der = bytes(der)
+    known = _CERTS.get(der) if isinstance(der, bytes) else None
+    if known is not None:
+        return known  # type: ignore[return-value]
     try:
         with warnings.catch_warnings():
             # e.g. "Attribute's length must be >= 2": peer data, reported as DecodeError or
@@ -99,6 +186,7 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
         # the same here: a certificate we cannot use
         raise DecodeError(f"{what} is not a usable DER certificate: {_problem(bytes(der))}"
                           ) from exc
+    _CERTS.put(der, cert)
     return cert
 
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
-from asn1crypto import algos, core
 from asn1crypto import cms as acms
 from asn1crypto import x509 as ax509
 from cryptography import x509
@@ -29,6 +28,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import der_codec
+from . import der_codec as der
 from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
 from .chain import load_certificate
 from .der_kind import describe, refusal
@@ -53,6 +54,28 @@ _ECDSA_SIGS: dict[str, str | None] = {
     "ecdsa": None,
 }
 _CURVE_DIGEST = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
+
+_OID_SIGNED_DATA = der.oid("1.2.840.113549.1.7.2")
+_OID_CONTENT_TYPE = der.oid("1.2.840.113549.1.9.3")
+_OID_MESSAGE_DIGEST = der.oid("1.2.840.113549.1.9.4")
+_OID_SIGNING_TIME = der.oid("1.2.840.113549.1.9.5")
+# RFC 5754 §2: SHA-2 AlgorithmIdentifiers with parameters absent (as in RFC 8995 App. C);
+# RFC 5758 §3.2: ecdsa-with-SHA* with parameters absent.
+_DIGEST_OIDS_BY_NAME = {
+    "sha256": "2.16.840.1.101.3.4.2.1",
+    "sha384": "2.16.840.1.101.3.4.2.2",
+    "sha512": "2.16.840.1.101.3.4.2.3",
+}
+_SIG_OIDS_BY_NAME = {
+    "sha256_ecdsa": "1.2.840.10045.4.3.2",
+    "sha384_ecdsa": "1.2.840.10045.4.3.3",
+    "sha512_ecdsa": "1.2.840.10045.4.3.4",
+}
+_KNOWN_OIDS = {der.oid(dotted): dotted for dotted in (ANIMA_JSON_VOUCHER, DATA)}
+_DIGEST_ALG_TLVS = frozenset(
+    der.tlv(der.SEQUENCE, der.oid(dotted)) for dotted in _DIGEST_OIDS_BY_NAME.values()
+)
+
 
 SigningKey = ec.EllipticCurvePrivateKey
 
@@ -92,8 +115,15 @@ def parse(der: bytes, *, content_types: frozenset[str] = ACCEPTED_CONTENT_TYPES)
         raise DecodeError("CMS input must be bytes")
     if len(der) > MAX_SIZE:
         raise DecodeError(f"CMS larger than {MAX_SIZE} bytes")
+    der = bytes(der)
     try:
-        return _parse(bytes(der), content_types)
+        fast = _parse_canonical(der, content_types)
+    except (der_codec.DerError, ValueError, IndexError, KeyError):
+        fast = None
+    if fast is not None:
+        return fast
+    try:
+        return _parse(der, content_types)
     except DecodeError:
         raise
     except Exception as exc:  # asn1crypto parses lazily and raises ValueError,
@@ -134,6 +164,161 @@ def _parse(der: bytes, content_types: frozenset[str]) -> SignedData:
     if len(signer_infos) != 1:
         raise DecodeError(f"a voucher has exactly one signer, this CMS has {len(signer_infos)}")
     return SignedData(version, econtent_type, content, tuple(certs), _signer(signer_infos[0]))
+
+
+# Names asn1crypto gives these OIDs, so both parsers fill SignerInfo alike.
+_DIGEST_NAMES = {der.oid(dotted): name for name, dotted in _DIGEST_OIDS_BY_NAME.items()}
+_SIG_NAMES = {der.oid(dotted): name for name, dotted in _SIG_OIDS_BY_NAME.items()}
+_ATTR_NAMES = {
+    der.oid("1.2.840.113549.1.9.3"): "content_type",
+    der.oid("1.2.840.113549.1.9.4"): "message_digest",
+    der.oid("1.2.840.113549.1.9.5"): "signing_time",
+}
+
+
+def _parse_canonical(data: bytes, content_types: frozenset[str]) -> SignedData | None:
+    """The common case read straight from the DER: one signer named by issuer and serial,
+    the three usual signed attributes, known algorithms, plain certificates, no CRLs. Returns
+    None (or raises DerError) for anything else, which asn1crypto then reads and judges; this
+    accepts nothing asn1crypto would refuse."""
+    tlvs = der.items(data, 0, len(data))
+    if len(tlvs) != 1 or tlvs[0][0] != der.SEQUENCE:
+        return None
+    info = der.items(data, tlvs[0][2], tlvs[0][3])
+    if len(info) != 2 or data[info[0][1] : info[1][1]] != _OID_SIGNED_DATA or info[1][0] != 0xA0:
+        return None
+    outer = der.items(data, info[1][2], info[1][3])
+    if len(outer) != 1 or outer[0][0] != der.SEQUENCE:
+        return None
+    fields = der.items(data, outer[0][2], outer[0][3])
+    if len(fields) != 5 or [f[0] for f in fields] != [der.INTEGER, der.SET, der.SEQUENCE, 0xA0,
+                                                        der.SET]:  # fmt: skip
+        return None
+    version = _small_int(data, fields[0])
+    for alg in der.items(data, fields[1][2], fields[1][3]):
+        if data[alg[1] : alg[3]] not in _DIGEST_ALG_TLVS:
+            return None
+    encap = der.items(data, fields[2][2], fields[2][3])
+    if len(encap) != 2 or encap[0][0] != der.OID or encap[1][0] != 0xA0:
+        return None
+    econtent_type = _dotted(data[encap[0][1] : encap[0][3]])
+    if econtent_type is None:
+        return None
+    if econtent_type not in content_types:
+        what = "a JSON voucher" if content_types is ACCEPTED_CONTENT_TYPES else "accepted here"
+        raise DecodeError(f"eContentType {econtent_type} is not {what}")
+    octets = der.items(data, encap[1][2], encap[1][3])
+    if len(octets) != 1 or octets[0][0] != der.OCTET_STRING:
+        return None
+    content = data[octets[0][2] : octets[0][3]]
+    certs = []
+    for tag, start, _, end in der.items(data, fields[3][2], fields[3][3]):
+        if tag != der.SEQUENCE:
+            return None
+        certs.append(load_certificate(data[start:end], "a CMS certificate"))
+    infos = der.items(data, fields[4][2], fields[4][3])
+    if len(infos) != 1 or infos[0][0] != der.SEQUENCE:
+        return None
+    signer = _signer_canonical(data, infos[0], certs)
+    if signer is None:
+        return None
+    return SignedData(version, econtent_type, content, tuple(certs), signer)
+
+
+def _signer_canonical(
+    data: bytes, si: tuple[int, int, int, int], certs: Sequence[x509.Certificate]
+) -> SignerInfo | None:
+    fields = der.items(data, si[2], si[3])
+    if [f[0] for f in fields] != [der.INTEGER, der.SEQUENCE, der.SEQUENCE, 0xA0, der.SEQUENCE,
+                                  der.OCTET_STRING]:  # fmt: skip
+        return None
+    if _small_int(data, fields[0]) != 1:
+        return None
+    sid = der.items(data, fields[1][2], fields[1][3])
+    if len(sid) != 2 or sid[0][0] != der.SEQUENCE or sid[1][0] != der.INTEGER:
+        return None
+    serial_bytes = data[sid[1][2] : sid[1][3]]
+    if not serial_bytes or (len(serial_bytes) > 1 and serial_bytes[0] in (0, 0xFF)
+                            and (serial_bytes[0] ^ serial_bytes[1]) & 0x80 == 0):  # fmt: skip
+        return None  # empty or non-minimal INTEGER
+    digest = _DIGEST_NAMES.get(_algorithm_oid(data, fields[2]))
+    sig_name = _SIG_NAMES.get(_algorithm_oid(data, fields[4]))
+    if digest is None or sig_name is None:
+        return None
+    found: dict[str, bytes] = {}
+    for tag, _start, cstart, end in der.items(data, fields[3][2], fields[3][3]):
+        attr = der.items(data, cstart, end)
+        if tag != der.SEQUENCE or len(attr) != 2 or attr[1][0] != der.SET:
+            return None
+        name = _ATTR_NAMES.get(data[attr[0][1] : attr[0][3]])
+        values = der.items(data, attr[1][2], attr[1][3])
+        if name is None or name in found or len(values) != 1:
+            return None
+        found[name] = data[values[0][1] : values[0][3]]
+    if "content_type" not in found or "message_digest" not in found:
+        return None
+    ctype = der.items(found["content_type"], 0, len(found["content_type"]))[0]
+    digest_value = der.items(found["message_digest"], 0, len(found["message_digest"]))[0]
+    if ctype[0] != der.OID or digest_value[0] != der.OCTET_STRING:
+        return None
+    content_type = _dotted(found["content_type"])
+    signing_time = _time(found["signing_time"]) if "signing_time" in found else None
+    if content_type is None or ("signing_time" in found and signing_time is None):
+        return None
+    issuer_der = data[sid[0][1] : sid[0][3]]
+    issuer = ax509.Name.load(issuer_der, strict=True)
+    if not any(_issuer_and_serial(c)[1] == issuer_der for c in certs):
+        # The same check the general parser makes; a name that is byte for byte the issuer
+        # of a carried certificate has been read in full already (load_certificate).
+        issuer.native  # noqa: B018
+    signed = data[fields[3][1] : fields[3][3]]
+    return SignerInfo(
+        issuer=issuer,
+        serial=int.from_bytes(serial_bytes, "big", signed=True),
+        subject_key_id=None,
+        digest_algorithm=digest,
+        signature_algorithm=sig_name,
+        signed_attrs=b"\x31" + signed[1:],
+        signature=data[fields[5][2] : fields[5][3]],
+        content_type=content_type,
+        message_digest=found["message_digest"][digest_value[2] : digest_value[3]],
+        signing_time=signing_time,
+    )
+
+
+def _small_int(data: bytes, field: tuple[int, int, int, int]) -> int:
+    body = data[field[2] : field[3]]
+    if len(body) != 1 or body[0] > 5:
+        raise der_codec.DerError("not a small version number")
+    return body[0]
+
+
+def _algorithm_oid(data: bytes, field: tuple[int, int, int, int]) -> bytes | None:
+    parts = der.items(data, field[2], field[3])
+    if len(parts) != 1 or parts[0][0] != der.OID:  # parameters absent, as we emit
+        return None
+    return data[parts[0][1] : parts[0][3]]
+
+
+def _dotted(encoded: bytes) -> str | None:
+    """The dotted form of a DER OID, for the ones this module names (others: None)."""
+    return _KNOWN_OIDS.get(encoded)
+
+
+def _time(encoded: bytes) -> datetime | None:
+    tag, start, end = der.read(encoded, 0, len(encoded))
+    text = encoded[start:end]
+    if tag == der.UTC_TIME and len(text) == 13 and text.endswith(b"Z") and text[:12].isdigit():
+        year = int(text[:2])
+        year += 2000 if year < 50 else 1900
+        rest = text[2:12]
+    elif (tag == der.GENERALIZED_TIME and len(text) == 15 and text.endswith(b"Z")
+          and text[:14].isdigit()):  # fmt: skip
+        year, rest = int(text[:4]), text[4:14]
+    else:
+        return None
+    nums = [int(rest[i : i + 2]) for i in range(0, 10, 2)]
+    return datetime(year, *nums, tzinfo=UTC)
 
 
 def _signer(si: acms.SignerInfo) -> SignerInfo:
@@ -193,6 +378,8 @@ def _is_signer(cert: x509.Certificate, signer: SignerInfo) -> bool:
     if cert.serial_number != signer.serial or signer.issuer is None:
         return False
     try:
+        if _issuer_and_serial(cert)[1] == signer.issuer.dump():
+            return True  # the same bytes: the usual case, and no need for asn1crypto's rules
         issuer = ax509.Certificate.load(cert.public_bytes(serialization.Encoding.DER)).issuer
         # asn1crypto compares names as RFC 5280 §7.1 says (case, spaces, string types)
         return issuer.dump() == signer.issuer.dump() or issuer == signer.issuer
@@ -260,70 +447,64 @@ def sign(
     message_digest = _digest(_DIGESTS[digest_name](), content)
     when = signing_time.astimezone(UTC).replace(microsecond=0)
     # RFC 5652 §11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
-    time_choice = "utc_time" if 1950 <= when.year < 2050 else "general_time"
-    attrs = acms.CMSAttributes(
-        [
-            {"type": "content_type", "values": [econtent_type]},
-            {"type": "signing_time", "values": [acms.Time({time_choice: when})]},
-            {"type": "message_digest", "values": [message_digest]},
-        ]
+    if 1950 <= when.year < 2050:
+        time_tlv = der.tlv(der.UTC_TIME, when.strftime("%y%m%d%H%M%SZ").encode())
+    else:
+        time_tlv = der.tlv(der.GENERALIZED_TIME, f"{when.year:04d}".encode()
+                           + when.strftime("%m%d%H%M%SZ").encode())  # fmt: skip
+    # Written directly rather than through asn1crypto objects (the same DER; the App. C
+    # vectors pin it): building them cost some 25 times the ECDSA signature.
+    econtent_oid = der.oid(econtent_type)
+    attrs = der.set_of(
+        der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE, der.tlv(der.SET, econtent_oid)),
+        der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv)),
+        der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
+                der.tlv(der.SET, der.tlv(der.OCTET_STRING, message_digest))),
+    )  # fmt: skip
+    signature = key.sign(attrs, ec.ECDSA(_DIGESTS[digest_name]()))
+    digest_alg = der.tlv(der.SEQUENCE, der.oid(_DIGEST_OIDS_BY_NAME[digest_name]))
+    signer_info = der.tlv(
+        der.SEQUENCE,
+        der.integer(1),
+        _issuer_and_serial(signer_cert)[0],
+        digest_alg,
+        b"\xa0" + attrs[1:],  # [0] IMPLICIT SET OF
+        der.tlv(der.SEQUENCE, der.oid(_SIG_OIDS_BY_NAME[sig_name])),
+        der.tlv(der.OCTET_STRING, signature),
     )
-    to_sign = attrs.dump()  # asn1crypto sorts SET OF members: DER
-    signature = key.sign(to_sign, ec.ECDSA(_DIGESTS[digest_name]()))
-    cert_der = signer_cert.public_bytes(serialization.Encoding.DER)
-    parsed = ax509.Certificate.load(cert_der)
-    signer_info = acms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": acms.SignerIdentifier(
-                {
-                    "issuer_and_serial_number": {
-                        "issuer": parsed.issuer,
-                        "serial_number": parsed.serial_number,
-                    }
-                }
-            ),
-            "digest_algorithm": _digest_algorithm(digest_name),
-            "signed_attrs": attrs,
-            "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": sig_name}),
-            "signature": signature,
-        }
+    signed_data = der.tlv(
+        der.SEQUENCE,
+        # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
+        der.integer(1 if econtent_type == DATA else 3),
+        der.tlv(der.SET, digest_alg),
+        der.tlv(der.SEQUENCE, econtent_oid, der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
+        der.tlv(0xA0, *(_issuer_and_serial(c)[2] for c in certs)),
+        der.tlv(der.SET, signer_info),
     )
-    signed_data = acms.SignedData(
-        {
-            # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
-            "version": "v1" if econtent_type == DATA else "v3",
-            "digest_algorithms": [_digest_algorithm(digest_name)],
-            "encap_content_info": {
-                "content_type": econtent_type,
-                # asn1crypto types id-data's eContent as OctetString, unknown types as
-                # ParsableOctetString; both encode the same OCTET STRING.
-                "content": (
-                    core.OctetString if econtent_type == DATA else core.ParsableOctetString
-                )(content),
-            },
-            # Loaded as the CHOICE itself: handing asn1crypto parsed Certificates makes it
-            # copy and re-encode each one, which tripled the signing time.
-            "certificates": [
-                acms.CertificateChoices.load(c.public_bytes(serialization.Encoding.DER))
-                for c in certs
-            ],
-            "signer_infos": [signer_info],
-        }
-    )
-    return acms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
+    return der.tlv(der.SEQUENCE, _OID_SIGNED_DATA, der.tlv(0xA0, signed_data))
 
 
-class _AlgorithmWithoutParameters(core.Sequence):
-    _fields: ClassVar[list[tuple[str, type]]] = [("algorithm", algos.DigestAlgorithmId)]
+_ISSUER_AND_SERIAL: dict[x509.Certificate, tuple[bytes, bytes, bytes]] = {}  # equal = same DER
 
 
-def _digest_algorithm(name: str) -> algos.DigestAlgorithm:
-    # RFC 5754 §2: SHA-2 AlgorithmIdentifiers MUST be generated with parameters absent (as
-    # in RFC 8995 App. C); asn1crypto's DigestAlgorithm forces NULL when built, not when
-    # loaded, hence the detour through DER.
-    der = _AlgorithmWithoutParameters({"algorithm": name}).dump()
-    return algos.DigestAlgorithm.load(der)
+def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
+    """(IssuerAndSerialNumber, issuer Name, the certificate's DER), the Name exactly as the
+    certificate has it. Kept per certificate: cryptography re-serialises on each call."""
+    known = _ISSUER_AND_SERIAL.get(cert)
+    if known is None:
+        cert_der = cert.public_bytes(serialization.Encoding.DER)
+        _, start, end = der.read(cert_der, 0, len(cert_der))
+        _, tbs_start, tbs_end = der.read(cert_der, start, end)
+        fields = der.items(cert_der, tbs_start, tbs_end)
+        if fields[0][0] == 0xA0:  # [0] EXPLICIT version
+            fields = fields[1:]
+        serial, issuer = fields[0], fields[2]
+        name = cert_der[issuer[1] : issuer[3]]
+        known = der.tlv(der.SEQUENCE, name, cert_der[serial[1] : serial[3]]), name, cert_der
+        if len(_ISSUER_AND_SERIAL) >= 256:  # a bound; a MASA has a handful of signers
+            _ISSUER_AND_SERIAL.clear()
+        _ISSUER_AND_SERIAL[cert] = known
+    return known
 
 
 def _signer_cert(key: SigningKey, certs: Sequence[x509.Certificate]) -> x509.Certificate:

@@ -51,6 +51,7 @@ _ECDSA: dict[int, tuple[type[algorithms.CoseAlgorithm], type[hashes.HashAlgorith
     ES512: (algorithms.Es512, hashes.SHA512, "secp521r1"),
 }
 _ALG_BY_CURVE = {curve: alg for alg, (_, _, curve) in _ECDSA.items()}
+_PROTECTED = {alg: cbor2.dumps({ALG: alg}) for alg in _ECDSA}  # what pycose emits: {1: alg}
 SUPPORTED_ALGS = frozenset({*_ECDSA, EDDSA})
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -146,10 +147,10 @@ def sign(
         raise UsageError("kid must be bytes")
     uhdr: dict[Any, Any] = {}
     if kid is not None:
-        uhdr[headers.KID] = kid
+        uhdr[KID] = kid
     if x5bag:
         ders = [c.public_bytes(serialization.Encoding.DER) for c in x5bag]
-        uhdr[headers.X5bag] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
+        uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
     if isinstance(key, ed25519.Ed25519PrivateKey):
         msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr, payload=payload)
         msg.key = OKPKey(crv=Ed25519, x=_raw_public(key), d=_raw_private(key))
@@ -159,11 +160,14 @@ def sign(
     alg = _ALG_BY_CURVE.get(key.curve.name)
     if alg is None:
         raise UsageError(f"unsupported curve {key.curve.name}")
-    alg_cls, hash_cls, _ = _ECDSA[alg]
-    msg = Sign1Message(phdr={headers.Algorithm: alg_cls}, uhdr=uhdr, payload=payload)
-    der = key.sign(_sig_structure(msg.phdr_encoded, payload), ec.ECDSA(hash_cls()))
-    msg.signature = _der_to_raw(der, _coordinate_size(key.curve))
-    return _encode(msg, sign=False)
+    _, hash_cls, _ = _ECDSA[alg]
+    # Encoded here rather than through pycose (same bytes: tag 18, the protected map, the
+    # unprotected map in kid, x5bag order): pycose's header and message objects cost twice
+    # the signature itself.
+    protected = _PROTECTED[alg]
+    der = key.sign(_sig_structure(protected, payload), ec.ECDSA(hash_cls()))
+    item = [protected, uhdr, payload, _der_to_raw(der, _coordinate_size(key.curve))]
+    return cbor2.dumps(cbor2.CBORTag(SIGN1_TAG, item))
 
 
 def without_x5(data: bytes) -> bytes:

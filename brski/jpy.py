@@ -130,6 +130,7 @@ class PledgeEndpoint:
 _PLAIN = struct.Struct(">BIH8s")
 PLAINTEXT_SIZE = _PLAIN.size
 _LINK_LOCAL_PREFIX = bytes.fromhex("fe80000000000000")
+_LINK_LOCAL_INT = int.from_bytes(_LINK_LOCAL_PREFIX, "big") << 64
 
 
 def _pack(pledge: PledgeEndpoint) -> bytes:
@@ -140,18 +141,47 @@ def _pack(pledge: PledgeEndpoint) -> bytes:
         if raw[:8] != _LINK_LOCAL_PREFIX:
             # Peer input (the datagram's source), not a local mistake: the relay counts it.
             raise ValidationError(f"pledge address {pledge.address} is not in fe80::/64")
-        return _PLAIN.pack(Family.IPV6, pledge.ifindex, pledge.port, raw[8:])
+        return _PLAIN.pack(0, pledge.ifindex, pledge.port, raw[8:])  # Family.IPV6
     return _PLAIN.pack(Family.IPV4, pledge.ifindex, pledge.port, raw + bytes(4))
 
 
+def _endpoint(address: IPv6Address, port: int, ifindex: int) -> PledgeEndpoint:
+    """A PledgeEndpoint from fields whose ranges the 15-byte layout already guarantees (a
+    uint16 port checked non-zero, a uint32 ifindex, an IPv6Address): __post_init__'s checks,
+    meant for callers' values, would repeat them on every datagram."""
+    endpoint = object.__new__(PledgeEndpoint)
+    object.__setattr__(endpoint, "address", address)
+    object.__setattr__(endpoint, "port", port)
+    object.__setattr__(endpoint, "ifindex", ifindex)
+    return endpoint
+
+
+# Authenticated plaintexts already turned into endpoints: a flow's header, and so its
+# plaintext, is the same for every datagram. Bounded; the AEAD still checks every header.
+_UNPACKED: dict[bytes, PledgeEndpoint] = {}
+_UNPACKED_MAX = 4096
+
+
 def _unpack(plain: bytes) -> PledgeEndpoint:
+    known = _UNPACKED.get(plain)
+    if known is not None:
+        return known
+    endpoint = _unpack_fields(plain)
+    if len(_UNPACKED) >= _UNPACKED_MAX:
+        _UNPACKED.clear()
+    _UNPACKED[plain] = endpoint
+    return endpoint
+
+
+def _unpack_fields(plain: bytes) -> PledgeEndpoint:
     # Reaching here means the tag verified, so a bad field is our own bug or a leaked key;
     # still an error, never a crash.
     family, ifindex, port, addr = _PLAIN.unpack(plain)
     if port == 0:
         raise DecodeError("sealed header holds UDP port 0")
-    if family == Family.IPV6:
-        return PledgeEndpoint(IPv6Address(_LINK_LOCAL_PREFIX + addr), port, ifindex)
+    if family == 0:  # Family.IPV6
+        return _endpoint(IPv6Address(_LINK_LOCAL_INT | int.from_bytes(addr, "big")), port,
+                         ifindex)  # fmt: skip
     if family == Family.IPV4 and addr[4:] == bytes(4):
         return PledgeEndpoint(IPv4Address(addr[:4]), port, ifindex)
     raise DecodeError("sealed header has a bad family or IPv4 padding")
@@ -221,6 +251,12 @@ class _KeyRing(Generic[Slot]):
 class _SivSlot:
     key_id: int
     aead: AESSIV
+    kid: bytes = b""  # the key id byte, and it as AESSIV's associated data: made once
+    associated: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kid = bytes([self.key_id])
+        self.associated = [self.kid]
 
 
 class FlowHeaderSealer:
@@ -254,8 +290,7 @@ class FlowHeaderSealer:
 
     def seal(self, pledge: PledgeEndpoint) -> bytes:
         slot = self._keys.current
-        kid = bytes([slot.key_id])
-        return kid + slot.aead.encrypt(_pack(pledge), [kid])
+        return slot.kid + slot.aead.encrypt(_pack(pledge), slot.associated)
 
     def open(self, header: bytes) -> PledgeEndpoint:
         """The pledge a header was sealed for. Wrong size: DecodeError; key id neither current
@@ -266,7 +301,7 @@ class FlowHeaderSealer:
             raise DecodeError(f"header is {len(header)} bytes, expected {self.HEADER_SIZE}")
         slot = self._keys.find(header[0])
         try:
-            plain = slot.aead.decrypt(header[1:], [header[:1]])
+            plain = slot.aead.decrypt(header[1:], slot.associated)
         except InvalidTag as exc:
             raise SignatureError("header does not authenticate") from exc
         return _unpack(plain)

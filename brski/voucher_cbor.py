@@ -51,7 +51,7 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
     if not isinstance(container, dict):
         raise DecodeError("voucher container is not a CBOR map")
 
-    by_sid = {leaf.sid(cls.IS_REQUEST): leaf for leaf in LEAVES}
+    by_sid = _BY_SID[cls.IS_REQUEST]
     values: dict[str, Any] = {}
     texts: dict[str, str] = {}
     unknown: list[tuple[Any, Any]] = []
@@ -87,6 +87,11 @@ def encode_cbor(artifact: VoucherArtifact) -> bytes:
         return cbor2.dumps({top: body})
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:  # unknown_cbor odd values
         raise DecodeError(f"cannot re-encode voucher: {exc}") from exc
+
+
+_BY_SID: dict[bool, dict[int | None, Leaf]] = {
+    request: {leaf.sid(request): leaf for leaf in LEAVES} for request in (False, True)
+}
 
 
 def _leaf_for(key: Any, cls: type[VoucherArtifact], by_sid: dict[int | None, Leaf]) -> Leaf | None:

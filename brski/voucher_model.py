@@ -95,7 +95,7 @@ class Leaf:
 
     @property
     def attr(self) -> str:
-        return self.name.replace("-", "_")
+        return _ATTRS[self.name]
 
     def sid(self, request: bool) -> int | None:
         return self.request_sid if request else self.voucher_sid
@@ -133,6 +133,7 @@ LEAVES: tuple[Leaf, ...] = tuple(
     )
 )
 LEAF_BY_NAME: Mapping[str, Leaf] = MappingProxyType({leaf.name: leaf for leaf in LEAVES})
+_ATTRS = {leaf.name: leaf.name.replace("-", "_") for leaf in LEAVES}
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,7 @@ class VoucherArtifact(abc.ABC):
     @classmethod
     def leaves(cls) -> tuple[Leaf, ...]:
         """The leaves valid in this artifact, in SID order."""
-        valid = [lf for lf in LEAVES if (lf.in_request if cls.IS_REQUEST else lf.in_voucher)]
-        return tuple(sorted(valid, key=lambda leaf: leaf.sid(cls.IS_REQUEST) or 0))
+        return _LEAVES_OF[cls.IS_REQUEST]
 
     @property
     def top_name(self) -> str:
@@ -349,15 +349,7 @@ def build(cls: type[VoucherArtifact], values: dict[str, Any], wire: WireForm) ->
 def check_type(leaf: Leaf, value: Any) -> None:
     """Callers may build artifacts by hand: catch wrong Python types (UsageError) before
     encoding. Decoded artifacts always pass."""
-    expected: tuple[type, ...] = {
-        LeafType.ASSERTION: (Assertion,),
-        LeafType.BINARY: (bytes,),
-        LeafType.BOOLEAN: (bool,),
-        LeafType.DATETIME: (datetime,),
-        LeafType.EXTENSIONS: (tuple,),
-        LeafType.STRING: (str,),
-    }[leaf.type]
-    if not isinstance(value, expected):
+    if not isinstance(value, _PY_TYPES[leaf.name]):
         raise UsageError(f"{leaf.name} must be {leaf.type.value}, got {type(value).__name__}")
     if leaf.type is LeafType.DATETIME and value.tzinfo is None:
         raise UsageError(f"{leaf.name} must be timezone-aware")
@@ -367,6 +359,27 @@ def check_type(leaf: Leaf, value: Any) -> None:
                 raise UsageError("extensions holds uint64 or string items only")
             if isinstance(item, int) and not 0 <= item < 2**64:
                 raise UsageError("extensions SID out of uint64 range")
+
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    leaf.name: {
+        LeafType.ASSERTION: (Assertion,),
+        LeafType.BINARY: (bytes,),
+        LeafType.BOOLEAN: (bool,),
+        LeafType.DATETIME: (datetime,),
+        LeafType.EXTENSIONS: (tuple,),
+        LeafType.STRING: (str,),
+    }[leaf.type]
+    for leaf in LEAVES
+}
+# The leaves of each artifact kind (key: IS_REQUEST), in SID order; worked out once.
+_LEAVES_OF: dict[bool, tuple[Leaf, ...]] = {
+    request: tuple(sorted(
+        (lf for lf in LEAVES if (lf.in_request if request else lf.in_voucher)),
+        key=lambda leaf, request=request: leaf.sid(request) or 0,
+    ))
+    for request in (False, True)
+}
 
 
 def _require_cert(name: str, der: bytes) -> x509.Certificate:

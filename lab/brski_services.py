@@ -161,10 +161,12 @@ class Services:
 
     @contextmanager
     def store(self, role: str) -> Iterator[Store]:
-        """The registrar's or the MASA's SQLite store (registrar.store.Store)."""
+        """The registrar's or the MASA's store (registrar.store.Store): its SQLite file, or
+        the PostgreSQL database the configuration names."""
         from registrar.store import Store
 
-        with Store(self.work / f"{role}.db", role) as store:
+        url = self.config.get("store_url" if role == "registrar" else "masa_store_url")
+        with Store(url or self.work / f"{role}.db", role) as store:
             yield store
 
     def issued(self) -> set[str]:

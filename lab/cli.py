@@ -3,7 +3,7 @@
     joinproxy-lab up [--pledges N] [--registrars M] [--join-links K] [--join-ula]
     joinproxy-lab status
     joinproxy-lab down
-    joinproxy-lab demo
+    joinproxy-lab demo [--registrars 2]
 """
 
 import argparse
@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--join-ula", action="store_true", help="give join links a ULA prefix")
     sub.add_parser("status", help="list labs and their namespaces and addresses")
     sub.add_parser("down", help="remove every persistent lab and every stale one")
-    sub.add_parser("demo", help="bring up a lab, run the demo, tear it down")
+    demo_cmd = sub.add_parser("demo", help="bring up a lab, run the demo, tear it down")
+    demo_cmd.add_argument("--registrars", type=int, choices=(1, 2), default=1,
+                          help="2: one domain served by two registrars sharing a PostgreSQL "
+                               "store, behind two join proxies (lab.demo_cluster)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
     signal.signal(signal.SIGHUP, _raise_exit)
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             return _status()
         if args.command == "down":
             return _down()
+        if args.registrars == 2:
+            from . import demo_cluster
+            return demo_cluster.run()
         return demo.run()
     except LabError as exc:
         print(f"joinproxy-lab: {exc}", file=sys.stderr)

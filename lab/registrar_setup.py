@@ -53,6 +53,8 @@ def write_configs(
     ipip: Mapping[str, object] | None = None,
     coaps_listen: str | None = None,
     jpy_listen: str | None = None,
+    store_url: str | None = None,
+    masa_store_url: str | None = None,
 ) -> tuple[Path, Path]:
     """Write ``registrar.toml`` and ``masa.toml`` into ``out_dir``; return their paths.
 
@@ -87,9 +89,13 @@ def write_configs(
     ``"[::1]:5684"`` (None: off). ``jpy_listen``: its JPY UDP address, where stateless join
     proxies send (``[jpy] listen``, e.g. ``"[::]:5685"``; None: off).
 
-    Databases go to ``out_dir/registrar.db`` and ``out_dir/masa.db``; the registrar's TLS chain
-    (registrar certificate then domain CA) to ``out_dir/registrar-chain.pem``, the MASA's
-    voucher-signing chain (signer then MASA CA) to ``out_dir/masa-signer-chain.pem``.
+    ``store_url`` / ``masa_store_url``: a ``postgresql://`` database for the registrar's /
+    the MASA's store (``[store] url``) instead of an SQLite file.
+
+    Databases go to ``out_dir/registrar.db`` and ``out_dir/masa.db`` (unless a URL is given);
+    the registrar's TLS chain (registrar certificate then domain CA) to
+    ``out_dir/registrar-chain.pem``, the MASA's voucher-signing chain (signer then MASA CA)
+    to ``out_dir/masa-signer-chain.pem``.
     """
     pki = Path(pki_dir).resolve()
     out = Path(out_dir).resolve()
@@ -142,7 +148,7 @@ def write_configs(
         f"address = {_q(masa_address)}",
         "",
         "[store]",
-        f"path = {_q(out / 'registrar.db')}",
+        f"url = {_q(store_url)}" if store_url else f"path = {_q(out / 'registrar.db')}",
         "",
         "[announce]",
         f"interfaces = {_list(announce_interfaces)}",
@@ -188,7 +194,7 @@ def write_configs(
         f"nonceless = {_bool(nonceless)}",
         "",
         "[store]",
-        f"path = {_q(out / 'masa.db')}",
+        f"url = {_q(masa_store_url)}" if masa_store_url else f"path = {_q(out / 'masa.db')}",
         "",
         "[log]",
         f"level = {_q(log_level)}",

@@ -75,8 +75,8 @@ async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
     rvr = build_rvr(req, now)
     signed = sign_voucher_cms(rvr, reg.config.tls_key,  # type: ignore[arg-type]
                               reg.rvr_certificates, now)
-    record = reg.store.find_voucher_request(req.sha256)
-    request_id = record.id if record is not None else reg.store.add_voucher_request(
+    # One record per pledge request across the domain's registrars (a retry may land on another).
+    request_id = reg.store.find_or_add_voucher_request(
         req.serial, req.sha256, req.signed, signed, req.nonce_text, "pending")
     try:
         answer = await reg.masa.request_voucher(masa_url, signed)

@@ -1,6 +1,7 @@
 """brski-registrar: run the registrar (see ``registrar.config`` for the configuration keys).
 
     brski-registrar --config registrar.toml [--check-config] [--ipip]
+    brski-registrar store export|import|check ...   (registrar.store_transfer)
 
 ``--ipip`` turns on the termination of the stateless IPIP join proxy (``[ipip]`` in the
 configuration, documented in ``registrar.ipip_config``; the protocol in ``registrar.ipip``).
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["cojp"]:  # the operator's commands for the JRC's pledges (registrar.cojp_cli)
         from .cojp_cli import main as cojp_main
         return cojp_main(argv[1:])
+    if argv[:1] == ["store"]:  # export/import/check the store (registrar.store_transfer)
+        from .store_transfer import main as store_main
+        return store_main(argv[1:], "registrar", load_registrar_config)
     pre = argparse.ArgumentParser(add_help=False)
     ipip_option(pre)
     known, _ = pre.parse_known_args(argv)

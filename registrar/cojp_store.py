@@ -13,8 +13,8 @@ every replay window update MUST be written. Each update here is its own committe
   resent as is when the same request comes again (its response was lost, and a stateless join
   proxy turns the pledge's CoAP retransmission into a new message the replay window refuses).
 
-The tables are the JRC's own and are created on first use (``CREATE TABLE IF NOT EXISTS``),
-beside the registrar's versioned schema, which they do not touch.
+The table is part of the store's versioned schema (``registrar.store``, version 2), on SQLite
+and PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -27,28 +27,6 @@ from .store import Store, utc_text
 SSN_STEP = 32  # sequence numbers reserved per store write (RFC 8613 App. B.1.1's K)
 FIRST_SHORT_ID = 1
 LAST_SHORT_ID = 0xFFFD  # 0xfffe and 0xffff mean "no short address" in IEEE 802.15.4
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cojp_pledges (
-    pledge_id BLOB PRIMARY KEY,
-    psk BLOB,
-    edhoc_kid BLOB UNIQUE,
-    edhoc_credential BLOB,
-    added_at TEXT NOT NULL,
-    short_id INTEGER NOT NULL UNIQUE,
-    ssn_reserved INTEGER NOT NULL DEFAULT 0,
-    window_index INTEGER NOT NULL DEFAULT 0,
-    window_bits INTEGER NOT NULL DEFAULT 0,
-    last_piv BLOB,
-    last_request_sha256 BLOB,
-    last_response BLOB,
-    joins INTEGER NOT NULL DEFAULT 0,
-    last_join TEXT,
-    network_id BLOB,
-    role INTEGER
-)
-"""
-
 
 class CojpStoreError(Exception):
     """An operator-level problem (a pledge known twice, no short identifier left)."""
@@ -86,8 +64,6 @@ class CojpStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        with store.transaction() as db:
-            db.execute(_SCHEMA)
 
     def add_pledge(self, pledge_id: bytes, psk: bytes | None, *, replace: bool = False,
                    edhoc_kid: bytes | None = None,
@@ -167,8 +143,9 @@ class CojpStore:
 
     def reserve_ssn(self, pledge_id: bytes, reserved: int) -> None:
         with self.store.transaction() as db:
-            db.execute("UPDATE cojp_pledges SET ssn_reserved = max(ssn_reserved, ?) "
-                       "WHERE pledge_id = ?", (reserved, pledge_id))
+            # Only ever forward (SQLite's max() of two values is not PostgreSQL's).
+            db.execute("UPDATE cojp_pledges SET ssn_reserved = ? "
+                       "WHERE pledge_id = ? AND ssn_reserved < ?", (reserved, pledge_id, reserved))
 
     def save_join(self, pledge_id: bytes, piv: bytes | None, request_sha256: bytes | None,
                   response: bytes | None, network_id: bytes, role: int, *,

@@ -38,6 +38,8 @@ Every key, its default and its meaning. Relative paths are relative to the confi
 
     [store]
     path = "registrar.db"         # SQLite file (created if missing)
+    # url = "postgresql://brski@db/brski_registrar"  # or: PostgreSQL, shared by the domain's
+                                  # registrars (registrar.store_config; not both)
 
     [announce]
     interfaces = []               # interfaces to announce on; empty: no announcements
@@ -96,6 +98,7 @@ from .coap_discovery import COAP_PORT
 from .cojp_config import CojpConfig, load_cojp_config
 from .ipip_config import IpipConfig, load_ipip_config
 from .metrics import load_metrics_listen, metrics_address
+from .store_config import load_store_target
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -149,7 +152,7 @@ class RegistrarConfig:
     masa_timeout: float
     retry_after: int
     masa_overrides: dict[str, MasaRoute]
-    store_path: Path
+    store_path: Path | str  # an SQLite file, or a postgresql:// URL
     announce_interfaces: list[str]
     grasp: bool
     grasp_period: float
@@ -215,9 +218,7 @@ def load_registrar_config(path: Path, *, ipip: bool = False) -> RegistrarConfig:
                  .items()}
     masa.finish()
 
-    store = root.table("store")
-    store_path = store.new_file("path", "registrar.db")
-    store.finish()
+    store_path = load_store_target(root, "registrar.db")
 
     ann = root.table("announce")
     interfaces = ann.strings("interfaces", [])

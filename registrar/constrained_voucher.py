@@ -174,8 +174,8 @@ async def request_voucher_cose(reg: Registrar, pvr: bytes,
         return cose.without_x5(known.voucher)
     rvr = sign_rvr_cose(req, reg.config.tls_key, reg.rvr_certificates,  # type: ignore[arg-type]
                         idevid_chain, now)
-    record = reg.store.find_voucher_request(req.sha256)
-    request_id = record.id if record is not None else reg.store.add_voucher_request(
+    # One record per pledge request across the domain's registrars (a retry may land on another).
+    request_id = reg.store.find_or_add_voucher_request(
         req.serial, req.sha256, req.signed, rvr, req.nonce_text, "pending")
     try:
         got = await ask_masa_cose(reg.masa, req, rvr, now)

@@ -44,11 +44,13 @@ class DomainCA:
         now: datetime.datetime,
         idevid: x509.Certificate | None = None,
         renewing: x509.Certificate | None = None,
+        sequence: int | None = None,
     ) -> x509.Certificate:
         """An LDevID for ``csr``.
 
         ``idevid``: the pledge's authenticated IDevID (enroll); ``renewing``: the authenticated
         LDevID being renewed (re-enroll, RFC 7030 §4.2.2: the subject stays the same).
+        ``sequence``: the number the store handed out for this certificate (``serial_number``).
         """
         try:
             # cryptography parses CSR parts lazily: a malformed one raises ValueError or
@@ -67,9 +69,7 @@ class DomainCA:
             .subject_name(subject)
             .issuer_name(self.cert.subject)
             .public_key(public)
-            # RFC 5280 §4.1.2.2: positive, at most 20 octets; random so serials never collide
-            # across registrar restarts or replicas.
-            .serial_number(secrets.randbits(159) | 1)
+            .serial_number(serial_number(sequence))
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -127,6 +127,17 @@ class DomainCA:
         except Exception:  # InvalidSignature, or ValueError/TypeError for a foreign key type
             return False
         return True
+
+
+def serial_number(sequence: int | None) -> int:
+    """RFC 5280 §4.1.2.2: positive, at most 20 octets. The store's sequence number (unique
+    across the registrars sharing it) in the high bits, 64 random bits below it (so serials
+    are not guessable); without a sequence, 159 random bits."""
+    if sequence is None:
+        return secrets.randbits(159) | 1
+    if not 0 < sequence < 1 << 94:
+        raise ValueError(f"certificate sequence number {sequence} out of range")
+    return sequence << 64 | secrets.randbits(64)
 
 
 def _check_key(public: object) -> None:

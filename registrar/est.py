@@ -94,7 +94,8 @@ def issue_ldevid(reg: Registrar, csr: x509.CertificateSigningRequest, serial: st
                  renewing: x509.Certificate | None = None) -> x509.Certificate:
     """Issue and store an LDevID (HTTPS and CoAPS alike); ``Refusal`` 400 if the CA will not."""
     try:
-        cert = reg.ca.issue(csr, now=reg.now(), idevid=idevid, renewing=renewing)
+        cert = reg.ca.issue(csr, now=reg.now(), idevid=idevid, renewing=renewing,
+                            sequence=reg.store.next_cert_serial())
     except EnrollError as exc:
         raise Refusal(400, f"certificate request refused: {exc}") from exc
     reg.store.add_certificate(f"{cert.serial_number:x}", serial, cert.subject.rfc4514_string(),

@@ -39,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from brski import certs, cms, cose
-from brski.chain import verify_chain
+from brski.chain import directly_issued_by, verify_chain
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
     sign_voucher_cms,
@@ -275,8 +275,10 @@ class Masa:
         except SignatureError as exc:
             raise Refusal(403, f"registrar chain does not verify: {exc}") from exc
         spki = certs.spki_sha256(domain)
-        owner = self.store.claim_owner(req.serial, spki,
-                                       domain.public_bytes(serialization.Encoding.DER))
+        # A device asks again (a retry, a new nonce): a plain read answers; only a first claim
+        # needs the durable write transaction, which costs an fsync (claim_owner stays atomic).
+        owner = self.store.owner(req.serial) or self.store.claim_owner(
+            req.serial, spki, domain.public_bytes(serialization.Encoding.DER))
         if owner != spki:
             raise Refusal(403, f"device {req.serial} is already owned by another domain")
         return domain
@@ -364,11 +366,7 @@ def _chain_top(leaf: x509.Certificate,
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except Exception:  # InvalidSignature, ValueError, TypeError
-        return False
-    return True
+    return directly_issued_by(cert, issuer)
 
 
 def domain_id(cert: x509.Certificate) -> str:

@@ -1,4 +1,5 @@
-"""brski-masa: run the MASA (see ``registrar.masa_config`` for the configuration keys)."""
+"""brski-masa: run the MASA (see ``registrar.masa_config`` for the configuration keys);
+``brski-masa store export|import|check ...``: its store (``registrar.store_transfer``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ async def run(config: MasaConfig, metrics: ServiceMetrics) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["store"]:  # export/import/check the store (registrar.store_transfer)
+        from .store_transfer import main as store_main
+        return store_main(argv[1:], "masa", load_masa_config)
     return service.main("brski-masa", "BRSKI MASA (RFC 8995)", load_masa_config, run, argv)
 
 

@@ -37,6 +37,7 @@ Every key, its default and its meaning. Relative paths are relative to the confi
 
     [store]
     path = "masa.db"              # SQLite file: audit log and first-use ownership
+    # url = "postgresql://masa@db/brski_masa"  # or: PostgreSQL (registrar.store_config)
 
     [metrics]
     listen = ""                   # Prometheus /metrics, e.g. "[::1]:9467"; "" (default): off;
@@ -54,6 +55,7 @@ from pathlib import Path
 from cryptography import x509
 
 from .metrics import load_metrics_listen
+from .store_config import load_store_target
 from .tomlconfig import (
     ConfigError,
     ListenAddress,
@@ -87,7 +89,7 @@ class MasaConfig:
     assertion: str
     nonceless: bool
     lifetime: int
-    store_path: Path
+    store_path: Path | str  # an SQLite file, or a postgresql:// URL
     log_level: int
     metrics_listen: tuple[str, int] | None = None  # [metrics] listen (registrar.metrics)
 
@@ -133,9 +135,7 @@ def load_masa_config(path: Path) -> MasaConfig:
     lifetime = vouchers.integer("lifetime", 1200, minimum=10, maximum=366 * 86400)
     vouchers.finish()
 
-    store = root.table("store")
-    store_path = store.new_file("path", "masa.db")
-    store.finish()
+    store_path = load_store_target(root, "masa.db")
 
     level = log_level(root)
     metrics_listen = load_metrics_listen(root)

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: where the public test vectors are, and root checks."""
+"""Shared pytest fixtures: where the public test vectors are, root checks, a throw-away
+PostgreSQL cluster."""
 
 import os
 from pathlib import Path
@@ -26,3 +27,21 @@ def vectors() -> Path:
 def as_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the session (lab.pgcluster: unprivileged, in a temporary
+    directory, its own socket and port), stopped and removed at the end, failed or not."""
+    from lab.pgcluster import PgCluster
+    cluster = PgCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A new empty database in the session's cluster."""
+    return pg_cluster.new_database()

@@ -14,13 +14,24 @@ from dataclasses import replace
 
 import pytest
 
-from joinproxyd.config import Limits
+from joinproxyd.config import CircuitSettings, Limits
 from joinproxyd.metrics import Metrics
 from joinproxyd.model import JoinInterface, RegistrarEndpoint
 from joinproxyd.relays import RelayContext, mode_class
 from joinproxyd.relays.circuit import CircuitMode
 
 LOOPBACK = JoinInterface("lo", socket.if_nametoindex("lo"), "::1", (), ("circuit",), 0)
+
+
+# Every test runs with the circuits spliced in the kernel ([circuit] splice = on) and with
+# the asyncio relay (off); the harness reads which from here.
+SPLICE = {"setting": "off"}
+
+
+@pytest.fixture(autouse=True, params=["on", "off"])
+def splice(request: pytest.FixtureRequest) -> str:
+    SPLICE["setting"] = request.param
+    return request.param
 
 
 def free_port() -> int:
@@ -34,7 +45,8 @@ class Harness:
         self.limits = limits
         self.metrics = Metrics()
         ctx = RelayContext(self.metrics, lambda: self.limits, lambda: None,
-                           logging.getLogger("test"))
+                           logging.getLogger("test"),
+                           circuit=lambda: CircuitSettings(SPLICE["setting"]))
         self.mode = CircuitMode(ctx)
         self.iface = replace(LOOPBACK, port=free_port())
 
@@ -92,6 +104,9 @@ def test_bytes_relayed_both_ways_and_counted():
         assert await reader.readexactly(11) == b"ClientHello"
         assert h.mode.status()["active"] == 1
         assert h.mode.circuits()[0]["registrar"] == registrar.key
+        want = "splice" if SPLICE["setting"] == "on" else "asyncio"
+        assert h.mode.circuits()[0]["datapath"] == want
+        assert h.mode.status()["splice"]["running"] is (want == "splice")
         writer.close()
         await asyncio.sleep(0.2)
         assert h.mode.status()["active"] == 0
@@ -275,7 +290,9 @@ def test_close_drains_then_aborts_leftovers():
         await reader.readexactly(1)
         await h.mode.close(0.3)
         assert h.drops("shutdown") == 1
-        assert h.mode.status() == {"listeners": [], "registrar": registrar.key, "active": 0}
+        status = h.mode.status()
+        assert status.pop("splice")["spliced_now"] == 0
+        assert status == {"listeners": [], "registrar": registrar.key, "active": 0}
         server.close()
 
     run(scenario())

@@ -67,8 +67,10 @@ def daemon_bpf_objects() -> set[str]:
     nothing else."""
     from joinproxyd import datapath
     from joinproxyd.kernel import bpf
+    from joinproxyd.relays import circuit_splice  # loaded by the circuit relay itself
 
-    return {bpf.OBJECTS[name].file for name in (*datapath.OBJECTS, *datapath.OPTIONAL)}
+    return {bpf.OBJECTS[name].file for name in (*datapath.OBJECTS, *datapath.OPTIONAL)} | {
+        circuit_splice.OBJECT}
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]

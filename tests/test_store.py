@@ -1,4 +1,6 @@
-"""The registrar/MASA store: persistence across reopen and kill, file and schema checks."""
+"""The registrar/MASA store: persistence across reopen and kill, file and schema checks.
+The engine-independent tests run on SQLite and on PostgreSQL (``target``); the rest check
+SQLite's file handling (tests/test_store_engines.py: concurrency, migration, export/import)."""
 
 import datetime
 import sqlite3
@@ -13,6 +15,15 @@ from registrar.store import APPLICATION_ID, SCHEMA_VERSION, Store, StoreError
 NOW = datetime.datetime(2026, 5, 1, 12, 0, tzinfo=datetime.UTC)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    """Where a new store goes: an SQLite file, or an empty database of the session's
+    throw-away PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return tmp_path / "store.db"
+    return request.getfixturevalue("pg_url")
+
+
 def fill(store: Store) -> None:
     store.pledge_seen("SN1", b"idevid-der", "voucher-requested")
     rid = store.add_voucher_request("SN1", b"h" * 32, b"pvr", b"rvr", "bm9uY2U=", "pending")
@@ -23,8 +34,8 @@ def fill(store: Store) -> None:
     store.add_certificate("abc123", "SN1", "CN=x", b"der", NOW + datetime.timedelta(days=1))
 
 
-def test_everything_written_is_there_after_reopen(tmp_path):
-    path = tmp_path / "registrar.db"
+def test_everything_written_is_there_after_reopen(target):
+    path = target
     with Store(path, "registrar") as store:
         fill(store)
     with Store(path, "registrar") as store:
@@ -38,8 +49,8 @@ def test_everything_written_is_there_after_reopen(tmp_path):
         assert events == ["voucher-request", "voucher", "voucher_status", "certificate"]
 
 
-def test_a_killed_writer_loses_no_committed_change(tmp_path):
-    path = tmp_path / "registrar.db"
+def test_a_killed_writer_loses_no_committed_change(target):
+    path = target
     # Commit, then die without closing anything (os._exit skips every finaliser).
     script = textwrap.dedent(f"""
         import os
@@ -56,8 +67,8 @@ def test_a_killed_writer_loses_no_committed_change(tmp_path):
         assert [v.voucher for v in store.vouchers("SN9")] == [b"v"]
 
 
-def test_a_failed_transaction_leaves_nothing(tmp_path):
-    with Store(tmp_path / "r.db", "registrar") as store:
+def test_a_failed_transaction_leaves_nothing(target):
+    with Store(target, "registrar") as store:
         with pytest.raises(RuntimeError), store.transaction() as db:
             db.execute("INSERT INTO audit (at, event, serial, detail) VALUES ('t', 'e', 'S', '{}')")
             raise RuntimeError("boom")
@@ -109,8 +120,8 @@ def test_a_new_file_carries_our_application_id_and_version(tmp_path):
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-def test_first_owner_wins_and_is_remembered(tmp_path):
-    path = tmp_path / "masa.db"
+def test_first_owner_wins_and_is_remembered(target):
+    path = target
     with Store(path, "masa") as store:
         assert store.claim_owner("SN1", b"A" * 32, b"certA") == b"A" * 32
         assert store.claim_owner("SN1", b"B" * 32, b"certB") == b"A" * 32

@@ -203,10 +203,13 @@ def render_circuits(circuits: list[dict[str, Any]]) -> str:
     if not circuits:
         return "no open circuits"
     # nat66 flows (the kernel's) have no id and no byte counts: "-"
-    rows = [["id", "mode", "interface", "pledge", "registrar", "seconds", "up", "down"]]
+    # path: where a circuit's bytes move ("splice": the kernel's sockhash; "asyncio")
+    rows = [["id", "mode", "interface", "pledge", "registrar", "seconds", "up", "down",
+             "path"]]
     rows += [[str(c.get("id", "-")), c["mode"], str(c.get("interface") or "-"), c["pledge"],
               c["registrar"], f"{c['seconds']:.1f}" if "seconds" in c else "-",
-              str(c.get("bytes_up", "-")), str(c.get("bytes_down", "-"))] for c in circuits]
+              str(c.get("bytes_up", "-")), str(c.get("bytes_down", "-")),
+              str(c.get("datapath", "-"))] for c in circuits]
     return _table(rows)
 
 

@@ -200,6 +200,7 @@ class Daemon:
                                     datapath=self.datapath, ipip=lambda: self.config.ipip,
                                     cojp=lambda: self.config.cojp,
                                     jpy=lambda: self.config.jpy,
+                                    circuit=lambda: self.config.circuit,
                                     join_window=lambda: self.window.open,
                                     refusals=self.refusals)
         self._dirty = asyncio.Event()

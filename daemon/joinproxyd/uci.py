@@ -89,6 +89,7 @@ SECTIONS: dict[str, Schema] = {
              "xdp": ("xdp", "str")},
     "cojp": {"rate": ("rate", "float"), "burst": ("burst", "int")},
     "jpy": {"key_rotation": ("key_rotation", "float"), "datapath": ("datapath", "str")},
+    "circuit": {"splice": ("splice", "str")},
 }
 REPEATED = ("join", "registrar")
 

@@ -52,6 +52,10 @@ RELEASES: dict[str, dict[str, str]] = {
     "trixie": {"suffix": "~deb13u1", "python": "3.13", "glibc": "2.41"},
 }
 
+# psycopg and psycopg-pool (the PostgreSQL store) are vendored on both releases, as pure
+# Python wheels that bind the system's libpq5 (brski-registrar depends on it): the store's
+# tests run with the pinned 3.3 versions; Debian 12's python3-psycopg/-pool are 3.1.7, two
+# minor versions older, and nothing here has run against them.
 # Per release: distribution (normalized name) -> (Debian package, the Debian version it was
 # checked with, why Debian's copy is used). The version becomes the minimum in Depends.
 FROM_DEBIAN_BY_RELEASE: dict[str, dict[str, tuple[str, str, str]]] = {

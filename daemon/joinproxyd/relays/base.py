@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..config import CojpSettings, IpipSettings, JpySettings, Limits
+from ..config import CircuitSettings, CojpSettings, IpipSettings, JpySettings, Limits
 from ..datapath import Datapath
 from ..listeners import Listeners
 from ..metrics import Metrics
@@ -73,6 +73,7 @@ class RelayContext:
     ipip: Callable[[], IpipSettings] = IpipSettings
     cojp: Callable[[], CojpSettings] = CojpSettings
     jpy: Callable[[], JpySettings] = JpySettings
+    circuit: Callable[[], CircuitSettings] = CircuitSettings
     # Bind failures and their retries (the control plane's, so that status, READY and the
     # announcements know what is really bound); a mode without one keeps its own.
     listeners: Listeners | None = None

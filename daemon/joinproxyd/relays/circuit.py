@@ -8,20 +8,25 @@ half-close in one direction is passed on as a half-close. Circuits that stay sil
 than the idle timeout, or live longer than the circuit lifetime, are closed and counted.
 
 asyncio Protocols rather than streams: no per-chunk coroutine switches on the hot path.
+With [circuit] splice (circuit_splice.py) a connected circuit's bytes move in the kernel
+instead, and this module keeps only its accounting; a circuit the kernel refuses stays here.
 """
 
 import asyncio
 import errno
 import itertools
+import os
 import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..aio import cancel_and_wait
+from ..kernel import KernelError
 from ..limits import Admission
 from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
 from .base import RelayContext, RelayMode
+from .circuit_splice import Refused, SplicedCircuit, Splicer
 
 READ_CHUNK = 65536
 # A connect that fails with one of these failed because of the proxy, not the registrar.
@@ -31,6 +36,8 @@ LISTEN_BACKLOG = 1024
 
 class _Side(asyncio.Protocol):
     """One end of a circuit; it hands what it reads to the other end's transport."""
+
+    __slots__ = ("circuit", "eof", "transport", "upstream")  # memory per open circuit
 
     def __init__(self, circuit: "Circuit", upstream: bool) -> None:
         self.circuit = circuit
@@ -85,6 +92,11 @@ class _Side(asyncio.Protocol):
 
 
 class Circuit:
+    __slots__ = ("active", "bytes_down", "bytes_up", "closed", "connect_task", "connected",
+                 "flushed_down", "flushed_up", "id", "interface", "last_activity", "mode",
+                 "pending", "pledge", "pledge_side", "registrar", "registrar_side", "spliced",
+                 "started")  # memory per open circuit
+
     def __init__(self, mode: "CircuitMode", interface: str, pledge: str,
                  registrar: RegistrarEndpoint) -> None:
         self.mode = mode
@@ -102,6 +114,7 @@ class Circuit:
         self.connected = False  # registrar side up and pending bytes flushed
         self.active = False  # counted in the active gauge once the registrar side is up
         self.connect_task: asyncio.Task[None] | None = None
+        self.spliced: SplicedCircuit | None = None  # the kernel moves its bytes
 
     async def connect(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -114,6 +127,10 @@ class Circuit:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, self.registrar.sockaddr), timeout)
+            if self.mode.splicer is not None and await self._splice(sock, timeout):
+                self.connected = True
+                self.mode.opened(self)
+                return
             await loop.create_connection(lambda: self.registrar_side, sock=sock)
         except (OSError, TimeoutError) as exc:
             if sock is not None:
@@ -138,10 +155,63 @@ class Circuit:
             pledge.resume_reading()
         self.mode.opened(self)
 
+    async def _splice(self, sock: socket.socket, timeout: float) -> bool:
+        """Hand both sockets to the kernel; False (logged, counted) if it refuses, and the
+        asyncio relay carries on with everything as it was."""
+        splicer, transport = self.mode.splicer, self.pledge_side.transport
+        assert splicer is not None
+        if transport is None or transport.is_closing():
+            return False
+        # What the pledge sent before the registrar answered and asyncio already read goes
+        # first, by hand; what is still in the receive queue is left to the program. A
+        # failure here has cut the stream: the circuit ends (OSError/TimeoutError to connect).
+        loop = asyncio.get_running_loop()
+        for chunk in self.pending:
+            await asyncio.wait_for(loop.sock_sendall(sock, chunk), timeout)
+        self.pending.clear()
+        # our own fd on the pledge's socket: asyncio's transport (paused) keeps its own
+        pledge_sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        spliced = SplicedCircuit(splicer, self, pledge_sock, sock, self.bytes_up)
+        try:
+            await spliced.start(timeout)
+        except Refused as exc:
+            pledge_sock.close()
+            self.mode.splice_refused(self, str(exc).splitlines()[0])
+            return False
+        except BaseException:
+            spliced.close(abort=True)
+            raise
+        self.spliced = spliced
+        self.mode.splice_counts["spliced"] += 1
+        # asyncio's transport is of no more use: it goes (with its fd and buffers), our fd
+        # keeps the socket; told nothing, so its going does not close the circuit.
+        transport.set_protocol(_Detached())
+        transport.close()
+        self.pledge_side.transport = None
+        return True
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def refresh(self) -> None:
+        """A spliced circuit's byte counts from the program; moving bytes are activity."""
+        if self.spliced is None or self.spliced.closed:
+            return
+        try:
+            up, down = self.spliced.totals()
+        except KernelError:
+            return
+        if (up, down) != (self.bytes_up, self.bytes_down):
+            self.bytes_up, self.bytes_down = up, down
+            self.touch()
+
     def close(self, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.spliced is not None:
+            self.refresh()
+            self.spliced.close(abort)
         for side in (self.pledge_side, self.registrar_side):
             if side.transport is not None and not side.transport.is_closing():
                 if abort:
@@ -155,7 +225,8 @@ class Circuit:
     def info(self, now: float) -> dict[str, Any]:
         return {"id": self.id, "interface": self.interface, "pledge": self.pledge,
                 "registrar": self.registrar.key, "seconds": round(now - self.started, 1),
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "datapath": "splice" if self.spliced is not None else "asyncio"}
 
 
 class _Listener:
@@ -177,11 +248,42 @@ class CircuitMode(RelayMode):
         self.ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         ctx.metrics.add_mode(self.name)
+        # [circuit] splice: decided at the first reconcile; None runs every circuit here
+        self.splicer: Splicer | None = None
+        self.splice_problem: str | None = None
+        self._splice_decided = False
+        self.splice_counts = {"spliced": 0, "refused": 0}
+
+    def _decide_splice(self) -> None:
+        self._splice_decided = True
+        setting = self.ctx.circuit().splice
+        if setting == "off":
+            self.splice_problem = "[circuit] splice = off"
+            return
+        try:
+            self.splicer = Splicer(self.ctx.datapath.obj_dir if self.ctx.datapath else None)
+        except KernelError as exc:
+            self.splice_problem = str(exc).splitlines()[0]
+            level = self.ctx.log.error if setting == "on" else self.ctx.log.info
+            level("circuit relay runs in asyncio: the kernel cannot splice here (%s)",
+                  self.splice_problem, extra={"MODE": self.name})
+            return
+        self.ctx.log.info("circuit relay splices circuits in the kernel (splice.bpf.o)",
+                          extra={"MODE": self.name})
+
+    def splice_refused(self, circuit: Circuit, why: str) -> None:
+        self.splice_counts["refused"] += 1
+        self.ctx.log.info("circuit %d %s -> %s runs in asyncio: the kernel refused to "
+                          "splice it (%s)", circuit.id, circuit.pledge, circuit.registrar.key,
+                          why, extra={"INTERFACE": circuit.interface, "MODE": self.name,
+                                      "PLEDGE": circuit.pledge})
 
     # -- control plane ----------------------------------------------------------------------
     async def reconcile(self, interfaces: Sequence[JoinInterface],
                         registrar: RegistrarEndpoint | None) -> None:
         self.registrar = registrar
+        if not self._splice_decided:
+            self._decide_splice()
         desired = {iface.name: iface for iface in interfaces}
         self._wanted = desired
         self.forget_listener_failures(desired)
@@ -253,6 +355,10 @@ class CircuitMode(RelayMode):
         if self._sweeper is not None:
             await cancel_and_wait(self._sweeper)
             self._sweeper = None
+        if self.splicer is not None:
+            self.splicer.close()
+            self.splicer = None
+            self._splice_decided = False
 
     # -- data plane events ------------------------------------------------------------------
     def _accept(self, iface: JoinInterface) -> asyncio.Protocol:
@@ -344,6 +450,7 @@ class CircuitMode(RelayMode):
             await asyncio.sleep(min(1.0, limits.idle_timeout / 4))
             now = time.monotonic()
             for circuit in list(self.open):
+                circuit.refresh()
                 self._flush(circuit)
                 if now - circuit.last_activity > limits.idle_timeout:
                     self.refused(circuit.interface, DropReason.IDLE_TIMEOUT,
@@ -364,6 +471,10 @@ class CircuitMode(RelayMode):
                           for name, lst in sorted(self.listeners.items())],
             "registrar": self.registrar.key if self.registrar else None,
             "active": len(self.open),
+            "splice": {"setting": self.ctx.circuit().splice,
+                       "running": self.splicer is not None, "reason": self.splice_problem,
+                       "spliced_now": sum(1 for c in self.open if c.spliced is not None),
+                       **self.splice_counts},
         }
 
     def circuits(self) -> list[dict[str, Any]]:
@@ -374,6 +485,10 @@ class CircuitMode(RelayMode):
 def _pause(transport: asyncio.Transport) -> None:
     if not transport.is_closing():
         transport.pause_reading()
+
+
+class _Detached(asyncio.Protocol):
+    """The protocol of a spliced pledge's transport as it closes: hears nothing."""
 
 
 class _Admit(asyncio.Protocol):

@@ -1,0 +1,173 @@
+"""MASA vouchers per second (CMS and COSE), with where the time goes, against the bare
+primitives a voucher needs.
+
+    .venv/bin/python bench/masa_vouchers.py [--pledges N] [--seconds S]
+
+In process: the real ``registrar.masa.Masa`` with its SQLite store in a temporary directory,
+trust on first use, answering registrar voucher-requests (RVR) as the registrar sends them:
+CMS (an RVR signed by the registrar, carrying the pledge's CMS PVR) and COSE (the cBRSKI
+form, x5bag with both chains). Each of ``--pledges`` pledges has an IDevID of its own and asks
+once per pass, so the IDevID chain check is a fresh one until the pass repeats.
+
+What a voucher needs, counted as the baseline and measured in the same run: the RVR signature
+verified (1 ECDSA verify), the PVR signature verified (1), the IDevID chained to the
+manufacturer CA (1: the CA's signature on the IDevID), and the voucher signed (1 ECDSA sign),
+all P-256. The registrar's own chain to the domain CA is the same for every request from one
+registrar and is not counted. The cases take turns in short slices so load from other work on
+the machine hits them alike; the ratio is the median of the slices' ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from brski import certs, cose
+from brski.pki import create_test_pki, issue_idevid
+from brski.signed_voucher import sign_voucher_cms, sign_voucher_cose
+from brski.voucher import Assertion, VoucherRequest, decode_cbor
+from registrar.constrained_voucher import sign_rvr_cose
+from registrar.masa import Masa
+from registrar.masa_config import MasaConfig
+from registrar.store import Store
+from registrar.voucher_request import PledgeRequest, build_rvr
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+SLICE = 0.1
+
+
+def requests(pledges: int) -> tuple[object, list[bytes], list[bytes]]:
+    pki = create_test_pki(NOW - timedelta(days=1))
+    cms_rvrs, cose_rvrs = [], []
+    registrar_der = pki.registrar.cert.public_bytes(Encoding.DER)
+    for i in range(pledges):
+        serial = f"BENCH-{i:05d}"
+        idevid = issue_idevid(pki.manufacturer_ca, serial, "masa.example", NOW - timedelta(1))
+        nonce = i.to_bytes(4, "big") * 4
+        pvr = VoucherRequest(serial_number=serial, assertion=Assertion.PROXIMITY, created_on=NOW,
+                             nonce=nonce, proximity_registrar_cert=registrar_der)
+        signed = sign_voucher_cms(pvr, idevid.key, [idevid.cert], NOW)
+        rvr = build_rvr(PledgeRequest(pvr, signed, idevid.cert, serial), NOW)
+        cms_rvrs.append(sign_voucher_cms(rvr, pki.registrar.key,
+                                         [pki.registrar.cert, pki.domain_ca.cert], NOW))
+        cpvr_req = VoucherRequest(serial_number=serial, assertion=Assertion.PROXIMITY,
+                                  created_on=NOW, nonce=nonce,
+                                  proximity_registrar_pubk=certs.spki_der(pki.registrar.cert))
+        cpvr = sign_voucher_cose(cpvr_req, idevid.key)
+        request = PledgeRequest(decode_cbor(cose.decode(cpvr).payload, VoucherRequest), cpvr,
+                                idevid.cert, serial)
+        cose_rvrs.append(sign_rvr_cose(request, pki.registrar.key,
+                                       [pki.registrar.cert, pki.domain_ca.cert], [idevid.cert],
+                                       NOW))
+    return pki, cms_rvrs, cose_rvrs
+
+
+def masa(pki, root: Path) -> Masa:
+    config = MasaConfig(
+        source=root / "masa.toml", listen=[], cert_file=root / "c", key_file=root / "k",
+        signer_chain=[pki.masa_signer.cert, pki.masa_ca.cert], signer_key=pki.masa_signer.key,
+        manufacturer_cas=[pki.manufacturer_ca.cert], ownership="tofu", devices={},
+        assertion="proximity", nonceless=False, lifetime=600, store_path=root / "masa.db",
+        log_level=30)
+    return Masa(config, Store(root / "masa.db", "masa"))
+
+
+def cycle(items: list[bytes]) -> Callable[[], bytes]:
+    index = 0
+
+    def take() -> bytes:
+        nonlocal index
+        item = items[index % len(items)]
+        index += 1
+        return item
+
+    return take
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pledges", type=int, default=300, help="distinct pledges (300)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per case (3.0)")
+    args = parser.parse_args()
+    pki, cms_rvrs, cose_rvrs = requests(args.pledges)
+    with tempfile.TemporaryDirectory() as tmp:
+        service = masa(pki, Path(tmp))
+        key, pub = pki.masa_signer.key, pki.masa_signer.key.public_key()
+        sample = cms_rvrs[0]
+        sig = key.sign(sample, ec.ECDSA(hashes.SHA256()))
+
+        def primitives() -> None:
+            key.sign(sample, ec.ECDSA(hashes.SHA256()))
+            for _ in range(3):
+                pub.verify(sig, sample, ec.ECDSA(hashes.SHA256()))
+
+        steps: dict[str, list[float]] = {}
+        next_cms, next_cose = cycle(cms_rvrs), cycle(cose_rvrs)
+
+        def timed(label: str, op: Callable[[], object]) -> object:
+            start = time.perf_counter()
+            out = op()
+            steps.setdefault(label, []).append(time.perf_counter() - start)
+            return out
+
+        def cms_voucher() -> None:
+            body, now = next_cms(), NOW
+            req = timed("cms: parse + verify RVR, PVR, IDevID chain",
+                        lambda: service.authenticate(body, now))
+            voucher, ca = timed("cms: owner check (registrar chain, ownership row)",
+                                lambda: service._voucher(req, now))
+            signed = timed("cms: sign voucher", lambda: sign_voucher_cms(
+                voucher, service.config.signer_key, service.config.signer_chain, now))
+            timed("cms: store + log", lambda: service._issued(req, voucher, ca, signed, now))
+
+        def cose_voucher() -> None:
+            body, now = next_cose(), NOW
+            req = timed("cose: decode + verify RVR, PVR, IDevID chain",
+                        lambda: service.authenticate_cose(body, now))
+            voucher, ca = timed("cose: owner check (registrar chain, ownership row)",
+                                lambda: service._voucher(req, now))
+            signed = timed("cose: sign voucher", lambda: sign_voucher_cose(
+                voucher, service.config.signer_key, x5bag=service.config.signer_chain))
+            timed("cose: store + log", lambda: service._issued(req, voucher, ca, signed, now))
+
+        # the same work as request_voucher / request_voucher_cose, step by step: check once
+        service.request_voucher(cms_rvrs[0], NOW)
+        service.request_voucher_cose(cose_rvrs[0], NOW)
+        cases = {"primitives": primitives, "CMS": cms_voucher, "COSE": cose_voucher}
+        per_slice: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(max(3, round(args.seconds / SLICE))):
+            for name, op in cases.items():
+                count, start = 0, time.perf_counter()
+                while (now := time.perf_counter()) < start + SLICE or count == 0:
+                    op()
+                    count += 1
+                per_slice[name].append(count / (now - start))
+        base = per_slice["primitives"]
+        print(f"baseline: 1 ECDSA P-256 sign + 3 verifies: {statistics.median(base):,.0f}/s")
+        for name in ("CMS", "COSE"):
+            ratios = sorted(r / b for r, b in zip(per_slice[name], base, strict=True))
+            print(f"{name} vouchers/s {statistics.median(per_slice[name]):8,.0f}   "
+                  f"x baseline {statistics.median(ratios):.3f} "
+                  f"({ratios[0]:.3f}-{ratios[-1]:.3f})")
+        print("breakdown (median per voucher):")
+        for label, times in steps.items():
+            print(f"  {label:55s} {statistics.median(times) * 1e6:8.0f} us")
+        base_us = 1e6 / statistics.median(base)
+        for name in ("cms", "cose"):
+            work = sum(statistics.median(t) for label, t in steps.items()
+                       if label.startswith(name + ":") and "store" not in label) * 1e6
+            print(f"{name}: everything but the store {work:.0f} us per voucher against "
+                  f"{base_us:.0f} us of primitives: x{base_us / work:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The circuit relay's kernel splice (ebpf/splice.bpf.o): the control plane of a sockhash.
+
+After a circuit's registrar side connects, both sockets go into jp_splice_socks with an
+sk_skb stream verdict program that sends whatever one side receives out of the other side
+(bpf_sk_redirect_hash), so no payload crosses into Python. What stays here:
+
+- the rows of jp_splice_sides (each socket's peer, by socket cookie), written before the
+  sockets are inserted and removed when the circuit closes;
+- the bytes the asyncio side already read (the pledge's first flight, held while the registrar
+  connected) are written on by hand before the insertion; bytes still in a receive queue
+  then, which the program would only see once more arrive, are pushed through it right after
+  (SO_RCVLOWAT makes TCP call data_ready, SplicedCircuit.start);
+- half-close: a FIN is not payload, the kernel wakes the socket's reader and recv() says end
+  of file; the other side is half-closed once everything counted for that direction has
+  reached its send queue (its TCP_INFO bytes acked plus SIOCOUTQ), so no byte still in the
+  redirect's backlog is cut off;
+- the byte counters (the program's, per side) for metrics and the idle timeout.
+
+The kernel refuses some sockets (one not ESTABLISHED any more, e.g. a pledge that already
+half-closed; a full map; no sockmap support): such a circuit stays on the asyncio relay, and
+`joinproxyctl status` / `circuits` say which runs where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..kernel import KernelError, describe_errno
+from ..kernel.bpf_object import DEFAULT_OBJ_DIR
+from ..kernel.libbpf import check, delete_elem, errno_now, libbpf, lookup_elem, update_elem
+
+OBJECT = "splice.bpf.o"
+PROGRAM = b"jp_splice_verdict"
+SOCKS, SIDES = b"jp_splice_socks", b"jp_splice_sides"
+BPF_SK_SKB_STREAM_VERDICT = 5  # enum bpf_attach_type
+BPF_NOEXIST = 1
+SO_COOKIE = 57
+_TCP_INFO_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked), stable UAPI
+
+
+class SideC(ctypes.Structure):
+    """struct jp_splice_side (ebpf/splice.bpf.c)."""
+
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("segments", ctypes.c_uint64), ("dropped", ctypes.c_uint64)]
+
+
+def cookie_of(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+def handed_to_tcp(sock: socket.socket) -> int:
+    """Payload bytes this socket's TCP has taken to send: acknowledged plus still queued."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    acked = struct.unpack_from("<Q", info, _TCP_INFO_BYTES_ACKED)[0]
+    queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return acked + queued
+
+
+class Splicer:
+    """The loaded object: one program attached to one sockhash, and the sides' rows."""
+
+    def __init__(self, obj_dir: Path | None = None) -> None:
+        lib = libbpf()
+        path = Path(obj_dir or DEFAULT_OBJ_DIR) / OBJECT
+        self._obj = lib.bpf_object__open_file(str(path).encode(), None)
+        if not self._obj:
+            code = errno_now()
+            raise KernelError(f"open {path}: {describe_errno(code)} (run 'make -C ebpf')",
+                              errno=code)
+        try:
+            seen = lib.lines_logged
+            rc = lib.bpf_object__load(self._obj)
+            if rc < 0:
+                raise KernelError(f"load {path.name}: {describe_errno(-rc)}\n"
+                                  f"{lib.said_since(seen)}", errno=-rc)
+            prog = lib.bpf_object__find_program_by_name(self._obj, PROGRAM)
+            socks = lib.bpf_object__find_map_by_name(self._obj, SOCKS)
+            sides = lib.bpf_object__find_map_by_name(self._obj, SIDES)
+            if not (prog and socks and sides):
+                raise KernelError(f"{path.name}: program or maps missing", errno=errno.ENOENT)
+            self.prog_fd = check(lib.bpf_program__fd(prog), "fd of jp_splice_verdict")
+            self.socks_fd = check(lib.bpf_map__fd(socks), "fd of jp_splice_socks")
+            self.sides_fd = check(lib.bpf_map__fd(sides), "fd of jp_splice_sides")
+            attach = lib.lib.bpf_prog_attach
+            attach.restype = ctypes.c_int
+            attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+            check(attach(self.prog_fd, self.socks_fd, BPF_SK_SKB_STREAM_VERDICT, 0),
+                  "attach jp_splice_verdict to jp_splice_socks")
+        except BaseException:
+            self.close()
+            raise
+
+    def add_side(self, cookie: int, peer: int) -> None:
+        update_elem(self.sides_fd, ctypes.c_uint64(cookie), SideC(peer=peer),
+                    "jp_splice_sides")
+
+    def insert(self, sock: socket.socket, cookie: int) -> None:
+        """Put an established socket into the sockhash; the kernel may refuse (KernelError
+        with its errno)."""
+        update_elem(self.socks_fd, ctypes.c_uint64(cookie), ctypes.c_uint32(sock.fileno()),
+                    "jp_splice_socks", BPF_NOEXIST)
+
+    def side(self, cookie: int) -> SideC | None:
+        row = SideC()
+        return row if lookup_elem(self.sides_fd, ctypes.c_uint64(cookie), row) else None
+
+    def remove_sock(self, cookie: int) -> None:
+        with contextlib.suppress(KernelError):
+            delete_elem(self.socks_fd, ctypes.c_uint64(cookie), "jp_splice_socks")
+
+    def remove(self, cookie: int) -> None:
+        for fd, what in ((self.socks_fd, "jp_splice_socks"), (self.sides_fd, "jp_splice_sides")):
+            with contextlib.suppress(KernelError):  # already gone with its socket
+                delete_elem(fd, ctypes.c_uint64(cookie), what)
+
+    def close(self) -> None:
+        if self._obj:
+            libbpf().bpf_object__close(self._obj)
+            self._obj = None
+
+
+class Refused(Exception):
+    """The kernel would not splice this circuit; str() says why (logged, counted)."""
+
+
+class Owner(Protocol):
+    """What a spliced circuit tells its circuit (relays/circuit.py Circuit)."""
+
+    def close(self, abort: bool = False) -> None: ...
+    def touch(self) -> None: ...
+
+
+@dataclass(slots=True)  # slots: a spliced circuit should cost the daemon little memory
+class _End:
+    """One socket of a spliced circuit."""
+
+    sock: socket.socket
+    cookie: int
+    base: int = 0  # what its TCP had taken to send when it was spliced (handed_to_tcp)
+    by_hand: int = 0  # bytes it received that the daemon read and wrote on itself
+    eof: bool = False  # its peer half-closed toward us
+    shut: bool = False  # we half-closed it (its peer's FIN passed on)
+    reading: bool = False
+
+
+class SplicedCircuit:
+    """The kernel's half of one circuit: its two sockets, their rows, and the events the
+    daemon still handles (end of file, errors, stray bytes)."""
+
+    __slots__ = ("_tasks", "closed", "owner", "pledge", "registrar", "splicer", "timeout")
+
+    def __init__(self, splicer: Splicer, owner: Owner, pledge: socket.socket,
+                 registrar: socket.socket, bytes_up: int) -> None:
+        self.splicer = splicer
+        self.owner = owner
+        self.pledge = _End(pledge, cookie_of(pledge), by_hand=bytes_up)
+        self.registrar = _End(registrar, cookie_of(registrar))
+        self._tasks: set[asyncio.Task[None]] | None = None  # half-closes under way
+        self.closed = False
+        self.timeout = 5.0
+
+    def peer(self, end: _End) -> _End:
+        return self.registrar if end is self.pledge else self.pledge
+
+    async def start(self, timeout: float) -> None:
+        """Write the rows, insert both sockets, push what waits in their receive queues
+        through the program, watch both for end of file. Raises Refused (and undoes
+        everything) if the kernel will not take a socket."""
+        sp, p, r = self.splicer, self.pledge, self.registrar
+        # What each TCP has taken to send that is not of this circuit's payload (the SYN)
+        # or was written by hand before: the drain check before a half-close starts there.
+        r.base = handed_to_tcp(r.sock) - p.by_hand
+        p.base = handed_to_tcp(p.sock) - r.by_hand
+        try:
+            sp.add_side(p.cookie, r.cookie)
+            sp.add_side(r.cookie, p.cookie)
+            for end in (r, p):  # the registrar first: the pledge's bytes find their peer
+                sp.insert(end.sock, end.cookie)
+        except KernelError as exc:
+            for end in (p, r):
+                sp.remove(end.cookie)
+            raise Refused(str(exc)) from exc
+        self.timeout = timeout
+        loop = asyncio.get_running_loop()
+        for end in (p, r):
+            end.sock.setblocking(False)
+            # Bytes already in the receive queue are invisible to the program until more
+            # arrive (and a pledge waiting for an answer sends no more): setting SO_RCVLOWAT
+            # makes TCP call the socket's data_ready, i.e. run the program over them, now.
+            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            loop.add_reader(end.sock.fileno(), self._readable, end)
+            end.reading = True
+
+    async def _drained(self, end: _End) -> bool:
+        """Wait until every byte of end's direction has reached the peer's TCP; False if
+        the circuit closed or the wait outlived the timeout."""
+        peer = self.peer(end)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        while not self.closed:
+            if handed_to_tcp(peer.sock) - peer.base >= end.by_hand + self.counted(end):
+                return True
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.002)
+        return False
+
+    def counted(self, end: _End) -> int:
+        row = self.splicer.side(end.cookie)
+        return row.bytes if row is not None else 0
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes up (pledge to registrar) and down so far: by hand plus the program's."""
+        return (self.pledge.by_hand + self.counted(self.pledge),
+                self.registrar.by_hand + self.counted(self.registrar))
+
+    def _stop_reading(self, end: _End) -> None:
+        if end.reading:
+            end.reading = False
+            asyncio.get_running_loop().remove_reader(end.sock.fileno())
+
+    def _readable(self, end: _End) -> None:
+        try:
+            data = end.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.owner.close(abort=True)  # reset: the other side is reset too
+            return
+        if data:
+            # Not expected (the program takes every byte); written on by hand, in order.
+            end.by_hand += len(data)
+            self.owner.touch()
+            try:
+                self.peer(end).sock.sendall(data)
+            except OSError:
+                self.owner.close(abort=True)
+            return
+        self._stop_reading(end)
+        end.eof = True
+        self.owner.touch()
+        task = asyncio.get_running_loop().create_task(self._pass_fin(end))
+        if self._tasks is None:
+            self._tasks = set()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pass_fin(self, end: _End) -> None:
+        """Half-close the peer once every byte of this direction has reached its TCP."""
+        peer = self.peer(end)
+        try:
+            drained = await self._drained(end)
+        except OSError:
+            drained = False
+        if self.closed:
+            return
+        if not drained:
+            self.owner.close(abort=True)
+            return
+        try:
+            peer.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.owner.close(abort=True)
+            return
+        peer.shut = True
+        if self.pledge.shut and self.registrar.shut:
+            self.owner.close(abort=False)
+
+    def close(self, abort: bool) -> None:
+        """Remove the rows and close both sockets (reset them if abort)."""
+        if self.closed:
+            return
+        self.closed = True
+        for end in (self.pledge, self.registrar):
+            self._stop_reading(end)
+            self.splicer.remove(end.cookie)
+            if abort:
+                end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+            end.sock.close()
+        for task in list(self._tasks or ()):
+            task.cancel()
