@@ -10,6 +10,7 @@ fd, ``fileno()``, says when there is something to read).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import ipaddress
@@ -174,6 +175,34 @@ def decode_event(raw: bytes) -> Drop | None:
     data = hdr[:min(hdr_len, length, HDR)]
     return Drop(reason, ifindex, length, int.from_bytes(protocol.to_bytes(2, "little"), "big"),
                 location, parse_packet(data))
+
+
+class KernelSymbols:
+    """Kernel text addresses to function names, from /proc/kallsyms (where a packet was
+    freed says more than a reason of NOT_SPECIFIED: veth_xdp_rcv_skb is an XDP drop).
+    Without the addresses (kptr_restrict, not root) every lookup is None."""
+
+    def __init__(self, path: str = "/proc/kallsyms") -> None:
+        starts: list[int] = []
+        names: list[str] = []
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 3 and fields[1] in "tTwW":
+                        address = int(fields[0], 16)
+                        if address:
+                            starts.append(address)
+                            names.append(fields[2])
+        except OSError:
+            pass
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        self.starts = [starts[i] for i in order]
+        self.names = [names[i] for i in order]
+
+    def name(self, address: int) -> str | None:
+        i = bisect.bisect_right(self.starts, address) - 1
+        return self.names[i] if i >= 0 and address else None
 
 
 def netns_inode() -> int:
