@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from . import KernelError, describe_errno
+from .bpf import set_watched_devices  # the one module that writes maps
 from .bpf_object import DEFAULT_OBJ_DIR
-from .libbpf import check, errno_now, libbpf, update_elem
+from .libbpf import check, errno_now, libbpf
 
 OBJECT = "trace.bpf.o"
 PROGRAM = "jp_trace_drop"
@@ -262,19 +263,7 @@ class DropTracer:
 
     def watch(self, devices: Iterable[tuple[int, int]]) -> None:
         """Report drops on exactly these (netns inode, ifindex) devices."""
-        lib = libbpf()
-        wanted = {(ns, ifindex) for ns, ifindex in devices}
-        key, nxt = TraceIfC(), TraceIfC()
-        have: set[tuple[int, int]] = set()
-        prev = None
-        while lib.bpf_map_get_next_key(self._ifs_fd, prev, ctypes.byref(nxt)) == 0:
-            have.add((nxt.netns, nxt.ifindex))
-            key = TraceIfC(nxt.netns, nxt.ifindex)
-            prev = ctypes.byref(key)
-        for ns, ifindex in have - wanted:
-            lib.bpf_map_delete_elem(self._ifs_fd, ctypes.byref(TraceIfC(ns, ifindex)))
-        for ns, ifindex in wanted - have:
-            update_elem(self._ifs_fd, TraceIfC(ns, ifindex), ctypes.c_uint8(1), "jp_trace_ifs")
+        set_watched_devices(self._ifs_fd, TraceIfC, set(devices))
 
     def fileno(self) -> int:
         """An fd that is readable when drops are waiting (the ring buffer's epoll fd)."""
