@@ -196,3 +196,36 @@ def test_trace_of_a_non_address_is_refused(lab: Lab, tmp_path: Path) -> None:
         assert daemon.ctl()["trace"]["attached"] is False
     finally:
         daemon.stop()
+
+
+def test_trace_shows_a_packet_the_kernel_has_no_route_for(as_root: None,
+                                                         tmp_path: Path) -> None:
+    """A pledge with a ULA address sends through the proxy (a router) to a destination it
+    has no route for: the kernel drops it (IP_INNOROUTES) and the trace of that pledge says
+    so, with the addresses and the place."""
+    with Lab(Topology(pledges=1, registrars=1, join_ula=True),
+             log_dir=tmp_path / "logs") as lab:
+        lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        daemon = ProxyDaemon(lab, tmp_path / "proxy", base_config(tmp_path / "proxy"))
+        trace = None
+        try:
+            daemon.start()
+            pledge = lab.pledges[0].address("eth0", link_local=False)
+            trace = Trace(daemon, pledge)
+            lab.pledges[0].run([sys.executable, "-c",
+                                "import socket; s = socket.socket(socket.AF_INET6, "
+                                "socket.SOCK_DGRAM); [s.sendto(b'x', ('fd99::1', 7, 0, 0)) "
+                                "for _ in range(2)]"])
+            time.sleep(0.5)
+            code, events, err = trace.stop()
+            assert code == 0, err
+            assert [(e["source"], e["reason"], e["interface"], e["packet"]["dst"])
+                    for e in events] == [("kernel", "IP_INNOROUTES", "join0", "fd99::1")] * 2, \
+                events
+            assert all(e["packet"]["src"] == pledge for e in events), events
+            wait_for(lambda: daemon.ctl()["trace"]["attached"] is False, 5, "detached")
+        finally:
+            if trace is not None and trace.popen.poll() is None:
+                trace.popen.kill()
+                trace.popen.wait()
+            daemon.stop()
