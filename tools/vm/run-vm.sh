@@ -11,7 +11,7 @@ while [ $# -gt 1 ]; do case $1 in
   --timeout) TIMEOUT=$2; shift 2;;
   *) echo "run-vm.sh: unknown argument $1" >&2; exit 2;; esac; done
 JOB=$(readlink -f "$1")
-KVER=$(ls "$ROOTFS/lib/modules" | sort -V | tail -1)
+KVER=$(find "$ROOTFS/lib/modules" -mindepth 1 -maxdepth 1 -printf "%f\n" | sort -V | tail -1)
 KERNEL=$ROOTFS/boot/vmlinux-$KVER
 [ -e "$KERNEL" ] || KERNEL=$ROOTFS/boot/vmlinuz-$KVER
 rm -f "$JOB/exit-status" "$JOB/output.log"
