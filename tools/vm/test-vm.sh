@@ -11,15 +11,18 @@ PY=${PY:-$TOP/.venv/bin/python}
 [ "$(id -u)" -eq 0 ] || { echo "make test-vm: run as root (debootstrap, namespaces)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null || "$TOP/tools/ensure-apt.sh" qemu-system-x86 debootstrap
 [ -d "$ROOTFS/boot" ] || "$TOP/tools/vm/build-rootfs.sh" "$ROOTFS"
-PYROUTE2=$("$PY" -c 'import os, pyroute2; print(os.path.dirname(pyroute2.__file__))')
+# the libraries the code under test imports that the guest's Debian lacks (pure Python)
+LIBS=$("$PY" -c 'import os, pyroute2, prometheus_client as p
+print(os.path.dirname(pyroute2.__file__), os.path.dirname(p.__file__))')
 fail=0
 for job in "$TOP"/tests/vm/*.sh; do
     name=$(basename "$job" .sh)
     dir=$WORK/$name
     rm -rf "$dir"; mkdir -p "$dir/py"
     cp "$TOP"/tests/vm/"$name"* "$dir/"; cp "$job" "$dir/run.sh"
-    # the code under test and its one library the guest's Debian does not ship as we pin it
-    cp -r "$TOP/daemon/joinproxyd" "$TOP/brski" "$PYROUTE2" "$dir/py/"
+    cp "$TOP"/tests/vm/ipip_kernel_check.py "$dir/"  # (its peers are shared)
+    # shellcheck disable=SC2086  # two paths
+    cp -r "$TOP/daemon/joinproxyd" "$TOP/brski" $LIBS "$dir/py/"
     start=$(date +%s)
     if ROOTFS=$ROOTFS "$TOP/tools/vm/run-vm.sh" --timeout 240 "$dir"; then
         echo "test-vm $name: PASS ($(( $(date +%s) - start )) s)"

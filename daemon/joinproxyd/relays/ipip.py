@@ -666,7 +666,4 @@ class IpipMode(RelayMode):
         """The tunnels' own counters (relayed: tx, delivered: rx), on the tunnel path."""
         if not self._tunnels:
             return None
-        try:
-            return ip6tnl.stats(self._tunnels)
-        except Exception:  # status must answer: a link gone meanwhile, a netlink hiccup
-            return None
+        return ip6tnl.stats(self._tunnels)
