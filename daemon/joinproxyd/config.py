@@ -20,8 +20,7 @@ packaging/joinproxyd.toml documents each key.
                     flows_per_interface, flow_idle_timeout (the coaps UDP relay)
     [announce]      interval, grasp, mdns
     [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
-    [ipip]          protocol, backbone_prefix, backbone_addresses, xdp, datapath (the ipip
-                    relay mode)
+    [ipip]          protocol, backbone_prefix, backbone_addresses, xdp, datapath (ipip mode)
     [cojp]          rate, burst (the cojp relay's join rate limit per join link)
     [jpy]           key_rotation (seconds between header keys of the stateless jpy relay),
                     datapath (auto|kernel|user: where the jpy relay's per-datagram work runs)
