@@ -9,9 +9,10 @@ APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables 
 	libbpf-dev bpftool linux-libc-dev libsystemd-dev pkg-config autoconf automake libtool \
 	python3-venv python3-dev libcoap3-bin openssl curl gcc make procps iputils-ping systemd \
 	debhelper dh-python lintian python3-docutils python3-pip shellcheck \
-	systemd-container debootstrap zstd netsniff-ng prometheus dnsmasq-base libyang2-tools postgresql
+	systemd-container debootstrap zstd netsniff-ng prometheus dnsmasq-base libyang2-tools postgresql \
+	qemu-system-x86
 
-.PHONY: setup apt venv bpf lint test fuzz demo deb ipk clean completion
+.PHONY: setup apt venv bpf lint test test-vm fuzz demo deb ipk clean completion
 
 setup: apt venv bpf
 
@@ -40,6 +41,14 @@ test: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make test: run as root (the tests create network namespaces)" >&2; exit 1; }
 	@$(VENV)/bin/ruff check --quiet . && echo "ruff: clean"
 	$(PY) -m pytest
+
+# What this machine kind's kernel cannot run (ip6ip6 tunnels: the ipip mode's kernel
+# datapath, kernel/ip6tnl.py), in Debian's stock kernel under QEMU/TCG (tools/vm/,
+# tests/vm/*.sh): the rootfs is built once into VM_ROOTFS (about a minute, cached), then one
+# VM boots per job (about a minute each here). `make test` runs it too
+# (tests/test_vm_stock_kernel.py), so CI does.
+test-vm: setup
+	@tools/vm/test-vm.sh
 
 # A long fuzzing run: every decoder and network-facing handler harness (make test runs the same
 # ones briefly, derandomized), FUZZ_EXAMPLES examples per property, fresh random inputs each run.

@@ -20,7 +20,7 @@ packaging/joinproxyd.toml documents each key.
                     flows_per_interface, flow_idle_timeout (the coaps UDP relay)
     [announce]      interval, grasp, mdns
     [guard]         enabled, rate, burst, syn_rate, syn_burst (XDP join-port guard)
-    [ipip]          protocol, backbone_prefix, backbone_addresses, xdp (the ipip relay mode)
+    [ipip]          protocol, backbone_prefix, backbone_addresses, xdp, datapath (ipip mode)
     [cojp]          rate, burst (the cojp relay's join rate limit per join link)
     [circuit]       splice (auto|on|off: the circuit relay spliced in the kernel by a sockhash)
     [jpy]           key_rotation (seconds between header keys of the stateless jpy relay),
@@ -62,6 +62,7 @@ DEFAULT_BPF_PIN_DIR = Path("/sys/fs/bpf/joinproxyd")
 KNOB_RECORD_NAME = "ipip-knobs.json"  # beside the control socket (IpipSettings.knob_record)
 IPIP_PROTOCOLS = (41, 98)  # IPv6-in-IPv6 (RFC 2473, the drafts' choice), ENCAP (RFC 1241)
 IPIP_MAX_PORTS = 4  # ports the kernel's IPIP program matches per join link
+IPIP_DATAPATHS = ("auto", "bpf", "kernel")  # ipip.datapath (relays/ipip.py choose_datapath)
 IPIP_XDP = ("auto", "on", "off")  # ipip.xdp: the XDP encapsulation fast path (relays/ipip_xdp.py)
 IFNAMSIZ = 15  # longest interface name
 # A derived backbone address is the prefix plus the join link's ifindex: leave it room.
@@ -122,6 +123,9 @@ class IpipSettings:
     backbone_addresses: dict[str, str] = field(default_factory=dict)
     # The XDP encapsulation in front of the tc one: "auto" when the backbone can take it.
     xdp: str = "auto"
+    # Who encapsulates: "bpf" (tc/XDP programs), "kernel" (ip6ip6 tunnels configured over
+    # netlink, kernel/ip6tnl.py; protocol 41 only), "auto": BPF where it runs, else tunnels.
+    datapath: str = "auto"
     # Not a key: where the mode records the join links' sysctls from before it changed them
     # (relays/ipip_knobs.py), in the control socket's directory, the daemon's runtime one.
     knob_record: Path = field(default=Path("/run/joinproxyd") / KNOB_RECORD_NAME,
@@ -430,8 +434,15 @@ def _ipip(table: _Table) -> IpipSettings:
     if not isinstance(xdp, str) or xdp not in IPIP_XDP:
         shown = str(xdp).lower() if isinstance(xdp, bool) else repr(xdp)
         raise ConfigError(table.key("xdp"), f'must be "auto", "on" or "off" (got {shown})')
+    datapath = table.take("datapath", "auto")
+    if not isinstance(datapath, str) or datapath not in IPIP_DATAPATHS:
+        raise ConfigError(table.key("datapath"),
+                          f'must be "auto", "bpf" or "kernel" (got {datapath!r})')
+    if datapath == "kernel" and protocol != 41:
+        raise ConfigError(table.key("datapath"), f'"kernel" (ip6ip6 tunnels) carries protocol '
+                          f'41 only; ipip.protocol = {protocol} needs "bpf" or "auto"')
     table.done()
-    return IpipSettings(protocol, prefix, addresses, xdp)
+    return IpipSettings(protocol, prefix, addresses, xdp, datapath=datapath)
 
 
 def _cojp(table: _Table) -> CojpSettings:

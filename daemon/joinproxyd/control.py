@@ -3,6 +3,8 @@
     {"command": "status"}    -> {"ok": true, "status": {...}}
     {"command": "circuits"}  -> {"ok": true, "circuits": [...]}
     {"command": "window", "args": {"state": "close"}} -> {"ok": true, "window": {...}}
+    {"command": "trace"}     -> one JSON line per event (the first describes the trace), until
+                                the client closes its end
     anything refused         -> {"ok": false, "error": "one line"}
 
 The socket is created 0600 in a 0700 directory: only root (or the daemon's user) may ask.
@@ -18,7 +20,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,37 @@ def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int | None, int | No
     return uid, pid
 
 
+async def _stream(command: str, items: AsyncIterator[Any], reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
+    """A streaming command (``trace``): the first item as the reply ({"ok": true, command:
+    item}), then one JSON line per item until the generator ends or the client closes its
+    end (Ctrl-C), which ends the generator (and releases what it holds)."""
+    first = True
+    eof = asyncio.ensure_future(reader.read(1))  # any byte or EOF from the client ends it
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({nxt, eof}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
+                return
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            line = {"ok": True, command: item} if first else item
+            first = False
+            writer.write(json.dumps(line).encode() + b"\n")
+            await writer.drain()
+    finally:
+        eof.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await eof
+        await items.aclose()  # type: ignore[attr-defined]
+
+
 class ControlServer:
     def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
         self.path = path
@@ -89,9 +122,14 @@ class ControlServer:
             reply = {"ok": False, "error": "no request line received"}
         else:
             reply = await self._answer(line, *peer_credentials(writer))
+        stream = next(((key, value) for key, value in reply.items()
+                       if key != "ok" and isinstance(value, AsyncIterator)), None)
         try:
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
+            if stream is not None:
+                await _stream(*stream, reader, writer)
+            else:
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
         except ConnectionError:
             pass
         finally:

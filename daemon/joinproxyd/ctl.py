@@ -5,6 +5,7 @@
     joinproxyctl [--socket PATH] window [open|close] [--json]
     joinproxyctl [--socket PATH] refusals [--pledge ADDRESS] [--json]
     joinproxyctl [--socket PATH] drop CIRCUIT [--json]
+    joinproxyctl [--socket PATH] trace [PLEDGE] [--json]
 """
 
 import argparse
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "window": "show, open or close the join window (closed: new pledges are refused)",
         "refusals": "recent refusals per pledge, with their reason",
         "drop": "close an open circuit, by id or by pledge address",
+        "trace": "live drop reasons (kernel, our programs, refusals) until Ctrl-C",
     }
     for name, text in commands.items():
         cmd = sub.add_parser(name, help=text, description=text)
@@ -263,11 +265,65 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "drop":
             cmd.add_argument("circuit", metavar="CIRCUIT",
                              help="a circuit id from `circuits`, or a pledge address")
+        elif name == "trace":
+            cmd.add_argument("pledge", metavar="PLEDGE", nargs="?",
+                             help="only this pledge address (default: every pledge)")
     return parser
+
+
+def trace(path: Path, pledge: str | None, as_json: bool) -> int:
+    """Print the daemon's drop events until Ctrl-C (closing the socket ends the trace
+    and, if it was the last, detaches the tracer)."""
+    from .trace import render_event  # only this command needs it
+
+    message: dict[str, Any] = {"command": "trace", "args": {"pledge": pledge} if pledge else {}}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                sock.sendall(json.dumps(message).encode() + b"\n")
+                stream = sock.makefile("rb")
+                sock.settimeout(None)
+                first = stream.readline()
+            except FileNotFoundError:
+                raise CtlError(f"{path}: no such socket; is joinproxyd running?") from None
+            except PermissionError:
+                raise CtlError(f"{path}: permission denied; run as root") from None
+            except OSError as exc:
+                raise CtlError(f"{path}: {exc.strerror or exc}") from None
+            try:
+                reply = json.loads(first)
+            except ValueError:
+                raise CtlError(f"{path}: the daemon sent an unreadable reply") from None
+            if not reply.get("ok"):
+                raise CtlError(f"the daemon refused: {reply.get('error', 'no reason given')}")
+            head = reply["trace"]
+            if as_json:
+                print(json.dumps(head), flush=True)
+            else:
+                print(f"tracing drops of {head.get('pledge') or 'every pledge'} on "
+                      f"{', '.join(head.get('links', [])) or 'no link'}; Ctrl-C to stop",
+                      flush=True)
+            for line in stream:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                print(json.dumps(event) if as_json else render_event(event), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except CtlError as exc:
+        print(f"joinproxyctl: {exc}", file=sys.stderr)
+        return 1
+    print("joinproxyctl: the daemon ended the trace", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "trace":
+        return trace(args.socket, args.pledge, args.json)
     call: dict[str, Any] = {}
     if args.command == "window" and args.state:
         call["state"] = args.state

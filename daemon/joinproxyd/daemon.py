@@ -61,6 +61,7 @@ from .relays import (
 from .relays.circuit import CircuitMode
 from .relays.coaps import COAPS_ID_PREFIX, CoapsMode
 from .relays.ipip import IpipMode, usable_target
+from .trace import TraceHub
 from .window import JoinWindow, RefusalLog, pledge_key
 
 log = logging.getLogger("joinproxyd")
@@ -244,7 +245,9 @@ class Daemon:
         self.control = ControlServer(config.control_socket, {
             "status": self.status, "circuits": self.circuit_list,
             "window": self.window_command, "refusals": self.refusal_list,
-            "drop": self.drop_command})
+            "drop": self.drop_command, "trace": self.trace_command})
+        self.traces = TraceHub(self.datapath, self.refusals, self._traced_links,
+                               config.bpf_object_dir, log)
         self._stop = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._metrics_listen: tuple[str, int] | None = None
@@ -348,6 +351,7 @@ class Daemon:
         await self.registrars.stop()
         await self.watcher.stop()
         await self.control.close()
+        self.traces.close_now()
         self.listeners.close()
         self.metrics.close()
         await self.notifier.close()
@@ -881,6 +885,7 @@ class Daemon:
             # per mode: flows, datagrams, bytes and drops by reason, as /metrics has them
             "traffic": self.traffic(),
             "guard": self.guard.status(),
+            "trace": self.traces.status(),  # joinproxyctl trace: attached only while it runs
             "bpf": self.datapath.status(),
             "counters": self.counters(),
         }
@@ -961,6 +966,21 @@ class Daemon:
         if pledge is not None and not isinstance(pledge, str):
             raise ControlError("refusals: pledge must be an address")
         return self.refusals.by_pledge(pledge)
+
+    async def trace_command(self, request: Request) -> Any:
+        """Stream drop reasons (trace.py) until the client closes the socket."""
+        pledge = request.args.get("pledge")
+        if pledge is not None and not isinstance(pledge, str):
+            raise ControlError("trace: pledge must be an address")
+        return await self.traces.subscribe(pledge, request.who)
+
+    def _traced_links(self) -> dict[int, str]:
+        """What `joinproxyctl trace` watches: the join links and the backbone."""
+        links = {iface.index: iface.name for iface in self.interfaces}
+        backbone = self.links.get(self.config.backbone)
+        if backbone is not None:
+            links[backbone.index] = backbone.name
+        return links
 
     def drop_command(self, request: Request) -> list[dict[str, Any]]:
         """Close circuits by id (as `circuits` lists them), coaps flows by theirs (coaps-N),

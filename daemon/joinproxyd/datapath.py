@@ -137,3 +137,12 @@ class Datapath:
             **dp.status(),
             "counters": {f"{program}/{action}": value
                          for (program, action), value in sorted(dp.counters().items())}})
+
+    # -- read by `joinproxyctl trace` (trace.py) --------------------------------------------
+    def drops_by_program(self) -> dict[tuple[str, str], int]:
+        """(program, DropReason value) -> packets, every program loaded."""
+        return self._read("drops", {}, lambda dp: dp.drops())
+
+    def guard_drops_by_source(self) -> dict[tuple[str, int, int], int]:
+        """(source, ifindex, proto) -> packets the guard dropped; empty while it is off."""
+        return self._read("guard buckets", {}, lambda dp: dp.guard_drops_by_source())

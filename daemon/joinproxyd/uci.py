@@ -86,7 +86,7 @@ SECTIONS: dict[str, Schema] = {
               "syn_burst": ("syn_burst", "int")},
     "ipip": {"protocol": ("protocol", "int"), "backbone_prefix": ("backbone_prefix", "str"),
              "backbone_address": ("backbone_addresses", "list:str"),
-             "xdp": ("xdp", "str")},
+             "xdp": ("xdp", "str"), "datapath": ("datapath", "str")},
     "cojp": {"rate": ("rate", "float"), "burst": ("burst", "int")},
     "jpy": {"key_rotation": ("key_rotation", "float"), "datapath": ("datapath", "str")},
     "circuit": {"splice": ("splice", "str")},

@@ -672,3 +672,14 @@ class BpfDatapath:
         if live and program not in XDP_PROGRAMS:
             raise ValueError("live frames exist for XDP programs only")
         return self._run(program, packet, repeat, live, ifindex, batch_size)[2]
+
+
+# -- the drop tracer's device set (kernel/drop_trace.py loads that object; its one map the
+# -- control plane writes is written here, with every other map write) ---------------------
+def set_watched_devices(fd: int, key_type: type[Any], wanted: set[tuple[int, int]]) -> None:
+    """Make the jp_trace_ifs map at fd hold exactly the (netns inode, ifindex) pairs."""
+    have = {(key.netns, key.ifindex) for key in map_keys(fd, key_type)}
+    for netns, ifindex in have - wanted:
+        delete_elem(fd, key_type(netns, ifindex), "jp_trace_ifs")
+    for netns, ifindex in wanted - have:
+        update_elem(fd, key_type(netns, ifindex), ctypes.c_uint8(1), "jp_trace_ifs")

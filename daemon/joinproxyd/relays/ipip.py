@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import IpipSettings
-from ..kernel import KernelError, ndp
+from ..kernel import KernelError, ip6tnl, ndp
 from ..kernel.bpf import BpfDatapath
 from ..kernel.bpf_layout import IPIP_PROGRAMS, IpipJoin
 from ..model import IpipTarget, JoinInterface, LinkState, RegistrarEndpoint
@@ -89,6 +89,27 @@ def usable_target(registrar: RegistrarEndpoint | None,
                       f"{'/'.join(map(str, target.protocols))}, not {protocol} "
                       "(ipip.protocol)")
     return target, None
+
+
+def choose_datapath(setting: str, protocol: int, bpf_problem: str | None,
+                    tunnel_problem: str | None) -> tuple[str | None, str]:
+    """Who encapsulates ("bpf", "kernel" or None: nobody can) and why, from ipip.datapath
+    and what the kernel offers (None: that path works, else why not). "auto" prefers BPF
+    (XDP fast path, protocol 98, counters by reason); the tunnels carry protocol 41 only."""
+    if setting == "bpf":
+        return "bpf", "ipip.datapath = \"bpf\""
+    if setting == "kernel":
+        if tunnel_problem is not None:
+            return None, f"ipip.datapath = \"kernel\": {tunnel_problem}"
+        return "kernel", "ipip.datapath = \"kernel\""
+    if bpf_problem is None:
+        return "bpf", "auto: BPF runs here"
+    if protocol != 41:
+        return None, (f"auto: BPF does not run here ({bpf_problem}), and protocol {protocol} "
+                      "has no kernel tunnel (protocol 98 needs BPF)")
+    if tunnel_problem is not None:
+        return None, f"auto: BPF does not run here ({bpf_problem}), nor tunnels: {tunnel_problem}"
+    return "kernel", f"auto: BPF does not run here ({bpf_problem}): ip6ip6 tunnels"
 
 
 def backbone_address(settings: IpipSettings, name: str, index: int) -> str:
@@ -194,6 +215,8 @@ class IpipMode(RelayMode):
                 await asyncio.to_thread(ndp.del_proxy, index, address)
             for index, address in addresses:
                 await asyncio.to_thread(ndp.del_address, index, address)
+            for join_index in await asyncio.to_thread(ip6tnl.ours):
+                await asyncio.to_thread(ip6tnl.remove, join_index)
         except KernelError as exc:
             log.error("cannot remove what an earlier ipip run left: %s", exc)
             return
@@ -224,6 +247,12 @@ class IpipMode(RelayMode):
         self.xdp = ipip_xdp.Decision(False, "not started")
         self._xdp_backbone: ipip_xdp.Backbone | None = None  # as last read
         self._xdp_written: bool | None = None  # what jp_guard_next holds (None: not known)
+        # ipip.datapath: "bpf" or "kernel" (ip6ip6 tunnels, kernel/ip6tnl.py) as chosen
+        self.path: str | None = None
+        self.path_why = "not started"
+        self._tunnel_problem: str | None = None  # probed once: the kernel does not change
+        self._tunnel_probed = False
+        self._tunnels: dict[int, ip6tnl.TunnelSpec] = {}  # join ifindex -> tunnel made
         ctx.metrics.add_mode(self.name, flows=self.keeps_flows)
 
     # -- control plane ----------------------------------------------------------------------
@@ -244,12 +273,21 @@ class IpipMode(RelayMode):
             errors = list(plan.errors.values())
             self._apply_error = None
             try:
-                if interfaces:
+                path = await self._choose_path(settings) if interfaces else self.path
+                if path != self.path and self.path is not None:
+                    await self._teardown_path()  # the other path's state goes first
+                self.path = path
+                if not interfaces:
+                    await self._teardown_path()
+                elif path == "kernel":
+                    await self._apply_kernel(plan, settings.protocol,
+                                             [i for i in interfaces if i.name not in plan.errors])
+                elif path == "bpf":
                     await self._apply(plan, settings.protocol, [i for i in interfaces
                                                                 if i.name not in plan.errors])
                     await self._reconcile_xdp(settings.xdp, plan)
                 else:
-                    await self._teardown()
+                    raise KernelError(self.path_why)
             except (KernelError, ValueError) as exc:
                 # ValueError: the data plane refused a configuration (bpf.py validates);
                 # said once, retried at the next change, never fatal.
@@ -262,11 +300,98 @@ class IpipMode(RelayMode):
         proxy entries (pledges stop sending), then programs, maps and addresses."""
         async with self._lock:
             try:
-                await self._teardown()
+                await self._teardown_path()
             except KernelError as exc:
                 self._set_error(str(exc))
             self.plan = Plan(None, "stopped", None)
             self.xdp = ipip_xdp.Decision(False, "stopped")
+
+    async def _choose_path(self, settings: IpipSettings) -> str | None:
+        bpf_problem = None
+        if settings.datapath == "auto":
+            try:
+                await self._datapath()
+            except KernelError as exc:
+                bpf_problem = str(exc).splitlines()[0]
+        if settings.datapath != "bpf" and not self._tunnel_probed:
+            self._tunnel_problem = await asyncio.to_thread(ip6tnl.probe)
+            self._tunnel_probed = True
+        path, why = choose_datapath(settings.datapath, settings.protocol, bpf_problem,
+                                    self._tunnel_problem)
+        if (path, why) != (self.path, self.path_why):
+            self.ctx.log.info("ipip datapath: %s (%s)", path or "none", why,
+                              extra={"MODE": self.name})
+        self.path_why = why
+        return path
+
+    async def _teardown_path(self) -> None:
+        if self._tunnels or self.path == "kernel":
+            await self._teardown_kernel()
+        if self.path != "kernel":
+            await self._teardown()
+
+    async def _apply_kernel(self, plan: Plan, protocol: int,
+                            interfaces: Sequence[JoinInterface]) -> None:
+        """The plan with ip6ip6 tunnels instead of BPF programs (kernel/ip6tnl.py): backbone
+        addresses, one tunnel per link towards the registrar, then the links' knobs and
+        proxy NDP, as _apply orders it (return path first)."""
+        await self._adopt()
+        if plan.backbone_index is not None:
+            for address in sorted(plan.addresses() - set(self._addresses)):
+                if await asyncio.to_thread(ndp.add_address, plan.backbone_index, address):
+                    self._addresses[address] = plan.backbone_index
+        specs: dict[int, ip6tnl.TunnelSpec] = {}
+        if plan.relaying and plan.target is not None and plan.backbone_index is not None:
+            specs = {link.index: ip6tnl.TunnelSpec(
+                link.name, link.index, plan.backbone_index, link.outer_src,
+                plan.target.address, plan.target.link_local, tuple(plan.target.ports),
+                protocol) for link in plan.links}
+        for index in sorted(set(self._tunnels) - set(specs)):
+            await asyncio.to_thread(ip6tnl.remove, index)
+            del self._tunnels[index]
+        for index, spec in specs.items():
+            if self._tunnels.get(index) != spec:
+                await asyncio.to_thread(ip6tnl.apply, spec)
+                self._tunnels[index] = spec
+        desired = {i.name: i.index for i in interfaces}
+        for name, saved in list(self._knobs.items()):
+            if desired.get(name) != saved.ifindex:
+                await self._restore_knobs(name)
+        for name, index in desired.items():
+            if name not in self._knobs:
+                before = await asyncio.to_thread(ndp.read_knobs, name)
+                self._knobs[name] = Saved(index, before)
+                assert self._record is not None
+                self._record.save(self._knobs)  # on disk before the first knob changes
+            if name not in self._knobs_set:
+                await asyncio.to_thread(ndp.write_knobs, name, ndp.PROXY_KNOBS)
+                self._knobs_set.add(name)
+        wanted = plan.proxies()
+        for index, address in sorted(self._proxies - wanted):
+            await asyncio.to_thread(ndp.del_proxy, index, address)
+            self._proxies.discard((index, address))
+        for index, address in sorted(wanted - self._proxies):
+            await asyncio.to_thread(ndp.add_proxy, index, address)
+            self._proxies.add((index, address))
+        for address, index in sorted(self._addresses.items()):
+            if address not in plan.addresses():
+                await asyncio.to_thread(ndp.del_address, index, address)
+                del self._addresses[address]
+
+    async def _teardown_kernel(self) -> None:
+        """Serve nothing on the tunnel path: proxy entries, tunnels, knobs, addresses."""
+        await self._adopt()
+        for index, address in sorted(self._proxies):
+            await asyncio.to_thread(ndp.del_proxy, index, address)
+        self._proxies.clear()
+        for index in sorted(self._tunnels):
+            await asyncio.to_thread(ip6tnl.remove, index)
+        self._tunnels.clear()
+        for name in list(self._knobs):
+            await self._restore_knobs(name)
+        for address, index in sorted(self._addresses.items()):
+            await asyncio.to_thread(ndp.del_address, index, address)
+        self._addresses.clear()
 
     async def _datapath(self) -> BpfDatapath:
         if self.ctx.datapath is None:
@@ -486,8 +611,8 @@ class IpipMode(RelayMode):
         self.error = message
 
     def kernel_drops(self) -> dict[str, int]:
-        if self.ctx.datapath is None:
-            return {}
+        if self.ctx.datapath is None or self.path == "kernel":
+            return {}  # the tunnels count no reasons: their statistics are in status
         return self.ctx.datapath.kernel_drops(IPIP_PROGRAMS)
 
     def unserved(self) -> dict[str, str]:
@@ -530,5 +655,15 @@ class IpipMode(RelayMode):
             "knob_record": None if self._record is None else {
                 "path": str(self._record.path), "error": self._record.error},
             "drops": self.kernel_drops(),
+            "datapath": {"setting": self.ctx.ipip().datapath, "active": self.path,
+                         "why": self.path_why,
+                         "tunnels": ip6tnl.describe(list(self._tunnels.values())),
+                         "tunnel_stats": self._tunnel_stats()},
             "error": self.error,
         }
+
+    def _tunnel_stats(self) -> dict[str, int] | None:
+        """The tunnels' own counters (relayed: tx, delivered: rx), on the tunnel path."""
+        if not self._tunnels:
+            return None
+        return ip6tnl.stats(self._tunnels)
