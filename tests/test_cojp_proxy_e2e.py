@@ -6,18 +6,22 @@ joinproxyd in the proxy namespace with the cojp mode on its join link, and ``ple
 with Proxy-Scheme and Uri-Host, crosses the proxy with the pledge's return address sealed in an
 RFC 8974 extended token, and the JRC (aiocoap with the extended-token codec) answers under
 OSCORE, PSK or EDHOC-derived. The proxy keeps no per-pledge state: its resident memory after a
-second fleet run is what it was after the first.
+second fleet run is what it was after the first. aiocoap-client, with an OSCORE credentials
+file and --proxy, joins through the proxy too.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cojp_jrc_lab import Fleet, make_fleet
+from test_cojp_jrc_lab import Fleet, cli, make_fleet
 
+from brski import cojp
 from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config
 from lab.registrar_setup import READY_MARK
@@ -95,6 +99,34 @@ def test_twenty_psk_and_twenty_edhoc_pledges_join_through_the_proxy(lab: Lab,
     print(f"cojp through joinproxyd: {first.get('seconds')} s, then {second.get('seconds')} s "
           f"for 40 pledges; proxy RSS {after_first} KiB, then {after_second} KiB; "
           + counters.line())
+
+    # An independent client through the proxy: aiocoap-client with an OSCORE credentials file
+    # and --proxy sends the request to the proxy with Proxy-Scheme and Uri-Host 6tisch.arpa.
+    other = "00-12-4b-00-14-b5-d9-e4"
+    added = cli("add-pledge", "--config", str(fleet.registrar_toml), "--id", other,
+                "--generate-psk")
+    assert added.returncode == 0, added.stderr
+    context = tmp_path / "aiocoap-client-ctx"
+    subprocess.run([sys.executable, "-c",
+                    "import sys; from pathlib import Path; from pledge_sim import cojp; "
+                    "cojp.write_context(Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), "
+                    "bytes.fromhex(sys.argv[3]))", str(context), other.replace("-", ""),
+                    added.stdout.split("psk ")[1].split()[0]], check=True)
+    credentials = tmp_path / "credentials.json"
+    credentials.write_text(json.dumps({"coap://6tisch.arpa/*":
+                                       {"oscore": {"basedir": f"{context}/"}}}))
+    payload = tmp_path / "join-request.cbor"
+    payload.write_bytes(bytes.fromhex("a10542cafe"))  # RFC 9031 App. A's Join_Request
+    client = str(Path(sys.executable).parent / "aiocoap-client")
+    done = lab.pledges[0].run(
+        ["sh", "-c", f"{client} --credentials {credentials} --proxy "
+         f"'coap://[{PROXY_LL}%eth0]:{JRC_PORT}' -m POST --payload @{payload} "
+         "coap://6tisch.arpa/j | od -An -tx1"], check=False, timeout=60)
+    answer = bytes.fromhex(done.stdout.replace(" ", "").replace("\n", ""))
+    assert answer, (done.stdout, done.stderr, daemon.log()[-2000:])
+    assert cojp.decode_configuration(answer).short_identifier is not None
+    assert "pledge 00124b0014b5d9e4 joined" in registrar.log()
+
     daemon.stop()
     registrar.stop()
     assert "Traceback" not in registrar.log() + daemon.log()

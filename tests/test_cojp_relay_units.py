@@ -80,6 +80,17 @@ def test_forwarded_as_non_and_answered_with_a_piggybacked_ack() -> None:
                                                        ((9, b""),), b"cfg")
 
 
+def test_uri_host_without_proxy_scheme_is_relayed_too() -> None:
+    """aiocoap-client --proxy leaves Proxy-Scheme out when the scheme is the proxy's own."""
+    mode, side, _, upstream, metrics = make_mode()
+    mode.from_pledge(side, request(options=JOIN[:2]), PLEDGE)
+    (data, _), = upstream.sent
+    assert CoapDatagram.decode(data).options == ((9, b"\x09\x00pledge"),)
+    mode.from_pledge(side, request(options=((3, b"example.org"), JOIN[1])), PLEDGE)
+    mode.from_pledge(side, request(options=(JOIN[1],)), PLEDGE)  # no host at all
+    assert len(upstream.sent) == 1 and drops(metrics, "irrelevant") == 2
+
+
 def test_what_is_refused_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     mode, side, pledge_link, upstream, metrics = make_mode()
     mode.from_pledge(side, request(options=((3, b"6tisch.arpa"), (39, b"http"))), PLEDGE)

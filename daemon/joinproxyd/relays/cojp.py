@@ -300,9 +300,12 @@ class CojpMode(RelayMode):
         except DecodeError as exc:
             self._refuse(DropReason.MALFORMED, f"pledge {pledge}: {exc}", iface.name, pledge)
             return
+        # RFC 9031 pledges send Proxy-Scheme "coap"; a request without it that names the host
+        # 6tisch.arpa (aiocoap's client through --proxy) asks this endpoint for that virtual
+        # host (RFC 7252 §5.10.1), which it serves by relaying too.
         if not is_request(request.code) or request.mtype not in (MessageType.CON,
                                                                  MessageType.NON) \
-                or request.option(OptionNumber.PROXY_SCHEME) != [PROXY_SCHEME] \
+                or request.option(OptionNumber.PROXY_SCHEME) not in ([], [PROXY_SCHEME]) \
                 or request.option(OptionNumber.URI_HOST) != [JOIN_HOST] \
                 or request.option(OptionNumber.PROXY_URI):
             self._refuse(DropReason.IRRELEVANT, f"pledge {pledge}: not a CoJP join request "
