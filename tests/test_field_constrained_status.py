@@ -371,8 +371,8 @@ def bpffs(as_root: None, tmp_path: Path) -> Iterator[Path]:
 
 
 def test_the_guard_covers_both_udp_join_ports(lab: Lab, bpffs: Path, tmp_path: Path) -> None:
-    """A source flooding the coaps or the jpy join port is cut off in XDP while another
-    pledge on the same link is relayed."""
+    """A source flooding the coaps or the jpy join port, or CoRE discovery on 5683, is cut off
+    in XDP while another pledge on the same link is relayed."""
     stand_in(lab)
     config = constrained_config(tmp_path / "proxy", guard={"enabled": True, "rate": 5,
                                                            "burst": 10})
@@ -380,7 +380,8 @@ def test_the_guard_covers_both_udp_join_ports(lab: Lab, bpffs: Path, tmp_path: P
     daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
     wait_for(lambda: daemon.ctl()["joining"], 10, "joining open")
     guard = daemon.ctl()["guard"]
-    assert sorted(guard["ports"]) == [COAPS_JOIN, JPY_JOIN], guard
+    # and CoAP's 5683, where the links answer CoRE discovery
+    assert sorted(guard["ports"]) == sorted([5683, COAPS_JOIN, JPY_JOIN]), guard
     assert set(guard["interfaces"]) == {"join0", "join1"}, guard
     for flooder, quiet, port, mode in ((2, 0, COAPS_JOIN, "coaps"), (3, 1, JPY_JOIN, "jpy")):
         before = daemon.drops("guard", "rate-limit")
@@ -392,6 +393,11 @@ def test_the_guard_covers_both_udp_join_ports(lab: Lab, bpffs: Path, tmp_path: P
         # another pledge on the same link is not touched
         reply = pledge(lab.pledges[quiet], port, "still-here")
         assert reply == [f"reply {'echo:' if mode == 'jpy' else ''}still-here"], reply
+    # a CoRE discovery flood is cut off too (the responder answers each GET it gets)
+    before = daemon.drops("guard", "rate-limit")
+    lab.pledges[2].run([PYTHON, "-c", GUARD_FLOOD, "5683"])
+    wait_for(lambda: daemon.drops("guard", "rate-limit") - before >= 250, 10,
+             "the guard dropping the flood on the CoRE discovery port")
     # the two flooders are named (the guard looks at its buckets every few seconds)
     wait_for(lambda: len({e["source"] for e in daemon.ctl()["guard"]["dropped_most"]}) == 2,
              15, "the guard naming both flooders")

@@ -13,7 +13,7 @@ import pytest
 
 from joinproxyd.config import GuardSettings, parse
 from joinproxyd.ctl import render_status
-from joinproxyd.daemon import Daemon
+from joinproxyd.daemon import Daemon, guarded_ports
 from joinproxyd.guard import Guard
 from joinproxyd.kernel import KernelError
 from joinproxyd.metrics import Metrics
@@ -287,3 +287,14 @@ def test_a_flood_of_many_sources_is_summed_up() -> None:
 
     top = run(scenario())
     assert [entry["drops"] for entry in top] == list(range(124, 114, -1))
+
+
+def test_the_core_discovery_port_is_guarded_where_a_constrained_link_answers_it() -> None:
+    config = parse({"backbone": {"interface": "bb0"},
+                    "join": [{"interfaces": ["join0"], "modes": ["circuit"]}]})
+    circuit = JoinInterface("join0", 3, "fe80::1", (), ("circuit",), 8443)
+    coaps = JoinInterface("join1", 4, "fe80::1", (), ("coaps",), 5684)
+    jpy = JoinInterface("join2", 5, "fe80::1", (), ("jpy",), 5686)
+    assert guarded_ports(config, [circuit], None) == [8443]
+    assert guarded_ports(config, [circuit, coaps], None) == [5683, 5684, 8443]
+    assert guarded_ports(config, [jpy], None) == [5683, 5686]

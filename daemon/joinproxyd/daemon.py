@@ -133,9 +133,12 @@ def desired_interfaces(config: Config, links: dict[str, LinkState],
 
 def guarded_ports(config: Config, interfaces: list[JoinInterface],
                   registrar: RegistrarEndpoint | None) -> list[int]:
-    """The ports the guard watches: each link's join port, and every port an ipip link
-    relays (the registrar may take more than the one announced)."""
+    """The ports the guard watches: each link's join port, every port an ipip link relays
+    (the registrar may take more than the one announced), and CoAP's 5683 where a coaps or
+    jpy link answers CoRE discovery (discovery/coap_join.py) with a packet of its own."""
     ports = {i.port for i in interfaces}
+    if any(config_mod.CONSTRAINED_MODES.intersection(i.modes) for i in interfaces):
+        ports.add(config_mod.COAP_JOIN_PORT)
     target, _ = usable_target(registrar, config.ipip.protocol)
     if target is not None and any("ipip" in i.modes for i in interfaces):
         ports.update(target.ports)
