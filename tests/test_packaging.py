@@ -66,11 +66,12 @@ def daemon_bpf_objects() -> set[str]:
     datapath.OPTIONAL name them in kernel/bpf.py's table): what the packages ship, and
     nothing else."""
     from joinproxyd import datapath
-    from joinproxyd.kernel import bpf
-    from joinproxyd.relays import circuit_splice  # loaded by the circuit relay itself
+    from joinproxyd.kernel import bpf, drop_trace
 
+    # loaded apart from the datapath: splice.bpf.o by the circuit relay (kernel/bpf.py's
+    # Splicer), trace.bpf.o while `joinproxyctl trace` runs
     return {bpf.OBJECTS[name].file for name in (*datapath.OBJECTS, *datapath.OPTIONAL)} | {
-        circuit_splice.OBJECT}
+        bpf.SPLICE_OBJECT, drop_trace.OBJECT}
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -78,6 +79,31 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:  # type:
 
 
 # -- the vendoring policy ---------------------------------------------------------------------
+
+
+def _wheel(directory: Path, name: str, *requires: str) -> Path:
+    import zipfile
+
+    path = directory / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}-1.0.dist-info/METADATA", "Metadata-Version: 2.1\n"
+                    f"Name: {name}\nVersion: 1.0\n"
+                    + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    return path
+
+
+def test_needed_wheels_follow_markers_for_the_running_interpreter(tmp_path):
+    """pip downloads for its own Python; install keeps what this interpreter needs: a
+    dependency behind a marker that is false here is left out, one behind a true marker and
+    an unconditional one are kept, extras are not followed."""
+    old, new = f"{sys.version_info.major}.{sys.version_info.minor}", "99.0"
+    wheels = [_wheel(tmp_path, "top", f"older; python_version < '{old}'",
+                     f"current; python_version >= '{old}'", "always", "extra_only; extra == 'x'"),
+              _wheel(tmp_path, "older"), _wheel(tmp_path, "current"), _wheel(tmp_path, "always"),
+              _wheel(tmp_path, "extra_only"), _wheel(tmp_path, "future",
+                                                     f"never; python_version >= '{new}'")]
+    kept = {vendor.wheel_name(w) for w in vendor.needed_wheels(wheels, ["top"])}
+    assert kept == {"top", "current", "always"}
 
 def third_party_imports(folder: Path) -> set[str]:
     names = set()
@@ -485,9 +511,9 @@ def test_pledge_sim_and_common_packages(debs):
     for name in ("cryptography", "pyroute2", "prometheus_client", "zeroconf", "aiohttp",
                  "pycose", "aiocoap"):
         assert name in top, name
-    # Only what the release's interpreter needs: typing-extensions is asked for on Python <
-    # 3.13 only (pip downloads it for trixie too: it evaluates markers for its own Python).
-    assert ("/usr/lib/brski/vendor/typing_extensions.py" in common) == (release == "bookworm")
+    # typing-extensions: psycopg asks for it on Python < 3.13 only, psycopg-pool everywhere
+    # (what the release's interpreter needs is vendored: test_needed_wheels_follow_markers).
+    assert "/usr/lib/brski/vendor/typing_extensions.py" in common
     # What Debian provides is not vendored again.
     for name in ("cbor2", "asn1crypto", "attr", "idna", "ifaddr", "six", "systemd"):
         assert name not in top, name

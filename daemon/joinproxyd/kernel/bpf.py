@@ -65,6 +65,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ from .bpf_object import DEFAULT_OBJ_DIR, DEFAULT_PIN_DIR, LoadedObject, ensure_p
 from .libbpf import (
     check,
     delete_elem,
+    errno_now,
     libbpf,
     lookup_elem,
     map_keys,
@@ -683,3 +685,83 @@ def set_watched_devices(fd: int, key_type: type[Any], wanted: set[tuple[int, int
         delete_elem(fd, key_type(netns, ifindex), "jp_trace_ifs")
     for netns, ifindex in wanted - have:
         update_elem(fd, key_type(netns, ifindex), ctypes.c_uint8(1), "jp_trace_ifs")
+
+# --- the circuit splice's object ---------------------------------------------------------
+
+SPLICE_OBJECT = "splice.bpf.o"
+PROGRAM = b"jp_splice_verdict"
+SOCKS, SIDES = b"jp_splice_socks", b"jp_splice_sides"
+BPF_SK_SKB_STREAM_VERDICT = 5  # enum bpf_attach_type
+BPF_NOEXIST = 1
+
+
+class SideC(ctypes.Structure):
+    """struct jp_splice_side (ebpf/splice.bpf.c)."""
+
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("segments", ctypes.c_uint64), ("dropped", ctypes.c_uint64)]
+
+
+class Splicer:
+    """The circuit splice (relays/circuit_splice.py): splice.bpf.o loaded on its own (its
+    maps are never pinned: spliced sockets die with the daemon), one program attached to one
+    sockhash, and the sides' rows."""
+
+    def __init__(self, obj_dir: Path | None = None) -> None:
+        lib = libbpf()
+        path = Path(obj_dir or DEFAULT_OBJ_DIR) / SPLICE_OBJECT
+        self._obj = lib.bpf_object__open_file(str(path).encode(), None)
+        if not self._obj:
+            code = errno_now()
+            raise KernelError(f"open {path}: {describe_errno(code)} (run 'make -C ebpf')",
+                              errno=code)
+        try:
+            seen = lib.lines_logged
+            rc = lib.bpf_object__load(self._obj)
+            if rc < 0:
+                raise KernelError(f"load {path.name}: {describe_errno(-rc)}\n"
+                                  f"{lib.said_since(seen)}", errno=-rc)
+            prog = lib.bpf_object__find_program_by_name(self._obj, PROGRAM)
+            socks = lib.bpf_object__find_map_by_name(self._obj, SOCKS)
+            sides = lib.bpf_object__find_map_by_name(self._obj, SIDES)
+            if not (prog and socks and sides):
+                raise KernelError(f"{path.name}: program or maps missing", errno=errno.ENOENT)
+            self.prog_fd = check(lib.bpf_program__fd(prog), "fd of jp_splice_verdict")
+            self.socks_fd = check(lib.bpf_map__fd(socks), "fd of jp_splice_socks")
+            self.sides_fd = check(lib.bpf_map__fd(sides), "fd of jp_splice_sides")
+            attach = lib.lib.bpf_prog_attach
+            attach.restype = ctypes.c_int
+            attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+            check(attach(self.prog_fd, self.socks_fd, BPF_SK_SKB_STREAM_VERDICT, 0),
+                  "attach jp_splice_verdict to jp_splice_socks")
+        except BaseException:
+            self.close()
+            raise
+
+    def add_side(self, cookie: int, peer: int) -> None:
+        update_elem(self.sides_fd, ctypes.c_uint64(cookie), SideC(peer=peer),
+                    "jp_splice_sides")
+
+    def insert(self, sock: socket.socket, cookie: int) -> None:
+        """Put an established socket into the sockhash; the kernel may refuse (KernelError
+        with its errno)."""
+        update_elem(self.socks_fd, ctypes.c_uint64(cookie), ctypes.c_uint32(sock.fileno()),
+                    "jp_splice_socks", BPF_NOEXIST)
+
+    def side(self, cookie: int) -> SideC | None:
+        row = SideC()
+        return row if lookup_elem(self.sides_fd, ctypes.c_uint64(cookie), row) else None
+
+    def remove_sock(self, cookie: int) -> None:
+        with contextlib.suppress(KernelError):
+            delete_elem(self.socks_fd, ctypes.c_uint64(cookie), "jp_splice_socks")
+
+    def remove(self, cookie: int) -> None:
+        for fd, what in ((self.socks_fd, "jp_splice_socks"), (self.sides_fd, "jp_splice_sides")):
+            with contextlib.suppress(KernelError):  # already gone with its socket
+                delete_elem(fd, ctypes.c_uint64(cookie), what)
+
+    def close(self) -> None:
+        if self._obj:
+            libbpf().bpf_object__close(self._obj)
+            self._obj = None

@@ -24,35 +24,18 @@ half-closed; a full map; no sockmap support): such a circuit stays on the asynci
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import errno
 import fcntl
 import socket
 import struct
 import termios
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
-from ..kernel import KernelError, describe_errno
-from ..kernel.bpf_object import DEFAULT_OBJ_DIR
-from ..kernel.libbpf import check, delete_elem, errno_now, libbpf, lookup_elem, update_elem
+from ..kernel import KernelError
+from ..kernel.bpf import Splicer
 
-OBJECT = "splice.bpf.o"
-PROGRAM = b"jp_splice_verdict"
-SOCKS, SIDES = b"jp_splice_socks", b"jp_splice_sides"
-BPF_SK_SKB_STREAM_VERDICT = 5  # enum bpf_attach_type
-BPF_NOEXIST = 1
 SO_COOKIE = 57
 _TCP_INFO_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked), stable UAPI
-
-
-class SideC(ctypes.Structure):
-    """struct jp_splice_side (ebpf/splice.bpf.c)."""
-
-    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
-                ("segments", ctypes.c_uint64), ("dropped", ctypes.c_uint64)]
 
 
 def cookie_of(sock: socket.socket) -> int:
@@ -65,69 +48,6 @@ def handed_to_tcp(sock: socket.socket) -> int:
     acked = struct.unpack_from("<Q", info, _TCP_INFO_BYTES_ACKED)[0]
     queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     return acked + queued
-
-
-class Splicer:
-    """The loaded object: one program attached to one sockhash, and the sides' rows."""
-
-    def __init__(self, obj_dir: Path | None = None) -> None:
-        lib = libbpf()
-        path = Path(obj_dir or DEFAULT_OBJ_DIR) / OBJECT
-        self._obj = lib.bpf_object__open_file(str(path).encode(), None)
-        if not self._obj:
-            code = errno_now()
-            raise KernelError(f"open {path}: {describe_errno(code)} (run 'make -C ebpf')",
-                              errno=code)
-        try:
-            seen = lib.lines_logged
-            rc = lib.bpf_object__load(self._obj)
-            if rc < 0:
-                raise KernelError(f"load {path.name}: {describe_errno(-rc)}\n"
-                                  f"{lib.said_since(seen)}", errno=-rc)
-            prog = lib.bpf_object__find_program_by_name(self._obj, PROGRAM)
-            socks = lib.bpf_object__find_map_by_name(self._obj, SOCKS)
-            sides = lib.bpf_object__find_map_by_name(self._obj, SIDES)
-            if not (prog and socks and sides):
-                raise KernelError(f"{path.name}: program or maps missing", errno=errno.ENOENT)
-            self.prog_fd = check(lib.bpf_program__fd(prog), "fd of jp_splice_verdict")
-            self.socks_fd = check(lib.bpf_map__fd(socks), "fd of jp_splice_socks")
-            self.sides_fd = check(lib.bpf_map__fd(sides), "fd of jp_splice_sides")
-            attach = lib.lib.bpf_prog_attach
-            attach.restype = ctypes.c_int
-            attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
-            check(attach(self.prog_fd, self.socks_fd, BPF_SK_SKB_STREAM_VERDICT, 0),
-                  "attach jp_splice_verdict to jp_splice_socks")
-        except BaseException:
-            self.close()
-            raise
-
-    def add_side(self, cookie: int, peer: int) -> None:
-        update_elem(self.sides_fd, ctypes.c_uint64(cookie), SideC(peer=peer),
-                    "jp_splice_sides")
-
-    def insert(self, sock: socket.socket, cookie: int) -> None:
-        """Put an established socket into the sockhash; the kernel may refuse (KernelError
-        with its errno)."""
-        update_elem(self.socks_fd, ctypes.c_uint64(cookie), ctypes.c_uint32(sock.fileno()),
-                    "jp_splice_socks", BPF_NOEXIST)
-
-    def side(self, cookie: int) -> SideC | None:
-        row = SideC()
-        return row if lookup_elem(self.sides_fd, ctypes.c_uint64(cookie), row) else None
-
-    def remove_sock(self, cookie: int) -> None:
-        with contextlib.suppress(KernelError):
-            delete_elem(self.socks_fd, ctypes.c_uint64(cookie), "jp_splice_socks")
-
-    def remove(self, cookie: int) -> None:
-        for fd, what in ((self.socks_fd, "jp_splice_socks"), (self.sides_fd, "jp_splice_sides")):
-            with contextlib.suppress(KernelError):  # already gone with its socket
-                delete_elem(fd, ctypes.c_uint64(cookie), what)
-
-    def close(self) -> None:
-        if self._obj:
-            libbpf().bpf_object__close(self._obj)
-            self._obj = None
 
 
 class Refused(Exception):
