@@ -103,7 +103,8 @@ def test_announcement_transports_follow_the_modes():
 
 def test_guard_watches_the_coaps_join_port():
     c = config()
-    assert guarded_ports(c, [iface(("coaps",))], None) == [5684]
+    # and CoAP's 5683, where the link answers CoRE discovery
+    assert guarded_ports(c, [iface(("coaps",))], None) == [5683, 5684]
 
 
 PLEDGE, PROXY = IPv6Address("fe80::2"), IPv6Address("fe80::1")
