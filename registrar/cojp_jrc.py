@@ -330,7 +330,10 @@ class _JrcSite(interfaces.Resource):
         return False
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
-        raise NotImplementedError  # render_to_pipe below is what aiocoap calls
+        # The abstract method of interfaces.Resource. aiocoap calls render_to_pipe, which can
+        # also send nothing at all (a silent OSCORE drop); a plain render cannot, so it is
+        # never used.
+        raise RuntimeError("the CoJP JRC answers through render_to_pipe")
 
     async def render_to_pipe(self, pipe: Any) -> None:
         response = self.jrc.handle(pipe.request)
