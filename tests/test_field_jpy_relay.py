@@ -24,6 +24,7 @@ import pytest
 from lab import Host, Lab, LabProcess, Topology, wait_for
 from lab.netns import LabError
 from lab.proxyd import PYTHON, ProxyDaemon, base_config
+from tests.coaps_probe import hello_verify_request
 
 pytestmark = pytest.mark.netns
 
@@ -41,10 +42,7 @@ while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
     if content[:1] == b"\x16":  # the daemon's DTLS health probe: a HelloVerifyRequest will do
-        body = bytes([0xFE, 0xFF, 1, 88])  # server_version, cookie length, cookie
-        n = len(body).to_bytes(3, "big")
-        hs = b"\x03" + n + bytes(5) + n + body
-        hvr = bytes([22, 0xFE, 0xFD]) + bytes(8) + len(hs).to_bytes(2, "big") + hs
+        hvr = bytes.fromhex("HELLO_VERIFY_REQUEST")
         s.sendto(cbor2.dumps([header, hvr]), peer)
         continue
     print("header", header.hex(), flush=True)
@@ -72,7 +70,7 @@ while True:
     reply = cbor2.dumps([header, b"echo:" + content])
     sent.append(reply)
     s.sendto(reply, peer)
-"""
+""".replace("HELLO_VERIFY_REQUEST", hello_verify_request().hex())
 
 # A pledge: three datagrams (their echoes printed), then the trigger, then everything that
 # arrives in the next seconds.

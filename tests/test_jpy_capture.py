@@ -38,6 +38,7 @@ from coaps_io import keylog
 from lab import Lab, Topology, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon
 from lab.registrar_setup import READY_MARK, write_configs
+from tests.coaps_probe import hello_verify_request
 from tests.test_field_jpy_relay import JOIN_PORT, SNIFF, jpy_config
 from tests.test_masa import brski_pki
 from tests.test_registrar_coaps_capture import (
@@ -206,10 +207,7 @@ while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
     if content[:1] == b"\\x16":  # the daemon's DTLS health probe: a HelloVerifyRequest will do
-        body = bytes([0xFE, 0xFF, 1, 88])  # server_version, cookie length, cookie
-        n = len(body).to_bytes(3, "big")
-        hs = b"\\x03" + n + bytes(5) + n + body
-        hvr = bytes([22, 0xFE, 0xFD]) + bytes(8) + len(hs).to_bytes(2, "big") + hs
+        hvr = bytes.fromhex("HELLO_VERIFY_REQUEST")
         s.sendto(cbor2.dumps([header, hvr]), peer)
         continue
     if header not in headers:
@@ -235,7 +233,7 @@ while True:
     for datagram in forged:
         s.sendto(datagram, peer)
     print("injected", len(forged), flush=True)
-"""
+""".replace("HELLO_VERIFY_REQUEST", hello_verify_request().hex())
 
 PLEDGE = """
 import socket, sys, time
