@@ -42,7 +42,7 @@ while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
     if content[:1] == b"\x16":  # the daemon's DTLS health probe: a HelloVerifyRequest will do
-        hvr = bytes.fromhex("HELLO_VERIFY_REQUEST")
+        hvr = bytes.fromhex("@HVR@")
         s.sendto(cbor2.dumps([header, hvr]), peer)
         continue
     print("header", header.hex(), flush=True)
@@ -70,7 +70,7 @@ while True:
     reply = cbor2.dumps([header, b"echo:" + content])
     sent.append(reply)
     s.sendto(reply, peer)
-""".replace("HELLO_VERIFY_REQUEST", hello_verify_request().hex())
+""".replace("@HVR@", hello_verify_request().hex())
 
 # A pledge: three datagrams (their echoes printed), then the trigger, then everything that
 # arrives in the next seconds.

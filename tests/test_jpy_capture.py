@@ -207,7 +207,7 @@ while True:
     data, peer = s.recvfrom(65535)
     header, content = cbor2.loads(data)[:2]
     if content[:1] == b"\\x16":  # the daemon's DTLS health probe: a HelloVerifyRequest will do
-        hvr = bytes.fromhex("HELLO_VERIFY_REQUEST")
+        hvr = bytes.fromhex("@HVR@")
         s.sendto(cbor2.dumps([header, hvr]), peer)
         continue
     if header not in headers:
@@ -233,7 +233,7 @@ while True:
     for datagram in forged:
         s.sendto(datagram, peer)
     print("injected", len(forged), flush=True)
-""".replace("HELLO_VERIFY_REQUEST", hello_verify_request().hex())
+""".replace("@HVR@", hello_verify_request().hex())
 
 PLEDGE = """
 import socket, sys, time
