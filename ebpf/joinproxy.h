@@ -260,6 +260,7 @@ struct jp_jpy_stats {
 	__u64 n[JP_JPY__COUNT];
 	__u64 bytes_up;		/* pledge datagram bytes relayed up (content) */
 	__u64 bytes_down;	/* reply content bytes relayed down */
+	__u64 xdp_up;		/* of the n[JP_JPY_UP], those jp_jpy_xdp_join relayed */
 };
 
 /* ---- BPF side only: the counters map every object declares the same way, and the one

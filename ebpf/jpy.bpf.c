@@ -692,3 +692,217 @@ send_error:
 	count(JP_JPY_SEND_ERROR, 0);
 	return TC_ACT_SHOT;
 }
+
+/* ------------------------------------------------------------------ XDP join side -- */
+
+/* jp_jpy_xdp_join: the wrap of jp_jpy_join before the kernel builds an skb, tail-called from
+ * jp_guard (jp_guard_next) on a join link. It does only the common case and hands every other
+ * packet on (XDP_PASS) to jp_jpy_join, which then does or refuses it and counts:
+ *   - the UDP checksum must verify. A wire frame's does; a locally sent datagram crossing a
+ *     veth carries only the pseudo-header sum (CHECKSUM_PARTIAL, completed later by the
+ *     stack), which XDP cannot tell apart, and the tc program handles it. So the new checksum
+ *     is computed from verified sums and a corrupt datagram is never made valid;
+ *   - a next hop known to bpf_fib_lookup out of the backbone (IPv6 forwarding on it), kept
+ *     per CPU for JP_JPY_NH_NS: without one, bpf_redirect_neigh in tc resolves it;
+ *   - sizes, window, key: anything jp_jpy_join would pass up or drop.
+ * The headers move JP_JPY prefix bytes towards the head (bpf_xdp_adjust_head) and the prefix
+ * goes between them and the content, which stays where it is. */
+
+#define JP_JPY_NH_NS 100000000ULL	/* a next hop is looked up again after 100 ms */
+
+struct jp_jpy_xdp_scratch {
+	__u8 frame[PAYLOAD_OFF + 40];	/* new Ethernet, IPv6, UDP headers and CBOR prefix */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u32 egress;			/* 0: no next hop */
+	__u32 backbone;			/* the backbone it was looked up for */
+	__u64 expires;
+	__u8 registrar[16];
+	__u8 payload[SCRATCH + 4];	/* the content, zero padded to 4 bytes for the sum */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct jp_jpy_xdp_scratch);
+} jp_jpy_xdp_scratch SEC(".maps");
+
+/* The ones' complement sum of n bytes (n <= JP_JPY_MAX_CONTENT) of buf, zero padded to 4
+ * bytes: 32-bit words added into 64 bits, folded at the end. */
+static __always_inline __u32 sum_content(const __u8 *buf, __u32 n)
+{
+	__u32 words = (n + 3) / 4, i;
+	__u64 s = 0;
+
+#pragma nounroll
+	for (i = 0; i < (JP_JPY_MAX_CONTENT + 3) / 4; i++) {
+		if (i >= words)
+			break;
+		s += *(const __u32 *)(buf + i * 4);
+	}
+	return fold(s);
+}
+
+/* The backbone's next hop to the registrar, per CPU, looked up at most every JP_JPY_NH_NS. */
+static __always_inline int next_hop(struct xdp_md *ctx, struct jp_jpy_xdp_scratch *x,
+				    struct jp_jpy_cfg *cfg)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct bpf_fib_lookup fib = {};
+	long rc;
+
+	if (now < x->expires && x->backbone == cfg->backbone_ifindex &&
+	    addr_eq(x->registrar, cfg->registrar_addr))
+		return x->egress != 0;
+	x->expires = now + JP_JPY_NH_NS;
+	x->backbone = cfg->backbone_ifindex;
+	__builtin_memcpy(x->registrar, cfg->registrar_addr, 16);
+	x->egress = 0;
+	fib.family = 10;	/* AF_INET6 */
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.ifindex = cfg->backbone_ifindex;
+	__builtin_memcpy(fib.ipv6_src, cfg->backbone_addr, 16);
+	__builtin_memcpy(fib.ipv6_dst, cfg->registrar_addr, 16);
+	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->backbone_ifindex)
+		return 0;
+	__builtin_memcpy(x->dmac, fib.dmac, 6);
+	__builtin_memcpy(x->smac, fib.smac, 6);
+	x->egress = fib.ifindex;
+	return 1;
+}
+
+SEC("xdp")
+int jp_jpy_xdp_join(struct xdp_md *ctx)
+{
+	__u32 zero = 0, ifindex = ctx->ingress_ifindex, len, ulen, n, pfx, content, sum;
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct jp_jpy_xdp_scratch *x;
+	struct jp_jpy_scratch *sc;
+	struct jp_jpy_slot *slot;
+	struct jp_jpy_link *link;
+	struct jp_jpy_cfg *cfg;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + IP6_OFF;
+	struct udphdr *udp = data + UDP_OFF;
+	struct ipv6hdr *o;
+	struct udphdr *u;
+	__u8 *f;
+
+	if ((void *)(udp + 1) > end || eth->h_proto != bpf_htons(ETH_P_IPV6) ||
+	    ip6->version != 6 || ip6->nexthdr != IPPROTO_UDP)
+		return XDP_PASS;
+	link = bpf_map_lookup_elem(&jp_jpy_links, &ifindex);
+	if (!link || !link->relay || udp->dest != bpf_htons(link->port) ||
+	    !addr_eq(&ip6->daddr, link->addr))
+		return XDP_PASS;
+	cfg = bpf_map_lookup_elem(&jp_jpy_cfg, &zero);
+	sc = bpf_map_lookup_elem(&jp_jpy_scratch, &zero);
+	x = bpf_map_lookup_elem(&jp_jpy_xdp_scratch, &zero);
+	if (!cfg || !sc || !x || !cfg->backbone_ifindex ||
+	    ip6->saddr.in6_u.u6_addr32[0] != bpf_htonl(0xfe800000) ||
+	    ip6->saddr.in6_u.u6_addr32[1] != 0)
+		return XDP_PASS;
+	ulen = bpf_ntohs(udp->len);
+	if (ulen < 8 || ulen != bpf_ntohs(ip6->payload_len) || data + UDP_OFF + ulen != end ||
+	    udp->check == 0)
+		return XDP_PASS;	/* tc counts it malformed */
+	len = ulen - 8;
+	if (len > cfg->max_content || len > JP_JPY_MAX_CONTENT)
+		return XDP_PASS;	/* tc counts it too big */
+	slot = bpf_map_lookup_elem(&jp_jpy_keys, &cfg->current_slot);
+	if (!slot || !slot->live || !next_hop(ctx, x, cfg))
+		return XDP_PASS;
+
+	/* the checksum must verify: see above */
+	if (len && bpf_xdp_load_bytes(ctx, PAYLOAD_OFF, x->payload, len))
+		return XDP_PASS;
+	*(__u32 *)(x->payload + len) = 0;
+	content = sum_content(x->payload, len);
+	sum = fold((__u64)pseudo_sum(&ip6->saddr, &ip6->daddr, ulen) + sum_words(udp, 8) + content);
+	if (sum != 0xffff)
+		return XDP_PASS;
+
+	/* P || P', as jp_jpy_join */
+	sc->blocks[0] = 0;
+	{
+		__u32 be = bpf_htonl(ifindex);
+
+		__builtin_memcpy(sc->blocks + 1, &be, 4);
+	}
+	__builtin_memcpy(sc->blocks + 5, &udp->source, 2);
+	__builtin_memcpy(sc->blocks + 7, &ip6->saddr.in6_u.u6_addr8[8], 8);
+	sc->blocks[15] = slot->key_id;
+	__builtin_memcpy(sc->blocks + 16, sc->blocks, 16);
+	sc->blocks[16] = 0x80;
+	__builtin_memcpy(&sc->from.addr, &ip6->saddr, 16);	/* for count() */
+	sc->from.port = bpf_ntohs(udp->source);
+	sc->from.ifindex = ifindex;
+	if (aes(slot, sc, 32, 0))
+		return XDP_PASS;
+
+	/* the new frame's head, built in scratch: Ethernet, IPv6, UDP, CBOR prefix */
+	f = x->frame;
+	__builtin_memset(f, 0, sizeof(x->frame));
+	__builtin_memcpy(f, x->dmac, 6);
+	__builtin_memcpy(f + 6, x->smac, 6);
+	*(__be16 *)(f + 12) = bpf_htons(ETH_P_IPV6);
+	if (len < 24) {
+		f[PAYLOAD_OFF + 35] = 0x40 | len;
+		n = 1;
+	} else if (len < 256) {
+		f[PAYLOAD_OFF + 35] = 0x58;
+		f[PAYLOAD_OFF + 36] = len;
+		n = 2;
+	} else {
+		f[PAYLOAD_OFF + 35] = 0x59;
+		f[PAYLOAD_OFF + 36] = len >> 8;
+		f[PAYLOAD_OFF + 37] = len & 0xff;
+		n = 3;
+	}
+	pfx = 35 + n;
+	o = (void *)(f + IP6_OFF);
+	*(__be32 *)o = bpf_htonl(0x60000000);
+	o->payload_len = bpf_htons(ulen + pfx);
+	o->nexthdr = IPPROTO_UDP;
+	o->hop_limit = HOP_LIMIT;
+	__builtin_memcpy(&o->saddr, cfg->backbone_addr, 16);
+	__builtin_memcpy(&o->daddr, cfg->registrar_addr, 16);
+	u = (void *)(f + UDP_OFF);
+	u->source = bpf_htons(cfg->src_port);
+	u->dest = bpf_htons(cfg->registrar_port);
+	u->len = bpf_htons(ulen + pfx);
+	f[PAYLOAD_OFF] = 0x82;
+	f[PAYLOAD_OFF + 1] = 0x58;
+	f[PAYLOAD_OFF + 2] = 32;
+	f[PAYLOAD_OFF + 3] = slot->key_id;
+	__builtin_memcpy(f + PAYLOAD_OFF + 4, sc->out, 16);
+	__builtin_memcpy(f + PAYLOAD_OFF + 20, sc->out + 16, 15);
+	/* checksum over the new pseudo-header, UDP header (check 0), prefix (zero padded to 40,
+	 * even offset) and content (at offset pfx: byte-swapped sum when pfx is odd) */
+	sum = fold((__u64)pseudo_sum(&o->saddr, &o->daddr, ulen + pfx) + sum_words(u, 8) +
+		   sum_words(f + PAYLOAD_OFF, 40) + ((pfx & 1) ? swab16(content) : content));
+	u->check = (~sum & 0xffff) ? (~sum & 0xffff) : 0xffff;
+
+	if (bpf_xdp_adjust_head(ctx, -(int)pfx))
+		return XDP_PASS;
+	if (n == 1)
+		n = bpf_xdp_store_bytes(ctx, 0, f, PAYLOAD_OFF + 36);
+	else if (n == 2)
+		n = bpf_xdp_store_bytes(ctx, 0, f, PAYLOAD_OFF + 37);
+	else
+		n = bpf_xdp_store_bytes(ctx, 0, f, PAYLOAD_OFF + 38);
+	if (n) {
+		count(JP_JPY_SEND_ERROR, 0);	/* the frame is half rewritten */
+		return XDP_DROP;
+	}
+	count(JP_JPY_UP, len);
+	{
+		struct jp_jpy_stats *s = bpf_map_lookup_elem(&jp_jpy_stats, &zero);
+
+		if (s)
+			s->xdp_up++;
+	}
+	return bpf_redirect(x->egress, 0);
+}

@@ -133,6 +133,7 @@ class _State:
     ipip: dict[int, IpipJoin] = field(default_factory=dict)
     registrars: frozenset[str] = frozenset()
     ipip_xdp: bool = False
+    jpy_xdp: bool = False
 
 
 class BpfDatapath:
@@ -207,8 +208,8 @@ class BpfDatapath:
         if not lookup_elem(fd, u32(0), u32()):
             return
         if "ipip" in self._objects:
-            self._write_next_slot(True)
             self._state.ipip_xdp = True
+            self._write_next_slot()
         else:  # no encapsulation of ours loaded to hand over to: stop the old one
             delete_elem(fd, u32(0), "jp_guard_next")
 
@@ -398,13 +399,17 @@ class BpfDatapath:
         the XDP program cannot resolve, and packets too big for the backbone (tc answers
         them with a Packet Too Big), are passed to them."""
         with self._lock:
-            self._write_next_slot(enabled)
             self._state.ipip_xdp = enabled
+            self._write_next_slot()
 
-    def _write_next_slot(self, enabled: bool) -> None:
+    def _write_next_slot(self) -> None:
+        """The guard's one slot: ipip's fast path first, else jpy's, else none. Each program
+        passes packets of links it does not serve, so the slot never loses a packet."""
         fd = self._map("guard", "jp_guard_next")
-        if enabled:
-            update_elem(fd, u32(0), ctypes.c_int(self.prog_fd(Program.XDP_JOIN)), "jp_guard_next")
+        program = Program.XDP_JOIN if self._state.ipip_xdp else \
+            Program.JPY_XDP_JOIN if self._state.jpy_xdp and "jpy" in self._objects else None
+        if program is not None:
+            update_elem(fd, u32(0), ctypes.c_int(self.prog_fd(program)), "jp_guard_next")
         else:
             delete_elem(fd, u32(0), "jp_guard_next")
 
@@ -572,6 +577,7 @@ class BpfDatapath:
                                   "registrar": j.registrar, "proto": j.proto,
                                   "ports": list(j.ports)} for i, j in self._state.ipip.items()},
                 "ipip_xdp": self._state.ipip_xdp,
+                "jpy_xdp": self._state.jpy_xdp and not self._state.ipip_xdp,
                 "nexthops": {str(i): nh for i, nh in self.nexthops().items()},
             }
 
@@ -613,6 +619,15 @@ class BpfDatapath:
                 if key.value not in links:
                     delete_elem(links_fd, key, "jp_jpy_links")
 
+    def set_jpy_xdp(self, enabled: bool) -> bool:
+        """Run jp_jpy_xdp_join after the guard on every guarded link (it passes links and
+        packets it does not handle on to jp_jpy_join in tc), unless ipip's fast path holds
+        the guard's slot. True when it runs."""
+        with self._lock:
+            self._state.jpy_xdp = enabled
+            self._write_next_slot()
+            return enabled and not self._state.ipip_xdp
+
     def jpy_stats(self) -> dict[str, int]:
         """What the JPY programs did, summed over CPUs: JpyCount values, plus bytes_up and
         bytes_down."""
@@ -627,6 +642,7 @@ class BpfDatapath:
         out = {c.value: sum(cpu.n[i] for cpu in per_cpu) for i, c in enumerate(JpyCount)}
         out["bytes_up"] = sum(cpu.bytes_up for cpu in per_cpu)
         out["bytes_down"] = sum(cpu.bytes_down for cpu in per_cpu)
+        out["xdp_up"] = sum(cpu.xdp_up for cpu in per_cpu)
         return out
 
     def jpy_last(self) -> dict[str, tuple[str, int, int]]:

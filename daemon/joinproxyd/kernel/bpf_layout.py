@@ -17,7 +17,7 @@ Map layouts (who writes each: kernel/bpf.py, the one userspace writer, or the ke
                                                                       written by set_guard
     jp_guard_bkt   LRU    (16-byte source, ifindex, proto) -> tokens, last, drops
                                                                       kernel-written
-    jp_guard_next  PROG_ARRAY [0] -> jp_xdp_join or empty             written by set_ipip_xdp
+    jp_guard_next  PROG_ARRAY [0] -> jp_xdp_join, jp_jpy_xdp_join or empty  set_ipip_xdp, set_jpy_xdp
     jp_bare_cfg    ARRAY  [0] -> target ifindex                       written by set_bare_target
     jp_counters    PERCPU_ARRAY jp_prog -> u64 action[Action], drop[DropReason]
                                                                       kernel-written
@@ -59,6 +59,7 @@ class Program(StrEnum):
     JPY_JOIN = "jp_jpy_join"
     JPY_BACKBONE = "jp_jpy_backbone"
     JPY_SETKEY = "jp_jpy_setkey"
+    JPY_XDP_JOIN = "jp_jpy_xdp_join"
     BARE_TC = "jp_bare_tc"
 
 
@@ -77,10 +78,11 @@ class JpyCount(StrEnum):
 
 
 IPIP_PROGRAMS = (Program.TC_JOIN, Program.TC_BACKBONE, Program.XDP_JOIN)
-JPY_PROGRAMS = (Program.JPY_JOIN, Program.JPY_BACKBONE, Program.JPY_SETKEY)
+JPY_PROGRAMS = (Program.JPY_JOIN, Program.JPY_BACKBONE, Program.JPY_SETKEY,
+                Program.JPY_XDP_JOIN)
 OUR_PROGRAM_NAMES = frozenset(p.value for p in Program)
 XDP_PROGRAMS = frozenset({Program.XDP_JOIN, Program.GUARD, Program.BARE_REDIRECT,
-                          Program.BARE_PUSH})
+                          Program.BARE_PUSH, Program.JPY_XDP_JOIN})
 
 
 # ----------------------------------------------------------- struct mirrors (habit 8) -----
@@ -155,7 +157,8 @@ class JpyLinkC(ctypes.Structure):
 
 
 class JpyStatsC(ctypes.Structure):
-    _fields_ = [("n", u64 * len(JpyCount)), ("bytes_up", u64), ("bytes_down", u64)]
+    _fields_ = [("n", u64 * len(JpyCount)), ("bytes_up", u64), ("bytes_down", u64),
+                ("xdp_up", u64)]
 
 
 class JpyWhoC(ctypes.Structure):
@@ -209,7 +212,7 @@ OBJECTS: dict[str, ObjectSpec] = {
     "jpy": ObjectSpec("jpy.bpf.o", JPY_PROGRAMS,
                       ("jp_counters", "jp_jpy_keys", "jp_jpy_cfg", "jp_jpy_links",
                        "jp_jpy_stats", "jp_jpy_scratch", "jp_jpy_replays",
-                       "jp_jpy_last"), pin_maps=False),
+                       "jp_jpy_last", "jp_jpy_xdp_scratch"), pin_maps=False),
 }
 
 
