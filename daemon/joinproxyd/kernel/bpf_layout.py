@@ -17,7 +17,8 @@ Map layouts (who writes each: kernel/bpf.py, the one userspace writer, or the ke
                                                                       written by set_guard
     jp_guard_bkt   LRU    (16-byte source, ifindex, proto) -> tokens, last, drops
                                                                       kernel-written
-    jp_guard_next  PROG_ARRAY [0] -> jp_xdp_join, jp_jpy_xdp_join or empty  set_ipip_xdp, set_jpy_xdp
+    jp_guard_next  PROG_ARRAY [0] -> jp_xdp_join, jp_jpy_xdp_join or empty
+                                                  written by set_ipip_xdp, set_jpy_xdp
     jp_bare_cfg    ARRAY  [0] -> target ifindex                       written by set_bare_target
     jp_counters    PERCPU_ARRAY jp_prog -> u64 action[Action], drop[DropReason]
                                                                       kernel-written
