@@ -20,7 +20,7 @@ from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import rdpcap
 
-from lab import Lab, Topology, wait_for
+from lab import Lab, Topology, netns, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon, base_config
 
 pytestmark = pytest.mark.netns
@@ -181,4 +181,36 @@ def test_without_the_kernel_path_the_user_space_relay_runs_and_status_says_why(
     assert run.stdout.split("\n")[:2] == ["1 True", "300 True"], run.stdout
     level = "ERROR" if setting == "kernel" else "INFO"
     assert f"{level} joinproxyd: jpy relay runs in user space" in daemon.log(), daemon.log()
+    daemon.stop()
+
+
+def test_the_xdp_wrap_runs_where_the_backbone_takes_redirects(lab: Lab, tmp_path: Path) -> None:
+    """Until the backbone's far end takes XDP-redirected frames (a veth does once its peer has
+    GRO on) and the proxy forwards IPv6 on it, status says why the XDP wrap is off; then,
+    within the daemon's recheck, the guard tail-calls jp_jpy_xdp_join: the pledge's datagrams
+    (complete checksums) are wrapped in XDP, the replies still in tc, the wire's checksums
+    verify, and status counts what XDP did."""
+    daemon = start(lab, tmp_path, guard={"enabled": True, "rate": 1000, "burst": 1000})
+    kernel = daemon.ctl()["relays"]["jpy"]["kernel"]
+    assert (kernel["xdp"], kernel["xdp_joins"]) == (False, []), kernel
+    assert "bb0" in kernel["xdp_reason"], kernel
+    lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1"])
+    netns.run(["ip", "netns", "exec", lab.ns_name("bb"), "ethtool", "-K", "proxy", "gro", "on"])
+    wait_for(lambda: daemon.ctl()["relays"]["jpy"]["kernel"]["xdp"], 20, "the XDP wrap")
+    kernel = daemon.ctl()["relays"]["jpy"]["kernel"]
+    assert kernel["xdp_joins"] == [netns.ifindex(lab.proxy.ns, "join0")], kernel
+    backbone = tmp_path / "backbone.pcap"
+    dump = lab.registrars[0].spawn(["tcpdump", "-i", "eth0", "-U", "--immediate-mode", "-w",
+                                    str(backbone)], name="tcpdump-bb")
+    time.sleep(0.5)  # tcpdump is listening
+    before = daemon.ctl()["relays"]["jpy"]["kernel"]["counts"]
+    run = lab.pledges[0].run([PYTHON, "-c", PLEDGE, str(JOIN_PORT), *map(str, SIZES)])
+    assert run.stdout.split("\n")[:len(SIZES)] == [f"{n} True" for n in SIZES], run.stdout
+    time.sleep(1.5)  # the relay folds the programs' counts in every second
+    after = daemon.ctl()["relays"]["jpy"]["kernel"]["counts"]
+    assert [after[k] - before[k] for k in ("up", "xdp_up", "down")] == [len(SIZES)] * 3, after
+    time.sleep(0.5)
+    dump.stop()
+    up = udp_checks(backbone, daemon.ctl()["relays"]["jpy"]["source_port"])
+    assert len(up) == len(SIZES) and all(ok for _, ok in up), up
     daemon.stop()

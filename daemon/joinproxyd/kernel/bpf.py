@@ -577,7 +577,7 @@ class BpfDatapath:
                                   "registrar": j.registrar, "proto": j.proto,
                                   "ports": list(j.ports)} for i, j in self._state.ipip.items()},
                 "ipip_xdp": self._state.ipip_xdp,
-                "jpy_xdp": self._state.jpy_xdp and not self._state.ipip_xdp,
+                "jpy_xdp": self.jpy_xdp_runs,
                 "nexthops": {str(i): nh for i, nh in self.nexthops().items()},
             }
 
@@ -624,9 +624,17 @@ class BpfDatapath:
         packets it does not handle on to jp_jpy_join in tc), unless ipip's fast path holds
         the guard's slot. True when it runs."""
         with self._lock:
+            if "guard" not in self._objects:
+                return False
             self._state.jpy_xdp = enabled
             self._write_next_slot()
-            return enabled and not self._state.ipip_xdp
+            return self.jpy_xdp_runs
+
+    @property
+    def jpy_xdp_runs(self) -> bool:
+        """The guard's slot holds jp_jpy_xdp_join."""
+        return self._state.jpy_xdp and not self._state.ipip_xdp and "guard" in self._objects \
+            and "jpy" in self._objects
 
     def jpy_stats(self) -> dict[str, int]:
         """What the JPY programs did, summed over CPUs: JpyCount values, plus bytes_up and

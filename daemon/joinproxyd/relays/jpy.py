@@ -250,6 +250,7 @@ class JpyMode(RelayMode):
             await asyncio.sleep(1.0)
             self.kernel.sync_counters()
             self.kernel.report()
+            await self.kernel.recheck_xdp()
 
     def source_port(self) -> int | None:
         """The registrar-side socket's port: wrapped datagrams leave from it."""

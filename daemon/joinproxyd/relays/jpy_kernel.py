@@ -8,6 +8,14 @@ of each join link and of the backbone interface the route to the registrar leave
 the counters (jp_jpy_stats, folded into the same joinproxyd_* series the user-space relay
 feeds, with the same drop reasons).
 
+Where the backbone allows it, jp_jpy_xdp_join does the pledge side's wrap in XDP, tail-called
+from the join-port guard (jp_guard_next, shared with ipip's fast path, which comes first): the
+backbone must take XDP-redirected frames (ndo-xmit in its xdp_features) and forward IPv6
+(bpf_fib_lookup gives the program its next hop), decided as relays/ipip_xdp.py decides
+"auto", again at every apply() and every XDP_RECHECK_SECONDS. What it does not finish (a
+checksum that does not verify, no next hop yet) goes on to jp_jpy_join in tc, which stays
+attached, so turning it on never loses the slow path. It needs the guard on the link.
+
 The daemon's sockets stay open: they hold the join ports and the JPY source port, and they
 receive what the programs leave to the stack (a datagram while the join window is closed, a
 reply whose CBOR is not the canonical two-element array, a pledge not on fe80::/64, anything
@@ -19,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, Any
@@ -28,6 +38,7 @@ from ..kernel import KernelError
 from ..kernel.bpf import BpfDatapath
 from ..kernel.bpf_layout import JP_JPY_MAX_CONTENT, JpyCfgC, JpyCount, JpyLinkC, Program
 from ..model import DropReason, PolicyDropReason
+from . import ipip_xdp
 
 if TYPE_CHECKING:
     from .jpy import JpyMode
@@ -42,6 +53,29 @@ DROPS: dict[str, DropReason | PolicyDropReason] = {
     JpyCount.UNSOLICITED: DropReason.UNSOLICITED,
     JpyCount.SEND_ERROR: DropReason.SEND_ERROR,
 }
+
+
+XDP_RECHECK_SECONDS = 10.0  # the backbone's xdp_features and forwarding change silently
+
+
+def decide_xdp(backbone: ipip_xdp.Backbone | None) -> ipip_xdp.Decision:
+    """Pure: whether jp_jpy_xdp_join runs, and why (module docstring)."""
+    if backbone is None:
+        return ipip_xdp.Decision(False, "no backbone towards the registrar")
+    name = backbone.name
+    if backbone.features is None:
+        return ipip_xdp.Decision(False, f"whether {name} takes XDP-redirected frames is not "
+                                        f"known: {backbone.unknown}")
+    if not backbone.takes_redirects:
+        return ipip_xdp.Decision(False, f"{name} does not take XDP-redirected frames (no "
+                                        "ndo-xmit in its xdp_features; a veth has it only "
+                                        "while its peer has an XDP program or GRO on)")
+    if backbone.forwarding != "1":
+        return ipip_xdp.Decision(False, f"net.ipv6.conf.{name}.forwarding is "
+                                        f"{backbone.forwarding or 'unreadable'}: "
+                                        "bpf_fib_lookup gives XDP no next hop without it")
+    return ipip_xdp.Decision(True, f"{name} takes XDP-redirected frames (ndo-xmit) with "
+                                   "forwarding on")
 
 
 @dataclass(frozen=True)
@@ -84,6 +118,9 @@ class KernelPath:
         self._bb_attached: int | None = None
         self._sync_lock = threading.Lock()  # the scrape thread syncs too
         self.pending: dict[str, int] = {}  # drops counted but not yet logged, by kind
+        self.xdp = ipip_xdp.Decision(False, "not started")
+        self._xdp_written = False  # what set_jpy_xdp was last told
+        self._xdp_checked = 0.0
 
     @property
     def running(self) -> bool:
@@ -165,6 +202,33 @@ class KernelPath:
             if want_bb is not None:
                 await asyncio.to_thread(dp.attach_tc, want_bb, Program.JPY_BACKBONE)
             self._bb_attached = want_bb
+        await self._apply_xdp(want_bb)
+
+    async def _apply_xdp(self, backbone: int | None) -> None:
+        """Decide the XDP wrap afresh and write the guard's slot when that changes."""
+        dp = self.dp
+        if dp is None:
+            return
+        self._xdp_checked = time.monotonic()
+        probed = None
+        if backbone is not None and self.attached_joins:
+            try:
+                probed = await ipip_xdp.probe(socket.if_indextoname(backbone), backbone)
+            except OSError as exc:
+                probed = ipip_xdp.Backbone(str(backbone), None, unknown=str(exc))
+        decision = decide_xdp(probed) if self.attached_joins else \
+            ipip_xdp.Decision(False, "jpy serves no link")
+        if decision.active != self._xdp_written:
+            await asyncio.to_thread(dp.set_jpy_xdp, decision.active)
+            self._xdp_written = decision.active
+            self.mode.ctx.log.info("jpy XDP wrap %s: %s", "wanted" if decision.active
+                                   else "off", decision.why, extra={"MODE": self.mode.name})
+        self.xdp = decision
+
+    async def recheck_xdp(self) -> None:
+        """Every XDP_RECHECK_SECONDS: the backbone's flags may have changed."""
+        if self.dp is not None and time.monotonic() - self._xdp_checked >= XDP_RECHECK_SECONDS:
+            await self._apply_xdp(self._bb_attached)
 
     def sync_counters(self) -> None:
         """Fold what the programs counted since the last call into the mode's metrics."""
@@ -245,6 +309,9 @@ class KernelPath:
         if hooks is not None and self.sync_counters in hooks:
             hooks.remove(self.sync_counters)
         try:
+            if self._xdp_written:
+                await asyncio.to_thread(dp.set_jpy_xdp, False)
+            self._xdp_written, self.xdp = False, ipip_xdp.Decision(False, "stopped")
             await asyncio.to_thread(dp.set_jpy, None, {})
             for index in list(self.attached_joins):
                 await asyncio.to_thread(dp.detach_tc, index, Program.JPY_JOIN)
@@ -260,8 +327,29 @@ class KernelPath:
         with self._sync_lock:
             self.dp = None
 
+    @property
+    def xdp_runs(self) -> bool:
+        """The guard's slot holds jp_jpy_xdp_join (ipip's fast path, when on, holds it)."""
+        return self.dp is not None and self.dp.jpy_xdp_runs
+
+    def _guarded(self) -> set[int]:
+        if self.dp is None:
+            return set()
+        return {h.ifindex for h in self.dp.attached()
+                if h.kind == "xdp" and h.program == Program.GUARD.value}
+
+    @property
+    def xdp_reason(self) -> str:
+        if self.xdp.active and not self.xdp_runs:
+            return "the ipip XDP fast path holds the guard's slot"
+        return self.xdp.why
+
     def status(self) -> dict[str, Any]:
         return {"backbone_ifindex": self.backbone.ifindex if self.backbone else None,
                 "backbone_source": self.backbone.source if self.backbone else None,
                 "key_slot": self.slot, "joins": sorted(self.attached_joins),
+                "xdp": self.xdp_runs, "xdp_reason": self.xdp_reason,
+                # the links where it runs: the guard's XDP hook is its way in
+                "xdp_joins": sorted(self._guarded() & self.attached_joins)
+                if self.xdp_runs else [],
                 "counts": dict(self.synced)}
