@@ -70,7 +70,8 @@ enum jp_prog {
 	JP_PROG_JPY_BACKBONE = 7,	/* jp_jpy_backbone: tc ingress of the backbone, unwrap */
 	JP_PROG_JPY_SETKEY = 8,		/* jp_jpy_setkey: syscall, creates the AES contexts */
 	JP_PROG_BARE_TC = 9,		/* jp_bare_tc: tc benchmark baseline, redirect */
-	JP_PROG__COUNT = 10,
+	JP_PROG_JPY_XDP_JOIN = 10,	/* jp_jpy_xdp_join: XDP variant of the JPY wrap */
+	JP_PROG__COUNT = 11,
 };
 
 /* jp_counters (PERCPU_ARRAY, key enum jp_prog): one row per program, one named slot per

@@ -60,8 +60,8 @@ class Program(StrEnum):
     JPY_JOIN = "jp_jpy_join"
     JPY_BACKBONE = "jp_jpy_backbone"
     JPY_SETKEY = "jp_jpy_setkey"
-    JPY_XDP_JOIN = "jp_jpy_xdp_join"
     BARE_TC = "jp_bare_tc"
+    JPY_XDP_JOIN = "jp_jpy_xdp_join"
 
 
 class JpyCount(StrEnum):
