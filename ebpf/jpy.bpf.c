@@ -710,14 +710,16 @@ send_error:
 
 #define JP_JPY_NH_NS 100000000ULL	/* a next hop is looked up again after 100 ms */
 
+/* Per CPU: the next hop, and the new frame's head built from it and jp_jpy_cfg once per
+ * lookup (Ethernet, IPv6 and UDP headers, CBOR prefix): a packet then writes only its lengths,
+ * key id, header blocks and checksum into it. Valid while `cfg` equals jp_jpy_cfg. */
 struct jp_jpy_xdp_scratch {
-	__u8 frame[PAYLOAD_OFF + 40];	/* new Ethernet, IPv6, UDP headers and CBOR prefix */
-	__u8 dmac[6];
-	__u8 smac[6];
-	__u32 egress;			/* 0: no next hop */
-	__u32 backbone;			/* the backbone it was looked up for */
+	__u8 frame[PAYLOAD_OFF + 42];	/* + 40 bytes of prefix (zero padded) + 2 spare */
+	__u16 pad;
+	struct jp_jpy_cfg cfg;		/* what the template was built from */
 	__u64 expires;
-	__u8 registrar[16];
+	__u32 egress;			/* 0: no next hop */
+	__u32 fixed;			/* sum of the template's constant pseudo-header and ports */
 	__u8 payload[SCRATCH + 4];	/* the content, zero padded to 4 bytes for the sum */
 };
 
@@ -744,20 +746,34 @@ static __always_inline __u32 sum_content(const __u8 *buf, __u32 n)
 	return fold(s);
 }
 
-/* The backbone's next hop to the registrar, per CPU, looked up at most every JP_JPY_NH_NS. */
+static __always_inline int cfg_eq(const struct jp_jpy_cfg *a, const struct jp_jpy_cfg *b)
+{
+	const __u64 *x = (const void *)a, *y = (const void *)b;
+	__u64 d = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < sizeof(*a) / 8; i++)
+		d |= x[i] ^ y[i];
+	return d == 0;
+}
+
+/* The next hop out of the backbone to the registrar, per CPU, looked up at most every
+ * JP_JPY_NH_NS or when jp_jpy_cfg changed; on success the frame template is rebuilt. */
 static __always_inline int next_hop(struct xdp_md *ctx, struct jp_jpy_xdp_scratch *x,
 				    struct jp_jpy_cfg *cfg)
 {
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct bpf_fib_lookup fib = {};
+	struct ipv6hdr *o;
+	struct udphdr *u;
+	__u8 *f = x->frame;
 	long rc;
 
-	if (now < x->expires && x->backbone == cfg->backbone_ifindex &&
-	    addr_eq(x->registrar, cfg->registrar_addr))
+	if (now < x->expires && cfg_eq(&x->cfg, cfg))
 		return x->egress != 0;
 	x->expires = now + JP_JPY_NH_NS;
-	x->backbone = cfg->backbone_ifindex;
-	__builtin_memcpy(x->registrar, cfg->registrar_addr, 16);
+	__builtin_memcpy(&x->cfg, cfg, sizeof(*cfg));
 	x->egress = 0;
 	fib.family = 10;	/* AF_INET6 */
 	fib.l4_protocol = IPPROTO_UDP;
@@ -767,8 +783,25 @@ static __always_inline int next_hop(struct xdp_md *ctx, struct jp_jpy_xdp_scratc
 	rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS || fib.ifindex != cfg->backbone_ifindex)
 		return 0;
-	__builtin_memcpy(x->dmac, fib.dmac, 6);
-	__builtin_memcpy(x->smac, fib.smac, 6);
+	__builtin_memset(f, 0, sizeof(x->frame));
+	__builtin_memcpy(f, fib.dmac, 6);
+	__builtin_memcpy(f + 6, fib.smac, 6);
+	*(__be16 *)(f + 12) = bpf_htons(ETH_P_IPV6);
+	o = (void *)(f + IP6_OFF);
+	*(__be32 *)o = bpf_htonl(0x60000000);
+	o->nexthdr = IPPROTO_UDP;
+	o->hop_limit = HOP_LIMIT;
+	__builtin_memcpy(&o->saddr, cfg->backbone_addr, 16);
+	__builtin_memcpy(&o->daddr, cfg->registrar_addr, 16);
+	u = (void *)(f + UDP_OFF);
+	u->source = bpf_htons(cfg->src_port);
+	u->dest = bpf_htons(cfg->registrar_port);
+	f[PAYLOAD_OFF] = 0x82;
+	f[PAYLOAD_OFF + 1] = 0x58;
+	f[PAYLOAD_OFF + 2] = 32;
+	/* addresses, next header and ports: the per-packet lengths are added to it */
+	x->fixed = fold((__u64)sum_words(cfg->backbone_addr, 16) + sum_words(cfg->registrar_addr, 16)
+			+ bpf_htons(IPPROTO_UDP) + u->source + u->dest);
 	x->egress = fib.ifindex;
 	return 1;
 }
@@ -781,13 +814,16 @@ int jp_jpy_xdp_join(struct xdp_md *ctx)
 	struct jp_jpy_xdp_scratch *x;
 	struct jp_jpy_scratch *sc;
 	struct jp_jpy_slot *slot;
+	struct bpf_crypto_ctx *cctx;
+	struct bpf_dynptr src, dst;
 	struct jp_jpy_link *link;
 	struct jp_jpy_cfg *cfg;
+	struct jp_jpy_stats *st;
 	struct ethhdr *eth = data;
 	struct ipv6hdr *ip6 = data + IP6_OFF;
 	struct udphdr *udp = data + UDP_OFF;
-	struct ipv6hdr *o;
-	struct udphdr *u;
+	__be16 wlen;
+	__u64 *blk;
 	__u8 *f;
 
 	if ((void *)(udp + 1) > end || eth->h_proto != bpf_htons(ETH_P_IPV6) ||
@@ -824,7 +860,7 @@ int jp_jpy_xdp_join(struct xdp_md *ctx)
 	if (sum != 0xffff)
 		return XDP_PASS;
 
-	/* P || P', as jp_jpy_join */
+	/* P || P', as jp_jpy_join, in two 64-bit words each */
 	sc->blocks[0] = 0;
 	{
 		__u32 be = bpf_htonl(ifindex);
@@ -834,20 +870,24 @@ int jp_jpy_xdp_join(struct xdp_md *ctx)
 	__builtin_memcpy(sc->blocks + 5, &udp->source, 2);
 	__builtin_memcpy(sc->blocks + 7, &ip6->saddr.in6_u.u6_addr8[8], 8);
 	sc->blocks[15] = slot->key_id;
-	__builtin_memcpy(sc->blocks + 16, sc->blocks, 16);
+	blk = (__u64 *)sc->blocks;
+	blk[2] = blk[0];
+	blk[3] = blk[1];
 	sc->blocks[16] = 0x80;
-	__builtin_memcpy(&sc->from.addr, &ip6->saddr, 16);	/* for count() */
-	sc->from.port = bpf_ntohs(udp->source);
-	sc->from.ifindex = ifindex;
-	if (aes(slot, sc, 32, 0))
-		return XDP_PASS;
 
-	/* the new frame's head, built in scratch: Ethernet, IPv6, UDP, CBOR prefix */
+	/* C || T straight into the template after the key id; T's 16th byte is then
+	 * overwritten by the content's length */
 	f = x->frame;
-	__builtin_memset(f, 0, sizeof(x->frame));
-	__builtin_memcpy(f, x->dmac, 6);
-	__builtin_memcpy(f + 6, x->smac, 6);
-	*(__be16 *)(f + 12) = bpf_htons(ETH_P_IPV6);
+	cctx = slot->ctx;
+	if (!cctx)
+		return XDP_PASS;
+	bpf_dynptr_from_mem(sc->blocks, 32, 0, &src);
+	bpf_dynptr_from_mem(f + PAYLOAD_OFF + 4, 32, 0, &dst);
+	if (bpf_crypto_encrypt(cctx, &src, &dst, NULL))
+		return XDP_PASS;
+	f[PAYLOAD_OFF + 3] = slot->key_id;
+	f[PAYLOAD_OFF + 36] = 0;
+	f[PAYLOAD_OFF + 37] = 0;
 	if (len < 24) {
 		f[PAYLOAD_OFF + 35] = 0x40 | len;
 		n = 1;
@@ -862,28 +902,16 @@ int jp_jpy_xdp_join(struct xdp_md *ctx)
 		n = 3;
 	}
 	pfx = 35 + n;
-	o = (void *)(f + IP6_OFF);
-	*(__be32 *)o = bpf_htonl(0x60000000);
-	o->payload_len = bpf_htons(ulen + pfx);
-	o->nexthdr = IPPROTO_UDP;
-	o->hop_limit = HOP_LIMIT;
-	__builtin_memcpy(&o->saddr, cfg->backbone_addr, 16);
-	__builtin_memcpy(&o->daddr, cfg->registrar_addr, 16);
-	u = (void *)(f + UDP_OFF);
-	u->source = bpf_htons(cfg->src_port);
-	u->dest = bpf_htons(cfg->registrar_port);
-	u->len = bpf_htons(ulen + pfx);
-	f[PAYLOAD_OFF] = 0x82;
-	f[PAYLOAD_OFF + 1] = 0x58;
-	f[PAYLOAD_OFF + 2] = 32;
-	f[PAYLOAD_OFF + 3] = slot->key_id;
-	__builtin_memcpy(f + PAYLOAD_OFF + 4, sc->out, 16);
-	__builtin_memcpy(f + PAYLOAD_OFF + 20, sc->out + 16, 15);
-	/* checksum over the new pseudo-header, UDP header (check 0), prefix (zero padded to 40,
-	 * even offset) and content (at offset pfx: byte-swapped sum when pfx is odd) */
-	sum = fold((__u64)pseudo_sum(&o->saddr, &o->daddr, ulen + pfx) + sum_words(u, 8) +
-		   sum_words(f + PAYLOAD_OFF, 40) + ((pfx & 1) ? swab16(content) : content));
-	u->check = (~sum & 0xffff) ? (~sum & 0xffff) : 0xffff;
+	wlen = bpf_htons(ulen + pfx);
+	*(__be16 *)(f + IP6_OFF + 4) = wlen;
+	*(__be16 *)(f + UDP_OFF + 4) = wlen;
+	/* checksum: the template's constant sum, the length twice (pseudo-header and UDP
+	 * header), the prefix (zero padded to 40 bytes, at an even offset) and the content (at
+	 * offset pfx: its sum byte-swapped when pfx is odd) */
+	sum = fold((__u64)x->fixed + wlen + wlen + sum_words(f + PAYLOAD_OFF, 40) +
+		   ((pfx & 1) ? swab16(content) : content));
+	sum = ~sum & 0xffff;
+	*(__u16 *)(f + CSUM_OFF) = sum ? sum : 0xffff;
 
 	if (bpf_xdp_adjust_head(ctx, -(int)pfx))
 		return XDP_PASS;
@@ -893,16 +921,16 @@ int jp_jpy_xdp_join(struct xdp_md *ctx)
 		n = bpf_xdp_store_bytes(ctx, 0, f, PAYLOAD_OFF + 37);
 	else
 		n = bpf_xdp_store_bytes(ctx, 0, f, PAYLOAD_OFF + 38);
-	if (n) {
-		count(JP_JPY_SEND_ERROR, 0);	/* the frame is half rewritten */
+	st = bpf_map_lookup_elem(&jp_jpy_stats, &zero);
+	if (n) {	/* cannot happen (the frame was checked): it is half rewritten */
+		if (st)
+			st->n[JP_JPY_SEND_ERROR]++;
 		return XDP_DROP;
 	}
-	count(JP_JPY_UP, len);
-	{
-		struct jp_jpy_stats *s = bpf_map_lookup_elem(&jp_jpy_stats, &zero);
-
-		if (s)
-			s->xdp_up++;
+	if (st) {
+		st->n[JP_JPY_UP]++;
+		st->bytes_up += len;
+		st->xdp_up++;
 	}
 	return bpf_redirect(x->egress, 0);
 }
