@@ -19,7 +19,7 @@ import cbor2
 import pytest
 
 from brski import coap_formats, linkformat
-from lab import Lab, Topology, wait_for
+from lab import Lab, Topology, netns, wait_for
 from lab.proxyd import PYTHON, ProxyDaemon
 from lab.registrar_setup import READY_MARK, write_configs
 from registrar.coap_discovery import WellKnownCore
@@ -53,11 +53,13 @@ def lab(as_root: None, tmp_path: Path) -> Iterator[Lab]:
         yield lab
 
 
-@pytest.fixture(params=["auto", "user"])
+@pytest.fixture(params=["auto", "xdp", "user"])
 def datapath(request: pytest.FixtureRequest) -> Iterator[str]:
-    """libcoap through the kernel path (auto, on this kernel) and through the user-space
-    relay (forced)."""
-    DATAPATH["mode"] = request.param
+    """libcoap through the kernel path (auto, on this kernel: tc, as the lab's backbone takes
+    no XDP-redirected frames), through it with the pledge side's wrap in XDP (xdp: auto, with
+    GRO on the backbone's far end, forwarding on, and the pledge finishing its checksums as a
+    radio's frame arrives) and through the user-space relay (forced)."""
+    DATAPATH["mode"] = "auto" if request.param == "xdp" else request.param
     yield request.param
     DATAPATH["mode"] = "auto"
 
@@ -87,13 +89,21 @@ def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path, learn
              "the registrar and MASA")
     assert "JPY (CoAPS behind stateless join proxies) on udp [::]:5684" in registrar.log()
     config = jpy_config(tmp_path / "proxy")
+    if datapath == "xdp":
+        lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1"])
+        netns.run(["ip", "netns", "exec", lab.ns_name("bb"), "ethtool", "-K", "proxy", "gro",
+                   "on"])
+        lab.pledges[0].run(["ethtool", "-K", "eth0", "tx", "off"])
+        config["guard"] = {"enabled": True, "rate": 1000, "burst": 1000}
     if learned == "grasp":
         config["registrars"] = {**config["registrars"], "discovery": ["grasp"], "static": []}
     daemon = ProxyDaemon(lab, tmp_path / "proxy", config).start()
     wait_for(lambda: daemon.ctl()["joining"], 10, "a healthy registrar")
     assert daemon.ctl()["registrars"][0]["source"] == learned
     assert daemon.ctl()["relays"]["jpy"]["datapath"] == \
-        ("kernel" if datapath == "auto" else "user")
+        ("user" if datapath == "user" else "kernel")
+    if datapath == "xdp":
+        wait_for(lambda: daemon.ctl()["relays"]["jpy"]["kernel"]["xdp"], 5, "the XDP wrap")
 
     idevid = pki / "manufacturer/idevid"
     out = tmp_path / "crts.bin"
@@ -109,6 +119,12 @@ def test_libcoap_gets_crts_through_the_jpy_relay(lab: Lab, tmp_path: Path, learn
         x509.load_pem_x509_certificate(ca)], text
     assert daemon.sample("joinproxyd_relayed_bytes_total", mode="jpy",
                          direction="downstream") > 0
+    if datapath != "user":
+        counts = daemon.ctl()["relays"]["jpy"]["kernel"]["counts"]
+        assert counts["up"] > 0 and counts["down"] > 0, counts
+        # with the XDP wrap on, every pledge datagram took it; without, none did
+        assert (counts["xdp_up"] == counts["up"]) if datapath == "xdp" \
+            else counts["xdp_up"] == 0, counts
 
     # Not JPY messages: a map, one element, a text header. Dropped and counted, no answer.
     bad = [cbor2.dumps({1: 2}), cbor2.dumps([b"h"]), cbor2.dumps(["h", b"c"]), b"\xff"]
