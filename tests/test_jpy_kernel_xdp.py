@@ -12,11 +12,14 @@ device) and the backbone (IPv6 forwarding on, the registrar's MAC as a permanent
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import secrets
+import subprocess
 from collections.abc import Iterator
 from ipaddress import IPv6Address
+from pathlib import Path
 
 import pytest
 from scapy.layers.inet import UDP
@@ -216,3 +219,32 @@ def test_the_guard_tail_calls_it(lab: Lab) -> None:
     finally:
         lab.dp.set_jpy_xdp(False)
     assert lab.run(Program.GUARD, pledge_frame(b"x"))[0] == XDP_PASS
+
+
+def test_a_restart_hands_the_guards_slot_to_the_new_xdp_wrap(tmp_path: Path) -> None:
+    """A pinned jp_guard_next that held a killed daemon's jp_jpy_xdp_join points at the next
+    start's own (not at ipip's fast path, which a jpy-only proxy would never turn off)."""
+    mnt = tmp_path / "bpffs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    pin_dir = mnt / "joinproxyd"
+    objects = ("ipip", "guard", "jpy")
+    try:
+        first = BpfDatapath.open(pin_dir=pin_dir, objects=objects)
+        assert first.set_jpy_xdp(True)
+        first.close(detach=False)
+        with BpfDatapath.open(pin_dir=pin_dir, objects=objects) as second:
+            assert second.jpy_xdp_runs and not second.status()["ipip_xdp"]
+            slot = json.loads(subprocess.run(
+                ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / "jp_guard_next")],
+                check=True, capture_output=True, text=True).stdout)
+            assert [int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
+                    for entry in slot] == [second.prog_id(Program.JPY_XDP_JOIN)]
+            # ipip's fast path, turned on, takes the slot first; off again, jpy's is back
+            second.set_ipip_xdp(True)
+            assert not second.jpy_xdp_runs and second.status()["jpy_xdp"] is False
+            second.set_ipip_xdp(False)
+            assert second.jpy_xdp_runs
+            second.close(unpin=True)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

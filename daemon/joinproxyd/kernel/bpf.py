@@ -118,6 +118,7 @@ from .libbpf import (
     map_keys,
     obj_info,
     prog_id_of_fd,
+    prog_name_by_id,
     prog_test_run,
     syscall_run,
     update_elem,
@@ -200,14 +201,18 @@ class BpfDatapath:
         return dp
 
     def _adopt_next_slot(self) -> None:
-        """A pinned jp_guard_next may still point at a killed daemon's jp_xdp_join: point it
-        at ours, keeping the fast path on across the restart."""
+        """A pinned jp_guard_next may still point at a killed daemon's jp_xdp_join (or
+        jp_jpy_xdp_join): point it at ours, keeping that fast path on across the restart."""
         if "guard" not in self._objects:
             return
         fd = self._objects["guard"].maps["jp_guard_next"]
-        if not lookup_elem(fd, u32(0), u32()):
+        old = u32()
+        if not lookup_elem(fd, u32(0), old):
             return
-        if "ipip" in self._objects:
+        if prog_name_by_id(old.value) == Program.JPY_XDP_JOIN.value and "jpy" in self._objects:
+            self._state.jpy_xdp = True
+            self._write_next_slot()
+        elif "ipip" in self._objects:
             self._state.ipip_xdp = True
             self._write_next_slot()
         else:  # no encapsulation of ours loaded to hand over to: stop the old one
