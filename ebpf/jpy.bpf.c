@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * jpy.bpf.c: the stateless JPY relay (constrained join proxy draft §4.4-4.5) in tc.
+ * jpy.bpf.c: the stateless JPY relay (constrained join proxy draft §4.4-4.5) in tc, and
+ * its pledge side also in XDP.
  *
  *   jp_jpy_join      tc ingress of a join link. A pledge's UDP datagram to the link's
  *                    link-local address and join port becomes the JPY message
@@ -9,9 +10,12 @@
  *   jp_jpy_backbone  tc ingress of the backbone. A reply from the registrar's JPY port to our
  *                    source port is unwrapped, its header opened, and its content sent from
  *                    the join link's address and port to the pledge the header names.
+ *   jp_jpy_xdp_join  XDP twin of jp_jpy_join, tail-called from jp_guard where the backbone
+ *                    takes XDP-redirected frames: the common case only, everything else
+ *                    passes on to jp_jpy_join unchanged (see its section below).
  *   jp_jpy_setkey    syscall program, run by the daemon (BPF_PROG_TEST_RUN) to create the
  *                    AES contexts of a key slot: bpf_crypto_ctx_create is only callable from
- *                    sleepable programs, encrypt/decrypt from tc.
+ *                    sleepable programs, encrypt/decrypt from tc and XDP.
  *
  * The header (brski/jpy.py BlockHeaderSealer is the same format in Python, and its test
  * vectors pin this program down): 32 bytes,
