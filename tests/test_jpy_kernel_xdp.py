@@ -28,9 +28,11 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from brski.jpy import BlockHeaderSealer, JpyMessage, PledgeEndpoint
-from joinproxyd.kernel import KernelError
+from joinproxyd.kernel import KernelError, xdp_features
 from joinproxyd.kernel.bpf import BpfDatapath
 from joinproxyd.kernel.bpf_layout import JP_JPY_MAX_CONTENT, JpyCfgC, JpyLinkC, Program
+from joinproxyd.relays.ipip_xdp import Backbone
+from joinproxyd.relays.jpy_kernel import decide_xdp
 from lab import netns
 from lab.netns import thread_in_namespace
 
@@ -248,3 +250,18 @@ def test_a_restart_hands_the_guards_slot_to_the_new_xdp_wrap(tmp_path: Path) -> 
             second.close(unpin=True)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_the_daemon_turns_the_xdp_wrap_on_only_where_the_backbone_allows() -> None:
+    ndo_xmit = xdp_features.NDO_XMIT | xdp_features.XDP_ACT["basic"]
+    cases = [
+        (None, False, "no backbone"),
+        (Backbone("bb0", None, unknown="no netdev family"), False, "not known"),
+        (Backbone("bb0", xdp_features.XDP_ACT["basic"], forwarding="1"), False, "ndo-xmit"),
+        (Backbone("bb0", ndo_xmit, forwarding="0"), False, "forwarding is 0"),
+        (Backbone("bb0", ndo_xmit, forwarding=None), False, "unreadable"),
+        (Backbone("bb0", ndo_xmit, forwarding="1"), True, "takes XDP-redirected frames"),
+    ]
+    for backbone, active, why in cases:
+        decision = decide_xdp(backbone)
+        assert decision.active is active and why in decision.why, (backbone, decision)

@@ -119,7 +119,9 @@ class KernelPath:
         self._sync_lock = threading.Lock()  # the scrape thread syncs too
         self.pending: dict[str, int] = {}  # drops counted but not yet logged, by kind
         self.xdp = ipip_xdp.Decision(False, "not started")
-        self._xdp_written = False  # what set_jpy_xdp was last told
+        # what set_jpy_xdp was last told; None: nothing yet (a restart may have adopted a
+        # pinned slot that still holds the wrap, so the first decision is always written)
+        self._xdp_written: bool | None = None
         self._xdp_checked = 0.0
 
     @property
@@ -218,12 +220,12 @@ class KernelPath:
                 probed = ipip_xdp.Backbone(str(backbone), None, unknown=str(exc))
         decision = decide_xdp(probed) if self.attached_joins else \
             ipip_xdp.Decision(False, "jpy serves no link")
-        if decision.active != self._xdp_written:
-            await asyncio.to_thread(dp.set_jpy_xdp, decision.active)
-            self._xdp_written = decision.active
-            self.mode.ctx.log.info("jpy XDP wrap %s: %s", "wanted" if decision.active
-                                   else "off", decision.why, extra={"MODE": self.mode.name})
         self.xdp = decision
+        if decision.active != self._xdp_written:
+            runs = await asyncio.to_thread(dp.set_jpy_xdp, decision.active)
+            self._xdp_written = decision.active
+            self.mode.ctx.log.info("jpy XDP wrap %s: %s", "on" if runs else "off",
+                                   self.xdp_reason, extra={"MODE": self.mode.name})
 
     async def recheck_xdp(self) -> None:
         """Every XDP_RECHECK_SECONDS: the backbone's flags may have changed."""
@@ -309,9 +311,9 @@ class KernelPath:
         if hooks is not None and self.sync_counters in hooks:
             hooks.remove(self.sync_counters)
         try:
-            if self._xdp_written:
+            if self._xdp_written is not False:
                 await asyncio.to_thread(dp.set_jpy_xdp, False)
-            self._xdp_written, self.xdp = False, ipip_xdp.Decision(False, "stopped")
+            self._xdp_written, self.xdp = None, ipip_xdp.Decision(False, "stopped")
             await asyncio.to_thread(dp.set_jpy, None, {})
             for index in list(self.attached_joins):
                 await asyncio.to_thread(dp.detach_tc, index, Program.JPY_JOIN)
@@ -342,14 +344,15 @@ class KernelPath:
     def xdp_reason(self) -> str:
         if self.xdp.active and not self.xdp_runs:
             return "the ipip XDP fast path holds the guard's slot"
+        if self.xdp.active and not self._guarded() & self.attached_joins:
+            return "the guard, which calls it, is on no jpy link ([guard] enabled = false)"
         return self.xdp.why
 
     def status(self) -> dict[str, Any]:
+        xdp_joins = sorted(self._guarded() & self.attached_joins) if self.xdp_runs else []
         return {"backbone_ifindex": self.backbone.ifindex if self.backbone else None,
                 "backbone_source": self.backbone.source if self.backbone else None,
                 "key_slot": self.slot, "joins": sorted(self.attached_joins),
-                "xdp": self.xdp_runs, "xdp_reason": self.xdp_reason,
                 # the links where it runs: the guard's XDP hook is its way in
-                "xdp_joins": sorted(self._guarded() & self.attached_joins)
-                if self.xdp_runs else [],
+                "xdp": bool(xdp_joins), "xdp_joins": xdp_joins, "xdp_reason": self.xdp_reason,
                 "counts": dict(self.synced)}
