@@ -214,3 +214,19 @@ def test_the_xdp_wrap_runs_where_the_backbone_takes_redirects(lab: Lab, tmp_path
     up = udp_checks(backbone, daemon.ctl()["relays"]["jpy"]["source_port"])
     assert len(up) == len(SIZES) and all(ok for _, ok in up), up
     daemon.stop()
+
+
+def test_without_the_guard_the_xdp_wrap_runs_nowhere_and_status_says_so(lab: Lab,
+                                                                       tmp_path: Path) -> None:
+    lab.proxy.run(["sysctl", "-qw", "net.ipv6.conf.bb0.forwarding=1"])
+    netns.run(["ip", "netns", "exec", lab.ns_name("bb"), "ethtool", "-K", "proxy", "gro", "on"])
+    daemon = start(lab, tmp_path, guard={"enabled": False})
+    kernel = daemon.ctl()["relays"]["jpy"]["kernel"]
+    assert (kernel["xdp"], kernel["xdp_joins"]) == (False, []), kernel
+    assert "guard" in kernel["xdp_reason"], kernel
+    run = lab.pledges[0].run([PYTHON, "-c", PLEDGE, str(JOIN_PORT), "10"])
+    assert run.stdout.split("\n")[0] == "10 True", run.stdout
+    time.sleep(1.5)
+    counts = daemon.ctl()["relays"]["jpy"]["kernel"]["counts"]
+    assert (counts["up"], counts["xdp_up"]) == (1, 0), counts
+    daemon.stop()
