@@ -4,7 +4,9 @@ size limit. The namespace tests (test_field_jpy_relay.py) cover the same through
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from ipaddress import IPv6Address
 from typing import Any
 
@@ -35,7 +37,7 @@ def make_mode() -> tuple[JpyMode, Recorder, Recorder, Metrics]:
     mode.registrar = REGISTRAR
     mode._registrar_source = (REGISTRAR.address, 5684)
     pledge_link, upstream = Recorder(), Recorder()
-    side = _PledgeSide(mode, IFACE)
+    side = _PledgeSide(mode, IFACE, pledge_link)  # type: ignore[arg-type]  # records sendto
     side.transport = pledge_link  # type: ignore[assignment]
     mode.joins[IFACE.name] = side
     mode.by_index[IFACE.index] = side
@@ -112,3 +114,32 @@ def test_replay_filter_is_bounded_and_forgets() -> None:
     assert len(seen) <= 4
     assert seen.seen(bytes([9]), 1.0)
     assert not seen.seen(bytes([9]), 20.0)  # out of the window: accepted again
+
+
+
+def test_an_empty_reply_reaches_the_pledge_as_an_empty_datagram() -> None:
+    """asyncio's datagram sendto sends nothing for b"": the relay must not count a reply it
+    never sent. The join side's send() on a real socket pair on loopback, then the relay."""
+    async def send_empty() -> bytes:
+        mode, _, _, _ = make_mode()
+        receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        receiver.bind(("::1", 0))
+        receiver.settimeout(2)
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.bind(("::1", 0))
+        sock.setblocking(False)
+        transport, side = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _PledgeSide(mode, IFACE, sock), sock=sock)
+        try:
+            side.send(b"", ("::1", receiver.getsockname()[1], 0, 0))
+            return await asyncio.to_thread(receiver.recv, 100)
+        finally:
+            transport.close()
+            receiver.close()
+    assert asyncio.run(send_empty()) == b""
+
+    mode, pledge_link, _, metrics = make_mode()
+    mode.from_registrar(reply(mode.sealer.seal(PLEDGE), b""), FROM_REGISTRAR)
+    assert pledge_link.sent == [(b"", ("fe80::1:1", 40000, 0, 7))]
+    assert metrics.registry.get_sample_value(
+        "joinproxyd_relayed_datagrams_total", {"mode": "jpy", "direction": "downstream"}) == 1

@@ -83,10 +83,21 @@ SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python's socket module does not n
 
 
 class _PledgeSide(asyncio.DatagramProtocol):
-    def __init__(self, mode: JpyMode, iface: JoinInterface) -> None:
+    def __init__(self, mode: JpyMode, iface: JoinInterface, sock: socket.socket) -> None:
         self.mode = mode
         self.iface = iface
+        self.sock = sock
         self.transport: asyncio.DatagramTransport | None = None
+
+    def send(self, data: bytes, addr: tuple[str, int, int, int]) -> None:
+        """Send one datagram to a pledge. asyncio's sendto silently sends nothing for b"", so
+        an empty reply goes through the socket itself, as the kernel path sends it."""
+        if self.transport is None:
+            raise OSError("the join socket is closed")
+        if data:
+            self.transport.sendto(data, addr)
+        else:
+            self.sock.sendto(data, addr)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a datagram transport
@@ -289,7 +300,7 @@ class JpyMode(RelayMode):
             sock.bind((iface.link_local, iface.port, 0, iface.index))
             sock.setblocking(False)
             _, protocol = await loop.create_datagram_endpoint(
-                lambda: _PledgeSide(self, iface), sock=sock)
+                lambda: _PledgeSide(self, iface, sock), sock=sock)
         except OSError as exc:
             sock.close()
             book.failed(iface.name, self.name, where, exc)
@@ -449,7 +460,7 @@ class JpyMode(RelayMode):
             return
         host = socket.inet_ntop(socket.AF_INET6, pledge.address.packed)
         try:
-            side.transport.sendto(message.content, (host, pledge.port, 0, pledge.ifindex))
+            side.send(message.content, (host, pledge.port, 0, pledge.ifindex))
         except OSError as exc:
             self._refuse(DropReason.SEND_ERROR, f"reply to pledge [{host}]:{pledge.port} not "
                          f"sent: {exc}", side.iface.name, who=f"{host}%{side.iface.name}")
