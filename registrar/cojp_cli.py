@@ -1,11 +1,11 @@
 """``brski-registrar cojp ...``: the operator's commands for the JRC's pledges and their PSKs.
 
-    brski-registrar cojp add-pledge (--config FILE | --store FILE) --id HEX
+    brski-registrar cojp add-pledge (--config FILE | --store PATH|URL) --id HEX
                                     [--psk HEX | --generate-psk] [--edhoc-credential FILE]
                                     [--replace]
     brski-registrar cojp make-edhoc-credential --out PREFIX --kid HEX [--subject TEXT]
-    brski-registrar cojp remove-pledge (--config FILE | --store FILE) --id HEX
-    brski-registrar cojp list (--config FILE | --store FILE)
+    brski-registrar cojp remove-pledge (--config FILE | --store PATH|URL) --id HEX
+    brski-registrar cojp list (--config FILE | --store PATH|URL)
 
 The pledge identifier (typically the EUI-64, e.g. 00-12-4b-00-14-b5-d9-e2) is the OSCORE ID
 context; the PSK is the OSCORE master secret, at least 16 random bytes (RFC 9031 §8.3: never
@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     def common(sub: argparse.ArgumentParser) -> None:
         where = sub.add_mutually_exclusive_group(required=True)
         where.add_argument("--config", "-c", type=Path, help="the registrar's TOML configuration")
-        where.add_argument("--store", type=Path, help="the registrar's store file")
+        where.add_argument("--store", help="the registrar's store: an SQLite file or a "
+                                              "postgresql:// URL")
 
     add = commands.add_parser("add-pledge", help="add a pledge with its PSK")
     common(add)

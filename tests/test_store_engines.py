@@ -224,6 +224,18 @@ def test_the_jrc_table_on_each_engine(target):
             "cojp-pledge-added", "cojp-pledge-added", "cojp-join", "cojp-pledge-removed"]
 
 
+def test_the_cojp_cli_takes_a_store_file_or_url(target):
+    """`brski-registrar cojp --store` names either engine, as `store --store` does."""
+    added = cli("cojp", "add-pledge", "--store", str(target), "--id", "cc", "--generate-psk")
+    assert added.returncode == 0, added.stderr
+    listed = cli("cojp", "list", "--store", str(target))
+    assert listed.returncode == 0 and "cc" in listed.stdout, listed
+    with Store(target, "registrar") as store:
+        assert CojpStore(store).pledge(b"\xcc") is not None
+    bad = cli("cojp", "list", "--store", "postgresql://nobody@[::1]:1/none")
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad
+
+
 # -- PostgreSQL: what opening checks ---------------------------------------------------------
 def test_postgresql_refuses_another_applications_database(pg_cluster):
     import psycopg
