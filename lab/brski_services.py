@@ -22,10 +22,11 @@ API:
 
 ``make_pki(root, serials, *extra)``
     ``brski-pki init root --serial S ...`` (extra arguments passed on); returns ``root``.
-``Services(host, pki, work, **config)``
+``Services(host, pki, work, interface="eth0", **config)``
     Writes ``work/registrar.toml`` and ``work/masa.toml``. ``config`` goes to
-    ``write_configs``; defaults here: the registrar listens on the host's eth0 link-local
-    address (``[fe80::b:2%eth0]:8443``) and announces on eth0 by GRASP (every second) and
+    ``write_configs``; defaults here: the registrar listens on the link-local address of the
+    host's ``interface`` (default eth0: ``[fe80::b:2%eth0]:8443``; with ``registrar_listen``
+    given the host needs no such interface) and announces on it by GRASP (every second) and
     mDNS, the MASA listens on ``[::1]:9443`` (each host has its own loopback), Retry-After 1 s
     and a 2 s MASA timeout. ``start(*names)`` starts "masa" then "registrar" (default both)
     and waits for each to log ready (a restart waits for one more ready line);
@@ -96,22 +97,24 @@ def make_pki(root: Path, serials: Sequence[str], *extra: str) -> Path:
 class Services:
     """A MASA and a registrar on one lab host, configured from a brski-pki directory."""
 
-    def __init__(self, host: Host, pki: Path, work: Path, **config: Any) -> None:
+    def __init__(self, host: Host, pki: Path, work: Path, interface: str = "eth0",
+                 **config: Any) -> None:
         from lab.registrar_setup import write_configs
 
         self.host = host
         self.pki = pki
         self.work = work
         settings: dict[str, Any] = {
-            "registrar_listen": [f"[{host.address('eth0', link_local=True)}%eth0]:"
-                                 f"{REGISTRAR_PORT}"],
             "masa_listen": [f"[::1]:{MASA_PORT}"],
-            "announce_interfaces": ["eth0"],
+            "announce_interfaces": [interface],
             "grasp_period": 1.0,
             "retry_after": 1,
             "masa_timeout": 2.0,
         }
         settings.update(config)
+        if "registrar_listen" not in settings:  # only then does the host need the interface
+            settings["registrar_listen"] = [
+                f"[{host.address(interface, link_local=True)}%{interface}]:{REGISTRAR_PORT}"]
         self.config = settings
         registrar_toml, masa_toml = write_configs(pki, work, **settings)
         self.tomls = {"registrar": registrar_toml, "masa": masa_toml}
