@@ -27,6 +27,7 @@ from .ipip import IpipService
 from .masa_client import MasaClient
 from .metrics import ServiceMetrics
 from .store import Store
+from .store_commit import GroupCommitter
 from .web import serve
 
 DESCRIPTION = ("BRSKI registrar with EST and a domain CA. --ipip: also terminate the stateless "
@@ -44,7 +45,10 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
         await masa.start()
         announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None,
                               refused=metrics.refused)
-        registrar = Registrar(config, store, masa, ca)
+        # The request handlers' writes: one durable commit for several requests, made by a
+        # thread of its own on a store connection of its own (registrar.store_commit).
+        committer = GroupCommitter(config.store_path, "registrar")
+        registrar = Registrar(config, store, masa, ca, committer)
         coaps = (CoapsRegistrar(registrar, metrics)
                  if config.coaps_listen or config.jpy_listen else None)
         jrc = CojpJrc(config.cojp, store, metrics) if config.cojp.enabled else None
@@ -98,6 +102,7 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
             if ipip is not None:
                 await ipip.stop()
             await masa.close()
+            committer.close()
 
 
 def ipip_option(parser: argparse.ArgumentParser) -> None:
