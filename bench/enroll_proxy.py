@@ -111,7 +111,9 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
     cpu["pledges"] = round(usage.ru_utime + usage.ru_stime, 3)
     for proc in profilers:
         stop_profiler(proc)
-    doc = json.loads(report.read_text())
+    # py-spy, when it wraps pledge-sim, says what it does on the same stdout
+    doc = json.loads("\n".join(line for line in report.read_text().splitlines()
+                               if not line.startswith("py-spy>")))
     enrolled = int(doc["enrolled"])
     return {
         "path": path,
