@@ -39,16 +39,19 @@ from collections import Counter
 from pathlib import Path
 
 from enroll_rate import cpu_seconds, memory_kib  # bench/, beside this script
+from prometheus_client.parser import text_string_to_metric_families
 
 from lab import Lab, Topology
 from lab.proxyd import ProxyDaemon
 from lab.registrar_cluster import ULAS, proxy_config
 from lab.registrar_setup import wait_ready, write_configs
-from lab.topology import wait_for
+from lab.topology import Host, wait_for
 
 PY = sys.executable
 PORT = 8443
 PATHS = ("direct", "proxy")
+MASA_PORT = 9443
+METRICS_PORT = 9466  # the registrar's /metrics, on its host's loopback
 PY_SPY = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
 
 
@@ -82,6 +85,43 @@ def hottest(collapsed: Path, top: int = 25) -> list[tuple[str, float]]:
     return [(frame, round(n / total, 3)) for frame, n in own.most_common(top)] if total else []
 
 
+def loop_lag(host: Host) -> dict[str, float]:
+    """The registrar's event-loop lag histogram (cumulative bucket counts by upper bound,
+    "count", "sum"), from its /metrics."""
+    text = host.run(["curl", "-sf", f"http://[::1]:{METRICS_PORT}/metrics"]).stdout
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "brski_registrar_event_loop_lag_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                out[sample.labels["le"]] = sample.value
+            elif sample.name.endswith(("_count", "_sum")):
+                out[sample.name.rsplit("_", 1)[1]] = sample.value
+    return out
+
+
+def lag_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Over one run: ticks, mean lag, the share 10 ms or more late, and the bucket bound
+    under which 99 % of ticks were (ms)."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    ticks = delta.get("count", 0.0)
+    if not ticks:
+        return {"ticks": 0, "mean_ms": None, "late_10ms_share": None, "p99_ms": None}
+    bounds = sorted((float(k), v) for k, v in delta.items() if k not in ("count", "sum"))
+    p99 = next((b for b, n in bounds if n >= 0.99 * ticks), float("inf"))
+    under_10ms = next((n for b, n in bounds if b == 0.01), ticks)
+    return {"ticks": int(ticks), "mean_ms": round(1000 * delta["sum"] / ticks, 2),
+            "late_10ms_share": round(1 - under_10ms / ticks, 3),
+            "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
+
+
+def masa_connections(host: Host) -> int:
+    """The registrar's established TCP connections to its MASA (kept alive and reused)."""
+    done = host.run(["ss", "-Htn", "state", "established", f"( dport = :{MASA_PORT} )"])
+    return len(done.stdout.splitlines())
+
+
 def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int,
            pids: dict[str, int], profile: Path | None, tag: str) -> dict[str, object]:
     """One pledge-sim run of these serials, direct or through the proxy, measured."""
@@ -99,6 +139,8 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
                 "--output", str(profile / f"{tag}-pledges.txt"), "--", *argv]
     profilers = ([start_profiler(pid, profile / f"{tag}-{name}.txt")
                   for name, pid in pids.items()] if profile is not None else [])
+    registrar_host = lab.registrars[0]
+    lag_before = loop_lag(registrar_host)
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     report = work / f"report-{tag}.json"
     started = time.monotonic()
@@ -109,6 +151,8 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
     elapsed = time.monotonic() - started
     cpu = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
     cpu["pledges"] = round(usage.ru_utime + usage.ru_stime, 3)
+    lag = lag_summary(lag_before, loop_lag(registrar_host))
+    masa_conns = masa_connections(registrar_host)
     for proc in profilers:
         stop_profiler(proc)
     # py-spy, when it wraps pledge-sim, says what it does on the same stdout
@@ -128,6 +172,8 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
         "cpu_ms_per_enrollment": {k: round(1000 * v / max(enrolled, 1), 1)
                                   for k, v in cpu.items()},
         "pledge_sim_exit": exit_code,
+        "registrar_loop_lag": lag,
+        "registrar_masa_connections": masa_conns,
     }
 
 
@@ -148,12 +194,12 @@ def measure(pledges: int, concurrency: int, rounds: int,
             host = lab.registrars[0]
             registrar_toml, masa_toml = write_configs(
                 work / "pki", work / "svc", registrar_listen=[f"[{ULAS[0]}]:{PORT}"],
-                masa_listen=["[::1]:9443"], log_level="info")
+                masa_listen=[f"[::1]:{MASA_PORT}"], log_level="info")
             masa = host.spawn([PY, "-m", "registrar.masa_cli", "--config", str(masa_toml)],
                               name="masa")
             wait_ready(masa.log)
-            registrar = host.spawn([PY, "-m", "registrar.cli", "--config", str(registrar_toml)],
-                                   name="registrar")
+            registrar = host.spawn([PY, "-m", "registrar.cli", "--config", str(registrar_toml),
+                                    "--metrics", f"[::1]:{METRICS_PORT}"], name="registrar")
             wait_ready(registrar.log)
             proxy = ProxyDaemon(lab, work / "proxy", proxy_config(work / "proxy", 0, 1, 9465))
             proxy.start()
@@ -189,20 +235,31 @@ def print_table(r: dict[str, object]) -> None:
           "the whole pledge-sim process)")
     print(f"{'round':>5} {'path':<7} {'enrolled':>8} {'per s':>7} {'(process)':>9}"
           f" {'CPU ms/enrollment: registrar':>29} {'masa':>6} {'proxy':>6} {'pledges':>8}"
-          f" {'total':>6}")
+          f" {'total':>6}   {'registrar loop lag: mean':>24} {'p99':>5} {'>=10ms':>6}"
+          f" {'MASA conns':>10}")
     for run in runs:
         per = run["cpu_ms_per_enrollment"]
+        lag = run["registrar_loop_lag"]
         print(f"{run['round']:>5} {run['path']:<7} {run['enrolled']:>4}/{run['pledges']:<3} "
               f"{run['enrollments_per_second_enrolling']:>7.1f} "
               f"{run['enrollments_per_second']:>9.1f} {per['registrar']:>29.1f} "
               f"{per['masa']:>6.1f} {per['joinproxyd']:>6.1f} {per['pledges']:>8.1f} "
-              f"{sum(per.values()):>6.1f}")
+              f"{sum(per.values()):>6.1f}   {_ms(lag['mean_ms']):>22}ms {_ms(lag['p99_ms']):>5}"
+              f" {_share(lag['late_10ms_share']):>6} {run['registrar_masa_connections']:>10}")
     ratios = r["ratio_proxy_direct"]
     assert isinstance(ratios, list)
     spread = f"  ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
     print(f"ratio proxy/direct {statistics.median(ratios):.2f}{spread} (target >= 0.95)"
           if ratios else "ratio proxy/direct n/a")
     print(f"registrar RSS {r['registrar_rss_kib']} KiB (peak {r['registrar_peak_rss_kib']} KiB)")
+
+
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _share(value: object) -> str:
+    return "-" if value is None else f"{100 * float(value):.1f}%"  # type: ignore[arg-type]
 
 
 def main() -> int:

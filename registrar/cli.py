@@ -10,6 +10,7 @@ configuration, documented in ``registrar.ipip_config``; the protocol in ``regist
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import functools
 import logging
@@ -88,10 +89,12 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                 announcer.cojp_port = port  # flooded under "6TiSCH-JRC" (announce.py)
             await announcer.start()
 
+        lag = asyncio.create_task(metrics.watch_loop())
         try:
             await serve(make_app(registrar), config.listen,
                         tls_context(config), "registrar", on_started=started, metrics=metrics)
         finally:
+            lag.cancel()
             await announcer.stop()
             if jrc is not None:
                 await jrc.stop()
