@@ -15,8 +15,10 @@ record is on disk, as before. While one commit is on its way to disk the event l
 prepares the next requests, whose jobs form the next batch.
 
 If the batch's commit itself fails, each job of it runs again in a transaction of its own,
-so that one cannot take the others with it. Jobs must therefore only touch the store (and
-compute): they may run twice, the first run having left nothing behind.
+so that one cannot take the others with it; so does a job whose statement the database
+refused inside the batch (PostgreSQL: two registrars' batches deadlocked on each other's
+locks). Jobs must therefore only touch the store (and compute): they may run twice, the
+first run having left nothing behind.
 
 Reads stay on the event loop's own connection (SQLite WAL: readers do not wait for the
 writer), and see a job's writes once it has been awaited.
@@ -129,8 +131,14 @@ class GroupCommitter:
             return
         self.batches += 1
         self.jobs += len(batch)
-        for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
-            _settle(future, ok, value)
+        for pending, (ok, value) in zip(batch, outcomes, strict=True):
+            if not ok and len(batch) > 1 and isinstance(value, store.errors):
+                # The database refused a statement of a shared transaction (PostgreSQL: a
+                # deadlock between two registrars' batches, each holding its own locks):
+                # the job alone, in a transaction of its own, as it would have run.
+                self._write(store, [pending])
+            else:
+                _settle(pending[1], ok, value)
 
 
 def _settle(future: concurrent.futures.Future[Any], ok: bool, value: Any) -> None:

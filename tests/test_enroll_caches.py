@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import sqlite3
 import ssl
 import threading
 from pathlib import Path
@@ -270,3 +271,36 @@ def test_a_store_of_the_wrong_role_fails_at_start_and_a_closed_one_refuses(tmp_p
     committer.close()
     with pytest.raises(RuntimeError):
         asyncio.run(committer.run(lambda s: None))
+
+
+def test_a_job_the_database_refused_in_a_shared_batch_runs_again_alone(tmp_path):
+    """A statement refused inside a batch (on PostgreSQL, two registrars' batches deadlocked
+    on each other's locks) is the batch's doing: the job gets a transaction of its own."""
+    target = tmp_path / "r.db"
+    Store(target, "registrar").close()
+    gate = threading.Event()
+    calls = []
+
+    def flaky(store: Store) -> str:
+        calls.append(len(calls))
+        store.pledge_seen("flaky", None, "seen")
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("deadlock detected (as PostgreSQL would say)")
+        return "done"
+
+    async def main() -> list[object]:
+        with GroupCommitter(target) as committer:
+            first = asyncio.ensure_future(committer.run(lambda s: gate.wait(5)))
+            await asyncio.sleep(0.05)
+            tasks = [asyncio.ensure_future(committer.run(flaky)),
+                     asyncio.ensure_future(committer.run(
+                         lambda s: s.pledge_seen("other", None, "seen")))]
+            await asyncio.sleep(0.05)
+            gate.set()
+            await first
+            return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == ["done", None]
+    assert calls == [0, 1]
+    with Store(target, "registrar") as store:
+        assert store.pledge("flaky") and store.pledge("other")
