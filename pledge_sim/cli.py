@@ -38,10 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from brski import __version__
 from brski.cli import quiet
 
-from .coap_discover import QUERIES, discover_join_proxies
-from .coaps_runner import BLOCK_SIZES, CoapsPledgeRunner, block_szx
+from .coaps_options import BLOCK_SIZES, QUERIES
 from .discovery import METHODS, Candidate, DiscoveryError, discover, parse_address
-from .fleet import enroll_all
+from .fleet import Runner, enroll_all
 from .identity import (
     IdentityError,
     PledgeIdentity,
@@ -247,6 +246,8 @@ async def _candidates(args: argparse.Namespace) -> list[Candidate]:
     if args.registrar:
         return [parse_address(a) for a in args.registrar]
     if args.transport == "coaps":
+        from .coap_discover import discover_join_proxies
+
         return await discover_join_proxies(args.discovery_timeout,
                                            QUERIES[args.core_query or "brski-jp"])
     methods = args.discover or list(METHODS)
@@ -271,15 +272,21 @@ async def _enroll(args: argparse.Namespace) -> int:
     anchors = load_anchors(_anchor_path(args))
     if not anchors:
         raise UsageProblem("the MASA trust anchor file holds no certificate")
+    runner: Runner = PledgeRunner
+    block_szx = None
+    if args.transport == "coaps":  # aiocoap and the DTLS stack only for CoAPS runs
+        from .coaps_runner import CoapsPledgeRunner
+        from .coaps_runner import block_szx as szx_of
+
+        runner = CoapsPledgeRunner
+        block_szx = None if args.block_size is None else szx_of(args.block_size)
     settings = Settings(anchors=anchors, out_dir=args.out, deadline=args.deadline,
                         request_timeout=args.request_timeout,
                         backoff_cap=args.max_backoff, trusted_clock=args.trusted_clock,
                         accept_nonceless=args.accept_nonceless,
                         masa_signers=_masa_signers(args),
-                        block_szx=None if args.block_size is None else block_szx(args.block_size),
-                        fetch_crts=args.fetch_crts)
-    runner = CoapsPledgeRunner if args.transport == "coaps" else PledgeRunner
-    if runner is CoapsPledgeRunner:
+                        block_szx=block_szx, fetch_crts=args.fetch_crts)
+    if args.transport == "coaps":
         bad = [i.serial for i in identities if not isinstance(i.key, ec.EllipticCurvePrivateKey)]
         if bad:
             raise UsageProblem(f"{bad[0]}: --transport coaps needs an EC IDevID key")

@@ -20,6 +20,8 @@ import aiocoap
 
 from brski.errors import DecodeError
 
+from .coaps_options import QUERIES as QUERIES  # re-exported: the tests and callers name it here
+from .coaps_options import QUERY
 from .constrained import join_proxies
 from .discovery import Candidate, DiscoveryError
 
@@ -27,9 +29,6 @@ log = logging.getLogger(__name__)
 
 COAP_PORT = 5683
 ALL_COAP_NODES = "ff02::fd"
-QUERY = "brski-jp=*"
-# --core-query: the current form, and the one deployed pledges of older drafts send
-QUERIES = {"brski-jp": QUERY, "rt": "rt=brski.jp"}
 GRACE = 0.5  # after the first answer, listen this much longer for more (multicast Leisure)
 
 

@@ -41,6 +41,7 @@ from coaps_io.aiocoap_dtls import create_client_context
 from coaps_io.endpoint import DtlsEndpoint, PeerAddress
 
 from . import est
+from .coaps_options import BLOCK_SIZES
 from .constrained import (
     CF_PKCS7_CERTS,
     CF_PKCS10,
@@ -66,8 +67,6 @@ log = logging.getLogger(__name__)
 CF_CBOR = 60  # application/cbor: cBRSKI telemetry
 RV, VS, ES = "/.well-known/brski/rv", "/.well-known/brski/vs", "/.well-known/brski/es"
 SEN, CRTS = "/.well-known/est/sen", "/.well-known/est/crts"
-# RFC 7959 block sizes a pledge may ask for: 16 .. 1024 bytes.
-BLOCK_SIZES = tuple(2 ** (szx + 4) for szx in range(7))
 # Max-Age when a 5.03 carries none (RFC 7252 §5.10.5 default is 60 s; a simulator waits less,
 # still capped by the backoff cap).
 DEFAULT_MAX_AGE = 60

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from . import est, tls
@@ -109,6 +110,10 @@ class PledgeRunner:
         self._conn: Connection | None = None
         self._conn_trust: Trust | None = None
         self._ldevid_files: tuple[Path, Path] | None = None
+        # One context with the IDevID for the provisional and the pinned connections, and the
+        # pin (DER) its trust store holds, if any.
+        self._idevid_context: ssl.SSLContext | None = None
+        self._idevid_pin: bytes | None = None
         self._hangups: dict[Candidate, int] = {}
 
     # -- the whole enrollment -------------------------------------------------------------
@@ -243,15 +248,28 @@ class PledgeRunner:
     def _context(self, trust: Trust) -> ssl.SSLContext:
         ident = self.identity
         if trust is Trust.PROVISIONAL:
-            return tls.provisional_context(ident.cert_path, ident.key_path)
+            if self._idevid_context is None:
+                self._idevid_context = tls.idevid_context(ident.cert_path, ident.key_path)
+            return tls.make_provisional(self._idevid_context)
         accepted = self.session.accepted
         assert accepted is not None
         if trust is Trust.LDEVID:
             cert, key = self._write_ldevid()
-        else:
-            cert, key = ident.cert_path, ident.key_path
-        return tls.pinned_context(cert, key, accepted.pinned,
-                                  trusted_clock=self.settings.trusted_clock)
+            return tls.pinned_context(cert, key, accepted.pinned,
+                                      trusted_clock=self.settings.trusted_clock)
+        # The IDevID's context, pinned: its trust store must hold this pin and nothing else,
+        # so a context pinned to another certificate (an earlier voucher) is not reused.
+        pin = accepted.pinned.public_bytes(serialization.Encoding.DER)
+        if self._idevid_context is None or self._idevid_pin not in (None, pin):
+            self._idevid_context = tls.idevid_context(ident.cert_path, ident.key_path)
+            self._idevid_pin = None
+        if self._idevid_pin is None:
+            tls.make_pinned(self._idevid_context, accepted.pinned,
+                            trusted_clock=self.settings.trusted_clock)
+            self._idevid_pin = pin
+        else:  # pinned to this certificate already; only the verification mode comes back
+            self._idevid_context.verify_mode = ssl.CERT_REQUIRED
+        return self._idevid_context
 
     async def _close(self) -> None:
         if self._conn is not None:
@@ -275,7 +293,7 @@ class PledgeRunner:
                 f.write(est.key_pem(session.ldevid_key))
             cert.write_bytes(est.pem([session.ldevid]))
             (out / f"{stem}-chain.pem").write_bytes(est.pem(session.ldevid_chain[1:]))
-            (out / "cacerts.pem").write_bytes(est.pem(session.cacerts))
+            _write_shared(out / "cacerts.pem", est.pem(session.cacerts))
             self._ldevid_files = (cert, key)
         return self._ldevid_files
 
@@ -290,6 +308,18 @@ class PledgeRunner:
 
     def _fail(self, code: str, reason: str) -> None:
         self.result.ok, self.result.code, self.result.reason = False, code, reason
+
+
+# What this process last wrote to each shared file: every pledge of a fleet gets the same
+# CA certificates, written once rather than once per pledge.
+_shared_files: dict[Path, bytes] = {}
+
+
+def _write_shared(path: Path, content: bytes) -> None:
+    if _shared_files.get(path) == content and path.exists():
+        return
+    path.write_bytes(content)
+    _shared_files[path] = content
 
 
 def _is_alert(exc: ssl.SSLError) -> bool:

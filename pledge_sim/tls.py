@@ -31,15 +31,27 @@ def _client_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def provisional_context(cert: Path, key: Path) -> ssl.SSLContext:
-    context = _client_context(cert, key)
+    return make_provisional(_client_context(cert, key))
+
+
+def pinned_context(cert: Path, key: Path, pinned: x509.Certificate, *,
+                   trusted_clock: bool) -> ssl.SSLContext:
+    return make_pinned(_client_context(cert, key), pinned, trusted_clock=trusted_clock)
+
+
+def make_provisional(context: ssl.SSLContext) -> ssl.SSLContext:
+    """``context`` (made by one of the functions here) for provisional connections from now
+    on. A pin loaded before stays in its store, unused: nothing is verified."""
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def pinned_context(cert: Path, key: Path, pinned: x509.Certificate, *,
-                   trusted_clock: bool) -> ssl.SSLContext:
-    context = _client_context(cert, key)
+def make_pinned(context: ssl.SSLContext, pinned: x509.Certificate, *,
+                trusted_clock: bool) -> ssl.SSLContext:
+    """``context`` for pinned connections from now on, ``pinned`` added to its trust store:
+    give it a context whose store holds no other anchor (a fresh one, or one pinned to this
+    same certificate), or the other would be trusted too."""
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=pinned.public_bytes(serialization.Encoding.DER))
@@ -48,3 +60,10 @@ def pinned_context(cert: Path, key: Path, pinned: x509.Certificate, *,
         flags |= _NO_CHECK_TIME
     context.verify_flags = flags
     return context
+
+
+def idevid_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A client context presenting this certificate, to be set up by ``make_provisional`` or
+    ``make_pinned`` (the pledge's IDevID serves both phases from one context: loading the
+    key and certificate again for the second was a tenth of a pledge's CPU)."""
+    return _client_context(cert, key)

@@ -27,6 +27,7 @@ from brski.telemetry import StatusReport
 from .context import REGISTRAR, Registrar
 from .identity import Client, Kind, require_pledge
 from .masa_client import MasaUnreachable, NoMasa
+from .store import Store
 from .voucher_request import PledgeRequest, build_rvr, check_pledge_request
 from .web import (
     MEDIA_JSON,
@@ -54,40 +55,53 @@ async def request_voucher(request: web.Request) -> web.Response:
     req = check_pledge_request(body, client.cert, reg.config.server_cert,
                                reg.config.manufacturer_cas, now)
     reg.check_enrollment_policy(req.serial)
-    reg.store.pledge_seen(req.serial, _der(client.cert), "voucher-requested")
+    idevid = _der(client.cert)
 
     known = reg.store.voucher_for_request(req.sha256)
     if known is not None:
+        await reg.write(lambda s: s.pledge_seen(req.serial, idevid, "voucher-requested"))
         log.info("voucher for %s: the same request again, answering with the voucher "
                  "already obtained", req.serial)
         return web.Response(body=known.voucher, content_type=MEDIA_VOUCHER_CMS)
-    return await _ask_masa(reg, req)
+    return await _ask_masa(reg, req, idevid)
 
 
-async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
+async def _ask_masa(reg: Registrar, req: PledgeRequest, idevid: bytes) -> web.Response:
     now = reg.now()
     try:
         masa_url = certs.masa_url(req.idevid)
     except BrskiError as exc:
+        await reg.write(lambda s: s.pledge_seen(req.serial, idevid, "voucher-requested"))
         raise Refusal(403, f"the IDevID's MASA URL extension is unusable: {exc}") from exc
     if masa_url is None:
+        await reg.write(lambda s: s.pledge_seen(req.serial, idevid, "voucher-requested"))
         raise Refusal(404, "the IDevID has no MASA URL extension: no MASA to ask")
     rvr = build_rvr(req, now)
     signed = sign_voucher_cms(rvr, reg.config.tls_key,  # type: ignore[arg-type]
                               reg.rvr_certificates, now)
-    # One record per pledge request across the domain's registrars (a retry may land on another).
-    request_id = reg.store.find_or_add_voucher_request(
-        req.serial, req.sha256, req.signed, signed, req.nonce_text, "pending")
+
+    def record_request(store: Store) -> int:
+        store.pledge_seen(req.serial, idevid, "voucher-requested")
+        # One record per pledge request across the domain's registrars (a retry may land on
+        # another).
+        return store.find_or_add_voucher_request(req.serial, req.sha256, req.signed, signed,
+                                                 req.nonce_text, "pending")
+
+    request_id = await reg.write(record_request)
+
+    async def update(status: str, reason: str) -> None:
+        await reg.write(lambda s: s.update_voucher_request(request_id, status, reason))
+
     try:
         answer = await reg.masa.request_voucher(masa_url, signed)
     except NoMasa as exc:
-        reg.store.update_voucher_request(request_id, "refused", str(exc))
+        await update("refused", str(exc))
         raise Refusal(403, str(exc)) from exc
     except MasaUnreachable as exc:
         retry = reg.config.retry_after
         log.warning("MASA for %s unreachable (%s); answering 202, retry after %d s",
                     req.serial, exc, retry)
-        reg.store.update_voucher_request(request_id, "pending", f"MASA unreachable: {exc}")
+        await update("pending", f"MASA unreachable: {exc}")
         return plain(202, f"the MASA cannot be reached now; send the same request again "
                           f"in {retry} s", {"Retry-After": str(retry)})
     if answer.status == 202:
@@ -95,8 +109,7 @@ async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
         return plain(202, "the MASA is processing the request", {"Retry-After": str(retry)})
     if answer.status != 200:
         reason = answer.body.decode("utf-8", "replace").strip()[:500] or "no reason given"
-        reg.store.update_voucher_request(request_id, "refused",
-                                         f"MASA {answer.status}: {reason}")
+        await update("refused", f"MASA {answer.status}: {reason}")
         status = answer.status if answer.status in PASSED_ON else 502
         raise Refusal(status, f"MASA refused the voucher request ({answer.status}): {reason}")
     if answer.content_type != MEDIA_VOUCHER_CMS:
@@ -107,12 +120,16 @@ async def _ask_masa(reg: Registrar, req: PledgeRequest) -> web.Response:
         voucher, _signer = verify_voucher_cms(answer.body, None, now, serial_number=req.serial,
                                               nonce=req.nonce_text)
     except BrskiError as exc:
-        reg.store.update_voucher_request(request_id, "refused", f"bad voucher: {exc}")
+        await update("refused", f"bad voucher: {exc}")
         raise Refusal(502, f"the MASA's voucher does not fit the request: {exc}") from exc
     assertion = voucher.assertion.yang_name if voucher.assertion is not None else None
-    reg.store.add_voucher(req.serial, answer.body, request_id=request_id, assertion=assertion,
-                          nonce=req.nonce_text)
-    reg.store.pledge_seen(req.serial, None, "vouchered")
+
+    def record_voucher(store: Store) -> None:
+        store.add_voucher(req.serial, answer.body, request_id=request_id,
+                          assertion=assertion, nonce=req.nonce_text)
+        store.pledge_seen(req.serial, None, "vouchered")
+
+    await reg.write(record_voucher)
     log.info("voucher for %s obtained from %s (assertion %s)", req.serial, masa_url, assertion)
     return web.Response(body=answer.body, content_type=MEDIA_VOUCHER_CMS)
 
@@ -136,17 +153,18 @@ async def _telemetry(request: web.Request, kind: str) -> web.Response:
         report = StatusReport.decode_json(body)
     except BrskiError as exc:
         raise Refusal(400, f"not a {kind} report: {exc}") from exc
-    record_telemetry(reg, client, kind, body, report)
+    await record_telemetry(reg, client, kind, body, report)
     return plain(200, "recorded")
 
 
-def record_telemetry(reg: Registrar, client: Client, kind: str, body: bytes,
-                     report: StatusReport) -> None:
+async def record_telemetry(reg: Registrar, client: Client, kind: str, body: bytes,
+                           report: StatusReport) -> None:
     """Store and log a status report, over HTTPS or CoAPS alike (``body`` as received)."""
     matches = _matches_record(reg, client.cert, client.kind, client.serial)
-    reg.store.add_telemetry(client.serial, kind, body, version=report.version,
-                            status=report.status, reason=report.reason,
-                            client_cert_matches=matches)
+    await reg.write(lambda s: s.add_telemetry(client.serial, kind, body,
+                                              version=report.version, status=report.status,
+                                              reason=report.reason,
+                                              client_cert_matches=matches))
     # RFC 8995 §5.9.4: log whether the report came over a session with a matching client
     # certificate; a newer version deserves a human's attention.
     log.log(logging.INFO if report.status else logging.WARNING,

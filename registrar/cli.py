@@ -10,6 +10,7 @@ configuration, documented in ``registrar.ipip_config``; the protocol in ``regist
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import functools
 import logging
@@ -27,6 +28,7 @@ from .ipip import IpipService
 from .masa_client import MasaClient
 from .metrics import ServiceMetrics
 from .store import Store
+from .store_commit import GroupCommitter
 from .web import serve
 
 DESCRIPTION = ("BRSKI registrar with EST and a domain CA. --ipip: also terminate the stateless "
@@ -44,7 +46,10 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
         await masa.start()
         announcer = Announcer(config, ipip_link_local=ipip.link_local if ipip else None,
                               refused=metrics.refused)
-        registrar = Registrar(config, store, masa, ca)
+        # The request handlers' writes: one durable commit for several requests, made by a
+        # thread of its own on a store connection of its own (registrar.store_commit).
+        committer = GroupCommitter(config.store_path, "registrar")
+        registrar = Registrar(config, store, masa, ca, committer)
         coaps = (CoapsRegistrar(registrar, metrics)
                  if config.coaps_listen or config.jpy_listen else None)
         jrc = CojpJrc(config.cojp, store, metrics) if config.cojp.enabled else None
@@ -84,10 +89,12 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
                 announcer.cojp_port = port  # flooded under "6TiSCH-JRC" (announce.py)
             await announcer.start()
 
+        lag = asyncio.create_task(metrics.watch_loop())
         try:
             await serve(make_app(registrar), config.listen,
                         tls_context(config), "registrar", on_started=started, metrics=metrics)
         finally:
+            lag.cancel()
             await announcer.stop()
             if jrc is not None:
                 await jrc.stop()
@@ -98,6 +105,7 @@ async def run(config: RegistrarConfig, metrics: ServiceMetrics) -> None:
             if ipip is not None:
                 await ipip.stop()
             await masa.close()
+            committer.close()
 
 
 def ipip_option(parser: argparse.ArgumentParser) -> None:

@@ -181,7 +181,8 @@ class Telemetry(RegistrarResource):
             report = decode(request.payload)
         except BrskiError as exc:
             raise Refusal(400, f"not a {self.kind} report: {exc}") from exc
-        record_telemetry(self.coaps.registrar, client, self.kind, request.payload, report)
+        await record_telemetry(self.coaps.registrar, client, self.kind, request.payload,
+                               report)
         return aiocoap.Message(code=Code.CHANGED)
 
 
@@ -237,7 +238,7 @@ class Enroll(RegistrarResource):
             csr = est_format.decode_csr_body(request.payload)
         except BrskiError as exc:
             raise Refusal(400, f"bad certificate request: {exc}") from exc
-        cert = issue_ldevid(reg, csr, serial, idevid=idevid, renewing=renewing)
+        cert = await issue_ldevid(reg, csr, serial, idevid=idevid, renewing=renewing)
         return aiocoap.Message(code=Code.CHANGED, content_format=form,
                                payload=cf.encode_certs([cert], form))
 

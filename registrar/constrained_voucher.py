@@ -42,6 +42,7 @@ from brski.voucher import Assertion, Voucher
 
 from .context import Registrar
 from .masa_client import MasaClient, MasaUnreachable, NoMasa
+from .store import Store
 from .voucher_request import PledgeRequest, build_rvr
 from .web import MEDIA_VOUCHER_COSE, Refusal
 
@@ -165,29 +166,43 @@ async def request_voucher_cose(reg: Registrar, pvr: bytes,
     req = check_pledge_request_cose(pvr, idevid_chain, reg.config.server_cert,
                                     reg.config.manufacturer_cas, now)
     reg.check_enrollment_policy(req.serial)
-    reg.store.pledge_seen(req.serial, req.idevid.public_bytes(serialization.Encoding.DER),
-                          "voucher-requested")
+    idevid = req.idevid.public_bytes(serialization.Encoding.DER)
     known = reg.store.voucher_for_request(req.sha256)
     if known is not None:
+        await reg.write(lambda s: s.pledge_seen(req.serial, idevid, "voucher-requested"))
         log.info("COSE voucher for %s: the same request again, answering with the voucher "
                  "already obtained", req.serial)
         return cose.without_x5(known.voucher)
     rvr = sign_rvr_cose(req, reg.config.tls_key, reg.rvr_certificates,  # type: ignore[arg-type]
                         idevid_chain, now)
-    # One record per pledge request across the domain's registrars (a retry may land on another).
-    request_id = reg.store.find_or_add_voucher_request(
-        req.serial, req.sha256, req.signed, rvr, req.nonce_text, "pending")
+
+    def record_request(store: Store) -> int:
+        store.pledge_seen(req.serial, idevid, "voucher-requested")
+        # One record per pledge request across the domain's registrars (a retry may land on
+        # another).
+        return store.find_or_add_voucher_request(req.serial, req.sha256, req.signed, rvr,
+                                                 req.nonce_text, "pending")
+
+    request_id = await reg.write(record_request)
+
+    async def update(status: str, reason: str) -> None:
+        await reg.write(lambda s: s.update_voucher_request(request_id, status, reason))
+
     try:
         got = await ask_masa_cose(reg.masa, req, rvr, now)
     except MasaUnreachable as exc:
         log.warning("MASA for %s unreachable (%s); the pledge must retry", req.serial, exc)
-        reg.store.update_voucher_request(request_id, "pending", f"MASA unreachable: {exc}")
+        await update("pending", f"MASA unreachable: {exc}")
         raise
     except Refusal as refusal:
-        reg.store.update_voucher_request(request_id, "refused", refusal.reason)
+        await update("refused", refusal.reason)
         raise
     assertion = got.voucher.assertion.yang_name if got.voucher.assertion is not None else None
-    reg.store.add_voucher(req.serial, got.from_masa, request_id=request_id,
+
+    def record_voucher(store: Store) -> None:
+        store.add_voucher(req.serial, got.from_masa, request_id=request_id,
                           assertion=assertion, nonce=req.nonce_text)
-    reg.store.pledge_seen(req.serial, None, "vouchered")
+        store.pledge_seen(req.serial, None, "vouchered")
+
+    await reg.write(record_voucher)
     return got.for_pledge

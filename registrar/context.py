@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 from cryptography import x509
@@ -13,7 +15,10 @@ from .domain_ca import DomainCA
 from .identity import Client, classify, peer_chain
 from .masa_client import MasaClient
 from .store import Store
+from .store_commit import GroupCommitter
 from .web import Refusal
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -22,6 +27,17 @@ class Registrar:
     store: Store
     masa: MasaClient
     ca: DomainCA
+    # The request handlers' writes go through it when set (registrar.store_commit): durable
+    # before the answer as ever, but off the event loop and several to one commit.
+    committer: GroupCommitter | None = None
+
+    async def write(self, job: Callable[[Store], T]) -> T:
+        """``job(store)``'s result once its writes are committed; ``job`` must only touch
+        the store it is given (it may run twice, see ``store_commit``)."""
+        if self.committer is None:
+            with self.store.transaction():
+                return job(self.store)
+        return await self.committer.run(job)
 
     @staticmethod
     def now() -> datetime.datetime:

@@ -25,6 +25,7 @@ from brski.errors import BrskiError
 from .context import REGISTRAR, Registrar
 from .domain_ca import EnrollError
 from .identity import Kind, require_pledge
+from .store import Store
 from .web import Refusal, read_body, require_content_type
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ async def simple_enroll(request: web.Request) -> web.Response:
     assert client.serial is not None
     reg.check_enrollment_policy(client.serial)
     csr = await _csr(request)
-    return _issue(reg, csr, client.serial, idevid=client.cert)
+    return await _issue(reg, csr, client.serial, idevid=client.cert)
 
 
 async def simple_reenroll(request: web.Request) -> web.Response:
@@ -80,27 +81,36 @@ async def simple_reenroll(request: web.Request) -> web.Response:
     serial = client.serial or client.cert.subject.rfc4514_string()
     reg.check_enrollment_policy(serial)
     csr = await _csr(request)
-    return _issue(reg, csr, serial, renewing=client.cert)
+    return await _issue(reg, csr, serial, renewing=client.cert)
 
 
-def _issue(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
-           idevid: x509.Certificate | None = None,
-           renewing: x509.Certificate | None = None) -> web.Response:
-    return _certs_only([issue_ldevid(reg, csr, serial, idevid=idevid, renewing=renewing)])
-
-
-def issue_ldevid(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
+async def _issue(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
                  idevid: x509.Certificate | None = None,
-                 renewing: x509.Certificate | None = None) -> x509.Certificate:
+                 renewing: x509.Certificate | None = None) -> web.Response:
+    return _certs_only([await issue_ldevid(reg, csr, serial, idevid=idevid,
+                                           renewing=renewing)])
+
+
+async def issue_ldevid(reg: Registrar, csr: x509.CertificateSigningRequest, serial: str, *,
+                       idevid: x509.Certificate | None = None,
+                       renewing: x509.Certificate | None = None) -> x509.Certificate:
     """Issue and store an LDevID (HTTPS and CoAPS alike); ``Refusal`` 400 if the CA will not."""
-    try:
-        cert = reg.ca.issue(csr, now=reg.now(), idevid=idevid, renewing=renewing,
-                            sequence=reg.store.next_cert_serial())
-    except EnrollError as exc:
-        raise Refusal(400, f"certificate request refused: {exc}") from exc
-    reg.store.add_certificate(f"{cert.serial_number:x}", serial, cert.subject.rfc4514_string(),
+    now = reg.now()
+
+    def issue(store: Store) -> x509.Certificate:
+        # The serial number, the certificate and its record in one transaction: a refused
+        # request takes its number back with it.
+        cert = reg.ca.issue(csr, now=now, idevid=idevid, renewing=renewing,
+                            sequence=store.next_cert_serial())
+        store.add_certificate(f"{cert.serial_number:x}", serial, cert.subject.rfc4514_string(),
                               cert.public_bytes(serialization.Encoding.DER),
                               cert.not_valid_after_utc)
+        return cert
+
+    try:
+        cert = await reg.write(issue)
+    except EnrollError as exc:
+        raise Refusal(400, f"certificate request refused: {exc}") from exc
     log.info("%s for %s: %s, serial %x, valid until %s",
              "LDevID renewed" if renewing is not None else "LDevID issued", serial,
              cert.subject.rfc4514_string(), cert.serial_number,

@@ -19,7 +19,7 @@ from aiohttp import web
 from cryptography import x509
 
 from brski import certs
-from brski.chain import verify_chain
+from brski.chain import load_certificate, verify_chain
 from brski.errors import BrskiError
 
 from .web import Refusal
@@ -47,14 +47,16 @@ def peer_chain(request: web.Request) -> list[x509.Certificate]:
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return []
-    chain = [x509.load_der_x509_certificate(der)]
+    # load_certificate: parsed once per certificate (a bounded table), so the path check
+    # below finds its earlier answer for the same objects (brski.chain.verify_chain).
+    chain = [load_certificate(der)]
     # Python 3.13 has SSLObject.get_verified_chain(); 3.11/3.12 have it on the inner object.
     inner = getattr(ssl_object, "_sslobj", ssl_object)
     getter = getattr(inner, "get_verified_chain", None)
     if getter is not None:
         # A private API that changed shape must not break anything: the leaf alone works.
         with contextlib.suppress(Exception):
-            chain = [x509.load_der_x509_certificate(_der_of(c)) for c in getter()]
+            chain = [load_certificate(_der_of(c)) for c in getter()]
     return chain
 
 
@@ -80,6 +82,8 @@ def classify(
     except BrskiError:
         serial = None
     for kind, anchors in ((Kind.LDEVID, [domain_ca]), (Kind.IDEVID, manufacturer_cas)):
+        if not _names_chain(chain, anchors):
+            continue  # verify_chain would say no: no path without a name match
         try:
             verify_chain(leaf, intermediates, anchors, now)
         except BrskiError:
@@ -89,6 +93,19 @@ def classify(
     # anchors (e.g. an expired intermediate): refuse rather than guess.
     raise Refusal(403, "client certificate does not chain to a manufacturer CA or the "
                        "domain CA")
+
+
+def _names_chain(chain: Sequence[x509.Certificate],
+                 anchors: Sequence[x509.Certificate]) -> bool:
+    """False when no path from ``chain`` can end at one of ``anchors``: the leaf is none of
+    them and no certificate of the chain names one of them as its issuer (path building
+    links a certificate to its issuer by the issuer's subject, byte for byte). An IDevID
+    then skips the domain CA's path check, which it would fail, at the cost of a verifier
+    built for nothing, on every request."""
+    if chain[0] in anchors:
+        return True
+    subjects = {a.subject.public_bytes() for a in anchors}
+    return any(c.issuer.public_bytes() in subjects for c in chain)
 
 
 def require_pledge(client: Client | None) -> Client:

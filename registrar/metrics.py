@@ -9,6 +9,9 @@
                                                       no-cookie, handshake-failed (e.g. an
                                                       unknown manufacturer), table-full, garbage
     brski_registrar_coaps_sessions                     DTLS sessions now open
+    brski_<program>_event_loop_lag_seconds            histogram: how late the event loop ran
+                                                      a timer due every 50 ms (a blocking
+                                                      call in a handler shows here)
 
 Reasons are short fixed labels (below), the words for humans go to the log. The TLS reasons
 exist from the start, at zero, so a dashboard can tell "never happened" from "not exported".
@@ -17,10 +20,17 @@ Served by prometheus_client's HTTP server on a thread of its own, like joinproxy
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .tomlconfig import Table, parse_host_port
@@ -28,6 +38,8 @@ from .tomlconfig import Table, parse_host_port
 # The *_created series say when a process started counting: noise for an operator.
 disable_created_metrics()
 
+LOOP_LAG_INTERVAL = 0.05
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TLS_ENDPOINT = "tls"
 DTLS_ENDPOINT = "dtls"  # the CoAPS listener's handshakes, with the same reasons
 TLS_REASONS = ("tls-unknown-ca", "tls-certificate-expired", "tls-certificate-not-yet-valid",
@@ -53,7 +65,20 @@ class ServiceMetrics:
             ["endpoint", "reason"], registry=self.registry)
         for reason in TLS_REASONS:
             self.refusals.labels(TLS_ENDPOINT, reason)
+        self.loop_lag = Histogram(
+            f"brski_{program}_event_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {LOOP_LAG_INTERVAL * 1000:g} ms",
+            buckets=LOOP_LAG_BUCKETS, registry=self.registry)
         self._server: tuple[Any, threading.Thread] | None = None
+
+    async def watch_loop(self, interval: float = LOOP_LAG_INTERVAL) -> None:
+        """Observe the event loop's lag until cancelled: a timer due every ``interval``
+        seconds, and how late it ran."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def refused(self, endpoint: str, reason: str) -> None:
         self.refusals.labels(endpoint, reason).inc()

@@ -38,6 +38,7 @@ import datetime
 import hashlib
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,7 @@ class _SqliteEngine:
     def __init__(self, path: Path, role: str) -> None:
         self.path = path
         self.role = role
+        self._depth = 0  # transactions open (nested ones are savepoints)
         self.db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -340,12 +342,29 @@ class _SqliteEngine:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
+        if self._depth:  # inside another: a savepoint (registrar.store_commit's jobs)
+            name = f"nested{self._depth}"
+            self.db.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute(f"ROLLBACK TO {name}")
+                self.db.execute(f"RELEASE {name}")
+                raise
+            finally:
+                self._depth -= 1
+            self.db.execute(f"RELEASE {name}")
+            return
         self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         self.db.execute("COMMIT")
 
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
@@ -374,6 +393,7 @@ class _PgEngine:
         from psycopg_pool import ConnectionPool, PoolTimeout
         self.role = role
         self.name = display_name(url)
+        self._held = threading.local()  # the connection of this thread's open transaction
         self._errors: tuple[type[BaseException], ...] = (psycopg.Error, PoolTimeout)
         try:  # once by hand first: the reason of a failure, at once (the pool would retry)
             psycopg.connect(url, connect_timeout=10, autocommit=True).close()
@@ -435,9 +455,18 @@ class _PgEngine:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
+        held = getattr(self._held, "conn", None)
+        if held is not None:  # inside another on this thread: psycopg makes it a savepoint
+            with held.transaction():
+                yield _PgTransaction(held)
+            return
         # The pool's context commits when the block ends normally and rolls back otherwise.
         with self.pool.connection() as conn:
-            yield _PgTransaction(conn)
+            self._held.conn = conn
+            try:
+                yield _PgTransaction(conn)
+            finally:
+                self._held.conn = None
 
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
