@@ -145,15 +145,22 @@ def summary(report: dict[str, Any]) -> str:
         "Median (min–max) over the rounds (n); charts and every round in "
         "`build/bench/` (report.json, one PNG per benchmark).",
         "",
-        "| benchmark | figure | median (min–max) | unit | n | against (same run) "
-        "| ratio median (min–max) | target | met |",
+        "| benchmark | figure | median (min–max) | unit | n "
+        "| against (same run), median (min–max) | ratio median (min–max) | target | met |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for bench in report["benchmarks"]:
         if bench["status"] != "ok":
             lines.append(f"| `{bench['name']}` | **{bench['status']}**: {bench['reason']} "
                          "| | | | | | | |")
+        by_name = {fig["name"]: fig for fig in bench["figures"]}
+        baselines = {fig["baseline"] for fig in bench["figures"]}
         for fig in bench["figures"]:
+            if fig["name"] in baselines and not fig["ratio"] and fig["target"] is None:
+                continue  # a baseline only: its figure is in the "against" column
+            against = fig["baseline"] or ""
+            if fig["baseline"] in by_name:
+                against += f" {spread_text(by_name[fig['baseline']])}"
             target = ""
             if fig["target"] is not None:
                 sign = "≥" if fig["better"] == "higher" else "≤"
@@ -161,7 +168,8 @@ def summary(report: dict[str, Any]) -> str:
             met = {True: "yes", False: "no", None: ""}[fig["met"]]
             lines.append(
                 f"| `{bench['name']}` | {fig['name']} | {spread_text(fig)} | {fig['unit']} "
-                f"| {fig['n']} | {fig['baseline'] or ''} | {spread_text(fig['ratio'])} "
+                f"| {fig['n']} | {against} "
+                f"| {'×' + spread_text(fig['ratio']) if fig['ratio'] else ''} "
                 f"| {target} | {met} |")
     return "\n".join(lines) + "\n"
 
