@@ -20,13 +20,14 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # bench/ is a folder of scripts, not a package
@@ -46,6 +47,11 @@ class Bench:
     root: bool = False  # builds network namespaces
     timeout: float = 900.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    script: Path | None = None  # bench/NAME.py unless given
+
+    @property
+    def path(self) -> Path:
+        return self.script or BENCH / f"{self.name}.py"
 
 
 # In the order they run: in-process ones first (quick to fail), then the namespace labs.
@@ -67,6 +73,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("enroll_cluster", repeat=2, root=True, timeout=1800),
 )
 QUICK_TIMEOUT = 300.0
+GRACE = 30.0  # seconds an overrunning benchmark has to clean up after SIGINT
 
 
 def host_facts() -> dict[str, Any]:
@@ -77,11 +84,34 @@ def host_facts() -> dict[str, Any]:
             "commit": commit or None, "load_start": list(os.getloadavg())}
 
 
+def run_process(argv: list[str], env: dict[str, str], log: IO[str], timeout: float
+                ) -> str | None:
+    """Run one benchmark process; what went wrong, or None. One that overruns gets SIGINT
+    first, so its labs' context managers remove their namespaces and processes, and is
+    killed (its whole process group) only if it does not stop within GRACE seconds."""
+    # SIGINT's default action restored: a parent that ignores it (a shell's background job)
+    # would otherwise pass that on, and Python then raises no KeyboardInterrupt
+    child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        code = child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGINT)
+        try:
+            child.wait(GRACE)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        return f"timed out after {timeout:.0f} s"
+    return f"exit status {code}" if code else None
+
+
 def run_one(bench: Bench, quick: bool, logs: Path) -> dict[str, Any]:
     """Run one benchmark (repeatedly in a full run) and return its entry of the report."""
-    argv = [sys.executable, str(BENCH / f"{bench.name}.py"),
-            *(bench.quick if quick else bench.args)]
-    entry: dict[str, Any] = {"name": bench.name, "script": f"bench/{bench.name}.py",
+    argv = [sys.executable, str(bench.path), *(bench.quick if quick else bench.args)]
+    script = bench.path.relative_to(REPO) if bench.path.is_relative_to(REPO) else bench.path
+    entry: dict[str, Any] = {"name": bench.name, "script": str(script),
                              "argv": argv[1:], "runs": 1 if quick else bench.repeat,
                              "status": "ok", "reason": None, "seconds": 0.0, "figures": [],
                              "log": str(logs / f"{bench.name}.log")}
@@ -97,13 +127,7 @@ def run_one(bench: Bench, quick: bool, logs: Path) -> dict[str, Any]:
             env = {**os.environ, _report.ENV: str(out), **bench.extra_env}
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
-            try:
-                done = subprocess.run(argv, cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, check=False,
-                                      timeout=QUICK_TIMEOUT if quick else bench.timeout)
-                failure = f"exit status {done.returncode}" if done.returncode else None
-            except subprocess.TimeoutExpired as exc:
-                failure = f"timed out after {exc.timeout:.0f} s"
+            failure = run_process(argv, env, log, QUICK_TIMEOUT if quick else bench.timeout)
             figures = json.loads(out.read_text())["figures"] if out.exists() else []
             if figures:
                 runs.append(figures)
