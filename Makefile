@@ -61,14 +61,15 @@ fuzz: setup
 # Every benchmark of bench/ with its same-run baselines (bench/run_all.py), into build/bench/:
 # report.json (every round), a PNG chart per benchmark and summary.md; about 25 minutes here.
 # BENCH_ARGS="--quick" for a smoke run, "--only NAME,..." for some. `make bench-readme` then
-# copies summary.md into README.md's Benchmarks section (between the bench-summary markers).
+# renders summary.md again from report.json and copies it into README.md's Benchmarks section
+# (between the bench-summary markers); BENCH_ARGS='--note "..."' adds a remark to its header.
 BENCH_ARGS ?=
 bench: setup
 	@[ "$$(id -u)" -eq 0 ] || { echo "make bench: run as root (most benchmarks create network namespaces)" >&2; exit 1; }
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 bench-readme: venv
-	$(PY) bench/run_all.py --readme
+	$(PY) bench/run_all.py --readme $(BENCH_ARGS)
 
 # DEMO_REGISTRARS=2: one domain, two registrars sharing a PostgreSQL store (lab/demo_cluster.py).
 DEMO_REGISTRARS ?= 1

@@ -1,7 +1,7 @@
 """One PNG chart per benchmark of a `make bench` report (bench/run_all.py).
 
-Left, every figure: its median as a bar, min–max over the rounds as a whisker, every round as
-a dot (figures of different units share one log axis, each labelled with its unit). Right,
+Above, every figure: its median as a bar, min–max over the rounds as a whisker, every round as
+a dot (figures of different units share one log axis, each labelled with its unit). Below,
 when the benchmark has baselines: the ratio against the same-run baseline the same way, with
 the target as a mark, green where met and red where not.
 """
@@ -32,20 +32,26 @@ def _bars(ax: Any, labels: list[str], spreads: list[dict[str, Any]],
 
 def draw(entry: dict[str, Any], out: Path) -> str:
     """Write OUT/NAME.png for one benchmark's entry; returns the file's name."""
-    figures = entry["figures"]
-    with_ratio = [f for f in figures if f["ratio"]]
-    panels = 2 if with_ratio else 1
-    height = 1.2 + 0.32 * max(len(figures), len(with_ratio))
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, height), squeeze=False)
+    with_ratio = [f for f in entry["figures"] if f["ratio"]]
+    # "X vs B" figures repeat X's values once per baseline: show X's values once
+    shown: dict[str, dict[str, Any]] = {}
+    for f in entry["figures"]:
+        shown.setdefault(f["name"].split(" vs ")[0], f)
+    figures = list(shown.values())
+    rows = [len(figures), *([len(with_ratio)] if with_ratio else [])]
+    # one above the other, labels on the left: the labels are long, the bars need width
+    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 1.0 + 0.3 * sum(rows) + 0.6 * len(rows)),
+                             squeeze=False, height_ratios=[r + 1.5 for r in rows])
     ax = axes[0][0]
-    _bars(ax, [f"{f['name']} [{f['unit']}]" for f in figures], figures,
+    _bars(ax, [f"{name} [{f['unit']}]" for name, f in shown.items()], figures,
           [f["values"] for f in figures], "tab:blue")
     if all(f["min"] > 0 for f in figures):
         ax.set_xscale("log")
     ax.set_title("median, min–max and rounds", fontsize=9)
     if with_ratio:
-        ax = axes[0][1]
-        _bars(ax, [f"{f['name']} / {f['baseline'] or 'baseline'}" for f in with_ratio],
+        ax = axes[1][0]
+        _bars(ax, [f["name"] if " vs " in f["name"]
+                   else f"{f['name']} vs {f['baseline'] or 'baseline'}" for f in with_ratio],
               [f["ratio"] for f in with_ratio], [f["ratios"] for f in with_ratio],
               "tab:orange")
         for y, f in enumerate(with_ratio):
@@ -53,8 +59,11 @@ def draw(entry: dict[str, Any], out: Path) -> str:
                 ax.plot([f["target"]], [y], marker="|", markersize=14, markeredgewidth=2,
                         color="tab:green" if f["met"] else "tab:red")
         ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title("ratio to the same-run baseline (| = target)", fontsize=9)
-        ax.yaxis.tick_right()
+        low = min(f["ratio"]["min"] for f in with_ratio)
+        if low > 0 and max(f["ratio"]["max"] for f in with_ratio) / low > 20:
+            ax.set_xscale("log")  # e.g. x0.9 of one baseline beside x40 of another
+        ax.set_title("ratio to the same-run baseline (| target: green met, red not)",
+                     fontsize=9)
     status = "" if entry["status"] == "ok" else f" — {entry['status']}: {entry['reason']}"
     fig.suptitle(f"{entry['script']}{status}", fontsize=10)
     fig.tight_layout()

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Run every benchmark of bench/ and write one report: `make bench`.
 
-    run_all.py [--quick] [--only NAME,...] [--out DIR]   run, write DIR (build/bench):
+    run_all.py [--quick] [--only NAME,...] [--out DIR] [--note TEXT]
+                                                         run, write DIR (build/bench):
                                                          report.json, NAME.png, summary.md,
                                                          logs/NAME.log
-    run_all.py --readme [--out DIR]                      copy DIR/summary.md into README.md
-                                                         between the bench-summary markers
+    run_all.py --readme [--out DIR] [--note TEXT]        render DIR/summary.md again from
+                                                         DIR/report.json, copy it into
+                                                         README.md between the markers
 
 Each benchmark runs as its own process with BENCH_REPORT naming a file for its figures
 (bench/_report.py), so one that crashes or hangs is recorded as failed and the others still
@@ -160,12 +162,15 @@ def spread_text(s: dict[str, Any] | None) -> str:
 def summary(report: dict[str, Any]) -> str:
     host = report["host"]
     load = f"{host['load_start'][0]:.1f}–{host['load_end'][0]:.1f}"
-    mode = "quick mode, tiny rounds: the figures mean nothing; " if report["quick"] else ""
+    busy = max(host["load_start"][0], host["load_end"][0]) > (host["cpus"] or 1)
     lines = [
         f"Measured by `make bench` on {report['started'][:16].replace('T', ' ')} UTC, "
-        f"commit {host['commit']}, {host['cpus']} vCPUs, 1-minute load {load}: "
-        f"{mode}the machine was shared with other jobs, so absolute figures are noisy; "
-        "compare the ratios, each against a baseline measured in the same run. "
+        f"commit {host['commit']}, {host['cpus']} vCPUs, 1-minute load {load}"
+        + (f" ({report['note']})" if report.get("note") else "") + ". "
+        + ("Quick mode, tiny rounds: the figures mean nothing. " if report["quick"] else "")
+        + ("Other work competed for the CPUs (a load above their count), so the absolute "
+           "figures are noisy: " if busy else "Absolute figures depend on the machine: ")
+        + "compare the ratios, each against a baseline measured in the same run. "
         "Median (min–max) over the rounds (n); charts and every round in "
         "`build/bench/` (report.json, one PNG per benchmark).",
         "",
@@ -208,6 +213,28 @@ def rewrite_readme(readme: Path, table: str) -> str:
     return f"{head}{START}\n{table.rstrip()}\n{END}{tail}"
 
 
+def readme(out: Path, note: str | None) -> int:
+    """Render OUT/summary.md again from OUT/report.json (with NOTE, if given, kept in the
+    report) and copy it into README.md."""
+    source = out / "report.json"
+    if not source.exists():
+        print(f"run_all: {source} missing: run `make bench` first", file=sys.stderr)
+        return 2
+    report = json.loads(source.read_text())
+    problems = _report.check_report(report)
+    if problems:
+        print(f"run_all: {source} is malformed:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    if note is not None:
+        report["note"] = note
+        source.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    table = summary(report)
+    (out / "summary.md").write_text(table)
+    README.write_text(rewrite_readme(README, table))
+    print(f"README.md: the Benchmarks summary replaced from {source}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -215,16 +242,13 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated benchmark names")
     p.add_argument("--out", type=Path, default=REPO / "build" / "bench")
     p.add_argument("--readme", action="store_true",
-                   help="only copy OUT/summary.md into README.md between the markers")
+                   help="only render OUT/summary.md again from OUT/report.json and copy it "
+                   "into README.md between the markers")
+    p.add_argument("--note", help="a remark on the conditions, for the summary's header "
+                   "(e.g. what else ran)")
     args = p.parse_args()
     if args.readme:
-        source = args.out / "summary.md"
-        if not source.exists():
-            print(f"run_all: {source} missing: run `make bench` first", file=sys.stderr)
-            return 2
-        README.write_text(rewrite_readme(README, source.read_text()))
-        print(f"README.md: Benchmarks summary replaced from {source}")
-        return 0
+        return readme(args.out, args.note)
     known = {b.name: b for b in BENCHES}
     wanted = [n for n in args.only.split(",") if n]
     unknown = [n for n in wanted if n not in known]
@@ -236,7 +260,7 @@ def main() -> int:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "schema": _report.SCHEMA, "quick": args.quick,
+        "schema": _report.SCHEMA, "quick": args.quick, "note": args.note,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": host_facts(), "benchmarks": []}
     for bench in benches:
