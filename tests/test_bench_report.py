@@ -313,6 +313,6 @@ def test_quick_run_of_a_subset_writes_a_well_formed_report(as_root: None,
         png = tmp_path / bench["chart"]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     summary = (tmp_path / "summary.md").read_text()
-    assert "quick mode" in summary
+    assert "Quick mode, tiny rounds" in summary
     assert {row[0] for row in table_rows(summary)} == {f"`{n}`" for n in SMOKE}
     assert os.environ.get(_report.ENV) is None  # the runner sets it for its children only
