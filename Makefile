@@ -12,7 +12,7 @@ APT_PACKAGES := iproute2 ethtool tcpdump tshark socat nftables python3-nftables 
 	systemd-container debootstrap zstd netsniff-ng prometheus dnsmasq-base libyang2-tools postgresql \
 	qemu-system-x86
 
-.PHONY: setup apt venv bpf lint test test-vm fuzz demo deb ipk clean completion
+.PHONY: setup apt venv bpf lint test test-vm fuzz demo deb ipk clean completion bench bench-readme
 
 setup: apt venv bpf
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml | apt
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
 		| grep -vE '^WARNING: Location|InformationOnly|^ *$$|name as your package|precedence during imports|warnings.warn' || true
-	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2, lakers, aiocoap.oscore, psycopg_pool' \
+	@$(PY) -c 'import nftables, cryptography, pycose, aiohttp, pyroute2, lakers, aiocoap.oscore, psycopg_pool, matplotlib' \
 		|| { echo "setup: the venv is missing a dependency" >&2; exit 1; }
 	@touch $@
 
@@ -57,6 +57,19 @@ fuzz: setup
 	BRSKI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) BRSKI_FUZZ_RANDOM=1 $(PY) -m pytest --timeout=0 \
 		-p no:cacheprovider tests/test_fuzz_decoders.py tests/test_fuzz_handlers.py \
 		tests/test_wire_fuzz.py tests/test_voucher_fuzz.py
+
+# Every benchmark of bench/ with its same-run baselines (bench/run_all.py), into build/bench/:
+# report.json (every round), a PNG chart per benchmark and summary.md; about 25 minutes here.
+# BENCH_ARGS="--quick" for a smoke run, "--only NAME,..." for some. `make bench-readme` then
+# renders summary.md again from report.json and copies it into README.md's Benchmarks section
+# (between the bench-summary markers); BENCH_ARGS='--note "..."' adds a remark to its header.
+BENCH_ARGS ?=
+bench: setup
+	@[ "$$(id -u)" -eq 0 ] || { echo "make bench: run as root (most benchmarks create network namespaces)" >&2; exit 1; }
+	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+bench-readme: venv
+	$(PY) bench/run_all.py --readme $(BENCH_ARGS)
 
 # DEMO_REGISTRARS=2: one domain, two registrars sharing a PostgreSQL store (lab/demo_cluster.py).
 DEMO_REGISTRARS ?= 1

@@ -77,7 +77,14 @@ def samples() -> dict[str, bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time spent on each case")
+    parser.add_argument("--quick", action="store_true",
+                        help="0.1 s a case, 10,000 datagrams for RSS (smoke test)")
     args = parser.parse_args()
+    count = 100_000
+    if args.quick:
+        args.seconds, count = 0.1, 10_000
+    from _report import record  # make bench (bench/run_all.py), which runs this repeatedly
+
     print(f"{'input':24} {'bytes':>6} {'cbor2 C/s':>12} {'strict/s':>12} {'ratio C/strict':>15}")
     for name, data in samples().items():
         assert cbor2.loads(data) == loads_exact(data, name)
@@ -85,8 +92,14 @@ def main() -> None:
                      "strict": lambda d=data, n=name: loads_exact(d, n)}, args.seconds)
         print(f"{name:24} {len(data):6} {got['c']:12.0f} {got['strict']:12.0f} "
               f"{got['c'] / got['strict']:15.2f}")
-    print(f"RSS growth after 100000 x 81 61 ff: cbor2 C {growth(c_decode) / 1e6:.1f} MB, "
-          f"strict {growth(lambda d: loads_exact(d, 'x')) / 1e6:.1f} MB")
+        record(f"{name}: cbor2 C", got["c"], "decodes/s")
+        record(f"{name}: strict", got["strict"], "decodes/s", baseline=f"{name}: cbor2 C")
+    c_growth = growth(c_decode, count)
+    strict_growth = growth(lambda d: loads_exact(d, "x"), count)
+    print(f"RSS growth after {count} x 81 61 ff: cbor2 C {c_growth / 1e6:.1f} MB, "
+          f"strict {strict_growth / 1e6:.1f} MB")
+    record(f"RSS growth, {count} x 81 61 ff: cbor2 C", c_growth / 1e6, "MB", better="lower")
+    record(f"RSS growth, {count} x 81 61 ff: strict", strict_growth / 1e6, "MB", better="lower")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,12 @@ def run(seconds: float, rounds: int, flows: int, load_flows: int, window: int) -
           f"(+{after_kib - before_kib} KiB for {new_flows} new flows; hold client saw {held})")
     print(f"joinproxyd RSS per flow            {per_flow:.0f} bytes")
     print(f"joinproxyd open fds with the flows {fds} (1 per flow)")
+    from _report import record  # make bench (bench/run_all.py): the same figures
+
+    record("bare", rates["bare"], "echoes/s")
+    record("joinproxyd", rates["joinproxyd"], "echoes/s", baseline="bare", ratios=ratios,
+           target=0.8)
+    record("joinproxyd RSS per flow", per_flow, "bytes", better="lower")
     return 0
 
 

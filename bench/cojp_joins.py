@@ -133,6 +133,13 @@ def main() -> int:
                 print(f"{kind:<6} {r['joins_per_s']:8.1f} joins/s  ({r['joins']} in "
                       f"{r['seconds']:.2f} s, registrar CPU {r['registrar_cpu_s']:.2f} s)")
         print(f"ratio edhoc/psk {summary['edhoc'] / summary['psk']:.2f}")
+    from _report import record  # make bench (bench/run_all.py): the same figures, per round
+
+    for kind in KINDS:
+        record(kind, [r["joins_per_s"] for r in results[kind]], "joins/s",
+               baseline="psk" if kind == "edhoc" else None)
+        record(f"{kind} registrar CPU", [1000 * r["registrar_cpu_s"] / max(r["joins"], 1)
+                                         for r in results[kind]], "ms/join", better="lower")
     return 0
 
 

@@ -288,6 +288,11 @@ def main() -> int:
     pki = create_test_pki(datetime.datetime.now(datetime.UTC), serials=["BENCH1"])
     rates = asyncio.run(measure(pki, args.seconds, args.rounds))
     report(rates, args.rounds, args.seconds)
+    from _report import record  # make bench (bench/run_all.py): the same figures
+
+    record(BARE, rates[BARE], "handshakes/s")
+    for name in (MEMORY, COAPS):
+        record(name, rates[name], "handshakes/s", baseline=BARE)
     return 0
 
 

@@ -82,7 +82,10 @@ def main() -> int:
     p.add_argument("--pledges", type=int, default=40, help="per join link and configuration")
     p.add_argument("--concurrency", type=int, default=8, help="per pledge-sim (join link)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="2 pledges a link at concurrency 2")
     args = p.parse_args()
+    if args.quick:
+        args.pledges, args.concurrency = 2, 2
     if os.geteuid() != 0:
         print("enroll_cluster: run as root (it creates network namespaces)", file=sys.stderr)
         return 2
@@ -102,6 +105,15 @@ def main() -> int:
             print(f"{r['engine']:<11} {r['registrars']:>10} "
                   f"{r['enrolled']:>5}/{r['pledges']:<3} {r['enrollments_per_second']:>7.2f} "
                   f"{r['registrar_cpu_ms_per_enrollment']:>28.1f}")
+    from _report import record  # make bench (bench/run_all.py), which runs this repeatedly
+
+    for r in sorted(rows, key=lambda r: r["engine"] != "sqlite"):  # the baselines first
+        name = f"{r['engine']}, {r['registrars']} registrar(s)"
+        record(name, r["enrollments_per_second"], "enrollments/s",
+               baseline=None if r["engine"] == "sqlite" else f"sqlite, {r['registrars']} "
+               "registrar(s)")
+        record(f"{name}: registrar CPU", r["registrar_cpu_ms_per_enrollment"],
+               "ms/enrollment", better="lower")
     return 0 if all(r["enrolled"] == r["pledges"] for r in rows) else 1
 
 

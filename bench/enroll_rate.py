@@ -140,6 +140,23 @@ def measure(pledges: int, concurrency: int, rounds: int) -> dict[str, object]:
             "registrar_peak_rss_kib": rss.get("VmHWM")}
 
 
+def record_figures(r: dict[str, object]) -> None:
+    """make bench (bench/run_all.py): the printed figures, one value per round."""
+    from _report import record
+
+    runs, ratios = r["runs"], r["ratio_coaps_https"]
+    assert isinstance(runs, list) and isinstance(ratios, list)
+    for transport in TRANSPORTS:
+        mine = [run for run in runs if run["transport"] == transport]
+        paired = transport == "coaps"
+        record(f"{transport} enrollments",
+               [run["enrollments_per_second_enrolling"] for run in mine], "enrollments/s",
+               baseline="https enrollments" if paired else None, ratios=ratios if paired else None)
+        for part in ("registrar", "masa", "pledges"):
+            record(f"{transport} CPU {part}", [run["cpu_ms_per_enrollment"][part] for run in mine],
+                   "ms/enrollment", better="lower")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pledges", type=int, default=50, help="per run")
@@ -155,6 +172,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     r = measure(args.pledges, args.concurrency, args.rounds)
+    record_figures(r)
     runs = r["runs"]
     assert isinstance(runs, list)
     if args.json:

@@ -448,6 +448,13 @@ def main() -> int:
         results, ratios, refusal = run(args.seconds, args.rounds, args.pairs, args.repeat,
                                        args.obj_dir, Path(workdir))
     report(results, ratios, args.rounds, args.pairs, refusal)
+    from _report import record  # make bench (bench/run_all.py): the same figures
+
+    for path in dict.fromkeys(den for (_, den), _ in RATIOS):  # the baselines
+        record(path, results[path], "packets/s")
+    for (num, den), target in RATIOS:  # paired within sets, as printed
+        record(f"{num} vs {den}", results[num], "packets/s", baseline=den,
+               ratios=ratios[(num, den)], target=float(target.split()[-1]) if target else None)
     return 0
 
 

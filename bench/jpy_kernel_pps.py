@@ -422,6 +422,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="jpy_kernel_pps-") as workdir:
         results, ratios, costs = run(args.seconds, args.rounds, args.obj_dir, Path(workdir))
     report(results, ratios, costs, args.rounds)
+    from _report import record  # make bench (bench/run_all.py): the same figures
+
+    for path in dict.fromkeys(name.split("/")[1] for name in ratios):  # the baselines
+        record(path, results[path], "datagrams/s")
+    for name, values in ratios.items():
+        num, den = name.split("/")
+        record(f"{num} vs {den}", results[num], "datagrams/s", baseline=den, ratios=values,
+               target=10 if name == "kernel-jpy/user-jpy" else None)
+    for path, values in costs.items():
+        record(f"{path} CPU", values, "ns/datagram", better="lower")
     return 0
 
 

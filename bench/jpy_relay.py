@@ -175,6 +175,11 @@ def run(seconds: float, rounds: int, datapath: str = "user") -> None:
                   f"({min(values):.0f}-{max(values):.0f})")
         print(f"ratio joinproxyd/bare {statistics.median(ratios):.2f} "
               f"({min(ratios):.2f}-{max(ratios):.2f}) (target 0.8)")
+        from _report import record  # make bench (bench/run_all.py): the same figures
+
+        record("bare", results["bare"], "round trips/s")
+        record(f"joinproxyd ({datapath})", results["joinproxyd"], "round trips/s", baseline="bare",
+               ratios=ratios, target=0.8)
         drops = {reason: daemon.drops("jpy", reason)
                  for reason in ("jpy-forged", "jpy-replayed", "jpy-stale", "too-big")}
         print(f"joinproxyd drops during the run: {drops}")

@@ -167,6 +167,14 @@ def main() -> None:
                        if label.startswith(name + ":") and "store" not in label) * 1e6
             print(f"{name}: everything but the store {work:.0f} us per voucher against "
                   f"{base_us:.0f} us of primitives: x{base_us / work:.2f}")
+        from _report import record  # make bench (bench/run_all.py): the same figures
+
+        record("primitives (1 sign + 3 verifies)", base, "/s")
+        for name in ("CMS", "COSE"):  # issue 18 item 2: x0.5 of the primitives
+            record(f"{name} vouchers", per_slice[name], "vouchers/s",
+                   baseline="primitives (1 sign + 3 verifies)", target=0.5)
+        for label, times in steps.items():
+            record(label, [t * 1e6 for t in times], "µs/voucher", better="lower")
 
 
 if __name__ == "__main__":

@@ -358,6 +358,23 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
             for d in daemons.values():
                 d.stop()
     report(series, memories, idle_kib, nofile, rounds)
+    from _report import record  # make bench (bench/run_all.py): the same figures
+
+    for name, s in series.items():
+        for path, values in s.values.items():  # the baselines; joinproxyd's come as ratios
+            if path != "joinproxyd":
+                record(f"{name}: {path}", values, s.unit)
+        cpu_unit = "µs/conn" if s.unit == "conn/s" else "s/GB"
+        record(f"{name}: joinproxyd relay CPU", s.cpu.get("joinproxyd", []), cpu_unit,
+               better="lower")
+        for baseline in ("direct", *RELAYS[1:]):  # issue 18 item 5: x1.2 of socat's conn/s
+            if baseline in s.paths:
+                target = 1.2 if (name, baseline) == ("connections", "socat") else None
+                record(f"{name}: joinproxyd vs {baseline}", s.values.get("joinproxyd", []),
+                       s.unit, baseline=f"{name}: {baseline}", ratios=s.ratios(baseline),
+                       target=target)
+    for name, memory in memories.items():
+        record(f"{name} RSS per circuit", memory["bytes_per_circuit"], "bytes", better="lower")
     return 0
 
 

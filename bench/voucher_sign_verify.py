@@ -118,6 +118,13 @@ def main() -> None:
         ratios = sorted(r / b for r, b in zip(per_round, baseline, strict=True))
         print(f"{label:48} {statistics.median(per_round):9.0f}  "
               f"{statistics.median(ratios):10.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})")
+    from _report import record  # make bench (bench/run_all.py): the same figures, per slice
+
+    base_label, *labels = results
+    record(base_label, results[base_label], "ops/s")
+    for label in labels:  # issue 18's targets: CMS x0.3, COSE x0.5 of bare ECDSA
+        record(label, results[label], "ops/s", baseline=base_label,
+               target={"CMS": 0.3, "COSE": 0.5}.get(label.split()[0]))
 
 
 if __name__ == "__main__":
