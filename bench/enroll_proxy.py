@@ -261,6 +261,27 @@ def print_table(r: dict[str, object]) -> None:
     print(f"registrar RSS {r['registrar_rss_kib']} KiB (peak {r['registrar_peak_rss_kib']} KiB)")
 
 
+def record_figures(r: dict[str, object]) -> None:
+    """make bench (bench/run_all.py): the printed figures, one value per round."""
+    from _report import record
+
+    runs, ratios = r["runs"], r["ratio_proxy_direct"]
+    assert isinstance(runs, list) and isinstance(ratios, list)
+    for path in ("direct", "proxy"):
+        mine = [run for run in runs if run["path"] == path]
+        if path == "direct":
+            record("direct enrollments", [run["enrollments_per_second_enrolling"]
+                                          for run in mine], "enrollments/s")
+        else:  # issue 18 item 1: >= 60/s through the proxy, >= 0.95 of direct
+            record("proxy enrollments", [run["enrollments_per_second_enrolling"]
+                                         for run in mine], "enrollments/s", target=60)
+            record("proxy/direct", [run["enrollments_per_second_enrolling"] for run in mine],
+                   "enrollments/s", baseline="direct enrollments", ratios=ratios, target=0.95)
+        for part in ("registrar", "masa", "joinproxyd", "pledges"):
+            record(f"{path} CPU {part}", [run["cpu_ms_per_enrollment"][part] for run in mine],
+                   "ms/enrollment", better="lower")
+
+
 def _ms(value: object) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -299,6 +320,7 @@ def main() -> int:
         print(json.dumps(r, indent=2))
     else:
         print_table(r)
+    record_figures(r)
     if args.profile is not None:
         summary = {f.stem: hottest(f) for f in sorted(args.profile.glob("*.txt"))
                    if f.stat().st_size}
