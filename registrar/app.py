@@ -15,7 +15,7 @@ from aiohttp import web
 from . import brski_handlers, est
 from .config import RegistrarConfig
 from .context import REGISTRAR, Registrar
-from .web import new_application, server_ssl_context
+from .web import RETRY_AFTER, new_application, server_ssl_context
 
 BRSKI = "/.well-known/brski"
 EST = "/.well-known/est"
@@ -24,6 +24,7 @@ EST = "/.well-known/est"
 def make_app(registrar: Registrar) -> web.Application:
     app = new_application()
     app[REGISTRAR] = registrar
+    app[RETRY_AFTER] = registrar.config.retry_after  # also for a 503 while the store is down
     app.router.add_post(f"{BRSKI}/requestvoucher", brski_handlers.request_voucher)
     app.router.add_post(f"{BRSKI}/voucher_status", brski_handlers.voucher_status)
     app.router.add_post(f"{BRSKI}/enrollstatus", brski_handlers.enroll_status)

@@ -55,8 +55,9 @@ from .identity import Client, Kind, classify, require_pledge
 from .jpy_endpoint import JpyDtlsCollector, JpyEndpoint
 from .masa_client import MasaUnreachable
 from .metrics import DTLS_ENDPOINT, ServiceMetrics
+from .store import unavailable
 from .tls_server import certificate_identity, format_peer, verify_reason
-from .web import Refusal
+from .web import STORE_UNAVAILABLE, Refusal
 
 log = logging.getLogger(__name__)
 AIOCOAP_LOGGER = "registrar.coaps.aiocoap"
@@ -128,7 +129,18 @@ class RegistrarResource(resource.Resource):
                       retry)
             return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=retry,
                                    payload=f"MASA unreachable; retry in {retry} s".encode())
-        except Exception:
+        except Exception as exc:
+            if unavailable(exc):
+                # As HTTPS answers 503 + Retry-After: 5.03 + Max-Age (RFC 7252 §5.9.3.4).
+                retry = reg.config.retry_after
+                if self.coaps.may_log(self.name, STORE_UNAVAILABLE):
+                    log.error("CoAPS %s %s (%s): 5.03, the store is unavailable (%s: %s); "
+                              "Max-Age %d", request.code, self.name, certificate_identity(cert),
+                              type(exc).__name__, str(exc).strip()[:200] or "-", retry)
+                self.coaps.refused(self.name, STORE_UNAVAILABLE)
+                return aiocoap.Message(code=Code.SERVICE_UNAVAILABLE, max_age=retry,
+                                       payload=f"the store is unavailable; retry in {retry} "
+                                               "s".encode())
             log.exception("CoAPS %s %s (%s): internal error", request.code, self.name,
                           certificate_identity(cert))
             self.coaps.refused(self.name, "internal-error")

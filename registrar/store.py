@@ -194,6 +194,22 @@ def _lock_key(*parts: object) -> int:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store being out of reach for now (SQLite busy or locked past its
+    timeout, a disk error or a full disk; PostgreSQL down, restarting, a dropped connection,
+    an exhausted pool, a deadlock or serialization failure): a request that met it may
+    succeed when repeated later, so it is answered 503 with Retry-After, not 500."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return True
+    module = type(exc).__module__
+    if module.startswith("psycopg_pool"):
+        return type(exc).__name__ == "PoolTimeout"
+    if module.startswith("psycopg"):
+        import psycopg
+        return isinstance(exc, psycopg.OperationalError)
+    return False
+
+
 class StoreError(Exception):
     """The store cannot be used (not ours, too new, unreadable, unreachable); the message says
     why."""

@@ -40,10 +40,18 @@ from brski.voucher import Assertion, VoucherRequest, WireForm
 
 from .masa_client import MasaClient, MasaUnreachable
 from .metrics import ServiceMetrics
+from .store import unavailable
 from .sztp_config import SztpConfig
 from .sztp_store import SztpStore
 from .voucher_request import idevid_issuer
-from .web import MAX_BODY, MEDIA_VOUCHER_CMS, accepts, peer_certificate
+from .web import (
+    DEFAULT_RETRY_AFTER,
+    MAX_BODY,
+    MEDIA_VOUCHER_CMS,
+    STORE_UNAVAILABLE,
+    accepts,
+    peer_certificate,
+)
 
 log = logging.getLogger("registrar.sztp")
 GET_DATA = sztp.OPERATIONS + "get-bootstrapping-data"
@@ -52,10 +60,11 @@ REPORT = sztp.OPERATIONS + "report-progress"
 
 class RestconfError(Exception):
     def __init__(self, status: int, tag: str, message: str, label: str,
-                 error_type: str = "application") -> None:
+                 error_type: str = "application", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.tag, self.message, self.label = status, tag, message, label
         self.error_type = error_type
+        self.headers = headers or {}
 
 
 @dataclass
@@ -88,7 +97,12 @@ class SztpServer:
                 f"http-{exc.status}", "protocol"))
         except asyncio.CancelledError:
             raise
-        except Exception:  # a bug of ours: the device still gets a RESTCONF error
+        except Exception as exc:  # a bug of ours: the device still gets a RESTCONF error
+            if unavailable(exc):  # the store out of reach for now: the device retries later
+                return self._refuse(request, RestconfError(
+                    503, "resource-denied", f"the store is unavailable ({type(exc).__name__}); "
+                    f"retry in {DEFAULT_RETRY_AFTER} s", STORE_UNAVAILABLE,
+                    headers={"Retry-After": str(DEFAULT_RETRY_AFTER)}))
             log.exception("%s from %s (%s): internal error", request.path, _peer(request),
                           _device(request))
             return self._refuse(request, RestconfError(
@@ -105,7 +119,7 @@ class SztpServer:
         encoding = _reply_encoding(request)
         return web.Response(status=err.status, content_type=sztp.MEDIA[encoding],
                             body=sztp.errors_body(err.error_type, err.tag, err.message,
-                                                  encoding))
+                                                  encoding), headers=err.headers)
 
     # -- the two RPCs -------------------------------------------------------------------------
     async def get_bootstrapping_data(self, request: web.Request) -> web.Response:

@@ -3,8 +3,10 @@
 * ``Refusal``: raise it anywhere in a handler to answer with a status and a plain-text reason
   (RFC 8995 §5.6: MASA error bodies are plain UTF-8 text; the registrar does the same).
 * ``error_middleware``: turns ``Refusal`` and aiohttp's own errors (404 unknown path, 405,
-  413 body too large) into plain-text answers, and any other exception into a logged 500, so
-  a bad request never takes a server down.
+  413 body too large) into plain-text answers, the store out of reach (``store.unavailable``:
+  locked, full, a database server down) into 503 with Retry-After (``RETRY_AFTER``, the
+  registrar's ``[masa] retry_after``), and any other exception into a logged 500, so a bad
+  request never takes a server down.
 * ``server_ssl_context``, ``peer_certificate``: TLS with optional client certificates.
 * ``serve``: binds every listen address (TLS through ``tls_server``, so a refused handshake
   sends its alert and is logged and counted), logs ``ready: listening on ...``, tells systemd
@@ -33,6 +35,7 @@ import service_notify
 from coaps_io.log_limit import REFUSAL_LOG_BURST, LogLimiter
 
 from .metrics import TLS_ENDPOINT, ServiceMetrics, status_reason
+from .store import unavailable
 from .tls_server import (
     AlertingTLSSite,
     TlsRefusal,
@@ -51,6 +54,11 @@ READY = "ready: listening on"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
+RETRY_AFTER: web.AppKey[int] = web.AppKey("retry_after", int)  # s; with a 503 for the store
+DEFAULT_RETRY_AFTER = 5
+STORE_UNAVAILABLE = "store-unavailable"  # the metric's reason
+# An outage fails every request: the first lines a minute say so, a summary the rest.
+_store_log = LogLimiter(log, burst=3)
 
 
 class Refusal(Exception):
@@ -106,7 +114,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return plain(exc.status, text, allow)
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if unavailable(exc):
+            retry = request.app.get(RETRY_AFTER, DEFAULT_RETRY_AFTER)
+            _store_log.flush()
+            if _store_log.allow(STORE_UNAVAILABLE, logging.ERROR):
+                log.error("%s %s from %s (%s): 503, the store is unavailable (%s: %s); "
+                          "Retry-After %d s", request.method, request.path, _peer(request),
+                          _identity(request), type(exc).__name__,
+                          str(exc).strip().splitlines()[0] if str(exc).strip() else "-", retry)
+            _count(request, STORE_UNAVAILABLE)
+            return plain(503, f"the store is unavailable; retry in {retry} s",
+                         {"Retry-After": str(retry)})
         log.exception("%s %s from %s (%s): internal error", request.method, request.path,
                       _peer(request), _identity(request))
         _count(request, status_reason(500))
