@@ -298,6 +298,28 @@ def test_unhealthy_and_expired_endpoints_are_not_chosen():
     asyncio.run(main())
 
 
+def test_a_jrc_on_another_host_is_starred_as_in_use():
+    """The cojp relay is given the best healthy JRC (endpoint_for), which need not be the
+    registrar coaps/jpy chose: status marks what each kind's relay uses, not only that one."""
+    jrc = UdpRegistrar(UdpKind.COJP, "fd00::54", 5683)
+
+    async def main():
+        table, _ = _table({COAPS: None, OTHER: None, jrc: None})
+        table.set_static([COAPS])
+        table.offer(OTHER, "coap", 90)
+        table.offer(jrc, "grasp", 90)
+        await table._pass()
+        status = table.status()
+        assert {(e["kind"], e["address"]): e["used"] for e in status["endpoints"]} == {
+            ("coaps", "fd00::52"): True, ("coaps", "fd00::53"): False,
+            ("cojp", "fd00::54"): True}
+        text = "\n".join(ctl.render_constrained(status))
+        starred = [line for line in text.splitlines() if line.rstrip().endswith("*")]
+        assert [line.split()[0] for line in starred] == ["coaps://[fd00::52]:5684",
+                                                         "cojp://[fd00::54]:5683"], text
+    asyncio.run(main())
+
+
 def test_status_rendering_shows_endpoints_and_health():
     info = {"mode_setting": "auto", "mode": "coaps",
             "chosen": {"address": "fd00::52", "coaps_port": 5684, "jpy_port": None},

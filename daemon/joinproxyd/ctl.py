@@ -147,10 +147,12 @@ def render_constrained(info: dict[str, Any] | None) -> list[str]:
     if not info or not info.get("endpoints"):
         return []
     chosen = info.get("chosen") or {}
-    rows = [["endpoint", "sources", "healthy", "error", "chosen"]]
+    rows = [["endpoint", "sources", "healthy", "error", "in use"]]
     for e in info["endpoints"]:
-        used = (e["address"] == chosen.get("address")
-                and e["port"] == chosen.get(f"{e['kind']}_port"))
+        # "used": what its kind's relay is given (a JRC on another host too); older daemons
+        # say only which registrar coaps/jpy chose.
+        used = e["used"] if "used" in e else (e["address"] == chosen.get("address")
+                                               and e["port"] == chosen.get(f"{e['kind']}_port"))
         rows.append([f"{e['kind']}://[{e['address']}]:{e['port']}", ",".join(e["sources"]),
                      {True: "yes", False: "no", None: "?"}[e["healthy"]],
                      e.get("last_error") or "", "*" if used else ""])

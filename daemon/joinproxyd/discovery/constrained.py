@@ -433,6 +433,14 @@ class ConstrainedRegistrars:
     def status(self) -> dict[str, Any]:
         kind, chosen = self.choose()
         now, wall = self._clock(), time.time()
+        # What each kind's relay is given (endpoint_for): the cojp relay's JRC may be another
+        # host than the coaps/jpy choice, and is starred all the same.
+        serving = {}
+        for each in UdpKind:
+            endpoint = self.endpoint_for(each)
+            if endpoint is not None:
+                serving[each] = (endpoint.address, endpoint.scope_id,
+                                 getattr(endpoint, _PORT_FIELDS[each]))
         return {
             "mode_setting": self.mode,
             "mode": None if kind is None else str(kind),
@@ -445,6 +453,8 @@ class ConstrainedRegistrars:
                 "port": s.registrar.port, "scope_id": s.registrar.scope_id,
                 "sources": sorted(s.sources), "healthy": s.healthy,
                 "last_error": s.last_error,
+                "used": serving.get(s.registrar.kind) == (s.registrar.address,
+                                                          s.registrar.scope_id, s.registrar.port),
                 "last_probe": None if s.last_probe is None else wall - (now - s.last_probe),
             } for s in sorted(self._states.values(), key=lambda s: s.seq)],
         }
