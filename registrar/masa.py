@@ -30,18 +30,20 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from brski import certs, cms, cose
 from brski.chain import directly_issued_by, verify_chain
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
+    NoVerifyingCertificate,
     sign_voucher_cms,
     sign_voucher_cose,
     verify_voucher_request_cms,
@@ -50,6 +52,7 @@ from brski.signed_voucher import (
 from brski.telemetry import AuditEvent, AuditLog
 from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
 
+from .masa_commit import GroupCommitter, VoucherRecord, write_now
 from .masa_config import ANY_DEVICE, MasaConfig
 from .store import Store
 from .voucher_request import idevid_issuer_forms
@@ -78,9 +81,13 @@ class AuthenticatedRequest:
 
 
 class Masa:
-    def __init__(self, config: MasaConfig, store: Store) -> None:
+    def __init__(self, config: MasaConfig, store: Store,
+                 committer: GroupCommitter | None = None) -> None:
         self.config = config
         self.store = store
+        # With a committer (the service), voucher records go through its group commit and
+        # the ``*_async`` entry points await it; without, each is its own transaction.
+        self.committer = committer
 
     # -- requestvoucher -------------------------------------------------------------------
     def request_voucher(self, body: bytes, now: datetime.datetime) -> bytes:
@@ -97,6 +104,26 @@ class Masa:
         signed = sign_voucher_cose(voucher, self.config.signer_key,  # type: ignore[arg-type]
                                    x5bag=self.config.signer_chain)
         self._issued(req, voucher, domain_ca, signed, now)
+        return signed
+
+    async def request_voucher_async(self, body: bytes, now: datetime.datetime, *,
+                                    cose_form: bool) -> bytes:
+        """``request_voucher`` (or ``_cose``) whose record goes through the group commit: the
+        voucher is returned once it is durable."""
+        req = self.authenticate_cose(body, now) if cose_form else self.authenticate(body, now)
+        voucher, domain_ca = self._voucher(req, now)
+        if cose_form:
+            signed = sign_voucher_cose(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                       x5bag=self.config.signer_chain)
+        else:
+            signed = sign_voucher_cms(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                      self.config.signer_chain, now)
+        record = self._record(req, voucher, domain_ca, signed, now)
+        if self.committer is None:
+            row = write_now(self.store, record)
+        else:
+            row = await self.committer.issue(record)
+        self._logged(req, voucher, domain_ca, row)
         return signed
 
     def _voucher(self, req: AuthenticatedRequest,
@@ -124,15 +151,31 @@ class Masa:
 
     def _issued(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
                 signed: bytes, now: datetime.datetime) -> None:
+        """Record the voucher (and, on first contact, the ownership claim) in one
+        transaction, then log it."""
+        row = write_now(self.store, self._record(req, voucher, domain_ca, signed, now))
+        self._logged(req, voucher, domain_ca, row)
+
+    def _record(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
+                signed: bytes, now: datetime.datetime) -> VoucherRecord:
         assert voucher.assertion is not None
-        nonce_text = req.nonce_text
-        self.store.add_voucher(req.serial, signed, assertion=voucher.assertion.yang_name,
-                               nonce=nonce_text, domain_id=domain_id(domain_ca),
-                               created_at=now)
+        configured = self.config.devices.get(req.serial) or self.config.devices.get(ANY_DEVICE)
+        # Trust on first use: the claim is written with the voucher, in its transaction
+        # (_owner refused already if another domain owned the device when it looked).
+        claim = None if configured is not None else (
+            certs.spki_sha256(domain_ca), domain_ca.public_bytes(serialization.Encoding.DER))
+        return VoucherRecord(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
+                             domain_id(domain_ca), now, claim)
+
+    def _logged(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
+                row: int | None) -> None:
+        assert voucher.assertion is not None
+        if row is None:  # another domain claimed the device after _owner looked
+            raise Refusal(403, f"device {req.serial} is already owned by another domain")
         expires = voucher.expires_on
         log.info("voucher issued: serial %s, domain %s, assertion %s, %s", req.serial,
                  domain_ca.subject.rfc4514_string(), voucher.assertion.yang_name,
-                 "with nonce" if nonce_text else f"expires {format_datetime(expires)}"
+                 "with nonce" if req.nonce_text else f"expires {format_datetime(expires)}"
                  if expires else "")
 
     # -- requestauditlog ------------------------------------------------------------------
@@ -160,7 +203,7 @@ class Masa:
     def authenticate(self, body: bytes, now: datetime.datetime) -> AuthenticatedRequest:
         try:
             signed = cms.parse(body)
-            rvr, registrar = verify_voucher_request_cms(body, None, now)
+            rvr, registrar = verify_voucher_request_cms(signed, None, now)
         except SignatureError as exc:
             raise Refusal(403, f"registrar voucher-request: {exc}") from exc
         except (DecodeError, ValidationError) as exc:
@@ -201,7 +244,7 @@ class Masa:
         manufacturer CAs."""
         try:
             msg = cose.decode(body)
-            rvr, registrar = verify_voucher_request_cose(body, None, now)
+            rvr, registrar = verify_voucher_request_cose(msg, None, now)
         except SignatureError as exc:
             raise Refusal(403, f"registrar voucher-request: {exc}") from exc
         except (DecodeError, ValidationError) as exc:
@@ -237,15 +280,21 @@ class Masa:
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request is not a COSE_Sign1: {exc}") \
                 from exc
-        idevid = next((c for c in bag if c != registrar and _verifies(msg, c)), None)
-        if idevid is None:
+        # Certificates outside the registrar's chain first: the IDevID is found with one
+        # signature check instead of one per registrar-side CA in the bag.
+        others = [c for c in bag if c != registrar]
+        registrar_side = set(_issuer_path(registrar, bag))
+        candidates = [*(c for c in others if c not in registrar_side),
+                      *(c for c in others if c in registrar_side)]
+        try:
+            pvr, idevid = verify_voucher_request_cose(
+                msg, self.config.manufacturer_cas, now, candidates=candidates, extra_certs=bag)
+            assert idevid is not None  # found among certificates
+            serial = certs.serial_number(idevid)
+        except NoVerifyingCertificate as exc:
             raise Refusal(403, "prior-signed voucher-request: no certificate in the x5bag "
                                "verifies its signature (the RVR must carry the pledge's "
-                               "IDevID chain, cBRSKI §9.2)")
-        try:
-            pvr, _ = verify_voucher_request_cose(prior, self.config.manufacturer_cas, now,
-                                                 signer=idevid, extra_certs=bag)
-            serial = certs.serial_number(idevid)
+                               "IDevID chain, cBRSKI §9.2)") from exc
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
         _pvr_matches(rvr, pvr, idevid, serial)
@@ -274,12 +323,11 @@ class Masa:
             verify_chain(req.registrar, req.registrar_certs, [domain], now)
         except SignatureError as exc:
             raise Refusal(403, f"registrar chain does not verify: {exc}") from exc
-        spki = certs.spki_sha256(domain)
-        # A device asks again (a retry, a new nonce): a plain read answers; only a first claim
-        # needs the durable write transaction, which costs an fsync (claim_owner stays atomic).
-        owner = self.store.owner(req.serial) or self.store.claim_owner(
-            req.serial, spki, domain.public_bytes(serialization.Encoding.DER))
-        if owner != spki:
+        # A device asks again (a retry, a new nonce): this read answers. A first claim is
+        # written with the voucher, atomically (Store.issue_voucher), so a domain that loses
+        # a race for the device between this read and that write is refused there.
+        owner = self.store.owner(req.serial)
+        if owner is not None and owner != certs.spki_sha256(domain):
             raise Refusal(403, f"device {req.serial} is already owned by another domain")
         return domain
 
@@ -305,24 +353,26 @@ def _pvr_matches(rvr: VoucherRequest, pvr: VoucherRequest, idevid: x509.Certific
         raise Refusal(403, "the pledge voucher-request has no proximity-registrar-cert")
 
 
-def _verifies(msg: cose.Sign1, cert: x509.Certificate) -> bool:
-    try:
-        cose.verify(msg, cert)
-    except SignatureError:
-        return False
-    return True
-
-
 def _issuer_path(leaf: x509.Certificate,
                  pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """``leaf`` and its issuers found in ``pool``, in order (cf. ``_chain_top``)."""
-    path, current, seen = [leaf], leaf, {leaf.fingerprint(_SHA256)}
+    """``leaf`` and its issuers found in ``pool``, in order, up to a self-signed one or the
+    last one reachable."""
+    return _issuer_walk(leaf, tuple(pool))
+
+
+@functools.lru_cache(maxsize=256)
+def _issuer_walk(leaf: x509.Certificate,
+                 pool: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
+    # Kept per (leaf, pool): the walk depends on those certificates' bytes only (names and
+    # signatures; certificate equality is DER equality), and a registrar sends the same chain
+    # with every request. Validity and trust are verify_chain's, checked on every request.
+    path, current, seen = [leaf], leaf, {leaf}
     while current.issuer != current.subject:
         parent = next((c for c in pool if c.subject == current.issuer
-                       and c.fingerprint(_SHA256) not in seen and _signed_by(current, c)), None)
+                       and c not in seen and _signed_by(current, c)), None)
         if parent is None:
             break
-        seen.add(parent.fingerprint(_SHA256))
+        seen.add(parent)
         path.append(parent)
         current = parent
     return tuple(path)
@@ -348,21 +398,10 @@ def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     return True
 
 
-_SHA256 = hashes.SHA256()
-
-
 def _chain_top(leaf: x509.Certificate,
                pool: Sequence[x509.Certificate]) -> x509.Certificate:
     """Walk issuer links from ``leaf`` through ``pool``; the last certificate reached."""
-    current, seen = leaf, {leaf.fingerprint(_SHA256)}
-    while current.issuer != current.subject:
-        parent = next((c for c in pool if c.subject == current.issuer
-                       and c.fingerprint(_SHA256) not in seen and _signed_by(current, c)), None)
-        if parent is None:
-            break
-        seen.add(parent.fingerprint(_SHA256))
-        current = parent
-    return current
+    return _issuer_path(leaf, pool)[-1]
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
