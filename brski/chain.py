@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification as xv
 
 from . import der_kind
@@ -65,6 +66,17 @@ class _Memo:
 _CERTS = _Memo(CACHE_SIZE)
 _PATHS = _Memo(CACHE_SIZE)
 _ISSUED = _Memo(CACHE_SIZE)
+_DER = _Memo(CACHE_SIZE)
+
+
+def certificate_der(cert: x509.Certificate) -> bytes:
+    """``cert``'s DER; kept per certificate (cryptography serialises it anew on each call, and
+    a signer attaches the same chain to every message)."""
+    der = _DER.get(cert)
+    if der is None:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        _DER.put(cert, der)
+    return der  # type: ignore[return-value]
 
 
 def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -442,9 +442,8 @@ def sign(
         raise UsageError("signing_time must be timezone-aware")
     if econtent_type not in content_types:
         raise UsageError(f"eContentType {econtent_type} is not for vouchers")
-    signer_cert = _signer_cert(key, certs)
-    digest_name, sig_name = _algorithms(key)
-    message_digest = _digest(_DIGESTS[digest_name](), content)
+    plan = _sign_plan(key, tuple(certs), econtent_type)
+    message_digest = _digest(plan.hash_cls(), content)
     when = signing_time.astimezone(UTC).replace(microsecond=0)
     # RFC 5652 §11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
     if 1950 <= when.year < 2050:
@@ -454,34 +453,79 @@ def sign(
                            + when.strftime("%m%d%H%M%SZ").encode())  # fmt: skip
     # Written directly rather than through asn1crypto objects (the same DER; the App. C
     # vectors pin it): building them cost some 25 times the ECDSA signature.
-    econtent_oid = der.oid(econtent_type)
     attrs = der.set_of(
-        der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE, der.tlv(der.SET, econtent_oid)),
+        plan.content_type_attr,
         der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv)),
         der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
                 der.tlv(der.SET, der.tlv(der.OCTET_STRING, message_digest))),
     )  # fmt: skip
-    signature = key.sign(attrs, ec.ECDSA(_DIGESTS[digest_name]()))
-    digest_alg = der.tlv(der.SEQUENCE, der.oid(_DIGEST_OIDS_BY_NAME[digest_name]))
+    signature = key.sign(attrs, ec.ECDSA(plan.hash_cls()))
     signer_info = der.tlv(
         der.SEQUENCE,
-        der.integer(1),
-        _issuer_and_serial(signer_cert)[0],
-        digest_alg,
+        plan.signer_head,
         b"\xa0" + attrs[1:],  # [0] IMPLICIT SET OF
-        der.tlv(der.SEQUENCE, der.oid(_SIG_OIDS_BY_NAME[sig_name])),
+        plan.signature_algorithm,
         der.tlv(der.OCTET_STRING, signature),
     )
     signed_data = der.tlv(
         der.SEQUENCE,
-        # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
-        der.integer(1 if econtent_type == DATA else 3),
-        der.tlv(der.SET, digest_alg),
-        der.tlv(der.SEQUENCE, econtent_oid, der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
-        der.tlv(0xA0, *(_issuer_and_serial(c)[2] for c in certs)),
+        plan.version_and_digests,
+        der.tlv(der.SEQUENCE, plan.econtent_oid,
+                der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
+        plan.certificates,
         der.tlv(der.SET, signer_info),
     )
     return der.tlv(der.SEQUENCE, _OID_SIGNED_DATA, der.tlv(0xA0, signed_data))
+
+
+@dataclass(frozen=True)
+class _SignPlan:
+    """The parts of a SignedData that depend only on the key, the certificates and the
+    eContentType: the same for every voucher a MASA signs."""
+
+    hash_cls: type[hashes.HashAlgorithm]
+    content_type_attr: bytes  # the contentType signed attribute
+    signer_head: bytes  # SignerInfo's version, issuerAndSerialNumber and digestAlgorithm
+    signature_algorithm: bytes
+    version_and_digests: bytes  # SignedData's version and digestAlgorithms
+    econtent_oid: bytes
+    certificates: bytes  # [0] certificates
+
+
+# Kept per (key, certificates, eContentType): a rotated key or another chain is another key
+# of this table, so it is worked out afresh. Keys compare by identity (the table holds them,
+# so an identity is not reused while its entry lives); bounded like brski.chain's tables.
+_SIGN_PLANS: dict[tuple[Any, ...], _SignPlan] = {}
+
+
+def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
+               econtent_type: str) -> _SignPlan:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"cannot sign CMS with a {type(key).__name__}")
+    index = (key, certs, econtent_type)
+    plan = _SIGN_PLANS.get(index)
+    if plan is not None:
+        return plan
+    signer_cert = _signer_cert(key, certs)
+    digest_name, sig_name = _algorithms(key)
+    digest_alg = der.tlv(der.SEQUENCE, der.oid(_DIGEST_OIDS_BY_NAME[digest_name]))
+    econtent_oid = der.oid(econtent_type)
+    plan = _SignPlan(
+        hash_cls=_DIGESTS[digest_name],
+        content_type_attr=der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE,
+                                  der.tlv(der.SET, econtent_oid)),
+        signer_head=der.integer(1) + _issuer_and_serial(signer_cert)[0] + digest_alg,
+        signature_algorithm=der.tlv(der.SEQUENCE, der.oid(_SIG_OIDS_BY_NAME[sig_name])),
+        # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
+        version_and_digests=der.integer(1 if econtent_type == DATA else 3)
+        + der.tlv(der.SET, digest_alg),
+        econtent_oid=econtent_oid,
+        certificates=der.tlv(0xA0, *(_issuer_and_serial(c)[2] for c in certs)),
+    )
+    if len(_SIGN_PLANS) >= 64:  # a bound; a MASA has a handful of signers
+        _SIGN_PLANS.clear()
+    _SIGN_PLANS[index] = plan
+    return plan
 
 
 _ISSUER_AND_SERIAL: dict[x509.Certificate, tuple[bytes, bytes, bytes]] = {}  # equal = same DER

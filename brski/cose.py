@@ -37,7 +37,7 @@ from pycose.keys.curves import Ed25519
 from pycose.messages import Sign1Message
 
 from .cbor_strict import loads_exact
-from .chain import load_certificate
+from .chain import certificate_der, load_certificate
 from .errors import DecodeError, SignatureError, UsageError
 
 SIGN1_TAG = 18
@@ -53,6 +53,7 @@ _ECDSA: dict[int, tuple[type[algorithms.CoseAlgorithm], type[hashes.HashAlgorith
 _ALG_BY_CURVE = {curve: alg for alg, (_, _, curve) in _ECDSA.items()}
 _PROTECTED = {alg: cbor2.dumps({ALG: alg}) for alg in _ECDSA}  # what pycose emits: {1: alg}
 SUPPORTED_ALGS = frozenset({*_ECDSA, EDDSA})
+_PROTECTED_ALG = {cbor2.dumps({ALG: alg}): alg for alg in SUPPORTED_ALGS}
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -89,7 +90,11 @@ def decode(data: bytes) -> Sign1:
         raise DecodeError("detached COSE payloads are not used for vouchers")
     if not isinstance(payload, bytes) or not isinstance(signature, bytes):
         raise DecodeError("COSE_Sign1 payload and signature must be byte strings")
-    prot = loads_exact(protected, "COSE protected header") if protected else {}
+    known = _PROTECTED_ALG.get(protected)
+    if known is not None:  # {1: alg}, as every signer of ours and of the examples writes it
+        prot: Any = {ALG: known}
+    else:
+        prot = loads_exact(protected, "COSE protected header") if protected else {}
     if not isinstance(prot, dict):
         raise DecodeError("COSE protected header is not a map")
     for label in (*prot, *unprotected):
@@ -149,7 +154,7 @@ def sign(
     if kid is not None:
         uhdr[KID] = kid
     if x5bag:
-        ders = [c.public_bytes(serialization.Encoding.DER) for c in x5bag]
+        ders = [certificate_der(c) for c in x5bag]
         uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
     if isinstance(key, ed25519.Ed25519PrivateKey):
         msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr, payload=payload)

@@ -187,10 +187,10 @@ class VoucherArtifact(abc.ABC):
     def present(self) -> dict[str, Any]:
         """YANG name -> value for every leaf that is set."""
         out: dict[str, Any] = {}
-        for leaf in self.leaves():
-            value = getattr(self, leaf.attr)
+        for name, attr, _ in _PLAN[self.IS_REQUEST]:
+            value = getattr(self, attr)
             if value is not None and value != ():
-                out[leaf.name] = value
+                out[name] = value
         return out
 
     def wire_text(self, name: str) -> str | None:
@@ -218,8 +218,14 @@ class VoucherArtifact(abc.ABC):
         """UsageError if a field holds the wrong Python type (hand-built artifacts)."""
         if not isinstance(self.serial_number, str):
             raise UsageError("serial-number must be a string")
-        for name, value in self.present().items():
-            check_type(LEAF_BY_NAME[name], value)
+        for name, attr, exact in _PLAN[self.IS_REQUEST]:
+            value = getattr(self, attr)
+            # The usual case first, by exact type (bytes, str, bool, Assertion); anything
+            # else, or a type with more to check (datetime, extensions), goes the long way.
+            if value is None or type(value) is exact:
+                continue
+            if value != ():
+                check_type(LEAF_BY_NAME[name], value)
 
     def validate(self, *, now: datetime | None = None) -> None:
         """Raise ValidationError if a rule of RFC 8366 / RFC 8995 / rfc8366bis is broken.
@@ -372,6 +378,10 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
     }[leaf.type]
     for leaf in LEAVES
 }
+# Exact Python types that need no further check (check_types' fast path).
+_PLAIN_TYPES: dict[LeafType, type | None] = {
+    LeafType.ASSERTION: Assertion, LeafType.BINARY: bytes, LeafType.BOOLEAN: bool,
+    LeafType.STRING: str, LeafType.DATETIME: None, LeafType.EXTENSIONS: None}
 # The leaves of each artifact kind (key: IS_REQUEST), in SID order; worked out once.
 _LEAVES_OF: dict[bool, tuple[Leaf, ...]] = {
     request: tuple(sorted(
@@ -379,6 +389,11 @@ _LEAVES_OF: dict[bool, tuple[Leaf, ...]] = {
         key=lambda leaf, request=request: leaf.sid(request) or 0,
     ))
     for request in (False, True)
+}
+# (name, attribute, exact plain type or None) of the same leaves, for present/check_types.
+_PLAN: dict[bool, tuple[tuple[str, str, type | None], ...]] = {
+    request: tuple((lf.name, lf.attr, _PLAIN_TYPES[lf.type]) for lf in leaves)
+    for request, leaves in _LEAVES_OF.items()
 }
 
 
