@@ -171,8 +171,9 @@ def sign(
     # the signature itself.
     protected = _PROTECTED[alg]
     der = key.sign(_sig_structure(protected, payload), ec.ECDSA(hash_cls()))
-    item = [protected, uhdr, payload, _der_to_raw(der, _coordinate_size(key.curve))]
-    return cbor2.dumps(cbor2.CBORTag(SIGN1_TAG, item))
+    raw = _der_to_raw(der, _coordinate_size(key.curve))
+    # tag 18, array of 4: what cbor2.dumps(CBORTag(18, [...])) writes, put together directly
+    return b"\xd2\x84" + _bstr(protected) + _header_map(uhdr) + _bstr(payload) + _bstr(raw)
 
 
 def without_x5(data: bytes) -> bytes:
@@ -199,8 +200,43 @@ def _encode(msg: Sign1Message, *, sign: bool) -> bytes:
 
 
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad = h'', payload]
-    return cbor2.dumps(["Signature1", protected, b"", payload])
+    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad = h'', payload], in CBOR:
+    # array(4), text(10), bstr, empty bstr, bstr (the bytes cbor2.dumps gives for the list)
+    return _SIG1_HEAD + _bstr(protected) + b"\x40" + _bstr(payload)
+
+
+_SIG1_HEAD = b"\x84\x6aSignature1"
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR head (RFC 8949 §3) with the shortest argument, as cbor2 writes it."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def _bstr(data: bytes) -> bytes:
+    return _head(2, len(data)) + data
+
+
+def _header_map(header: Mapping[int, bytes | list[bytes]]) -> bytes:
+    """The unprotected header as sign() fills it (kid, x5bag: unsigned integer labels, byte
+    strings or an array of them), in insertion order like cbor2."""
+    out = [_head(5, len(header))]
+    for label, value in header.items():
+        out.append(_head(0, label))
+        if isinstance(value, bytes):
+            out.append(_bstr(value))
+        else:
+            out.append(_head(4, len(value)))
+            out.extend(_bstr(v) for v in value)
+    return b"".join(out)
 
 
 def _certificates(value: Any) -> tuple[x509.Certificate, ...]:
