@@ -225,6 +225,11 @@ def _parse_canonical(data: bytes, content_types: frozenset[str]) -> SignedData |
     return SignedData(version, econtent_type, content, tuple(certs), signer)
 
 
+# SignerInfo issuer names read before, by their DER (a MASA's and a registrar's signers are
+# few); only names asn1crypto reads in full go in, so a kept one passes either check above.
+_ISSUER_NAMES: dict[bytes, ax509.Name] = {}
+
+
 def _signer_canonical(
     data: bytes, si: tuple[int, int, int, int], certs: Sequence[x509.Certificate]
 ) -> SignerInfo | None:
@@ -266,11 +271,19 @@ def _signer_canonical(
     if content_type is None or ("signing_time" in found and signing_time is None):
         return None
     issuer_der = data[sid[0][1] : sid[0][3]]
-    issuer = ax509.Name.load(issuer_der, strict=True)
-    if not any(_issuer_and_serial(c)[1] == issuer_der for c in certs):
-        # The same check the general parser makes; a name that is byte for byte the issuer
-        # of a carried certificate has been read in full already (load_certificate).
-        issuer.native  # noqa: B018
+    issuer = _ISSUER_NAMES.get(issuer_der)
+    if issuer is None:
+        issuer = ax509.Name.load(issuer_der, strict=True)
+        if not any(_issuer_and_serial(c)[1] == issuer_der for c in certs):
+            # The same check the general parser makes; a name that is byte for byte the
+            # issuer of a carried certificate has been read in full already (load_certificate).
+            issuer.native  # noqa: B018
+        elif not _readable(issuer_der):
+            issuer_der = b""  # not kept: a name asn1crypto cannot read in full
+        if issuer_der:
+            if len(_ISSUER_NAMES) >= 256:
+                _ISSUER_NAMES.clear()
+            _ISSUER_NAMES[issuer_der] = issuer
     signed = data[fields[3][1] : fields[3][3]]
     return SignerInfo(
         issuer=issuer,
@@ -284,6 +297,14 @@ def _signer_canonical(
         message_digest=found["message_digest"][digest_value[2] : digest_value[3]],
         signing_time=signing_time,
     )
+
+
+def _readable(name_der: bytes) -> bool:
+    try:
+        ax509.Name.load(name_der, strict=True).native  # noqa: B018
+    except Exception:  # asn1crypto raises ValueError, TypeError, ... for what it cannot read
+        return False
+    return True
 
 
 def _small_int(data: bytes, field: tuple[int, int, int, int]) -> int:
