@@ -58,14 +58,14 @@ class Assertion(enum.IntEnum):
 
     @property
     def yang_name(self) -> str:
-        return self.name.lower().replace("_", "-")
+        return _ASSERTION_NAMES[self]
 
     @classmethod
     def from_yang_name(cls, name: str) -> Assertion:
-        for member in cls:
-            if member.yang_name == name:
-                return member
-        raise ValidationError(f"unknown assertion {name!r}")
+        member = _ASSERTIONS_BY_NAME.get(name) if isinstance(name, str) else None
+        if member is None:
+            raise ValidationError(f"unknown assertion {name!r}")
+        return member
 
     @classmethod
     def from_int(cls, value: int) -> Assertion:
@@ -73,6 +73,11 @@ class Assertion(enum.IntEnum):
             return cls(value)
         except ValueError as exc:
             raise ValidationError(f"assertion {value} is not one of 0..3") from exc
+
+
+# yang names both ways, worked out once (iterating an enum and building names is slow)
+_ASSERTION_NAMES: dict[Assertion, str] = {a: a.name.lower().replace("_", "-") for a in Assertion}
+_ASSERTIONS_BY_NAME: dict[str, Assertion] = {n: a for a, n in _ASSERTION_NAMES.items()}
 
 
 class LeafType(enum.Enum):
