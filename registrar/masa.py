@@ -37,10 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from brski import certs, cms, cose
-from brski.chain import directly_issued_by, verify_chain
+from brski.chain import certificate_der, directly_issued_by, verify_chain
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
     NoVerifyingCertificate,
@@ -131,7 +130,7 @@ class Masa:
         domain_ca = self._owner(req, now)
         assertion = Assertion.from_yang_name(self.config.assertion) if req.proximity \
             else Assertion.LOGGED
-        pinned = domain_ca.public_bytes(serialization.Encoding.DER)
+        pinned = certificate_der(domain_ca)
         nonce_text = req.nonce_text
         expires = None
         if req.rvr.nonce is None:
@@ -163,15 +162,17 @@ class Masa:
         # Trust on first use: the claim is written with the voucher, in its transaction
         # (_owner refused already if another domain owned the device when it looked).
         claim = None if configured is not None else (
-            certs.spki_sha256(domain_ca), domain_ca.public_bytes(serialization.Encoding.DER))
+            _spki_sha256(domain_ca), certificate_der(domain_ca))
         return VoucherRecord(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
-                             domain_id(domain_ca), now, claim)
+                             _domain_id(domain_ca), now, claim)
 
     def _logged(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
                 row: int | None) -> None:
         assert voucher.assertion is not None
         if row is None:  # another domain claimed the device after _owner looked
             raise Refusal(403, f"device {req.serial} is already owned by another domain")
+        if not log.isEnabledFor(logging.INFO):
+            return  # the subject's text costs more than the rest of this step
         expires = voucher.expires_on
         log.info("voucher issued: serial %s, domain %s, assertion %s, %s", req.serial,
                  domain_ca.subject.rfc4514_string(), voucher.assertion.yang_name,
@@ -327,7 +328,7 @@ class Masa:
         # written with the voucher, atomically (Store.issue_voucher), so a domain that loses
         # a race for the device between this read and that write is refused there.
         owner = self.store.owner(req.serial)
-        if owner is not None and owner != certs.spki_sha256(domain):
+        if owner is not None and owner != _spki_sha256(domain):
             raise Refusal(403, f"device {req.serial} is already owned by another domain")
         return domain
 
@@ -380,8 +381,7 @@ def _issuer_walk(leaf: x509.Certificate,
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     """RFC 8995 §5.5: the pledge saw one of these certificates as the registrar's TLS cert."""
-    spkis = {certs.spki_der(c) for c in chain}
-    digests = {hashlib.sha256(s).digest() for s in spkis}
+    spkis, digests = _chain_spkis(tuple(chain))
     if pvr.proximity_registrar_cert is not None:
         try:
             seen = x509.load_der_x509_certificate(pvr.proximity_registrar_cert)
@@ -406,6 +406,24 @@ def _chain_top(leaf: x509.Certificate,
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return directly_issued_by(cert, issuer)
+
+
+# Facts about the registrar-side certificates, the same for every request of one registrar;
+# each depends on the certificates' bytes only (certificate equality is DER equality).
+@functools.lru_cache(maxsize=256)
+def _chain_spkis(chain: tuple[x509.Certificate, ...]) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    spkis = frozenset(certs.spki_der(c) for c in chain)
+    return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+
+
+@functools.lru_cache(maxsize=256)
+def _spki_sha256(cert: x509.Certificate) -> bytes:
+    return certs.spki_sha256(cert)
+
+
+@functools.lru_cache(maxsize=256)
+def _domain_id(cert: x509.Certificate) -> str:
+    return domain_id(cert)
 
 
 def domain_id(cert: x509.Certificate) -> str:
