@@ -267,12 +267,13 @@ class Masa:
                                    "issue nonceless vouchers")
             return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
                                         proximity=False)
-        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, now)
+        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, chain, now)
         return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
                                     idevid, proximity=_proximity(pvr, chain))
 
     def _check_pvr_cose(self, rvr: VoucherRequest, bag: Sequence[x509.Certificate],
                         registrar: x509.Certificate,
+                        registrar_chain: Sequence[x509.Certificate],
                         now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
         assert rvr.prior_signed_voucher_request is not None
         prior = rvr.prior_signed_voucher_request
@@ -284,7 +285,7 @@ class Masa:
         # Certificates outside the registrar's chain first: the IDevID is found with one
         # signature check instead of one per registrar-side CA in the bag.
         others = [c for c in bag if c != registrar]
-        registrar_side = set(_issuer_path(registrar, bag))
+        registrar_side = set(registrar_chain)
         candidates = [*(c for c in others if c not in registrar_side),
                       *(c for c in others if c in registrar_side)]
         try:
