@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import der_codec
 from . import der_codec as der
 from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
-from .chain import load_certificate
+from .chain import certificate_der, load_certificate
 from .der_kind import describe, refusal
 from .errors import DecodeError, SignatureError, UsageError
 
@@ -549,15 +549,17 @@ def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
     return plan
 
 
-_ISSUER_AND_SERIAL: dict[x509.Certificate, tuple[bytes, bytes, bytes]] = {}  # equal = same DER
+# by the certificate's DER (certificate equality is DER equality; chain.certificate_der keeps
+# it per object, cheaper to look up than hashing the Certificate)
+_ISSUER_AND_SERIAL: dict[bytes, tuple[bytes, bytes, bytes]] = {}
 
 
 def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
     """(IssuerAndSerialNumber, issuer Name, the certificate's DER), the Name exactly as the
     certificate has it. Kept per certificate: cryptography re-serialises on each call."""
-    known = _ISSUER_AND_SERIAL.get(cert)
+    cert_der = certificate_der(cert)
+    known = _ISSUER_AND_SERIAL.get(cert_der)
     if known is None:
-        cert_der = cert.public_bytes(serialization.Encoding.DER)
         _, start, end = der.read(cert_der, 0, len(cert_der))
         _, tbs_start, tbs_end = der.read(cert_der, start, end)
         fields = der.items(cert_der, tbs_start, tbs_end)
@@ -568,7 +570,7 @@ def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
         known = der.tlv(der.SEQUENCE, name, cert_der[serial[1] : serial[3]]), name, cert_der
         if len(_ISSUER_AND_SERIAL) >= 256:  # a bound; a MASA has a handful of signers
             _ISSUER_AND_SERIAL.clear()
-        _ISSUER_AND_SERIAL[cert] = known
+        _ISSUER_AND_SERIAL[cert_der] = known
     return known
 
 

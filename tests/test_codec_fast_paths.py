@@ -1,7 +1,11 @@
-"""brski.cbor_strict's fast path (issue 18) decodes exactly what the full reader decodes and
-refuses nothing differently: compared on valid messages of every shape the library reads, on
-every truncation and on random byte flips of them."""
+"""The decoders' fast paths (issue 18) give exactly what the full paths give and refuse
+nothing differently. brski.cbor_strict: compared on valid messages of every shape the library
+reads, on every truncation and on random byte flips of them. b64decode_lenient: compared on
+random short texts over both alphabets, padding, whitespace and non-ASCII."""
 
+import base64
+import binascii
+import os
 import random
 
 import cbor2
@@ -9,6 +13,7 @@ import pytest
 
 from brski import cbor_strict
 from brski.errors import DecodeError
+from brski.voucher_model import b64decode_lenient
 
 SAMPLES = [
     {1: -7},
@@ -77,3 +82,34 @@ def test_the_fast_path_is_taken_for_the_usual_shapes(monkeypatch):
 def test_the_refusal_text_comes_from_the_full_reader(data):
     with pytest.raises(DecodeError, match=r"appears twice|nested deeper"):
         cbor_strict.loads_exact(data, "x")
+
+
+def checked_base64(text: str):
+    """b64decode_lenient without its fast path: the checks, then binascii (as before)."""
+    if not b64decode_lenient.__globals__["_B64_CHARS"].fullmatch(text):
+        raise DecodeError("not base64 text")
+    body = text.rstrip("=")
+    url = "-" in body or "_" in body
+    if url and ("+" in body or "/" in body):
+        raise DecodeError("mixed")
+    if len(body) % 4 == 1 or (body != text and len(text) % 4):
+        raise DecodeError("length")
+    if url:
+        body = body.translate(str.maketrans("-_", "+/"))
+    try:
+        return binascii.a2b_base64(body + "=" * (-len(body) % 4), strict_mode=True)
+    except binascii.Error as exc:
+        raise DecodeError("padding") from exc
+
+
+def test_base64_fast_path_and_the_checks_agree():
+    rng = random.Random(18)
+    alphabet = "AB+/=-_9z \né"
+    for _ in range(50000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(13)))
+        assert outcome(b64decode_lenient, text) == outcome(checked_base64, text), repr(text)
+    for _ in range(500):
+        data = os.urandom(rng.randrange(40))
+        for text in (base64.b64encode(data).decode(), base64.urlsafe_b64encode(data).decode(),
+                     base64.urlsafe_b64encode(data).decode().rstrip("=")):
+            assert b64decode_lenient(text) == data
