@@ -192,8 +192,9 @@ class VoucherArtifact(abc.ABC):
     def present(self) -> dict[str, Any]:
         """YANG name -> value for every leaf that is set."""
         out: dict[str, Any] = {}
+        fields = self.__dict__
         for name, attr, _ in _PLAN[self.IS_REQUEST]:
-            value = getattr(self, attr)
+            value = fields[attr]
             if value is not None and value != ():
                 out[name] = value
         return out
@@ -223,8 +224,9 @@ class VoucherArtifact(abc.ABC):
         """UsageError if a field holds the wrong Python type (hand-built artifacts)."""
         if not isinstance(self.serial_number, str):
             raise UsageError("serial-number must be a string")
+        fields = self.__dict__  # a plain dataclass: every field is in it
         for name, attr, exact in _PLAN[self.IS_REQUEST]:
-            value = getattr(self, attr)
+            value = fields[attr]
             # The usual case first, by exact type (bytes, str, bool, Assertion); anything
             # else, or a type with more to check (datetime, extensions), goes the long way.
             if value is None or type(value) is exact:
