@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from brski import certs, cms, cose
-from brski.chain import certificate_der, directly_issued_by, verify_chain
+from brski.chain import certificate_der, directly_issued_by, load_certificate, verify_chain
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
     NoVerifyingCertificate,
@@ -385,10 +385,11 @@ def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     spkis, digests = _chain_spkis(tuple(chain))
     if pvr.proximity_registrar_cert is not None:
         try:
-            seen = x509.load_der_x509_certificate(pvr.proximity_registrar_cert)
-        except ValueError:
+            # the PVR's validate() loaded it already: this is a table lookup
+            seen = load_certificate(pvr.proximity_registrar_cert, "proximity-registrar-cert")
+        except (ValueError, DecodeError):
             return False
-        ok = certs.spki_der(seen) in spkis
+        ok = _spki_der(seen) in spkis
     elif pvr.proximity_registrar_pubk is not None:
         ok = pvr.proximity_registrar_pubk in spkis
     else:
@@ -415,6 +416,11 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def _chain_spkis(chain: tuple[x509.Certificate, ...]) -> tuple[frozenset[bytes], frozenset[bytes]]:
     spkis = frozenset(certs.spki_der(c) for c in chain)
     return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+
+
+@functools.lru_cache(maxsize=256)
+def _spki_der(cert: x509.Certificate) -> bytes:
+    return certs.spki_der(cert)
 
 
 @functools.lru_cache(maxsize=256)
