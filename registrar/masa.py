@@ -22,6 +22,11 @@ domain whose registrar asks owns the device). The voucher pins the domain CA: th
 TLS certificate chains to it (RFC 8995 §5.6.2). Assertion: the configured one when the
 pledge's proximity proof checks out; "logged" for nonceless requests (no pledge proof).
 
+The service calls ``await Masa.request_voucher_async(body, now, cose_form=...)``: the same
+checks and signature, and the voucher record (with a first-contact ownership claim, in one
+transaction) goes through ``registrar.masa_commit``'s group commit; the voucher is returned
+once its record is on disk.
+
 ``Masa.audit_log(body, now)`` answers ``requestauditlog`` (§5.8) for an authenticated
 registrar: every voucher issued for the device, oldest first.
 """
@@ -51,7 +56,7 @@ from brski.signed_voucher import (
 from brski.telemetry import AuditEvent, AuditLog
 from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
 
-from .masa_commit import GroupCommitter, VoucherRecord, write_now
+from .masa_commit import GroupCommitter, IssuedVoucher, write_now
 from .masa_config import ANY_DEVICE, MasaConfig
 from .store import Store
 from .voucher_request import idevid_issuer_forms
@@ -156,14 +161,14 @@ class Masa:
         self._logged(req, voucher, domain_ca, row)
 
     def _record(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
-                signed: bytes, now: datetime.datetime) -> VoucherRecord:
+                signed: bytes, now: datetime.datetime) -> IssuedVoucher:
         assert voucher.assertion is not None
         configured = self.config.devices.get(req.serial) or self.config.devices.get(ANY_DEVICE)
         # Trust on first use: the claim is written with the voucher, in its transaction
         # (_owner refused already if another domain owned the device when it looked).
         claim = None if configured is not None else (
             _spki_sha256(domain_ca), certificate_der(domain_ca))
-        return VoucherRecord(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
+        return IssuedVoucher(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
                              _domain_id(domain_ca), now, claim)
 
     def _logged(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,

@@ -34,7 +34,7 @@ MAX_BATCH = 64  # records per transaction: bounds how long one commit keeps the 
 
 
 @dataclass(frozen=True)
-class VoucherRecord:
+class IssuedVoucher:
     """What ``Store.issue_voucher`` writes for one voucher."""
 
     serial: str
@@ -46,7 +46,7 @@ class VoucherRecord:
     claim: tuple[bytes, bytes] | None  # trust on first use: (SPKI hash, DER) of the domain CA
 
 
-_Pending = tuple[VoucherRecord, "concurrent.futures.Future[int | None]"]
+_Pending = tuple[IssuedVoucher, "concurrent.futures.Future[int | None]"]
 _STOP = object()
 
 
@@ -64,7 +64,7 @@ class GroupCommitter:
         self._thread.start()
         self._opened.result()  # the store's own errors (StoreError) surface here
 
-    async def issue(self, record: VoucherRecord) -> int | None:
+    async def issue(self, record: IssuedVoucher) -> int | None:
         future: concurrent.futures.Future[int | None] = concurrent.futures.Future()
         self._queue.put((record, future))
         return await asyncio.wrap_future(future)
@@ -123,13 +123,13 @@ class GroupCommitter:
             future.set_result(row)
 
 
-def write_now(store: Store, record: VoucherRecord) -> int | None:
+def write_now(store: Store, record: IssuedVoucher) -> int | None:
     """One record in a transaction of its own, on the caller's thread (no group commit)."""
     with store.transaction() as db:
         return _issue(store, db, record)
 
 
-def _issue(store: Store, db: Transaction, record: VoucherRecord) -> int | None:
+def _issue(store: Store, db: Transaction, record: IssuedVoucher) -> int | None:
     return store.issue_voucher(db, record.serial, record.voucher, assertion=record.assertion,
                                nonce=record.nonce, domain_id=record.domain_id,
                                created_at=record.created_at, claim=record.claim)

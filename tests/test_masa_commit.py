@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from registrar.masa_commit import GroupCommitter, VoucherRecord, write_now
+from registrar.masa_commit import GroupCommitter, IssuedVoucher, write_now
 from registrar.store import Store
 
 NOW = datetime.datetime(2026, 5, 1, 12, 0, tzinfo=datetime.UTC)
@@ -20,8 +20,8 @@ DOMAIN_A = (b"A" * 32, b"cert-A")
 DOMAIN_B = (b"B" * 32, b"cert-B")
 
 
-def record(serial: str, claim=DOMAIN_A, voucher: bytes | None = b"voucher") -> VoucherRecord:
-    return VoucherRecord(serial, voucher, "proximity", "bm9uY2U=", "ZG9tYWlu", NOW,  # type: ignore[arg-type]
+def record(serial: str, claim=DOMAIN_A, voucher: bytes | None = b"voucher") -> IssuedVoucher:
+    return IssuedVoucher(serial, voucher, "proximity", "bm9uY2U=", "ZG9tYWlu", NOW,  # type: ignore[arg-type]
                          claim)
 
 
@@ -120,13 +120,13 @@ def test_every_acknowledged_voucher_survives_kill_9(path):
     # it is killed mid-stream; every record it acknowledged must be in the reopened store.
     script = textwrap.dedent(f"""
         import asyncio, datetime, sys
-        from registrar.masa_commit import GroupCommitter, VoucherRecord
+        from registrar.masa_commit import GroupCommitter, IssuedVoucher
         NOW = datetime.datetime(2026, 5, 1, tzinfo=datetime.UTC)
         committer = GroupCommitter({str(path)!r})
 
         async def one(i):
             serial = f"SN-{{i}}"
-            row = await committer.issue(VoucherRecord(serial, b"v", "proximity", None, None,
+            row = await committer.issue(IssuedVoucher(serial, b"v", "proximity", None, None,
                                                       NOW, (b"A" * 32, b"cert")))
             print(serial, row, flush=True)
 
