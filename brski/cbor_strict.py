@@ -192,6 +192,66 @@ def _short(key: Any) -> str:
     return repr(text if not isinstance(text, str | bytes) else text[:40])
 
 
+class _Unusual(Exception):
+    """Input the fast path leaves to ``_Reader``: invalid, or valid but less common."""
+
+
+_UNUSUAL = _Unusual()
+_WIDTHS = {24: 1, 25: 2, 26: 4, 27: 8}
+
+
+def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
+    """(value, position after it) for the common shapes: integers, byte and text strings,
+    definite-length arrays and maps with integer, text or byte-string keys, and tags. Exactly
+    what ``_Reader.item`` makes of the same input; anything else (floats, simple values,
+    indefinite lengths, tag keys, and every malformation) raises ``_Unusual``, IndexError or
+    UnicodeDecodeError, and ``_Reader`` decodes the input instead: this path accepts nothing
+    the reader refuses, with the same depth limit and the same count checks."""
+    if depth > MAX_DEPTH:
+        raise _UNUSUAL
+    initial = data[pos]
+    pos += 1
+    major, arg = initial >> 5, initial & 0x1F
+    if arg >= 24:
+        width = _WIDTHS.get(arg)
+        if width is None or pos + width > len(data):
+            raise _UNUSUAL
+        arg = int.from_bytes(data[pos:pos + width], "big")
+        pos += width
+    if major == 0:
+        return arg, pos
+    if major == 1:
+        return -1 - arg, pos
+    if major == 2 or major == 3:
+        end = pos + arg
+        if end > len(data):
+            raise _UNUSUAL
+        raw = data[pos:end]
+        return (raw if major == 2 else raw.decode("utf-8")), end
+    if major == 4:
+        if arg > len(data) - pos:  # every element takes at least one byte
+            raise _UNUSUAL
+        items = []
+        for _ in range(arg):
+            value, pos = _fast_item(data, pos, depth + 1)
+            items.append(value)
+        return items, pos
+    if major == 5:
+        if arg > len(data) - pos:
+            raise _UNUSUAL
+        result: dict[Any, Any] = {}
+        for _ in range(arg):
+            key, pos = _fast_item(data, pos, depth + 1)
+            if type(key) not in _KEY_TYPES or key in result:
+                raise _UNUSUAL
+            result[key], pos = _fast_item(data, pos, depth + 1)
+        return result, pos
+    if major == 6:
+        value, pos = _fast_item(data, pos, depth + 1)
+        return cbor2.CBORTag(arg, value), pos
+    raise _UNUSUAL
+
+
 def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
     """Decode exactly one CBOR item that fills ``data``."""
     if not isinstance(data, bytes | bytearray):
@@ -200,7 +260,14 @@ def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
         raise DecodeError(f"{what} of {len(data)} bytes exceeds {max_size}")
     if not data:
         raise DecodeError(f"empty {what}")
-    reader = _Reader(bytes(data), what)
+    data = bytes(data)
+    try:
+        value, end = _fast_item(data, 0, 0)
+        if end == len(data):
+            return value
+    except (_Unusual, IndexError, UnicodeDecodeError):
+        pass  # the reader below decodes it again and says what is wrong, if anything
+    reader = _Reader(data, what)
     value = reader.item(0)
     if value is _BREAK:
         raise DecodeError(f"{what} is not valid CBOR: stray break byte")

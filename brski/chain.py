@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification as xv
 
 from . import der_kind
@@ -65,13 +66,30 @@ class _Memo:
 _CERTS = _Memo(CACHE_SIZE)
 _PATHS = _Memo(CACHE_SIZE)
 _ISSUED = _Memo(CACHE_SIZE)
+# id(certificate object) -> (the object, its DER). Holding the object keeps its id from being
+# reused while the entry lives; the identity check below makes a stale id harmless anyway.
+_DER_BY_ID: dict[int, tuple[x509.Certificate, bytes]] = {}
+
+
+def certificate_der(cert: x509.Certificate) -> bytes:
+    """``cert``'s DER, kept per certificate object: cryptography serialises it anew on each
+    call, and hashing a Certificate (to look it up in a table) costs more than hashing its DER
+    bytes, whose hash Python keeps. Tables keyed by certificates use this DER instead."""
+    entry = _DER_BY_ID.get(id(cert))
+    if entry is not None and entry[0] is cert:
+        return entry[1]
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if len(_DER_BY_ID) >= 4 * CACHE_SIZE:
+        _DER_BY_ID.clear()
+    _DER_BY_ID[id(cert)] = (cert, der)
+    return der
 
 
 def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True if ``issuer``'s key signed ``cert`` and the names chain (no validity, no policy:
     path validation is ``verify_chain``). Yes-answers are kept: they depend only on the two
     certificates' bytes."""
-    key = (cert, issuer)
+    key = (certificate_der(cert), certificate_der(issuer))
     if _ISSUED.get(key) is not None:
         return True
     try:
@@ -124,7 +142,8 @@ def verify_chain(
     # else in the check depends on the time. Only successes are kept; a changed, added or
     # removed anchor or intermediate is another key, and a time at or past a member's validity
     # edge is checked afresh.
-    key = (leaf, tuple(intermediates), tuple(trust_anchors))
+    key = (certificate_der(leaf), tuple(map(certificate_der, intermediates)),
+           tuple(map(certificate_der, trust_anchors)))
     at_utc = at.astimezone(UTC)
     known = _PATHS.get(key)
     if known is not None:

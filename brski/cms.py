@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from . import der_codec
 from . import der_codec as der
 from .certs import OID_CT_ANIMA_JSON_VOUCHER, OID_DATA
-from .chain import load_certificate
+from .chain import certificate_der, load_certificate
 from .der_kind import describe, refusal
 from .errors import DecodeError, SignatureError, UsageError
 
@@ -225,6 +225,11 @@ def _parse_canonical(data: bytes, content_types: frozenset[str]) -> SignedData |
     return SignedData(version, econtent_type, content, tuple(certs), signer)
 
 
+# SignerInfo issuer names read before, by their DER (a MASA's and a registrar's signers are
+# few); only names asn1crypto reads in full go in, so a kept one passes either check above.
+_ISSUER_NAMES: dict[bytes, ax509.Name] = {}
+
+
 def _signer_canonical(
     data: bytes, si: tuple[int, int, int, int], certs: Sequence[x509.Certificate]
 ) -> SignerInfo | None:
@@ -266,11 +271,19 @@ def _signer_canonical(
     if content_type is None or ("signing_time" in found and signing_time is None):
         return None
     issuer_der = data[sid[0][1] : sid[0][3]]
-    issuer = ax509.Name.load(issuer_der, strict=True)
-    if not any(_issuer_and_serial(c)[1] == issuer_der for c in certs):
-        # The same check the general parser makes; a name that is byte for byte the issuer
-        # of a carried certificate has been read in full already (load_certificate).
-        issuer.native  # noqa: B018
+    issuer = _ISSUER_NAMES.get(issuer_der)
+    if issuer is None:
+        issuer = ax509.Name.load(issuer_der, strict=True)
+        if not any(_issuer_and_serial(c)[1] == issuer_der for c in certs):
+            # The same check the general parser makes; a name that is byte for byte the
+            # issuer of a carried certificate has been read in full already (load_certificate).
+            issuer.native  # noqa: B018
+        elif not _readable(issuer_der):
+            issuer_der = b""  # not kept: a name asn1crypto cannot read in full
+        if issuer_der:
+            if len(_ISSUER_NAMES) >= 256:
+                _ISSUER_NAMES.clear()
+            _ISSUER_NAMES[issuer_der] = issuer
     signed = data[fields[3][1] : fields[3][3]]
     return SignerInfo(
         issuer=issuer,
@@ -284,6 +297,14 @@ def _signer_canonical(
         message_digest=found["message_digest"][digest_value[2] : digest_value[3]],
         signing_time=signing_time,
     )
+
+
+def _readable(name_der: bytes) -> bool:
+    try:
+        ax509.Name.load(name_der, strict=True).native  # noqa: B018
+    except Exception:  # asn1crypto raises ValueError, TypeError, ... for what it cannot read
+        return False
+    return True
 
 
 def _small_int(data: bytes, field: tuple[int, int, int, int]) -> int:
@@ -442,9 +463,8 @@ def sign(
         raise UsageError("signing_time must be timezone-aware")
     if econtent_type not in content_types:
         raise UsageError(f"eContentType {econtent_type} is not for vouchers")
-    signer_cert = _signer_cert(key, certs)
-    digest_name, sig_name = _algorithms(key)
-    message_digest = _digest(_DIGESTS[digest_name](), content)
+    plan = _sign_plan(key, tuple(certs), econtent_type)
+    message_digest = _digest(plan.hash_cls(), content)
     when = signing_time.astimezone(UTC).replace(microsecond=0)
     # RFC 5652 §11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
     if 1950 <= when.year < 2050:
@@ -454,45 +474,92 @@ def sign(
                            + when.strftime("%m%d%H%M%SZ").encode())  # fmt: skip
     # Written directly rather than through asn1crypto objects (the same DER; the App. C
     # vectors pin it): building them cost some 25 times the ECDSA signature.
-    econtent_oid = der.oid(econtent_type)
     attrs = der.set_of(
-        der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE, der.tlv(der.SET, econtent_oid)),
+        plan.content_type_attr,
         der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv)),
         der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
                 der.tlv(der.SET, der.tlv(der.OCTET_STRING, message_digest))),
     )  # fmt: skip
-    signature = key.sign(attrs, ec.ECDSA(_DIGESTS[digest_name]()))
-    digest_alg = der.tlv(der.SEQUENCE, der.oid(_DIGEST_OIDS_BY_NAME[digest_name]))
+    signature = key.sign(attrs, ec.ECDSA(plan.hash_cls()))
     signer_info = der.tlv(
         der.SEQUENCE,
-        der.integer(1),
-        _issuer_and_serial(signer_cert)[0],
-        digest_alg,
+        plan.signer_head,
         b"\xa0" + attrs[1:],  # [0] IMPLICIT SET OF
-        der.tlv(der.SEQUENCE, der.oid(_SIG_OIDS_BY_NAME[sig_name])),
+        plan.signature_algorithm,
         der.tlv(der.OCTET_STRING, signature),
     )
     signed_data = der.tlv(
         der.SEQUENCE,
-        # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
-        der.integer(1 if econtent_type == DATA else 3),
-        der.tlv(der.SET, digest_alg),
-        der.tlv(der.SEQUENCE, econtent_oid, der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
-        der.tlv(0xA0, *(_issuer_and_serial(c)[2] for c in certs)),
+        plan.version_and_digests,
+        der.tlv(der.SEQUENCE, plan.econtent_oid,
+                der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
+        plan.certificates,
         der.tlv(der.SET, signer_info),
     )
     return der.tlv(der.SEQUENCE, _OID_SIGNED_DATA, der.tlv(0xA0, signed_data))
 
 
-_ISSUER_AND_SERIAL: dict[x509.Certificate, tuple[bytes, bytes, bytes]] = {}  # equal = same DER
+@dataclass(frozen=True)
+class _SignPlan:
+    """The parts of a SignedData that depend only on the key, the certificates and the
+    eContentType: the same for every voucher a MASA signs."""
+
+    hash_cls: type[hashes.HashAlgorithm]
+    content_type_attr: bytes  # the contentType signed attribute
+    signer_head: bytes  # SignerInfo's version, issuerAndSerialNumber and digestAlgorithm
+    signature_algorithm: bytes
+    version_and_digests: bytes  # SignedData's version and digestAlgorithms
+    econtent_oid: bytes
+    certificates: bytes  # [0] certificates
+
+
+# Kept per (key, certificates, eContentType): a rotated key or another chain is another key
+# of this table, so it is worked out afresh. Keys compare by identity (the table holds them,
+# so an identity is not reused while its entry lives); bounded like brski.chain's tables.
+_SIGN_PLANS: dict[tuple[Any, ...], _SignPlan] = {}
+
+
+def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
+               econtent_type: str) -> _SignPlan:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"cannot sign CMS with a {type(key).__name__}")
+    index = (key, certs, econtent_type)
+    plan = _SIGN_PLANS.get(index)
+    if plan is not None:
+        return plan
+    signer_cert = _signer_cert(key, certs)
+    digest_name, sig_name = _algorithms(key)
+    digest_alg = der.tlv(der.SEQUENCE, der.oid(_DIGEST_OIDS_BY_NAME[digest_name]))
+    econtent_oid = der.oid(econtent_type)
+    plan = _SignPlan(
+        hash_cls=_DIGESTS[digest_name],
+        content_type_attr=der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE,
+                                  der.tlv(der.SET, econtent_oid)),
+        signer_head=der.integer(1) + _issuer_and_serial(signer_cert)[0] + digest_alg,
+        signature_algorithm=der.tlv(der.SEQUENCE, der.oid(_SIG_OIDS_BY_NAME[sig_name])),
+        # RFC 5652 §5.1: v3 when eContentType is not id-data, else v1.
+        version_and_digests=der.integer(1 if econtent_type == DATA else 3)
+        + der.tlv(der.SET, digest_alg),
+        econtent_oid=econtent_oid,
+        certificates=der.tlv(0xA0, *(_issuer_and_serial(c)[2] for c in certs)),
+    )
+    if len(_SIGN_PLANS) >= 64:  # a bound; a MASA has a handful of signers
+        _SIGN_PLANS.clear()
+    _SIGN_PLANS[index] = plan
+    return plan
+
+
+# by the certificate's DER (certificate equality is DER equality; chain.certificate_der keeps
+# it per object, cheaper to look up than hashing the Certificate)
+_ISSUER_AND_SERIAL: dict[bytes, tuple[bytes, bytes, bytes]] = {}
 
 
 def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
     """(IssuerAndSerialNumber, issuer Name, the certificate's DER), the Name exactly as the
     certificate has it. Kept per certificate: cryptography re-serialises on each call."""
-    known = _ISSUER_AND_SERIAL.get(cert)
+    cert_der = certificate_der(cert)
+    known = _ISSUER_AND_SERIAL.get(cert_der)
     if known is None:
-        cert_der = cert.public_bytes(serialization.Encoding.DER)
         _, start, end = der.read(cert_der, 0, len(cert_der))
         _, tbs_start, tbs_end = der.read(cert_der, start, end)
         fields = der.items(cert_der, tbs_start, tbs_end)
@@ -503,7 +570,7 @@ def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
         known = der.tlv(der.SEQUENCE, name, cert_der[serial[1] : serial[3]]), name, cert_der
         if len(_ISSUER_AND_SERIAL) >= 256:  # a bound; a MASA has a handful of signers
             _ISSUER_AND_SERIAL.clear()
-        _ISSUER_AND_SERIAL[cert] = known
+        _ISSUER_AND_SERIAL[cert_der] = known
     return known
 
 

@@ -37,7 +37,7 @@ from pycose.keys.curves import Ed25519
 from pycose.messages import Sign1Message
 
 from .cbor_strict import loads_exact
-from .chain import load_certificate
+from .chain import certificate_der, load_certificate
 from .errors import DecodeError, SignatureError, UsageError
 
 SIGN1_TAG = 18
@@ -53,6 +53,7 @@ _ECDSA: dict[int, tuple[type[algorithms.CoseAlgorithm], type[hashes.HashAlgorith
 _ALG_BY_CURVE = {curve: alg for alg, (_, _, curve) in _ECDSA.items()}
 _PROTECTED = {alg: cbor2.dumps({ALG: alg}) for alg in _ECDSA}  # what pycose emits: {1: alg}
 SUPPORTED_ALGS = frozenset({*_ECDSA, EDDSA})
+_PROTECTED_ALG = {cbor2.dumps({ALG: alg}): alg for alg in SUPPORTED_ALGS}
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -89,7 +90,11 @@ def decode(data: bytes) -> Sign1:
         raise DecodeError("detached COSE payloads are not used for vouchers")
     if not isinstance(payload, bytes) or not isinstance(signature, bytes):
         raise DecodeError("COSE_Sign1 payload and signature must be byte strings")
-    prot = loads_exact(protected, "COSE protected header") if protected else {}
+    known = _PROTECTED_ALG.get(protected)
+    if known is not None:  # {1: alg}, as every signer of ours and of the examples writes it
+        prot: Any = {ALG: known}
+    else:
+        prot = loads_exact(protected, "COSE protected header") if protected else {}
     if not isinstance(prot, dict):
         raise DecodeError("COSE protected header is not a map")
     for label in (*prot, *unprotected):
@@ -149,7 +154,7 @@ def sign(
     if kid is not None:
         uhdr[KID] = kid
     if x5bag:
-        ders = [c.public_bytes(serialization.Encoding.DER) for c in x5bag]
+        ders = [certificate_der(c) for c in x5bag]
         uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
     if isinstance(key, ed25519.Ed25519PrivateKey):
         msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr, payload=payload)
@@ -166,8 +171,9 @@ def sign(
     # the signature itself.
     protected = _PROTECTED[alg]
     der = key.sign(_sig_structure(protected, payload), ec.ECDSA(hash_cls()))
-    item = [protected, uhdr, payload, _der_to_raw(der, _coordinate_size(key.curve))]
-    return cbor2.dumps(cbor2.CBORTag(SIGN1_TAG, item))
+    raw = _der_to_raw(der, _coordinate_size(key.curve))
+    # tag 18, array of 4: what cbor2.dumps(CBORTag(18, [...])) writes, put together directly
+    return b"\xd2\x84" + _bstr(protected) + _header_map(uhdr) + _bstr(payload) + _bstr(raw)
 
 
 def without_x5(data: bytes) -> bytes:
@@ -194,8 +200,43 @@ def _encode(msg: Sign1Message, *, sign: bool) -> bytes:
 
 
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad = h'', payload]
-    return cbor2.dumps(["Signature1", protected, b"", payload])
+    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad = h'', payload], in CBOR:
+    # array(4), text(10), bstr, empty bstr, bstr (the bytes cbor2.dumps gives for the list)
+    return _SIG1_HEAD + _bstr(protected) + b"\x40" + _bstr(payload)
+
+
+_SIG1_HEAD = b"\x84\x6aSignature1"
+
+
+def _head(major: int, n: int) -> bytes:
+    """A CBOR head (RFC 8949 §3) with the shortest argument, as cbor2 writes it."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def _bstr(data: bytes) -> bytes:
+    return _head(2, len(data)) + data
+
+
+def _header_map(header: Mapping[int, bytes | list[bytes]]) -> bytes:
+    """The unprotected header as sign() fills it (kid, x5bag: unsigned integer labels, byte
+    strings or an array of them), in insertion order like cbor2."""
+    out = [_head(5, len(header))]
+    for label, value in header.items():
+        out.append(_head(0, label))
+        if isinstance(value, bytes):
+            out.append(_bstr(value))
+        else:
+            out.append(_head(4, len(value)))
+            out.extend(_bstr(v) for v in value)
+    return b"".join(out)
 
 
 def _certificates(value: Any) -> tuple[x509.Certificate, ...]:

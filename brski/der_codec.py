@@ -81,9 +81,29 @@ def read(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
 def items(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
     """The elements that fill ``data[start:end]`` exactly: (tag, start of the element, start of
     its contents, end)."""
+    # read() inlined: this loop runs for every element of every CMS message.
     out = []
+    append = out.append
     while start < end:
-        tag, cstart, cend = read(data, start, end)
-        out.append((tag, start, cstart, cend))
+        if start + 2 > end:
+            raise DerError("truncated")
+        tag, first = data[start], data[start + 1]
+        if tag & 0x1F == 0x1F:
+            raise DerError("multi-byte tag")
+        cstart = start + 2
+        if first < 0x80:
+            length = first
+        else:
+            size = first & 0x7F
+            if size == 0 or size > 4 or cstart + size > end:
+                raise DerError("indefinite or oversized length")
+            length = int.from_bytes(data[cstart : cstart + size], "big")
+            if length < 0x80 or data[cstart] == 0:
+                raise DerError("non-minimal length")
+            cstart += size
+        cend = cstart + length
+        if cend > end:
+            raise DerError("truncated")
+        append((tag, start, cstart, cend))
         start = cend
     return out

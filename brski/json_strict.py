@@ -34,7 +34,10 @@ def loads_strict(data: bytes | str, what: str) -> Any:
                           f"column {exc.colno}") from exc
     except (ValueError, RecursionError) as exc:  # an integer of > 4300 digits, deep nesting
         raise DecodeError(f"{what} is not valid JSON: {_short_reason(exc)}") from exc
-    _check_text(value, what)
+    # A lone surrogate can only come from a \u escape, or from text given as str: skip the
+    # walk over every string when neither can have brought one.
+    if "\\u" in text or _SURROGATE.search(text):
+        _check_text(value, what)
     return value
 
 

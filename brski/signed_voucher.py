@@ -81,24 +81,26 @@ def verify_voucher_cms(
 
 
 def verify_voucher_request_cms(
-    data: bytes,
+    data: bytes | cms.SignedData,
     trust_anchors: Anchors,
     now: datetime,
     *,
     extra_certs: Sequence[x509.Certificate] = (),
 ) -> tuple[VoucherRequest, x509.Certificate]:
-    """A CMS-signed voucher-request (PVR or RVR), verified; with the signer certificate."""
+    """A CMS-signed voucher-request (PVR or RVR), verified; with the signer certificate.
+    ``data`` may be what ``cms.parse`` made of it already (the MASA reads the RVR's
+    certificates too: one parse serves both)."""
     return _verify_cms(data, trust_anchors, now, extra_certs, VoucherRequest)
 
 
 def _verify_cms(
-    data: bytes,
+    data: bytes | cms.SignedData,
     trust_anchors: Anchors,
     now: datetime,
     extra_certs: Sequence[x509.Certificate],
     expect: type[A],
 ) -> tuple[A, x509.Certificate]:
-    signed = cms.parse(data)
+    signed = data if isinstance(data, cms.SignedData) else cms.parse(data)
     signer = cms.verify_signature(signed, extra_certs)
     _check_signer(signer, [*signed.certificates, *extra_certs], trust_anchors, now)
     artifact = decode_json(signed.content, expect)
@@ -138,29 +140,35 @@ def verify_voucher_cose(
 
 
 def verify_voucher_request_cose(
-    data: bytes,
+    data: bytes | cose.Sign1,
     trust_anchors: Anchors,
     now: datetime,
     *,
     signer: x509.Certificate | cose.PublicKey | None = None,
     extra_certs: Sequence[x509.Certificate] = (),
+    candidates: Sequence[x509.Certificate] | None = None,
 ) -> tuple[VoucherRequest, x509.Certificate | None]:
     """A COSE-signed voucher-request (PVR: pass the pledge's DTLS cert as ``signer``).
     ``extra_certs``: intermediates from elsewhere — the pledge's DTLS chain at the registrar,
-    the RVR's x5bag at the MASA — since a PVR carries no x5bag of its own (cBRSKI §9.2)."""
-    return _verify_cose(data, trust_anchors, now, signer, VoucherRequest, extra_certs)
+    the RVR's x5bag at the MASA — since a PVR carries no x5bag of its own (cBRSKI §9.2).
+    ``candidates`` (instead of ``signer``): the signer is whichever of these verifies the
+    signature (the MASA looks for the PVR's signer in the RVR's x5bag); none does:
+    ``NoVerifyingCertificate``. ``data`` may be a ``cose.decode`` result already."""
+    return _verify_cose(data, trust_anchors, now, signer, VoucherRequest, extra_certs,
+                        candidates)
 
 
 def _verify_cose(
-    data: bytes,
+    data: bytes | cose.Sign1,
     trust_anchors: Anchors,
     now: datetime,
     signer: x509.Certificate | cose.PublicKey | None,
     expect: type[A],
     extra_certs: Sequence[x509.Certificate],
+    candidates: Sequence[x509.Certificate] | None = None,
 ) -> tuple[A, x509.Certificate | None]:
-    msg = cose.decode(data)
-    cert = _cose_signer(msg, trust_anchors, now, signer, extra_certs)
+    msg = data if isinstance(data, cose.Sign1) else cose.decode(data)
+    cert = _cose_signer(msg, trust_anchors, now, signer, extra_certs, candidates)
     artifact = decode_cbor(msg.payload, expect)
     artifact.validate(now=now)
     return artifact, cert
@@ -172,7 +180,10 @@ def _cose_signer(
     now: datetime,
     signer: x509.Certificate | cose.PublicKey | None,
     extra_certs: Sequence[x509.Certificate],
+    candidates: Sequence[x509.Certificate] | None = None,
 ) -> x509.Certificate | None:
+    if signer is not None and candidates is not None:
+        raise UsageError("give the signer or candidates for it, not both")
     if signer is not None:
         cose.verify(msg, signer)
         if not isinstance(signer, x509.Certificate):
@@ -181,9 +192,11 @@ def _cose_signer(
         return signer
     # x5bag is unordered (RFC 9360): the signer is whichever certificate verifies. Without
     # x5bag (a registrar-stripped voucher) the trust anchors themselves are the candidates.
-    candidates = list(msg.x5bag) or list(trust_anchors or ())
-    if not candidates:
-        raise SignatureError("COSE message names no signer: no x5bag, no signer, no anchors")
+    if candidates is None:
+        candidates = list(msg.x5bag) or list(trust_anchors or ())
+        if not candidates:
+            raise SignatureError("COSE message names no signer: no x5bag, no signer, "
+                                 "no anchors")
     last_error: SignatureError | None = None
     for cert in candidates:
         try:
@@ -193,9 +206,14 @@ def _cose_signer(
             continue
         _check_signer(cert, [*msg.x5bag, *extra_certs], trust_anchors, now)
         return cert
-    raise SignatureError(
+    raise NoVerifyingCertificate(
         f"no candidate certificate verifies the COSE signature ({len(candidates)} tried)"
     ) from last_error
+
+
+class NoVerifyingCertificate(SignatureError):
+    """None of the candidate certificates verifies a COSE signature (as opposed to a signer
+    found whose chain or payload is refused)."""
 
 
 # --- shared checks --------------------------------------------------------------------------
@@ -255,6 +273,7 @@ def _require_valid(artifact: VoucherArtifact) -> None:
 
 
 __all__ = [
+    "NoVerifyingCertificate",
     "check_voucher",
     "sign_voucher_cms",
     "sign_voucher_cose",

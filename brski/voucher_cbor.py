@@ -21,7 +21,9 @@ from .voucher_model import (
     Assertion,
     Leaf,
     LeafType,
+    Voucher,
     VoucherArtifact,
+    VoucherRequest,
     WireForm,
     artifact_class,
     build,
@@ -52,14 +54,18 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
         raise DecodeError("voucher container is not a CBOR map")
 
     by_sid = _BY_SID[cls.IS_REQUEST]
+    by_delta = _BY_DELTA[cls.IS_REQUEST]
     values: dict[str, Any] = {}
     texts: dict[str, str] = {}
     unknown: list[tuple[Any, Any]] = []
     for key, raw in container.items():
-        leaf = _leaf_for(key, cls, by_sid)
-        if leaf is None or ignored_in(cls, leaf):
-            unknown.append((key, raw))
-            continue
+        # the usual key, a delta SID of a leaf this kind reads (bool is not int here)
+        leaf = by_delta.get(key) if type(key) is int else None
+        if leaf is None:
+            leaf = _leaf_for(key, cls, by_sid)
+            if leaf is None or ignored_in(cls, leaf):
+                unknown.append((key, raw))
+                continue
         if leaf.name in values:
             raise DecodeError(f"{leaf.name} given twice (by SID and by name)")
         values[leaf.name] = _from_cbor(leaf, raw)
@@ -74,13 +80,12 @@ def encode_cbor(artifact: VoucherArtifact) -> bytes:
     artifact.check_types()
     top = artifact.TOP_SID
     body: dict[Any, Any] = {}
-    for leaf in artifact.leaves():  # SID order
-        value = getattr(artifact, leaf.attr)
+    for leaf, attr, delta in _ENCODE_PLAN[artifact.IS_REQUEST]:  # SID order
+        value = getattr(artifact, attr)
         if value is None or value == ():
             continue
-        sid = leaf.sid(artifact.IS_REQUEST)
-        assert sid is not None  # leaves() only yields leaves of this module
-        body[sid - top] = _to_cbor(artifact, leaf, value)
+        body[delta] = value if type(value) is bytes or type(value) is str \
+            else _to_cbor(artifact, leaf, value)
     for key, value in artifact.wire.unknown_cbor:
         body.setdefault(key, value)
     try:
@@ -91,6 +96,21 @@ def encode_cbor(artifact: VoucherArtifact) -> bytes:
 
 _BY_SID: dict[bool, dict[int | None, Leaf]] = {
     request: {leaf.sid(request): leaf for leaf in LEAVES} for request in (False, True)
+}
+
+
+# delta SID -> leaf, for the leaves each kind reads (a voucher-only leaf in a request is
+# ignored, RFC 8995 §3.4: not listed, so it takes the long way and is kept as unknown).
+_BY_DELTA: dict[bool, dict[int, Leaf]] = {
+    request: {sid - top: leaf for sid, leaf in _BY_SID[request].items()
+              if sid is not None and (leaf.in_request if request else leaf.in_voucher)}
+    for request, top in ((False, Voucher.TOP_SID), (True, VoucherRequest.TOP_SID))
+}
+# (leaf, attribute, delta SID) of each kind's leaves in SID order, for encode_cbor.
+_ENCODE_PLAN: dict[bool, tuple[tuple[Leaf, str, int], ...]] = {
+    request: tuple((leaf, leaf.attr, leaf.sid(request) - top)  # type: ignore[operator]
+                   for leaf in (VoucherRequest if request else Voucher).leaves())
+    for request, top in ((False, Voucher.TOP_SID), (True, VoucherRequest.TOP_SID))
 }
 
 

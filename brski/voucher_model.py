@@ -58,14 +58,14 @@ class Assertion(enum.IntEnum):
 
     @property
     def yang_name(self) -> str:
-        return self.name.lower().replace("_", "-")
+        return _ASSERTION_NAMES[self]
 
     @classmethod
     def from_yang_name(cls, name: str) -> Assertion:
-        for member in cls:
-            if member.yang_name == name:
-                return member
-        raise ValidationError(f"unknown assertion {name!r}")
+        member = _ASSERTIONS_BY_NAME.get(name) if isinstance(name, str) else None
+        if member is None:
+            raise ValidationError(f"unknown assertion {name!r}")
+        return member
 
     @classmethod
     def from_int(cls, value: int) -> Assertion:
@@ -73,6 +73,11 @@ class Assertion(enum.IntEnum):
             return cls(value)
         except ValueError as exc:
             raise ValidationError(f"assertion {value} is not one of 0..3") from exc
+
+
+# yang names both ways, worked out once (iterating an enum and building names is slow)
+_ASSERTION_NAMES: dict[Assertion, str] = {a: a.name.lower().replace("_", "-") for a in Assertion}
+_ASSERTIONS_BY_NAME: dict[str, Assertion] = {n: a for a, n in _ASSERTION_NAMES.items()}
 
 
 class LeafType(enum.Enum):
@@ -187,10 +192,11 @@ class VoucherArtifact(abc.ABC):
     def present(self) -> dict[str, Any]:
         """YANG name -> value for every leaf that is set."""
         out: dict[str, Any] = {}
-        for leaf in self.leaves():
-            value = getattr(self, leaf.attr)
+        fields = self.__dict__
+        for name, attr, _ in _PLAN[self.IS_REQUEST]:
+            value = fields[attr]
             if value is not None and value != ():
-                out[leaf.name] = value
+                out[name] = value
         return out
 
     def wire_text(self, name: str) -> str | None:
@@ -218,8 +224,15 @@ class VoucherArtifact(abc.ABC):
         """UsageError if a field holds the wrong Python type (hand-built artifacts)."""
         if not isinstance(self.serial_number, str):
             raise UsageError("serial-number must be a string")
-        for name, value in self.present().items():
-            check_type(LEAF_BY_NAME[name], value)
+        fields = self.__dict__  # a plain dataclass: every field is in it
+        for name, attr, exact in _PLAN[self.IS_REQUEST]:
+            value = fields[attr]
+            # The usual case first, by exact type (bytes, str, bool, Assertion); anything
+            # else, or a type with more to check (datetime, extensions), goes the long way.
+            if value is None or type(value) is exact:
+                continue
+            if value != ():
+                check_type(LEAF_BY_NAME[name], value)
 
     def validate(self, *, now: datetime | None = None) -> None:
         """Raise ValidationError if a rule of RFC 8366 / RFC 8995 / rfc8366bis is broken.
@@ -372,6 +385,10 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
     }[leaf.type]
     for leaf in LEAVES
 }
+# Exact Python types that need no further check (check_types' fast path).
+_PLAIN_TYPES: dict[LeafType, type | None] = {
+    LeafType.ASSERTION: Assertion, LeafType.BINARY: bytes, LeafType.BOOLEAN: bool,
+    LeafType.STRING: str, LeafType.DATETIME: None, LeafType.EXTENSIONS: None}
 # The leaves of each artifact kind (key: IS_REQUEST), in SID order; worked out once.
 _LEAVES_OF: dict[bool, tuple[Leaf, ...]] = {
     request: tuple(sorted(
@@ -379,6 +396,11 @@ _LEAVES_OF: dict[bool, tuple[Leaf, ...]] = {
         key=lambda leaf, request=request: leaf.sid(request) or 0,
     ))
     for request in (False, True)
+}
+# (name, attribute, exact plain type or None) of the same leaves, for present/check_types.
+_PLAN: dict[bool, tuple[tuple[str, str, type | None], ...]] = {
+    request: tuple((lf.name, lf.attr, _PLAIN_TYPES[lf.type]) for lf in leaves)
+    for request, leaves in _LEAVES_OF.items()
 }
 
 
@@ -414,6 +436,13 @@ def b64encode(data: bytes) -> str:
 def b64decode_lenient(text: str) -> bytes:
     """Standard base64 or base64url, padded or not: Minerva (RFC 8995 App. C) sends unpadded
     base64url nonces. Mixing the two alphabets, bad padding and whitespace are refused."""
+    if len(text) % 4 == 0 and "-" not in text and "_" not in text:
+        # The usual form, padded standard base64 (what we and most peers send): binascii's
+        # strict mode accepts a subset of what the checks below accept, with the same bytes.
+        try:
+            return binascii.a2b_base64(text, strict_mode=True)
+        except ValueError:  # binascii.Error, or non-ASCII text: the checks below say which
+            pass
     if not _B64_CHARS.fullmatch(text):
         raise DecodeError("binary value is not base64 text")
     body = text.rstrip("=")

@@ -22,6 +22,11 @@ domain whose registrar asks owns the device). The voucher pins the domain CA: th
 TLS certificate chains to it (RFC 8995 §5.6.2). Assertion: the configured one when the
 pledge's proximity proof checks out; "logged" for nonceless requests (no pledge proof).
 
+The service calls ``await Masa.request_voucher_async(body, now, cose_form=...)``: the same
+checks and signature, and the voucher record (with a first-contact ownership claim, in one
+transaction) goes through ``registrar.masa_commit``'s group commit; the voucher is returned
+once its record is on disk.
+
 ``Masa.audit_log(body, now)`` answers ``requestauditlog`` (§5.8) for an authenticated
 registrar: every voucher issued for the device, oldest first.
 """
@@ -30,18 +35,19 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from brski import certs, cms, cose
-from brski.chain import directly_issued_by, verify_chain
+from brski.chain import certificate_der, directly_issued_by, load_certificate, verify_chain
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
+    NoVerifyingCertificate,
     sign_voucher_cms,
     sign_voucher_cose,
     verify_voucher_request_cms,
@@ -50,6 +56,7 @@ from brski.signed_voucher import (
 from brski.telemetry import AuditEvent, AuditLog
 from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
 
+from .masa_commit import GroupCommitter, IssuedVoucher, write_now
 from .masa_config import ANY_DEVICE, MasaConfig
 from .store import Store
 from .voucher_request import idevid_issuer_forms
@@ -78,9 +85,13 @@ class AuthenticatedRequest:
 
 
 class Masa:
-    def __init__(self, config: MasaConfig, store: Store) -> None:
+    def __init__(self, config: MasaConfig, store: Store,
+                 committer: GroupCommitter | None = None) -> None:
         self.config = config
         self.store = store
+        # With a committer (the service), voucher records go through its group commit and
+        # the ``*_async`` entry points await it; without, each is its own transaction.
+        self.committer = committer
 
     # -- requestvoucher -------------------------------------------------------------------
     def request_voucher(self, body: bytes, now: datetime.datetime) -> bytes:
@@ -99,12 +110,32 @@ class Masa:
         self._issued(req, voucher, domain_ca, signed, now)
         return signed
 
+    async def request_voucher_async(self, body: bytes, now: datetime.datetime, *,
+                                    cose_form: bool) -> bytes:
+        """``request_voucher`` (or ``_cose``) whose record goes through the group commit: the
+        voucher is returned once it is durable."""
+        req = self.authenticate_cose(body, now) if cose_form else self.authenticate(body, now)
+        voucher, domain_ca = self._voucher(req, now)
+        if cose_form:
+            signed = sign_voucher_cose(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                       x5bag=self.config.signer_chain)
+        else:
+            signed = sign_voucher_cms(voucher, self.config.signer_key,  # type: ignore[arg-type]
+                                      self.config.signer_chain, now)
+        record = self._record(req, voucher, domain_ca, signed, now)
+        if self.committer is None:
+            row = write_now(self.store, record)
+        else:
+            row = await self.committer.issue(record)
+        self._logged(req, voucher, domain_ca, row)
+        return signed
+
     def _voucher(self, req: AuthenticatedRequest,
                  now: datetime.datetime) -> tuple[Voucher, x509.Certificate]:
         domain_ca = self._owner(req, now)
         assertion = Assertion.from_yang_name(self.config.assertion) if req.proximity \
             else Assertion.LOGGED
-        pinned = domain_ca.public_bytes(serialization.Encoding.DER)
+        pinned = certificate_der(domain_ca)
         nonce_text = req.nonce_text
         expires = None
         if req.rvr.nonce is None:
@@ -124,15 +155,33 @@ class Masa:
 
     def _issued(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
                 signed: bytes, now: datetime.datetime) -> None:
+        """Record the voucher (and, on first contact, the ownership claim) in one
+        transaction, then log it."""
+        row = write_now(self.store, self._record(req, voucher, domain_ca, signed, now))
+        self._logged(req, voucher, domain_ca, row)
+
+    def _record(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
+                signed: bytes, now: datetime.datetime) -> IssuedVoucher:
         assert voucher.assertion is not None
-        nonce_text = req.nonce_text
-        self.store.add_voucher(req.serial, signed, assertion=voucher.assertion.yang_name,
-                               nonce=nonce_text, domain_id=domain_id(domain_ca),
-                               created_at=now)
+        configured = self.config.devices.get(req.serial) or self.config.devices.get(ANY_DEVICE)
+        # Trust on first use: the claim is written with the voucher, in its transaction
+        # (_owner refused already if another domain owned the device when it looked).
+        claim = None if configured is not None else (
+            _spki_sha256(domain_ca), certificate_der(domain_ca))
+        return IssuedVoucher(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
+                             _domain_id(domain_ca), now, claim)
+
+    def _logged(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
+                row: int | None) -> None:
+        assert voucher.assertion is not None
+        if row is None:  # another domain claimed the device after _owner looked
+            raise Refusal(403, f"device {req.serial} is already owned by another domain")
+        if not log.isEnabledFor(logging.INFO):
+            return  # the subject's text costs more than the rest of this step
         expires = voucher.expires_on
         log.info("voucher issued: serial %s, domain %s, assertion %s, %s", req.serial,
                  domain_ca.subject.rfc4514_string(), voucher.assertion.yang_name,
-                 "with nonce" if nonce_text else f"expires {format_datetime(expires)}"
+                 "with nonce" if req.nonce_text else f"expires {format_datetime(expires)}"
                  if expires else "")
 
     # -- requestauditlog ------------------------------------------------------------------
@@ -160,7 +209,7 @@ class Masa:
     def authenticate(self, body: bytes, now: datetime.datetime) -> AuthenticatedRequest:
         try:
             signed = cms.parse(body)
-            rvr, registrar = verify_voucher_request_cms(body, None, now)
+            rvr, registrar = verify_voucher_request_cms(signed, None, now)
         except SignatureError as exc:
             raise Refusal(403, f"registrar voucher-request: {exc}") from exc
         except (DecodeError, ValidationError) as exc:
@@ -201,7 +250,7 @@ class Masa:
         manufacturer CAs."""
         try:
             msg = cose.decode(body)
-            rvr, registrar = verify_voucher_request_cose(body, None, now)
+            rvr, registrar = verify_voucher_request_cose(msg, None, now)
         except SignatureError as exc:
             raise Refusal(403, f"registrar voucher-request: {exc}") from exc
         except (DecodeError, ValidationError) as exc:
@@ -223,12 +272,13 @@ class Masa:
                                    "issue nonceless vouchers")
             return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
                                         proximity=False)
-        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, now)
+        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, chain, now)
         return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
                                     idevid, proximity=_proximity(pvr, chain))
 
     def _check_pvr_cose(self, rvr: VoucherRequest, bag: Sequence[x509.Certificate],
                         registrar: x509.Certificate,
+                        registrar_chain: Sequence[x509.Certificate],
                         now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
         assert rvr.prior_signed_voucher_request is not None
         prior = rvr.prior_signed_voucher_request
@@ -237,15 +287,21 @@ class Masa:
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request is not a COSE_Sign1: {exc}") \
                 from exc
-        idevid = next((c for c in bag if c != registrar and _verifies(msg, c)), None)
-        if idevid is None:
+        # Certificates outside the registrar's chain first: the IDevID is found with one
+        # signature check instead of one per registrar-side CA in the bag.
+        others = [c for c in bag if c != registrar]
+        registrar_side = set(registrar_chain)
+        candidates = [*(c for c in others if c not in registrar_side),
+                      *(c for c in others if c in registrar_side)]
+        try:
+            pvr, idevid = verify_voucher_request_cose(
+                msg, self.config.manufacturer_cas, now, candidates=candidates, extra_certs=bag)
+            assert idevid is not None  # found among certificates
+            serial = certs.serial_number(idevid)
+        except NoVerifyingCertificate as exc:
             raise Refusal(403, "prior-signed voucher-request: no certificate in the x5bag "
                                "verifies its signature (the RVR must carry the pledge's "
-                               "IDevID chain, cBRSKI §9.2)")
-        try:
-            pvr, _ = verify_voucher_request_cose(prior, self.config.manufacturer_cas, now,
-                                                 signer=idevid, extra_certs=bag)
-            serial = certs.serial_number(idevid)
+                               "IDevID chain, cBRSKI §9.2)") from exc
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
         _pvr_matches(rvr, pvr, idevid, serial)
@@ -274,12 +330,11 @@ class Masa:
             verify_chain(req.registrar, req.registrar_certs, [domain], now)
         except SignatureError as exc:
             raise Refusal(403, f"registrar chain does not verify: {exc}") from exc
-        spki = certs.spki_sha256(domain)
-        # A device asks again (a retry, a new nonce): a plain read answers; only a first claim
-        # needs the durable write transaction, which costs an fsync (claim_owner stays atomic).
-        owner = self.store.owner(req.serial) or self.store.claim_owner(
-            req.serial, spki, domain.public_bytes(serialization.Encoding.DER))
-        if owner != spki:
+        # A device asks again (a retry, a new nonce): this read answers. A first claim is
+        # written with the voucher, atomically (Store.issue_voucher), so a domain that loses
+        # a race for the device between this read and that write is refused there.
+        owner = self.store.owner(req.serial)
+        if owner is not None and owner != _spki_sha256(domain):
             raise Refusal(403, f"device {req.serial} is already owned by another domain")
         return domain
 
@@ -305,24 +360,26 @@ def _pvr_matches(rvr: VoucherRequest, pvr: VoucherRequest, idevid: x509.Certific
         raise Refusal(403, "the pledge voucher-request has no proximity-registrar-cert")
 
 
-def _verifies(msg: cose.Sign1, cert: x509.Certificate) -> bool:
-    try:
-        cose.verify(msg, cert)
-    except SignatureError:
-        return False
-    return True
-
-
 def _issuer_path(leaf: x509.Certificate,
                  pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """``leaf`` and its issuers found in ``pool``, in order (cf. ``_chain_top``)."""
-    path, current, seen = [leaf], leaf, {leaf.fingerprint(_SHA256)}
+    """``leaf`` and its issuers found in ``pool``, in order, up to a self-signed one or the
+    last one reachable."""
+    return _issuer_walk(leaf, tuple(pool))
+
+
+@functools.lru_cache(maxsize=256)
+def _issuer_walk(leaf: x509.Certificate,
+                 pool: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
+    # Kept per (leaf, pool): the walk depends on those certificates' bytes only (names and
+    # signatures; certificate equality is DER equality), and a registrar sends the same chain
+    # with every request. Validity and trust are verify_chain's, checked on every request.
+    path, current, seen = [leaf], leaf, {leaf}
     while current.issuer != current.subject:
         parent = next((c for c in pool if c.subject == current.issuer
-                       and c.fingerprint(_SHA256) not in seen and _signed_by(current, c)), None)
+                       and c not in seen and _signed_by(current, c)), None)
         if parent is None:
             break
-        seen.add(parent.fingerprint(_SHA256))
+        seen.add(parent)
         path.append(parent)
         current = parent
     return tuple(path)
@@ -330,14 +387,14 @@ def _issuer_path(leaf: x509.Certificate,
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     """RFC 8995 §5.5: the pledge saw one of these certificates as the registrar's TLS cert."""
-    spkis = {certs.spki_der(c) for c in chain}
-    digests = {hashlib.sha256(s).digest() for s in spkis}
+    spkis, digests = _chain_spkis(tuple(chain))
     if pvr.proximity_registrar_cert is not None:
         try:
-            seen = x509.load_der_x509_certificate(pvr.proximity_registrar_cert)
-        except ValueError:
+            # the PVR's validate() loaded it already: this is a table lookup
+            seen = load_certificate(pvr.proximity_registrar_cert, "proximity-registrar-cert")
+        except (ValueError, DecodeError):
             return False
-        ok = certs.spki_der(seen) in spkis
+        ok = _spki_der(seen) in spkis
     elif pvr.proximity_registrar_pubk is not None:
         ok = pvr.proximity_registrar_pubk in spkis
     else:
@@ -348,25 +405,37 @@ def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     return True
 
 
-_SHA256 = hashes.SHA256()
-
-
 def _chain_top(leaf: x509.Certificate,
                pool: Sequence[x509.Certificate]) -> x509.Certificate:
     """Walk issuer links from ``leaf`` through ``pool``; the last certificate reached."""
-    current, seen = leaf, {leaf.fingerprint(_SHA256)}
-    while current.issuer != current.subject:
-        parent = next((c for c in pool if c.subject == current.issuer
-                       and c.fingerprint(_SHA256) not in seen and _signed_by(current, c)), None)
-        if parent is None:
-            break
-        seen.add(parent.fingerprint(_SHA256))
-        current = parent
-    return current
+    return _issuer_path(leaf, pool)[-1]
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return directly_issued_by(cert, issuer)
+
+
+# Facts about the registrar-side certificates, the same for every request of one registrar;
+# each depends on the certificates' bytes only (certificate equality is DER equality).
+@functools.lru_cache(maxsize=256)
+def _chain_spkis(chain: tuple[x509.Certificate, ...]) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    spkis = frozenset(certs.spki_der(c) for c in chain)
+    return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+
+
+@functools.lru_cache(maxsize=256)
+def _spki_der(cert: x509.Certificate) -> bytes:
+    return certs.spki_der(cert)
+
+
+@functools.lru_cache(maxsize=256)
+def _spki_sha256(cert: x509.Certificate) -> bytes:
+    return certs.spki_sha256(cert)
+
+
+@functools.lru_cache(maxsize=256)
+def _domain_id(cert: x509.Certificate) -> str:
+    return domain_id(cert)
 
 
 def domain_id(cert: x509.Certificate) -> str:

@@ -48,10 +48,8 @@ async def request_voucher(request: web.Request) -> web.Response:
     masa = request.app[MASA_KEY]
     now = datetime.datetime.now(datetime.UTC)
     try:
-        if media == MEDIA_VOUCHER_COSE:
-            voucher = masa.request_voucher_cose(body, now)
-        else:
-            voucher = masa.request_voucher(body, now)
+        voucher = await masa.request_voucher_async(body, now,
+                                                   cose_form=media == MEDIA_VOUCHER_COSE)
     except Refusal as refusal:
         refusal.identity = claimed_identity_cose(body) if media == MEDIA_VOUCHER_COSE \
             else claimed_identity(body)

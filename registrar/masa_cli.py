@@ -8,6 +8,7 @@ import sys
 from . import service
 from .masa import Masa
 from .masa_app import make_app
+from .masa_commit import GroupCommitter
 from .masa_config import MasaConfig, load_masa_config
 from .metrics import ServiceMetrics
 from .store import Store
@@ -17,7 +18,14 @@ from .web import serve, server_ssl_context
 async def run(config: MasaConfig, metrics: ServiceMetrics) -> None:
     with Store(config.store_path, "masa") as store:
         ctx = server_ssl_context(config.cert_file, config.key_file)
-        await serve(make_app(Masa(config, store)), config.listen, ctx, "masa", metrics=metrics)
+        # Voucher records are written by the group commit's thread, on a connection of its
+        # own; the requests' reads stay on this one.
+        committer = GroupCommitter(config.store_path, "masa")
+        try:
+            await serve(make_app(Masa(config, store, committer)), config.listen, ctx, "masa",
+                        metrics=metrics)
+        finally:
+            committer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

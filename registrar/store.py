@@ -659,17 +659,37 @@ class Store:
                                  "LIMIT 1", (request_id,)).fetchone()
                 if row is not None:
                     return int(row[0])
-            voucher_id = int(db.execute(
-                "INSERT INTO vouchers (serial, request_id, voucher, assertion, nonce, domain_id,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (serial, request_id, voucher, assertion, nonce, domain_id, when)).fetchone()[0])
-            if request_id is not None:
-                db.execute("UPDATE voucher_requests SET status = 'vouchered', reason = NULL, "
-                           "updated_at = ? WHERE id = ?", (when, request_id))
-            self._audit(db, "voucher", serial, {"voucher": voucher_id, "request": request_id,
-                                                "assertion": assertion, "nonce": nonce,
-                                                "domain": domain_id}, when)
+            return self._insert_voucher(db, serial, voucher, request_id, assertion, nonce,
+                                        domain_id, when)
+
+    def _insert_voucher(self, db: Transaction, serial: str, voucher: bytes,
+                        request_id: int | None, assertion: str | None, nonce: str | None,
+                        domain_id: str | None, when: str) -> int:
+        voucher_id = int(db.execute(
+            "INSERT INTO vouchers (serial, request_id, voucher, assertion, nonce, domain_id,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (serial, request_id, voucher, assertion, nonce, domain_id, when)).fetchone()[0])
+        if request_id is not None:
+            db.execute("UPDATE voucher_requests SET status = 'vouchered', reason = NULL, "
+                       "updated_at = ? WHERE id = ?", (when, request_id))
+        self._audit(db, "voucher", serial, {"voucher": voucher_id, "request": request_id,
+                                            "assertion": assertion, "nonce": nonce,
+                                            "domain": domain_id}, when)
         return voucher_id
+
+    def issue_voucher(self, db: Transaction, serial: str, voucher: bytes, *,
+                      assertion: str | None, nonce: str | None, domain_id: str | None,
+                      created_at: datetime.datetime,
+                      claim: tuple[bytes, bytes] | None = None) -> int | None:
+        """The MASA's record of a voucher it issues, inside the caller's transaction ``db``
+        (one durable commit can carry several). With ``claim`` (SPKI hash, DER of the domain
+        CA: trust on first use) the device is claimed for that domain in the same
+        transaction; if another domain owns it, nothing is written and None is returned."""
+        when = utc_text(created_at)
+        if claim is not None and self._claim(db, serial, claim[0], claim[1], when) != claim[0]:
+            return None
+        return self._insert_voucher(db, serial, voucher, None, assertion, nonce, domain_id,
+                                    when)
 
     def voucher_for_request(self, pvr_sha256: bytes) -> VoucherRecord | None:
         """The voucher already obtained for this exact pledge request (a pledge retrying
@@ -749,17 +769,20 @@ class Store:
         """Record ``domain`` as the owner of ``serial`` unless someone already is; return the
         owner's SPKI hash either way (compare it with yours). Atomic: two domains racing for
         one device cannot both win (the key decides, on either engine)."""
-        now = _now()
         with self.transaction() as db:
-            won = db.execute("INSERT INTO owners VALUES (?, ?, ?, ?) ON CONFLICT (serial) "
-                             "DO NOTHING RETURNING serial",
-                             (serial, domain_spki_sha256, domain_cert, now)).fetchone()
-            if won is None:
-                row = db.execute("SELECT domain_spki_sha256 FROM owners WHERE serial = ?",
-                                 (serial,)).fetchone()
-                return bytes(row[0])
-            self._audit(db, "owner-claimed", serial,
-                        {"domain_spki_sha256": domain_spki_sha256.hex()}, now)
+            return self._claim(db, serial, domain_spki_sha256, domain_cert, _now())
+
+    def _claim(self, db: Transaction, serial: str, domain_spki_sha256: bytes,
+               domain_cert: bytes, now: str) -> bytes:
+        won = db.execute("INSERT INTO owners VALUES (?, ?, ?, ?) ON CONFLICT (serial) "
+                         "DO NOTHING RETURNING serial",
+                         (serial, domain_spki_sha256, domain_cert, now)).fetchone()
+        if won is None:
+            row = db.execute("SELECT domain_spki_sha256 FROM owners WHERE serial = ?",
+                             (serial,)).fetchone()
+            return bytes(row[0])
+        self._audit(db, "owner-claimed", serial,
+                    {"domain_spki_sha256": domain_spki_sha256.hex()}, now)
         return domain_spki_sha256
 
     def owner(self, serial: str) -> bytes | None:
