@@ -24,8 +24,8 @@ pledge's proximity proof checks out; "logged" for nonceless requests (no pledge 
 
 The service calls ``await Masa.request_voucher_async(body, now, cose_form=...)``: the same
 checks and signature, and the voucher record (with a first-contact ownership claim, in one
-transaction) goes through ``registrar.masa_commit``'s group commit; the voucher is returned
-once its record is on disk.
+transaction) goes through the group commit (``registrar.masa_commit.issue``); the voucher is
+returned once its record is on disk.
 
 ``Masa.audit_log(body, now)`` answers ``requestauditlog`` (§5.8) for an authenticated
 registrar: every voucher issued for the device, oldest first.
@@ -56,9 +56,10 @@ from brski.signed_voucher import (
 from brski.telemetry import AuditEvent, AuditLog
 from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
 
-from .masa_commit import GroupCommitter, IssuedVoucher, write_now
+from .masa_commit import IssuedVoucher, issue, write_now
 from .masa_config import ANY_DEVICE, MasaConfig
 from .store import Store
+from .store_commit import GroupCommitter
 from .voucher_request import idevid_issuer_forms
 from .web import Refusal
 
@@ -126,7 +127,7 @@ class Masa:
         if self.committer is None:
             row = write_now(self.store, record)
         else:
-            row = await self.committer.issue(record)
+            row = await issue(self.committer, record)
         self._logged(req, voucher, domain_ca, row)
         return signed
 

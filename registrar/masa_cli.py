@@ -8,10 +8,10 @@ import sys
 from . import service
 from .masa import Masa
 from .masa_app import make_app
-from .masa_commit import GroupCommitter
 from .masa_config import MasaConfig, load_masa_config
 from .metrics import ServiceMetrics
 from .store import Store
+from .store_commit import GroupCommitter
 from .web import serve, server_ssl_context
 
 

@@ -1,5 +1,5 @@
-"""Group commit for the registrar's store writes: concurrent requests share one durable commit,
-made off the event loop.
+"""Group commit for the registrar's and the MASA's store writes (registrar.masa_commit):
+concurrent requests share one durable commit, made off the event loop.
 
 Every enrollment writes the store five times (the voucher-request, the voucher, two status
 reports, the LDevID), and each write must be durable before its answer leaves: SQLite's

@@ -1,6 +1,7 @@
-"""The MASA's group commit (registrar.masa_commit): records waiting together share one
-transaction, every record acknowledged is on disk (also after kill -9), a claim lost to
-another domain writes nothing, and a failing record does not take the others with it."""
+"""The MASA's group commit (registrar.masa_commit.issue, through registrar.store_commit):
+records waiting together share one transaction, every record acknowledged is on disk (also
+after kill -9), a claim lost to another domain writes nothing, and a failing record does not
+take the others with it."""
 
 import asyncio
 import datetime
@@ -12,8 +13,9 @@ import textwrap
 
 import pytest
 
-from registrar.masa_commit import GroupCommitter, IssuedVoucher, write_now
+from registrar.masa_commit import IssuedVoucher, issue, write_now
 from registrar.store import Store
+from registrar.store_commit import GroupCommitter
 
 NOW = datetime.datetime(2026, 5, 1, 12, 0, tzinfo=datetime.UTC)
 DOMAIN_A = (b"A" * 32, b"cert-A")
@@ -43,12 +45,12 @@ def held_write_lock(path):
 async def issue_while_locked(committer, path, first, rest):
     lock = held_write_lock(path)
     try:
-        head = asyncio.ensure_future(committer.issue(first))
+        head = asyncio.ensure_future(issue(committer, first))
         await asyncio.sleep(0)  # queued
         while committer._queue.qsize():  # until the thread has taken it
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # and is waiting for the lock with it, alone
-        tail = [asyncio.ensure_future(committer.issue(r)) for r in rest]
+        tail = [asyncio.ensure_future(issue(committer, r)) for r in rest]
         await asyncio.sleep(0.05)
     finally:
         lock.execute("ROLLBACK")
@@ -57,21 +59,21 @@ async def issue_while_locked(committer, path, first, rest):
 
 
 def test_records_waiting_together_share_one_commit(path):
-    committer = GroupCommitter(path)
+    committer = GroupCommitter(path, "masa")
     try:
         rows = asyncio.run(issue_while_locked(
             committer, path, record("SN-0"), [record(f"SN-{i}") for i in range(1, 20)]))
     finally:
         committer.close()
     assert all(isinstance(r, int) for r in rows) and len(set(rows)) == 20
-    assert (committer.batches, committer.records) == (2, 20)  # the first alone, then 19
+    assert (committer.batches, committer.jobs) == (2, 20)  # the first alone, then 19
     with Store(path, "masa") as store:
         assert len(store.vouchers()) == 20
         assert store.owner("SN-7") == DOMAIN_A[0]
 
 
 def test_a_claim_lost_in_the_same_batch_writes_nothing(path):
-    committer = GroupCommitter(path)
+    committer = GroupCommitter(path, "masa")
     try:
         rows = asyncio.run(issue_while_locked(
             committer, path, record("SN-X"),
@@ -87,7 +89,7 @@ def test_a_claim_lost_in_the_same_batch_writes_nothing(path):
 
 
 def test_a_failing_record_fails_alone(path):
-    committer = GroupCommitter(path)
+    committer = GroupCommitter(path, "masa")
     try:
         rows = asyncio.run(issue_while_locked(
             committer, path, record("SN-0"),
@@ -112,7 +114,7 @@ def test_a_store_that_cannot_open_is_an_error_at_start(tmp_path):
     bad = tmp_path / "not-a-store.db"
     bad.write_bytes(b"this is no sqlite file" * 100)
     with pytest.raises(Exception, match="not an SQLite database"):
-        GroupCommitter(bad)
+        GroupCommitter(bad, "masa")
 
 
 def test_every_acknowledged_voucher_survives_kill_9(path):
@@ -120,13 +122,14 @@ def test_every_acknowledged_voucher_survives_kill_9(path):
     # it is killed mid-stream; every record it acknowledged must be in the reopened store.
     script = textwrap.dedent(f"""
         import asyncio, datetime, sys
-        from registrar.masa_commit import GroupCommitter, IssuedVoucher
+        from registrar.masa_commit import IssuedVoucher, issue
+        from registrar.store_commit import GroupCommitter
         NOW = datetime.datetime(2026, 5, 1, tzinfo=datetime.UTC)
-        committer = GroupCommitter({str(path)!r})
+        committer = GroupCommitter({str(path)!r}, "masa")
 
         async def one(i):
             serial = f"SN-{{i}}"
-            row = await committer.issue(IssuedVoucher(serial, b"v", "proximity", None, None,
+            row = await issue(committer, IssuedVoucher(serial, b"v", "proximity", None, None,
                                                       NOW, (b"A" * 32, b"cert")))
             print(serial, row, flush=True)
 
