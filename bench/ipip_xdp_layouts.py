@@ -17,12 +17,11 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ipip_pps import OUTER_SRC, PORT, REG_LL, REGISTRAR, ipv6_udp_frame, link, topology
 
-from ipip_pps import OUTER_SRC, PORT, REG_LL, REGISTRAR, ipv6_udp_frame, link, topology  # noqa: E402
-from joinproxyd.kernel.bpf import BpfDatapath  # noqa: E402
-from joinproxyd.kernel.bpf_layout import IpipJoin, Program  # noqa: E402
-from lab.netns import thread_in_namespace  # noqa: E402
+from joinproxyd.kernel.bpf import BpfDatapath
+from joinproxyd.kernel.bpf_layout import IpipJoin, Program
+from lab.netns import thread_in_namespace
 
 
 def main() -> int:
@@ -56,7 +55,7 @@ def main() -> int:
                 frame = ipv6_udp_frame(join0_mac, g0_mac)
                 runs = [("bare", dps[0], Program.BARE_REDIRECT),
                         ("push", dps[0], Program.BARE_PUSH)]
-                runs += [(n, dp, Program.XDP_JOIN) for n, dp in zip(names, dps)]
+                runs += [(n, dp, Program.XDP_JOIN) for n, dp in zip(names, dps, strict=True)]
 
                 def timed(dp: BpfDatapath, prog: Program) -> int:
                     with thread_in_namespace(proxy):
@@ -66,7 +65,7 @@ def main() -> int:
                 for _, dp, prog in runs:  # warm up
                     timed(dp, prog)
                 encaps = {n: dp.counters()[(Program.XDP_JOIN.value, "encap")]
-                          for n, dp in zip(names, dps)}
+                          for n, dp in zip(names, dps, strict=True)}
                 for s in range(args.sets):
                     k = s % len(runs)
                     got = {name: timed(dp, prog) for name, dp, prog in runs[k:] + runs[:k]}
@@ -74,7 +73,7 @@ def main() -> int:
                         ns_of[name].append(ns)
                     for n in names:
                         ratio[n].append(got["push"] / got[n])
-                for n, dp in zip(names, dps):
+                for n, dp in zip(names, dps, strict=True):
                     done = dp.counters()[(Program.XDP_JOIN.value, "encap")] - encaps[n]
                     if done != args.sets * args.repeat:
                         print(f"  ({n}: {args.sets * args.repeat - done} frames not "
@@ -91,7 +90,7 @@ def main() -> int:
         v = ratio[n]
         print(f"ratio {n}/push-floor  {statistics.median(v):.3f}  ({min(v):.3f}-{max(v):.3f})"
               "  target >= 0.95")
-    v = [b / p for b, p in zip(ns_of["bare"], ns_of["push"])]
+    v = [b / p for b, p in zip(ns_of["bare"], ns_of["push"], strict=True)]
     print(f"ratio push-floor/bare-redirect  {statistics.median(v):.3f}  "
           f"({min(v):.3f}-{max(v):.3f})")
     return 0
