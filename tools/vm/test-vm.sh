@@ -17,6 +17,8 @@ print(os.path.dirname(pyroute2.__file__), os.path.dirname(p.__file__))')
 fail=0
 for job in "$TOP"/tests/vm/*.sh; do
     name=$(basename "$job" .sh)
+    # VM_JOBS="a b": only those jobs (while working on one)
+    [ -z "${VM_JOBS:-}" ] || [[ " $VM_JOBS " == *" $name "* ]] || continue
     dir=$WORK/$name
     rm -rf "$dir"; mkdir -p "$dir/py"
     cp "$TOP"/tests/vm/"$name"* "$dir/"; cp "$job" "$dir/run.sh"
@@ -24,7 +26,7 @@ for job in "$TOP"/tests/vm/*.sh; do
     # shellcheck disable=SC2086  # two paths
     cp -r "$TOP/daemon/joinproxyd" "$TOP/brski" $LIBS "$dir/py/"
     start=$(date +%s)
-    if ROOTFS=$ROOTFS "$TOP/tools/vm/run-vm.sh" --timeout 240 "$dir"; then
+    if ROOTFS=$ROOTFS REPO=$TOP MEM=1536 "$TOP/tools/vm/run-vm.sh" --timeout 420 "$dir"; then
         echo "test-vm $name: PASS ($(( $(date +%s) - start )) s)"
     else
         echo "test-vm $name: FAIL ($(( $(date +%s) - start )) s); output:"
