@@ -34,11 +34,13 @@ BACKBONE_PREFIX = "fd4a:5044::1:0/112"
 SLOW = 180  # seconds: Python under TCG starts and signs some ten times slower
 
 failures = 0
+START = time.monotonic()
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
     global failures
-    print(f"CHECK {name}: {'PASS' if ok else 'FAIL'} {detail}".rstrip(), flush=True)
+    print(f"CHECK {name}: {'PASS' if ok else 'FAIL'} [{time.monotonic() - START:.0f} s] "
+          f"{detail}".rstrip(), flush=True)
     failures += 0 if ok else 1
 
 

@@ -22,7 +22,8 @@ chroot "$ROOT" sh -ec 'export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get -y -q dist-upgrade
   apt-get install -y -q --no-install-recommends kmod iproute2 iputils-ping procps \
-      initramfs-tools linux-image-amd64 python3 nftables python3-nftables ethtool libbpf1
+      initramfs-tools linux-image-amd64 python3 nftables python3-nftables ethtool libbpf1 \
+      python3-six
   apt-get clean; rm -rf /var/lib/apt/lists/*' >"$ROOT.apt.log" 2>&1
 install -m 755 "$HERE/vmtest-init" "$ROOT/usr/local/sbin/vmtest-init"
 mkdir -p "$ROOT/job"
