@@ -139,7 +139,7 @@ def guest(seconds: float, rounds: int) -> int:
 RUN_SH = """#!/bin/sh
 modprobe -a ip6_tunnel veth act_mirred cls_u32 sch_ingress nft_fwd_netdev || exit 90
 mount -t tmpfs tmpfs /mnt && mkdir /mnt/repo &&
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro repo /mnt/repo || exit 93
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro repo /mnt/repo || exit 93
 export PYTHONPATH=/mnt/repo/bench:/mnt/repo:/mnt/repo/daemon:\\
 /mnt/repo/.venv/lib/python3.11/site-packages PYTHONDONTWRITEBYTECODE=1
 python3 /mnt/repo/bench/ipip_tunnel_vm.py --guest --seconds {seconds} --rounds {rounds}

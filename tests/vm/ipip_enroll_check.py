@@ -91,8 +91,10 @@ def main(work: Path) -> None:
                             "the ipip mode relaying through the kernel tunnel")
             check("enroll_daemon_runs_the_kernel_tunnel",
                   ipip["datapath"]["active"] == "kernel", json.dumps(ipip["datapath"]))
-            tunnels = lab.proxy.run(["ip", "-d", "link", "show", "type", "ip6tnl"]).stdout
-            check("enroll_tunnel_exists", "jpt" in tunnels and "ip6ip6" in tunnels, tunnels)
+            (tunnel,) = [t["tunnel"] for t in ipip["datapath"]["tunnels"]]
+            details = lab.proxy.run(["ip", "-d", "link", "show", tunnel]).stdout
+            check("enroll_tunnel_is_ip6ip6", "ip6tnl ip6ip6 remote fd4a:5044::100" in details,
+                  details)
             started = time.monotonic()
             run = enroll(lab.pledges[0], pki, work / "out", "--serial", "vm-ipip-0",
                          "--discover", "grasp", "--deadline", str(SLOW), timeout=SLOW + 30)
@@ -114,8 +116,8 @@ def main(work: Path) -> None:
                   stats.get("tx_packets", 0) >= 10 and stats.get("rx_packets", 0) >= 10,
                   json.dumps(stats))
             check("enroll_daemon_stops_cleanly", daemon.stop() == 0, daemon.log()[-1500:])
-            left = lab.proxy.run(["ip", "-d", "link", "show", "type", "ip6tnl"]).stdout
-            check("enroll_stop_removes_the_tunnel", "jpt" not in left, left)
+            left = lab.proxy.run(["ip", "link", "show", "type", "ip6tnl"]).stdout
+            check("enroll_stop_removes_the_tunnel", tunnel not in left, left)
         except Exception:
             check("enroll_ran", False, traceback.format_exc()[-3000:])
             print(services.logs()[-6000:])

@@ -34,7 +34,7 @@ failed=$?
 for n in p x r; do ip netns del $n; done
 # the repository and its .venv's packages on the guest's own python3 (both Debian 12's 3.11)
 mount -t tmpfs tmpfs /mnt && mkdir /mnt/repo &&
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro repo /mnt/repo || exit 93
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro repo /mnt/repo || exit 93
 modprobe -a tun bridge || exit 94
 PYTHONPATH=/mnt/repo:/mnt/repo/daemon:/mnt/repo/.venv/lib/python3.11/site-packages \
     python3 /mnt/repo/tests/vm/ipip_enroll_check.py
