@@ -9,7 +9,12 @@ UDP datagram from a pledge (fe80::1:1) to the registrar's announced link-local a
 takes redirected frames when its peer runs XDP). Five paths. Each round measures the three
 live-frame paths `--pairs` times back to back (the order rotated every time, a ratio taken
 within each set, so the machine's drift between sets cancels out), then the two veth-fed
-paths once. Figures are medians (min-max) over every measurement, ratios medians over sets:
+paths once. Figures are medians (min-max) over every measurement, ratios medians over sets.
+A live-frame path's figure is the kernel's own timing of its test run (BPF_PROG_TEST_RUN's
+duration, which leaves out the time the thread was preempted: on a shared machine most of
+the noise in wall time), scaled by the share of frames that reached the sink; the veth-fed
+paths are frames at the sink per second of wall time. --program-time adds each XDP
+program's own time per frame (kernel run-time stats); --xdp-only skips the veth-fed paths:
 
   bare-redirect  jp_bare_redir run in proxy with BPF_F_TEST_XDP_LIVE_FRAMES, as if received
                  on join0, redirected unmodified to bb0: the cost of moving a frame at all.
