@@ -15,10 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_ipip_kernel_datapath_in_the_stock_debian_kernel(as_root: None) -> None:
     done = subprocess.run([str(REPO / "tools" / "vm" / "test-vm.sh")], capture_output=True,
-                          text=True, timeout=890)
+                          text=True, timeout=1190)
     checks = [line for line in done.stdout.splitlines() if line.startswith("CHECK")]
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert checks and all(": PASS" in line for line in checks), checks
