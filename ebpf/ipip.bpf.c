@@ -146,7 +146,7 @@ static __always_inline int port_listed(const struct jp_encap *e, __u16 port_be)
  * helper reports the MTU only when a length exceeds it). bpf_fib_lookup needs IPv6
  * forwarding on the backbone device; without it there is no cached next hop, and the tc
  * program lets bpf_redirect_neigh route each packet instead. */
-static __always_inline void encap_resolve(void *ctx, struct jp_encap *e, __u64 now)
+static __noinline void encap_resolve(void *ctx, struct jp_encap *e, __u64 now)
 {
 	struct ipv6hdr *o = (void *)(e->hdr + JP_ENCAP_IP6);
 	struct bpf_fib_lookup fib = {};
@@ -180,7 +180,7 @@ static __always_inline void encap_resolve(void *ctx, struct jp_encap *e, __u64 n
 }
 
 /* Build a link's entry from jp_join_cfg: match, outer header, next hop. */
-static __always_inline void encap_fill(void *ctx, struct jp_encap *e, __u32 ifindex,
+static __noinline void encap_fill(void *ctx, struct jp_encap *e, __u32 ifindex,
 				       __u32 generation)
 {
 	struct jp_join_cfg *cfg = bpf_map_lookup_elem(&jp_join_cfg, &ifindex);
@@ -223,15 +223,22 @@ static __always_inline struct jp_encap *encap_entry(void *ctx, __u32 ifindex)
 	return e;
 }
 
-/* The next hop of a matched packet, looked up again when older than JP_NH_TTL_NS. Only
- * then is the clock read: the coarse clock, because the TSC read of bpf_ktime_get_ns()
- * cost a third of the XDP program on a VM. */
+/* The next hop of a matched packet, looked up again when older than JP_NH_TTL_NS. The
+ * clock is read once per tick at most: jiffies is a plain load (the verifier inlines
+ * bpf_jiffies64), where even the coarse clock is a helper call that cost about a tenth of
+ * the XDP program; the coarse clock only moves on a tick anyway, so reading it more often
+ * would see nothing new. */
 static __always_inline __u32 encap_egress(void *ctx, struct jp_encap *e)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u32 tick = (__u32)bpf_jiffies64();
+	__u64 now;
 
-	if (now > e->expires)
-		encap_resolve(ctx, e, now);	/* per CPU: nobody else writes it */
+	if (tick != e->tick) {
+		e->tick = tick;		/* per CPU: nobody else writes it */
+		now = bpf_ktime_get_coarse_ns();
+		if (now > e->expires)
+			encap_resolve(ctx, e, now);
+	}
 	return e->egress;
 }
 
@@ -483,7 +490,18 @@ int jp_tc_backbone(struct __sk_buff *skb)
 
 /* --------------------------------------------------------------- join side, XDP -- */
 
-static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *egress)
+/* Count a verdict and turn it into the XDP code. Every exit of jp_xdp_join calls it with
+ * constants, so each is compiled on its own: one shared exit would carry the action and
+ * reason in registers through every check, which showed as spills and moves on the
+ * encapsulation path. */
+static __always_inline int xdp_verdict(__u32 action, __u32 reason)
+{
+	jp_count(JP_PROG_XDP_JOIN, action, reason);
+	return action == JP_ACT_DROP ? XDP_DROP : XDP_PASS;
+}
+
+SEC("xdp")
+int jp_xdp_join(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -491,50 +509,43 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 	struct ipv6hdr *ip6;
 	__u64 *dst, *src;
 	__u16 *ports;
-	__u32 l3_len;
+	__u32 l3_len, egress;
 
 	e = encap_entry(ctx, ctx->ingress_ifindex);
 	if (!e)
-		return JP_ACT_PASS;
+		return xdp_verdict(JP_ACT_PASS, 0);
 	ip6 = data + ETH_HLEN;
 	if ((void *)(ip6 + 1) > data_end)
-		return JP_ACT_PASS;
+		return xdp_verdict(JP_ACT_PASS, 0);
 	/* the destination as two 64-bit words: the IPv6 header is aligned (NET_IP_ALIGN) */
 	dst = (void *)&ip6->daddr;
 	src = (void *)e->registrar_ll;
 	if (*(__u16 *)(data + 12) != bpf_htons(ETH_P_IPV6) || ip6->version != 6 ||
 	    ((dst[0] ^ src[0]) | (dst[1] ^ src[1])) != 0 || !e->backbone)
-		return JP_ACT_PASS;
+		return xdp_verdict(JP_ACT_PASS, 0);
 	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
-		return JP_ACT_PASS;
+		return xdp_verdict(JP_ACT_PASS, 0);
 	ports = (void *)(ip6 + 1);
-	if ((void *)(ports + 2) > data_end) {
-		*reason = JP_DROP_MALFORMED;
-		return JP_ACT_DROP;
-	}
+	if ((void *)(ports + 2) > data_end)
+		return xdp_verdict(JP_ACT_DROP, JP_DROP_MALFORMED);
 	if (!port_listed(e, ports[1]))
-		return JP_ACT_PASS;
+		return xdp_verdict(JP_ACT_PASS, 0);
 	l3_len = data_end - (void *)ip6;
-	if ((__u32)bpf_ntohs(ip6->payload_len) + IP6_HLEN != l3_len) {
-		*reason = JP_DROP_MALFORMED;
-		return JP_ACT_DROP;
-	}
-	*egress = encap_egress(ctx, e);
-	if (!*egress)
-		return JP_ACT_FALLBACK;	/* jp_tc_join's redirect_neigh resolves it */
-	if (l3_len + IP6_HLEN > e->mtu)
-		return JP_ACT_FALLBACK;	/* jp_tc_join answers with a Packet Too Big */
+	if ((__u32)bpf_ntohs(ip6->payload_len) + IP6_HLEN != l3_len)
+		return xdp_verdict(JP_ACT_DROP, JP_DROP_MALFORMED);
+	egress = encap_egress(ctx, e);
+	/* no next hop yet: jp_tc_join's redirect_neigh resolves it; too big: jp_tc_join
+	 * answers with a Packet Too Big */
+	if (!egress || l3_len + IP6_HLEN > e->mtu)
+		return xdp_verdict(JP_ACT_FALLBACK, 0);
 
-	if (bpf_xdp_adjust_head(ctx, -IP6_HLEN) < 0) {
-		*reason = JP_DROP_SEND_ERROR;	/* unchanged, but cannot be relayed */
-		return JP_ACT_DROP;
-	}
+	/* unchanged if it fails, but it cannot be relayed */
+	if (bpf_xdp_adjust_head(ctx, -IP6_HLEN) < 0)
+		return xdp_verdict(JP_ACT_DROP, JP_DROP_SEND_ERROR);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (data + ETH_HLEN + IP6_HLEN > data_end) {
-		*reason = JP_DROP_SEND_ERROR;	/* cannot happen after a successful adjust */
-		return JP_ACT_DROP;
-	}
+	if (data + ETH_HLEN + IP6_HLEN > data_end)	/* cannot happen after the adjust */
+		return xdp_verdict(JP_ACT_DROP, JP_DROP_SEND_ERROR);
 	/* The finished headers in word-sized copies, aligned as the stack aligns them:
 	 * Ethernet at 2 mod 4, IPv6 at 0 mod 8. */
 	*(__u16 *)data = *(__u16 *)(e->hdr + JP_ENCAP_ETH);
@@ -549,22 +560,6 @@ static __always_inline __u32 xdp_join(struct xdp_md *ctx, __u32 *reason, __u32 *
 	dst[3] = src[3];
 	dst[4] = src[4];
 	((struct ipv6hdr *)dst)->payload_len = bpf_htons(l3_len);
-	return JP_ACT_ENCAP;
-}
-
-SEC("xdp")
-int jp_xdp_join(struct xdp_md *ctx)
-{
-	__u32 reason = 0, egress = 0;
-	__u32 action = xdp_join(ctx, &reason, &egress);
-
-	jp_count(JP_PROG_XDP_JOIN, action, reason);
-	switch (action) {
-	case JP_ACT_ENCAP:
-		return bpf_redirect(egress, 0);
-	case JP_ACT_DROP:
-		return XDP_DROP;
-	default:
-		return XDP_PASS;
-	}
+	jp_count(JP_PROG_XDP_JOIN, JP_ACT_ENCAP, 0);
+	return bpf_redirect(egress, 0);
 }

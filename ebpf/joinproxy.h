@@ -131,7 +131,7 @@ struct jp_encap {
 	__u32 backbone;		/* jp_join_cfg.backbone_ifindex; 0 = link not configured */
 	__u32 egress;		/* where the FIB sends the outer packet; 0 = no next hop yet */
 	__u32 mtu;		/* route MTU towards the registrar */
-	__u32 pad;
+	__u32 tick;		/* low 32 bits of jiffies when the clock was last read */
 	__u16 ports[JP_MAX_PORTS];	/* network order; unused slots repeat ports[0] */
 	__u8 registrar_ll[16];
 	__u8 hdr[JP_ENCAP_HDR];	/* payload length 0, filled in per packet */

@@ -68,6 +68,9 @@ ip6tnl.apply(spec)
 ip6tnl.apply(spec)  # again: idempotent
 filters = run("tc", "filter", "show", "dev", "join0", "ingress").stdout
 check("two_filters_per_port", filters.count("action order 1: mirred") == 2, filters)
+# ip6ip6 only (IFLA_IPTUN_PROTO 41), not "any", which would also take IPv4 from the registrar
+details = run("ip", "-d", "link", "show", ip6tnl.tunnel_name(join)).stdout
+check("tunnel_is_ip6ip6_only", "ip6tnl ip6ip6 " in details, details)
 done = run("python3", "-c", PLEDGE, ns="p")
 check("pledge_udp_tcp_through_tunnel", done.returncode == 0, (done.stdout + done.stderr).strip())
 if done.returncode:

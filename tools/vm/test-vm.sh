@@ -10,6 +10,13 @@ WORK=${VM_WORK:-$TOP/build/vm}
 PY=${PY:-$TOP/.venv/bin/python}
 [ "$(id -u)" -eq 0 ] || { echo "make test-vm: run as root (debootstrap, namespaces)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null || "$TOP/tools/ensure-apt.sh" qemu-system-x86 debootstrap
+# a rootfs of an older recipe lacks what later jobs need (libbpf1, python3-six): built again
+for need in usr/lib/x86_64-linux-gnu/libbpf.so.1 usr/lib/python3/dist-packages/six.py; do
+    if [ -d "$ROOTFS/boot" ] && [ ! -e "$ROOTFS/$need" ]; then
+        echo "make test-vm: $ROOTFS has no /$need: building it again" >&2
+        rm -rf "$ROOTFS"
+    fi
+done
 [ -d "$ROOTFS/boot" ] || "$TOP/tools/vm/build-rootfs.sh" "$ROOTFS"
 # the libraries the code under test imports that the guest's Debian lacks (pure Python)
 LIBS=$("$PY" -c 'import os, pyroute2, prometheus_client as p
@@ -17,6 +24,8 @@ print(os.path.dirname(pyroute2.__file__), os.path.dirname(p.__file__))')
 fail=0
 for job in "$TOP"/tests/vm/*.sh; do
     name=$(basename "$job" .sh)
+    # VM_JOBS="a b": only those jobs (while working on one)
+    [ -z "${VM_JOBS:-}" ] || [[ " $VM_JOBS " == *" $name "* ]] || continue
     dir=$WORK/$name
     rm -rf "$dir"; mkdir -p "$dir/py"
     cp "$TOP"/tests/vm/"$name"* "$dir/"; cp "$job" "$dir/run.sh"
@@ -24,7 +33,7 @@ for job in "$TOP"/tests/vm/*.sh; do
     # shellcheck disable=SC2086  # two paths
     cp -r "$TOP/daemon/joinproxyd" "$TOP/brski" $LIBS "$dir/py/"
     start=$(date +%s)
-    if ROOTFS=$ROOTFS "$TOP/tools/vm/run-vm.sh" --timeout 240 "$dir"; then
+    if ROOTFS=$ROOTFS REPO=$TOP MEM=1536 "$TOP/tools/vm/run-vm.sh" --timeout 420 "$dir"; then
         echo "test-vm $name: PASS ($(( $(date +%s) - start )) s)"
     else
         echo "test-vm $name: FAIL ($(( $(date +%s) - start )) s); output:"

@@ -111,7 +111,7 @@ class IpipGenC(ctypes.Structure):
 
 class EncapC(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("generation", u32), ("expires", u64), ("backbone", u32),
-                ("egress", u32), ("mtu", u32), ("pad", u32), ("ports", u16 * JP_MAX_PORTS),
+                ("egress", u32), ("mtu", u32), ("tick", u32), ("ports", u16 * JP_MAX_PORTS),
                 ("registrar_ll", u8 * 16), ("hdr", u8 * JP_ENCAP_HDR)]
 
 

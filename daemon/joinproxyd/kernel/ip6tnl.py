@@ -92,7 +92,7 @@ def probe() -> str | None:
         try:
             # ends of its own (documentation prefix): one without any would be the
             # kernel's fallback device ip6tnl0 (EEXIST)
-            ipr.link("add", ifname=name, kind="ip6tnl", ip6tnl_mode=socket.IPPROTO_IPV6,
+            ipr.link("add", ifname=name, kind="ip6tnl", ip6tnl_proto=socket.IPPROTO_IPV6,
                      ip6tnl_remote=f"2001:db8::{os.getpid() % 0xFFFF:x}")
         except Exception as exc:  # NetlinkError
             code = getattr(exc, "code", 0)
@@ -139,13 +139,16 @@ def apply(spec: TunnelSpec) -> None:
             if existing:
                 (link,) = ipr.get_links(existing[0])
                 info = dict(link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")["attrs"])
-                if (info.get("IFLA_IP6TNL_LOCAL"), info.get("IFLA_IP6TNL_REMOTE")) != (
-                        spec.local, spec.remote):
+                # (an "any" tunnel, proto 0, as an older version made, is replaced too)
+                if (info.get("IFLA_IP6TNL_LOCAL"), info.get("IFLA_IP6TNL_REMOTE"),
+                        info.get("IFLA_IP6TNL_PROTO")) != (spec.local, spec.remote,
+                                                          socket.IPPROTO_IPV6):
                     ipr.link("del", index=existing[0])
                     existing = []
             if not existing:
                 ipr.link("add", ifname=spec.name, kind="ip6tnl",
-                         ip6tnl_mode=socket.IPPROTO_IPV6, ip6tnl_local=spec.local,
+                         # ip6ip6 only: "any" (no proto) would take IPv4 inside too
+                         ip6tnl_proto=socket.IPPROTO_IPV6, ip6tnl_local=spec.local,
                          ip6tnl_remote=spec.remote, ip6tnl_link=spec.backbone_index,
                          ip6tnl_flags=IP6_TNL_F_IGN_ENCAP_LIMIT, ip6tnl_ttl=64)
             tunnel = ipr.link_lookup(ifname=spec.name)[0]
