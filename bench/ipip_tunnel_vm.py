@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ("kernel", "bpf-tc", "bpf-xdp")
+FIGURES = "ipip_tunnel_vm figures: "  # the guest's one JSON line for the host
 
 
 def guest(seconds: float, rounds: int) -> int:
@@ -133,6 +134,7 @@ def guest(seconds: float, rounds: int) -> int:
     for name, values in ratios.items():
         print(f"ratio {name:<16}{statistics.median(values):.2f}  "
               f"({min(values):.2f}-{max(values):.2f})")
+    print(FIGURES + json.dumps({"results": results, "ratios": ratios}), flush=True)
     return 0
 
 
@@ -162,10 +164,29 @@ def host(seconds: float, rounds: int) -> int:
         out = (job / "output.log").read_text() if (job / "output.log").exists() else ""
         if done.returncode != 0 and not out:
             out = (job / "serial.log").read_text()[-4000:]
-        print(out, end="")
+        print("".join(line for line in out.splitlines(keepends=True)
+                      if not line.startswith(FIGURES)), end="")
         print(f"(VM run {time.monotonic() - start:.0f} s, exit {done.returncode})",
               file=sys.stderr)
+        record_figures(out)
         return done.returncode
+
+
+def record_figures(out: str) -> None:
+    """make bench (bench/run_all.py): the guest's figures, from its one JSON line."""
+    from _report import record
+
+    line = next((x for x in out.splitlines() if x.startswith(FIGURES)), None)
+    if line is None:
+        return
+    doc = json.loads(line[len(FIGURES):])
+    results, ratios = doc["results"], doc["ratios"]
+    record("bpf-tc", results["bpf-tc"], "packets/s")
+    record("bpf-xdp", results["bpf-xdp"], "packets/s")
+    record("kernel tunnel vs bpf-tc", results["kernel"], "packets/s", baseline="bpf-tc",
+           ratios=ratios["kernel/bpf-tc"])
+    record("kernel tunnel vs bpf-xdp", results["kernel"], "packets/s", baseline="bpf-xdp",
+           ratios=ratios["kernel/bpf-xdp"])
 
 
 def main() -> int:
@@ -173,7 +194,10 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=1.0, help="per path and round")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--guest", action="store_true", help="measure here (inside the VM)")
+    p.add_argument("--quick", action="store_true", help="two short rounds (smoke test)")
     args = p.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 0.3, 2
     if os.geteuid() != 0:
         print("ipip_tunnel_vm: run as root", file=sys.stderr)
         return 1

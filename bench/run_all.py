@@ -68,6 +68,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("coaps_relay", root=True),
     Bench("jpy_kernel_pps", root=True),
     Bench("ipip_pps", root=True),
+    Bench("ipip_xdp_layouts", root=True),
+    Bench("ipip_tunnel_vm", root=True, timeout=1500),  # Debian's stock kernel under QEMU
     Bench("relay_throughput", root=True),
     Bench("cojp_joins", root=True),
     Bench("enroll_rate", quick=("--pledges", "4", "--concurrency", "2", "--rounds", "1"),
