@@ -28,8 +28,14 @@ is CPU-bound for everyone; the relay's own CPU time per GB (or per connection), 
   3. joinproxyd's VmRSS idle, and with N circuits held open (default 1000), giving bytes per
      circuit; and the open-file limit it runs with, since every circuit costs it two fds.
 
+  4. where a connection's CPU goes in each daemon: one more connection-rate run with the
+     daemon's cProfile switched on (the daemons run under a wrapper, PROFILER, that costs
+     nothing while off), its time booked to accept, limits, connect, splice, relay, close,
+     metrics, logging and the event loop (CATEGORY_ROOTS), as shares of the unprofiled
+     CPU per connection.
+
 joinproxyd's admission limits are raised so they do not interfere, and it logs at "info" (its
-default), so the two log lines per circuit are part of what a circuit costs.
+default; a circuit's opening and closing are debug lines, refusals are info).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +109,95 @@ def nofile_limit(pid: int) -> str:
             soft, hard = line.split()[3:5]
             return f"{soft} soft / {hard} hard"
     return "?"
+
+
+# The daemons run under this wrapper: cProfile, with the thread's CPU time as its clock (so a
+# blocked epoll_wait costs nothing and a syscall's kernel time counts), off until PROFILE_ON
+# and written to the file named by the first argument at PROFILE_OFF. Off, it costs nothing.
+PROFILE_ON, PROFILE_OFF = signal.SIGRTMIN + 1, signal.SIGRTMIN + 2
+PROFILER = f"""
+import cProfile, runpy, signal, sys, time
+out = sys.argv[1]
+sys.argv = ["joinproxyd", *sys.argv[2:]]
+profile = cProfile.Profile(time.thread_time)
+def stop(*_):
+    profile.disable()
+    profile.dump_stats(out)
+signal.signal({int(PROFILE_ON)}, lambda *_: profile.enable())
+signal.signal({int(PROFILE_OFF)}, stop)
+runpy.run_module("joinproxyd", run_name="__main__", alter_sys=True)
+"""
+
+# Where a circuit's CPU goes: each profiled function's own time is booked to the nearest
+# of these on its callers' chain (split among callers by their share of its time).
+# (file name ending, function or "*") -> category
+CATEGORY_ROOTS: dict[tuple[str, str], str] = {
+    ("asyncio/base_events.py", "_run_once"): "event loop",
+    ("asyncio/selector_events.py", "_accept_connection"): "accept",
+    ("asyncio/selector_events.py", "_accept_connection2"): "accept",
+    ("relays/circuit.py", "admit"): "accept",
+    ("relays/circuit.py", "_pause"): "accept",
+    ("joinproxyd/limits.py", "*"): "limits",
+    ("relays/circuit.py", "connect"): "connect",
+    ("relays/circuit.py", "_splice"): "splice",
+    ("relays/circuit_splice.py", "*"): "splice",
+    ("kernel/bpf.py", "*"): "splice",
+    ("prometheus_client/metrics.py", "*"): "metrics",
+    ("prometheus_client/values.py", "*"): "metrics",
+    ("joinproxyd/metrics.py", "*"): "metrics",
+    ("logging/__init__.py", "*"): "logging",
+    ("joinproxyd/logs.py", "*"): "logging",
+    ("relays/circuit.py", "data_received"): "relay",
+    ("relays/circuit.py", "eof_received"): "relay",
+    ("relays/circuit.py", "pause_writing"): "relay",
+    ("relays/circuit.py", "resume_writing"): "relay",
+    ("relays/circuit.py", "close"): "close",
+    ("relays/circuit.py", "closed"): "close",
+    ("relays/circuit.py", "connection_lost"): "close",
+}
+CATEGORIES = ("accept", "limits", "connect", "splice", "relay", "close", "metrics", "logging",
+              "event loop", "other")
+
+
+def _root(func: tuple[str, int, str]) -> str | None:
+    path, _, name = func
+    for (suffix, fname), category in CATEGORY_ROOTS.items():
+        if path.endswith(suffix) and fname in ("*", name):
+            return category
+    return None
+
+
+def breakdown(stats_path: Path) -> dict[str, float]:
+    """CPU seconds per category from a cProfile dump (see CATEGORY_ROOTS)."""
+    import pstats
+    stats = pstats.Stats(str(stats_path)).stats  # type: ignore[attr-defined]
+    memo: dict[tuple[str, int, str], dict[str, float]] = {}
+
+    def share(func: tuple[str, int, str]) -> dict[str, float]:
+        if func in memo:
+            return memo[func]
+        memo[func] = {"other": 1.0}  # a cycle back here books to "other"
+        root = _root(func)
+        if root is not None:
+            memo[func] = {root: 1.0}
+            return memo[func]
+        callers = stats[func][4] if func in stats else {}
+        weights = {c: v[3] for c, v in callers.items() if c in stats}
+        total = sum(weights.values())
+        if not total:
+            return memo[func]
+        mix: dict[str, float] = {}
+        for caller, weight in weights.items():
+            for category, part in share(caller).items():
+                mix[category] = mix.get(category, 0.0) + part * weight / total
+        memo[func] = mix
+        return mix
+
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    for func, (_, _, own, _, _) in stats.items():
+        for category, part in share(func).items():
+            seconds[category] += own * part
+    return seconds
 
 
 def flow(host: Host, *argv: str, timeout: float = 60) -> dict[str, float]:
@@ -196,6 +292,27 @@ class Bench:
         series.add(path, n / result["seconds"],
                    cpu / n * 1e6 if n and path != "direct" else None)
 
+    def profile(self, name: str, stats_path: Path) -> dict[str, float]:
+        """One more connection-rate run against daemon `name` with its profiler on: CPU
+        microseconds per connection by category (profiled, so inflated; shares are what
+        count), plus "connections"."""
+        pid = self.daemon_pids[name]
+        stats_path.unlink(missing_ok=True)
+        os.kill(pid, PROFILE_ON)
+        host, addr, port = self.target(name)
+        try:
+            result = flow(host, "rate", addr, str(port), "--seconds", str(self.seconds),
+                          "--concurrency", str(self.concurrency))
+        finally:
+            os.kill(pid, PROFILE_OFF)
+        wait_for(lambda: stats_path.exists() and stats_path.stat().st_size > 0, 20,
+                 f"{name}'s profile")
+        time.sleep(0.2)  # written by the handler in one go; let it finish
+        n = result["connections"] or 1
+        per_conn = {c: v / n * 1e6 for c, v in breakdown(stats_path).items()}
+        per_conn["connections"] = result["connections"]
+        return per_conn
+
     def active(self, name: str = "joinproxyd") -> int:
         return int(self.daemons[name].ctl()["relays"]["circuit"]["active"])
 
@@ -250,6 +367,31 @@ def median_range(values: list[float], fmt: str) -> str:
     return f"{mid} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
+def report_breakdown(profiles: dict[str, dict[str, float]], series: Series) -> None:
+    """Per-connection CPU by category: the profiled shares applied to the unprofiled
+    CPU per connection measured in the rounds (cProfile inflates Python code more than
+    syscalls, so the microseconds are an estimate; the shares are measured)."""
+    if not profiles:
+        return
+    print("\nper-connection CPU by category (cProfile on the thread's CPU clock, one extra "
+          "rate run per daemon; us = share x the unprofiled us/conn above)")
+    names = list(profiles)
+    print(f"{'':<24}" + "".join(f"{n:>19}" for n in names))
+    scale = {}
+    for name in names:
+        profiled = sum(v for k, v in profiles[name].items() if k != "connections")
+        measured = statistics.median(series.cpu[name]) if series.cpu.get(name) else profiled
+        scale[name] = (measured / profiled if profiled else 0.0, profiled)
+    for category in CATEGORIES:
+        cells = []
+        for name in names:
+            factor, profiled = scale[name]
+            us = profiles[name].get(category, 0.0)
+            cells.append(f"{us * factor:6.0f} us {100 * us / profiled if profiled else 0:4.1f}%")
+        print(f"  {category:<22}" + "".join(f"{c:>19}" for c in cells))
+    print(f"  {'(profiled us/conn)':<22}" + "".join(f"{scale[n][1]:>19.0f}" for n in names))
+
+
 def report(series: dict[str, Series], memories: dict[str, dict[str, float]], idle_kib: int,
            nofile: str, rounds: int) -> None:
     memory = memories["joinproxyd"]
@@ -294,7 +436,8 @@ def report(series: dict[str, Series], memories: dict[str, dict[str, float]], idl
               f"  ({other['spliced']:.0f} spliced)")
 
 
-def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
+def run(seconds: float, rounds: int, circuits: int, concurrency: int,
+        profile: bool = True) -> int:
     streams = ("direct", *RELAYS)
     series = {"stream up": Series("MB/s", streams), "stream down": Series("MB/s", streams),
               # socat's buffer size does not matter for 16-byte exchanges
@@ -318,14 +461,16 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
                 registrars={"health_interval": 2.0, "health_timeout": 1.0},
                 announce={"interval": 30, "mdns": False})
             config["circuit"] = {"splice": "on"}
-            daemon = ProxyDaemon(lab, work / "proxy", config).start()
+            daemon = ProxyDaemon(lab, work / "proxy", config, command=[
+                PY, "-c", PROFILER, str(work / "joinproxyd.pstats")]).start()
             asyncio_config = base_config(
                 work / "proxy-asyncio", limits=LIMITS, daemon={"log_level": "info"},
                 registrars={"health_interval": 2.0, "health_timeout": 1.0},
                 announce={"interval": 30, "mdns": False, "grasp": False},
                 metrics={"listen": "[::1]:9466"}, circuit={"splice": "off"},
                 join=[{"interfaces": ["join*"], "modes": ["circuit"], "port": ASYNCIO_PORT}])
-            other = ProxyDaemon(lab, work / "proxy-asyncio", asyncio_config).start()
+            other = ProxyDaemon(lab, work / "proxy-asyncio", asyncio_config, command=[
+                PY, "-c", PROFILER, str(work / "jp-asyncio.pstats")]).start()
             daemons = {"joinproxyd": daemon, "jp-asyncio": other}
             for d in daemons.values():
                 wait_for(lambda d=d: d.ctl()["joining"], 10, "a healthy registrar")
@@ -354,10 +499,13 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int) -> int:
                         else:
                             bench.stream(path, name.split()[1], s)
                 print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            profiles = {name: bench.profile(name, work / f"{name}.pstats")
+                        for name in DAEMONS} if profile else {}
             memories = {name: bench.hold(circuits, name) for name in DAEMONS}
             for d in daemons.values():
                 d.stop()
     report(series, memories, idle_kib, nofile, rounds)
+    report_breakdown(profiles, series["connections"])
     return 0
 
 
@@ -371,13 +519,16 @@ def main() -> int:
     p.add_argument("--quick", action="store_true",
                    help="smallest settings, for the smoke test: 1 round of 0.3 s, 50 circuits "
                    "(the figures mean little)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the profiled connection-rate run (the per-connection breakdown)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("relay_throughput: run as root (it creates network namespaces)", file=sys.stderr)
         return 2
     if args.quick:
         args.seconds, args.rounds, args.circuits = 0.3, 1, 50
-    return run(args.seconds, args.rounds, args.circuits, args.concurrency)
+    return run(args.seconds, args.rounds, args.circuits, args.concurrency,
+               not args.no_profile)
 
 
 if __name__ == "__main__":

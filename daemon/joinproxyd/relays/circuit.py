@@ -15,6 +15,7 @@ instead, and this module keeps only its accounting; a circuit the kernel refuses
 import asyncio
 import errno
 import itertools
+import logging
 import os
 import socket
 import time
@@ -126,7 +127,10 @@ class Circuit:
             # and counted against the limits until the idle timeout.
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, self.registrar.sockaddr), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the connect in a Task of
+            # its own, a measurable share of a circuit's set-up (bench/relay_throughput.py)
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, self.registrar.sockaddr)
             if self.mode.splicer is not None and await self._splice(sock, timeout):
                 self.connected = True
                 self.mode.opened(self)
@@ -248,6 +252,12 @@ class CircuitMode(RelayMode):
         self.ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         ctx.metrics.add_mode(self.name)
+        # The mode's own series, looked up once: labels() costs a dict lookup under a lock
+        # per call, several per circuit. These are never removed (forget_interface removes
+        # only the interface-labelled ones, which are still looked up each time).
+        self._opened_total = ctx.metrics.circuits.labels(self.name)
+        self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
+        self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
         # [circuit] splice: decided at the first reconcile; None runs every circuit here
         self.splicer: Splicer | None = None
         self.splice_problem: str | None = None
@@ -410,13 +420,18 @@ class CircuitMode(RelayMode):
         circuit.close(abort=True)
 
     def opened(self, circuit: Circuit) -> None:
-        self.ctx.metrics.circuits.labels(self.name).inc()
+        self._opened_total.inc()
         self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).inc()
         circuit.active = True
-        self.ctx.log.info("circuit %s -> %s opened", circuit.pledge, circuit.registrar.key,
-                          extra={"INTERFACE": circuit.interface, "MODE": self.name,
-                                 "REGISTRAR": circuit.registrar.key,
-                                 "PLEDGE": circuit.pledge})
+        # A circuit's opening and closing are logged at debug: at info, the two lines were
+        # the largest single cost of a short circuit (bench/relay_throughput.py's
+        # breakdown); refusals, drops and errors stay at info and above.
+        if self.ctx.log.isEnabledFor(logging.DEBUG):
+            self.ctx.log.debug("circuit %s -> %s opened", circuit.pledge,
+                               circuit.registrar.key,
+                               extra={"INTERFACE": circuit.interface, "MODE": self.name,
+                                      "REGISTRAR": circuit.registrar.key,
+                                      "PLEDGE": circuit.pledge})
 
     def closed(self, circuit: Circuit) -> None:
         if circuit not in self.open:
@@ -426,7 +441,9 @@ class CircuitMode(RelayMode):
         self._flush(circuit)
         if circuit.active:
             self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).dec()
-            self.ctx.log.info(
+            if not self.ctx.log.isEnabledFor(logging.DEBUG):
+                return
+            self.ctx.log.debug(
                 "circuit %s -> %s closed after %.1f s, %d bytes up, %d down", circuit.pledge,
                 circuit.registrar.key, time.monotonic() - circuit.started, circuit.bytes_up,
                 circuit.bytes_down,
@@ -434,13 +451,11 @@ class CircuitMode(RelayMode):
                        "REGISTRAR": circuit.registrar.key, "PLEDGE": circuit.pledge})
 
     def _flush(self, circuit: Circuit) -> None:
-        bytes_counter = self.ctx.metrics.relayed_bytes
         if circuit.bytes_up > circuit.flushed_up:
-            bytes_counter.labels(self.name, "upstream").inc(circuit.bytes_up - circuit.flushed_up)
+            self._bytes_up.inc(circuit.bytes_up - circuit.flushed_up)
             circuit.flushed_up = circuit.bytes_up
         if circuit.bytes_down > circuit.flushed_down:
-            bytes_counter.labels(self.name, "downstream").inc(
-                circuit.bytes_down - circuit.flushed_down)
+            self._bytes_down.inc(circuit.bytes_down - circuit.flushed_down)
             circuit.flushed_down = circuit.bytes_down
 
     async def _sweep(self) -> None:
