@@ -758,6 +758,11 @@ class Splicer:
         with contextlib.suppress(KernelError):
             delete_elem(self.socks_fd, ctypes.c_uint64(cookie), "jp_splice_socks")
 
+    def forget(self, cookie: int) -> None:
+        """Remove a side's row only (its socket leaves the sockhash as it closes)."""
+        with contextlib.suppress(KernelError):
+            delete_elem(self.sides_fd, ctypes.c_uint64(cookie), "jp_splice_sides")
+
     def remove(self, cookie: int) -> None:
         for fd, what in ((self.socks_fd, "jp_splice_socks"), (self.sides_fd, "jp_splice_sides")):
             with contextlib.suppress(KernelError):  # already gone with its socket
