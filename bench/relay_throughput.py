@@ -235,7 +235,6 @@ class Bench:
         self.lab = lab
         self.pledge = lab.pledges[0]
         self.daemons = daemons
-        self.daemon = daemons["joinproxyd"]
         self.daemon_pids = {}
         for name, daemon in daemons.items():
             assert daemon.process is not None
@@ -509,6 +508,99 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int,
     return 0
 
 
+# -- the kernel's splice alone: which sockmap set-up moves bytes fastest ---------------------
+# Each variant is a bare splicer in the proxy namespace (floor_proxy below: accept, connect,
+# SplicedCircuit.start, nothing else; no joinproxyd), on a port of its own. With --variants
+# the streams run through each and straight to the server (direct), rotated per round.
+VARIANTS: dict[str, dict[str, int]] = {
+    "stream-verdict": {"attach": 5},  # what joinproxyd runs: BPF_SK_SKB_STREAM_VERDICT
+    "skb-verdict": {"attach": 38},  # BPF_SK_SKB_VERDICT (5.13+): no stream wrapper
+    "stream+buf4M": {"attach": 5, "buf": 4 << 20},  # SO_{SND,RCV}BUFFORCE 4 MiB each
+    "stream+nodelay0": {"attach": 5, "nodelay": 0},  # Nagle on the egress sockets
+}
+VARIANT_PORT = 9450
+
+
+async def floor_proxy(port: int, attach: int, buf: int, nodelay: int) -> None:
+    """Splice every connection to [port] on join0 to the registrar, as joinproxyd does, and
+    nothing else: the kernel's sockmap path with the least user space around it."""
+    import asyncio
+    import socket
+
+    from joinproxyd.kernel.bpf import Splicer
+    from joinproxyd.relays.circuit_splice import SplicedCircuit
+
+    splicer = Splicer(attach=attach)
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("fe80::1", port, 0, socket.if_nametoindex("join0")))
+    listener.listen(64)
+    listener.setblocking(False)
+
+    class Owner:
+        spliced: SplicedCircuit | None = None
+
+        def close(self, abort: bool = False) -> None:
+            if self.spliced is not None:
+                self.spliced.close(abort)
+
+        def touch(self) -> None:
+            pass
+
+    print("listening", flush=True)
+    while True:
+        pledge, _ = await loop.sock_accept(listener)
+        registrar = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        registrar.setblocking(False)
+        for sock in (pledge, registrar):
+            if buf:
+                sock.setsockopt(socket.SOL_SOCKET, 32, buf)  # SO_SNDBUFFORCE
+                sock.setsockopt(socket.SOL_SOCKET, 33, buf)  # SO_RCVBUFFORCE
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
+        await loop.sock_connect(registrar, (REGISTRAR, SERVER_PORT))
+        owner = Owner()
+        owner.spliced = SplicedCircuit(splicer, owner, pledge, registrar)
+        owner.spliced.start(5.0)
+
+
+def run_variants(seconds: float, rounds: int) -> int:
+    paths = ("direct", *VARIANTS)
+    series = {"stream up": Series("MB/s", paths), "stream down": Series("MB/s", paths)}
+    with (tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
+          Lab(Topology(pledges=1, registrars=1), log_dir=Path(tmp) / "logs") as lab):
+        server = lab.registrars[0].spawn(
+            [PY, FLOW, "server", "--listen", REGISTRAR, "--port", str(SERVER_PORT)],
+            name="flow-server")
+        wait_for(lambda: "listening" in server.log(), 10, "the flow server")
+        procs = {}
+        for i, (name, knobs) in enumerate(VARIANTS.items()):
+            PORTS[name] = VARIANT_PORT + i
+            procs[name] = lab.proxy.spawn(
+                [PY, __file__, "--floor-proxy", str(PORTS[name]), str(knobs["attach"]),
+                 str(knobs.get("buf", 0)), str(knobs.get("nodelay", 1))],
+                name=f"floor-{name}")
+        for name, proc in procs.items():
+            wait_for(lambda proc=proc: "listening" in proc.log(), 10, f"{name} up")
+        bench = Bench(lab, {}, {}, seconds, 1)
+        for r in range(rounds):
+            for name, s in series.items():
+                order = s.paths[r % len(s.paths):] + s.paths[:r % len(s.paths)]
+                for path in order:
+                    bench.stream(path, name.split()[1], s)
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    print(f"\nsplice variants (bare splicer, no joinproxyd): medians over {rounds} round(s)")
+    print(f"{'':<24}" + "".join(f"{p:>19}" for p in paths))
+    for name, s in series.items():
+        cells = [median_range(s.values.get(p, []), ".0f") for p in paths]
+        print(f"{name + ' MB/s':<24}" + "".join(f"{c:>19}" for c in cells))
+        cells = [median_range(s.machine.get(p, []), ".2f") for p in paths]
+        print(f"{'  machine CPU s/GB':<24}" + "".join(f"{c:>19}" for c in cells))
+        cells = [median_range(s.ratios("direct", p), ".2f") for p in paths]
+        print(f"{'  x direct':<24}" + "".join(f"{c:>19}" for c in cells))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=2.0, help="length of each measurement")
@@ -521,12 +613,23 @@ def main() -> int:
                    "(the figures mean little)")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profiled connection-rate run (the per-connection breakdown)")
+    p.add_argument("--variants", action="store_true",
+                   help="instead: the kernel splice alone (no joinproxyd) in each VARIANTS "
+                   "set-up against direct TCP")
+    p.add_argument("--floor-proxy", nargs=4, type=int, help=argparse.SUPPRESS,
+                   metavar=("PORT", "ATTACH", "BUF", "NODELAY"))  # run by --variants
     args = p.parse_args()
+    if args.floor_proxy:
+        import asyncio
+        asyncio.run(floor_proxy(*args.floor_proxy))
+        return 0
     if os.geteuid() != 0:
         print("relay_throughput: run as root (it creates network namespaces)", file=sys.stderr)
         return 2
     if args.quick:
         args.seconds, args.rounds, args.circuits = 0.3, 1, 50
+    if args.variants:
+        return run_variants(args.seconds, args.rounds)
     return run(args.seconds, args.rounds, args.circuits, args.concurrency,
                not args.no_profile)
 
