@@ -133,27 +133,28 @@ runpy.run_module("joinproxyd", run_name="__main__", alter_sys=True)
 # (file name ending, function or "*") -> category
 CATEGORY_ROOTS: dict[tuple[str, str], str] = {
     ("asyncio/base_events.py", "_run_once"): "event loop",
-    ("asyncio/selector_events.py", "_accept_connection"): "accept",
-    ("asyncio/selector_events.py", "_accept_connection2"): "accept",
+    ("relays/circuit.py", "_accept"): "accept",
     ("relays/circuit.py", "admit"): "accept",
-    ("relays/circuit.py", "_pause"): "accept",
     ("joinproxyd/limits.py", "*"): "limits",
     ("relays/circuit.py", "connect"): "connect",
+    ("relays/circuit.py", "_connect_done"): "connect",
+    ("relays/circuit.py", "_connected"): "connect",
     ("relays/circuit.py", "_splice"): "splice",
     ("relays/circuit_splice.py", "*"): "splice",
     ("kernel/bpf.py", "*"): "splice",
+    ("kernel/libbpf.py", "*"): "splice",
     ("prometheus_client/metrics.py", "*"): "metrics",
     ("prometheus_client/values.py", "*"): "metrics",
     ("joinproxyd/metrics.py", "*"): "metrics",
     ("logging/__init__.py", "*"): "logging",
     ("joinproxyd/logs.py", "*"): "logging",
-    ("relays/circuit.py", "data_received"): "relay",
-    ("relays/circuit.py", "eof_received"): "relay",
-    ("relays/circuit.py", "pause_writing"): "relay",
-    ("relays/circuit.py", "resume_writing"): "relay",
+    ("relays/circuit.py", "_readable"): "relay",
+    ("relays/circuit.py", "_writable"): "relay",
+    ("relays/circuit.py", "_eof"): "relay",
+    ("relays/circuit.py", "_shut"): "relay",
     ("relays/circuit.py", "close"): "close",
     ("relays/circuit.py", "closed"): "close",
-    ("relays/circuit.py", "connection_lost"): "close",
+    ("relays/circuit.py", "_flush_then_close"): "close",
 }
 CATEGORIES = ("accept", "limits", "connect", "splice", "relay", "close", "metrics", "logging",
               "event loop", "other")
@@ -417,9 +418,10 @@ def report(series: dict[str, Series], memories: dict[str, dict[str, float]], idl
             if baseline in s.paths:
                 ratio = median_range(s.ratios(baseline), ".2f")
                 print(f"ratio joinproxyd/{baseline:<11} {name:<12} {ratio}")
-        if "jp-asyncio" in s.paths:
-            ratio = median_range(s.ratios("direct", "jp-asyncio"), ".2f")
-            print(f"ratio jp-asyncio/{'direct':<11} {name:<12} {ratio}")
+        for baseline in ("direct", "socat", "socat-b64k"):
+            if "jp-asyncio" in s.paths and baseline in s.paths:
+                ratio = median_range(s.ratios(baseline, "jp-asyncio"), ".2f")
+                print(f"ratio jp-asyncio/{baseline:<11} {name:<12} {ratio}")
     print()
     print(f"joinproxyd RSS idle                {idle_kib / 1024:8.1f} MiB")
     print(f"joinproxyd RSS before holding      {memory['rss_before_kib'] / 1024:8.1f} MiB"
@@ -513,15 +515,17 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int,
 # SplicedCircuit.start, nothing else; no joinproxyd), on a port of its own. With --variants
 # the streams run through each and straight to the server (direct), rotated per round.
 VARIANTS: dict[str, dict[str, int]] = {
-    "stream-verdict": {"attach": 5},  # what joinproxyd runs: BPF_SK_SKB_STREAM_VERDICT
+    "stream-verdict": {"attach": 5},  # BPF_SK_SKB_STREAM_VERDICT, kernel's buffer autotuning
     "skb-verdict": {"attach": 38},  # BPF_SK_SKB_VERDICT (5.13+): no stream wrapper
-    "stream+buf4M": {"attach": 5, "buf": 4 << 20},  # SO_{SND,RCV}BUFFORCE 4 MiB each
     "stream+nodelay0": {"attach": 5, "nodelay": 0},  # Nagle on the egress sockets
+    "stream+snd4M": {"attach": 5, "snd": 4 << 20},  # SO_SNDBUFFORCE 4 MiB on both sockets
+    "stream+rcv4M": {"attach": 5, "rcv": 4 << 20},  # SO_RCVBUFFORCE 4 MiB on both sockets
+    "stream+buf4M": {"attach": 5, "snd": 4 << 20, "rcv": 4 << 20},
 }
 VARIANT_PORT = 9450
 
 
-async def floor_proxy(port: int, attach: int, buf: int, nodelay: int) -> None:
+async def floor_proxy(port: int, attach: int, snd: int, rcv: int, nodelay: int) -> None:
     """Splice every connection to [port] on join0 to the registrar, as joinproxyd does, and
     nothing else: the kernel's sockmap path with the least user space around it."""
     import asyncio
@@ -554,9 +558,10 @@ async def floor_proxy(port: int, attach: int, buf: int, nodelay: int) -> None:
         registrar = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         registrar.setblocking(False)
         for sock in (pledge, registrar):
-            if buf:
-                sock.setsockopt(socket.SOL_SOCKET, 32, buf)  # SO_SNDBUFFORCE
-                sock.setsockopt(socket.SOL_SOCKET, 33, buf)  # SO_RCVBUFFORCE
+            if snd:
+                sock.setsockopt(socket.SOL_SOCKET, 32, snd)  # SO_SNDBUFFORCE
+            if rcv:
+                sock.setsockopt(socket.SOL_SOCKET, 33, rcv)  # SO_RCVBUFFORCE
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, nodelay)
         await loop.sock_connect(registrar, (REGISTRAR, SERVER_PORT))
         owner = Owner()
@@ -565,8 +570,14 @@ async def floor_proxy(port: int, attach: int, buf: int, nodelay: int) -> None:
 
 
 def run_variants(seconds: float, rounds: int) -> int:
+    """Two phases in one lab: as the lab is (the pledge sends MSS-sized segments: its veth
+    has checksum offload off, hence no TSO, and the proxy's veth merges nothing; GRO on
+    join0 changed nothing in a trial run), then with TSO on the pledge (64 KiB segments
+    arrive, as from a NIC that does GRO)."""
     paths = ("direct", *VARIANTS)
-    series = {"stream up": Series("MB/s", paths), "stream down": Series("MB/s", paths)}
+    phases: dict[str, dict[str, Series]] = {
+        phase: {"stream up": Series("MB/s", paths), "stream down": Series("MB/s", paths)}
+        for phase in ("lab default", "pledge TSO on")}
     with (tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
           Lab(Topology(pledges=1, registrars=1), log_dir=Path(tmp) / "logs") as lab):
         server = lab.registrars[0].spawn(
@@ -578,26 +589,32 @@ def run_variants(seconds: float, rounds: int) -> int:
             PORTS[name] = VARIANT_PORT + i
             procs[name] = lab.proxy.spawn(
                 [PY, __file__, "--floor-proxy", str(PORTS[name]), str(knobs["attach"]),
-                 str(knobs.get("buf", 0)), str(knobs.get("nodelay", 1))],
+                 str(knobs.get("snd", 0)), str(knobs.get("rcv", 0)),
+                 str(knobs.get("nodelay", 1))],
                 name=f"floor-{name}")
         for name, proc in procs.items():
             wait_for(lambda proc=proc: "listening" in proc.log(), 10, f"{name} up")
         bench = Bench(lab, {}, {}, seconds, 1)
-        for r in range(rounds):
-            for name, s in series.items():
-                order = s.paths[r % len(s.paths):] + s.paths[:r % len(s.paths)]
-                for path in order:
-                    bench.stream(path, name.split()[1], s)
-            print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    print(f"\nsplice variants (bare splicer, no joinproxyd): medians over {rounds} round(s)")
-    print(f"{'':<24}" + "".join(f"{p:>19}" for p in paths))
-    for name, s in series.items():
-        cells = [median_range(s.values.get(p, []), ".0f") for p in paths]
-        print(f"{name + ' MB/s':<24}" + "".join(f"{c:>19}" for c in cells))
-        cells = [median_range(s.machine.get(p, []), ".2f") for p in paths]
-        print(f"{'  machine CPU s/GB':<24}" + "".join(f"{c:>19}" for c in cells))
-        cells = [median_range(s.ratios("direct", p), ".2f") for p in paths]
-        print(f"{'  x direct':<24}" + "".join(f"{c:>19}" for c in cells))
+        for phase, series in phases.items():
+            if phase == "pledge TSO on":  # the pledge hands 64 KiB segments to its veth
+                bench.pledge.run(["ethtool", "-K", "eth0", "tx", "on", "tso", "on"])
+            for r in range(rounds):
+                for name, s in series.items():
+                    order = s.paths[r % len(s.paths):] + s.paths[:r % len(s.paths)]
+                    for path in order:
+                        bench.stream(path, name.split()[1], s)
+                print(f"{phase}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    for phase, series in phases.items():
+        print(f"\nsplice variants, {phase} (bare splicer, no joinproxyd): medians over "
+              f"{rounds} round(s)")
+        print(f"{'':<24}" + "".join(f"{p:>19}" for p in paths))
+        for name, s in series.items():
+            cells = [median_range(s.values.get(p, []), ".0f") for p in paths]
+            print(f"{name + ' MB/s':<24}" + "".join(f"{c:>19}" for c in cells))
+            cells = [median_range(s.machine.get(p, []), ".2f") for p in paths]
+            print(f"{'  machine CPU s/GB':<24}" + "".join(f"{c:>19}" for c in cells))
+            cells = [median_range(s.ratios("direct", p), ".2f") for p in paths]
+            print(f"{'  x direct':<24}" + "".join(f"{c:>19}" for c in cells))
     return 0
 
 
@@ -616,8 +633,8 @@ def main() -> int:
     p.add_argument("--variants", action="store_true",
                    help="instead: the kernel splice alone (no joinproxyd) in each VARIANTS "
                    "set-up against direct TCP")
-    p.add_argument("--floor-proxy", nargs=4, type=int, help=argparse.SUPPRESS,
-                   metavar=("PORT", "ATTACH", "BUF", "NODELAY"))  # run by --variants
+    p.add_argument("--floor-proxy", nargs=5, type=int, help=argparse.SUPPRESS,
+                   metavar=("PORT", "ATTACH", "SNDBUF", "RCVBUF", "NODELAY"))  # --variants
     args = p.parse_args()
     if args.floor_proxy:
         import asyncio
