@@ -233,6 +233,27 @@ def test_splice_off_and_a_missing_object_run_in_asyncio(tmp_path):
     run(scenario())
 
 
+def test_auto_prefers_the_asyncio_relay():
+    """auto does not splice: measured, the splice loses for short circuits and a pledge's
+    small segments (README, Benchmarks); status says so, the circuit runs in asyncio."""
+    async def scenario() -> None:
+        h = Harness(splice="auto")
+        server = await h.start(echo)
+        reader, writer = await asyncio.open_connection("::1", h.iface.port)
+        writer.write(b"hi")
+        assert await reader.readexactly(2) == b"hi"
+        status = h.mode.status()["splice"]
+        assert status["setting"] == "auto" and status["running"] is False, status
+        assert "asyncio relay is faster" in status["reason"], status
+        assert h.mode.splicer is None
+        assert h.mode.circuits()[0]["datapath"] == "asyncio"
+        writer.close()
+        await h.mode.close(0)
+        server.close()
+
+    run(scenario())
+
+
 MINIMAL = {"backbone": {"interface": "bb0"}, "join": [{"interfaces": ["join0"]}],
            "registrars": {"static": [{"address": "fd00::1"}]}}
 

@@ -356,6 +356,13 @@ class CircuitMode(RelayMode):
         if setting == "off":
             self.splice_problem = "[circuit] splice = off"
             return
+        if setting == "auto":
+            # auto prefers the asyncio relay: measured here, a spliced circuit costs more
+            # CPU to set up, and a pledge's MSS-sized segments cost the kernel's sockmap
+            # path more than asyncio's 64 KiB reads (README, Benchmarks). "on" splices.
+            self.splice_problem = ("[circuit] splice = auto: the asyncio relay is faster "
+                                   "for short circuits and small segments")
+            return
         try:
             self.splicer = Splicer(self.ctx.datapath.obj_dir if self.ctx.datapath else None)
         except KernelError as exc:
