@@ -35,7 +35,11 @@ from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoi
 from .base import RelayContext, RelayMode
 from .circuit_splice import Refused, SplicedCircuit, Splicer
 
-READ_CHUNK = 65536
+# One read buffer for every circuit (the loop runs one callback at a time): recv_into it
+# and send from it allocates nothing per read. As large as asyncio's transports read.
+READ_CHUNK = 256 * 1024
+_READ_BUFFER = bytearray(READ_CHUNK)
+_READ_VIEW = memoryview(_READ_BUFFER)
 # A connect that fails with one of these failed because of the proxy, not the registrar.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 LISTEN_BACKLOG = 1024
@@ -211,20 +215,21 @@ class Circuit:
     # -- the relay --------------------------------------------------------------------------
     def _readable(self, side: _Side, peer: _Side, upstream: bool) -> None:
         try:
-            data = side.sock.recv(READ_CHUNK)
+            size = side.sock.recv_into(_READ_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close(abort=True)  # reset: the other side is reset too
             return
-        if not data:
+        if not size:
             self._eof(side, peer)
             return
         self.last_activity = time.monotonic()
         if upstream:
-            self.bytes_up += len(data)
+            self.bytes_up += size
         else:
-            self.bytes_down += len(data)
+            self.bytes_down += size
+        data = _READ_VIEW[:size]
         if peer.buffer:  # not expected: reading pauses while the peer has a backlog
             peer.buffer += data
             return
@@ -235,9 +240,9 @@ class Circuit:
         except OSError:
             self.close(abort=True)
             return
-        if sent < len(data):
-            # The peer's send buffer is full: keep the rest, stop reading this side until
-            # it has gone (end-to-end flow control).
+        if sent < size:
+            # The peer's send buffer is full: keep the rest (a copy: the read buffer is
+            # shared), stop reading this side until it has gone (end-to-end flow control).
             peer.buffer = bytearray(data[sent:])
             side.unread(self.loop)
             peer.write(self.loop, self._writable, peer, side)
