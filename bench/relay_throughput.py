@@ -339,6 +339,9 @@ class Bench:
 
     def hold_open(self, count: int, while_held: Callable[[], None],
                   name: str = "joinproxyd") -> None:
+        # After a storm the registrar's health probe may have timed out (joining closed,
+        # circuits refused): wait until joining is open again.
+        wait_for(lambda: self.daemons[name].ctl()["joining"], 20, f"{name} joining")
         argv = [PY, FLOW, "hold", PROXY_LL, str(PORTS[name]), "--count", str(count)]
         child = subprocess.Popen(self.pledge.cmd(argv), stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -346,8 +349,11 @@ class Bench:
             assert child.stdout is not None and child.stdin is not None
             line = child.stdout.readline()
             if not line.startswith("ready"):
+                log = self.daemons[name].log().splitlines()[-15:] if name in self.daemons \
+                    else []
                 raise RuntimeError(f"holding {count} circuits failed: {line!r} "
-                                   f"{child.stderr.read() if child.stderr else ''}")
+                                   f"{child.stderr.read() if child.stderr else ''}\n"
+                                   f"{name}'s log, last lines:\n" + "\n".join(log))
             while_held()
             child.stdin.close()
             child.wait(30)
@@ -459,14 +465,14 @@ def run(seconds: float, rounds: int, circuits: int, concurrency: int,
                 work / "proxy", limits=LIMITS,
                 daemon={"log_level": "info"},
                 # probes and floods are background noise here, keep them rare
-                registrars={"health_interval": 2.0, "health_timeout": 1.0},
+                registrars={"health_interval": 2.0, "health_timeout": 3.0},
                 announce={"interval": 30, "mdns": False})
             config["circuit"] = {"splice": "on"}
             daemon = ProxyDaemon(lab, work / "proxy", config, command=[
                 PY, "-c", PROFILER, str(work / "joinproxyd.pstats")]).start()
             asyncio_config = base_config(
                 work / "proxy-asyncio", limits=LIMITS, daemon={"log_level": "info"},
-                registrars={"health_interval": 2.0, "health_timeout": 1.0},
+                registrars={"health_interval": 2.0, "health_timeout": 3.0},
                 announce={"interval": 30, "mdns": False, "grasp": False},
                 metrics={"listen": "[::1]:9466"}, circuit={"splice": "off"},
                 join=[{"interfaces": ["join*"], "modes": ["circuit"], "port": ASYNCIO_PORT}])
