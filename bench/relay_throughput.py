@@ -552,7 +552,16 @@ async def floor_proxy(port: int, attach: int, snd: int, rcv: int, nodelay: int) 
         spliced: SplicedCircuit | None = None
 
         def close(self, abort: bool = False) -> None:
-            if self.spliced is not None:
+            if self.spliced is not None and not self.spliced.closed:
+                # The program counts skbs as well as bytes: their mean size tells whether
+                # the bytes came in MSS-sized segments or merged ones.
+                sizes = []
+                for end in (self.spliced.pledge, self.spliced.registrar):
+                    row = splicer.side(end.cookie)
+                    # a stream's direction only, not the other side's one-line request
+                    big = row is not None and row.bytes > 1_000_000 and row.segments
+                    sizes.append(row.bytes // row.segments if big else 0)
+                print(f"skb-bytes up {sizes[0]} down {sizes[1]}", flush=True)
                 self.spliced.close(abort)
 
         def touch(self) -> None:
@@ -601,7 +610,9 @@ def run_variants(seconds: float, rounds: int) -> int:
         for name, proc in procs.items():
             wait_for(lambda proc=proc: "listening" in proc.log(), 10, f"{name} up")
         bench = Bench(lab, {}, {}, seconds, 1)
+        skb_sizes: dict[str, str] = {}
         for phase, series in phases.items():
+            seen = len(procs["stream-verdict"].log())
             if phase == "pledge TSO on":  # the pledge hands 64 KiB segments to its veth
                 bench.pledge.run(["ethtool", "-K", "eth0", "tx", "on", "tso", "on"])
             for r in range(rounds):
@@ -610,6 +621,7 @@ def run_variants(seconds: float, rounds: int) -> int:
                     for path in order:
                         bench.stream(path, name.split()[1], s)
                 print(f"{phase}: round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            skb_sizes[phase] = _skb_sizes(procs["stream-verdict"].log()[seen:])
     for phase, series in phases.items():
         print(f"\nsplice variants, {phase} (bare splicer, no joinproxyd): medians over "
               f"{rounds} round(s)")
@@ -621,7 +633,20 @@ def run_variants(seconds: float, rounds: int) -> int:
             print(f"{'  machine CPU s/GB':<24}" + "".join(f"{c:>19}" for c in cells))
             cells = [median_range(s.ratios("direct", p), ".2f") for p in paths]
             print(f"{'  x direct':<24}" + "".join(f"{c:>19}" for c in cells))
+        print(f"mean bytes per skb through the program (stream-verdict): {skb_sizes[phase]}")
     return 0
+
+
+def _skb_sizes(log: str) -> str:
+    """The floor proxy's per-circuit skb sizes ("skb-bytes up U down D"), as ranges."""
+    up, down = [], []
+    for line in log.splitlines():
+        if line.startswith("skb-bytes"):
+            fields = line.split()
+            for values, text in ((up, fields[2]), (down, fields[4])):
+                if int(text):
+                    values.append(float(text))
+    return f"up {median_range(up, '.0f')}, down {median_range(down, '.0f')}"
 
 
 def main() -> int:
