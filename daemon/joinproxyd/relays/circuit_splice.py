@@ -36,9 +36,9 @@ from ..kernel.bpf import Splicer
 SO_COOKIE = 57
 SO_SNDBUFFORCE = 32  # SO_SNDBUF past net.core.wmem_max (CAP_NET_ADMIN, which the daemon has)
 # The send buffer of a spliced socket: the redirect's worker stops at a full send buffer
-# and waits for room, and TCP's autotuning does not grow it for the worker's sends. 4 MiB
-# (the default tcp_wmem maximum) took a bare splice from 0.72 to 0.89 of direct TCP up
-# and 0.96 to 1.30 down (bench/relay_throughput.py --variants, 64 KiB segments).
+# and waits for room. 4 MiB (the default tcp_wmem maximum) took a bare splice from 0.72 to
+# 0.89 of direct TCP up and 0.96 to 1.30 down in one run of bench/relay_throughput.py
+# --variants (32 KiB skbs), changed nothing in another; it only caps what may queue.
 SPLICE_SNDBUF = 4 << 20
 _TCP_INFO_BYTES_ACKED = 120  # offsetof(struct tcp_info, tcpi_bytes_acked), stable UAPI
 
