@@ -364,7 +364,7 @@ class CircuitMode(RelayMode):
         if setting == "auto":
             # auto prefers the asyncio relay: measured here, a spliced circuit costs more
             # CPU to set up, and a pledge's MSS-sized segments cost the kernel's sockmap
-            # path more than asyncio's 64 KiB reads (README, Benchmarks). "on" splices.
+            # path more per byte than this relay's 256 KiB reads (README, Benchmarks).
             self.splice_problem = ("[circuit] splice = auto: the asyncio relay is faster "
                                    "for short circuits and small segments")
             return
@@ -372,9 +372,8 @@ class CircuitMode(RelayMode):
             self.splicer = Splicer(self.ctx.datapath.obj_dir if self.ctx.datapath else None)
         except KernelError as exc:
             self.splice_problem = str(exc).splitlines()[0]
-            level = self.ctx.log.error if setting == "on" else self.ctx.log.info
-            level("circuit relay runs in asyncio: the kernel cannot splice here (%s)",
-                  self.splice_problem, extra={"MODE": self.name})
+            self.ctx.log.error("circuit relay runs in asyncio: the kernel cannot splice here "
+                               "(%s)", self.splice_problem, extra={"MODE": self.name})
             return
         self.ctx.log.info("circuit relay splices circuits in the kernel (splice.bpf.o)",
                           extra={"MODE": self.name})
