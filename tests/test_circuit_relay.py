@@ -342,3 +342,42 @@ def test_out_of_file_descriptors_refuses_cleanly(monkeypatch):
         server.close()
 
     run(scenario())
+
+
+def test_out_of_file_descriptors_at_accept_pauses_the_listener_then_serves(monkeypatch):
+    """accept() failing with EMFILE is counted (drop reason resources), logged, and stops
+    the listener for a moment instead of spinning on it; the pledge waits in the backlog and
+    is served once accepting resumes."""
+    import errno
+
+    from joinproxyd.relays import circuit as circuit_module
+
+    real_accept = socket.socket.accept
+    failures = {"left": 1}
+
+    def accept_once_emfile(self: socket.socket) -> tuple[socket.socket, object]:
+        if failures["left"] and self.getsockname()[1] == h.iface.port:
+            failures["left"] -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_accept(self)
+
+    h = Harness(DEFAULT)
+    monkeypatch.setattr(socket.socket, "accept", accept_once_emfile)
+    monkeypatch.setattr(circuit_module, "ACCEPT_RETRY_SECONDS", 0.3)
+
+    async def scenario() -> None:
+        server, registrar = await with_registrar(echo)
+        await h.mode.reconcile([h.iface], registrar)
+        reader, writer = await h.connect()  # the kernel completes it; accept() fails
+        writer.write(b"hello")
+        await asyncio.sleep(0.1)
+        assert h.drops("resources") == 1
+        assert h.mode.open == set()  # not admitted yet: the listener is paused
+        assert h.mode.listeners[h.iface.name].retry is not None
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"  # then served
+        assert h.drops("resources") == 1 and failures["left"] == 0
+        writer.close()
+        await h.mode.close(0)
+        server.close()
+
+    run(scenario())

@@ -4,6 +4,7 @@ refusal falling back to asyncio, status, and the [circuit] splice key."""
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import socket
 import threading
@@ -232,6 +233,27 @@ def test_splice_off_and_a_missing_object_run_in_asyncio(tmp_path):
     run(scenario())
 
 
+def test_auto_prefers_the_asyncio_relay():
+    """auto does not splice: measured, the splice loses for short circuits and a pledge's
+    small segments (README, Benchmarks); status says so, the circuit runs in asyncio."""
+    async def scenario() -> None:
+        h = Harness(splice="auto")
+        server = await h.start(echo)
+        reader, writer = await asyncio.open_connection("::1", h.iface.port)
+        writer.write(b"hi")
+        assert await reader.readexactly(2) == b"hi"
+        status = h.mode.status()["splice"]
+        assert status["setting"] == "auto" and status["running"] is False, status
+        assert "asyncio relay is faster" in status["reason"], status
+        assert h.mode.splicer is None
+        assert h.mode.circuits()[0]["datapath"] == "asyncio"
+        writer.close()
+        await h.mode.close(0)
+        server.close()
+
+    run(scenario())
+
+
 MINIMAL = {"backbone": {"interface": "bb0"}, "join": [{"interfaces": ["join0"]}],
            "registrars": {"static": [{"address": "fd00::1"}]}}
 
@@ -254,3 +276,40 @@ def test_uci_circuit_section_maps_to_the_splice_key():
             "config circuit 'circuit'\n\toption splice 'off'\n")
     data = translate(read(text)).data
     assert data["circuit"] == {"splice": "off"}
+
+
+def test_closed_spliced_circuits_leave_nothing_in_either_map():
+    """A closing circuit deletes its rows; its sockets leave the sockhash as they close (the
+    kernel's unlink, which the daemon relies on instead of deleting them itself)."""
+    from joinproxyd.kernel.libbpf import map_keys
+
+    async def scenario() -> None:
+        h = Harness()
+        server = await h.start(echo)
+        conns = [await asyncio.open_connection("::1", h.iface.port) for _ in range(3)]
+        for reader, writer in conns:
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+        splicer = h.mode.splicer
+        assert splicer is not None
+        assert len(map_keys(splicer.socks_fd, ctypes.c_uint64)) == 6  # two per circuit
+        assert len(map_keys(splicer.sides_fd, ctypes.c_uint64)) == 6
+        (_, first), (_, second), (reader, _) = conns
+        first.write_eof()  # a graceful end: each side half-closes
+        await asyncio.sleep(0.2)
+        first.close()
+        h.mode.drop(min(h.mode.open, key=lambda c: c.id), "test")  # an abort
+        second.close()
+        for _ in range(50):
+            if h.mode.status()["active"] == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert h.mode.status()["active"] == 1
+        assert len(map_keys(splicer.socks_fd, ctypes.c_uint64)) == 2
+        assert len(map_keys(splicer.sides_fd, ctypes.c_uint64)) == 2
+        await h.mode.close(0)  # aborts what is left: a reset
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 3)
+        server.close()
+
+    run(scenario())

@@ -134,11 +134,12 @@ class IpipSettings:
 
 @dataclass(frozen=True)
 class CircuitSettings:
-    """The circuit relay: "on"/"auto" splice each circuit's two sockets in the kernel
-    (ebpf/splice.bpf.c) where it takes them, else the asyncio relay moves the bytes; "on"
-    logs an error when the kernel cannot splice at all, "auto" a note; "off" never tries.
-    Off by default: on the measured kernel (6.18, 2 vCPU) the sockhash's egress redirect
-    moved fewer bytes per second and per CPU second than the asyncio relay (README)."""
+    """The circuit relay: "on" splices each circuit's two sockets in the kernel
+    (ebpf/splice.bpf.c) where it takes them, else the asyncio relay moves the bytes, and
+    logs an error when the kernel cannot splice at all; "auto" and "off" run the asyncio
+    relay. Not spliced unless "on": on the measured kernel (6.18, 2 vCPU) a spliced circuit
+    costs more CPU to set up, and MSS-sized segments from a pledge cost the sockhash's
+    egress redirect far more per byte than the asyncio relay (README)."""
 
     splice: str = "off"
 

@@ -721,6 +721,7 @@ SPLICE_OBJECT = "splice.bpf.o"
 PROGRAM = b"jp_splice_verdict"
 SOCKS, SIDES = b"jp_splice_socks", b"jp_splice_sides"
 BPF_SK_SKB_STREAM_VERDICT = 5  # enum bpf_attach_type
+BPF_SK_SKB_VERDICT = 38  # the same program without the stream wrapper (5.13+)
 BPF_NOEXIST = 1
 
 
@@ -736,7 +737,8 @@ class Splicer:
     maps are never pinned: spliced sockets die with the daemon), one program attached to one
     sockhash, and the sides' rows."""
 
-    def __init__(self, obj_dir: Path | None = None) -> None:
+    def __init__(self, obj_dir: Path | None = None,
+                 attach: int = BPF_SK_SKB_STREAM_VERDICT) -> None:
         lib = libbpf()
         path = Path(obj_dir or DEFAULT_OBJ_DIR) / SPLICE_OBJECT
         self._obj = lib.bpf_object__open_file(str(path).encode(), None)
@@ -758,10 +760,10 @@ class Splicer:
             self.prog_fd = check(lib.bpf_program__fd(prog), "fd of jp_splice_verdict")
             self.socks_fd = check(lib.bpf_map__fd(socks), "fd of jp_splice_socks")
             self.sides_fd = check(lib.bpf_map__fd(sides), "fd of jp_splice_sides")
-            attach = lib.lib.bpf_prog_attach
+            attach_type, attach = attach, lib.lib.bpf_prog_attach
             attach.restype = ctypes.c_int
             attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
-            check(attach(self.prog_fd, self.socks_fd, BPF_SK_SKB_STREAM_VERDICT, 0),
+            check(attach(self.prog_fd, self.socks_fd, attach_type, 0),
                   "attach jp_splice_verdict to jp_splice_socks")
         except BaseException:
             self.close()
@@ -784,6 +786,11 @@ class Splicer:
     def remove_sock(self, cookie: int) -> None:
         with contextlib.suppress(KernelError):
             delete_elem(self.socks_fd, ctypes.c_uint64(cookie), "jp_splice_socks")
+
+    def forget(self, cookie: int) -> None:
+        """Remove a side's row only (its socket leaves the sockhash as it closes)."""
+        with contextlib.suppress(KernelError):
+            delete_elem(self.sides_fd, ctypes.c_uint64(cookie), "jp_splice_sides")
 
     def remove(self, cookie: int) -> None:
         for fd, what in ((self.socks_fd, "jp_splice_socks"), (self.sides_fd, "jp_splice_sides")):

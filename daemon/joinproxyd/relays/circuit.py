@@ -7,16 +7,23 @@ end to end: when one side's send buffer fills, reading from the other side pause
 half-close in one direction is passed on as a half-close. Circuits that stay silent longer
 than the idle timeout, or live longer than the circuit lifetime, are closed and counted.
 
-asyncio Protocols rather than streams: no per-chunk coroutine switches on the hot path.
-With [circuit] splice (circuit_splice.py) a connected circuit's bytes move in the kernel
-instead, and this module keeps only its accounting; a circuit the kernel refuses stays here.
+Raw non-blocking sockets driven by the loop's add_reader/add_writer, not asyncio transports,
+protocols, tasks or futures: a circuit is two sockets and two small records, and setting one
+up takes no extra loop turns (bench/relay_throughput.py's breakdown shows where the time
+went before). The pledge's socket is not read before the registrar's side has connected, so
+what the pledge sends first waits in its receive queue. With [circuit] splice
+(circuit_splice.py) a connected circuit's bytes move in the kernel instead, and this module
+keeps only its accounting; a circuit the kernel refuses stays here.
 """
 
 import asyncio
+import contextlib
 import errno
 import itertools
+import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,78 +35,92 @@ from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoi
 from .base import RelayContext, RelayMode
 from .circuit_splice import Refused, SplicedCircuit, Splicer
 
-READ_CHUNK = 65536
+# One read buffer for every circuit (the loop runs one callback at a time): recv_into it
+# and send from it allocates nothing per read. As large as asyncio's transports read.
+READ_CHUNK = 256 * 1024
+_READ_BUFFER = bytearray(READ_CHUNK)
+_READ_VIEW = memoryview(_READ_BUFFER)
 # A connect that fails with one of these failed because of the proxy, not the registrar.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 LISTEN_BACKLOG = 1024
+ACCEPT_BATCH = 128  # accepts per readable event of a listener: a storm costs one wake-up each
+ACCEPT_RETRY_SECONDS = 1.0  # out of fds: stop accepting this long (as asyncio's servers do)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends a reset
 
 
-class _Side(asyncio.Protocol):
-    """One end of a circuit; it hands what it reads to the other end's transport."""
+class _Side:
+    """One socket of a circuit: what could not be sent yet, and which events are watched."""
 
-    __slots__ = ("circuit", "eof", "transport", "upstream")  # memory per open circuit
+    __slots__ = ("buffer", "closing", "eof", "fd", "reading", "shut_pending", "sock",
+                 "writing")  # memory per open circuit
 
-    def __init__(self, circuit: "Circuit", upstream: bool) -> None:
-        self.circuit = circuit
-        self.upstream = upstream  # True for the pledge side: its bytes travel upstream
-        self.transport: asyncio.Transport | None = None
-        self.eof = False
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buffer: bytearray | None = None  # unsent bytes (reading the peer is paused)
+        self.eof = False  # its peer half-closed toward us
+        self.shut_pending = False  # half-close it once the buffer is sent
+        self.closing = False  # closed by the circuit, the buffer still being sent
+        self.reading = self.writing = False
 
-    def peer(self) -> "_Side":
-        return self.circuit.registrar_side if self.upstream else self.circuit.pledge_side
+    def read(self, loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+        if not self.reading:
+            self.reading = True
+            loop.add_reader(self.fd, callback, *args)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def unread(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.reading:
+            self.reading = False
+            loop.remove_reader(self.fd)
 
-    def data_received(self, data: bytes) -> None:
-        circuit = self.circuit
-        circuit.last_activity = time.monotonic()
-        if self.upstream:
-            circuit.bytes_up += len(data)
-        else:
-            circuit.bytes_down += len(data)
-        peer = self.peer().transport
-        if peer is None or not circuit.connected:
-            # Registrar side not ready: keep it, in order (reading is paused, so this is
-            # at most what was in flight when the connection was accepted).
-            circuit.pending.append(data)
-        else:
-            peer.write(data)
+    def write(self, loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+        if not self.writing:
+            self.writing = True
+            loop.add_writer(self.fd, callback, *args)
 
-    def eof_received(self) -> bool:
-        self.eof = True
-        peer = self.peer()
-        if peer.transport is not None and peer.transport.can_write_eof():
-            peer.transport.write_eof()
-        if peer.eof:
-            self.circuit.close()
-        return True  # keep our sending direction open: the other side may still talk
+    def unwrite(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.writing:
+            self.writing = False
+            loop.remove_writer(self.fd)
 
-    # Backpressure: our transport's buffer is full, so stop reading from the other side.
-    def pause_writing(self) -> None:
-        other = self.peer().transport
-        if other is not None:
-            other.pause_reading()
+    def close(self, loop: asyncio.AbstractEventLoop, abort: bool) -> None:
+        """Stop watching it and close it: at once with a reset if abort; else once what is
+        buffered has been sent (the peer's last bytes are not cut off)."""
+        self.unread(loop)
+        if self.buffer and not abort:
+            self.closing = True
+            self.write(loop, self._flush_then_close, loop)
+            return
+        self.unwrite(loop)
+        if abort:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.sock.close()
 
-    def resume_writing(self) -> None:
-        other = self.peer().transport
-        if other is not None and not other.is_closing():
-            other.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.circuit.close()
+    def _flush_then_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            sent = self.sock.send(self.buffer or b"")
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(self.buffer or b"")
+        if self.buffer is not None:
+            del self.buffer[:sent]
+        if not self.buffer:
+            self.buffer = None
+            self.close(loop, abort=False)
 
 
 class Circuit:
-    __slots__ = ("active", "bytes_down", "bytes_up", "closed", "connect_task", "connected",
-                 "flushed_down", "flushed_up", "id", "interface", "last_activity", "mode",
-                 "pending", "pledge", "pledge_side", "registrar", "registrar_side", "spliced",
-                 "started")  # memory per open circuit
+    __slots__ = ("active", "bytes_down", "bytes_up", "closed", "connected", "flushed_down",
+                 "flushed_up", "id", "interface", "last_activity", "loop", "mode", "pledge",
+                 "pledge_side", "registrar", "registrar_side", "spliced", "started",
+                 "timer")  # memory per open circuit
 
     def __init__(self, mode: "CircuitMode", interface: str, pledge: str,
-                 registrar: RegistrarEndpoint) -> None:
+                 registrar: RegistrarEndpoint, pledge_sock: socket.socket) -> None:
         self.mode = mode
+        self.loop = asyncio.get_running_loop()
         self.id = next(mode.ids)  # what `joinproxyctl circuits` lists and `drop` takes
         self.interface = interface
         self.pledge = pledge
@@ -107,89 +128,164 @@ class Circuit:
         self.started = self.last_activity = time.monotonic()
         self.bytes_up = self.bytes_down = 0
         self.flushed_up = self.flushed_down = 0
-        self.pending: list[bytes] = []
-        self.pledge_side = _Side(self, upstream=True)
-        self.registrar_side = _Side(self, upstream=False)
+        self.pledge_side: _Side | None = _Side(pledge_sock)
+        self.registrar_side: _Side | None = None
         self.closed = False
-        self.connected = False  # registrar side up and pending bytes flushed
+        self.connected = False  # registrar side up: bytes move
         self.active = False  # counted in the active gauge once the registrar side is up
-        self.connect_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the connect timeout
         self.spliced: SplicedCircuit | None = None  # the kernel moves its bytes
 
-    async def connect(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        sock: socket.socket | None = None
+    # -- set-up ---------------------------------------------------------------------------
+    def connect(self, timeout: float) -> None:
+        """Start the registrar side's connect; the rest happens in _connect_done."""
         try:
-            # socket() inside the try: at the open-file limit it fails (EMFILE), and that must
-            # refuse this circuit like any failed connect. Outside, the task died with an
-            # unretrieved exception and left the pledge side paused, blind to its hang-up,
-            # and counted against the limits until the idle timeout.
+            # socket() inside the try: at the open-file limit it fails (EMFILE), and that
+            # must refuse this circuit like any failed connect.
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, self.registrar.sockaddr), timeout)
-            if self.mode.splicer is not None and await self._splice(sock, timeout):
-                self.connected = True
-                self.mode.opened(self)
-                return
-            await loop.create_connection(lambda: self.registrar_side, sock=sock)
-        except (OSError, TimeoutError) as exc:
-            if sock is not None:
-                sock.close()
-            ours = isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES
-            self.mode.refused(self.interface,
-                              DropReason.RESOURCES if ours else DropReason.REGISTRAR_UNREACHABLE,
-                              f"registrar {self.registrar.key}: {exc or 'timed out'}",
-                              self.pledge)
-            self.close()
+        except OSError as exc:
+            self._refuse(exc)
             return
-        upstream = self.registrar_side.transport
-        assert upstream is not None
-        for chunk in self.pending:
-            upstream.write(chunk)
-        self.pending.clear()
+        side = self.registrar_side = _Side(sock)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
+        code = sock.connect_ex(self.registrar.sockaddr)
+        if code == 0:
+            self._connected()
+        elif code in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            side.write(self.loop, self._connect_done)
+            self.timer = self.loop.call_later(timeout, self._connect_timeout)
+        else:
+            self._refuse(OSError(code, os.strerror(code)))
+
+    def _connect_done(self) -> None:
+        side = self.registrar_side
+        assert side is not None
+        side.unwrite(self.loop)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        code = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._refuse(OSError(code, os.strerror(code)))
+        else:
+            self._connected()
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        self._refuse(TimeoutError())
+
+    def _refuse(self, exc: OSError) -> None:
+        ours = exc.errno in OUT_OF_RESOURCES
+        self.mode.refused(self.interface,
+                          DropReason.RESOURCES if ours else DropReason.REGISTRAR_UNREACHABLE,
+                          f"registrar {self.registrar.key}: {exc or 'timed out'}",
+                          self.pledge)
+        self.close()
+
+    def _connected(self) -> None:
+        if self.closed:
+            return
         self.connected = True
-        if self.pledge_side.eof and upstream.can_write_eof():
-            upstream.write_eof()
-        pledge = self.pledge_side.transport
-        if pledge is not None and not pledge.is_closing():
-            pledge.resume_reading()
+        if self.mode.splicer is not None and self._splice():
+            self.mode.opened(self)
+            return
+        pledge, registrar = self.pledge_side, self.registrar_side
+        assert pledge is not None and registrar is not None
+        pledge.read(self.loop, self._readable, pledge, registrar, True)
+        registrar.read(self.loop, self._readable, registrar, pledge, False)
         self.mode.opened(self)
 
-    async def _splice(self, sock: socket.socket, timeout: float) -> bool:
+    def _splice(self) -> bool:
         """Hand both sockets to the kernel; False (logged, counted) if it refuses, and the
-        asyncio relay carries on with everything as it was."""
-        splicer, transport = self.mode.splicer, self.pledge_side.transport
-        assert splicer is not None
-        if transport is None or transport.is_closing():
-            return False
-        # What the pledge sent before the registrar answered and asyncio already read goes
-        # first, by hand; what is still in the receive queue is left to the program. A
-        # failure here has cut the stream: the circuit ends (OSError/TimeoutError to connect).
-        loop = asyncio.get_running_loop()
-        for chunk in self.pending:
-            await asyncio.wait_for(loop.sock_sendall(sock, chunk), timeout)
-        self.pending.clear()
-        # our own fd on the pledge's socket: asyncio's transport (paused) keeps its own
-        pledge_sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        spliced = SplicedCircuit(splicer, self, pledge_sock, sock, self.bytes_up)
+        relay here carries on with everything as it was."""
+        splicer, pledge, registrar = self.mode.splicer, self.pledge_side, self.registrar_side
+        assert splicer is not None and pledge is not None and registrar is not None
+        spliced = SplicedCircuit(splicer, self, pledge.sock, registrar.sock)
         try:
-            await spliced.start(timeout)
+            spliced.start(self.mode.ctx.limits().connect_timeout)
         except Refused as exc:
-            pledge_sock.close()
             self.mode.splice_refused(self, str(exc).splitlines()[0])
             return False
-        except BaseException:
-            spliced.close(abort=True)
-            raise
         self.spliced = spliced
         self.mode.splice_counts["spliced"] += 1
-        # asyncio's transport is of no more use: it goes (with its fd and buffers), our fd
-        # keeps the socket; told nothing, so its going does not close the circuit.
-        transport.set_protocol(_Detached())
-        transport.close()
-        self.pledge_side.transport = None
+        self.pledge_side = self.registrar_side = None  # the spliced circuit has the sockets
         return True
 
+    # -- the relay --------------------------------------------------------------------------
+    def _readable(self, side: _Side, peer: _Side, upstream: bool) -> None:
+        try:
+            size = side.sock.recv_into(_READ_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(abort=True)  # reset: the other side is reset too
+            return
+        if not size:
+            self._eof(side, peer)
+            return
+        self.last_activity = time.monotonic()
+        if upstream:
+            self.bytes_up += size
+        else:
+            self.bytes_down += size
+        data = _READ_VIEW[:size]
+        if peer.buffer:  # not expected: reading pauses while the peer has a backlog
+            peer.buffer += data
+            return
+        try:
+            sent = peer.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close(abort=True)
+            return
+        if sent < size:
+            # The peer's send buffer is full: keep the rest (a copy: the read buffer is
+            # shared), stop reading this side until it has gone (end-to-end flow control).
+            peer.buffer = bytearray(data[sent:])
+            side.unread(self.loop)
+            peer.write(self.loop, self._writable, peer, side)
+
+    def _writable(self, side: _Side, source: _Side) -> None:
+        buffer = side.buffer
+        if buffer:
+            try:
+                sent = side.sock.send(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close(abort=True)
+                return
+            del buffer[:sent]
+            if buffer:
+                return
+        side.buffer = None
+        side.unwrite(self.loop)
+        if side.shut_pending:
+            self._shut(side)
+        elif not source.eof and not self.closed:
+            source.read(self.loop, self._readable, source, side, source is self.pledge_side)
+
+    def _eof(self, side: _Side, peer: _Side) -> None:
+        """side's peer half-closed: pass it on to the other end once its bytes are sent."""
+        side.unread(self.loop)
+        side.eof = True
+        if peer.buffer:
+            peer.shut_pending = True
+        else:
+            self._shut(peer)
+        if peer.eof and not self.closed:
+            self.close()
+
+    def _shut(self, side: _Side) -> None:
+        side.shut_pending = False
+        try:
+            side.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(abort=True)
+
+    # -- both kinds ---------------------------------------------------------------------------
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
@@ -209,17 +305,15 @@ class Circuit:
         if self.closed:
             return
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.spliced is not None:
             self.refresh()
             self.spliced.close(abort)
         for side in (self.pledge_side, self.registrar_side):
-            if side.transport is not None and not side.transport.is_closing():
-                if abort:
-                    side.transport.abort()
-                else:
-                    side.transport.close()
-        if self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+            if side is not None:
+                side.close(self.loop, abort)
         self.mode.closed(self)
 
     def info(self, now: float) -> dict[str, Any]:
@@ -230,9 +324,10 @@ class Circuit:
 
 
 class _Listener:
-    def __init__(self, iface: JoinInterface, server: asyncio.AbstractServer) -> None:
+    def __init__(self, iface: JoinInterface, sock: socket.socket) -> None:
         self.iface = iface
-        self.server = server
+        self.sock = sock
+        self.retry: asyncio.TimerHandle | None = None  # accepting again after EMFILE
 
 
 class CircuitMode(RelayMode):
@@ -248,6 +343,12 @@ class CircuitMode(RelayMode):
         self.ids = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
         ctx.metrics.add_mode(self.name)
+        # The mode's own series, looked up once: labels() costs a dict lookup under a lock
+        # per call, several per circuit. These are never removed (forget_interface removes
+        # only the interface-labelled ones, which are still looked up each time).
+        self._opened_total = ctx.metrics.circuits.labels(self.name)
+        self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
+        self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
         # [circuit] splice: decided at the first reconcile; None runs every circuit here
         self.splicer: Splicer | None = None
         self.splice_problem: str | None = None
@@ -260,13 +361,19 @@ class CircuitMode(RelayMode):
         if setting == "off":
             self.splice_problem = "[circuit] splice = off"
             return
+        if setting == "auto":
+            # auto prefers the asyncio relay: measured here, a spliced circuit costs more
+            # CPU to set up, and a pledge's MSS-sized segments cost the kernel's sockmap
+            # path more per byte than this relay's 256 KiB reads (README, Benchmarks).
+            self.splice_problem = ("[circuit] splice = auto: the asyncio relay is faster "
+                                   "for short circuits and small segments")
+            return
         try:
             self.splicer = Splicer(self.ctx.datapath.obj_dir if self.ctx.datapath else None)
         except KernelError as exc:
             self.splice_problem = str(exc).splitlines()[0]
-            level = self.ctx.log.error if setting == "on" else self.ctx.log.info
-            level("circuit relay runs in asyncio: the kernel cannot splice here (%s)",
-                  self.splice_problem, extra={"MODE": self.name})
+            self.ctx.log.error("circuit relay runs in asyncio: the kernel cannot splice here "
+                               "(%s)", self.splice_problem, extra={"MODE": self.name})
             return
         self.ctx.log.info("circuit relay splices circuits in the kernel (splice.bpf.o)",
                           extra={"MODE": self.name})
@@ -305,7 +412,6 @@ class CircuitMode(RelayMode):
         where = f"[{iface.scoped_link_local}]:{iface.port}"
         if not book.due(iface.name, self.name, where):
             return  # failed lately: the retry timer brings the next attempt
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -313,7 +419,6 @@ class CircuitMode(RelayMode):
             sock.bind((iface.link_local, iface.port, 0, iface.index))
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-            server = await loop.create_server(lambda: self._accept(iface), sock=sock)
         except OSError as exc:
             sock.close()
             # Counted, logged once and retried with backoff; the control plane neither
@@ -321,18 +426,27 @@ class CircuitMode(RelayMode):
             book.failed(iface.name, self.name, where, exc)
             return
         book.bound(iface.name, self.name)
-        self.listeners[iface.name] = _Listener(iface, server)
+        listener = self.listeners[iface.name] = _Listener(iface, sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, listener)
         self.ctx.log.info("circuit proxy listening on [%s]:%d", iface.scoped_link_local,
                           iface.port, extra={"INTERFACE": iface.name, "MODE": self.name})
 
     async def _unlisten(self, name: str, gone: bool) -> None:
         listener = self.listeners.pop(name)
-        listener.server.close()
+        self._stop_listener(listener)
         if gone:  # the link went away: its circuits cannot carry anything any more
             for circuit in [c for c in self.open if c.interface == name]:
                 circuit.close(abort=True)
         self.ctx.log.info("circuit proxy stopped listening on %s", name,
                           extra={"INTERFACE": name, "MODE": self.name})
+
+    @staticmethod
+    def _stop_listener(listener: _Listener) -> None:
+        if listener.retry is not None:
+            listener.retry.cancel()
+        else:
+            asyncio.get_running_loop().remove_reader(listener.sock.fileno())
+        listener.sock.close()
 
     def unserved(self) -> dict[str, str]:
         book = self.ctx.listener_book()
@@ -361,11 +475,37 @@ class CircuitMode(RelayMode):
             self._splice_decided = False
 
     # -- data plane events ------------------------------------------------------------------
-    def _accept(self, iface: JoinInterface) -> asyncio.Protocol:
-        return _Admit(self, iface)
+    def _accept(self, listener: _Listener) -> None:
+        """Accept what is queued, up to a batch, and admit each."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peername = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the pledge gave up while queued
+            except OSError as exc:
+                # Out of fds or memory (or worse): the queued pledges wait (the backlog
+                # holds them) rather than the loop spinning on a listener it cannot serve.
+                if exc.errno in OUT_OF_RESOURCES:
+                    self.ctx.metrics.drop(self.name, DropReason.RESOURCES)
+                self.ctx.log.error("circuit proxy cannot accept on %s, pausing %g s: %s",
+                                   listener.iface.name, ACCEPT_RETRY_SECONDS, exc,
+                                   extra={"INTERFACE": listener.iface.name, "MODE": self.name})
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.sock.fileno())
+                listener.retry = loop.call_later(ACCEPT_RETRY_SECONDS, self._resume, listener)
+                return
+            sock.setblocking(False)
+            self.admit(listener.iface, sock, peername)
 
-    def admit(self, iface: JoinInterface, transport: asyncio.Transport) -> None:
-        peername = transport.get_extra_info("peername") or ("?", 0)
+    def _resume(self, listener: _Listener) -> None:
+        listener.retry = None
+        if self.listeners.get(listener.iface.name) is listener:
+            asyncio.get_running_loop().add_reader(listener.sock.fileno(), self._accept,
+                                                  listener)
+
+    def admit(self, iface: JoinInterface, sock: socket.socket, peername: Any) -> None:
         pledge = f"{peername[0].split('%')[0]}%{iface.name}"
         # The operator's window first: a closed one refuses whatever else would be true.
         reason: DropReason | PolicyDropReason | None = (
@@ -374,18 +514,13 @@ class CircuitMode(RelayMode):
                                  self.registrar is not None))
         if reason is not None:
             self.refused(iface.name, reason, f"pledge {pledge}", pledge)
-            transport.abort()
+            sock.close()
             return
         assert self.registrar is not None
-        circuit = Circuit(self, iface.name, pledge, self.registrar)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports
+        circuit = Circuit(self, iface.name, pledge, self.registrar, sock)
         self.open.add(circuit)
-        circuit.pledge_side.connection_made(transport)
-        transport.set_protocol(circuit.pledge_side)
-        # Hold the pledge's bytes until the registrar side is connected. Deferred one loop
-        # turn: Python 3.11 re-adds the reader after connection_made, undoing an early pause.
-        asyncio.get_running_loop().call_soon(_pause, transport)
-        circuit.connect_task = asyncio.create_task(
-            circuit.connect(self.ctx.limits().connect_timeout))
+        circuit.connect(self.ctx.limits().connect_timeout)
 
     def refused(self, interface: str, reason: DropReason | PolicyDropReason, detail: str,
                 pledge: str | None = None) -> None:
@@ -410,13 +545,18 @@ class CircuitMode(RelayMode):
         circuit.close(abort=True)
 
     def opened(self, circuit: Circuit) -> None:
-        self.ctx.metrics.circuits.labels(self.name).inc()
+        self._opened_total.inc()
         self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).inc()
         circuit.active = True
-        self.ctx.log.info("circuit %s -> %s opened", circuit.pledge, circuit.registrar.key,
-                          extra={"INTERFACE": circuit.interface, "MODE": self.name,
-                                 "REGISTRAR": circuit.registrar.key,
-                                 "PLEDGE": circuit.pledge})
+        # A circuit's opening and closing are logged at debug: at info, the two lines were
+        # the largest single cost of a short circuit (bench/relay_throughput.py's
+        # breakdown); refusals, drops and errors stay at info and above.
+        if self.ctx.log.isEnabledFor(logging.DEBUG):
+            self.ctx.log.debug("circuit %s -> %s opened", circuit.pledge,
+                               circuit.registrar.key,
+                               extra={"INTERFACE": circuit.interface, "MODE": self.name,
+                                      "REGISTRAR": circuit.registrar.key,
+                                      "PLEDGE": circuit.pledge})
 
     def closed(self, circuit: Circuit) -> None:
         if circuit not in self.open:
@@ -426,7 +566,9 @@ class CircuitMode(RelayMode):
         self._flush(circuit)
         if circuit.active:
             self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).dec()
-            self.ctx.log.info(
+            if not self.ctx.log.isEnabledFor(logging.DEBUG):
+                return
+            self.ctx.log.debug(
                 "circuit %s -> %s closed after %.1f s, %d bytes up, %d down", circuit.pledge,
                 circuit.registrar.key, time.monotonic() - circuit.started, circuit.bytes_up,
                 circuit.bytes_down,
@@ -434,13 +576,11 @@ class CircuitMode(RelayMode):
                        "REGISTRAR": circuit.registrar.key, "PLEDGE": circuit.pledge})
 
     def _flush(self, circuit: Circuit) -> None:
-        bytes_counter = self.ctx.metrics.relayed_bytes
         if circuit.bytes_up > circuit.flushed_up:
-            bytes_counter.labels(self.name, "upstream").inc(circuit.bytes_up - circuit.flushed_up)
+            self._bytes_up.inc(circuit.bytes_up - circuit.flushed_up)
             circuit.flushed_up = circuit.bytes_up
         if circuit.bytes_down > circuit.flushed_down:
-            bytes_counter.labels(self.name, "downstream").inc(
-                circuit.bytes_down - circuit.flushed_down)
+            self._bytes_down.inc(circuit.bytes_down - circuit.flushed_down)
             circuit.flushed_down = circuit.bytes_down
 
     async def _sweep(self) -> None:
@@ -480,25 +620,3 @@ class CircuitMode(RelayMode):
     def circuits(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         return [c.info(now) for c in sorted(self.open, key=lambda c: c.started)]
-
-
-def _pause(transport: asyncio.Transport) -> None:
-    if not transport.is_closing():
-        transport.pause_reading()
-
-
-class _Detached(asyncio.Protocol):
-    """The protocol of a spliced pledge's transport as it closes: hears nothing."""
-
-
-class _Admit(asyncio.Protocol):
-    """Placeholder protocol for a just-accepted connection: admission happens here, then the
-    transport is handed to the circuit's pledge side."""
-
-    def __init__(self, mode: CircuitMode, iface: JoinInterface) -> None:
-        self.mode = mode
-        self.iface = iface
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.mode.admit(self.iface, transport)
