@@ -266,6 +266,8 @@ class PledgeRunner:
         except PinMismatch as exc:
             await self._close()  # §5.6.2: the connection is discarded
             await self._pin_failed(candidate, str(exc), exc)
+        self.result.events.append("provisional connection authenticated against the "
+                                  "pinned-domain-cert and kept")
         return True
 
     async def _pin_failed(self, candidate: Candidate, detail: str, cause: Exception) -> NoReturn:
