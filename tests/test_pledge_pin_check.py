@@ -1,13 +1,16 @@
 """The kept provisional connection, authenticated after the voucher (RFC 8995 §5.6.2).
 
 ``pledge_sim.pin_check`` judges the chain a TLS server sent against the pinned-domain-cert;
-here with real certificates (a root, a sub-CA, a registrar), and the chain as read off real
-TLS handshakes run in memory (``ssl.MemoryBIO``, no sockets) with the pledge's own context.
+here with real certificates (a root, a sub-CA, a registrar), the chain as read off real TLS
+handshakes run in memory (``ssl.MemoryBIO``, no sockets) with the pledge's own context, and
+the runner against a canned registrar over TLS on loopback: which connection carries what.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import json
 import ssl
 from pathlib import Path
 
@@ -17,9 +20,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from brski import pki as test_pki
+from brski.cli.pki import write_pki
+from brski.pki import create_test_pki
+from brski.signed_voucher import sign_voucher_cms
+from brski.voucher import Assertion, Voucher
 from pledge_sim import tls
+from pledge_sim.discovery import Candidate
 from pledge_sim.http import sent_chain
+from pledge_sim.identity import identities_from_pki, load_anchors
 from pledge_sim.pin_check import MAX_CHAIN, PinMismatch, check_server_chain
+from pledge_sim.runner import EnrollResult, PledgeRunner, Settings
 
 NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -256,3 +267,132 @@ def test_sent_chain_is_none_when_the_tls_layer_cannot_tell():
         pass
 
     assert sent_chain(Opaque()) is None  # type: ignore[arg-type]
+
+
+# -- the runner over real TLS on loopback: which connection carries what ----------------------
+
+
+class Registrar:
+    """A TLS server on ::1 answering each request with the next canned reply; it records the
+    requests per connection."""
+
+    def __init__(self, cert: Path, key: Path, replies: list[bytes]) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.replies = replies
+        self.connections: list[list[bytes]] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mine: list[bytes] = []
+        self.connections.append(mine)
+        try:
+            while self.replies:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")), b"0"))
+                mine.append(head.split(b" ")[1] + b" " + await reader.readexactly(length))
+                reply = self.replies.pop(0)
+                writer.write(reply)
+                await writer.drain()
+                if b"Connection: close" in reply:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    def paths(self) -> list[list[str]]:
+        return [[r.split(b" ")[0].decode().rsplit("/", 1)[1] for r in c]
+                for c in self.connections]
+
+
+def reply(status: str, body: bytes = b"", *headers: str) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+NONCE = b"\x07" * 16
+
+
+def enroll_against(tmp_path: Path, replies: list[bytes], *, keep: bool = True
+                   ) -> tuple[EnrollResult, Registrar]:
+    async def go() -> tuple[EnrollResult, Registrar]:
+        registrar = Registrar(tmp_path / "pki/domain/registrar.crt",
+                              tmp_path / "pki/domain/registrar.key", replies)
+        server = await asyncio.start_server(registrar.handle, "::1", 0,
+                                            ssl=registrar.context)
+        port = server.sockets[0].getsockname()[1]
+        (ident,) = identities_from_pki(tmp_path / "pki", serials=["dev-1"])
+        settings = Settings(anchors=load_anchors(tmp_path / "pki/masa/ca.crt"),
+                            out_dir=tmp_path / "out", deadline=20, backoff_initial=0.05,
+                            backoff_cap=0.1, keep_connection=keep)
+        runner = PledgeRunner(ident, [Candidate("::1", port, "static")], settings,
+                              rng=lambda n: NONCE[:n])
+        try:
+            return await runner.run(), registrar
+        finally:
+            server.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def lab_pki(tmp_path: Path) -> test_pki.TestPki:
+    pki = create_test_pki(NOW, serials=["dev-1"])
+    write_pki(tmp_path / "pki", pki, {"masa_url": "masa.example:9443",
+                                      "manufacturer": "Example Manufacturer",
+                                      "domain": "Example Domain"})
+    return pki
+
+
+def voucher_reply(pki: test_pki.TestPki, pinned: x509.Certificate, *headers: str) -> bytes:
+    voucher = Voucher(serial_number="dev-1", assertion=Assertion.PROXIMITY, nonce=NONCE,
+                      created_on=NOW, pinned_domain_cert=pinned.public_bytes(DER))
+    body = sign_voucher_cms(voucher, pki.masa_signer.key, [pki.masa_signer.cert], NOW)
+    return reply("200 OK", body, "Content-Type: application/voucher-cms+json", *headers)
+
+
+# After the voucher: voucher_status, then cacerts refused with 404, reported in enrollstatus.
+AFTER_VOUCHER = [reply("200 OK"), reply("404 Not Found"), reply("200 OK")]
+
+
+def test_the_runner_keeps_the_provisional_connection_when_the_chain_holds(lab_pki, tmp_path):
+    result, registrar = enroll_against(
+        tmp_path, [voucher_reply(lab_pki, lab_pki.domain_ca.cert), *AFTER_VOUCHER])
+    assert result.code == "http-404", result
+    assert registrar.paths() == [["requestvoucher", "voucher_status", "cacerts",
+                                  "enrollstatus"]]
+    assert any("kept" in e for e in result.events)
+
+
+def test_the_runner_reconnects_when_told_to_or_when_the_registrar_closes(lab_pki, tmp_path):
+    old, registrar = enroll_against(
+        tmp_path, [voucher_reply(lab_pki, lab_pki.domain_ca.cert), *AFTER_VOUCHER],
+        keep=False)
+    assert old.code == "http-404"
+    assert registrar.paths() == [["requestvoucher"],
+                                 ["voucher_status", "cacerts", "enrollstatus"]]
+    closed, registrar = enroll_against(
+        tmp_path, [voucher_reply(lab_pki, lab_pki.domain_ca.cert, "Connection: close"),
+                   *AFTER_VOUCHER])
+    assert closed.code == "http-404"
+    assert registrar.paths() == [["requestvoucher"],
+                                 ["voucher_status", "cacerts", "enrollstatus"]]
+    assert not any("kept" in e for e in closed.events)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "new-connection"])
+def test_the_runner_refuses_a_registrar_outside_the_pin_and_reports_it(lab_pki, tmp_path,
+                                                                       keep):
+    elsewhere = create_test_pki(NOW, domain="Elsewhere")
+    result, registrar = enroll_against(
+        tmp_path, [voucher_reply(lab_pki, elsewhere.domain_ca.cert), reply("200 OK")],
+        keep=keep)
+    assert result.code == "tls-pin", result
+    assert "does not chain to the pinned-domain-cert" in result.reason
+    # Nothing went over the refused connection; voucher_status went over a new provisional
+    # one, saying why; no other proxy is left to try.
+    assert registrar.paths() == [["requestvoucher"], ["voucher_status"]]
+    status = registrar.connections[1][0].split(b" ", 1)[1]
+    report = json.loads(status)
+    assert report["status"] is False and "pinned-domain-cert" in report["reason"]
+    assert not any("kept" in e for e in result.events)
