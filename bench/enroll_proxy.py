@@ -3,6 +3,7 @@ same run (issue 18 item 1).
 
     sudo .venv/bin/python bench/enroll_proxy.py [--pledges 200] [--concurrency 20]
                                                 [--rounds 2] [--json] [--profile DIR]
+                                                [--pledge-sim-arg=--reconnect-after-voucher]
 
 One namespace lab: the real brski-masa and brski-registrar on the registrar host (HTTPS,
 BRSKI + EST, CMS vouchers), joinproxyd in circuit mode on the proxy (lab.registrar_cluster's
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from enroll_rate import cpu_seconds, memory_kib  # bench/, beside this script
@@ -124,7 +126,8 @@ def masa_connections(host: Host) -> int:
 
 
 def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int,
-           pids: dict[str, int], profile: Path | None, tag: str) -> dict[str, object]:
+           pids: dict[str, int], profile: Path | None, tag: str,
+           extra: Sequence[str] = ()) -> dict[str, object]:
     """One pledge-sim run of these serials, direct or through the proxy, measured."""
     if path == "proxy":
         host, target = lab.pledges[0], f"[fe80::1%eth0]:{PORT}"
@@ -132,7 +135,7 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
         host, target = lab.proxy, f"[{ULAS[0]}]:{PORT}"
     argv = [PY, "-m", "pledge_sim.cli", "enroll", "--json", "--pki", str(work / "pki"),
             "--concurrency", str(concurrency), "--registrar", target,
-            "--deadline", "300", "--out", str(work / f"out-{tag}")]
+            "--deadline", "300", "--out", str(work / f"out-{tag}"), *extra]
     for serial in serials:
         argv += ["--serial", serial]
     if profile is not None:
@@ -179,7 +182,7 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
 
 
 def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
-            profile: Path | None) -> dict[str, object]:
+            profile: Path | None, extra: Sequence[str] = ()) -> dict[str, object]:
     order = [PATHS if r % 2 == 0 else PATHS[::-1] for r in range(rounds)]
     batches = {(r, p): [f"bench-{p}-{r}-{i:03d}" for i in range(pledges)]
                for r in range(rounds) for p in PATHS}
@@ -214,11 +217,11 @@ def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
                     "joinproxyd": proxy.process.pid}
             if warmup:
                 enroll(lab, work, "direct", batches[(-1, "direct")], concurrency, pids, None,
-                       "warmup")
+                       "warmup", extra)
             for r, paths in enumerate(order):
                 for path in paths:
                     run = enroll(lab, work, path, batches[(r, path)], concurrency, pids,
-                                 profile, f"r{r + 1}-{path}")
+                                 profile, f"r{r + 1}-{path}", extra)
                     run["round"] = r + 1
                     runs.append(run)
             rss = memory_kib(registrar.pid)
@@ -229,7 +232,8 @@ def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
                 for run in runs if run["round"] == r + 1}
         if rate.get("direct"):
             ratios.append(round(rate["proxy"] / rate["direct"], 3))
-    return {"pledges": pledges, "concurrency": concurrency, "rounds": rounds, "runs": runs,
+    return {"pledges": pledges, "concurrency": concurrency, "rounds": rounds,
+            "pledge_sim_args": list(extra), "runs": runs,
             "ratio_proxy_direct": ratios, "registrar_rss_kib": rss.get("VmRSS"),
             "registrar_peak_rss_kib": rss.get("VmHWM")}
 
@@ -300,6 +304,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy every process into DIR (collapsed stacks and a summary)")
+    p.add_argument("--pledge-sim-arg", action="append", default=[], metavar="ARG",
+                   help="pass ARG to every pledge-sim run (repeatable), e.g. "
+                        "--pledge-sim-arg=--reconnect-after-voucher for the old connection "
+                        "pattern; such a run's figures are not recorded for make bench")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("enroll_proxy: run as root (it creates network namespaces)", file=sys.stderr)
@@ -315,12 +323,14 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         args.profile.mkdir(parents=True, exist_ok=True)
-    r = measure(args.pledges, args.concurrency, args.rounds, args.warmup, args.profile)
+    r = measure(args.pledges, args.concurrency, args.rounds, args.warmup, args.profile,
+                args.pledge_sim_arg)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
         print_table(r)
-    record_figures(r)
+    if not args.pledge_sim_arg:
+        record_figures(r)
     if args.profile is not None:
         summary = {f.stem: hottest(f) for f in sorted(args.profile.glob("*.txt"))
                    if f.stat().st_size}

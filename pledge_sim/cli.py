@@ -130,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
                    help="check times (expires-on, validity) against this host's clock")
     e.add_argument("--accept-nonceless", action="store_true",
                    help="accept vouchers without a nonce (RFC 8995 §7.2 reduced security)")
+    e.add_argument("--reconnect-after-voucher", action="store_true",
+                   help="open a new TLS connection verified against pinned-domain-cert after "
+                        "the voucher, instead of authenticating and keeping the provisional "
+                        "one (RFC 8995 §5.6.2; HTTPS only)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     d = sub.add_parser("discover", help="listen for proxies and print what is found")
@@ -284,6 +288,7 @@ async def _enroll(args: argparse.Namespace) -> int:
                         request_timeout=args.request_timeout,
                         backoff_cap=args.max_backoff, trusted_clock=args.trusted_clock,
                         accept_nonceless=args.accept_nonceless,
+                        keep_connection=not args.reconnect_after_voucher,
                         masa_signers=_masa_signers(args),
                         block_szx=block_szx, fetch_crts=args.fetch_crts)
     if args.transport == "coaps":

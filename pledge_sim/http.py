@@ -10,6 +10,7 @@ sequence, Content-Length or chunked bodies, and bounded sizes.
 
 from __future__ import annotations
 
+import _ssl  # the DER encoding constant of the chain's certificate objects
 import asyncio
 import contextlib
 import re
@@ -75,6 +76,13 @@ class Connection:
         if ssl_object is None:
             return None
         return ssl_object.getpeercert(binary_form=True)
+
+    @property
+    def server_chain_der(self) -> list[bytes] | None:
+        """The certificates the server sent in this TLS session, DER, leaf first and in the
+        order sent, verified or not; None when the TLS layer cannot tell."""
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        return None if ssl_object is None else sent_chain(ssl_object)
 
     @property
     def tls_version(self) -> str | None:
@@ -184,6 +192,23 @@ class Connection:
         with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
             async with asyncio.timeout(2):
                 await self._writer.wait_closed()
+
+
+def sent_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes] | None:
+    """The peer's certificate chain as sent (OpenSSL's SSL_get_peer_cert_chain; on a client it
+    includes the leaf). Python 3.13 has get_unverified_chain() on the object; 3.11 and 3.12 on
+    the inner one. None if neither is there or its shape changed: the caller must then not
+    rely on a chain at all."""
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is None:
+        return None
+    try:
+        chain = getter()
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
+    except Exception:  # a private API: any change of shape means "unknown", never a crash
+        return None
 
 
 async def connect(host: str, port: int, context: ssl.SSLContext, *,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,6 +31,7 @@ from . import est, tls
 from .discovery import Candidate
 from .http import ClosedBeforeResponse, Connection, HttpError, connect
 from .identity import PledgeIdentity
+from .pin_check import PinMismatch, check_server_chain
 from .retry import Backoff
 from .session import Done, Fail, PledgeSession, Request, Retry, Send, Trust, Wait
 
@@ -57,6 +59,9 @@ class Settings:
     masa_signers: Sequence[x509.Certificate] = ()
     block_szx: int | None = None
     fetch_crts: bool = False  # GET /crts even when the §6.7.1 shortcut applies
+    # RFC 8995 §5.1/§5.6.2: after the voucher, authenticate the provisional connection's kept
+    # server chain against the pin and go on over it; False: a new pinned TLS connection.
+    keep_connection: bool = True
 
 
 @dataclass
@@ -227,8 +232,14 @@ class PledgeRunner:
 
     # -- connections ----------------------------------------------------------------------
     async def _connection(self, candidate: Candidate, trust: Trust) -> Connection:
-        if self._conn is not None and self._conn_trust is trust and self._conn.reusable:
-            return self._conn
+        if self._conn is not None and self._conn.reusable:
+            if self._conn_trust is trust:
+                return self._conn
+            if (trust is Trust.PINNED and self._conn_trust is Trust.PROVISIONAL
+                    and self.settings.keep_connection and await self._authenticate_kept(
+                        candidate, self._conn)):
+                self._conn_trust = trust
+                return self._conn
         await self._close()
         try:
             conn = await connect(candidate.host, candidate.port, self._context(trust),
@@ -236,14 +247,37 @@ class PledgeRunner:
         except ssl.SSLCertVerificationError as exc:
             if trust is Trust.PROVISIONAL:
                 raise
-            # §5.6.2: the registrar's chain does not lead to the pinned-domain-cert.
-            outcome = self.session.pin_failed(exc.verify_message or str(exc))
-            assert isinstance(outcome, Send)
-            verdict = await self._exchange(candidate, outcome.request)
-            assert isinstance(verdict, Done | Fail)
-            raise _Stop(verdict) from exc
+            await self._pin_failed(candidate, exc.verify_message or str(exc), exc)
         self._conn, self._conn_trust = conn, trust
         return conn
+
+    async def _authenticate_kept(self, candidate: Candidate, conn: Connection) -> bool:
+        """§5.6.2 on the kept provisional connection: True if the chain its server sent leads
+        to the pinned-domain-cert; False if the chain cannot be read (then a new pinned
+        connection decides). A chain that does not lead there ends the attempt."""
+        chain = conn.server_chain_der
+        if chain is None:
+            return False
+        accepted = self.session.accepted
+        assert accepted is not None
+        try:
+            check_server_chain(conn.peer_cert_der, chain, accepted.pinned,
+                               now_utc() if self.settings.trusted_clock else None)
+        except PinMismatch as exc:
+            await self._close()  # §5.6.2: the connection is discarded
+            await self._pin_failed(candidate, str(exc), exc)
+        self.result.events.append("provisional connection authenticated against the "
+                                  "pinned-domain-cert and kept")
+        return True
+
+    async def _pin_failed(self, candidate: Candidate, detail: str, cause: Exception) -> NoReturn:
+        """§5.6.2: the registrar's chain does not lead to the pinned-domain-cert. Report it
+        over a new provisional connection, then stop this attempt (another proxy next)."""
+        outcome = self.session.pin_failed(detail)
+        assert isinstance(outcome, Send)
+        verdict = await self._exchange(candidate, outcome.request)
+        assert isinstance(verdict, Done | Fail)
+        raise _Stop(verdict) from cause
 
     def _context(self, trust: Trust) -> ssl.SSLContext:
         ident = self.identity

@@ -27,6 +27,9 @@ def _client_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8995 §5.1: TLS 1.2 or later
     context.load_cert_chain(cert, key)
+    # The server chain read off a kept provisional connection is checked after the voucher;
+    # a renegotiation (TLS 1.2) could show another certificate after that, so none is allowed.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     return context
 
 

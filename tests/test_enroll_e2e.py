@@ -180,6 +180,9 @@ def test_twenty_pledges_enroll_concurrently(as_root, tmp_path):
             assert r["proxy"] == f"[{env.registrar_ll}%eth0]:{REGISTRAR_PORT}"
             assert f"serialNumber={serial}" in r["ldevid_subject"]
             assert openssl_verify(env.pki / "domain/ca.crt", r["ldevid_path"]).endswith(": OK")
+            # RFC 8995 §5.1: one connection from the voucher-request to simpleenroll
+            assert any("authenticated against the pinned-domain-cert and kept" in e
+                       for e in r["events"]), json.dumps(r, indent=1)
             key = Path(r["ldevid_path"]).with_suffix(".key")
             assert key.stat().st_mode & 0o777 == 0o600
 
@@ -210,7 +213,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces")
-    serials = [f"neg-{i:02d}" for i in range(4)]
+    serials = [f"neg-{i:02d}" for i in range(6)]
     with environment(tmp_path_factory.mktemp("neg"), serials) as env:
         yield env
 
@@ -231,9 +234,9 @@ def start_mitm(env: Env, serial: str, mode: str, server_cert: Path, server_key: 
     return proc
 
 
-def through_mitm(env: Env, serial: str) -> Run:
+def through_mitm(env: Env, serial: str, *more: str) -> Run:
     return env.enroll("--pki", str(env.pki), "--serial", serial, "--deadline", "20",
-                      "--registrar", f"[{env.registrar_ll}%eth0]:{MITM_PORT}")
+                      "--registrar", f"[{env.registrar_ll}%eth0]:{MITM_PORT}", *more)
 
 
 def test_unknown_manufacturer_is_refused(shared, tmp_path):
@@ -317,14 +320,15 @@ def test_voucher_with_a_wrong_nonce_is_rejected(shared):
 def test_registrar_cert_outside_the_pinned_domain_is_refused_after_the_voucher(shared, tmp_path):
     # The first TLS session shows the real registrar certificate (so the voucher is real and
     # pins the domain CA); the re-validated session shows one from another CA. The pledge
-    # must refuse it (RFC 8995 §5.6.2) and say so in voucher_status.
+    # must refuse it (RFC 8995 §5.6.2) and say so in voucher_status. This is the pledge that
+    # opens a new connection after the voucher; the kept connection's case is below.
     elsewhere = make_pki(tmp_path / "elsewhere", [], "--domain", "Elsewhere")
     relay = start_mitm(shared, "neg-03", "pass", shared.pki / "domain/registrar.crt",
                        shared.pki / "domain/registrar.key",
                        "--later-cert", str(elsewhere / "domain/registrar.crt"),
                        "--later-key", str(elsewhere / "domain/registrar.key"))
     try:
-        run = through_mitm(shared, "neg-03")
+        run = through_mitm(shared, "neg-03", "--reconnect-after-voucher")
     finally:
         relay.stop()
     assert run.rc == 1
@@ -336,6 +340,38 @@ def test_registrar_cert_outside_the_pinned_domain_is_refused_after_the_voucher(s
         assert reports and reports[-1].status is False
         assert "pinned-domain-cert" in (reports[-1].reason or "")
         assert store.certificates("neg-03") == []
+
+
+@pytest.mark.parametrize(("serial", "flags"), [("neg-04", ()),
+                                               ("neg-05", ("--reconnect-after-voucher",))],
+                         ids=["kept-connection", "new-connection"])
+def test_relay_that_gets_a_real_voucher_under_its_own_cert_is_refused_after_it(
+        shared, tmp_path, serial, flags):
+    # The relay shows a certificate of another domain on every TLS session and, holding the
+    # pledge's IDevID key (as a test may), rewrites the voucher-request to name the real
+    # registrar: the registrar and MASA grant a real voucher pinning the real domain. Only the
+    # pledge's check of the server chain against that pin catches it, on the kept provisional
+    # connection as on a new one (RFC 8995 §5.6.2): refused, reported, no LDevID.
+    elsewhere = make_pki(tmp_path / "elsewhere", [], "--domain", "Elsewhere")
+    relay = start_mitm(shared, serial, "pass", elsewhere / "domain/registrar.crt",
+                       elsewhere / "domain/registrar.key",
+                       "--proximity-cert", str(shared.pki / "domain/registrar.crt"))
+    try:
+        run = through_mitm(shared, serial, *flags)
+    finally:
+        relay.stop()
+    assert "mitm: reprove /.well-known/brski/requestvoucher" in relay.log()
+    assert run.rc == 1
+    (r,) = run.results
+    assert r["code"] == "tls-pin", json.dumps(r, indent=1)
+    assert "voucher accepted" in " ".join(r["events"])
+    assert not any("kept" in e for e in r["events"])
+    with shared.store("registrar") as store:
+        assert len(store.vouchers(serial)) == 1  # the voucher was real
+        reports = [t for t in store.telemetry(serial) if t.kind == "voucher_status"]
+        assert reports and reports[-1].status is False
+        assert "pinned-domain-cert" in (reports[-1].reason or "")
+        assert store.certificates(serial) == []
 
 
 def test_serial_unknown_to_the_masa_gets_404_and_a_clear_error(shared):

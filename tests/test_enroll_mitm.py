@@ -12,6 +12,12 @@ the voucher:
     --later-cert C --later-key K
                     show --server-cert on the first TLS connection only, this one on every
                     later connection (the pledge's re-validation against the pinned cert)
+    --proximity-cert R
+                    rewrite the pledge voucher-request to name R (the real registrar's
+                    certificate) as proximity-registrar-cert and sign it again with the
+                    pledge's IDevID (--client-key): the registrar then grants a real voucher
+                    although the pledge's TLS session showed --server-cert. Only the check of
+                    that kept session against the pin can catch this relay.
 
     python tests/test_enroll_mitm.py --port 9443 --upstream https://[::1]:8443 \\
         --server-cert C --server-key K --client-cert IDEVID.crt --client-key IDEVID.key \\
@@ -35,8 +41,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from brski import cms
-from brski.signed_voucher import sign_voucher_cms, verify_voucher_cms
-from brski.voucher import Voucher, decode_json
+from brski.signed_voucher import sign_voucher_cms, verify_voucher_cms, verify_voucher_request_cms
+from brski.voucher import Voucher, VoucherRequest, decode_json
 
 FORWARDED_HEADERS = ("content-type", "accept", "retry-after", "location")
 OTHER_NONCE = b"\x5a" * 16
@@ -55,6 +61,15 @@ def renonce(body: bytes, masa_cert: x509.Certificate, masa_key: ec.EllipticCurve
     voucher = decode_json(cms.parse(body).content, Voucher)
     return sign_voucher_cms(dataclasses.replace(voucher, nonce=OTHER_NONCE), masa_key,
                             [masa_cert], now)
+
+
+def reprove(body: bytes, registrar_cert: x509.Certificate, idevid: x509.Certificate,
+            idevid_key: ec.EllipticCurvePrivateKey, now: datetime.datetime) -> bytes:
+    """The pledge's voucher-request naming ``registrar_cert`` instead, signed by the IDevID."""
+    request = decode_json(cms.parse(body).content, VoucherRequest)
+    named = registrar_cert.public_bytes(serialization.Encoding.DER)
+    return sign_voucher_cms(dataclasses.replace(request, proximity_registrar_cert=named),
+                            idevid_key, [idevid], now)
 
 
 # -- the relay (only run as a script) ------------------------------------------------------
@@ -94,13 +109,23 @@ async def relay(args: argparse.Namespace) -> None:
     if args.masa_cert:
         masa_cert = x509.load_pem_x509_certificate(args.masa_cert.read_bytes())
         masa_key = serialization.load_pem_private_key(args.masa_key.read_bytes(), None)
+    proximity = None
+    if args.proximity_cert:
+        proximity = (x509.load_pem_x509_certificate(args.proximity_cert.read_bytes()),
+                     x509.load_pem_x509_certificate(args.client_cert.read_bytes()),
+                     serialization.load_pem_private_key(args.client_key.read_bytes(), None))
     session = ClientSession(connector=TCPConnector(
         ssl=_client_context(args.client_cert, args.client_key), force_close=True))
 
     async def forward(request: web.Request) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+        data = await request.read()
+        if request.path.endswith("/requestvoucher") and proximity is not None:
+            data = reprove(data, *proximity,  # type: ignore[arg-type]
+                           datetime.datetime.now(datetime.UTC))
+            print(f"mitm: reprove {request.path}", flush=True)
         async with session.request(request.method, args.upstream + request.path_qs,
-                                   data=await request.read(), headers=headers) as upstream:
+                                   data=data, headers=headers) as upstream:
             body = await upstream.read()
             status = upstream.status
             back = {k: v for k, v in upstream.headers.items() if k.lower() in FORWARDED_HEADERS}
@@ -142,6 +167,7 @@ def main() -> None:
     p.add_argument("--masa-key", type=Path)
     p.add_argument("--later-cert", type=Path)
     p.add_argument("--later-key", type=Path)
+    p.add_argument("--proximity-cert", type=Path)
     args = p.parse_args()
     if args.mode == "renonce" and not (args.masa_cert and args.masa_key):
         p.error("--mode renonce needs --masa-cert and --masa-key")
@@ -183,6 +209,29 @@ def test_renonce_keeps_a_valid_masa_signature_with_another_nonce():
     voucher, signer = verify_voucher_cms(other, [pki.masa_ca.cert], NOW)
     assert signer == pki.masa_signer.cert
     assert voucher.nonce == OTHER_NONCE and voucher.serial_number == "x-1"
+
+
+def test_reprove_names_another_registrar_under_a_valid_idevid_signature():
+    pki = create_test_pki_with_idevid()
+    idevid = pki.idevids["x-1"]
+    from brski.voucher import Assertion
+
+    shown = pki.masa_tls.cert.public_bytes(serialization.Encoding.DER)  # what a relay showed
+    pvr = sign_voucher_cms(VoucherRequest(serial_number="x-1", nonce=b"\x01" * 16,
+                                          assertion=Assertion.PROXIMITY,
+                                          proximity_registrar_cert=shown),
+                           idevid.key, [idevid.cert], NOW)
+    other = reprove(pvr, pki.registrar.cert, idevid.cert, idevid.key, NOW)
+    request, signer = verify_voucher_request_cms(other, [pki.manufacturer_ca.cert], NOW)
+    assert signer == idevid.cert and request.nonce == b"\x01" * 16
+    assert request.proximity_registrar_cert == pki.registrar.cert.public_bytes(
+        serialization.Encoding.DER)
+
+
+def create_test_pki_with_idevid():  # type: ignore[no-untyped-def]
+    from brski.pki import create_test_pki
+
+    return create_test_pki(NOW, serials=["x-1"])
 
 
 if __name__ == "__main__":
