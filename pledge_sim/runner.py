@@ -164,7 +164,8 @@ class PledgeRunner:
                 refused.add(candidate)
                 self.session.reset()
                 continue
-            await asyncio.sleep(self.backoff.delay())
+            await asyncio.sleep(self.backoff.delay() if outcome.wait is None
+                                else min(outcome.wait, self.settings.backoff_cap))
 
     async def _attempt(self, candidate: Candidate) -> Done | Fail:
         session = self.session

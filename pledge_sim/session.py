@@ -93,6 +93,7 @@ class Fail:
     code: str  # short and stable: voucher-signature, http-404, tls-refused, ...
     reason: str  # one line for a human
     retry: Retry
+    wait: float | None = None  # a 503's Retry-After: the pause before the retry (BACKOFF)
 
 
 Outcome = Send | Wait | Done | Fail
@@ -231,7 +232,7 @@ class PledgeSession:
             self._resend_pvr = True
             return self._wait(r, now)
         if r.status != 200:
-            return self._refused(r, _VOUCHER_REFUSALS)
+            return self._refused(r, _VOUCHER_REFUSALS, now)
         if r.content_type not in (VOUCHER_CMS, ""):
             failure = Fail("voucher-malformed", f"voucher has Content-Type {r.content_type!r}",
                            Retry.OTHER_PROXY)
@@ -261,7 +262,7 @@ class PledgeSession:
         if r.status == 202:
             return self._wait(r, now)
         if r.status != 200:
-            return self._est_failed(r)
+            return self._est_failed(r, now)
         try:
             self.cacerts = est.decode_certs_only(r.body)
         except est.EstError as exc:
@@ -271,7 +272,7 @@ class PledgeSession:
 
     def _on_csrattrs(self, r: Response, now: datetime) -> Outcome:
         if r.status >= 500:
-            return self._est_failed(r)
+            return self._est_failed(r, now)
         # 204/404: the registrar wants no particular attributes (RFC 7030 §4.5.2). The
         # content is advice for the CSR; this simulator reads it but does not act on it.
         if r.status == 200 and r.body.strip():
@@ -292,7 +293,7 @@ class PledgeSession:
         if r.status == 202:
             return self._wait(r, now)
         if r.status != 200:
-            return self._est_failed(r)
+            return self._est_failed(r, now)
         assert self.ldevid_key is not None
         try:
             issued = est.decode_certs_only(r.body)
@@ -347,17 +348,22 @@ class PledgeSession:
         trust = Trust.PROVISIONAL if self.needs_voucher else STEPS[self.step].trust
         return Wait(seconds, self._request(self.step, self._body_for(self.step), trust))
 
-    def _refused(self, r: Response, meanings: dict[int, str]) -> Fail:
+    def _refused(self, r: Response, meanings: dict[int, str], now: datetime) -> Fail:
         hint = meanings.get(r.status, "")
         text = r.text_excerpt()
         reason = f"{self.step.value}: HTTP {r.status} {r.reason}".rstrip()
         reason += f" — {hint}" if hint else ""
         reason += f": {text}" if text else ""
         retry = Retry.BACKOFF if r.status >= 500 else Retry.OTHER_PROXY
-        return Fail(f"http-{r.status}", reason, retry)
+        # RFC 9110 §10.2.3: with a 503, Retry-After says how long the server expects to be
+        # unavailable (a registrar whose store is out of reach): wait that, capped as for 202.
+        wait = None
+        if r.status == 503 and r.header("retry-after") is not None:
+            wait = retry_after_seconds(r.header("retry-after"), now)
+        return Fail(f"http-{r.status}", reason, retry, wait)
 
-    def _est_failed(self, r: Response) -> Outcome:
-        failure = self._refused(r, {})
+    def _est_failed(self, r: Response, now: datetime) -> Outcome:
+        failure = self._refused(r, {}, now)
         if failure.retry is Retry.BACKOFF:
             return failure  # resume() repeats the step after a pause
         return self._report_enroll(False, failure, trust=Trust.PINNED)

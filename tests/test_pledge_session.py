@@ -361,6 +361,26 @@ def test_server_errors_are_transient(pki):
     assert isinstance(failure, Fail) and failure.retry is Retry.BACKOFF
 
 
+def test_a_503_retry_after_is_the_pause_before_the_retry(pki):
+    """A registrar whose store is out of reach answers 503 + Retry-After: the pledge retries
+    the same step after that long (capped as a 202's), not after its own backoff."""
+    s = session(pki)
+    s.start(der(pki.registrar.cert), NOW)
+    failure = s.receive(Response(503, "Unavailable", {"retry-after": "7"}, b""), NOW)
+    assert isinstance(failure, Fail) and failure.retry is Retry.BACKOFF and failure.wait == 7
+    s = session(pki)
+    run_to_voucher(pki, s)
+    s.receive(ok(), NOW)
+    failure = s.receive(Response(503, "Unavailable", {"retry-after": "100000"}, b""), NOW)
+    assert failure.wait == 60  # RFC 8995 §5.3's cap, as for a 202
+    assert s.resume().step is Step.CACERTS
+    for status, headers in ((503, {}), (500, {"retry-after": "7"})):
+        s = session(pki)
+        s.start(der(pki.registrar.cert), NOW)
+        failure = s.receive(Response(status, "No", headers, b""), NOW)
+        assert failure.wait is None  # the pledge's own backoff
+
+
 def test_server_error_after_the_voucher_resumes_the_same_step(pki):
     s = session(pki)
     run_to_voucher(pki, s)
