@@ -242,6 +242,16 @@ def test_pledges_enroll_over_ipip_and_the_proxy_keeps_no_state(
             assert r["proxy"] == f"[{REGISTRAR_LL}%eth0]:{REGISTRAR_PORT}", r
             assert ldevid_verifies(pki, r["ldevid_path"]), r["ldevid_path"]
         assert services.issued() == set(serials)
+        # curl, an independent TLS client with a pledge's IDevID, through the encapsulation
+        idevid = pki / "manufacturer" / "idevid"
+        done = lab.pledges[0].run(
+            ["curl", "-sS", "-k", "--max-time", "20", "--cert", str(idevid / f"{serials[0]}.crt"),
+             "--key", str(idevid / f"{serials[0]}.key"), "-o", "/dev/null", "-w",
+             "%{http_code} %{size_download}",
+             f"https://[{REGISTRAR_LL}%eth0]:{REGISTRAR_PORT}/.well-known/est/cacerts"],
+            check=False)
+        assert done.stdout.split()[:1] == ["200"] and int(done.stdout.split()[1]) > 100, (
+            done.stdout, done.stderr)
         # The registrar saw the pledges' own link-local addresses (no proxy in the TLS path).
         peers = set(services.peers())
         assert peers and all(p.startswith("fe80::") for p in peers), peers

@@ -314,7 +314,9 @@ MAINTAINER_SCRIPTS = sorted(p for p in DEBIAN.iterdir()
                             if p.suffix in (".postinst", ".postrm", ".prerm", ".preinst"))
 SHELL_SCRIPTS = [REPO / "tools/build-deb.sh", REPO / "tools/build-ipk.sh",
                  REPO / "tools/nspawn-rootfs.sh", REPO / "tools/deb-buildroot.sh",
-                 REPO / "tools/nspawn-run.sh", REPO / "tools/lintian-known-overrides.sh"]
+                 REPO / "tools/nspawn-run.sh", REPO / "tools/lintian-known-overrides.sh",
+                 *sorted((REPO / "tools/vm").glob("*.sh")),
+                 *sorted((REPO / "tests/vm").glob("*.sh"))]
 
 
 @pytest.mark.parametrize("script", MAINTAINER_SCRIPTS + SHELL_SCRIPTS + [

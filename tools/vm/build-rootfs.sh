@@ -3,7 +3,8 @@
 # stock kernel with its modules (ip6_tunnel, act_mirred, cls_flower, ...), iproute2 and
 # python3, a small initramfs that mounts a 9p root, and tools/vm/vmtest-init as PID 1. libbpf1
 # lets the BPF objects load in the guest (bench/ipip_tunnel_vm.py); python3-six is what the
-# host's .venv takes from Debian's python3 (ecdsa needs it) when a job runs from it.
+# host's .venv takes from Debian's python3 (ecdsa needs it) when a job runs from it; curl is
+# the independent TLS client that fetches through the kernel tunnel (tests/vm/ipip_enroll_check.py).
 # usage: build-rootfs.sh ROOTDIR     (root; debootstrap; the host's apt mirror)
 set -euo pipefail
 ROOT=$(realpath -m "$1")
@@ -25,7 +26,7 @@ chroot "$ROOT" sh -ec 'export DEBIAN_FRONTEND=noninteractive
   apt-get -y -q dist-upgrade
   apt-get install -y -q --no-install-recommends kmod iproute2 iputils-ping procps \
       initramfs-tools linux-image-amd64 python3 nftables python3-nftables ethtool libbpf1 \
-      python3-six
+      python3-six curl ca-certificates
   apt-get clean; rm -rf /var/lib/apt/lists/*' >"$ROOT.apt.log" 2>&1
 install -m 755 "$HERE/vmtest-init" "$ROOT/usr/local/sbin/vmtest-init"
 mkdir -p "$ROOT/job"

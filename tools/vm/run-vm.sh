@@ -17,6 +17,7 @@ KERNEL=$ROOTFS/boot/vmlinux-$KVER
 [ -e "$KERNEL" ] || KERNEL=$ROOTFS/boot/vmlinuz-$KVER
 rm -f "$JOB/exit-status" "$JOB/output.log"
 SHARE=()
+# shellcheck disable=SC2054  # the commas are inside qemu's own option values
 [ -n "${REPO:-}" ] && SHARE=(-fsdev "local,id=repo,path=$REPO,security_model=none,readonly=on"
                             -device virtio-9p-pci,fsdev=repo,mount_tag=repo)
 timeout --foreground -k 5 "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \

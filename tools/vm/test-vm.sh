@@ -10,8 +10,8 @@ WORK=${VM_WORK:-$TOP/build/vm}
 PY=${PY:-$TOP/.venv/bin/python}
 [ "$(id -u)" -eq 0 ] || { echo "make test-vm: run as root (debootstrap, namespaces)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null || "$TOP/tools/ensure-apt.sh" qemu-system-x86 debootstrap
-# a rootfs of an older recipe lacks what later jobs need (libbpf1, python3-six): built again
-for need in usr/lib/x86_64-linux-gnu/libbpf.so.1 usr/lib/python3/dist-packages/six.py; do
+# a rootfs of an older recipe lacks what later jobs need (libbpf1, python3-six, curl): built again
+for need in usr/lib/x86_64-linux-gnu/libbpf.so.1 usr/lib/python3/dist-packages/six.py usr/bin/curl; do
     if [ -d "$ROOTFS/boot" ] && [ ! -e "$ROOTFS/$need" ]; then
         echo "make test-vm: $ROOTFS has no /$need: building it again" >&2
         rm -rf "$ROOTFS"
