@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from ipaddress import IPv6Address
 from typing import Any
 
 from brski.coap_datagram import (
@@ -57,12 +56,11 @@ from brski.coap_datagram import (
 )
 from brski.cojp_token import TokenSealer, TokenState
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
-from brski.jpy import PledgeEndpoint
 
 from ..limits import TokenBucket
 from ..model import DropReason, JoinInterface, PolicyDropReason
 from .base import RelayContext
-from .stateless import PledgeSide, StatelessDatagramMode
+from .stateless import PledgeSide, StatelessDatagramMode, pledge_endpoint
 
 KEY_ROTATION_SECONDS = 24 * 3600.0
 TOKEN_LIFETIME = 60  # seconds a forwarded request's token opens (brski.cojp_token)
@@ -174,9 +172,8 @@ class CojpMode(StatelessDatagramMode):
                          f"{settings.rate:g}/s on {iface.name}", iface.name, pledge)
             return
         try:
-            packed = socket.inet_pton(socket.AF_INET6, str(addr[0]).split("%")[0])
-            endpoint = PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
-            token = self.sealer.seal(TokenState(endpoint, request.message_id, request.token,
+            token = self.sealer.seal(TokenState(pledge_endpoint(iface, addr),
+                                                request.message_id, request.token,
                                                 request.mtype is MessageType.CON),
                                      int(time.monotonic()))
         except (ValueError, UsageError, ValidationError) as exc:

@@ -49,10 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import Sequence
-from ipaddress import IPv6Address
 from typing import Any
 
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
@@ -62,7 +60,6 @@ from brski.jpy import (
     FlowHeaderSealer,
     HeaderSealer,
     JpyMessage,
-    PledgeEndpoint,
 )
 
 from ..aio import cancel_and_wait
@@ -70,7 +67,7 @@ from ..kernel import KernelError
 from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
 from .base import RelayContext
 from .jpy_kernel import KernelPath
-from .stateless import PledgeSide, StatelessDatagramMode
+from .stateless import PledgeSide, StatelessDatagramMode, pledge_endpoint
 
 # IPv6 minimum MTU less the IPv6 and UDP headers: what surely reaches the registrar.
 MAX_WRAPPED = 1280 - 40 - 8
@@ -190,9 +187,7 @@ class JpyMode(StatelessDatagramMode):
                          f"fit in {MAX_WRAPPED} once wrapped", iface.name, pledge)
             return
         try:
-            packed = socket.inet_pton(socket.AF_INET6, str(addr[0]).split("%")[0])
-            endpoint = PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
-            header = self.sealer.seal(endpoint)
+            header = self.sealer.seal(pledge_endpoint(iface, addr))
             wrapped = JpyMessage(header, data).encode()
         except (ValueError, UsageError, ValidationError) as exc:
             self._refuse(DropReason.MALFORMED, f"pledge {pledge}: {exc}", iface.name, pledge)

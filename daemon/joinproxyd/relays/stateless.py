@@ -97,6 +97,13 @@ def grow_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
 
+def pledge_endpoint(iface: JoinInterface, addr: tuple[Any, ...]) -> PledgeEndpoint:
+    """What is sealed of a pledge datagram's sender on this join link (ValueError,
+    ValidationError when it cannot be)."""
+    packed = socket.inet_pton(socket.AF_INET6, str(addr[0]).split("%")[0])
+    return PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
+
+
 class ReplayFilter:
     """Digests of reply datagrams relayed in the last ``seconds``, at most ``size`` of them."""
 
@@ -442,4 +449,4 @@ class StatelessDatagramMode(RelayMode):
 
 
 __all__ = ["PledgeSide", "RegistrarSide", "ReplayFilter", "StatelessDatagramMode",
-           "grow_receive_buffer"]
+           "grow_receive_buffer", "pledge_endpoint"]
