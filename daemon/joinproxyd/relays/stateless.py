@@ -366,7 +366,8 @@ class StatelessDatagramMode(RelayMode):
         if not self.ctx.join_window():
             self._refuse(PolicyDropReason.WINDOW_CLOSED, f"pledge {pledge}", iface.name, pledge)
             return None
-        port = self.registrar_port_of(self.registrar)
+        registrar = self.registrar  # registrar_port_of, inline: this runs per datagram
+        port = None if registrar is None else getattr(registrar, self.registrar_port)
         if port is None or self.upstream is None:
             self._refuse(DropReason.NO_REGISTRAR, f"pledge {pledge}: {no_registrar}",
                          iface.name, pledge)
