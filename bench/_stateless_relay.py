@@ -7,8 +7,8 @@ port for joinproxyd, ECHO_PORT for the bare relay, the same code. The proxy runs
 (the mode on join0) and, beside it on [fe80::1%join0]:BARE_PORT, _udpflow.py single-relay
 towards ECHO_PORT. The pledge runs _udpflow.py pingpong: WINDOW datagrams of 64 bytes in
 flight, each answer sending the next, for ``seconds``. Each round measures both paths, order
-rotated; the ratio joinproxyd/bare is paired within a round; medians (min-max) are printed and
-recorded for `make bench` (bench/_report.py).
+rotated; the ratio joinproxyd/bare is paired within a round; medians (min-max) are printed,
+and the benchmark records them for `make bench` (bench/_report.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from _report import record
 
 from lab import Lab, Topology, wait_for
 from lab.proxyd import ProxyDaemon, base_config
@@ -57,8 +55,10 @@ class StatelessBench:
         result = json.loads(done.stdout)
         return float(result["datagrams"] / result["seconds"])
 
-    def run(self, seconds: float, rounds: int, title: str, name: str = "joinproxyd") -> None:
-        """Measure, print (``title`` first) and record; ``name`` is joinproxyd's figure."""
+    def run(self, seconds: float, rounds: int, title: str,
+            record: Callable[[dict[str, list[float]], list[float]], None]) -> None:
+        """Measure and print (``title`` first); ``record`` gets the rates by path and the
+        paired ratios right after they are printed (the benchmark's own record() calls)."""
         with tempfile.TemporaryDirectory(prefix=f"{self.mode}-bench-") as tmp, \
                 Lab(Topology(pledges=1), log_dir=Path(tmp) / "logs") as lab:
             registrar = lab.registrars[0]
@@ -100,9 +100,7 @@ class StatelessBench:
                       f"({min(values):.0f}-{max(values):.0f})")
             print(f"ratio joinproxyd/bare {statistics.median(ratios):.2f} "
                   f"({min(ratios):.2f}-{max(ratios):.2f}) (target {TARGET:g})")
-            record("bare", results["bare"], "round trips/s")
-            record(name, results["joinproxyd"], "round trips/s", baseline="bare",
-                   ratios=ratios, target=TARGET)
+            record(results, ratios)
             drops = {reason: daemon.drops(self.mode, reason) for reason in self.drop_reasons}
             print(f"joinproxyd drops during the run: {drops}")
             daemon.stop()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 
-from _stateless_relay import StatelessBench, options
+from _stateless_relay import TARGET, StatelessBench, options
 
 JOIN_PORT = 5683
 JRC_PORT = 5683
@@ -56,9 +56,16 @@ def run(seconds: float, rounds: int) -> None:
     bench = StatelessBench("cojp", JOIN_PORT, JRC_PORT, ECHO, "the stand-in JRCs", "cojp",
                            ("cojp-forged", "cojp-replayed", "cojp-stale", "rate-limit"),
                            {"rate": 1e6, "burst": 1000})
+    def figures(results: dict[str, list[float]], ratios: list[float]) -> None:
+        from _report import record  # make bench (bench/run_all.py): the same figures
+
+        record("bare", results["bare"], "round trips/s")
+        record("joinproxyd", results["joinproxyd"], "round trips/s", baseline="bare",
+               ratios=ratios, target=TARGET)
+
     bench.run(seconds, rounds,
               f"\ncojp_relay: {rounds} round(s) of {seconds:g} s, 64-byte join requests, "
-              "32 in flight, round trips through the relay")
+              "32 in flight, round trips through the relay", figures)
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from _stateless_relay import StatelessBench, options
+from _stateless_relay import TARGET, StatelessBench, options
 
 from lab.proxyd import ProxyDaemon
 
@@ -69,10 +69,17 @@ def run(seconds: float, rounds: int, datapath: str = "user") -> None:
     bench = StatelessBench("jpy", JOIN_PORT, JPY_PORT, ECHO, "the echo servers", "bytes",
                            ("jpy-forged", "jpy-replayed", "jpy-stale", "too-big"),
                            {"datapath": datapath}, runs_there)
+    def figures(results: dict[str, list[float]], ratios: list[float]) -> None:
+        from _report import record  # make bench (bench/run_all.py): the same figures
+
+        record("bare", results["bare"], "round trips/s")
+        record(f"joinproxyd ({datapath})", results["joinproxyd"], "round trips/s", baseline="bare",
+               ratios=ratios, target=TARGET)
+
     bench.run(seconds, rounds,
               f"\njpy_relay: {rounds} round(s) of {seconds:g} s, 64-byte datagrams, "
               f"32 in flight, round trips through the relay ([jpy] datapath = {datapath})",
-              f"joinproxyd ({datapath})")
+              figures)
 
 
 def main() -> int:
