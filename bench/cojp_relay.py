@@ -56,6 +56,7 @@ def run(seconds: float, rounds: int) -> None:
     bench = StatelessBench("cojp", JOIN_PORT, JRC_PORT, ECHO, "the stand-in JRCs", "cojp",
                            ("cojp-forged", "cojp-replayed", "cojp-stale", "rate-limit"),
                            {"rate": 1e6, "burst": 1000})
+
     def figures(results: dict[str, list[float]], ratios: list[float]) -> None:
         from _report import record  # make bench (bench/run_all.py): the same figures
 
