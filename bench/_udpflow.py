@@ -1,4 +1,4 @@
-"""The traffic ends and the bare relay for bench/coaps_relay.py, one process each.
+"""The traffic ends and the bare relays for the datagram benchmarks, one process each.
 
     _udpflow.py echo PORT                         registrar: answer every datagram with itself
                                                   (a DTLS ClientHello, the proxy's health
@@ -14,10 +14,24 @@
     _udpflow.py hold PROXY PORT FLOWS             FLOWS sockets, each sends one datagram until
                                                   it is answered, then holds (prints "held N",
                                                   then waits for stdin to close)
+
+echo, relay, load and hold are bench/coaps_relay.py's; these two bench/_stateless_relay.py's
+(jpy_relay.py, cojp_relay.py):
+
+    _udpflow.py single-relay LISTEN_ADDR PORT IFNAME TARGET TPORT
+                                                  the least any UDP relay can do for one
+                                                  pledge: one socket each side, no table; what
+                                                  comes back goes to the last sender
+    _udpflow.py pingpong PROXY PORT SECONDS WINDOW SHAPE
+                                                  one socket keeps WINDOW 64-byte datagrams in
+                                                  flight, each answer sending the next; SHAPE
+                                                  bytes (opaque) or cojp (a NON CoJP join
+                                                  request); prints {"datagrams", "seconds"}
 """
 
 import asyncio
 import contextlib
+import json
 import resource
 import select
 import socket
@@ -176,13 +190,104 @@ def hold(proxy: str, port: int, flows: int) -> None:
     sys.stdin.read()
 
 
+class _PledgeEnd(asyncio.DatagramProtocol):
+    """The single relay's pledge side: remembers the last sender, sends on towards TARGET."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.pledge: tuple | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.down: _RegistrarEnd | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # _SelectorDatagramTransport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        # the least work per datagram: both ends are set up before the first one comes
+        self.pledge = addr
+        self.down.transport.sendto(data, self.target)  # type: ignore[union-attr]
+
+
+class _RegistrarEnd(asyncio.DatagramProtocol):
+    """The single relay's registrar side: what comes back goes to the last pledge."""
+
+    def __init__(self, up: _PledgeEnd) -> None:
+        self.up = up
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # _SelectorDatagramTransport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.up.pledge is not None:
+            self.up.transport.sendto(data, self.up.pledge)  # type: ignore[union-attr]
+
+
+async def single_relay(listen: str, port: int, ifname: str, target: str, tport: int) -> None:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.bind((listen, port, 0, socket.if_nametoindex(ifname)))
+    _, up = await loop.create_datagram_endpoint(lambda: _PledgeEnd((target, tport)), sock=sock)
+    _, up.down = await loop.create_datagram_endpoint(
+        lambda: _RegistrarEnd(up), local_addr=("::", 0), family=socket.AF_INET6)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+# A NON POST with a 1-byte token, Uri-Host 6tisch.arpa, an OSCORE option, Proxy-Scheme coap,
+# then the payload marker: with 32 bytes of payload, 64 bytes (RFC 9031's join request shape).
+_COJP_OPTIONS = (bytes([0x3B]) + b"6tisch.arpa" + bytes([0x63, 0x09, 0x00, 0x08])
+                 + bytes([0xD4, 0x11]) + b"coap" + b"\xff")
+
+
+def _datagram(shape: str, seq: int) -> bytes:
+    if shape == "cojp":
+        return (bytes([0x51, 0x02]) + (seq & 0xFFFF).to_bytes(2, "big") + b"\x01"
+                + _COJP_OPTIONS + seq.to_bytes(8, "big") * 4)
+    return seq.to_bytes(8, "big") * 8
+
+
+def pingpong(proxy: str, port: int, seconds: float, window: int, shape: str) -> None:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.connect((proxy, port, 0, socket.if_nametoindex("eth0")))
+    s.setblocking(False)
+    seq = 0
+
+    def send() -> None:
+        nonlocal seq
+        seq += 1
+        s.send(_datagram(shape, seq))
+
+    for _ in range(window):
+        send()
+    got, start = 0, time.monotonic()
+    while time.monotonic() - start < seconds:
+        ready, _, _ = select.select([s], [], [], 0.2)
+        if not ready:
+            for _ in range(window):  # all lost (first packets, buffer overflow): refill
+                send()
+            continue
+        while True:
+            try:
+                s.recv(2048)
+            except BlockingIOError:
+                break
+            got += 1
+            send()
+    print(json.dumps({"datagrams": got, "seconds": time.monotonic() - start}))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "echo":
         echo(int(args[0]))
     elif cmd == "relay":
         asyncio.run(relay(args[0], int(args[1]), args[2], args[3], int(args[4])))
+    elif cmd == "single-relay":
+        asyncio.run(single_relay(args[0], int(args[1]), args[2], args[3], int(args[4])))
     elif cmd == "load":
         load(args[0], int(args[1]), float(args[2]), int(args[3]), int(args[4]), int(args[5]))
+    elif cmd == "pingpong":
+        pingpong(args[0], int(args[1]), float(args[2]), int(args[3]), args[4])
     else:
         hold(args[0], int(args[1]), int(args[2]))

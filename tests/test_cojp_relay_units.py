@@ -41,9 +41,9 @@ def make_mode(settings: CojpSettings | None = None
     mode = CojpMode(RelayContext(metrics, Limits, lambda: None, logging.getLogger("test.cojp"),
                                  cojp=lambda: settings or CojpSettings()))
     mode.registrar = JRC
-    mode._jrc_source = (JRC.address, 5683)
+    mode._registrar_source = (JRC.address, 5683)
     pledge_link, upstream = Recorder(), Recorder()
-    side = _PledgeSide(mode, IFACE)
+    side = _PledgeSide(mode, IFACE, pledge_link)  # type: ignore[arg-type]  # records sendto
     side.transport = pledge_link  # type: ignore[assignment]
     mode.joins[IFACE.name] = side
     mode.by_index[IFACE.index] = side
@@ -71,8 +71,8 @@ def test_forwarded_as_non_and_answered_with_a_piggybacked_ack() -> None:
     assert forwarded.options == ((9, b"\x09\x00pledge"),) and forwarded.payload == b"oscore"
     assert len(forwarded.token) == 38 + 1
     # A separate CON response from the JRC: acknowledged (empty ACK, its ID), then relayed.
-    mode.from_jrc(CoapDatagram(MessageType.CON, 0x44, 0x777, forwarded.token, ((9, b""),),
-                               b"cfg").encode(), FROM_JRC)
+    mode.from_registrar(CoapDatagram(MessageType.CON, 0x44, 0x777, forwarded.token,
+                                     ((9, b""),), b"cfg").encode(), FROM_JRC)
     assert upstream.sent[1] == (CoapDatagram(MessageType.ACK, 0, 0x777).encode(), FROM_JRC)
     (answer, to), = pledge_link.sent
     assert to == PLEDGE
@@ -103,11 +103,11 @@ def test_what_is_refused_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     mode.from_pledge(side, request(), ("fe80::1:2", 40000, 0, 7))
     token = CoapDatagram.decode(upstream.sent[0][0]).token
     for _ in range(2):  # no RFC 8974 at the JRC: counted each time, said once
-        mode.from_jrc(CoapDatagram(MessageType.RST, 0, 5).encode(), FROM_JRC)
+        mode.from_registrar(CoapDatagram(MessageType.RST, 0, 5).encode(), FROM_JRC)
     assert drops(metrics, "irrelevant") == 5
     assert [r.levelname for r in caplog.records if "RFC 8974" in r.getMessage()] == ["WARNING"]
-    mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, 5, token).encode(),
-                  ("fd4a:5044::101", 5683, 0, 0))
+    mode.from_registrar(CoapDatagram(MessageType.NON, 0x44, 5, token).encode(),
+                        ("fd4a:5044::101", 5683, 0, 0))
     assert drops(metrics, "unsolicited") == 1
     assert pledge_link.sent == []
 
@@ -119,15 +119,15 @@ def test_rotation_and_lifetime(monkeypatch: pytest.MonkeyPatch) -> None:
     mode.from_pledge(side, request(MessageType.NON), PLEDGE)
     first = CoapDatagram.decode(upstream.sent[-1][0]).token
     mode.rotate_key()
-    mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, 1, first).encode(), FROM_JRC)
+    mode.from_registrar(CoapDatagram(MessageType.NON, 0x44, 1, first).encode(), FROM_JRC)
     assert len(pledge_link.sent) == 1  # the previous key still opens
     mode.rotate_key()
-    mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, 2, first).encode(), FROM_JRC)
+    mode.from_registrar(CoapDatagram(MessageType.NON, 0x44, 2, first).encode(), FROM_JRC)
     assert drops(metrics, "cojp-stale") == 1
     mode.from_pledge(side, request(MessageType.NON), PLEDGE)
     late = CoapDatagram.decode(upstream.sent[-1][0]).token
     now[0] += cojp.TOKEN_LIFETIME + 2
-    mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, 3, late).encode(), FROM_JRC)
+    mode.from_registrar(CoapDatagram(MessageType.NON, 0x44, 3, late).encode(), FROM_JRC)
     assert drops(metrics, "cojp-stale") == 2 and len(pledge_link.sent) == 1
 
 
@@ -159,8 +159,8 @@ def test_a_datagram_never_raises(data: bytes, token: bytes) -> None:
     relayed or dropped and counted, nothing else."""
     mode, side, _, _, metrics = make_mode(CojpSettings(rate=1e6, burst=10**6))
     mode.from_pledge(side, data, PLEDGE)
-    mode.from_jrc(data, FROM_JRC)
-    mode.from_jrc(data[:4] + token + data[4:], FROM_JRC)
+    mode.from_registrar(data, FROM_JRC)
+    mode.from_registrar(data[:4] + token + data[4:], FROM_JRC)
     total = sum(sample.value for family in metrics.registry.collect()
                 if family.name == "joinproxyd_drops" for sample in family.samples
                 if sample.name == "joinproxyd_drops_total")
@@ -180,7 +180,8 @@ def test_refusals_logged_once_per_sender_and_reason_with_journal_fields(
     token = bytearray(CoapDatagram.decode(upstream.sent[0][0]).token)
     token[-1] ^= 1  # its tag no longer authenticates
     for mid in range(3):
-        mode.from_jrc(CoapDatagram(MessageType.NON, 0x44, mid, bytes(token)).encode(), FROM_JRC)
+        mode.from_registrar(CoapDatagram(MessageType.NON, 0x44, mid, bytes(token)).encode(),
+                            FROM_JRC)
     assert drops(metrics, "malformed") == 3 and drops(metrics, "cojp-forged") == 3
     said = [r for r in caplog.records if r.getMessage().startswith("cojp dropped")]
     assert [(r.levelname, r.REASON) for r in said] == [  # type: ignore[attr-defined]

@@ -15,7 +15,8 @@ from joinproxyd.config import Limits
 from joinproxyd.metrics import Metrics
 from joinproxyd.model import JoinInterface, RegistrarEndpoint
 from joinproxyd.relays.base import RelayContext
-from joinproxyd.relays.jpy import MAX_PLEDGE_DATAGRAM, JpyMode, ReplayFilter, _PledgeSide
+from joinproxyd.relays.jpy import MAX_PLEDGE_DATAGRAM, JpyMode
+from joinproxyd.relays.stateless import PledgeSide, ReplayFilter
 
 REGISTRAR = RegistrarEndpoint(10, "fd4a:5044::100", 8443, jpy_port=5684)
 FROM_REGISTRAR = ("fd4a:5044::100", 5684, 0, 0)
@@ -37,7 +38,7 @@ def make_mode() -> tuple[JpyMode, Recorder, Recorder, Metrics]:
     mode.registrar = REGISTRAR
     mode._registrar_source = (REGISTRAR.address, 5684)
     pledge_link, upstream = Recorder(), Recorder()
-    side = _PledgeSide(mode, IFACE, pledge_link)  # type: ignore[arg-type]  # records sendto
+    side = PledgeSide(mode, IFACE, pledge_link)  # type: ignore[arg-type]  # records sendto
     side.transport = pledge_link  # type: ignore[assignment]
     mode.joins[IFACE.name] = side
     mode.by_index[IFACE.index] = side
@@ -69,8 +70,8 @@ def test_previous_key_opens_the_one_before_is_stale() -> None:
 def test_upstream_wraps_with_one_header_per_flow_and_nothing_in_clear() -> None:
     mode, _, upstream, _ = make_mode()
     for data in (b"a", b"b"):
-        mode.from_pledge(IFACE, data, ("fe80::1:1%join0", 40000, 0, 7))
-    mode.from_pledge(IFACE, b"c", ("fe80::1:2%join0", 40000, 0, 7))
+        mode.from_pledge(mode.joins[IFACE.name], data, ("fe80::1:1%join0", 40000, 0, 7))
+    mode.from_pledge(mode.joins[IFACE.name], b"c", ("fe80::1:2%join0", 40000, 0, 7))
     messages = [JpyMessage.decode(data) for data, _ in upstream.sent]
     assert [m.content for m in messages] == [b"a", b"b", b"c"]
     assert messages[0].header == messages[1].header != messages[2].header
@@ -102,9 +103,9 @@ def test_reply_not_from_the_registrars_jpy_port_is_unsolicited() -> None:
 def test_too_big_is_refused_one_byte_less_relayed() -> None:
     mode, _, upstream, metrics = make_mode()
     peer = ("fe80::1:1%join0", 40000, 0, 7)
-    mode.from_pledge(IFACE, bytes(MAX_PLEDGE_DATAGRAM + 1), peer)
+    mode.from_pledge(mode.joins[IFACE.name], bytes(MAX_PLEDGE_DATAGRAM + 1), peer)
     assert upstream.sent == [] and drops(metrics, "too-big") == 1
-    mode.from_pledge(IFACE, bytes(MAX_PLEDGE_DATAGRAM), peer)
+    mode.from_pledge(mode.joins[IFACE.name], bytes(MAX_PLEDGE_DATAGRAM), peer)
     assert len(upstream.sent) == 1 and len(upstream.sent[0][0]) <= 1280 - 48
 
 
@@ -129,7 +130,7 @@ def test_an_empty_reply_reaches_the_pledge_as_an_empty_datagram() -> None:
         sock.bind(("::1", 0))
         sock.setblocking(False)
         transport, side = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _PledgeSide(mode, IFACE, sock), sock=sock)
+            lambda: PledgeSide(mode, IFACE, sock), sock=sock)
         try:
             side.send(b"", ("::1", receiver.getsockname()[1], 0, 0))
             return await asyncio.to_thread(receiver.recv, 100)

@@ -30,8 +30,8 @@ What is dropped, silently towards the network and counted by reason:
   pledge token over 8 bytes; too-big: no room for the sealed token in an IPv6 minimum MTU;
 * cojp-forged: a JRC datagram whose token does not authenticate (or has the wrong size);
   cojp-stale: its key is retired or its lifetime (TOKEN_LIFETIME) is over; cojp-replayed:
-  exactly these bytes were already relayed lately (jpy.ReplayFilter); unsolicited: not from the
-  JRC's address and port, or for a join link no longer served.
+  exactly these bytes were already relayed lately (stateless.ReplayFilter); unsolicited: not
+  from the JRC's address and port, or for a join link no longer served.
 
 Keys: a fresh random key at start, rotated every KEY_ROTATION_SECONDS with the previous one still
 opening. A restart loses both: responses in flight are dropped (cojp-stale) and the pledge's
@@ -40,12 +40,9 @@ retransmission, sealed anew, carries on.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time
-from collections.abc import Sequence
-from ipaddress import IPv6Address
 from typing import Any
 
 from brski.coap_datagram import (
@@ -59,13 +56,11 @@ from brski.coap_datagram import (
 )
 from brski.cojp_token import TokenSealer, TokenState
 from brski.errors import DecodeError, SignatureError, UsageError, ValidationError
-from brski.jpy import PledgeEndpoint
 
-from ..aio import cancel_and_wait
 from ..limits import TokenBucket
-from ..model import DropReason, JoinInterface, PolicyDropReason, RegistrarEndpoint
-from .base import RefusalSayer, RelayContext, RelayMode
-from .jpy import ReplayFilter, _grow_receive_buffer
+from ..model import DropReason, JoinInterface, PolicyDropReason
+from .base import RelayContext
+from .stateless import PledgeSide, StatelessDatagramMode, pledge_endpoint
 
 KEY_ROTATION_SECONDS = 24 * 3600.0
 TOKEN_LIFETIME = 60  # seconds a forwarded request's token opens (brski.cojp_token)
@@ -75,175 +70,64 @@ PROXY_SCHEME = b"coap"
 JOIN_HOST = b"6tisch.arpa"
 DEFAULT_JRC_PORT = 5683
 
-class _PledgeSide(asyncio.DatagramProtocol):
-    def __init__(self, mode: CojpMode, iface: JoinInterface) -> None:
-        self.mode = mode
-        self.iface = iface
-        self.transport: asyncio.DatagramTransport | None = None
+
+class _PledgeSide(PledgeSide):
+    """A join link's socket with the link's join rate."""
+
+    def __init__(self, mode: StatelessDatagramMode, iface: JoinInterface,
+                 sock: socket.socket) -> None:
+        super().__init__(mode, iface, sock)
         self.bucket = TokenBucket(float(mode.ctx.cojp().burst), time.monotonic())
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a datagram transport
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.mode.from_pledge(self, data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.mode.ctx.log.debug("cojp join socket on %s: %s", self.iface.name, exc,
-                                extra={"INTERFACE": self.iface.name, "MODE": CojpMode.name})
-
-
-class _JrcSide(asyncio.DatagramProtocol):
-    def __init__(self, mode: CojpMode) -> None:
-        self.mode = mode
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.mode.from_jrc(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.mode.ctx.metrics.drop(CojpMode.name, DropReason.REGISTRAR_UNREACHABLE)
-        self.mode.ctx.log.debug("cojp JRC socket: %s", exc, extra={"MODE": CojpMode.name})
-
-
-def _marked_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, AF43)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class CojpMode(RelayMode):
+class CojpMode(StatelessDatagramMode):
     name = "cojp"
     # Pledges learn of a CoJP proxy from 6TiSCH beacons or configuration, not from GRASP/mDNS
     # announcements of a TCP port (announcing one would lure BRSKI pledges to nothing).
     serves_link_local = False
     # The control plane hands this mode the JRC that answers the CoAP ping (daemon.mode_target)
     registrar_port = "cojp_port"
+    upstream_side = "JRC-side"
+    upstream_peer = "the JRC"
+    no_port = "has no cojp_port (JRC)"
+    side_class = _PledgeSide
 
     def __init__(self, ctx: RelayContext) -> None:
         super().__init__(ctx)
         # A random first key id: tokens of an earlier run name a key this run lacks.
         self.sealer = TokenSealer(os.urandom(32), os.urandom(1)[0], lifetime=TOKEN_LIFETIME)
-        self.key_started = time.monotonic()
-        self.replays = ReplayFilter()
-        self.joins: dict[str, _PledgeSide] = {}
-        self.by_index: dict[int, _PledgeSide] = {}
-        self._wanted: dict[str, JoinInterface] = {}
-        self.registrar: RegistrarEndpoint | None = None
-        self.upstream: asyncio.DatagramTransport | None = None
-        self._rotator: asyncio.Task[None] | None = None
-        self._jrc_source: tuple[str, int] | None = None
         self._next_mid = int.from_bytes(os.urandom(2), "big")
         self._warned_reset = False
-        self.datagrams = {"upstream": 0, "downstream": 0}
-        self._say = RefusalSayer(ctx.log, self.name)
-        ctx.metrics.add_mode(self.name)
-        self._bytes_up = ctx.metrics.relayed_bytes.labels(self.name, "upstream")
-        self._bytes_down = ctx.metrics.relayed_bytes.labels(self.name, "downstream")
-        self._datagrams_up = ctx.metrics.relayed_datagrams.labels(self.name, "upstream")
-        self._datagrams_down = ctx.metrics.relayed_datagrams.labels(self.name, "downstream")
 
-    # -- control plane ----------------------------------------------------------------------
-    async def reconcile(self, interfaces: Sequence[JoinInterface],
-                        registrar: RegistrarEndpoint | None) -> None:
-        self.registrar = registrar
-        self._jrc_source = None if registrar is None or registrar.cojp_port is None \
-            else (str(IPv6Address(registrar.address.split("%")[0])), registrar.cojp_port)
-        desired = {iface.name: iface for iface in interfaces}
-        self._wanted = desired
-        self.forget_listener_failures(desired)
-        for name, side in list(self.joins.items()):
-            if desired.get(name) != side.iface:
-                self._unlisten(name)
-        if desired and self.upstream is None:
-            await self._open_upstream()
-        for name, iface in desired.items():
-            if name not in self.joins:
-                await self._listen(iface)
-        if self._rotator is None:
-            self._rotator = asyncio.create_task(self._rotate(), name="cojp-key-rotation")
-
-    async def _open_upstream(self) -> None:
-        loop = asyncio.get_running_loop()
+    # -- sockets ----------------------------------------------------------------------------
+    def new_socket(self) -> socket.socket:
+        # Both sockets mark what they send AF43, as RFC 9031 asks of a join proxy.
+        sock = super().new_socket()
         try:
-            sock = _marked_socket()
-        except OSError as exc:
-            self.ctx.log.warning("cojp: cannot open the JRC-side socket: %s", exc,
-                                 extra={"MODE": self.name})
-            return
-        try:
-            _grow_receive_buffer(sock)
-            sock.bind(("::", 0))
-            sock.setblocking(False)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _JrcSide(self),
-                                                               sock=sock)
-        except OSError as exc:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, AF43)
+        except OSError:
             sock.close()
-            self.ctx.log.warning("cojp: cannot open the JRC-side socket: %s", exc,
-                                 extra={"MODE": self.name})
-            return
-        self.upstream = transport
-        self.ctx.log.info("cojp proxy sends to the JRC from [::]:%d", sock.getsockname()[1],
-                          extra={"MODE": self.name})
+            raise
+        return sock
 
-    async def _listen(self, iface: JoinInterface) -> None:
-        book = self.ctx.listener_book()
-        where = f"udp [{iface.scoped_link_local}]:{iface.port}"
-        if not book.due(iface.name, self.name, where):
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            sock = _marked_socket()
-        except OSError as exc:
-            book.failed(iface.name, self.name, where, exc)
-            return
-        try:
-            # The CoRE join-port responder (discovery/coap_join.py) holds [::]:5683 with
-            # SO_REUSEPORT while a jpy or coaps link is served; this socket, on the link's own
-            # address and interface, can then bind beside it and gets that link's unicast.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((iface.link_local, iface.port, 0, iface.index))
-            sock.setblocking(False)
-            _, protocol = await loop.create_datagram_endpoint(
-                lambda: _PledgeSide(self, iface), sock=sock)
-        except OSError as exc:
-            sock.close()
-            book.failed(iface.name, self.name, where, exc)
-            return
-        book.bound(iface.name, self.name)
-        self.joins[iface.name] = protocol
-        self.by_index[iface.index] = protocol
-        self.ctx.log.info("cojp proxy listening on udp [%s]:%d", iface.scoped_link_local,
-                          iface.port, extra={"INTERFACE": iface.name, "MODE": self.name})
+    def prepare_join_socket(self, sock: socket.socket) -> None:
+        # The CoRE join-port responder (discovery/coap_join.py) holds [::]:5683 with
+        # SO_REUSEPORT while a jpy or coaps link is served; this socket, on the link's own
+        # address and interface, can then bind beside it and gets that link's unicast.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
-    def _unlisten(self, name: str) -> None:
-        side = self.joins.pop(name)
-        if self.by_index.get(side.iface.index) is side:
-            del self.by_index[side.iface.index]
-        if side.transport is not None:
-            side.transport.close()
-        self.ctx.log.info("cojp proxy stopped listening on %s", name,
-                          extra={"INTERFACE": name, "MODE": self.name})
+    def pledge_socket_error(self, iface: JoinInterface, exc: Exception) -> None:
+        self.ctx.log.debug("cojp join socket on %s: %s", iface.name, exc,
+                           extra={"INTERFACE": iface.name, "MODE": self.name})
 
-    def unserved(self) -> dict[str, str]:
-        book = self.ctx.listener_book()
-        if self.upstream is None and self._wanted:
-            return {name: "no JRC-side socket" for name in self._wanted}
-        registrar = self.registrar
-        if registrar is not None and registrar.cojp_port is None:
-            return {name: f"registrar {registrar.key} has no cojp_port (JRC)"
-                    for name in self._wanted}
-        return {name: book.describe(name, self.name) or "not listening"
-                for name in self._wanted if name not in self.joins}
+    def registrar_socket_error(self, exc: Exception) -> None:
+        self.ctx.metrics.drop(self.name, DropReason.REGISTRAR_UNREACHABLE)
+        self.ctx.log.debug("cojp JRC socket: %s", exc, extra={"MODE": self.name})
 
-    async def _rotate(self) -> None:
-        while True:
-            await asyncio.sleep(KEY_ROTATION_SECONDS)
-            self.rotate_key()
+    # -- keys -------------------------------------------------------------------------------
+    @property
+    def key_rotation(self) -> float:
+        return KEY_ROTATION_SECONDS
 
     def rotate_key(self) -> None:
         self.sealer.rotate(os.urandom(32))
@@ -251,50 +135,18 @@ class CojpMode(RelayMode):
         self.ctx.log.info("cojp token key rotated (key id %d)", self.sealer.key_id,
                           extra={"MODE": self.name})
 
-    async def close(self, drain_seconds: float) -> None:
-        book = self.ctx.listener_book()
-        for name in self._wanted:
-            book.forget(name, self.name)
-        self._wanted = {}
-        for name in list(self.joins):
-            self._unlisten(name)
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        if self._rotator is not None:
-            await cancel_and_wait(self._rotator)
-            self._rotator = None
-
     # -- data plane -------------------------------------------------------------------------
-    def _refuse(self, reason: DropReason | PolicyDropReason, detail: str,
-                interface: str | None = None, pledge: str | None = None,
-                jrc: str | None = None, who: str | None = None) -> None:
-        """Count, keep a pledge's refusal for `joinproxyctl refusals`, and log once per
-        sender and reason (journal fields PLEDGE, or REGISTRAR for what came from the JRC's
-        side; forged datagrams come at line rate and the counter says how many)."""
-        self.ctx.metrics.drop(self.name, reason)
-        if pledge is not None and interface is not None:
-            self.ctx.refusals.add(pledge, reason.value, interface, self.name)
-        self._say(jrc or who or pledge or "?", reason.value, interface,
-                  f"cojp dropped ({reason.value}): {detail}",
-                  "REGISTRAR" if jrc is not None else "PLEDGE")
-
     def _mid(self) -> int:
         self._next_mid = (self._next_mid + 1) & 0xFFFF
         return self._next_mid
 
-    def from_pledge(self, side: _PledgeSide, data: bytes, addr: tuple[Any, ...]) -> None:
+    def from_pledge(self, side: _PledgeSide, data: bytes,  # type: ignore[override]
+                    addr: tuple[Any, ...]) -> None:
+        admitted = self._admit(side, addr, "no JRC (cojp_port)")
+        if admitted is None:
+            return
+        pledge, port = admitted
         iface = side.iface
-        host = str(addr[0]).split("%")[0]
-        pledge = f"{host}%{iface.name}"
-        if not self.ctx.join_window():
-            self._refuse(PolicyDropReason.WINDOW_CLOSED, f"pledge {pledge}", iface.name, pledge)
-            return
-        registrar = self.registrar
-        if registrar is None or registrar.cojp_port is None or self.upstream is None:
-            self._refuse(DropReason.NO_REGISTRAR, f"pledge {pledge}: no JRC (cojp_port)",
-                         iface.name, pledge)
-            return
         try:
             request = CoapDatagram.decode(data)
         except DecodeError as exc:
@@ -320,9 +172,8 @@ class CojpMode(RelayMode):
                          f"{settings.rate:g}/s on {iface.name}", iface.name, pledge)
             return
         try:
-            packed = socket.inet_pton(socket.AF_INET6, host)
-            endpoint = PledgeEndpoint(IPv6Address(packed), addr[1], iface.index)
-            token = self.sealer.seal(TokenState(endpoint, request.message_id, request.token,
+            token = self.sealer.seal(TokenState(pledge_endpoint(iface, addr),
+                                                request.message_id, request.token,
                                                 request.mtype is MessageType.CON),
                                      int(time.monotonic()))
         except (ValueError, UsageError, ValidationError) as exc:
@@ -336,29 +187,19 @@ class CojpMode(RelayMode):
             self._refuse(PolicyDropReason.TOO_BIG, f"pledge {pledge}: {len(forwarded)} bytes "
                          f"with the sealed token, more than {MAX_FORWARDED}", iface.name, pledge)
             return
-        try:
-            self.upstream.sendto(forwarded, (registrar.address, registrar.cojp_port, 0,
-                                             registrar.scope_id))
-        except OSError as exc:
-            self._refuse(DropReason.SEND_ERROR, f"pledge {pledge}: to the JRC: {exc}",
-                         iface.name, who=pledge)
-            return
-        self.datagrams["upstream"] += 1
-        self._datagrams_up.inc()
-        self._bytes_up.inc(len(data))
+        self._send_upstream(side, pledge, port, forwarded, len(data), "to the JRC")
 
-    def from_jrc(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        source = str(addr[0]).split("%")[0]
-        who = f"[{source}]:{addr[1]}"
-        if self._jrc_source is None or (source, addr[1]) != self._jrc_source:
-            self._refuse(DropReason.UNSOLICITED, f"datagram from {who}, not the JRC", jrc=who)
+    def from_registrar(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """A datagram from the JRC's side."""
+        who = self._upstream_sender(addr, "datagram from {who}, not the JRC")
+        if who is None:
             return
         # Only the header and token are read: the options and payload go to the pledge as they
         # came (the pledge's CoAP and OSCORE judge them), which is also the cheap way.
         try:
             token, _ = read_token(data)
         except DecodeError as exc:
-            self._refuse(DropReason.MALFORMED, f"from the JRC: {exc}", jrc=who)
+            self._refuse_upstream(DropReason.MALFORMED, f"from the JRC: {exc}", who)
             return
         mtype, code = MessageType((data[0] >> 4) & 3), data[1]
         if mtype is MessageType.RST and not self._warned_reset:
@@ -367,66 +208,42 @@ class CojpMode(RelayMode):
             self.ctx.log.warning("cojp: the JRC [%s]:%d answers forwarded join requests with "
                                  "RST: does it accept RFC 8974 extended tokens (RFC 9031 "
                                  "§7.1)? libcoap 4.3.1 and stock aiocoap 0.4.17 do not",
-                                 source, addr[1], extra={"MODE": self.name})
+                                 str(addr[0]).split("%")[0], addr[1], extra={"MODE": self.name})
         if data[0] >> 6 != 1 or not is_response(code) or mtype is MessageType.RST:
             # An empty ACK or RST (e.g. a JRC without extended tokens RSTs ours), a request.
-            self._refuse(DropReason.IRRELEVANT, f"from the JRC: code {code >> 5}."
-                         f"{code & 31:02d}, type {mtype.name}", jrc=who)
+            self._refuse_upstream(DropReason.IRRELEVANT, f"from the JRC: code {code >> 5}."
+                                  f"{code & 31:02d}, type {mtype.name}", who)
             return
         try:
             state = self.sealer.open(token, int(time.monotonic()))
         except (DecodeError, SignatureError) as exc:
-            self._refuse(PolicyDropReason.COJP_FORGED, f"response token: {exc}", jrc=who)
+            self._refuse_upstream(PolicyDropReason.COJP_FORGED, f"response token: {exc}", who)
             return
         except ValidationError as exc:
-            self._refuse(PolicyDropReason.COJP_STALE, f"response token: {exc}", jrc=who)
+            self._refuse_upstream(PolicyDropReason.COJP_STALE, f"response token: {exc}", who)
             return
         if self.replays.seen(data, time.monotonic()):
-            self._refuse(PolicyDropReason.COJP_REPLAYED, "response already relayed", jrc=who)
+            self._refuse_upstream(PolicyDropReason.COJP_REPLAYED, "response already relayed",
+                                  who)
             return
         if mtype is MessageType.CON and self.upstream is not None:
             # Acknowledge a separate CON response (RFC 7252 §4.2) with its own ID: no state.
             self.upstream.sendto(CoapDatagram(MessageType.ACK, 0, int.from_bytes(data[2:4],
                                                                                 "big")
                                               ).encode(), addr)
-        side = self.by_index.get(state.pledge.ifindex)
-        if side is None or side.transport is None:
-            self._refuse(DropReason.UNSOLICITED, f"response for interface "
-                         f"{state.pledge.ifindex}, which is not served", jrc=who)
+        side = self._serving(state.pledge.ifindex, who,
+                             "response for interface {ifindex}, which is not served")
+        if side is None:
             return
         if state.confirmable:
             kind, mid = MessageType.ACK, state.message_id  # piggybacked on the pledge's CON
         else:
             kind, mid = MessageType.NON, self._mid()
-        answer = retokened(data, kind, mid, state.token)
-        host = socket.inet_ntop(socket.AF_INET6, state.pledge.address.packed)
-        try:
-            side.transport.sendto(answer, (host, state.pledge.port, 0, state.pledge.ifindex))
-        except OSError as exc:
-            self._refuse(DropReason.SEND_ERROR, f"to pledge [{host}]:{state.pledge.port}: {exc}",
-                         side.iface.name, who=f"{host}%{side.iface.name}")
-            return
-        self.datagrams["downstream"] += 1
-        self._datagrams_down.inc()
-        self._bytes_down.inc(len(answer))
+        self._send_down(side, state.pledge, retokened(data, kind, mid, state.token),
+                        "to pledge {to}: {exc}")
 
     # -- views --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        registrar = self.registrar
-        port = None
-        if self.upstream is not None:
-            port = self.upstream.get_extra_info("sockname")[1]
         settings = self.ctx.cojp()
-        return {
-            "listeners": [{"interface": name, "address": side.iface.link_local,
-                           "port": side.iface.port, "protocol": "udp"}
-                          for name, side in sorted(self.joins.items())],
-            "jrc": (f"[{registrar.address}]:{registrar.cojp_port}"
-                    if registrar is not None and registrar.cojp_port else None),
-            "source_port": port,
-            "key_id": self.sealer.key_id,
-            "key_age_seconds": round(time.monotonic() - self.key_started),
-            "join_rate": {"rate": settings.rate, "burst": settings.burst},
-            "datagrams": dict(self.datagrams),
-            "replay_filter": len(self.replays),
-        }
+        return {**super().status(), "jrc": self.peer(),
+                "join_rate": {"rate": settings.rate, "burst": settings.burst}}
