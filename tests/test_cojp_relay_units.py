@@ -191,3 +191,18 @@ def test_refusals_logged_once_per_sender_and_reason_with_journal_fields(
     assert pledge_record.INTERFACE == "join0" and pledge_record.MODE == "cojp"  # type: ignore[attr-defined]
     assert jrc_record.REGISTRAR == "[fd4a:5044::100]:5683"  # type: ignore[attr-defined]
     assert not hasattr(jrc_record, "PLEDGE")
+
+
+def test_socket_errors_are_counted_and_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """An ICMPv6 error on either socket (a pledge gone, the JRC's port closed) is a lost
+    datagram: counted by reason and logged, as jpy does (the shared stateless base)."""
+    caplog.set_level(logging.INFO, logger="test.cojp")
+    mode, side, _, _, metrics = make_mode()
+    for _ in range(3):
+        side.error_received(ConnectionRefusedError(111, "Connection refused"))
+        mode.registrar_socket_error(ConnectionRefusedError(111, "Connection refused"))
+    assert drops(metrics, "send-error") == 3 and drops(metrics, "registrar-unreachable") == 3
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cojp dropped")]
+    assert len(said) == 2, said  # once per reason and sender while it lasts
+    assert any("reply to a pledge on join0 not delivered" in line for line in said), said
+    assert any("sent to [fd4a:5044::100]:5683 was refused" in line for line in said), said

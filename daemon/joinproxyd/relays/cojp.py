@@ -116,14 +116,6 @@ class CojpMode(StatelessDatagramMode):
         # address and interface, can then bind beside it and gets that link's unicast.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
-    def pledge_socket_error(self, iface: JoinInterface, exc: Exception) -> None:
-        self.ctx.log.debug("cojp join socket on %s: %s", iface.name, exc,
-                           extra={"INTERFACE": iface.name, "MODE": self.name})
-
-    def registrar_socket_error(self, exc: Exception) -> None:
-        self.ctx.metrics.drop(self.name, DropReason.REGISTRAR_UNREACHABLE)
-        self.ctx.log.debug("cojp JRC socket: %s", exc, extra={"MODE": self.name})
-
     # -- keys -------------------------------------------------------------------------------
     @property
     def key_rotation(self) -> float:

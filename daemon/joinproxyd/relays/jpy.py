@@ -161,21 +161,6 @@ class JpyMode(StatelessDatagramMode):
         await self.kernel.stop()
 
     # -- data plane -------------------------------------------------------------------------
-    def pledge_socket_error(self, iface: JoinInterface, exc: Exception) -> None:
-        # An ICMPv6 error for a reply sent to a pledge (it left, its port closed): that reply
-        # was lost, counted as a send error.
-        name = iface.name
-        self._refuse(DropReason.SEND_ERROR, f"reply to a pledge on {name} not "
-                     f"delivered: {exc}", name, who=f"a pledge on {name}")
-
-    def registrar_socket_error(self, exc: Exception) -> None:
-        # An ICMPv6 error for an earlier send: the registrar's port is closed or unreachable.
-        registrar = self.registrar
-        who = "registrar" if registrar is None or registrar.jpy_port is None \
-            else f"[{registrar.address}]:{registrar.jpy_port}"
-        self._refuse_upstream(DropReason.REGISTRAR_UNREACHABLE, f"a pledge datagram sent to "
-                              f"{who} was refused: {exc}", who)
-
     def from_pledge(self, side: PledgeSide, data: bytes, addr: tuple[Any, ...]) -> None:
         admitted = self._admit(side, addr, "no registrar with a JPY port")
         if admitted is None:

@@ -182,13 +182,21 @@ class StatelessDatagramMode(RelayMode):
     def key_rotation(self) -> float:
         """Seconds between key rotations."""
 
-    @abstractmethod
     def pledge_socket_error(self, iface: JoinInterface, exc: Exception) -> None:
-        """An ICMPv6 error on a join link's socket (about a reply sent to a pledge)."""
+        """An ICMPv6 error on a join link's socket: a reply sent to a pledge (it left, its
+        port closed) was lost, counted and logged as a send error."""
+        name = iface.name
+        self._refuse(DropReason.SEND_ERROR, f"reply to a pledge on {name} not "
+                     f"delivered: {exc}", name, who=f"a pledge on {name}")
 
-    @abstractmethod
     def registrar_socket_error(self, exc: Exception) -> None:
-        """An ICMPv6 error on the upstream socket (about a datagram sent to the registrar)."""
+        """An ICMPv6 error on the upstream socket for an earlier send: the registrar's (the
+        JRC's) port is closed or unreachable."""
+        port = self.registrar_port_of(self.registrar)
+        who = ("registrar" if port is None or self.registrar is None
+               else f"[{self.registrar.address}]:{port}")
+        self._refuse_upstream(DropReason.REGISTRAR_UNREACHABLE, f"a pledge datagram sent to "
+                              f"{who} was refused: {exc}", who)
 
     def new_socket(self) -> socket.socket:
         """An IPv6-only UDP socket; a mode that marks its traffic sets that here."""
