@@ -85,8 +85,12 @@ def exported_names(text: str) -> set[str]:
     yet (a labelled counter nobody incremented still has its # TYPE line)."""
     names: set[str] = set()
     for family in text_string_to_metric_families(text):
-        names.add(family.name + SUFFIX.get(family.type, ""))
-        names |= {sample.name for sample in family.samples}
+        if family.type not in ("histogram", "summary"):  # those are queried by their samples
+            names.add(family.name + SUFFIX.get(family.type, ""))
+            names |= {sample.name for sample in family.samples}
+        else:  # _bucket, _sum, _count, whether observed yet or not
+            names |= {family.name + part for part in ("_bucket", "_sum", "_count")
+                      if part != "_bucket" or family.type == "histogram"}
     return names
 
 

@@ -493,8 +493,8 @@ def test_packages_under_systemd_in_a_lab(tmp_path, release):
             # -- structured journal fields for relay events ---------------------------------
             records = [json.loads(line) for line in
                        proxy.journal("joinproxyd", output="json").splitlines() if line]
-            relays = [r for r in records if "opened" in str(r.get("MESSAGE", ""))
-                      and {"INTERFACE", "MODE", "REGISTRAR"} <= r.keys()]
+            relays = [r for r in records if "closed after" in str(r.get("MESSAGE", ""))
+                      and {"INTERFACE", "MODE", "REGISTRAR", "PLEDGE"} <= r.keys()]
             assert relays, [r.get("MESSAGE") for r in records][-20:]
             assert relays[0]["INTERFACE"] == "join0" and relays[0]["MODE"] == "circuit"
             assert REGISTRAR in relays[0]["REGISTRAR"]

@@ -548,9 +548,9 @@ class CircuitMode(RelayMode):
         self._opened_total.inc()
         self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).inc()
         circuit.active = True
-        # A circuit's opening and closing are logged at debug: at info, the two lines were
-        # the largest single cost of a short circuit (bench/relay_throughput.py's
-        # breakdown); refusals, drops and errors stay at info and above.
+        # The opening is logged at debug, the closing at info (one line per circuit, with
+        # everything: pledge, registrar, time, bytes): two info lines were the largest
+        # single cost of a short circuit (bench/relay_throughput.py's breakdown).
         if self.ctx.log.isEnabledFor(logging.DEBUG):
             self.ctx.log.debug("circuit %s -> %s opened", circuit.pledge,
                                circuit.registrar.key,
@@ -566,9 +566,7 @@ class CircuitMode(RelayMode):
         self._flush(circuit)
         if circuit.active:
             self.ctx.metrics.circuits_active.labels(circuit.interface, self.name).dec()
-            if not self.ctx.log.isEnabledFor(logging.DEBUG):
-                return
-            self.ctx.log.debug(
+            self.ctx.log.info(
                 "circuit %s -> %s closed after %.1f s, %d bytes up, %d down", circuit.pledge,
                 circuit.registrar.key, time.monotonic() - circuit.started, circuit.bytes_up,
                 circuit.bytes_down,
