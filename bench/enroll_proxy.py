@@ -36,12 +36,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from enroll_rate import cpu_seconds, memory_kib  # bench/, beside this script
+from enroll_rate import make_pki, memory_kib, run_measured  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab import Lab, Topology
@@ -145,37 +144,14 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
                   for name, pid in pids.items()] if profile is not None else [])
     registrar_host = lab.registrars[0]
     lag_before = loop_lag(registrar_host)
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    report = work / f"report-{tag}.json"
-    started = time.monotonic()
-    with report.open("wb") as out:
-        child = subprocess.Popen(host.cmd(argv), stdout=out, stderr=subprocess.DEVNULL)
-        _pid, status, usage = os.wait4(child.pid, 0)
-        exit_code = os.waitstatus_to_exitcode(status)
-    elapsed = time.monotonic() - started
-    cpu = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
-    cpu["pledges"] = round(usage.ru_utime + usage.ru_stime, 3)
+    run = run_measured(host.cmd(argv), work / f"report-{tag}.json", pids, len(serials))
     lag = lag_summary(lag_before, loop_lag(registrar_host))
     masa_conns = masa_connections(registrar_host)
     for proc in profilers:
         stop_profiler(proc)
-    # py-spy, when it wraps pledge-sim, says what it does on the same stdout
-    doc = json.loads("\n".join(line for line in report.read_text().splitlines()
-                               if not line.startswith("py-spy>")))
-    enrolled = int(doc["enrolled"])
     return {
         "path": path,
-        "pledges": len(serials),
-        "enrolled": enrolled,
-        "failed": int(doc["failed"]),
-        "seconds": round(elapsed, 3),
-        "enrollments_per_second": round(enrolled / elapsed, 2),
-        "enroll_seconds": float(doc["seconds"]),
-        "enrollments_per_second_enrolling": round(enrolled / float(doc["seconds"]), 2),
-        "cpu_seconds": cpu,
-        "cpu_ms_per_enrollment": {k: round(1000 * v / max(enrolled, 1), 1)
-                                  for k, v in cpu.items()},
-        "pledge_sim_exit": exit_code,
+        **run,
         "registrar_loop_lag": lag,
         "registrar_masa_connections": masa_conns,
     }
@@ -192,11 +168,7 @@ def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
     runs: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="enroll-proxy-") as tmp:
         work = Path(tmp)
-        argv = [PY, "-m", "brski.cli.pki", "init", str(work / "pki")]
-        for serials in batches.values():
-            for serial in serials:
-                argv += ["--serial", serial]
-        subprocess.run(argv, check=True, capture_output=True, timeout=600)
+        make_pki(work, batches)  # type: ignore[arg-type]
         with Lab(Topology(pledges=1, registrars=1), log_dir=work / "logs") as lab:
             host = lab.registrars[0]
             registrar_toml, masa_toml = write_configs(

@@ -62,12 +62,19 @@ def enroll(lab: Lab, work: Path, transport: str, serials: list[str], concurrency
     for serial in serials:
         argv += ["--serial", serial]
     pids = {"registrar": registrar.pid, "masa": masa.pid}  # type: ignore[attr-defined]
+    return {"transport": transport, **run_measured(lab.pledges[0].cmd(argv),
+                                                   work / f"report-{transport}.json", pids,
+                                                   len(serials))}
+
+
+def run_measured(argv: list[str], report: Path, pids: dict[str, int],
+                 pledges: int) -> dict[str, object]:
+    """One pledge-sim run (``argv`` as its host runs it), to its end: what it enrolled, and
+    the CPU time each of ``pids`` and pledge-sim itself spent meanwhile."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    report = work / f"report-{transport}.json"
     started = time.monotonic()
     with report.open("wb") as out:
-        child = subprocess.Popen(lab.pledges[0].cmd(argv), stdout=out,
-                                 stderr=subprocess.DEVNULL)
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL)
         # wait4: the child's own CPU, exact, as it is reaped ("ip netns exec" execs
         # pledge-sim in place, so this pid is pledge-sim).
         _pid, status, usage = os.wait4(child.pid, 0)
@@ -75,11 +82,12 @@ def enroll(lab: Lab, work: Path, transport: str, serials: list[str], concurrency
     elapsed = time.monotonic() - started
     cpu = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
     cpu["pledges"] = round(usage.ru_utime + usage.ru_stime, 3)
-    doc = json.loads(report.read_text())
+    # py-spy, when it wraps pledge-sim (enroll_proxy --profile), talks on the same stdout
+    doc = json.loads("\n".join(line for line in report.read_text().splitlines()
+                               if not line.startswith("py-spy>")))
     enrolled = int(doc["enrolled"])
     return {
-        "transport": transport,
-        "pledges": len(serials),
+        "pledges": pledges,
         "enrolled": enrolled,
         "failed": int(doc["failed"]),
         "seconds": round(elapsed, 3),  # the pledge-sim process, start to exit
@@ -94,6 +102,15 @@ def enroll(lab: Lab, work: Path, transport: str, serials: list[str], concurrency
     }
 
 
+def make_pki(work: Path, batches: dict[object, list[str]]) -> None:
+    """One brski-pki in ``work/pki`` with an IDevID for every serial of every batch."""
+    argv = [PY, "-m", "brski.cli.pki", "init", str(work / "pki")]
+    for serials in batches.values():
+        for serial in serials:
+            argv += ["--serial", serial]
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+
+
 def measure(pledges: int, concurrency: int, rounds: int) -> dict[str, object]:
     order = [TRANSPORTS if r % 2 == 0 else TRANSPORTS[::-1] for r in range(rounds)]
     batches = {(r, t): [f"bench-{t}-{r}-{i:03d}" for i in range(pledges)]
@@ -101,11 +118,7 @@ def measure(pledges: int, concurrency: int, rounds: int) -> dict[str, object]:
     runs: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="enroll-bench-") as tmp:
         work = Path(tmp)
-        argv = [PY, "-m", "brski.cli.pki", "init", str(work / "pki")]
-        for serials in batches.values():
-            for serial in serials:
-                argv += ["--serial", serial]
-        subprocess.run(argv, check=True, capture_output=True, timeout=600)
+        make_pki(work, batches)  # type: ignore[arg-type]
         topology = Topology(pledges=1, registrars=1, pledges_on_backbone=True)
         with Lab(topology, log_dir=work / "logs") as lab:
             host = lab.registrars[0]

@@ -429,7 +429,7 @@ def main() -> int:
     for name, values in ratios.items():
         num, den = name.split("/")
         record(f"{num} vs {den}", results[num], "datagrams/s", baseline=den, ratios=values,
-               target=10 if name == "kernel-jpy/user-jpy" else None)
+               target=10 if name == "kernel-xdp/daemon-jpy" else None)  # issue 19 item 1
     for path, values in costs.items():
         record(f"{path} CPU", values, "ns/datagram", better="lower")
     return 0
