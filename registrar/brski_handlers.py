@@ -80,17 +80,7 @@ async def _ask_masa(reg: Registrar, req: PledgeRequest, idevid: bytes) -> web.Re
     signed = sign_voucher_cms(rvr, reg.config.tls_key,  # type: ignore[arg-type]
                               reg.rvr_certificates, now)
 
-    def record_request(store: Store) -> int:
-        store.pledge_seen(req.serial, idevid, "voucher-requested")
-        # One record per pledge request across the domain's registrars (a retry may land on
-        # another).
-        return store.find_or_add_voucher_request(req.serial, req.sha256, req.signed, signed,
-                                                 req.nonce_text, "pending")
-
-    request_id = await reg.write(record_request)
-
-    async def update(status: str, reason: str) -> None:
-        await reg.write(lambda s: s.update_voucher_request(request_id, status, reason))
+    request_id, update = await reg.record_voucher_request(req, idevid, signed)
 
     try:
         answer = await reg.masa.request_voucher(masa_url, signed)

@@ -176,17 +176,7 @@ async def request_voucher_cose(reg: Registrar, pvr: bytes,
     rvr = sign_rvr_cose(req, reg.config.tls_key, reg.rvr_certificates,  # type: ignore[arg-type]
                         idevid_chain, now)
 
-    def record_request(store: Store) -> int:
-        store.pledge_seen(req.serial, idevid, "voucher-requested")
-        # One record per pledge request across the domain's registrars (a retry may land on
-        # another).
-        return store.find_or_add_voucher_request(req.serial, req.sha256, req.signed, rvr,
-                                                 req.nonce_text, "pending")
-
-    request_id = await reg.write(record_request)
-
-    async def update(status: str, reason: str) -> None:
-        await reg.write(lambda s: s.update_voucher_request(request_id, status, reason))
+    request_id, update = await reg.record_voucher_request(req, idevid, rvr)
 
     try:
         got = await ask_masa_cose(reg.masa, req, rvr, now)

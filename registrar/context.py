@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,6 +16,7 @@ from .identity import Client, classify, peer_chain
 from .masa_client import MasaClient
 from .store import Store
 from .store_commit import GroupCommitter
+from .voucher_request import PledgeRequest
 from .web import Refusal
 
 T = TypeVar("T")
@@ -38,6 +39,25 @@ class Registrar:
             with self.store.transaction():
                 return job(self.store)
         return await self.committer.run(job)
+
+    async def record_voucher_request(
+            self, req: PledgeRequest, idevid: bytes, rvr: bytes,
+    ) -> tuple[int, Callable[[str, str], Awaitable[None]]]:
+        """Record a pledge's voucher request as pending (HTTPS and CoAPS alike) and return
+        its id and how to set its status later."""
+        def record(store: Store) -> int:
+            store.pledge_seen(req.serial, idevid, "voucher-requested")
+            # One record per pledge request across the domain's registrars (a retry may land
+            # on another).
+            return store.find_or_add_voucher_request(req.serial, req.sha256, req.signed, rvr,
+                                                     req.nonce_text, "pending")
+
+        request_id = await self.write(record)
+
+        async def update(status: str, reason: str) -> None:
+            await self.write(lambda s: s.update_voucher_request(request_id, status, reason))
+
+        return request_id, update
 
     @staticmethod
     def now() -> datetime.datetime:
