@@ -293,27 +293,23 @@ class Bench:
                 self.costs["bare-xdp"].append((ns2 - ns) / (runs2 - runs))
 
     def daemon_jpy(self) -> float:
-        relay = DaemonJpy(self.proxy, self.join0)
-        relay.start()
-        relay.ready.wait(10)
-        try:
-            time.sleep(0.05)
-            return self.through()
-        finally:
-            relay.stop()
-            if relay.count:
-                self.costs["daemon-jpy"].append(relay.cpu * 1e9 / relay.count)
+        return self._user_space("daemon-jpy", DaemonJpy(self.proxy, self.join0))
 
     def user_loop(self) -> float:
-        relay = UserLoop(self.proxy, self.join0)
+        return self._user_space("user-loop", UserLoop(self.proxy, self.join0))
+
+    def _user_space(self, name: str, relay: DaemonJpy | UserLoop) -> float:
+        """Datagrams/s through a user-space relay, and its CPU per datagram into costs."""
         relay.start()
+        if isinstance(relay, DaemonJpy):
+            relay.ready.wait(10)
         try:
             time.sleep(0.05)
             return self.through()
         finally:
             relay.stop()
             if relay.count:
-                self.costs["user-loop"].append(relay.cpu * 1e9 / relay.count)
+                self.costs[name].append(relay.cpu * 1e9 / relay.count)
 
 
 def run(seconds: float, rounds: int, obj_dir: Path, workdir: Path
