@@ -55,6 +55,7 @@ from typing import Any
 from .announce import interface_addresses
 from .config import RegistrarConfig
 from .ipip_config import IpipConfig
+from .ipip_icmp import KernelIcmpFilter
 from .ipip_relay import IpipRelay
 from .ipip_tun import MAX_PACKET, TunDevice
 from .tomlconfig import ConfigError
@@ -136,6 +137,7 @@ class IpipService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_stats = ""
+        self.kernel_icmp = KernelIcmpFilter(config.protocols, config.address)
 
     @classmethod
     def from_config(cls, config: RegistrarConfig) -> IpipService:
@@ -149,6 +151,8 @@ class IpipService:
         except OSError:
             self._close_sockets()
             raise
+        # before the first packet: the kernel's own answer to it would refuse the pledge
+        self.kernel_icmp.install()
         for protocol, sock in self._sockets.items():
             loop.add_reader(sock.fileno(), self._raw_readable, sock, protocol)
         self._task = loop.create_task(self._housekeeping())
@@ -189,6 +193,7 @@ class IpipService:
         self._close_sockets()
         self.relay.close_all()
         self.log_stats(force=True)
+        self.kernel_icmp.remove()
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():
@@ -198,7 +203,9 @@ class IpipService:
         self._sockets.clear()
 
     def status(self) -> dict[str, Any]:
-        return self.relay.status()
+        return {**self.relay.status(),
+                "kernel_icmp_filter": self.kernel_icmp.state,
+                "kernel_icmp_dropped": self.kernel_icmp.dropped()}
 
     def log_stats(self, *, force: bool = False) -> None:
         line = json.dumps(self.status(), sort_keys=True)

@@ -59,6 +59,8 @@ def lab(as_root, tmp_path_factory):
         log = registrar.log()
         assert "Traceback" not in log, log
         assert "ipip: proxy fd4a:5044::1: ipip-0 removed (stopping)" in log
+        tables = lab.registrars[0].run(["nft", "list", "tables"]).stdout
+        assert "brski_registrar_ipip" not in tables, tables
 
 
 def run_python(host, script: str, *args: str, timeout: float = 30) -> str:
@@ -275,3 +277,28 @@ def test_a_tls_handshake_and_https_exchange_complete_through_ipip(lab):
     # The registrar saw the pledge itself, by its link-local address, not the proxy.
     assert re.search(r"fe80::1:1 \"GET /.well-known/est/cacerts HTTP/1.1\" 200",
                      lab.registrar_process.log())
+
+
+def test_the_kernel_cannot_refuse_what_the_relay_accepts(lab):
+    """Where the kernel has a protocol-41 handler (Debian's stock kernels, not this one), it
+    answers each packet our raw socket also gets with ICMPv6 port unreachable, which a proxy's
+    kernel tunnel turns into "no route to host" for its pledge (registrar/ipip_icmp.py). Our
+    nftables table drops exactly such errors on output: crafted here from the registrar's
+    namespace, one quoting protocol 41 is refused by the output hook, one quoting UDP leaves."""
+    out = run_python(lab.registrars[0], """
+        import errno, socket, struct, sys
+        def error_quoting(next_header):
+            quoted = struct.pack("!IHBB", 6 << 28, 20, next_header, 64) + bytes(32)
+            return struct.pack("!BBHI", 1, 4, 0, 0) + quoted  # dest unreachable, port
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        for next_header in (41, 98, 17):
+            try:
+                sock.sendto(error_quoting(next_header), (sys.argv[1], 0))
+                print(next_header, "sent")
+            except OSError as exc:
+                print(next_header, errno.errorcode[exc.errno])
+    """, PROXY)
+    assert out.split("\n")[:3] == ["41 EPERM", "98 EPERM", "17 sent"], out
+    wait_for(lambda: (stats(lab).get("kernel_icmp_dropped") or 0) >= 2, 10,
+             "the filter's counter in the stats line")
+    assert stats(lab)["kernel_icmp_filter"] == "installed"

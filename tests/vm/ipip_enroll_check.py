@@ -65,6 +65,32 @@ def relaying_through_tunnel(daemon: ProxyDaemon) -> dict | None:
     return ipip if done else None
 
 
+COUNTERS = ("Ip6InAddrErrors", "Ip6InNoRoutes", "Ip6OutNoRoutes", "Icmp6OutDestUnreachs",
+            "Icmp6InDestUnreachs", "Ip6InDiscards", "Ip6OutDiscards")
+
+
+def icmp_counters(host) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    snmp = host.run(["cat", "/proc/net/snmp6"], check=False).stdout.split()
+    return dict(zip(snmp[::2], snmp[1::2], strict=False))
+
+
+def who_refused(lab: Lab) -> str:
+    """Which namespace sent the pledge an ICMPv6 error, and what each host's IPv6 counters
+    and the proxy's redirect filters say: a failed connection's detail, not a guess."""
+    said = []
+    for host in (lab.pledges[0], lab.proxy, lab.registrars[0]):
+        counters = icmp_counters(host)
+        said.append(f"{host.name}: " + ",".join(f"{k}={counters.get(k)}" for k in COUNTERS
+                                                if counters.get(k) not in (None, "0")))
+    said.append("pledge neigh: " + " | ".join(
+        lab.pledges[0].run(["ip", "-6", "neigh"], check=False).stdout.splitlines()))
+    said.append("proxy filters: " + " | ".join(
+        line.strip() for line in lab.proxy.run(
+            ["tc", "-s", "filter", "show", "dev", "join0", "ingress"], check=False)
+        .stdout.splitlines() if "Sent" in line or "match" in line))
+    return "; ".join(said)
+
+
 def main(work: Path) -> None:
     pki = make_pki(work / "pki", ["vm-ipip-0"])
     with Lab(Topology(pledges=1, registrars=1), log_dir=work / "logs") as lab:
@@ -124,10 +150,16 @@ def main(work: Path) -> None:
                 got = done.stdout.split()
                 if got[:1] == ["200"] and len(got) == 2 and int(got[1]) > 100:
                     break
-                tries.append(f"{done.stdout} " + " / ".join(done.stderr.splitlines()[-6:]))
+                tries.append(f"{done.stdout} " + " / ".join(done.stderr.splitlines()[-6:])
+                             + " / " + who_refused(lab))
                 time.sleep(2)
             check("enroll_curl_through_the_tunnel", len(tries) < 3,
                   f"{len(tries)} failed tries before: {tries}" if tries else "")
+            # The registrar's kernel has ip6_tunnel here: without our nftables table it would
+            # answer every proxy packet with port unreachable, which the proxy's tunnel turns
+            # into "no route to host" for the pledge (registrar/ipip_icmp.py).
+            refused = icmp_counters(lab.pledges[0]).get("Icmp6InDestUnreachs", "0")
+            check("enroll_pledge_got_no_unreachable", refused == "0", who_refused(lab))
             stats = daemon.ctl()["relays"]["ipip"]["datapath"].get("tunnel_stats") or {}
             # a TLS handshake, the voucher and EST exchanges: dozens of packets each way
             check("enroll_counted_by_the_tunnel",
