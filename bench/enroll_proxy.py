@@ -3,6 +3,7 @@ same run (issue 18 item 1).
 
     sudo .venv/bin/python bench/enroll_proxy.py [--pledges 200] [--concurrency 20]
                                                 [--rounds 2] [--json] [--profile DIR]
+                                                [--splice auto|on|off]
                                                 [--pledge-sim-arg=--reconnect-after-voucher]
 
 One namespace lab: the real brski-masa and brski-registrar on the registrar host (HTTPS,
@@ -158,7 +159,8 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
 
 
 def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
-            profile: Path | None, extra: Sequence[str] = ()) -> dict[str, object]:
+            profile: Path | None, extra: Sequence[str] = (),
+            splice: str = "auto") -> dict[str, object]:
     order = [PATHS if r % 2 == 0 else PATHS[::-1] for r in range(rounds)]
     batches = {(r, p): [f"bench-{p}-{r}-{i:03d}" for i in range(pledges)]
                for r in range(rounds) for p in PATHS}
@@ -180,7 +182,9 @@ def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
             registrar = host.spawn([PY, "-m", "registrar.cli", "--config", str(registrar_toml),
                                     "--metrics", f"[::1]:{METRICS_PORT}"], name="registrar")
             wait_ready(registrar.log)
-            proxy = ProxyDaemon(lab, work / "proxy", proxy_config(work / "proxy", 0, 1, 9465))
+            config = proxy_config(work / "proxy", 0, 1, 9465)
+            config["circuit"] = {**config.get("circuit", {}), "splice": splice}
+            proxy = ProxyDaemon(lab, work / "proxy", config)
             proxy.start()
             wait_for(lambda: any(r["active"] for r in proxy.ctl()["registrars"]), 15,
                      "joinproxyd to use the registrar")
@@ -276,6 +280,9 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy every process into DIR (collapsed stacks and a summary)")
+    p.add_argument("--splice", choices=("auto", "on", "off"), default="auto",
+                   help="joinproxyd's [circuit] splice (auto: the asyncio relay); a run with "
+                        "another setting is not recorded for make bench")
     p.add_argument("--pledge-sim-arg", action="append", default=[], metavar="ARG",
                    help="pass ARG to every pledge-sim run (repeatable), e.g. "
                         "--pledge-sim-arg=--reconnect-after-voucher for the old connection "
@@ -296,12 +303,12 @@ def main() -> int:
             return 2
         args.profile.mkdir(parents=True, exist_ok=True)
     r = measure(args.pledges, args.concurrency, args.rounds, args.warmup, args.profile,
-                args.pledge_sim_arg)
+                args.pledge_sim_arg, args.splice)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
         print_table(r)
-    if not args.pledge_sim_arg:
+    if not args.pledge_sim_arg and args.splice == "auto":
         record_figures(r)
     if args.profile is not None:
         summary = {f.stem: hottest(f) for f in sorted(args.profile.glob("*.txt"))

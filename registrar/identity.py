@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from aiohttp import web
 from cryptography import x509
 
 from brski import certs
-from brski.chain import load_certificate, verify_chain
+from brski.chain import MAX_DEPTH, load_certificate, verify_chain
 from brski.errors import BrskiError
 
 from .web import Refusal
@@ -42,22 +43,70 @@ def peer_chain(request: web.Request) -> list[x509.Certificate]:
     client sent no certificate."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport else None
-    if ssl_object is None:
-        return []
+    return ssl_peer_chain(ssl_object) if ssl_object is not None else []
+
+
+def ssl_peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate]:
+    """``peer_chain`` of one TLS connection. A resumed session has no verified chain (the
+    client sends no certificates, OpenSSL keeps only the leaf in the session): its
+    intermediates are then the ones full handshakes of this process showed for the leaf's
+    issuer, or none (the path check refuses a leaf that needed one)."""
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return []
     # load_certificate: parsed once per certificate (a bounded table), so the path check
-    # below finds its earlier answer for the same objects (brski.chain.verify_chain).
-    chain = [load_certificate(der)]
+    # in classify finds its earlier answer for the same objects (brski.chain.verify_chain).
+    leaf = load_certificate(der)
+    chain = [leaf]
     # Python 3.13 has SSLObject.get_verified_chain(); 3.11/3.12 have it on the inner object.
     inner = getattr(ssl_object, "_sslobj", ssl_object)
     getter = getattr(inner, "get_verified_chain", None)
     if getter is not None:
         # A private API that changed shape must not break anything: the leaf alone works.
         with contextlib.suppress(Exception):
-            chain = [load_certificate(_der_of(c)) for c in getter()]
+            chain = [load_certificate(_der_of(c)) for c in getter() or ()] or [leaf]
+    if len(chain) > 1:
+        _INTERMEDIATES.remember(chain[1:])
+    else:
+        chain += _INTERMEDIATES.towards(leaf)
     return chain
+
+
+class _Intermediates:
+    """CA certificates of verified chains, by subject. Hints for path building only: the
+    path check (brski.chain.verify_chain, against the configured anchors) verifies every
+    signature again, so a wrong or stale entry can make a path fail, never succeed."""
+
+    LIMIT = 256  # a registrar serves a few manufacturers' CA hierarchies
+
+    def __init__(self) -> None:
+        self._by_subject: dict[bytes, x509.Certificate] = {}
+
+    def remember(self, cas: Sequence[x509.Certificate]) -> None:
+        for ca in cas:
+            subject = ca.subject.public_bytes()
+            if self._by_subject.get(subject) == ca:
+                continue
+            if len(self._by_subject) >= self.LIMIT:
+                self._by_subject.pop(next(iter(self._by_subject)))
+            self._by_subject[subject] = ca
+
+    def towards(self, cert: x509.Certificate) -> list[x509.Certificate]:
+        """The remembered issuers above ``cert``, nearest first, up to a self-issued one."""
+        out: list[x509.Certificate] = []
+        while len(out) < MAX_DEPTH:
+            issuer = cert.issuer.public_bytes()
+            if issuer == cert.subject.public_bytes():
+                break
+            found = self._by_subject.get(issuer)
+            if found is None or found in out:
+                break
+            out.append(found)
+            cert = found
+        return out
+
+
+_INTERMEDIATES = _Intermediates()
 
 
 def _der_of(cert: object) -> bytes:
