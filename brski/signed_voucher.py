@@ -41,7 +41,7 @@ from cryptography import x509
 from . import cms, cose
 from .chain import describe, valid_at, verify_chain
 from .errors import DecodeError, SignatureError, UsageError, ValidationError
-from .voucher_cbor import decode_cbor, encode_cbor
+from .voucher_cbor import decode_cbor, encode_checked_cbor
 from .voucher_json import decode_json, encode_json
 from .voucher_model import Voucher, VoucherArtifact, VoucherRequest, b64decode_lenient
 
@@ -119,8 +119,8 @@ def sign_voucher_cose(
     kid: bytes | None = None,
 ) -> bytes:
     """COSE_Sign1 over the artifact's SID-keyed CBOR."""
-    _require_valid(artifact)
-    return cose.sign(encode_cbor(artifact), key, x5bag=x5bag, kid=kid)
+    _require_valid(artifact)  # validate() checks the types, too
+    return cose.sign(encode_checked_cbor(artifact), key, x5bag=x5bag, kid=kid)
 
 
 def verify_voucher_cose(
