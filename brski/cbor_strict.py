@@ -341,13 +341,14 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
 
 def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
     """Decode exactly one CBOR item that fills ``data``."""
-    if not isinstance(data, bytes | bytearray):
-        raise UsageError(f"{what} input must be bytes, not {type(data).__name__}")
+    if type(data) is not bytes:
+        if not isinstance(data, bytes | bytearray):
+            raise UsageError(f"{what} input must be bytes, not {type(data).__name__}")
+        data = bytes(data)
     if len(data) > max_size:
         raise DecodeError(f"{what} of {len(data)} bytes exceeds {max_size}")
     if not data:
         raise DecodeError(f"empty {what}")
-    data = bytes(data)
     try:
         value, end = _fast_item(data, 0, 0)
         if end == len(data):

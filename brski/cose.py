@@ -159,14 +159,14 @@ def sign(
         raise UsageError("payload must be bytes")
     if kid is not None and not isinstance(kid, bytes):
         raise UsageError("kid must be bytes")
-    uhdr: dict[Any, Any] = {}
-    if kid is not None:
-        uhdr[KID] = kid
-    if x5bag:
-        ders = [certificate_der(c) for c in x5bag]
-        uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
+    ders = [certificate_der(c) for c in x5bag]
     if not _is_a(key, ec.EllipticCurvePrivateKey):
         if isinstance(key, ed25519.Ed25519PrivateKey):
+            uhdr: dict[Any, Any] = {}
+            if kid is not None:
+                uhdr[KID] = kid
+            if ders:
+                uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
             msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr,
                                payload=payload)
             msg.key = OKPKey(crv=Ed25519, x=_raw_public(key), d=_raw_private(key))
@@ -176,15 +176,24 @@ def sign(
     if alg is None:
         raise UsageError(f"unsupported curve {key.curve.name}")
     # Encoded here rather than through pycose (same bytes: tag 18, the protected map, the
-    # unprotected map in kid, x5bag order): pycose's header and message objects cost twice
-    # the signature itself.
-    payload_bstr = head(2, len(payload)) + payload
-    der = key.sign(_TBS_START[alg] + payload_bstr, _SIGNATURE_ALG[alg])
+    # unprotected map with kid then x5bag, as cbor2 writes it): pycose's header and message
+    # objects cost twice the signature itself.
+    payload_head = head(2, len(payload))
+    der = key.sign(b"".join((_TBS_START[alg], payload_head, payload)), _SIGNATURE_ALG[alg])
     r, s = decode_dss_signature(der)
     size = _COORDINATE_SIZE[alg]
-    # tag 18, array of 4: what cbor2.dumps(CBORTag(18, [...])) writes, put together directly
-    return b"".join((_MESSAGE_START[alg], _header_map(uhdr), payload_bstr, head(2, 2 * size),
-                     r.to_bytes(size, "big"), s.to_bytes(size, "big")))
+    out = [_MESSAGE_START[alg], head(5, (kid is not None) + (len(ders) > 0))]
+    if kid is not None:
+        out += (b"\x04", head(2, len(kid)), kid)  # label 4
+    if len(ders) == 1:  # RFC 9360 §2: one certificate as a byte string, several as an array
+        out += (b"\x18\x20", head(2, len(ders[0])), ders[0])  # label 32
+    elif ders:
+        out += (b"\x18\x20", head(4, len(ders)))
+        for der_cert in ders:
+            out += (head(2, len(der_cert)), der_cert)
+    out += (payload_head, payload, head(2, 2 * size), r.to_bytes(size, "big"),
+            s.to_bytes(size, "big"))
+    return b"".join(out)
 
 
 def without_x5(data: bytes) -> bytes:
@@ -208,23 +217,6 @@ def _encode(msg: Sign1Message, *, sign: bool) -> bytes:
         return msg.encode(sign=sign)
     except Exception as exc:  # pycose raises CoseException, TypeError, ValueError...
         raise UsageError(f"pycose could not encode the COSE_Sign1: {exc}") from exc
-
-
-def _header_map(header: Mapping[int, bytes | list[bytes]]) -> bytes:
-    """The unprotected header as sign() fills it (kid, x5bag: unsigned integer labels, byte
-    strings or an array of them), in insertion order like cbor2."""
-    if not header:
-        return b"\xa0"
-    out = [head(5, len(header))]
-    for label, value in header.items():
-        out.append(head(0, label))
-        if type(value) is bytes:
-            out += (head(2, len(value)), value)
-        else:
-            out.append(head(4, len(value)))
-            for item in value:
-                out += (head(2, len(item)), item)
-    return b"".join(out)
 
 
 # Concrete key classes already found to be instances of an ABC: cryptography's key types are

@@ -117,23 +117,32 @@ def encode_checked_cbor(artifact: VoucherArtifact) -> bytes:
 
 def _encode_known(artifact: VoucherArtifact) -> bytes:
     """The same bytes as the general path for an artifact without unknown entries, put
-    together entry by entry: byte and text strings directly, the rest (assertion, dates,
-    boolean, extensions) through ``_to_cbor``."""
+    together entry by entry: strings, the assertion and dates directly, the rest (boolean,
+    extensions) through ``_to_cbor``."""
     fields = artifact.__dict__  # a plain dataclass: every field is in it (as check_types)
     parts: list[bytes] = []
+    count = 0
     for leaf, attr, _, key in _ENCODE_PLAN[artifact.IS_REQUEST]:
         value = fields[attr]
         if value is None:
             continue
         kind = type(value)
         if kind is bytes:
-            parts.append(key + cbor_head(2, len(value)) + value)
+            parts += (key, cbor_head(2, len(value)), value)
         elif kind is str:
             raw = value.encode("utf-8")
-            parts.append(key + cbor_head(3, len(raw)) + raw)
+            parts += (key, cbor_head(3, len(raw)), raw)
+        elif kind is Assertion:
+            parts += (key, _ASSERTION_CBOR[value])
+        elif leaf.type is LeafType.DATETIME:
+            raw = artifact.wire_text(leaf.name).encode("utf-8")  # type: ignore[union-attr]
+            parts += (key, cbor_head(3, len(raw)), raw)
         elif value != ():
-            parts.append(key + cbor_dumps(_to_cbor(artifact, leaf, value)))
-    return _TOP_HEADS[artifact.IS_REQUEST] + cbor_head(5, len(parts)) + b"".join(parts)
+            parts += (key, cbor_dumps(_to_cbor(artifact, leaf, value)))
+        else:
+            continue
+        count += 1
+    return b"".join((_TOP_HEADS[artifact.IS_REQUEST], cbor_head(5, count), *parts))
 
 
 _BY_SID: dict[bool, dict[int | None, Leaf]] = {
@@ -207,6 +216,7 @@ def _from_cbor(leaf: Leaf, raw: Any) -> Any:
 
 
 _ASSERTION_BY_INT = {int(member): member for member in Assertion}
+_ASSERTION_CBOR = {member: cbor_head(0, int(member)) for member in Assertion}
 
 
 def _to_cbor(artifact: VoucherArtifact, leaf: Leaf, value: Any) -> Any:
