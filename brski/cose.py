@@ -62,6 +62,8 @@ _COORDINATE_SIZE = {ES256: 32, ES384: 48, ES512: 66}
 _SIG1_HEAD = b"\x84\x6aSignature1"  # array(4), text(10)
 _TBS_START = {alg: _SIG1_HEAD + head(2, len(p)) + p + b"\x40" for alg, p in _PROTECTED.items()}
 _MESSAGE_START = {alg: b"\xd2\x84" + head(2, len(p)) + p for alg, p in _PROTECTED.items()}
+_SIGNATURE_HEAD = {alg: head(2, 2 * size) for alg, size in _COORDINATE_SIZE.items()}
+_MAP_HEADS = (head(5, 0), head(5, 1), head(5, 2))  # the unprotected header: kid, x5bag
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -182,7 +184,7 @@ def sign(
     der = key.sign(b"".join((_TBS_START[alg], payload_head, payload)), _SIGNATURE_ALG[alg])
     r, s = decode_dss_signature(der)
     size = _COORDINATE_SIZE[alg]
-    out = [_MESSAGE_START[alg], head(5, (kid is not None) + (len(ders) > 0))]
+    out = [_MESSAGE_START[alg], _MAP_HEADS[(kid is not None) + (len(ders) > 0)]]
     if kid is not None:
         out += (b"\x04", head(2, len(kid)), kid)  # label 4
     if len(ders) == 1:  # RFC 9360 §2: one certificate as a byte string, several as an array
@@ -191,7 +193,7 @@ def sign(
         out += (b"\x18\x20", head(4, len(ders)))
         for der_cert in ders:
             out += (head(2, len(der_cert)), der_cert)
-    out += (payload_head, payload, head(2, 2 * size), r.to_bytes(size, "big"),
+    out += (payload_head, payload, _SIGNATURE_HEAD[alg], r.to_bytes(size, "big"),
             s.to_bytes(size, "big"))
     return b"".join(out)
 

@@ -128,15 +128,18 @@ def _encode_known(artifact: VoucherArtifact) -> bytes:
             continue
         kind = type(value)
         if kind is bytes:
-            parts += (key, cbor_head(2, len(value)), value)
+            size = len(value)
+            parts += (key, _BSTR_HEADS[size] if size < 24 else cbor_head(2, size), value)
         elif kind is str:
             raw = value.encode("utf-8")
-            parts += (key, cbor_head(3, len(raw)), raw)
+            size = len(raw)
+            parts += (key, _TSTR_HEADS[size] if size < 24 else cbor_head(3, size), raw)
         elif kind is Assertion:
             parts += (key, _ASSERTION_CBOR[value])
         elif leaf.type is LeafType.DATETIME:
             raw = artifact.wire_text(leaf.name).encode("utf-8")  # type: ignore[union-attr]
-            parts += (key, cbor_head(3, len(raw)), raw)
+            size = len(raw)
+            parts += (key, _TSTR_HEADS[size] if size < 24 else cbor_head(3, size), raw)
         elif value != ():
             parts += (key, cbor_dumps(_to_cbor(artifact, leaf, value)))
         else:
@@ -217,6 +220,9 @@ def _from_cbor(leaf: Leaf, raw: Any) -> Any:
 
 _ASSERTION_BY_INT = {int(member): member for member in Assertion}
 _ASSERTION_CBOR = {member: cbor_head(0, int(member)) for member in Assertion}
+# one-byte heads of short byte and text strings (a head() call costs more than the lookup)
+_BSTR_HEADS = tuple(cbor_head(2, size) for size in range(24))
+_TSTR_HEADS = tuple(cbor_head(3, size) for size in range(24))
 
 
 def _to_cbor(artifact: VoucherArtifact, leaf: Leaf, value: Any) -> Any:
