@@ -218,14 +218,15 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
     initial = data[pos]
     pos += 1
     major, arg = initial >> 5, initial & 0x1F
-    if arg >= 24:
-        if arg > 27:
-            raise _UNUSUAL
-        end = pos + (1 << (arg - 24))
-        if end > len(data):
-            raise _UNUSUAL
-        arg = int.from_bytes(data[pos:end], "big")
-        pos = end
+    if arg >= 24:  # one or two bytes read directly; past the end is an IndexError
+        if arg == 24:
+            arg = data[pos]
+            pos += 1
+        elif arg == 25:
+            arg = data[pos] << 8 | data[pos + 1]
+            pos += 2
+        else:
+            arg, pos = _long_argument(data, pos, arg)
     if major == 0:
         return arg, pos
     if major == 1:
@@ -264,13 +265,14 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
             pos += 1
             n = initial & 0x1F
             if n >= 24:
-                if n > 27:
-                    raise _UNUSUAL
-                end = pos + (1 << (n - 24))
-                if end > size:
-                    raise _UNUSUAL
-                n = int.from_bytes(data[pos:end], "big")
-                pos = end
+                if n == 24:
+                    n = data[pos]
+                    pos += 1
+                elif n == 25:
+                    n = data[pos] << 8 | data[pos + 1]
+                    pos += 2
+                else:
+                    n, pos = _long_argument(data, pos, n)
             if initial < 0x20:
                 append(n)
             elif initial < 0x40:
@@ -293,13 +295,14 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
             pos += 1
             n = initial & 0x1F
             if n >= 24:
-                if n > 27:
-                    raise _UNUSUAL
-                end = pos + (1 << (n - 24))
-                if end > size:
-                    raise _UNUSUAL
-                n = int.from_bytes(data[pos:end], "big")
-                pos = end
+                if n == 24:
+                    n = data[pos]
+                    pos += 1
+                elif n == 25:
+                    n = data[pos] << 8 | data[pos + 1]
+                    pos += 2
+                else:
+                    n, pos = _long_argument(data, pos, n)
             if initial < 0x20:
                 key = n
             elif initial < 0x40:
@@ -319,13 +322,14 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
         pos += 1
         n = initial & 0x1F
         if n >= 24:
-            if n > 27:
-                raise _UNUSUAL
-            end = pos + (1 << (n - 24))
-            if end > size:
-                raise _UNUSUAL
-            n = int.from_bytes(data[pos:end], "big")
-            pos = end
+            if n == 24:
+                n = data[pos]
+                pos += 1
+            elif n == 25:
+                n = data[pos] << 8 | data[pos + 1]
+                pos += 2
+            else:
+                n, pos = _long_argument(data, pos, n)
         if initial < 0x20:
             result[key] = n
         elif initial < 0x40:
@@ -337,6 +341,17 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
             result[key] = data[pos:end] if initial < 0x60 else data[pos:end].decode("utf-8")
             pos = end
     return result, pos
+
+
+def _long_argument(data: bytes, pos: int, info: int) -> tuple[int, int]:
+    """The 4- or 8-byte argument of a head (additional information 26, 27) and the position
+    after it; anything else is for the reader."""
+    if info > 27:
+        raise _UNUSUAL
+    end = pos + (1 << (info - 24))
+    if end > len(data):
+        raise _UNUSUAL
+    return int.from_bytes(data[pos:end], "big"), end
 
 
 def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
