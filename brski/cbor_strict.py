@@ -394,7 +394,7 @@ def head(major: int, n: int) -> bytes:
     if n < 0x100:
         return bytes((major << 5 | 24, n))
     if n < 0x10000:
-        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+        return bytes((major << 5 | 25, n >> 8, n & 0xFF))
     if n < 0x100000000:
         return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
     return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
