@@ -193,7 +193,7 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
     otherwise surface as ValueError wherever it is first touched (an error message, say).
     Certificates parsed before come from a bounded table (same bytes, same certificate).
     """
-    if isinstance(der, bytearray | memoryview):
+    if type(der) is not bytes and isinstance(der, bytearray | memoryview):
         der = bytes(der)
     known = _CERTS.get(der) if isinstance(der, bytes) else None
     if known is not None:

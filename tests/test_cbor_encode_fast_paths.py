@@ -197,3 +197,16 @@ def test_signing_with_something_that_is_not_a_key_is_refused(pki):
         sign_voucher_cose(object(), pki.masa_signer.key)  # type: ignore[arg-type]
     data = sign_voucher_cose(voucher, pki.masa_signer.key, x5bag=[pki.masa_signer.cert])
     assert verify_voucher_cose(data, [pki.masa_ca.cert], NOW)[0] == voucher
+
+
+def test_decode_makes_the_sign1_the_constructor_makes(pki):
+    import dataclasses
+
+    data = cose.sign(b"payload", pki.masa_signer.key, x5bag=[pki.masa_signer.cert], kid=b"k")
+    msg = cose.decode(data)
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cose.Sign1)}
+    assert msg == cose.Sign1(**fields)
+    assert repr(msg) == repr(cose.Sign1(**fields))
+    assert fields["kid"] == b"k" and fields["x5bag"] == (pki.masa_signer.cert,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.payload = b"other"  # type: ignore[misc]
