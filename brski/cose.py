@@ -165,7 +165,7 @@ def sign(
         raise UsageError("payload must be bytes")
     if kid is not None and not isinstance(kid, bytes):
         raise UsageError("kid must be bytes")
-    ders = [certificate_der(c) for c in x5bag]
+    ders = [certificate_der(c) for c in x5bag] if x5bag else []
     if not _is_a(key, ec.EllipticCurvePrivateKey):
         if isinstance(key, ed25519.Ed25519PrivateKey):
             uhdr: dict[Any, Any] = {}
