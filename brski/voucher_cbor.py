@@ -47,7 +47,8 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
     if not isinstance(doc, dict) or len(doc) != 1:
         raise DecodeError("a CBOR voucher is a map with exactly one entry")
     ((top, container),) = doc.items()
-    cls = artifact_class(top) if isinstance(top, int | str) else None
+    # a tuple: ``int | str`` would build a new union object on every call
+    cls = artifact_class(top) if isinstance(top, (int, str)) else None
     if cls is None:
         raise DecodeError(f"unknown top-level key {str(top)[:60]!r}")
     if expect is not None and cls is not expect:
