@@ -14,8 +14,13 @@ small part of CBOR, so this module decodes RFC 8949 well-formedness in plain Pyt
 - maps with integer, text or byte-string keys (or a tag around an integer or text, for RFC 9254
   SIDs) and no key twice.
 
-Everything else raises DecodeError; nothing else escapes. ``cbor2`` is still used to encode.
-``bench/cbor_decode.py`` measures the cost against cbor2's C decoder.
+Everything else raises DecodeError; nothing else escapes. ``bench/cbor_decode.py`` measures
+the cost against cbor2's C decoder.
+
+``dumps`` encodes: the plain values our formats write (integers, byte and text strings, lists,
+dicts, booleans, null) it puts together itself, byte for byte what ``cbor2.dumps`` writes
+(definite lengths, shortest heads, dict order kept); anything else goes to ``cbor2.dumps``.
+A call into cbor2's encoder costs more than encoding a voucher by hand.
 """
 
 from __future__ import annotations
@@ -197,27 +202,31 @@ class _Unusual(Exception):
 
 
 _UNUSUAL = _Unusual()
-_WIDTHS = {24: 1, 25: 2, 26: 4, 27: 8}
+_FAST_SIMPLE: Final = {0xF4: False, 0xF5: True, 0xF6: None, 0xF7: cbor2.undefined}
 
 
 def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
     """(value, position after it) for the common shapes: integers, byte and text strings,
-    definite-length arrays and maps with integer, text or byte-string keys, and tags. Exactly
-    what ``_Reader.item`` makes of the same input; anything else (floats, simple values,
-    indefinite lengths, tag keys, and every malformation) raises ``_Unusual``, IndexError or
-    UnicodeDecodeError, and ``_Reader`` decodes the input instead: this path accepts nothing
-    the reader refuses, with the same depth limit and the same count checks."""
+    false/true/null/undefined, definite-length arrays and maps with integer, text or
+    byte-string keys, and tags. Exactly what ``_Reader.item`` makes of the same input;
+    anything else (floats, other simple values, indefinite lengths, tag keys, and every
+    malformation) raises ``_Unusual``, IndexError or UnicodeDecodeError, and ``_Reader``
+    decodes the input instead: this path accepts nothing the reader refuses, with the same
+    depth limit and the same count checks."""
     if depth > MAX_DEPTH:
         raise _UNUSUAL
     initial = data[pos]
     pos += 1
     major, arg = initial >> 5, initial & 0x1F
-    if arg >= 24:
-        width = _WIDTHS.get(arg)
-        if width is None or pos + width > len(data):
-            raise _UNUSUAL
-        arg = int.from_bytes(data[pos:pos + width], "big")
-        pos += width
+    if arg >= 24:  # one or two bytes read directly; past the end is an IndexError
+        if arg == 24:
+            arg = data[pos]
+            pos += 1
+        elif arg == 25:
+            arg = data[pos] << 8 | data[pos + 1]
+            pos += 2
+        else:
+            arg, pos = _long_argument(data, pos, arg)
     if major == 0:
         return arg, pos
     if major == 1:
@@ -228,39 +237,133 @@ def _fast_item(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
             raise _UNUSUAL
         raw = data[pos:end]
         return (raw if major == 2 else raw.decode("utf-8")), end
-    if major == 4:
-        if arg > len(data) - pos:  # every element takes at least one byte
-            raise _UNUSUAL
-        items = []
-        for _ in range(arg):
-            value, pos = _fast_item(data, pos, depth + 1)
-            items.append(value)
-        return items, pos
-    if major == 5:
-        if arg > len(data) - pos:
-            raise _UNUSUAL
-        result: dict[Any, Any] = {}
-        for _ in range(arg):
-            key, pos = _fast_item(data, pos, depth + 1)
-            if type(key) not in _KEY_TYPES or key in result:
-                raise _UNUSUAL
-            result[key], pos = _fast_item(data, pos, depth + 1)
-        return result, pos
     if major == 6:
         value, pos = _fast_item(data, pos, depth + 1)
         return cbor2.CBORTag(arg, value), pos
-    raise _UNUSUAL
+    if major == 7:
+        if initial in _FAST_SIMPLE:
+            return _FAST_SIMPLE[initial], pos
+        raise _UNUSUAL
+    # An array's elements, or a map's keys and values, all one level deeper. An element that
+    # is an integer or a string (most of them) is decoded right here, without a call: the
+    # same steps as above, written out once for array elements, map keys and map values.
+    size = len(data)
+    if arg > size - pos:  # every element takes at least one byte (_Reader._count)
+        raise _UNUSUAL
+    if arg and depth >= MAX_DEPTH:  # the elements would be nested too deep
+        raise _UNUSUAL
+    depth += 1
+    if major == 4:
+        items: list[Any] = []
+        append = items.append
+        for _ in range(arg):
+            initial = data[pos]
+            if initial >= 0x80:  # array, map, tag or simple value
+                value, pos = _fast_item(data, pos, depth)
+                append(value)
+                continue
+            pos += 1
+            n = initial & 0x1F
+            if n >= 24:
+                if n == 24:
+                    n = data[pos]
+                    pos += 1
+                elif n == 25:
+                    n = data[pos] << 8 | data[pos + 1]
+                    pos += 2
+                else:
+                    n, pos = _long_argument(data, pos, n)
+            if initial < 0x20:
+                append(n)
+            elif initial < 0x40:
+                append(-1 - n)
+            else:
+                end = pos + n
+                if end > size:
+                    raise _UNUSUAL
+                append(data[pos:end] if initial < 0x60 else data[pos:end].decode("utf-8"))
+                pos = end
+        return items, pos
+    result: dict[Any, Any] = {}
+    for _ in range(arg):
+        initial = data[pos]
+        if initial >= 0x80:
+            key, pos = _fast_item(data, pos, depth)
+            if type(key) not in _KEY_TYPES:
+                raise _UNUSUAL  # tag keys (SIDs) and refused keys: the reader sorts them out
+        else:
+            pos += 1
+            n = initial & 0x1F
+            if n >= 24:
+                if n == 24:
+                    n = data[pos]
+                    pos += 1
+                elif n == 25:
+                    n = data[pos] << 8 | data[pos + 1]
+                    pos += 2
+                else:
+                    n, pos = _long_argument(data, pos, n)
+            if initial < 0x20:
+                key = n
+            elif initial < 0x40:
+                key = -1 - n
+            else:
+                end = pos + n
+                if end > size:
+                    raise _UNUSUAL
+                key = data[pos:end] if initial < 0x60 else data[pos:end].decode("utf-8")
+                pos = end
+        if key in result:
+            raise _UNUSUAL  # a key twice
+        initial = data[pos]
+        if initial >= 0x80:
+            result[key], pos = _fast_item(data, pos, depth)
+            continue
+        pos += 1
+        n = initial & 0x1F
+        if n >= 24:
+            if n == 24:
+                n = data[pos]
+                pos += 1
+            elif n == 25:
+                n = data[pos] << 8 | data[pos + 1]
+                pos += 2
+            else:
+                n, pos = _long_argument(data, pos, n)
+        if initial < 0x20:
+            result[key] = n
+        elif initial < 0x40:
+            result[key] = -1 - n
+        else:
+            end = pos + n
+            if end > size:
+                raise _UNUSUAL
+            result[key] = data[pos:end] if initial < 0x60 else data[pos:end].decode("utf-8")
+            pos = end
+    return result, pos
+
+
+def _long_argument(data: bytes, pos: int, info: int) -> tuple[int, int]:
+    """The 4- or 8-byte argument of a head (additional information 26, 27) and the position
+    after it; anything else is for the reader."""
+    if info > 27:
+        raise _UNUSUAL
+    end = pos + (1 << (info - 24))
+    if end > len(data):
+        raise _UNUSUAL
+    return int.from_bytes(data[pos:end], "big"), end
 
 
 def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
     """Decode exactly one CBOR item that fills ``data``."""
-    if not isinstance(data, bytes | bytearray):
-        raise UsageError(f"{what} input must be bytes, not {type(data).__name__}")
+    if type(data) is not bytes:
+        if not isinstance(data, bytes | bytearray):
+            raise UsageError(f"{what} input must be bytes, not {type(data).__name__}")
+        data = bytes(data)
     if len(data) > max_size:
         raise DecodeError(f"{what} of {len(data)} bytes exceeds {max_size}")
     if not data:
         raise DecodeError(f"empty {what}")
-    data = bytes(data)
     try:
         value, end = _fast_item(data, 0, 0)
         if end == len(data):
@@ -274,3 +377,68 @@ def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
     if reader.pos != len(data):
         raise DecodeError(f"{len(data) - reader.pos} bytes after the {what}")
     return value
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+# the one-byte heads (argument below 24) of each major type, worked out once
+_SHORT_HEADS: Final = tuple(tuple(bytes((major << 5 | n,)) for n in range(24))
+                            for major in range(8))
+_SIMPLE_BYTES: Final = {False: b"\xf4", True: b"\xf5", None: b"\xf6"}
+
+
+def head(major: int, n: int) -> bytes:
+    """A CBOR head (RFC 8949 §3) with the shortest argument, as cbor2 writes it."""
+    if n < 24:
+        return _SHORT_HEADS[major][n]
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25, n >> 8, n & 0xFF))
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def dumps(value: Any) -> bytes:
+    """``cbor2.dumps(value)``, the same bytes and the same errors; plain values are encoded
+    here (see the module docstring)."""
+    out: list[bytes] = []
+    try:
+        _plain(value, out.append)
+    except (_Unusual, UnicodeEncodeError, RecursionError):
+        return cbor2.dumps(value)  # or its error, as before
+    return b"".join(out)
+
+
+def _plain(value: Any, put: Any) -> None:
+    kind = type(value)  # exact types: subclasses (IntEnum, ...) are cbor2's to encode
+    if kind is bytes:
+        put(head(2, len(value)))
+        put(value)
+    elif kind is str:
+        raw = value.encode("utf-8")  # strict: a lone surrogate raises, and cbor2 says so
+        put(head(3, len(raw)))
+        put(raw)
+    elif kind is int:
+        if value >= 0:
+            if value >= 1 << 64:
+                raise _UNUSUAL  # a bignum (tag 2)
+            put(head(0, value))
+        else:
+            if value < -(1 << 64):
+                raise _UNUSUAL  # a bignum (tag 3)
+            put(head(1, -1 - value))
+    elif kind is dict:
+        put(head(5, len(value)))
+        for key, item in value.items():
+            _plain(key, put)
+            _plain(item, put)
+    elif kind is list:
+        put(head(4, len(value)))
+        for item in value:
+            _plain(item, put)
+    elif kind is bool or value is None:
+        put(_SIMPLE_BYTES[value])
+    else:
+        raise _UNUSUAL

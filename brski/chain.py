@@ -42,11 +42,17 @@ class _Memo:
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> object | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
+        # No lock on the read path (a signer looks up several tables per voucher): with the
+        # GIL, dict.get and move_to_end are each atomic for our keys (bytes and tuples of
+        # them: no Python-level hash or eq), so the worst a concurrent put() can do is evict
+        # the key in between, which costs only its recency.
+        value = self._items.get(key)
+        if value is not None:
+            try:  # noqa: SIM105 - contextlib.suppress costs more than the lookup it guards
                 self._items.move_to_end(key)
-            return value
+            except KeyError:
+                pass
+        return value
 
     def put(self, key: Hashable, value: object) -> None:
         with self._lock:
@@ -187,7 +193,7 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
     otherwise surface as ValueError wherever it is first touched (an error message, say).
     Certificates parsed before come from a bounded table (same bytes, same certificate).
     """
-    if isinstance(der, bytearray | memoryview):
+    if type(der) is not bytes and isinstance(der, bytearray | memoryview):
         der = bytes(der)
     known = _CERTS.get(der) if isinstance(der, bytes) else None
     if known is not None:

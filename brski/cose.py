@@ -36,7 +36,7 @@ from pycose.keys import OKPKey
 from pycose.keys.curves import Ed25519
 from pycose.messages import Sign1Message
 
-from .cbor_strict import loads_exact
+from .cbor_strict import head, loads_exact
 from .chain import certificate_der, load_certificate
 from .errors import DecodeError, SignatureError, UsageError
 
@@ -54,6 +54,16 @@ _ALG_BY_CURVE = {curve: alg for alg, (_, _, curve) in _ECDSA.items()}
 _PROTECTED = {alg: cbor2.dumps({ALG: alg}) for alg in _ECDSA}  # what pycose emits: {1: alg}
 SUPPORTED_ALGS = frozenset({*_ECDSA, EDDSA})
 _PROTECTED_ALG = {cbor2.dumps({ALG: alg}): alg for alg in SUPPORTED_ALGS}
+# Per ECDSA alg, worked out once: the signature algorithm object (stateless), the size of r
+# and of s, and the constant starts of the message and of its Sig_structure (RFC 9052 §4.4:
+# ["Signature1", protected, external_aad = h'', payload]), as cbor2 would write them.
+_SIGNATURE_ALG = {alg: ec.ECDSA(hash_cls()) for alg, (_, hash_cls, _) in _ECDSA.items()}
+_COORDINATE_SIZE = {ES256: 32, ES384: 48, ES512: 66}
+_SIG1_HEAD = b"\x84\x6aSignature1"  # array(4), text(10)
+_TBS_START = {alg: _SIG1_HEAD + head(2, len(p)) + p + b"\x40" for alg, p in _PROTECTED.items()}
+_MESSAGE_START = {alg: b"\xd2\x84" + head(2, len(p)) + p for alg, p in _PROTECTED.items()}
+_SIGNATURE_HEAD = {alg: head(2, 2 * size) for alg, size in _COORDINATE_SIZE.items()}
+_MAP_HEADS = (head(5, 0), head(5, 1), head(5, 2))  # the unprotected header: kid, x5bag
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -79,28 +89,29 @@ def decode(data: bytes) -> Sign1:
         if item.tag != SIGN1_TAG:
             raise DecodeError(f"CBOR tag {item.tag} is not COSE_Sign1 (18)")
         item = item.value
-    if not isinstance(item, list) or len(item) != 4:
+    # loads_exact gives exact built-in types: list, dict, bytes (never subclasses)
+    if type(item) is not list or len(item) != 4:
         raise DecodeError("COSE_Sign1 is an array of four items")
     protected, unprotected, payload, signature = item
-    if not isinstance(protected, bytes):
+    if type(protected) is not bytes:
         raise DecodeError("COSE_Sign1 protected header is not a byte string")
-    if not isinstance(unprotected, dict):
+    if type(unprotected) is not dict:
         raise DecodeError("COSE_Sign1 unprotected header is not a map")
     if payload is None:
         raise DecodeError("detached COSE payloads are not used for vouchers")
-    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
+    if type(payload) is not bytes or type(signature) is not bytes:
         raise DecodeError("COSE_Sign1 payload and signature must be byte strings")
     known = _PROTECTED_ALG.get(protected)
     if known is not None:  # {1: alg}, as every signer of ours and of the examples writes it
         prot: Any = {ALG: known}
     else:
         prot = loads_exact(protected, "COSE protected header") if protected else {}
-    if not isinstance(prot, dict):
+    if type(prot) is not dict:
         raise DecodeError("COSE protected header is not a map")
-    for label in (*prot, *unprotected):
-        if type(label) is not int and not isinstance(label, str):
+    for label in unprotected if known is not None else (*prot, *unprotected):
+        if type(label) is not int and type(label) is not str:
             raise DecodeError("COSE header labels are integers or text")
-    if set(prot) & set(unprotected):
+    if not prot.keys().isdisjoint(unprotected):
         raise DecodeError("a COSE header label appears in both buckets (RFC 9052 §3)")
     alg = prot.get(ALG)
     if ALG in unprotected:
@@ -108,9 +119,12 @@ def decode(data: bytes) -> Sign1:
     if type(alg) is not int or alg not in SUPPORTED_ALGS:
         raise DecodeError(f"unsupported or missing COSE alg {alg!r}")
     kid = prot.get(KID, unprotected.get(KID))
-    if kid is not None and not isinstance(kid, bytes):
+    if kid is not None and type(kid) is not bytes:
         raise DecodeError("kid must be a byte string")
-    return Sign1(
+    # What Sign1(...) makes, without its frozen __init__ setting each field in turn through
+    # object.__setattr__ (one message per voucher verified: that was a tenth of decode)
+    msg = object.__new__(Sign1)
+    msg.__dict__.update(
         protected=protected,
         alg=alg,
         unprotected=unprotected,
@@ -119,21 +133,22 @@ def decode(data: bytes) -> Sign1:
         kid=kid,
         x5bag=_certificates(unprotected.get(X5BAG, prot.get(X5BAG))),
     )
+    return msg
 
 
 def verify(msg: Sign1, signer: x509.Certificate | PublicKey) -> None:
     """Check the signature with ``signer`` (a certificate or a public key)."""
     key = _public_key(signer)
-    to_be_signed = _sig_structure(msg.protected, msg.payload)
     if msg.alg == EDDSA:
         if not isinstance(key, ed25519.Ed25519PublicKey):
             raise SignatureError(f"EdDSA signature but the signer key is {type(key).__name__}")
         ok = _pycose_eddsa_verify(msg, key)
     else:
-        _, hash_cls, curve = _ECDSA[msg.alg]
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != curve:
+        curve = _ECDSA[msg.alg][2]
+        if not _is_a(key, ec.EllipticCurvePublicKey) or key.curve.name != curve:
             raise SignatureError(f"COSE alg {msg.alg} needs a {curve} key")
-        ok = _ecdsa_verify(key, hash_cls(), msg.signature, to_be_signed)
+        ok = _ecdsa_verify(key, msg.alg, msg.signature,
+                           _TBS_START[msg.alg] + head(2, len(msg.payload)) + msg.payload)
     if not ok:
         raise SignatureError("COSE_Sign1 signature does not verify")
 
@@ -150,30 +165,41 @@ def sign(
         raise UsageError("payload must be bytes")
     if kid is not None and not isinstance(kid, bytes):
         raise UsageError("kid must be bytes")
-    uhdr: dict[Any, Any] = {}
-    if kid is not None:
-        uhdr[KID] = kid
-    if x5bag:
-        ders = [certificate_der(c) for c in x5bag]
-        uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr, payload=payload)
-        msg.key = OKPKey(crv=Ed25519, x=_raw_public(key), d=_raw_private(key))
-        return _encode(msg, sign=True)  # pycose's EdDSA is cryptography underneath
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
+    ders = [certificate_der(c) for c in x5bag] if x5bag else []
+    if not _is_a(key, ec.EllipticCurvePrivateKey):
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            uhdr: dict[Any, Any] = {}
+            if kid is not None:
+                uhdr[KID] = kid
+            if ders:
+                uhdr[X5BAG] = ders[0] if len(ders) == 1 else ders  # RFC 9360 §2
+            msg = Sign1Message(phdr={headers.Algorithm: algorithms.EdDSA}, uhdr=uhdr,
+                               payload=payload)
+            msg.key = OKPKey(crv=Ed25519, x=_raw_public(key), d=_raw_private(key))
+            return _encode(msg, sign=True)  # pycose's EdDSA is cryptography underneath
         raise UsageError(f"cannot sign COSE with a {type(key).__name__}")
     alg = _ALG_BY_CURVE.get(key.curve.name)
     if alg is None:
         raise UsageError(f"unsupported curve {key.curve.name}")
-    _, hash_cls, _ = _ECDSA[alg]
     # Encoded here rather than through pycose (same bytes: tag 18, the protected map, the
-    # unprotected map in kid, x5bag order): pycose's header and message objects cost twice
-    # the signature itself.
-    protected = _PROTECTED[alg]
-    der = key.sign(_sig_structure(protected, payload), ec.ECDSA(hash_cls()))
-    raw = _der_to_raw(der, _coordinate_size(key.curve))
-    # tag 18, array of 4: what cbor2.dumps(CBORTag(18, [...])) writes, put together directly
-    return b"\xd2\x84" + _bstr(protected) + _header_map(uhdr) + _bstr(payload) + _bstr(raw)
+    # unprotected map with kid then x5bag, as cbor2 writes it): pycose's header and message
+    # objects cost twice the signature itself.
+    payload_head = head(2, len(payload))
+    der = key.sign(b"".join((_TBS_START[alg], payload_head, payload)), _SIGNATURE_ALG[alg])
+    r, s = decode_dss_signature(der)
+    size = _COORDINATE_SIZE[alg]
+    out = [_MESSAGE_START[alg], _MAP_HEADS[(kid is not None) + (len(ders) > 0)]]
+    if kid is not None:
+        out += (b"\x04", head(2, len(kid)), kid)  # label 4
+    if len(ders) == 1:  # RFC 9360 §2: one certificate as a byte string, several as an array
+        out += (b"\x18\x20", head(2, len(ders[0])), ders[0])  # label 32
+    elif ders:
+        out += (b"\x18\x20", head(4, len(ders)))
+        for der_cert in ders:
+            out += (head(2, len(der_cert)), der_cert)
+    out += (payload_head, payload, _SIGNATURE_HEAD[alg], r.to_bytes(size, "big"),
+            s.to_bytes(size, "big"))
+    return b"".join(out)
 
 
 def without_x5(data: bytes) -> bytes:
@@ -199,53 +225,30 @@ def _encode(msg: Sign1Message, *, sign: bool) -> bytes:
         raise UsageError(f"pycose could not encode the COSE_Sign1: {exc}") from exc
 
 
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad = h'', payload], in CBOR:
-    # array(4), text(10), bstr, empty bstr, bstr (the bytes cbor2.dumps gives for the list)
-    return _SIG1_HEAD + _bstr(protected) + b"\x40" + _bstr(payload)
+# Concrete key classes already found to be instances of an ABC: cryptography's key types are
+# ABCs, and an ABC isinstance() check of its Rust classes costs more than a set lookup.
+_SUBCLASSES_SEEN: dict[type, set[type]] = {
+    ec.EllipticCurvePrivateKey: set(), ec.EllipticCurvePublicKey: set()}
 
 
-_SIG1_HEAD = b"\x84\x6aSignature1"
-
-
-def _head(major: int, n: int) -> bytes:
-    """A CBOR head (RFC 8949 §3) with the shortest argument, as cbor2 writes it."""
-    if n < 24:
-        return bytes((major << 5 | n,))
-    if n < 0x100:
-        return bytes((major << 5 | 24, n))
-    if n < 0x10000:
-        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
-
-
-def _bstr(data: bytes) -> bytes:
-    return _head(2, len(data)) + data
-
-
-def _header_map(header: Mapping[int, bytes | list[bytes]]) -> bytes:
-    """The unprotected header as sign() fills it (kid, x5bag: unsigned integer labels, byte
-    strings or an array of them), in insertion order like cbor2."""
-    out = [_head(5, len(header))]
-    for label, value in header.items():
-        out.append(_head(0, label))
-        if isinstance(value, bytes):
-            out.append(_bstr(value))
-        else:
-            out.append(_head(4, len(value)))
-            out.extend(_bstr(v) for v in value)
-    return b"".join(out)
+def _is_a(key: object, abc_class: type) -> bool:
+    seen = _SUBCLASSES_SEEN[abc_class]
+    if type(key) in seen:
+        return True
+    if isinstance(key, abc_class):
+        seen.add(type(key))  # registering with an ABC cannot be undone: stays true
+        return True
+    return False
 
 
 def _certificates(value: Any) -> tuple[x509.Certificate, ...]:
     if value is None:
         return ()
-    items = [value] if isinstance(value, bytes) else value
-    if not isinstance(items, list) or not items or not all(isinstance(i, bytes) for i in items):
+    if type(value) is bytes:  # one certificate, the usual case
+        return (load_certificate(value, "an x5bag entry"),)
+    if type(value) is not list or not value or not all(type(i) is bytes for i in value):
         raise DecodeError("x5bag must be a certificate or a non-empty array of them")
-    return tuple(load_certificate(i, "an x5bag entry") for i in items)
+    return tuple(load_certificate(i, "an x5bag entry") for i in value)
 
 
 def _public_key(signer: x509.Certificate | PublicKey) -> PublicKey:
@@ -256,20 +259,19 @@ def _public_key(signer: x509.Certificate | PublicKey) -> PublicKey:
             raise SignatureError(f"signer certificate key unusable: {exc}") from exc
     else:
         key = signer
-    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+    if not _is_a(key, ec.EllipticCurvePublicKey) and \
+            not isinstance(key, ed25519.Ed25519PublicKey):
         raise SignatureError(f"cannot verify COSE with a {type(key).__name__}")
     return key
 
 
-def _ecdsa_verify(
-    key: ec.EllipticCurvePublicKey, hash_alg: hashes.HashAlgorithm, raw: bytes, data: bytes
-) -> bool:
-    size = _coordinate_size(key.curve)
+def _ecdsa_verify(key: ec.EllipticCurvePublicKey, alg: int, raw: bytes, data: bytes) -> bool:
+    size = _COORDINATE_SIZE[alg]  # the key's curve is alg's: verify() checked
     if len(raw) != 2 * size:  # RFC 9053 §2.1: r || s, each exactly the curve size
         return False
     r, s = int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big")
     try:
-        key.verify(encode_dss_signature(r, s), data, ec.ECDSA(hash_alg))
+        key.verify(encode_dss_signature(r, s), data, _SIGNATURE_ALG[alg])
     except InvalidSignature:
         return False
     return True
@@ -284,15 +286,6 @@ def _pycose_eddsa_verify(msg: Sign1, key: ed25519.Ed25519PublicKey) -> bool:
     except Exception as exc:  # pycose raises CoseException, ValueError, TypeError...
         raise SignatureError("COSE EdDSA signature cannot be checked (malformed protected "
                              "header or signature)") from exc
-
-
-def _der_to_raw(der: bytes, size: int) -> bytes:
-    r, s = decode_dss_signature(der)
-    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-
-
-def _coordinate_size(curve: ec.EllipticCurve) -> int:
-    return (curve.key_size + 7) // 8
 
 
 def _raw_public(key: ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey) -> bytes:

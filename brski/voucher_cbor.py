@@ -14,6 +14,8 @@ from typing import Any, TypeVar, overload
 import cbor2
 
 from .cbor_strict import MAX_SIZE, loads_exact
+from .cbor_strict import dumps as cbor_dumps
+from .cbor_strict import head as cbor_head
 from .errors import DecodeError, ValidationError
 from .voucher_model import (
     LEAF_BY_NAME,
@@ -45,7 +47,8 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
     if not isinstance(doc, dict) or len(doc) != 1:
         raise DecodeError("a CBOR voucher is a map with exactly one entry")
     ((top, container),) = doc.items()
-    cls = artifact_class(top) if isinstance(top, int | str) else None
+    # a tuple: ``int | str`` would build a new union object on every call
+    cls = artifact_class(top) if isinstance(top, (int, str)) else None
     if cls is None:
         raise DecodeError(f"unknown top-level key {str(top)[:60]!r}")
     if expect is not None and cls is not expect:
@@ -60,12 +63,20 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
     unknown: list[tuple[Any, Any]] = []
     for key, raw in container.items():
         # the usual key, a delta SID of a leaf this kind reads (bool is not int here)
-        leaf = by_delta.get(key) if type(key) is int else None
-        if leaf is None:
-            leaf = _leaf_for(key, cls, by_sid)
-            if leaf is None or ignored_in(cls, leaf):
-                unknown.append((key, raw))
-                continue
+        known = by_delta.get(key) if type(key) is int else None
+        if known is not None:
+            leaf, name, plain = known
+            if name in values:
+                raise DecodeError(f"{name} given twice (by SID and by name)")
+            # the usual value, of the leaf's exact type: a byte or text string as it is
+            values[name] = raw if type(raw) is plain else _from_cbor(leaf, raw)
+            if leaf.type is LeafType.DATETIME:
+                texts[name] = raw
+            continue
+        leaf = _leaf_for(key, cls, by_sid)
+        if leaf is None or ignored_in(cls, leaf):
+            unknown.append((key, raw))
+            continue
         if leaf.name in values:
             raise DecodeError(f"{leaf.name} given twice (by SID and by name)")
         values[leaf.name] = _from_cbor(leaf, raw)
@@ -78,9 +89,20 @@ def encode_cbor(artifact: VoucherArtifact) -> bytes:
     """``{top SID: {delta: value, ...}}`` in ascending delta order, as the cBRSKI examples.
     Unknown entries decoded from CBOR follow, unchanged."""
     artifact.check_types()
+    return encode_checked_cbor(artifact)
+
+
+def encode_checked_cbor(artifact: VoucherArtifact) -> bytes:
+    """``encode_cbor`` for an artifact whose types were just checked (``validate()`` does
+    that: signing validates first, and checking twice costs a signer time for nothing)."""
+    if not artifact.wire.unknown_cbor:
+        try:
+            return _encode_known(artifact)
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: the general path below reports it
     top = artifact.TOP_SID
     body: dict[Any, Any] = {}
-    for leaf, attr, delta in _ENCODE_PLAN[artifact.IS_REQUEST]:  # SID order
+    for leaf, attr, delta, _ in _ENCODE_PLAN[artifact.IS_REQUEST]:  # SID order
         value = getattr(artifact, attr)
         if value is None or value == ():
             continue
@@ -89,9 +111,42 @@ def encode_cbor(artifact: VoucherArtifact) -> bytes:
     for key, value in artifact.wire.unknown_cbor:
         body.setdefault(key, value)
     try:
-        return cbor2.dumps({top: body})
+        return cbor_dumps({top: body})
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:  # unknown_cbor odd values
         raise DecodeError(f"cannot re-encode voucher: {exc}") from exc
+
+
+def _encode_known(artifact: VoucherArtifact) -> bytes:
+    """The same bytes as the general path for an artifact without unknown entries, put
+    together entry by entry: strings, the assertion and dates directly, the rest (boolean,
+    extensions) through ``_to_cbor``."""
+    fields = artifact.__dict__  # a plain dataclass: every field is in it (as check_types)
+    parts: list[bytes] = []
+    count = 0
+    for leaf, attr, _, key in _ENCODE_PLAN[artifact.IS_REQUEST]:
+        value = fields[attr]
+        if value is None:
+            continue
+        kind = type(value)
+        if kind is bytes:
+            size = len(value)
+            parts += (key, _BSTR_HEADS[size] if size < 24 else cbor_head(2, size), value)
+        elif kind is str:
+            raw = value.encode("utf-8")
+            size = len(raw)
+            parts += (key, _TSTR_HEADS[size] if size < 24 else cbor_head(3, size), raw)
+        elif kind is Assertion:
+            parts += (key, _ASSERTION_CBOR[value])
+        elif leaf.type is LeafType.DATETIME:
+            raw = artifact.wire_text(leaf.name).encode("utf-8")  # type: ignore[union-attr]
+            size = len(raw)
+            parts += (key, _TSTR_HEADS[size] if size < 24 else cbor_head(3, size), raw)
+        elif value != ():
+            parts += (key, cbor_dumps(_to_cbor(artifact, leaf, value)))
+        else:
+            continue
+        count += 1
+    return b"".join((_TOP_HEADS[artifact.IS_REQUEST], cbor_head(5, count), *parts))
 
 
 _BY_SID: dict[bool, dict[int | None, Leaf]] = {
@@ -99,18 +154,27 @@ _BY_SID: dict[bool, dict[int | None, Leaf]] = {
 }
 
 
-# delta SID -> leaf, for the leaves each kind reads (a voucher-only leaf in a request is
+# delta SID -> (leaf, name, exact Python type its value has on the wire when plain: bytes or
+# str, else None), for the leaves each kind reads (a voucher-only leaf in a request is
 # ignored, RFC 8995 §3.4: not listed, so it takes the long way and is kept as unknown).
-_BY_DELTA: dict[bool, dict[int, Leaf]] = {
-    request: {sid - top: leaf for sid, leaf in _BY_SID[request].items()
+_PLAIN_ON_WIRE = {LeafType.BINARY: bytes, LeafType.STRING: str}
+_BY_DELTA: dict[bool, dict[int, tuple[Leaf, str, type | None]]] = {
+    request: {sid - top: (leaf, leaf.name, _PLAIN_ON_WIRE.get(leaf.type))
+              for sid, leaf in _BY_SID[request].items()
               if sid is not None and (leaf.in_request if request else leaf.in_voucher)}
     for request, top in ((False, Voucher.TOP_SID), (True, VoucherRequest.TOP_SID))
 }
-# (leaf, attribute, delta SID) of each kind's leaves in SID order, for encode_cbor.
-_ENCODE_PLAN: dict[bool, tuple[tuple[Leaf, str, int], ...]] = {
-    request: tuple((leaf, leaf.attr, leaf.sid(request) - top)  # type: ignore[operator]
-                   for leaf in (VoucherRequest if request else Voucher).leaves())
+# (leaf, attribute, delta SID, the delta's CBOR encoding) of each kind's leaves in SID order,
+# and the head of the one-entry top map with its SID key, for encode_cbor.
+_ENCODE_PLAN: dict[bool, tuple[tuple[Leaf, str, int, bytes], ...]] = {
+    request: tuple((leaf, leaf.attr, delta, cbor_head(0, delta))
+                   for leaf in (VoucherRequest if request else Voucher).leaves()
+                   for delta in (leaf.sid(request) - top,))  # type: ignore[operator]
     for request, top in ((False, Voucher.TOP_SID), (True, VoucherRequest.TOP_SID))
+}
+_TOP_HEADS: dict[bool, bytes] = {
+    request: cbor_head(5, 1) + cbor_head(0, cls.TOP_SID)
+    for request, cls in ((False, Voucher), (True, VoucherRequest))
 }
 
 
@@ -131,7 +195,8 @@ def _from_cbor(leaf: Leaf, raw: Any) -> Any:
     kind = leaf.type
     if kind is LeafType.ASSERTION:
         if type(raw) is int:
-            return Assertion.from_int(raw)
+            member = _ASSERTION_BY_INT.get(raw)  # Assertion(raw) is slower, same member
+            return member if member is not None else Assertion.from_int(raw)
         if isinstance(raw, str):  # name-keyed maps sometimes carry the name, too
             return Assertion.from_yang_name(raw)
         raise DecodeError("assertion must be an integer")
@@ -152,6 +217,13 @@ def _from_cbor(leaf: Leaf, raw: Any) -> Any:
     if kind is LeafType.DATETIME:
         return parse_datetime(raw)
     return raw
+
+
+_ASSERTION_BY_INT = {int(member): member for member in Assertion}
+_ASSERTION_CBOR = {member: cbor_head(0, int(member)) for member in Assertion}
+# one-byte heads of short byte and text strings (a head() call costs more than the lookup)
+_BSTR_HEADS = tuple(cbor_head(2, size) for size in range(24))
+_TSTR_HEADS = tuple(cbor_head(3, size) for size in range(24))
 
 
 def _to_cbor(artifact: VoucherArtifact, leaf: Leaf, value: Any) -> Any:

@@ -24,6 +24,13 @@ SAMPLES = [
     {b"k": [1, {"a": None}], "t": 1.5, cbor2.CBORTag(47, 2451): 0},
     cbor2.CBORTag(2, b"\x01" * 40),
     [[[[[[1]]]]]],
+    # every head width inline, as array elements, map keys and map values (issue 18: the
+    # fast path decodes integer and string elements without a call)
+    [23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -24, -25, -257, -(2**64),
+     "t" * 23, "t" * 24, "é" * 200, b"b" * 23, b"b" * 24, b"b" * 300, b"b" * 70000],
+    {24: 256, -25: -257, 65536: 2**32, "k" * 30: b"v" * 30, b"k" * 30: "v" * 30, 2**40: -(2**40)},
+    {1: False, 2: True, 3: None, 4: cbor2.undefined, 5: [True, None], 6: {}, 7: []},
+    [cbor2.CBORTag(1, 0), {1: cbor2.CBORTag(24, b"\x01")}, [[], {}], -1],
 ]
 
 
@@ -55,6 +62,12 @@ def variants():
             flipped[at] = rng.randrange(256)
             yield bytes(flipped)
     yield b"\x81" * 70 + b"\x01"  # deeper than MAX_DEPTH
+    depth = cbor_strict.MAX_DEPTH
+    for inner in (b"\x00", b"\x80", b"\xa0", b"\x81\x00", b"\xa1\x01\x02", b"\xa1\x81\x00\x01",
+                  b"\xc1\x00", b"\x81\x80", b"\x58\x01\x00", b"\xf5"):
+        for outer in (b"\x81", b"\xa1\x00", b"\xc1"):  # array, map value, tag
+            for levels in (depth - 2, depth - 1, depth, depth + 1):
+                yield outer * levels + inner  # at, just below and past the depth limit
     yield b"\xa2\x01\x01\x01\x02"  # a key twice
     yield b"\xa1\xf5\x01"  # true as a key
     yield b"\x62\xc3\x28"  # not UTF-8
@@ -73,9 +86,15 @@ def test_the_fast_path_is_taken_for_the_usual_shapes(monkeypatch):
     calls = []
     monkeypatch.setattr(cbor_strict._Reader, "item",
                         lambda self, depth: calls.append(1) or 0)
-    for sample in SAMPLES[:3]:
+    for sample in [*SAMPLES[:3], *SAMPLES[-4:]]:
         cbor_strict.loads_exact(cbor2.dumps(sample), "x")
     assert calls == []
+
+
+def test_the_inline_elements_decode_as_the_reader_does():
+    for sample in SAMPLES[-4:]:
+        data = cbor2.dumps(sample)
+        assert repr(cbor_strict.loads_exact(data, "x")) == repr(full_reader(data))
 
 
 @pytest.mark.parametrize("data", [b"\xa2\x01\x01\x01\x02", b"\x81" * 70 + b"\x01"])
