@@ -382,7 +382,7 @@ def loads_exact(data: bytes, what: str, max_size: int = MAX_SIZE) -> Any:
 # --- encoding -------------------------------------------------------------------------------
 
 # the one-byte heads (argument below 24) of each major type, worked out once
-_SHORT_HEADS: Final = tuple(tuple(bytes((major << 5 | n,)) for n in range(24))
+SHORT_HEADS: Final = tuple(tuple(bytes((major << 5 | n,)) for n in range(24))
                             for major in range(8))
 _SIMPLE_BYTES: Final = {False: b"\xf4", True: b"\xf5", None: b"\xf6"}
 
@@ -390,7 +390,7 @@ _SIMPLE_BYTES: Final = {False: b"\xf4", True: b"\xf5", None: b"\xf6"}
 def head(major: int, n: int) -> bytes:
     """A CBOR head (RFC 8949 §3) with the shortest argument, as cbor2 writes it."""
     if n < 24:
-        return _SHORT_HEADS[major][n]
+        return SHORT_HEADS[major][n]
     if n < 0x100:
         return bytes((major << 5 | 24, n))
     if n < 0x10000:

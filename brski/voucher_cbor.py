@@ -13,7 +13,7 @@ from typing import Any, TypeVar, overload
 
 import cbor2
 
-from .cbor_strict import MAX_SIZE, loads_exact
+from .cbor_strict import MAX_SIZE, SHORT_HEADS, loads_exact
 from .cbor_strict import dumps as cbor_dumps
 from .cbor_strict import head as cbor_head
 from .errors import DecodeError, ValidationError
@@ -222,8 +222,7 @@ def _from_cbor(leaf: Leaf, raw: Any) -> Any:
 _ASSERTION_BY_INT = {int(member): member for member in Assertion}
 _ASSERTION_CBOR = {member: cbor_head(0, int(member)) for member in Assertion}
 # one-byte heads of short byte and text strings (a head() call costs more than the lookup)
-_BSTR_HEADS = tuple(cbor_head(2, size) for size in range(24))
-_TSTR_HEADS = tuple(cbor_head(3, size) for size in range(24))
+_BSTR_HEADS, _TSTR_HEADS = SHORT_HEADS[2], SHORT_HEADS[3]
 
 
 def _to_cbor(artifact: VoucherArtifact, leaf: Leaf, value: Any) -> Any:

@@ -67,9 +67,9 @@ def _nft() -> Any:
     return nft
 
 
-def _run(commands: list[dict[str, Any]]) -> str | None:
+def _run(nft: Any, commands: list[dict[str, Any]]) -> str | None:
     """None on success, else libnftables' error (one line)."""
-    rc, _out, err = _nft().json_cmd({"nftables": commands})
+    rc, _out, err = nft.json_cmd({"nftables": commands})
     return None if rc == 0 else (err.strip().splitlines() or [f"exit {rc}"])[-1]
 
 
@@ -80,10 +80,12 @@ class KernelIcmpFilter:
         self.protocols = tuple(protocols)
         self.address = address
         self.state = "not installed"
+        self._nft: Any = None  # one libnftables context, for install, counters and removal
 
     def install(self) -> None:
         try:
-            problem = _run(table_commands(self.protocols, self.address))
+            self._nft = _nft()
+            problem = _run(self._nft, table_commands(self.protocols, self.address))
         except ImportError:
             problem = "no python3-nftables"
         except Exception as exc:  # libnftables missing or broken: the relay still runs
@@ -102,8 +104,7 @@ class KernelIcmpFilter:
         if self.state != "installed":
             return None
         try:
-            nft = _nft()
-            rc, out, _err = nft.json_cmd(
+            rc, out, _err = self._nft.json_cmd(
                 {"nftables": [{"list": {"table": {"family": "ip6", "name": TABLE}}}]})
         except Exception:
             return None
@@ -121,7 +122,7 @@ class KernelIcmpFilter:
         if self.state != "installed":
             return
         try:
-            _run([{"delete": {"table": {"family": "ip6", "name": TABLE}}}])
+            _run(self._nft, [{"delete": {"table": {"family": "ip6", "name": TABLE}}}])
         except Exception as exc:
             log.debug("ipip: removing nftables table %s: %s", TABLE, exc)
         self.state = "removed"
