@@ -293,3 +293,34 @@ def test_send_before_handshake_is_a_usage_error(pki):
 def test_dtls13_answer_is_what_openssl_says():
     # README "Certificate DTLS" records the answer for the OpenSSL pyOpenSSL runs on.
     assert dtls.dtls13_available() is False
+
+
+def test_a_pledge_offering_its_last_session_gets_a_full_handshake_and_is_identified(pki):
+    # A resumed session carries no verified chain, and the registrar identifies a pledge by
+    # its chain (registrar.identity.classify): a pledge that offers the session of its last
+    # connection must get a full handshake, not an abbreviated one with an empty chain.
+    from OpenSSL import SSL
+    from OpenSSL._util import lib
+
+    # Today's server context sets no session id context, and OpenSSL then resumes nothing
+    # while it verifies peers; setting one (Context.set_session_id) makes this test fail.
+    server = DtlsServer(server_config(pki))
+    first = DtlsSession.client(client_config(pki, pki.idevids["P1"]))
+    served, _ = handshake(server, first)
+    first.close()  # a clean close: OpenSSL keeps the session for resumption
+    for datagram in first.datagrams_to_send():
+        served.receive(datagram)
+    served.close()
+    offered = first._conn.get_session()
+    assert offered is not None
+    conn = SSL.Connection(first._conn.get_context())  # same context: set_session requires it
+    conn.set_session(offered)
+    conn.set_connect_state()
+    again = DtlsSession(conn, dtls.DEFAULT_MTU, server=False)
+    again._advance()
+    session, _ = handshake(server, again, peer=b"[2001:db8::1]:5684")
+    assert lib.SSL_session_reused(session._conn._ssl) == 0
+    assert lib.SSL_session_reused(again._conn._ssl) == 0
+    chain = session.peer_chain
+    assert [c.subject for c in chain] == [pki.idevids["P1"].cert.subject,
+                                         pki.manufacturer_ca.cert.subject]
