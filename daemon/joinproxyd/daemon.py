@@ -23,10 +23,12 @@ are removed, so each hook holds exactly one.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -978,11 +980,17 @@ class Daemon:
         return await self.traces.subscribe(pledge, request.who)
 
     def _traced_links(self) -> dict[int, str]:
-        """What `joinproxyctl trace` watches: the join links and the backbone."""
+        """What `joinproxyctl trace` watches: the join links, the backbone and the ipip
+        mode's kernel tunnels (a pledge's packet lives on its jpt device in between)."""
         links = {iface.index: iface.name for iface in self.interfaces}
         backbone = self.links.get(self.config.backbone)
         if backbone is not None:
             links[backbone.index] = backbone.name
+        ipip = self.modes.get("ipip")
+        if isinstance(ipip, IpipMode):
+            for name in ipip.tunnel_names():
+                with contextlib.suppress(OSError):  # removed since: nothing to watch
+                    links[socket.if_nametoindex(name)] = name
         return links
 
     def drop_command(self, request: Request) -> list[dict[str, Any]]:

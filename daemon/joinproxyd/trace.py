@@ -10,7 +10,8 @@ The tracepoint program is attached when the first trace starts and detached when
 one ends (its client closed the socket: Ctrl-C), so the kernel runs nothing for it while
 nobody traces. Four sources feed one stream:
 
-- ``kernel``: skb:kfree_skb on the join links and the backbone, with the kernel's reason
+- ``kernel``: skb:kfree_skb on the join links, the backbone and the ipip mode's kernel
+  tunnels (``jpt<ifindex>``), with the kernel's reason
   (its name from the running kernel's BTF) and the packet's addresses and ports;
 - ``jp_guard``: the XDP guard's drops per source (its per-source buckets count them). XDP
   drops happen before the kernel builds an skb, so kfree_skb never sees them;
@@ -76,7 +77,7 @@ class TraceHub:
                  log: logging.Logger) -> None:
         self.datapath = datapath
         self.refusals = refusals
-        self.devices = devices  # ifindex -> name: the join links and the backbone
+        self.devices = devices  # ifindex -> name: join links, backbone, tunnels
         self.obj_dir = obj_dir
         self.log = log
         self.subscribers: list[_Subscriber] = []

@@ -26,7 +26,7 @@ from cryptography import x509
 
 from lab import Lab, Topology, wait_for
 from lab.brski_services import REGISTRAR_PORT, Services, enroll, make_pki
-from lab.proxyd import ProxyDaemon, base_config
+from lab.proxyd import PYTHON, ProxyDaemon, base_config
 
 REGISTRAR_LL = "fe80::1234"
 REGISTRAR = "fd4a:5044::100"
@@ -165,6 +165,18 @@ def main(work: Path) -> None:
             check("enroll_counted_by_the_tunnel",
                   stats.get("tx_packets", 0) >= 10 and stats.get("rx_packets", 0) >= 10,
                   json.dumps(stats))
+            # joinproxyctl trace watches the tunnel too: a pledge's packet is on it between
+            # the join link and the backbone, and the kernel may drop it there
+            tracing = lab.proxy.spawn([PYTHON, "-m", "joinproxyd.ctl", "--socket",
+                                       daemon.config["daemon"]["control_socket"], "trace",
+                                       "--json"], name="joinproxyctl-trace")
+            try:
+                traced = wait_for(lambda: (t := daemon.ctl()["trace"])["attached"] and t, SLOW,
+                                  "joinproxyctl trace attached")
+                check("enroll_trace_watches_the_tunnel", tunnel in traced["links"],
+                      json.dumps(traced))
+            finally:
+                tracing.stop()
             check("enroll_daemon_stops_cleanly", daemon.stop() == 0, daemon.log()[-1500:])
             left = lab.proxy.run(["ip", "link", "show", "type", "ip6tnl"]).stdout
             check("enroll_stop_removes_the_tunnel", tunnel not in left, left)

@@ -631,6 +631,10 @@ class IpipMode(RelayMode):
                 out[name] = f"ipip: {why or 'not relayed'}"
         return out
 
+    def tunnel_names(self) -> list[str]:
+        """The kernel tunnels this mode made, one per join link (datapath "kernel")."""
+        return [spec.name for _, spec in sorted(self._tunnels.items())]
+
     def status(self) -> dict[str, Any]:
         plan, target = self.plan, self.plan.target
         return {
