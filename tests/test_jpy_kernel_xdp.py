@@ -11,12 +11,14 @@ device) and the backbone (IPv6 forwarding on, the registrar's MAC as a permanent
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv6Address
 from pathlib import Path
@@ -249,6 +251,55 @@ def test_a_restart_hands_the_guards_slot_to_the_new_xdp_wrap(tmp_path: Path) -> 
             assert second.jpy_xdp_runs
             second.close(unpin=True)
     finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+RESTART_UNPRIVILEGED = """
+import json, sys
+from pathlib import Path
+from joinproxyd.kernel.bpf import BpfDatapath
+from joinproxyd.kernel.bpf_layout import Program
+from joinproxyd.kernel.libbpf import prog_name_by_id
+dp = BpfDatapath.open(pin_dir=Path(sys.argv[1]), objects=("ipip", "guard", "jpy"))
+mine = dp.prog_id(Program.JPY_XDP_JOIN)
+print(json.dumps({"jpy_xdp": dp.jpy_xdp_runs, "ipip_xdp": dp.status()["ipip_xdp"],
+                  "jpy_prog": mine, "kernel_names_it": prog_name_by_id(mine)}))
+dp.close(detach=False)
+"""
+
+
+def test_a_restart_without_cap_sys_admin_keeps_the_xdp_wrap(tmp_path: Path) -> None:
+    """The unit grants CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW and CAP_PERFMON, not
+    CAP_SYS_ADMIN: the kernel then will not name a program by id, and the new daemon must
+    know its predecessor's jp_jpy_xdp_join from the pin it adopted (it used to fall back to
+    ipip's slot, and the jpy XDP wrap stayed off until the next start)."""
+    mnt = tmp_path / "bpffs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
+    pin_dir = mnt / "joinproxyd"
+    objects = ("ipip", "guard", "jpy")
+    try:
+        first = BpfDatapath.open(pin_dir=pin_dir, objects=objects)
+        assert first.set_jpy_xdp(True)
+        first.close(detach=False)
+        caps = "-all,+net_admin,+net_raw,+bpf,+perfmon"
+        done = subprocess.run(
+            ["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}",
+             f"--bounding-set={caps}", "--", sys.executable, "-c", RESTART_UNPRIVILEGED,
+             str(pin_dir)], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        got = json.loads(done.stdout.splitlines()[-1])
+        assert got["kernel_names_it"] is None  # the restart really lacked CAP_SYS_ADMIN
+        assert got["jpy_xdp"] is True and got["ipip_xdp"] is False, got
+        slot = json.loads(subprocess.run(
+            ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / "jp_guard_next")],
+            check=True, capture_output=True, text=True).stdout)
+        assert [int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
+                for entry in slot] == [got["jpy_prog"]]
+    finally:
+        with contextlib.suppress(KernelError):
+            BpfDatapath.open(pin_dir=pin_dir, objects=objects).close(unpin=True)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 

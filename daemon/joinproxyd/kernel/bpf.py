@@ -119,6 +119,7 @@ from .libbpf import (
     obj_info,
     prog_id_of_fd,
     prog_name_by_id,
+    prog_name_of_fd,
     prog_test_run,
     syscall_run,
     update_elem,
@@ -209,7 +210,11 @@ class BpfDatapath:
         old = u32()
         if not lookup_elem(fd, u32(0), old):
             return
-        if prog_name_by_id(old.value) == Program.JPY_XDP_JOIN.value and "jpy" in self._objects:
+        # Named from the fd our pin adoption holds on the predecessor's program: asking the
+        # kernel by id needs CAP_SYS_ADMIN, which the unit does not grant.
+        held = self._own_ids().get(old.value)
+        name = prog_name_of_fd(held) if held is not None else prog_name_by_id(old.value)
+        if name == Program.JPY_XDP_JOIN.value and "jpy" in self._objects:
             self._state.jpy_xdp = True
             self._write_next_slot()
         elif "ipip" in self._objects:
