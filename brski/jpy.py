@@ -145,7 +145,7 @@ def _pack(pledge: PledgeEndpoint) -> bytes:
         raise UsageError("seal() takes a PledgeEndpoint")
     address = pledge.address
     if address.__class__ is IPv6Address:
-        ip = int(address)
+        ip = address._ip  # the address as an int: int(address) would add a Python call
         if ip >> 64 == _LINK_LOCAL_TOP:
             return _PLAIN_V6.pack(0, pledge.ifindex, pledge.port, ip & _IID_MASK)  # IPV6
     raw = address.packed
@@ -409,35 +409,39 @@ class BlockHeaderSealer:
 
 
 class ReplayWindow:
-    """RFC 6479-style sliding window over sequence numbers: accepts each number once, and
-    nothing more than ``size - 1`` behind the highest seen. A Python int is the bitmap (bit i
-    set = ``top - i`` seen), which is what RFC 6479's word array becomes in Python."""
+    """Sliding window over sequence numbers, as RFC 6479's: accepts each number once, and
+    nothing more than ``size - 1`` behind the highest seen.
 
-    __slots__ = ("_bitmap", "_mask", "_top", "size")
+    Kept as a ring of ``size`` slots, slot ``n % size`` holding the last number accepted into
+    it, rather than RFC 6479's bitmap: moving forward, which nearly every number does, is then
+    one store instead of shifting and masking a ``size``-bit int. A number ``n`` inside the
+    window was seen iff its slot holds ``n``: any other number in that slot is a multiple of
+    ``size`` away from ``n``, and the window never accepts one of those after ``n`` (a larger
+    one pushes ``n`` out of the window, a smaller one is then too old)."""
+
+    __slots__ = ("_seen", "_top", "size")
 
     def __init__(self, size: int = 128) -> None:
         if type(size) is not int or size < 1:
             raise UsageError("replay window size must be a positive int")
         self.size = size
-        self._mask = (1 << size) - 1
         self._top = -1
-        self._bitmap = 0
+        self._seen: list[int | None] = [None] * size
 
     def check_and_update(self, seq: int) -> None:
         """Record ``seq``; ValidationError if it was seen or is too old. Call only after the
-        sequence number has been authenticated, or a forger could slide the window."""
+        sequence number has been authenticated, or a forger could slide the window.
+        (SequencedHeaderSealer.open has the first case in line.)"""
         if seq > self._top:
-            shift = seq - self._top
-            self._bitmap = ((self._bitmap << shift) | 1) & self._mask
+            self._seen[seq % self.size] = seq
             self._top = seq
             return
-        behind = self._top - seq
-        if behind >= self.size:
+        if self._top - seq >= self.size:
             raise ValidationError(f"sequence {seq} is older than the replay window")
-        bit = 1 << behind
-        if self._bitmap & bit:
+        slot = seq % self.size
+        if self._seen[slot] == seq:
             raise ValidationError(f"sequence {seq} was already accepted (replay)")
-        self._bitmap |= bit
+        self._seen[slot] = seq
 
 
 class _CcmSlot:
@@ -501,7 +505,13 @@ class SequencedHeaderSealer:
     # seal and open run once per datagram, so they do their work inline: each Python call or
     # attribute lookup saved is a few percent of the AEAD's own cost (bench/jpy_seal_open.py).
     def seal(self, pledge: PledgeEndpoint) -> bytes:
-        plain = _pack(pledge)
+        # _pack's first case in line: a PledgeEndpoint from an fe80::/64 address
+        if (pledge.__class__ is PledgeEndpoint
+                and (address := pledge.address).__class__ is IPv6Address
+                and (ip := address._ip) >> 64 == _LINK_LOCAL_TOP):
+            plain = _PLAIN_V6.pack(0, pledge.ifindex, pledge.port, ip & _IID_MASK)
+        else:
+            plain = _pack(pledge)
         slot = self._keys.current
         seq = slot.next_seq
         if seq > _SEQ_MASK:
@@ -513,7 +523,7 @@ class SequencedHeaderSealer:
     def open(self, header: bytes) -> PledgeEndpoint:
         """The pledge a header was sealed for. Wrong size: DecodeError; retired key id, replay
         or too old for the window: ValidationError; forged or corrupted: SignatureError."""
-        if not isinstance(header, bytes):
+        if header.__class__ is not bytes and not isinstance(header, bytes):
             raise UsageError("open() takes bytes")
         if len(header) != 30:  # HEADER_SIZE
             raise DecodeError(f"header is {len(header)} bytes, expected {self.HEADER_SIZE}")
@@ -525,6 +535,12 @@ class SequencedHeaderSealer:
             plain = slot.decrypt(nonce, header[7:], None)
         except InvalidTag as exc:
             raise SignatureError("header does not authenticate") from exc
-        slot.window.check_and_update(int.from_bytes(nonce, "big") & _SEQ_MASK)
+        seq = int.from_bytes(nonce, "big") & _SEQ_MASK
+        window = slot.window
+        if seq > window._top:  # the newest yet, as nearly every header is: check_and_update
+            window._seen[seq % window.size] = seq  # in line
+            window._top = seq
+        else:
+            window.check_and_update(seq)
         known = _UNPACKED.get(plain)
         return known if known is not None else _unpack(plain)
