@@ -136,6 +136,7 @@ _LINK_LOCAL_INT = int.from_bytes(_LINK_LOCAL_PREFIX, "big") << 64
 # An IPv6 pledge's plaintext packed from the address as one int: the same 15 bytes as _PLAIN,
 # without IPv6Address.packed (two Python calls and a 16-byte object per datagram).
 _PLAIN_V6 = struct.Struct(">BIHQ")
+_pack_v6 = _PLAIN_V6.pack  # bound once: seal calls it per datagram
 _IID_MASK = (1 << 64) - 1
 _LINK_LOCAL_TOP = _LINK_LOCAL_INT >> 64
 
@@ -147,7 +148,7 @@ def _pack(pledge: PledgeEndpoint) -> bytes:
     if address.__class__ is IPv6Address:
         ip = address._ip  # the address as an int: int(address) would add a Python call
         if ip >> 64 == _LINK_LOCAL_TOP:
-            return _PLAIN_V6.pack(0, pledge.ifindex, pledge.port, ip & _IID_MASK)  # IPV6
+            return _pack_v6(0, pledge.ifindex, pledge.port, ip & _IID_MASK)  # IPV6
     raw = address.packed
     if len(raw) == 16:
         if raw[:8] != _LINK_LOCAL_PREFIX:
@@ -172,6 +173,7 @@ def _endpoint(address: IPv6Address, port: int, ifindex: int) -> PledgeEndpoint:
 # plaintext, is the same for every datagram. Bounded; the AEAD still checks every header.
 _UNPACKED: dict[bytes, PledgeEndpoint] = {}
 _UNPACKED_MAX = 4096
+_unpacked_get = _UNPACKED.get  # bound once (the table is cleared, never replaced)
 
 
 def _unpack(plain: bytes) -> PledgeEndpoint:
@@ -461,6 +463,7 @@ class _CcmSlot:
 
 
 _SEQ_MASK = (1 << 48) - 1
+_int_from_bytes = int.from_bytes
 
 
 class SequencedHeaderSealer:
@@ -509,7 +512,7 @@ class SequencedHeaderSealer:
         if (pledge.__class__ is PledgeEndpoint
                 and (address := pledge.address).__class__ is IPv6Address
                 and (ip := address._ip) >> 64 == _LINK_LOCAL_TOP):
-            plain = _PLAIN_V6.pack(0, pledge.ifindex, pledge.port, ip & _IID_MASK)
+            plain = _pack_v6(0, pledge.ifindex, pledge.port, ip & _IID_MASK)
         else:
             plain = _pack(pledge)
         slot = self._keys.current
@@ -535,12 +538,12 @@ class SequencedHeaderSealer:
             plain = slot.decrypt(nonce, header[7:], None)
         except InvalidTag as exc:
             raise SignatureError("header does not authenticate") from exc
-        seq = int.from_bytes(nonce, "big") & _SEQ_MASK
+        seq = _int_from_bytes(nonce, "big") & _SEQ_MASK
         window = slot.window
         if seq > window._top:  # the newest yet, as nearly every header is: check_and_update
             window._seen[seq % window.size] = seq  # in line
             window._top = seq
         else:
             window.check_and_update(seq)
-        known = _UNPACKED.get(plain)
+        known = _unpacked_get(plain)
         return known if known is not None else _unpack(plain)
