@@ -19,7 +19,7 @@ Two sealers, because the draft asks for two things that cannot both hold for one
   response), not a JPY connection: a fresh header per datagram splits one DTLS handshake into
   many registrar connections, and the window drops the second datagram of a registrar flight.
   :class:`SequencedHeaderSealer` implements it (sequence number in the nonce, RFC 6479 sliding
-  bitmap) for such once-only uses, and so both can be measured (``bench/jpy_seal_open.py``).
+  window) for such once-only uses, and so both can be measured (``bench/jpy_seal_open.py``).
 
 Sans-IO: keys come from the caller (draw them from an injected rng), nothing here reads a clock.
 """
@@ -420,7 +420,7 @@ class ReplayWindow:
     window was seen iff its slot holds ``n``: any other number in that slot is a multiple of
     ``size`` away from ``n``, and the window never accepts one of those after ``n`` (a larger
     one pushes ``n`` out of the window, a smaller one is then too old). The ring costs a list
-    entry per slot, 8 bytes: nothing for the windows of hundreds that replay filters use."""
+    entry and an int per slot (≈ 40 bytes): little for the windows of hundreds in use."""
 
     __slots__ = ("_seen", "_top", "size")
 
