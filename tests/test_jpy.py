@@ -392,6 +392,55 @@ def test_sequence_exhaustion_demands_a_rotation():
     assert sealer.open(sealer.seal(PLEDGE)) == PLEDGE
 
 
+def test_sealed_headers_are_pinned_byte_for_byte():
+    """Known answers, taken from the sealers before their hot paths were written in line (issue
+    18 item 3): the fast fe80::/64 packing and the one-int nonce give the same bytes, and the
+    IPv4 and scoped-address cases, which take the general path, too."""
+    sealer = SequencedHeaderSealer(KEY16, key_id=5)
+    sealer._keys.current.next_seq = 0x0102030405
+    pledges = [PLEDGE, PledgeEndpoint(IPv4Address("192.0.2.7"), 5684, 0xFFFFFFFF),
+               PledgeEndpoint(IPv6Address("fe80::ffff:ffff:ffff:ffff%7"), 1, 0)]
+    assert [sealer.seal(p).hex() for p in pledges] == [
+        "0500010203040537d93ce8bc1ae5b69c8bbc875a9915884f2103238d253d",
+        "05000102030406bc37ca4cd4461ccf27d09534ffaa08bda2f7d4a6457b46",
+        "0500010203040795fc41b2caa713036ccee8320a1da860037100d0c4df45",
+    ]
+    flow = FlowHeaderSealer(KEY32, key_id=9).seal(PLEDGE)
+    assert flow.hex() == "09045ec4651a40c1696f03d068695cec4d29c9f98a32d08f0f83ca7b151b29c3"
+
+
+def test_sequenced_open_takes_bytes_subclasses_and_refuses_other_buffers():
+    sealer = SequencedHeaderSealer(KEY16)
+
+    class Header(bytes):
+        pass
+
+    assert sealer.open(Header(sealer.seal(PLEDGE))) == PLEDGE
+    for other in (bytearray(sealer.seal(PLEDGE)), memoryview(sealer.seal(PLEDGE))):
+        with pytest.raises(UsageError):
+            sealer.open(other)  # type: ignore[arg-type]
+
+
+def test_sequenced_seal_refuses_what_is_not_a_pledge_endpoint():
+    with pytest.raises(UsageError):
+        SequencedHeaderSealer(KEY16).seal(("fe80::1", 5684, 3))  # type: ignore[arg-type]
+
+
+def test_sequenced_window_counts_per_key():
+    """Each live key has its own window: the previous key's headers open after a rotation even
+    though the new key's numbers start again at 0, and each still opens only once."""
+    sealer = SequencedHeaderSealer(KEY16, window=4)
+    old = [sealer.seal(PLEDGE) for _ in range(3)]
+    sealer.rotate(bytes(16))
+    new = [sealer.seal(PLEDGE) for _ in range(3)]
+    assert [h[1:7] for h in new] == [h[1:7] for h in old]
+    for header in new + old:
+        assert sealer.open(header) == PLEDGE
+    for header in new + old:
+        with pytest.raises(ValidationError, match="replay"):
+            sealer.open(header)
+
+
 @pytest.mark.parametrize(("key", "kwargs"), [(bytes(15), {}), (KEY32[:20], {}),
                                              (KEY16, {"window": 0}), (KEY16, {"key_id": 300})])
 def test_sequenced_sealer_rejects_bad_configuration(key, kwargs):
@@ -415,3 +464,60 @@ def test_replay_window_edges():
             window.check_and_update(seen)
     window.check_and_update(8)
     window.check_and_update(9)
+
+
+@pytest.mark.parametrize("size", [1, 4, 5, 128])
+def test_replay_window_boundary_and_ring_slots(size):
+    """Size - 1 behind is still inside, size behind is not; numbers that share a ring slot
+    (n and n + size) neither shadow nor replay each other."""
+    window = ReplayWindow(size)
+    window.check_and_update(1000)
+    if size > 1:
+        window.check_and_update(1000 - (size - 1))
+    with pytest.raises(ValidationError, match="older"):
+        window.check_and_update(1000 - size)
+    window.check_and_update(1000 + size)  # 1000's slot: 1000 leaves the window
+    with pytest.raises(ValidationError, match="older"):
+        window.check_and_update(1000)
+    with pytest.raises(ValidationError, match="replay"):
+        window.check_and_update(1000 + size)
+    if size > 1:
+        window.check_and_update(1000 + size - 1)  # never seen, its slot holding an older one
+        with pytest.raises(ValidationError, match="replay"):
+            window.check_and_update(1000 + size - 1)
+
+
+def test_replay_window_after_a_jump_accepts_everything_still_inside():
+    window = ReplayWindow(8)
+    for seq in range(8):
+        window.check_and_update(seq)
+    window.check_and_update(12)  # slots of 5..7 still hold them, those of 0..4 are now stale
+    for seq in range(5, 8):
+        with pytest.raises(ValidationError, match="replay"):
+            window.check_and_update(seq)
+    for seq in (8, 9, 10, 11):  # never seen; their slots still hold 0..3
+        window.check_and_update(seq)
+    with pytest.raises(ValidationError, match="older"):
+        window.check_and_update(4)
+
+
+def test_replay_window_matches_a_plain_model_on_random_orders():
+    """Differential: the ring agrees with the definition (a set of everything accepted and the
+    highest number) on reordered, duplicated and stale streams, for several sizes."""
+    import random
+
+    rng = random.Random(18)
+    for size in (1, 2, 3, 8, 64, 100):
+        window, seen, top = ReplayWindow(size), set(), -1
+        for _ in range(3000):
+            seq = max(0, top + rng.randint(-2 * size, 3))
+            expected = seq not in seen and top - seq < size
+            try:
+                window.check_and_update(seq)
+                accepted = True
+            except ValidationError:
+                accepted = False
+            assert accepted == expected, (size, seq, top)
+            if accepted:
+                seen.add(seq)
+                top = max(top, seq)
