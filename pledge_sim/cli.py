@@ -120,7 +120,10 @@ def parser() -> argparse.ArgumentParser:
                         "rt (?rt=brski.jp, as pledges of older drafts ask)")
     e.add_argument("--concurrency", type=_positive(int), default=10)
     e.add_argument("--out", type=Path, default=Path("pledge-sim-out"),
-                   help="where LDevIDs are written (default: ./pledge-sim-out)")
+                   help="where LDevIDs are written: SERIAL.crt, SERIAL.key (mode 0600), "
+                        "SERIAL-chain.pem and cacerts.pem (default: ./pledge-sim-out); an "
+                        "HTTPS pledge whose LDevID cannot be written there fails "
+                        "(ldevid-files)")
     e.add_argument("--deadline", type=_positive(float), default=180.0, metavar="S",
                    help="give a pledge up after this many seconds (default 180)")
     e.add_argument("--max-backoff", type=_positive(float), default=30.0, metavar="S",

@@ -9,12 +9,14 @@ session is done or the deadline passes (RFC 8995 §4.1: retry with backoff, try 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import re
 import socket
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -114,11 +116,16 @@ class PledgeRunner:
         self.result = EnrollResult(identity.serial)
         self._conn: Connection | None = None
         self._conn_trust: Trust | None = None
-        self._ldevid_files: tuple[Path, Path] | None = None
-        # One context with the IDevID for the provisional and the pinned connections, and the
-        # pin (DER) its trust store holds, if any.
-        self._idevid_context: ssl.SSLContext | None = None
-        self._idevid_pin: bytes | None = None
+        # The LDevID files in --out, written in a worker thread (started once, when the
+        # LDevID is first presented or on success): the path of its certificate.
+        self._ldevid_saved: asyncio.Future[Path] | None = None
+        self._ldevid_pems: tuple[bytes, bytes] | None = None
+        # One TLS context for all of this pledge's connections (see pledge_sim.tls): the pin
+        # (DER) its trust store holds, if any, and whether it presents the LDevID (else the
+        # IDevID).
+        self._tls: ssl.SSLContext | None = None
+        self._tls_pin: bytes | None = None
+        self._tls_ldevid = False
         self._hangups: dict[Candidate, int] = {}
 
     # -- the whole enrollment -------------------------------------------------------------
@@ -126,18 +133,24 @@ class PledgeRunner:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.deadline):
-                await self._attempts()
+                enrolled = await self._attempts()
+            if enrolled:  # outside the deadline: the enrollment itself is complete
+                await self._succeed()
         except TimeoutError:
             self._fail("deadline", f"gave up after {self.settings.deadline:g} s; last: "
                        f"{self.result.reason or 'no answer'}")
         finally:
             await self._close()
+            if self._ldevid_saved is not None:  # the files are complete when the run ends
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(self._ldevid_saved)
             self.result.seconds = round(time.monotonic() - started, 3)
             self.result.waits = self.session.waits
             self.result.events = [*self.session.events, *self.result.events]
         return self.result
 
-    async def _attempts(self) -> None:
+    async def _attempts(self) -> bool:
+        """True when the session is done; False with the failure in the result."""
         refused: set[Candidate] = set()
         # Spread pledges over proxies: each starts at a place given by its serial.
         turn = zlib.crc32(self.identity.serial.encode())
@@ -146,14 +159,13 @@ class PledgeRunner:
             if not usable:
                 if not self.result.reason:
                     self._fail("no-proxy", "no proxy or registrar to try")
-                return
+                return False
             candidate = usable[turn % len(usable)]
             self.result.attempts += 1
             self.result.proxy, self.result.method = candidate.label, candidate.method
             outcome = await self._attempt(candidate)
             if isinstance(outcome, Done):
-                self._succeed()
-                return
+                return True
             self.result.code, self.result.reason = outcome.code, outcome.reason
             self.result.events.append(f"attempt {self.result.attempts} via {candidate.label}: "
                                       f"{outcome.reason}")
@@ -281,30 +293,57 @@ class PledgeRunner:
         raise _Stop(verdict) from cause
 
     def _context(self, trust: Trust) -> ssl.SSLContext:
-        ident = self.identity
         if trust is Trust.PROVISIONAL:
-            if self._idevid_context is None:
-                self._idevid_context = tls.idevid_context(ident.cert_path, ident.key_path)
-            return tls.make_provisional(self._idevid_context)
+            return tls.make_provisional(self._presenting(ldevid=False))
         accepted = self.session.accepted
         assert accepted is not None
-        if trust is Trust.LDEVID:
-            cert, key = self._write_ldevid()
-            return tls.pinned_context(cert, key, accepted.pinned,
-                                      trusted_clock=self.settings.trusted_clock)
-        # The IDevID's context, pinned: its trust store must hold this pin and nothing else,
-        # so a context pinned to another certificate (an earlier voucher) is not reused.
+        # The trust store must hold this pin and nothing else, so a context pinned to another
+        # certificate (an earlier voucher) is not reused.
         pin = accepted.pinned.public_bytes(serialization.Encoding.DER)
-        if self._idevid_context is None or self._idevid_pin not in (None, pin):
-            self._idevid_context = tls.idevid_context(ident.cert_path, ident.key_path)
-            self._idevid_pin = None
-        if self._idevid_pin is None:
-            tls.make_pinned(self._idevid_context, accepted.pinned,
-                            trusted_clock=self.settings.trusted_clock)
-            self._idevid_pin = pin
+        if self._tls_pin not in (None, pin):
+            self._tls = None
+        context = self._presenting(ldevid=trust is Trust.LDEVID)
+        if self._tls_pin is None:
+            tls.make_pinned(context, accepted.pinned, trusted_clock=self.settings.trusted_clock)
+            self._tls_pin = pin
         else:  # pinned to this certificate already; only the verification mode comes back
-            self._idevid_context.verify_mode = ssl.CERT_REQUIRED
-        return self._idevid_context
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _presenting(self, *, ldevid: bool) -> ssl.SSLContext:
+        """The pledge's context, presenting its LDevID or its IDevID. Switching loads the
+        other into the same context where it replaces the one there (``tls.same_slot``),
+        else into a new one."""
+        ident, session = self.identity, self.session
+        if self._tls is not None and self._tls_ldevid != ldevid:
+            assert session.ldevid_key is not None
+            if not tls.same_slot(ident.key, session.ldevid_key):
+                self._tls = None
+            elif ldevid:
+                self._load_ldevid(self._tls)
+            else:
+                self._tls.load_cert_chain(ident.cert_path, ident.key_path)
+            self._tls_ldevid = ldevid
+        if self._tls is None:
+            if ldevid:
+                self._tls = tls.fresh_context()
+                self._load_ldevid(self._tls)
+            else:
+                self._tls = tls.idevid_context(ident.cert_path, ident.key_path)
+            self._tls_pin, self._tls_ldevid = None, ldevid
+        return self._tls
+
+    def _load_ldevid(self, context: ssl.SSLContext) -> None:
+        self._save_ldevid()  # the files, as soon as the LDevID is in use
+        tls.load_credential(context, *self._ldevid_pem())
+
+    def _ldevid_pem(self) -> tuple[bytes, bytes]:
+        """The LDevID's certificate and key, PEM (the TLS context and the files use both)."""
+        session = self.session
+        assert session.ldevid is not None and session.ldevid_key is not None
+        if self._ldevid_pems is None:
+            self._ldevid_pems = (est.pem([session.ldevid]), est.key_pem(session.ldevid_key))
+        return self._ldevid_pems
 
     async def _close(self) -> None:
         if self._conn is not None:
@@ -312,49 +351,66 @@ class PledgeRunner:
             await conn.close()
 
     # -- results --------------------------------------------------------------------------
-    def _write_ldevid(self) -> tuple[Path, Path]:
-        if self._ldevid_files is None:
+    def _save_ldevid(self) -> asyncio.Future[Path]:
+        """Write the LDevID files into --out, once, in a worker thread: creating a file can
+        block for a millisecond on a busy disk, and this event loop serves every pledge."""
+        if self._ldevid_saved is None:
             session = self.session
-            assert session.ldevid is not None and session.ldevid_key is not None
-            out = self.settings.out_dir
-            out.mkdir(parents=True, exist_ok=True)
-            stem = file_stem(self.identity.serial)
-            cert, key = out / f"{stem}.crt", out / f"{stem}.key"
-            # The mode is set on the descriptor: no moment where the key is world-readable,
-            # whatever an earlier run left at that path.
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(est.key_pem(session.ldevid_key))
-            cert.write_bytes(est.pem([session.ldevid]))
-            (out / f"{stem}-chain.pem").write_bytes(est.pem(session.ldevid_chain[1:]))
-            _write_shared(out / "cacerts.pem", est.pem(session.cacerts))
-            self._ldevid_files = (cert, key)
-        return self._ldevid_files
+            cert, key = self._ldevid_pem()
+            self._ldevid_saved = asyncio.ensure_future(asyncio.to_thread(
+                _write_ldevid, self.settings.out_dir, file_stem(self.identity.serial), key, cert,
+                est.pem(session.ldevid_chain[1:]), est.pem(session.cacerts)))
+        return self._ldevid_saved
 
-    def _succeed(self) -> None:
+    async def _succeed(self) -> None:
         session, result = self.session, self.result
         assert session.accepted is not None and session.ldevid is not None
+        try:
+            result.ldevid_path = str(await self._save_ldevid())
+        except OSError as exc:
+            self._fail("ldevid-files", f"cannot write the LDevID into {self.settings.out_dir}: "
+                       f"{exc.strerror or exc}")
+            return
         result.ok, result.code, result.reason = True, "", ""
         result.assertion = session.accepted.assertion
         result.ldevid_subject = session.ldevid.subject.rfc4514_string(
             {NameOID.SERIAL_NUMBER: "serialNumber"})
-        result.ldevid_path = str(self._write_ldevid()[0])
 
     def _fail(self, code: str, reason: str) -> None:
         self.result.ok, self.result.code, self.result.reason = False, code, reason
 
 
+def _write_ldevid(out: Path, stem: str, key: bytes, cert: bytes, chain: bytes,
+                  cacerts: bytes) -> Path:
+    """<stem>.key (mode 0600), <stem>.crt, <stem>-chain.pem and the shared cacerts.pem in
+    ``out``; the certificate's path. Runs in a worker thread."""
+    out.mkdir(parents=True, exist_ok=True)
+    # The mode is set on the descriptor: no moment where the key is world-readable, whatever
+    # an earlier run left at that path.
+    fd = os.open(out / f"{stem}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    cert_path = out / f"{stem}.crt"
+    cert_path.write_bytes(cert)
+    (out / f"{stem}-chain.pem").write_bytes(chain)
+    _write_shared(out / "cacerts.pem", cacerts)
+    return cert_path
+
+
 # What this process last wrote to each shared file: every pledge of a fleet gets the same
-# CA certificates, written once rather than once per pledge.
+# CA certificates, written once rather than once per pledge. Pledges write from worker
+# threads, hence the lock.
 _shared_files: dict[Path, bytes] = {}
+_shared_lock = threading.Lock()
 
 
 def _write_shared(path: Path, content: bytes) -> None:
-    if _shared_files.get(path) == content and path.exists():
-        return
-    path.write_bytes(content)
-    _shared_files[path] = content
+    with _shared_lock:
+        if _shared_files.get(path) == content and path.exists():
+            return
+        path.write_bytes(content)
+        _shared_files[path] = content
 
 
 def _is_alert(exc: ssl.SSLError) -> bool:
