@@ -72,6 +72,11 @@ class _Memo:
 _CERTS = _Memo(CACHE_SIZE)
 _PATHS = _Memo(CACHE_SIZE)
 _ISSUED = _Memo(CACHE_SIZE)
+# The anchors' DER -> one xv.Store of them. A Store keeps what it worked out about each anchor
+# (its parsed public key) across verifications: a fresh one per check cost a quarter of the
+# chain check of a new IDevID. The anchors' bytes are the key, so a changed, added or removed
+# anchor gets a Store of its own; the time and the leaf are the verifier's, built per check.
+_STORES = _Memo(64)
 # id(certificate object) -> (the object, its DER). Holding the object keeps its id from being
 # reused while the entry lives; the identity check below makes a stale id harmless anyway.
 _DER_BY_ID: dict[int, tuple[x509.Certificate, bytes]] = {}
@@ -171,7 +176,7 @@ def _verify_chain(
 ) -> list[x509.Certificate]:
     verifier = (
         xv.PolicyBuilder()
-        .store(xv.Store(list(trust_anchors)))
+        .store(_store(trust_anchors))
         .time(at.astimezone(UTC))
         .max_chain_depth(MAX_DEPTH)
         .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
@@ -184,6 +189,15 @@ def _verify_chain(
             f"certificate {describe(leaf)} does not chain to a trust anchor "
             f"at {at.isoformat()}: {_verification_reason(exc)}"
         ) from exc
+
+
+def _store(trust_anchors: Sequence[x509.Certificate]) -> xv.Store:
+    key = tuple(map(certificate_der, trust_anchors))
+    store = _STORES.get(key)
+    if store is None:
+        store = xv.Store(list(trust_anchors))
+        _STORES.put(key, store)
+    return store  # type: ignore[return-value]
 
 
 def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
