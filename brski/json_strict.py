@@ -23,8 +23,7 @@ def loads_strict(data: bytes | str, what: str) -> Any:
     try:
         # RFC 8259 §8.1: JSON between systems is UTF-8; json.loads(bytes) would guess UTF-16/32.
         text = data if isinstance(data, str) else bytes(data).decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_unique_object,
-                           parse_constant=_no_constant, parse_float=_finite_float)
+        value = _DECODER.decode(text)
     except _Refused as exc:
         raise DecodeError(f"{what} is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -67,6 +66,12 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise _Refused(f"the number {text[:40]} is out of range for a double")
     return value
+
+
+# One decoder for every call: json.loads with hooks builds a new one (and its scanner) each time.
+# It keeps no state between calls.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique_object, parse_constant=_no_constant,
+                                   parse_float=_finite_float)
 
 
 def _short_reason(exc: BaseException) -> str:

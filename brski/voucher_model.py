@@ -479,9 +479,11 @@ def parse_datetime(text: str) -> datetime:
     match = _DATE.fullmatch(text)
     if match is None:
         raise DecodeError(f"not a yang:date-and-time: {text[:40]!r}")
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction, offset = match.group(7), match.group(8)
-    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    groups = match.groups()
+    year, month, day = int(groups[0]), int(groups[1]), int(groups[2])
+    hour, minute, second = int(groups[3]), int(groups[4]), int(groups[5])
+    fraction, offset = groups[6], groups[7]
+    micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
     try:
         if offset == "Z":
             tz: timezone = UTC
