@@ -168,8 +168,6 @@ def _parse(der: bytes, content_types: frozenset[str]) -> SignedData:
 
 
 # Names asn1crypto gives these OIDs, so both parsers fill SignerInfo alike.
-_DIGEST_NAMES = {der.oid(dotted): name for name, dotted in _DIGEST_OIDS_BY_NAME.items()}
-_SIG_NAMES = {der.oid(dotted): name for name, dotted in _SIG_OIDS_BY_NAME.items()}
 _ATTR_NAMES = {
     der.oid("1.2.840.113549.1.9.3"): "content_type",
     der.oid("1.2.840.113549.1.9.4"): "message_digest",
@@ -247,30 +245,17 @@ def _signer_canonical(
     if not serial_bytes or (len(serial_bytes) > 1 and serial_bytes[0] in (0, 0xFF)
                             and (serial_bytes[0] ^ serial_bytes[1]) & 0x80 == 0):  # fmt: skip
         return None  # empty or non-minimal INTEGER
-    digest = _DIGEST_NAMES.get(_algorithm_oid(data, fields[2]))
-    sig_name = _SIG_NAMES.get(_algorithm_oid(data, fields[4]))
+    # AlgorithmIdentifiers with parameters absent, as we emit: the whole TLV names the algorithm
+    digest = _DIGEST_BY_TLV.get(data[fields[2][1] : fields[2][3]])
+    sig_name = _SIG_BY_TLV.get(data[fields[4][1] : fields[4][3]])
     if digest is None or sig_name is None:
         return None
-    found: dict[str, bytes] = {}
-    for tag, _start, cstart, end in der.items(data, fields[3][2], fields[3][3]):
-        attr = der.items(data, cstart, end)
-        if tag != der.SEQUENCE or len(attr) != 2 or attr[1][0] != der.SET:
-            return None
-        name = _ATTR_NAMES.get(data[attr[0][1] : attr[0][3]])
-        values = der.items(data, attr[1][2], attr[1][3])
-        if name is None or name in found or len(values) != 1:
-            return None
-        found[name] = data[values[0][1] : values[0][3]]
-    if "content_type" not in found or "message_digest" not in found:
+    attrs = _usual_attrs(data, fields[3][2], fields[3][3])
+    if attrs is None:
+        attrs = _any_attrs(data, fields[3][2], fields[3][3])
+    if attrs is None:
         return None
-    ctype = der.items(found["content_type"], 0, len(found["content_type"]))[0]
-    digest_value = der.items(found["message_digest"], 0, len(found["message_digest"]))[0]
-    if ctype[0] != der.OID or digest_value[0] != der.OCTET_STRING:
-        return None
-    content_type = _dotted(found["content_type"])
-    signing_time = _time(found["signing_time"]) if "signing_time" in found else None
-    if content_type is None or ("signing_time" in found and signing_time is None):
-        return None
+    content_type, signing_time, message_digest = attrs
     issuer_der = data[sid[0][1] : sid[0][3]]
     issuer = _ISSUER_NAMES.get(issuer_der)
     if issuer is None:
@@ -295,9 +280,87 @@ def _signer_canonical(
         signed_attrs=b"\x31" + signed[1:],
         signature=data[fields[5][2] : fields[5][3]],
         content_type=content_type,
-        message_digest=found["message_digest"][digest_value[2] : digest_value[3]],
+        message_digest=message_digest,
         signing_time=signing_time,
     )
+
+
+_Attrs = tuple[str, datetime | None, bytes]  # contentType, signingTime, messageDigest
+
+
+def _any_attrs(data: bytes, start: int, end: int) -> _Attrs | None:
+    """The signed attributes in any order and form the general parser would also read."""
+    found: dict[str, bytes] = {}
+    for tag, _start, cstart, attr_end in der.items(data, start, end):
+        attr = der.items(data, cstart, attr_end)
+        if tag != der.SEQUENCE or len(attr) != 2 or attr[1][0] != der.SET:
+            return None
+        name = _ATTR_NAMES.get(data[attr[0][1] : attr[0][3]])
+        values = der.items(data, attr[1][2], attr[1][3])
+        if name is None or name in found or len(values) != 1:
+            return None
+        found[name] = data[values[0][1] : values[0][3]]
+    if "content_type" not in found or "message_digest" not in found:
+        return None
+    ctype = der.items(found["content_type"], 0, len(found["content_type"]))[0]
+    digest_value = der.items(found["message_digest"], 0, len(found["message_digest"]))[0]
+    if ctype[0] != der.OID or digest_value[0] != der.OCTET_STRING:
+        return None
+    content_type = _dotted(found["content_type"])
+    signing_time = _time(found["signing_time"]) if "signing_time" in found else None
+    if content_type is None or ("signing_time" in found and signing_time is None):
+        return None
+    digest = found["message_digest"][digest_value[2] : digest_value[3]]
+    return content_type, signing_time, digest
+
+
+def _usual_attrs(data: bytes, start: int, end: int) -> _Attrs | None:
+    """The three attributes exactly as ``sign`` writes them (DER order: contentType,
+    signingTime as UTCTime, messageDigest of a SHA-2 size), matched by their fixed bytes
+    instead of eleven element walks; None for anything else (``_any_attrs`` reads that). It
+    yields what ``_any_attrs`` yields for the same bytes."""
+    found = next(((head, name) for head, name in _CT_ATTRS
+                  if data.startswith(head, start, end)), None)
+    if found is None:
+        return None
+    head, content_type = found
+    pos = start + len(head)
+    if not data.startswith(_ST_HEAD, pos, end):
+        return None
+    pos += len(_ST_HEAD)
+    signing_time = _time(data[pos - 2 : pos + 13])  # the UTCTime TLV; checks its text
+    pos += 13
+    for md_head in _MD_HEADS:
+        if data.startswith(md_head, pos, end):
+            pos += len(md_head)
+            size = md_head[-1]
+            if pos + size != end or signing_time is None:
+                return None
+            return content_type, signing_time, data[pos:end]
+    return None
+
+
+def _head(attr: bytes, value_size: int) -> bytes:
+    return attr[: len(attr) - value_size]
+
+
+# The fixed bytes of the usual attributes: contentType (for each type we accept), the
+# signingTime attribute up to its 13 UTCTime characters, messageDigest up to the digest.
+_CT_ATTRS = tuple(
+    (der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE, der.tlv(der.SET, der.oid(dotted))), dotted)
+    for dotted in (ANIMA_JSON_VOUCHER, DATA)
+)
+_ST_HEAD = _head(der.tlv(der.SEQUENCE, _OID_SIGNING_TIME,
+                         der.tlv(der.SET, der.tlv(der.UTC_TIME, b"0" * 13))), 13)
+_MD_HEADS = tuple(
+    _head(der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
+                  der.tlv(der.SET, der.tlv(der.OCTET_STRING, b"0" * size))), size)
+    for size in (32, 48, 64)
+)
+_DIGEST_BY_TLV = {der.tlv(der.SEQUENCE, der.oid(dotted)): name
+                  for name, dotted in _DIGEST_OIDS_BY_NAME.items()}
+_SIG_BY_TLV = {der.tlv(der.SEQUENCE, der.oid(dotted)): name
+               for name, dotted in _SIG_OIDS_BY_NAME.items()}
 
 
 def _readable(name_der: bytes) -> bool:
@@ -313,13 +376,6 @@ def _small_int(data: bytes, field: tuple[int, int, int, int]) -> int:
     if len(body) != 1 or body[0] > 5:
         raise der_codec.DerError("not a small version number")
     return body[0]
-
-
-def _algorithm_oid(data: bytes, field: tuple[int, int, int, int]) -> bytes | None:
-    parts = der.items(data, field[2], field[3])
-    if len(parts) != 1 or parts[0][0] != der.OID:  # parameters absent, as we emit
-        return None
-    return data[parts[0][1] : parts[0][3]]
 
 
 def _dotted(encoded: bytes) -> str | None:
