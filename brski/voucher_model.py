@@ -412,10 +412,19 @@ def _require_cert(name: str, der: bytes) -> x509.Certificate:
 
 
 def _require_spki(name: str, der: bytes) -> None:
+    if der in _SPKIS_READ:
+        return  # a registrar's key comes with each of its requests; loading it checks the point
     try:
         load_der_public_key(der)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValidationError(f"{name} is not a DER SubjectPublicKeyInfo") from exc
+    if len(_SPKIS_READ) >= 256:  # a bound
+        _SPKIS_READ.clear()
+    _SPKIS_READ.add(bytes(der))
+
+
+# SubjectPublicKeyInfo DER that loaded before (only successes: the answer depends on the bytes)
+_SPKIS_READ: set[bytes] = set()
 
 
 def _require_sha256(name: str, value: bytes) -> None:

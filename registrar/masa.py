@@ -215,7 +215,7 @@ class Masa:
             raise Refusal(403, f"registrar voucher-request: {exc}") from exc
         except (DecodeError, ValidationError) as exc:
             raise Refusal(400, f"not a valid registrar voucher-request: {exc}") from exc
-        if not certs.has_cmc_ra(registrar):
+        if not _may_request(registrar):
             raise Refusal(403, "the registrar certificate lacks id-kp-cmcRA (RFC 8995 §5.5): "
                                "it may not request vouchers")
         if rvr.proximity_registrar_cert is not None:
@@ -228,12 +228,12 @@ class Masa:
                                    "issue nonceless vouchers")
             return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
                                         proximity=False)
-        pvr, idevid = self._check_pvr(rvr, now)
-        return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
-                                    idevid, proximity=_proximity(pvr, chain))
+        pvr, idevid, serial = self._check_pvr(rvr, now)
+        return AuthenticatedRequest(rvr, registrar, chain, serial, pvr, idevid,
+                                    proximity=_proximity(pvr, chain))
 
     def _check_pvr(self, rvr: VoucherRequest,
-                   now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
+                   now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate, str]:
         assert rvr.prior_signed_voucher_request is not None
         try:
             pvr, idevid = verify_voucher_request_cms(
@@ -242,7 +242,7 @@ class Masa:
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
         _pvr_matches(rvr, pvr, idevid, serial)
-        return pvr, idevid
+        return pvr, idevid, serial
 
     # -- cBRSKI: COSE --------------------------------------------------------------------
     def authenticate_cose(self, body: bytes, now: datetime.datetime) -> AuthenticatedRequest:
@@ -257,7 +257,7 @@ class Masa:
         except (DecodeError, ValidationError) as exc:
             raise Refusal(400, f"not a valid COSE registrar voucher-request: {exc}") from exc
         assert registrar is not None  # no bare key given: the signer is a certificate
-        if not certs.has_cmc_ra(registrar):
+        if not _may_request(registrar):
             raise Refusal(403, "the registrar certificate lacks id-kp-cmcRA (RFC 8995 §5.5): "
                                "it may not request vouchers")
         if rvr.proximity_registrar_cert is not None:
@@ -273,14 +273,14 @@ class Masa:
                                    "issue nonceless vouchers")
             return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
                                         proximity=False)
-        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, chain, now)
-        return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
-                                    idevid, proximity=_proximity(pvr, chain))
+        pvr, idevid, serial = self._check_pvr_cose(rvr, bag, registrar, chain, now)
+        return AuthenticatedRequest(rvr, registrar, chain, serial, pvr, idevid,
+                                    proximity=_proximity(pvr, chain))
 
     def _check_pvr_cose(self, rvr: VoucherRequest, bag: Sequence[x509.Certificate],
                         registrar: x509.Certificate,
                         registrar_chain: Sequence[x509.Certificate],
-                        now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
+                        now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate, str]:
         assert rvr.prior_signed_voucher_request is not None
         prior = rvr.prior_signed_voucher_request
         try:
@@ -306,7 +306,7 @@ class Masa:
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
         _pvr_matches(rvr, pvr, idevid, serial)
-        return pvr, idevid
+        return pvr, idevid, serial
 
     def _known(self, req: AuthenticatedRequest) -> bool:
         if req.serial in self.config.devices or ANY_DEVICE in self.config.devices:
@@ -422,6 +422,11 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def _chain_spkis(chain: tuple[x509.Certificate, ...]) -> tuple[frozenset[bytes], frozenset[bytes]]:
     spkis = frozenset(certs.spki_der(c) for c in chain)
     return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+
+
+@functools.lru_cache(maxsize=256)
+def _may_request(registrar: x509.Certificate) -> bool:
+    return certs.has_cmc_ra(registrar)  # id-kp-cmcRA in the EKU: the certificate's bytes only
 
 
 @functools.lru_cache(maxsize=256)
