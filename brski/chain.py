@@ -218,8 +218,11 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
             # tolerated, never printed
             warnings.simplefilter("ignore", UserWarning)
             cert = x509.load_der_x509_certificate(der)
-            cert.subject.rfc4514_string()
-            cert.issuer.rfc4514_string()
+            # Reading the names parses every attribute (cryptography keeps the result): a
+            # malformed one raises here. Their RFC 4514 text is formatted from those parsed
+            # values by plain string escaping, which cannot fail, so it is left to messages.
+            len(cert.subject)
+            len(cert.issuer)
             len(cert.extensions)
     except Exception as exc:  # ValueError, InvalidVersion, DuplicateExtension, ... all mean
         # the same here: a certificate we cannot use

@@ -84,3 +84,28 @@ def test_the_store_table_is_bounded(pkis):
     for i in range(80):
         chain._store(anchors[: 1 + i % 3] * (1 + i // 3))
     assert len(chain._STORES) <= 64
+
+
+def test_every_certificate_load_certificate_accepts_has_printable_names(pkis):
+    # load_certificate parses the names up front and leaves their RFC 4514 text to messages:
+    # under every single-byte change of an IDevID, what it accepts also formats.
+    import random
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from brski.errors import DecodeError
+
+    data = fresh(pkis[0], "NAMES-1").public_bytes(Encoding.DER)
+    rng = random.Random(24)
+    accepted = 0
+    for index in range(len(data)):
+        out = bytearray(data)
+        out[index] ^= rng.randrange(1, 256)
+        try:
+            cert = chain.load_certificate(bytes(out))
+        except DecodeError:
+            continue
+        accepted += 1
+        assert cert.subject.rfc4514_string() is not None
+        assert cert.issuer.rfc4514_string() is not None
+    assert accepted  # changes in the key, signature or serial still load
