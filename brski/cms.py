@@ -357,6 +357,7 @@ _MD_HEADS = tuple(
                   der.tlv(der.SET, der.tlv(der.OCTET_STRING, b"0" * size))), size)
     for size in (32, 48, 64)
 )
+_MD_HEAD_BY_SIZE = {head[-1]: head for head in _MD_HEADS}
 _DIGEST_BY_TLV = {der.tlv(der.SEQUENCE, der.oid(dotted)): name
                   for name, dotted in _DIGEST_OIDS_BY_NAME.items()}
 _SIG_BY_TLV = {der.tlv(der.SEQUENCE, der.oid(dotted)): name
@@ -527,17 +528,17 @@ def sign(
     # (formatted by hand: strftime costs more than the rest of this block)
     rest = (f"{when.month:02d}{when.day:02d}{when.hour:02d}{when.minute:02d}"
             f"{when.second:02d}Z").encode()
-    if 1950 <= when.year < 2050:
-        time_tlv = der.tlv(der.UTC_TIME, f"{when.year % 100:02d}".encode() + rest)
+    if 1950 <= when.year < 2050:  # the fixed bytes before the 13 characters, as the reader has
+        time_attr = _ST_HEAD + f"{when.year % 100:02d}".encode() + rest
     else:
         time_tlv = der.tlv(der.GENERALIZED_TIME, f"{when.year:04d}".encode() + rest)
+        time_attr = der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv))
     # Written directly rather than through asn1crypto objects (the same DER; the App. C
     # vectors pin it): building them cost some 25 times the ECDSA signature.
     attrs = der.set_of(
         plan.content_type_attr,
-        der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv)),
-        der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
-                der.tlv(der.SET, der.tlv(der.OCTET_STRING, message_digest))),
+        time_attr,
+        _MD_HEAD_BY_SIZE[len(message_digest)] + message_digest,
     )  # fmt: skip
     signature = key.sign(attrs, ec.ECDSA(plan.hash_cls()))
     signer_info = der.tlv(
@@ -572,7 +573,7 @@ class _SignPlan:
     certificates: bytes  # [0] certificates
 
 
-# Kept per (key, certificates, eContentType): a rotated key or another chain is another key
+# Kept per (key, eContentType, certificates): a rotated key or another chain is another key
 # of this table, so it is worked out afresh. Keys compare by identity (the table holds them,
 # so an identity is not reused while its entry lives); bounded like brski.chain's tables.
 _SIGN_PLANS: dict[tuple[Any, ...], _SignPlan] = {}
@@ -582,7 +583,8 @@ def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
                econtent_type: str) -> _SignPlan:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise UsageError(f"cannot sign CMS with a {type(key).__name__}")
-    index = (key, certs, econtent_type)
+    # the certificates by their DER: hashing a Certificate costs more than the rest of this
+    index = (key, econtent_type, *map(certificate_der, certs))
     plan = _SIGN_PLANS.get(index)
     if plan is not None:
         return plan
