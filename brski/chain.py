@@ -69,6 +69,7 @@ class _Memo:
         return len(self._items)
 
 
+Memo = _Memo  # for other modules' tables of facts about certificates (registrar.masa)
 _CERTS = _Memo(CACHE_SIZE)
 _PATHS = _Memo(CACHE_SIZE)
 _ISSUED = _Memo(CACHE_SIZE)

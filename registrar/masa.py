@@ -35,16 +35,22 @@ from __future__ import annotations
 
 import base64
 import datetime
-import functools
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 
 from brski import certs, cms, cose
-from brski.chain import certificate_der, directly_issued_by, load_certificate, verify_chain
+from brski.chain import (
+    Memo,
+    certificate_der,
+    directly_issued_by,
+    load_certificate,
+    verify_chain,
+)
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
     NoVerifyingCertificate,
@@ -64,6 +70,7 @@ from .voucher_request import idevid_issuer_forms
 from .web import Refusal
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -365,10 +372,14 @@ def _issuer_path(leaf: x509.Certificate,
                  pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
     """``leaf`` and its issuers found in ``pool``, in order, up to a self-signed one or the
     last one reachable."""
-    return _issuer_walk(leaf, tuple(pool))
+    key = (certificate_der(leaf), *map(certificate_der, pool))
+    path = _WALKS.get(key)
+    if path is None:
+        path = _issuer_walk(leaf, tuple(pool))
+        _WALKS.put(key, path)
+    return path  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=256)
 def _issuer_walk(leaf: x509.Certificate,
                  pool: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
     # Kept per (leaf, pool): the walk depends on those certificates' bytes only (names and
@@ -388,7 +399,7 @@ def _issuer_walk(leaf: x509.Certificate,
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     """RFC 8995 §5.5: the pledge saw one of these certificates as the registrar's TLS cert."""
-    spkis, digests = _chain_spkis(tuple(chain))
+    spkis, digests = _chain_spkis(chain)
     if pvr.proximity_registrar_cert is not None:
         try:
             # the PVR's validate() loaded it already: this is a table lookup
@@ -417,29 +428,47 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 # Facts about the registrar-side certificates, the same for every request of one registrar;
-# each depends on the certificates' bytes only (certificate equality is DER equality).
-@functools.lru_cache(maxsize=256)
-def _chain_spkis(chain: tuple[x509.Certificate, ...]) -> tuple[frozenset[bytes], frozenset[bytes]]:
-    spkis = frozenset(certs.spki_der(c) for c in chain)
-    return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+# each depends on the certificates' bytes only (certificate equality is DER equality). Kept by
+# the certificates' DER (chain.certificate_der): hashing a Certificate object rehashes its
+# bytes on every lookup, which cost more than some of these facts.
+_WALKS = Memo(256)
+_FACTS = Memo(1024)
 
 
-@functools.lru_cache(maxsize=256)
+def _by_der(fact: Callable[[x509.Certificate], T]) -> Callable[[x509.Certificate], T]:
+    def kept(cert: x509.Certificate) -> T:
+        key = (fact, certificate_der(cert))
+        value = _FACTS.get(key)
+        if value is None:
+            value = fact(cert)
+            _FACTS.put(key, value)
+        return value  # type: ignore[return-value]
+
+    return kept
+
+
+def _chain_spkis(
+    chain: Sequence[x509.Certificate],
+) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    key = (_chain_spkis, *map(certificate_der, chain))
+    known = _FACTS.get(key)
+    if known is None:
+        spkis = frozenset(certs.spki_der(c) for c in chain)
+        known = spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+        _FACTS.put(key, known)
+    return known  # type: ignore[return-value]
+
+
+@_by_der
 def _may_request(registrar: x509.Certificate) -> bool:
-    return certs.has_cmc_ra(registrar)  # id-kp-cmcRA in the EKU: the certificate's bytes only
+    return certs.has_cmc_ra(registrar)  # id-kp-cmcRA in the EKU
 
 
-@functools.lru_cache(maxsize=256)
-def _spki_der(cert: x509.Certificate) -> bytes:
-    return certs.spki_der(cert)
+_spki_der = _by_der(certs.spki_der)
+_spki_sha256 = _by_der(certs.spki_sha256)
 
 
-@functools.lru_cache(maxsize=256)
-def _spki_sha256(cert: x509.Certificate) -> bytes:
-    return certs.spki_sha256(cert)
-
-
-@functools.lru_cache(maxsize=256)
+@_by_der
 def _domain_id(cert: x509.Certificate) -> str:
     return domain_id(cert)
 
