@@ -297,10 +297,13 @@ class Masa:
                 from exc
         # Certificates outside the registrar's chain first: the IDevID is found with one
         # signature check instead of one per registrar-side CA in the bag.
-        others = [c for c in bag if c != registrar]
-        registrar_side = set(registrar_chain)
-        candidates = [*(c for c in others if c not in registrar_side),
-                      *(c for c in others if c in registrar_side)]
+        # (compared by DER, which certificate equality is: a set of Certificate objects
+        # rehashes each one's bytes)
+        registrar_side = set(map(certificate_der, registrar_chain))
+        own = certificate_der(registrar)
+        others = [(c, d) for c in bag if (d := certificate_der(c)) != own]
+        candidates = [*(c for c, d in others if d not in registrar_side),
+                      *(c for c, d in others if d in registrar_side)]
         try:
             pvr, idevid = verify_voucher_request_cose(
                 msg, self.config.manufacturer_cas, now, candidates=candidates, extra_certs=bag)
