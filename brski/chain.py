@@ -91,10 +91,14 @@ def certificate_der(cert: x509.Certificate) -> bytes:
     if entry is not None and entry[0] is cert:
         return entry[1]
     der = cert.public_bytes(serialization.Encoding.DER)
+    _remember_der(cert, der)
+    return der
+
+
+def _remember_der(cert: x509.Certificate, der: bytes) -> None:
     if len(_DER_BY_ID) >= 4 * CACHE_SIZE:
         _DER_BY_ID.clear()
     _DER_BY_ID[id(cert)] = (cert, der)
-    return der
 
 
 def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -230,6 +234,9 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
         raise DecodeError(f"{what} is not a usable DER certificate: {_problem(bytes(der))}"
                           ) from exc
     _CERTS.put(der, cert)
+    # Its DER is the input: cryptography reads DER strictly and writes back the same bytes (it
+    # verifies signatures over its re-encoding), so certificate_der need not serialise it.
+    _remember_der(cert, der)
     return cert
 
 

@@ -622,13 +622,16 @@ def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
     known = _ISSUER_AND_SERIAL.get(cert_der)
     if known is None:
         _, start, end = der.read(cert_der, 0, len(cert_der))
-        _, tbs_start, tbs_end = der.read(cert_der, start, end)
-        fields = der.items(cert_der, tbs_start, tbs_end)
-        if fields[0][0] == 0xA0:  # [0] EXPLICIT version
-            fields = fields[1:]
-        serial, issuer = fields[0], fields[2]
-        name = cert_der[issuer[1] : issuer[3]]
-        known = der.tlv(der.SEQUENCE, name, cert_der[serial[1] : serial[3]]), name, cert_der
+        _, pos, tbs_end = der.read(cert_der, start, end)
+        # the first fields of the TBSCertificate only: [0] version, serial, signature, issuer
+        tag, _, field_end = der.read(cert_der, pos, tbs_end)
+        if tag == 0xA0:  # [0] EXPLICIT version
+            pos = field_end
+            field_end = der.read(cert_der, pos, tbs_end)[2]
+        serial = cert_der[pos:field_end]
+        pos = der.read(cert_der, field_end, tbs_end)[2]  # past the signature algorithm
+        name = cert_der[pos : der.read(cert_der, pos, tbs_end)[2]]
+        known = der.tlv(der.SEQUENCE, name, serial), name, cert_der
         if len(_ISSUER_AND_SERIAL) >= 256:  # a bound; a MASA has a handful of signers
             _ISSUER_AND_SERIAL.clear()
         _ISSUER_AND_SERIAL[cert_der] = known

@@ -86,9 +86,10 @@ def test_the_store_table_is_bounded(pkis):
     assert len(chain._STORES) <= 64
 
 
-def test_every_certificate_load_certificate_accepts_has_printable_names(pkis):
-    # load_certificate parses the names up front and leaves their RFC 4514 text to messages:
-    # under every single-byte change of an IDevID, what it accepts also formats.
+def test_every_certificate_load_certificate_accepts_has_printable_names_and_its_der(pkis):
+    # load_certificate parses the names up front and leaves their RFC 4514 text to messages,
+    # and keeps the input as the certificate's DER: under every single-byte change of an
+    # IDevID, what it accepts also formats, and writes back as the input.
     import random
 
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -106,6 +107,8 @@ def test_every_certificate_load_certificate_accepts_has_printable_names(pkis):
         except DecodeError:
             continue
         accepted += 1
+        # the DER kept for it is the input, and the same bytes cryptography writes back
+        assert chain.certificate_der(cert) == cert.public_bytes(Encoding.DER) == bytes(out)
         assert cert.subject.rfc4514_string() is not None
         assert cert.issuer.rfc4514_string() is not None
     assert accepted  # changes in the key, signature or serial still load
