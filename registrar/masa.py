@@ -388,16 +388,33 @@ def _issuer_walk(leaf: x509.Certificate,
     # Kept per (leaf, pool): the walk depends on those certificates' bytes only (names and
     # signatures; certificate equality is DER equality), and a registrar sends the same chain
     # with every request. Validity and trust are verify_chain's, checked on every request.
-    path, current, seen = [leaf], leaf, {leaf}
-    while current.issuer != current.subject:
-        parent = next((c for c in pool if c.subject == current.issuer
-                       and c not in seen and _signed_by(current, c)), None)
+    # A COSE x5bag carries the pledge's IDevID too, so the walk runs for every request: the
+    # name comparisons (cryptography compares Name objects in Python) are kept per pair of
+    # certificates, and "seen" holds DER, whose hash Python keeps, instead of Certificates.
+    ders = [certificate_der(c) for c in pool]
+    current, current_der = leaf, certificate_der(leaf)
+    path, seen = [leaf], {current_der}
+    while not _names_match(current, current_der, current, current_der):  # not self-issued
+        parent = next((c for c, d in zip(pool, ders, strict=True) if d not in seen
+                       and _names_match(current, current_der, c, d)
+                       and _signed_by(current, c)), None)
         if parent is None:
             break
-        seen.add(parent)
+        current, current_der = parent, certificate_der(parent)
+        seen.add(current_der)
         path.append(parent)
-        current = parent
     return tuple(path)
+
+
+def _names_match(cert: x509.Certificate, cert_der: bytes, issuer: x509.Certificate,
+                 issuer_der: bytes) -> bool:
+    """``issuer``'s subject is ``cert``'s issuer name (by cryptography's Name equality)."""
+    key = (_names_match, cert_der, issuer_der)
+    known = _FACTS.get(key)
+    if known is None:
+        known = issuer.subject == cert.issuer
+        _FACTS.put(key, known)
+    return known  # type: ignore[return-value]
 
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:

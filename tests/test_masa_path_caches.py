@@ -102,3 +102,15 @@ def test_a_signing_plan_follows_a_reissued_certificate_of_the_same_key(pkis):
     assert second.certificates == (reissued,)
     assert second.signer.serial == reissued.serial_number != first.signer.serial
     assert cms.find_signer(second) == reissued
+
+
+def test_issuer_walk_skips_a_same_named_ca_of_another_key_in_either_order(pkis):
+    from registrar import masa as masa_module
+
+    ours, other = pkis  # same names, other keys
+    leaf, real, impostor = ours.registrar.cert, ours.domain_ca.cert, other.domain_ca.cert
+    idevid = issue_idevid(ours.manufacturer_ca, "WALK-1", "masa.example", NOW - timedelta(1))
+    for pool in ([impostor, real], [real, impostor], [idevid.cert, impostor, leaf, real]):
+        assert masa_module._issuer_path(leaf, pool) == (leaf, real)
+    assert masa_module._issuer_path(leaf, [impostor, idevid.cert]) == (leaf,)
+    assert masa_module._issuer_path(real, [impostor]) == (real,)  # self-issued: the top
