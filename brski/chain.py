@@ -69,9 +69,15 @@ class _Memo:
         return len(self._items)
 
 
+Memo = _Memo  # for other modules' tables of facts about certificates (registrar.masa)
 _CERTS = _Memo(CACHE_SIZE)
 _PATHS = _Memo(CACHE_SIZE)
 _ISSUED = _Memo(CACHE_SIZE)
+# The anchors' DER -> one xv.Store of them. A Store keeps what it worked out about each anchor
+# (its parsed public key) across verifications: a fresh one per check cost a quarter of the
+# chain check of a new IDevID. The anchors' bytes are the key, so a changed, added or removed
+# anchor gets a Store of its own; the time and the leaf are the verifier's, built per check.
+_STORES = _Memo(64)
 # id(certificate object) -> (the object, its DER). Holding the object keeps its id from being
 # reused while the entry lives; the identity check below makes a stale id harmless anyway.
 _DER_BY_ID: dict[int, tuple[x509.Certificate, bytes]] = {}
@@ -85,10 +91,14 @@ def certificate_der(cert: x509.Certificate) -> bytes:
     if entry is not None and entry[0] is cert:
         return entry[1]
     der = cert.public_bytes(serialization.Encoding.DER)
+    _remember_der(cert, der)
+    return der
+
+
+def _remember_der(cert: x509.Certificate, der: bytes) -> None:
     if len(_DER_BY_ID) >= 4 * CACHE_SIZE:
         _DER_BY_ID.clear()
     _DER_BY_ID[id(cert)] = (cert, der)
-    return der
 
 
 def directly_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -171,7 +181,7 @@ def _verify_chain(
 ) -> list[x509.Certificate]:
     verifier = (
         xv.PolicyBuilder()
-        .store(xv.Store(list(trust_anchors)))
+        .store(_store(trust_anchors))
         .time(at.astimezone(UTC))
         .max_chain_depth(MAX_DEPTH)
         .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
@@ -184,6 +194,15 @@ def _verify_chain(
             f"certificate {describe(leaf)} does not chain to a trust anchor "
             f"at {at.isoformat()}: {_verification_reason(exc)}"
         ) from exc
+
+
+def _store(trust_anchors: Sequence[x509.Certificate]) -> xv.Store:
+    key = tuple(map(certificate_der, trust_anchors))
+    store = _STORES.get(key)
+    if store is None:
+        store = xv.Store(list(trust_anchors))
+        _STORES.put(key, store)
+    return store  # type: ignore[return-value]
 
 
 def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
@@ -204,14 +223,20 @@ def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
             # tolerated, never printed
             warnings.simplefilter("ignore", UserWarning)
             cert = x509.load_der_x509_certificate(der)
-            cert.subject.rfc4514_string()
-            cert.issuer.rfc4514_string()
+            # Reading the names parses every attribute (cryptography keeps the result): a
+            # malformed one raises here. Their RFC 4514 text is formatted from those parsed
+            # values by plain string escaping, which cannot fail, so it is left to messages.
+            len(cert.subject)
+            len(cert.issuer)
             len(cert.extensions)
     except Exception as exc:  # ValueError, InvalidVersion, DuplicateExtension, ... all mean
         # the same here: a certificate we cannot use
         raise DecodeError(f"{what} is not a usable DER certificate: {_problem(bytes(der))}"
                           ) from exc
     _CERTS.put(der, cert)
+    # Its DER is the input: cryptography reads DER strictly and writes back the same bytes (it
+    # verifies signatures over its re-encoding), so certificate_der need not serialise it.
+    _remember_der(cert, der)
     return cert
 
 

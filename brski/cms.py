@@ -16,6 +16,7 @@ asn1crypto reads and writes the structure; cryptography does every hash and sign
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -167,8 +168,6 @@ def _parse(der: bytes, content_types: frozenset[str]) -> SignedData:
 
 
 # Names asn1crypto gives these OIDs, so both parsers fill SignerInfo alike.
-_DIGEST_NAMES = {der.oid(dotted): name for name, dotted in _DIGEST_OIDS_BY_NAME.items()}
-_SIG_NAMES = {der.oid(dotted): name for name, dotted in _SIG_OIDS_BY_NAME.items()}
 _ATTR_NAMES = {
     der.oid("1.2.840.113549.1.9.3"): "content_type",
     der.oid("1.2.840.113549.1.9.4"): "message_digest",
@@ -246,30 +245,17 @@ def _signer_canonical(
     if not serial_bytes or (len(serial_bytes) > 1 and serial_bytes[0] in (0, 0xFF)
                             and (serial_bytes[0] ^ serial_bytes[1]) & 0x80 == 0):  # fmt: skip
         return None  # empty or non-minimal INTEGER
-    digest = _DIGEST_NAMES.get(_algorithm_oid(data, fields[2]))
-    sig_name = _SIG_NAMES.get(_algorithm_oid(data, fields[4]))
+    # AlgorithmIdentifiers with parameters absent, as we emit: the whole TLV names the algorithm
+    digest = _DIGEST_BY_TLV.get(data[fields[2][1] : fields[2][3]])
+    sig_name = _SIG_BY_TLV.get(data[fields[4][1] : fields[4][3]])
     if digest is None or sig_name is None:
         return None
-    found: dict[str, bytes] = {}
-    for tag, _start, cstart, end in der.items(data, fields[3][2], fields[3][3]):
-        attr = der.items(data, cstart, end)
-        if tag != der.SEQUENCE or len(attr) != 2 or attr[1][0] != der.SET:
-            return None
-        name = _ATTR_NAMES.get(data[attr[0][1] : attr[0][3]])
-        values = der.items(data, attr[1][2], attr[1][3])
-        if name is None or name in found or len(values) != 1:
-            return None
-        found[name] = data[values[0][1] : values[0][3]]
-    if "content_type" not in found or "message_digest" not in found:
+    attrs = _usual_attrs(data, fields[3][2], fields[3][3])
+    if attrs is None:
+        attrs = _any_attrs(data, fields[3][2], fields[3][3])
+    if attrs is None:
         return None
-    ctype = der.items(found["content_type"], 0, len(found["content_type"]))[0]
-    digest_value = der.items(found["message_digest"], 0, len(found["message_digest"]))[0]
-    if ctype[0] != der.OID or digest_value[0] != der.OCTET_STRING:
-        return None
-    content_type = _dotted(found["content_type"])
-    signing_time = _time(found["signing_time"]) if "signing_time" in found else None
-    if content_type is None or ("signing_time" in found and signing_time is None):
-        return None
+    content_type, signing_time, message_digest = attrs
     issuer_der = data[sid[0][1] : sid[0][3]]
     issuer = _ISSUER_NAMES.get(issuer_der)
     if issuer is None:
@@ -294,9 +280,88 @@ def _signer_canonical(
         signed_attrs=b"\x31" + signed[1:],
         signature=data[fields[5][2] : fields[5][3]],
         content_type=content_type,
-        message_digest=found["message_digest"][digest_value[2] : digest_value[3]],
+        message_digest=message_digest,
         signing_time=signing_time,
     )
+
+
+_Attrs = tuple[str, datetime | None, bytes]  # contentType, signingTime, messageDigest
+
+
+def _any_attrs(data: bytes, start: int, end: int) -> _Attrs | None:
+    """The signed attributes in any order and form the general parser would also read."""
+    found: dict[str, bytes] = {}
+    for tag, _start, cstart, attr_end in der.items(data, start, end):
+        attr = der.items(data, cstart, attr_end)
+        if tag != der.SEQUENCE or len(attr) != 2 or attr[1][0] != der.SET:
+            return None
+        name = _ATTR_NAMES.get(data[attr[0][1] : attr[0][3]])
+        values = der.items(data, attr[1][2], attr[1][3])
+        if name is None or name in found or len(values) != 1:
+            return None
+        found[name] = data[values[0][1] : values[0][3]]
+    if "content_type" not in found or "message_digest" not in found:
+        return None
+    ctype = der.items(found["content_type"], 0, len(found["content_type"]))[0]
+    digest_value = der.items(found["message_digest"], 0, len(found["message_digest"]))[0]
+    if ctype[0] != der.OID or digest_value[0] != der.OCTET_STRING:
+        return None
+    content_type = _dotted(found["content_type"])
+    signing_time = _time(found["signing_time"]) if "signing_time" in found else None
+    if content_type is None or ("signing_time" in found and signing_time is None):
+        return None
+    digest = found["message_digest"][digest_value[2] : digest_value[3]]
+    return content_type, signing_time, digest
+
+
+def _usual_attrs(data: bytes, start: int, end: int) -> _Attrs | None:
+    """The three attributes exactly as ``sign`` writes them (DER order: contentType,
+    signingTime as UTCTime, messageDigest of a SHA-2 size), matched by their fixed bytes
+    instead of eleven element walks; None for anything else (``_any_attrs`` reads that). It
+    yields what ``_any_attrs`` yields for the same bytes."""
+    found = next(((head, name) for head, name in _CT_ATTRS
+                  if data.startswith(head, start, end)), None)
+    if found is None:
+        return None
+    head, content_type = found
+    pos = start + len(head)
+    if not data.startswith(_ST_HEAD, pos, end):
+        return None
+    pos += len(_ST_HEAD)
+    signing_time = _time(data[pos - 2 : pos + 13])  # the UTCTime TLV; checks its text
+    pos += 13
+    for md_head in _MD_HEADS:
+        if data.startswith(md_head, pos, end):
+            pos += len(md_head)
+            size = md_head[-1]
+            if pos + size != end or signing_time is None:
+                return None
+            return content_type, signing_time, data[pos:end]
+    return None
+
+
+def _head(attr: bytes, value_size: int) -> bytes:
+    return attr[: len(attr) - value_size]
+
+
+# The fixed bytes of the usual attributes: contentType (for each type we accept), the
+# signingTime attribute up to its 13 UTCTime characters, messageDigest up to the digest.
+_CT_ATTRS = tuple(
+    (der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE, der.tlv(der.SET, der.oid(dotted))), dotted)
+    for dotted in (ANIMA_JSON_VOUCHER, DATA)
+)
+_ST_HEAD = _head(der.tlv(der.SEQUENCE, _OID_SIGNING_TIME,
+                         der.tlv(der.SET, der.tlv(der.UTC_TIME, b"0" * 13))), 13)
+_MD_HEADS = tuple(
+    _head(der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
+                  der.tlv(der.SET, der.tlv(der.OCTET_STRING, b"0" * size))), size)
+    for size in (32, 48, 64)
+)
+_MD_HEAD_BY_SIZE = {head[-1]: head for head in _MD_HEADS}
+_DIGEST_BY_TLV = {der.tlv(der.SEQUENCE, der.oid(dotted)): name
+                  for name, dotted in _DIGEST_OIDS_BY_NAME.items()}
+_SIG_BY_TLV = {der.tlv(der.SEQUENCE, der.oid(dotted)): name
+               for name, dotted in _SIG_OIDS_BY_NAME.items()}
 
 
 def _readable(name_der: bytes) -> bool:
@@ -312,13 +377,6 @@ def _small_int(data: bytes, field: tuple[int, int, int, int]) -> int:
     if len(body) != 1 or body[0] > 5:
         raise der_codec.DerError("not a small version number")
     return body[0]
-
-
-def _algorithm_oid(data: bytes, field: tuple[int, int, int, int]) -> bytes | None:
-    parts = der.items(data, field[2], field[3])
-    if len(parts) != 1 or parts[0][0] != der.OID:  # parameters absent, as we emit
-        return None
-    return data[parts[0][1] : parts[0][3]]
 
 
 def _dotted(encoded: bytes) -> str | None:
@@ -467,18 +525,20 @@ def sign(
     message_digest = _digest(plan.hash_cls(), content)
     when = signing_time.astimezone(UTC).replace(microsecond=0)
     # RFC 5652 §11.3: UTCTime for 1950..2049, GeneralizedTime otherwise.
-    if 1950 <= when.year < 2050:
-        time_tlv = der.tlv(der.UTC_TIME, when.strftime("%y%m%d%H%M%SZ").encode())
+    # (formatted by hand: strftime costs more than the rest of this block)
+    rest = (f"{when.month:02d}{when.day:02d}{when.hour:02d}{when.minute:02d}"
+            f"{when.second:02d}Z").encode()
+    if 1950 <= when.year < 2050:  # the fixed bytes before the 13 characters, as the reader has
+        time_attr = _ST_HEAD + f"{when.year % 100:02d}".encode() + rest
     else:
-        time_tlv = der.tlv(der.GENERALIZED_TIME, f"{when.year:04d}".encode()
-                           + when.strftime("%m%d%H%M%SZ").encode())  # fmt: skip
+        time_tlv = der.tlv(der.GENERALIZED_TIME, f"{when.year:04d}".encode() + rest)
+        time_attr = der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv))
     # Written directly rather than through asn1crypto objects (the same DER; the App. C
     # vectors pin it): building them cost some 25 times the ECDSA signature.
     attrs = der.set_of(
         plan.content_type_attr,
-        der.tlv(der.SEQUENCE, _OID_SIGNING_TIME, der.tlv(der.SET, time_tlv)),
-        der.tlv(der.SEQUENCE, _OID_MESSAGE_DIGEST,
-                der.tlv(der.SET, der.tlv(der.OCTET_STRING, message_digest))),
+        time_attr,
+        _MD_HEAD_BY_SIZE[len(message_digest)] + message_digest,
     )  # fmt: skip
     signature = key.sign(attrs, ec.ECDSA(plan.hash_cls()))
     signer_info = der.tlv(
@@ -513,7 +573,7 @@ class _SignPlan:
     certificates: bytes  # [0] certificates
 
 
-# Kept per (key, certificates, eContentType): a rotated key or another chain is another key
+# Kept per (key, eContentType, certificates): a rotated key or another chain is another key
 # of this table, so it is worked out afresh. Keys compare by identity (the table holds them,
 # so an identity is not reused while its entry lives); bounded like brski.chain's tables.
 _SIGN_PLANS: dict[tuple[Any, ...], _SignPlan] = {}
@@ -523,7 +583,8 @@ def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
                econtent_type: str) -> _SignPlan:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise UsageError(f"cannot sign CMS with a {type(key).__name__}")
-    index = (key, certs, econtent_type)
+    # the certificates by their DER: hashing a Certificate costs more than the rest of this
+    index = (key, econtent_type, *map(certificate_der, certs))
     plan = _SIGN_PLANS.get(index)
     if plan is not None:
         return plan
@@ -561,13 +622,16 @@ def _issuer_and_serial(cert: x509.Certificate) -> tuple[bytes, bytes, bytes]:
     known = _ISSUER_AND_SERIAL.get(cert_der)
     if known is None:
         _, start, end = der.read(cert_der, 0, len(cert_der))
-        _, tbs_start, tbs_end = der.read(cert_der, start, end)
-        fields = der.items(cert_der, tbs_start, tbs_end)
-        if fields[0][0] == 0xA0:  # [0] EXPLICIT version
-            fields = fields[1:]
-        serial, issuer = fields[0], fields[2]
-        name = cert_der[issuer[1] : issuer[3]]
-        known = der.tlv(der.SEQUENCE, name, cert_der[serial[1] : serial[3]]), name, cert_der
+        _, pos, tbs_end = der.read(cert_der, start, end)
+        # the first fields of the TBSCertificate only: [0] version, serial, signature, issuer
+        tag, _, field_end = der.read(cert_der, pos, tbs_end)
+        if tag == 0xA0:  # [0] EXPLICIT version
+            pos = field_end
+            field_end = der.read(cert_der, pos, tbs_end)[2]
+        serial = cert_der[pos:field_end]
+        pos = der.read(cert_der, field_end, tbs_end)[2]  # past the signature algorithm
+        name = cert_der[pos : der.read(cert_der, pos, tbs_end)[2]]
+        known = der.tlv(der.SEQUENCE, name, serial), name, cert_der
         if len(_ISSUER_AND_SERIAL) >= 256:  # a bound; a MASA has a handful of signers
             _ISSUER_AND_SERIAL.clear()
         _ISSUER_AND_SERIAL[cert_der] = known
@@ -593,9 +657,17 @@ def _algorithms(key: SigningKey) -> tuple[str, str]:
 
 
 def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    # hashlib's one C call for the SHA-2 family (the same OpenSSL digests), instead of
+    # cryptography's three Python-level steps: this runs for every message signed or verified
+    one_shot = _HASHLIB.get(algorithm.name)
+    if one_shot is not None:
+        return one_shot(data).digest()
     h = hashes.Hash(algorithm)
     h.update(data)
     return h.finalize()
+
+
+_HASHLIB = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:

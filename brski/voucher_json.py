@@ -16,6 +16,8 @@ from .errors import DecodeError, ValidationError
 from .json_strict import loads_strict
 from .voucher_model import (
     LEAF_BY_NAME,
+    VOUCHER_MODULE,
+    VOUCHER_REQUEST_MODULE,
     Assertion,
     Leaf,
     LeafType,
@@ -59,15 +61,20 @@ def decode_json(data: bytes | str, expect: type[VoucherArtifact] | None = None) 
     values: dict[str, Any] = {}
     texts: dict[str, str] = {}
     unknown: list[tuple[str, Any]] = []
+    members = _MEMBERS[cls.IS_REQUEST]
     for member, raw in container.items():
-        leaf = _leaf_for(member, cls.MODULE)
-        if leaf is None or ignored_in(cls, leaf):
-            unknown.append((member, raw))
-            continue
+        known = members.get(member)
+        if known is None:
+            leaf = _leaf_for(member, cls.MODULE)
+            if leaf is None or ignored_in(cls, leaf):
+                unknown.append((member, raw))
+                continue
+            known = leaf, leaf.type in (LeafType.BINARY, LeafType.DATETIME)
+        leaf, keep_text = known
         if leaf.name in values:
             raise DecodeError(f"{leaf.name} given twice")
         values[leaf.name] = _from_json(leaf, raw)
-        if leaf.type in (LeafType.BINARY, LeafType.DATETIME):
+        if keep_text:
             texts[leaf.name] = raw
     wire = WireForm(texts=texts, order=tuple(container), unknown_json=tuple(unknown))
     return build(cls, values, wire)
@@ -101,6 +108,19 @@ def _leaf_for(member: str, module: str) -> Leaf | None:
             return None  # another module's data, e.g. "extension:..." (rfc8366bis §8.6)
         member = local
     return LEAF_BY_NAME.get(member)
+
+
+# Member name (plain or qualified with the module) -> (leaf, keep its text) for the leaves an
+# artifact kind reads (key: IS_REQUEST), worked out once; other names take _leaf_for's way.
+_MEMBERS: dict[bool, dict[str, tuple[Leaf, bool]]] = {
+    request: {
+        name: (leaf, leaf.type in (LeafType.BINARY, LeafType.DATETIME))
+        for leaf in LEAF_BY_NAME.values()
+        if not (request and not leaf.in_request)
+        for name in (leaf.name, f"{module}:{leaf.name}")
+    }
+    for request, module in ((False, VOUCHER_MODULE), (True, VOUCHER_REQUEST_MODULE))
+}
 
 
 def _from_json(leaf: Leaf, raw: Any) -> Any:

@@ -412,10 +412,19 @@ def _require_cert(name: str, der: bytes) -> x509.Certificate:
 
 
 def _require_spki(name: str, der: bytes) -> None:
+    if der in _SPKIS_READ:
+        return  # a registrar's key comes with each of its requests; loading it checks the point
     try:
         load_der_public_key(der)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValidationError(f"{name} is not a DER SubjectPublicKeyInfo") from exc
+    if len(_SPKIS_READ) >= 256:  # a bound
+        _SPKIS_READ.clear()
+    _SPKIS_READ.add(bytes(der))
+
+
+# SubjectPublicKeyInfo DER that loaded before (only successes: the answer depends on the bytes)
+_SPKIS_READ: set[bytes] = set()
 
 
 def _require_sha256(name: str, value: bytes) -> None:
@@ -479,9 +488,11 @@ def parse_datetime(text: str) -> datetime:
     match = _DATE.fullmatch(text)
     if match is None:
         raise DecodeError(f"not a yang:date-and-time: {text[:40]!r}")
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction, offset = match.group(7), match.group(8)
-    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    groups = match.groups()
+    year, month, day = int(groups[0]), int(groups[1]), int(groups[2])
+    hour, minute, second = int(groups[3]), int(groups[4]), int(groups[5])
+    fraction, offset = groups[6], groups[7]
+    micro = int(fraction[:6].ljust(6, "0")) if fraction else 0
     try:
         if offset == "Z":
             tz: timezone = UTC

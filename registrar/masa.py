@@ -35,16 +35,22 @@ from __future__ import annotations
 
 import base64
 import datetime
-import functools
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 
 from brski import certs, cms, cose
-from brski.chain import certificate_der, directly_issued_by, load_certificate, verify_chain
+from brski.chain import (
+    Memo,
+    certificate_der,
+    directly_issued_by,
+    load_certificate,
+    verify_chain,
+)
 from brski.errors import BrskiError, DecodeError, SignatureError, ValidationError
 from brski.signed_voucher import (
     NoVerifyingCertificate,
@@ -64,6 +70,7 @@ from .voucher_request import idevid_issuer_forms
 from .web import Refusal
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ class Masa:
             raise Refusal(403, f"registrar voucher-request: {exc}") from exc
         except (DecodeError, ValidationError) as exc:
             raise Refusal(400, f"not a valid registrar voucher-request: {exc}") from exc
-        if not certs.has_cmc_ra(registrar):
+        if not _may_request(registrar):
             raise Refusal(403, "the registrar certificate lacks id-kp-cmcRA (RFC 8995 §5.5): "
                                "it may not request vouchers")
         if rvr.proximity_registrar_cert is not None:
@@ -228,12 +235,12 @@ class Masa:
                                    "issue nonceless vouchers")
             return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
                                         proximity=False)
-        pvr, idevid = self._check_pvr(rvr, now)
-        return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
-                                    idevid, proximity=_proximity(pvr, chain))
+        pvr, idevid, serial = self._check_pvr(rvr, now)
+        return AuthenticatedRequest(rvr, registrar, chain, serial, pvr, idevid,
+                                    proximity=_proximity(pvr, chain))
 
     def _check_pvr(self, rvr: VoucherRequest,
-                   now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
+                   now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate, str]:
         assert rvr.prior_signed_voucher_request is not None
         try:
             pvr, idevid = verify_voucher_request_cms(
@@ -242,7 +249,7 @@ class Masa:
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
         _pvr_matches(rvr, pvr, idevid, serial)
-        return pvr, idevid
+        return pvr, idevid, serial
 
     # -- cBRSKI: COSE --------------------------------------------------------------------
     def authenticate_cose(self, body: bytes, now: datetime.datetime) -> AuthenticatedRequest:
@@ -257,7 +264,7 @@ class Masa:
         except (DecodeError, ValidationError) as exc:
             raise Refusal(400, f"not a valid COSE registrar voucher-request: {exc}") from exc
         assert registrar is not None  # no bare key given: the signer is a certificate
-        if not certs.has_cmc_ra(registrar):
+        if not _may_request(registrar):
             raise Refusal(403, "the registrar certificate lacks id-kp-cmcRA (RFC 8995 §5.5): "
                                "it may not request vouchers")
         if rvr.proximity_registrar_cert is not None:
@@ -273,14 +280,14 @@ class Masa:
                                    "issue nonceless vouchers")
             return AuthenticatedRequest(rvr, registrar, chain, rvr.serial_number, None, None,
                                         proximity=False)
-        pvr, idevid = self._check_pvr_cose(rvr, bag, registrar, chain, now)
-        return AuthenticatedRequest(rvr, registrar, chain, certs.serial_number(idevid), pvr,
-                                    idevid, proximity=_proximity(pvr, chain))
+        pvr, idevid, serial = self._check_pvr_cose(rvr, bag, registrar, chain, now)
+        return AuthenticatedRequest(rvr, registrar, chain, serial, pvr, idevid,
+                                    proximity=_proximity(pvr, chain))
 
     def _check_pvr_cose(self, rvr: VoucherRequest, bag: Sequence[x509.Certificate],
                         registrar: x509.Certificate,
                         registrar_chain: Sequence[x509.Certificate],
-                        now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate]:
+                        now: datetime.datetime) -> tuple[VoucherRequest, x509.Certificate, str]:
         assert rvr.prior_signed_voucher_request is not None
         prior = rvr.prior_signed_voucher_request
         try:
@@ -290,10 +297,13 @@ class Masa:
                 from exc
         # Certificates outside the registrar's chain first: the IDevID is found with one
         # signature check instead of one per registrar-side CA in the bag.
-        others = [c for c in bag if c != registrar]
-        registrar_side = set(registrar_chain)
-        candidates = [*(c for c in others if c not in registrar_side),
-                      *(c for c in others if c in registrar_side)]
+        # (compared by DER, which certificate equality is: a set of Certificate objects
+        # rehashes each one's bytes)
+        registrar_side = set(map(certificate_der, registrar_chain))
+        own = certificate_der(registrar)
+        others = [(c, d) for c in bag if (d := certificate_der(c)) != own]
+        candidates = [*(c for c, d in others if d not in registrar_side),
+                      *(c for c, d in others if d in registrar_side)]
         try:
             pvr, idevid = verify_voucher_request_cose(
                 msg, self.config.manufacturer_cas, now, candidates=candidates, extra_certs=bag)
@@ -306,7 +316,7 @@ class Masa:
         except BrskiError as exc:
             raise Refusal(403, f"prior-signed voucher-request: {exc}") from exc
         _pvr_matches(rvr, pvr, idevid, serial)
-        return pvr, idevid
+        return pvr, idevid, serial
 
     def _known(self, req: AuthenticatedRequest) -> bool:
         if req.serial in self.config.devices or ANY_DEVICE in self.config.devices:
@@ -365,30 +375,51 @@ def _issuer_path(leaf: x509.Certificate,
                  pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
     """``leaf`` and its issuers found in ``pool``, in order, up to a self-signed one or the
     last one reachable."""
-    return _issuer_walk(leaf, tuple(pool))
+    key = (certificate_der(leaf), *map(certificate_der, pool))
+    path = _WALKS.get(key)
+    if path is None:
+        path = _issuer_walk(leaf, tuple(pool))
+        _WALKS.put(key, path)
+    return path  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=256)
 def _issuer_walk(leaf: x509.Certificate,
                  pool: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...]:
     # Kept per (leaf, pool): the walk depends on those certificates' bytes only (names and
     # signatures; certificate equality is DER equality), and a registrar sends the same chain
     # with every request. Validity and trust are verify_chain's, checked on every request.
-    path, current, seen = [leaf], leaf, {leaf}
-    while current.issuer != current.subject:
-        parent = next((c for c in pool if c.subject == current.issuer
-                       and c not in seen and _signed_by(current, c)), None)
+    # A COSE x5bag carries the pledge's IDevID too, so the walk runs for every request: the
+    # name comparisons (cryptography compares Name objects in Python) are kept per pair of
+    # certificates, and "seen" holds DER, whose hash Python keeps, instead of Certificates.
+    ders = [certificate_der(c) for c in pool]
+    current, current_der = leaf, certificate_der(leaf)
+    path, seen = [leaf], {current_der}
+    while not _names_match(current, current_der, current, current_der):  # not self-issued
+        parent = next((c for c, d in zip(pool, ders, strict=True) if d not in seen
+                       and _names_match(current, current_der, c, d)
+                       and _signed_by(current, c)), None)
         if parent is None:
             break
-        seen.add(parent)
+        current, current_der = parent, certificate_der(parent)
+        seen.add(current_der)
         path.append(parent)
-        current = parent
     return tuple(path)
+
+
+def _names_match(cert: x509.Certificate, cert_der: bytes, issuer: x509.Certificate,
+                 issuer_der: bytes) -> bool:
+    """``issuer``'s subject is ``cert``'s issuer name (by cryptography's Name equality)."""
+    key = (_names_match, cert_der, issuer_der)
+    known = _FACTS.get(key)
+    if known is None:
+        known = issuer.subject == cert.issuer
+        _FACTS.put(key, known)
+    return known  # type: ignore[return-value]
 
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
     """RFC 8995 §5.5: the pledge saw one of these certificates as the registrar's TLS cert."""
-    spkis, digests = _chain_spkis(tuple(chain))
+    spkis, digests = _chain_spkis(chain)
     if pvr.proximity_registrar_cert is not None:
         try:
             # the PVR's validate() loaded it already: this is a table lookup
@@ -417,24 +448,47 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 # Facts about the registrar-side certificates, the same for every request of one registrar;
-# each depends on the certificates' bytes only (certificate equality is DER equality).
-@functools.lru_cache(maxsize=256)
-def _chain_spkis(chain: tuple[x509.Certificate, ...]) -> tuple[frozenset[bytes], frozenset[bytes]]:
-    spkis = frozenset(certs.spki_der(c) for c in chain)
-    return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+# each depends on the certificates' bytes only (certificate equality is DER equality). Kept by
+# the certificates' DER (chain.certificate_der): hashing a Certificate object rehashes its
+# bytes on every lookup, which cost more than some of these facts.
+_WALKS = Memo(256)
+_FACTS = Memo(1024)
 
 
-@functools.lru_cache(maxsize=256)
-def _spki_der(cert: x509.Certificate) -> bytes:
-    return certs.spki_der(cert)
+def _by_der(fact: Callable[[x509.Certificate], T]) -> Callable[[x509.Certificate], T]:
+    def kept(cert: x509.Certificate) -> T:
+        key = (fact, certificate_der(cert))
+        value = _FACTS.get(key)
+        if value is None:
+            value = fact(cert)
+            _FACTS.put(key, value)
+        return value  # type: ignore[return-value]
+
+    return kept
 
 
-@functools.lru_cache(maxsize=256)
-def _spki_sha256(cert: x509.Certificate) -> bytes:
-    return certs.spki_sha256(cert)
+def _chain_spkis(
+    chain: Sequence[x509.Certificate],
+) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    key = (_chain_spkis, *map(certificate_der, chain))
+    known = _FACTS.get(key)
+    if known is None:
+        spkis = frozenset(certs.spki_der(c) for c in chain)
+        known = spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+        _FACTS.put(key, known)
+    return known  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=256)
+@_by_der
+def _may_request(registrar: x509.Certificate) -> bool:
+    return certs.has_cmc_ra(registrar)  # id-kp-cmcRA in the EKU
+
+
+_spki_der = _by_der(certs.spki_der)
+_spki_sha256 = _by_der(certs.spki_sha256)
+
+
+@_by_der
 def _domain_id(cert: x509.Certificate) -> str:
     return domain_id(cert)
 

@@ -104,3 +104,35 @@ def test_direct_reader_never_accepts_what_asn1crypto_reads_otherwise(pki):
         assert same(fast, slow), case.hex()
         accepted += isinstance(fast, cms.SignedData)
     assert accepted > len(data)  # the fast path was exercised, not only the fallback
+
+
+def test_fixed_byte_attribute_reader_agrees_with_the_element_walk(pki):
+    # _usual_attrs matches the attributes sign() writes by their bytes; wherever it answers,
+    # the general walk must give the same answer (every single-byte change of the region).
+    sd_der = cms.sign(b'{"a":1}', pki.masa_signer.key, [pki.masa_signer.cert], NOW,
+                      econtent_type=cms.DATA)
+    attrs = cms.parse(sd_der).signer.signed_attrs
+    _, start, end = der_codec.read(attrs, 0, len(attrs))
+    assert cms._usual_attrs(attrs, start, end) == cms._any_attrs(attrs, start, end) is not None
+    matched = 0
+    for index in range(len(attrs)):
+        for mask in (0x01, 0x80, 0x3F):
+            out = bytearray(attrs)
+            out[index] ^= mask
+            data = bytes(out)
+            try:
+                _, start, end = der_codec.read(data, 0, len(data))
+            except der_codec.DerError:
+                continue
+            usual = _answer(cms._usual_attrs, data, start, end)
+            if usual is not None:
+                matched += 1
+                assert usual == _answer(cms._any_attrs, data, start, end), data.hex()
+    assert matched  # changes inside the time and digest values still match
+
+
+def _answer(reader, data: bytes, start: int, end: int):
+    try:
+        return reader(data, start, end)
+    except ValueError as exc:  # DerError, a bad date: parse() reads those with asn1crypto
+        return type(exc)
