@@ -171,7 +171,7 @@ def _verify_cose(
     msg = data if isinstance(data, cose.Sign1) else cose.decode(data)
     cert = _cose_signer(msg, trust_anchors, now, signer, extra_certs, candidates)
     artifact = decode_cbor(msg.payload, expect)
-    artifact.validate(now=now)
+    artifact.validate_decoded(now=now)
     return artifact, cert
 
 

@@ -241,6 +241,12 @@ class VoucherArtifact(abc.ABC):
         ``now`` (aware datetime), if given, is checked against expires-on.
         """
         self.check_types()
+        self.validate_decoded(now=now)
+
+    def validate_decoded(self, *, now: datetime | None = None) -> None:
+        """``validate`` less the Python type checks, for an artifact a codec just decoded:
+        the decoders give every leaf its type, so check_types cannot fail there (a verifier
+        validates each voucher it reads)."""
         if now is not None and now.tzinfo is None:
             raise UsageError("now must be timezone-aware")
         if not self.serial_number:
