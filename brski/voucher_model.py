@@ -284,8 +284,8 @@ class Voucher(VoucherArtifact):
             raise ValidationError("a voucher carries either nonce or expires-on, not both")
         if self.last_renewal_date is not None and self.expires_on is None:
             raise ValidationError("last-renewal-date needs expires-on")
-        pins = (self.pinned_domain_cert, self.pinned_domain_pubk, self.pinned_domain_pubk_sha256)
-        if all(pin is None for pin in pins):
+        if self.pinned_domain_cert is None and self.pinned_domain_pubk is None \
+                and self.pinned_domain_pubk_sha256 is None:
             raise ValidationError(
                 "a voucher needs pinned-domain-cert, pinned-domain-pubk or "
                 "pinned-domain-pubk-sha256"

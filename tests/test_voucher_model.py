@@ -489,6 +489,66 @@ def test_dates_keep_their_text_and_format_canonically():
         V.format_datetime(datetime(2021, 1, 1))
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),  # a year below 1000 keeps four digits
+        datetime(2026, 6, 1, tzinfo=UTC),
+        datetime(2026, 6, 1, 23, 59, 59, 1, tzinfo=UTC),
+        datetime(2026, 6, 1, 23, 59, 59, 120000, tzinfo=UTC),
+        datetime(2026, 6, 1, 12, tzinfo=timezone(timedelta(0))),  # timezone.utc is UTC
+    ],
+)
+def test_utc_dates_format_and_parse_back_as_the_general_form(when):
+    # the UTC fast paths (isoformat, fromisoformat) must write and read what the digits say
+    text = V.format_datetime(when)
+    fraction = f".{when.microsecond:06d}".rstrip("0") if when.microsecond else ""
+    assert text == f"{when.year:04d}-{when:%m-%dT%H:%M:%S}{fraction}Z"
+    assert V.parse_datetime(text) == when
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-02-30T00:00:00Z", "2026-06-01T24:00:00Z", "2026-06-01T00:60:00Z",
+     "2026-13-01T00:00:00Z", "0000-01-01T00:00:00Z", "2026-06-01T00:00:00z",
+     "2026-06-01 00:00:00Z", "\uff12026-06-01T00:00:00Z"],
+)
+def test_bad_utc_dates_are_refused(text):
+    with pytest.raises(DecodeError):
+        V.parse_datetime(text)
+
+
+def test_leap_second_in_utc_form_reads_as_59():
+    assert V.parse_datetime("2026-06-30T23:59:60Z") == datetime(2026, 6, 30, 23, 59, 59,
+                                                                tzinfo=UTC)
+
+
+def test_decoded_artifacts_equal_built_ones_and_pass_check_types():
+    # build() fills the instance without the dataclass __init__, and verifiers skip
+    # check_types for decoded artifacts (validate_decoded): both rest on this
+    built = V.Voucher(serial_number="S1", assertion=V.Assertion.LOGGED, created_on=T0,
+                      nonce=b"0123456789abcdef", pinned_domain_cert=a_cert_der(),
+                      domain_cert_revocation_checks=False)
+    for decoded in (V.decode_cbor(V.encode_cbor(built)), V.decode_json(V.encode_json(built))):
+        assert decoded == built
+        assert repr(decoded) == repr(built)
+        assert hash(decoded) == hash(built)
+        assert list(vars(decoded)) == list(vars(built))  # the same fields, in field order
+        decoded.check_types()
+        decoded.validate(now=T0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            decoded.serial_number = "S2"  # type: ignore[misc]
+
+
+def test_build_refuses_a_missing_serial_number_and_leaves_of_the_other_kind():
+    import cbor2
+
+    with pytest.raises(ValidationError, match="no serial-number"):
+        V.decode_cbor(cbor2.dumps({2451: {8: a_cert_der()}}))
+    with pytest.raises(ValidationError, match="not valid in a voucher"):
+        V.decode_cbor(cbor2.dumps({"ietf-voucher:voucher": {
+            "serial-number": "S1", "proximity-registrar-cert": a_cert_der()}}))
+
 def test_wire_text_rejects_non_text_leaves():
     with pytest.raises(UsageError):
         base_voucher().wire_text("serial-number")
