@@ -26,9 +26,9 @@ from .voucher_model import (
     Voucher,
     VoucherArtifact,
     VoucherRequest,
-    WireForm,
     artifact_class,
     build,
+    cbor_wire_form,
     ignored_in,
     parse_datetime,
 )
@@ -82,7 +82,7 @@ def decode_cbor(data: bytes, expect: type[VoucherArtifact] | None = None) -> Any
         values[leaf.name] = _from_cbor(leaf, raw)
         if leaf.type is LeafType.DATETIME:
             texts[leaf.name] = raw
-    return build(cls, values, WireForm(texts=texts, unknown_cbor=tuple(unknown)))
+    return build(cls, values, cbor_wire_form(texts, tuple(unknown)))
 
 
 def encode_cbor(artifact: VoucherArtifact) -> bytes:

@@ -161,6 +161,14 @@ class WireForm:
 _NO_WIRE = WireForm()
 
 
+def cbor_wire_form(texts: Mapping[str, str], unknown_cbor: tuple[tuple[Any, Any], ...]) -> WireForm:
+    """``WireForm(texts=texts, unknown_cbor=unknown_cbor)``, made without the frozen
+    __init__'s object.__setattr__ per field (one per voucher decoded)."""
+    wire = object.__new__(WireForm)
+    wire.__dict__.update(texts=texts, order=(), unknown_json=(), unknown_cbor=unknown_cbor)
+    return wire
+
+
 @dataclass(frozen=True, kw_only=True)
 class VoucherArtifact(abc.ABC):
     """Leaves both artifacts have. Dates are timezone-aware; binaries are raw bytes."""

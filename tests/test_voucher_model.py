@@ -538,6 +538,11 @@ def test_decoded_artifacts_equal_built_ones_and_pass_check_types():
         decoded.validate(now=T0)
         with pytest.raises(dataclasses.FrozenInstanceError):
             decoded.serial_number = "S2"  # type: ignore[misc]
+    from brski.voucher_model import WireForm
+
+    wire = V.decode_cbor(V.encode_cbor(built)).wire  # made without WireForm's __init__
+    assert wire == WireForm(texts={"created-on": "2021-04-13T23:00:00Z"})
+    assert list(vars(wire)) == list(vars(WireForm()))
 
 
 def test_build_refuses_a_missing_serial_number_and_leaves_of_the_other_kind():
