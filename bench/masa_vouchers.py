@@ -42,10 +42,9 @@ from brski import certs, cose
 from brski.pki import create_test_pki, issue_idevid
 from brski.signed_voucher import sign_voucher_cms, sign_voucher_cose
 from brski.voucher import Assertion, VoucherRequest, decode_cbor
+from lab.masa_inprocess import in_process_masa
 from registrar.constrained_voucher import sign_rvr_cose
 from registrar.masa import Masa
-from registrar.masa_config import MasaConfig
-from registrar.store import Store
 from registrar.store_commit import GroupCommitter
 from registrar.voucher_request import PledgeRequest, build_rvr
 
@@ -80,13 +79,7 @@ def requests(pledges: int) -> tuple[object, list[bytes], list[bytes]]:
 
 
 def masa(pki, root: Path, committer: GroupCommitter | None = None) -> Masa:
-    config = MasaConfig(
-        source=root / "masa.toml", listen=[], cert_file=root / "c", key_file=root / "k",
-        signer_chain=[pki.masa_signer.cert, pki.masa_ca.cert], signer_key=pki.masa_signer.key,
-        manufacturer_cas=[pki.manufacturer_ca.cert], ownership="tofu", devices={},
-        assertion="proximity", nonceless=False, lifetime=600, store_path=root / "masa.db",
-        log_level=30)
-    return Masa(config, Store(root / "masa.db", "masa"), committer)
+    return in_process_masa(pki, root, committer=committer)
 
 
 def durable_write(path: Path, size: int) -> Callable[[], None]:

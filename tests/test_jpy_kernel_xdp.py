@@ -225,33 +225,50 @@ def test_the_guard_tail_calls_it(lab: Lab) -> None:
     assert lab.run(Program.GUARD, pledge_frame(b"x"))[0] == XDP_PASS
 
 
-def test_a_restart_hands_the_guards_slot_to_the_new_xdp_wrap(tmp_path: Path) -> None:
-    """A pinned jp_guard_next that held a killed daemon's jp_jpy_xdp_join points at the next
-    start's own (not at ipip's fast path, which a jpy-only proxy would never turn off)."""
+RESTART_OBJECTS = ("ipip", "guard", "jpy")
+
+
+@contextlib.contextmanager
+def predecessor_with_xdp_wrap(tmp_path: Path) -> Iterator[Path]:
+    """A bpffs of its own where a daemon left its programs pinned with the jpy XDP wrap in
+    the guard's slot (stopped without detaching); its pin directory. Unpinned and unmounted
+    afterwards."""
     mnt = tmp_path / "bpffs"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
     pin_dir = mnt / "joinproxyd"
-    objects = ("ipip", "guard", "jpy")
     try:
-        first = BpfDatapath.open(pin_dir=pin_dir, objects=objects)
+        first = BpfDatapath.open(pin_dir=pin_dir, objects=RESTART_OBJECTS)
         assert first.set_jpy_xdp(True)
         first.close(detach=False)
-        with BpfDatapath.open(pin_dir=pin_dir, objects=objects) as second:
-            assert second.jpy_xdp_runs and not second.status()["ipip_xdp"]
-            slot = json.loads(subprocess.run(
-                ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / "jp_guard_next")],
-                check=True, capture_output=True, text=True).stdout)
-            assert [int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
-                    for entry in slot] == [second.prog_id(Program.JPY_XDP_JOIN)]
-            # ipip's fast path, turned on, takes the slot first; off again, jpy's is back
-            second.set_ipip_xdp(True)
-            assert not second.jpy_xdp_runs and second.status()["jpy_xdp"] is False
-            second.set_ipip_xdp(False)
-            assert second.jpy_xdp_runs
-            second.close(unpin=True)
+        yield pin_dir
     finally:
+        with contextlib.suppress(KernelError):
+            BpfDatapath.open(pin_dir=pin_dir, objects=RESTART_OBJECTS).close(unpin=True)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def guard_slot(pin_dir: Path) -> list[int]:
+    """The program ids in the pinned jp_guard_next, as bpftool reads them."""
+    slot = json.loads(subprocess.run(
+        ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / "jp_guard_next")],
+        check=True, capture_output=True, text=True).stdout)
+    return [int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
+            for entry in slot]
+
+
+def test_a_restart_hands_the_guards_slot_to_the_new_xdp_wrap(tmp_path: Path) -> None:
+    """A pinned jp_guard_next that held a killed daemon's jp_jpy_xdp_join points at the next
+    start's own (not at ipip's fast path, which a jpy-only proxy would never turn off)."""
+    with (predecessor_with_xdp_wrap(tmp_path) as pin_dir,
+          BpfDatapath.open(pin_dir=pin_dir, objects=RESTART_OBJECTS) as second):
+        assert second.jpy_xdp_runs and not second.status()["ipip_xdp"]
+        assert guard_slot(pin_dir) == [second.prog_id(Program.JPY_XDP_JOIN)]
+        # ipip's fast path, turned on, takes the slot first; off again, jpy's is back
+        second.set_ipip_xdp(True)
+        assert not second.jpy_xdp_runs and second.status()["jpy_xdp"] is False
+        second.set_ipip_xdp(False)
+        assert second.jpy_xdp_runs
 
 
 RESTART_UNPRIVILEGED = """
@@ -273,15 +290,7 @@ def test_a_restart_without_cap_sys_admin_keeps_the_xdp_wrap(tmp_path: Path) -> N
     CAP_SYS_ADMIN: the kernel then will not name a program by id, and the new daemon must
     know its predecessor's jp_jpy_xdp_join from the pin it adopted (it used to fall back to
     ipip's slot, and the jpy XDP wrap stayed off until the next start)."""
-    mnt = tmp_path / "bpffs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(mnt)], check=True)
-    pin_dir = mnt / "joinproxyd"
-    objects = ("ipip", "guard", "jpy")
-    try:
-        first = BpfDatapath.open(pin_dir=pin_dir, objects=objects)
-        assert first.set_jpy_xdp(True)
-        first.close(detach=False)
+    with predecessor_with_xdp_wrap(tmp_path) as pin_dir:
         caps = "-all,+net_admin,+net_raw,+bpf,+perfmon"
         done = subprocess.run(
             ["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}",
@@ -292,15 +301,7 @@ def test_a_restart_without_cap_sys_admin_keeps_the_xdp_wrap(tmp_path: Path) -> N
         got = json.loads(done.stdout.splitlines()[-1])
         assert got["kernel_names_it"] is None  # the restart really lacked CAP_SYS_ADMIN
         assert got["jpy_xdp"] is True and got["ipip_xdp"] is False, got
-        slot = json.loads(subprocess.run(
-            ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / "jp_guard_next")],
-            check=True, capture_output=True, text=True).stdout)
-        assert [int.from_bytes(bytes(int(b, 16) for b in entry["value"]), "little")
-                for entry in slot] == [got["jpy_prog"]]
-    finally:
-        with contextlib.suppress(KernelError):
-            BpfDatapath.open(pin_dir=pin_dir, objects=objects).close(unpin=True)
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        assert guard_slot(pin_dir) == [got["jpy_prog"]]
 
 
 def test_the_daemon_turns_the_xdp_wrap_on_only_where_the_backbone_allows() -> None:

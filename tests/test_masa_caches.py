@@ -17,9 +17,9 @@ from brski.errors import SignatureError, UsageError
 from brski.pki import create_test_pki, issue_idevid
 from brski.signed_voucher import sign_voucher_cms, verify_voucher_cms
 from brski.voucher import Assertion, Voucher, VoucherRequest
+from lab.masa_inprocess import in_process_masa
 from registrar import masa as masa_module
 from registrar.masa import Masa
-from registrar.masa_config import MasaConfig
 from registrar.store import Store
 from registrar.voucher_request import PledgeRequest, build_rvr
 from registrar.web import Refusal
@@ -100,13 +100,7 @@ def test_registrar_issuer_walk_is_redone_for_a_changed_domain_ca(pkis):
 
 
 def masa_for(pki, root: Path, manufacturer_cas) -> Masa:
-    config = MasaConfig(
-        source=root / "masa.toml", listen=[], cert_file=root / "c", key_file=root / "k",
-        signer_chain=[pki.masa_signer.cert, pki.masa_ca.cert], signer_key=pki.masa_signer.key,
-        manufacturer_cas=manufacturer_cas, ownership="tofu", devices={},
-        assertion="proximity", nonceless=False, lifetime=600, store_path=root / "masa.db",
-        log_level=30)
-    return Masa(config, Store(root / "masa.db", "masa"))
+    return in_process_masa(pki, root, manufacturer_cas=manufacturer_cas)
 
 
 def cms_rvr(manufacturer, domain, serial: str) -> bytes:

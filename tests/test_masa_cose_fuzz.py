@@ -16,11 +16,10 @@ from brski import certs, cose
 from brski.pki import create_test_pki
 from brski.signed_voucher import sign_voucher_cose
 from brski.voucher import Assertion, VoucherRequest, decode_cbor
+from lab.masa_inprocess import in_process_masa
 from registrar.constrained_voucher import check_pledge_request_cose, sign_rvr_cose
 from registrar.masa import Masa
 from registrar.masa_app import claimed_identity_cose
-from registrar.masa_config import MasaConfig
-from registrar.store import Store
 from registrar.voucher_request import PledgeRequest
 from registrar.web import Refusal
 
@@ -44,14 +43,7 @@ RVR = sign_rvr_cose(
 
 
 def _masa(tmp: str) -> Masa:
-    root = Path(tmp)
-    config = MasaConfig(
-        source=root / "masa.toml", listen=[], cert_file=root / "c", key_file=root / "k",
-        signer_chain=[PKI.masa_signer.cert, PKI.masa_ca.cert], signer_key=PKI.masa_signer.key,
-        manufacturer_cas=[PKI.manufacturer_ca.cert], ownership="tofu", devices={},
-        assertion="proximity", nonceless=False, lifetime=600, store_path=root / "masa.db",
-        log_level=20)
-    return Masa(config, Store(root / "masa.db", "masa"))
+    return in_process_masa(PKI, Path(tmp), log_level=20)
 
 
 def test_seed_is_accepted(tmp_path):

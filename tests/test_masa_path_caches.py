@@ -14,9 +14,8 @@ from brski.errors import ValidationError
 from brski.pki import create_test_pki, issue_idevid
 from brski.signed_voucher import sign_voucher_cms
 from brski.voucher import Assertion, VoucherRequest
+from lab.masa_inprocess import in_process_masa
 from registrar.masa import Masa
-from registrar.masa_config import MasaConfig
-from registrar.store import Store
 from registrar.voucher_request import PledgeRequest, build_rvr
 from registrar.web import Refusal
 
@@ -29,13 +28,7 @@ def pkis():
 
 
 def masa_for(pki, root: Path) -> Masa:
-    config = MasaConfig(
-        source=root / "masa.toml", listen=[], cert_file=root / "c", key_file=root / "k",
-        signer_chain=[pki.masa_signer.cert, pki.masa_ca.cert], signer_key=pki.masa_signer.key,
-        manufacturer_cas=[pki.manufacturer_ca.cert], ownership="tofu", devices={},
-        assertion="proximity", nonceless=False, lifetime=600, store_path=root / "masa.db",
-        log_level=30)
-    return Masa(config, Store(root / "masa.db", "masa"))
+    return in_process_masa(pki, root)
 
 
 def rvr_from(pki, registrar, serial: str) -> bytes:
