@@ -392,6 +392,9 @@ _DEFAULTS: dict[type, dict[str, Any]] = {
           for f in dataclasses.fields(cls)}
     for cls in ARTIFACT_CLASSES
 }
+if any(f.default_factory is not dataclasses.MISSING  # build() would leave _UNSET there
+       for cls in ARTIFACT_CLASSES for f in dataclasses.fields(cls)):
+    raise TypeError("voucher_model.build() cannot fill a field with a default_factory")
 
 # --- value checks ------------------------------------------------------------------------
 
