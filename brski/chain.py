@@ -15,7 +15,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -52,6 +52,14 @@ class _Memo:
                 self._items.move_to_end(key)
             except KeyError:
                 pass
+        return value
+
+    def get_or_make(self, key: Hashable, make: Callable[[], object]) -> object:
+        """The value kept for ``key``, else ``make()``'s, kept (it must not be None)."""
+        value = self.get(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
         return value
 
     def put(self, key: Hashable, value: object) -> None:
@@ -197,12 +205,8 @@ def _verify_chain(
 
 
 def _store(trust_anchors: Sequence[x509.Certificate]) -> xv.Store:
-    key = tuple(map(certificate_der, trust_anchors))
-    store = _STORES.get(key)
-    if store is None:
-        store = xv.Store(list(trust_anchors))
-        _STORES.put(key, store)
-    return store  # type: ignore[return-value]
+    return _STORES.get_or_make(  # type: ignore[return-value]
+        tuple(map(certificate_der, trust_anchors)), lambda: xv.Store(list(trust_anchors)))
 
 
 def load_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:

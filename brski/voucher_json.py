@@ -116,7 +116,7 @@ _MEMBERS: dict[bool, dict[str, tuple[Leaf, bool]]] = {
     request: {
         name: (leaf, leaf.type in (LeafType.BINARY, LeafType.DATETIME))
         for leaf in LEAF_BY_NAME.values()
-        if not (request and not leaf.in_request)
+        if leaf.in_request or not request  # as ignored_in: a request reads its own leaves
         for name in (leaf.name, f"{module}:{leaf.name}")
     }
     for request, module in ((False, VOUCHER_MODULE), (True, VOUCHER_REQUEST_MODULE))

@@ -375,12 +375,9 @@ def _issuer_path(leaf: x509.Certificate,
                  pool: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
     """``leaf`` and its issuers found in ``pool``, in order, up to a self-signed one or the
     last one reachable."""
-    key = (certificate_der(leaf), *map(certificate_der, pool))
-    path = _WALKS.get(key)
-    if path is None:
-        path = _issuer_walk(leaf, tuple(pool))
-        _WALKS.put(key, path)
-    return path  # type: ignore[return-value]
+    return _WALKS.get_or_make(  # type: ignore[return-value]
+        (certificate_der(leaf), *map(certificate_der, pool)),
+        lambda: _issuer_walk(leaf, tuple(pool)))
 
 
 def _issuer_walk(leaf: x509.Certificate,
@@ -409,12 +406,8 @@ def _issuer_walk(leaf: x509.Certificate,
 def _names_match(cert: x509.Certificate, cert_der: bytes, issuer: x509.Certificate,
                  issuer_der: bytes) -> bool:
     """``issuer``'s subject is ``cert``'s issuer name (by cryptography's Name equality)."""
-    key = (_names_match, cert_der, issuer_der)
-    known = _FACTS.get(key)
-    if known is None:
-        known = issuer.subject == cert.issuer
-        _FACTS.put(key, known)
-    return known  # type: ignore[return-value]
+    return _FACTS.get_or_make(  # type: ignore[return-value]
+        (_names_match, cert_der, issuer_der), lambda: issuer.subject == cert.issuer)
 
 
 def _proximity(pvr: VoucherRequest, chain: Sequence[x509.Certificate]) -> bool:
@@ -457,12 +450,8 @@ _FACTS = Memo(1024)
 
 def _by_der(fact: Callable[[x509.Certificate], T]) -> Callable[[x509.Certificate], T]:
     def kept(cert: x509.Certificate) -> T:
-        key = (fact, certificate_der(cert))
-        value = _FACTS.get(key)
-        if value is None:
-            value = fact(cert)
-            _FACTS.put(key, value)
-        return value  # type: ignore[return-value]
+        return _FACTS.get_or_make(  # type: ignore[return-value]
+            (fact, certificate_der(cert)), lambda: fact(cert))
 
     return kept
 
@@ -470,13 +459,12 @@ def _by_der(fact: Callable[[x509.Certificate], T]) -> Callable[[x509.Certificate
 def _chain_spkis(
     chain: Sequence[x509.Certificate],
 ) -> tuple[frozenset[bytes], frozenset[bytes]]:
-    key = (_chain_spkis, *map(certificate_der, chain))
-    known = _FACTS.get(key)
-    if known is None:
+    def make() -> tuple[frozenset[bytes], frozenset[bytes]]:
         spkis = frozenset(certs.spki_der(c) for c in chain)
-        known = spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
-        _FACTS.put(key, known)
-    return known  # type: ignore[return-value]
+        return spkis, frozenset(hashlib.sha256(s).digest() for s in spkis)
+
+    return _FACTS.get_or_make(  # type: ignore[return-value]
+        (_chain_spkis, *map(certificate_der, chain)), make)
 
 
 @_by_der
