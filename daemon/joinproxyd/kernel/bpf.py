@@ -118,8 +118,6 @@ from .libbpf import (
     map_keys,
     obj_info,
     prog_id_of_fd,
-    prog_name_by_id,
-    prog_name_of_fd,
     prog_test_run,
     syscall_run,
     update_elem,
@@ -212,9 +210,8 @@ class BpfDatapath:
             return
         # Named from the fd our pin adoption holds on the predecessor's program: asking the
         # kernel by id needs CAP_SYS_ADMIN, which the unit does not grant.
-        held = self._own_ids().get(old.value)
-        name = prog_name_of_fd(held) if held is not None else prog_name_by_id(old.value)
-        if name == Program.JPY_XDP_JOIN.value and "jpy" in self._objects:
+        if self._hooks.name_of(old.value) == Program.JPY_XDP_JOIN.value \
+                and "jpy" in self._objects:
             self._state.jpy_xdp = True
             self._write_next_slot()
         elif "ipip" in self._objects:

@@ -245,7 +245,7 @@ class Attachments:
         when this process may ask for it (root)."""
         return prog_id in self._own_ids() or prog_name_by_id(prog_id) in OUR_PROGRAM_NAMES
 
-    def _name_of(self, prog_id: int) -> str:
+    def name_of(self, prog_id: int) -> str:
         """Name of one of our programs by id: from an fd we hold (no privilege needed), else
         from the kernel (root only)."""
         fd = self._own_ids().get(prog_id)
@@ -400,7 +400,7 @@ class Attachments:
             for mode, prog_id in _xdp_ids(ipr, ifindex).items():
                 if not self._ours(prog_id):
                     continue
-                name = self._name_of(prog_id)
+                name = self.name_of(prog_id)
                 if program is not None and name != program:
                     continue
                 if own_fd is None:
@@ -490,7 +490,7 @@ class Attachments:
                 ifindex = link["index"]
                 for prog_id in _xdp_ids(ipr, ifindex).values():
                     if self._ours(prog_id):
-                        found.append(Hook("xdp", ifindex, self._name_of(prog_id)))
+                        found.append(Hook("xdp", ifindex, self.name_of(prog_id)))
                 for _, _, name in _tc_filters(ipr, ifindex, TC_H_INGRESS_PARENT):
                     if _base(name) in OUR_PROGRAM_NAMES:
                         found.append(Hook("tc-ingress", ifindex, _base(name)))
