@@ -1,9 +1,9 @@
-"""Enrollment rate through joinproxyd's circuit proxy against direct to the registrar, in the
-same run (issue 18 item 1).
+"""Enrollment rate through joinproxyd's circuit proxy against direct to the registrar, and
+through HAProxy as a reference relay, in the same run (issue 18 item 1).
 
     sudo .venv/bin/python bench/enroll_proxy.py [--pledges 200] [--concurrency 20]
                                                 [--rounds 2] [--json] [--profile DIR]
-                                                [--splice auto|on|off]
+                                                [--splice auto|on|off] [--reference none]
                                                 [--pledge-sim-arg=--reconnect-after-voucher]
 
 One namespace lab: the real brski-masa and brski-registrar on the registrar host (HTTPS,
@@ -12,15 +12,22 @@ configuration, per-pledge limits lifted: one pledge host stands for the fleet), 
 pledge-sim process per run. A "proxy" run enrolls from the join link through joinproxyd
 (``[fe80::1%eth0]:8443``); a "direct" run enrolls from the proxy's namespace straight to the
 registrar's backbone address (the proxy's host is on the backbone, like a pledge attached
-beside the registrar; joinproxyd idles meanwhile). Each round does one of each with fresh
-serials, the order alternating between rounds so the machine's drift is shared; the ratio
-proxy/direct is taken within each round. A warm-up run (``--warmup`` pledges, direct) comes
-first, unmeasured: the registrar's first enrollments open its MASA connections. pledge-sim
-writes its devices' LDevID files on tmpfs (/dev/shm): they are the devices' own storage.
+beside the registrar; joinproxyd idles meanwhile). A "haproxy" run enrolls from the join
+link through HAProxy (Debian's, TCP mode, one thread, no logging) on the proxy host, port
+8444 of the same join link, forwarding to the same registrar: what a circuit costs when the
+relay is a production TCP proxy written in C, i.e. the price of the second TCP connection
+itself, measured beside ours. Each round does one run of each path with fresh serials, the
+order reversed every other round so the machine's drift is shared; the ratios proxy/direct,
+haproxy/direct and proxy/haproxy are taken within each round. A warm-up run (``--warmup``
+pledges, direct) comes first, unmeasured: the registrar's first enrollments open its MASA
+connections. pledge-sim writes its devices' LDevID files on tmpfs (/dev/shm): they are the
+devices' own storage.
 
 Reported per run: enrollments per second over pledge-sim's own enrolling time (and over
-the whole process), the CPU time (user + system) of registrar, MASA and joinproxyd from
-/proc before and after, and of pledge-sim from its rusage when it is reaped, per enrollment.
+the whole process), the CPU time (user + system) of registrar, MASA, joinproxyd and HAProxy
+from /proc before and after, and of pledge-sim from its rusage when it is reaped, per
+enrollment; and the whole machine's busy CPU time per enrollment (/proc/stat, softirqs and
+kernel threads included, other work on the machine too).
 
 ``--profile DIR`` samples every process with py-spy (``--nonblocking``, 200 Hz) and writes
 collapsed stacks per run and process into DIR (``<run>-<process>.txt``), with a summary of
@@ -54,6 +61,9 @@ from lab.topology import Host, wait_for
 PY = sys.executable
 PORT = 8443
 PATHS = ("direct", "proxy")
+REFERENCE = "haproxy"
+REFERENCE_PORT = 8444
+HAPROXY = shutil.which("haproxy")
 MASA_PORT = 9443
 METRICS_PORT = 9466  # the registrar's /metrics, on its host's loopback
 PY_SPY = shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
@@ -125,6 +135,17 @@ def lag_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
 
 
+def haproxy_config(registrar: str) -> str:
+    """HAProxy as an operator would run a TCP relay: TCP mode, one thread (joinproxyd runs one
+    event loop), no logging, timeouts as joinproxyd's defaults allow, listening on the join
+    link only (SO_BINDTODEVICE) like joinproxyd's listener."""
+    return (f"global\n  nbthread 1\n  maxconn 4096\n"
+            f"defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n"
+            f"  timeout server 60s\n"
+            f"listen circuit\n  bind :::{REFERENCE_PORT} interface join0\n"
+            f"  server registrar [{registrar}]:{PORT}\n")
+
+
 def masa_connections(host: Host) -> int:
     """The registrar's established TCP connections to its MASA (kept alive and reused)."""
     done = host.run(["ss", "-Htn", "state", "established", f"( dport = :{MASA_PORT} )"])
@@ -137,6 +158,8 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
     """One pledge-sim run of these serials, direct or through the proxy, measured."""
     if path == "proxy":
         host, target = lab.pledges[0], f"[fe80::1%eth0]:{PORT}"
+    elif path == REFERENCE:
+        host, target = lab.pledges[0], f"[fe80::1%eth0]:{REFERENCE_PORT}"
     else:
         host, target = lab.proxy, f"[{ULAS[0]}]:{PORT}"
     argv = [PY, "-m", "pledge_sim.cli", "enroll", "--json", "--pki", str(work / "pki"),
@@ -166,10 +189,11 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
 
 def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
             profile: Path | None, extra: Sequence[str] = (),
-            splice: str = "auto") -> dict[str, object]:
-    order = [PATHS if r % 2 == 0 else PATHS[::-1] for r in range(rounds)]
+            splice: str = "auto", reference: bool = True) -> dict[str, object]:
+    paths = (*PATHS, REFERENCE) if reference else PATHS
+    order = [paths if r % 2 == 0 else paths[::-1] for r in range(rounds)]
     batches = {(r, p): [f"bench-{p}-{r}-{i:03d}" for i in range(pledges)]
-               for r in range(rounds) for p in PATHS}
+               for r in range(rounds) for p in paths}
     # Not measured: the registrar's first enrollments open its MASA connections and fill
     # its tables, which would count against whichever path ran first.
     batches[(-1, "direct")] = [f"bench-warmup-{i:03d}" for i in range(warmup)]
@@ -200,6 +224,14 @@ def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
             assert proxy.process is not None
             pids = {"registrar": registrar.pid, "masa": masa.pid,
                     "joinproxyd": proxy.process.pid}
+            if reference:
+                assert HAPROXY is not None
+                (work / "haproxy.cfg").write_text(haproxy_config(ULAS[0]))
+                relay = lab.proxy.spawn([HAPROXY, "-db", "-f", str(work / "haproxy.cfg")],
+                                        name="haproxy")
+                wait_for(lambda: lab.proxy.run(["ss", "-Hltn", f"sport = :{REFERENCE_PORT}"]
+                                               ).stdout.strip(), 10, "HAProxy to listen")
+                pids[REFERENCE] = relay.pid
             if warmup:
                 enroll(lab, work, "direct", batches[(-1, "direct")], concurrency, pids, None,
                        "warmup", extra)
@@ -211,16 +243,19 @@ def measure(pledges: int, concurrency: int, rounds: int, warmup: int,
                     runs.append(run)
             rss = memory_kib(registrar.pid)
             proxy.stop()
-    ratios = []
+    ratios: dict[str, list[float]] = {"proxy_direct": [], "haproxy_direct": [],
+                                      "proxy_haproxy": []}
     for r in range(rounds):
         rate = {run["path"]: float(run["enrollments_per_second_enrolling"])  # type: ignore[arg-type]
                 for run in runs if run["round"] == r + 1}
-        if rate.get("direct"):
-            ratios.append(round(rate["proxy"] / rate["direct"], 3))
+        for name in ratios:
+            over, under = name.split("_")
+            if rate.get(over) is not None and rate.get(under):
+                ratios[name].append(round(rate[over] / rate[under], 3))
     return {"pledges": pledges, "concurrency": concurrency, "rounds": rounds,
-            "pledge_sim_args": list(extra), "runs": runs,
-            "ratio_proxy_direct": ratios, "registrar_rss_kib": rss.get("VmRSS"),
-            "registrar_peak_rss_kib": rss.get("VmHWM")}
+            "pledge_sim_args": list(extra), "paths": list(paths), "runs": runs,
+            **{f"ratio_{name}": values for name, values in ratios.items()},
+            "registrar_rss_kib": rss.get("VmRSS"), "registrar_peak_rss_kib": rss.get("VmHWM")}
 
 
 def print_table(r: dict[str, object]) -> None:
@@ -230,23 +265,28 @@ def print_table(r: dict[str, object]) -> None:
           f"{r['rounds']} round(s); enrollments/s over the time spent enrolling (and over "
           "the whole pledge-sim process)")
     print(f"{'round':>5} {'path':<7} {'enrolled':>8} {'per s':>7} {'(process)':>9}"
-          f" {'CPU ms/enrollment: registrar':>29} {'masa':>6} {'proxy':>6} {'pledges':>8}"
-          f" {'total':>6}   {'registrar loop lag: mean':>24} {'p99':>5} {'>=10ms':>6}"
-          f" {'MASA conns':>10}")
+          f" {'CPU ms/enrollment: registrar':>29} {'masa':>6} {'relay':>6} {'pledges':>8}"
+          f" {'total':>6} {'machine':>8}   {'registrar loop lag: mean':>24} {'p99':>5}"
+          f" {'>=10ms':>6} {'MASA conns':>10}")
     for run in runs:
         per = run["cpu_ms_per_enrollment"]
+        relay = per.get(REFERENCE, 0.0) if run["path"] == REFERENCE else per["joinproxyd"]
         lag = run["registrar_loop_lag"]
         print(f"{run['round']:>5} {run['path']:<7} {run['enrolled']:>4}/{run['pledges']:<3} "
               f"{run['enrollments_per_second_enrolling']:>7.1f} "
               f"{run['enrollments_per_second']:>9.1f} {per['registrar']:>29.1f} "
-              f"{per['masa']:>6.1f} {per['joinproxyd']:>6.1f} {per['pledges']:>8.1f} "
-              f"{sum(per.values()):>6.1f}   {_ms(lag['mean_ms']):>22}ms {_ms(lag['p99_ms']):>5}"
+              f"{per['masa']:>6.1f} {relay:>6.1f} {per['pledges']:>8.1f} "
+              f"{sum(per.values()):>6.1f} {run['machine_cpu_ms_per_enrollment']:>8.1f}   "
+              f"{_ms(lag['mean_ms']):>22}ms {_ms(lag['p99_ms']):>5}"
               f" {_share(lag['late_10ms_share']):>6} {run['registrar_masa_connections']:>10}")
-    ratios = r["ratio_proxy_direct"]
-    assert isinstance(ratios, list)
-    spread = f"  ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
-    print(f"ratio proxy/direct {statistics.median(ratios):.2f}{spread} (target >= 0.95)"
-          if ratios else "ratio proxy/direct n/a")
+    for name, target in (("proxy_direct", " (target >= 0.95)"), ("haproxy_direct", ""),
+                         ("proxy_haproxy", "")):
+        ratios = r[f"ratio_{name}"]
+        assert isinstance(ratios, list)
+        if not ratios:
+            continue
+        spread = f"  ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f"ratio {name.replace('_', '/')} {statistics.median(ratios):.2f}{spread}{target}")
     print(f"registrar RSS {r['registrar_rss_kib']} KiB (peak {r['registrar_peak_rss_kib']} KiB)")
 
 
@@ -254,21 +294,31 @@ def record_figures(r: dict[str, object]) -> None:
     """make bench (bench/run_all.py): the printed figures, one value per round."""
     from _report import record
 
-    runs, ratios = r["runs"], r["ratio_proxy_direct"]
-    assert isinstance(runs, list) and isinstance(ratios, list)
-    for path in ("direct", "proxy"):
+    runs, paths = r["runs"], r["paths"]
+    assert isinstance(runs, list) and isinstance(paths, list)
+    for path in paths:
         mine = [run for run in runs if run["path"] == path]
+        rates = [run["enrollments_per_second_enrolling"] for run in mine]
         if path == "direct":
-            record("direct enrollments", [run["enrollments_per_second_enrolling"]
-                                          for run in mine], "enrollments/s")
-        else:  # issue 18 item 1: >= 60/s through the proxy, >= 0.95 of direct
-            record("proxy enrollments", [run["enrollments_per_second_enrolling"]
-                                         for run in mine], "enrollments/s", target=60)
-            record("proxy/direct", [run["enrollments_per_second_enrolling"] for run in mine],
-                   "enrollments/s", baseline="direct enrollments", ratios=ratios, target=0.95)
-        for part in ("registrar", "masa", "joinproxyd", "pledges"):
+            record("direct enrollments", rates, "enrollments/s")
+        elif path == "proxy":  # issue 18 item 1: >= 60/s through the proxy, >= 0.95 of direct
+            record("proxy enrollments", rates, "enrollments/s", target=60)
+            record("proxy/direct", rates, "enrollments/s", baseline="direct enrollments",
+                   ratios=r["ratio_proxy_direct"], target=0.95)  # type: ignore[arg-type]
+        else:  # the reference relay: what the second TCP connection costs with C relaying it
+            record("haproxy enrollments", rates, "enrollments/s")
+            record("haproxy/direct", rates, "enrollments/s", baseline="direct enrollments",
+                   ratios=r["ratio_haproxy_direct"])  # type: ignore[arg-type]
+            record("proxy/haproxy", [run["enrollments_per_second_enrolling"] for run in runs
+                                     if run["path"] == "proxy"], "enrollments/s",
+                   baseline="haproxy enrollments",
+                   ratios=r["ratio_proxy_haproxy"])  # type: ignore[arg-type]
+        relay = REFERENCE if path == REFERENCE else "joinproxyd"
+        for part in ("registrar", "masa", relay, "pledges"):
             record(f"{path} CPU {part}", [run["cpu_ms_per_enrollment"][part] for run in mine],
                    "ms/enrollment", better="lower")
+        record(f"{path} CPU machine", [run["machine_cpu_ms_per_enrollment"] for run in mine],
+               "ms/enrollment", better="lower")
 
 
 def _ms(value: object) -> str:
@@ -289,6 +339,8 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="py-spy every process into DIR (collapsed stacks and a summary)")
+    p.add_argument("--reference", choices=(REFERENCE, "none"), default=REFERENCE,
+                   help="run the reference relay (HAProxy) too (default), or not")
     p.add_argument("--splice", choices=("auto", "on", "off"), default="auto",
                    help="joinproxyd's [circuit] splice (auto: the asyncio relay); a run with "
                         "another setting is not recorded for make bench")
@@ -305,6 +357,10 @@ def main() -> int:
               "--warmup at least 0",
               file=sys.stderr)
         return 2
+    if args.reference == REFERENCE and HAPROXY is None:
+        print("enroll_proxy: the reference relay needs haproxy (make setup installs it), "
+              "or --reference none", file=sys.stderr)
+        return 2
     if args.profile is not None:
         if PY_SPY is None:
             print("enroll_proxy: --profile needs py-spy (.venv/bin/pip install py-spy)",
@@ -312,7 +368,7 @@ def main() -> int:
             return 2
         args.profile.mkdir(parents=True, exist_ok=True)
     r = measure(args.pledges, args.concurrency, args.rounds, args.warmup, args.profile,
-                args.pledge_sim_arg, args.splice)
+                args.pledge_sim_arg, args.splice, args.reference == REFERENCE)
     if args.json:
         print(json.dumps(r, indent=2))
     else:

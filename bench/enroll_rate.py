@@ -43,6 +43,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy so far, all CPUs (proc(5) /proc/stat "cpu":
+    user, nice, system, irq, softirq; not idle, iowait or steal). Counts the kernel's work
+    that no measured process is charged with (softirqs on an idle CPU, kernel threads)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+    return (user + nice + system + irq + softirq) / TICK
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -72,6 +81,7 @@ def run_measured(argv: list[str], report: Path, pids: dict[str, int],
     """One pledge-sim run (``argv`` as its host runs it), to its end: what it enrolled, and
     the CPU time each of ``pids`` and pledge-sim itself spent meanwhile."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    machine_before = machine_busy_seconds()
     started = time.monotonic()
     with report.open("wb") as out:
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL)
@@ -80,6 +90,7 @@ def run_measured(argv: list[str], report: Path, pids: dict[str, int],
         _pid, status, usage = os.wait4(child.pid, 0)
         exit_code = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - started
+    machine = machine_busy_seconds() - machine_before
     cpu = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
     cpu["pledges"] = round(usage.ru_utime + usage.ru_stime, 3)
     # py-spy, when it wraps pledge-sim (enroll_proxy --profile), talks on the same stdout
@@ -98,6 +109,9 @@ def run_measured(argv: list[str], report: Path, pids: dict[str, int],
         "cpu_seconds": cpu,
         "cpu_ms_per_enrollment": {k: round(1000 * v / max(enrolled, 1), 1)
                                   for k, v in cpu.items()},
+        # Everything the machine did meanwhile, other work on it included: on a quiet
+        # machine, what one enrollment costs end to end.
+        "machine_cpu_ms_per_enrollment": round(1000 * machine / max(enrolled, 1), 1),
         "pledge_sim_exit": exit_code,
     }
 
