@@ -29,6 +29,14 @@ def tlv(tag: int, *contents: bytes) -> bytes:
     return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big") + body
 
 
+def head(tag: int, n: int) -> bytes:
+    """The tag and length octets of an element whose contents are ``n`` bytes long."""
+    if n < 0x80:
+        return bytes((tag, n))
+    size = (n.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big")
+
+
 def integer(value: int) -> bytes:
     size = value.bit_length() // 8 + 1  # room for the sign bit
     return tlv(INTEGER, value.to_bytes(size, "big", signed=True))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -60,7 +61,8 @@ from brski.signed_voucher import (
     verify_voucher_request_cose,
 )
 from brski.telemetry import AuditEvent, AuditLog
-from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
+from brski.voucher import Assertion, Voucher, VoucherRequest, format_datetime
+from brski.voucher_model import build, cbor_wire_form
 
 from .masa_commit import IssuedVoucher, issue, write_now
 from .masa_config import ANY_DEVICE, MasaConfig
@@ -85,7 +87,7 @@ class AuthenticatedRequest:
     idevid: x509.Certificate | None
     proximity: bool  # the pledge's proximity-registrar-cert is in the registrar's chain
 
-    @property
+    @functools.cached_property  # read for the voucher, its record and the log line
     def nonce_text(self) -> str | None:
         # The pledge compares the nonce with the text it sent (RFC 8995 §5.8.1): keep it.
         source = self.pvr if self.pvr is not None and self.pvr.nonce is not None else self.rvr
@@ -150,16 +152,18 @@ class Masa:
             # RFC 8995 §5.6: a nonceless voucher expires; never after the pinned certificate.
             expires = min(now + datetime.timedelta(seconds=self.config.lifetime),
                           domain_ca.not_valid_after_utc)
-        voucher = Voucher(
-            assertion=assertion,
-            created_on=now,
-            expires_on=expires,
-            serial_number=req.serial,
-            nonce=req.rvr.nonce,
-            pinned_domain_cert=pinned,
-            wire=WireForm(texts={"nonce": nonce_text} if nonce_text else {}),
-        )
-        return voucher, domain_ca
+        # Made as the decoders make artifacts (voucher_model.build): the frozen dataclass's
+        # __init__ sets each of its 17 fields through object.__setattr__. The same fields;
+        # signing validates the voucher before anything is written.
+        values = {"assertion": assertion, "created-on": now, "serial-number": req.serial,
+                  "pinned-domain-cert": pinned}
+        if expires is not None:
+            values["expires-on"] = expires
+        if req.rvr.nonce is not None:
+            values["nonce"] = req.rvr.nonce
+        voucher = build(Voucher, values,
+                        cbor_wire_form({"nonce": nonce_text} if nonce_text else {}, ()))
+        return voucher, domain_ca  # type: ignore[return-value]
 
     def _issued(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
                 signed: bytes, now: datetime.datetime) -> None:
