@@ -39,7 +39,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
@@ -86,6 +86,10 @@ class AuthenticatedRequest:
     pvr: VoucherRequest | None
     idevid: x509.Certificate | None
     proximity: bool  # the pledge's proximity-registrar-cert is in the registrar's chain
+    # What _owner read in the store: the domain (SPKI SHA-256) already on record as the
+    # device's owner, if it is the registrar's. An ownership row is never changed nor removed,
+    # so this request's record needs no claim then (the claim re-read the same row).
+    owner_on_record: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     @functools.cached_property  # read for the voucher, its record and the log line
     def nonce_text(self) -> str | None:
@@ -178,8 +182,9 @@ class Masa:
         configured = self.config.devices.get(req.serial) or self.config.devices.get(ANY_DEVICE)
         # Trust on first use: the claim is written with the voucher, in its transaction
         # (_owner refused already if another domain owned the device when it looked).
-        claim = None if configured is not None else (
-            _spki_sha256(domain_ca), certificate_der(domain_ca))
+        spki = _spki_sha256(domain_ca)
+        claim = None if configured is not None or spki in req.owner_on_record else (
+            spki, certificate_der(domain_ca))
         return IssuedVoucher(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
                              _domain_id(domain_ca), now, claim)
 
@@ -349,8 +354,10 @@ class Masa:
         # written with the voucher, atomically (Store.issue_voucher), so a domain that loses
         # a race for the device between this read and that write is refused there.
         owner = self.store.owner(req.serial)
-        if owner is not None and owner != _spki_sha256(domain):
-            raise Refusal(403, f"device {req.serial} is already owned by another domain")
+        if owner is not None:
+            if owner != _spki_sha256(domain):
+                raise Refusal(403, f"device {req.serial} is already owned by another domain")
+            req.owner_on_record.append(owner)
         return domain
 
 

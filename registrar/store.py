@@ -216,7 +216,15 @@ class StoreError(Exception):
 
 
 def utc_text(when: datetime.datetime) -> str:
-    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = when.astimezone(datetime.UTC)
+    if utc.year >= 1000:  # isoformat writes the same digits, without strftime's format parse
+        return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # (unpadded years, as before)
+
+
+# json.dumps(detail, sort_keys=True) with one encoder for every audit line (json.dumps with
+# arguments makes a new encoder per call)
+_AUDIT_JSON = json.JSONEncoder(sort_keys=True)
 
 
 def _now() -> str:
@@ -561,7 +569,7 @@ class Store:
     def _audit(self, db: Transaction, event: str, serial: str | None,
                detail: dict[str, Any], at: str) -> None:
         db.execute("INSERT INTO audit (at, event, serial, detail) VALUES (?, ?, ?, ?)",
-                   (at, event, serial, json.dumps(detail, sort_keys=True)))
+                   (at, event, serial, _AUDIT_JSON.encode(detail)))
 
     # -- sequences ------------------------------------------------------------------------
     def next_cert_serial(self) -> int:
