@@ -9,7 +9,8 @@ the whole second. ``GroupCommitter`` runs the writes in a thread of its own, on 
 connection of its own (SQLite connections stay in the thread that opened them; a PostgreSQL
 store gets a pool of its own): a request hands over a job, a function of the store, and
 awaits it. The thread takes every job waiting, runs each in a savepoint of one transaction
-(a job that raises rolls back its own writes only, and its exception goes to its request),
+(a job that raises rolls back its own writes only, and its exception goes to its request;
+a job alone needs no savepoint: the transaction is its own),
 commits once and only then resolves the requests' futures: no answer leaves before its
 record is on disk, as before. While one commit is on its way to disk the event loop
 prepares the next requests, whose jobs form the next batch.
