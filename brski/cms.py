@@ -54,6 +54,8 @@ _ECDSA_SIGS: dict[str, str | None] = {
     "sha512_ecdsa": "sha512",
     "ecdsa": None,
 }
+# ECDSA with each hash, made once: the objects hold no state
+_ECDSA_SCHEMES = {name: ec.ECDSA(cls()) for name, cls in _DIGESTS.items()}
 _CURVE_DIGEST = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
 
 _OID_SIGNED_DATA = der.oid("1.2.840.113549.1.7.2")
@@ -489,7 +491,7 @@ def verify_signature(
     try:
         if signer.signature_algorithm in _ECDSA_SIGS and isinstance(key, ec.EllipticCurvePublicKey):
             hash_name = _ECDSA_SIGS[signer.signature_algorithm] or signer.digest_algorithm
-            key.verify(signer.signature, signer.signed_attrs, ec.ECDSA(_DIGESTS[hash_name]()))
+            key.verify(signer.signature, signer.signed_attrs, _ECDSA_SCHEMES[hash_name])
         else:
             raise SignatureError(
                 f"signature algorithm {signer.signature_algorithm} does not fit the signer's "
@@ -540,23 +542,31 @@ def sign(
         time_attr,
         _MD_HEAD_BY_SIZE[len(message_digest)] + message_digest,
     )  # fmt: skip
-    signature = key.sign(attrs, ec.ECDSA(plan.hash_cls()))
-    signer_info = der.tlv(
-        der.SEQUENCE,
-        plan.signer_head,
-        b"\xa0" + attrs[1:],  # [0] IMPLICIT SET OF
-        plan.signature_algorithm,
-        der.tlv(der.OCTET_STRING, signature),
-    )
-    signed_data = der.tlv(
-        der.SEQUENCE,
-        plan.version_and_digests,
-        der.tlv(der.SEQUENCE, plan.econtent_oid,
-                der.tlv(0xA0, der.tlv(der.OCTET_STRING, content))),
-        plan.certificates,
-        der.tlv(der.SET, signer_info),
-    )
-    return der.tlv(der.SEQUENCE, _OID_SIGNED_DATA, der.tlv(0xA0, signed_data))
+    signature = key.sign(attrs, plan.signature_scheme)
+    # The nesting written inside out as header + body pieces, joined once at the end (the
+    # same DER as nested der.tlv calls, which copied the whole message at every level).
+    head = der.head
+    sig_field = (head(der.OCTET_STRING, len(signature)), signature)
+    signer_size = (len(plan.signer_head) + len(attrs) + len(plan.signature_algorithm)
+                   + len(sig_field[0]) + len(signature))
+    signer_head = head(der.SEQUENCE, signer_size)
+    signer_infos = head(der.SET, len(signer_head) + signer_size)
+    octets = head(der.OCTET_STRING, len(content))
+    explicit = head(0xA0, len(octets) + len(content))
+    encap_size = len(plan.econtent_oid) + len(explicit) + len(octets) + len(content)
+    encap = head(der.SEQUENCE, encap_size)
+    sd_size = (len(plan.version_and_digests) + len(encap) + encap_size + len(plan.certificates)
+               + len(signer_infos) + len(signer_head) + signer_size)
+    sd_head = head(der.SEQUENCE, sd_size)
+    content_head = head(0xA0, len(sd_head) + sd_size)
+    info_size = len(_OID_SIGNED_DATA) + len(content_head) + len(sd_head) + sd_size
+    return b"".join((
+        head(der.SEQUENCE, info_size), _OID_SIGNED_DATA, content_head, sd_head,
+        plan.version_and_digests, encap, plan.econtent_oid, explicit, octets, content,
+        plan.certificates, signer_infos, signer_head, plan.signer_head,
+        b"\xa0", attrs[1:],  # [0] IMPLICIT SET OF
+        plan.signature_algorithm, *sig_field,
+    ))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -565,6 +575,7 @@ class _SignPlan:
     eContentType: the same for every voucher a MASA signs."""
 
     hash_cls: type[hashes.HashAlgorithm]
+    signature_scheme: ec.ECDSA  # stateless: one object serves every signature
     content_type_attr: bytes  # the contentType signed attribute
     signer_head: bytes  # SignerInfo's version, issuerAndSerialNumber and digestAlgorithm
     signature_algorithm: bytes
@@ -594,6 +605,7 @@ def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
     econtent_oid = der.oid(econtent_type)
     plan = _SignPlan(
         hash_cls=_DIGESTS[digest_name],
+        signature_scheme=ec.ECDSA(_DIGESTS[digest_name]()),
         content_type_attr=der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE,
                                   der.tlv(der.SET, econtent_oid)),
         signer_head=der.integer(1) + _issuer_and_serial(signer_cert)[0] + digest_alg,

@@ -22,11 +22,16 @@ class DerError(ValueError):
 
 def tlv(tag: int, *contents: bytes) -> bytes:
     body = b"".join(contents)
-    n = len(body)
+    return head(tag, len(body)) + body
+
+
+def head(tag: int, n: int) -> bytes:
+    """The tag and length octets of an element whose contents are ``n`` bytes long (a writer
+    that knows the sizes joins headers and contents once instead of nesting tlv calls)."""
     if n < 0x80:
-        return bytes((tag, n)) + body
+        return bytes((tag, n))
     size = (n.bit_length() + 7) // 8
-    return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big") + body
+    return bytes((tag, 0x80 | size)) + n.to_bytes(size, "big")
 
 
 def integer(value: int) -> bytes:

@@ -42,7 +42,7 @@ from . import cms, cose
 from .chain import describe, valid_at, verify_chain
 from .errors import DecodeError, SignatureError, UsageError, ValidationError
 from .voucher_cbor import decode_cbor, encode_checked_cbor
-from .voucher_json import decode_json, encode_json
+from .voucher_json import decode_json, encode_checked_json
 from .voucher_model import Voucher, VoucherArtifact, VoucherRequest, b64decode_lenient
 
 Anchors = Sequence[x509.Certificate] | None
@@ -62,8 +62,9 @@ def sign_voucher_cms(
     econtent_type: str = cms.ANIMA_JSON_VOUCHER,
 ) -> bytes:
     """DER CMS SignedData over the artifact's JSON; ``certs`` must include the signer's."""
-    _require_valid(artifact)
-    return cms.sign(encode_json(artifact), key, certs, signing_time, econtent_type=econtent_type)
+    _require_valid(artifact)  # validate() checks the types, too
+    return cms.sign(encode_checked_json(artifact), key, certs, signing_time,
+                    econtent_type=econtent_type)
 
 
 def verify_voucher_cms(

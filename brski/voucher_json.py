@@ -84,6 +84,12 @@ def encode_json(artifact: VoucherArtifact) -> bytes:
     """Compact RFC 7951 JSON. Members keep the order they were received in; new ones follow
     in SID order. Unknown members decoded from JSON are re-emitted in place."""
     artifact.check_types()
+    return encode_checked_json(artifact)
+
+
+def encode_checked_json(artifact: VoucherArtifact) -> bytes:
+    """``encode_json`` for an artifact whose types were just checked (``validate()`` does
+    that: signing validates first, and checking twice costs a signer time for nothing)."""
     present = artifact.present()
     unknown = dict(artifact.wire.unknown_json)
     body: dict[str, Any] = {}
@@ -96,8 +102,12 @@ def encode_json(artifact: VoucherArtifact) -> bytes:
             body[member] = _to_json(artifact, leaf, present.pop(leaf.name))
     for name, value in present.items():
         body[name] = _to_json(artifact, LEAF_BY_NAME[name], value)
-    doc = {artifact.top_name: body}
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode({artifact.top_name: body}).encode("utf-8")
+
+
+# One encoder for every call: json.dumps with arguments builds a new one each time. Compact,
+# UTF-8 text as it is (RFC 8259 §8.1), keys in the order given.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _leaf_for(member: str, module: str) -> Leaf | None:
@@ -161,4 +171,4 @@ def _is_extension_item(item: Any) -> bool:
     return isinstance(item, str) or (isinstance(item, int) and 0 <= item < 2**64)
 
 
-__all__ = ["MAX_SIZE", "decode_json", "encode_json"]
+__all__ = ["MAX_SIZE", "decode_json", "encode_checked_json", "encode_json"]

@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
@@ -60,7 +61,8 @@ from brski.signed_voucher import (
     verify_voucher_request_cose,
 )
 from brski.telemetry import AuditEvent, AuditLog
-from brski.voucher import Assertion, Voucher, VoucherRequest, WireForm, format_datetime
+from brski.voucher import Assertion, Voucher, VoucherRequest, format_datetime
+from brski.voucher_model import build, cbor_wire_form
 
 from .masa_commit import IssuedVoucher, issue, write_now
 from .masa_config import ANY_DEVICE, MasaConfig
@@ -84,8 +86,12 @@ class AuthenticatedRequest:
     pvr: VoucherRequest | None
     idevid: x509.Certificate | None
     proximity: bool  # the pledge's proximity-registrar-cert is in the registrar's chain
+    # What _owner read in the store: the domain (SPKI SHA-256) already on record as the
+    # device's owner, if it is the registrar's. An ownership row is never changed nor removed,
+    # so this request's record needs no claim then (the claim re-read the same row).
+    owner_on_record: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
-    @property
+    @functools.cached_property  # read for the voucher, its record and the log line
     def nonce_text(self) -> str | None:
         # The pledge compares the nonce with the text it sent (RFC 8995 §5.8.1): keep it.
         source = self.pvr if self.pvr is not None and self.pvr.nonce is not None else self.rvr
@@ -150,16 +156,18 @@ class Masa:
             # RFC 8995 §5.6: a nonceless voucher expires; never after the pinned certificate.
             expires = min(now + datetime.timedelta(seconds=self.config.lifetime),
                           domain_ca.not_valid_after_utc)
-        voucher = Voucher(
-            assertion=assertion,
-            created_on=now,
-            expires_on=expires,
-            serial_number=req.serial,
-            nonce=req.rvr.nonce,
-            pinned_domain_cert=pinned,
-            wire=WireForm(texts={"nonce": nonce_text} if nonce_text else {}),
-        )
-        return voucher, domain_ca
+        # Made as the decoders make artifacts (voucher_model.build): the frozen dataclass's
+        # __init__ sets each of its 17 fields through object.__setattr__. The same fields;
+        # signing validates the voucher before anything is written.
+        values = {"assertion": assertion, "created-on": now, "serial-number": req.serial,
+                  "pinned-domain-cert": pinned}
+        if expires is not None:
+            values["expires-on"] = expires
+        if req.rvr.nonce is not None:
+            values["nonce"] = req.rvr.nonce
+        voucher = build(Voucher, values,
+                        cbor_wire_form({"nonce": nonce_text} if nonce_text else {}, ()))
+        return voucher, domain_ca  # type: ignore[return-value]
 
     def _issued(self, req: AuthenticatedRequest, voucher: Voucher, domain_ca: x509.Certificate,
                 signed: bytes, now: datetime.datetime) -> None:
@@ -174,8 +182,9 @@ class Masa:
         configured = self.config.devices.get(req.serial) or self.config.devices.get(ANY_DEVICE)
         # Trust on first use: the claim is written with the voucher, in its transaction
         # (_owner refused already if another domain owned the device when it looked).
-        claim = None if configured is not None else (
-            _spki_sha256(domain_ca), certificate_der(domain_ca))
+        spki = _spki_sha256(domain_ca)
+        claim = None if configured is not None or spki in req.owner_on_record else (
+            spki, certificate_der(domain_ca))
         return IssuedVoucher(req.serial, signed, voucher.assertion.yang_name, req.nonce_text,
                              _domain_id(domain_ca), now, claim)
 
@@ -345,8 +354,10 @@ class Masa:
         # written with the voucher, atomically (Store.issue_voucher), so a domain that loses
         # a race for the device between this read and that write is refused there.
         owner = self.store.owner(req.serial)
-        if owner is not None and owner != _spki_sha256(domain):
-            raise Refusal(403, f"device {req.serial} is already owned by another domain")
+        if owner is not None:
+            if owner != _spki_sha256(domain):
+                raise Refusal(403, f"device {req.serial} is already owned by another domain")
+            req.owner_on_record.append(owner)
         return domain
 
 

@@ -35,7 +35,8 @@ async def issue(committer: GroupCommitter, record: IssuedVoucher) -> int | None:
     """The voucher's row id once its record is committed (in the group commit of
     ``registrar.store_commit``), or None when its ownership claim was lost to another
     domain (then nothing of it was written)."""
-    return await committer.run(lambda store: write_now(store, record))
+    # in the transaction the group commit gives it: no savepoint of its own to open
+    return await committer.run_in_transaction(lambda store, db: _issue(store, db, record))
 
 
 def write_now(store: Store, record: IssuedVoucher) -> int | None:

@@ -39,6 +39,22 @@ def test_certificates_kept_in_order_and_lengths_minimal(pki, size, order):
     data = cms.sign(b"a" * size, pki.masa_signer.key, certs, NOW)
     info = acms.ContentInfo.load(data, strict=True)
     assert info["content"]["encap_content_info"]["content"].native == b"a" * size
+    # the headers worked out from the sizes are the ones written level by level
+    sd_fields = info["content"]
+    encap = der_codec.tlv(der_codec.SEQUENCE, der_codec.oid(cms.ANIMA_JSON_VOUCHER),
+                          der_codec.tlv(0xA0, der_codec.tlv(der_codec.OCTET_STRING,
+                                                            b"a" * size)))
+    assert sd_fields["encap_content_info"].dump() == encap
+    signer = sd_fields["signer_infos"][0]
+    assert signer.dump() == der_codec.tlv(
+        der_codec.SEQUENCE, *(signer[name].dump() for name in (
+            "version", "sid", "digest_algorithm", "signed_attrs", "signature_algorithm",
+            "signature")))
+    assert data == der_codec.tlv(
+        der_codec.SEQUENCE, info["content_type"].dump(), der_codec.tlv(
+            0xA0, der_codec.tlv(der_codec.SEQUENCE, *(sd_fields[name].dump() for name in (
+                "version", "digest_algorithms", "encap_content_info", "certificates",
+                "signer_infos")))))
     sd = cms.parse(data)
     assert sd.content == b"a" * size and list(sd.certificates) == certs
     assert cms.verify_signature(sd) == pki.masa_signer.cert

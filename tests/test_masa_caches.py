@@ -134,3 +134,35 @@ def test_masa_refuses_after_a_success_once_the_anchor_or_the_owner_changed(pkis)
         with Store(Path(tmp) / "masa.db", "masa") as store:
             assert len(store.vouchers("CACHE-SN-1")) == 2
             assert store.vouchers("CACHE-SN-2") == []
+
+
+def test_an_owner_read_on_record_spares_the_claim_only_for_that_domain(pkis):
+    # _owner found the device owned by the registrar's domain: the record needs no claim (an
+    # ownership row is never changed); a first contact still claims, in the write, and a
+    # domain that loses the claim between _owner's read and the write is refused there.
+    ours, other = pkis
+    with tempfile.TemporaryDirectory() as tmp:
+        masa = masa_for(ours, Path(tmp), [ours.manufacturer_ca.cert])
+        first = masa.authenticate(cms_rvr(ours, ours, "CACHE-SN-3"), NOW)
+        assert first.owner_on_record == []  # nobody owns it yet: this record claims it
+        assert masa._record(first, *masa._voucher(first, NOW), b"v", NOW).claim is not None
+        masa.request_voucher(cms_rvr(ours, ours, "CACHE-SN-3"), NOW)
+        again = masa.authenticate(cms_rvr(ours, ours, "CACHE-SN-3"), NOW)
+        voucher_again, ca = masa._voucher(again, NOW)
+        assert again.owner_on_record == [masa_module._spki_sha256(ca)]
+        assert masa._record(again, voucher_again, ca, b"v", NOW).claim is None
+        masa._issued(again, voucher_again, ca, b"again", NOW)
+        # another domain reads no owner of its own: it would claim, and loses in the write
+        theirs = masa.authenticate(cms_rvr(ours, other, "CACHE-SN-4"), NOW)
+        voucher_theirs, their_ca = masa._voucher(theirs, NOW)  # SN-4 is nobody's yet
+        assert theirs.owner_on_record == []
+        masa.request_voucher(cms_rvr(ours, ours, "CACHE-SN-4"), NOW)  # ours claims it first
+        with pytest.raises(Refusal, match="already owned by another domain"):
+            masa._issued(theirs, voucher_theirs, their_ca, b"x", NOW)
+        masa.store.close()
+        with Store(Path(tmp) / "masa.db", "masa") as store:
+            assert [v.voucher for v in store.vouchers("CACHE-SN-3")][1:] == [b"again"]
+            claims = [e for e in store.audit_events("CACHE-SN-3") if e.event == "owner-claimed"]
+            assert len(claims) == 1
+            assert len(store.vouchers("CACHE-SN-4")) == 1
+            assert store.owner("CACHE-SN-4") == masa_module._spki_sha256(ours.domain_ca.cert)

@@ -161,3 +161,25 @@ def test_every_acknowledged_voucher_survives_kill_9(path):
         owners = {serial for serial, _ in acknowledged if store.owner(serial) == b"A" * 32}
     assert {(serial, row) for serial, row in acknowledged} <= stored
     assert owners == {serial for serial, _ in acknowledged}
+
+
+def test_a_record_alone_in_its_batch_fails_alone_and_writes_nothing(path):
+    # A job alone runs in the batch's transaction without a savepoint of its own: one that
+    # raises after a first write (the claim, then the voucher row's NOT NULL) leaves neither
+    # row nor audit line, its request gets the error, and the next record is written.
+    committer = GroupCommitter(path, "masa")
+
+    async def one_by_one():
+        bad = await asyncio.gather(issue(committer, record("SN-BAD", voucher=None)),
+                                   return_exceptions=True)
+        return bad[0], await issue(committer, record("SN-OK"))
+
+    try:
+        bad, ok = asyncio.run(one_by_one())
+    finally:
+        committer.close()
+    assert isinstance(bad, sqlite3.IntegrityError) and isinstance(ok, int)
+    assert committer.jobs == committer.batches == 1  # the failed one committed nothing
+    with Store(path, "masa") as store:
+        assert [v.serial for v in store.vouchers()] == ["SN-OK"]
+        assert store.owner("SN-BAD") is None and store.audit_events("SN-BAD") == []

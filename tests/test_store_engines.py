@@ -380,3 +380,25 @@ def test_a_service_whose_postgresql_is_unreachable_exits_1_with_one_line(tmp_pat
                           cwd=REPO)
     assert done.returncode == 1 and done.stderr.startswith(
         f"brski-{service} store: postgresql://(socket)/brski: cannot connect"), done.stderr
+
+
+def test_a_voucher_record_claims_once_and_returns_its_row_id_on_each_engine(target):
+    """issue_voucher's claim (rowcount) and new row id (lastrowid on SQLite, RETURNING on
+    PostgreSQL): the first domain claims and gets ids in order; another domain is refused
+    and writes nothing, not even an audit line."""
+    when = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+    with Store(target, "masa") as store:
+        def issue(body: bytes, spki: bytes) -> int | None:
+            with store.transaction() as db:
+                return store.issue_voucher(db, "SN-CLAIM", body, assertion="proximity",
+                                           nonce="bm9uY2U=", domain_id="d", created_at=when,
+                                           claim=(spki, b"cert-" + spki[:1]))
+        first = issue(b"v1", b"A" * 32)
+        second = issue(b"v2", b"A" * 32)
+        assert isinstance(first, int) and second == first + 1
+        assert issue(b"v3", b"B" * 32) is None
+        assert [v.voucher for v in store.vouchers("SN-CLAIM")] == [b"v1", b"v2"]
+        assert [v.id for v in store.vouchers("SN-CLAIM")] == [first, second]
+        assert store.owner("SN-CLAIM") == b"A" * 32
+        events = [(e.event, e.detail.get("voucher")) for e in store.audit_events("SN-CLAIM")]
+        assert events == [("owner-claimed", None), ("voucher", first), ("voucher", second)]
