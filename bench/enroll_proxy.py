@@ -170,8 +170,9 @@ def enroll(lab: Lab, work: Path, path: str, serials: list[str], concurrency: int
     if profile is not None:
         argv = [str(PY_SPY), "record", "--nonblocking", "--rate", "200", "--format", "raw",
                 "--output", str(profile / f"{tag}-pledges.txt"), "--", *argv]
-    profilers = ([start_profiler(pid, profile / f"{tag}-{name}.txt")
-                  for name, pid in pids.items()] if profile is not None else [])
+    profilers = ([start_profiler(pid, profile / f"{tag}-{name}.txt")  # py-spy: Python only
+                  for name, pid in pids.items() if name != REFERENCE]
+                 if profile is not None else [])
     registrar_host = lab.registrars[0]
     lag_before = loop_lag(registrar_host)
     run = run_measured(host.cmd(argv), work / f"report-{tag}.json", pids, len(serials))
