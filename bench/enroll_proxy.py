@@ -146,6 +146,11 @@ def haproxy_config(registrar: str) -> str:
             f"  server registrar [{registrar}]:{PORT}\n")
 
 
+def relay_of(path: str) -> str:
+    """The process that relays a path's circuits (its CPU column)."""
+    return REFERENCE if path == REFERENCE else "joinproxyd"
+
+
 def masa_connections(host: Host) -> int:
     """The registrar's established TCP connections to its MASA (kept alive and reused)."""
     done = host.run(["ss", "-Htn", "state", "established", f"( dport = :{MASA_PORT} )"])
@@ -271,7 +276,7 @@ def print_table(r: dict[str, object]) -> None:
           f" {'>=10ms':>6} {'MASA conns':>10}")
     for run in runs:
         per = run["cpu_ms_per_enrollment"]
-        relay = per.get(REFERENCE, 0.0) if run["path"] == REFERENCE else per["joinproxyd"]
+        relay = per.get(relay_of(run["path"]), 0.0)
         lag = run["registrar_loop_lag"]
         print(f"{run['round']:>5} {run['path']:<7} {run['enrolled']:>4}/{run['pledges']:<3} "
               f"{run['enrollments_per_second_enrolling']:>7.1f} "
@@ -314,8 +319,7 @@ def record_figures(r: dict[str, object]) -> None:
                                      if run["path"] == "proxy"], "enrollments/s",
                    baseline="haproxy enrollments",
                    ratios=r["ratio_proxy_haproxy"])  # type: ignore[arg-type]
-        relay = REFERENCE if path == REFERENCE else "joinproxyd"
-        for part in ("registrar", "masa", relay, "pledges"):
+        for part in ("registrar", "masa", relay_of(path), "pledges"):
             record(f"{path} CPU {part}", [run["cpu_ms_per_enrollment"][part] for run in mine],
                    "ms/enrollment", better="lower")
         record(f"{path} CPU machine", [run["machine_cpu_ms_per_enrollment"] for run in mine],

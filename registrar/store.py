@@ -610,10 +610,10 @@ class Store:
                                 pvr: bytes | None, rvr: bytes | None, nonce: str | None,
                                 status: str, reason: str | None) -> int:
         now = _now()
-        request_id = int(db.execute(
-            "INSERT INTO voucher_requests (serial, pvr_sha256, pvr, rvr, nonce, received_at,"
-            " updated_at, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (serial, pvr_sha256, pvr, rvr, nonce, now, now, status, reason)).fetchone()[0])
+        request_id = self._insert_id(
+            db, "INSERT INTO voucher_requests (serial, pvr_sha256, pvr, rvr, nonce, received_at,"
+            " updated_at, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (serial, pvr_sha256, pvr, rvr, nonce, now, now, status, reason))
         self._audit(db, "voucher-request", serial,
                     {"request": request_id, "status": status, "reason": reason}, now)
         return request_id
