@@ -2,11 +2,19 @@
 PostgreSQL cluster."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Tests stop the lab and `joinproxyctl trace` with SIGINT, as Ctrl-C would. A runner started
+# as a background job of a non-interactive shell (`make test &`) inherits SIGINT ignored, and
+# so would every process a test starts: Python then installs no KeyboardInterrupt handler and
+# the SIGINT is lost. A handler of our own is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def vectors_root() -> Path:
