@@ -20,6 +20,10 @@ voucher's size committed alone, in a file beside the MASA's, with the store's jo
 (WAL, ``synchronous=FULL``). The ratio against the signatures alone is printed too. The cases
 take turns in short slices so load from other work on the machine hits them alike; the ratio is
 the median of the slices' ratios.
+
+A reference, as HAProxy is for the circuit relay: the same CMS voucher work done in C by the
+system's OpenSSL (``CMS_verify`` for the RVR and for the PVR with its chain, ``CMS_sign``;
+bench/_openssl_cms.py), plus the same durable write. ``--reference none`` leaves it out.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
+from _openssl_cms import OpenSslMasa
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -113,6 +118,26 @@ def cycle(items: list[bytes]) -> Callable[[], bytes]:
     return take
 
 
+REFERENCE = "CMS in C (OpenSSL)"
+
+
+def c_reference(pki, root: Path, rvrs: list[bytes], voucher_size: int) -> Callable[[], None]:
+    """One voucher's CMS work in the system's OpenSSL, then its durable write."""
+    pem = pki.masa_signer.key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+    reference = OpenSslMasa([pki.manufacturer_ca.cert], [pki.masa_signer.cert, pki.masa_ca.cert],
+                            pem, pki.domain_ca.cert)
+    record = durable_write(root / "reference.db", voucher_size)
+    take, now = cycle(rvrs), NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def voucher() -> None:
+        reference.voucher(take(), now)
+        record()
+
+    return voucher
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pledges", type=int, default=300, help="distinct pledges (300)")
@@ -123,6 +148,9 @@ def main() -> None:
                         help="wall time, or the process's CPU time (all its threads: the group "
                              "commit's too; steadier on a busy machine, but blind to fsync "
                              "waits)")
+    parser.add_argument("--reference", choices=("openssl", "none"), default="openssl",
+                        help="also do the CMS voucher work in C, in the system's OpenSSL "
+                             "(openssl)")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     pki, cms_rvrs, cose_rvrs = requests(args.pledges)
@@ -140,8 +168,8 @@ def main() -> None:
             for _ in range(3):
                 pub.verify(sig, sample, ec.ECDSA(hashes.SHA256()))
 
-        record_voucher = durable_write(Path(tmp) / "bare.db",
-                                       len(service.request_voucher(cms_rvrs[-1], NOW)))
+        voucher_size = len(service.request_voucher(cms_rvrs[-1], NOW))
+        record_voucher = durable_write(Path(tmp) / "bare.db", voucher_size)
 
         def primitives() -> None:
             signatures()
@@ -198,6 +226,8 @@ def main() -> None:
         cases: dict[str, Callable[[], object]] = {
             "primitives": primitives, "signatures": signatures, "CMS one by one": cms_voucher,
             "COSE one by one": cose_voucher}
+        if args.reference == "openssl":
+            cases[REFERENCE] = c_reference(pki, Path(tmp), cms_rvrs, voucher_size)
         batches: dict[str, Callable[[], int]] = {
             "CMS served": serve(next_cms, False), "COSE served": serve(next_cose, True)}
         per_slice: dict[str, list[float]] = {name: [] for name in [*cases, *batches]}
@@ -216,7 +246,7 @@ def main() -> None:
         committer.close()
         base, sigs = per_slice["primitives"], per_slice["signatures"]
         unit = "/CPU-s" if args.clock == "cpu" else "/s"
-        vouchers = [*cases, *batches][2:]
+        vouchers = [name for name in [*cases, *batches][2:] if name != REFERENCE]
 
         def ratios(name: str, against: list[float]) -> list[float]:
             return sorted(r / b for r, b in zip(per_slice[name], against, strict=True))
@@ -229,6 +259,11 @@ def main() -> None:
             print(f"{name:16s} vouchers{unit} {statistics.median(per_slice[name]):8,.0f}   "
                   f"x baseline {statistics.median(full):.3f} ({full[0]:.3f}-{full[-1]:.3f}); "
                   f"x signatures {statistics.median(bare):.3f}")
+        if REFERENCE in per_slice:
+            c_ref = per_slice[REFERENCE]
+            print(f"{REFERENCE}: {statistics.median(c_ref):,.0f} vouchers{unit}   x baseline "
+                  f"{statistics.median(ratios(REFERENCE, base)):.3f}; CMS one by one x"
+                  f"{statistics.median(ratios('CMS one by one', c_ref)):.3f} of it")
         print(f"group commit: {committer.jobs / max(1, committer.batches):.1f} vouchers "
               f"per commit")
         print("breakdown (median per voucher):")
@@ -252,6 +287,11 @@ def main() -> None:
                    baseline=full_name, target=0.5)
             record(f"{name} vouchers against the signatures alone", per_slice[name],
                    f"vouchers{unit}", baseline="signatures (1 sign + 3 verifies)")
+        if REFERENCE in per_slice:
+            record(f"{REFERENCE} vouchers", per_slice[REFERENCE], f"vouchers{unit}",
+                   baseline=full_name)
+            record("CMS one by one vouchers against the C reference", per_slice["CMS one by one"],
+                   f"vouchers{unit}", baseline=f"{REFERENCE} vouchers")
         for label, times in steps.items():
             record(label, [t * 1e6 for t in times], "µs/voucher", better="lower")
 

@@ -34,6 +34,41 @@ def test_masa_vouchers_quick():
     for case in ("CMS one by one", "COSE one by one", "CMS served", "COSE served"):
         assert re.search(rf"^{case} +vouchers/CPU-s +[\d,]+ +x baseline \d\.\d{{3}}", out,
                          re.M), out
+    assert re.search(r"^CMS in C \(OpenSSL\): [\d,]+ vouchers/CPU-s +x baseline \d\.\d{3}; "
+                     r"CMS one by one x\d\.\d{3} of it", out, re.M), out
     assert re.search(r"^group commit: \d+\.\d vouchers per commit", out, re.M), out
     for step in ("parse \\+ verify", "owner check", "sign voucher", "store \\+ log"):
         assert re.search(rf"^  cms: {step}.* +\d+ us$", out, re.M), out
+
+
+def test_the_c_reference_does_the_voucher_work():
+    """The OpenSSL reference is only a fair reference if it checks what the MASA checks: its
+    voucher verifies, and it refuses an altered RVR and a PVR that does not chain."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import masa_vouchers as bench
+        from _openssl_cms import OpenSslError, OpenSslMasa
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from cryptography.hazmat.primitives import serialization
+
+    from brski.signed_voucher import verify_voucher_cms
+
+    pki, rvrs, _ = bench.requests(2)
+    pem = pki.masa_signer.key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+    signer = [pki.masa_signer.cert, pki.masa_ca.cert]
+    masa = OpenSslMasa([pki.manufacturer_ca.cert], signer, pem, pki.domain_ca.cert)
+    voucher, _ = verify_voucher_cms(masa.voucher(rvrs[1], "2026-06-01T00:00:00Z"),
+                                    [pki.masa_ca.cert], bench.NOW)
+    assert voucher.serial_number == "BENCH-00001"
+    assert voucher.pinned_domain_cert == pki.domain_ca.cert.public_bytes(
+        serialization.Encoding.DER)
+    altered = bytearray(rvrs[0])
+    altered[-10] ^= 1  # in the signature
+    with pytest.raises(OpenSslError, match="CMS_verify"):
+        masa.voucher(bytes(altered), "2026-06-01T00:00:00Z")
+    elsewhere = OpenSslMasa([pki.domain_ca.cert], signer, pem, pki.domain_ca.cert)
+    with pytest.raises(OpenSslError, match="certificate verify error"):
+        elsewhere.voucher(rvrs[0], "2026-06-01T00:00:00Z")
