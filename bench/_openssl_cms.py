@@ -9,19 +9,20 @@ path validation, ``X509_verify_cert``); its JSON read; the voucher's JSON writte
 (``CMS_sign``, signingTime and the chain included) and encoded. What is left in Python is one
 ``json`` call per document and the serial-number and nonce comparisons.
 
-Measurement only: nothing here is used by the product (brski/ reads and writes CMS).
+Measurement only: nothing here is used by the product (brski/ reads and writes CMS). The
+standard library only, so that it can run against another system's libcrypto too (a Debian 13
+root, say).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import json
+import time
 from base64 import b64decode, b64encode
 from collections.abc import Sequence
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 CMS_NO_SIGNER_CERT_VERIFY = 0x20
 CMS_BINARY = 0x80
@@ -33,9 +34,8 @@ class OpenSslError(RuntimeError):
     pass
 
 
-def _lib() -> ctypes.CDLL:
-    name = ctypes.util.find_library("crypto") or "libcrypto.so.3"
-    lib = ctypes.CDLL(name)
+def _lib(name: str | None) -> ctypes.CDLL:
+    lib = ctypes.CDLL(name or ctypes.util.find_library("crypto") or "libcrypto.so.3")
     p, i, c = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
     signatures = {
         "BIO_new_mem_buf": (p, [c, i]), "BIO_new": (p, [p]), "BIO_s_mem": (p, []),
@@ -64,14 +64,13 @@ BIO_CTRL_INFO = 3
 
 class OpenSslMasa:
     """The MASA's CMS work for one voucher, in libcrypto. ``voucher(rvr_der)`` -> the signed
-    voucher's DER; raises OpenSslError where the MASA would refuse."""
+    voucher's DER; raises OpenSslError where the MASA would refuse. Certificates are DER."""
 
-    def __init__(self, manufacturer_cas: Sequence[x509.Certificate],
-                 signer_chain: Sequence[x509.Certificate], signer_key_pem: bytes,
-                 domain_ca: x509.Certificate) -> None:
-        self.lib = lib = _lib()
+    def __init__(self, manufacturer_cas: Sequence[bytes], signer_chain: Sequence[bytes],
+                 signer_key_pem: bytes, domain_ca: bytes, library: str | None = None) -> None:
+        self.lib = lib = _lib(library)
         # the owner check's outcome (the MASA keeps it per registrar chain): the pinned CA
-        self.pinned = b64encode(domain_ca.public_bytes(serialization.Encoding.DER)).decode()
+        self.pinned = b64encode(domain_ca).decode()
         self._keep: list[object] = []
         self.anchors = lib.X509_STORE_new()
         for ca in manufacturer_cas:
@@ -104,6 +103,10 @@ class OpenSslMasa:
         return self._signed(json.dumps(voucher, separators=(",", ":")).encode())
 
     # -- the C calls ----------------------------------------------------------------------
+    def version(self) -> str:
+        self.lib.OpenSSL_version.restype = ctypes.c_char_p
+        return self.lib.OpenSSL_version(0).decode()
+
     def _verified(self, der: bytes, anchors: int | None) -> bytes:
         lib = self.lib
         bio = self._mem(der)
@@ -145,8 +148,7 @@ class OpenSslMasa:
         size = self.lib.BIO_ctrl(bio, BIO_CTRL_INFO, 0, ctypes.byref(pointer))
         return ctypes.string_at(pointer, size)
 
-    def _x509(self, cert: x509.Certificate) -> int:
-        der = cert.public_bytes(serialization.Encoding.DER)
+    def _x509(self, der: bytes) -> int:
         pointer = ctypes.c_char_p(der)
         handle = self.lib.d2i_X509(None, ctypes.byref(pointer), len(der))
         if not handle:
@@ -158,3 +160,54 @@ class OpenSslMasa:
         text = ctypes.create_string_buffer(256)
         self.lib.ERR_error_string_n(code, text, len(text))
         return f"{what}: {text.value.decode(errors='replace')}"
+
+
+# -- standalone: the reference alone, against any root's libcrypto --------------------------
+def cost(masa: OpenSslMasa, rvrs: Sequence[bytes], now: str, passes: int = 5) -> list[float]:
+    """CPU µs per voucher of the CMS work alone (no store), one value per pass over ``rvrs``."""
+    out = []
+    for _ in range(passes):
+        start = time.process_time()
+        for rvr in rvrs:
+            masa.voucher(rvr, now)
+        out.append((time.process_time() - start) / len(rvrs) * 1e6)
+    return out
+
+
+def save_requests(path: str, rvrs: Sequence[bytes], manufacturer_cas: Sequence[bytes],
+                  signer_chain: Sequence[bytes], signer_key_pem: bytes, domain_ca: bytes,
+                  now: str) -> None:
+    """What ``main`` needs, as JSON (bench/masa_vouchers.py --save-requests)."""
+    def b64(items: Sequence[bytes]) -> list[str]:
+        return [b64encode(i).decode() for i in items]
+
+    with open(path, "w") as out:
+        json.dump({"rvrs": b64(rvrs), "manufacturer_cas": b64(manufacturer_cas),
+                   "signer_chain": b64(signer_chain), "signer_key_pem": signer_key_pem.decode(),
+                   "domain_ca": b64encode(domain_ca).decode(), "now": now}, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="The MASA's CMS voucher work in this system's OpenSSL, alone: CPU per "
+                    "voucher. Runs with the standard library only, e.g. chrooted into a "
+                    "Debian 13 root to measure its OpenSSL.")
+    parser.add_argument("requests", help="JSON from bench/masa_vouchers.py --save-requests")
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--library", help="libcrypto to load (default: the system's)")
+    args = parser.parse_args()
+    with open(args.requests) as f:
+        saved = json.load(f)
+    masa = OpenSslMasa([b64decode(c) for c in saved["manufacturer_cas"]],
+                       [b64decode(c) for c in saved["signer_chain"]],
+                       saved["signer_key_pem"].encode(), b64decode(saved["domain_ca"]),
+                       args.library)
+    per_pass = sorted(cost(masa, [b64decode(r) for r in saved["rvrs"]], saved["now"],
+                           args.passes))
+    print(f"{masa.version()}: the CMS voucher work alone {per_pass[0]:.0f} us CPU per voucher "
+          f"(best of {len(per_pass)} passes over {len(saved['rvrs'])} requests; median "
+          f"{per_pass[len(per_pass) // 2]:.0f})")
+
+
+if __name__ == "__main__":
+    main()

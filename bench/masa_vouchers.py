@@ -38,7 +38,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from _openssl_cms import OpenSslMasa
+from _openssl_cms import OpenSslMasa, cost, save_requests
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -119,23 +120,33 @@ def cycle(items: list[bytes]) -> Callable[[], bytes]:
 
 
 REFERENCE = "CMS in C (OpenSSL)"
+NOW_TEXT = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def c_reference(pki, root: Path, rvrs: list[bytes], voucher_size: int) -> Callable[[], None]:
-    """One voucher's CMS work in the system's OpenSSL, then its durable write."""
+def reference_material(pki) -> tuple[list[bytes], list[bytes], bytes, bytes]:
+    """The C reference's trust anchors, signer chain, signer key and pinned domain CA."""
+    def der(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(Encoding.DER)
+
     pem = pki.masa_signer.key.private_bytes(serialization.Encoding.PEM,
                                             serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())
-    reference = OpenSslMasa([pki.manufacturer_ca.cert], [pki.masa_signer.cert, pki.masa_ca.cert],
-                            pem, pki.domain_ca.cert)
+    return ([der(pki.manufacturer_ca.cert)], [der(pki.masa_signer.cert), der(pki.masa_ca.cert)],
+            pem, der(pki.domain_ca.cert))
+
+
+def c_reference(pki, root: Path, rvrs: list[bytes],
+                voucher_size: int) -> tuple[OpenSslMasa, Callable[[], None]]:
+    """The reference, and one voucher's CMS work in it followed by its durable write."""
+    reference = OpenSslMasa(*reference_material(pki))
     record = durable_write(root / "reference.db", voucher_size)
-    take, now = cycle(rvrs), NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+    take = cycle(rvrs)
 
     def voucher() -> None:
-        reference.voucher(take(), now)
+        reference.voucher(take(), NOW_TEXT)
         record()
 
-    return voucher
+    return reference, voucher
 
 
 def main() -> None:
@@ -151,9 +162,14 @@ def main() -> None:
     parser.add_argument("--reference", choices=("openssl", "none"), default="openssl",
                         help="also do the CMS voucher work in C, in the system's OpenSSL "
                              "(openssl)")
+    parser.add_argument("--save-requests", metavar="FILE",
+                        help="write the RVRs and keys as JSON for bench/_openssl_cms.py, which "
+                             "runs the C reference alone (in another root's OpenSSL, say)")
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     pki, cms_rvrs, cose_rvrs = requests(args.pledges)
+    if args.save_requests:
+        save_requests(args.save_requests, cms_rvrs, *reference_material(pki), NOW_TEXT)
     with tempfile.TemporaryDirectory() as tmp:
         service = masa(pki, Path(tmp))
         committer = GroupCommitter(Path(tmp) / "masa.db", "masa")
@@ -226,8 +242,9 @@ def main() -> None:
         cases: dict[str, Callable[[], object]] = {
             "primitives": primitives, "signatures": signatures, "CMS one by one": cms_voucher,
             "COSE one by one": cose_voucher}
+        reference = None
         if args.reference == "openssl":
-            cases[REFERENCE] = c_reference(pki, Path(tmp), cms_rvrs, voucher_size)
+            reference, cases[REFERENCE] = c_reference(pki, Path(tmp), cms_rvrs, voucher_size)
         batches: dict[str, Callable[[], int]] = {
             "CMS served": serve(next_cms, False), "COSE served": serve(next_cose, True)}
         per_slice: dict[str, list[float]] = {name: [] for name in [*cases, *batches]}
@@ -277,6 +294,11 @@ def main() -> None:
                        if label.startswith(name + ":") and "store" not in label) * 1e6
             print(f"{name}: everything but the store {work:.0f} us per voucher against "
                   f"{sig_us:.0f} us of signatures: x{sig_us / work:.2f}")
+        if reference is not None:
+            alone = sorted(cost(reference, cms_rvrs, NOW_TEXT, passes=3))
+            print(f"{REFERENCE}, {reference.version()}: the CMS work alone {alone[0]:.0f} us "
+                  f"CPU per voucher (best of 3 passes; bench/_openssl_cms.py measures it in "
+                  f"another root's OpenSSL)")
         from _report import record  # make bench (bench/run_all.py): the same figures
 
         full_name = "primitives (1 sign + 3 verifies + 1 durable write)"

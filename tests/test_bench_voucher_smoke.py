@@ -58,17 +58,19 @@ def test_the_c_reference_does_the_voucher_work():
     pem = pki.masa_signer.key.private_bytes(serialization.Encoding.PEM,
                                             serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())
-    signer = [pki.masa_signer.cert, pki.masa_ca.cert]
-    masa = OpenSslMasa([pki.manufacturer_ca.cert], signer, pem, pki.domain_ca.cert)
+    def der(cert):
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    signer = [der(pki.masa_signer.cert), der(pki.masa_ca.cert)]
+    masa = OpenSslMasa([der(pki.manufacturer_ca.cert)], signer, pem, der(pki.domain_ca.cert))
     voucher, _ = verify_voucher_cms(masa.voucher(rvrs[1], "2026-06-01T00:00:00Z"),
                                     [pki.masa_ca.cert], bench.NOW)
     assert voucher.serial_number == "BENCH-00001"
-    assert voucher.pinned_domain_cert == pki.domain_ca.cert.public_bytes(
-        serialization.Encoding.DER)
+    assert voucher.pinned_domain_cert == der(pki.domain_ca.cert)
     altered = bytearray(rvrs[0])
     altered[-10] ^= 1  # in the signature
     with pytest.raises(OpenSslError, match="CMS_verify"):
         masa.voucher(bytes(altered), "2026-06-01T00:00:00Z")
-    elsewhere = OpenSslMasa([pki.domain_ca.cert], signer, pem, pki.domain_ca.cert)
+    elsewhere = OpenSslMasa([der(pki.domain_ca.cert)], signer, pem, der(pki.domain_ca.cert))
     with pytest.raises(OpenSslError, match="certificate verify error"):
         elsewhere.voucher(rvrs[0], "2026-06-01T00:00:00Z")
