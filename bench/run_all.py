@@ -171,8 +171,11 @@ def spread_text(s: dict[str, Any] | None) -> str:
 
 def summary(report: dict[str, Any]) -> str:
     host = report["host"]
-    load = f"{host['load_start'][0]:.1f}–{host['load_end'][0]:.1f}"
-    busy = max(host["load_start"][0], host["load_end"][0]) > (host["cpus"] or 1)
+    # The load at the end counts the last benchmark's own processes: only the load before
+    # the first one says whether other work was competing.
+    load = (f"{host['load_start'][0]:.1f} at the start ({host['load_end'][0]:.1f} at the end, "
+            f"the benchmarks' own included)")
+    busy = host["load_start"][0] > (host["cpus"] or 1)
     lines = [
         f"Measured by `make bench` on {report['started'][:16].replace('T', ' ')} UTC, "
         f"commit {host['commit']}, {host['cpus']} vCPUs, 1-minute load {load}"

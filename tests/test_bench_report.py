@@ -254,12 +254,24 @@ def test_summary_says_when_other_work_competed_and_carries_the_note() -> None:
     bare = _report.figure("bare", [4.0], "x/s")
     assert bare
     report = report_of(entry("one", [bare]))
-    report["host"]["load_end"] = [7.5, 5, 3]
+    report["host"]["load_start"] = [7.5, 5, 3]
     report["note"] = "five other builds ran"
     text = run_all.summary(report)
-    assert "load 1.0–7.5 (five other builds ran)" in text
+    assert ("load 7.5 at the start (2.0 at the end, the benchmarks' own included) (five other "
+            "builds ran)") in text
     assert "Other work competed for the CPUs" in text and "noisy" in text
     assert table_rows(text)[0][:3] == ["`one`", "bare", "4.00"]  # no comparison: its own row
+
+
+def test_a_high_load_at_the_end_alone_is_the_benchmarks_own() -> None:
+    """The last benchmark's processes raise the load the runner reads at the end: that is
+    no sign of other work, which only the load before the first benchmark shows."""
+    bare = _report.figure("bare", [4.0], "x/s")
+    assert bare
+    report = report_of(entry("one", [bare]))
+    report["host"]["load_end"] = [7.5, 5, 3]
+    text = run_all.summary(report)
+    assert "Other work competed" not in text and "depend on the machine" in text
 
 
 def readme_section() -> str:
