@@ -22,7 +22,7 @@ import ctypes.util
 import json
 import time
 from base64 import b64decode, b64encode
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 CMS_NO_SIGNER_CERT_VERIFY = 0x20
 CMS_BINARY = 0x80
@@ -50,7 +50,7 @@ def _lib(name: str | None) -> ctypes.CDLL:
         "OPENSSL_sk_new_null": (p, []), "OPENSSL_sk_push": (i, [p, p]),
         "OPENSSL_sk_free": (None, [p]),
         "PEM_read_bio_PrivateKey": (p, [p, p, p, p]), "EVP_PKEY_free": (None, [p]),
-        "ERR_get_error": (ctypes.c_ulong, []),
+        "ERR_get_error": (ctypes.c_ulong, []), "OpenSSL_version": (c, [i]),
         "ERR_error_string_n": (None, [ctypes.c_ulong, c, ctypes.c_size_t]),
     }
     for fn, (restype, argtypes) in signatures.items():
@@ -71,7 +71,6 @@ class OpenSslMasa:
         self.lib = lib = _lib(library)
         # the owner check's outcome (the MASA keeps it per registrar chain): the pinned CA
         self.pinned = b64encode(domain_ca).decode()
-        self._keep: list[object] = []
         self.anchors = lib.X509_STORE_new()
         for ca in manufacturer_cas:
             cert = self._x509(ca)
@@ -104,7 +103,6 @@ class OpenSslMasa:
 
     # -- the C calls ----------------------------------------------------------------------
     def version(self) -> str:
-        self.lib.OpenSSL_version.restype = ctypes.c_char_p
         return self.lib.OpenSSL_version(0).decode()
 
     def _verified(self, der: bytes, anchors: int | None) -> bytes:
@@ -114,15 +112,9 @@ class OpenSslMasa:
         lib.BIO_free(bio)
         if not cms:
             raise OpenSslError(self._error("not a CMS structure"))
-        out = lib.BIO_new(lib.BIO_s_mem())
-        try:
-            flags = CMS_BINARY | (0 if anchors else CMS_NO_SIGNER_CERT_VERIFY)
-            if lib.CMS_verify(cms, None, anchors, None, out, flags) != 1:
-                raise OpenSslError(self._error("CMS_verify"))
-            return self._read(out)
-        finally:
-            lib.BIO_free(out)
-            lib.CMS_ContentInfo_free(cms)
+        flags = CMS_BINARY | (0 if anchors else CMS_NO_SIGNER_CERT_VERIFY)
+        return self._drained(cms, "CMS_verify",
+                             lambda out: lib.CMS_verify(cms, None, anchors, None, out, flags))
 
     def _signed(self, content: bytes) -> bytes:
         lib = self.lib
@@ -131,10 +123,16 @@ class OpenSslMasa:
         lib.BIO_free(data)
         if not cms:
             raise OpenSslError(self._error("CMS_sign"))
+        return self._drained(cms, "i2d_CMS_bio", lambda out: lib.i2d_CMS_bio(out, cms))
+
+    def _drained(self, cms: int, what: str, step: Callable[[int], int]) -> bytes:
+        """What ``step`` writes into a memory BIO (it returns 1 on success); ``cms`` is
+        freed either way."""
+        lib = self.lib
         out = lib.BIO_new(lib.BIO_s_mem())
         try:
-            if lib.i2d_CMS_bio(out, cms) != 1:
-                raise OpenSslError(self._error("i2d_CMS_bio"))
+            if step(out) != 1:
+                raise OpenSslError(self._error(what))
             return self._read(out)
         finally:
             lib.BIO_free(out)
