@@ -28,6 +28,7 @@ CMS_NO_SIGNER_CERT_VERIFY = 0x20
 CMS_BINARY = 0x80
 CMS_NOSMIMECAP = 0x200
 X509_PURPOSE_ANY = 7
+BIO_CTRL_INFO = 3  # BIO_get_mem_data
 
 
 class OpenSslError(RuntimeError):
@@ -46,10 +47,9 @@ def _lib(name: str | None) -> ctypes.CDLL:
         "CMS_sign": (p, [p, p, p, p, ctypes.c_uint]),
         "d2i_X509": (p, [p, ctypes.POINTER(c), ctypes.c_long]), "X509_free": (None, [p]),
         "X509_STORE_new": (p, []), "X509_STORE_add_cert": (i, [p, p]),
-        "X509_STORE_set_purpose": (i, [p, i]), "X509_STORE_free": (None, [p]),
+        "X509_STORE_set_purpose": (i, [p, i]),
         "OPENSSL_sk_new_null": (p, []), "OPENSSL_sk_push": (i, [p, p]),
-        "OPENSSL_sk_free": (None, [p]),
-        "PEM_read_bio_PrivateKey": (p, [p, p, p, p]), "EVP_PKEY_free": (None, [p]),
+        "PEM_read_bio_PrivateKey": (p, [p, p, p, p]),
         "ERR_get_error": (ctypes.c_ulong, []), "OpenSSL_version": (c, [i]),
         "ERR_error_string_n": (None, [ctypes.c_ulong, c, ctypes.c_size_t]),
     }
@@ -58,8 +58,6 @@ def _lib(name: str | None) -> ctypes.CDLL:
         getattr(lib, fn).argtypes = argtypes
     return lib
 
-
-BIO_CTRL_INFO = 3
 
 
 class OpenSslMasa:

@@ -128,8 +128,7 @@ def reference_material(pki) -> tuple[list[bytes], list[bytes], bytes, bytes]:
     def der(cert: x509.Certificate) -> bytes:
         return cert.public_bytes(Encoding.DER)
 
-    pem = pki.masa_signer.key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
+    pem = pki.masa_signer.key.private_bytes(Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())
     return ([der(pki.manufacturer_ca.cert)], [der(pki.masa_signer.cert), der(pki.masa_ca.cert)],
             pem, der(pki.domain_ca.cert))

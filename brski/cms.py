@@ -605,7 +605,7 @@ def _sign_plan(key: SigningKey, certs: tuple[x509.Certificate, ...],
     econtent_oid = der.oid(econtent_type)
     plan = _SignPlan(
         hash_cls=_DIGESTS[digest_name],
-        signature_scheme=ec.ECDSA(_DIGESTS[digest_name]()),
+        signature_scheme=_ECDSA_SCHEMES[digest_name],
         content_type_attr=der.tlv(der.SEQUENCE, _OID_CONTENT_TYPE,
                                   der.tlv(der.SET, econtent_oid)),
         signer_head=der.integer(1) + _issuer_and_serial(signer_cert)[0] + digest_alg,

@@ -41,7 +41,6 @@ from .store import Store, Transaction
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Job = Callable[[Store], Any]
 _TxJob = Callable[[Store, Transaction], Any]  # what the queue holds: a job and its transaction
 MAX_BATCH = 64  # jobs per transaction: bounds how long one commit holds the write lock
 _STOP = object()

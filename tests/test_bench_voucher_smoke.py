@@ -50,27 +50,19 @@ def test_the_c_reference_does_the_voucher_work():
         from _openssl_cms import OpenSslError, OpenSslMasa
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from cryptography.hazmat.primitives import serialization
-
     from brski.signed_voucher import verify_voucher_cms
 
     pki, rvrs, _ = bench.requests(2)
-    pem = pki.masa_signer.key.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
-    def der(cert):
-        return cert.public_bytes(serialization.Encoding.DER)
-
-    signer = [der(pki.masa_signer.cert), der(pki.masa_ca.cert)]
-    masa = OpenSslMasa([der(pki.manufacturer_ca.cert)], signer, pem, der(pki.domain_ca.cert))
-    voucher, _ = verify_voucher_cms(masa.voucher(rvrs[1], "2026-06-01T00:00:00Z"),
+    anchors, signer, pem, domain_ca = bench.reference_material(pki)
+    masa = OpenSslMasa(anchors, signer, pem, domain_ca)
+    voucher, _ = verify_voucher_cms(masa.voucher(rvrs[1], bench.NOW_TEXT),
                                     [pki.masa_ca.cert], bench.NOW)
     assert voucher.serial_number == "BENCH-00001"
-    assert voucher.pinned_domain_cert == der(pki.domain_ca.cert)
+    assert voucher.pinned_domain_cert == domain_ca
     altered = bytearray(rvrs[0])
     altered[-10] ^= 1  # in the signature
     with pytest.raises(OpenSslError, match="CMS_verify"):
-        masa.voucher(bytes(altered), "2026-06-01T00:00:00Z")
-    elsewhere = OpenSslMasa([der(pki.domain_ca.cert)], signer, pem, der(pki.domain_ca.cert))
+        masa.voucher(bytes(altered), bench.NOW_TEXT)
+    elsewhere = OpenSslMasa([domain_ca], signer, pem, domain_ca)
     with pytest.raises(OpenSslError, match="certificate verify error"):
-        elsewhere.voucher(rvrs[0], "2026-06-01T00:00:00Z")
+        elsewhere.voucher(rvrs[0], bench.NOW_TEXT)
